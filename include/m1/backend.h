@@ -1,0 +1,170 @@
+#pragma once
+// The interface the model forward is written against, once. A backend owns device memory, the
+// per-sequence state and the kernels; the CPU backend implements it, the CUDA backend will too.
+// All activations are fp32; weights stay in their stored dtype.
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "m1/dtype.h"
+#include "m1/safetensors.h"
+
+namespace m1 {
+
+// Precision of matrix products (DESIGN.md §4). Only kExact exists so far.
+enum class Precision { kExact };
+
+// fp32 activations on the backend's device: rows x cols, row-major, contiguous.
+struct Mat {
+  float* data = nullptr;
+  int64_t rows = 0, cols = 0;
+
+  Mat row_range(int64_t begin, int64_t count) const { return {data + begin * cols, count, cols}; }
+  int64_t size() const { return rows * cols; }
+};
+
+// A weight tensor on the backend's device in its stored dtype; a matrix is [rows = outputs,
+// cols = inputs], a vector has rows = 1.
+struct Weight {
+  const void* data = nullptr;
+  DType dtype = DType::kF32;
+  int64_t rows = 0, cols = 0;
+};
+
+// Sizes of the per-sequence state (DESIGN.md §2).
+struct StateShape {
+  int64_t lightning_layers = 0, heads = 0, head_dim = 0;  // a fp32 heads x d x d state per layer
+  int64_t softmax_layers = 0, kv_heads = 0;               // a KV cache of 2 * kv_heads * d per token
+};
+
+// One sequence's memory: a lightning state per lightning layer and a KV cache per softmax layer.
+class SequenceState {
+ public:
+  explicit SequenceState(const StateShape& shape) : shape_(shape) {}
+  virtual ~SequenceState() = default;
+  SequenceState(const SequenceState&) = delete;
+  SequenceState& operator=(const SequenceState&) = delete;
+
+  // Tokens consumed so far: the position of the next token.
+  int64_t length() const { return length_; }
+  const StateShape& shape() const { return shape_; }
+  // Bytes held now: lightning states plus the KV cache of `length()` tokens.
+  virtual size_t bytes() const = 0;
+  // An independent copy (a fork: same tokens consumed, same future).
+  virtual std::unique_ptr<SequenceState> clone() const = 0;
+
+  // Called by the model once a step has consumed `tokens` more.
+  void advance(int64_t tokens) { length_ += tokens; }
+
+ protected:
+  StateShape shape_;
+  int64_t length_ = 0;
+};
+
+// One sequence's share of a batched step: rows [row, row + count) of the step's activations are
+// its new tokens, at positions [state->length(), state->length() + count).
+struct Segment {
+  int64_t row = 0, count = 0;
+  SequenceState* state = nullptr;
+};
+
+struct MoeWeights {
+  Weight router;                 // [E, H]
+  std::vector<Weight> w1, w3;    // per expert [F, H]: gate and up
+  std::vector<Weight> w2;        // per expert [H, F]: down
+  int64_t top_k = 0;
+};
+
+struct AttentionParams {
+  int64_t heads = 0, kv_heads = 0, head_dim = 0;
+  int64_t rotary_dim = 0;  // RoPE on the first rotary_dim dims of each head
+  double rope_theta = 0;
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string name() const = 0;
+
+  // Memory. Weights are uploaded once at load (the CPU backend uses the mapped file in place).
+  virtual Weight upload(const TensorView& tensor) = 0;
+  virtual Mat alloc(int64_t rows, int64_t cols) = 0;
+  virtual void free(Mat m) = 0;
+  virtual void to_host(const Mat& m, float* host) = 0;
+  virtual std::unique_ptr<SequenceState> new_state(const StateShape& shape) = 0;
+
+  // out[i] = table[tokens[i]].
+  virtual void embed(const Weight& table, std::span<const int32_t> tokens, Mat out) = 0;
+  // out[i] = rows[i] of x.
+  virtual void gather_rows(const Mat& x, std::span<const int64_t> rows, Mat out) = 0;
+  // out = w * x / sqrt(mean(x^2) + eps), per row; out may alias x.
+  virtual void rmsnorm(const Mat& x, const Weight& w, float eps, Mat out) = 0;
+  // out = x w^T, accumulated in fp32.
+  virtual void matmul(const Mat& x, const Weight& w, Mat out) = 0;
+  virtual void silu(Mat x) = 0;
+  // x *= sigmoid(gate), elementwise.
+  virtual void sigmoid_gate(const Mat& gate, Mat x) = 0;
+  // gate = silu(gate) * up, elementwise.
+  virtual void swiglu(Mat gate, const Mat& up) = 0;
+  // out = alpha * a + beta * b; out may alias a or b.
+  virtual void add_scaled(const Mat& a, float alpha, const Mat& b, float beta, Mat out) = 0;
+  // x = x * (1 - c) + y * c with c = sigmoid(coef[row]); coef is one column.
+  virtual void blend_sigmoid(Mat x, const Mat& y, const Mat& coef) = 0;
+
+  // Lightning attention of DESIGN.md §1 on qkv = silu(xn qkv_proj^T) laid out per head
+  // [q | k | v] x heads; `decay` holds s per head; state slot `layer` of each segment's sequence
+  // is read and updated. out: [rows, heads * d].
+  virtual void lightning_attention(const Mat& qkv, std::span<const Segment> segments, int64_t layer,
+                                   std::span<const float> decay, Mat out) = 0;
+  // Causal grouped-query softmax attention with partial NeoX RoPE applied to q and k at each
+  // token's position; appends k and v to KV-cache slot `layer`. q: [rows, h*d], k and v:
+  // [rows, g*d] (q and k are rotated in place), out: [rows, h*d].
+  virtual void softmax_attention(Mat q, Mat k, const Mat& v, std::span<const Segment> segments, int64_t layer,
+                                 const AttentionParams& params, Mat out) = 0;
+  // Top-k mixture of SwiGLU experts with renormalised softmax routing (fp32).
+  virtual void moe(const Mat& x, const MoeWeights& w, Mat out) = 0;
+};
+
+// RAII ownership of a backend allocation.
+class Buffer {
+ public:
+  Buffer() = default;
+  Buffer(Backend& backend, int64_t rows, int64_t cols) : backend_(&backend), mat_(backend.alloc(rows, cols)) {}
+  Buffer(Buffer&& o) noexcept : backend_(o.backend_), mat_(o.mat_) { o.mat_ = {}; }
+  Buffer& operator=(Buffer&& o) noexcept {
+    std::swap(backend_, o.backend_);
+    std::swap(mat_, o.mat_);
+    return *this;
+  }
+  ~Buffer() {
+    if (mat_.data) backend_->free(mat_);
+  }
+  // The start of the buffer seen as a rows x cols matrix (rows * cols must fit).
+  Mat as(int64_t rows, int64_t cols) const { return Mat{mat_.data, rows, cols}; }
+  const Mat& mat() const { return mat_; }
+
+ private:
+  Backend* backend_ = nullptr;
+  Mat mat_;
+};
+
+}  // namespace m1
+
+namespace m1 {
+
+struct BackendOptions {
+  std::string device = "cpu";  // "cpu" (or "cuda" once built with it)
+  int threads = 0;             // CPU worker threads; 0: one per core
+  Precision precision = Precision::kExact;
+  // Run the naive reference kernels (the oracle the fast kernels are tested against).
+  bool reference_kernels = false;
+};
+
+// Throws m1::Error for an unknown device, or one this build or machine lacks.
+std::unique_ptr<Backend> create_backend(const BackendOptions& options);
+Precision parse_precision(const std::string& name);  // "exact"; throws m1::Error otherwise
+
+}  // namespace m1

@@ -1,0 +1,80 @@
+#pragma once
+// Element types of checkpoint tensors and the conversions between them.
+
+#include <bit>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <optional>
+#include <string_view>
+
+namespace m1 {
+
+enum class DType { kF32, kF16, kBF16 };
+
+constexpr size_t dtype_size(DType t) { return t == DType::kF32 ? 4 : 2; }
+
+constexpr std::string_view dtype_name(DType t) {
+  switch (t) {
+    case DType::kF32: return "F32";
+    case DType::kF16: return "F16";
+    case DType::kBF16: return "BF16";
+  }
+  return "?";
+}
+
+// Safetensors spelling ("F32", "F16", "BF16"); other types are not model weights m1 can use.
+inline std::optional<DType> dtype_from_name(std::string_view name) {
+  if (name == "F32") return DType::kF32;
+  if (name == "F16") return DType::kF16;
+  if (name == "BF16") return DType::kBF16;
+  return std::nullopt;
+}
+
+inline float bf16_to_f32(uint16_t v) { return std::bit_cast<float>(uint32_t(v) << 16); }
+
+// Round to nearest even, NaN kept quiet.
+inline uint16_t f32_to_bf16(float f) {
+  uint32_t u = std::bit_cast<uint32_t>(f);
+  if (std::isnan(f)) return uint16_t((u >> 16) | 0x40);
+  u += 0x7fff + ((u >> 16) & 1);
+  return uint16_t(u >> 16);
+}
+
+inline float f16_to_f32(uint16_t h) {
+  uint32_t sign = uint32_t(h & 0x8000) << 16;
+  uint32_t exponent = (h >> 10) & 0x1f;
+  uint32_t mantissa = h & 0x3ff;
+  if (exponent == 0x1f) return std::bit_cast<float>(sign | 0x7f800000u | (mantissa << 13));
+  if (exponent == 0) {  // zero or subnormal: value = mantissa * 2^-24
+    float magnitude = std::ldexp(float(mantissa), -24);
+    return sign ? -magnitude : magnitude;
+  }
+  return std::bit_cast<float>(sign | ((exponent + 112) << 23) | (mantissa << 13));
+}
+
+// Round to nearest even, with overflow to infinity and gradual underflow.
+inline uint16_t f32_to_f16(float f) {
+  uint32_t u = std::bit_cast<uint32_t>(f);
+  uint16_t sign = uint16_t((u >> 16) & 0x8000);
+  float a = std::fabs(f);
+  if (std::isnan(f)) return uint16_t(sign | 0x7e00);
+  if (a >= 65520.0f) return uint16_t(sign | 0x7c00);
+  if (a < 6.103515625e-05f) {  // subnormal half: multiples of 2^-24
+    return uint16_t(sign | uint16_t(std::nearbyint(std::ldexp(a, 24))));
+  }
+  uint32_t bits = std::bit_cast<uint32_t>(a);
+  uint32_t rounded = bits + 0xfff + ((bits >> 13) & 1);
+  return uint16_t(sign | ((rounded >> 13) - (112u << 10)));
+}
+
+inline float load_as_f32(const void* data, DType t, size_t i) {
+  switch (t) {
+    case DType::kF32: return static_cast<const float*>(data)[i];
+    case DType::kF16: return f16_to_f32(static_cast<const uint16_t*>(data)[i]);
+    case DType::kBF16: return bf16_to_f32(static_cast<const uint16_t*>(data)[i]);
+  }
+  return 0.0f;
+}
+
+}  // namespace m1

@@ -1,0 +1,23 @@
+#pragma once
+// The one exception type for user-facing failures. Its message is a single line that names the
+// file, field or parameter at fault, so tools can print it as is and the server can return it.
+
+#include <stdexcept>
+#include <string>
+#include <utility>
+
+#include <fmt/format.h>
+
+namespace m1 {
+
+class Error : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+template <class... Args>
+[[noreturn]] void fail(fmt::format_string<Args...> format, Args&&... args) {
+  throw Error(fmt::format(format, std::forward<Args>(args)...));
+}
+
+}  // namespace m1

@@ -1,0 +1,80 @@
+#pragma once
+// A MiniMax-M1 model bound to a backend: its weights, and the batched forward step.
+
+#include <cstdint>
+#include <filesystem>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "m1/backend.h"
+#include "m1/config.h"
+#include "m1/safetensors.h"
+
+namespace m1 {
+
+struct WeightSpec;
+
+// Which positions of an entry's new tokens need logits.
+enum class LogitsFor { kNone, kLast, kAll };
+
+// One sequence's part of a step: its new tokens (a prefill chunk, or one token to decode).
+struct BatchEntry {
+  SequenceState* state = nullptr;
+  std::span<const int32_t> tokens;
+  LogitsFor logits = LogitsFor::kLast;
+};
+
+// Host-side logits of one step: for each entry, one row per position it asked for.
+class StepLogits {
+ public:
+  int64_t vocab() const { return vocab_; }
+  int64_t rows(size_t entry) const { return first_row_[entry + 1] - first_row_[entry]; }
+  // Row i of entry's logits (the last position for LogitsFor::kLast).
+  std::span<float> row(size_t entry, int64_t i);
+
+ private:
+  friend class Model;
+  int64_t vocab_ = 0;
+  std::vector<int64_t> first_row_;
+  std::vector<float> data_;
+};
+
+class Model {
+ public:
+  // Reads DIR/config.json and the safetensors checkpoint, checks every tensor the config needs
+  // (name, shape, dtype), and uploads the weights. Throws m1::Error naming the file at fault.
+  static std::unique_ptr<Model> load(const std::filesystem::path& dir, Backend& backend);
+  Model(ModelConfig config, Checkpoint checkpoint, Backend& backend);
+  ~Model();
+
+  const ModelConfig& config() const { return config_; }
+  Backend& backend() const { return backend_; }
+  StateShape state_shape() const;
+  std::unique_ptr<SequenceState> new_sequence() const;
+
+  // Feeds every entry's tokens to its sequence in one batched step and advances the sequences.
+  // Each state may appear once per step. A sequence's logits do not depend on the other entries.
+  void forward(std::span<const BatchEntry> batch, StepLogits& out);
+
+ private:
+  struct Layer;
+  struct Workspace;
+  Weight* slot(const WeightSpec& spec);
+  void attention(const Layer& layer, int64_t index, std::span<const Segment> segments, const Mat& xn, Mat out);
+  void mlp(const Layer& layer, const Mat& xn, Mat out);
+  void check_batch(std::span<const BatchEntry> batch) const;
+  void reserve_workspace(int64_t rows, int64_t logit_rows);
+
+  ModelConfig config_;
+  Checkpoint checkpoint_;  // keeps the mapped weights alive
+  Backend& backend_;
+  Weight embed_, final_norm_, lm_head_;
+  std::vector<Layer> layers_;
+  std::unique_ptr<Workspace> ws_;
+};
+
+// Per-head lightning decay s of DESIGN.md §1 for `layer` of a model with `layers` layers.
+std::vector<float> lightning_decay(int64_t heads, int64_t layer, int64_t layers);
+
+}  // namespace m1

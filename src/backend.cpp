@@ -1,0 +1,23 @@
+// Chooses and builds the backend a tool or server asked for.
+
+#include "m1/backend.h"
+
+#include "cpu/cpu_backend.h"
+#include "m1/error.h"
+
+namespace m1 {
+
+std::unique_ptr<Backend> create_backend(const BackendOptions& options) {
+  if (options.threads < 0) fail("threads must be 0 (one per core) or more, got {}", options.threads);
+  if (options.device == "cpu") return std::make_unique<cpu::CpuBackend>(options.threads, options.reference_kernels);
+  if (options.device == "cuda")
+    fail("device 'cuda': this build of m1 has no CUDA backend yet; use --device cpu");
+  fail("device '{}' is unknown (expected cpu or cuda)", options.device);
+}
+
+Precision parse_precision(const std::string& name) {
+  if (name == "exact") return Precision::kExact;
+  fail("precision '{}' is unknown (expected exact)", name);
+}
+
+}  // namespace m1

@@ -1,0 +1,192 @@
+#include "cpu/cpu_backend.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+
+#include "cpu/cpu_state.h"
+#include "cpu/lightning.h"
+#include "cpu/matmul.h"
+#include "cpu/softmax_attention.h"
+#include "m1/error.h"
+
+namespace m1::cpu {
+namespace {
+
+float sigmoid(float v) { return 1.0f / (1.0f + std::exp(-v)); }
+
+CpuState& cpu_state(SequenceState* s) { return *static_cast<CpuState*>(s); }
+
+// Rows per task for elementwise work: large enough to amortise the hand-out.
+constexpr int64_t kRowsPerTask = 16;
+
+}  // namespace
+
+CpuBackend::CpuBackend(int threads, bool reference_kernels) : pool_(threads), reference_(reference_kernels) {}
+
+std::string CpuBackend::name() const {
+  return fmt::format("cpu ({} threads, {} kernels)", pool_.size(), reference_ ? "reference" : matmul_isa());
+}
+
+template <class Fn>
+void CpuBackend::for_rows(int64_t rows, Fn&& fn) {
+  pool_.parallel_for((rows + kRowsPerTask - 1) / kRowsPerTask, [&](int64_t task) {
+    for (int64_t r = task * kRowsPerTask, end = std::min(rows, r + kRowsPerTask); r < end; ++r) fn(r);
+  });
+}
+
+Weight CpuBackend::upload(const TensorView& t) {
+  Weight w{t.data, t.weight_dtype(), t.shape.size() == 2 ? t.shape[0] : 1, t.shape.back()};
+  return w;
+}
+
+Mat CpuBackend::alloc(int64_t rows, int64_t cols) {
+  size_t bytes = (size_t(std::max<int64_t>(rows * cols, 1)) * sizeof(float) + 63) / 64 * 64;
+  void* p = std::aligned_alloc(64, bytes);
+  if (!p) throw std::bad_alloc();
+  return Mat{static_cast<float*>(p), rows, cols};
+}
+
+void CpuBackend::free(Mat m) { std::free(m.data); }
+
+void CpuBackend::to_host(const Mat& m, float* host) { std::memcpy(host, m.data, size_t(m.size()) * sizeof(float)); }
+
+std::unique_ptr<SequenceState> CpuBackend::new_state(const StateShape& shape) {
+  return std::make_unique<CpuState>(shape);
+}
+
+void CpuBackend::embed(const Weight& table, std::span<const int32_t> tokens, Mat out) {
+  for_rows(int64_t(tokens.size()), [&](int64_t i) {
+    const size_t base = size_t(tokens[size_t(i)]) * size_t(table.cols);
+    for (int64_t c = 0; c < table.cols; ++c) out.data[i * out.cols + c] = load_as_f32(table.data, table.dtype, base + size_t(c));
+  });
+}
+
+void CpuBackend::gather_rows(const Mat& x, std::span<const int64_t> rows, Mat out) {
+  for (size_t i = 0; i < rows.size(); ++i) std::memcpy(out.data + int64_t(i) * out.cols, x.data + rows[i] * x.cols, size_t(x.cols) * sizeof(float));
+}
+
+void CpuBackend::rmsnorm(const Mat& x, const Weight& w, float eps, Mat out) {
+  for_rows(x.rows, [&](int64_t r) {
+    const float* v = x.data + r * x.cols;
+    double squares = 0;
+    for (int64_t c = 0; c < x.cols; ++c) squares += double(v[c]) * v[c];
+    const float inv = float(1.0 / std::sqrt(squares / double(x.cols) + eps));
+    float* o = out.data + r * out.cols;
+    for (int64_t c = 0; c < x.cols; ++c) o[c] = load_as_f32(w.data, w.dtype, size_t(c)) * (v[c] * inv);
+  });
+}
+
+void CpuBackend::matmul(const Mat& x, const Weight& w, Mat out) {
+  if (reference_)
+    matmul_reference(x, w, out);
+  else
+    cpu::matmul(pool_, x, w, out);
+}
+
+void CpuBackend::silu(Mat x) {
+  for_rows(x.rows, [&](int64_t r) {
+    for (float* v = x.data + r * x.cols, *end = v + x.cols; v < end; ++v) *v = *v * sigmoid(*v);
+  });
+}
+
+void CpuBackend::sigmoid_gate(const Mat& gate, Mat x) {
+  for_rows(x.rows, [&](int64_t r) {
+    for (int64_t c = 0; c < x.cols; ++c) x.data[r * x.cols + c] *= sigmoid(gate.data[r * gate.cols + c]);
+  });
+}
+
+void CpuBackend::swiglu(Mat gate, const Mat& up) {
+  for_rows(gate.rows, [&](int64_t r) {
+    for (int64_t c = 0; c < gate.cols; ++c) {
+      float& g = gate.data[r * gate.cols + c];
+      g = g * sigmoid(g) * up.data[r * up.cols + c];
+    }
+  });
+}
+
+void CpuBackend::add_scaled(const Mat& a, float alpha, const Mat& b, float beta, Mat out) {
+  for_rows(out.rows, [&](int64_t r) {
+    for (int64_t c = 0; c < out.cols; ++c)
+      out.data[r * out.cols + c] = alpha * a.data[r * a.cols + c] + beta * b.data[r * b.cols + c];
+  });
+}
+
+void CpuBackend::blend_sigmoid(Mat x, const Mat& y, const Mat& coef) {
+  for_rows(x.rows, [&](int64_t r) {
+    const float c = sigmoid(coef.data[r * coef.cols]);
+    for (int64_t i = 0; i < x.cols; ++i) {
+      float& v = x.data[r * x.cols + i];
+      v = v * (1.0f - c) + y.data[r * y.cols + i] * c;
+    }
+  });
+}
+
+void CpuBackend::lightning_attention(const Mat& qkv, std::span<const Segment> segments, int64_t layer,
+                                     std::span<const float> decay, Mat out) {
+  const int64_t heads = int64_t(decay.size()), d = out.cols / heads;
+  pool_.parallel_for(int64_t(segments.size()) * heads, [&](int64_t task) {
+    const Segment& seg = segments[size_t(task / heads)];
+    const int64_t head = task % heads;
+    const float* base = qkv.data + seg.row * qkv.cols + head * 3 * d;
+    LightningHead h{base, base + d, base + 2 * d, qkv.cols,
+                    out.data + seg.row * out.cols + head * d, out.cols, seg.count, d, decay[size_t(head)],
+                    cpu_state(seg.state).lightning(layer) + head * d * d};
+    if (reference_)
+      lightning_reference(h);
+    else if (seg.count == 1)
+      lightning_decode_token(h);
+    else
+      lightning_chunked(h, kLightningBlock);
+  });
+}
+
+void CpuBackend::softmax_attention(Mat q, Mat k, const Mat& v, std::span<const Segment> segments, int64_t layer,
+                                   const AttentionParams& p, Mat out) {
+  const int64_t d = p.head_dim, group = p.heads / p.kv_heads, kv_width = p.kv_heads * d;
+  // Rotate, then append this step's keys and values to each sequence's cache.
+  for (const Segment& seg : segments) {
+    CpuState& state = cpu_state(seg.state);
+    const int64_t pos0 = state.length();
+    apply_rope(q.data + seg.row * q.cols, seg.count, q.cols, p.heads, d, p.rotary_dim, p.rope_theta, pos0);
+    apply_rope(k.data + seg.row * k.cols, seg.count, k.cols, p.kv_heads, d, p.rotary_dim, p.rope_theta, pos0);
+    state.reserve(pos0 + seg.count);
+    for (int64_t i = 0; i < seg.count; ++i) {
+      std::memcpy(state.keys(layer) + (pos0 + i) * kv_width, k.data + (seg.row + i) * k.cols, size_t(kv_width) * sizeof(float));
+      std::memcpy(state.values(layer) + (pos0 + i) * kv_width, v.data + (seg.row + i) * v.cols, size_t(kv_width) * sizeof(float));
+    }
+  }
+  // One task per (segment, head, block of queries).
+  constexpr int64_t kQueriesPerTask = 16;
+  std::vector<std::pair<size_t, int64_t>> tasks;  // (segment, first query)
+  for (size_t s = 0; s < segments.size(); ++s)
+    for (int64_t i = 0; i < segments[s].count; i += kQueriesPerTask) tasks.emplace_back(s, i);
+  pool_.parallel_for(int64_t(tasks.size()) * p.heads, [&](int64_t task) {
+    const auto [s, first] = tasks[size_t(task / p.heads)];
+    const int64_t head = task % p.heads, kv_head = head / group;
+    const Segment& seg = segments[s];
+    CpuState& state = cpu_state(seg.state);
+    const int64_t row = seg.row + first;
+    AttentionHead h{q.data + row * q.cols + head * d, q.cols,
+                    state.keys(layer) + kv_head * d, state.values(layer) + kv_head * d, kv_width,
+                    out.data + row * out.cols + head * d, out.cols,
+                    std::min(kQueriesPerTask, seg.count - first), state.length() + first, d};
+    if (reference_) {
+      attention_head_reference(h);
+    } else {
+      thread_local std::vector<float> scores;
+      attention_head(h, scores);
+    }
+  });
+}
+
+void CpuBackend::moe(const Mat& x, const MoeWeights& w, Mat out) {
+  if (reference_)
+    moe_reference(x, w, out);
+  else
+    cpu::moe(pool_, x, w, out, moe_scratch_);
+}
+
+}  // namespace m1::cpu

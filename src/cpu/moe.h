@@ -1,0 +1,30 @@
+#pragma once
+// Mixture of experts on the CPU: softmax routing over the router logits in fp32, top-k,
+// renormalised weights, SwiGLU experts, weighted sum in rank order.
+
+#include <cstdint>
+#include <vector>
+
+#include "cpu/threadpool.h"
+#include "m1/backend.h"
+
+namespace m1::cpu {
+
+// For each of n rows of `logits` [n, experts]: the top_k experts by probability (ties: lower
+// index first) and their probabilities renormalised to sum 1, best first.
+void route(const float* logits, int64_t n, int64_t experts, int64_t top_k, int32_t* chosen, float* weights);
+
+// Buffers reused across steps so the step loop does not allocate once warm.
+struct MoeScratch {
+  std::vector<float> logits, weights, gathered, gate, up, down, partial;
+  std::vector<int32_t> chosen;
+  std::vector<int64_t> rows_of_expert;  // (token * top_k + rank) entries grouped by expert
+  std::vector<int64_t> expert_begin;
+};
+
+// Tokens are grouped by expert so each expert's weights stream once per step.
+void moe(ThreadPool& pool, const Mat& x, const MoeWeights& w, Mat out, MoeScratch& scratch);
+// The oracle: token by token, reference matrix products.
+void moe_reference(const Mat& x, const MoeWeights& w, Mat out);
+
+}  // namespace m1::cpu

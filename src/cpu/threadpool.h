@@ -1,0 +1,58 @@
+#pragma once
+// A persistent pool of worker threads for data-parallel loops: the caller runs tasks too, and
+// tasks are handed out one index at a time so uneven tasks still balance.
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <exception>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace m1::cpu {
+
+class ThreadPool {
+ public:
+  // threads: total, including the caller; 0 means one per core.
+  explicit ThreadPool(int threads);
+  ~ThreadPool();
+  ThreadPool(const ThreadPool&) = delete;
+  ThreadPool& operator=(const ThreadPool&) = delete;
+
+  int size() const { return int(workers_.size()) + 1; }
+
+  // Runs fn(i) for i in [0, tasks) across the pool and waits for all. Not re-entrant: fn must not
+  // call parallel_for. An exception from a task is rethrown here after all tasks stopped.
+  template <class Fn>
+  void parallel_for(int64_t tasks, Fn&& fn) {
+    if (tasks <= 0) return;
+    if (tasks == 1 || workers_.empty()) {
+      for (int64_t i = 0; i < tasks; ++i) fn(i);
+      return;
+    }
+    run(tasks, [](void* ctx, int64_t i) { (*static_cast<Fn*>(ctx))(i); }, &fn);
+  }
+
+ private:
+  using TaskFn = void (*)(void*, int64_t);
+  void run(int64_t tasks, TaskFn fn, void* ctx);
+  void work_on_current_job();
+  void worker_loop();
+
+  std::vector<std::thread> workers_;
+  std::mutex mutex_;
+  std::condition_variable wake_, done_;
+  uint64_t generation_ = 0;
+  bool stopping_ = false;
+  int busy_workers_ = 0;
+
+  TaskFn fn_ = nullptr;
+  void* ctx_ = nullptr;
+  int64_t tasks_ = 0;
+  std::atomic<int64_t> next_task_{0};
+  std::exception_ptr error_;
+  std::mutex error_mutex_;
+};
+
+}  // namespace m1::cpu

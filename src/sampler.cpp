@@ -1,0 +1,346 @@
+#include "m1/sampler.h"
+
+#include <algorithm>
+#include <array>
+#include <bit>
+#include <cmath>
+#include <limits>
+
+#include "m1/error.h"
+
+namespace m1 {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// top_p arrives as a float and the probabilities come from float logits, so a nucleus that reaches
+// top_p within that rounding counts as reaching it: 0.5 + 0.3 reaches 0.8.
+constexpr double kTopPSlack = 1e-6;
+
+// Tokens with at least this weight relative to the best token's (about e^-16). When they already
+// hold the top-p mass, the nucleus lies among them and the rest of the vocabulary is skipped.
+constexpr float kNearTopWeight = 1e-7f;
+
+// Highest logit first, lower id first on ties: a strict total order, so every selection below
+// has one right answer however the candidates happen to be arranged.
+struct HigherLogit {
+  const float* logits;
+  bool operator()(int32_t a, int32_t b) const {
+    return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
+  }
+};
+
+// e^x for x <= 0 (-inf included) to within 2 ulp, from basic IEEE arithmetic only: unlike
+// std::exp it gives the same bits on every machine, and the compiler vectorises it. The two
+// conditions are integer selects; the default floating-point rules forbid vectorising FP ones.
+float exp_nonpositive(float x) {
+  // Below -87 the result would be denormal: flush to 0. For x <= 0 the bits, read as unsigned,
+  // grow as x falls, so no floating-point compare is needed.
+  constexpr uint32_t kLowestBits = std::bit_cast<uint32_t>(-87.0f);
+  const uint32_t bits = std::bit_cast<uint32_t>(x);
+  const bool underflows = bits > kLowestBits;
+  x = std::bit_cast<float>(underflows ? kLowestBits : bits);
+  // e^x = 2^n * e^r with n = round(x / ln 2); adding and removing 1.5 * 2^23 rounds to integer.
+  const float n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;
+  const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;  // ln 2 in two parts: exact
+  // Cephes' minimax polynomial for e^r on [-ln 2 / 2, ln 2 / 2].
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float e_r = p * r * r + r + 1.0f;
+  const float two_n = std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
+  return std::bit_cast<float>(std::bit_cast<uint32_t>(e_r * two_n) & (underflows ? 0u : ~0u));
+}
+
+bool has_nan(std::span<const float> logits) {
+  // On the bits, so that the loop vectorises: NaN is an all-ones exponent with a nonzero mantissa.
+  uint32_t seen = 0;
+  for (float logit : logits) seen |= (std::bit_cast<uint32_t>(logit) & 0x7FFFFFFFu) > 0x7F800000u;
+  return seen != 0;
+}
+
+// Maps a float's bits to an int32 that orders as the value does (NaN aside): negative floats are
+// sign-magnitude, so their magnitude bits are flipped. Mapping twice gives the bits back.
+int32_t ordered_bits(int32_t bits) { return bits ^ ((bits >> 31) & 0x7FFFFFFF); }
+
+float max_logit(std::span<const float> logits) {
+  // An integer maximum, which the compiler vectorises; a float one it may not reorder.
+  int32_t max = ordered_bits(std::bit_cast<int32_t>(kNegInf));
+  for (float logit : logits) max = std::max(max, ordered_bits(std::bit_cast<int32_t>(logit)));
+  return std::bit_cast<float>(ordered_bits(max));
+}
+
+// The row's maximum, after rejecting rows that have no distribution.
+float checked_max(std::span<const float> logits) {
+  if (logits.empty()) fail("logits row is empty");
+  if (has_nan(logits)) fail("logits contain NaN");
+  const float max = max_logit(logits);
+  if (max == kNegInf) fail("logits are all -inf");
+  if (std::isinf(max)) fail("logits contain +inf");
+  return max;
+}
+
+// Every token's weight exp((logit - max) / temperature): 1 for the best token, 0 for masked ones.
+void compute_weights(std::span<const float> logits, float max, float temperature,
+                     std::span<float> weights) {
+  for (size_t i = 0; i < logits.size(); ++i)
+    weights[i] = exp_nonpositive((logits[i] - max) / temperature);
+}
+
+// Sum in double of the weights that are at least `floor`, in a fixed order, so every machine gets
+// the same total. Weights are >= 0, so their bits compare as the values do, without an FP compare.
+double sum_weights(std::span<const float> weights, float floor = 0.0f) {
+  const uint32_t floor_bits = std::bit_cast<uint32_t>(floor);
+  const auto counted = [&](float weight) {
+    const uint32_t bits = std::bit_cast<uint32_t>(weight);
+    return std::bit_cast<float>(bits >= floor_bits ? bits : 0u);
+  };
+  // Eight running sums: one would be a serial chain, which the compiler may not split.
+  constexpr size_t kLanes = 8;
+  std::array<double, kLanes> partial{};
+  size_t i = 0;
+  for (; i + kLanes <= weights.size(); i += kLanes)
+    for (size_t lane = 0; lane < kLanes; ++lane) partial[lane] += counted(weights[i + lane]);
+  for (; i < weights.size(); ++i) partial[0] += counted(weights[i]);
+  double total = 0.0;
+  for (double sum : partial) total += sum;
+  return total;
+}
+
+// log(sum(exp(logits))) of the raw row; `weights` is scratch.
+double log_normalizer(std::span<const float> logits, std::span<float> weights) {
+  const float max = checked_max(logits);
+  compute_weights(logits, max, 1.0f, weights);
+  return max + std::log(sum_weights(weights));
+}
+
+// The `count` best finite tokens with their raw log-probabilities, best first.
+std::vector<std::pair<int32_t, float>> top_alternatives(std::span<const float> logits, int count,
+                                                        double log_norm) {
+  const HigherLogit higher{logits.data()};
+  std::vector<std::pair<int32_t, float>> best;  // (id, logit) until the end
+  best.reserve(count + 1);
+  for (int32_t id = 0; id < std::ssize(logits); ++id) {
+    const bool full = std::ssize(best) == count;
+    // Ids rise, so a later id that only ties the worst kept one loses to it.
+    if (logits[id] == kNegInf || (full && logits[id] <= best.back().second)) continue;
+    auto at = std::ranges::upper_bound(best, id, higher, &std::pair<int32_t, float>::first);
+    best.insert(at, {id, logits[id]});
+    if (std::ssize(best) > count) best.pop_back();
+  }
+  for (auto& [id, value] : best) value = float(double(value) - log_norm);
+  return best;
+}
+
+int32_t argmax(std::span<const float> logits) {
+  // The first of equal maxima: the lowest id.
+  return int32_t(std::ranges::find(logits, max_logit(logits)) - logits.begin());
+}
+
+double total_weight(std::span<const int32_t> ids, std::span<const float> weights) {
+  double total = 0.0;
+  for (int32_t id : ids) total += weights[id];
+  return total;
+}
+
+// Ids whose weight is positive and at least `floor`, in id order.
+void gather_ids(std::span<const float> weights, float floor, std::vector<int32_t>& ids) {
+  ids.clear();
+  for (int32_t id = 0; id < std::ssize(weights); ++id)
+    if (weights[id] > 0.0f && weights[id] >= floor) ids.push_back(id);
+}
+
+// Lomuto partition of ids[lo, hi) around its middle element: returns where that element ends up,
+// with the ids that beat it before it. Hand-written rather than std::partition so that the
+// arrangement, and with it the draw, is the same with every standard library.
+size_t partition_around_middle(std::span<int32_t> ids, size_t lo, size_t hi, HigherLogit higher) {
+  std::swap(ids[lo + (hi - lo) / 2], ids[hi - 1]);
+  const int32_t pivot = ids[hi - 1];
+  size_t at = lo;
+  for (size_t i = lo; i + 1 < hi; ++i)
+    if (higher(ids[i], pivot)) std::swap(ids[i], ids[at++]);
+  std::swap(ids[at], ids[hi - 1]);
+  return at;
+}
+
+// Keeps the k best ids (quickselect: linear on average, no sort).
+void keep_best(std::vector<int32_t>& ids, size_t k, HigherLogit higher) {
+  if (ids.size() <= k) return;
+  size_t lo = 0, hi = ids.size();  // the k-th best lies in [lo, hi)
+  for (;;) {
+    const size_t at = partition_around_middle(ids, lo, hi, higher);
+    if (at + 1 == k) break;
+    if (at + 1 > k)
+      hi = at;
+    else
+      lo = at + 1;
+  }
+  ids.resize(k);
+}
+
+// Top-k path: the k best tokens that min-p keeps. Returns the top-k mass that top-p measures.
+double gather_top_k(std::span<const float> logits, std::span<const float> weights,
+                    const SamplingParams& params, std::vector<int32_t>& candidates) {
+  gather_ids(weights, 0.0f, candidates);
+  keep_best(candidates, params.top_k, HigherLogit{logits.data()});
+  const double mass = total_weight(candidates, weights);
+  std::erase_if(candidates, [&](int32_t id) { return weights[id] < params.min_p; });
+  return mass;
+}
+
+double top_p_fraction(const SamplingParams& params) { return params.top_p * (1.0 - kTopPSlack); }
+
+// No top-k: the tokens that min-p keeps, skipping far-off tokens when the near-top ones already
+// cover top-p. Min-p cuts a prefix of the sorted order, so filtering it before top-p leaves the
+// same final set as applying it after, provided top-p measures against the full mass.
+double gather_above_floor(std::span<const float> weights, const SamplingParams& params,
+                          std::vector<int32_t>& candidates) {
+  const double mass = sum_weights(weights);
+  float floor = params.min_p;
+  if (params.top_p < 1.0f && sum_weights(weights, kNearTopWeight) >= top_p_fraction(params) * mass)
+    floor = std::max(floor, kNearTopWeight);
+  gather_ids(weights, floor, candidates);
+  return mass;
+}
+
+// Keeps what top-p keeps: the fewest best candidates whose weights sum to at least
+// `target_mass` (at least one). A quickselect that follows the mass instead of a count.
+void keep_nucleus(std::vector<int32_t>& candidates, std::span<const float> logits,
+                  std::span<const float> weights, double target_mass) {
+  const HigherLogit higher{logits.data()};
+  size_t lo = 0, hi = candidates.size();  // the last token kept lies in [lo, hi)
+  double mass_before = 0.0;               // of candidates[0, lo), which all beat the rest
+  for (;;) {
+    const size_t at = partition_around_middle(candidates, lo, hi, higher);
+    const double before_pivot =
+        mass_before + total_weight(std::span(candidates).subspan(lo, at - lo), weights);
+    const double through_pivot = before_pivot + weights[candidates[at]];
+    if (before_pivot >= target_mass) {
+      hi = at;
+    } else if (through_pivot >= target_mass || at + 1 == hi) {
+      candidates.resize(at + 1);
+      return;
+    } else {
+      mass_before = through_pivot;
+      lo = at + 1;
+    }
+  }
+}
+
+// Inverse-CDF draw over the candidates in their current order, with u in [0, 1).
+int32_t pick(std::span<const int32_t> candidates, std::span<const float> weights, double u) {
+  const double target = u * total_weight(candidates, weights);
+  double cumulative = 0.0;
+  for (int32_t id : candidates) {
+    cumulative += weights[id];
+    if (cumulative > target) return id;
+  }
+  return candidates.back();  // only when rounding puts target at the very top
+}
+
+}  // namespace
+
+void validate(const SamplingParams& p) {
+  // Written as !(in range) so that NaN fails every check. Temperature uses OpenAI's range.
+  if (!(p.temperature >= 0 && p.temperature <= 2))
+    fail("temperature must be in [0, 2], got {}", p.temperature);
+  if (!(p.top_p > 0 && p.top_p <= 1)) fail("top_p must be in (0, 1], got {}", p.top_p);
+  if (p.top_k < 0) fail("top_k must be >= 0, got {}", p.top_k);
+  if (!(p.min_p >= 0 && p.min_p <= 1)) fail("min_p must be in [0, 1], got {}", p.min_p);
+  if (!(p.presence_penalty >= -2 && p.presence_penalty <= 2))
+    fail("presence_penalty must be in [-2, 2], got {}", p.presence_penalty);
+  if (!(p.frequency_penalty >= -2 && p.frequency_penalty <= 2))
+    fail("frequency_penalty must be in [-2, 2], got {}", p.frequency_penalty);
+  if (!(p.repetition_penalty > 0 && p.repetition_penalty <= 2))
+    fail("repetition_penalty must be in (0, 2], got {}", p.repetition_penalty);
+  if (p.top_logprobs < 0 || p.top_logprobs > 20)
+    fail("top_logprobs must be in [0, 20], got {}", p.top_logprobs);
+}
+
+Sampler::Sampler(const SamplingParams& params, std::span<const int32_t> prompt)
+    : params_(params), rng_state_(params.seed), seen_(prompt.begin(), prompt.end()) {
+  validate(params);
+  std::ranges::sort(seen_);
+  seen_.erase(std::unique(seen_.begin(), seen_.end()), seen_.end());
+  if (!seen_.empty() && seen_.front() < 0)
+    fail("prompt token ids must be >= 0, got {}", seen_.front());
+}
+
+SampledToken Sampler::sample(std::span<float> logits) {
+  weights_.resize(logits.size());
+  const double log_norm = log_normalizer(logits, weights_);
+  SampledToken token;
+  if (params_.top_logprobs > 0) token.top = top_alternatives(logits, params_.top_logprobs, log_norm);
+  apply_penalties(logits);
+  token.id = params_.temperature == 0.0f ? argmax(logits) : draw(logits);
+  token.logprob = float(double(raw_logit(token.id, logits)) - log_norm);
+  accept(token.id);
+  return token;
+}
+
+void Sampler::accept(int32_t id) {
+  if (id < 0) fail("token id must be >= 0, got {}", id);
+  const auto seen_at = std::ranges::lower_bound(seen_, id);
+  if (seen_at == seen_.end() || *seen_at != id) seen_.insert(seen_at, id);
+  const auto count_at = std::ranges::lower_bound(generated_counts_, id,
+                                                 {}, &std::pair<int32_t, int32_t>::first);
+  if (count_at != generated_counts_.end() && count_at->first == id)
+    ++count_at->second;
+  else
+    generated_counts_.insert(count_at, {id, 1});
+}
+
+bool Sampler::penalties_active() const {
+  return params_.repetition_penalty != 1.0f || params_.presence_penalty != 0.0f ||
+         params_.frequency_penalty != 0.0f;
+}
+
+void Sampler::apply_penalties(std::span<float> logits) {
+  if (!penalties_active() || seen_.empty()) return;
+  if (seen_.back() >= std::ssize(logits))
+    fail("token id {} is outside the vocabulary of {} logits", seen_.back(), logits.size());
+  // Generated ids are a subset of seen_, so these are all the logits the penalties touch.
+  seen_raw_logits_.resize(seen_.size());
+  for (size_t i = 0; i < seen_.size(); ++i) seen_raw_logits_[i] = logits[seen_[i]];
+
+  const float repetition = params_.repetition_penalty;
+  if (repetition != 1.0f) {
+    for (int32_t id : seen_) {
+      float& logit = logits[id];
+      logit = logit > 0 ? logit / repetition : logit * repetition;
+    }
+  }
+  for (auto [id, count] : generated_counts_)
+    logits[id] -= params_.frequency_penalty * float(count) + params_.presence_penalty;
+}
+
+float Sampler::raw_logit(int32_t id, std::span<const float> logits) const {
+  if (penalties_active()) {
+    const auto at = std::ranges::lower_bound(seen_, id);
+    if (at != seen_.end() && *at == id) return seen_raw_logits_[at - seen_.begin()];
+  }
+  return logits[id];
+}
+
+int32_t Sampler::draw(std::span<const float> logits) {
+  compute_weights(logits, max_logit(logits), params_.temperature, weights_);
+  const double mass = params_.top_k > 0 ? gather_top_k(logits, weights_, params_, candidates_)
+                                        : gather_above_floor(weights_, params_, candidates_);
+  if (params_.top_p < 1.0f)
+    keep_nucleus(candidates_, logits, weights_, top_p_fraction(params_) * mass);
+  return pick(candidates_, weights_, next_uniform());
+}
+
+double Sampler::next_uniform() {
+  // splitmix64 (Steele, Lea, Flood 2014): fixed integer arithmetic, the same stream everywhere.
+  uint64_t z = (rng_state_ += 0x9E3779B97F4A7C15ULL);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+  z ^= z >> 31;
+  return double(z >> 11) * 0x1.0p-53;  // top 53 bits: every value exact, in [0, 1)
+}
+
+}  // namespace m1
