@@ -4,6 +4,7 @@
 #include <fstream>
 #include <optional>
 #include <sstream>
+#include <stdexcept>
 #include <string>
 
 #include <benchmark/benchmark.h>
@@ -43,7 +44,9 @@ const std::string& four_megabytes_of_prose() {
   return text;
 }
 
-m1::Tokenizer fresh_tokenizer() { return m1::Tokenizer::from_json(tokenizer_json(), kTokenizerPath.string()); }
+m1::Tokenizer fresh_tokenizer() {
+  return m1::Tokenizer::from_json(tokenizer_json(), kTokenizerPath.string());
+}
 
 // The steady state: every word of the text is already in the word cache.
 void BM_EncodeWarm(benchmark::State& state) {

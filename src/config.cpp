@@ -6,6 +6,7 @@
 #include <fstream>
 #include <limits>
 
+#include "json_text.h"
 #include "m1/error.h"
 
 namespace m1 {
@@ -38,21 +39,21 @@ class ConfigReader {
   double number_or(const std::string& field, double fallback, bool positive) const {
     if (!has(field)) return fallback;
     const json& v = j_[field];
-    if (!v.is_number()) bad(field, fmt::format("expected a number, got {}", v.dump()));
+    if (!v.is_number()) bad(field, fmt::format("expected a number, got {}", json_brief(v)));
     double d = v.get<double>();
-    if (!std::isfinite(d) || (positive && d <= 0)) bad(field, fmt::format("must be {}, got {}", positive ? "a positive number" : "finite", v.dump()));
+    if (!std::isfinite(d) || (positive && d <= 0)) bad(field, fmt::format("must be {}, got {}", positive ? "a positive number" : "finite", json_brief(v)));
     return d;
   }
 
   bool boolean_or(const std::string& field, bool fallback) const {
     if (!has(field)) return fallback;
-    if (!j_[field].is_boolean()) bad(field, fmt::format("expected true or false, got {}", j_[field].dump()));
+    if (!j_[field].is_boolean()) bad(field, fmt::format("expected true or false, got {}", json_brief(j_[field])));
     return j_[field].get<bool>();
   }
 
   std::string string_or(const std::string& field, const std::string& fallback) const {
     if (!has(field)) return fallback;
-    if (!j_[field].is_string()) bad(field, fmt::format("expected a string, got {}", j_[field].dump()));
+    if (!j_[field].is_string()) bad(field, fmt::format("expected a string, got {}", json_brief(j_[field])));
     return j_[field].get<std::string>();
   }
 
@@ -61,9 +62,9 @@ class ConfigReader {
  private:
   int64_t integer_value(const std::string& field, int64_t min, int64_t max) const {
     const json& v = j_[field];
-    if (!v.is_number_integer()) bad(field, fmt::format("expected an integer, got {}", v.dump()));
+    if (!v.is_number_integer()) bad(field, fmt::format("expected an integer, got {}", json_brief(v)));
     if (v.is_number_unsigned() && v.get<uint64_t>() > uint64_t(std::numeric_limits<int64_t>::max()))
-      bad(field, fmt::format("must be in [{}, {}], got {}", min, max, v.dump()));
+      bad(field, fmt::format("must be in [{}, {}], got {}", min, max, json_brief(v)));
     int64_t i = v.get<int64_t>();
     if (i < min || i > max) bad(field, fmt::format("must be in [{}, {}], got {}", min, max, i));
     return i;
@@ -78,25 +79,25 @@ std::string read_architecture(const ConfigReader& r) {
   if (!r.has("architectures")) r.bad("architectures", "missing required field");
   const json& list = r.raw("architectures");
   if (!list.is_array() || list.size() != 1 || !list[0].is_string())
-    r.bad("architectures", fmt::format("expected a list of one name, got {}", list.dump()));
+    r.bad("architectures", fmt::format("expected a list of one name, got {}", json_brief(list)));
   std::string name = list[0].get<std::string>();
   for (const char* known : kKnown)
     if (name == known) return name;
-  r.bad("architectures", fmt::format("unsupported architecture '{}' (m1 runs MiniMaxM1ForCausalLM and "
-                                     "MiniMaxText01ForCausalLM)", name));
+  r.bad("architectures", fmt::format("unsupported architecture {} (m1 runs MiniMaxM1ForCausalLM and "
+                                     "MiniMaxText01ForCausalLM)", quote_name(name)));
 }
 
 std::vector<int> read_attn_types(const ConfigReader& r, int64_t layers) {
   if (!r.has("attn_type_list")) r.bad("attn_type_list", "missing required field");
   const json& list = r.raw("attn_type_list");
-  if (!list.is_array()) r.bad("attn_type_list", fmt::format("expected a list of 0/1, got {}", list.dump()));
+  if (!list.is_array()) r.bad("attn_type_list", fmt::format("expected a list of 0/1, got {}", json_brief(list)));
   if (int64_t(list.size()) != layers)
     r.bad("attn_type_list", fmt::format("has {} entries but num_hidden_layers is {}", list.size(), layers));
   std::vector<int> types;
   for (size_t i = 0; i < list.size(); ++i) {
     if (!list[i].is_number_integer() || (list[i].get<int64_t>() != 0 && list[i].get<int64_t>() != 1))
       r.bad(fmt::format("attn_type_list[{}]", i),
-            fmt::format("expected 0 (lightning) or 1 (softmax), got {}", list[i].dump()));
+            fmt::format("expected 0 (lightning) or 1 (softmax), got {}", json_brief(list[i])));
     types.push_back(list[i].get<int>());
   }
   return types;
@@ -133,10 +134,10 @@ void read_dimensions(const ConfigReader& r, ModelConfig& c) {
 
 void read_arithmetic(const ConfigReader& r, ModelConfig& c) {
   std::string act = r.string_or("hidden_act", "silu");
-  if (act != "silu") r.bad("hidden_act", fmt::format("unsupported activation '{}' (only silu)", act));
+  if (act != "silu") r.bad("hidden_act", fmt::format("unsupported activation {} (only silu)", quote_name(act)));
   if (c.shared_intermediate_size > 0) {
     std::string mode = r.string_or("shared_moe_mode", "sigmoid");
-    if (mode != "sigmoid") r.bad("shared_moe_mode", fmt::format("unsupported mode '{}' (only sigmoid)", mode));
+    if (mode != "sigmoid") r.bad("shared_moe_mode", fmt::format("unsupported mode {} (only sigmoid)", quote_name(mode)));
   }
   c.rms_norm_eps = r.number_or("rms_norm_eps", 1e-5, true);
   c.rope_theta = r.number_or("rope_theta", 1e6, true);

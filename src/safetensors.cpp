@@ -14,6 +14,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "json_text.h"
 #include "m1/error.h"
 
 namespace m1 {
@@ -85,7 +86,7 @@ std::vector<int64_t> parse_shape(const json& shape, const std::string& where) {
   std::vector<int64_t> dims;
   for (const json& d : shape) {
     if (!d.is_number_unsigned() || d.get<uint64_t>() > (uint64_t(1) << 40))
-      fail("{}: bad dimension {} in 'shape'", where, d.dump());
+      fail("{}: bad dimension {} in 'shape'", where, json_brief(d));
     dims.push_back(d.get<int64_t>());
   }
   return dims;
@@ -107,9 +108,10 @@ struct HeaderEntry {
 };
 
 HeaderEntry parse_entry(const std::string& name, const json& spec, const std::string& file) {
-  std::string where = fmt::format("{}: tensor '{}'", file, name);
+  std::string where = fmt::format("{}: tensor {}", file, quote_name(name));
   if (!spec.is_object()) fail("{}: header entry must be an object", where);
-  if (!spec.contains("dtype") || !spec["dtype"].is_string()) fail("{}: missing 'dtype'", where);
+  if (!spec.contains("dtype")) fail("{}: missing 'dtype'", where);
+  if (!spec["dtype"].is_string()) fail("{}: 'dtype' must be a string", where);
   if (!spec.contains("shape")) fail("{}: missing 'shape'", where);
   if (!spec.contains("data_offsets")) fail("{}: missing 'data_offsets'", where);
   HeaderEntry e;
@@ -117,7 +119,7 @@ HeaderEntry parse_entry(const std::string& name, const json& spec, const std::st
   e.view.file = file;
   e.view.dtype_name = spec["dtype"].get<std::string>();
   int size = element_size(e.view.dtype_name);
-  if (size == 0) fail("{}: unknown dtype '{}'", where, e.view.dtype_name);
+  if (size == 0) fail("{}: unknown dtype {}", where, quote_name(e.view.dtype_name));
   e.view.shape = parse_shape(spec["shape"], where);
   const json& offsets = spec["data_offsets"];
   if (!offsets.is_array() || offsets.size() != 2 || !offsets[0].is_number_unsigned() ||
@@ -148,11 +150,16 @@ json parse_header(const MappedFile& f, uint64_t* data_start) {
   return header;
 }
 
+// Empty tensors own no bytes; every other tensor must start at or after the furthest end so far.
 void check_no_overlap(std::vector<HeaderEntry*>& entries, const std::string& file) {
+  std::erase_if(entries, [](auto* e) { return e->begin == e->end; });
   std::sort(entries.begin(), entries.end(), [](auto* a, auto* b) { return a->begin < b->begin; });
-  for (size_t i = 1; i < entries.size(); ++i)
-    if (entries[i]->begin < entries[i - 1]->end && entries[i]->begin != entries[i]->end)
-      fail("{}: tensors '{}' and '{}' overlap", file, entries[i - 1]->view.name, entries[i]->view.name);
+  const HeaderEntry* furthest = nullptr;
+  for (HeaderEntry* e : entries) {
+    if (furthest && e->begin < furthest->end)
+      fail("{}: tensors {} and {} overlap", file, quote_name(furthest->view.name), quote_name(e->view.name));
+    if (!furthest || e->end > furthest->end) furthest = e;
+  }
 }
 
 std::string shard_name(size_t index, size_t count) {
@@ -165,7 +172,7 @@ int64_t TensorView::numel() const { return checked_numel(shape); }
 
 DType TensorView::weight_dtype() const {
   auto t = dtype_from_name(dtype_name);
-  if (!t) fail("{}: tensor '{}' has dtype {}; weights must be BF16, F16 or F32", file, name, dtype_name);
+  if (!t) fail("{}: tensor {} has dtype {}; weights must be BF16, F16 or F32", file, quote_name(name), quote_name(dtype_name));
   return *t;
 }
 
@@ -187,9 +194,10 @@ void Checkpoint::add_file(const fs::path& path) {
   std::vector<HeaderEntry*> order;
   for (HeaderEntry& e : entries) {
     if (e.end > data_size)
-      fail("{}: tensor '{}': data_offsets [{}, {}] past the end of the data ({} bytes); file truncated?",
-           file->path(), e.view.name, e.begin, e.end, data_size);
-    if (tensors_.count(e.view.name)) fail("{}: tensor '{}' also appears in another shard", file->path(), e.view.name);
+      fail("{}: tensor {}: data_offsets [{}, {}] past the end of the data ({} bytes); file truncated?",
+           file->path(), quote_name(e.view.name), e.begin, e.end, data_size);
+    if (tensors_.count(e.view.name))
+      fail("{}: tensor {} also appears in another shard", file->path(), quote_name(e.view.name));
     order.push_back(&e);
   }
   check_no_overlap(order, file->path());
@@ -229,23 +237,23 @@ Checkpoint Checkpoint::open(const fs::path& dir) {
     fail("{}: missing 'weight_map' object", index_path.string());
   std::map<std::string, std::vector<std::string>> by_shard;
   for (auto& [tensor, shard] : index["weight_map"].items()) {
-    if (!shard.is_string()) fail("{}: weight_map['{}'] must be a file name", index_path.string(), tensor);
+    if (!shard.is_string()) fail("{}: weight_map[{}] must be a file name", index_path.string(), quote_name(tensor));
     std::string name = shard.get<std::string>();
     if (name.empty() || name.find('/') != std::string::npos || name == "." || name == "..")
-      fail("{}: weight_map['{}'] names '{}', which is not a file in the checkpoint directory",
-           index_path.string(), tensor, name);
+      fail("{}: weight_map[{}] names {}, which is not a file in the checkpoint directory",
+           index_path.string(), quote_name(tensor), quote_name(name));
     by_shard[name].push_back(tensor);
   }
   Checkpoint c;
   for (auto& [shard, tensors] : by_shard) {
     fs::path shard_path = dir / shard;
     if (!fs::exists(shard_path, ec))
-      fail("{}: shard '{}' listed in {} is missing", shard_path.string(), shard, index_path.filename().string());
+      fail("{}: shard {} listed in {} is missing", shard_path.string(), quote_name(shard), index_path.filename().string());
     c.add_file(shard_path);
     for (const std::string& t : tensors) {
       auto it = c.tensors_.find(t);
       if (it == c.tensors_.end() || it->second.file != shard_path.string())
-        fail("{}: tensor '{}' is listed in {} but not in this shard", shard_path.string(), t,
+        fail("{}: tensor {} is listed in {} but not in this shard", shard_path.string(), quote_name(t),
              index_path.filename().string());
     }
   }
@@ -259,9 +267,9 @@ const TensorView* Checkpoint::find(const std::string& name) const {
 
 const TensorView& Checkpoint::require(const std::string& name, const std::vector<int64_t>& shape) const {
   const TensorView* t = find(name);
-  if (!t) fail("checkpoint: tensor '{}' is missing", name);
+  if (!t) fail("checkpoint: tensor {} is missing", quote_name(name));
   if (t->shape != shape)
-    fail("{}: tensor '{}' has shape {} but the config needs {}", t->file, name, json(t->shape).dump(),
+    fail("{}: tensor {} has shape {} but the config needs {}", t->file, quote_name(name), json(t->shape).dump(),
          json(shape).dump());
   t->weight_dtype();
   return *t;

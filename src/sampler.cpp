@@ -184,7 +184,9 @@ void keep_best(std::vector<int32_t>& ids, size_t k, HigherLogit higher) {
 // Top-k path: the k best tokens that min-p keeps. Returns the top-k mass that top-p measures.
 double gather_top_k(std::span<const float> logits, std::span<const float> weights,
                     const SamplingParams& params, std::vector<int32_t>& candidates) {
-  gather_ids(weights, 0.0f, candidates);
+  // The near-top tokens are a prefix of the order: if there are k of them, the k best are there.
+  gather_ids(weights, kNearTopWeight, candidates);
+  if (std::ssize(candidates) < params.top_k) gather_ids(weights, 0.0f, candidates);
   keep_best(candidates, params.top_k, HigherLogit{logits.data()});
   const double mass = total_weight(candidates, weights);
   std::erase_if(candidates, [&](int32_t id) { return weights[id] < params.min_p; });
@@ -230,7 +232,7 @@ void keep_nucleus(std::vector<int32_t>& candidates, std::span<const float> logit
   }
 }
 
-// Inverse-CDF draw over the candidates in their current order, with u in [0, 1).
+// Inverse-CDF draw over the candidates in their order, with u in [0, 1).
 int32_t pick(std::span<const int32_t> candidates, std::span<const float> weights, double u) {
   const double target = u * total_weight(candidates, weights);
   double cumulative = 0.0;
@@ -239,6 +241,20 @@ int32_t pick(std::span<const int32_t> candidates, std::span<const float> weights
     if (cumulative > target) return id;
   }
   return candidates.back();  // only when rounding puts target at the very top
+}
+
+// The same over every token in id order, when nothing is truncated: no candidate list to build.
+int32_t pick_any(std::span<const float> weights, double u) {
+  const double target = u * sum_weights(weights);
+  double cumulative = 0.0;
+  int32_t last_possible = 0;
+  for (int32_t id = 0; id < std::ssize(weights); ++id) {
+    if (weights[id] == 0.0f) continue;  // masked
+    cumulative += weights[id];
+    last_possible = id;
+    if (cumulative > target) return id;
+  }
+  return last_possible;
 }
 
 }  // namespace
@@ -327,6 +343,8 @@ float Sampler::raw_logit(int32_t id, std::span<const float> logits) const {
 
 int32_t Sampler::draw(std::span<const float> logits) {
   compute_weights(logits, max_logit(logits), params_.temperature, weights_);
+  if (params_.top_k == 0 && params_.top_p == 1.0f && params_.min_p == 0.0f)  // no truncation
+    return pick_any(weights_, next_uniform());
   const double mass = params_.top_k > 0 ? gather_top_k(logits, weights_, params_, candidates_)
                                         : gather_above_floor(weights_, params_, candidates_);
   if (params_.top_p < 1.0f)

@@ -1,17 +1,16 @@
 #include "m1/tokenizer.h"
 
-#define PCRE2_CODE_UNIT_WIDTH 8
-#include <pcre2.h>
-
 #include <algorithm>
 #include <array>
 #include <fstream>
-#include <iterator>
+#include <functional>
 #include <mutex>
 #include <sstream>
 #include <unordered_map>
 #include <utility>
 
+#define PCRE2_CODE_UNIT_WIDTH 8
+#include <pcre2.h>
 #include <nlohmann/json.hpp>
 
 #include "m1/error.h"
@@ -40,8 +39,8 @@ Utf8Step next_utf8(std::string_view bytes) {
   const auto lead = static_cast<uint8_t>(bytes[0]);
   if (lead < 0x80) return {Utf8Status::kValid, 1};
   size_t length = 0;
-  uint8_t low = 0x80;  // allowed range of the second byte, narrowed to rule out overlong
-  uint8_t high = 0xBF; // encodings, surrogates and code points above U+10FFFF
+  uint8_t low = 0x80;   // allowed range of the second byte, narrowed to rule out overlong
+  uint8_t high = 0xBF;  // encodings, surrogates and code points above U+10FFFF
   if (lead >= 0xC2 && lead <= 0xDF) {
     length = 2;
   } else if (lead >= 0xE0 && lead <= 0xEF) {
@@ -86,20 +85,12 @@ size_t append_valid_utf8(std::string& out, std::string_view bytes, bool at_end) 
   return pos;
 }
 
+// UTF-8 of a code point below U+0800, as all of the byte-level alphabet is.
 void append_code_point(std::string& out, char32_t cp) {
   if (cp < 0x80) {
     out.push_back(static_cast<char>(cp));
-  } else if (cp < 0x800) {
-    out.push_back(static_cast<char>(0xC0 | (cp >> 6)));
-    out.push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-  } else if (cp < 0x10000) {
-    out.push_back(static_cast<char>(0xE0 | (cp >> 12)));
-    out.push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
-    out.push_back(static_cast<char>(0x80 | (cp & 0x3F)));
   } else {
-    out.push_back(static_cast<char>(0xF0 | (cp >> 18)));
-    out.push_back(static_cast<char>(0x80 | ((cp >> 12) & 0x3F)));
-    out.push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
+    out.push_back(static_cast<char>(0xC0 | (cp >> 6)));
     out.push_back(static_cast<char>(0x80 | (cp & 0x3F)));
   }
 }
@@ -229,12 +220,16 @@ class BytePairEncoder {
   // lowest-ranked merge available (leftmost on ties) until none applies.
   void encode(std::string_view word, std::vector<int32_t>& out) const {
     if (word.empty()) return;
-    thread_local Workspace work;
+    // Reused across words to spare allocations, but not grown for rare huge words and then kept.
+    thread_local Workspace reused;
+    Workspace huge;
+    Workspace& work = word.size() <= kReusedWorkspaceBytes ? reused : huge;
     work.symbols.clear();
     work.candidates.clear();
     const auto count = static_cast<int32_t>(word.size());
     for (int32_t i = 0; i < count; ++i) {
-      work.symbols.push_back({byte_ids_[static_cast<uint8_t>(word[i])], i - 1, i + 1 < count ? i + 1 : -1});
+      work.symbols.push_back(
+          {byte_ids_[static_cast<uint8_t>(word[i])], i - 1, i + 1 < count ? i + 1 : -1});
     }
     for (int32_t i = 0; i + 1 < count; ++i) add_candidate(work, i);
     while (!work.candidates.empty()) {
@@ -249,6 +244,7 @@ class BytePairEncoder {
 
  private:
   static constexpr int32_t kMergedAway = -1;
+  static constexpr size_t kReusedWorkspaceBytes = 4096;
 
   struct Symbol {
     int32_t id;
@@ -340,7 +336,9 @@ class WordCache {
     int32_t ids[kMaxIds];
   };
 
-  static size_t slot(std::string_view word) { return std::hash<std::string_view>{}(word) & (kEntries - 1); }
+  static size_t slot(std::string_view word) {
+    return std::hash<std::string_view>{}(word) & (kEntries - 1);
+  }
 
   std::mutex mutex_;  // encode may run on several threads at once
   std::vector<Entry> entries_;
@@ -392,8 +390,9 @@ class RegexSplitter {
     const PCRE2_SIZE* match = pcre2_get_ovector_pointer(match_data);
     size_t pos = 0;
     while (pos < text.size()) {
-      const int rc = jit_ ? pcre2_jit_match(code_.get(), subject, text.size(), pos, 0, match_data, nullptr)
-                          : pcre2_match(code_.get(), subject, text.size(), pos, 0, match_data, nullptr);
+      const int rc =
+          jit_ ? pcre2_jit_match(code_.get(), subject, text.size(), pos, 0, match_data, nullptr)
+               : pcre2_match(code_.get(), subject, text.size(), pos, 0, match_data, nullptr);
       if (rc == PCRE2_ERROR_NOMATCH) break;
       if (rc < 0) fail("pre-tokenizer regex failed: {}", pcre2_message(rc));
       if (match[0] > pos) on_word(text.substr(pos, match[0] - pos));
@@ -413,11 +412,20 @@ class RegexSplitter {
 
 class AddedTokenMatcher {
  public:
-  void add(std::string content, int32_t id) {
-    can_start_[static_cast<uint8_t>(content[0])] = true;
-    tokens_.push_back({std::move(content), id});
-    std::stable_sort(tokens_.begin(), tokens_.end(),
-                     [](const Token& a, const Token& b) { return a.content.size() > b.content.size(); });
+  struct Token {
+    std::string content;  // not empty
+    int32_t id;
+  };
+
+  AddedTokenMatcher() = default;
+  explicit AddedTokenMatcher(std::vector<Token> tokens) {
+    for (Token& token : tokens)
+      by_first_byte_[static_cast<uint8_t>(token.content[0])].push_back(std::move(token));
+    for (std::vector<Token>& group : by_first_byte_) {
+      std::stable_sort(group.begin(), group.end(), [](const Token& a, const Token& b) {
+        return a.content.size() > b.content.size();
+      });
+    }
   }
 
   // Calls on_text for the text between added tokens and on_token for each added token.
@@ -425,7 +433,6 @@ class AddedTokenMatcher {
   void split(std::string_view text, OnText&& on_text, OnToken&& on_token) const {
     size_t text_begin = 0;
     for (size_t pos = 0; pos < text.size(); ++pos) {
-      if (!can_start_[static_cast<uint8_t>(text[pos])]) continue;
       const Token* token = longest_at(text.substr(pos));
       if (!token) continue;
       if (pos > text_begin) on_text(text.substr(text_begin, pos - text_begin));
@@ -437,20 +444,14 @@ class AddedTokenMatcher {
   }
 
  private:
-  struct Token {
-    std::string content;
-    int32_t id;
-  };
-
   const Token* longest_at(std::string_view text) const {
-    for (const Token& token : tokens_) {
+    for (const Token& token : by_first_byte_[static_cast<uint8_t>(text[0])]) {
       if (text.starts_with(token.content)) return &token;
     }
     return nullptr;
   }
 
-  std::array<bool, 256> can_start_{};
-  std::vector<Token> tokens_;  // longest first
+  std::array<std::vector<Token>, 256> by_first_byte_;  // each longest first
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -476,7 +477,8 @@ struct Source {
   }
 
   // A setting that must have this value for the tokenizer to work as this code does.
-  void require(const json& object, std::string_view parent, const char* key, const json& expected) const {
+  void require(const json& object, std::string_view parent, const char* key,
+               const json& expected) const {
     const json& value = member(object, parent, key);
     if (value != expected) unsupported(parent, key, value, expected);
   }
@@ -492,7 +494,8 @@ struct Source {
 
   [[noreturn]] void unsupported(std::string_view parent, std::string_view key, const json& value,
                                 const json& expected) const {
-    fail(field_name(parent, key), fmt::format("{} is not supported (only {})", value.dump(), expected.dump()));
+    fail(field_name(parent, key),
+         fmt::format("{} is not supported (only {})", value.dump(), expected.dump()));
   }
 };
 
@@ -507,12 +510,17 @@ class LargeSections {
   // A nlohmann::json parser callback; returns whether to keep the value in the document.
   bool operator()(int depth, json::parse_event_t event, json& parsed) {
     using Event = json::parse_event_t;
-    if (depth == 1 && event == Event::key) in_model_ = parsed == "model";
-    if (depth == 2 && event == Event::key) key_ = in_model_ ? parsed.get<std::string>() : std::string();
+    if (depth == 1 && event == Event::key) {
+      in_model_ = parsed == "model";
+      key_.clear();
+    }
+    if (depth == 2 && event == Event::key)
+      key_ = in_model_ ? parsed.get<std::string>() : std::string();
     if (depth == 2 && event == Event::object_start) section_ = key_ == "vocab" ? kVocab : kNone;
     if (depth == 2 && event == Event::array_start) section_ = key_ == "merges" ? kMerges : kNone;
     if (depth == 2 && (event == Event::object_end || event == Event::array_end)) section_ = kNone;
-    if (depth != 3 || section_ == kNone || event == Event::object_start || event == Event::array_start) {
+    if (depth != 3 || section_ == kNone || event == Event::object_start ||
+        event == Event::array_start) {
       return true;
     }
     if (section_ == kMerges) {
@@ -550,7 +558,8 @@ std::string type_of(const json& step) {
 // Sequence[Split(Regex, Isolated), ByteLevel(use_regex=false)].
 std::string split_pattern(const json& root, const Source& source) {
   const json& pre = source.member(root, "", "pre_tokenizer");
-  if (type_of(pre) != "Sequence") source.fail("pre_tokenizer", "only Sequence[Split, ByteLevel] is supported");
+  if (type_of(pre) != "Sequence")
+    source.fail("pre_tokenizer", "only Sequence[Split, ByteLevel] is supported");
   const json& steps = source.member(pre, "pre_tokenizer", "pretokenizers");
   if (!steps.is_array() || steps.size() != 2 || type_of(steps[0]) != "Split" ||
       type_of(steps[1]) != "ByteLevel") {
@@ -564,7 +573,8 @@ std::string split_pattern(const json& root, const Source& source) {
   source.require(steps[1], kByteLevel, "add_prefix_space", false);
   const json& pattern = source.member(steps[0], kSplit, "pattern");
   const json& regex = source.member(pattern, "pre_tokenizer.pretokenizers[0].pattern", "Regex");
-  if (!regex.is_string()) source.fail("pre_tokenizer.pretokenizers[0].pattern.Regex", "expected a string");
+  if (!regex.is_string())
+    source.fail("pre_tokenizer.pretokenizers[0].pattern.Regex", "expected a string");
   return regex.get<std::string>();
 }
 
@@ -605,7 +615,8 @@ std::optional<std::pair<std::string, std::string>> merge_pair(const json& merge)
   if (!merge.is_string()) return std::nullopt;
   const std::string& text = merge.get_ref<const std::string&>();
   const size_t space = text.find(' ');
-  if (space == std::string::npos || text.find(' ', space + 1) != std::string::npos) return std::nullopt;
+  if (space == std::string::npos || text.find(' ', space + 1) != std::string::npos)
+    return std::nullopt;
   return std::pair(text.substr(0, space), text.substr(space + 1));
 }
 
@@ -625,18 +636,22 @@ struct Tokenizer::Impl {
   AddedTokenMatcher added_tokens;
   mutable WordCache cache;  // encode is const: the cache is not part of the tokenizer's value
 
-  void load_vocabulary(const json& model, const std::vector<std::pair<std::string, json>>& vocabulary,
+  void load_vocabulary(const json& model,
+                       const std::vector<std::pair<std::string, json>>& vocabulary,
                        const Source& source);
   void load_merges(const json& model, const std::vector<json>& merges, const Source& source);
   void load_added_tokens(const json& root, const Source& source);
-  void load_added_token(const json& token, const std::string& field, size_t id_limit, const Source& source);
+  AddedTokenMatcher::Token load_added_token(const json& token, const std::string& field,
+                                            size_t id_limit, const Source& source);
   std::optional<int32_t> vocabulary_id(std::string_view spelling) const;
   void encode_word(std::string_view word, std::vector<int32_t>& out) const;
 };
 
-void Tokenizer::Impl::load_vocabulary(const json& model, const std::vector<std::pair<std::string, json>>& vocabulary,
+void Tokenizer::Impl::load_vocabulary(const json& model,
+                                      const std::vector<std::pair<std::string, json>>& vocabulary,
                                       const Source& source) {
-  if (!source.member(model, "model", "vocab").is_object()) source.fail("model.vocab", "expected an object");
+  if (!source.member(model, "model", "vocab").is_object())
+    source.fail("model.vocab", "expected an object");
   token_bytes.resize(vocabulary.size());
   kinds.assign(vocabulary.size(), TokenKind::kUnused);
   vocabulary_ids.reserve(vocabulary.size());
@@ -653,14 +668,16 @@ void Tokenizer::Impl::load_vocabulary(const json& model, const std::vector<std::
   }
 }
 
-void Tokenizer::Impl::load_merges(const json& model, const std::vector<json>& merges, const Source& source) {
+void Tokenizer::Impl::load_merges(const json& model, const std::vector<json>& merges,
+                                  const Source& source) {
   std::array<int32_t, 256> byte_ids{};
   for (int byte = 0; byte < 256; ++byte) {
     const auto id = vocabulary_id(byte_alphabet().spelling(static_cast<uint8_t>(byte)));
     if (!id) source.fail("model.vocab", fmt::format("lacks the symbol of byte 0x{:02X}", byte));
     byte_ids[byte] = *id;
   }
-  if (!source.member(model, "model", "merges").is_array()) source.fail("model.merges", "expected an array");
+  if (!source.member(model, "model", "merges").is_array())
+    source.fail("model.merges", "expected an array");
   MergeTable table;
   table.reserve(merges.size());
   for (size_t rank = 0; rank < merges.size(); ++rank) {
@@ -668,7 +685,9 @@ void Tokenizer::Impl::load_merges(const json& model, const std::vector<json>& me
       source.fail(fmt::format("model.merges[{}]", rank), problem);
     };
     const auto pair = merge_pair(merges[rank]);
-    if (!pair) fail_here(fmt::format("expected [\"left\", \"right\"] or \"left right\", not {}", merges[rank].dump()));
+    if (!pair)
+      fail_here(fmt::format("expected [\"left\", \"right\"] or \"left right\", not {}",
+                            merges[rank].dump()));
     const auto require_id = [&](const std::string& spelling) {
       const auto id = vocabulary_id(spelling);
       if (!id) fail_here(fmt::format("symbol {} is not in model.vocab", json(spelling).dump()));
@@ -688,13 +707,17 @@ void Tokenizer::Impl::load_added_tokens(const json& root, const Source& source) 
   if (!tokens->is_array()) source.fail("added_tokens", "expected an array");
   // Ids stay dense: an added token's id is below the number of tokens in the file.
   const size_t id_limit = kinds.size() + tokens->size();
+  std::vector<AddedTokenMatcher::Token> loaded;
   for (size_t i = 0; i < tokens->size(); ++i) {
-    load_added_token((*tokens)[i], fmt::format("added_tokens[{}]", i), id_limit, source);
+    loaded.push_back(
+        load_added_token((*tokens)[i], fmt::format("added_tokens[{}]", i), id_limit, source));
   }
+  added_tokens = AddedTokenMatcher(std::move(loaded));
 }
 
-void Tokenizer::Impl::load_added_token(const json& token, const std::string& field, size_t id_limit,
-                                       const Source& source) {
+AddedTokenMatcher::Token Tokenizer::Impl::load_added_token(const json& token,
+                                                           const std::string& field,
+                                                           size_t id_limit, const Source& source) {
   const json& content_value = source.member(token, field, "content");
   if (!content_value.is_string() || content_value.get_ref<const std::string&>().empty()) {
     source.fail(field_name(field, "content"), "expected a non-empty string");
@@ -703,7 +726,8 @@ void Tokenizer::Impl::load_added_token(const json& token, const std::string& fie
   const json& id_value = source.member(token, field, "id");
   const std::optional<int32_t> id = id_below(id_value, id_limit);
   if (!id) source.fail(field_name(field, "id"), bad_id(id_value, id_limit));
-  for (const char* flag : {"lstrip", "rstrip", "single_word"}) source.require_if_set(token, field, flag, false);
+  for (const char* flag : {"lstrip", "rstrip", "single_word"})
+    source.require_if_set(token, field, flag, false);
   const json special = token.value("special", json(false));
   if (!special.is_boolean()) source.fail(field_name(field, "special"), "expected true or false");
 
@@ -712,16 +736,18 @@ void Tokenizer::Impl::load_added_token(const json& token, const std::string& fie
     token_bytes.resize(*id + 1);
   }
   // An added token may take the vocabulary id of the same text, as GPT-2's <|endoftext|> does.
-  const bool own_vocabulary_id = kinds[*id] == TokenKind::kVocabulary && vocabulary_id(content) == id;
+  const bool own_vocabulary_id =
+      kinds[*id] == TokenKind::kVocabulary && token_bytes[*id] == content;
   if (kinds[*id] != TokenKind::kUnused && !own_vocabulary_id) {
     source.fail(field_name(field, "id"), fmt::format("id {} is already taken", *id));
   }
   if (!added_ids.emplace(content, *id).second) {
-    source.fail(field_name(field, "content"), fmt::format("{} is added twice", json(content).dump()));
+    source.fail(field_name(field, "content"),
+                fmt::format("{} is added twice", json(content).dump()));
   }
   kinds[*id] = special.get<bool>() ? TokenKind::kSpecial : TokenKind::kAdded;
   token_bytes[*id] = content;
-  added_tokens.add(content, *id);
+  return {content, *id};
 }
 
 std::optional<int32_t> Tokenizer::Impl::vocabulary_id(std::string_view spelling) const {

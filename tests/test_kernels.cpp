@@ -1,0 +1,210 @@
+// Every fast CPU kernel against its naive reference on fresh random inputs, including sizes that
+// are not multiples of any tile or block.
+
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <cstring>
+#include <cmath>
+#include <random>
+
+#include "cpu/lightning.h"
+#include "cpu/matmul.h"
+#include "cpu/moe.h"
+#include "cpu/softmax_attention.h"
+#include "cpu/threadpool.h"
+#include "m1/dtype.h"
+
+namespace m1::cpu {
+namespace {
+
+std::mt19937_64& rng() {
+  static std::mt19937_64 r(std::random_device{}());
+  return r;
+}
+
+std::vector<float> random_floats(size_t n, float scale = 1.0f) {
+  std::normal_distribution<float> normal(0.0f, scale);
+  std::vector<float> v(n);
+  for (float& x : v) x = normal(rng());
+  return v;
+}
+
+// Relative Frobenius error; infinite on any non-finite value, so NaN never passes.
+double relative_error(const std::vector<float>& got, const std::vector<float>& want) {
+  double diff = 0, norm = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    if (!std::isfinite(got[i]) || !std::isfinite(want[i])) return INFINITY;
+    diff += (double(got[i]) - want[i]) * (double(got[i]) - want[i]);
+    norm += double(want[i]) * want[i];
+  }
+  return norm == 0 ? std::sqrt(diff) : std::sqrt(diff / norm);
+}
+
+// A weight matrix in `dtype` holding the rounded values of random floats.
+struct TestWeight {
+  std::vector<uint8_t> bytes;
+  Weight w;
+  TestWeight(DType dtype, int64_t rows, int64_t cols, float scale = 1.0f) {
+    std::vector<float> v = random_floats(size_t(rows * cols), scale);
+    bytes.resize(v.size() * dtype_size(dtype));
+    for (size_t i = 0; i < v.size(); ++i) {
+      if (dtype == DType::kF32) {
+        std::memcpy(&bytes[4 * i], &v[i], 4);
+      } else {
+        uint16_t h = dtype == DType::kBF16 ? f32_to_bf16(v[i]) : f32_to_f16(v[i]);
+        std::memcpy(&bytes[2 * i], &h, 2);
+      }
+    }
+    w = Weight{bytes.data(), dtype, rows, cols};
+  }
+};
+
+class KernelTest : public ::testing::Test {
+ protected:
+  ThreadPool pool_{2};
+};
+
+TEST_F(KernelTest, MatmulMatchesReferenceOnAwkwardShapes) {
+  const int64_t shapes[][3] = {{1, 1, 1}, {1, 7, 3}, {2, 15, 9}, {3, 16, 4}, {5, 17, 5}, {4, 33, 67},
+                               {67, 100, 130}, {1, 1000, 7}, {130, 64, 65}, {9, 129, 200}};
+  for (DType dtype : {DType::kF32, DType::kF16, DType::kBF16})
+    for (const auto& s : shapes) {
+      const int64_t n = s[0], k = s[1], m = s[2];
+      TestWeight w(dtype, m, k, 0.5f);
+      std::vector<float> x = random_floats(size_t(n * k)), fast(size_t(n * m)), ref(size_t(n * m));
+      matmul(pool_, Mat{x.data(), n, k}, w.w, Mat{fast.data(), n, m});
+      matmul_reference(Mat{x.data(), n, k}, w.w, Mat{ref.data(), n, m});
+      EXPECT_LE(relative_error(fast, ref), 1e-6) << dtype_name(dtype) << " " << n << "x" << k << "x" << m;
+    }
+}
+
+// Row i of a product is the same bits whether computed alone or among other rows.
+TEST_F(KernelTest, MatmulRowsDoNotDependOnTheirNeighbours) {
+  const int64_t n = 37, k = 203, m = 71;
+  TestWeight w(DType::kBF16, m, k);
+  std::vector<float> x = random_floats(size_t(n * k)), all(size_t(n * m)), one(static_cast<size_t>(m));
+  matmul(pool_, Mat{x.data(), n, k}, w.w, Mat{all.data(), n, m});
+  for (int64_t i = 0; i < n; ++i) {
+    matmul(pool_, Mat{x.data() + i * k, 1, k}, w.w, Mat{one.data(), 1, m});
+    EXPECT_TRUE(std::equal(one.begin(), one.end(), all.begin() + i * m)) << "row " << i;
+  }
+}
+
+struct LightningCase {
+  int64_t count, d;
+  float decay;
+};
+
+// Runs one head over `count` tokens of random q, k, v with the given kernel, in calls of `step`
+// tokens so the state is carried across calls. Returns outputs followed by the final state.
+template <class Kernel>
+std::vector<float> run_lightning(const std::vector<float>& qkv, const LightningCase& c, int64_t step, Kernel kernel) {
+  const int64_t stride = 3 * c.d + 5;  // rows padded, as inside the per-head layout
+  std::vector<float> out(size_t(c.count * c.d)), state(size_t(c.d * c.d), 0.0f);
+  for (int64_t t = 0; t < c.count; t += step) {
+    const float* row = qkv.data() + t * stride;
+    LightningHead h{row, row + c.d, row + 2 * c.d, stride, out.data() + t * c.d, c.d,
+                    std::min(step, c.count - t), c.d, c.decay, state.data()};
+    kernel(h);
+  }
+  out.insert(out.end(), state.begin(), state.end());
+  return out;
+}
+
+TEST(LightningTest, ChunkedAndDecodeMatchTheRecurrence) {
+  const LightningCase cases[] = {{1, 16, 0.5f}, {7, 8, 0.9f}, {64, 16, 0.01f}, {65, 16, 0.3f}, {200, 24, 0.05f},
+                                 {131, 32, 1e-5f}};
+  for (const LightningCase& c : cases) {
+    std::vector<float> qkv = random_floats(size_t(c.count * (3 * c.d + 5)), 0.5f);
+    auto reference = run_lightning(qkv, c, c.count, lightning_reference);
+    for (int64_t block : {1, 7, 16, 64})
+      for (int64_t step : {c.count, int64_t(13)}) {
+        auto chunked = run_lightning(qkv, c, step, [&](const LightningHead& h) { lightning_chunked(h, block); });
+        EXPECT_LE(relative_error(chunked, reference), 2e-5)
+            << "count " << c.count << " d " << c.d << " block " << block << " step " << step;
+      }
+    auto decoded = run_lightning(qkv, c, 1, lightning_decode_token);
+    EXPECT_LE(relative_error(decoded, reference), 2e-5) << "decode, count " << c.count;
+  }
+}
+
+TEST(AttentionTest, RopeRotatesPairsAndKeepsTheRest) {
+  const int64_t d = 12, r = 8, heads = 2, pos = 5;
+  std::vector<float> x = random_floats(size_t(heads * d)), before = x;
+  const double theta = 10000;
+  apply_rope(x.data(), 1, heads * d, heads, d, r, theta, pos);
+  for (int64_t h = 0; h < heads; ++h) {
+    for (int64_t j = 0; j < r / 2; ++j) {
+      double angle = pos * std::pow(theta, -2.0 * j / r);
+      double a = before[size_t(h * d + j)], b = before[size_t(h * d + j + r / 2)];
+      EXPECT_NEAR(x[size_t(h * d + j)], a * std::cos(angle) - b * std::sin(angle), 1e-5);
+      EXPECT_NEAR(x[size_t(h * d + j + r / 2)], b * std::cos(angle) + a * std::sin(angle), 1e-5);
+    }
+    for (int64_t j = r; j < d; ++j) EXPECT_EQ(x[size_t(h * d + j)], before[size_t(h * d + j)]);
+  }
+}
+
+TEST(AttentionTest, HeadMatchesReference) {
+  for (auto [count, pos0, d] : {std::tuple{1, 0, 8}, {1, 37, 16}, {5, 0, 24}, {17, 3, 16}, {64, 100, 32}}) {
+    const int64_t total = pos0 + count, kv_stride = 2 * d + 3;
+    std::vector<float> q = random_floats(size_t(count * d)), kv = random_floats(size_t(total * kv_stride));
+    std::vector<float> fast(size_t(count * d)), ref(size_t(count * d)), scratch;
+    AttentionHead h{q.data(), d, kv.data(), kv.data() + d, kv_stride, fast.data(), d, count, pos0, d};
+    attention_head(h, scratch);
+    h.out = ref.data();
+    attention_head_reference(h);
+    EXPECT_LE(relative_error(fast, ref), 1e-5) << count << " queries at " << pos0;
+  }
+}
+
+TEST(MoeTest, RoutingPicksTheTopKAndRenormalises) {
+  const float logits[] = {0.5f, 2.0f, 2.0f, -1.0f, 1.0f};  // experts 1 and 2 tie
+  int32_t chosen[3];
+  float weights[3];
+  route(logits, 1, 5, 3, chosen, weights);
+  EXPECT_EQ(chosen[0], 1);  // ties: lower index first
+  EXPECT_EQ(chosen[1], 2);
+  EXPECT_EQ(chosen[2], 4);
+  const double e1 = std::exp(2.0), e4 = std::exp(1.0);
+  EXPECT_NEAR(weights[0], e1 / (2 * e1 + e4), 1e-6);
+  EXPECT_NEAR(weights[2], e4 / (2 * e1 + e4), 1e-6);
+  EXPECT_NEAR(weights[0] + weights[1] + weights[2], 1.0, 1e-6);
+}
+
+TEST_F(KernelTest, MoeMatchesReference) {
+  for (auto [n, hidden, ffn, experts, top_k] : {std::tuple{1, 16, 24, 4, 2}, {9, 33, 17, 6, 3}, {70, 64, 96, 8, 2}}) {
+    std::vector<TestWeight> owned;
+    owned.reserve(size_t(1 + 3 * experts));
+    MoeWeights w;
+    w.top_k = top_k;
+    w.router = owned.emplace_back(DType::kBF16, experts, hidden, 1.0f).w;
+    for (int e = 0; e < experts; ++e) {
+      w.w1.push_back(owned.emplace_back(DType::kBF16, ffn, hidden, 0.3f).w);
+      w.w3.push_back(owned.emplace_back(DType::kBF16, ffn, hidden, 0.3f).w);
+      w.w2.push_back(owned.emplace_back(DType::kF32, hidden, ffn, 0.3f).w);
+    }
+    std::vector<float> x = random_floats(size_t(n * hidden)), fast(size_t(n * hidden)), ref(size_t(n * hidden));
+    MoeScratch scratch;
+    moe(pool_, Mat{x.data(), n, hidden}, w, Mat{fast.data(), n, hidden}, scratch);
+    moe_reference(Mat{x.data(), n, hidden}, w, Mat{ref.data(), n, hidden});
+    EXPECT_LE(relative_error(fast, ref), 1e-5) << n << " tokens, " << experts << " experts";
+  }
+}
+
+TEST(ThreadPoolTest, RunsEveryTaskOnceAndRethrows) {
+  ThreadPool pool(3);
+  std::vector<std::atomic<int>> hits(1000);
+  pool.parallel_for(1000, [&](int64_t i) { hits[size_t(i)]++; });
+  for (auto& h : hits) EXPECT_EQ(h.load(), 1);
+  EXPECT_THROW(pool.parallel_for(100, [](int64_t i) {
+                 if (i == 42) throw std::runtime_error("boom");
+               }),
+               std::runtime_error);
+  std::atomic<int> after{0};
+  pool.parallel_for(10, [&](int64_t) { after++; });
+  EXPECT_EQ(after.load(), 10);
+}
+
+}  // namespace
+}  // namespace m1::cpu

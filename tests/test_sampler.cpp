@@ -237,6 +237,34 @@ TEST(Sampler, DrawsFollowTheSplitmix64Stream) {
   }
 }
 
+TEST(Sampler, TruncatedDrawsArePinned) {
+  // Regression pins: the weights, sums and selections use no libm and no standard-library
+  // arrangement, so these tokens should come out the same on every machine and compiler.
+  const std::vector<float> logits = random_logits(1000, 21, 8.0f);
+  const auto sequence = [&](const SamplingParams& params) {
+    Sampler sampler(params, {});
+    std::vector<int32_t> ids;
+    for (int i = 0; i < 12; ++i) {
+      std::vector<float> row = logits;
+      ids.push_back(sampler.sample(row).id);
+    }
+    return ids;
+  };
+  SamplingParams nucleus;
+  nucleus.temperature = 0.8f;
+  nucleus.top_p = 0.9f;
+  nucleus.seed = 7;
+  EXPECT_EQ(sequence(nucleus),
+            (std::vector<int32_t>{411, 15, 934, 586, 449, 252, 457, 365, 113, 434, 78, 202}));
+  SamplingParams top_k;
+  top_k.temperature = 1.3f;
+  top_k.top_k = 40;
+  top_k.min_p = 0.05f;
+  top_k.seed = 8;
+  EXPECT_EQ(sequence(top_k),
+            (std::vector<int32_t>{448, 448, 514, 420, 171, 836, 161, 836, 171, 78, 449, 32}));
+}
+
 // Greedy choice between two logits, with `history` accepted as generated before sampling.
 int32_t greedy_after(SamplingParams params, std::vector<float> logits,
                      std::vector<int32_t> prompt, std::vector<int32_t> history = {}) {

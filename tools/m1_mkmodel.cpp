@@ -73,17 +73,17 @@ nlohmann::json truncated_tokenizer(nlohmann::json tok, int64_t merges, const fs:
   return tok;
 }
 
-// Writes tokenizer.json (and tokenizer_config.json when the source has one); returns the
-// vocabulary size it implies.
-int64_t write_tokenizer(const Options& o, int64_t merges, const fs::path& dir) {
+// The tokenizer.json to write: the source, or its first `merges` merges.
+nlohmann::json model_tokenizer(const Options& o, int64_t merges) {
   nlohmann::json tok = read_json(o.tokenizer_source);
   if (merges >= 0) tok = truncated_tokenizer(std::move(tok), merges, o.tokenizer_source);
+  return tok;
+}
+
+int64_t tokenizer_vocab(const nlohmann::json& tok) {
   int64_t vocab = 0;
   for (auto& [text, id] : tok["model"]["vocab"].items()) vocab = std::max(vocab, id.get<int64_t>() + 1);
   for (auto& t : tok["added_tokens"]) vocab = std::max(vocab, t["id"].get<int64_t>() + 1);
-  write_json(dir / "tokenizer.json", tok, -1);
-  fs::path config = o.tokenizer_source.parent_path() / "tokenizer_config.json";
-  if (fs::exists(config)) write_json(dir / "tokenizer_config.json", read_json(config), 2);
   return vocab;
 }
 
@@ -131,12 +131,16 @@ void make_model(const Options& o) {
   std::error_code ec;
   if (fs::exists(o.out, ec) && !fs::is_empty(o.out, ec) && !o.force)
     m1::fail("{}: exists and is not empty (use --force to overwrite)", o.out.string());
+  // Everything is checked before the first file is written.
+  const nlohmann::json tokenizer = model_tokenizer(o, merges_to_keep(o, p));
+  const ordered_json config_json = build_config(o, p, tokenizer_vocab(tokenizer), dtype);
+  const m1::ModelConfig config = m1::parse_config(nlohmann::json::parse(config_json.dump()), "config");
+
   fs::create_directories(o.out, ec);
   if (ec) m1::fail("{}: cannot create: {}", o.out.string(), ec.message());
-
-  const int64_t vocab = write_tokenizer(o, merges_to_keep(o, p), o.out);
-  const ordered_json config_json = build_config(o, p, vocab, dtype);
-  const m1::ModelConfig config = m1::parse_config(nlohmann::json::parse(config_json.dump()), "config");
+  write_json(o.out / "tokenizer.json", tokenizer, -1);
+  const fs::path tokenizer_config = o.tokenizer_source.parent_path() / "tokenizer_config.json";
+  if (fs::exists(tokenizer_config)) write_json(o.out / "tokenizer_config.json", read_json(tokenizer_config), 2);
   write_json(o.out / "config.json", config_json, 2);
 
   std::vector<m1::WeightSpec> weights = m1::weight_specs(config);

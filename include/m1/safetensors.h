@@ -34,7 +34,7 @@ class MappedFile;
 
 class Checkpoint {
  public:
-  // A directory holding model.safetensors.index.json (sharded) or a single *.safetensors file.
+  // A directory holding model.safetensors.index.json (sharded) or model.safetensors.
   static Checkpoint open(const std::filesystem::path& dir);
   // One safetensors file.
   static Checkpoint open_file(const std::filesystem::path& file);

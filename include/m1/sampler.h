@@ -27,7 +27,8 @@ void validate(const SamplingParams& params);
 struct SampledToken {
   int32_t id = -1;
   float logprob = 0.0f;                          // of `id` under the model's raw distribution
-  std::vector<std::pair<int32_t, float>> top;    // top_logprobs best (id, logprob), best first
+  std::vector<std::pair<int32_t, float>> top;    // top_logprobs best (id, logprob), best first;
+                                                 // masked (-inf) tokens are left out
 };
 
 // One per sequence: owns the random stream and the token counts that penalties need.

@@ -6,17 +6,23 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
+#include <string_view>
 
 namespace m1::cpu {
 namespace {
 
 enum class Isa { kAvx512, kAvx2, kScalar };
 
+// The best the CPU offers, or a lesser one named by M1_CPU_ISA (so tests cover every path).
 Isa detect_isa() {
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) return Isa::kAvx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+  const char* forced = std::getenv("M1_CPU_ISA");
+  const std::string_view cap = forced ? forced : "";
+  if (cap.empty() && __builtin_cpu_supports("avx512f")) return Isa::kAvx512;
+  if (cap != "scalar" && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+      __builtin_cpu_supports("f16c"))
     return Isa::kAvx2;
   return Isa::kScalar;
 }

@@ -1,0 +1,329 @@
+#include "m1/engine.h"
+
+#include <algorithm>
+
+#include <spdlog/spdlog.h>
+
+#include "m1/stop.h"
+
+namespace m1 {
+
+using Clock = std::chrono::steady_clock;
+
+void LatencyHistogram::observe(double seconds) {
+  for (size_t i = 0; i < kBounds.size(); ++i) at_most[i] += seconds <= kBounds[i];
+  ++count;
+  sum += seconds;
+}
+
+std::optional<GenerationEvent> RequestStream::next(std::chrono::milliseconds timeout) {
+  std::unique_lock lock(mutex_);
+  if (!ready_.wait_for(lock, timeout, [&] { return !events_.empty(); })) return std::nullopt;
+  GenerationEvent e = std::move(events_.front());
+  events_.pop_front();
+  return e;
+}
+
+void RequestStream::push(GenerationEvent e) {
+  {
+    std::lock_guard lock(mutex_);
+    events_.push_back(std::move(e));
+  }
+  ready_.notify_one();
+}
+
+// One choice of a request: its own state (forked from the prompt's), sampler, detokenizer.
+struct Engine::Sequence {
+  Sequence(std::unique_ptr<SequenceState> state, const SamplingParams& sampling, const GenerationRequest& request,
+           const Tokenizer& tokenizer)
+      : state(std::move(state)), sampler(sampling, request.prompt), decoder(tokenizer), stop(request.stop) {}
+
+  std::unique_ptr<SequenceState> state;
+  Sampler sampler;
+  IncrementalDecoder decoder;
+  StopMatcher stop;
+  int32_t last_token = -1;
+  int64_t generated = 0;
+  bool finished = false;
+  Clock::time_point last_token_time;
+};
+
+struct Engine::Request {
+  GenerationRequest params;
+  std::shared_ptr<RequestStream> stream;
+  Clock::time_point submitted;
+  int64_t max_new_tokens = 0;  // max_tokens, clamped to the context
+  std::unique_ptr<SequenceState> prompt_state;
+  int64_t prefilled = 0;  // prompt tokens consumed
+  std::vector<Sequence> choices;  // created when the prompt is done
+  int64_t generated = 0;          // over all choices
+  bool admitted = false;          // holds places in the batch
+  bool ended = false;
+
+  bool prefilling() const { return choices.empty(); }
+  bool all_finished() const {
+    return !choices.empty() && std::all_of(choices.begin(), choices.end(), [](const Sequence& s) { return s.finished; });
+  }
+};
+
+Engine::Engine(Model& model, const Tokenizer& tokenizer, EngineOptions options)
+    : model_(model), tokenizer_(tokenizer), options_(options) {
+  const int64_t model_max = model.config().max_position_embeddings;
+  if (options_.max_batch < 1) fail("max_batch must be at least 1, got {}", options_.max_batch);
+  if (options_.step_tokens < 1) fail("step_tokens must be at least 1, got {}", options_.step_tokens);
+  if (options_.max_context < 0) fail("max_context must be 0 (the model's) or more, got {}", options_.max_context);
+  if (options_.max_context > model_max)
+    fail("max_context {} is more than the model's max_position_embeddings {}", options_.max_context, model_max);
+  max_context_ = options_.max_context > 0 ? options_.max_context : model_max;
+  thread_ = std::thread([this] { loop(); });
+}
+
+Engine::~Engine() {
+  {
+    std::lock_guard lock(mutex_);
+    stopping_ = true;
+  }
+  wake_.notify_all();
+  thread_.join();
+  for (auto& r : running_) end_request(*r, "cancelled");
+  for (auto& r : waiting_) end_request(*r, "cancelled");
+}
+
+std::shared_ptr<RequestStream> Engine::submit(GenerationRequest params) {
+  const int64_t prompt = int64_t(params.prompt.size());
+  if (prompt == 0) fail("prompt: empty (at least one token is needed)");
+  if (prompt >= max_context_)
+    fail("prompt: {} tokens leave no room to generate within the context of {} tokens", prompt, max_context_);
+  for (int32_t t : params.prompt)
+    if (t < 0 || t >= model_.config().vocab_size) fail("prompt: token id {} is out of range", t);
+  if (params.max_tokens < 1) fail("max_tokens must be at least 1, got {}", params.max_tokens);
+  if (params.n < 1 || params.n > options_.max_batch)
+    fail("n must be between 1 and the server's batch size {}, got {}", options_.max_batch, params.n);
+  validate(params.sampling);
+
+  auto r = std::make_unique<Request>();
+  r->stream = std::make_shared<RequestStream>();
+  r->submitted = Clock::now();
+  r->max_new_tokens = std::min(params.max_tokens, max_context_ - prompt);
+  r->params = std::move(params);
+  auto stream = r->stream;
+  {
+    std::lock_guard lock(mutex_);
+    if (int64_t(waiting_.size()) >= options_.max_queue)
+      throw EngineBusy(fmt::format("the server is busy: {} requests are waiting; retry later", waiting_.size()));
+    waiting_.push_back(std::move(r));
+    stats_.waiting = int64_t(waiting_.size());
+    ++stats_.requests_started;
+  }
+  wake_.notify_one();
+  return stream;
+}
+
+EngineStats Engine::stats() const {
+  std::lock_guard lock(mutex_);
+  return stats_;
+}
+
+void Engine::loop() {
+  for (;;) {
+    {
+      std::unique_lock lock(mutex_);
+      wake_.wait(lock, [&] { return stopping_ || !waiting_.empty() || !running_.empty(); });
+      if (stopping_) return;
+    }
+    admit();
+    step();
+    retire_finished();
+  }
+}
+
+// Moves waiting requests into the batch while their choices fit; drops cancelled ones.
+void Engine::admit() {
+  std::vector<std::unique_ptr<Request>> dropped;
+  {
+    std::lock_guard lock(mutex_);
+    for (auto it = waiting_.begin(); it != waiting_.end();)
+      if ((*it)->stream->cancelled()) {
+        dropped.push_back(std::move(*it));
+        it = waiting_.erase(it);
+      } else {
+        ++it;
+      }
+  }
+  for (auto& r : dropped) end_request(*r, "cancelled");
+  int64_t sequences = 0;
+  for (auto& r : running_) sequences += r->params.n;
+  std::lock_guard lock(mutex_);
+  while (!waiting_.empty() && sequences + waiting_.front()->params.n <= options_.max_batch) {
+    auto r = std::move(waiting_.front());
+    waiting_.pop_front();
+    sequences += r->params.n;
+    r->prompt_state = model_.new_sequence();
+    r->admitted = true;
+    stats_.prompt_tokens += int64_t(r->params.prompt.size());
+    stats_.running += r->params.n;
+    running_.push_back(std::move(r));
+  }
+  stats_.waiting = int64_t(waiting_.size());
+}
+
+void Engine::step() {
+  // Cancelled requests leave before the step.
+  for (auto& r : running_)
+    if (r->stream->cancelled() && !r->ended) end_request(*r, "cancelled");
+  retire_finished();
+
+  // Every decoding choice gets its next token; prefills share what is left of the token budget.
+  struct Slot {
+    Request* request;
+    int choice;  // -1: a prefill chunk
+  };
+  std::vector<BatchEntry> batch;
+  std::vector<Slot> slots;
+  int64_t budget = options_.step_tokens;
+  for (auto& r : running_) {
+    if (r->prefilling()) continue;
+    for (size_t c = 0; c < r->choices.size(); ++c) {
+      Sequence& s = r->choices[c];
+      if (s.finished) continue;
+      batch.push_back({s.state.get(), std::span(&s.last_token, 1), LogitsFor::kLast});
+      slots.push_back({r.get(), int(c)});
+      --budget;
+    }
+  }
+  for (auto& r : running_) {
+    if (!r->prefilling() || budget <= 0) continue;
+    const int64_t rest = int64_t(r->params.prompt.size()) - r->prefilled, n = std::min(rest, budget);
+    batch.push_back({r->prompt_state.get(), std::span(r->params.prompt).subspan(size_t(r->prefilled), size_t(n)),
+                     n == rest ? LogitsFor::kLast : LogitsFor::kNone});
+    slots.push_back({r.get(), -1});
+    r->prefilled += n;
+    budget -= n;
+  }
+  if (batch.empty()) return;
+
+  try {
+    model_.forward(batch, logits_);
+  } catch (const std::exception& e) {
+    // The step's sequences are in an unknown state: their requests fail, the engine goes on.
+    spdlog::error("forward step failed: {}", e.what());
+    for (const Slot& s : slots) end_request(*s.request, "failed", fmt::format("internal error: {}", e.what()));
+    return;
+  }
+  {
+    std::lock_guard lock(mutex_);
+    ++stats_.steps;
+  }
+  for (size_t i = 0; i < slots.size(); ++i) {
+    Request& r = *slots[i].request;
+    if (logits_.rows(i) == 0) continue;  // a prefill chunk before the last
+    if (slots[i].choice < 0)
+      start_choices(r, logits_.row(i, 0));
+    else
+      emit_token(r, size_t(slots[i].choice), logits_.row(i, 0));
+  }
+}
+
+// The prompt is consumed: fork its state into n choices and sample each one's first token.
+void Engine::start_choices(Request& r, std::span<float> logits) {
+  const int n = r.params.n;
+  std::vector<float> row;
+  for (int c = 0; c < n; ++c) {
+    SamplingParams sampling = r.params.sampling;
+    sampling.seed += uint64_t(c);  // distinct but reproducible streams per choice
+    auto state = c + 1 < n ? r.prompt_state->clone() : std::move(r.prompt_state);
+    r.choices.emplace_back(std::move(state), sampling, r.params, tokenizer_);
+  }
+  for (int c = 0; c < n; ++c) {
+    row.assign(logits.begin(), logits.end());  // sampling uses its row as scratch
+    emit_token(r, size_t(c), row);
+  }
+}
+
+void Engine::emit_token(Request& r, size_t choice, std::span<float> logits) {
+  Sequence& s = r.choices[choice];
+  GenerationEvent e;
+  e.kind = GenerationEvent::Kind::kToken;
+  e.choice = int(choice);
+  e.token = s.sampler.sample(logits);
+  const auto now = Clock::now();
+  {
+    std::lock_guard lock(mutex_);
+    ++stats_.generated_tokens;
+    if (s.generated == 0 && choice == 0)
+      stats_.time_to_first_token.observe(std::chrono::duration<double>(now - r.submitted).count());
+    if (s.generated > 0) stats_.inter_token_latency.observe(std::chrono::duration<double>(now - s.last_token_time).count());
+  }
+  s.last_token_time = now;
+  s.last_token = e.token.id;
+  ++s.generated;
+  ++r.generated;
+  const auto& ends = r.params.end_tokens;
+  const bool end_of_turn = std::find(ends.begin(), ends.end(), e.token.id) != ends.end();
+  if (!end_of_turn) e.text = s.stop.push(s.decoder.push(e.token.id));
+  r.stream->push(std::move(e));
+  if (end_of_turn || s.stop.stopped())
+    finish_choice(r, choice, "stop");
+  else if (s.generated >= r.max_new_tokens)
+    finish_choice(r, choice, "length");
+}
+
+// A choice ends normally ("stop" or "length"), releasing the text it held back.
+void Engine::finish_choice(Request& r, size_t choice, const std::string& reason) {
+  Sequence& s = r.choices[choice];
+  GenerationEvent e;
+  e.kind = GenerationEvent::Kind::kFinish;
+  e.choice = int(choice);
+  e.finish_reason = reason;
+  s.finished = true;
+  s.state.reset();
+  if (!s.stop.stopped()) {
+    e.text = s.stop.push(s.decoder.flush());  // held-back bytes may still complete a stop string
+    if (s.stop.stopped())
+      e.finish_reason = "stop";
+    else
+      e.text += s.stop.flush();
+  }
+  r.stream->push(std::move(e));
+  if (r.all_finished()) end_request(r, "finished");
+}
+
+// Closes a request: open choices finish with `outcome` ("cancelled" or "failed", reported as
+// finish reason "error" with the message), then kDone with the totals.
+void Engine::end_request(Request& r, const std::string& outcome, const std::string& error) {
+  if (r.ended) return;
+  r.ended = true;
+  for (int c = 0; c < r.params.n; ++c) {
+    if (size_t(c) < r.choices.size() && r.choices[size_t(c)].finished) continue;
+    GenerationEvent e;
+    e.kind = GenerationEvent::Kind::kFinish;
+    e.choice = c;
+    e.finish_reason = outcome == "failed" ? "error" : outcome;
+    e.error = error;
+    r.stream->push(std::move(e));
+  }
+  r.choices.clear();  // frees the states now
+  r.prompt_state.reset();
+  GenerationEvent done;
+  done.kind = GenerationEvent::Kind::kDone;
+  done.prompt_tokens = int64_t(r.params.prompt.size());
+  done.completion_tokens = r.generated;
+  {
+    // Counted before the consumer can see the end, so stats never lag a finished stream.
+    std::lock_guard lock(mutex_);
+    if (r.admitted) stats_.running -= r.params.n;
+    if (outcome == "cancelled")
+      ++stats_.requests_cancelled;
+    else if (outcome == "failed")
+      ++stats_.requests_failed;
+    else
+      ++stats_.requests_finished;
+  }
+  r.stream->push(std::move(done));
+}
+
+void Engine::retire_finished() {
+  std::erase_if(running_, [](const std::unique_ptr<Request>& r) { return r->ended; });
+}
+
+}  // namespace m1

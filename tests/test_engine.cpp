@@ -1,0 +1,184 @@
+// Continuous batching: requests that share steps get exactly what they get alone, in every
+// arrival pattern; cancellation, limits and accounting hold.
+
+#include <gtest/gtest.h>
+
+#include <thread>
+
+#include "m1/engine.h"
+#include "m1/generation.h"
+
+namespace m1 {
+namespace {
+
+const std::string kModel = std::string(M1_SHARED_DIR) + "/golden/odd-f32";
+
+struct Outcome {
+  std::vector<std::vector<int32_t>> tokens;  // per choice
+  std::vector<std::string> text, finish;
+  int64_t prompt_tokens = 0, completion_tokens = 0;
+};
+
+// Drains a stream to its kDone.
+Outcome collect(RequestStream& stream, int n) {
+  Outcome o;
+  o.tokens.resize(size_t(n));
+  o.text.resize(size_t(n));
+  o.finish.resize(size_t(n));
+  for (;;) {
+    auto e = stream.next(std::chrono::seconds(60));
+    if (!e) ADD_FAILURE() << "stream stalled";
+    if (!e) return o;
+    if (e->kind == GenerationEvent::Kind::kDone) {
+      o.prompt_tokens = e->prompt_tokens;
+      o.completion_tokens = e->completion_tokens;
+      return o;
+    }
+    size_t c = size_t(e->choice);
+    if (e->kind == GenerationEvent::Kind::kToken) o.tokens[c].push_back(e->token.id);
+    if (e->kind == GenerationEvent::Kind::kFinish) {
+      EXPECT_TRUE(o.finish[c].empty()) << "two finishes for choice " << c;
+      o.finish[c] = e->finish_reason;
+    }
+    o.text[c] += e->text;
+  }
+}
+
+class EngineTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    backend_ = create_backend(BackendOptions{"cpu", 2});
+    model_ = Model::load(kModel, *backend_);
+    tokenizer_ = std::make_unique<Tokenizer>(Tokenizer::load(kModel + "/tokenizer.json"));
+  }
+
+  GenerationRequest request(int first_token, int length, int64_t max_tokens, float temperature = 0) {
+    GenerationRequest r;
+    for (int i = 0; i < length; ++i) r.prompt.push_back((first_token + 37 * i) % 600);
+    r.max_tokens = max_tokens;
+    r.sampling.temperature = temperature;
+    r.sampling.seed = uint64_t(first_token);
+    return r;
+  }
+
+  // The same request through the one-sequence generation loop.
+  std::vector<int32_t> alone(const GenerationRequest& r) {
+    GenerationParams p;
+    p.sampling = r.sampling;
+    p.max_tokens = r.max_tokens;
+    p.stop = r.stop;
+    return generate(*model_, *tokenizer_, r.prompt, p, [](std::string_view) {}).tokens;
+  }
+
+  std::unique_ptr<Backend> backend_;
+  std::unique_ptr<Model> model_;
+  std::unique_ptr<Tokenizer> tokenizer_;
+};
+
+// The model is not shared between threads: expected results are computed before the engine
+// (whose thread drives the model) exists.
+TEST_F(EngineTest, ConcurrentRequestsMatchSequentialResults) {
+  std::vector<GenerationRequest> requests;
+  std::vector<std::vector<int32_t>> expected;
+  for (int i = 0; i < 7; ++i) {
+    requests.push_back(request(11 * i + 1, 5 + 23 * i, 6 + i, i % 2 ? 0.9f : 0.0f));
+    expected.push_back(alone(requests.back()));
+  }
+  Engine engine(*model_, *tokenizer_, EngineOptions{4, 0, 48, 64});
+  std::vector<std::shared_ptr<RequestStream>> streams;
+  for (auto& r : requests) streams.push_back(engine.submit(r));
+  for (size_t i = 0; i < requests.size(); ++i) {
+    Outcome o = collect(*streams[i], 1);
+    EXPECT_EQ(o.tokens[0], expected[i]) << "request " << i;
+    EXPECT_EQ(o.finish[0], "length");
+    EXPECT_EQ(o.prompt_tokens, int64_t(requests[i].prompt.size()));
+    EXPECT_EQ(o.completion_tokens, requests[i].max_tokens);
+  }
+  EngineStats s = engine.stats();
+  EXPECT_EQ(s.requests_started, 7);
+  EXPECT_EQ(s.requests_finished, 7);
+  EXPECT_EQ(s.running, 0);
+  EXPECT_EQ(s.waiting, 0);
+  EXPECT_EQ(s.time_to_first_token.count, 7);
+}
+
+TEST_F(EngineTest, ChoicesForkFromOnePrefill) {
+  GenerationRequest r = request(5, 40, 12, 1.0f);
+  r.n = 3;
+  std::vector<std::vector<int32_t>> expected;
+  for (int c = 0; c < 3; ++c) {
+    GenerationRequest single = r;
+    single.n = 1;
+    single.sampling.seed = r.sampling.seed + uint64_t(c);
+    expected.push_back(alone(single));
+  }
+  Engine engine(*model_, *tokenizer_, EngineOptions{8, 0, 512, 64});
+  Outcome o = collect(*engine.submit(r), 3);
+  for (int c = 0; c < 3; ++c) EXPECT_EQ(o.tokens[size_t(c)], expected[size_t(c)]) << "choice " << c;
+  EXPECT_NE(o.tokens[0], o.tokens[1]);
+  EXPECT_EQ(o.completion_tokens, 36);
+}
+
+TEST_F(EngineTest, StopStringsAndEndTokensFinishWithStop) {
+  Engine engine(*model_, *tokenizer_, EngineOptions{});
+  GenerationRequest r = request(3, 30, 20);
+  Outcome free_run = collect(*engine.submit(r), 1);
+  ASSERT_GE(free_run.tokens[0].size(), 10u);
+  r.end_tokens = {free_run.tokens[0][4]};
+  Outcome ended = collect(*engine.submit(r), 1);
+  EXPECT_EQ(ended.finish[0], "stop");
+  EXPECT_EQ(ended.tokens[0], std::vector<int32_t>(free_run.tokens[0].begin(), free_run.tokens[0].begin() + 5));
+  GenerationRequest s = request(3, 30, 20);
+  std::string text = free_run.text[0];
+  ASSERT_GE(text.size(), 6u);
+  s.stop = {text.substr(3, 2)};
+  Outcome stopped = collect(*engine.submit(s), 1);
+  EXPECT_EQ(stopped.finish[0], "stop");
+  EXPECT_EQ(stopped.text[0], text.substr(0, text.find(s.stop[0])));
+}
+
+TEST_F(EngineTest, CancelledRequestsEndAndFreeTheirPlace) {
+  Engine engine(*model_, *tokenizer_, EngineOptions{1, 0, 64, 8});
+  auto slow = engine.submit(request(1, 10, 100000 / 2));
+  auto queued = engine.submit(request(2, 10, 5));
+  queued->cancel();
+  slow->cancel();
+  EXPECT_EQ(collect(*slow, 1).finish[0], "cancelled");
+  EXPECT_EQ(collect(*queued, 1).finish[0], "cancelled");
+  Outcome after = collect(*engine.submit(request(3, 10, 4)), 1);
+  EXPECT_EQ(after.finish[0], "length");
+  EngineStats s = engine.stats();
+  EXPECT_EQ(s.requests_started, 3);
+  EXPECT_EQ(s.requests_cancelled, 2);
+  EXPECT_EQ(s.requests_finished, 1);
+}
+
+TEST_F(EngineTest, RejectsWhatCanNeverRun) {
+  Engine engine(*model_, *tokenizer_, EngineOptions{2, 64, 64, 1});
+  EXPECT_THROW(engine.submit(GenerationRequest{}), Error);
+  EXPECT_THROW(engine.submit(request(1, 64, 5)), Error);  // no room left in a 64-token context
+  GenerationRequest too_many = request(1, 5, 5);
+  too_many.n = 3;
+  EXPECT_THROW(engine.submit(too_many), Error);
+  GenerationRequest bad = request(1, 5, 5);
+  bad.sampling.top_p = 0;
+  EXPECT_THROW(engine.submit(bad), Error);
+  // The context bounds generation: 60 prompt tokens leave 4.
+  Outcome o = collect(*engine.submit(request(1, 60, 50)), 1);
+  EXPECT_EQ(o.tokens[0].size(), 4u);
+  EXPECT_EQ(o.finish[0], "length");
+}
+
+TEST_F(EngineTest, FullQueueIsBusy) {
+  Engine engine(*model_, *tokenizer_, EngineOptions{1, 0, 64, 1});
+  auto running = engine.submit(request(1, 10, 5000));
+  // Wait until the first is admitted so the queue holds exactly what we add next.
+  while (engine.stats().waiting > 0) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  auto queued = engine.submit(request(2, 10, 5));
+  EXPECT_THROW(engine.submit(request(3, 10, 5)), EngineBusy);
+  running->cancel();
+  EXPECT_EQ(collect(*queued, 1).finish[0], "length");
+}
+
+}  // namespace
+}  // namespace m1
