@@ -2,8 +2,10 @@
 BUILD ?= build
 JOBS ?= $(shell nproc)
 MODELS ?= models
+MODEL ?= $(MODELS)/demo
+PORT ?= 8080
 
-.PHONY: all deps configure build test demo clean
+.PHONY: all deps configure build test demo serve clean
 
 all: build
 
@@ -27,6 +29,10 @@ $(MODELS)/demo/config.json: | build
 
 demo: build $(MODELS)/demo/config.json
 	$(BUILD)/bin/m1-generate --model $(MODELS)/demo --chat "Tell me about lightning attention." --max-tokens 64 --seed 1
+
+# The OpenAI-compatible server on 127.0.0.1:$(PORT); MODEL=DIR serves another checkpoint.
+serve: build $(if $(filter $(MODELS)/demo,$(MODEL)),$(MODELS)/demo/config.json)
+	$(BUILD)/bin/m1-serve --model $(MODEL) --host 127.0.0.1 --port $(PORT)
 
 clean:
 	rm -rf $(BUILD)

@@ -5,7 +5,7 @@ set -euo pipefail
 
 packages=(
   build-essential cmake pkg-config
-  nlohmann-json3-dev libfmt-dev libspdlog-dev libcli11-dev libpcre2-dev
+  nlohmann-json3-dev libfmt-dev libspdlog-dev libcli11-dev libpcre2-dev libcpp-httplib-dev
   libgtest-dev libgmock-dev libbenchmark-dev
 )
 

@@ -9,7 +9,8 @@ namespace m1 {
 
 std::unique_ptr<Backend> create_backend(const BackendOptions& options) {
   if (options.threads < 0) fail("threads must be 0 (one per core) or more, got {}", options.threads);
-  if (options.device == "cpu") return std::make_unique<cpu::CpuBackend>(options.threads, options.reference_kernels);
+  if (options.device == "cpu")
+    return std::make_unique<cpu::CpuBackend>(options.threads, options.precision, options.reference_kernels);
   if (options.device == "cuda")
     fail("device 'cuda': this build of m1 has no CUDA backend yet; use --device cpu");
   fail("device '{}' is unknown (expected cpu or cuda)", options.device);
@@ -17,7 +18,8 @@ std::unique_ptr<Backend> create_backend(const BackendOptions& options) {
 
 Precision parse_precision(const std::string& name) {
   if (name == "exact") return Precision::kExact;
-  fail("precision '{}' is unknown (expected exact)", name);
+  if (name == "fast") return Precision::kFast;
+  fail("precision '{}' is unknown (expected exact or fast)", name);
 }
 
 }  // namespace m1

@@ -154,22 +154,22 @@ void Model::attention(const Layer& layer, int64_t index, std::span<const Segment
   Mat o = ws.o.as(n, hd);
   if (layer.lightning) {
     Mat qkv = ws.wide.as(n, 3 * hd);
-    backend_.matmul(xn, layer.qkv, qkv);
+    backend_.matmul(xn, layer.qkv, qkv, Rounding::kAllowed);
     backend_.silu(qkv);
     backend_.lightning_attention(qkv, segments, slot, layer.decay, o);
     backend_.rmsnorm(o, layer.attn_norm, 1e-6f, o);  // DESIGN.md: 1e-6 here, not rms_norm_eps
     Mat gate = ws.gate.as(n, hd);
-    backend_.matmul(xn, layer.output_gate, gate);
+    backend_.matmul(xn, layer.output_gate, gate, Rounding::kAllowed);
     backend_.sigmoid_gate(gate, o);
-    backend_.matmul(o, layer.out_proj, out);
+    backend_.matmul(o, layer.out_proj, out, Rounding::kAllowed);
   } else {
     Mat q = ws.wide.as(n, hd), k = ws.k.as(n, gd), v = ws.v.as(n, gd);
-    backend_.matmul(xn, layer.q, q);
-    backend_.matmul(xn, layer.k, k);
-    backend_.matmul(xn, layer.v, v);
+    backend_.matmul(xn, layer.q, q, Rounding::kAllowed);
+    backend_.matmul(xn, layer.k, k, Rounding::kAllowed);
+    backend_.matmul(xn, layer.v, v, Rounding::kAllowed);
     AttentionParams params{c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.rotary_dim, c.rope_theta};
     backend_.softmax_attention(q, k, v, segments, slot, params, o);
-    backend_.matmul(o, layer.o, out);
+    backend_.matmul(o, layer.o, out, Rounding::kAllowed);
   }
 }
 
@@ -211,7 +211,7 @@ void Model::forward(std::span<const BatchEntry> batch, StepLogits& out) {
     Mat last = ws.last.as(m, H), logits = ws.logits.as(m, c.vocab_size);
     backend_.gather_rows(x, ws.wanted_rows, last);
     backend_.rmsnorm(last, final_norm_, float(c.rms_norm_eps), last);
-    backend_.matmul(last, lm_head_, logits);  // fp32 accumulation, as the M1 report requires
+    backend_.matmul(last, lm_head_, logits, Rounding::kNever);  // fp32, as the M1 report requires
     out.data_.resize(size_t(m * c.vocab_size));
     backend_.to_host(logits, out.data_.data());
   }
@@ -225,11 +225,11 @@ void Model::mlp(const Layer& layer, const Mat& xn, Mat out) {
   const int64_t n = xn.rows, F = config_.intermediate_size;
   Mat gate = ws.shared_gate.as(n, F), up = ws.shared_up.as(n, F);
   Mat shared = ws.shared_out.as(n, config_.hidden_size), coef = ws.coef.as(n, 1);
-  backend_.matmul(xn, layer.shared_gate, gate);
-  backend_.matmul(xn, layer.shared_up, up);
+  backend_.matmul(xn, layer.shared_gate, gate, Rounding::kAllowed);
+  backend_.matmul(xn, layer.shared_up, up, Rounding::kAllowed);
   backend_.swiglu(gate, up);
-  backend_.matmul(gate, layer.shared_down, shared);
-  backend_.matmul(xn, layer.coefficient, coef);
+  backend_.matmul(gate, layer.shared_down, shared, Rounding::kAllowed);
+  backend_.matmul(xn, layer.coefficient, coef, Rounding::kNever);
   backend_.blend_sigmoid(out, shared, coef);
 }
 

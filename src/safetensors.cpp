@@ -209,7 +209,7 @@ void Checkpoint::add_file(const fs::path& path) {
       auto copy = std::make_unique<std::byte[]>(e.view.nbytes);
       std::memcpy(copy.get(), e.view.data, e.view.nbytes);
       e.view.data = copy.get();
-      aligned_copies_.push_back(std::move(copy));
+      owned_.push_back(std::move(copy));
     }
     tensors_.emplace(e.view.name, std::move(e.view));
   }
@@ -256,6 +256,19 @@ Checkpoint Checkpoint::open(const fs::path& dir) {
         fail("{}: tensor {} is listed in {} but not in this shard", shard_path.string(), quote_name(t),
              index_path.filename().string());
     }
+  }
+  return c;
+}
+
+Checkpoint Checkpoint::in_memory(const std::vector<TensorSpec>& tensors, const TensorFiller& fill) {
+  Checkpoint c;
+  for (const TensorSpec& t : tensors) {
+    // operator new[] for std::byte aligns to the default new alignment (16): enough for any dtype.
+    auto data = std::make_unique<std::byte[]>(t.nbytes());
+    fill(t, std::span(data.get(), t.nbytes()));
+    TensorView view{t.name, "(memory)", std::string(dtype_name(t.dtype)), t.shape, data.get(), t.nbytes()};
+    if (!c.tensors_.emplace(t.name, std::move(view)).second) fail("in-memory checkpoint: tensor {} given twice", quote_name(t.name));
+    c.owned_.push_back(std::move(data));
   }
   return c;
 }

@@ -3,7 +3,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <thread>
+#include <unordered_map>
 
 #include "m1/error.h"
 
@@ -130,6 +132,24 @@ void fill_random_weight(const WeightSpec& spec, DType dtype, uint64_t seed, std:
   for (size_t t = 1; t < threads; ++t) workers.emplace_back(fill_chunks, t, threads);
   fill_chunks(0, std::max<size_t>(threads, 1));
   for (auto& w : workers) w.join();
+}
+
+std::vector<TensorSpec> checkpoint_tensors(const ModelConfig& config, DType dtype) {
+  std::vector<TensorSpec> tensors;
+  for (const WeightSpec& w : weight_specs(config)) tensors.push_back(TensorSpec{w.name, dtype, w.shape});
+  return tensors;
+}
+
+TensorFiller random_weights(const ModelConfig& config, DType dtype, uint64_t seed) {
+  auto by_name = std::make_shared<std::unordered_map<std::string, WeightSpec>>();
+  for (WeightSpec& w : weight_specs(config)) by_name->emplace(w.name, std::move(w));
+  return [by_name, dtype, seed](const TensorSpec& t, std::span<std::byte> out) {
+    fill_random_weight(by_name->at(t.name), dtype, seed, out);
+  };
+}
+
+Checkpoint random_checkpoint(const ModelConfig& config, DType dtype, uint64_t seed) {
+  return Checkpoint::in_memory(checkpoint_tensors(config, dtype), random_weights(config, dtype, seed));
 }
 
 }  // namespace m1

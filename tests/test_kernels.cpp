@@ -79,16 +79,38 @@ TEST_F(KernelTest, MatmulMatchesReferenceOnAwkwardShapes) {
     }
 }
 
-// Row i of a product is the same bits whether computed alone or among other rows.
+// bf16 operands: the kernel against the reference rounding the same operands.
+TEST_F(KernelTest, Bf16MatmulMatchesReferenceOnAwkwardShapes) {
+  if (!bf16_products_available()) GTEST_SKIP() << "no AVX-512 BF16 on this CPU: bf16 products fall back to fp32";
+  const int64_t shapes[][3] = {{1, 1, 1}, {1, 31, 3}, {2, 33, 9}, {5, 64, 5}, {4, 65, 67}, {67, 100, 130}, {1, 1000, 7}};
+  for (const auto& s : shapes) {
+    const int64_t n = s[0], k = s[1], m = s[2];
+    TestWeight w(DType::kBF16, m, k, 0.5f);
+    std::vector<float> x = random_floats(size_t(n * k)), fast(size_t(n * m)), ref(size_t(n * m)), exact(size_t(n * m));
+    matmul(pool_, Mat{x.data(), n, k}, w.w, Mat{fast.data(), n, m}, Operands::kBf16);
+    matmul_reference(Mat{x.data(), n, k}, w.w, Mat{ref.data(), n, m}, Operands::kBf16);
+    matmul_reference(Mat{x.data(), n, k}, w.w, Mat{exact.data(), n, m}, Operands::kFp32);
+    EXPECT_LE(relative_error(fast, ref), 1e-6) << n << "x" << k << "x" << m;
+    // Rounding the activations costs about bf16's half-ulp, 2^-9, relative.
+    EXPECT_LE(relative_error(fast, exact), 1e-2) << n << "x" << k << "x" << m;
+  }
+}
+
+// Row i of a product is the same bits whether computed alone or among other rows, for every
+// path (one-row streaming, blocked tiles, bf16 operands).
 TEST_F(KernelTest, MatmulRowsDoNotDependOnTheirNeighbours) {
   const int64_t n = 37, k = 203, m = 71;
-  TestWeight w(DType::kBF16, m, k);
-  std::vector<float> x = random_floats(size_t(n * k)), all(size_t(n * m)), one(static_cast<size_t>(m));
-  matmul(pool_, Mat{x.data(), n, k}, w.w, Mat{all.data(), n, m});
-  for (int64_t i = 0; i < n; ++i) {
-    matmul(pool_, Mat{x.data() + i * k, 1, k}, w.w, Mat{one.data(), 1, m});
-    EXPECT_TRUE(std::equal(one.begin(), one.end(), all.begin() + i * m)) << "row " << i;
-  }
+  for (DType dtype : {DType::kF32, DType::kF16, DType::kBF16})
+    for (Operands ops : {Operands::kFp32, Operands::kBf16}) {
+      TestWeight w(dtype, m, k);
+      std::vector<float> x = random_floats(size_t(n * k)), all(size_t(n * m)), one(static_cast<size_t>(m));
+      matmul(pool_, Mat{x.data(), n, k}, w.w, Mat{all.data(), n, m}, ops);
+      for (int64_t i = 0; i < n; ++i) {
+        matmul(pool_, Mat{x.data() + i * k, 1, k}, w.w, Mat{one.data(), 1, m}, ops);
+        EXPECT_TRUE(std::equal(one.begin(), one.end(), all.begin() + i * m))
+            << "row " << i << " " << dtype_name(dtype) << (ops == Operands::kBf16 ? " bf16" : " fp32");
+      }
+    }
 }
 
 struct LightningCase {
@@ -185,10 +207,12 @@ TEST_F(KernelTest, MoeMatchesReference) {
       w.w2.push_back(owned.emplace_back(DType::kF32, hidden, ffn, 0.3f).w);
     }
     std::vector<float> x = random_floats(size_t(n * hidden)), fast(size_t(n * hidden)), ref(size_t(n * hidden));
-    MoeScratch scratch;
-    moe(pool_, Mat{x.data(), n, hidden}, w, Mat{fast.data(), n, hidden}, scratch);
-    moe_reference(Mat{x.data(), n, hidden}, w, Mat{ref.data(), n, hidden});
-    EXPECT_LE(relative_error(fast, ref), 1e-5) << n << " tokens, " << experts << " experts";
+    for (Operands ops : {Operands::kFp32, Operands::kBf16}) {
+      MoeScratch scratch;
+      moe(pool_, Mat{x.data(), n, hidden}, w, Mat{fast.data(), n, hidden}, ops, scratch);
+      moe_reference(Mat{x.data(), n, hidden}, w, Mat{ref.data(), n, hidden}, ops);
+      EXPECT_LE(relative_error(fast, ref), 1e-5) << n << " tokens, " << experts << " experts";
+    }
   }
 }
 

@@ -12,6 +12,7 @@
 #include <nlohmann/json.hpp>
 
 #include "m1/model.h"
+#include "m1/synthetic.h"
 
 namespace m1 {
 namespace {
@@ -98,6 +99,20 @@ TEST_F(ToolsTest, ShardedCheckpointGivesTheSameLogits) {
   EXPECT_GE(shards, 3);
   std::vector<int32_t> tokens{1, 50, 300, 2000, 7};
   EXPECT_EQ(prompt_logits(single, tokens), prompt_logits(sharded, tokens));
+}
+
+// m1-bench builds random models in memory: they are the ones m1-mkmodel writes.
+TEST_F(ToolsTest, InMemoryRandomModelMatchesTheWrittenOne) {
+  fs::path written = make("w", "--seed 9");
+  ModelConfig config = load_config(written / "config.json");
+  auto backend = create_backend(BackendOptions{"cpu", 2});
+  Model model(config, random_checkpoint(config, DType::kBF16, 9), *backend);
+  std::vector<int32_t> tokens{4, 8, 15, 16, 23, 42};
+  auto seq = model.new_sequence();
+  StepLogits out;
+  BatchEntry e{seq.get(), tokens, LogitsFor::kAll};
+  model.forward({&e, 1}, out);
+  EXPECT_EQ(std::vector<float>(out.row(0, 0).begin(), out.row(0, 5).end()), prompt_logits(written, tokens));
 }
 
 TEST_F(ToolsTest, MkmodelAppliesOverrides) {
@@ -201,7 +216,7 @@ TEST_F(ToolsTest, GenerateRejectsBadInput) {
   expect_failure(run(gen + " --prompt-ids 1,999999"), "out of range");
   expect_failure(run(gen + " --prompt hi --top-p 1.5"), "top_p");
   expect_failure(run(gen + " --prompt hi --device cuda"), "cuda");
-  expect_failure(run(gen + " --prompt hi --precision fast"), "precision");
+  expect_failure(run(gen + " --prompt hi --precision turbo"), "precision");
   fs::remove(m / "tokenizer.json");
   expect_failure(run(gen + " --prompt hi"), "tokenizer.json");
 }

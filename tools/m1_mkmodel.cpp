@@ -4,7 +4,6 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
-#include <map>
 
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
@@ -143,20 +142,10 @@ void make_model(const Options& o) {
   if (fs::exists(tokenizer_config)) write_json(o.out / "tokenizer_config.json", read_json(tokenizer_config), 2);
   write_json(o.out / "config.json", config_json, 2);
 
-  std::vector<m1::WeightSpec> weights = m1::weight_specs(config);
-  std::map<std::string, const m1::WeightSpec*> by_name;
-  std::vector<m1::TensorSpec> tensors;
+  const std::vector<m1::TensorSpec> tensors = m1::checkpoint_tensors(config, dtype);
   size_t params = 0;
-  for (const m1::WeightSpec& w : weights) {
-    by_name[w.name] = &w;
-    tensors.push_back(m1::TensorSpec{w.name, dtype, w.shape});
-    params += tensors.back().nbytes() / m1::dtype_size(dtype);
-  }
-  m1::write_checkpoint(o.out, tensors,
-                       [&](const m1::TensorSpec& t, std::span<std::byte> out) {
-                         m1::fill_random_weight(*by_name.at(t.name), dtype, o.seed, out);
-                       },
-                       size_t(o.shard_mb * 1024 * 1024));
+  for (const m1::TensorSpec& t : tensors) params += t.nbytes() / m1::dtype_size(dtype);
+  m1::write_checkpoint(o.out, tensors, m1::random_weights(config, dtype, o.seed), size_t(o.shard_mb * 1024 * 1024));
   std::fprintf(stderr, "m1-mkmodel: wrote %s: preset %s, %ld layers, %.1fM parameters, %.1f MB of %s weights\n",
                o.out.string().c_str(), o.preset.c_str(), long(config.num_hidden_layers), double(params) / 1e6,
                double(params * m1::dtype_size(dtype)) / 1e6, o.dtype.c_str());

@@ -14,8 +14,14 @@
 
 namespace m1 {
 
-// Precision of matrix products (DESIGN.md §4). Only kExact exists so far.
-enum class Precision { kExact };
+// Precision of matrix products (DESIGN.md §4). kExact: fp32 activations times the stored
+// weights. kFast: where the hardware multiplies bf16, projection and expert products round their
+// activations to bf16 (fp32 accumulation); norms, softmax, routing, lightning state and the LM
+// head stay fp32.
+enum class Precision { kExact, kFast };
+
+// Whether a matrix product may round its operands under Precision::kFast.
+enum class Rounding { kAllowed, kNever };
 
 // fp32 activations on the backend's device: rows x cols, row-major, contiguous.
 struct Mat {
@@ -103,7 +109,7 @@ class Backend {
   // out = w * x / sqrt(mean(x^2) + eps), per row; out may alias x.
   virtual void rmsnorm(const Mat& x, const Weight& w, float eps, Mat out) = 0;
   // out = x w^T, accumulated in fp32.
-  virtual void matmul(const Mat& x, const Weight& w, Mat out) = 0;
+  virtual void matmul(const Mat& x, const Weight& w, Mat out, Rounding rounding) = 0;
   virtual void silu(Mat x) = 0;
   // x *= sigmoid(gate), elementwise.
   virtual void sigmoid_gate(const Mat& gate, Mat x) = 0;
@@ -124,7 +130,8 @@ class Backend {
   // [rows, g*d] (q and k are rotated in place), out: [rows, h*d].
   virtual void softmax_attention(Mat q, Mat k, const Mat& v, std::span<const Segment> segments, int64_t layer,
                                  const AttentionParams& params, Mat out) = 0;
-  // Top-k mixture of SwiGLU experts with renormalised softmax routing (fp32).
+  // Top-k mixture of SwiGLU experts with renormalised softmax routing (fp32); expert products
+  // follow the precision.
   virtual void moe(const Mat& x, const MoeWeights& w, Mat out) = 0;
 };
 
@@ -165,6 +172,6 @@ struct BackendOptions {
 
 // Throws m1::Error for an unknown device, or one this build or machine lacks.
 std::unique_ptr<Backend> create_backend(const BackendOptions& options);
-Precision parse_precision(const std::string& name);  // "exact"; throws m1::Error otherwise
+Precision parse_precision(const std::string& name);  // "exact" or "fast"; throws m1::Error otherwise
 
 }  // namespace m1

@@ -31,6 +31,8 @@ struct TensorView {
 };
 
 class MappedFile;
+struct TensorSpec;
+using TensorFiller = std::function<void(const TensorSpec&, std::span<std::byte> out)>;
 
 class Checkpoint {
  public:
@@ -38,6 +40,8 @@ class Checkpoint {
   static Checkpoint open(const std::filesystem::path& dir);
   // One safetensors file.
   static Checkpoint open_file(const std::filesystem::path& file);
+  // Tensors held in memory, filled by `fill` (random models for benchmarks need no disk).
+  static Checkpoint in_memory(const std::vector<TensorSpec>& tensors, const TensorFiller& fill);
 
   Checkpoint(Checkpoint&&) noexcept;
   Checkpoint& operator=(Checkpoint&&) noexcept;
@@ -53,7 +57,7 @@ class Checkpoint {
   void add_file(const std::filesystem::path& file);
 
   std::vector<std::unique_ptr<MappedFile>> files_;
-  std::vector<std::unique_ptr<std::byte[]>> aligned_copies_;  // tensors the file left misaligned
+  std::vector<std::unique_ptr<std::byte[]>> owned_;  // in-memory tensors, and those a file left misaligned
   std::map<std::string, TensorView> tensors_;
 };
 
@@ -65,7 +69,6 @@ struct TensorSpec {
   std::vector<int64_t> shape;
   size_t nbytes() const;
 };
-using TensorFiller = std::function<void(const TensorSpec&, std::span<std::byte> out)>;
 
 void write_safetensors(const std::filesystem::path& file, const std::vector<TensorSpec>& tensors,
                        const TensorFiller& fill);

@@ -10,6 +10,7 @@
 
 #include "m1/config.h"
 #include "m1/dtype.h"
+#include "m1/safetensors.h"
 #include "m1/weights.h"
 
 namespace m1 {
@@ -34,5 +35,12 @@ std::vector<int> hybrid_attention(int64_t layers);
 // Fills `out` with tensor `spec` in `dtype`: norms near 1, embeddings N(0, 1), matrices
 // N(0, 1/fan_in). Depends only on (seed, spec.name), whatever the thread count.
 void fill_random_weight(const WeightSpec& spec, DType dtype, uint64_t seed, std::span<std::byte> out);
+
+// Every tensor `config` needs, stored as `dtype`, in checkpoint order.
+std::vector<TensorSpec> checkpoint_tensors(const ModelConfig& config, DType dtype);
+// Fills any tensor of checkpoint_tensors(config, dtype) with its random values.
+TensorFiller random_weights(const ModelConfig& config, DType dtype, uint64_t seed);
+// The same weights m1-mkmodel writes for this seed, held in memory instead of on disk.
+Checkpoint random_checkpoint(const ModelConfig& config, DType dtype, uint64_t seed);
 
 }  // namespace m1

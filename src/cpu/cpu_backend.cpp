@@ -24,10 +24,16 @@ constexpr int64_t kRowsPerTask = 16;
 
 }  // namespace
 
-CpuBackend::CpuBackend(int threads, bool reference_kernels) : pool_(threads), reference_(reference_kernels) {}
+CpuBackend::CpuBackend(int threads, Precision precision, bool reference_kernels)
+    : pool_(threads), precision_(precision), reference_(reference_kernels) {}
 
 std::string CpuBackend::name() const {
-  return fmt::format("cpu ({} threads, {} kernels)", pool_.size(), reference_ ? "reference" : matmul_isa());
+  return fmt::format("cpu ({} threads, {} kernels, {} precision)", pool_.size(), reference_ ? "reference" : matmul_isa(),
+                     precision_ == Precision::kFast && bf16_products_available() ? "fast" : "exact");
+}
+
+Operands CpuBackend::operands(Rounding rounding) const {
+  return precision_ == Precision::kFast && rounding == Rounding::kAllowed ? Operands::kBf16 : Operands::kFp32;
 }
 
 template <class Fn>
@@ -79,11 +85,11 @@ void CpuBackend::rmsnorm(const Mat& x, const Weight& w, float eps, Mat out) {
   });
 }
 
-void CpuBackend::matmul(const Mat& x, const Weight& w, Mat out) {
+void CpuBackend::matmul(const Mat& x, const Weight& w, Mat out, Rounding rounding) {
   if (reference_)
-    matmul_reference(x, w, out);
+    matmul_reference(x, w, out, operands(rounding));
   else
-    cpu::matmul(pool_, x, w, out);
+    cpu::matmul(pool_, x, w, out, operands(rounding));
 }
 
 void CpuBackend::silu(Mat x) {
@@ -184,9 +190,9 @@ void CpuBackend::softmax_attention(Mat q, Mat k, const Mat& v, std::span<const S
 
 void CpuBackend::moe(const Mat& x, const MoeWeights& w, Mat out) {
   if (reference_)
-    moe_reference(x, w, out);
+    moe_reference(x, w, out, operands(Rounding::kAllowed));
   else
-    cpu::moe(pool_, x, w, out, moe_scratch_);
+    cpu::moe(pool_, x, w, out, operands(Rounding::kAllowed), moe_scratch_);
 }
 
 }  // namespace m1::cpu

@@ -2,6 +2,7 @@
 // The CPU backend: host memory, weights read in place from the mapped checkpoint, and the CPU
 // kernels (or their naive references, for testing).
 
+#include "cpu/matmul.h"
 #include "cpu/moe.h"
 #include "cpu/threadpool.h"
 #include "m1/backend.h"
@@ -10,7 +11,7 @@ namespace m1::cpu {
 
 class CpuBackend final : public Backend {
  public:
-  CpuBackend(int threads, bool reference_kernels);
+  CpuBackend(int threads, Precision precision, bool reference_kernels);
 
   std::string name() const override;
   Weight upload(const TensorView& tensor) override;
@@ -22,7 +23,7 @@ class CpuBackend final : public Backend {
   void embed(const Weight& table, std::span<const int32_t> tokens, Mat out) override;
   void gather_rows(const Mat& x, std::span<const int64_t> rows, Mat out) override;
   void rmsnorm(const Mat& x, const Weight& w, float eps, Mat out) override;
-  void matmul(const Mat& x, const Weight& w, Mat out) override;
+  void matmul(const Mat& x, const Weight& w, Mat out, Rounding rounding) override;
   void silu(Mat x) override;
   void sigmoid_gate(const Mat& gate, Mat x) override;
   void swiglu(Mat gate, const Mat& up) override;
@@ -39,7 +40,11 @@ class CpuBackend final : public Backend {
   template <class Fn>
   void for_rows(int64_t rows, Fn&& fn);
 
+  // The operands products allowed to round use.
+  Operands operands(Rounding rounding) const;
+
   ThreadPool pool_;
+  Precision precision_;
   bool reference_;
   MoeScratch moe_scratch_;
 };

@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string_view>
+#include <vector>
 
 namespace m1::cpu {
 namespace {
@@ -28,34 +29,71 @@ Isa detect_isa() {
 }
 
 const Isa kIsa = detect_isa();
+const bool kBf16Dot = kIsa == Isa::kAvx512 && __builtin_cpu_supports("avx512bf16");
 
 // Operand pointers of one tile: R rows of x against C rows of w, over the whole inner dimension.
 struct Tile {
-  const float* x;
-  int64_t ldx;
-  const void* w;  // first weight row, dtype T
+  const void* x;  // fp32, or bf16 for the bf16 kernels
+  int64_t ldx;    // x row stride in elements
+  const void* w;  // first weight row
   int64_t ldw;    // weight row stride in elements
   int64_t k;
   float* out;
   int64_t ldo;
 };
 
+template <class T>
+const T* at(const void* p, int64_t i) {
+  return static_cast<const T*>(p) + i;
+}
+
 template <DType T>
 const void* weight_at(const void* w, int64_t i) {
   return static_cast<const char*>(w) + i * int64_t(dtype_size(T));
 }
 
-// ---- AVX-512: 16 lanes, tiles up to 4 x 4 ----
+// Runs `step` over the inner dimension in chunks of `lanes` elements; the last, partial chunk is
+// copied into zero-padded buffers first. Zeros add nothing, so every element is summed chunk by
+// chunk in the same order whatever tile it is in.
+template <int R, int C, int Lanes, class XT, class WT, class Step>
+inline void over_chunks(const Tile& t, Step&& step) {
+  const XT* xs[R];
+  const WT* ws[C];
+  int64_t k = 0;
+  for (; k + Lanes <= t.k; k += Lanes) {
+    for (int r = 0; r < R; ++r) xs[r] = at<XT>(t.x, r * t.ldx + k);
+    for (int c = 0; c < C; ++c) ws[c] = at<WT>(t.w, c * t.ldw + k);
+    step(xs, ws);
+  }
+  if (k == t.k) return;
+  alignas(64) XT xtail[R][Lanes] = {};
+  alignas(64) WT wtail[C][Lanes] = {};
+  const size_t rest = size_t(t.k - k);
+  for (int r = 0; r < R; ++r) {
+    std::memcpy(xtail[r], at<XT>(t.x, r * t.ldx + k), rest * sizeof(XT));
+    xs[r] = xtail[r];
+  }
+  for (int c = 0; c < C; ++c) {
+    std::memcpy(wtail[c], at<WT>(t.w, c * t.ldw + k), rest * sizeof(WT));
+    ws[c] = wtail[c];
+  }
+  step(xs, ws);
+}
 
 template <DType T>
-__attribute__((target("avx512f"))) inline __m512 load16(const void* p) {
+using Stored = std::conditional_t<T == DType::kF32, float, uint16_t>;
+
+// ---- AVX-512: 16 fp32 lanes, tiles up to 4 x 4 ----
+
+template <DType T>
+__attribute__((target("avx512f"))) inline __m512 load16(const Stored<T>* p) {
   if constexpr (T == DType::kF32) {
     return _mm512_loadu_ps(p);
   } else if constexpr (T == DType::kBF16) {
-    __m256i h = _mm256_loadu_si256(static_cast<const __m256i*>(p));
+    __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
   } else {
-    return _mm512_cvtph_ps(_mm256_loadu_si256(static_cast<const __m256i*>(p)));
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   }
 }
 
@@ -64,36 +102,34 @@ __attribute__((target("avx512f"))) void tile_avx512(const Tile& t) {
   __m512 acc[R][C];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
-  auto step = [&](const float* const* xs, const void* const* ws) __attribute__((target("avx512f"))) {
+  over_chunks<R, C, 16, float, Stored<T>>(t, [&](const float* const* xs, const Stored<T>* const* ws)
+                                                 __attribute__((target("avx512f"))) {
     __m512 wv[C];
     for (int c = 0; c < C; ++c) wv[c] = load16<T>(ws[c]);
     for (int r = 0; r < R; ++r) {
       __m512 xv = _mm512_loadu_ps(xs[r]);
       for (int c = 0; c < C; ++c) acc[r][c] = _mm512_fmadd_ps(xv, wv[c], acc[r][c]);
     }
-  };
-  const float* xs[R];
-  const void* ws[C];
-  int64_t k = 0;
-  for (; k + 16 <= t.k; k += 16) {
-    for (int r = 0; r < R; ++r) xs[r] = t.x + r * t.ldx + k;
-    for (int c = 0; c < C; ++c) ws[c] = weight_at<T>(t.w, c * t.ldw + k);
-    step(xs, ws);
-  }
-  if (k < t.k) {  // zero-padded tail: adds exact zeros, so the sum order stays that of the lanes
-    alignas(64) float xtail[R][16] = {};
-    alignas(64) char wtail[C][64] = {};
-    size_t rest = size_t(t.k - k);
+  });
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) t.out[r * t.ldo + c] = _mm512_reduce_add_ps(acc[r][c]);
+}
+
+// bf16 x bf16 pairs accumulated into 16 fp32 lanes, 32 elements a step.
+template <int R, int C>
+__attribute__((target("avx512f,avx512bf16"))) void tile_avx512_bf16(const Tile& t) {
+  __m512 acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
+  over_chunks<R, C, 32, uint16_t, uint16_t>(t, [&](const uint16_t* const* xs, const uint16_t* const* ws)
+                                                   __attribute__((target("avx512f,avx512bf16"))) {
+    __m512bh wv[C];
+    for (int c = 0; c < C; ++c) wv[c] = (__m512bh)_mm512_loadu_si512(ws[c]);
     for (int r = 0; r < R; ++r) {
-      std::memcpy(xtail[r], t.x + r * t.ldx + k, rest * sizeof(float));
-      xs[r] = xtail[r];
+      __m512bh xv = (__m512bh)_mm512_loadu_si512(xs[r]);
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], xv, wv[c]);
     }
-    for (int c = 0; c < C; ++c) {
-      std::memcpy(wtail[c], weight_at<T>(t.w, c * t.ldw + k), rest * dtype_size(T));
-      ws[c] = wtail[c];
-    }
-    step(xs, ws);
-  }
+  });
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) t.out[r * t.ldo + c] = _mm512_reduce_add_ps(acc[r][c]);
 }
@@ -101,14 +137,14 @@ __attribute__((target("avx512f"))) void tile_avx512(const Tile& t) {
 // ---- AVX2 + FMA + F16C: 8 lanes, tiles up to 2 x 4 ----
 
 template <DType T>
-__attribute__((target("avx2,fma,f16c"))) inline __m256 load8(const void* p) {
+__attribute__((target("avx2,fma,f16c"))) inline __m256 load8(const Stored<T>* p) {
   if constexpr (T == DType::kF32) {
-    return _mm256_loadu_ps(static_cast<const float*>(p));
+    return _mm256_loadu_ps(p);
   } else if constexpr (T == DType::kBF16) {
-    __m128i h = _mm_loadu_si128(static_cast<const __m128i*>(p));
+    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
   } else {
-    return _mm256_cvtph_ps(_mm_loadu_si128(static_cast<const __m128i*>(p)));
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   }
 }
 
@@ -124,48 +160,27 @@ __attribute__((target("avx2,fma,f16c"))) void tile_avx2(const Tile& t) {
   __m256 acc[R][C];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
-  auto step = [&](const float* const* xs, const void* const* ws) __attribute__((target("avx2,fma,f16c"))) {
+  over_chunks<R, C, 8, float, Stored<T>>(t, [&](const float* const* xs, const Stored<T>* const* ws)
+                                                __attribute__((target("avx2,fma,f16c"))) {
     __m256 wv[C];
     for (int c = 0; c < C; ++c) wv[c] = load8<T>(ws[c]);
     for (int r = 0; r < R; ++r) {
       __m256 xv = _mm256_loadu_ps(xs[r]);
       for (int c = 0; c < C; ++c) acc[r][c] = _mm256_fmadd_ps(xv, wv[c], acc[r][c]);
     }
-  };
-  const float* xs[R];
-  const void* ws[C];
-  int64_t k = 0;
-  for (; k + 8 <= t.k; k += 8) {
-    for (int r = 0; r < R; ++r) xs[r] = t.x + r * t.ldx + k;
-    for (int c = 0; c < C; ++c) ws[c] = weight_at<T>(t.w, c * t.ldw + k);
-    step(xs, ws);
-  }
-  if (k < t.k) {
-    alignas(32) float xtail[R][8] = {};
-    alignas(32) char wtail[C][32] = {};
-    size_t rest = size_t(t.k - k);
-    for (int r = 0; r < R; ++r) {
-      std::memcpy(xtail[r], t.x + r * t.ldx + k, rest * sizeof(float));
-      xs[r] = xtail[r];
-    }
-    for (int c = 0; c < C; ++c) {
-      std::memcpy(wtail[c], weight_at<T>(t.w, c * t.ldw + k), rest * dtype_size(T));
-      ws[c] = wtail[c];
-    }
-    step(xs, ws);
-  }
+  });
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) t.out[r * t.ldo + c] = reduce8(acc[r][c]);
 }
 
-// ---- Portable fallback: one element at a time, 8 partial sums ----
+// ---- Portable fallback: 8 partial sums per element ----
 
 template <int R, int C, DType T>
 void tile_scalar(const Tile& t) {
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) {
       float partial[8] = {};
-      const float* x = t.x + r * t.ldx;
+      const float* x = at<float>(t.x, r * t.ldx);
       for (int64_t k = 0; k < t.k; ++k) partial[k % 8] += x[k] * load_as_f32(t.w, T, size_t(c * t.ldw + k));
       float sum = 0;
       for (float p : partial) sum += p;
@@ -173,83 +188,137 @@ void tile_scalar(const Tile& t) {
     }
 }
 
-template <int R, int C, DType T>
-void run_tile(const Tile& t) {
-  switch (kIsa) {
-    case Isa::kAvx512: return tile_avx512<R, C, T>(t);
-    case Isa::kAvx2: return tile_avx2<R, C, T>(t);
-    case Isa::kScalar: return tile_scalar<R, C, T>(t);
-  }
-}
+// ---- Dispatch: kernels[r - 1][c - 1] computes an r x c tile ----
 
 using TileFn = void (*)(const Tile&);
 
-template <DType T, int R, int... Cs>
-constexpr void fill_row(TileFn (&row)[4], std::integer_sequence<int, Cs...>) {
-  ((row[Cs] = &run_tile<R, Cs + 1, T>), ...);
+template <DType T, bool Bf16, int R, int C>
+void run_tile(const Tile& t) {
+  if constexpr (Bf16) {
+    tile_avx512_bf16<R, C>(t);
+  } else {
+    switch (kIsa) {
+      case Isa::kAvx512: return tile_avx512<R, C, T>(t);
+      case Isa::kAvx2: return tile_avx2<R, C, T>(t);
+      case Isa::kScalar: return tile_scalar<R, C, T>(t);
+    }
+  }
 }
 
-// kernels[r - 1][c - 1] computes an r x c tile.
-template <DType T>
+template <DType T, bool Bf16>
 struct TileTable {
   TileFn kernels[4][4];
-  constexpr TileTable() : kernels{} {
-    fill_row<T, 1>(kernels[0], std::make_integer_sequence<int, 4>{});
-    fill_row<T, 2>(kernels[1], std::make_integer_sequence<int, 4>{});
-    fill_row<T, 3>(kernels[2], std::make_integer_sequence<int, 4>{});
-    fill_row<T, 4>(kernels[3], std::make_integer_sequence<int, 4>{});
+  constexpr TileTable() : kernels{} { fill(std::make_integer_sequence<int, 16>{}); }
+  template <int... I>
+  constexpr void fill(std::integer_sequence<int, I...>) {
+    ((kernels[I / 4][I % 4] = &run_tile<T, Bf16, I / 4 + 1, I % 4 + 1>), ...);
   }
 };
 
-template <DType T>
-constexpr TileTable<T> kTiles{};
+template <DType T, bool Bf16>
+constexpr TileTable<T, Bf16> kTiles{};
 
-constexpr int64_t kBlockRows = 64;     // x rows per task
-constexpr int64_t kBlockOutputs = 64;  // weight rows per task
+constexpr int64_t kBlockRows = 64;  // x rows per task
+// Weight rows per task: a block converted to fp32 (rows x k floats) should stay within L2.
+int64_t block_outputs(int64_t k) { return std::clamp<int64_t>((256 << 10) / (k * 4) / 4 * 4, 4, 64); }
 
 template <DType T>
-void matmul_typed(ThreadPool& pool, const Mat& x, const Weight& w, Mat out) {
-  const int64_t max_r = kIsa == Isa::kAvx512 ? 4 : 2;
-  const int64_t row_blocks = (x.rows + kBlockRows - 1) / kBlockRows;
-  const int64_t out_blocks = (w.rows + kBlockOutputs - 1) / kBlockOutputs;
+thread_local std::vector<float> converted;  // a weight block widened to fp32, reused
+
+// Decode: one row of x against every weight row, each row streamed alone (several interleaved
+// row streams reach only about half the memory bandwidth).
+template <DType T, bool Bf16>
+void matvec(ThreadPool& pool, const void* x, const Weight& w, float* out) {
+  constexpr int64_t kRowsPerTask = 64;
+  pool.parallel_for((w.rows + kRowsPerTask - 1) / kRowsPerTask, [&](int64_t task) {
+    for (int64_t j = task * kRowsPerTask, end = std::min(w.rows, j + kRowsPerTask); j < end; ++j)
+      kTiles<T, Bf16>.kernels[0][0](Tile{x, w.cols, weight_at<T>(w.data, j * w.cols), w.cols, w.cols, out + j, 1});
+  });
+}
+
+// Prefill: register tiles over blocks of rows. The fp32 path first widens each weight block
+// (exact, so the sums are unchanged) to spare every tile the conversion.
+template <DType T, bool Bf16>
+void matmul_blocked(ThreadPool& pool, const void* x, int64_t rows, const Weight& w, Mat out) {
+  const int64_t max_r = Bf16 || kIsa == Isa::kAvx512 ? 4 : 2, outputs = block_outputs(w.cols);
+  const int64_t row_blocks = (rows + kBlockRows - 1) / kBlockRows;
+  const int64_t out_blocks = (w.rows + outputs - 1) / outputs;
+  constexpr bool widen = !Bf16 && T != DType::kF32;
   pool.parallel_for(row_blocks * out_blocks, [&](int64_t task) {
-    int64_t i0 = (task % row_blocks) * kBlockRows, j0 = (task / row_blocks) * kBlockOutputs;
-    int64_t i1 = std::min(x.rows, i0 + kBlockRows), j1 = std::min(w.rows, j0 + kBlockOutputs);
+    const int64_t i0 = (task % row_blocks) * kBlockRows, j0 = (task / row_blocks) * outputs;
+    const int64_t i1 = std::min(rows, i0 + kBlockRows), j1 = std::min(w.rows, j0 + outputs);
+    const void* block = weight_at<T>(w.data, j0 * w.cols);
+    if constexpr (widen) {
+      std::vector<float>& f = converted<T>;
+      f.resize(size_t((j1 - j0) * w.cols));
+      for (size_t i = 0; i < f.size(); ++i) f[i] = load_as_f32(block, T, i);
+      block = f.data();
+    }
+    constexpr DType kBlockType = widen ? DType::kF32 : T;
     for (int64_t j = j0; j < j1; j += 4) {
-      int64_t c = std::min<int64_t>(4, j1 - j);
+      const int64_t c = std::min<int64_t>(4, j1 - j);
       for (int64_t i = i0; i < i1; i += max_r) {
-        int64_t r = std::min(max_r, i1 - i);
-        Tile t{x.data + i * x.cols, x.cols, weight_at<T>(w.data, j * w.cols), w.cols, w.cols,
-               out.data + i * out.cols + j, out.cols};
-        kTiles<T>.kernels[r - 1][c - 1](t);
+        const int64_t r = std::min(max_r, i1 - i);
+        const void* xi = Bf16 ? static_cast<const void*>(at<uint16_t>(x, i * w.cols)) : at<float>(x, i * w.cols);
+        Tile t{xi, w.cols, weight_at<kBlockType>(block, (j - j0) * w.cols), w.cols, w.cols, out.data + i * out.cols + j, out.cols};
+        kTiles<kBlockType, Bf16>.kernels[r - 1][c - 1](t);
       }
     }
   });
 }
 
+template <DType T, bool Bf16>
+void matmul_typed(ThreadPool& pool, const void* x, int64_t rows, const Weight& w, Mat out) {
+  if (rows == 1)
+    matvec<T, Bf16>(pool, x, w, out.data);
+  else
+    matmul_blocked<T, Bf16>(pool, x, rows, w, out);
+}
+
+thread_local std::vector<uint16_t> rounded_x;  // activations rounded to bf16 for one product
+
+void round_rows_to_bf16(ThreadPool& pool, const Mat& x) {
+  rounded_x.resize(size_t(x.size()));
+  uint16_t* dst = rounded_x.data();
+  pool.parallel_for((x.rows + 15) / 16, [&](int64_t task) {
+    for (int64_t i = task * 16 * x.cols, end = std::min(x.rows, task * 16 + 16) * x.cols; i < end; ++i)
+      dst[i] = f32_to_bf16(x.data[i]);
+  });
+}
+
 }  // namespace
 
-void matmul(ThreadPool& pool, const Mat& x, const Weight& w, Mat out) {
+void matmul(ThreadPool& pool, const Mat& x, const Weight& w, Mat out, Operands operands) {
+  if (operands == Operands::kBf16 && kBf16Dot && w.dtype == DType::kBF16) {
+    round_rows_to_bf16(pool, x);
+    return matmul_typed<DType::kBF16, true>(pool, rounded_x.data(), x.rows, w, out);
+  }
   switch (w.dtype) {
-    case DType::kF32: return matmul_typed<DType::kF32>(pool, x, w, out);
-    case DType::kF16: return matmul_typed<DType::kF16>(pool, x, w, out);
-    case DType::kBF16: return matmul_typed<DType::kBF16>(pool, x, w, out);
+    case DType::kF32: return matmul_typed<DType::kF32, false>(pool, x.data, x.rows, w, out);
+    case DType::kF16: return matmul_typed<DType::kF16, false>(pool, x.data, x.rows, w, out);
+    case DType::kBF16: return matmul_typed<DType::kBF16, false>(pool, x.data, x.rows, w, out);
   }
 }
 
-void matmul_reference(const Mat& x, const Weight& w, Mat out) {
+void matmul_reference(const Mat& x, const Weight& w, Mat out, Operands operands) {
+  const bool round = operands == Operands::kBf16 && kBf16Dot && w.dtype == DType::kBF16;
   for (int64_t i = 0; i < x.rows; ++i)
     for (int64_t j = 0; j < w.rows; ++j) {
       double sum = 0;
-      for (int64_t k = 0; k < w.cols; ++k)
-        sum += double(x.data[i * x.cols + k]) * load_as_f32(w.data, w.dtype, size_t(j * w.cols + k));
+      for (int64_t k = 0; k < w.cols; ++k) {
+        float xv = x.data[i * x.cols + k];
+        if (round) xv = bf16_to_f32(f32_to_bf16(xv));
+        sum += double(xv) * load_as_f32(w.data, w.dtype, size_t(j * w.cols + k));
+      }
       out.data[i * out.cols + j] = float(sum);
     }
 }
 
+bool bf16_products_available() { return kBf16Dot; }
+
 const char* matmul_isa() {
   switch (kIsa) {
-    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx512: return kBf16Dot ? "avx512-bf16" : "avx512";
     case Isa::kAvx2: return "avx2";
     case Isa::kScalar: return "scalar";
   }

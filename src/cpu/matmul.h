@@ -8,10 +8,18 @@
 
 namespace m1::cpu {
 
-void matmul(ThreadPool& pool, const Mat& x, const Weight& w, Mat out);
+// kFp32: the stored weights times fp32 activations. kBf16: activations rounded to bf16 and
+// multiplied with BF16 weights by the AVX-512 BF16 dot product; weights stored in another dtype,
+// and CPUs without the instruction, fall back to kFp32.
+enum class Operands { kFp32, kBf16 };
 
-// The oracle: one thread, double accumulation.
-void matmul_reference(const Mat& x, const Weight& w, Mat out);
+void matmul(ThreadPool& pool, const Mat& x, const Weight& w, Mat out, Operands operands = Operands::kFp32);
+
+// The oracle: one thread, double accumulation, with the same operand rounding as `operands` asks.
+void matmul_reference(const Mat& x, const Weight& w, Mat out, Operands operands = Operands::kFp32);
+
+// Whether kBf16 is honoured on this machine for BF16 weights.
+bool bf16_products_available();
 
 // Instruction set the fast kernels use on this machine ("avx512", "avx2" or "scalar").
 const char* matmul_isa();

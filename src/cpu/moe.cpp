@@ -4,8 +4,6 @@
 #include <cmath>
 #include <numeric>
 
-#include "cpu/matmul.h"
-
 namespace m1::cpu {
 
 void route(const float* logits, int64_t n, int64_t experts, int64_t top_k, int32_t* chosen, float* weights) {
@@ -44,7 +42,7 @@ void group_by_expert(const std::vector<int32_t>& chosen, int64_t experts, MoeScr
 
 }  // namespace
 
-void moe(ThreadPool& pool, const Mat& x, const MoeWeights& w, Mat out, MoeScratch& s) {
+void moe(ThreadPool& pool, const Mat& x, const MoeWeights& w, Mat out, Operands operands, MoeScratch& s) {
   const int64_t n = x.rows, hidden = x.cols, experts = w.router.rows, k = w.top_k, ffn = w.w1[0].rows;
   s.logits.resize(size_t(n * experts));
   matmul(pool, x, w.router, Mat{s.logits.data(), n, experts});
@@ -66,10 +64,10 @@ void moe(ThreadPool& pool, const Mat& x, const MoeWeights& w, Mat out, MoeScratc
     s.up.resize(size_t(m * ffn));
     s.down.resize(size_t(m * hidden));
     Mat xs{s.gathered.data(), m, hidden}, gate{s.gate.data(), m, ffn}, up{s.up.data(), m, ffn};
-    matmul(pool, xs, w.w1[size_t(e)], gate);
-    matmul(pool, xs, w.w3[size_t(e)], up);
+    matmul(pool, xs, w.w1[size_t(e)], gate, operands);
+    matmul(pool, xs, w.w3[size_t(e)], up, operands);
     for (int64_t i = 0; i < m * ffn; ++i) s.gate[size_t(i)] = silu(s.gate[size_t(i)]) * s.up[size_t(i)];
-    matmul(pool, gate, w.w2[size_t(e)], Mat{s.down.data(), m, hidden});
+    matmul(pool, gate, w.w2[size_t(e)], Mat{s.down.data(), m, hidden}, operands);
     for (int64_t i = 0; i < m; ++i)
       std::copy_n(s.down.data() + i * hidden, hidden, s.partial.data() + s.rows_of_expert[size_t(begin + i)] * hidden);
   }
@@ -84,7 +82,7 @@ void moe(ThreadPool& pool, const Mat& x, const MoeWeights& w, Mat out, MoeScratc
   }
 }
 
-void moe_reference(const Mat& x, const MoeWeights& w, Mat out) {
+void moe_reference(const Mat& x, const MoeWeights& w, Mat out, Operands operands) {
   const int64_t hidden = x.cols, experts = w.router.rows, k = w.top_k, ffn = w.w1[0].rows;
   const size_t ex = size_t(experts), kk = size_t(k), ff = size_t(ffn), hh = size_t(hidden);
   std::vector<float> logits(ex), weights(kk), gate(ff), up(ff), y(hh);
@@ -97,10 +95,10 @@ void moe_reference(const Mat& x, const MoeWeights& w, Mat out) {
     std::fill(o, o + hidden, 0.0f);
     for (int64_t r = 0; r < k; ++r) {
       const size_t e = size_t(chosen[size_t(r)]);
-      matmul_reference(row, w.w1[e], Mat{gate.data(), 1, ffn});
-      matmul_reference(row, w.w3[e], Mat{up.data(), 1, ffn});
+      matmul_reference(row, w.w1[e], Mat{gate.data(), 1, ffn}, operands);
+      matmul_reference(row, w.w3[e], Mat{up.data(), 1, ffn}, operands);
       for (int64_t i = 0; i < ffn; ++i) gate[size_t(i)] = silu(gate[size_t(i)]) * up[size_t(i)];
-      matmul_reference(Mat{gate.data(), 1, ffn}, w.w2[e], Mat{y.data(), 1, hidden});
+      matmul_reference(Mat{gate.data(), 1, ffn}, w.w2[e], Mat{y.data(), 1, hidden}, operands);
       for (int64_t c = 0; c < hidden; ++c) o[c] += weights[size_t(r)] * y[size_t(c)];
     }
   }

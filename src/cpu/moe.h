@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "cpu/matmul.h"
 #include "cpu/threadpool.h"
 #include "m1/backend.h"
 
@@ -22,9 +23,10 @@ struct MoeScratch {
   std::vector<int64_t> expert_begin;
 };
 
-// Tokens are grouped by expert so each expert's weights stream once per step.
-void moe(ThreadPool& pool, const Mat& x, const MoeWeights& w, Mat out, MoeScratch& scratch);
+// Tokens are grouped by expert so each expert's weights stream once per step. Routing is always
+// fp32; `operands` sets those of the expert products.
+void moe(ThreadPool& pool, const Mat& x, const MoeWeights& w, Mat out, Operands operands, MoeScratch& scratch);
 // The oracle: token by token, reference matrix products.
-void moe_reference(const Mat& x, const MoeWeights& w, Mat out);
+void moe_reference(const Mat& x, const MoeWeights& w, Mat out, Operands operands);
 
 }  // namespace m1::cpu

@@ -1,0 +1,106 @@
+#include "bench_measure.h"
+
+#include <algorithm>
+#include <chrono>
+#include <random>
+
+namespace m1::bench {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// Every variant and run sees the same prompt.
+constexpr uint64_t kPromptSeed = 0x6d31'6265'6e63'68ull;
+// Decode steps of the warm-up: enough to page in the single-token paths.
+constexpr size_t kWarmUpDecodeSteps = 2;
+
+double ms_since(Clock::time_point start) {
+  return std::chrono::duration<double, std::milli>(Clock::now() - start).count();
+}
+
+// Deterministic pseudo-random valid token ids.
+std::vector<int32_t> prompt_tokens(int64_t count, int64_t vocab) {
+  std::mt19937_64 rng(kPromptSeed);
+  std::uniform_int_distribution<int32_t> id(0, int32_t(vocab - 1));
+  std::vector<int32_t> tokens(size_t(count));
+  for (int32_t& t : tokens) t = id(rng);
+  return tokens;
+}
+
+// Feeds `tokens` in chunks as the server does: logits only for the last position of the last chunk.
+void prefill(Model& model, SequenceState& seq, std::span<const int32_t> tokens, int64_t chunk) {
+  StepLogits logits;
+  for (size_t pos = 0; pos < tokens.size(); pos += size_t(chunk)) {
+    const size_t n = std::min(tokens.size() - pos, size_t(chunk));
+    const LogitsFor wanted = pos + n == tokens.size() ? LogitsFor::kLast : LogitsFor::kNone;
+    BatchEntry entry{&seq, tokens.subspan(pos, n), wanted};
+    model.forward({&entry, 1}, logits);
+  }
+}
+
+// Decodes `tokens` one step each (fixed ids: sampling is not what is measured); the median step in ms.
+double decode_median_ms(Model& model, SequenceState& seq, std::span<const int32_t> tokens) {
+  StepLogits logits;
+  std::vector<double> steps;
+  for (const int32_t& token : tokens) {
+    BatchEntry entry{&seq, {&token, 1}, LogitsFor::kLast};
+    const auto start = Clock::now();
+    model.forward({&entry, 1}, logits);
+    steps.push_back(ms_since(start));
+  }
+  return median(std::move(steps));
+}
+
+// Runs every path once (thread pool, workspace at full chunk size, weights in cache) without
+// paying for a long prefill twice.
+void warm_up(Model& model, std::span<const int32_t> tokens, int64_t chunk) {
+  auto seq = model.new_sequence();
+  prefill(model, *seq, tokens.first(std::min(tokens.size(), size_t(chunk))), chunk);
+  decode_median_ms(model, *seq, tokens.first(std::min(tokens.size(), kWarmUpDecodeSteps)));
+}
+
+}  // namespace
+
+double median(std::vector<double> values) {
+  if (values.empty()) return 0;
+  const size_t mid = values.size() / 2;
+  std::nth_element(values.begin(), values.begin() + std::ptrdiff_t(mid), values.end());
+  if (values.size() % 2 == 1) return values[mid];
+  return (values[mid] + *std::max_element(values.begin(), values.begin() + std::ptrdiff_t(mid))) / 2;
+}
+
+Summary summarize(const Measurement& m) {
+  Summary s;
+  s.prefill_ms = median(m.prefill_ms);
+  s.prefill_tokens_per_s = s.prefill_ms > 0 ? double(m.prefill_tokens) * 1000 / s.prefill_ms : 0;
+  s.decode_ms_per_token = median(m.decode_ms_per_token);
+  s.decode_tokens_per_s = s.decode_ms_per_token > 0 ? 1000 / s.decode_ms_per_token : 0;
+  return s;
+}
+
+Measurement measure(Model& model, const MeasureSpec& spec) {
+  const bool extra = spec.extra_prefill > 0;
+  const int64_t untimed = extra ? spec.context : 0, timed = extra ? spec.extra_prefill : spec.context;
+  const std::vector<int32_t> tokens = prompt_tokens(untimed + timed + spec.decode_tokens, model.config().vocab_size);
+  const std::span<const int32_t> all(tokens);
+  const auto decode = all.last(size_t(spec.decode_tokens));
+
+  warm_up(model, all, spec.prefill_chunk);
+  auto base = model.new_sequence();
+  prefill(model, *base, all.first(size_t(untimed)), spec.prefill_chunk);
+
+  Measurement m{.context = spec.context, .prefill_tokens = timed};
+  for (int64_t r = 0; r < spec.repeats; ++r) {
+    auto seq = base->clone();
+    const auto start = Clock::now();
+    prefill(model, *seq, all.subspan(size_t(untimed), size_t(timed)), spec.prefill_chunk);
+    m.prefill_ms.push_back(ms_since(start));
+    // Decode starts at depth `context`: after the timed prefill, or from the untimed context.
+    auto at_depth = extra ? base->clone() : std::move(seq);
+    m.state_bytes = at_depth->bytes();
+    m.decode_ms_per_token.push_back(decode_median_ms(model, *at_depth, decode));
+  }
+  return m;
+}
+
+}  // namespace m1::bench

@@ -1,0 +1,45 @@
+#pragma once
+// Timing one model at one context length: chunked prefill as the server runs it, then decode one
+// token at a time at that depth, repeated after a warm-up.
+
+#include <cstdint>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "m1/model.h"
+
+namespace m1::bench {
+
+struct MeasureSpec {
+  int64_t context = 0;  // the depth at which decode is timed
+  // 0: time the prefill of the context itself. Otherwise build the context untimed, then time
+  // prefilling this many more tokens after it (llama-bench's "pp512 at depth d").
+  int64_t extra_prefill = 0;
+  int64_t decode_tokens = 1;
+  int64_t repeats = 1;
+  int64_t prefill_chunk = 512;
+};
+
+struct Measurement {
+  int64_t context = 0;
+  int64_t prefill_tokens = 0;                // tokens in the timed prefill
+  std::vector<double> prefill_ms;            // one per repeat
+  std::vector<double> decode_ms_per_token;   // one per repeat: the median over its decode steps
+  uint64_t state_bytes = 0;                  // the sequence's state at depth `context`
+  uint64_t peak_rss_bytes = 0;               // filled in by whoever owns the process
+};
+NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(Measurement, context, prefill_tokens, prefill_ms, decode_ms_per_token,
+                                   state_bytes, peak_rss_bytes)
+
+// The figures a measurement reports: medians over its repeats.
+struct Summary {
+  double prefill_ms = 0, prefill_tokens_per_s = 0, decode_ms_per_token = 0, decode_tokens_per_s = 0;
+};
+Summary summarize(const Measurement& m);
+
+double median(std::vector<double> values);
+
+Measurement measure(Model& model, const MeasureSpec& spec);
+
+}  // namespace m1::bench

@@ -1,0 +1,69 @@
+#include "bench_models.h"
+
+#include <algorithm>
+
+#include "m1/synthetic.h"
+#include "m1/weights.h"
+
+namespace m1::bench {
+namespace {
+
+// The seed m1-mkmodel uses by default: a synthetic model here is the one it would write.
+constexpr uint64_t kWeightSeed = 0;
+
+// Through config.json and back, so a changed config meets every check a loaded one does.
+ModelConfig validated(const ModelConfig& config, const std::string& source) {
+  return parse_config(nlohmann::json::parse(config_to_json(config).dump()), source);
+}
+
+}  // namespace
+
+const std::vector<std::string>& variant_names() {
+  static const std::vector<std::string> names{"hybrid", "lightning", "softmax"};
+  return names;
+}
+
+ModelConfig with_layers(const ModelConfig& base, int64_t layers) {
+  ModelConfig c = base;
+  c.num_hidden_layers = layers;
+  c.attn_type_list = hybrid_attention(layers);
+  return validated(c, "--layers");
+}
+
+ModelConfig variant_config(const ModelConfig& base, const std::string& variant) {
+  if (variant == "hybrid") return base;
+  ModelConfig c = base;
+  std::fill(c.attn_type_list.begin(), c.attn_type_list.end(), variant == "softmax" ? 1 : 0);
+  return validated(c, "variant " + variant);
+}
+
+VariantWeights checkpoint_or_random(const std::filesystem::path& dir, const ModelConfig& stored, const ModelConfig& config) {
+  Checkpoint checkpoint = Checkpoint::open(dir);
+  if (config.attn_type_list == stored.attn_type_list) return {std::move(checkpoint), false};
+  return random_in_memory(config, checkpoint_dtype(checkpoint, stored));
+}
+
+VariantWeights random_in_memory(const ModelConfig& config, DType dtype) {
+  return {random_checkpoint(config, dtype, kWeightSeed), true};
+}
+
+DType checkpoint_dtype(const Checkpoint& checkpoint, const ModelConfig& config) {
+  const WeightSpec embed = weight_specs(config).front();
+  return checkpoint.require(embed.name, embed.shape).weight_dtype();
+}
+
+uint64_t decode_weight_bytes(const ModelConfig& config, const Checkpoint& checkpoint) {
+  uint64_t dense = 0, experts = 0;
+  for (const WeightSpec& spec : weight_specs(config)) {
+    const TensorView& t = checkpoint.require(spec.name, spec.shape);
+    if (spec.role == WeightRole::kEmbed && !config.tie_word_embeddings)
+      dense += t.nbytes / uint64_t(spec.shape.front());
+    else if (spec.expert >= 0)
+      experts += t.nbytes;
+    else
+      dense += t.nbytes;
+  }
+  return dense + experts * uint64_t(config.num_experts_per_tok) / uint64_t(config.num_local_experts);
+}
+
+}  // namespace m1::bench

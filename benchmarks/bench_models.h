@@ -1,0 +1,41 @@
+#pragma once
+// The models m1-bench compares: one set of dimensions with the model's own attention pattern
+// (hybrid), or with every layer lightning, or every layer softmax; and where their weights come from.
+
+#include <cstdint>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include "m1/config.h"
+#include "m1/dtype.h"
+#include "m1/safetensors.h"
+
+namespace m1::bench {
+
+const std::vector<std::string>& variant_names();  // hybrid, lightning, softmax
+
+// `base` with `layers` layers in the real model's hybrid pattern, validated.
+ModelConfig with_layers(const ModelConfig& base, int64_t layers);
+// `base` with the attention pattern of a variant of variant_names(), validated.
+ModelConfig variant_config(const ModelConfig& base, const std::string& variant);
+
+struct VariantWeights {
+  Checkpoint checkpoint;
+  bool random = false;  // the checkpoint lacks this variant's attention tensors: random weights
+};
+
+// The checkpoint in `dir` when it has what `config` needs (same attention pattern as `stored`),
+// else random weights of the checkpoint's dtype, built in memory.
+VariantWeights checkpoint_or_random(const std::filesystem::path& dir, const ModelConfig& stored, const ModelConfig& config);
+// Random weights of `dtype`, built in memory.
+VariantWeights random_in_memory(const ModelConfig& config, DType dtype);
+
+// The stored dtype of the model's embedding table (the checkpoint's dtype, for practical purposes).
+DType checkpoint_dtype(const Checkpoint& checkpoint, const ModelConfig& config);
+
+// Bytes of weights one decode token reads: every non-expert weight (of the embedding table only
+// one row, unless it doubles as the LM head), the router, and top_k of each layer's experts.
+uint64_t decode_weight_bytes(const ModelConfig& config, const Checkpoint& checkpoint);
+
+}  // namespace m1::bench

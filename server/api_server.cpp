@@ -1,0 +1,236 @@
+#include "api_server.h"
+
+#include <algorithm>
+
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
+#include "completion_output.h"
+#include "json_body.h"
+#include "m1/error.h"
+#include "openai_json.h"
+#include "sse_stream.h"
+#include "tokenize_api.h"
+
+namespace m1::server {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// After the grace period, cancelled requests still need a step of the engine to end.
+constexpr std::chrono::seconds kCancelWait{5};
+
+int64_t unix_seconds() {
+  return std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count();
+}
+
+void send_json(httplib::Response& response, int status, const ordered_json& body) {
+  response.status = status;
+  response.set_content(dump_json(body), "application/json");
+}
+
+void send_error(httplib::Response& response, const ApiError& error) {
+  if (error.status == 503) response.set_header("Retry-After", "1");
+  send_json(response, error.status, error_json(error));
+}
+
+std::shared_ptr<RequestStream> submit(Engine& engine, GenerationRequest request) {
+  try {
+    return engine.submit(std::move(request));
+  } catch (const EngineBusy& busy) {
+    throw ApiError(503, "server_busy", busy.what(), {}, "server_busy");
+  } catch (const Error& error) {
+    throw invalid_request_from(error);
+  }
+}
+
+GenerationEvent next_event(RequestStream& stream) {
+  for (;;)
+    if (auto event = stream.next(std::chrono::seconds(1))) return std::move(*event);
+}
+
+}  // namespace
+
+const std::vector<ApiServer::Route> ApiServer::kRoutes = {
+    {"GET", "/health", &ApiServer::health, false},
+    {"GET", "/metrics", &ApiServer::metrics, true},
+    {"GET", "/v1/models", &ApiServer::models, true},
+    {"POST", "/v1/chat/completions", &ApiServer::chat_completions, true},
+    {"POST", "/v1/completions", &ApiServer::completions, true},
+    {"POST", "/tokenize", &ApiServer::tokenize, true},
+    {"POST", "/detokenize", &ApiServer::detokenize, true},
+};
+
+ApiServer::ApiServer(HttpOptions options) : options_(std::move(options)), started_at_(unix_seconds()) {
+  http_.new_task_queue = [threads = options_.threads] { return new httplib::ThreadPool(threads); };
+  http_.set_payload_max_length(options_.max_body_bytes);
+  http_.set_error_handler(httplib::Server::HandlerWithResponse(
+      [this](const httplib::Request& request, httplib::Response& response) { return on_http_error(request, response); }));
+  http_.set_logger([this](const httplib::Request& request, const httplib::Response& response) {
+    responses_.count(response.status);
+    spdlog::debug("{} {} -> {}", request.method, request.path, response.status);
+  });
+  add_routes();
+}
+
+int ApiServer::bind(const std::string& host, int port) {
+  const int bound = port == 0 ? http_.bind_to_any_port(host) : (http_.bind_to_port(host, port) ? port : -1);
+  if (bound < 0) fail("cannot listen on {}:{} (address in use or not available)", host, port);
+  return bound;
+}
+
+void ApiServer::listen() { http_.listen_after_bind(); }
+
+void ApiServer::set_model(ModelService& model) { model_.store(&model); }
+
+void ApiServer::drain(std::chrono::milliseconds grace) {
+  draining_.store(true);
+  if (inflight_.wait_until_empty(Clock::now() + grace)) return;
+  spdlog::warn("cancelling the requests still running after the shutdown grace period");
+  inflight_.cancel_all();
+  inflight_.wait_until_empty(Clock::now() + kCancelWait);
+}
+
+void ApiServer::stop() { http_.stop(); }
+
+void ApiServer::add_routes() {
+  for (const Route& route : kRoutes) {
+    auto handler = [this, &route](const httplib::Request& request, httplib::Response& response) {
+      guarded(route, request, response);
+    };
+    if (std::string_view(route.method) == "GET")
+      http_.Get(route.path, handler);
+    else
+      http_.Post(route.path, handler);
+  }
+}
+
+// Whatever a handler throws becomes an OpenAI error; nothing a client sends can crash the server.
+void ApiServer::guarded(const Route& route, const httplib::Request& request, httplib::Response& response) {
+  try {
+    if (route.needs_key) check_api_key(request);
+    (this->*route.handler)(request, response);
+  } catch (const ApiError& error) {
+    send_error(response, error);
+  } catch (const Error& error) {
+    send_error(response, invalid_request_from(error));
+  } catch (const std::exception& error) {
+    spdlog::error("{} {} failed: {}", request.method, request.path, error.what());
+    send_error(response, ApiError(500, "server_error", "internal error"));
+  } catch (...) {
+    spdlog::error("{} {} failed with an unknown exception", request.method, request.path);
+    send_error(response, ApiError(500, "server_error", "internal error"));
+  }
+}
+
+void ApiServer::check_api_key(const httplib::Request& request) const {
+  if (options_.api_key.empty()) return;
+  const std::string given = request.get_header_value("Authorization");
+  if (given == "Bearer " + options_.api_key) return;
+  const char* message = given.empty() ? "missing API key: send the header Authorization: Bearer <key>" : "incorrect API key";
+  throw ApiError(401, "authentication_error", message, {}, "invalid_api_key");
+}
+
+// Errors httplib finds itself (no route, body too large) get the OpenAI shape too; responses
+// that already carry a body are the handlers' own.
+httplib::Server::HandlerResponse ApiServer::on_http_error(const httplib::Request& request, httplib::Response& response) {
+  if (!response.body.empty()) return httplib::Server::HandlerResponse::Unhandled;
+  const auto same_path = std::find_if(kRoutes.begin(), kRoutes.end(),
+                                      [&](const Route& route) { return request.path == route.path; });
+  if (response.status == 404 && same_path != kRoutes.end()) {
+    response.set_header("Allow", same_path->method);
+    send_error(response, ApiError(405, "invalid_request_error",
+                                  fmt::format("{} {}: method not allowed (use {})", request.method, request.path,
+                                              same_path->method),
+                                  {}, "method_not_allowed"));
+  } else if (response.status == 404) {
+    send_error(response, not_found(fmt::format("{} {}: no such endpoint", request.method, request.path)));
+  } else if (response.status == 413) {
+    send_error(response, ApiError(413, "invalid_request_error",
+                                  fmt::format("request body is larger than the limit of {} bytes", options_.max_body_bytes),
+                                  {}, "request_too_large"));
+  } else {
+    send_error(response, ApiError(response.status, "invalid_request_error", "malformed HTTP request"));
+  }
+  return httplib::Server::HandlerResponse::Handled;
+}
+
+ModelService& ApiServer::ready_model() {
+  if (draining_.load()) throw unavailable("the server is shutting down", "shutting_down");
+  ModelService* model = model_.load();
+  if (model == nullptr) throw unavailable("the model is still loading; retry shortly", "model_loading");
+  return *model;
+}
+
+void ApiServer::health(const httplib::Request&, httplib::Response& response) {
+  const char* status = draining_.load() ? "shutting_down" : model_.load() == nullptr ? "loading" : "ok";
+  send_json(response, std::string_view(status) == "ok" ? 200 : 503, {{"status", status}});
+}
+
+void ApiServer::models(const httplib::Request&, httplib::Response& response) {
+  const ServedModel& served = ready_model().served();
+  send_json(response, 200, model_list_json(served.name, started_at_, served.max_context));
+}
+
+void ApiServer::metrics(const httplib::Request&, httplib::Response& response) {
+  const EngineStats stats = ready_model().engine().stats();
+  response.set_content(prometheus_text(responses_.by_status(), stats), "text/plain; version=0.0.4");
+}
+
+void ApiServer::chat_completions(const httplib::Request& request, httplib::Response& response) {
+  answer_completion(request, response, ApiKind::kChat);
+}
+
+void ApiServer::completions(const httplib::Request& request, httplib::Response& response) {
+  answer_completion(request, response, ApiKind::kCompletion);
+}
+
+void ApiServer::tokenize(const httplib::Request& request, httplib::Response& response) {
+  const ServedModel& served = ready_model().served();
+  send_json(response, 200, tokenize_json(parse_json_body(request.body), served));
+}
+
+void ApiServer::detokenize(const httplib::Request& request, httplib::Response& response) {
+  const ServedModel& served = ready_model().served();
+  send_json(response, 200, detokenize_json(parse_json_body(request.body), served));
+}
+
+void ApiServer::answer_completion(const httplib::Request& request, httplib::Response& response, ApiKind kind) {
+  ModelService& model = ready_model();
+  const ordered_json body = parse_json_body(request.body);
+  CompletionJob job = kind == ApiKind::kChat ? parse_chat_request(body, model.served())
+                                             : parse_completion_request(body, model.served());
+  ResponseMeta meta{new_response_id(kind), unix_seconds(), model.served().name};
+  if (job.stream)
+    answer_stream(response, model, std::move(job), std::move(meta));
+  else
+    answer_whole(response, model, std::move(job), std::move(meta));
+}
+
+// httplib 0.11 does not tell a handler that its client left, so a whole response is generated
+// to the end even then; streams notice at their next write.
+void ApiServer::answer_whole(httplib::Response& response, ModelService& model, CompletionJob job, ResponseMeta meta) {
+  ResponseCollector collector(job, *model.served().tokenizer, std::move(meta));
+  const auto stream = submit(model.engine(), std::move(job.generation));
+  const auto ticket = inflight_.track(stream);
+  try {
+    while (!collector.add(next_event(*stream))) {
+    }
+  } catch (...) {
+    stream->cancel();
+    throw;
+  }
+  send_json(response, 200, collector.response());
+}
+
+void ApiServer::answer_stream(httplib::Response& response, ModelService& model, CompletionJob job, ResponseMeta meta) {
+  ChunkStreamer streamer(job, *model.served().tokenizer, std::move(meta));
+  auto stream = submit(model.engine(), std::move(job.generation));
+  auto ticket = inflight_.track(stream);
+  auto sse = std::make_shared<SseStream>(std::move(streamer), std::move(stream), std::move(ticket));
+  response.set_header("Cache-Control", "no-cache");
+  response.set_chunked_content_provider(
+      "text/event-stream", [sse](size_t, httplib::DataSink& sink) { return sse->pump(sink); });
+}
+
+}  // namespace m1::server

@@ -1,0 +1,24 @@
+#include "model_service.h"
+
+#include "m1/generation.h"
+
+namespace m1::server {
+
+ModelService::ModelService(const ModelOptions& options)
+    : backend_(create_backend(options.backend)),
+      model_(Model::load(options.dir, *backend_)),
+      tokenizer_(Tokenizer::load(options.dir / "tokenizer.json")),
+      engine_(std::make_unique<Engine>(*model_, tokenizer_, options.engine)),
+      served_{.tokenizer = &tokenizer_,
+              .name = options.served_name.empty() ? default_served_name(options.dir) : options.served_name,
+              .end_of_turn = end_of_turn_token(options.dir, tokenizer_),
+              .max_context = engine_->max_context(),
+              .max_choices = options.engine.max_batch} {}
+
+std::string default_served_name(const std::filesystem::path& dir) {
+  std::filesystem::path normal = std::filesystem::absolute(dir).lexically_normal();
+  if (normal.filename().empty()) normal = normal.parent_path();  // "models/demo/" and "." have a name too
+  return normal.filename().string();
+}
+
+}  // namespace m1::server
