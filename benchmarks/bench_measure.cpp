@@ -22,7 +22,7 @@ double ms_since(Clock::time_point start) {
 std::vector<int32_t> prompt_tokens(int64_t count, int64_t vocab) {
   std::mt19937_64 rng(kPromptSeed);
   std::uniform_int_distribution<int32_t> id(0, int32_t(vocab - 1));
-  std::vector<int32_t> tokens(size_t(count));
+  std::vector<int32_t> tokens(static_cast<size_t>(count));
   for (int32_t& t : tokens) t = id(rng);
   return tokens;
 }
@@ -89,7 +89,9 @@ Measurement measure(Model& model, const MeasureSpec& spec) {
   auto base = model.new_sequence();
   prefill(model, *base, all.first(size_t(untimed)), spec.prefill_chunk);
 
-  Measurement m{.context = spec.context, .prefill_tokens = timed};
+  Measurement m;
+  m.context = spec.context;
+  m.prefill_tokens = timed;
   for (int64_t r = 0; r < spec.repeats; ++r) {
     auto seq = base->clone();
     const auto start = Clock::now();

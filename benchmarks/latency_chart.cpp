@@ -16,6 +16,7 @@ constexpr double kPlotWidth = 380, kPlotHeight = 300;
 constexpr double kLeft = 80, kRight = 30, kTop = 90, kBottom = 60;
 constexpr double kPanelWidth = kLeft + kPlotWidth + kRight;
 constexpr int kMaxContextTicks = 9;
+constexpr double kContextMargin = 0.3;  // in octaves
 const char* const kColors[] = {"#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"};
 
 struct Point {
@@ -74,16 +75,14 @@ std::vector<Series> series_of(const std::vector<BenchResult>& results) {
   return series;
 }
 
-// Context axis: whole powers of two around the data, labelled like the command line (4k, 1m).
+// Context axis: a little wider than the data, so end points sit inside the frame; ticks on the
+// powers of two, labelled like the command line (4k, 1m).
 LogAxis context_axis(double min, double max) {
-  int lo = int(std::floor(std::log2(min))), hi = int(std::ceil(std::log2(max)));
-  if (lo == hi) {
-    --lo;
-    ++hi;
-  }
-  const int step = std::max(1, (hi - lo + kMaxContextTicks - 1) / kMaxContextTicks);
+  const double lo = std::log2(min) - kContextMargin, hi = std::log2(max) + kContextMargin;
+  const int first = int(std::ceil(lo)), last = int(std::floor(hi));
+  const int step = std::max(1, (last - first + kMaxContextTicks) / kMaxContextTicks);
   LogAxis axis{lo * std::log10(2.0), hi * std::log10(2.0), kLeft, kLeft + kPlotWidth, {}};
-  for (int e = lo; e <= hi; e += step) axis.ticks.push_back({std::ldexp(1.0, e), format_token_count(int64_t(1) << e)});
+  for (int e = first; e <= last; e += step) axis.ticks.push_back({std::ldexp(1.0, e), format_token_count(int64_t(1) << e)});
   return axis;
 }
 

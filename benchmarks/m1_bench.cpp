@@ -106,7 +106,7 @@ std::string backend_description(const m1::BackendOptions& options) {
   try {
     return m1::create_backend(options)->name();
   } catch (const m1::Error& e) {
-    m1::fail("--device {}: {}", options.device, e.what());
+    m1::fail("--device: {}", e.what());
   }
 }
 

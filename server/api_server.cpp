@@ -44,6 +44,13 @@ std::shared_ptr<RequestStream> submit(Engine& engine, GenerationRequest request)
   }
 }
 
+// httplib holds form-encoded bodies (what `curl -d` sends) to a fixed 8 KiB.
+std::string too_large_message(const httplib::Request& request, size_t limit) {
+  if (request.get_header_value("Content-Type") == "application/x-www-form-urlencoded")
+    return "form-encoded request body too large: send JSON with Content-Type: application/json";
+  return fmt::format("request body is larger than the limit of {} bytes", limit);
+}
+
 GenerationEvent next_event(RequestStream& stream) {
   for (;;)
     if (auto event = stream.next(std::chrono::seconds(1))) return std::move(*event);
@@ -146,9 +153,8 @@ httplib::Server::HandlerResponse ApiServer::on_http_error(const httplib::Request
   } else if (response.status == 404) {
     send_error(response, not_found(fmt::format("{} {}: no such endpoint", request.method, request.path)));
   } else if (response.status == 413) {
-    send_error(response, ApiError(413, "invalid_request_error",
-                                  fmt::format("request body is larger than the limit of {} bytes", options_.max_body_bytes),
-                                  {}, "request_too_large"));
+    send_error(response, ApiError(413, "invalid_request_error", too_large_message(request, options_.max_body_bytes), {},
+                                  "request_too_large"));
   } else {
     send_error(response, ApiError(response.status, "invalid_request_error", "malformed HTTP request"));
   }

@@ -15,6 +15,7 @@
 #include "inflight.h"
 #include "metrics.h"
 #include "model_service.h"
+#include "openai_json.h"
 #include "openai_request.h"
 
 namespace m1::server {

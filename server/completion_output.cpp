@@ -23,7 +23,7 @@ ordered_json logprobs_json(ApiKind kind, bool wanted, std::span<const ReportedTo
 template <class Choice>
 std::vector<Choice> choices_for(const CompletionJob& job) {
   std::vector<Choice> choices;
-  for (int i = 0; i < job.generation.n; ++i) choices.push_back(Choice{ChoiceOutput(job)});
+  for (int i = 0; i < job.generation.n; ++i) choices.emplace_back(ChoiceOutput(job));
   return choices;
 }
 

@@ -22,6 +22,7 @@ class ResponseCollector {
 
  private:
   struct Choice {
+    explicit Choice(ChoiceOutput output) : output(std::move(output)) {}
     ChoiceOutput output;
     ChoiceDelta whole;
   };
@@ -43,6 +44,7 @@ class ChunkStreamer {
 
  private:
   struct Choice {
+    explicit Choice(ChoiceOutput output) : output(std::move(output)) {}
     ChoiceOutput output;
     std::vector<ReportedToken> unsent;  // tokens whose text is still held back
     size_t calls_sent = 0;

@@ -8,6 +8,7 @@
 
 #include <httplib.h>
 
+#include "api_error.h"
 #include "completion_output.h"
 #include "inflight.h"
 #include "m1/engine.h"

@@ -167,16 +167,33 @@ TEST(AttentionTest, RopeRotatesPairsAndKeepsTheRest) {
   }
 }
 
-TEST(AttentionTest, HeadMatchesReference) {
-  for (auto [count, pos0, d] : {std::tuple{1, 0, 8}, {1, 37, 16}, {5, 0, 24}, {17, 3, 16}, {64, 100, 32}}) {
-    const int64_t total = pos0 + count, kv_stride = 2 * d + 3;
-    std::vector<float> q = random_floats(size_t(count * d)), kv = random_floats(size_t(total * kv_stride));
-    std::vector<float> fast(size_t(count * d)), ref(size_t(count * d)), scratch;
-    AttentionHead h{q.data(), d, kv.data(), kv.data() + d, kv_stride, fast.data(), d, count, pos0, d};
-    attention_head(h, scratch);
-    h.out = ref.data();
-    attention_head_reference(h);
-    EXPECT_LE(relative_error(fast, ref), 1e-5) << count << " queries at " << pos0;
+TEST(AttentionTest, GroupMatchesReference) {
+  // (query rows, position of the first, head dim, query heads per KV head)
+  for (auto [count, pos0, d, heads] : {std::tuple{1, 0, 8, 1}, {1, 37, 16, 4}, {5, 0, 24, 3}, {17, 3, 16, 2},
+                                       {16, 100, 32, 4}, {1, 200, 128, 8}}) {
+    const int64_t total = pos0 + count, kv_stride = 2 * d + 3, q_stride = heads * d + 5;
+    std::vector<float> q = random_floats(size_t(count * q_stride)), kv = random_floats(size_t(total * kv_stride), 2.0f);
+    std::vector<float> fast(size_t(count * q_stride)), ref(size_t(count * q_stride));
+    AttentionScratch scratch;
+    AttentionGroup g{q.data(), q_stride, heads, kv.data(), kv.data() + d, kv_stride, fast.data(), q_stride, count, pos0, d};
+    attention_group(g, scratch);
+    g.out = ref.data();
+    attention_group_reference(g);
+    EXPECT_LE(relative_error(fast, ref), 1e-5) << count << " queries at " << pos0 << ", " << heads << " heads";
+  }
+}
+
+// A query row gets the same bits alone or in a block, as in prefill versus decode.
+TEST(AttentionTest, RowResultDoesNotDependOnItsBlock) {
+  const int64_t count = 9, pos0 = 70, d = 16, heads = 2, total = pos0 + count, stride = heads * d;
+  std::vector<float> q = random_floats(size_t(count * stride)), kv = random_floats(size_t(total * 2 * d));
+  std::vector<float> block(size_t(count * stride)), single(static_cast<size_t>(stride));
+  AttentionScratch scratch;
+  attention_group({q.data(), stride, heads, kv.data(), kv.data() + d, 2 * d, block.data(), stride, count, pos0, d}, scratch);
+  for (int64_t i = 0; i < count; ++i) {
+    attention_group({q.data() + i * stride, stride, heads, kv.data(), kv.data() + d, 2 * d, single.data(), stride, 1,
+                     pos0 + i, d}, scratch);
+    EXPECT_TRUE(std::equal(single.begin(), single.end(), block.begin() + i * stride)) << "row " << i;
   }
 }
 

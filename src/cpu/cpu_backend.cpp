@@ -164,26 +164,27 @@ void CpuBackend::softmax_attention(Mat q, Mat k, const Mat& v, std::span<const S
       std::memcpy(state.values(layer) + (pos0 + i) * kv_width, v.data + (seg.row + i) * v.cols, size_t(kv_width) * sizeof(float));
     }
   }
-  // One task per (segment, head, block of queries).
+  // One task per (segment, key/value head, block of queries): each task reads the cache once for
+  // every query head of its group.
   constexpr int64_t kQueriesPerTask = 16;
-  std::vector<std::pair<size_t, int64_t>> tasks;  // (segment, first query)
+  attention_tasks_.clear();
   for (size_t s = 0; s < segments.size(); ++s)
-    for (int64_t i = 0; i < segments[s].count; i += kQueriesPerTask) tasks.emplace_back(s, i);
-  pool_.parallel_for(int64_t(tasks.size()) * p.heads, [&](int64_t task) {
-    const auto [s, first] = tasks[size_t(task / p.heads)];
-    const int64_t head = task % p.heads, kv_head = head / group;
+    for (int64_t i = 0; i < segments[s].count; i += kQueriesPerTask) attention_tasks_.emplace_back(s, i);
+  pool_.parallel_for(int64_t(attention_tasks_.size()) * p.kv_heads, [&](int64_t task) {
+    const auto [s, first] = attention_tasks_[size_t(task / p.kv_heads)];
+    const int64_t kv_head = task % p.kv_heads;
     const Segment& seg = segments[s];
     CpuState& state = cpu_state(seg.state);
-    const int64_t row = seg.row + first;
-    AttentionHead h{q.data + row * q.cols + head * d, q.cols,
-                    state.keys(layer) + kv_head * d, state.values(layer) + kv_head * d, kv_width,
-                    out.data + row * out.cols + head * d, out.cols,
-                    std::min(kQueriesPerTask, seg.count - first), state.length() + first, d};
+    const int64_t row = seg.row + first, head = kv_head * group;
+    AttentionGroup g{q.data + row * q.cols + head * d, q.cols, group,
+                     state.keys(layer) + kv_head * d, state.values(layer) + kv_head * d, kv_width,
+                     out.data + row * out.cols + head * d, out.cols,
+                     std::min(kQueriesPerTask, seg.count - first), state.length() + first, d};
     if (reference_) {
-      attention_head_reference(h);
+      attention_group_reference(g);
     } else {
-      thread_local std::vector<float> scores;
-      attention_head(h, scores);
+      thread_local AttentionScratch scratch;
+      attention_group(g, scratch);
     }
   });
 }

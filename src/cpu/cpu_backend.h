@@ -5,6 +5,9 @@
 #include "cpu/matmul.h"
 #include "cpu/moe.h"
 #include "cpu/threadpool.h"
+
+#include <utility>
+#include <vector>
 #include "m1/backend.h"
 
 namespace m1::cpu {
@@ -47,6 +50,7 @@ class CpuBackend final : public Backend {
   Precision precision_;
   bool reference_;
   MoeScratch moe_scratch_;
+  std::vector<std::pair<size_t, int64_t>> attention_tasks_;  // (segment, first query row)
 };
 
 }  // namespace m1::cpu

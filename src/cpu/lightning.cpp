@@ -4,21 +4,25 @@
 #include <cmath>
 #include <vector>
 
+#include "cpu/vectorize.h"
+
 namespace m1::cpu {
 namespace {
 
-float dot(const float* a, const float* b, int64_t n) {
+M1_INLINE float dot(const float* a, const float* b, int64_t n) {
   float s = 0;
+#pragma omp simd reduction(+ : s)
   for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
   return s;
 }
 
-void axpy(float alpha, const float* x, float* y, int64_t n) {
+M1_INLINE void axpy(float alpha, const float* x, float* y, int64_t n) {
+#pragma omp simd
   for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
 }
 
 // One block of `n` tokens starting at token `t0`; decay[m] = exp(-s m) for m in [0, n].
-void lightning_block(const LightningHead& h, int64_t t0, int64_t n, const std::vector<float>& decay,
+M1_INLINE void lightning_block(const LightningHead& h, int64_t t0, int64_t n, const std::vector<float>& decay,
                      std::vector<float>& weights) {
   const int64_t d = h.d;
   weights.resize(size_t(n));
@@ -47,14 +51,15 @@ void lightning_block(const LightningHead& h, int64_t t0, int64_t n, const std::v
 
 }  // namespace
 
-void lightning_chunked(const LightningHead& h, int64_t block) {
-  std::vector<float> decay(size_t(block + 1)), weights;
+M1_VECTOR_CLONES void lightning_chunked(const LightningHead& h, int64_t block) {
+  thread_local std::vector<float> decay, weights;  // no allocation per call once warm
+  decay.resize(size_t(block + 1));
   for (int64_t m = 0; m <= block; ++m) decay[size_t(m)] = std::exp(-h.decay * float(m));
   for (int64_t t0 = 0; t0 < h.count; t0 += block)
     lightning_block(h, t0, std::min(block, h.count - t0), decay, weights);
 }
 
-void lightning_decode_token(const LightningHead& h) {
+M1_VECTOR_CLONES void lightning_decode_token(const LightningHead& h) {
   const int64_t d = h.d;
   const float decay = std::exp(-h.decay);
   float* o = h.out;
@@ -62,6 +67,7 @@ void lightning_decode_token(const LightningHead& h) {
   for (int64_t a = 0; a < d; ++a) {
     float* row = h.state + a * d;
     const float ka = h.k[a], qa = h.q[a];
+#pragma omp simd
     for (int64_t c = 0; c < d; ++c) {
       row[c] = decay * row[c] + ka * h.v[c];
       o[c] += qa * row[c];

@@ -218,86 +218,133 @@ struct TileTable {
 template <DType T, bool Bf16>
 constexpr TileTable<T, Bf16> kTiles{};
 
-constexpr int64_t kBlockRows = 64;  // x rows per task
-// Weight rows per task: a block converted to fp32 (rows x k floats) should stay within L2.
+constexpr int64_t kBlockRows = 64;      // x rows per prefill task
+constexpr int64_t kMatvecOutputs = 64;  // weight rows per decode task
+// Weight rows per prefill task: a block widened to fp32 (rows x k floats) should stay within L2.
 int64_t block_outputs(int64_t k) { return std::clamp<int64_t>((256 << 10) / (k * 4) / 4 * 4, 4, 64); }
 
+// One product of a batch, with x as the kernels read it (fp32, or rounded to bf16).
+struct Product {
+  const void* x;
+  int64_t rows;
+  Weight w;
+  Mat out;
+  bool bf16;
+
+  int64_t row_blocks() const { return (rows + kBlockRows - 1) / kBlockRows; }
+  int64_t tasks() const {
+    if (rows == 1) return (w.rows + kMatvecOutputs - 1) / kMatvecOutputs;
+    return row_blocks() * ((w.rows + block_outputs(w.cols) - 1) / block_outputs(w.cols));
+  }
+};
+
 template <DType T>
-thread_local std::vector<float> converted;  // a weight block widened to fp32, reused
+thread_local std::vector<float> widened;  // a weight block converted to fp32, reused
 
-// Decode: one row of x against every weight row, each row streamed alone (several interleaved
-// row streams reach only about half the memory bandwidth).
+// Decode: one row of x against a block of weight rows, each row streamed alone (several
+// interleaved row streams reach only about half the memory bandwidth).
 template <DType T, bool Bf16>
-void matvec(ThreadPool& pool, const void* x, const Weight& w, float* out) {
-  constexpr int64_t kRowsPerTask = 64;
-  pool.parallel_for((w.rows + kRowsPerTask - 1) / kRowsPerTask, [&](int64_t task) {
-    for (int64_t j = task * kRowsPerTask, end = std::min(w.rows, j + kRowsPerTask); j < end; ++j)
-      kTiles<T, Bf16>.kernels[0][0](Tile{x, w.cols, weight_at<T>(w.data, j * w.cols), w.cols, w.cols, out + j, 1});
-  });
+void matvec_task(const Product& p, int64_t task) {
+  const Weight& w = p.w;
+  for (int64_t j = task * kMatvecOutputs, end = std::min(w.rows, j + kMatvecOutputs); j < end; ++j)
+    kTiles<T, Bf16>.kernels[0][0](Tile{p.x, w.cols, weight_at<T>(w.data, j * w.cols), w.cols, w.cols, p.out.data + j, 1});
 }
 
-// Prefill: register tiles over blocks of rows. The fp32 path first widens each weight block
-// (exact, so the sums are unchanged) to spare every tile the conversion.
+// Prefill: register tiles over a block of x rows and a block of weight rows. The fp32 path first
+// widens the weight block (exact, so the sums are unchanged) to spare every tile the conversion.
 template <DType T, bool Bf16>
-void matmul_blocked(ThreadPool& pool, const void* x, int64_t rows, const Weight& w, Mat out) {
+void blocked_task(const Product& p, int64_t task) {
+  const Weight& w = p.w;
   const int64_t max_r = Bf16 || kIsa == Isa::kAvx512 ? 4 : 2, outputs = block_outputs(w.cols);
-  const int64_t row_blocks = (rows + kBlockRows - 1) / kBlockRows;
-  const int64_t out_blocks = (w.rows + outputs - 1) / outputs;
+  const int64_t i0 = (task % p.row_blocks()) * kBlockRows, j0 = (task / p.row_blocks()) * outputs;
+  const int64_t i1 = std::min(p.rows, i0 + kBlockRows), j1 = std::min(w.rows, j0 + outputs);
   constexpr bool widen = !Bf16 && T != DType::kF32;
-  pool.parallel_for(row_blocks * out_blocks, [&](int64_t task) {
-    const int64_t i0 = (task % row_blocks) * kBlockRows, j0 = (task / row_blocks) * outputs;
-    const int64_t i1 = std::min(rows, i0 + kBlockRows), j1 = std::min(w.rows, j0 + outputs);
-    const void* block = weight_at<T>(w.data, j0 * w.cols);
-    if constexpr (widen) {
-      std::vector<float>& f = converted<T>;
-      f.resize(size_t((j1 - j0) * w.cols));
-      for (size_t i = 0; i < f.size(); ++i) f[i] = load_as_f32(block, T, i);
-      block = f.data();
+  constexpr DType kBlockType = widen ? DType::kF32 : T;
+  const void* block = weight_at<T>(w.data, j0 * w.cols);
+  if constexpr (widen) {
+    std::vector<float>& f = widened<T>;
+    f.resize(size_t((j1 - j0) * w.cols));
+    for (size_t i = 0; i < f.size(); ++i) f[i] = load_as_f32(block, T, i);
+    block = f.data();
+  }
+  const size_t x_size = Bf16 ? sizeof(uint16_t) : sizeof(float);
+  for (int64_t j = j0; j < j1; j += 4) {
+    const int64_t c = std::min<int64_t>(4, j1 - j);
+    for (int64_t i = i0; i < i1; i += max_r) {
+      const int64_t r = std::min(max_r, i1 - i);
+      const void* xi = static_cast<const char*>(p.x) + size_t(i * w.cols) * x_size;
+      Tile t{xi, w.cols, weight_at<kBlockType>(block, (j - j0) * w.cols), w.cols, w.cols, p.out.data + i * p.out.cols + j,
+             p.out.cols};
+      kTiles<kBlockType, Bf16>.kernels[r - 1][c - 1](t);
     }
-    constexpr DType kBlockType = widen ? DType::kF32 : T;
-    for (int64_t j = j0; j < j1; j += 4) {
-      const int64_t c = std::min<int64_t>(4, j1 - j);
-      for (int64_t i = i0; i < i1; i += max_r) {
-        const int64_t r = std::min(max_r, i1 - i);
-        const void* xi = Bf16 ? static_cast<const void*>(at<uint16_t>(x, i * w.cols)) : at<float>(x, i * w.cols);
-        Tile t{xi, w.cols, weight_at<kBlockType>(block, (j - j0) * w.cols), w.cols, w.cols, out.data + i * out.cols + j, out.cols};
-        kTiles<kBlockType, Bf16>.kernels[r - 1][c - 1](t);
-      }
-    }
-  });
+  }
 }
 
 template <DType T, bool Bf16>
-void matmul_typed(ThreadPool& pool, const void* x, int64_t rows, const Weight& w, Mat out) {
-  if (rows == 1)
-    matvec<T, Bf16>(pool, x, w, out.data);
+void product_task(const Product& p, int64_t task) {
+  if (p.rows == 1)
+    matvec_task<T, Bf16>(p, task);
   else
-    matmul_blocked<T, Bf16>(pool, x, rows, w, out);
+    blocked_task<T, Bf16>(p, task);
 }
 
-thread_local std::vector<uint16_t> rounded_x;  // activations rounded to bf16 for one product
+void run_task(const Product& p, int64_t task) {
+  if (p.bf16) return product_task<DType::kBF16, true>(p, task);
+  switch (p.w.dtype) {
+    case DType::kF32: return product_task<DType::kF32, false>(p, task);
+    case DType::kF16: return product_task<DType::kF16, false>(p, task);
+    case DType::kBF16: return product_task<DType::kBF16, false>(p, task);
+  }
+}
 
-void round_rows_to_bf16(ThreadPool& pool, const Mat& x) {
-  rounded_x.resize(size_t(x.size()));
-  uint16_t* dst = rounded_x.data();
-  pool.parallel_for((x.rows + 15) / 16, [&](int64_t task) {
-    for (int64_t i = task * 16 * x.cols, end = std::min(x.rows, task * 16 + 16) * x.cols; i < end; ++i)
-      dst[i] = f32_to_bf16(x.data[i]);
+// Per calling thread: the batch being run, and its activations rounded to bf16.
+thread_local std::vector<Product> products;
+thread_local std::vector<int64_t> first_task;
+thread_local std::vector<uint16_t> rounded;
+
+bool uses_bf16(const Weight& w, Operands operands) {
+  return operands == Operands::kBf16 && kBf16Dot && w.dtype == DType::kBF16;
+}
+
+void round_to_bf16(ThreadPool& pool, const float* x, int64_t n, uint16_t* dst) {
+  constexpr int64_t kPerTask = 1 << 14;
+  pool.parallel_for((n + kPerTask - 1) / kPerTask, [&](int64_t task) {
+    for (int64_t i = task * kPerTask, end = std::min(n, i + kPerTask); i < end; ++i) dst[i] = f32_to_bf16(x[i]);
   });
 }
 
 }  // namespace
 
+void matmul_batch(ThreadPool& pool, std::span<const MatmulJob> jobs, Operands operands) {
+  size_t rounded_size = 0;
+  for (const MatmulJob& j : jobs)
+    if (uses_bf16(j.w, operands)) rounded_size += size_t(j.x.size());
+  rounded.resize(rounded_size);
+  products.clear();
+  first_task.assign(1, 0);
+  size_t offset = 0;
+  for (const MatmulJob& j : jobs) {
+    const bool bf16 = uses_bf16(j.w, operands);
+    const void* x = j.x.data;
+    if (bf16) {
+      round_to_bf16(pool, j.x.data, j.x.size(), rounded.data() + offset);
+      x = rounded.data() + offset;
+      offset += size_t(j.x.size());
+    }
+    products.push_back(Product{x, j.x.rows, j.w, j.out, bf16});
+    first_task.push_back(first_task.back() + products.back().tasks());
+  }
+  const std::vector<Product>& batch = products;
+  const std::vector<int64_t>& first = first_task;
+  pool.parallel_for(first.back(), [&](int64_t task) {
+    const size_t p = size_t(std::upper_bound(first.begin(), first.end(), task) - first.begin() - 1);
+    run_task(batch[p], task - first[p]);
+  });
+}
+
 void matmul(ThreadPool& pool, const Mat& x, const Weight& w, Mat out, Operands operands) {
-  if (operands == Operands::kBf16 && kBf16Dot && w.dtype == DType::kBF16) {
-    round_rows_to_bf16(pool, x);
-    return matmul_typed<DType::kBF16, true>(pool, rounded_x.data(), x.rows, w, out);
-  }
-  switch (w.dtype) {
-    case DType::kF32: return matmul_typed<DType::kF32, false>(pool, x.data, x.rows, w, out);
-    case DType::kF16: return matmul_typed<DType::kF16, false>(pool, x.data, x.rows, w, out);
-    case DType::kBF16: return matmul_typed<DType::kBF16, false>(pool, x.data, x.rows, w, out);
-  }
+  const MatmulJob job{x, w, out};
+  matmul_batch(pool, {&job, 1}, operands);
 }
 
 void matmul_reference(const Mat& x, const Weight& w, Mat out, Operands operands) {

@@ -3,6 +3,8 @@
 // accumulated in fp32. Every output element is summed in the same order whatever the number of
 // rows or the tile it falls in, so a row's result never depends on the rows beside it.
 
+#include <span>
+
 #include "cpu/threadpool.h"
 #include "m1/backend.h"
 
@@ -14,6 +16,15 @@ namespace m1::cpu {
 enum class Operands { kFp32, kBf16 };
 
 void matmul(ThreadPool& pool, const Mat& x, const Weight& w, Mat out, Operands operands = Operands::kFp32);
+
+// Several independent products in one parallel loop (e.g. every expert's gate and up
+// projections), so small ones share the threads instead of running one after another.
+struct MatmulJob {
+  Mat x;
+  Weight w;
+  Mat out;
+};
+void matmul_batch(ThreadPool& pool, std::span<const MatmulJob> jobs, Operands operands);
 
 // The oracle: one thread, double accumulation, with the same operand rounding as `operands` asks.
 void matmul_reference(const Mat& x, const Weight& w, Mat out, Operands operands = Operands::kFp32);

@@ -30,56 +30,72 @@ namespace {
 
 float silu(float v) { return v / (1.0f + std::exp(-v)); }
 
-// Groups (token, rank) slots by expert: slots of expert e are rows_of_expert[begin[e], begin[e+1]).
+// Orders the (token, rank) slots by expert: position p of the grouped rows holds slot
+// slot_at[p], and expert e owns positions [begin[e], begin[e + 1]).
 void group_by_expert(const std::vector<int32_t>& chosen, int64_t experts, MoeScratch& s) {
   s.expert_begin.assign(size_t(experts + 1), 0);
   for (int32_t e : chosen) ++s.expert_begin[size_t(e + 1)];
   std::partial_sum(s.expert_begin.begin(), s.expert_begin.end(), s.expert_begin.begin());
-  s.rows_of_expert.resize(chosen.size());
-  std::vector<int64_t> fill(s.expert_begin.begin(), s.expert_begin.end() - 1);
-  for (size_t slot = 0; slot < chosen.size(); ++slot) s.rows_of_expert[size_t(fill[size_t(chosen[slot])]++)] = int64_t(slot);
+  s.slot_at.resize(chosen.size());
+  s.position_of.resize(chosen.size());
+  s.fill.assign(s.expert_begin.begin(), s.expert_begin.end() - 1);
+  for (size_t slot = 0; slot < chosen.size(); ++slot) {
+    const int64_t p = s.fill[size_t(chosen[slot])]++;
+    s.slot_at[size_t(p)] = int64_t(slot);
+    s.position_of[slot] = p;
+  }
 }
 
 }  // namespace
 
 void moe(ThreadPool& pool, const Mat& x, const MoeWeights& w, Mat out, Operands operands, MoeScratch& s) {
   const int64_t n = x.rows, hidden = x.cols, experts = w.router.rows, k = w.top_k, ffn = w.w1[0].rows;
+  const int64_t slots = n * k;
   s.logits.resize(size_t(n * experts));
-  matmul(pool, x, w.router, Mat{s.logits.data(), n, experts});
-  s.chosen.resize(size_t(n * k));
-  s.weights.resize(size_t(n * k));
+  matmul(pool, x, w.router, Mat{s.logits.data(), n, experts});  // routing stays fp32
+  s.chosen.resize(size_t(slots));
+  s.weights.resize(size_t(slots));
   route(s.logits.data(), n, experts, k, s.chosen.data(), s.weights.data());
   group_by_expert(s.chosen, experts, s);
 
-  s.partial.resize(size_t(n * k * hidden));  // each (token, rank) expert output
+  s.gathered.resize(size_t(slots * hidden));
+  s.gate.resize(size_t(slots * ffn));
+  s.up.resize(size_t(slots * ffn));
+  s.down.resize(size_t(slots * hidden));
+  for (int64_t p = 0; p < slots; ++p)
+    std::copy_n(x.data + (s.slot_at[size_t(p)] / k) * hidden, hidden, s.gathered.data() + p * hidden);
+  // Every expert's gate and up products in one loop, then every down product in another.
+  s.jobs.clear();
   for (int64_t e = 0; e < experts; ++e) {
     const int64_t begin = s.expert_begin[size_t(e)], m = s.expert_begin[size_t(e + 1)] - begin;
     if (m == 0) continue;
-    s.gathered.resize(size_t(m * hidden));
-    for (int64_t i = 0; i < m; ++i) {
-      const int64_t token = s.rows_of_expert[size_t(begin + i)] / k;
-      std::copy_n(x.data + token * hidden, hidden, s.gathered.data() + i * hidden);
-    }
-    s.gate.resize(size_t(m * ffn));
-    s.up.resize(size_t(m * ffn));
-    s.down.resize(size_t(m * hidden));
-    Mat xs{s.gathered.data(), m, hidden}, gate{s.gate.data(), m, ffn}, up{s.up.data(), m, ffn};
-    matmul(pool, xs, w.w1[size_t(e)], gate, operands);
-    matmul(pool, xs, w.w3[size_t(e)], up, operands);
-    for (int64_t i = 0; i < m * ffn; ++i) s.gate[size_t(i)] = silu(s.gate[size_t(i)]) * s.up[size_t(i)];
-    matmul(pool, gate, w.w2[size_t(e)], Mat{s.down.data(), m, hidden}, operands);
-    for (int64_t i = 0; i < m; ++i)
-      std::copy_n(s.down.data() + i * hidden, hidden, s.partial.data() + s.rows_of_expert[size_t(begin + i)] * hidden);
+    const Mat xs{s.gathered.data() + begin * hidden, m, hidden};
+    s.jobs.push_back({xs, w.w1[size_t(e)], Mat{s.gate.data() + begin * ffn, m, ffn}});
+    s.jobs.push_back({xs, w.w3[size_t(e)], Mat{s.up.data() + begin * ffn, m, ffn}});
   }
-  for (int64_t t = 0; t < n; ++t) {
+  matmul_batch(pool, s.jobs, operands);
+  pool.parallel_for(slots, [&](int64_t p) {
+    float* g = s.gate.data() + p * ffn;
+    const float* u = s.up.data() + p * ffn;
+    for (int64_t i = 0; i < ffn; ++i) g[i] = silu(g[i]) * u[i];
+  });
+  s.jobs.clear();
+  for (int64_t e = 0; e < experts; ++e) {
+    const int64_t begin = s.expert_begin[size_t(e)], m = s.expert_begin[size_t(e + 1)] - begin;
+    if (m == 0) continue;
+    s.jobs.push_back({Mat{s.gate.data() + begin * ffn, m, ffn}, w.w2[size_t(e)], Mat{s.down.data() + begin * hidden, m, hidden}});
+  }
+  matmul_batch(pool, s.jobs, operands);
+  // Weighted sum in rank order, whatever order the experts ran in.
+  pool.parallel_for(n, [&](int64_t t) {
     float* o = out.data + t * out.cols;
     std::fill(o, o + hidden, 0.0f);
     for (int64_t r = 0; r < k; ++r) {
       const float weight = s.weights[size_t(t * k + r)];
-      const float* y = s.partial.data() + (t * k + r) * hidden;
+      const float* y = s.down.data() + s.position_of[size_t(t * k + r)] * hidden;
       for (int64_t c = 0; c < hidden; ++c) o[c] += weight * y[c];
     }
-  }
+  });
 }
 
 void moe_reference(const Mat& x, const MoeWeights& w, Mat out, Operands operands) {

@@ -17,10 +17,10 @@ void route(const float* logits, int64_t n, int64_t experts, int64_t top_k, int32
 
 // Buffers reused across steps so the step loop does not allocate once warm.
 struct MoeScratch {
-  std::vector<float> logits, weights, gathered, gate, up, down, partial;
-  std::vector<int32_t> chosen;
-  std::vector<int64_t> rows_of_expert;  // (token * top_k + rank) entries grouped by expert
-  std::vector<int64_t> expert_begin;
+  std::vector<float> logits, weights, gathered, gate, up, down;
+  std::vector<int32_t> chosen;  // per (token * top_k + rank) slot
+  std::vector<int64_t> expert_begin, slot_at, position_of, fill;
+  std::vector<MatmulJob> jobs;
 };
 
 // Tokens are grouped by expert so each expert's weights stream once per step. Routing is always

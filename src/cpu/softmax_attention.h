@@ -14,22 +14,30 @@ namespace m1::cpu {
 void apply_rope(float* x, int64_t rows, int64_t stride, int64_t heads, int64_t d, int64_t rotary_dim,
                 double theta, int64_t pos0);
 
-// One query head of one sequence: `count` query rows at positions pos0.. attend to cache rows
-// [0, pos0 + i] of their key/value head.
-struct AttentionHead {
-  const float* q;
+// The query heads that share one key/value head (grouped-query attention), for `count` query
+// rows of one sequence at positions pos0..: row i attends to cache rows [0, pos0 + i].
+struct AttentionGroup {
+  const float* q;      // row i, head h of the group at q + i * q_stride + h * d
   int64_t q_stride;
-  const float* keys;  // cache row t of this head's keys at keys + t * kv_stride
+  int64_t heads;       // query heads in the group
+  const float* keys;   // cache row t of the group's keys at keys + t * kv_stride
   const float* values;
   int64_t kv_stride;
-  float* out;
+  float* out;          // laid out like q
   int64_t out_stride;
   int64_t count, pos0, d;
 };
 
-// scratch: reused scores buffer.
-void attention_head(const AttentionHead& h, std::vector<float>& scratch);
-// The oracle: double accumulation, plain two-pass softmax.
-void attention_head_reference(const AttentionHead& h);
+// Reused buffers of one thread.
+struct AttentionScratch {
+  std::vector<float> scores, acc, max, sum;
+};
+
+// Online softmax over tiles of keys at fixed absolute positions: each key tile is read once for
+// all rows and heads of the group, and a row's result does not depend on how the prompt was
+// chunked or which rows share its block.
+void attention_group(const AttentionGroup& g, AttentionScratch& scratch);
+// The oracle: double accumulation, plain two-pass softmax, head by head.
+void attention_group_reference(const AttentionGroup& g);
 
 }  // namespace m1::cpu

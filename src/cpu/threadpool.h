@@ -1,6 +1,7 @@
 #pragma once
 // A persistent pool of worker threads for data-parallel loops: the caller runs tasks too, and
-// tasks are handed out one index at a time so uneven tasks still balance.
+// tasks are handed out one index at a time so uneven tasks still balance. Workers spin briefly
+// between loops before sleeping, since a decode step runs hundreds of short loops back to back.
 
 #include <atomic>
 #include <condition_variable>
@@ -39,13 +40,16 @@ class ThreadPool {
   void run(int64_t tasks, TaskFn fn, void* ctx);
   void work_on_current_job();
   void worker_loop();
+  // Waits until `generation_` differs from `seen` (or the pool stops): spinning, then sleeping.
+  bool wait_for_job(uint64_t seen);
 
   std::vector<std::thread> workers_;
-  std::mutex mutex_;
-  std::condition_variable wake_, done_;
-  uint64_t generation_ = 0;
-  bool stopping_ = false;
-  int busy_workers_ = 0;
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<bool> stopping_{false};
+  std::atomic<int> busy_workers_{0};
+  std::atomic<int> sleepers_{0};
+  std::mutex sleep_mutex_;
+  std::condition_variable wake_;
 
   TaskFn fn_ = nullptr;
   void* ctx_ = nullptr;

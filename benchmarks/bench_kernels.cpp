@@ -1,0 +1,271 @@
+// Microbenchmarks of the CPU kernels at the `bench` preset's shapes (hidden 1024, 8 heads of 128,
+// 2 KV heads, 8 experts top-2 of width 1536, vocabulary 200064), BF16 weights. Each reports
+// FLOP/s and B/s of the bytes a call must touch, counting the arithmetic of the algorithm the
+// kernel runs; the naive references run beside them (tagged _reference) where they are cheap
+// enough, so the speedup shows in the times. Matrices of a few MB stay in the caches across
+// iterations; the 410 MB LM head shows the rate at which weights stream from memory.
+//   bench_kernels [--threads=N] [Google Benchmark flags]
+// This is the only benchmark that reaches the CPU backend's internal headers.
+
+#include <benchmark/benchmark.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <tuple>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "cpu/lightning.h"
+#include "cpu/matmul.h"
+#include "cpu/moe.h"
+#include "cpu/softmax_attention.h"
+#include "cpu/threadpool.h"
+#include "m1/dtype.h"
+
+namespace m1::cpu {
+namespace {
+
+constexpr int64_t kHidden = 1024, kHeads = 8, kHeadDim = 128, kKvHeads = 2, kRotaryDim = 64;
+constexpr int64_t kExperts = 8, kTopK = 2, kFfn = 1536, kVocab = 200064;
+constexpr int64_t kPrefillRows = 512, kLightningTokens = 4096, kDecodeDepth = 4096;
+constexpr float kDecay = 0.01f;  // a slow head: the state stays bounded over many iterations
+constexpr double kRopeTheta = 1e7;
+
+int g_threads = 0;  // --threads; 0: one per core
+
+ThreadPool& pool() {
+  static ThreadPool p(g_threads);
+  return p;
+}
+
+// Uniform in [-scale, scale) from a fast generator: filling the 200k-row LM head with
+// std::normal_distribution would take longer than benchmarking it. Timings ignore the distribution.
+std::vector<float> random_floats(size_t n, float scale) {
+  uint64_t s = 0x9e3779b97f4a7c15ull ^ n;
+  std::vector<float> v(n);
+  for (float& x : v) {
+    s ^= s << 13;
+    s ^= s >> 7;
+    s ^= s << 17;
+    x = scale * (float(s >> 40) / float(1 << 23) - 1.0f);
+  }
+  return v;
+}
+
+// BF16 weight matrix number `index` of shape [rows, cols], built once and kept for every
+// benchmark using it. Distinct indices are distinct memory, as distinct experts are.
+const Weight& bf16_weight(int64_t rows, int64_t cols, int64_t index = 0) {
+  static std::map<std::tuple<int64_t, int64_t, int64_t>, std::pair<std::vector<uint16_t>, Weight>> cache;
+  auto [it, inserted] = cache.try_emplace({rows, cols, index});
+  if (inserted) {
+    auto& [bits, weight] = it->second;
+    const std::vector<float> values = random_floats(size_t(rows * cols), 1.0f / 32);
+    bits.resize(values.size());
+    for (size_t i = 0; i < values.size(); ++i) bits[i] = f32_to_bf16(values[i]);
+    weight = Weight{bits.data(), DType::kBF16, rows, cols};
+  }
+  return it->second.second;
+}
+
+double weight_bytes(const Weight& w) { return double(w.rows * w.cols) * double(dtype_size(w.dtype)); }
+
+void report(benchmark::State& state, double flops, double bytes) {
+  state.counters["FLOP/s"] = benchmark::Counter(flops, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["B/s"] = benchmark::Counter(bytes, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+const char* operands_name(Operands operands) { return operands == Operands::kBf16 ? "bf16" : "fp32"; }
+
+void bm_matmul(benchmark::State& state, int64_t rows, int64_t out_features, int64_t in_features, Operands operands,
+               bool reference) {
+  const Weight& w = bf16_weight(out_features, in_features);
+  std::vector<float> x = random_floats(size_t(rows * in_features), 1.0f), out(size_t(rows * out_features));
+  const Mat xm{x.data(), rows, in_features}, om{out.data(), rows, out_features};
+  for (auto _ : state) {
+    if (reference)
+      matmul_reference(xm, w, om, operands);
+    else
+      matmul(pool(), xm, w, om, operands);
+    benchmark::DoNotOptimize(out.data());
+  }
+  report(state, 2.0 * double(rows * out_features * in_features), weight_bytes(w) + 4.0 * double(x.size() + out.size()));
+}
+
+// One head's q, k, v interleaved per token as in the model's qkv activations, and its output.
+struct LightningInputs {
+  std::vector<float> qkv, out, state;
+  LightningInputs(int64_t tokens, int64_t d)
+      : qkv(random_floats(size_t(tokens * 3 * d), 0.1f)), out(size_t(tokens * d)), state(size_t(d * d), 0.0f) {}
+  LightningHead head(int64_t tokens, int64_t d) {
+    return {qkv.data(), qkv.data() + d, qkv.data() + 2 * d, 3 * d, out.data(), d, tokens, d, kDecay, state.data()};
+  }
+};
+
+// Bytes of one lightning call: q, k, v and out of every token, and the state read and written.
+double lightning_bytes(int64_t tokens, int64_t d) { return 4.0 * double(4 * tokens * d + 2 * d * d); }
+
+void bm_lightning_prefill(benchmark::State& state, bool reference) {
+  const int64_t n = kLightningTokens, d = kHeadDim, b = kLightningBlock;
+  LightningInputs in(n, d);
+  const LightningHead h = in.head(n, d);
+  for (auto _ : state) {
+    if (reference)
+      lightning_reference(h);
+    else
+      lightning_chunked(h, b);
+    benchmark::DoNotOptimize(in.out.data());
+  }
+  // Chunked: per token 4Bd for the masked block products and 4d^2 against the state;
+  // recurrent: 4d^2 per token.
+  const double per_token = reference ? 4.0 * double(d * d) : 4.0 * double(b * d + d * d);
+  report(state, per_token * double(n), lightning_bytes(n, d));
+}
+
+void bm_lightning_decode(benchmark::State& state, bool reference) {
+  const int64_t d = kHeadDim;
+  LightningInputs in(1, d);
+  const LightningHead h = in.head(1, d);
+  for (auto _ : state) {
+    if (reference)
+      lightning_reference(h);
+    else
+      lightning_decode_token(h);
+    benchmark::DoNotOptimize(in.state.data());
+  }
+  report(state, 4.0 * double(d * d), lightning_bytes(1, d));
+}
+
+// The query heads sharing one KV head, `count` queries after `pos0` cached tokens; keys and values
+// interleaved per cache row as one KV head's slice of the cache.
+void bm_attention(benchmark::State& state, int64_t count, int64_t pos0, bool reference) {
+  const int64_t d = kHeadDim, heads = kHeads / kKvHeads, cached = pos0 + count;
+  std::vector<float> q = random_floats(size_t(count * heads * d), 1.0f), kv = random_floats(size_t(cached * 2 * d), 1.0f);
+  std::vector<float> out(q.size());
+  const AttentionGroup g{q.data(), heads * d, heads, kv.data(), kv.data() + d, 2 * d, out.data(), heads * d, count, pos0, d};
+  AttentionScratch scratch;
+  for (auto _ : state) {
+    if (reference)
+      attention_group_reference(g);
+    else
+      attention_group(g, scratch);
+    benchmark::DoNotOptimize(out.data());
+  }
+  // Query i scores and mixes pos0 + i + 1 keys: 4d per key and head.
+  const double keys_attended = double(count) * double(pos0) + double(count) * double(count + 1) / 2;
+  report(state, 4.0 * double(d * heads) * keys_attended, 4.0 * double(kv.size() + q.size() + out.size()));
+}
+
+void bm_rope(benchmark::State& state) {
+  const int64_t rows = kPrefillRows, width = kHeads * kHeadDim;
+  std::vector<float> x = random_floats(size_t(rows * width), 1.0f);
+  for (auto _ : state) {
+    apply_rope(x.data(), rows, width, kHeads, kHeadDim, kRotaryDim, kRopeTheta, 0);
+    benchmark::DoNotOptimize(x.data());
+  }
+  // Each rotated pair: four multiplies and two adds.
+  report(state, 6.0 * double(rows * kHeads * kRotaryDim / 2), 8.0 * double(x.size()));
+}
+
+MoeWeights moe_weights() {
+  MoeWeights w;
+  w.router = bf16_weight(kExperts, kHidden);
+  for (int64_t e = 0; e < kExperts; ++e) {
+    w.w1.push_back(bf16_weight(kFfn, kHidden, 2 * e + 1));  // w1 and w3 share a shape, not memory
+    w.w3.push_back(bf16_weight(kFfn, kHidden, 2 * e + 2));
+    w.w2.push_back(bf16_weight(kHidden, kFfn, e + 1));
+  }
+  w.top_k = kTopK;
+  return w;
+}
+
+void bm_moe(benchmark::State& state, int64_t tokens, Operands operands, bool reference) {
+  const MoeWeights w = moe_weights();
+  std::vector<float> x = random_floats(size_t(tokens * kHidden), 1.0f), out(x.size());
+  const Mat xm{x.data(), tokens, kHidden}, om{out.data(), tokens, kHidden};
+  MoeScratch scratch;
+  for (auto _ : state) {
+    if (reference)
+      moe_reference(xm, w, om, operands);
+    else
+      moe(pool(), xm, w, om, operands, scratch);
+    benchmark::DoNotOptimize(out.data());
+  }
+  const double expert_bytes = weight_bytes(w.w1[0]) + weight_bytes(w.w2[0]) + weight_bytes(w.w3[0]);
+  const double experts_touched = double(std::min(kExperts, tokens * kTopK));
+  const double flops = double(tokens) * (2.0 * double(kExperts * kHidden) + double(kTopK) * 6.0 * double(kFfn * kHidden));
+  report(state, flops, weight_bytes(w.router) + experts_touched * expert_bytes + 8.0 * double(x.size()));
+}
+
+template <class Fn>
+void add(const std::string& name, Fn&& fn) {
+  benchmark::RegisterBenchmark(name.c_str(), std::forward<Fn>(fn))->Unit(benchmark::kMicrosecond)->UseRealTime();
+}
+
+void register_matmuls() {
+  struct Shape {
+    const char* name;
+    int64_t out, in;
+    bool gemm, reference;  // also at 512 rows; also the reference GEMV
+  };
+  const Shape shapes[] = {{"qkv_3072x1024", 3 * kHeads * kHeadDim, kHidden, true, true},
+                          {"expert_1536x1024", kFfn, kHidden, true, true},
+                          {"lm_head_200064x1024", kVocab, kHidden, false, false}};
+  std::vector<Operands> operands{Operands::kFp32};
+  if (bf16_products_available()) operands.push_back(Operands::kBf16);
+  for (const Shape& s : shapes)
+    for (Operands op : operands) {
+      const std::string suffix = std::string(s.name) + "/" + operands_name(op);
+      add("gemv/" + suffix, [=](benchmark::State& st) { bm_matmul(st, 1, s.out, s.in, op, false); });
+      if (s.reference) add("gemv/" + suffix + "_reference", [=](benchmark::State& st) { bm_matmul(st, 1, s.out, s.in, op, true); });
+      if (s.gemm) add("gemm512/" + suffix, [=](benchmark::State& st) { bm_matmul(st, kPrefillRows, s.out, s.in, op, false); });
+    }
+}
+
+void register_attention() {
+  for (bool ref : {false, true}) {
+    const std::string tag = ref ? "_reference" : "";
+    add("lightning/prefill_4096" + tag, [=](benchmark::State& st) { bm_lightning_prefill(st, ref); });
+    add("lightning/decode" + tag, [=](benchmark::State& st) { bm_lightning_decode(st, ref); });
+    add("attention/decode_depth4096" + tag, [=](benchmark::State& st) { bm_attention(st, 1, kDecodeDepth, ref); });
+    add("attention/prefill_512" + tag, [=](benchmark::State& st) { bm_attention(st, kPrefillRows, 0, ref); });
+  }
+  add("rope/512_rows", [](benchmark::State& st) { bm_rope(st); });
+}
+
+void register_moe() {
+  std::vector<Operands> operands{Operands::kFp32};
+  if (bf16_products_available()) operands.push_back(Operands::kBf16);
+  for (Operands op : operands) {
+    const std::string name = operands_name(op);
+    add("moe/1_token/" + name, [=](benchmark::State& st) { bm_moe(st, 1, op, false); });
+    add("moe/1_token/" + name + "_reference", [=](benchmark::State& st) { bm_moe(st, 1, op, true); });
+    add("moe/512_tokens/" + name, [=](benchmark::State& st) { bm_moe(st, kPrefillRows, op, false); });
+  }
+}
+
+}  // namespace
+}  // namespace m1::cpu
+
+int main(int argc, char** argv) {
+  benchmark::Initialize(&argc, argv);
+  for (int i = 1; i < argc; ++i) {
+    if (std::strncmp(argv[i], "--threads=", 10) == 0) {
+      m1::cpu::g_threads = std::atoi(argv[i] + 10);
+      continue;
+    }
+    std::fprintf(stderr, "bench_kernels: unknown argument %s (expected --threads=N or Google Benchmark flags)\n", argv[i]);
+    return 1;
+  }
+  benchmark::AddCustomContext("threads", std::to_string(m1::cpu::pool().size()));
+  benchmark::AddCustomContext("isa", m1::cpu::matmul_isa());
+  m1::cpu::register_matmuls();
+  m1::cpu::register_attention();
+  m1::cpu::register_moe();
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}

@@ -1,0 +1,178 @@
+// m1-bench end to end on the tiny preset: the JSON carries every figure of every run, the state
+// sizes follow DESIGN.md §2, the SVG is well-formed with a line per variant per panel, and bad
+// arguments fail with one line naming the option at fault.
+
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <map>
+
+#include <nlohmann/json.hpp>
+
+namespace {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+const std::string kBench = std::string(M1_BIN_DIR) + "/m1-bench";
+
+struct Result {
+  int status = -1;
+  std::string out, err;
+};
+
+std::string read_file(const fs::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+Result run_bench(const std::string& args, const fs::path& dir) {
+  const fs::path err = dir / "stderr";
+  Result r;
+  FILE* p = ::popen((kBench + " " + args + " 2>" + err.string()).c_str(), "r");
+  char buf[4096];
+  for (size_t n; (n = std::fread(buf, 1, sizeof buf, p)) > 0;) r.out.append(buf, n);
+  const int status = ::pclose(p);
+  r.status = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  r.err = read_file(err);
+  return r;
+}
+
+// True when every element opened in `svg` is closed, in order (comments and attributes aside,
+// the SVG writer emits nothing a tag scanner would misread).
+bool tags_balanced(const std::string& svg) {
+  std::vector<std::string> open;
+  for (size_t at = svg.find('<'); at != std::string::npos; at = svg.find('<', at + 1)) {
+    const size_t end = svg.find('>', at);
+    if (end == std::string::npos) return false;
+    const std::string tag = svg.substr(at + 1, end - at - 1);
+    const std::string name = tag.substr(tag[0] == '/', tag.find_first_of(" />", 1) - (tag[0] == '/'));
+    if (tag[0] == '/') {
+      if (open.empty() || open.back() != name) return false;
+      open.pop_back();
+    } else if (tag.back() != '/') {
+      open.push_back(name);
+    }
+  }
+  return open.empty();
+}
+
+size_t occurrences(const std::string& text, const std::string& what) {
+  size_t n = 0;
+  for (size_t at = text.find(what); at != std::string::npos; at = text.find(what, at + 1)) ++n;
+  return n;
+}
+
+// One sweep over three variants and two contexts, shared by the tests that read its output.
+class BenchSweep : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    dir_ = fs::temp_directory_path() / ("m1-bench-test-" + std::to_string(::getpid()));
+    fs::create_directories(dir_);
+    result_ = run_bench("--synthetic tiny --contexts 64,128 --decode-tokens 4 --repeats 2 --threads 2 "
+                        "--variants hybrid,lightning,softmax --json " + (dir_ / "out.json").string() +
+                        " --svg " + (dir_ / "out.svg").string(), dir_);
+    report_ = json::parse(read_file(dir_ / "out.json"), nullptr, false);
+    svg_ = read_file(dir_ / "out.svg");
+  }
+  static void TearDownTestSuite() { fs::remove_all(dir_); }
+
+  // state_bytes by context, for one variant.
+  static std::map<int64_t, int64_t> state_bytes(const std::string& variant) {
+    std::map<int64_t, int64_t> bytes;
+    for (const json& r : report_["results"])
+      if (r["variant"] == variant) bytes[r["context"].get<int64_t>()] = r["state_bytes"].get<int64_t>();
+    return bytes;
+  }
+
+  static inline fs::path dir_;
+  static inline Result result_;
+  static inline json report_;
+  static inline std::string svg_;
+};
+
+TEST_F(BenchSweep, RunsAndPrintsATable) {
+  ASSERT_EQ(result_.status, 0) << result_.err;
+  EXPECT_NE(result_.out.find("variant"), std::string::npos);
+  EXPECT_EQ(occurrences(result_.out, "\nsoftmax "), 2u) << result_.out;
+  EXPECT_NE(result_.err.find("[6/6]"), std::string::npos) << "progress lines: " << result_.err;
+}
+
+TEST_F(BenchSweep, JsonHasEveryFigureOfEveryRun) {
+  ASSERT_FALSE(report_.is_discarded());
+  ASSERT_EQ(report_["results"].size(), 6u);
+  for (const json& r : report_["results"]) {
+    for (const char* field : {"prefill_ms", "prefill_tokens_per_s", "decode_ms_per_token", "state_bytes",
+                              "peak_rss_bytes", "weight_bytes_per_token"}) {
+      ASSERT_TRUE(r.contains(field) && r[field].is_number()) << field << " in " << r.dump();
+      EXPECT_GT(r[field].get<double>(), 0) << field << " in " << r.dump();
+    }
+    EXPECT_TRUE(r["variant"] == "hybrid" || r["variant"] == "lightning" || r["variant"] == "softmax");
+    EXPECT_TRUE(r["context"] == 64 || r["context"] == 128);
+    EXPECT_EQ(r["weights"], "random");
+    EXPECT_EQ(r["repeats"]["prefill_ms"].size(), 2u);
+    EXPECT_EQ(r["repeats"]["decode_ms_per_token"].size(), 2u);
+  }
+  EXPECT_TRUE(report_["machine"].contains("cpu"));
+  EXPECT_TRUE(report_["model"]["config"].contains("attn_type_list"));
+}
+
+// Lightning layers hold a fixed state; each softmax layer caches 2 * g * d fp32 values per token.
+TEST_F(BenchSweep, StateBytesFollowTheDesign) {
+  const json& config = report_["model"]["config"];
+  const int64_t per_token_per_layer = 2 * config["num_key_value_heads"].get<int64_t>() * config["head_dim"].get<int64_t>() * 4;
+  const int64_t layers = config["num_hidden_layers"].get<int64_t>();
+  const std::vector<int> types = config["attn_type_list"].get<std::vector<int>>();
+  const int64_t hybrid_softmax_layers = std::count(types.begin(), types.end(), 1);
+
+  auto lightning = state_bytes("lightning"), softmax = state_bytes("softmax"), hybrid = state_bytes("hybrid");
+  EXPECT_EQ(lightning[64], lightning[128]);
+  EXPECT_EQ(softmax[128] - softmax[64], 64 * per_token_per_layer * layers);
+  EXPECT_EQ(softmax[64], 64 * per_token_per_layer * layers);
+  EXPECT_EQ(hybrid[128] - hybrid[64], 64 * per_token_per_layer * hybrid_softmax_layers);
+}
+
+TEST_F(BenchSweep, SvgIsWellFormedWithALinePerVariantPerPanel) {
+  ASSERT_EQ(svg_.rfind("<svg", 0), 0u) << svg_.substr(0, 100);
+  EXPECT_TRUE(tags_balanced(svg_));
+  EXPECT_EQ(occurrences(svg_, "<polyline"), 3u * 2u);
+  for (const char* label : {"hybrid", "lightning", "softmax", "prefill latency", "decode"})
+    EXPECT_NE(svg_.find(label), std::string::npos) << label;
+}
+
+class BenchErrors : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = fs::temp_directory_path() / ("m1-bench-errors-" + std::to_string(::getpid()));
+    fs::create_directories(dir_);
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+
+  // Fails with exit status 1 and a single stderr line that names `option`.
+  void expect_rejected(const std::string& args, const std::string& option) {
+    const Result r = run_bench(args, dir_);
+    EXPECT_EQ(r.status, 1) << args;
+    EXPECT_NE(r.err.find(option), std::string::npos) << args << ": " << r.err;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << args << ": " << r.err;
+  }
+
+  fs::path dir_;
+};
+
+TEST_F(BenchErrors, BadArgumentsNameTheOption) {
+  expect_rejected("--synthetic huge", "--synthetic");
+  expect_rejected("--synthetic tiny --contexts 64,lots", "--contexts");
+  expect_rejected("--synthetic tiny --contexts 0", "--contexts");
+  expect_rejected("--synthetic tiny --device cuda", "--device");
+  expect_rejected("--model " + (dir_ / "nowhere").string(), "--model");
+  expect_rejected("--synthetic tiny --variants hybrid,quadratic", "--variants");
+  expect_rejected("--synthetic tiny --precision turbo", "--precision");
+  expect_rejected("--synthetic tiny --dtype int8", "--dtype");
+}
+
+}  // namespace
