@@ -71,9 +71,7 @@ std::vector<int64_t> parse_contexts(const Options& o, int64_t extra_prefill) {
 }
 
 m1::DType parse_dtype(const std::string& text) {
-  std::string upper = text;
-  std::transform(upper.begin(), upper.end(), upper.begin(), [](unsigned char c) { return char(std::toupper(c)); });
-  const std::optional<m1::DType> dtype = m1::dtype_from_name(upper);
+  const std::optional<m1::DType> dtype = m1::dtype_from_option(text);
   if (!dtype) m1::fail("--dtype: '{}' is not one of bf16, f16, f32", text);
   return *dtype;
 }

@@ -51,6 +51,7 @@ std::string too_large_message(const httplib::Request& request, size_t limit) {
   return fmt::format("request body is larger than the limit of {} bytes", limit);
 }
 
+// Waits as long as it takes: the engine ends every request it accepted, cancelled ones too.
 GenerationEvent next_event(RequestStream& stream) {
   for (;;)
     if (auto event = stream.next(std::chrono::seconds(1))) return std::move(*event);

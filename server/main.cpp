@@ -14,6 +14,7 @@
 
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
+#include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 
 #include "api_server.h"
@@ -130,15 +131,16 @@ int main(int argc, char** argv) {
   app.add_option("--max-batch", engine.max_batch, "Sequences decoded together (each choice counts)")->capture_default_str()->check(CLI::PositiveNumber);
   app.add_option("--max-context", engine.max_context, "Prompt + generated tokens per sequence (0: the model's maximum)")->capture_default_str()->check(CLI::NonNegativeNumber);
   app.add_option("--step-tokens", engine.step_tokens, "New tokens per forward step (decode tokens + prefill chunks)")->capture_default_str()->check(CLI::PositiveNumber);
-  app.add_option("--max-queue", engine.max_queue, "Requests waiting for a place before new ones get 503")->capture_default_str()->check(CLI::NonNegativeNumber);
+  app.add_option("--max-queue", engine.max_queue, "Requests waiting for a place before new ones get 503")->capture_default_str()->check(CLI::PositiveNumber);
   app.add_option("--threads", o.model.backend.threads, "CPU compute threads (0: one per core)")->capture_default_str()->check(CLI::NonNegativeNumber);
   app.add_option("--device", o.model.backend.device, "cpu")->capture_default_str();
-  app.add_option("--precision", o.precision, "exact: fp32 activations and accumulation")->capture_default_str();
+  app.add_option("--precision", o.precision, "exact (fp32 throughout) or fast (bf16 matrix operands where the CPU has them)")->capture_default_str();
   app.add_option("--http-threads", o.http_threads, "Connections served at once (0: max(64, 4 x max-batch))")->capture_default_str();
   app.add_option("--max-body-mb", o.max_body_mb, "Largest request body in MiB")->capture_default_str()->check(CLI::PositiveNumber);
   app.add_option("--shutdown-grace", o.shutdown_grace_s, "Seconds in-flight requests get to finish at shutdown")->capture_default_str()->check(CLI::NonNegativeNumber);
   CLI11_PARSE(app, argc, argv);
 
+  spdlog::set_default_logger(spdlog::stderr_color_mt("m1-serve"));  // stdout stays free for tools
   // Signals are taken by sigtimedwait on the main thread: block them before any thread starts.
   const sigset_t signals = shutdown_signals();
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);

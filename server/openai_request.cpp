@@ -16,6 +16,7 @@ namespace {
 
 constexpr size_t kMaxStopStrings = 16;
 constexpr int kMaxTopLogprobs = 20;
+constexpr const char* kToolBlockOpening = "<tool_calls>\n";  // how the model starts its calls
 
 struct ChatInput {
   std::vector<ChatMessage> messages;
@@ -72,7 +73,7 @@ ToolChoice named_tool_choice(const ordered_json& choice, const std::vector<order
   if (!known)
     throw invalid_request(fmt::format("tool_choice: no tool named '{}' in tools", name.value_or("")), "tool_choice");
   // The call's opening up to its arguments; the name came from the client, so it is untrusted.
-  return {true, {{"<tool_calls>\n", true}, {"{\"name\": " + python_json_dumps(*name) + ", \"arguments\": ", false}}};
+  return {true, {{kToolBlockOpening, true}, {"{\"name\": " + python_json_dumps(*name) + ", \"arguments\": ", false}}};
 }
 
 ToolChoice parse_tool_choice(const ordered_json& body, const std::vector<ordered_json>& tools) {
@@ -84,7 +85,7 @@ ToolChoice parse_tool_choice(const ordered_json& body, const std::vector<ordered
   if (mode == "auto") return {!tools.empty(), {}};
   if (mode != "required") throw invalid_request(fmt::format("tool_choice: unknown value '{}'", mode), "tool_choice");
   if (tools.empty()) throw invalid_request("tool_choice: 'required' needs tools", "tool_choice");
-  return {true, {{"<tool_calls>\n", true}}};
+  return {true, {{kToolBlockOpening, true}}};
 }
 
 void read_float(const ordered_json& body, const std::string& name, float& target) {

@@ -176,15 +176,25 @@ std::optional<std::string> parse_content(const ordered_json& message, const std:
 }
 
 ordered_json parse_arguments(const std::string& arguments, const std::string& path) {
-  ordered_json parsed;
-  try {
-    parsed = ordered_json::parse(arguments);
-  } catch (const ordered_json::parse_error&) {
-    fail("{}: not valid JSON", path);
-  }
-  if (!parsed.is_object()) fail("{}: must hold a JSON object", path);
-  return parsed;
+  std::optional<ordered_json> parsed = parse_json_object(arguments);
+  if (!parsed) fail("{}: must hold a JSON object (of at most {} levels)", path, kMaxJsonDepth);
+  return *std::move(parsed);
 }
+
+}  // namespace
+
+std::optional<ordered_json> parse_json_object(std::string_view text) {
+  bool too_deep = false;
+  const auto limit_depth = [&too_deep](int depth, ordered_json::parse_event_t, ordered_json&) {
+    too_deep = too_deep || depth > kMaxJsonDepth;
+    return !too_deep;  // stop building the value once it is known to be rejected
+  };
+  ordered_json value = ordered_json::parse(text, limit_depth, /*allow_exceptions=*/false);
+  if (too_deep || !value.is_object()) return std::nullopt;  // a parse error reads as discarded
+  return value;
+}
+
+namespace {
 
 ToolCall parse_tool_call(const ordered_json& call, const std::string& path) {
   if (!call.is_object()) fail("{}: must be an object", path);

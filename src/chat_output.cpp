@@ -20,10 +20,6 @@ constexpr std::string_view kIdAlphabet =
     "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
 constexpr size_t kIdRandomLength = 24;
 
-// python_json_dumps recurses once per level, so a degenerate line such as "[[[[..." must not
-// reach it; no real tool argument nests this deep.
-constexpr int kMaxJsonDepth = 256;
-
 struct TagMatch {
   size_t position = std::string_view::npos;
   std::string_view tag;
@@ -54,17 +50,6 @@ size_t partial_tag_length(std::string_view text, std::span<const std::string_vie
 
 bool is_blank(std::string_view line) {
   return line.find_first_not_of(" \t\r") == std::string_view::npos;
-}
-
-std::optional<ordered_json> parse_json_object(std::string_view text) {
-  bool too_deep = false;
-  const auto limit_depth = [&too_deep](int depth, ordered_json::parse_event_t, ordered_json&) {
-    too_deep = too_deep || depth > kMaxJsonDepth;
-    return !too_deep;  // stop building the value once it is known to be rejected
-  };
-  ordered_json value = ordered_json::parse(text, limit_depth, /*allow_exceptions=*/false);
-  if (too_deep || !value.is_object()) return std::nullopt;  // a parse error reads as discarded
-  return value;
 }
 
 // Arguments are an object, or a string holding one (some models quote them); either way the
@@ -119,6 +104,7 @@ ChatOutputDelta ChatOutputParser::finish() {
   mode_ = Mode::kContent;
   pending_.clear();
   unfinished_block_.clear();
+  malformed_lines_.clear();
   line_scanned_ = 0;
   strip_newlines_ = false;
   return delta;
@@ -173,6 +159,8 @@ bool ChatOutputParser::consume_tool_line(ChatOutputDelta& delta) {
   }
   take_tool_line(delta, text.substr(0, close), "");
   pending_.erase(0, close + kToolsClose.size());
+  delta.content += malformed_lines_;
+  malformed_lines_.clear();
   unfinished_block_.clear();  // the block is whole: its tags and blank lines are spent
   mode_ = Mode::kContent;
   return true;
@@ -200,7 +188,10 @@ void ChatOutputParser::take_tool_line(ChatOutputDelta& delta, std::string_view l
   }
   auto call = parse_tool_call(line);
   if (!call) {
-    delta.content.append(line).append(terminator);
+    // Held until the block ends: as content on its own if the block closes, or in place within
+    // the block's text if it never does.
+    malformed_lines_.append(line).append(terminator);
+    unfinished_block_.append(line).append(terminator);
     return;
   }
   call->id = new_call_id();

@@ -71,6 +71,7 @@ Engine::Engine(Model& model, const Tokenizer& tokenizer, EngineOptions options)
   const int64_t model_max = model.config().max_position_embeddings;
   if (options_.max_batch < 1) fail("max_batch must be at least 1, got {}", options_.max_batch);
   if (options_.step_tokens < 1) fail("step_tokens must be at least 1, got {}", options_.step_tokens);
+  if (options_.max_queue < 1) fail("max_queue must be at least 1, got {}", options_.max_queue);
   if (options_.max_context < 0) fail("max_context must be 0 (the model's) or more, got {}", options_.max_context);
   if (options_.max_context > model_max)
     fail("max_context {} is more than the model's max_position_embeddings {}", options_.max_context, model_max);

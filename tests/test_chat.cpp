@@ -207,6 +207,19 @@ void expect_messages_error(const char* messages_json, const std::string& param) 
   }
 }
 
+// python_json_dumps recurses per level: arguments nested deeper than kMaxJsonDepth are refused
+// with an error, never a stack overflow, whether they come through parsing or straight to render.
+TEST(ChatValidation, DeeplyNestedToolArgumentsAreRefused) {
+  const std::string deep = "{\"a\": " + std::string(200000, '[') + std::string(200000, ']') + "}";
+  ordered_json messages = ordered_json::array(
+      {{{"role", "assistant"},
+        {"content", nullptr},
+        {"tool_calls", {{{"id", "c1"}, {"type", "function"}, {"function", {{"name", "f"}, {"arguments", deep}}}}}}}});
+  EXPECT_THROW(m1::parse_chat_messages(messages), m1::Error);
+  m1::ChatMessage call{"assistant", "", {m1::ToolCall{"c1", "f", deep}}, "", ""};
+  EXPECT_THROW(m1::render_chat({call}, {}, true), m1::Error);
+}
+
 TEST(ChatValidation, MessagesErrorsNameTheParameter) {
   expect_messages_error(R"({"role": "user"})", "messages");
   expect_messages_error("[]", "messages");

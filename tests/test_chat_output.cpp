@@ -155,7 +155,7 @@ TEST(ChatOutput, SampleParsesIntoItsParts) {
 TEST(ChatOutput, InvalidUtf8PassesThrough) {
   const Parsed parsed = parse("\xff\xfe<think>\xc3</think>\n\x80<tool_calls>\n{\"name\": \"\xff\"}\n");
   EXPECT_EQ(parsed.reasoning, "\xc3");
-  EXPECT_EQ(parsed.content, "\xff\xfe\x80{\"name\": \"\xff\"}\n<tool_calls>\n");
+  EXPECT_EQ(parsed.content, "\xff\xfe\x80<tool_calls>\n{\"name\": \"\xff\"}\n");  // unterminated: in order
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -231,6 +231,14 @@ TEST(ChatOutput, MalformedLinesBecomeContentAndGoodOnesStillCall) {
   ASSERT_EQ(parsed.calls.size(), 2u);
   EXPECT_EQ(parsed.calls[0].name, "good");
   EXPECT_EQ(parsed.calls[1].name, "also_good");
+}
+
+// A block that never closes comes back as written, its malformed lines in place.
+TEST(ChatOutput, UnterminatedBlockWithMalformedLineKeepsItsOrder) {
+  const std::string text = "<tool_calls>\n\nnot json\n{\"name\": \"f\", \"arguments\": {}}\n{\"name\": ";
+  const Parsed parsed = parse(text);
+  ASSERT_EQ(parsed.calls.size(), 1u);
+  EXPECT_EQ(parsed.content, "<tool_calls>\n\nnot json\n{\"name\": ");
 }
 
 TEST(ChatOutput, MalformedLastLineKeepsNoNewline) {

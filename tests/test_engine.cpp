@@ -153,6 +153,13 @@ TEST_F(EngineTest, CancelledRequestsEndAndFreeTheirPlace) {
   EXPECT_EQ(s.requests_finished, 1);
 }
 
+TEST_F(EngineTest, RejectsImpossibleOptions) {
+  EXPECT_THROW(Engine(*model_, *tokenizer_, EngineOptions{0, 0, 64, 8}), Error);
+  EXPECT_THROW(Engine(*model_, *tokenizer_, EngineOptions{4, 0, 0, 8}), Error);
+  EXPECT_THROW(Engine(*model_, *tokenizer_, EngineOptions{4, 0, 64, 0}), Error);
+  EXPECT_THROW(Engine(*model_, *tokenizer_, EngineOptions{4, model_->config().max_position_embeddings + 1, 64, 8}), Error);
+}
+
 TEST_F(EngineTest, RejectsWhatCanNeverRun) {
   Engine engine(*model_, *tokenizer_, EngineOptions{2, 64, 64, 1});
   EXPECT_THROW(engine.submit(GenerationRequest{}), Error);

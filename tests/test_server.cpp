@@ -122,6 +122,7 @@ struct Reply {
   int status = 0;  // 0: no response (connection failed)
   ordered_json json;
   std::string body;
+  std::string retry_after;
 };
 
 // The events of a Server-Sent Events stream; "[DONE]" is kept as a JSON string.
@@ -185,7 +186,7 @@ class Client {
   }
   static Reply reply(const httplib::Result& result) {
     if (!result) return {};
-    Reply r{result->status, {}, result->body};
+    Reply r{result->status, {}, result->body, result->get_header_value("Retry-After")};
     r.json = ordered_json::parse(result->body, nullptr, false);
     return r;
   }
@@ -242,6 +243,15 @@ std::vector<std::string> characters(const std::string& text) {
     chars.back() += c;
   }
   return chars;
+}
+
+// Polls `condition` every 20 ms for up to 5 s; true once it holds.
+bool eventually(const std::function<bool()>& condition) {
+  for (int i = 0; i < 250; ++i) {
+    if (condition()) return true;
+    std::this_thread::sleep_for(20ms);
+  }
+  return false;
 }
 
 int64_t metric(const std::string& metrics_text, const std::string& name) {
@@ -308,7 +318,8 @@ TEST_F(ServerTest, GreedyChatEqualsGenerate) {
   const ordered_json& usage = reply.json["usage"];
   EXPECT_EQ(usage["prompt_tokens"], chat_prompt_tokens(request["messages"]));
   EXPECT_EQ(usage["total_tokens"], usage["prompt_tokens"].get<int>() + usage["completion_tokens"].get<int>());
-  if (reply.json["choices"][0]["finish_reason"] == "length") EXPECT_EQ(usage["completion_tokens"], 32);
+  EXPECT_EQ(reply.json["choices"][0]["finish_reason"], "length");
+  EXPECT_EQ(usage["completion_tokens"], 32);
 }
 
 TEST_F(ServerTest, GreedyCompletionEqualsGenerate) {
@@ -417,11 +428,10 @@ TEST_F(ServerTest, DisconnectingMidStreamCancelsTheRequest) {
   client().stream("/v1/completions", streamed(request), [&](const ordered_json&) { return ++chunks < 3; });
   EXPECT_EQ(chunks, 3u);
   std::string metrics;
-  for (int i = 0; i < 200; ++i) {
+  eventually([&] {
     metrics = client().get("/metrics").body;
-    if (metric(metrics, "m1_engine_requests_total{outcome=\"cancelled\"}") > cancelled_before) break;
-    std::this_thread::sleep_for(20ms);
-  }
+    return metric(metrics, "m1_engine_requests_total{outcome=\"cancelled\"}") > cancelled_before;
+  });
   EXPECT_EQ(metric(metrics, "m1_engine_requests_total{outcome=\"cancelled\"}"), cancelled_before + 1) << metrics;
   EXPECT_EQ(metric(metrics, "m1_requests_running"), 0);
 }
@@ -544,9 +554,9 @@ TEST_F(ServerTest, MetricsAreInPrometheusFormat) {
   EXPECT_EQ(metric(text, "m1_time_to_first_token_seconds_bucket{le=\"+Inf\"}"), first_tokens);
 }
 
-// --- Shutdown: a server of its own per test ------------------------------------------------------
+// --- Servers configured for one test -------------------------------------------------------------
 
-class ShutdownTest : public ::testing::Test {
+class OwnServerTest : public ::testing::Test {
  protected:
   void SetUp() override { dir_ = make_model(::testing::UnitTest::GetInstance()->current_test_info()->name()); }
   void TearDown() override { fs::remove_all(dir_); }
@@ -556,7 +566,7 @@ class ShutdownTest : public ::testing::Test {
   static Stream stream_through_sigterm(ServerProcess& server, const std::function<void()>& during_drain = [] {}) {
     bool signalled = false;
     return Client(server.port())
-        .stream("/v1/completions", streamed(completion_request("A long story", 8000)), [&](const ordered_json&) {
+        .stream("/v1/completions", streamed(completion_request("A long story", 4000)), [&](const ordered_json&) {
           if (!signalled) {
             server.signal(SIGTERM);
             during_drain();
@@ -569,8 +579,8 @@ class ShutdownTest : public ::testing::Test {
   fs::path dir_;
 };
 
-TEST_F(ShutdownTest, SigtermLetsStreamsFinish) {
-  ServerProcess server(dir_, {"--max-context", "8192", "--shutdown-grace", "60"});
+TEST_F(OwnServerTest, SigtermLetsStreamsFinish) {
+  ServerProcess server(dir_, {"--max-context", "4096", "--shutdown-grace", "60"});
   Reply during;
   const Stream stream = stream_through_sigterm(server, [&] {
     std::this_thread::sleep_for(300ms);  // the server notices a signal within 100 ms
@@ -582,14 +592,34 @@ TEST_F(ShutdownTest, SigtermLetsStreamsFinish) {
   EXPECT_EQ(server.wait(), 0) << server.log();
 }
 
-TEST_F(ShutdownTest, SigtermCancelsStreamsThatOutlastTheGrace) {
-  ServerProcess server(dir_, {"--max-context", "8192", "--shutdown-grace", "0"});
+TEST_F(OwnServerTest, SigtermCancelsStreamsThatOutlastTheGrace) {
+  ServerProcess server(dir_, {"--max-context", "4096", "--shutdown-grace", "0"});
   const Stream stream = stream_through_sigterm(server);
   EXPECT_TRUE(stream.done());
   const std::vector<ordered_json> chunks = stream.chunks();
   ASSERT_FALSE(chunks.empty());
   EXPECT_EQ(chunks.back()["error"]["code"], "cancelled") << chunks.back().dump();
   EXPECT_EQ(server.wait(), 0) << server.log();
+}
+
+// One request runs, one waits, and the next is told to come back.
+TEST_F(OwnServerTest, AFullQueueAnswers503) {
+  ServerProcess server(dir_, {"--max-batch", "1", "--max-queue", "1", "--max-context", "4096"});
+  const Client client(server.port(), "");
+  std::future<Reply> queued;
+  Reply busy;
+  int64_t waiting = 0;
+  client.stream("/v1/completions", streamed(completion_request("A long story", 4000)), [&](const ordered_json&) {
+    queued = std::async(std::launch::async, [&] { return client.post("/v1/completions", completion_request("Next", 4)); });
+    eventually([&] { return (waiting = metric(client.get("/metrics").body, "m1_requests_waiting")) == 1; });
+    busy = client.post("/v1/completions", completion_request("One too many", 4));
+    return false;  // leaving cancels the long request, which lets the queued one run
+  });
+  EXPECT_EQ(waiting, 1);
+  EXPECT_EQ(busy.status, 503) << busy.body;
+  EXPECT_EQ(busy.json["error"]["type"], "server_busy");
+  EXPECT_EQ(busy.retry_after, "1");
+  EXPECT_EQ(queued.get().status, 200);
 }
 
 }  // namespace

@@ -31,11 +31,10 @@ struct Options {
   bool force = false;
 };
 
-m1::DType parse_dtype(const std::string& s) {
-  if (s == "bf16") return m1::DType::kBF16;
-  if (s == "f16") return m1::DType::kF16;
-  if (s == "f32") return m1::DType::kF32;
-  m1::fail("--dtype: '{}' is not one of bf16, f16, f32", s);
+m1::DType parse_dtype(const std::string& text) {
+  const std::optional<m1::DType> dtype = m1::dtype_from_option(text);
+  if (!dtype) m1::fail("--dtype: '{}' is not one of bf16, f16, f32", text);
+  return *dtype;
 }
 
 // A plain (key-sorted) json: an order-keeping parse of the 200k-entry vocabulary is quadratic.

@@ -4,6 +4,8 @@
 // tokenized without turning special-token strings into control tokens.
 
 #include <cstdint>
+#include <optional>
+#include <string_view>
 #include <string>
 #include <vector>
 
@@ -47,6 +49,12 @@ std::vector<ChatPiece> render_chat(const std::vector<ChatMessage>& messages,
                                    bool add_generation_prompt);
 std::string join_pieces(const std::vector<ChatPiece>& pieces);
 std::vector<int32_t> encode_chat(const Tokenizer& tokenizer, const std::vector<ChatPiece>& pieces);
+
+// A JSON object of at most kMaxJsonDepth levels, else nullopt (bad JSON, not an object, too deep).
+// python_json_dumps recurses once per level, so deeper values are refused before they reach it;
+// no real tool argument nests this deep.
+constexpr int kMaxJsonDepth = 256;
+std::optional<nlohmann::ordered_json> parse_json_object(std::string_view text);
 
 // Python's json.dumps(value, ensure_ascii=False) with its default ", " and ": " separators, which
 // is what the template's `tojson` filter produced for the release's examples.

@@ -54,7 +54,8 @@ class ChatOutputParser {
   ChatOutputOptions options_;
   Mode mode_ = Mode::kContent;
   std::string pending_;           // undecided text (possible tag start) or the current tool line
-  std::string unfinished_block_;  // tool-block text not yet emitted: the tag and blank lines
+  std::string unfinished_block_;  // tool-block text not yet emitted: the tag, blank and malformed lines
+  std::string malformed_lines_;   // the block's lines that are not tool calls, in order
   size_t line_scanned_ = 0;       // how much of the current tool line is known to hold no terminator
   bool strip_newlines_ = false;   // just after </think>: drop the blank lines the model puts there
   int calls_emitted_ = 0;

@@ -31,6 +31,14 @@ inline std::optional<DType> dtype_from_name(std::string_view name) {
   return std::nullopt;
 }
 
+// Command-line spelling ("bf16", "f16", "f32").
+inline std::optional<DType> dtype_from_option(std::string_view name) {
+  if (name == "bf16") return DType::kBF16;
+  if (name == "f16") return DType::kF16;
+  if (name == "f32") return DType::kF32;
+  return std::nullopt;
+}
+
 inline float bf16_to_f32(uint16_t v) { return std::bit_cast<float>(uint32_t(v) << 16); }
 
 // Round to nearest even, NaN kept quiet.
