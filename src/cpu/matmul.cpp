@@ -52,33 +52,44 @@ const void* weight_at(const void* w, int64_t i) {
   return static_cast<const char*>(w) + i * int64_t(dtype_size(T));
 }
 
-// Runs `step` over the inner dimension in chunks of `lanes` elements; the last, partial chunk is
-// copied into zero-padded buffers first. Zeros add nothing, so every element is summed chunk by
-// chunk in the same order whatever tile it is in.
-template <int R, int C, int Lanes, class XT, class WT, class Step>
-inline void over_chunks(const Tile& t, Step&& step) {
+// Walks the inner dimension in chunks of `Lanes` elements, pointing xs and ws at each in turn;
+// the last, partial chunk is copied into zero-padded buffers first. Zeros add nothing, so every
+// element is summed chunk by chunk in the same order whatever tile it is in. (Plain code without
+// intrinsics, so it inlines into every instruction set's kernel.)
+template <int R, int C, int Lanes, class XT, class WT>
+struct Chunks {
+  const Tile& t;
+  int64_t k = 0;
   const XT* xs[R];
   const WT* ws[C];
-  int64_t k = 0;
-  for (; k + Lanes <= t.k; k += Lanes) {
-    for (int r = 0; r < R; ++r) xs[r] = at<XT>(t.x, r * t.ldx + k);
-    for (int c = 0; c < C; ++c) ws[c] = at<WT>(t.w, c * t.ldw + k);
-    step(xs, ws);
+  alignas(64) XT xtail[R][Lanes];
+  alignas(64) WT wtail[C][Lanes];
+
+  explicit Chunks(const Tile& tile) : t(tile) {}
+
+  bool next() {
+    if (k + Lanes <= t.k) {
+      for (int r = 0; r < R; ++r) xs[r] = at<XT>(t.x, r * t.ldx + k);
+      for (int c = 0; c < C; ++c) ws[c] = at<WT>(t.w, c * t.ldw + k);
+      k += Lanes;
+      return true;
+    }
+    if (k == t.k) return false;
+    const size_t rest = size_t(t.k - k);
+    for (int r = 0; r < R; ++r) {
+      std::memset(xtail[r], 0, sizeof xtail[r]);
+      std::memcpy(xtail[r], at<XT>(t.x, r * t.ldx + k), rest * sizeof(XT));
+      xs[r] = xtail[r];
+    }
+    for (int c = 0; c < C; ++c) {
+      std::memset(wtail[c], 0, sizeof wtail[c]);
+      std::memcpy(wtail[c], at<WT>(t.w, c * t.ldw + k), rest * sizeof(WT));
+      ws[c] = wtail[c];
+    }
+    k = t.k;
+    return true;
   }
-  if (k == t.k) return;
-  alignas(64) XT xtail[R][Lanes] = {};
-  alignas(64) WT wtail[C][Lanes] = {};
-  const size_t rest = size_t(t.k - k);
-  for (int r = 0; r < R; ++r) {
-    std::memcpy(xtail[r], at<XT>(t.x, r * t.ldx + k), rest * sizeof(XT));
-    xs[r] = xtail[r];
-  }
-  for (int c = 0; c < C; ++c) {
-    std::memcpy(wtail[c], at<WT>(t.w, c * t.ldw + k), rest * sizeof(WT));
-    ws[c] = wtail[c];
-  }
-  step(xs, ws);
-}
+};
 
 template <DType T>
 using Stored = std::conditional_t<T == DType::kF32, float, uint16_t>;
@@ -102,15 +113,14 @@ __attribute__((target("avx512f"))) void tile_avx512(const Tile& t) {
   __m512 acc[R][C];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
-  over_chunks<R, C, 16, float, Stored<T>>(t, [&](const float* const* xs, const Stored<T>* const* ws)
-                                                 __attribute__((target("avx512f"))) {
+  for (Chunks<R, C, 16, float, Stored<T>> chunk(t); chunk.next();) {
     __m512 wv[C];
-    for (int c = 0; c < C; ++c) wv[c] = load16<T>(ws[c]);
+    for (int c = 0; c < C; ++c) wv[c] = load16<T>(chunk.ws[c]);
     for (int r = 0; r < R; ++r) {
-      __m512 xv = _mm512_loadu_ps(xs[r]);
+      const __m512 xv = _mm512_loadu_ps(chunk.xs[r]);
       for (int c = 0; c < C; ++c) acc[r][c] = _mm512_fmadd_ps(xv, wv[c], acc[r][c]);
     }
-  });
+  }
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) t.out[r * t.ldo + c] = _mm512_reduce_add_ps(acc[r][c]);
 }
@@ -121,17 +131,48 @@ __attribute__((target("avx512f,avx512bf16"))) void tile_avx512_bf16(const Tile& 
   __m512 acc[R][C];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
-  over_chunks<R, C, 32, uint16_t, uint16_t>(t, [&](const uint16_t* const* xs, const uint16_t* const* ws)
-                                                   __attribute__((target("avx512f,avx512bf16"))) {
+  for (Chunks<R, C, 32, uint16_t, uint16_t> chunk(t); chunk.next();) {
     __m512bh wv[C];
-    for (int c = 0; c < C; ++c) wv[c] = (__m512bh)_mm512_loadu_si512(ws[c]);
+    for (int c = 0; c < C; ++c) wv[c] = (__m512bh)_mm512_loadu_si512(chunk.ws[c]);
     for (int r = 0; r < R; ++r) {
-      __m512bh xv = (__m512bh)_mm512_loadu_si512(xs[r]);
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(chunk.xs[r]);
       for (int c = 0; c < C; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], xv, wv[c]);
     }
-  });
+  }
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) t.out[r * t.ldo + c] = _mm512_reduce_add_ps(acc[r][c]);
+}
+
+// One row of x against one weight row: the 1 x 1 tile's arithmetic (a single accumulator over the
+// chunks in order, zero-padded tail, one final reduction) in a loop tight enough for decode to
+// run at memory speed.
+template <DType T>
+__attribute__((target("avx512f"))) float row_dot_avx512(const float* x, const Stored<T>* w, int64_t k) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= k; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), load16<T>(w + i), acc);
+  if (i < k) {
+    alignas(64) float xt[16] = {};
+    alignas(64) Stored<T> wt[16] = {};
+    std::memcpy(xt, x + i, size_t(k - i) * sizeof(float));
+    std::memcpy(wt, w + i, size_t(k - i) * sizeof(Stored<T>));
+    acc = _mm512_fmadd_ps(_mm512_loadu_ps(xt), load16<T>(wt), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+__attribute__((target("avx512f,avx512bf16"))) float row_dot_avx512_bf16(const uint16_t* x, const uint16_t* w, int64_t k) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= k; i += 32)
+    acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(x + i), (__m512bh)_mm512_loadu_si512(w + i));
+  if (i < k) {
+    alignas(64) uint16_t xt[32] = {}, wt[32] = {};
+    std::memcpy(xt, x + i, size_t(k - i) * sizeof(uint16_t));
+    std::memcpy(wt, w + i, size_t(k - i) * sizeof(uint16_t));
+    acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(xt), (__m512bh)_mm512_loadu_si512(wt));
+  }
+  return _mm512_reduce_add_ps(acc);
 }
 
 // ---- AVX2 + FMA + F16C: 8 lanes, tiles up to 2 x 4 ----
@@ -160,15 +201,14 @@ __attribute__((target("avx2,fma,f16c"))) void tile_avx2(const Tile& t) {
   __m256 acc[R][C];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
-  over_chunks<R, C, 8, float, Stored<T>>(t, [&](const float* const* xs, const Stored<T>* const* ws)
-                                                __attribute__((target("avx2,fma,f16c"))) {
+  for (Chunks<R, C, 8, float, Stored<T>> chunk(t); chunk.next();) {
     __m256 wv[C];
-    for (int c = 0; c < C; ++c) wv[c] = load8<T>(ws[c]);
+    for (int c = 0; c < C; ++c) wv[c] = load8<T>(chunk.ws[c]);
     for (int r = 0; r < R; ++r) {
-      __m256 xv = _mm256_loadu_ps(xs[r]);
+      const __m256 xv = _mm256_loadu_ps(chunk.xs[r]);
       for (int c = 0; c < C; ++c) acc[r][c] = _mm256_fmadd_ps(xv, wv[c], acc[r][c]);
     }
-  });
+  }
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) t.out[r * t.ldo + c] = reduce8(acc[r][c]);
 }
@@ -219,7 +259,7 @@ template <DType T, bool Bf16>
 constexpr TileTable<T, Bf16> kTiles{};
 
 constexpr int64_t kBlockRows = 64;      // x rows per prefill task
-constexpr int64_t kMatvecOutputs = 64;  // weight rows per decode task
+constexpr int64_t kMatvecOutputs = 256;  // weight rows per decode task
 // Weight rows per prefill task: a block widened to fp32 (rows x k floats) should stay within L2.
 int64_t block_outputs(int64_t k) { return std::clamp<int64_t>((256 << 10) / (k * 4) / 4 * 4, 4, 64); }
 
@@ -246,8 +286,18 @@ thread_local std::vector<float> widened;  // a weight block converted to fp32, r
 template <DType T, bool Bf16>
 void matvec_task(const Product& p, int64_t task) {
   const Weight& w = p.w;
-  for (int64_t j = task * kMatvecOutputs, end = std::min(w.rows, j + kMatvecOutputs); j < end; ++j)
-    kTiles<T, Bf16>.kernels[0][0](Tile{p.x, w.cols, weight_at<T>(w.data, j * w.cols), w.cols, w.cols, p.out.data + j, 1});
+  const int64_t begin = task * kMatvecOutputs, end = std::min(w.rows, begin + kMatvecOutputs);
+  const auto* rows = static_cast<const Stored<T>*>(w.data);
+  if constexpr (Bf16) {
+    for (int64_t j = begin; j < end; ++j) p.out.data[j] = row_dot_avx512_bf16(at<uint16_t>(p.x, 0), rows + j * w.cols, w.cols);
+  } else {
+    if (kIsa == Isa::kAvx512) {
+      for (int64_t j = begin; j < end; ++j) p.out.data[j] = row_dot_avx512<T>(at<float>(p.x, 0), rows + j * w.cols, w.cols);
+      return;
+    }
+    for (int64_t j = begin; j < end; ++j)
+      kTiles<T, false>.kernels[0][0](Tile{p.x, w.cols, rows + j * w.cols, w.cols, w.cols, p.out.data + j, 1});
+  }
 }
 
 // Prefill: register tiles over a block of x rows and a block of weight rows. The fp32 path first
