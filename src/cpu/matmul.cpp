@@ -52,42 +52,16 @@ const void* weight_at(const void* w, int64_t i) {
   return static_cast<const char*>(w) + i * int64_t(dtype_size(T));
 }
 
-// Walks the inner dimension in chunks of `Lanes` elements, pointing xs and ws at each in turn;
-// the last, partial chunk is copied into zero-padded buffers first. Zeros add nothing, so every
-// element is summed chunk by chunk in the same order whatever tile it is in. (Plain code without
-// intrinsics, so it inlines into every instruction set's kernel.)
+// The last, partial chunk of a tile's inner dimension, copied into zero-padded rows. Zeros add
+// nothing, so every element is summed chunk by chunk in the same order whatever tile it is in.
 template <int R, int C, int Lanes, class XT, class WT>
-struct Chunks {
-  const Tile& t;
-  int64_t k = 0;
-  const XT* xs[R];
-  const WT* ws[C];
-  alignas(64) XT xtail[R][Lanes];
-  alignas(64) WT wtail[C][Lanes];
-
-  explicit Chunks(const Tile& tile) : t(tile) {}
-
-  bool next() {
-    if (k + Lanes <= t.k) {
-      for (int r = 0; r < R; ++r) xs[r] = at<XT>(t.x, r * t.ldx + k);
-      for (int c = 0; c < C; ++c) ws[c] = at<WT>(t.w, c * t.ldw + k);
-      k += Lanes;
-      return true;
-    }
-    if (k == t.k) return false;
+struct PaddedTail {
+  alignas(64) XT x[R][Lanes] = {};
+  alignas(64) WT w[C][Lanes] = {};
+  PaddedTail(const Tile& t, int64_t k) {
     const size_t rest = size_t(t.k - k);
-    for (int r = 0; r < R; ++r) {
-      std::memset(xtail[r], 0, sizeof xtail[r]);
-      std::memcpy(xtail[r], at<XT>(t.x, r * t.ldx + k), rest * sizeof(XT));
-      xs[r] = xtail[r];
-    }
-    for (int c = 0; c < C; ++c) {
-      std::memset(wtail[c], 0, sizeof wtail[c]);
-      std::memcpy(wtail[c], at<WT>(t.w, c * t.ldw + k), rest * sizeof(WT));
-      ws[c] = wtail[c];
-    }
-    k = t.k;
-    return true;
+    for (int r = 0; r < R; ++r) std::memcpy(x[r], at<XT>(t.x, r * t.ldx + k), rest * sizeof(XT));
+    for (int c = 0; c < C; ++c) std::memcpy(w[c], at<WT>(t.w, c * t.ldw + k), rest * sizeof(WT));
   }
 };
 
@@ -108,21 +82,44 @@ __attribute__((target("avx512f"))) inline __m512 load16(const Stored<T>* p) {
   }
 }
 
+// One chunk: C weight vectors against R x vectors, into R x C accumulators.
+template <int R, int C, DType T>
+__attribute__((target("avx512f"), always_inline)) inline void fma_chunk(__m512 (&acc)[R][C], const float* x,
+                                                                        int64_t ldx, const Stored<T>* w, int64_t ldw) {
+  __m512 wv[C];
+  for (int c = 0; c < C; ++c) wv[c] = load16<T>(w + c * ldw);
+  for (int r = 0; r < R; ++r) {
+    const __m512 xv = _mm512_loadu_ps(x + r * ldx);
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_fmadd_ps(xv, wv[c], acc[r][c]);
+  }
+}
+
 template <int R, int C, DType T>
 __attribute__((target("avx512f"))) void tile_avx512(const Tile& t) {
   __m512 acc[R][C];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
-  for (Chunks<R, C, 16, float, Stored<T>> chunk(t); chunk.next();) {
-    __m512 wv[C];
-    for (int c = 0; c < C; ++c) wv[c] = load16<T>(chunk.ws[c]);
-    for (int r = 0; r < R; ++r) {
-      const __m512 xv = _mm512_loadu_ps(chunk.xs[r]);
-      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_fmadd_ps(xv, wv[c], acc[r][c]);
-    }
+  const float* x = at<float>(t.x, 0);
+  const Stored<T>* w = at<Stored<T>>(t.w, 0);
+  int64_t k = 0;
+  for (; k + 16 <= t.k; k += 16) fma_chunk<R, C, T>(acc, x + k, t.ldx, w + k, t.ldw);
+  if (k < t.k) {
+    PaddedTail<R, C, 16, float, Stored<T>> tail(t, k);
+    fma_chunk<R, C, T>(acc, tail.x[0], 16, tail.w[0], 16);
   }
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) t.out[r * t.ldo + c] = _mm512_reduce_add_ps(acc[r][c]);
+}
+
+template <int R, int C>
+__attribute__((target("avx512f,avx512bf16"), always_inline)) inline void dp_chunk(__m512 (&acc)[R][C], const uint16_t* x,
+                                                                                  int64_t ldx, const uint16_t* w, int64_t ldw) {
+  __m512bh wv[C];
+  for (int c = 0; c < C; ++c) wv[c] = (__m512bh)_mm512_loadu_si512(w + c * ldw);
+  for (int r = 0; r < R; ++r) {
+    const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + r * ldx);
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], xv, wv[c]);
+  }
 }
 
 // bf16 x bf16 pairs accumulated into 16 fp32 lanes, 32 elements a step.
@@ -131,13 +128,13 @@ __attribute__((target("avx512f,avx512bf16"))) void tile_avx512_bf16(const Tile& 
   __m512 acc[R][C];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
-  for (Chunks<R, C, 32, uint16_t, uint16_t> chunk(t); chunk.next();) {
-    __m512bh wv[C];
-    for (int c = 0; c < C; ++c) wv[c] = (__m512bh)_mm512_loadu_si512(chunk.ws[c]);
-    for (int r = 0; r < R; ++r) {
-      const __m512bh xv = (__m512bh)_mm512_loadu_si512(chunk.xs[r]);
-      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], xv, wv[c]);
-    }
+  const uint16_t* x = at<uint16_t>(t.x, 0);
+  const uint16_t* w = at<uint16_t>(t.w, 0);
+  int64_t k = 0;
+  for (; k + 32 <= t.k; k += 32) dp_chunk<R, C>(acc, x + k, t.ldx, w + k, t.ldw);
+  if (k < t.k) {
+    PaddedTail<R, C, 32, uint16_t, uint16_t> tail(t, k);
+    dp_chunk<R, C>(acc, tail.x[0], 32, tail.w[0], 32);
   }
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) t.out[r * t.ldo + c] = _mm512_reduce_add_ps(acc[r][c]);
@@ -197,17 +194,28 @@ __attribute__((target("avx2,fma,f16c"))) inline float reduce8(__m256 v) {
 }
 
 template <int R, int C, DType T>
+__attribute__((target("avx2,fma,f16c"), always_inline)) inline void fma_chunk8(__m256 (&acc)[R][C], const float* x,
+                                                                               int64_t ldx, const Stored<T>* w, int64_t ldw) {
+  __m256 wv[C];
+  for (int c = 0; c < C; ++c) wv[c] = load8<T>(w + c * ldw);
+  for (int r = 0; r < R; ++r) {
+    const __m256 xv = _mm256_loadu_ps(x + r * ldx);
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm256_fmadd_ps(xv, wv[c], acc[r][c]);
+  }
+}
+
+template <int R, int C, DType T>
 __attribute__((target("avx2,fma,f16c"))) void tile_avx2(const Tile& t) {
   __m256 acc[R][C];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
-  for (Chunks<R, C, 8, float, Stored<T>> chunk(t); chunk.next();) {
-    __m256 wv[C];
-    for (int c = 0; c < C; ++c) wv[c] = load8<T>(chunk.ws[c]);
-    for (int r = 0; r < R; ++r) {
-      const __m256 xv = _mm256_loadu_ps(chunk.xs[r]);
-      for (int c = 0; c < C; ++c) acc[r][c] = _mm256_fmadd_ps(xv, wv[c], acc[r][c]);
-    }
+  const float* x = at<float>(t.x, 0);
+  const Stored<T>* w = at<Stored<T>>(t.w, 0);
+  int64_t k = 0;
+  for (; k + 8 <= t.k; k += 8) fma_chunk8<R, C, T>(acc, x + k, t.ldx, w + k, t.ldw);
+  if (k < t.k) {
+    PaddedTail<R, C, 8, float, Stored<T>> tail(t, k);
+    fma_chunk8<R, C, T>(acc, tail.x[0], 8, tail.w[0], 8);
   }
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) t.out[r * t.ldo + c] = reduce8(acc[r][c]);
