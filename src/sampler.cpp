@@ -6,6 +6,7 @@
 #include <cmath>
 #include <limits>
 
+#include "fast_exp.h"
 #include "m1/error.h"
 
 namespace m1 {
@@ -29,31 +30,6 @@ struct HigherLogit {
     return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
   }
 };
-
-// e^x for x <= 0 (-inf included) to within 2 ulp, from basic IEEE arithmetic only: unlike
-// std::exp it gives the same bits on every machine, and the compiler vectorises it. The two
-// conditions are integer selects; the default floating-point rules forbid vectorising FP ones.
-float exp_nonpositive(float x) {
-  // Below -87 the result would be denormal: flush to 0. For x <= 0 the bits, read as unsigned,
-  // grow as x falls, so no floating-point compare is needed.
-  constexpr uint32_t kLowestBits = std::bit_cast<uint32_t>(-87.0f);
-  const uint32_t bits = std::bit_cast<uint32_t>(x);
-  const bool underflows = bits > kLowestBits;
-  x = std::bit_cast<float>(underflows ? kLowestBits : bits);
-  // e^x = 2^n * e^r with n = round(x / ln 2); adding and removing 1.5 * 2^23 rounds to integer.
-  const float n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;
-  const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;  // ln 2 in two parts: exact
-  // Cephes' minimax polynomial for e^r on [-ln 2 / 2, ln 2 / 2].
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float e_r = p * r * r + r + 1.0f;
-  const float two_n = std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
-  return std::bit_cast<float>(std::bit_cast<uint32_t>(e_r * two_n) & (underflows ? 0u : ~0u));
-}
 
 bool has_nan(std::span<const float> logits) {
   // On the bits, so that the loop vectorises: NaN is an all-ones exponent with a nonzero mantissa.

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <random>
 
+#include "cpu/elementwise.h"
 #include "cpu/lightning.h"
 #include "cpu/matmul.h"
 #include "cpu/moe.h"
@@ -111,6 +112,29 @@ TEST_F(KernelTest, MatmulRowsDoNotDependOnTheirNeighbours) {
             << "row " << i << " " << dtype_name(dtype) << (ops == Operands::kBf16 ? " bf16" : " fp32");
       }
     }
+}
+
+// The vectorised elementwise kernels against their formulas in double, over magnitudes up to
+// where the exponential saturates (NaN never passes EXPECT_NEAR).
+TEST(ElementwiseTest, MatchFormulasInDouble) {
+  const int64_t n = 1000 + 3;
+  std::vector<float> a = random_floats(size_t(n), 8.0f), b = random_floats(size_t(n), 3.0f);
+  a[0] = 100.0f, a[1] = -100.0f, a[2] = 0.0f, a[3] = -1e4f, a[4] = 1e4f;
+  auto sig = [](double v) { return 1.0 / (1.0 + std::exp(-v)); };
+  std::vector<float> x = a;
+  silu_inplace(x.data(), n);
+  for (int64_t i = 0; i < n; ++i) EXPECT_NEAR(x[size_t(i)], a[size_t(i)] * sig(a[size_t(i)]), 2e-6 * (1 + std::fabs(a[size_t(i)])));
+  x = b;
+  sigmoid_gate(a.data(), x.data(), n);
+  for (int64_t i = 0; i < n; ++i) EXPECT_NEAR(x[size_t(i)], b[size_t(i)] * sig(a[size_t(i)]), 2e-6 * (1 + std::fabs(b[size_t(i)])));
+  x = a;
+  swiglu(x.data(), b.data(), n);
+  for (int64_t i = 0; i < n; ++i)
+    EXPECT_NEAR(x[size_t(i)], a[size_t(i)] * sig(a[size_t(i)]) * b[size_t(i)], 2e-6 * (1 + std::fabs(a[size_t(i)] * b[size_t(i)])));
+  x = a;
+  blend_sigmoid(x.data(), b.data(), 0.7f, n);
+  for (int64_t i = 0; i < n; ++i)
+    EXPECT_NEAR(x[size_t(i)], a[size_t(i)] * (1 - sig(0.7)) + b[size_t(i)] * sig(0.7), 2e-6 * (1 + std::fabs(a[size_t(i)])));
 }
 
 struct LightningCase {

@@ -7,6 +7,7 @@
 #include <new>
 
 #include "cpu/cpu_state.h"
+#include "cpu/elementwise.h"
 #include "cpu/lightning.h"
 #include "cpu/matmul.h"
 #include "cpu/softmax_attention.h"
@@ -14,8 +15,6 @@
 
 namespace m1::cpu {
 namespace {
-
-float sigmoid(float v) { return 1.0f / (1.0f + std::exp(-v)); }
 
 CpuState& cpu_state(SequenceState* s) { return *static_cast<CpuState*>(s); }
 
@@ -75,14 +74,7 @@ void CpuBackend::gather_rows(const Mat& x, std::span<const int64_t> rows, Mat ou
 }
 
 void CpuBackend::rmsnorm(const Mat& x, const Weight& w, float eps, Mat out) {
-  for_rows(x.rows, [&](int64_t r) {
-    const float* v = x.data + r * x.cols;
-    double squares = 0;
-    for (int64_t c = 0; c < x.cols; ++c) squares += double(v[c]) * v[c];
-    const float inv = float(1.0 / std::sqrt(squares / double(x.cols) + eps));
-    float* o = out.data + r * out.cols;
-    for (int64_t c = 0; c < x.cols; ++c) o[c] = load_as_f32(w.data, w.dtype, size_t(c)) * (v[c] * inv);
-  });
+  for_rows(x.rows, [&](int64_t r) { rmsnorm_row(x.data + r * x.cols, w.data, w.dtype, eps, out.data + r * out.cols, x.cols); });
 }
 
 void CpuBackend::matmul(const Mat& x, const Weight& w, Mat out, Rounding rounding) {
@@ -93,41 +85,25 @@ void CpuBackend::matmul(const Mat& x, const Weight& w, Mat out, Rounding roundin
 }
 
 void CpuBackend::silu(Mat x) {
-  for_rows(x.rows, [&](int64_t r) {
-    for (float* v = x.data + r * x.cols, *end = v + x.cols; v < end; ++v) *v = *v * sigmoid(*v);
-  });
+  for_rows(x.rows, [&](int64_t r) { silu_inplace(x.data + r * x.cols, x.cols); });
 }
 
 void CpuBackend::sigmoid_gate(const Mat& gate, Mat x) {
-  for_rows(x.rows, [&](int64_t r) {
-    for (int64_t c = 0; c < x.cols; ++c) x.data[r * x.cols + c] *= sigmoid(gate.data[r * gate.cols + c]);
-  });
+  for_rows(x.rows, [&](int64_t r) { cpu::sigmoid_gate(gate.data + r * gate.cols, x.data + r * x.cols, x.cols); });
 }
 
 void CpuBackend::swiglu(Mat gate, const Mat& up) {
-  for_rows(gate.rows, [&](int64_t r) {
-    for (int64_t c = 0; c < gate.cols; ++c) {
-      float& g = gate.data[r * gate.cols + c];
-      g = g * sigmoid(g) * up.data[r * up.cols + c];
-    }
-  });
+  for_rows(gate.rows, [&](int64_t r) { cpu::swiglu(gate.data + r * gate.cols, up.data + r * up.cols, gate.cols); });
 }
 
 void CpuBackend::add_scaled(const Mat& a, float alpha, const Mat& b, float beta, Mat out) {
   for_rows(out.rows, [&](int64_t r) {
-    for (int64_t c = 0; c < out.cols; ++c)
-      out.data[r * out.cols + c] = alpha * a.data[r * a.cols + c] + beta * b.data[r * b.cols + c];
+    cpu::add_scaled(a.data + r * a.cols, alpha, b.data + r * b.cols, beta, out.data + r * out.cols, out.cols);
   });
 }
 
 void CpuBackend::blend_sigmoid(Mat x, const Mat& y, const Mat& coef) {
-  for_rows(x.rows, [&](int64_t r) {
-    const float c = sigmoid(coef.data[r * coef.cols]);
-    for (int64_t i = 0; i < x.cols; ++i) {
-      float& v = x.data[r * x.cols + i];
-      v = v * (1.0f - c) + y.data[r * y.cols + i] * c;
-    }
-  });
+  for_rows(x.rows, [&](int64_t r) { cpu::blend_sigmoid(x.data + r * x.cols, y.data + r * y.cols, coef.data[r * coef.cols], x.cols); });
 }
 
 void CpuBackend::lightning_attention(const Mat& qkv, std::span<const Segment> segments, int64_t layer,

@@ -4,6 +4,8 @@
 #include <cmath>
 #include <numeric>
 
+#include "cpu/elementwise.h"
+
 namespace m1::cpu {
 
 void route(const float* logits, int64_t n, int64_t experts, int64_t top_k, int32_t* chosen, float* weights) {
@@ -27,8 +29,6 @@ void route(const float* logits, int64_t n, int64_t experts, int64_t top_k, int32
 }
 
 namespace {
-
-float silu(float v) { return v / (1.0f + std::exp(-v)); }
 
 // Orders the (token, rank) slots by expert: position p of the grouped rows holds slot
 // slot_at[p], and expert e owns positions [begin[e], begin[e + 1]).
@@ -74,11 +74,7 @@ void moe(ThreadPool& pool, const Mat& x, const MoeWeights& w, Mat out, Operands 
     s.jobs.push_back({xs, w.w3[size_t(e)], Mat{s.up.data() + begin * ffn, m, ffn}});
   }
   matmul_batch(pool, s.jobs, operands);
-  pool.parallel_for(slots, [&](int64_t p) {
-    float* g = s.gate.data() + p * ffn;
-    const float* u = s.up.data() + p * ffn;
-    for (int64_t i = 0; i < ffn; ++i) g[i] = silu(g[i]) * u[i];
-  });
+  pool.parallel_for(slots, [&](int64_t p) { swiglu(s.gate.data() + p * ffn, s.up.data() + p * ffn, ffn); });
   s.jobs.clear();
   for (int64_t e = 0; e < experts; ++e) {
     const int64_t begin = s.expert_begin[size_t(e)], m = s.expert_begin[size_t(e + 1)] - begin;
@@ -113,7 +109,7 @@ void moe_reference(const Mat& x, const MoeWeights& w, Mat out, Operands operands
       const size_t e = size_t(chosen[size_t(r)]);
       matmul_reference(row, w.w1[e], Mat{gate.data(), 1, ffn}, operands);
       matmul_reference(row, w.w3[e], Mat{up.data(), 1, ffn}, operands);
-      for (int64_t i = 0; i < ffn; ++i) gate[size_t(i)] = silu(gate[size_t(i)]) * up[size_t(i)];
+      swiglu(gate.data(), up.data(), ffn);
       matmul_reference(Mat{gate.data(), 1, ffn}, w.w2[e], Mat{y.data(), 1, hidden}, operands);
       for (int64_t c = 0; c < hidden; ++c) o[c] += weights[size_t(r)] * y[size_t(c)];
     }
