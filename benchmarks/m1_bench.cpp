@@ -34,7 +34,7 @@ struct Options {
   std::string synthetic;
   int64_t layers = 0;
   std::string dtype;  // --synthetic only; default bf16
-  std::string device = "cpu", precision = "exact";
+  std::string device = "cpu", precision = "fast";
   int threads = 0;
   std::vector<std::string> contexts{"1k", "4k", "16k", "32k"};
   std::string prefill_tokens = "0";
@@ -203,7 +203,7 @@ void define_options(CLI::App& app, Options& o) {
   app.add_option("--layers", o.layers, "--synthetic: number of layers (hybrid pattern: every 8th softmax)")->check(CLI::PositiveNumber);
   app.add_option("--dtype", o.dtype, "--synthetic: weight dtype: bf16 (default), f16 or f32");
   app.add_option("--device", o.device, "cpu or cuda")->capture_default_str();
-  app.add_option("--precision", o.precision, "exact: fp32 activations and accumulation")->capture_default_str();
+  app.add_option("--precision", o.precision, "fast (bf16 matrix operands where the CPU multiplies bf16, fp32 accumulation) or exact (fp32 throughout)")->capture_default_str();
   app.add_option("--threads", o.threads, "CPU threads (0: one per core)")->capture_default_str()->check(CLI::NonNegativeNumber);
   app.add_option("--contexts", o.contexts, "Context lengths: 512, 4k, 1m, ...")->delimiter(',')->capture_default_str();
   app.add_option("--prefill-tokens", o.prefill_tokens,

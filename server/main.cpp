@@ -32,7 +32,7 @@ struct Options {
   double max_body_mb = 8;
   double shutdown_grace_s = 5;
   size_t http_threads = 0;
-  std::string precision = "exact";
+  std::string precision = "fast";
 };
 
 // Lifecycle lines go to stderr in a fixed form: scripts and tests read them.
@@ -134,7 +134,7 @@ int main(int argc, char** argv) {
   app.add_option("--max-queue", engine.max_queue, "Requests waiting for a place before new ones get 503")->capture_default_str()->check(CLI::PositiveNumber);
   app.add_option("--threads", o.model.backend.threads, "CPU compute threads (0: one per core)")->capture_default_str()->check(CLI::NonNegativeNumber);
   app.add_option("--device", o.model.backend.device, "cpu")->capture_default_str();
-  app.add_option("--precision", o.precision, "exact (fp32 throughout) or fast (bf16 matrix operands where the CPU has them)")->capture_default_str();
+  app.add_option("--precision", o.precision, "fast (bf16 matrix operands where the CPU multiplies bf16, fp32 accumulation) or exact (fp32 throughout)")->capture_default_str();
   app.add_option("--http-threads", o.http_threads, "Connections served at once (0: max(64, 4 x max-batch))")->capture_default_str();
   app.add_option("--max-body-mb", o.max_body_mb, "Largest request body in MiB")->capture_default_str()->check(CLI::PositiveNumber);
   app.add_option("--shutdown-grace", o.shutdown_grace_s, "Seconds in-flight requests get to finish at shutdown")->capture_default_str()->check(CLI::NonNegativeNumber);

@@ -22,7 +22,7 @@ struct Options {
   m1::GenerationParams gen;
   std::optional<uint64_t> seed;
   int threads = 0;
-  std::string device = "cpu", precision = "exact";
+  std::string device = "cpu", precision = "fast";
   fs::path logits_out;
   bool ignore_eos = false;
 };
@@ -123,7 +123,7 @@ int main(int argc, char** argv) {
   app.add_option("--threads", o.threads, "CPU threads (0: one per core)")->capture_default_str()->check(CLI::NonNegativeNumber);
   app.add_option("--prefill-chunk", o.gen.prefill_chunk, "Prompt tokens per forward step")->capture_default_str()->check(CLI::PositiveNumber);
   app.add_option("--device", o.device, "cpu")->capture_default_str();
-  app.add_option("--precision", o.precision, "exact: fp32 activations and accumulation")->capture_default_str();
+  app.add_option("--precision", o.precision, "fast (bf16 matrix operands where the CPU multiplies bf16, fp32 accumulation) or exact (fp32 throughout)")->capture_default_str();
   app.add_option("--logits-out", o.logits_out, "Write float32 logits of every prompt position to FILE");
   app.add_flag("--ignore-eos", o.ignore_eos, "Keep generating past the end-of-turn token");
   CLI11_PARSE(app, argc, argv);

@@ -165,7 +165,7 @@ namespace m1 {
 struct BackendOptions {
   std::string device = "cpu";  // "cpu" (or "cuda" once built with it)
   int threads = 0;             // CPU worker threads; 0: one per core
-  Precision precision = Precision::kExact;
+  Precision precision = Precision::kFast;  // the tools' default too: see README, Correctness
   // Run the naive reference kernels (the oracle the fast kernels are tested against).
   bool reference_kernels = false;
 };
