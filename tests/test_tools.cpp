@@ -171,7 +171,7 @@ TEST_F(ToolsTest, GenerateLogitsMatchTheGolden) {
   std::vector<int32_t> tokens = meta["tokens"];
   fs::path logits_file = dir_ / "logits.f32";
   Result r = run(tool("m1-generate") + " --model " + golden + " --prompt-ids " + ids_csv(tokens) +
-              " --max-tokens 32 --temperature 0 --prefill-chunk 100 --ignore-eos --logits-out " + logits_file.string());
+              " --max-tokens 32 --temperature 0 --prefill-chunk 100 --ignore-eos --precision exact --logits-out " + logits_file.string());
   ASSERT_EQ(r.status, 0) << r.err;
   std::string got = read_file(logits_file), want = read_file(golden + "/golden_logits.f32");
   ASSERT_EQ(got.size(), want.size());
