@@ -5,13 +5,15 @@
 # machines drift 10-20% between runs; medians over rounds are compared. Decode is also put against
 # its limit: weight bytes read per token over the read bandwidth m1-bench measures in each round.
 #   benchmarks/compare_llamacpp.sh MODEL_DIR [THREADS]
-# Environment: ROUNDS (default 3); M1_BENCH, the m1-bench binary (default build/bin/m1-bench);
+# Environment: ROUNDS (default 3); PRECISION, m1's (default fast: like llama.cpp's BF16 path, it
+# multiplies bf16 operands); M1_BENCH, the m1-bench binary (default build/bin/m1-bench);
 # M1_SHARED_DIR (default ../shared next to the repository).
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 model="$(cd "${1:?usage: compare_llamacpp.sh MODEL_DIR [THREADS]}" && pwd)"
 threads="${2:-2}"
 rounds="${ROUNDS:-3}"
+precision="${PRECISION:-fast}"
 m1_bench="${M1_BENCH:-$repo/build/bin/m1-bench}"
 peer="${M1_SHARED_DIR:-$repo/../shared}/peers/llamacpp/bench.sh"
 [ -x "$m1_bench" ] || { echo "compare_llamacpp: $m1_bench not found (build m1-bench, or set M1_BENCH)" >&2; exit 1; }
@@ -28,7 +30,7 @@ logged() {
 for round in $(seq 1 "$rounds"); do
   echo "compare_llamacpp: round $round/$rounds: m1" >&2
   # Build a context of 0 or 4096 tokens, time 512 more; decode 64 at that depth.
-  logged "$m1_bench" --model "$model" --threads "$threads" --variants hybrid --contexts 0,4k --prefill-tokens 512 \
+  logged "$m1_bench" --model "$model" --threads "$threads" --precision "$precision" --variants hybrid --contexts 0,4k --prefill-tokens 512 \
     --decode-tokens 64 --repeats 1 --measure-bandwidth --json "$work/m1-$round.json"
   echo "compare_llamacpp: round $round/$rounds: llama.cpp$([ "$round" = 1 ] && echo ' (builds and converts once: minutes)')" >&2
   logged "$peer" "$model" "$threads" -p 512 -n 64 -d 0,4096 -r 1 -o json

@@ -14,6 +14,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "test_support.h"
+
 namespace {
 
 namespace fs = std::filesystem;
@@ -21,27 +23,10 @@ using nlohmann::json;
 
 const std::string kBench = std::string(M1_BIN_DIR) + "/m1-bench";
 
-struct Result {
-  int status = -1;
-  std::string out, err;
-};
+using m1::testing::read_file;
+using Result = m1::testing::CommandResult;
 
-std::string read_file(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(in), {});
-}
-
-Result run_bench(const std::string& args, const fs::path& dir) {
-  const fs::path err = dir / "stderr";
-  Result r;
-  FILE* p = ::popen((kBench + " " + args + " 2>" + err.string()).c_str(), "r");
-  char buf[4096];
-  for (size_t n; (n = std::fread(buf, 1, sizeof buf, p)) > 0;) r.out.append(buf, n);
-  const int status = ::pclose(p);
-  r.status = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  r.err = read_file(err);
-  return r;
-}
+Result run_bench(const std::string& args) { return m1::testing::run_command(kBench + " " + args); }
 
 // True when every element opened in `svg` is closed, in order (comments and attributes aside,
 // the SVG writer emits nothing a tag scanner would misread).
@@ -76,7 +61,7 @@ class BenchSweep : public ::testing::Test {
     fs::create_directories(dir_);
     result_ = run_bench("--synthetic tiny --contexts 64,128 --decode-tokens 4 --repeats 2 --threads 2 "
                         "--variants hybrid,lightning,softmax --json " + (dir_ / "out.json").string() +
-                        " --svg " + (dir_ / "out.svg").string(), dir_);
+                        " --svg " + (dir_ / "out.svg").string());
     report_ = json::parse(read_file(dir_ / "out.json"), nullptr, false);
     svg_ = read_file(dir_ / "out.svg");
   }
@@ -155,7 +140,7 @@ class BenchErrors : public ::testing::Test {
 
   // Fails with exit status 1 and a single stderr line that names `option`.
   void expect_rejected(const std::string& args, const std::string& option) {
-    const Result r = run_bench(args, dir_);
+    const Result r = run_bench(args);
     EXPECT_EQ(r.status, 1) << args;
     EXPECT_NE(r.err.find(option), std::string::npos) << args << ": " << r.err;
     EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << args << ": " << r.err;

@@ -18,35 +18,17 @@
 #include <nlohmann/json.hpp>
 
 #include "m1/error.h"
+#include "test_support.h"
 
 namespace {
 
 namespace fs = std::filesystem;
 using nlohmann::json;
+using m1::testing::expect_error;
 
 const std::string kShared = M1_SHARED_DIR;
 const std::string kSource = "under-test/config.json";  // the `source` every parse_config call names
 constexpr double kAlpha = 3.5565588200778455;
-
-// Runs fn and checks it throws m1::Error whose single-line message contains every part.
-void expect_error(const std::function<void()>& fn, const std::vector<std::string>& parts) {
-  try {
-    fn();
-  } catch (const m1::Error& e) {
-    std::string message = e.what();
-    EXPECT_EQ(message.find('\n'), std::string::npos) << "message is not one line: " << message;
-    for (const std::string& part : parts)
-      EXPECT_NE(message.find(part), std::string::npos) << "'" << part << "' missing from: " << message;
-    return;
-  } catch (const std::exception& e) {
-    ADD_FAILURE() << "expected m1::Error, got another exception: " << e.what();
-    return;
-  } catch (...) {
-    ADD_FAILURE() << "expected m1::Error, got a non-standard exception";
-    return;
-  }
-  ADD_FAILURE() << "expected m1::Error, nothing was thrown";
-}
 
 // The smallest valid config: only the required fields (H = 16, h = 2, so d = 8).
 json minimal_config() {

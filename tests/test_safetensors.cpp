@@ -3,6 +3,7 @@
 // tensor at fault), Checkpoint::require, and a seeded mutation fuzz.
 
 #include "m1/safetensors.h"
+#include "test_support.h"
 
 #include <unistd.h>
 
@@ -31,29 +32,11 @@ namespace {
 namespace fs = std::filesystem;
 using nlohmann::json;
 using m1::DType;
+using m1::testing::expect_error;
+using m1::testing::read_file;
 
 const fs::path kGolden = fs::path(M1_SHARED_DIR) / "golden";
 constexpr const char* kIndexName = "model.safetensors.index.json";
-
-// Runs fn and checks it throws m1::Error whose single-line message contains every part.
-void expect_error(const std::function<void()>& fn, const std::vector<std::string>& parts) {
-  try {
-    fn();
-  } catch (const m1::Error& e) {
-    std::string message = e.what();
-    EXPECT_EQ(message.find('\n'), std::string::npos) << "message is not one line: " << message;
-    for (const std::string& part : parts)
-      EXPECT_NE(message.find(part), std::string::npos) << "'" << part << "' missing from: " << message;
-    return;
-  } catch (const std::exception& e) {
-    ADD_FAILURE() << "expected m1::Error, got another exception: " << e.what();
-    return;
-  } catch (...) {
-    ADD_FAILURE() << "expected m1::Error, got a non-standard exception";
-    return;
-  }
-  ADD_FAILURE() << "expected m1::Error, nothing was thrown";
-}
 
 // ---- bytes of hand-made files ----
 
@@ -88,10 +71,6 @@ void write_file(const fs::path& path, const std::string& bytes) {
   ASSERT_TRUE(out.flush()) << path;
 }
 
-std::string read_file(const fs::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
-}
 
 json read_json(const fs::path& path) { return json::parse(read_file(path)); }
 

@@ -13,6 +13,7 @@
 
 #include "m1/model.h"
 #include "m1/synthetic.h"
+#include "test_support.h"
 
 namespace m1 {
 namespace {
@@ -21,29 +22,12 @@ namespace fs = std::filesystem;
 const std::string kBin = M1_BIN_DIR;
 const std::string kShared = M1_SHARED_DIR;
 
-struct Result {
-  int status = -1;
-  std::string out, err;
-};
+using m1::testing::CommandResult;
+using m1::testing::read_file;
+using Result = CommandResult;
 
-std::string read_file(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(in), {});
-}
-
-// Runs a shell command line from the test's scratch directory, capturing stdout and stderr.
 Result run(const std::string& command, const std::string& stdin_text = "") {
-  fs::path err = fs::temp_directory_path() / ("m1-tools-stderr-" + std::to_string(::getpid()));
-  fs::path in = fs::temp_directory_path() / ("m1-tools-stdin-" + std::to_string(::getpid()));
-  std::ofstream(in) << stdin_text;
-  Result r;
-  FILE* p = ::popen((command + " <" + in.string() + " 2>" + err.string()).c_str(), "r");
-  char buf[4096];
-  for (size_t n; (n = std::fread(buf, 1, sizeof buf, p)) > 0;) r.out.append(buf, n);
-  int status = ::pclose(p);
-  r.status = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  r.err = read_file(err);
-  return r;
+  return m1::testing::run_command(command, stdin_text);
 }
 
 std::string tool(const std::string& name) { return kBin + "/" + name; }

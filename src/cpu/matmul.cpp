@@ -6,10 +6,13 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdlib>
 #include <cstring>
 #include <string_view>
 #include <vector>
+
+#include "cpu/vectorize.h"
 
 namespace m1::cpu {
 namespace {
@@ -236,6 +239,73 @@ void tile_scalar(const Tile& t) {
     }
 }
 
+// ---- Row-major products a b (no transpose): broadcast a, stream rows of b ----
+
+// R rows of a against V vectors of 16 columns of b; with Masked, the last vector is only `tail`
+// columns wide. (Masked loads inside the loop make GCC 12 keep the accumulators in memory, so full
+// vectors get a mask-free instance.)
+template <int R, int V, bool Masked>
+__attribute__((target("avx512f"))) void nn_tile_avx512(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t k,
+                                                       float* out, int64_t ldo, int tail) {
+  __m512 acc[R][V];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) acc[r][v] = _mm512_setzero_ps();
+  const __mmask16 last = Masked ? __mmask16((1u << tail) - 1) : __mmask16(0xffff);
+  for (int64_t p = 0; p < k; ++p) {
+    __m512 bv[V];
+    for (int v = 0; v < V; ++v)
+      bv[v] = Masked && v + 1 == V ? _mm512_maskz_loadu_ps(last, b + p * ldb + 16 * v) : _mm512_loadu_ps(b + p * ldb + 16 * v);
+    for (int r = 0; r < R; ++r) {
+      const __m512 av = _mm512_set1_ps(a[r * lda + p]);
+      for (int v = 0; v < V; ++v) acc[r][v] = _mm512_fmadd_ps(av, bv[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) {
+      if (Masked && v + 1 == V)
+        _mm512_mask_storeu_ps(out + r * ldo + 16 * v, last, acc[r][v]);
+      else
+        _mm512_storeu_ps(out + r * ldo + 16 * v, acc[r][v]);
+    }
+}
+
+using NnTileFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, float*, int64_t, int);
+
+template <bool Masked, int... I>
+constexpr std::array<NnTileFn, 16> nn_tiles(std::integer_sequence<int, I...>) {
+  return {&nn_tile_avx512<I / 4 + 1, I % 4 + 1, Masked>...};
+}
+// [(rows - 1) * 4 + vectors - 1]
+constexpr std::array<NnTileFn, 16> kNnTiles = nn_tiles<false>(std::make_integer_sequence<int, 16>{});
+constexpr std::array<NnTileFn, 16> kNnTilesMasked = nn_tiles<true>(std::make_integer_sequence<int, 16>{});
+
+void gemm_nn_avx512(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t m, int64_t n, int64_t k, float* out,
+                    int64_t ldo) {
+  for (int64_t j = 0; j < n; j += 64) {
+    const int64_t cols = std::min<int64_t>(64, n - j), vectors = (cols + 15) / 16;
+    const int tail = int(cols - 16 * (vectors - 1));
+    const auto& tiles = tail == 16 ? kNnTiles : kNnTilesMasked;
+    for (int64_t i = 0; i < m; i += 4) {
+      const int64_t r = std::min<int64_t>(4, m - i);
+      tiles[size_t((r - 1) * 4 + vectors - 1)](a + i * lda, lda, b + j, ldb, k, out + i * ldo + j, ldo, tail);
+    }
+  }
+}
+
+M1_VECTOR_CLONES void gemm_nn_portable(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t m, int64_t n,
+                                       int64_t k, float* out, int64_t ldo) {
+  for (int64_t i = 0; i < m; ++i) {
+    float* o = out + i * ldo;
+    for (int64_t j = 0; j < n; ++j) o[j] = 0.0f;
+    for (int64_t p = 0; p < k; ++p) {
+      const float av = a[i * lda + p];
+      const float* row = b + p * ldb;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) o[j] += av * row[j];
+    }
+  }
+}
+
 // ---- Dispatch: kernels[r - 1][c - 1] computes an r x c tile ----
 
 using TileFn = void (*)(const Tile&);
@@ -403,6 +473,26 @@ void matmul_batch(ThreadPool& pool, std::span<const MatmulJob> jobs, Operands op
 void matmul(ThreadPool& pool, const Mat& x, const Weight& w, Mat out, Operands operands) {
   const MatmulJob job{x, w, out};
   matmul_batch(pool, {&job, 1}, operands);
+}
+
+void gemm_nt(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t m, int64_t n, int64_t k, float* out,
+             int64_t ldo) {
+  const int64_t max_r = kIsa == Isa::kAvx512 ? 4 : 2;
+  for (int64_t j = 0; j < n; j += 4) {
+    const int64_t c = std::min<int64_t>(4, n - j);
+    for (int64_t i = 0; i < m; i += max_r) {
+      const int64_t r = std::min(max_r, m - i);
+      kTiles<DType::kF32, false>.kernels[r - 1][c - 1](Tile{x + i * ldx, ldx, w + j * ldw, ldw, k, out + i * ldo + j, ldo});
+    }
+  }
+}
+
+void gemm_nn(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t m, int64_t n, int64_t k, float* out,
+             int64_t ldo) {
+  if (kIsa == Isa::kAvx512)
+    gemm_nn_avx512(a, lda, b, ldb, m, n, k, out, ldo);
+  else
+    gemm_nn_portable(a, lda, b, ldb, m, n, k, out, ldo);
 }
 
 void matmul_reference(const Mat& x, const Weight& w, Mat out, Operands operands) {

@@ -26,6 +26,17 @@ struct MatmulJob {
 };
 void matmul_batch(ThreadPool& pool, std::span<const MatmulJob> jobs, Operands operands);
 
+// Single-threaded fp32 products, the building blocks of kernels that do their own threading
+// (attention). In both, a row's result does not depend on the other rows.
+// out (m x n, row stride ldo) = x (m x k, stride ldx) times w (n x k, stride ldw)^T: dot products,
+// best when m is small.
+void gemm_nt(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t m, int64_t n, int64_t k, float* out,
+             int64_t ldo);
+// out (m x n, row stride ldo) = a (m x k, stride lda) times b (k x n, stride ldb): rows of b
+// scaled and summed over k in order, best when m is large.
+void gemm_nn(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t m, int64_t n, int64_t k, float* out,
+             int64_t ldo);
+
 // The oracle: one thread, double accumulation, with the same operand rounding as `operands` asks.
 void matmul_reference(const Mat& x, const Weight& w, Mat out, Operands operands = Operands::kFp32);
 

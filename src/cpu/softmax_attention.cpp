@@ -3,7 +3,9 @@
 #include <algorithm>
 #include <cmath>
 
+#include "cpu/matmul.h"
 #include "cpu/vectorize.h"
+#include "fast_exp.h"
 
 namespace m1::cpu {
 
@@ -31,58 +33,72 @@ void apply_rope(float* x, int64_t rows, int64_t stride, int64_t heads, int64_t d
 namespace {
 
 constexpr int64_t kKeyTile = 64;
+// From this many query vectors on, transposing each key tile pays for itself. The choice depends
+// only on the sequence's own block, never on other sequences in the step.
+constexpr int64_t kQueriesToTranspose = 16;
 
-M1_INLINE float dot(const float* a, const float* b, int64_t n) {
-  float s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
+// Online-softmax update of one query vector's running state with its scores against one key tile
+// (the first `visible` of them unmasked): turns the scores into weights in place and returns the
+// factor the earlier accumulation must be scaled by.
+M1_INLINE float absorb_scores(float* scores, int64_t tile, int64_t visible, float& max, float& sum) {
+  float tile_max = -INFINITY;
+  for (int64_t j = 0; j < visible; ++j) tile_max = std::max(tile_max, scores[j]);
+  const float new_max = std::max(max, tile_max);
+  float tile_sum = 0;
+#pragma omp simd reduction(+ : tile_sum)
+  for (int64_t j = 0; j < visible; ++j) tile_sum += scores[j] = exp_nonpositive(scores[j] - new_max);
+  for (int64_t j = std::max<int64_t>(visible, 0); j < tile; ++j) scores[j] = 0.0f;
+  const float rescale = visible > 0 ? exp_nonpositive(max - new_max) : 1.0f;
+  sum = sum * rescale + tile_sum;
+  max = visible > 0 ? new_max : max;
+  return rescale;
 }
 
 }  // namespace
 
 M1_VECTOR_CLONES void attention_group(const AttentionGroup& g, AttentionScratch& s) {
-  const float scale = 1.0f / std::sqrt(float(g.d));
-  const int64_t queries = g.count * g.heads, keys_needed = g.pos0 + g.count;
-  s.scores.resize(size_t(kKeyTile));
-  s.acc.assign(size_t(queries * g.d), 0.0f);
+  // Query vector (row i, head h) is row i * heads + h of the packed block, pre-scaled by 1/sqrt(d).
+  const int64_t queries = g.count * g.heads, d = g.d, keys_needed = g.pos0 + g.count;
+  const float scale = 1.0f / std::sqrt(float(d));
+  s.q.resize(size_t(queries * d));
+  for (int64_t i = 0; i < g.count; ++i)
+    for (int64_t h = 0; h < g.heads; ++h)
+      for (int64_t c = 0; c < d; ++c) s.q[size_t((i * g.heads + h) * d + c)] = g.q[i * g.q_stride + h * d + c] * scale;
+  s.scores.resize(size_t(queries * kKeyTile));
+  s.keys_t.resize(size_t(d * kKeyTile));
+  s.partial.resize(size_t(queries * d));
+  s.acc.assign(size_t(queries * d), 0.0f);
   s.max.assign(size_t(queries), -INFINITY);
   s.sum.assign(size_t(queries), 0.0f);
   for (int64_t t0 = 0; t0 < keys_needed; t0 += kKeyTile) {
-    for (int64_t i = 0; i < g.count; ++i) {
-      const int64_t visible = std::min(t0 + kKeyTile, g.pos0 + i + 1) - t0;  // keys of this tile row i sees
-      if (visible <= 0) continue;
-      for (int64_t h = 0; h < g.heads; ++h) {
-        const int64_t qi = i * g.heads + h;
-        const float* q = g.q + i * g.q_stride + h * g.d;
-        float tile_max = -INFINITY;
-        for (int64_t j = 0; j < visible; ++j) {
-          s.scores[size_t(j)] = dot(q, g.keys + (t0 + j) * g.kv_stride, g.d) * scale;
-          tile_max = std::max(tile_max, s.scores[size_t(j)]);
-        }
-        const float new_max = std::max(s.max[size_t(qi)], tile_max);
-        const float rescale = std::exp(s.max[size_t(qi)] - new_max);
-        float* acc = s.acc.data() + qi * g.d;
-        float tile_sum = 0;
-        for (int64_t c = 0; c < g.d; ++c) acc[c] *= rescale;
-        for (int64_t j = 0; j < visible; ++j) {
-          const float p = std::exp(s.scores[size_t(j)] - new_max);
-          tile_sum += p;
-          const float* v = g.values + (t0 + j) * g.kv_stride;
+    const int64_t tile = std::min(kKeyTile, keys_needed - t0);
+    if (queries < kQueriesToTranspose) {
+      gemm_nt(s.q.data(), d, g.keys + t0 * g.kv_stride, g.kv_stride, queries, tile, d, s.scores.data(), kKeyTile);
+    } else {
+      for (int64_t j = 0; j < tile; ++j)  // the tile's keys transposed: d rows of `tile` columns
+        for (int64_t c = 0; c < d; ++c) s.keys_t[size_t(c * kKeyTile + j)] = g.keys[(t0 + j) * g.kv_stride + c];
+      gemm_nn(s.q.data(), d, s.keys_t.data(), kKeyTile, queries, tile, d, s.scores.data(), kKeyTile);
+    }
+    s.rescale.resize(size_t(queries));
+    for (int64_t qi = 0; qi < queries; ++qi) {
+      const int64_t visible = std::min(tile, g.pos0 + qi / g.heads + 1 - t0);  // causal: row i sees keys <= pos0 + i
+      s.rescale[size_t(qi)] = absorb_scores(s.scores.data() + qi * kKeyTile, tile, visible, s.max[size_t(qi)], s.sum[size_t(qi)]);
+    }
+    gemm_nn(s.scores.data(), kKeyTile, g.values + t0 * g.kv_stride, g.kv_stride, queries, d, tile, s.partial.data(), d);
+    for (int64_t qi = 0; qi < queries; ++qi) {
+      float* acc = s.acc.data() + qi * d;
+      const float* part = s.partial.data() + qi * d;
+      const float r = s.rescale[size_t(qi)];
 #pragma omp simd
-          for (int64_t c = 0; c < g.d; ++c) acc[c] += p * v[c];
-        }
-        s.sum[size_t(qi)] = s.sum[size_t(qi)] * rescale + tile_sum;
-        s.max[size_t(qi)] = new_max;
-      }
+      for (int64_t c = 0; c < d; ++c) acc[c] = acc[c] * r + part[c];
     }
   }
   for (int64_t i = 0; i < g.count; ++i)
     for (int64_t h = 0; h < g.heads; ++h) {
       const int64_t qi = i * g.heads + h;
       const float inv = 1.0f / s.sum[size_t(qi)];
-      float* o = g.out + i * g.out_stride + h * g.d;
-      for (int64_t c = 0; c < g.d; ++c) o[c] = s.acc[size_t(qi * g.d + c)] * inv;
+      float* o = g.out + i * g.out_stride + h * d;
+      for (int64_t c = 0; c < d; ++c) o[c] = s.acc[size_t(qi * d + c)] * inv;
     }
 }
 

@@ -30,11 +30,12 @@ struct AttentionGroup {
 
 // Reused buffers of one thread.
 struct AttentionScratch {
-  std::vector<float> scores, acc, max, sum;
+  std::vector<float> q, keys_t, scores, partial, acc, max, sum, rescale;
 };
 
-// Online softmax over tiles of keys at fixed absolute positions: each key tile is read once for
-// all rows and heads of the group, and a row's result does not depend on how the prompt was
+// Flash-style: for each tile of keys at fixed absolute positions, scores of every query vector of
+// the group against the tile, then the weighted values, both as register-tiled matrix products,
+// folded into running online-softmax sums. A row's result does not depend on how the prompt was
 // chunked or which rows share its block.
 void attention_group(const AttentionGroup& g, AttentionScratch& scratch);
 // The oracle: double accumulation, plain two-pass softmax, head by head.
