@@ -21,7 +21,7 @@ struct LightningHead {
 };
 
 // Chunked form in blocks of `block` tokens: per block, O = (Q*qdec) S + ((Q K^T) * D) V, then
-// S <- exp(-s B) S + (K*kdec)^T V. Linear in count.
+// S <- exp(-s B) S + (K*kdec)^T V, each product on the register-tiled kernels. Linear in count.
 void lightning_chunked(const LightningHead& h, int64_t block);
 // One token: S <- exp(-s) S + k^T v and o = q S in a single pass over S.
 void lightning_decode_token(const LightningHead& h);
