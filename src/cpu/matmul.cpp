@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <array>
+#include <bit>
 #include <cstdlib>
 #include <cstring>
 #include <string_view>
@@ -336,8 +337,9 @@ struct TileTable {
 template <DType T, bool Bf16>
 constexpr TileTable<T, Bf16> kTiles{};
 
-constexpr int64_t kBlockRows = 64;      // x rows per prefill task
-constexpr int64_t kMatvecOutputs = 256;  // weight rows per decode task
+constexpr int64_t kBlockRows = 64;       // x rows per prefill task
+constexpr int64_t kSkinnyRows = 16;      // up to this many x rows, weight rows stream once each
+constexpr int64_t kSkinnyOutputs = 256;  // weight rows per task of a skinny product
 // Weight rows per prefill task: a block widened to fp32 (rows x k floats) should stay within L2.
 int64_t block_outputs(int64_t k) { return std::clamp<int64_t>((256 << 10) / (k * 4) / 4 * 4, 4, 64); }
 
@@ -350,8 +352,9 @@ struct Product {
   bool bf16;
 
   int64_t row_blocks() const { return (rows + kBlockRows - 1) / kBlockRows; }
+  bool skinny() const { return rows <= kSkinnyRows; }
   int64_t tasks() const {
-    if (rows == 1) return (w.rows + kMatvecOutputs - 1) / kMatvecOutputs;
+    if (skinny()) return (w.rows + kSkinnyOutputs - 1) / kSkinnyOutputs;
     return row_blocks() * ((w.rows + block_outputs(w.cols) - 1) / block_outputs(w.cols));
   }
 };
@@ -359,22 +362,41 @@ struct Product {
 template <DType T>
 thread_local std::vector<float> widened;  // a weight block converted to fp32, reused
 
-// Decode: one row of x against a block of weight rows, each row streamed alone (several
-// interleaved row streams reach only about half the memory bandwidth).
+// Decode steps (a few rows of x): weight rows are streamed one at a time, each met by every row
+// of x, four at a time, while it is in cache (several interleaved weight-row streams reach only
+// about half the memory bandwidth). One row of x takes the tight one-row kernels.
 template <DType T, bool Bf16>
-void matvec_task(const Product& p, int64_t task) {
+void skinny_task(const Product& p, int64_t task) {
   const Weight& w = p.w;
-  const int64_t begin = task * kMatvecOutputs, end = std::min(w.rows, begin + kMatvecOutputs);
+  const int64_t begin = task * kSkinnyOutputs, end = std::min(w.rows, begin + kSkinnyOutputs);
   const auto* rows = static_cast<const Stored<T>*>(w.data);
-  if constexpr (Bf16) {
-    for (int64_t j = begin; j < end; ++j) p.out.data[j] = row_dot_avx512_bf16(at<uint16_t>(p.x, 0), rows + j * w.cols, w.cols);
-  } else {
-    if (kIsa == Isa::kAvx512) {
-      for (int64_t j = begin; j < end; ++j) p.out.data[j] = row_dot_avx512<T>(at<float>(p.x, 0), rows + j * w.cols, w.cols);
-      return;
+  if (p.rows == 1 && (Bf16 || kIsa == Isa::kAvx512)) {
+    for (int64_t j = begin; j < end; ++j) {
+      if constexpr (Bf16)
+        p.out.data[j] = row_dot_avx512_bf16(at<uint16_t>(p.x, 0), rows + j * w.cols, w.cols);
+      else
+        p.out.data[j] = row_dot_avx512<T>(at<float>(p.x, 0), rows + j * w.cols, w.cols);
     }
-    for (int64_t j = begin; j < end; ++j)
-      kTiles<T, false>.kernels[0][0](Tile{p.x, w.cols, rows + j * w.cols, w.cols, w.cols, p.out.data + j, 1});
+    return;
+  }
+  const int64_t max_r = Bf16 || kIsa == Isa::kAvx512 ? 4 : 2;
+  const size_t x_size = Bf16 ? sizeof(uint16_t) : sizeof(float);
+  for (int64_t j = begin; j < end; ++j)
+    for (int64_t i = 0; i < p.rows; i += max_r) {
+      const int64_t r = std::min(max_r, p.rows - i);
+      const void* xi = static_cast<const char*>(p.x) + size_t(i * w.cols) * x_size;
+      kTiles<T, Bf16>.kernels[r - 1][0](Tile{xi, w.cols, rows + j * w.cols, w.cols, w.cols, p.out.data + i * p.out.cols + j,
+                                             p.out.cols});
+    }
+}
+
+// Widens `n` stored weights to fp32 (exact).
+template <DType T>
+void widen(const Stored<T>* in, size_t n, float* out) {
+  if constexpr (T == DType::kBF16) {
+    for (size_t i = 0; i < n; ++i) out[i] = std::bit_cast<float>(uint32_t(in[i]) << 16);
+  } else {
+    for (size_t i = 0; i < n; ++i) out[i] = load_as_f32(in, T, i);
   }
 }
 
@@ -386,13 +408,13 @@ void blocked_task(const Product& p, int64_t task) {
   const int64_t max_r = Bf16 || kIsa == Isa::kAvx512 ? 4 : 2, outputs = block_outputs(w.cols);
   const int64_t i0 = (task % p.row_blocks()) * kBlockRows, j0 = (task / p.row_blocks()) * outputs;
   const int64_t i1 = std::min(p.rows, i0 + kBlockRows), j1 = std::min(w.rows, j0 + outputs);
-  constexpr bool widen = !Bf16 && T != DType::kF32;
-  constexpr DType kBlockType = widen ? DType::kF32 : T;
+  constexpr bool kWiden = !Bf16 && T != DType::kF32;
+  constexpr DType kBlockType = kWiden ? DType::kF32 : T;
   const void* block = weight_at<T>(w.data, j0 * w.cols);
-  if constexpr (widen) {
+  if constexpr (kWiden) {
     std::vector<float>& f = widened<T>;
     f.resize(size_t((j1 - j0) * w.cols));
-    for (size_t i = 0; i < f.size(); ++i) f[i] = load_as_f32(block, T, i);
+    cpu::widen<T>(static_cast<const Stored<T>*>(block), f.size(), f.data());
     block = f.data();
   }
   const size_t x_size = Bf16 ? sizeof(uint16_t) : sizeof(float);
@@ -410,8 +432,8 @@ void blocked_task(const Product& p, int64_t task) {
 
 template <DType T, bool Bf16>
 void product_task(const Product& p, int64_t task) {
-  if (p.rows == 1)
-    matvec_task<T, Bf16>(p, task);
+  if (p.skinny())
+    skinny_task<T, Bf16>(p, task);
   else
     blocked_task<T, Bf16>(p, task);
 }
