@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Installs the Debian packages m1 builds and tests with, when any are missing. As root it runs
-# apt-get; otherwise it prints the exact command to run and fails.
+# apt-get; otherwise it prints the exact command to run and fails. Packages named as arguments
+# are checked too (`make fuzz` adds clang, which nothing else needs).
 set -euo pipefail
 
 packages=(
   build-essential cmake pkg-config
   nlohmann-json3-dev libfmt-dev libspdlog-dev libcli11-dev libpcre2-dev libcpp-httplib-dev
   libgtest-dev libgmock-dev libbenchmark-dev
+  "$@"
 )
 
 missing=()

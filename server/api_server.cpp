@@ -1,5 +1,7 @@
 #include "api_server.h"
 
+#include <sys/socket.h>
+
 #include <algorithm>
 
 #include <fmt/format.h>
@@ -71,6 +73,7 @@ const std::vector<ApiServer::Route> ApiServer::kRoutes = {
 
 ApiServer::ApiServer(HttpOptions options) : options_(std::move(options)), started_at_(unix_seconds()) {
   http_.new_task_queue = [threads = options_.threads] { return new httplib::ThreadPool(threads); };
+  http_.set_socket_options([this](socket_t socket) { prepare_listening_socket(socket); });
   http_.set_payload_max_length(options_.max_body_bytes);
   http_.set_error_handler(httplib::Server::HandlerWithResponse(
       [this](const httplib::Request& request, httplib::Response& response) { return on_http_error(request, response); }));
@@ -84,7 +87,19 @@ ApiServer::ApiServer(HttpOptions options) : options_(std::move(options)), starte
 int ApiServer::bind(const std::string& host, int port) {
   const int bound = port == 0 ? http_.bind_to_any_port(host) : (http_.bind_to_port(host, port) ? port : -1);
   if (bound < 0) fail("cannot listen on {}:{} (address in use or not available)", host, port);
+  // httplib listens with a backlog of 5, built into the library: a burst of clients connecting
+  // at once overflows it and some of them have their connection reset. Listening again on the
+  // bound socket raises the backlog.
+  ::listen(listening_socket_, SOMAXCONN);
   return bound;
+}
+
+// httplib's default sets SO_REUSEPORT, with which a second server binds a port already served
+// and takes a share of its connections; SO_REUSEADDR alone still allows a quick restart.
+void ApiServer::prepare_listening_socket(socket_t socket) {
+  const int yes = 1;
+  ::setsockopt(socket, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof yes);
+  listening_socket_ = socket;
 }
 
 void ApiServer::listen() { http_.listen_after_bind(); }

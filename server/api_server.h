@@ -50,6 +50,7 @@ class ApiServer {
     bool needs_key;
   };
 
+  void prepare_listening_socket(socket_t socket);
   void add_routes();
   void guarded(const Route& route, const httplib::Request& request, httplib::Response& response);
   void check_api_key(const httplib::Request& request) const;
@@ -77,6 +78,7 @@ class ApiServer {
   InflightRequests inflight_;
   ResponseCounter responses_;
   int64_t started_at_;  // Unix seconds: the served model's `created`
+  socket_t listening_socket_ = INVALID_SOCKET;
 };
 
 }  // namespace m1::server

@@ -30,6 +30,7 @@ struct Options {
   std::string host = "127.0.0.1";
   int port = 8080;
   double max_body_mb = 8;
+  double max_state_mb = 0;
   double shutdown_grace_s = 5;
   size_t http_threads = 0;
   std::string precision = "fast";
@@ -132,6 +133,7 @@ int main(int argc, char** argv) {
   app.add_option("--max-context", engine.max_context, "Prompt + generated tokens per sequence (0: the model's maximum)")->capture_default_str()->check(CLI::NonNegativeNumber);
   app.add_option("--step-tokens", engine.step_tokens, "New tokens per forward step (decode tokens + prefill chunks)")->capture_default_str()->check(CLI::PositiveNumber);
   app.add_option("--max-queue", engine.max_queue, "Requests waiting for a place before new ones get 503")->capture_default_str()->check(CLI::PositiveNumber);
+  app.add_option("--max-state-mb", o.max_state_mb, "MiB of sequence state (KV caches, lightning states) admitted requests may hold at their largest; more wait in the queue (0: no limit)")->capture_default_str()->check(CLI::NonNegativeNumber);
   app.add_option("--threads", o.model.backend.threads, "CPU compute threads (0: one per core)")->capture_default_str()->check(CLI::NonNegativeNumber);
   app.add_option("--device", o.model.backend.device, "cpu")->capture_default_str();
   app.add_option("--precision", o.precision, "fast (bf16 matrix operands where the CPU multiplies bf16, fp32 accumulation) or exact (fp32 throughout)")->capture_default_str();
@@ -147,6 +149,7 @@ int main(int argc, char** argv) {
   try {
     o.model.backend.precision = m1::parse_precision(o.precision);
     o.http.max_body_bytes = size_t(o.max_body_mb * 1024 * 1024);
+    engine.max_state_bytes = int64_t(o.max_state_mb * 1024 * 1024);
     o.http.threads = o.http_threads > 0 ? o.http_threads : size_t(std::max<int64_t>(64, 4 * engine.max_batch));
     return serve(o);
   } catch (const std::exception& error) {

@@ -42,6 +42,8 @@ std::string prometheus_text(const std::map<int, int64_t>& responses_by_status, c
   single(out, "m1_generation_tokens_total", "counter", "Tokens generated.", engine.generated_tokens);
   single(out, "m1_requests_waiting", "gauge", "Requests queued for a place in the batch.", engine.waiting);
   single(out, "m1_requests_running", "gauge", "Sequences in the batch (each choice counts).", engine.running);
+  single(out, "m1_state_bytes", "gauge", "Sequence-state bytes reserved by the requests in the batch, at their largest.",
+         engine.state_bytes);
 
   header(out, "m1_engine_requests_total", "counter", "Engine requests by outcome; started counts every accepted one.");
   for (const auto& [outcome, count] : {std::pair{"started", engine.requests_started},

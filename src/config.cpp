@@ -179,6 +179,9 @@ ModelConfig parse_config(const json& j, const std::string& source) {
 }
 
 ModelConfig load_config(const std::filesystem::path& path) {
+  std::error_code ec;
+  if (std::filesystem::exists(path, ec) && !std::filesystem::is_regular_file(path, ec))
+    fail("{}: not a regular file", path.string());
   std::ifstream in(path);
   if (!in) fail("{}: cannot open (does the model directory hold a config.json?)", path.string());
   json j = json::parse(in, nullptr, false);

@@ -1,5 +1,7 @@
 #include "m1/engine.h"
 
+#include <malloc.h>
+
 #include <algorithm>
 
 #include <spdlog/spdlog.h>
@@ -9,6 +11,12 @@
 namespace m1 {
 
 using Clock = std::chrono::steady_clock;
+
+namespace {
+
+std::string mib(int64_t bytes) { return fmt::format("{:.2f} MiB", double(bytes) / (1 << 20)); }
+
+}  // namespace
 
 void LatencyHistogram::observe(double seconds) {
   for (size_t i = 0; i < kBounds.size(); ++i) at_most[i] += seconds <= kBounds[i];
@@ -53,6 +61,7 @@ struct Engine::Request {
   std::shared_ptr<RequestStream> stream;
   Clock::time_point submitted;
   int64_t max_new_tokens = 0;  // max_tokens, clamped to the context
+  int64_t state_bytes = 0;     // its choices' state at their largest, reserved while admitted
   std::unique_ptr<SequenceState> prompt_state;
   int64_t prefilled = 0;  // prompt tokens consumed
   std::vector<Sequence> choices;  // created when the prompt is done
@@ -75,7 +84,14 @@ Engine::Engine(Model& model, const Tokenizer& tokenizer, EngineOptions options)
   if (options_.max_context < 0) fail("max_context must be 0 (the model's) or more, got {}", options_.max_context);
   if (options_.max_context > model_max)
     fail("max_context {} is more than the model's max_position_embeddings {}", options_.max_context, model_max);
+  if (options_.max_state_bytes < 0)
+    fail("max_state_bytes must be 0 (no limit) or more, got {}", options_.max_state_bytes);
   max_context_ = options_.max_context > 0 ? options_.max_context : model_max;
+  state_cost_ = measure_state_cost(model);
+  if (options_.max_state_bytes > 0 && state_bytes(max_context_, 1) > options_.max_state_bytes)
+    fail("max_state_bytes: {} cannot hold the state of one sequence of the whole context of {} tokens ({}); "
+         "raise it or lower max_context",
+         mib(options_.max_state_bytes), max_context_, mib(state_bytes(max_context_, 1)));
   thread_ = std::thread([this] { loop(); });
 }
 
@@ -101,11 +117,17 @@ std::shared_ptr<RequestStream> Engine::submit(GenerationRequest params) {
   if (params.n < 1 || params.n > options_.max_batch)
     fail("n must be between 1 and the server's batch size {}, got {}", options_.max_batch, params.n);
   validate(params.sampling);
+  const int64_t max_new_tokens = std::min(params.max_tokens, max_context_ - prompt);
+  const int64_t bytes = state_bytes(prompt + max_new_tokens, params.n);
+  if (options_.max_state_bytes > 0 && bytes > options_.max_state_bytes)
+    fail("n: {} choices of up to {} tokens need {} of sequence state, more than the server's limit of {}", params.n,
+         prompt + max_new_tokens, mib(bytes), mib(options_.max_state_bytes));
 
   auto r = std::make_unique<Request>();
   r->stream = std::make_shared<RequestStream>();
   r->submitted = Clock::now();
-  r->max_new_tokens = std::min(params.max_tokens, max_context_ - prompt);
+  r->max_new_tokens = max_new_tokens;
+  r->state_bytes = bytes;
   r->params = std::move(params);
   auto stream = r->stream;
   {
@@ -138,8 +160,27 @@ void Engine::loop() {
   }
 }
 
-// Moves waiting requests into the batch while their choices fit; drops cancelled ones.
+// Measured on a scratch state rather than computed here: how a state is laid out, and so what
+// it costs, is the backend's business (SequenceState::bytes).
+Engine::StateCost Engine::measure_state_cost(const Model& model) {
+  const auto state = model.new_sequence();
+  const int64_t fixed = int64_t(state->bytes());
+  state->advance(1);
+  return {fixed, int64_t(state->bytes()) - fixed};
+}
+
+int64_t Engine::state_bytes(int64_t tokens, int sequences) const {
+  return sequences * (state_cost_.fixed + state_cost_.per_token * tokens);
+}
+
+// Moves waiting requests into the batch in order of arrival, while their choices fit the batch
+// and their state fits the budget.
 void Engine::admit() {
+  drop_cancelled_waiting();
+  for (auto& r : take_admissible()) start_prefill(std::move(r));
+}
+
+void Engine::drop_cancelled_waiting() {
   std::vector<std::unique_ptr<Request>> dropped;
   {
     std::lock_guard lock(mutex_);
@@ -152,21 +193,48 @@ void Engine::admit() {
       }
   }
   for (auto& r : dropped) end_request(*r, "cancelled");
+}
+
+std::vector<std::unique_ptr<Engine::Request>> Engine::take_admissible() {
   int64_t sequences = 0;
   for (auto& r : running_) sequences += r->params.n;
+  std::vector<std::unique_ptr<Request>> admitted;
   std::lock_guard lock(mutex_);
-  while (!waiting_.empty() && sequences + waiting_.front()->params.n <= options_.max_batch) {
+  const auto fits = [&](const Request& r) {
+    const bool state_fits =
+        options_.max_state_bytes == 0 || stats_.state_bytes + r.state_bytes <= options_.max_state_bytes;
+    return sequences + r.params.n <= options_.max_batch && state_fits;
+  };
+  while (!waiting_.empty() && fits(*waiting_.front())) {
     auto r = std::move(waiting_.front());
     waiting_.pop_front();
     sequences += r->params.n;
-    r->prompt_state = model_.new_sequence();
     r->admitted = true;
     stats_.prompt_tokens += int64_t(r->params.prompt.size());
     stats_.running += r->params.n;
-    running_.push_back(std::move(r));
+    stats_.state_bytes += r->state_bytes;
+    admitted.push_back(std::move(r));
   }
   stats_.waiting = int64_t(waiting_.size());
+  return admitted;
 }
+
+// The prompt's state is allocated on the loop thread; when that fails, the request fails alone.
+void Engine::start_prefill(std::unique_ptr<Request> r) {
+  try {
+    r->prompt_state = model_.new_sequence();
+  } catch (const std::exception& error) {
+    fail_alone(*r, error);
+    return;
+  }
+  running_.push_back(std::move(r));
+}
+
+// One entry of a step: a choice decoding its next token, or a prefill chunk (choice -1).
+struct Engine::Slot {
+  Request* request;
+  int choice;
+};
 
 void Engine::step() {
   // Cancelled requests leave before the step.
@@ -174,13 +242,15 @@ void Engine::step() {
     if (r->stream->cancelled() && !r->ended) end_request(*r, "cancelled");
   retire_finished();
 
-  // Every decoding choice gets its next token; prefills share what is left of the token budget.
-  struct Slot {
-    Request* request;
-    int choice;  // -1: a prefill chunk
-  };
   std::vector<BatchEntry> batch;
   std::vector<Slot> slots;
+  plan_step(batch, slots);
+  if (batch.empty() || !run_forward(batch, slots)) return;
+  take_logits(slots);
+}
+
+// Every decoding choice gets its next token; prefills share what is left of the token budget.
+void Engine::plan_step(std::vector<BatchEntry>& batch, std::vector<Slot>& slots) {
   int64_t budget = options_.step_tokens;
   for (auto& r : running_) {
     if (r->prefilling()) continue;
@@ -201,27 +271,41 @@ void Engine::step() {
     r->prefilled += n;
     budget -= n;
   }
-  if (batch.empty()) return;
+}
 
+// False when the step failed. The model checks every entry before it touches any state
+// (Model::check_batch), and submit() refused what the model would reject, so a step throws only
+// on an internal error or a failed allocation, part way through its layers: by then the layers
+// before have advanced the lightning states (and KV caches) of every entry, so no entry can be
+// retried alone without copies of all their states, taken before every step, which would cost
+// more than the steps themselves. The step's requests fail with the error; the engine goes on
+// with the others and with new ones.
+bool Engine::run_forward(std::span<const BatchEntry> batch, std::span<const Slot> slots) {
   try {
     model_.forward(batch, logits_);
-  } catch (const std::exception& e) {
-    // The step's sequences are in an unknown state: their requests fail, the engine goes on.
-    spdlog::error("forward step failed: {}", e.what());
-    for (const Slot& s : slots) end_request(*s.request, "failed", fmt::format("internal error: {}", e.what()));
-    return;
+  } catch (const std::exception& error) {
+    spdlog::error("forward step of {} sequences failed: {}", batch.size(), error.what());
+    for (const Slot& s : slots) end_request(*s.request, "failed", fmt::format("internal error: {}", error.what()));
+    return false;
   }
-  {
-    std::lock_guard lock(mutex_);
-    ++stats_.steps;
-  }
+  std::lock_guard lock(mutex_);
+  ++stats_.steps;
+  return true;
+}
+
+void Engine::take_logits(std::span<const Slot> slots) {
   for (size_t i = 0; i < slots.size(); ++i) {
     Request& r = *slots[i].request;
-    if (logits_.rows(i) == 0) continue;  // a prefill chunk before the last
-    if (slots[i].choice < 0)
-      start_choices(r, logits_.row(i, 0));
-    else
-      emit_token(r, size_t(slots[i].choice), logits_.row(i, 0));
+    // A prefill chunk before the last has no logits; a request may have failed at an earlier slot.
+    if (logits_.rows(i) == 0 || r.ended) continue;
+    try {
+      if (slots[i].choice < 0)
+        start_choices(r, logits_.row(i, 0));
+      else
+        emit_token(r, size_t(slots[i].choice), logits_.row(i, 0));
+    } catch (const std::exception& error) {
+      fail_alone(r, error);  // e.g. logits the sampler cannot use (NaN), or a failed fork
+    }
   }
 }
 
@@ -289,11 +373,18 @@ void Engine::finish_choice(Request& r, size_t choice, const std::string& reason)
   if (r.all_finished()) end_request(r, "finished");
 }
 
+// A request that hit an error of its own fails; the others in the batch go on.
+void Engine::fail_alone(Request& r, const std::exception& error) {
+  spdlog::error("request failed: {}", error.what());
+  end_request(r, "failed", fmt::format("internal error: {}", error.what()));
+}
+
 // Closes a request: open choices finish with `outcome` ("cancelled" or "failed", reported as
 // finish reason "error" with the message), then kDone with the totals.
 void Engine::end_request(Request& r, const std::string& outcome, const std::string& error) {
   if (r.ended) return;
   r.ended = true;
+  count_end(r, outcome);
   for (int c = 0; c < r.params.n; ++c) {
     if (size_t(c) < r.choices.size() && r.choices[size_t(c)].finished) continue;
     GenerationEvent e;
@@ -309,22 +400,30 @@ void Engine::end_request(Request& r, const std::string& outcome, const std::stri
   done.kind = GenerationEvent::Kind::kDone;
   done.prompt_tokens = int64_t(r.params.prompt.size());
   done.completion_tokens = r.generated;
-  {
-    // Counted before the consumer can see the end, so stats never lag a finished stream.
-    std::lock_guard lock(mutex_);
-    if (r.admitted) stats_.running -= r.params.n;
-    if (outcome == "cancelled")
-      ++stats_.requests_cancelled;
-    else if (outcome == "failed")
-      ++stats_.requests_failed;
-    else
-      ++stats_.requests_finished;
-  }
   r.stream->push(std::move(done));
 }
 
+// Counted before the consumer can see the end (a failed or cancelled choice is one), so stats
+// never lag a finished stream.
+void Engine::count_end(const Request& r, const std::string& outcome) {
+  std::lock_guard lock(mutex_);
+  if (r.admitted) {
+    stats_.running -= r.params.n;
+    stats_.state_bytes -= r.state_bytes;
+  }
+  if (outcome == "cancelled")
+    ++stats_.requests_cancelled;
+  else if (outcome == "failed")
+    ++stats_.requests_failed;
+  else
+    ++stats_.requests_finished;
+}
+
 void Engine::retire_finished() {
-  std::erase_if(running_, [](const std::unique_ptr<Request>& r) { return r->ended; });
+  const size_t retired = std::erase_if(running_, [](const std::unique_ptr<Request>& r) { return r->ended; });
+  // The batch has emptied: glibc keeps what the states and the server's buffers freed in its
+  // arenas, so without a trim a burst of requests leaves the process at its peak footprint.
+  if (retired > 0 && running_.empty()) ::malloc_trim(0);
 }
 
 }  // namespace m1

@@ -15,12 +15,16 @@ double seconds_since(std::chrono::steady_clock::time_point start) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
-// tokenizer_config.json's eos_token: a string, or an object with "content"; empty if absent.
+// tokenizer_config.json's eos_token: a string, or an object with "content"; empty if the file or
+// the field is absent. A file that is there but unreadable is an error, not a silent default.
 std::string configured_eos(const std::filesystem::path& model_dir) {
-  std::ifstream in(model_dir / "tokenizer_config.json");
-  if (!in) return {};
+  const std::filesystem::path path = model_dir / "tokenizer_config.json";
+  std::error_code ec;
+  if (!std::filesystem::exists(path, ec)) return {};
+  std::ifstream in(path);
   auto j = nlohmann::json::parse(in, nullptr, false);
-  if (j.is_discarded() || !j.is_object() || !j.contains("eos_token")) return {};
+  if (j.is_discarded() || !j.is_object()) fail("{}: not a JSON object", path.string());
+  if (!j.contains("eos_token")) return {};
   const auto& eos = j["eos_token"];
   if (eos.is_string()) return eos.get<std::string>();
   if (eos.is_object() && eos.contains("content") && eos["content"].is_string()) return eos["content"].get<std::string>();
@@ -44,6 +48,10 @@ GenerationResult generate(Model& model, const Tokenizer& tokenizer, std::span<co
   if (params.prefill_chunk < 1) fail("prefill_chunk must be at least 1, got {}", params.prefill_chunk);
   if (params.max_tokens < 0) fail("max_tokens must be 0 or more, got {}", params.max_tokens);
   validate(params.sampling);
+  const int64_t context = model.config().max_position_embeddings;
+  if (int64_t(prompt.size()) >= context)
+    fail("prompt: {} tokens leave no room to generate within the model's context of {} tokens", prompt.size(), context);
+  const int64_t max_tokens = std::min(params.max_tokens, context - int64_t(prompt.size()));
 
   GenerationResult result;
   auto seq = model.new_sequence();
@@ -71,7 +79,7 @@ GenerationResult generate(Model& model, const Tokenizer& tokenizer, std::span<co
     on_text(text);
   };
   result.finish_reason = "length";
-  for (int64_t i = 0; i < params.max_tokens; ++i) {
+  for (int64_t i = 0; i < max_tokens; ++i) {
     auto row = logits.row(0, logits.rows(0) - 1);
     int32_t token = sampler.sample(row).id;
     result.tokens.push_back(token);
@@ -84,7 +92,7 @@ GenerationResult generate(Model& model, const Tokenizer& tokenizer, std::span<co
       result.finish_reason = "stop";
       break;
     }
-    if (i + 1 == params.max_tokens) break;
+    if (i + 1 == max_tokens) break;
     BatchEntry entry{seq.get(), std::span(&result.tokens.back(), 1), LogitsFor::kLast};
     model.forward({&entry, 1}, logits);
   }

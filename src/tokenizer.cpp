@@ -655,12 +655,13 @@ void Tokenizer::Impl::load_vocabulary(const json& model,
   token_bytes.resize(vocabulary.size());
   kinds.assign(vocabulary.size(), TokenKind::kUnused);
   vocabulary_ids.reserve(vocabulary.size());
-  for (const auto& [spelling, value] : vocabulary) {
-    const std::optional<int32_t> id = id_below(value, vocabulary.size());
+  for (const auto& entry : vocabulary) {
+    const std::string& spelling = entry.first;  // not a structured binding: clang 14 cannot capture those
+    const std::optional<int32_t> id = id_below(entry.second, vocabulary.size());
     const auto fail_here = [&](std::string_view problem) {
       source.fail(fmt::format("model.vocab[{}]", json(spelling).dump()), problem);
     };
-    if (!id) fail_here(bad_id(value, vocabulary.size()));
+    if (!id) fail_here(bad_id(entry.second, vocabulary.size()));
     if (kinds[*id] != TokenKind::kUnused) fail_here(fmt::format("id {} is used twice", *id));
     if (!vocabulary_ids.emplace(spelling, *id).second) fail_here("the token appears twice");
     kinds[*id] = TokenKind::kVocabulary;

@@ -4,236 +4,19 @@
 // the tokenizer, sequential runs), never with fixed text.
 
 #include <gtest/gtest.h>
-#include <signal.h>
-#include <spawn.h>
-#include <sys/wait.h>
 
-#include <chrono>
-#include <cstdio>
-#include <filesystem>
-#include <fstream>
-#include <functional>
 #include <future>
-#include <regex>
-#include <thread>
-
-#include <httplib.h>
-#include <nlohmann/json.hpp>
 
 #include "m1/chat.h"
 #include "m1/tokenizer.h"
-
-extern char** environ;
+#include "server_harness.h"
 
 namespace {
 
-namespace fs = std::filesystem;
-using nlohmann::ordered_json;
-using namespace std::chrono_literals;
+using namespace m1::testing;
 
-const std::string kBin = M1_BIN_DIR;
 const std::string kKey = "test-key";
 const int kContext = 1024;
-
-std::string read_file(const fs::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(in), {});
-}
-
-// Runs a command line, returning its stdout; fails the test on a non-zero exit.
-std::string run(const std::string& command) {
-  std::string out;
-  FILE* pipe = ::popen(command.c_str(), "r");
-  char buffer[4096];
-  for (size_t n; (n = std::fread(buffer, 1, sizeof buffer, pipe)) > 0;) out.append(buffer, n);
-  EXPECT_EQ(::pclose(pipe), 0) << command;
-  return out;
-}
-
-// A scratch directory holding a tiny random model.
-fs::path make_model(const std::string& name) {
-  const fs::path dir = fs::temp_directory_path() / ("m1-server-" + std::to_string(::getpid()) + "-" + name);
-  fs::remove_all(dir);
-  run(kBin + "/m1-mkmodel --preset tiny --out " + (dir / "tiny").string() + " 2>/dev/null");
-  return dir;
-}
-
-// m1-serve as a child process, its stderr in a file; the port is read from its listening line.
-class ServerProcess {
- public:
-  ServerProcess(const fs::path& dir, const std::vector<std::string>& flags) : log_(dir / "serve.log") {
-    std::vector<std::string> args = {kBin + "/m1-serve", "--model", (dir / "tiny").string(), "--port", "0",
-                                      "--threads", "1"};
-    args.insert(args.end(), flags.begin(), flags.end());
-    std::vector<char*> argv;
-    for (std::string& arg : args) argv.push_back(arg.data());
-    argv.push_back(nullptr);
-    posix_spawn_file_actions_t files;
-    posix_spawn_file_actions_init(&files);
-    posix_spawn_file_actions_addopen(&files, 2, log_.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    EXPECT_EQ(posix_spawn(&pid_, argv[0], &files, nullptr, argv.data(), environ), 0);
-    posix_spawn_file_actions_destroy(&files);
-    port_ = wait_for_line();
-  }
-  ~ServerProcess() {
-    if (pid_ <= 0) return;
-    signal(SIGKILL);
-    wait();
-  }
-
-  int port() const { return port_; }
-  std::string log() const { return read_file(log_); }
-
-  void signal(int signal) const { ::kill(pid_, signal); }
-  // Waits for the exit; returns the exit code, or -1 after `limit` or on a crash.
-  int wait(std::chrono::seconds limit = 15s) {
-    const auto deadline = std::chrono::steady_clock::now() + limit;
-    for (;;) {
-      int status = 0;
-      if (::waitpid(pid_, &status, WNOHANG) == pid_) {
-        pid_ = -1;
-        return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-      }
-      if (std::chrono::steady_clock::now() > deadline) return -1;
-      std::this_thread::sleep_for(20ms);
-    }
-  }
-
- private:
-  int wait_for_line() {
-    const std::regex listening("m1-serve: listening on http://127\\.0\\.0\\.1:(\\d+)");
-    for (int i = 0; i < 500; ++i) {
-      std::smatch match;
-      const std::string text = log();
-      if (std::regex_search(text, match, listening) && text.find("ready") != std::string::npos)
-        return std::stoi(match[1]);
-      std::this_thread::sleep_for(20ms);
-    }
-    ADD_FAILURE() << "m1-serve did not start: " << log();
-    return 0;
-  }
-
-  fs::path log_;
-  pid_t pid_ = -1;
-  int port_ = 0;
-};
-
-struct Reply {
-  int status = 0;  // 0: no response (connection failed)
-  ordered_json json;
-  std::string body;
-  std::string retry_after;
-};
-
-// The events of a Server-Sent Events stream; "[DONE]" is kept as a JSON string.
-struct Stream {
-  std::vector<ordered_json> events;
-  bool done() const { return !events.empty() && events.back() == "[DONE]"; }
-  std::vector<ordered_json> chunks() const {
-    std::vector<ordered_json> chunks(events.begin(), events.end() - (done() ? 1 : 0));
-    return chunks;
-  }
-};
-
-class Client {
- public:
-  explicit Client(int port, std::string key = kKey) : port_(port), key_(std::move(key)) {}
-
-  Reply get(const std::string& path) const {
-    httplib::Client client = connect();
-    return reply(client.Get(path.c_str()));
-  }
-  Reply post(const std::string& path, const ordered_json& body) const { return post_raw(path, body.dump()); }
-  Reply post_raw(const std::string& path, const std::string& body) const {
-    httplib::Client client = connect();
-    return reply(client.Post(path.c_str(), body, "application/json"));
-  }
-
-  // Reads an SSE response; `keep_reading` may end it early (the client then disconnects).
-  Stream stream(const std::string& path, const ordered_json& body,
-                const std::function<bool(const ordered_json&)>& keep_reading = {}) const {
-    httplib::Client client = connect();
-    httplib::Request request;
-    request.method = "POST";
-    request.path = path;
-    request.body = body.dump();
-    request.set_header("Content-Type", "application/json");
-    request.set_header("Authorization", "Bearer " + key_);
-    Stream stream;
-    std::string pending;
-    request.content_receiver = [&](const char* data, size_t size, uint64_t, uint64_t) {
-      pending.append(data, size);
-      for (size_t end; (end = pending.find("\n\n")) != std::string::npos;) {
-        const std::string event = pending.substr(0, end);
-        pending.erase(0, end + 2);
-        EXPECT_TRUE(event.starts_with("data: ")) << event;
-        const std::string data_text = event.substr(6);
-        stream.events.push_back(data_text == "[DONE]" ? ordered_json("[DONE]") : ordered_json::parse(data_text));
-        if (keep_reading && !keep_reading(stream.events.back())) return false;
-      }
-      return true;
-    };
-    client.send(request);
-    return stream;
-  }
-
- private:
-  httplib::Client connect() const {
-    httplib::Client client("127.0.0.1", port_);
-    client.set_read_timeout(60, 0);
-    if (!key_.empty()) client.set_bearer_token_auth(key_.c_str());
-    return client;
-  }
-  static Reply reply(const httplib::Result& result) {
-    if (!result) return {};
-    Reply r{result->status, {}, result->body, result->get_header_value("Retry-After")};
-    r.json = ordered_json::parse(result->body, nullptr, false);
-    return r;
-  }
-
-  int port_;
-  std::string key_;
-};
-
-ordered_json chat_request(const std::string& text, int max_tokens) {
-  return {{"model", "tiny"},
-          {"messages", {{{"role", "user"}, {"content", text}}}},
-          {"temperature", 0},
-          {"max_tokens", max_tokens}};
-}
-
-ordered_json completion_request(const std::string& prompt, int max_tokens) {
-  return {{"model", "tiny"}, {"prompt", prompt}, {"temperature", 0}, {"max_tokens", max_tokens}};
-}
-
-ordered_json streamed(ordered_json request) {
-  request["stream"] = true;
-  request["stream_options"] = {{"include_usage", true}};
-  return request;
-}
-
-// The text of choice 0 of a whole response (chat content or completion text).
-std::string text_of(const ordered_json& response) {
-  const ordered_json& choice = response["choices"][0];
-  return choice.contains("message") ? choice["message"]["content"].get<std::string>() : choice["text"].get<std::string>();
-}
-
-// A stream's text for one choice, chunks concatenated.
-std::string text_of(const Stream& stream, int index = 0) {
-  std::string text;
-  for (const ordered_json& chunk : stream.chunks())
-    for (const ordered_json& choice : chunk["choices"])
-      if (choice["index"] == index)
-        text += choice.contains("delta") ? choice["delta"].value("content", "") : choice["text"].get<std::string>();
-  return text;
-}
-
-std::string finish_of(const Stream& stream, int index = 0) {
-  for (const ordered_json& chunk : stream.chunks())
-    for (const ordered_json& choice : chunk["choices"])
-      if (choice["index"] == index && !choice["finish_reason"].is_null()) return choice["finish_reason"];
-  return "";
-}
 
 // UTF-8 text split into characters.
 std::vector<std::string> characters(const std::string& text) {
@@ -243,20 +26,6 @@ std::vector<std::string> characters(const std::string& text) {
     chars.back() += c;
   }
   return chars;
-}
-
-// Polls `condition` every 20 ms for up to 5 s; true once it holds.
-bool eventually(const std::function<bool()>& condition) {
-  for (int i = 0; i < 250; ++i) {
-    if (condition()) return true;
-    std::this_thread::sleep_for(20ms);
-  }
-  return false;
-}
-
-int64_t metric(const std::string& metrics_text, const std::string& name) {
-  const size_t at = metrics_text.find("\n" + name + " ");
-  return at == std::string::npos ? -1 : std::stoll(metrics_text.substr(at + name.size() + 2));
 }
 
 class ServerTest : public ::testing::Test {
@@ -275,11 +44,11 @@ class ServerTest : public ::testing::Test {
     fs::remove_all(dir_);
   }
 
-  Client client() const { return Client(server_->port()); }
+  Client client() const { return Client(server_->port(), kKey); }
   std::string generate(const std::string& flags) const {
-    std::string text = run(kBin + "/m1-generate --model " + (dir_ / "tiny").string() + " --threads 1 " + flags + " 2>/dev/null");
-    text.pop_back();  // m1-generate ends the text with a newline
-    return text;
+    const CommandResult r = run_command(kBinDir + "/m1-generate --model " + (dir_ / "tiny").string() + " --threads 1 " + flags);
+    EXPECT_EQ(r.status, 0) << r.err;
+    return r.out.substr(0, r.out.size() - 1);  // m1-generate ends the text with a newline
   }
   size_t chat_prompt_tokens(const ordered_json& messages, const ordered_json& tools = ordered_json::array()) const {
     return m1::encode_chat(*tokenizer_, m1::render_chat(m1::parse_chat_messages(messages), m1::parse_chat_tools(tools), true))

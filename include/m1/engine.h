@@ -12,6 +12,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <span>
 #include <string>
 #include <thread>
 #include <utility>
@@ -29,6 +30,9 @@ struct EngineOptions {
   int64_t max_context = 0;      // prompt + generated tokens per sequence; 0: the model's maximum
   int64_t step_tokens = 512;    // new tokens per forward step (decode tokens + prefill chunks)
   int64_t max_queue = 256;      // requests waiting for a place; more are refused
+  // Sequence state (lightning states and KV caches, as SequenceState::bytes counts them) that
+  // admitted requests may hold at their largest; requests beyond it wait in the queue. 0: no limit.
+  int64_t max_state_bytes = 0;
 };
 
 struct GenerationRequest {
@@ -90,6 +94,7 @@ struct EngineStats {
   int64_t requests_started = 0, requests_finished = 0, requests_cancelled = 0, requests_failed = 0;
   int64_t prompt_tokens = 0, generated_tokens = 0;
   int64_t waiting = 0, running = 0;  // requests queued; sequences in the batch
+  int64_t state_bytes = 0;           // reserved by the admitted requests for their largest state
   int64_t steps = 0;
   LatencyHistogram time_to_first_token, inter_token_latency;
 };
@@ -102,7 +107,8 @@ class Engine {
   Engine& operator=(const Engine&) = delete;
 
   // Queues a request. Throws m1::Error for a request that can never run (empty prompt, prompt
-  // too long for the context, bad sampling parameters) and EngineBusy when the queue is full.
+  // too long for the context, bad sampling parameters, more state than max_state_bytes) and
+  // EngineBusy when the queue is full.
   std::shared_ptr<RequestStream> submit(GenerationRequest request);
 
   EngineStats stats() const;
@@ -112,19 +118,35 @@ class Engine {
  private:
   struct Request;
   struct Sequence;
+  struct Slot;
+  // Bytes of one sequence's state: a fixed part (lightning states) and a part per token (KV).
+  struct StateCost {
+    int64_t fixed = 0, per_token = 0;
+  };
+  static StateCost measure_state_cost(const Model& model);
+  int64_t state_bytes(int64_t tokens, int sequences) const;
   void loop();
   void admit();
+  void drop_cancelled_waiting();
+  std::vector<std::unique_ptr<Request>> take_admissible();
+  void start_prefill(std::unique_ptr<Request> r);
   void step();
+  void plan_step(std::vector<BatchEntry>& batch, std::vector<Slot>& slots);
+  bool run_forward(std::span<const BatchEntry> batch, std::span<const Slot> slots);
+  void take_logits(std::span<const Slot> slots);
   void start_choices(Request& r, std::span<float> logits);
   void emit_token(Request& r, size_t choice, std::span<float> logits);
   void finish_choice(Request& r, size_t choice, const std::string& reason);
+  void fail_alone(Request& r, const std::exception& error);
   void end_request(Request& r, const std::string& outcome, const std::string& error = {});
+  void count_end(const Request& r, const std::string& outcome);
   void retire_finished();
 
   Model& model_;
   const Tokenizer& tokenizer_;
   EngineOptions options_;
   int64_t max_context_;
+  StateCost state_cost_;
 
   mutable std::mutex mutex_;  // guards waiting_, stopping_ and stats_
   std::condition_variable wake_;

@@ -3,6 +3,7 @@
 // GCC 12 reports its own _mm512_undefined_* placeholders inside the intrinsics as uninitialised.
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <cpuid.h>
 #include <immintrin.h>
 
 #include <algorithm>
@@ -20,14 +21,19 @@ namespace {
 
 enum class Isa { kAvx512, kAvx2, kScalar };
 
+// CPUID leaf 1, ECX bit 29 (clang's __builtin_cpu_supports does not know "f16c").
+bool has_f16c() {
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  return __get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx & bit_F16C) != 0;
+}
+
 // The best the CPU offers, or a lesser one named by M1_CPU_ISA (so tests cover every path).
 Isa detect_isa() {
   __builtin_cpu_init();
   const char* forced = std::getenv("M1_CPU_ISA");
   const std::string_view cap = forced ? forced : "";
   if (cap.empty() && __builtin_cpu_supports("avx512f")) return Isa::kAvx512;
-  if (cap != "scalar" && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-      __builtin_cpu_supports("f16c"))
+  if (cap != "scalar" && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && has_f16c())
     return Isa::kAvx2;
   return Isa::kScalar;
 }
@@ -359,8 +365,13 @@ struct Product {
   }
 };
 
+// A weight block converted to fp32, reused by each thread. (A function-local thread_local: GCC 12
+// never destroys thread_local variable templates, which would leak one per thread.)
 template <DType T>
-thread_local std::vector<float> widened;  // a weight block converted to fp32, reused
+std::vector<float>& widened() {
+  thread_local std::vector<float> block;
+  return block;
+}
 
 // Decode steps (a few rows of x): weight rows are streamed one at a time, each met by every row
 // of x, four at a time, while it is in cache (several interleaved weight-row streams reach only
@@ -412,7 +423,7 @@ void blocked_task(const Product& p, int64_t task) {
   constexpr DType kBlockType = kWiden ? DType::kF32 : T;
   const void* block = weight_at<T>(w.data, j0 * w.cols);
   if constexpr (kWiden) {
-    std::vector<float>& f = widened<T>;
+    std::vector<float>& f = widened<T>();
     f.resize(size_t((j1 - j0) * w.cols));
     cpu::widen<T>(static_cast<const Stored<T>*>(block), f.size(), f.data());
     block = f.data();
