@@ -344,7 +344,7 @@ template <DType T, bool Bf16>
 constexpr TileTable<T, Bf16> kTiles{};
 
 constexpr int64_t kBlockRows = 64;       // x rows per prefill task
-constexpr int64_t kSkinnyRows = 16;      // up to this many x rows, weight rows stream once each
+constexpr int64_t kSkinnyRows = 4;       // up to this many x rows, weight rows stream once each
 constexpr int64_t kSkinnyOutputs = 256;  // weight rows per task of a skinny product
 // Weight rows per prefill task: a block widened to fp32 (rows x k floats) should stay within L2.
 int64_t block_outputs(int64_t k) { return std::clamp<int64_t>((256 << 10) / (k * 4) / 4 * 4, 4, 64); }
