@@ -206,7 +206,7 @@ void Checkpoint::add_file(const fs::path& path) {
     int size = element_size(e.view.dtype_name);
     // Kernels read weights in place; a tensor the writer left misaligned is copied once.
     if (reinterpret_cast<uintptr_t>(e.view.data) % size_t(size) != 0) {
-      auto copy = std::make_unique<std::byte[]>(e.view.nbytes);
+      std::shared_ptr<std::byte> copy(new std::byte[e.view.nbytes], std::default_delete<std::byte[]>());
       std::memcpy(copy.get(), e.view.data, e.view.nbytes);
       e.view.data = copy.get();
       owned_.push_back(std::move(copy));
@@ -261,14 +261,24 @@ Checkpoint Checkpoint::open(const fs::path& dir) {
 }
 
 Checkpoint Checkpoint::in_memory(const std::vector<TensorSpec>& tensors, const TensorFiller& fill) {
+  // One anonymous mapping for all tensors, in huge pages where the kernel allows it: the weights
+  // then read at the same speed from the first step on (a khugepaged collapse later would
+  // otherwise speed runs up part way through).
+  constexpr size_t kAlign = 64;
+  size_t total = 0;
+  for (const TensorSpec& t : tensors) total += (t.nbytes() + kAlign - 1) / kAlign * kAlign;
+  void* region = ::mmap(nullptr, std::max<size_t>(total, 1), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (region == MAP_FAILED) fail("in-memory checkpoint: cannot map {} bytes: {}", total, std::strerror(errno));
+  ::madvise(region, total, MADV_HUGEPAGE);  // advice only: without huge pages it still works
   Checkpoint c;
+  c.owned_.emplace_back(static_cast<std::byte*>(region), [total](std::byte* p) { ::munmap(p, std::max<size_t>(total, 1)); });
+  std::byte* next = static_cast<std::byte*>(region);
   for (const TensorSpec& t : tensors) {
-    // operator new[] for std::byte aligns to the default new alignment (16): enough for any dtype.
-    auto data = std::make_unique<std::byte[]>(t.nbytes());
-    fill(t, std::span(data.get(), t.nbytes()));
-    TensorView view{t.name, "(memory)", std::string(dtype_name(t.dtype)), t.shape, data.get(), t.nbytes()};
-    if (!c.tensors_.emplace(t.name, std::move(view)).second) fail("in-memory checkpoint: tensor {} given twice", quote_name(t.name));
-    c.owned_.push_back(std::move(data));
+    fill(t, std::span(next, t.nbytes()));
+    TensorView view{t.name, "(memory)", std::string(dtype_name(t.dtype)), t.shape, next, t.nbytes()};
+    if (!c.tensors_.emplace(t.name, std::move(view)).second)
+      fail("in-memory checkpoint: tensor {} given twice", quote_name(t.name));
+    next += (t.nbytes() + kAlign - 1) / kAlign * kAlign;
   }
   return c;
 }

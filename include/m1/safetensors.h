@@ -57,7 +57,7 @@ class Checkpoint {
   void add_file(const std::filesystem::path& file);
 
   std::vector<std::unique_ptr<MappedFile>> files_;
-  std::vector<std::unique_ptr<std::byte[]>> owned_;  // in-memory tensors, and those a file left misaligned
+  std::vector<std::shared_ptr<std::byte>> owned_;  // in-memory tensors, and those a file left misaligned
   std::map<std::string, TensorView> tensors_;
 };
 
