@@ -99,10 +99,10 @@ BaseModel base_model(const Options& o) {
 }
 
 // Builds the backend once up front, so a device this build lacks fails before any weights are made.
-// It is gone again before the first fork: measurement processes make their own.
+// In a child of its own: CUDA does not survive a fork, so this process must never initialise it.
 std::string backend_description(const m1::BackendOptions& options) {
   try {
-    return m1::create_backend(options)->name();
+    return run_in_child([&] { return nlohmann::json(m1::create_backend(options)->name()); }).get<std::string>();
   } catch (const m1::Error& e) {
     m1::fail("--device: {}", e.what());
   }

@@ -135,7 +135,7 @@ int main(int argc, char** argv) {
   app.add_option("--max-queue", engine.max_queue, "Requests waiting for a place before new ones get 503")->capture_default_str()->check(CLI::PositiveNumber);
   app.add_option("--max-state-mb", o.max_state_mb, "MiB of sequence state (KV caches, lightning states) admitted requests may hold at their largest; more wait in the queue (0: no limit)")->capture_default_str()->check(CLI::NonNegativeNumber);
   app.add_option("--threads", o.model.backend.threads, "CPU compute threads (0: one per core)")->capture_default_str()->check(CLI::NonNegativeNumber);
-  app.add_option("--device", o.model.backend.device, "cpu")->capture_default_str();
+  app.add_option("--device", o.model.backend.device, "cpu or cuda (a build with the CUDA backend and a GPU)")->capture_default_str();
   app.add_option("--precision", o.precision, "fast (bf16 matrix operands where the CPU multiplies bf16, fp32 accumulation) or exact (fp32 throughout)")->capture_default_str();
   app.add_option("--http-threads", o.http_threads, "Connections served at once (0: max(64, 4 x max-batch))")->capture_default_str();
   app.add_option("--max-body-mb", o.max_body_mb, "Largest request body in MiB")->capture_default_str()->check(CLI::PositiveNumber);

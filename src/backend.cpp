@@ -4,6 +4,9 @@
 
 #include "cpu/cpu_backend.h"
 #include "m1/error.h"
+#ifdef M1_HAVE_CUDA
+#include "cuda_backend.h"
+#endif
 
 namespace m1 {
 
@@ -11,8 +14,13 @@ std::unique_ptr<Backend> create_backend(const BackendOptions& options) {
   if (options.threads < 0) fail("threads must be 0 (one per core) or more, got {}", options.threads);
   if (options.device == "cpu")
     return std::make_unique<cpu::CpuBackend>(options.threads, options.precision, options.reference_kernels);
-  if (options.device == "cuda")
-    fail("device 'cuda': this build of m1 has no CUDA backend yet; use --device cpu");
+  if (options.device == "cuda") {
+#ifdef M1_HAVE_CUDA
+    return cuda::create_cuda_backend(options);
+#else
+    fail("device 'cuda': this build of m1 has no CUDA backend (it was configured without nvcc); use --device cpu");
+#endif
+  }
   fail("device '{}' is unknown (expected cpu or cuda)", options.device);
 }
 

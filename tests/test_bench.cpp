@@ -153,7 +153,7 @@ TEST_F(BenchErrors, BadArgumentsNameTheOption) {
   expect_rejected("--synthetic huge", "--synthetic");
   expect_rejected("--synthetic tiny --contexts 64,lots", "--contexts");
   expect_rejected("--synthetic tiny --contexts 0", "--contexts");
-  expect_rejected("--synthetic tiny --device cuda", "--device");
+  expect_rejected("--synthetic tiny --device tpu", "--device");
   expect_rejected("--model " + (dir_ / "nowhere").string(), "--model");
   expect_rejected("--synthetic tiny --variants hybrid,quadratic", "--variants");
   expect_rejected("--synthetic tiny --precision turbo", "--precision");

@@ -4,9 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
-#include <cstring>
 #include <cmath>
-#include <random>
 
 #include "cpu/elementwise.h"
 #include "cpu/lightning.h"
@@ -15,50 +13,20 @@
 #include "cpu/softmax_attention.h"
 #include "cpu/threadpool.h"
 #include "m1/dtype.h"
+#include "test_support.h"
 
 namespace m1::cpu {
 namespace {
 
-std::mt19937_64& rng() {
-  static std::mt19937_64 r(std::random_device{}());
-  return r;
-}
-
-std::vector<float> random_floats(size_t n, float scale = 1.0f) {
-  std::normal_distribution<float> normal(0.0f, scale);
-  std::vector<float> v(n);
-  for (float& x : v) x = normal(rng());
-  return v;
-}
-
-// Relative Frobenius error; infinite on any non-finite value, so NaN never passes.
-double relative_error(const std::vector<float>& got, const std::vector<float>& want) {
-  double diff = 0, norm = 0;
-  for (size_t i = 0; i < got.size(); ++i) {
-    if (!std::isfinite(got[i]) || !std::isfinite(want[i])) return INFINITY;
-    diff += (double(got[i]) - want[i]) * (double(got[i]) - want[i]);
-    norm += double(want[i]) * want[i];
-  }
-  return norm == 0 ? std::sqrt(diff) : std::sqrt(diff / norm);
-}
+using testing::random_floats;
+using testing::relative_error;
 
 // A weight matrix in `dtype` holding the rounded values of random floats.
 struct TestWeight {
   std::vector<uint8_t> bytes;
   Weight w;
-  TestWeight(DType dtype, int64_t rows, int64_t cols, float scale = 1.0f) {
-    std::vector<float> v = random_floats(size_t(rows * cols), scale);
-    bytes.resize(v.size() * dtype_size(dtype));
-    for (size_t i = 0; i < v.size(); ++i) {
-      if (dtype == DType::kF32) {
-        std::memcpy(&bytes[4 * i], &v[i], 4);
-      } else {
-        uint16_t h = dtype == DType::kBF16 ? f32_to_bf16(v[i]) : f32_to_f16(v[i]);
-        std::memcpy(&bytes[2 * i], &h, 2);
-      }
-    }
-    w = Weight{bytes.data(), dtype, rows, cols};
-  }
+  TestWeight(DType dtype, int64_t rows, int64_t cols, float scale = 1.0f)
+      : bytes(testing::encode(dtype, random_floats(size_t(rows * cols), scale))), w{bytes.data(), dtype, rows, cols} {}
 };
 
 class KernelTest : public ::testing::Test {

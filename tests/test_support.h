@@ -1,18 +1,24 @@
 #pragma once
 // Helpers the test binaries share: checking m1::Error messages, running the built tools, reading
-// files back.
+// files back, random inputs and comparing results.
 
 #include <gtest/gtest.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cmath>
+#include <cstdint>
 #include <cstdio>
+#include <cstring>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <random>
 #include <string>
 #include <vector>
 
+#include "m1/dtype.h"
 #include "m1/error.h"
 
 namespace m1::testing {
@@ -64,6 +70,61 @@ inline CommandResult run_command(const std::string& command, const std::string& 
   fs::remove(err);
   fs::remove(in);
   return r;
+}
+
+// The seed of rng(): M1_TEST_SEED when set, to replay a failure, else a fresh one.
+inline uint64_t seed() {
+  static const uint64_t value = [] {
+    const char* env = std::getenv("M1_TEST_SEED");
+    return env ? std::strtoull(env, nullptr, 10) : std::random_device{}();
+  }();
+  return value;
+}
+
+// The test binary's shared random engine, seeded once from seed().
+inline std::mt19937_64& rng() {
+  static std::mt19937_64 r(seed());
+  return r;
+}
+
+// n draws from N(0, scale^2), from `engine` or else rng().
+template <class Engine>
+std::vector<float> random_floats(size_t n, float scale, Engine& engine) {
+  std::normal_distribution<float> normal(0.0f, scale);
+  std::vector<float> v(n);
+  for (float& x : v) x = normal(engine);
+  return v;
+}
+inline std::vector<float> random_floats(size_t n, float scale = 1.0f) { return random_floats(n, scale, rng()); }
+
+// `values` stored in `dtype`, rounded as the model's weights are.
+inline std::vector<uint8_t> encode(DType dtype, const std::vector<float>& values) {
+  std::vector<uint8_t> bytes(values.size() * dtype_size(dtype));
+  for (size_t i = 0; i < values.size(); ++i) {
+    if (dtype == DType::kF32) {
+      std::memcpy(&bytes[4 * i], &values[i], 4);
+    } else {
+      const uint16_t h = dtype == DType::kBF16 ? f32_to_bf16(values[i]) : f32_to_f16(values[i]);
+      std::memcpy(&bytes[2 * i], &h, 2);
+    }
+  }
+  return bytes;
+}
+
+// ||got - want|| / ||want|| (||got - want|| when want is all zeros). Infinite on any non-finite
+// value on either side, so NaN never passes, and on a size mismatch, so a short result never does.
+inline double relative_error(const std::vector<float>& got, const std::vector<float>& want) {
+  if (got.size() != want.size()) {
+    ADD_FAILURE() << "relative_error: " << got.size() << " values against " << want.size();
+    return INFINITY;
+  }
+  double diff = 0, norm = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    if (!std::isfinite(got[i]) || !std::isfinite(want[i])) return INFINITY;
+    diff += (double(got[i]) - want[i]) * (double(got[i]) - want[i]);
+    norm += double(want[i]) * want[i];
+  }
+  return norm == 0 ? std::sqrt(diff) : std::sqrt(diff / norm);
 }
 
 }  // namespace m1::testing

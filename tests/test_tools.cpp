@@ -199,7 +199,7 @@ TEST_F(ToolsTest, GenerateRejectsBadInput) {
   expect_failure(run(gen + " --prompt-ids 1,x,3"), "--prompt-ids");
   expect_failure(run(gen + " --prompt-ids 1,999999"), "out of range");
   expect_failure(run(gen + " --prompt hi --top-p 1.5"), "top_p");
-  expect_failure(run(gen + " --prompt hi --device cuda"), "cuda");
+  expect_failure(run(gen + " --prompt hi --device tpu"), "tpu");
   expect_failure(run(gen + " --prompt hi --precision turbo"), "precision");
   fs::remove(m / "tokenizer.json");
   expect_failure(run(gen + " --prompt hi"), "tokenizer.json");

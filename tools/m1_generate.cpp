@@ -122,7 +122,7 @@ int main(int argc, char** argv) {
   app.add_option("--stop", o.gen.stop, "Stop string (repeatable); not printed");
   app.add_option("--threads", o.threads, "CPU threads (0: one per core)")->capture_default_str()->check(CLI::NonNegativeNumber);
   app.add_option("--prefill-chunk", o.gen.prefill_chunk, "Prompt tokens per forward step")->capture_default_str()->check(CLI::PositiveNumber);
-  app.add_option("--device", o.device, "cpu")->capture_default_str();
+  app.add_option("--device", o.device, "cpu or cuda (a build with the CUDA backend and a GPU)")->capture_default_str();
   app.add_option("--precision", o.precision, "fast (bf16 matrix operands where the CPU multiplies bf16, fp32 accumulation) or exact (fp32 throughout)")->capture_default_str();
   app.add_option("--logits-out", o.logits_out, "Write float32 logits of every prompt position to FILE");
   app.add_flag("--ignore-eos", o.ignore_eos, "Keep generating past the end-of-turn token");

@@ -1,6 +1,6 @@
 #pragma once
 // The interface the model forward is written against, once. A backend owns device memory, the
-// per-sequence state and the kernels; the CPU backend implements it, the CUDA backend will too.
+// per-sequence state and the kernels; the CPU backend (src/cpu) and the CUDA backend (kernels/) implement it.
 // All activations are fp32; weights stay in their stored dtype.
 
 #include <cstdint>
@@ -163,7 +163,7 @@ class Buffer {
 namespace m1 {
 
 struct BackendOptions {
-  std::string device = "cpu";  // "cpu" (or "cuda" once built with it)
+  std::string device = "cpu";  // "cpu", or "cuda" in a build with the CUDA backend
   int threads = 0;             // CPU worker threads; 0: one per core
   Precision precision = Precision::kFast;  // the tools' default too: see README, Correctness
   // Run the naive reference kernels (the oracle the fast kernels are tested against).

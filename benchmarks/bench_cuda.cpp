@@ -1,0 +1,343 @@
+// bench_cuda: the CUDA backend against the GPU's limits measured in the same run (device-to-device
+// copy bandwidth, cuBLAS bf16 GEMM throughput): matrix products, lightning attention at the real
+// model's layer shape, flash-style softmax prefill, and whole decode steps of the bench preset.
+// Prints a table; --json FILE writes the same figures.
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <functional>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <CLI/CLI.hpp>
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+#include <nlohmann/json.hpp>
+
+#include "attention.h"
+#include "bench_measure.h"
+#include "bench_models.h"
+#include "cuda_check.h"
+#include "lightning.h"
+#include "m1/error.h"
+#include "m1/model.h"
+#include "m1/synthetic.h"
+#include "m1/weights.h"
+#include "matmul.h"
+
+namespace {
+
+using m1::cuda::DeviceMatrix;
+
+// Device memory freed on scope exit.
+class DeviceArray {
+ public:
+  explicit DeviceArray(size_t bytes) { M1_CUDA_CHECK(cudaMalloc(&data_, std::max<size_t>(bytes, 1))); }
+  ~DeviceArray() { cudaFree(data_); }
+  DeviceArray(const DeviceArray&) = delete;
+  DeviceArray& operator=(const DeviceArray&) = delete;
+  template <class T = void>
+  T* as() const { return static_cast<T*>(data_); }
+
+ private:
+  void* data_ = nullptr;
+};
+
+// Fills `bytes` of device memory with copies of one random block of values in [-scale, scale]
+// (float or bf16): enough variety for timing, without generating gigabytes on the host.
+void fill_random(void* device, size_t bytes, bool bf16, float scale, uint64_t seed) {
+  constexpr size_t kBlock = size_t(16) << 20;
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<float> dist(-scale, scale);
+  std::vector<uint8_t> block(std::min(bytes, kBlock));
+  for (size_t i = 0; i + (bf16 ? 2 : 4) <= block.size(); i += bf16 ? 2 : 4) {
+    const float v = dist(rng);
+    if (bf16) {
+      const uint16_t b = m1::f32_to_bf16(v);
+      std::memcpy(block.data() + i, &b, 2);
+    } else {
+      std::memcpy(block.data() + i, &v, 4);
+    }
+  }
+  for (size_t off = 0; off < bytes; off += block.size())
+    M1_CUDA_CHECK(cudaMemcpy(static_cast<uint8_t*>(device) + off, block.data(), std::min(block.size(), bytes - off),
+                             cudaMemcpyHostToDevice));
+}
+
+// Median milliseconds of `repeats` timed runs of `work` on `stream`, after one warm-up run.
+double time_ms(cudaStream_t stream, int repeats, const std::function<void()>& work) {
+  cudaEvent_t start, stop;
+  M1_CUDA_CHECK(cudaEventCreate(&start));
+  M1_CUDA_CHECK(cudaEventCreate(&stop));
+  work();
+  M1_CUDA_CHECK(cudaStreamSynchronize(stream));
+  std::vector<double> times;
+  for (int i = 0; i < repeats; ++i) {
+    M1_CUDA_CHECK(cudaEventRecord(start, stream));
+    work();
+    M1_CUDA_CHECK(cudaEventRecord(stop, stream));
+    M1_CUDA_CHECK(cudaEventSynchronize(stop));
+    float ms = 0;
+    M1_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+    times.push_back(ms);
+  }
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  return m1::bench::median(times);
+}
+
+struct Row {
+  std::string name;
+  double ms = 0;
+  double value = 0;
+  std::string unit;
+  double fraction = -1;  // of the matching limit; negative: none
+};
+
+class Report {
+ public:
+  void add(Row row) {
+    std::printf("%-58s %10.3f ms %10.1f %-7s", row.name.c_str(), row.ms, row.value, row.unit.c_str());
+    if (row.fraction >= 0) std::printf(" %5.1f%% of limit", 100 * row.fraction);
+    std::printf("\n");
+    std::fflush(stdout);
+    rows_.push_back(std::move(row));
+  }
+  nlohmann::ordered_json json() const {
+    nlohmann::ordered_json results = nlohmann::ordered_json::array();
+    for (const Row& r : rows_) {
+      nlohmann::ordered_json j{{"name", r.name}, {"ms", r.ms}, {"value", r.value}, {"unit", r.unit}};
+      if (r.fraction >= 0) j["fraction_of_limit"] = r.fraction;
+      results.push_back(j);
+    }
+    return results;
+  }
+
+ private:
+  std::vector<Row> rows_;
+};
+
+struct Limits {
+  double copy_gb_s = 0, cublas_tflops = 0;
+};
+
+// Device-to-device copy of 1 GiB: bytes read plus bytes written per second.
+double copy_bandwidth(cudaStream_t stream) {
+  const size_t bytes = size_t(1) << 30;
+  DeviceArray a(bytes), b(bytes);
+  M1_CUDA_CHECK(cudaMemsetAsync(a.as(), 1, bytes, stream));
+  const double ms = time_ms(stream, 20, [&] { M1_CUDA_CHECK(cudaMemcpyAsync(b.as(), a.as(), bytes, cudaMemcpyDeviceToDevice, stream)); });
+  return 2.0 * double(bytes) / (ms * 1e-3) / 1e9;
+}
+
+// cuBLAS bf16 x bf16 -> fp32, fp32 accumulation, n x n x n.
+double cublas_bf16_tflops(cudaStream_t stream, int64_t n) {
+  DeviceArray a(size_t(n * n) * 2), b(size_t(n * n) * 2), c(size_t(n * n) * 4);
+  fill_random(a.as(), size_t(n * n) * 2, true, 1, 1);
+  fill_random(b.as(), size_t(n * n) * 2, true, 1, 2);
+  cublasHandle_t handle;
+  M1_CUDA_CHECK(cublasCreate(&handle));
+  M1_CUDA_CHECK(cublasSetStream(handle, stream));
+  const float one = 1, zero = 0;
+  const double ms = time_ms(stream, 10, [&] {
+    M1_CUDA_CHECK(cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, int(n), int(n), int(n), &one, a.as(), CUDA_R_16BF, int(n),
+                               b.as(), CUDA_R_16BF, int(n), &zero, c.as(), CUDA_R_32F, int(n), CUBLAS_COMPUTE_32F,
+                               CUBLAS_GEMM_DEFAULT));
+  });
+  cublasDestroy(handle);
+  return 2.0 * double(n) * double(n) * double(n) / (ms * 1e-3) / 1e12;
+}
+
+// Our product out = x w^T with BF16 weights [n, k] and m rows, in both operand modes.
+void bench_matmul(Report& report, const Limits& limits, cudaStream_t stream, int64_t m, int64_t n, int64_t k) {
+  DeviceArray x(size_t(m * k) * 4), w(size_t(n * k) * 2), out(size_t(m * n) * 4);
+  fill_random(x.as(), size_t(m * k) * 4, false, 1, 3);
+  fill_random(w.as(), size_t(n * k) * 2, true, 0.05f, 4);
+  m1::cuda::DeviceScratch scratch(stream);
+  const DeviceMatrix weight{w.as(), m1::DType::kBF16, n, k};
+  for (auto operands : {m1::cuda::GemmOperands::kBf16, m1::cuda::GemmOperands::kFp32}) {
+    const char* mode = operands == m1::cuda::GemmOperands::kBf16 ? "fast" : "exact";
+    const double ms = time_ms(stream, m > 64 ? 5 : 50, [&] {
+      m1::cuda::matmul(x.as<float>(), k, m, weight, out.as<float>(), n, operands, scratch, stream);
+    });
+    const double flops = 2.0 * double(m) * double(n) * double(k), bytes = double(n * k) * 2 + double(m * (k + n)) * 4;
+    const std::string name = fmt::format("matmul {} m={} n={} k={}", mode, m, n, k);
+    if (m > 64)
+      report.add({name, ms, flops / (ms * 1e-3) / 1e12, "TFLOP/s", flops / (ms * 1e-3) / 1e12 / limits.cublas_tflops});
+    else
+      report.add({name, ms, bytes / (ms * 1e-3) / 1e9, "GB/s", bytes / (ms * 1e-3) / 1e9 / limits.copy_gb_s});
+  }
+}
+
+// Lightning attention of one layer of the real model's shape (64 heads, d = 128) over `tokens`
+// tokens of one sequence, fed as chunks of at most `chunk` tokens with the state carried between
+// them (a 1M-token qkv in fp32 alone would need 100 GB).
+void bench_lightning_prefill(Report& report, const Limits& limits, cudaStream_t stream, int64_t tokens, int64_t chunk) {
+  const int64_t heads = 64, d = 128, rows = std::min(tokens, chunk);
+  DeviceArray qkv(size_t(rows * heads * 3 * d) * 4), out(size_t(rows * heads * d) * 4), state(size_t(heads * d * d) * 4),
+      decay(size_t(heads) * 4), segment(sizeof(m1::cuda::LightningSegment));
+  fill_random(qkv.as(), size_t(rows * heads * 3 * d) * 4, false, 0.3f, 5);
+  const std::vector<float> decays = m1::lightning_decay(heads, 0, 80);
+  M1_CUDA_CHECK(cudaMemcpy(decay.as(), decays.data(), decays.size() * 4, cudaMemcpyHostToDevice));
+  auto run = [&] {
+    M1_CUDA_CHECK(cudaMemsetAsync(state.as(), 0, size_t(heads * d * d) * 4, stream));
+    for (int64_t done = 0; done < tokens; done += rows) {
+      const m1::cuda::LightningSegment seg{0, std::min(rows, tokens - done), state.as<float>()};
+      M1_CUDA_CHECK(cudaMemcpyAsync(segment.as(), &seg, sizeof seg, cudaMemcpyHostToDevice, stream));
+      m1::cuda::LightningArgs args{qkv.as<float>(), heads * 3 * d, out.as<float>(), heads * d, heads, d, decay.as<float>(),
+                                   std::span(&seg, 1), segment.as<m1::cuda::LightningSegment>()};
+      m1::cuda::lightning_attention(args, stream);
+    }
+  };
+  const double ms = time_ms(stream, tokens > chunk ? 1 : 3, run);
+  // Nominal work of the chunked form with 64-token blocks, per token and head: Q S and K^T V
+  // (2 d^2 each), Q K^T and its product with V (2 B d each).
+  const double flops = double(tokens) * double(heads) * (4.0 * d * d + 4.0 * 64 * d);
+  report.add({fmt::format("lightning prefill 64x128, {} tokens (per layer)", tokens), ms, flops / (ms * 1e-3) / 1e12,
+              "TFLOP/s", flops / (ms * 1e-3) / 1e12 / limits.cublas_tflops});
+}
+
+// One decode token for `batch` sequences, 64 heads, d = 128: the state is read and written once.
+void bench_lightning_decode(Report& report, const Limits& limits, cudaStream_t stream, int64_t batch) {
+  const int64_t heads = 64, d = 128;
+  DeviceArray qkv(size_t(batch * heads * 3 * d) * 4), out(size_t(batch * heads * d) * 4),
+      states(size_t(batch * heads * d * d) * 4), decay(size_t(heads) * 4), segments(size_t(batch) * sizeof(m1::cuda::LightningSegment));
+  fill_random(qkv.as(), size_t(batch * heads * 3 * d) * 4, false, 0.3f, 6);
+  M1_CUDA_CHECK(cudaMemset(states.as(), 0, size_t(batch * heads * d * d) * 4));
+  const std::vector<float> decays = m1::lightning_decay(heads, 0, 80);
+  M1_CUDA_CHECK(cudaMemcpy(decay.as(), decays.data(), decays.size() * 4, cudaMemcpyHostToDevice));
+  std::vector<m1::cuda::LightningSegment> segs;
+  for (int64_t b = 0; b < batch; ++b) segs.push_back({b, 1, states.as<float>() + b * heads * d * d});
+  M1_CUDA_CHECK(cudaMemcpy(segments.as(), segs.data(), segs.size() * sizeof segs[0], cudaMemcpyHostToDevice));
+  m1::cuda::LightningArgs args{qkv.as<float>(), heads * 3 * d, out.as<float>(), heads * d, heads, d, decay.as<float>(),
+                               segs, segments.as<m1::cuda::LightningSegment>()};
+  const double ms = time_ms(stream, 50, [&] { m1::cuda::lightning_attention(args, stream); });
+  const double bytes = 2.0 * double(batch * heads * d * d) * 4;
+  report.add({fmt::format("lightning decode 64x128, batch {} (per layer; {:.1f} us)", batch, ms * 1e3), ms,
+              bytes / (ms * 1e-3) / 1e9, "GB/s", bytes / (ms * 1e-3) / 1e9 / limits.copy_gb_s});
+}
+
+// Causal flash-style prefill of `tokens` tokens: 64 query heads, 8 KV heads, d = 128, RoPE on 64 dims.
+void bench_flash_prefill(Report& report, const Limits& limits, cudaStream_t stream, int64_t tokens) {
+  const int64_t heads = 64, kv_heads = 8, d = 128;
+  DeviceArray q(size_t(tokens * heads * d) * 4), k(size_t(tokens * kv_heads * d) * 4), v(size_t(tokens * kv_heads * d) * 4),
+      out(size_t(tokens * heads * d) * 4), keys(size_t(tokens * kv_heads * d) * 2), values(size_t(tokens * kv_heads * d) * 2),
+      segment(sizeof(m1::cuda::AttentionSegment));
+  fill_random(q.as(), size_t(tokens * heads * d) * 4, false, 1, 7);
+  fill_random(k.as(), size_t(tokens * kv_heads * d) * 4, false, 1, 8);
+  fill_random(v.as(), size_t(tokens * kv_heads * d) * 4, false, 1, 9);
+  const m1::cuda::AttentionSegment seg{0, tokens, 0, keys.as<uint16_t>(), values.as<uint16_t>()};
+  M1_CUDA_CHECK(cudaMemcpy(segment.as(), &seg, sizeof seg, cudaMemcpyHostToDevice));
+  m1::cuda::DeviceScratch scratch(stream);
+  m1::cuda::AttentionArgs args{q.as<float>(), heads * d, k.as<float>(), kv_heads * d, v.as<float>(), kv_heads * d,
+                               out.as<float>(), heads * d, heads, kv_heads, d, 64, 1e7, std::span(&seg, 1),
+                               segment.as<m1::cuda::AttentionSegment>()};
+  const double ms = time_ms(stream, tokens > 16384 ? 1 : 3, [&] { m1::cuda::softmax_attention(args, scratch, stream); });
+  const double flops = 4.0 * double(d) * double(heads) * double(tokens) * double(tokens + 1) / 2;
+  report.add({fmt::format("flash prefill 64q/8kv x128, {} tokens", tokens), ms, flops / (ms * 1e-3) / 1e12, "TFLOP/s",
+              flops / (ms * 1e-3) / 1e12 / limits.cublas_tflops});
+}
+
+// Whole decode steps of the bench preset through the model: `batch` sequences after a
+// `context`-token prompt each. Bytes per step: the weights the step reads (at most every expert a
+// token picked), each lightning state read and written, and the KV cache read.
+void bench_decode_step(Report& report, const Limits& limits, int64_t batch, int64_t context) {
+  const m1::ModelConfig config = m1::preset("bench").config;
+  auto backend = m1::create_backend({"cuda", 0, m1::Precision::kFast});
+  m1::Checkpoint checkpoint = m1::random_checkpoint(config, m1::DType::kBF16, 1);
+  uint64_t weight_bytes = m1::bench::decode_weight_bytes(config, checkpoint);
+  uint64_t expert_bytes = 0;
+  for (const m1::WeightSpec& spec : m1::weight_specs(config))
+    if (spec.role == m1::WeightRole::kW1 || spec.role == m1::WeightRole::kW2 || spec.role == m1::WeightRole::kW3)
+      expert_bytes += checkpoint.require(spec.name, spec.shape).nbytes;
+  const int64_t experts_read = std::min(config.num_local_experts, batch * config.num_experts_per_tok);
+  weight_bytes += expert_bytes / uint64_t(config.num_local_experts) * uint64_t(experts_read - config.num_experts_per_tok);
+  m1::Model model(config, std::move(checkpoint), *backend);
+
+  std::vector<std::unique_ptr<m1::SequenceState>> states;
+  std::vector<int32_t> prompt(static_cast<size_t>(context));
+  for (int64_t i = 0; i < context; ++i) prompt[size_t(i)] = int32_t((i * 7919) % config.vocab_size);
+  m1::StepLogits logits;
+  for (int64_t b = 0; b < batch; ++b) {
+    states.push_back(model.new_sequence());
+    const m1::BatchEntry entry{states.back().get(), prompt};
+    model.forward(std::span(&entry, 1), logits);
+  }
+  std::vector<int32_t> next(size_t(batch), 1);
+  std::vector<m1::BatchEntry> step;
+  for (int64_t b = 0; b < batch; ++b) step.push_back({states[size_t(b)].get(), std::span(&next[size_t(b)], 1)});
+  std::vector<double> times;
+  for (int i = 0; i < 21; ++i) {
+    const auto start = std::chrono::steady_clock::now();
+    model.forward(step, logits);  // ends with the logits copied to the host: a whole step
+    times.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count());
+  }
+  const double ms = m1::bench::median(std::vector<double>(times.begin() + 1, times.end()));
+  const m1::StateShape s = model.state_shape();
+  const double state_bytes = double(batch) * (2.0 * double(s.lightning_layers * s.heads * s.head_dim * s.head_dim) * 4 +
+                                              double(s.softmax_layers * 2 * s.kv_heads * s.head_dim) * 2 * double(context));
+  const double bytes = double(weight_bytes) + state_bytes;
+  report.add({fmt::format("decode step, bench preset, batch {} at depth {}", batch, context), ms, bytes / (ms * 1e-3) / 1e9,
+              "GB/s", bytes / (ms * 1e-3) / 1e9 / limits.copy_gb_s});
+}
+
+int run(const std::string& json_path, bool quick) {
+  int device = 0;
+  M1_CUDA_CHECK(cudaGetDevice(&device));
+  cudaDeviceProp prop{};
+  M1_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
+  std::printf("bench_cuda on %s (sm_%d%d, %.0f GiB)\n", prop.name, prop.major, prop.minor,
+              double(prop.totalGlobalMem) / double(1 << 30));
+  cudaStream_t stream;
+  M1_CUDA_CHECK(cudaStreamCreate(&stream));
+
+  Report report;
+  Limits limits;
+  limits.copy_gb_s = copy_bandwidth(stream);
+  report.add({"limit: device-to-device copy (read + write)", 0, limits.copy_gb_s, "GB/s"});
+  limits.cublas_tflops = cublas_bf16_tflops(stream, 8192);
+  report.add({"limit: cuBLAS bf16 GEMM 8192^3, fp32 accumulate", 0, limits.cublas_tflops, "TFLOP/s"});
+
+  bench_matmul(report, limits, stream, 1, 8192, 8192);
+  bench_matmul(report, limits, stream, 32, 8192, 8192);
+  bench_matmul(report, limits, stream, 8192, 8192, 8192);
+  for (int64_t batch : {1, 32}) bench_lightning_decode(report, limits, stream, batch);
+  for (int64_t tokens : quick ? std::vector<int64_t>{8192} : std::vector<int64_t>{8192, 65536, 1 << 20})
+    bench_lightning_prefill(report, limits, stream, tokens, 65536);
+  for (int64_t tokens : quick ? std::vector<int64_t>{8192} : std::vector<int64_t>{8192, 65536})
+    bench_flash_prefill(report, limits, stream, tokens);
+  for (int64_t batch : {1, 32}) bench_decode_step(report, limits, batch, 512);
+
+  if (!json_path.empty()) {
+    nlohmann::ordered_json j{{"device", prop.name},
+                             {"limits", {{"copy_gb_s", limits.copy_gb_s}, {"cublas_bf16_tflops", limits.cublas_tflops}}},
+                             {"results", report.json()}};
+    std::ofstream out(json_path);
+    out << j.dump(2) << "\n";
+    if (!out.flush()) m1::fail("--json: cannot write {}", json_path);
+  }
+  cudaStreamDestroy(stream);
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"bench_cuda: the CUDA kernels against the GPU's measured limits"};
+  std::string json;
+  bool quick = false;
+  app.add_option("--json", json, "write the figures to FILE as JSON");
+  app.add_flag("--quick", quick, "skip the 64K and 1M-token sizes");
+  CLI11_PARSE(app, argc, argv);
+  try {
+    return run(json, quick);
+  } catch (const m1::Error& e) {
+    std::fprintf(stderr, "bench_cuda: %s\n", e.what());
+    return 1;
+  }
+}

@@ -1,0 +1,734 @@
+// Causal grouped-query softmax attention (DESIGN.md §1) in four kernels:
+//   rope_append   rotates q and k in place and appends this step's k and v to the bf16 caches;
+//   prefill       flash attention for segments of several rows: a CTA takes 64 query vectors
+//                 (position-major, all query heads of one kv head) and streams K/V tiles through
+//                 shared memory with an online softmax;
+//   decode        split-K for one-row segments: a CTA takes a range of cache rows for one kv head
+//                 and writes a partial (max, sum, acc) to scratch;
+//   combine       merges a decode row's partials in a fixed order.
+// Products run on bf16 tensor cores (mma.m16n8k16, fp32 accumulation). The cache is bf16 already;
+// q and the softmax weights are fp32, so each is split into a bf16 high part and a bf16 remainder
+// and multiplied twice: 16 significant bits per operand, fp32-grade results at twice the products.
+// A row's arithmetic depends only on its own segment: work is cut per segment, key tiles sit at
+// fixed absolute positions, and keys a row must not see contribute exact zeros.
+
+#include "attention.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include <cuda_bf16.h>
+
+#include "cuda_check.h"
+#include "m1/error.h"
+
+namespace m1::cuda {
+namespace {
+
+constexpr unsigned kFullWarp = 0xffffffffu;
+constexpr int kQueryRows = 64;                      // query vectors per prefill CTA: 4 warps x 16
+constexpr int kPrefillThreads = 4 * 32;
+constexpr int kRopeThreads = 128;
+constexpr int kCombineWarps = 8;
+constexpr int kMaxHeadDim = 256;
+constexpr float kLog2e = 1.4426950408889634f;
+
+// Shared-memory geometry for head dims up to D: rows padded by 16 bytes so the eight rows an
+// ldmatrix phase reads fall in distinct banks; K/V tiles of kKeys rows (16 per decode warp).
+template <int D>
+struct Geometry {
+  static constexpr int kPitch = D + 8;             // bf16 elements per shared row
+  static constexpr int kKeys = D <= 128 ? 64 : 32;  // keys per tile; 256-wide rows halve it to fit
+  static constexpr int kDecodeWarps = kKeys / 16;
+  static constexpr size_t kTileBytes = size_t(kKeys) * kPitch * 2;
+  // Two stages of K and V tiles, double buffered.
+  static constexpr size_t kStagesBytes = 4 * kTileBytes;
+  static constexpr size_t kPrefillBytes = 2 * size_t(kQueryRows) * kPitch * 2 + kStagesBytes;
+  static constexpr size_t kDecodeBytes = 2 * size_t(16) * kPitch * 2 + kStagesBytes;
+  // The decode CTA's closing merge reuses the stages: per warp 16 rows of D floats plus max and sum.
+  static_assert(size_t(kDecodeWarps) * 16 * (D + 2) * 4 <= kStagesBytes);
+  static_assert(kPrefillBytes <= 160 * 1024 && kDecodeBytes <= 160 * 1024);
+};
+
+// Keys per decode split, from the context length alone so a row's arithmetic never depends on the
+// rest of the step: short contexts cut finer to spread one sequence over more SMs; both sizes are
+// multiples of every key tile.
+__host__ __device__ constexpr int64_t decode_split_keys(int64_t keys) { return keys <= 16384 ? 256 : 512; }
+__host__ __device__ constexpr int64_t decode_splits(int64_t keys) {
+  return (keys + decode_split_keys(keys) - 1) / decode_split_keys(keys);
+}
+__host__ __device__ constexpr int64_t prefill_tiles(int64_t count, int64_t group) {
+  return count > 1 ? (count * group + kQueryRows - 1) / kQueryRows : 0;
+}
+
+// --- Warp-level building blocks -------------------------------------------------------------
+
+__device__ __forceinline__ uint32_t shared_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared without passing through registers; `valid` false writes zeros.
+__device__ __forceinline__ void copy_async_16(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address(dst)), "l"(src),
+               "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void copy_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+// Waits until at most one committed group is still in flight.
+__device__ __forceinline__ void copy_async_wait_all_but_one() { asm volatile("cp.async.wait_group 1;\n" ::); }
+
+// Four 8x8 bf16 matrices; lane l gives the address of row l % 8 of matrix l / 8 and receives
+// register i = elements (row l / 4, cols 2 (l % 4), +1) of matrix i.
+__device__ __forceinline__ void load_matrices(uint32_t (&r)[4], const uint16_t* row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(shared_address(row)));
+}
+// The same, transposed: register i = elements (rows 2 (l % 4), +1, col l / 4) of matrix i.
+__device__ __forceinline__ void load_matrices_transposed(uint32_t (&r)[4], const uint16_t* row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(shared_address(row)));
+}
+
+// c[16x8] += a[16x16] b[16x8]. Lane l (g = l / 4, t = l % 4): a = {(g, 2t..), (g+8, 2t..),
+// (g, 2t+8..), (g+8, 2t+8..)}, b = {(2t.., g), (2t+8.., g)}, c = {(g, 2t), (g, 2t+1), (g+8, 2t),
+// (g+8, 2t+1)}.
+__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t bits(__nv_bfloat162 v) { return *reinterpret_cast<uint32_t*>(&v); }
+
+// (x0, x1) as a bf16 pair and the pair of what that rounding left over.
+__device__ __forceinline__ void split_pair(float x0, float x1, uint32_t& high, uint32_t& low) {
+  __nv_bfloat162 h = __floats2bfloat162_rn(x0, x1);
+  high = bits(h);
+  low = bits(__floats2bfloat162_rn(x0 - __low2float(h), x1 - __high2float(h)));
+}
+
+__device__ __forceinline__ void split_to_shared(float x, uint16_t* high, uint16_t* low) {
+  __nv_bfloat16 h = __float2bfloat16_rn(x);
+  __nv_bfloat16 l = __float2bfloat16_rn(x - __bfloat162float(h));
+  *high = *reinterpret_cast<uint16_t*>(&h);
+  *low = *reinterpret_cast<uint16_t*>(&l);
+}
+
+__device__ __forceinline__ uint16_t to_bf16_bits(float x) {
+  __nv_bfloat16 h = __float2bfloat16_rn(x);
+  return *reinterpret_cast<uint16_t*>(&h);
+}
+
+// --- Finding a CTA's work -------------------------------------------------------------------
+
+// The work item `target` when each segment owns work(segment) consecutive items: the segment, the
+// item's index within it, and the items before the segment. Every lane of the warp must call it.
+struct Located {
+  int segment = -1;
+  int64_t local = 0, before = 0;
+};
+
+template <class Work>
+__device__ Located locate(const AttentionSegment* segments, int n, int64_t target, Work work) {
+  const int lane = threadIdx.x & 31;
+  int64_t before = 0;
+  for (int base = 0; base < n; base += 32) {
+    const int i = base + lane;
+    const int64_t mine = i < n ? work(segments[i]) : 0;
+    int64_t inclusive = mine;
+#pragma unroll
+    for (int offset = 1; offset < 32; offset <<= 1) {
+      const int64_t other = __shfl_up_sync(kFullWarp, inclusive, offset);
+      if (lane >= offset) inclusive += other;
+    }
+    const int64_t total = __shfl_sync(kFullWarp, inclusive, 31);
+    if (target < before + total) {
+      const int owner = __ffs(__ballot_sync(kFullWarp, target < before + inclusive)) - 1;
+      const int64_t earlier = before + __shfl_sync(kFullWarp, inclusive - mine, owner);
+      return {base + owner, target - earlier, earlier};
+    }
+    before += total;
+  }
+  return {};
+}
+
+// Sum of work(segment) over segments [0, end). Every lane of the warp must call it.
+template <class Work>
+__device__ int64_t work_before(const AttentionSegment* segments, int end, Work work) {
+  const int lane = threadIdx.x & 31;
+  int64_t total = 0;
+  for (int base = 0; base < end; base += 32) {
+    int64_t part = base + lane < end ? work(segments[base + lane]) : 0;
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) part += __shfl_xor_sync(kFullWarp, part, offset);
+    total += part;
+  }
+  return total;
+}
+
+// --- RoPE and cache append --------------------------------------------------------------------
+
+struct RopeParams {
+  float* q;
+  int64_t q_stride;
+  float* k;
+  int64_t k_stride;
+  const float* v;
+  int64_t v_stride;
+  int heads, kv_heads, d, rotary_dim;
+  double theta;
+  const AttentionSegment* segments;
+  int segment_count;
+};
+
+// One CTA per row of the step. Angles in double (as the CPU oracle) so positions near 1M keep
+// their accuracy; the rotation itself in fp32, unfused like the oracle.
+__global__ void __launch_bounds__(kRopeThreads) rope_append_kernel(RopeParams p) {
+  const Located at = locate(p.segments, p.segment_count, blockIdx.x, [](const AttentionSegment& s) { return s.count; });
+  const AttentionSegment seg = p.segments[at.segment];
+  const int64_t row = seg.row + at.local, pos = seg.pos0 + at.local;
+  const int half = p.rotary_dim / 2, kv_width = p.kv_heads * p.d;
+  __shared__ float cos_table[kMaxHeadDim / 2], sin_table[kMaxHeadDim / 2];
+  for (int j = threadIdx.x; j < half; j += blockDim.x) {
+    const double angle = double(pos) * pow(p.theta, -2.0 * double(j) / double(p.rotary_dim));
+    cos_table[j] = float(cos(angle));
+    sin_table[j] = float(sin(angle));
+  }
+  __syncthreads();
+  float* q = p.q + row * p.q_stride;
+  float* k = p.k + row * p.k_stride;
+  const float* v = p.v + row * p.v_stride;
+  uint16_t* keys = seg.keys + pos * kv_width;
+  uint16_t* values = seg.values + pos * kv_width;
+  // One thread owns a pair (j, j + half), so the in-place update has no races.
+  for (int i = threadIdx.x; i < p.heads * half; i += blockDim.x) {
+    float* x = q + (i / half) * p.d + i % half;
+    const float a = x[0], b = x[half], c = cos_table[i % half], s = sin_table[i % half];
+    x[0] = __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, s));
+    x[half] = __fadd_rn(__fmul_rn(b, c), __fmul_rn(a, s));
+  }
+  for (int i = threadIdx.x; i < p.kv_heads * half; i += blockDim.x) {
+    const int offset = (i / half) * p.d + i % half;
+    float* x = k + offset;
+    const float a = x[0], b = x[half], c = cos_table[i % half], s = sin_table[i % half];
+    const float first = __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, s));
+    const float second = __fadd_rn(__fmul_rn(b, c), __fmul_rn(a, s));
+    x[0] = first;
+    x[half] = second;
+    keys[offset] = to_bf16_bits(first);
+    keys[offset + half] = to_bf16_bits(second);
+  }
+  const int passed = p.d - p.rotary_dim;  // dims past the rotary part, copied as they are
+  for (int i = threadIdx.x; i < p.kv_heads * passed; i += blockDim.x) {
+    const int offset = (i / passed) * p.d + p.rotary_dim + i % passed;
+    keys[offset] = to_bf16_bits(k[offset]);
+  }
+  for (int i = threadIdx.x; i < kv_width; i += blockDim.x) values[i] = to_bf16_bits(v[i]);
+}
+
+// --- One warp's online softmax over one K/V tile ------------------------------------------------
+
+// Running state of the 16 query vectors of one warp: lane l holds rows l / 4 and l / 4 + 8.
+// `max` is in log2 units of the scaled score; `sum` is this lane's share of the row sum.
+template <int D>
+struct RowState {
+  float acc[D / 8][4];
+  float max[2];
+  float sum[2];
+
+  __device__ void clear() {
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[n][e] = 0.0f;
+    max[0] = max[1] = -INFINITY;
+    sum[0] = sum[1] = 0.0f;
+  }
+};
+
+// Folds keys [key0, key0 + 8 kTiles) (rows of `keys`/`values` in shared memory) into the state of
+// the warp's 16 query vectors (rows of q_high/q_low). A row sees key t iff t <= its limit; `masked`
+// false promises that every key of the tile is visible to every row. Only the first `d` columns
+// are read, in steps of 16 (padding columns are zero).
+template <int D, int kTiles>
+__device__ __forceinline__ void attend_tile(const uint16_t* q_high, const uint16_t* q_low, const uint16_t* keys,
+                                            const uint16_t* values, int d, int64_t key0, bool masked,
+                                            const int64_t (&limit)[2], float scale_log2, RowState<D>& state) {
+  static_assert(kTiles % 2 == 0);
+  constexpr int P = Geometry<D>::kPitch;
+  const int lane = threadIdx.x & 31, t = lane & 3;
+
+  // Scores: s = q k^T, q as high + low parts.
+  float s[kTiles][4];
+#pragma unroll
+  for (int n = 0; n < kTiles; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) s[n][e] = 0.0f;
+#pragma unroll
+  for (int ks = 0; ks < D / 16; ++ks) {
+    if (ks * 16 >= d) break;
+    uint32_t qh[4], ql[4];
+    const int q_offset = (lane & 15) * P + ks * 16 + (lane >> 4) * 8;
+    load_matrices(qh, q_high + q_offset);
+    load_matrices(ql, q_low + q_offset);
+#pragma unroll
+    for (int np = 0; np < kTiles / 2; ++np) {
+      // Matrices: keys 16np+0..7 at dims +0 and +8, then keys 16np+8..15 at dims +0 and +8.
+      uint32_t b[4];
+      load_matrices(b, keys + (np * 16 + (lane & 7) + ((lane >> 4) << 3)) * P + ks * 16 + ((lane >> 3) & 1) * 8);
+      mma_bf16(s[2 * np], ql, b[0], b[1]);
+      mma_bf16(s[2 * np], qh, b[0], b[1]);
+      mma_bf16(s[2 * np + 1], ql, b[2], b[3]);
+      mma_bf16(s[2 * np + 1], qh, b[2], b[3]);
+    }
+  }
+
+  // Online softmax in log2 units; masked keys become -inf and so weigh exactly zero.
+  float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+  for (int n = 0; n < kTiles; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      float x = s[n][e] * scale_log2;
+      if (masked && key0 + 8 * n + 2 * t + (e & 1) > limit[e >> 1]) x = -INFINITY;
+      s[n][e] = x;
+      tile_max[e >> 1] = fmaxf(tile_max[e >> 1], x);
+    }
+  float rescale[2], base[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(kFullWarp, tile_max[r], 1));
+    tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(kFullWarp, tile_max[r], 2));
+    const float new_max = fmaxf(state.max[r], tile_max[r]);
+    // A row that has seen no visible key yet keeps max -inf; base 0 then avoids -inf - -inf.
+    base[r] = new_max == -INFINITY ? 0.0f : new_max;
+    rescale[r] = exp2f(state.max[r] - base[r]);
+    state.max[r] = new_max;
+  }
+  float tile_sum[2] = {0.0f, 0.0f};
+#pragma unroll
+  for (int n = 0; n < kTiles; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      s[n][e] = exp2f(s[n][e] - base[e >> 1]);
+      tile_sum[e >> 1] += s[n][e];
+    }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) state.sum[r] = state.sum[r] * rescale[r] + tile_sum[r];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) state.acc[n][e] *= rescale[e >> 1];
+
+  // acc += p v, the weights p as high + low parts: the score layout of n-tiles 2kk and 2kk+1 is
+  // the a-operand layout of keys 16kk..16kk+15.
+#pragma unroll
+  for (int kk = 0; kk < kTiles / 2; ++kk) {
+    uint32_t ph[4], pl[4];
+    split_pair(s[2 * kk][0], s[2 * kk][1], ph[0], pl[0]);
+    split_pair(s[2 * kk][2], s[2 * kk][3], ph[1], pl[1]);
+    split_pair(s[2 * kk + 1][0], s[2 * kk + 1][1], ph[2], pl[2]);
+    split_pair(s[2 * kk + 1][2], s[2 * kk + 1][3], ph[3], pl[3]);
+#pragma unroll
+    for (int np = 0; np < D / 16; ++np) {
+      if (np * 16 >= d) break;
+      // Matrices (transposed): keys +0..7 and +8..15 at dims 16np, then the same at dims 16np+8.
+      uint32_t b[4];
+      load_matrices_transposed(b, values + (kk * 16 + (lane & 15)) * P + np * 16 + (lane >> 4) * 8);
+      mma_bf16(state.acc[2 * np], pl, b[0], b[1]);
+      mma_bf16(state.acc[2 * np], ph, b[0], b[1]);
+      mma_bf16(state.acc[2 * np + 1], pl, b[2], b[3]);
+      mma_bf16(state.acc[2 * np + 1], ph, b[2], b[3]);
+    }
+  }
+}
+
+// Row sums from the four lanes that share a row.
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(kFullWarp, x, 1);
+  return x + __shfl_xor_sync(kFullWarp, x, 2);
+}
+
+// --- Shared pieces of the two attention kernels -----------------------------------------------
+
+struct AttendParams {
+  const float* q;
+  int64_t q_stride;
+  float* out;
+  int64_t out_stride;
+  int kv_heads, group, d;
+  float scale_log2;
+  const AttentionSegment* segments;
+  int segment_count;
+  int64_t work_items;       // prefill: tiles of all segments; decode: splits of all segments
+  float* partial_acc;       // decode: [heads][splits][d]
+  float* partial_stats;     // decode: [heads][splits][max, sum]
+};
+
+// Copies cache rows [t0, t0 + kKeys) of one kv head into a shared K and V tile; rows at or past
+// `end` are filled with zeros (they may be unwritten memory, and a zero weight times NaN is NaN).
+template <int D>
+__device__ __forceinline__ void load_kv_tile(const AttentionSegment& seg, int64_t kv_width, int64_t head_offset, int d,
+                                             int64_t t0, int64_t end, uint16_t* keys, uint16_t* values) {
+  constexpr int P = Geometry<D>::kPitch, kKeys = Geometry<D>::kKeys;
+  const int chunks = d / 8;  // 16-byte pieces per row
+  for (int i = threadIdx.x; i < kKeys * chunks; i += blockDim.x) {
+    const int r = i / chunks, c = (i % chunks) * 8;
+    const bool valid = t0 + r < end;
+    const int64_t src = (valid ? t0 + r : 0) * kv_width + head_offset + c;
+    copy_async_16(keys + r * P + c, seg.keys + src, valid);
+    copy_async_16(values + r * P + c, seg.values + src, valid);
+  }
+  copy_async_commit();
+}
+
+// Streams cache rows [begin, end) of one kv head through the two shared stages, kKeys rows at a
+// time (the next tile copies while this one is used), calling attend(keys, values, t0) for each
+// tile once every thread's copies have landed. All threads of the CTA must call it.
+template <int D, class Attend>
+__device__ __forceinline__ void stream_kv(const AttentionSegment& seg, int64_t kv_width, int64_t head_offset, int d,
+                                          int64_t begin, int64_t end, uint16_t* stages, Attend attend) {
+  constexpr int P = Geometry<D>::kPitch, kKeys = Geometry<D>::kKeys;
+  const int tiles = int((end - begin + kKeys - 1) / kKeys);
+  load_kv_tile<D>(seg, kv_width, head_offset, d, begin, end, stages, stages + kKeys * P);
+  for (int j = 0; j < tiles; ++j) {
+    if (j + 1 < tiles) {
+      uint16_t* next = stages + ((j + 1) & 1) * 2 * kKeys * P;
+      load_kv_tile<D>(seg, kv_width, head_offset, d, begin + int64_t(j + 1) * kKeys, end, next, next + kKeys * P);
+    } else {
+      copy_async_commit();  // an empty group keeps the wait count uniform
+    }
+    copy_async_wait_all_but_one();
+    __syncthreads();
+    const uint16_t* keys = stages + (j & 1) * 2 * kKeys * P;
+    attend(keys, keys + kKeys * P, begin + int64_t(j) * kKeys);
+    __syncthreads();  // the next iteration refills this stage
+  }
+}
+
+// Zeroes the columns [d, D) of every stage row once: the copies never write them and the tensor
+// cores read them in 16-column steps.
+template <int D>
+__device__ __forceinline__ void clear_padding(uint16_t* stages, int d) {
+  constexpr int P = Geometry<D>::kPitch, kRows = 4 * Geometry<D>::kKeys;
+  const int width = D - d;
+  for (int i = threadIdx.x; i < kRows * width; i += blockDim.x) stages[(i / width) * P + d + i % width] = 0;
+}
+
+// --- Prefill --------------------------------------------------------------------------------
+
+template <int D>
+__global__ void __launch_bounds__(kPrefillThreads) prefill_kernel(AttendParams p) {
+  using G = Geometry<D>;
+  constexpr int P = G::kPitch, kKeys = G::kKeys;
+  extern __shared__ __align__(16) uint16_t shared[];
+  uint16_t* q_high = shared;
+  uint16_t* q_low = q_high + kQueryRows * P;
+  uint16_t* stages = q_low + kQueryRows * P;  // stage s: keys at s * 2 kKeys rows, values after
+
+  // Latest tiles (longest rows) first, so the heavy CTAs do not trail the launch.
+  const int group = p.group;
+  const Located at = locate(p.segments, p.segment_count, p.work_items - 1 - blockIdx.x,
+                            [group](const AttentionSegment& s) { return prefill_tiles(s.count, group); });
+  const AttentionSegment seg = p.segments[at.segment];
+  const int kv_head = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t first = at.local * kQueryRows, end = min(first + kQueryRows, seg.count * group);
+  // Query vector m of the segment is row m / group, query head kv_head * group + m % group.
+  const int64_t head0 = int64_t(kv_head) * group;
+  const int64_t kv_end = seg.pos0 + (end - 1) / group + 1;  // keys the last row sees
+  const int64_t unmasked_through = seg.pos0 + first / group;  // keys every row sees
+  const int64_t kv_width = int64_t(p.kv_heads) * p.d;
+
+  clear_padding<D>(stages, p.d);
+  for (int i = threadIdx.x; i < kQueryRows * D; i += blockDim.x) {
+    const int r = i / D, c = i % D;
+    const int64_t m = first + r;
+    float x = 0.0f;
+    if (m < end && c < p.d) x = p.q[(seg.row + m / group) * p.q_stride + (head0 + m % group) * p.d + c];
+    split_to_shared(x, q_high + r * P + c, q_low + r * P + c);
+  }
+
+  // This lane's two rows; rows past the segment borrow the last row's limit and are not written.
+  int64_t limit[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t m = min(first + warp * 16 + (lane >> 2) + 8 * r, end - 1);
+    limit[r] = seg.pos0 + m / group;
+  }
+  RowState<D> state;
+  state.clear();
+
+  const uint16_t* my_q_high = q_high + warp * 16 * P;
+  const uint16_t* my_q_low = q_low + warp * 16 * P;
+  stream_kv<D>(seg, kv_width, int64_t(kv_head) * p.d, p.d, 0, kv_end, stages,
+               [&](const uint16_t* keys, const uint16_t* values, int64_t t0) {
+                 attend_tile<D, kKeys / 8>(my_q_high, my_q_low, keys, values, p.d, t0,
+                                           t0 + kKeys - 1 > unmasked_through, limit, p.scale_log2, state);
+               });
+
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float inverse = 1.0f / quad_sum(state.sum[r]);
+    const int64_t m = first + warp * 16 + g + 8 * r;
+    if (m >= end) continue;
+    float* out = p.out + (seg.row + m / group) * p.out_stride + (head0 + m % group) * p.d;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      const int c = n * 8 + 2 * t;
+      if (c >= p.d) break;
+      out[c] = state.acc[n][2 * r] * inverse;
+      out[c + 1] = state.acc[n][2 * r + 1] * inverse;
+    }
+  }
+}
+
+// --- Decode ---------------------------------------------------------------------------------
+
+// One CTA per (split, kv head, block of 16 query heads of the group). Each K/V tile of kKeys rows
+// is shared out 16 keys per warp; the warps' states merge at the end into the split's partial.
+template <int D>
+__global__ void __launch_bounds__(Geometry<D>::kDecodeWarps * 32) decode_kernel(AttendParams p) {
+  using G = Geometry<D>;
+  constexpr int P = G::kPitch, kKeys = G::kKeys, kWarps = G::kDecodeWarps;
+  extern __shared__ __align__(16) uint16_t shared[];
+  uint16_t* q_high = shared;
+  uint16_t* q_low = q_high + 16 * P;
+  uint16_t* stages = q_low + 16 * P;
+
+  const Located at = locate(p.segments, p.segment_count, blockIdx.x,
+                            [](const AttentionSegment& s) { return s.count == 1 ? decode_splits(s.pos0 + 1) : 0; });
+  const AttentionSegment seg = p.segments[at.segment];
+  const int kv_head = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t keys_total = seg.pos0 + 1, split_keys = decode_split_keys(keys_total);
+  const int64_t begin = at.local * split_keys, end = min(begin + split_keys, keys_total);
+  const int first_head = blockIdx.z * 16, heads_here = min(16, p.group - first_head);
+  const int64_t head0 = int64_t(kv_head) * p.group + first_head;
+  const int64_t kv_width = int64_t(p.kv_heads) * p.d;
+
+  clear_padding<D>(stages, p.d);
+  for (int i = threadIdx.x; i < 16 * D; i += blockDim.x) {
+    const int r = i / D, c = i % D;
+    float x = 0.0f;
+    if (r < heads_here && c < p.d) x = p.q[seg.row * p.q_stride + (head0 + r) * p.d + c];
+    split_to_shared(x, q_high + r * P + c, q_low + r * P + c);
+  }
+  const int64_t limit[2] = {end - 1, end - 1};
+  RowState<D> state;
+  state.clear();
+
+  // Warp w takes keys 16w..16w+15 of every tile.
+  stream_kv<D>(seg, kv_width, int64_t(kv_head) * p.d, p.d, begin, end, stages,
+               [&](const uint16_t* keys, const uint16_t* values, int64_t t0) {
+                 attend_tile<D, 2>(q_high, q_low, keys + warp * 16 * P, values + warp * 16 * P, p.d, t0 + warp * 16,
+                                   t0 + kKeys > end, limit, p.scale_log2, state);
+               });
+
+  // Merge the warps in a fixed order. The stages are free now (the loop ended on a barrier).
+  float* merged_acc = reinterpret_cast<float*>(stages);  // [warp][16][D]
+  float* merged_max = merged_acc + kWarps * 16 * D;     // [warp][16]
+  float* merged_sum = merged_max + kWarps * 16;
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = g + 8 * r;
+    const float sum = quad_sum(state.sum[r]);
+    if (t == 0) {
+      merged_max[warp * 16 + row] = state.max[r];
+      merged_sum[warp * 16 + row] = sum;
+    }
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      float* dst = merged_acc + (warp * 16 + row) * D + n * 8 + 2 * t;
+      dst[0] = state.acc[n][2 * r];
+      dst[1] = state.acc[n][2 * r + 1];
+    }
+  }
+  __syncthreads();
+  const int64_t split = at.before + at.local;
+  for (int i = threadIdx.x; i < heads_here * p.d; i += blockDim.x) {
+    const int row = i / p.d, c = i % p.d;
+    float max = -INFINITY;
+    for (int w = 0; w < kWarps; ++w) max = fmaxf(max, merged_max[w * 16 + row]);
+    float acc = 0.0f, sum = 0.0f;
+    for (int w = 0; w < kWarps; ++w) {
+      // A warp whose keys were all past the end has max -inf and weighs zero.
+      const float weight = exp2f(merged_max[w * 16 + row] - max);
+      acc += weight * merged_acc[(w * 16 + row) * D + c];
+      sum += weight * merged_sum[w * 16 + row];
+    }
+    const int64_t slot = (head0 + row) * p.work_items + split;
+    p.partial_acc[slot * p.d + c] = acc;
+    if (c == 0) {
+      p.partial_stats[2 * slot] = max;
+      p.partial_stats[2 * slot + 1] = sum;
+    }
+  }
+}
+
+// One CTA per (decode row, query head): out = sum_s w_s acc_s / sum_s w_s sum_s with
+// w_s = 2^(max_s - max). Warp w takes splits w, w + 8, ...; the warps then add up in order.
+__global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(AttendParams p) {
+  const Located at = locate(p.segments, p.segment_count, blockIdx.x,
+                            [](const AttentionSegment& s) -> int64_t { return s.count == 1; });
+  const int64_t first_split = work_before(p.segments, at.segment, [](const AttentionSegment& s) {
+    return s.count == 1 ? decode_splits(s.pos0 + 1) : 0;
+  });
+  const AttentionSegment seg = p.segments[at.segment];
+  const int64_t splits = decode_splits(seg.pos0 + 1), head = blockIdx.y;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, d = p.d;
+  const float* stats = p.partial_stats + 2 * (head * p.work_items + first_split);
+  const float* acc = p.partial_acc + (head * p.work_items + first_split) * d;
+
+  __shared__ float warp_max[kCombineWarps];
+  __shared__ float warp_sum[kCombineWarps];
+  __shared__ __align__(16) float warp_acc[kCombineWarps][kMaxHeadDim];
+  float max = -INFINITY;
+  for (int64_t s = threadIdx.x; s < splits; s += blockDim.x) max = fmaxf(max, stats[2 * s]);
+  for (int offset = 16; offset > 0; offset >>= 1) max = fmaxf(max, __shfl_xor_sync(kFullWarp, max, offset));
+  if (lane == 0) warp_max[warp] = max;
+  __syncthreads();
+  for (int w = 0; w < kCombineWarps; ++w) max = fmaxf(max, warp_max[w]);
+
+  // Lane l owns columns 4l.. and 4(l + 32).. (d is a multiple of 8, so rows are 32-byte aligned).
+  float4 part[2] = {make_float4(0, 0, 0, 0), make_float4(0, 0, 0, 0)};
+  float sum = 0.0f;
+  const int quads = d / 4;
+  for (int64_t s = warp; s < splits; s += kCombineWarps) {
+    const float weight = exp2f(stats[2 * s] - max);
+    sum += weight * stats[2 * s + 1];
+    const float4* row = reinterpret_cast<const float4*>(acc + s * d);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int c4 = lane + 32 * h;
+      if (c4 >= quads) break;
+      const float4 x = row[c4];
+      part[h].x += weight * x.x;
+      part[h].y += weight * x.y;
+      part[h].z += weight * x.z;
+      part[h].w += weight * x.w;
+    }
+  }
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int c4 = lane + 32 * h;
+    if (c4 < quads) reinterpret_cast<float4*>(warp_acc[warp])[c4] = part[h];
+  }
+  if (lane == 0) warp_sum[warp] = sum;
+  __syncthreads();
+  float total_sum = 0.0f;
+  for (int w = 0; w < kCombineWarps; ++w) total_sum += warp_sum[w];
+  const float inverse = 1.0f / total_sum;
+  float* out = p.out + seg.row * p.out_stride + head * d;
+  for (int c = threadIdx.x; c < d; c += blockDim.x) {
+    float total = 0.0f;
+    for (int w = 0; w < kCombineWarps; ++w) total += warp_acc[w][c];
+    out[c] = total * inverse;
+  }
+}
+
+// --- Host side ------------------------------------------------------------------------------
+
+template <class Kernel>
+void allow_shared_bytes(Kernel kernel, size_t bytes) {
+  M1_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+}
+
+struct StepShape {
+  int64_t rows = 0, prefill_tiles = 0, decode_rows = 0, decode_splits = 0;
+};
+
+template <int D>
+void launch_attention(const AttendParams& base, const StepShape& shape, const AttentionArgs& a,
+                      DeviceScratch& scratch, cudaStream_t stream) {
+  using G = Geometry<D>;
+  // Once per process and kernel: the tiles need more than the default 48 KB of shared memory.
+  static const bool configured = [] {
+    allow_shared_bytes(prefill_kernel<D>, G::kPrefillBytes);
+    allow_shared_bytes(decode_kernel<D>, G::kDecodeBytes);
+    return true;
+  }();
+  (void)configured;
+  if (shape.prefill_tiles > 0) {
+    AttendParams p = base;
+    p.work_items = shape.prefill_tiles;
+    prefill_kernel<D><<<dim3(unsigned(shape.prefill_tiles), unsigned(a.kv_heads)), kPrefillThreads, G::kPrefillBytes,
+                        stream>>>(p);
+    M1_CUDA_CHECK_LAUNCH();
+  }
+  if (shape.decode_rows > 0) {
+    AttendParams p = base;
+    p.work_items = shape.decode_splits;
+    const size_t acc_floats = size_t(a.heads) * size_t(shape.decode_splits) * size_t(a.d);
+    float* partials = scratch.get<float>(acc_floats + size_t(a.heads) * size_t(shape.decode_splits) * 2);
+    p.partial_acc = partials;
+    p.partial_stats = partials + acc_floats;
+    const unsigned head_blocks = unsigned((a.heads / a.kv_heads + 15) / 16);
+    decode_kernel<D><<<dim3(unsigned(shape.decode_splits), unsigned(a.kv_heads), head_blocks), G::kDecodeWarps * 32,
+                       G::kDecodeBytes, stream>>>(p);
+    M1_CUDA_CHECK_LAUNCH();
+    combine_kernel<<<dim3(unsigned(shape.decode_rows), unsigned(a.heads)), kCombineWarps * 32, 0, stream>>>(p);
+    M1_CUDA_CHECK_LAUNCH();
+  }
+}
+
+}  // namespace
+
+void softmax_attention(const AttentionArgs& a, DeviceScratch& scratch, cudaStream_t stream) {
+  if (a.heads <= 0 || a.kv_heads <= 0 || a.heads % a.kv_heads != 0)
+    fail("softmax attention: {} query heads do not split into {} kv heads", a.heads, a.kv_heads);
+  if (a.d <= 0 || a.d > kMaxHeadDim || a.d % 8 != 0)
+    fail("softmax attention: head dim {} unsupported (a multiple of 8, at most {})", a.d, kMaxHeadDim);
+  if (a.rotary_dim < 0 || a.rotary_dim > a.d || a.rotary_dim % 2 != 0)
+    fail("softmax attention: rotary dim {} must be even and at most the head dim {}", a.rotary_dim, a.d);
+  if (a.heads > 65535) fail("softmax attention: {} query heads exceed the grid limit 65535", a.heads);
+  if (a.segments.size() > size_t(INT32_MAX)) fail("softmax attention: too many segments ({})", a.segments.size());
+  const int64_t group = a.heads / a.kv_heads;
+  StepShape shape;
+  for (const AttentionSegment& s : a.segments) {
+    if (s.count < 0 || s.pos0 < 0) fail("softmax attention: segment with count {} at position {}", s.count, s.pos0);
+    if (s.count > 0 && (!s.keys || !s.values)) fail("softmax attention: segment without a KV cache");
+    // The cache is read in 16-byte pieces.
+    if (reinterpret_cast<uintptr_t>(s.keys) % 16 != 0 || reinterpret_cast<uintptr_t>(s.values) % 16 != 0)
+      fail("softmax attention: KV cache not 16-byte aligned");
+    shape.rows += s.count;
+    shape.prefill_tiles += prefill_tiles(s.count, group);
+    if (s.count == 1) {
+      ++shape.decode_rows;
+      shape.decode_splits += decode_splits(s.pos0 + 1);
+    }
+  }
+  if (shape.rows == 0) return;
+  if (shape.rows > INT32_MAX || shape.prefill_tiles > INT32_MAX || shape.decode_splits > INT32_MAX)
+    fail("softmax attention: step of {} rows too large for one launch", shape.rows);
+  const int segment_count = int(a.segments.size());
+
+  RopeParams rope{a.q, a.q_stride, a.k, a.k_stride, a.v, a.v_stride, int(a.heads), int(a.kv_heads), int(a.d),
+                  int(a.rotary_dim), a.rope_theta, a.device_segments, segment_count};
+  rope_append_kernel<<<unsigned(shape.rows), kRopeThreads, 0, stream>>>(rope);
+  M1_CUDA_CHECK_LAUNCH();
+
+  AttendParams base{};
+  base.q = a.q;
+  base.q_stride = a.q_stride;
+  base.out = a.out;
+  base.out_stride = a.out_stride;
+  base.kv_heads = int(a.kv_heads);
+  base.group = int(group);
+  base.d = int(a.d);
+  base.scale_log2 = kLog2e / std::sqrt(float(a.d));
+  base.segments = a.device_segments;
+  base.segment_count = segment_count;
+  if (a.d <= 64)
+    launch_attention<64>(base, shape, a, scratch, stream);
+  else if (a.d <= 128)
+    launch_attention<128>(base, shape, a, scratch, stream);
+  else
+    launch_attention<256>(base, shape, a, scratch, stream);
+}
+
+}  // namespace m1::cuda

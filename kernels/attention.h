@@ -1,0 +1,41 @@
+#pragma once
+// Causal grouped-query softmax attention on the GPU (DESIGN.md §1): partial NeoX RoPE on q and k,
+// this step's k and v appended to each sequence's bf16 KV cache, then flash-style attention
+// (online softmax) for prefill rows and split-K attention over the cache for decode rows.
+
+#include <cstdint>
+#include <span>
+
+#include <cuda_runtime.h>
+
+#include "device_scratch.h"
+
+namespace m1::cuda {
+
+// One sequence's rows [row, row + count) at positions [pos0, pos0 + count). keys/values: this
+// layer's cache, row t = kv_heads * d bf16 values (stored as raw uint16_t), with room for at
+// least pos0 + count rows; rows [0, pos0) already hold the earlier tokens.
+struct AttentionSegment {
+  int64_t row = 0, count = 0, pos0 = 0;
+  uint16_t* keys = nullptr;
+  uint16_t* values = nullptr;
+};
+
+struct AttentionArgs {
+  float* q = nullptr;  // [rows, heads * d], rotated in place
+  int64_t q_stride = 0;
+  float* k = nullptr;  // [rows, kv_heads * d], rotated in place
+  int64_t k_stride = 0;
+  const float* v = nullptr;  // [rows, kv_heads * d]
+  int64_t v_stride = 0;
+  float* out = nullptr;  // [rows, heads * d]
+  int64_t out_stride = 0;
+  int64_t heads = 0, kv_heads = 0, d = 0, rotary_dim = 0;
+  double rope_theta = 0;
+  std::span<const AttentionSegment> segments;       // host copy
+  const AttentionSegment* device_segments = nullptr;  // the same descriptors in device memory
+};
+
+void softmax_attention(const AttentionArgs& args, DeviceScratch& scratch, cudaStream_t stream);
+
+}  // namespace m1::cuda

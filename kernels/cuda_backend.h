@@ -1,0 +1,84 @@
+#pragma once
+// The CUDA backend: weights and activations in device memory, one stream per backend, and the
+// kernels of kernels/*.h. Matrix products take the batch-invariant matmul; in fast precision the
+// products that may round use bf16 tensor cores.
+
+#include <memory>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include <cuda_runtime.h>
+
+#include "attention.h"
+#include "device_scratch.h"
+#include "device_types.h"
+#include "lightning.h"
+#include "m1/backend.h"
+#include "moe.h"
+
+namespace m1::cuda {
+
+class CudaBackend final : public Backend {
+ public:
+  CudaBackend(Precision precision, const std::string& device_name);
+  ~CudaBackend() override;
+  CudaBackend(const CudaBackend&) = delete;
+  CudaBackend& operator=(const CudaBackend&) = delete;
+
+  std::string name() const override;
+  Weight upload(const TensorView& tensor) override;
+  Mat alloc(int64_t rows, int64_t cols) override;
+  void free(Mat m) override;
+  void to_host(const Mat& m, float* host) override;
+  std::unique_ptr<SequenceState> new_state(const StateShape& shape) override;
+
+  void embed(const Weight& table, std::span<const int32_t> tokens, Mat out) override;
+  void gather_rows(const Mat& x, std::span<const int64_t> rows, Mat out) override;
+  void rmsnorm(const Mat& x, const Weight& w, float eps, Mat out) override;
+  void matmul(const Mat& x, const Weight& w, Mat out, Rounding rounding) override;
+  void silu(Mat x) override;
+  void sigmoid_gate(const Mat& gate, Mat x) override;
+  void swiglu(Mat gate, const Mat& up) override;
+  void add_scaled(const Mat& a, float alpha, const Mat& b, float beta, Mat out) override;
+  void blend_sigmoid(Mat x, const Mat& y, const Mat& coef) override;
+  void lightning_attention(const Mat& qkv, std::span<const Segment> segments, int64_t layer,
+                           std::span<const float> decay, Mat out) override;
+  void softmax_attention(Mat q, Mat k, const Mat& v, std::span<const Segment> segments, int64_t layer,
+                         const AttentionParams& params, Mat out) override;
+  void moe(const Mat& x, const MoeWeights& w, Mat out) override;
+
+ private:
+  // Operands of a product that may round (or not) under this backend's precision.
+  GemmOperands operands(Rounding rounding) const;
+  // `bytes` of host data copied into `scratch`, in stream order (the host buffer may be reused
+  // as soon as this returns).
+  void* upload_to(DeviceScratch& scratch, const void* host, size_t bytes);
+  // The device copy of a host vector of per-head decays, uploaded on first use (and again if the
+  // vector at that address has changed).
+  const float* device_decay(std::span<const float> decay);
+
+  cudaStream_t stream_;
+  Precision precision_;
+  std::string device_name_;
+  std::vector<void*> weights_;  // uploaded tensors, freed with the backend
+  DeviceScratch index_scratch_;    // token ids and row indices
+  DeviceScratch segment_scratch_;  // segment descriptors
+  DeviceScratch matmul_scratch_;
+  DeviceScratch attention_scratch_;
+  MoeWorkspace moe_workspace_;
+  struct DecayCopy {
+    std::vector<float> host;
+    float* device = nullptr;
+  };
+  std::unordered_map<const float*, DecayCopy> decays_;
+  std::vector<LightningSegment> lightning_segments_;
+  std::vector<AttentionSegment> attention_segments_;
+  std::vector<DeviceMatrix> w1_, w3_, w2_;
+};
+
+// Throws m1::Error when no usable CUDA device is present or the options ask for what the CUDA
+// backend does not offer (the reference kernels). options.threads is ignored.
+std::unique_ptr<Backend> create_cuda_backend(const BackendOptions& options);
+
+}  // namespace m1::cuda

@@ -1,0 +1,61 @@
+#include "cuda_state.h"
+
+#include <algorithm>
+
+#include "cuda_check.h"
+
+namespace m1::cuda {
+
+CudaState::CudaState(const StateShape& shape, cudaStream_t stream) : SequenceState(shape), stream_(stream) {
+  const size_t bytes = size_t(shape_.lightning_layers * lightning_layer_floats()) * sizeof(float);
+  if (bytes == 0) return;
+  M1_CUDA_CHECK(cudaMallocAsync(&lightning_, bytes, stream_));
+  M1_CUDA_CHECK(cudaMemsetAsync(lightning_, 0, bytes, stream_));
+}
+
+CudaState::~CudaState() {
+  // Errors are ignored: a destructor cannot report them, and the memory is gone either way.
+  if (lightning_) cudaFreeAsync(lightning_, stream_);
+  if (kv_) cudaFreeAsync(kv_, stream_);
+}
+
+std::unique_ptr<SequenceState> CudaState::clone() const {
+  auto copy = std::make_unique<CudaState>(shape_, stream_);
+  const size_t bytes = size_t(shape_.lightning_layers * lightning_layer_floats()) * sizeof(float);
+  if (bytes) M1_CUDA_CHECK(cudaMemcpyAsync(copy->lightning_, lightning_, bytes, cudaMemcpyDeviceToDevice, stream_));
+  if (kv_) copy->adopt_caches(kv_, capacity_, length_, std::max<int64_t>(length_, 1));
+  copy->length_ = length_;
+  return copy;
+}
+
+size_t CudaState::bytes() const {
+  const size_t lightning = size_t(shape_.lightning_layers * lightning_layer_floats()) * sizeof(float);
+  const size_t kv = size_t(shape_.softmax_layers * 2 * kv_row() * length_) * sizeof(uint16_t);
+  return lightning + kv;
+}
+
+void CudaState::reserve(int64_t tokens) {
+  if (tokens <= capacity_ || shape_.softmax_layers * kv_row() == 0) return;
+  adopt_caches(kv_, capacity_, length_, std::max(tokens, std::max<int64_t>(2 * capacity_, 256)));
+}
+
+void CudaState::adopt_caches(const uint16_t* from, int64_t from_capacity, int64_t rows, int64_t capacity) {
+  const int64_t row = kv_row();
+  uint16_t* fresh = nullptr;
+  M1_CUDA_CHECK(cudaMallocAsync(&fresh, size_t(2 * shape_.softmax_layers * capacity * row) * sizeof(uint16_t), stream_));
+  // Keys and values of every layer are 2 * layers consecutive blocks of `capacity` rows.
+  for (int64_t block = 0; rows > 0 && block < 2 * shape_.softmax_layers; ++block) {
+    const cudaError_t status = cudaMemcpyAsync(fresh + block * capacity * row, from + block * from_capacity * row,
+                                               size_t(rows * row) * sizeof(uint16_t), cudaMemcpyDeviceToDevice, stream_);
+    if (status != cudaSuccess) {
+      cudaFreeAsync(fresh, stream_);
+      check(status, "cudaMemcpyAsync (KV cache)");
+    }
+  }
+  // Stream order: the old caches are released only after the copies and earlier kernels ran.
+  if (kv_) M1_CUDA_CHECK(cudaFreeAsync(kv_, stream_));
+  kv_ = fresh;
+  capacity_ = capacity;
+}
+
+}  // namespace m1::cuda

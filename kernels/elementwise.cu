@@ -1,0 +1,165 @@
+// The elementwise steps of elementwise.h. Rows go to CTAs (embedding, gather, RMSNorm); flat
+// steps are grid-stride loops. RMSNorm sums its squares in a fixed tree, so a row's result
+// depends only on the row.
+
+#include "elementwise.h"
+
+#include <algorithm>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "cuda_check.h"
+
+namespace m1::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+int grid_for(int64_t items) { return int(std::clamp<int64_t>((items + kThreads - 1) / kThreads, 1, 1 << 20)); }
+
+// One CTA per row; the grid is capped, so CTAs loop over rows.
+int row_grid(int64_t rows) { return int(std::clamp<int64_t>(rows, 1, 1 << 20)); }
+
+__device__ __forceinline__ float load_weight(const void* data, DType dtype, int64_t i) {
+  switch (dtype) {
+    case DType::kF32: return static_cast<const float*>(data)[i];
+    case DType::kF16: return __half2float(static_cast<const __half*>(data)[i]);
+    case DType::kBF16: return __bfloat162float(static_cast<const __nv_bfloat16*>(data)[i]);
+  }
+  return 0.0f;
+}
+
+// 1 / (1 + e^-v) through e^-|v|, which never overflows.
+__device__ __forceinline__ float sigmoid(float v) {
+  const float e = expf(-fabsf(v));
+  const float inv = 1.0f / (1.0f + e);
+  return v >= 0.0f ? inv : e * inv;
+}
+
+__device__ __forceinline__ float silu(float v) { return v * sigmoid(v); }
+
+// fn(i) for i in [0, n), spread over the whole grid.
+template <class Fn>
+__device__ __forceinline__ void for_each_index(int64_t n, Fn fn) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) fn(i);
+}
+
+__global__ void embed_rows(const void* table, DType dtype, int64_t cols, const int32_t* tokens, int64_t n, float* out) {
+  for (int64_t row = blockIdx.x; row < n; row += gridDim.x) {
+    const int64_t base = int64_t(tokens[row]) * cols;
+    for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) out[row * cols + c] = load_weight(table, dtype, base + c);
+  }
+}
+
+__global__ void gather(const float* x, int64_t cols, const int64_t* rows, int64_t n, float* out) {
+  for (int64_t row = blockIdx.x; row < n; row += gridDim.x) {
+    const float* src = x + rows[row] * cols;
+    for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) out[row * cols + c] = src[c];
+  }
+}
+
+// Each thread sums the squares of its strided elements in order; warps then combine by a fixed
+// butterfly, and warp 0 combines the warp sums the same way.
+__global__ __launch_bounds__(kThreads) void rmsnorm_rows(const float* x, int64_t rows, int64_t cols, const void* w,
+                                                         DType w_dtype, float eps, float* out) {
+  __shared__ float warp_sums[kThreads / 32];
+  __shared__ float inverse;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    const float* xr = x + row * cols;
+    float squares = 0.0f;
+    for (int64_t c = threadIdx.x; c < cols; c += kThreads) squares = fmaf(xr[c], xr[c], squares);
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) squares += __shfl_xor_sync(0xffffffffu, squares, offset);
+    if (lane == 0) warp_sums[warp] = squares;
+    __syncthreads();
+    if (warp == 0) {
+      float sum = lane < kThreads / 32 ? warp_sums[lane] : 0.0f;
+#pragma unroll
+      for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+      if (lane == 0) inverse = 1.0f / sqrtf(sum / float(cols) + eps);
+    }
+    __syncthreads();
+    const float inv = inverse;
+    float* orow = out + row * cols;
+    for (int64_t c = threadIdx.x; c < cols; c += kThreads) orow[c] = load_weight(w, w_dtype, c) * (xr[c] * inv);
+    __syncthreads();  // warp_sums and inverse are reused by the next row
+  }
+}
+
+__global__ void silu_kernel(float* x, int64_t n) {
+  for_each_index(n, [&](int64_t i) { x[i] = silu(x[i]); });
+}
+
+__global__ void sigmoid_gate_kernel(const float* gate, float* x, int64_t n) {
+  for_each_index(n, [&](int64_t i) { x[i] *= sigmoid(gate[i]); });
+}
+
+__global__ void swiglu_kernel(float* gate, const float* up, int64_t n) {
+  for_each_index(n, [&](int64_t i) { gate[i] = silu(gate[i]) * up[i]; });
+}
+
+__global__ void add_scaled_kernel(const float* a, float alpha, const float* b, float beta, float* out, int64_t n) {
+  for_each_index(n, [&](int64_t i) { out[i] = alpha * a[i] + beta * b[i]; });
+}
+
+__global__ void blend_sigmoid_kernel(float* x, const float* y, const float* coef, int64_t rows, int64_t cols) {
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    const float c = sigmoid(coef[row]);
+    for (int64_t i = row * cols + threadIdx.x; i < (row + 1) * cols; i += blockDim.x) x[i] = x[i] * (1.0f - c) + y[i] * c;
+  }
+}
+
+}  // namespace
+
+void embed(const DeviceMatrix& table, const int32_t* tokens, int64_t n, float* out, cudaStream_t stream) {
+  if (n == 0) return;
+  embed_rows<<<row_grid(n), kThreads, 0, stream>>>(table.data, table.dtype, table.cols, tokens, n, out);
+  M1_CUDA_CHECK_LAUNCH();
+}
+
+void gather_rows(const float* x, int64_t cols, const int64_t* rows, int64_t n, float* out, cudaStream_t stream) {
+  if (n == 0) return;
+  gather<<<row_grid(n), kThreads, 0, stream>>>(x, cols, rows, n, out);
+  M1_CUDA_CHECK_LAUNCH();
+}
+
+void rmsnorm(const float* x, int64_t rows, int64_t cols, const DeviceMatrix& w, float eps, float* out,
+             cudaStream_t stream) {
+  if (rows == 0) return;
+  rmsnorm_rows<<<row_grid(rows), kThreads, 0, stream>>>(x, rows, cols, w.data, w.dtype, eps, out);
+  M1_CUDA_CHECK_LAUNCH();
+}
+
+void silu(float* x, int64_t n, cudaStream_t stream) {
+  if (n == 0) return;
+  silu_kernel<<<grid_for(n), kThreads, 0, stream>>>(x, n);
+  M1_CUDA_CHECK_LAUNCH();
+}
+
+void sigmoid_gate(const float* gate, float* x, int64_t n, cudaStream_t stream) {
+  if (n == 0) return;
+  sigmoid_gate_kernel<<<grid_for(n), kThreads, 0, stream>>>(gate, x, n);
+  M1_CUDA_CHECK_LAUNCH();
+}
+
+void swiglu(float* gate, const float* up, int64_t n, cudaStream_t stream) {
+  if (n == 0) return;
+  swiglu_kernel<<<grid_for(n), kThreads, 0, stream>>>(gate, up, n);
+  M1_CUDA_CHECK_LAUNCH();
+}
+
+void add_scaled(const float* a, float alpha, const float* b, float beta, float* out, int64_t n, cudaStream_t stream) {
+  if (n == 0) return;
+  add_scaled_kernel<<<grid_for(n), kThreads, 0, stream>>>(a, alpha, b, beta, out, n);
+  M1_CUDA_CHECK_LAUNCH();
+}
+
+void blend_sigmoid(float* x, const float* y, const float* coef, int64_t rows, int64_t cols, cudaStream_t stream) {
+  if (rows == 0) return;
+  blend_sigmoid_kernel<<<row_grid(rows), kThreads, 0, stream>>>(x, y, coef, rows, cols);
+  M1_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace m1::cuda

@@ -1,0 +1,30 @@
+#pragma once
+// Row-wise and elementwise steps between the matrix products, on the GPU. Matrices are fp32,
+// row-major and contiguous ([rows, cols]); norms and activations are computed in fp32.
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+#include "device_types.h"
+
+namespace m1::cuda {
+
+// out[i] = table[tokens[i]] (tokens in device memory), converted to fp32.
+void embed(const DeviceMatrix& table, const int32_t* tokens, int64_t n, float* out, cudaStream_t stream);
+// out[i] = x[rows[i]] (rows in device memory).
+void gather_rows(const float* x, int64_t cols, const int64_t* rows, int64_t n, float* out, cudaStream_t stream);
+// out = w * x / sqrt(mean(x^2) + eps), per row; out may alias x.
+void rmsnorm(const float* x, int64_t rows, int64_t cols, const DeviceMatrix& w, float eps, float* out,
+             cudaStream_t stream);
+void silu(float* x, int64_t n, cudaStream_t stream);
+// x *= sigmoid(gate)
+void sigmoid_gate(const float* gate, float* x, int64_t n, cudaStream_t stream);
+// gate = silu(gate) * up
+void swiglu(float* gate, const float* up, int64_t n, cudaStream_t stream);
+// out = alpha * a + beta * b; out may alias a or b.
+void add_scaled(const float* a, float alpha, const float* b, float beta, float* out, int64_t n, cudaStream_t stream);
+// x[r] = x[r] * (1 - c) + y[r] * c with c = sigmoid(coef[r]), rows of `cols`.
+void blend_sigmoid(float* x, const float* y, const float* coef, int64_t rows, int64_t cols, cudaStream_t stream);
+
+}  // namespace m1::cuda

@@ -1,0 +1,34 @@
+#pragma once
+// Lightning (linear) attention of DESIGN.md §1 on the GPU, batched over sequences and heads:
+//   o_t = sum_{j<=t} exp(-s (t-j)) (q_t . k_j) v_j, with a fp32 d x d state per head carried
+// across steps. Segments of one token take the decode kernel (state read and written once);
+// longer ones the chunked prefill kernel (state kept on chip across blocks).
+
+#include <cstdint>
+#include <span>
+
+#include <cuda_runtime.h>
+
+namespace m1::cuda {
+
+// One sequence's rows [row, row + count) of the step; `state` is this layer's heads x d x d
+// fp32 state in device memory (head h at state + h*d*d, row a holds S[a][:]), updated in place.
+struct LightningSegment {
+  int64_t row = 0, count = 0;
+  float* state = nullptr;
+};
+
+struct LightningArgs {
+  const float* qkv = nullptr;  // row t: per head [q | k | v], d floats each (silu applied)
+  int64_t qkv_stride = 0;      // floats between rows (heads * 3d)
+  float* out = nullptr;        // row t: heads x d
+  int64_t out_stride = 0;
+  int64_t heads = 0, d = 0;
+  const float* decay = nullptr;  // device: s per head
+  std::span<const LightningSegment> segments;       // host copy: the launcher picks kernels by count
+  const LightningSegment* device_segments = nullptr;  // the same descriptors in device memory
+};
+
+void lightning_attention(const LightningArgs& args, cudaStream_t stream);
+
+}  // namespace m1::cuda

@@ -1,0 +1,617 @@
+// Batch-invariant dense products out = x w^T (see matmul.h).
+//
+// Every output element is the same fixed sequence of fp32 operations in every kernel here: the
+// inner dimension is cut into chunks of kChunk values; a chunk's products are summed into a fresh
+// partial (kFp32: fmaf in increasing k; kBf16: tensor-core steps of 16 in increasing k), and the
+// partials are added to a total that starts at 0, in chunk order, with round-to-nearest adds.
+// The kernels differ only in which thread computes which element when, so the rows beside a row
+// never change its result.
+//
+// "Skinny" kernels (decode, few rows) give each CTA one chunk of one block of outputs, so even a
+// single row spreads the weight matrix over the whole GPU and streams it at memory bandwidth; a
+// second kernel adds the chunk partials in order. "Tiled" kernels (prefill) keep a CTA's output
+// tile in registers along the whole inner dimension, closing each chunk as they pass its end.
+
+#include "matmul.h"
+
+#include <mma.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace m1::cuda {
+namespace {
+
+using namespace nvcuda;
+
+// Inner-dimension values per partial sum: part of the arithmetic, shared by every kernel.
+constexpr int kChunk = 256;
+
+template <DType T>
+using Stored = std::conditional_t<T == DType::kF32, float, uint16_t>;
+
+template <DType T>
+__device__ __forceinline__ float widen(Stored<T> v) {
+  if constexpr (T == DType::kF32)
+    return v;
+  else if constexpr (T == DType::kBF16)
+    return __uint_as_float(uint32_t(v) << 16);
+  else
+    return __half2float(__ushort_as_half(v));
+}
+
+__host__ __device__ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+int grid_for(int64_t items, int threads) { return int(std::clamp<int64_t>(ceil_div(items, threads), 1, 1 << 20)); }
+
+// Sets a kernel's dynamic shared-memory limit once, before its first launch.
+template <class Kernel>
+void allow_shared_memory(Kernel kernel, int bytes) {
+  M1_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shared pieces
+
+// out[r][n] = sum over chunks c, in order, of partial[c][r][n].
+__global__ void sum_partials(const float* partial, int64_t chunks, int64_t m, int64_t n, float* out, int64_t ldo) {
+  const int64_t plane = m * n;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < plane; i += int64_t(gridDim.x) * blockDim.x) {
+    float total = 0.0f;
+#pragma unroll 8
+    for (int64_t c = 0; c < chunks; ++c) total = __fadd_rn(total, partial[c * plane + i]);
+    const int64_t r = i / n;
+    out[r * ldo + (i - r * n)] = total;
+  }
+}
+
+// Where a skinny kernel puts a chunk's partial: straight into the output when the inner
+// dimension is one chunk (0 + partial, as the reduction would), else into the partials.
+__device__ __forceinline__ void write_partial(float v, int64_t r, int64_t col, int64_t m, int64_t n, float* partial,
+                                              float* out, int64_t ldo) {
+  if (gridDim.x == 1)
+    out[r * ldo + col] = __fadd_rn(0.0f, v);
+  else
+    partial[(blockIdx.x * m + r) * n + col] = v;
+}
+
+// x rounded to bf16 (nearest even), rows padded with zeros to `ldb`, a multiple of 8, so every
+// row of the copy is 16-byte aligned.
+__global__ void round_to_bf16(const float* x, int64_t ldx, int64_t m, int64_t k, __nv_bfloat16* out, int64_t ldb) {
+  const int64_t total = m * ldb;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = i / ldb, c = i - r * ldb;
+    out[i] = __float2bfloat16_rn(c < k ? x[r * ldx + c] : 0.0f);
+  }
+}
+
+// Elements [k, k + 8) of a row of 16-bit values, zero past `bound`. vec: the row start is
+// 16-byte aligned and bound % 8 == 0, so the eight are wholly inside or outside.
+__device__ __forceinline__ uint4 load_16bit_x8(const uint16_t* row, int64_t k, int64_t bound, bool vec) {
+  if (vec) return k < bound ? *reinterpret_cast<const uint4*>(row + k) : make_uint4(0, 0, 0, 0);
+  uint32_t h[8];
+#pragma unroll
+  for (int e = 0; e < 8; ++e) h[e] = k + e < bound ? row[k + e] : 0u;
+  return make_uint4(h[0] | h[1] << 16, h[2] | h[3] << 16, h[4] | h[5] << 16, h[6] | h[7] << 16);
+}
+
+// Elements [k, k + 8) of a row as fp32, zero past `bound`. vec: the row start is 16-byte aligned
+// and bound is a multiple of the values per 16 bytes.
+template <DType T>
+__device__ __forceinline__ void load_f32_x8(const Stored<T>* row, int64_t k, int64_t bound, bool vec, float (&v)[8]) {
+  if constexpr (T == DType::kF32) {
+    if (vec) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float4 f = k + 4 * h < bound ? *reinterpret_cast<const float4*>(row + k + 4 * h) : make_float4(0, 0, 0, 0);
+        v[4 * h] = f.x, v[4 * h + 1] = f.y, v[4 * h + 2] = f.z, v[4 * h + 3] = f.w;
+      }
+      return;
+    }
+  } else {
+    if (vec) {
+      const uint4 u = load_16bit_x8(row, k, bound, true);
+      const uint32_t words[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        v[2 * e] = widen<T>(uint16_t(words[e] & 0xffff));
+        v[2 * e + 1] = widen<T>(uint16_t(words[e] >> 16));
+      }
+      return;
+    }
+  }
+#pragma unroll
+  for (int e = 0; e < 8; ++e) v[e] = k + e < bound ? widen<T>(row[k + e]) : 0.0f;
+}
+
+// ---------------------------------------------------------------------------------------------
+// kFp32, few rows: CTA (block of 64 outputs, one chunk). The chunk of 64 weight rows is staged in
+// shared memory in its stored dtype (rows padded to an odd number of words, so a warp reading one
+// column of 32 rows hits 32 banks); thread (column, group) runs the fmaf chain of its column for
+// rows group, group + 4, ...
+
+constexpr int kF32SkinnyThreads = 256;
+constexpr int kF32SkinnyCols = 64;
+constexpr int kF32SkinnyGroups = kF32SkinnyThreads / kF32SkinnyCols;
+constexpr int kF32SkinnyMaxRows = 32;
+
+template <DType T>
+constexpr int kF32SkinnyStride = T == DType::kF32 ? kChunk + 1 : kChunk + 2;
+
+template <DType T>
+constexpr int f32_skinny_shared_bytes(int64_t m) {
+  return int(kF32SkinnyCols * kF32SkinnyStride<T> * sizeof(Stored<T>) + m * kChunk * sizeof(float));
+}
+
+template <DType T, int kRowsPerThread>
+__global__ __launch_bounds__(kF32SkinnyThreads) void matmul_f32_skinny(const float* x, int64_t ldx, int64_t m,
+                                                                      const Stored<T>* w, int64_t n, int64_t k,
+                                                                      bool w_vec, float* partial, float* out,
+                                                                      int64_t ldo) {
+  using S = Stored<T>;
+  constexpr int kStride = kF32SkinnyStride<T>;
+  extern __shared__ __align__(16) unsigned char f32_skinny_shared[];
+  S* ws = reinterpret_cast<S*>(f32_skinny_shared);
+  float* xs = reinterpret_cast<float*>(f32_skinny_shared + kF32SkinnyCols * kStride * sizeof(S));
+
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int64_t n0 = blockIdx.y * int64_t(kF32SkinnyCols), c0 = blockIdx.x * int64_t(kChunk);
+  const int klen = int(std::min<int64_t>(kChunk, k - c0));
+
+  // Weights: warp w stages rows w, w + 8, ...; in the aligned case all its 16-byte loads are
+  // issued before the first store, so many are in flight.
+  constexpr int kRowsPerWarp = kF32SkinnyCols / (kF32SkinnyThreads / 32);
+  if (w_vec) {
+    constexpr int kPerVector = 16 / sizeof(S);
+    constexpr int kVectorsPerLane = kChunk / kPerVector / 32;
+    uint4 staged[kRowsPerWarp][kVectorsPerLane];
+#pragma unroll
+    for (int i = 0; i < kRowsPerWarp; ++i) {
+      const int64_t row = n0 + warp + i * (kF32SkinnyThreads / 32);
+#pragma unroll
+      for (int p = 0; p < kVectorsPerLane; ++p) {
+        const int kk = (p * 32 + lane) * kPerVector;
+        staged[i][p] = row < n && kk < klen ? *reinterpret_cast<const uint4*>(w + row * k + c0 + kk) : make_uint4(0, 0, 0, 0);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kRowsPerWarp; ++i) {
+      const int row = warp + i * (kF32SkinnyThreads / 32);
+#pragma unroll
+      for (int p = 0; p < kVectorsPerLane; ++p) {
+        const int kk = (p * 32 + lane) * kPerVector;
+        // Word-aligned: kStride * sizeof(S) is a whole number of words, and kk is even.
+        uint32_t* dst = reinterpret_cast<uint32_t*>(ws + row * kStride + kk);
+        dst[0] = staged[i][p].x, dst[1] = staged[i][p].y, dst[2] = staged[i][p].z, dst[3] = staged[i][p].w;
+      }
+    }
+  } else {
+    for (int i = 0; i < kRowsPerWarp; ++i) {
+      const int row = warp + i * (kF32SkinnyThreads / 32);
+      const bool valid = n0 + row < n;
+      for (int kk = lane; kk < kChunk; kk += 32) ws[row * kStride + kk] = valid && kk < klen ? w[(n0 + row) * k + c0 + kk] : S(0);
+    }
+  }
+  for (int i = tid; i < m * kChunk; i += kF32SkinnyThreads) {
+    const int r = i / kChunk, kk = i % kChunk;
+    xs[i] = kk < klen ? x[r * ldx + c0 + kk] : 0.0f;
+  }
+  __syncthreads();
+
+  const int col = tid % kF32SkinnyCols, group = tid / kF32SkinnyCols;
+  float part[kRowsPerThread];
+#pragma unroll
+  for (int i = 0; i < kRowsPerThread; ++i) part[i] = 0.0f;
+  const S* wcol = ws + col * kStride;
+  for (int kk = 0; kk < klen; ++kk) {
+    const float wv = widen<T>(wcol[kk]);
+#pragma unroll
+    for (int i = 0; i < kRowsPerThread; ++i) {
+      const int r = group + i * kF32SkinnyGroups;
+      if (r < m) part[i] = fmaf(xs[r * kChunk + kk], wv, part[i]);
+    }
+  }
+  if (n0 + col < n) {
+#pragma unroll
+    for (int i = 0; i < kRowsPerThread; ++i) {
+      const int r = group + i * kF32SkinnyGroups;
+      if (r < m) write_partial(part[i], r, n0 + col, m, n, partial, out, ldo);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// kFp32, many rows: 64 x 64 output tile per CTA of 256 threads, 4 x 4 outputs per thread, k-tiles
+// of 32 staged in shared memory as fp32 (k-major, so a thread reads its 4 rows or columns as one
+// float4), the next k-tile fetched into registers while the current one is multiplied.
+
+constexpr int kF32TileM = 64, kF32TileN = 64, kF32TileK = 32, kF32TileThreads = 256;
+static_assert(kChunk % kF32TileK == 0, "a chunk must be whole k-tiles");
+
+template <DType T>
+__global__ __launch_bounds__(kF32TileThreads) void matmul_f32_tiled(const float* x, int64_t ldx, int64_t m, bool x_vec,
+                                                                   const Stored<T>* w, int64_t n, int64_t k, bool w_vec,
+                                                                   float* out, int64_t ldo) {
+  __shared__ __align__(16) float xs[2][kF32TileK][kF32TileM];
+  __shared__ __align__(16) float ws[2][kF32TileK][kF32TileN];
+
+  const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+  const int64_t m0 = blockIdx.x * int64_t(kF32TileM), n0 = blockIdx.y * int64_t(kF32TileN);
+  // Loader: tile row (of x and of w) and which 8 of the k-tile's 32 values.
+  const int load_row = tid % 64, load_k = (tid / 64) * 8;
+  const bool x_row = m0 + load_row < m, w_row = n0 + load_row < n;
+  const float* x_src = x + (x_row ? (m0 + load_row) * ldx : 0);
+  const Stored<T>* w_src = w + (w_row ? (n0 + load_row) * k : 0);
+
+  float xv[8], wv[8];
+  auto fetch = [&](int64_t k0) {
+    if (x_row)
+      load_f32_x8<DType::kF32>(x_src, k0 + load_k, k, x_vec, xv);
+    else
+      for (float& v : xv) v = 0.0f;
+    if (w_row)
+      load_f32_x8<T>(w_src, k0 + load_k, k, w_vec, wv);
+    else
+      for (float& v : wv) v = 0.0f;
+  };
+  auto stash = [&](int buf) {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      xs[buf][load_k + e][load_row] = xv[e];
+      ws[buf][load_k + e][load_row] = wv[e];
+    }
+  };
+
+  float part[4][4], total[4][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) part[i][j] = total[i][j] = 0.0f;
+
+  const int64_t tiles = ceil_div(k, kF32TileK);
+  constexpr int kTilesPerChunk = kChunk / kF32TileK;
+  fetch(0);
+  stash(0);
+  __syncthreads();
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int buf = int(t & 1);
+    if (t + 1 < tiles) fetch((t + 1) * kF32TileK);
+#pragma unroll
+    for (int kk = 0; kk < kF32TileK; ++kk) {
+      const float4 a = *reinterpret_cast<const float4*>(&xs[buf][kk][ty * 4]);
+      const float4 b = *reinterpret_cast<const float4*>(&ws[buf][kk][tx * 4]);
+      const float av[4] = {a.x, a.y, a.z, a.w}, bv[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) part[i][j] = fmaf(av[i], bv[j], part[i][j]);
+    }
+    if ((t + 1) % kTilesPerChunk == 0 || t + 1 == tiles) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          total[i][j] = __fadd_rn(total[i][j], part[i][j]);
+          part[i][j] = 0.0f;
+        }
+    }
+    if (t + 1 < tiles) stash(buf ^ 1);
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int64_t r = m0 + ty * 4 + i;
+    if (r >= m) continue;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int64_t c = n0 + tx * 4 + j;
+      if (c < n) out[r * ldo + c] = total[i][j];
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// kBf16: wmma m16n16k16, x (bf16 copy) as matrix_a, weights as matrix_b, in every kernel.
+
+using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major>;
+using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major>;
+using FragC = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+
+// Tensor-core steps of 16 that a chunk starting at c0 takes: those that start before k.
+__device__ __forceinline__ int chunk_steps(int64_t c0, int64_t k) {
+  return int(std::min<int64_t>(kChunk / 16, (k - c0 + 15) / 16));
+}
+
+// Few rows: CTA (block of 64 outputs, one chunk) of 4 warps, warp i owning outputs
+// [16 i, 16 i + 16) of the block. Each warp stages its own 16 weight rows (512 bytes of a chunk
+// each: one 16-byte load per lane per row, all 16 in flight); the bf16 rows of x are staged by the
+// CTA and walked 16 at a time.
+
+constexpr int kBf16SkinnyWarps = 4;
+constexpr int kBf16SkinnyCols = 16 * kBf16SkinnyWarps;
+constexpr int kBf16SkinnyMaxRows = 64;
+constexpr int kBf16Stride = kChunk + 8;  // a multiple of 8 (wmma), rows 16-byte aligned, banks staggered
+
+int bf16_skinny_shared_bytes(int64_t rows16) {
+  return int((kBf16SkinnyCols + rows16) * kBf16Stride * sizeof(__nv_bfloat16) + kBf16SkinnyWarps * 256 * sizeof(float));
+}
+
+__global__ __launch_bounds__(kBf16SkinnyWarps * 32) void matmul_bf16_skinny(const __nv_bfloat16* xb, int64_t ldb,
+                                                                          int64_t m, const uint16_t* w, int64_t n,
+                                                                          int64_t k, bool w_vec, float* partial,
+                                                                          float* out, int64_t ldo) {
+  extern __shared__ __align__(128) unsigned char bf16_skinny_shared[];
+  const int64_t rows16 = (m + 15) / 16 * 16;
+  __nv_bfloat16* ws = reinterpret_cast<__nv_bfloat16*>(bf16_skinny_shared);
+  __nv_bfloat16* xs = ws + kBf16SkinnyCols * kBf16Stride;
+  float* stage = reinterpret_cast<float*>(xs + rows16 * kBf16Stride);
+
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int64_t n0 = blockIdx.y * int64_t(kBf16SkinnyCols), c0 = blockIdx.x * int64_t(kChunk);
+
+  uint4 staged[16];
+#pragma unroll
+  for (int i = 0; i < 16; ++i) {
+    const int64_t row = n0 + warp * 16 + i;
+    const int64_t kk = c0 + lane * 8;
+    staged[i] = row < n ? load_16bit_x8(w + row * k, kk, k, w_vec) : make_uint4(0, 0, 0, 0);
+  }
+#pragma unroll
+  for (int i = 0; i < 16; ++i) *reinterpret_cast<uint4*>(ws + (warp * 16 + i) * kBf16Stride + lane * 8) = staged[i];
+  const uint16_t* xraw = reinterpret_cast<const uint16_t*>(xb);
+  for (int64_t i = tid; i < rows16 * (kChunk / 8); i += kBf16SkinnyWarps * 32) {
+    const int64_t r = i / (kChunk / 8), kk = (i % (kChunk / 8)) * 8;
+    *reinterpret_cast<uint4*>(xs + r * kBf16Stride + kk) =
+        r < m ? load_16bit_x8(xraw + r * ldb, c0 + kk, ldb, true) : make_uint4(0, 0, 0, 0);
+  }
+  __syncthreads();
+
+  const int steps = chunk_steps(c0, k);
+  float* my_stage = stage + warp * 256;
+  const int64_t col0 = n0 + warp * 16;
+  for (int64_t r0 = 0; r0 < rows16; r0 += 16) {
+    FragC part;
+    wmma::fill_fragment(part, 0.0f);
+    for (int s = 0; s < steps; ++s) {
+      FragA a;
+      FragB b;
+      wmma::load_matrix_sync(a, xs + r0 * kBf16Stride + s * 16, kBf16Stride);
+      wmma::load_matrix_sync(b, ws + warp * 16 * kBf16Stride + s * 16, kBf16Stride);
+      wmma::mma_sync(part, a, b, part);
+    }
+    wmma::store_matrix_sync(my_stage, part, 16, wmma::mem_row_major);
+    __syncwarp();
+    for (int e = lane; e < 256; e += 32) {
+      const int64_t r = r0 + e / 16, col = col0 + e % 16;
+      if (r < m && col < n) write_partial(my_stage[e], r, col, m, n, partial, out, ldo);
+    }
+    __syncwarp();
+  }
+}
+
+// Many rows: 128 x 128 output tile per CTA of 8 warps (4 down, 2 across: 32 x 64 each, 2 x 4
+// fragments), k-tiles of 32 staged in shared memory, the next fetched into registers while the
+// current one is multiplied.
+
+constexpr int kBf16TileM = 128, kBf16TileN = 128, kBf16TileK = 32, kBf16TileThreads = 256;
+constexpr int kBf16TileStride = kBf16TileK + 8;
+static_assert(kChunk % kBf16TileK == 0, "a chunk must be whole k-tiles");
+
+__global__ __launch_bounds__(kBf16TileThreads, 1) void matmul_bf16_tiled(const __nv_bfloat16* xb, int64_t ldb, int64_t m,
+                                                                         const uint16_t* w, int64_t n, int64_t k,
+                                                                         bool w_vec, float* out, int64_t ldo) {
+  constexpr int kTileElements = kBf16TileM * kBf16TileStride;
+  __shared__ __align__(128) __nv_bfloat16 shared[2 * 2 * kTileElements];  // [A, B] x double buffer
+  static_assert(sizeof(shared) >= 8 * 256 * sizeof(float), "the epilogue stages 8 warps' fragments here");
+  auto a_tile = [&](int buf) { return shared + buf * 2 * kTileElements; };
+  auto b_tile = [&](int buf) { return shared + buf * 2 * kTileElements + kTileElements; };
+
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int warp_m = warp / 2, warp_n = warp % 2;
+  const int64_t m0 = blockIdx.x * int64_t(kBf16TileM), n0 = blockIdx.y * int64_t(kBf16TileN);
+  const uint16_t* xraw = reinterpret_cast<const uint16_t*>(xb);
+
+  // Loader: 128 rows x 4 groups of 8 values per operand, two (row, group) pairs per thread.
+  uint4 a_next[2], b_next[2];
+  auto fetch = [&](int64_t k0) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int id = tid + i * kBf16TileThreads, row = id / 4, kk = (id % 4) * 8;
+      a_next[i] = m0 + row < m ? load_16bit_x8(xraw + (m0 + row) * ldb, k0 + kk, ldb, true) : make_uint4(0, 0, 0, 0);
+      b_next[i] = n0 + row < n ? load_16bit_x8(w + (n0 + row) * k, k0 + kk, k, w_vec) : make_uint4(0, 0, 0, 0);
+    }
+  };
+  auto stash = [&](int buf) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int id = tid + i * kBf16TileThreads, row = id / 4, kk = (id % 4) * 8;
+      *reinterpret_cast<uint4*>(a_tile(buf) + row * kBf16TileStride + kk) = a_next[i];
+      *reinterpret_cast<uint4*>(b_tile(buf) + row * kBf16TileStride + kk) = b_next[i];
+    }
+  };
+
+  FragC part[2][4], total[2][4];
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      wmma::fill_fragment(part[i][j], 0.0f);
+      wmma::fill_fragment(total[i][j], 0.0f);
+    }
+
+  const int64_t tiles = ceil_div(k, kBf16TileK);
+  constexpr int kTilesPerChunk = kChunk / kBf16TileK;
+  fetch(0);
+  stash(0);
+  __syncthreads();
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int buf = int(t & 1);
+    if (t + 1 < tiles) fetch((t + 1) * kBf16TileK);
+#pragma unroll
+    for (int s = 0; s < kBf16TileK / 16; ++s) {
+      if (t * kBf16TileK + s * 16 >= k) break;  // the same steps as chunk_steps
+      FragA a[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+        wmma::load_matrix_sync(a[i], a_tile(buf) + (warp_m * 32 + i * 16) * kBf16TileStride + s * 16, kBf16TileStride);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        FragB b;
+        wmma::load_matrix_sync(b, b_tile(buf) + (warp_n * 64 + j * 16) * kBf16TileStride + s * 16, kBf16TileStride);
+#pragma unroll
+        for (int i = 0; i < 2; ++i) wmma::mma_sync(part[i][j], a[i], b, part[i][j]);
+      }
+    }
+    if ((t + 1) % kTilesPerChunk == 0 || t + 1 == tiles) {
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+#pragma unroll
+          for (int e = 0; e < total[i][j].num_elements; ++e) total[i][j].x[e] = __fadd_rn(total[i][j].x[e], part[i][j].x[e]);
+          wmma::fill_fragment(part[i][j], 0.0f);
+        }
+    }
+    if (t + 1 < tiles) stash(buf ^ 1);
+    __syncthreads();
+  }
+
+  // Fragments go through shared memory (free now) so edge tiles can be stored with bounds checks.
+  float* stage = reinterpret_cast<float*>(shared) + warp * 256;
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      wmma::store_matrix_sync(stage, total[i][j], 16, wmma::mem_row_major);
+      __syncwarp();
+      const int64_t r0 = m0 + warp_m * 32 + i * 16, c0 = n0 + warp_n * 64 + j * 16;
+      for (int e = lane; e < 256; e += 32) {
+        const int64_t r = r0 + e / 16, c = c0 + e % 16;
+        if (r < m && c < n) out[r * ldo + c] = stage[e];
+      }
+      __syncwarp();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host side. Grids put the unbounded count (chunks, row blocks) in x and output column blocks in
+// y, which allows 65535 x 64 outputs: far more than any weight matrix has.
+
+float* partials_after(void* base, size_t offset) { return reinterpret_cast<float*>(static_cast<char*>(base) + offset); }
+
+void launch_sum_partials(const float* partial, int64_t chunks, int64_t m, int64_t n, float* out, int64_t ldo,
+                         cudaStream_t stream) {
+  sum_partials<<<grid_for(m * n, 256), 256, 0, stream>>>(partial, chunks, m, n, out, ldo);
+  M1_CUDA_CHECK_LAUNCH();
+}
+
+template <DType T, int kRowsPerThread>
+void launch_f32_skinny_rows(const float* x, int64_t ldx, int64_t m, const DeviceMatrix& w, float* out, int64_t ldo,
+                            float* partial, cudaStream_t stream) {
+  auto kernel = matmul_f32_skinny<T, kRowsPerThread>;
+  static const bool prepared =
+      (allow_shared_memory(kernel, f32_skinny_shared_bytes<T>(kRowsPerThread * kF32SkinnyGroups)), true);
+  (void)prepared;
+  const int64_t chunks = ceil_div(w.cols, kChunk);
+  const auto* weights = static_cast<const Stored<T>*>(w.data);
+  const bool w_vec = aligned16(w.data) && w.cols % (16 / sizeof(Stored<T>)) == 0;
+  const dim3 grid(unsigned(chunks), unsigned(ceil_div(w.rows, kF32SkinnyCols)));
+  kernel<<<grid, kF32SkinnyThreads, f32_skinny_shared_bytes<T>(m), stream>>>(x, ldx, m, weights, w.rows, w.cols, w_vec,
+                                                                            partial, out, ldo);
+  M1_CUDA_CHECK_LAUNCH();
+}
+
+template <DType T>
+void launch_f32_skinny(const float* x, int64_t ldx, int64_t m, const DeviceMatrix& w, float* out, int64_t ldo,
+                       float* partial, cudaStream_t stream) {
+  if (m <= kF32SkinnyGroups)
+    launch_f32_skinny_rows<T, 1>(x, ldx, m, w, out, ldo, partial, stream);
+  else if (m <= 2 * kF32SkinnyGroups)
+    launch_f32_skinny_rows<T, 2>(x, ldx, m, w, out, ldo, partial, stream);
+  else if (m <= 4 * kF32SkinnyGroups)
+    launch_f32_skinny_rows<T, 4>(x, ldx, m, w, out, ldo, partial, stream);
+  else
+    launch_f32_skinny_rows<T, 8>(x, ldx, m, w, out, ldo, partial, stream);
+  static_assert(8 * kF32SkinnyGroups == kF32SkinnyMaxRows);
+}
+
+template <DType T>
+void launch_f32_tiled(const float* x, int64_t ldx, int64_t m, const DeviceMatrix& w, float* out, int64_t ldo,
+                      cudaStream_t stream) {
+  const bool x_vec = aligned16(x) && ldx % 4 == 0 && w.cols % 4 == 0;
+  const bool w_vec = aligned16(w.data) && w.cols % (16 / sizeof(Stored<T>)) == 0;
+  const dim3 grid(unsigned(ceil_div(m, kF32TileM)), unsigned(ceil_div(w.rows, kF32TileN)));
+  matmul_f32_tiled<T><<<grid, kF32TileThreads, 0, stream>>>(x, ldx, m, x_vec, static_cast<const Stored<T>*>(w.data),
+                                                            w.rows, w.cols, w_vec, out, ldo);
+  M1_CUDA_CHECK_LAUNCH();
+}
+
+template <DType T>
+void matmul_f32(const float* x, int64_t ldx, int64_t m, const DeviceMatrix& w, float* out, int64_t ldo,
+                DeviceScratch& scratch, cudaStream_t stream) {
+  if (m > kF32SkinnyMaxRows) {
+    launch_f32_tiled<T>(x, ldx, m, w, out, ldo, stream);
+    return;
+  }
+  const int64_t chunks = ceil_div(w.cols, kChunk);
+  float* partial = chunks > 1 ? scratch.get<float>(size_t(chunks * m * w.rows)) : nullptr;
+  launch_f32_skinny<T>(x, ldx, m, w, out, ldo, partial, stream);
+  if (chunks > 1) launch_sum_partials(partial, chunks, m, w.rows, out, ldo, stream);
+}
+
+void matmul_bf16(const float* x, int64_t ldx, int64_t m, const DeviceMatrix& w, float* out, int64_t ldo,
+                 DeviceScratch& scratch, cudaStream_t stream) {
+  const int64_t k = w.cols, n = w.rows, ldb = (k + 7) / 8 * 8;
+  const int64_t chunks = ceil_div(k, kChunk);
+  const bool skinny = m <= kBf16SkinnyMaxRows;
+  const size_t x_bytes = (size_t(m * ldb) * sizeof(__nv_bfloat16) + 255) / 256 * 256;
+  const size_t partial_bytes = skinny && chunks > 1 ? size_t(chunks * m * n) * sizeof(float) : 0;
+  void* base = scratch.get(x_bytes + partial_bytes);
+  auto* xb = static_cast<__nv_bfloat16*>(base);
+  round_to_bf16<<<grid_for(m * ldb, 256), 256, 0, stream>>>(x, ldx, m, k, xb, ldb);
+  M1_CUDA_CHECK_LAUNCH();
+
+  const auto* weights = static_cast<const uint16_t*>(w.data);
+  const bool w_vec = aligned16(w.data) && k % 8 == 0;
+  if (!skinny) {
+    const dim3 grid(unsigned(ceil_div(m, kBf16TileM)), unsigned(ceil_div(n, kBf16TileN)));
+    matmul_bf16_tiled<<<grid, kBf16TileThreads, 0, stream>>>(xb, ldb, m, weights, n, k, w_vec, out, ldo);
+    M1_CUDA_CHECK_LAUNCH();
+    return;
+  }
+  static const bool prepared =
+      (allow_shared_memory(matmul_bf16_skinny, bf16_skinny_shared_bytes(kBf16SkinnyMaxRows)), true);
+  (void)prepared;
+  float* partial = partial_bytes ? partials_after(base, x_bytes) : nullptr;
+  const int64_t rows16 = (m + 15) / 16 * 16;
+  const dim3 grid(unsigned(chunks), unsigned(ceil_div(n, kBf16SkinnyCols)));
+  matmul_bf16_skinny<<<grid, kBf16SkinnyWarps * 32, bf16_skinny_shared_bytes(rows16), stream>>>(
+      xb, ldb, m, weights, n, k, w_vec, partial, out, ldo);
+  M1_CUDA_CHECK_LAUNCH();
+  if (partial) launch_sum_partials(partial, chunks, m, n, out, ldo, stream);
+}
+
+}  // namespace
+
+void matmul(const float* x, int64_t ldx, int64_t m, const DeviceMatrix& w, float* out, int64_t ldo,
+            GemmOperands operands, DeviceScratch& scratch, cudaStream_t stream) {
+  if (m == 0 || w.rows == 0) return;
+  if (w.cols == 0) {  // an empty sum
+    M1_CUDA_CHECK(cudaMemset2DAsync(out, size_t(ldo) * sizeof(float), 0, size_t(w.rows) * sizeof(float), size_t(m), stream));
+    return;
+  }
+  if (operands == GemmOperands::kBf16 && w.dtype == DType::kBF16) return matmul_bf16(x, ldx, m, w, out, ldo, scratch, stream);
+  switch (w.dtype) {
+    case DType::kF32: return matmul_f32<DType::kF32>(x, ldx, m, w, out, ldo, scratch, stream);
+    case DType::kF16: return matmul_f32<DType::kF16>(x, ldx, m, w, out, ldo, scratch, stream);
+    case DType::kBF16: return matmul_f32<DType::kBF16>(x, ldx, m, w, out, ldo, scratch, stream);
+  }
+}
+
+}  // namespace m1::cuda

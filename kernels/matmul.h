@@ -1,0 +1,19 @@
+#pragma once
+// Dense matrix products out = x w^T on the GPU, fp32 accumulation. Every output element is summed
+// over k in the same order whatever the number of rows or the tile it falls in, so a row's result
+// never depends on the rows beside it (batch invariance, DESIGN.md §4); cuBLAS gives no such
+// promise, so it is the benchmark's yardstick rather than the model's path.
+
+#include <cuda_runtime.h>
+
+#include "device_scratch.h"
+#include "device_types.h"
+
+namespace m1::cuda {
+
+// out [m, w.rows] (row stride ldo) = x [m, w.cols] (row stride ldx, fp32) times w^T.
+// kBf16 with non-BF16 weights runs as kFp32. `scratch` holds the bf16 copy of x.
+void matmul(const float* x, int64_t ldx, int64_t m, const DeviceMatrix& w, float* out, int64_t ldo,
+            GemmOperands operands, DeviceScratch& scratch, cudaStream_t stream);
+
+}  // namespace m1::cuda

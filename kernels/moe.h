@@ -1,0 +1,45 @@
+#pragma once
+// Top-k mixture of SwiGLU experts on the GPU: router logits and softmax routing in fp32 on the
+// device, tokens grouped by expert so each expert's weights stream once per step, expert products
+// on the batch-invariant matmul, weighted sum in rank order.
+
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include <cuda_runtime.h>
+
+#include "device_scratch.h"
+#include "device_types.h"
+
+namespace m1::cuda {
+
+struct MoeArgs {
+  const float* x = nullptr;  // [rows, hidden], contiguous
+  int64_t rows = 0, hidden = 0;
+  DeviceMatrix router;                      // [experts, hidden]
+  std::span<const DeviceMatrix> w1, w3, w2;  // per expert: gate [F, H], up [F, H], down [H, F]
+  int64_t top_k = 0;
+  GemmOperands operands = GemmOperands::kFp32;  // of the expert products; routing is always fp32
+  float* out = nullptr;  // [rows, hidden]
+};
+
+// Buffers reused across steps.
+struct MoeWorkspace {
+  explicit MoeWorkspace(cudaStream_t stream) : device(stream), matmul(stream) {}
+  DeviceScratch device;  // routing results, gathered rows, expert activations
+  DeviceScratch matmul;  // the matmul's own scratch
+  std::vector<int32_t> chosen;
+  std::vector<int64_t> host_index;
+};
+
+void moe(const MoeArgs& args, MoeWorkspace& workspace, cudaStream_t stream);
+
+// The routing step alone (moe's first kernel, exposed for its test): for each of `rows` rows of
+// fp32 `logits` [rows, experts], the top_k experts by softmax probability (ties: lower index
+// first) and their probabilities renormalised to sum 1, best first, into `chosen` and `weights`
+// [rows, top_k]. All pointers are device memory.
+void route(const float* logits, int64_t rows, int64_t experts, int64_t top_k, int32_t* chosen, float* weights,
+           cudaStream_t stream);
+
+}  // namespace m1::cuda

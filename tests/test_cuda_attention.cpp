@@ -1,0 +1,357 @@
+// The GPU softmax attention against the CPU oracle (m1::cpu::apply_rope and
+// attention_group_reference) on fresh random inputs. The GPU keeps its KV cache in bf16, so the
+// oracle attends over the CPU-rotated keys and the values rounded to bf16 the same way; what is left
+// is fp32 accumulation order (and q and the softmax weights carried as bf16 high + low parts, 16
+// significant bits), bounded by 1e-4 relative Frobenius error. Rotated q and k must match
+// apply_rope to 1e-6 and the cache must hold exactly the bf16 rounding of the rotated keys.
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <random>
+#include <vector>
+
+#include "attention.h"
+#include "cpu/softmax_attention.h"
+#include "cuda_check.h"
+#include "cuda_test_support.h"
+#include "device_scratch.h"
+#include "m1/dtype.h"
+#include "m1/error.h"
+#include "test_support.h"
+
+namespace m1::cuda {
+namespace {
+
+constexpr double kOutputBound = 1e-4;  // relative Frobenius, attention output vs the fp64 oracle
+constexpr double kRopeBound = 1e-6;    // relative Frobenius, rotated q and k vs apply_rope
+constexpr uint16_t kUnwritten = 0x7fc0;  // bf16 NaN in cache rows not yet written: reading them shows
+
+using test::DeviceArray;
+using testing::random_floats;
+using testing::relative_error;
+using testing::rng;
+
+struct Shape {
+  int64_t heads, kv_heads, d, rotary_dim;
+  double theta = 10000.0;
+  int64_t q_width() const { return heads * d; }
+  int64_t kv_width() const { return kv_heads * d; }
+};
+
+// One sequence's cache of one layer on the device, with two host views of it: what the device
+// must hold (`stored_keys`, keys rotated on the GPU) and what the oracle attends over (`keys`,
+// keys rotated on the CPU); they can differ where a rounding tie breaks differently. Values are
+// the same in both. Rows past `length` hold NaN until written.
+struct Cache {
+  int64_t kv_width, length = 0;
+  std::vector<uint16_t> keys, stored_keys, values;
+  DeviceArray<uint16_t> device_keys, device_values;
+
+  Cache(int64_t kv_width_, int64_t capacity)
+      : kv_width(kv_width_),
+        keys(size_t(kv_width_ * capacity), kUnwritten),
+        stored_keys(keys),
+        values(keys),
+        device_keys(keys),
+        device_values(values) {}
+  // Earlier tokens: `rows` rows of random values, as if written by earlier steps.
+  void fill_prefix(int64_t rows, uint64_t seed) {
+    std::mt19937_64 gen(seed);
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    for (size_t i = 0; i < size_t(rows * kv_width); ++i) {
+      keys[i] = stored_keys[i] = f32_to_bf16(normal(gen));
+      values[i] = f32_to_bf16(normal(gen));
+    }
+    length = rows;
+    device_keys.upload(keys);
+    device_values.upload(values);
+  }
+  std::vector<float> as_floats(const std::vector<uint16_t>& bits, int64_t rows) const {
+    std::vector<float> out(size_t(rows * kv_width));
+    for (size_t i = 0; i < out.size(); ++i) out[i] = bf16_to_f32(bits[i]);
+    return out;
+  }
+};
+
+// One segment of a step: its cache and its rows of q, k, v (packed, heads * d per row).
+struct Entry {
+  Cache* cache;
+  int64_t count;
+  std::vector<float> q, k, v;
+};
+
+Entry make_entry(const Shape& s, Cache& cache, int64_t count) {
+  return Entry{&cache, count, random_floats(size_t(count * s.q_width())), random_floats(size_t(count * s.kv_width())),
+               random_floats(size_t(count * s.kv_width()))};
+}
+
+struct EntryResult {
+  std::vector<float> q, k, out;
+};
+
+// Copies rows of `width` packed values into a strided matrix at row `row0`.
+void place_rows(const std::vector<float>& rows, int64_t width, std::vector<float>& strided, int64_t stride, int64_t row0) {
+  for (size_t i = 0; i < rows.size() / size_t(width); ++i)
+    std::copy_n(rows.begin() + int64_t(i) * width, width, strided.begin() + (row0 + int64_t(i)) * stride);
+}
+// True when the columns [width, stride) of every row are the same in both: nothing wrote past a row.
+bool padding_untouched(const std::vector<float>& before, const std::vector<float>& after, int64_t stride, int64_t width) {
+  for (size_t i = 0; i < before.size(); ++i)
+    if (int64_t(i) % stride >= width && std::memcmp(&before[i], &after[i], sizeof(float)) != 0) return false;
+  return true;
+}
+std::vector<float> take_rows(const std::vector<float>& strided, int64_t stride, int64_t row0, int64_t count, int64_t width) {
+  std::vector<float> rows(size_t(count * width));
+  for (int64_t i = 0; i < count; ++i)
+    std::copy_n(strided.begin() + (row0 + i) * stride, width, rows.begin() + i * width);
+  return rows;
+}
+
+// Runs one step of `entries` (in this order of rows) on the GPU, checks it against the oracle,
+// advances the caches and returns the GPU's rotated q, k and output per entry.
+std::vector<EntryResult> run_step(const Shape& s, const std::vector<Entry>& entries, DeviceScratch& scratch) {
+  // Odd strides with random padding, so a stride mix-up shows.
+  const int64_t q_stride = s.q_width() + 3, k_stride = s.kv_width() + 1, v_stride = s.kv_width() + 2,
+                out_stride = s.q_width() + 5;
+  int64_t rows = 0;
+  std::vector<AttentionSegment> segments;
+  for (const Entry& e : entries) {
+    segments.push_back({rows, e.count, e.cache->length, e.cache->device_keys.get(), e.cache->device_values.get()});
+    rows += e.count;
+  }
+  std::vector<float> q = random_floats(size_t(rows * q_stride)), k = random_floats(size_t(rows * k_stride)),
+                     v = random_floats(size_t(rows * v_stride)), out(size_t(rows * out_stride), 0.0f);
+  for (size_t i = 0; i < entries.size(); ++i) {
+    place_rows(entries[i].q, s.q_width(), q, q_stride, segments[i].row);
+    place_rows(entries[i].k, s.kv_width(), k, k_stride, segments[i].row);
+    place_rows(entries[i].v, s.kv_width(), v, v_stride, segments[i].row);
+  }
+  DeviceArray<float> dq(q), dk(k), dv(v), dout(out);
+  DeviceArray<AttentionSegment> dsegments(segments);
+
+  AttentionArgs args;
+  args.q = dq.get();
+  args.q_stride = q_stride;
+  args.k = dk.get();
+  args.k_stride = k_stride;
+  args.v = dv.get();
+  args.v_stride = v_stride;
+  args.out = dout.get();
+  args.out_stride = out_stride;
+  args.heads = s.heads;
+  args.kv_heads = s.kv_heads;
+  args.d = s.d;
+  args.rotary_dim = s.rotary_dim;
+  args.rope_theta = s.theta;
+  args.segments = segments;
+  args.device_segments = dsegments.get();
+  softmax_attention(args, scratch, nullptr);
+  M1_CUDA_CHECK(cudaDeviceSynchronize());
+  const std::vector<float> gpu_q = dq.download(), gpu_k = dk.download(), gpu_out = dout.download();
+  EXPECT_TRUE(padding_untouched(q, gpu_q, q_stride, s.q_width()));
+  EXPECT_TRUE(padding_untouched(k, gpu_k, k_stride, s.kv_width()));
+  EXPECT_TRUE(padding_untouched(out, gpu_out, out_stride, s.q_width()));
+
+  const int64_t group = s.heads / s.kv_heads, kv_width = s.kv_width();
+  std::vector<EntryResult> results;
+  for (size_t i = 0; i < entries.size(); ++i) {
+    const Entry& e = entries[i];
+    Cache& cache = *e.cache;
+    const int64_t row = segments[i].row, pos0 = cache.length, count = e.count;
+    SCOPED_TRACE(::testing::Message() << "segment " << i << ": " << count << " rows at position " << pos0);
+    EntryResult got{take_rows(gpu_q, q_stride, row, count, s.q_width()), take_rows(gpu_k, k_stride, row, count, kv_width),
+                    take_rows(gpu_out, out_stride, row, count, s.q_width())};
+
+    // The oracle: rotate on the CPU, append as bf16, attend in double.
+    std::vector<float> q_ref = e.q, k_ref = e.k, out_ref(size_t(count * s.q_width()));
+    cpu::apply_rope(q_ref.data(), count, s.q_width(), s.heads, s.d, s.rotary_dim, s.theta, pos0);
+    cpu::apply_rope(k_ref.data(), count, kv_width, s.kv_heads, s.d, s.rotary_dim, s.theta, pos0);
+    EXPECT_LT(relative_error(got.q, q_ref), kRopeBound);
+    EXPECT_LT(relative_error(got.k, k_ref), kRopeBound);
+
+    // The device cache: earlier rows and rows past this step untouched, new rows the bf16 of
+    // what the GPU rotated (and of v).
+    for (int64_t j = 0; j < count * kv_width; ++j) {
+      cache.stored_keys[size_t(pos0 * kv_width + j)] = f32_to_bf16(got.k[size_t(j)]);
+      cache.keys[size_t(pos0 * kv_width + j)] = f32_to_bf16(k_ref[size_t(j)]);
+      cache.values[size_t(pos0 * kv_width + j)] = f32_to_bf16(e.v[size_t(j)]);
+    }
+    EXPECT_TRUE(cache.device_keys.download() == cache.stored_keys) << "key cache";
+    EXPECT_TRUE(cache.device_values.download() == cache.values) << "value cache";
+
+    const std::vector<float> keys = cache.as_floats(cache.keys, pos0 + count),
+                             values = cache.as_floats(cache.values, pos0 + count);
+    for (int64_t h = 0; h < s.kv_heads; ++h) {
+      cpu::AttentionGroup g{q_ref.data() + h * group * s.d, s.q_width(), group, keys.data() + h * s.d,
+                            values.data() + h * s.d, kv_width, out_ref.data() + h * group * s.d, s.q_width(),
+                            count, pos0, s.d};
+      cpu::attention_group_reference(g);
+    }
+    EXPECT_LT(relative_error(got.out, out_ref), kOutputBound);
+    cache.length += count;
+    results.push_back(std::move(got));
+  }
+  return results;
+}
+
+TEST(CudaAttention, PrefillLengths) {
+  M1_REQUIRE_CUDA();
+  DeviceScratch scratch;
+  const Shape s{8, 2, 128, 64};
+  for (int64_t count : {1, 2, 63, 64, 65, 300}) {
+    SCOPED_TRACE(::testing::Message() << "prefill of " << count);
+    Cache cache(s.kv_width(), count + 5);
+    run_step(s, {make_entry(s, cache, count)}, scratch);
+  }
+}
+
+TEST(CudaAttention, PrefillThenDecode) {
+  M1_REQUIRE_CUDA();
+  DeviceScratch scratch;
+  const Shape s{16, 2, 128, 64};
+  Cache cache(s.kv_width(), 130);
+  run_step(s, {make_entry(s, cache, 100)}, scratch);
+  for (int step = 0; step < 20; ++step) {
+    SCOPED_TRACE(::testing::Message() << "decode step " << step);
+    run_step(s, {make_entry(s, cache, 1)}, scratch);
+  }
+}
+
+TEST(CudaAttention, MixedSegments) {
+  M1_REQUIRE_CUDA();
+  DeviceScratch scratch;
+  const Shape s{16, 4, 64, 64};
+  struct Spec {
+    int64_t pos0, count;
+  };
+  const std::vector<Spec> specs = {{0, 65}, {37, 1}, {300, 130}, {1000, 1}, {5, 2}, {0, 1}, {70, 64}};
+  std::vector<std::unique_ptr<Cache>> caches;
+  std::vector<Entry> entries;
+  for (const Spec& spec : specs) {
+    caches.push_back(std::make_unique<Cache>(s.kv_width(), spec.pos0 + spec.count + 3));
+    caches.back()->fill_prefix(spec.pos0, rng()());
+    entries.push_back(make_entry(s, *caches.back(), spec.count));
+  }
+  run_step(s, entries, scratch);
+}
+
+TEST(CudaAttention, GroupsAndHeadDims) {
+  M1_REQUIRE_CUDA();
+  DeviceScratch scratch;
+  for (int64_t group : {1, 2, 4, 8})
+    for (int64_t d : {16, 64, 128})
+      for (int64_t rotary : {d, d / 2}) {
+        SCOPED_TRACE(::testing::Message() << "group " << group << ", d " << d << ", rotary " << rotary);
+        const Shape s{2 * group, 2, d, rotary};
+        Cache prefill(s.kv_width(), 100), decode(s.kv_width(), 310);
+        prefill.fill_prefix(20, rng()());
+        decode.fill_prefix(300, rng()());
+        run_step(s, {make_entry(s, prefill, 71), make_entry(s, decode, 1)}, scratch);
+      }
+}
+
+TEST(CudaAttention, WideHeadsAndWideGroups) {
+  M1_REQUIRE_CUDA();
+  DeviceScratch scratch;
+  {
+    SCOPED_TRACE("d 256");
+    const Shape s{4, 2, 256, 128};
+    Cache prefill(s.kv_width(), 100), decode(s.kv_width(), 610);
+    prefill.fill_prefix(9, rng()());
+    decode.fill_prefix(600, rng()());
+    run_step(s, {make_entry(s, prefill, 70), make_entry(s, decode, 1)}, scratch);
+  }
+  {
+    SCOPED_TRACE("32 query heads on one kv head (two blocks of 16 in decode)");
+    const Shape s{32, 1, 64, 32};
+    Cache prefill(s.kv_width(), 40), decode(s.kv_width(), 210);
+    prefill.fill_prefix(3, rng()());
+    decode.fill_prefix(200, rng()());
+    run_step(s, {make_entry(s, prefill, 21), make_entry(s, decode, 1)}, scratch);
+  }
+}
+
+TEST(CudaAttention, LongDecodeSplits) {
+  M1_REQUIRE_CUDA();
+  DeviceScratch scratch;
+  // 20,000 keys take 40 splits of 512; 5,000 take 20 of 256.
+  const Shape s{16, 2, 128, 64, 1e7};
+  Cache longer(s.kv_width(), 20001), shorter(s.kv_width(), 5001);
+  longer.fill_prefix(19999, rng()());
+  shorter.fill_prefix(4999, rng()());
+  run_step(s, {make_entry(s, longer, 1), make_entry(s, shorter, 1)}, scratch);
+}
+
+TEST(CudaAttention, PositionsNearOneMillion) {
+  M1_REQUIRE_CUDA();
+  DeviceScratch scratch;
+  // RoPE angles near 1M radians and a decode over 2,048 splits.
+  const Shape s{2, 1, 64, 32, 1e7};
+  const int64_t pos0 = (int64_t(1) << 20) - 3;
+  Cache cache(s.kv_width(), pos0 + 4);
+  cache.fill_prefix(pos0, rng()());
+  run_step(s, {make_entry(s, cache, 3)}, scratch);
+  run_step(s, {make_entry(s, cache, 1)}, scratch);
+}
+
+TEST(CudaAttention, BatchInvariance) {
+  M1_REQUIRE_CUDA();
+  DeviceScratch scratch;
+  // A prefill and a decode segment, each alone, then both beside other segments: bit-identical.
+  const Shape s{16, 2, 128, 64};
+  const uint64_t prefill_seed = rng()(), decode_seed = rng()();
+  Cache prefill_alone(s.kv_width(), 110), prefill_shared(s.kv_width(), 110);
+  Cache decode_alone(s.kv_width(), 901), decode_shared(s.kv_width(), 901);
+  prefill_alone.fill_prefix(33, prefill_seed);
+  prefill_shared.fill_prefix(33, prefill_seed);
+  decode_alone.fill_prefix(900, decode_seed);
+  decode_shared.fill_prefix(900, decode_seed);
+  Cache other1(s.kv_width(), 200), other2(s.kv_width(), 3000), other3(s.kv_width(), 50);
+  other1.fill_prefix(17, rng()());
+  other2.fill_prefix(2999, rng()());
+
+  Entry prefill = make_entry(s, prefill_alone, 70), decode = make_entry(s, decode_alone, 1);
+  const EntryResult prefill_result = run_step(s, {prefill}, scratch)[0];
+  const EntryResult decode_result = run_step(s, {decode}, scratch)[0];
+  prefill.cache = &prefill_shared;
+  decode.cache = &decode_shared;
+  const std::vector<EntryResult> shared = run_step(
+      s, {make_entry(s, other1, 90), prefill, make_entry(s, other2, 1), decode, make_entry(s, other3, 40)}, scratch);
+
+  auto same_bits = [](const std::vector<float>& a, const std::vector<float>& b) {
+    return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+  };
+  EXPECT_TRUE(same_bits(prefill_result.out, shared[1].out)) << "prefill output";
+  EXPECT_TRUE(same_bits(prefill_result.q, shared[1].q)) << "prefill rotated q";
+  EXPECT_TRUE(same_bits(decode_result.out, shared[3].out)) << "decode output";
+  EXPECT_TRUE(same_bits(decode_result.q, shared[3].q)) << "decode rotated q";
+  EXPECT_TRUE(prefill_alone.device_keys.download() == prefill_shared.device_keys.download());
+  EXPECT_TRUE(prefill_alone.device_values.download() == prefill_shared.device_values.download());
+  EXPECT_TRUE(decode_alone.device_keys.download() == decode_shared.device_keys.download());
+  EXPECT_TRUE(decode_alone.device_values.download() == decode_shared.device_values.download());
+}
+
+// Needs no GPU: the shapes are rejected before anything is launched.
+TEST(CudaAttention, RejectsUnsupportedShapes) {
+  DeviceScratch scratch;
+  AttentionArgs args;
+  args.heads = 8;
+  args.kv_heads = 3;
+  args.d = 64;
+  args.rotary_dim = 64;
+  EXPECT_THROW(softmax_attention(args, scratch, nullptr), Error);
+  args.kv_heads = 2;
+  args.d = 60;
+  args.rotary_dim = 60;
+  EXPECT_THROW(softmax_attention(args, scratch, nullptr), Error);
+  args.d = 64;
+  args.rotary_dim = 65;
+  EXPECT_THROW(softmax_attention(args, scratch, nullptr), Error);
+}
+
+}  // namespace
+}  // namespace m1::cuda

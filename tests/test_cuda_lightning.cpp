@@ -1,0 +1,306 @@
+// The CUDA lightning attention kernels against the recurrent CPU oracle (lightning_reference, in
+// double) on fresh random inputs: single segments of awkward lengths, decode and prefill segments
+// mixed in one call with non-zero starting states, and state carried across calls.
+// Bound: relative Frobenius error of outputs and final states <= 1e-4 (fp32 kernels).
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <random>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "cpu/lightning.h"
+#include "cuda_check.h"
+#include "cuda_test_support.h"
+#include "lightning.h"
+#include "m1/error.h"
+#include "m1/model.h"
+#include "test_support.h"
+
+namespace m1::cuda {
+namespace {
+
+constexpr double kBound = 1e-4;
+constexpr float kUntouched = 1234.5f;  // fills output rows and columns no segment owns
+
+using test::DeviceArray;
+using testing::relative_error;
+using testing::rng;
+
+float uniform(float lo, float hi) { return std::uniform_real_distribution<float>(lo, hi)(rng()); }
+
+// q, k, v values as the model makes them: silu of roughly unit pre-activations.
+std::vector<float> random_qkv(size_t n) {
+  std::vector<float> v(n);
+  for (float& x : v) {
+    const float z = uniform(-2.0f, 2.0f);
+    x = z / (1.0f + std::exp(-z));
+  }
+  return v;
+}
+
+std::vector<float> random_state(int64_t heads, int64_t d) {
+  std::vector<float> s(size_t(heads * d * d));
+  for (float& x : s) x = uniform(-0.5f, 0.5f);
+  return s;
+}
+
+// Decays from the model's schedule (a random layer of an 80-layer model) or uniform in [0.01, 0.9].
+std::vector<float> random_decay(int64_t heads, bool model_schedule) {
+  if (model_schedule) return lightning_decay(heads, int64_t(uniform(0.0f, 79.99f)), 80);
+  std::vector<float> s(static_cast<size_t>(heads));
+  for (float& x : s) x = uniform(0.01f, 0.9f);
+  return s;
+}
+
+// One layer's tensors for a run of calls: the heads' decays and each sequence's state, on the
+// GPU and (as the reference's running copy) on the host. A device state starts 4 floats into its
+// buffer (16-byte aligned) or, to exercise the decode kernel's scalar path, 1 float in.
+struct Layer {
+  int64_t heads, d;
+  std::vector<float> decay;
+  DeviceArray<float> device_decay;
+  std::vector<std::vector<float>> states;
+  std::vector<std::unique_ptr<DeviceArray<float>>> device_states;
+  int64_t offset;
+
+  Layer(int64_t heads_, int64_t d_, std::vector<float> decay_, size_t sequences, bool aligned_states = true)
+      : heads(heads_), d(d_), decay(std::move(decay_)), device_decay(decay), offset(aligned_states ? 4 : 1) {
+    for (size_t i = 0; i < sequences; ++i) states.push_back(random_state(heads, d));
+    upload_states();
+  }
+  void upload_states() {
+    device_states.clear();
+    for (const std::vector<float>& state : states) {
+      std::vector<float> padded(size_t(offset), 0.0f);
+      padded.insert(padded.end(), state.begin(), state.end());
+      device_states.push_back(std::make_unique<DeviceArray<float>>(padded));
+    }
+  }
+  float* device_state_pointer(size_t i) const { return device_states[i]->get() + offset; }
+  std::vector<float> device_state(size_t i) const {
+    std::vector<float> s = device_states[i]->download();
+    return {s.begin() + offset, s.end()};
+  }
+};
+
+// One segment of a call: which sequence (state) it continues and its rows.
+struct SegmentSpec {
+  size_t sequence;
+  int64_t row, count;
+};
+
+struct CallLayout {
+  int64_t rows = 0;
+  int64_t qkv_padding = 0, out_padding = 0;  // extra floats per row past heads * 3d and heads * d
+  bool aligned_states = true;  // see Layer
+};
+
+// Runs one lightning_attention call on the GPU and the same segments through the reference,
+// updating both copies of the states. Returns {GPU output, reference output}, rows x out_stride.
+std::pair<std::vector<float>, std::vector<float>> run_call(Layer& layer, const std::vector<float>& qkv,
+                                                             const std::vector<SegmentSpec>& segments, const CallLayout& layout) {
+  const int64_t heads = layer.heads, d = layer.d;
+  const int64_t qkv_stride = heads * 3 * d + layout.qkv_padding, out_stride = heads * d + layout.out_padding;
+  std::vector<float> reference(size_t(layout.rows * out_stride), kUntouched);
+
+  std::vector<LightningSegment> descriptors;
+  for (const SegmentSpec& s : segments) descriptors.push_back({s.row, s.count, layer.device_state_pointer(s.sequence)});
+  DeviceArray<float> device_qkv(qkv), device_out(reference);
+  DeviceArray<LightningSegment> device_segments(descriptors);
+  LightningArgs args;
+  args.qkv = device_qkv.get();
+  args.qkv_stride = qkv_stride;
+  args.out = device_out.get();
+  args.out_stride = out_stride;
+  args.heads = heads;
+  args.d = d;
+  args.decay = layer.device_decay.get();
+  args.segments = descriptors;
+  args.device_segments = device_segments.get();
+  lightning_attention(args, nullptr);
+  M1_CUDA_CHECK(cudaDeviceSynchronize());
+  std::vector<float> got = device_out.download();
+
+  for (const SegmentSpec& s : segments)
+    for (int64_t h = 0; h < heads; ++h) {
+      const float* q = qkv.data() + s.row * qkv_stride + h * 3 * d;
+      cpu::LightningHead head{q, q + d, q + 2 * d, qkv_stride, reference.data() + s.row * out_stride + h * d, out_stride,
+                              s.count, d, layer.decay[size_t(h)], layer.states[s.sequence].data() + h * d * d};
+      cpu::lightning_reference(head);
+    }
+  return {got, reference};
+}
+
+// A call's rows: `counts` segments of sequences 0, 1, ... laid out in order with `gap` unused
+// rows after each.
+std::vector<SegmentSpec> lay_out(const std::vector<int64_t>& counts, int64_t gap, CallLayout& layout) {
+  std::vector<SegmentSpec> segments;
+  int64_t row = 0;
+  for (size_t i = 0; i < counts.size(); ++i) {
+    segments.push_back({i, row, counts[i]});
+    row += counts[i] + gap;
+  }
+  layout.rows = row;
+  return segments;
+}
+
+// Runs one call of the given segments on fresh inputs and checks outputs and every state.
+void check_call(int64_t heads, int64_t d, const std::vector<int64_t>& counts, int64_t gap, CallLayout layout,
+                bool model_schedule) {
+  const std::vector<SegmentSpec> segments = lay_out(counts, gap, layout);
+  Layer layer(heads, d, random_decay(heads, model_schedule), counts.size(), layout.aligned_states);
+  const std::vector<float> qkv = random_qkv(size_t(layout.rows * (heads * 3 * d + layout.qkv_padding)));
+  auto [got, want] = run_call(layer, qkv, segments, layout);
+  EXPECT_LE(relative_error(got, want), kBound) << "outputs";
+  // Rows between segments and columns past heads * d belong to no segment: left as they were.
+  size_t touched_elsewhere = 0;
+  for (size_t i = 0; i < got.size(); ++i) touched_elsewhere += want[i] == kUntouched && got[i] != kUntouched;
+  EXPECT_EQ(touched_elsewhere, 0u);
+  for (size_t i = 0; i < counts.size(); ++i)
+    EXPECT_LE(relative_error(layer.device_state(i), layer.states[i]), kBound) << "state of segment " << i;
+}
+
+std::string describe(int64_t heads, int64_t d, int64_t count) {
+  return "heads " + std::to_string(heads) + " d " + std::to_string(d) + " tokens " + std::to_string(count);
+}
+
+TEST(CudaLightningTest, SingleSegmentMatchesTheRecurrence) {
+  M1_REQUIRE_CUDA();
+  bool model_schedule = false;
+  for (int64_t heads : {1, 3, 8})
+    for (int64_t d : {16, 32, 64, 128})
+      for (int64_t count : {1, 2, 31, 32, 33, 63, 64, 65, 200, 1000}) {
+        SCOPED_TRACE(describe(heads, d, count));
+        check_call(heads, d, {count}, 0, CallLayout{}, model_schedule = !model_schedule);
+      }
+}
+
+// Head dims that are not multiples of the kernels' tiles or of four, with padded row strides.
+TEST(CudaLightningTest, AwkwardHeadDimsAndStrides) {
+  M1_REQUIRE_CUDA();
+  for (int64_t d : {1, 17, 24, 40, 100, 127})
+    for (int64_t count : {1, 2, 65, 200}) {
+      SCOPED_TRACE(describe(3, d, count));
+      check_call(3, d, {count}, 0, CallLayout{.qkv_padding = 5, .out_padding = 3}, false);
+    }
+}
+
+// Decode (one token) and prefill segments of different lengths in one call, each with its own
+// starting state, with unused rows between them.
+TEST(CudaLightningTest, MixedDecodeAndPrefillSegments) {
+  M1_REQUIRE_CUDA();
+  for (int64_t d : {16, 64, 128}) {
+    SCOPED_TRACE("d " + std::to_string(d));
+    check_call(8, d, {1, 65, 1, 1, 300, 2, 33, 1}, 2, CallLayout{.qkv_padding = 4, .out_padding = 4}, true);
+    check_call(3, d, {200, 1, 1, 1}, 0, CallLayout{}, false);
+  }
+}
+
+// States that are not 16-byte aligned take the decode kernel's scalar path.
+TEST(CudaLightningTest, DecodeWithUnalignedStates) {
+  M1_REQUIRE_CUDA();
+  for (int64_t d : {32, 128}) {
+    SCOPED_TRACE("d " + std::to_string(d));
+    check_call(4, d, {1, 1, 1, 40}, 1, CallLayout{.aligned_states = false}, true);
+  }
+}
+
+// Prefill 100 tokens, decode 5, prefill 37 more: the same as the reference over all 142 at once.
+TEST(CudaLightningTest, StateCarriesAcrossCalls) {
+  M1_REQUIRE_CUDA();
+  for (int64_t d : {32, 128}) {
+    SCOPED_TRACE("d " + std::to_string(d));
+    const int64_t heads = 8, stride = heads * 3 * d;
+    const std::vector<int64_t> calls = {100, 1, 1, 1, 1, 1, 37};
+    int64_t total = 0;
+    for (int64_t c : calls) total += c;
+    Layer layer(heads, d, random_decay(heads, true), 1);
+    const std::vector<float> initial = layer.states[0];
+    const std::vector<float> qkv = random_qkv(size_t(total * stride));
+    std::vector<float> got;
+    int64_t done = 0;
+    for (int64_t count : calls) {
+      std::vector<float> rows(qkv.begin() + done * stride, qkv.begin() + (done + count) * stride);
+      CallLayout layout{.rows = count};
+      auto [out, unused] = run_call(layer, rows, {{0, 0, count}}, layout);
+      got.insert(got.end(), out.begin(), out.end());
+      done += count;
+    }
+    std::vector<float> want(size_t(total * heads * d)), state = initial;
+    for (int64_t h = 0; h < heads; ++h) {
+      const float* q = qkv.data() + h * 3 * d;
+      cpu::LightningHead head{q, q + d, q + 2 * d, stride, want.data() + h * d, heads * d,
+                              total, d, layer.decay[size_t(h)], state.data() + h * d * d};
+      cpu::lightning_reference(head);
+    }
+    EXPECT_LE(relative_error(got, want), kBound) << "outputs";
+    EXPECT_LE(relative_error(layer.device_state(0), state), kBound) << "final state";
+  }
+}
+
+// The kernels sum in a fixed order: the same call twice gives the same bits.
+TEST(CudaLightningTest, RepeatsBitForBit) {
+  M1_REQUIRE_CUDA();
+  const int64_t heads = 4, d = 128;
+  CallLayout layout;
+  const std::vector<SegmentSpec> segments = lay_out({1, 150, 1}, 0, layout);
+  const std::vector<float> decay = random_decay(heads, true);
+  const std::vector<float> qkv = random_qkv(size_t(layout.rows * heads * 3 * d));
+  Layer first(heads, d, decay, segments.size()), second(heads, d, decay, segments.size());
+  second.states = first.states;
+  second.upload_states();
+  auto [a, ref_a] = run_call(first, qkv, segments, layout);
+  auto [b, ref_b] = run_call(second, qkv, segments, layout);
+  EXPECT_EQ(0, std::memcmp(a.data(), b.data(), a.size() * sizeof(float)));
+  for (size_t i = 0; i < segments.size(); ++i) {
+    std::vector<float> sa = first.device_state(i), sb = second.device_state(i);
+    EXPECT_EQ(0, std::memcmp(sa.data(), sb.data(), sa.size() * sizeof(float))) << "state " << i;
+  }
+}
+
+// At d = 128 a lone segment runs with its value columns split over two CTAs per head and a batch
+// of 20 with one CTA per head: a segment's result must not depend on which, to the bit.
+TEST(CudaLightningTest, SegmentResultDoesNotDependOnTheBatch) {
+  M1_REQUIRE_CUDA();
+  const int64_t heads = 8, d = 128, stride = heads * 3 * d, count = 150;
+  std::vector<int64_t> counts = {count};
+  for (int64_t i = 1; i < 20; ++i) counts.push_back(2 + 7 * i);
+  CallLayout batch_layout;
+  const std::vector<SegmentSpec> segments = lay_out(counts, 0, batch_layout);
+  const std::vector<float> decay = random_decay(heads, true);
+  const std::vector<float> qkv = random_qkv(size_t(batch_layout.rows * stride));
+  Layer batched(heads, d, decay, counts.size()), alone(heads, d, decay, 1);
+  alone.states[0] = batched.states[0];
+  alone.upload_states();
+
+  auto [got_batched, want] = run_call(batched, qkv, segments, batch_layout);
+  EXPECT_LE(relative_error(got_batched, want), kBound) << "outputs";
+  for (size_t i = 0; i < counts.size(); ++i)
+    EXPECT_LE(relative_error(batched.device_state(i), batched.states[i]), kBound) << "state of segment " << i;
+
+  const std::vector<float> rows(qkv.begin(), qkv.begin() + count * stride);
+  auto [got_alone, unused] = run_call(alone, rows, {{0, 0, count}}, CallLayout{.rows = count});
+  EXPECT_EQ(0, std::memcmp(got_alone.data(), got_batched.data(), got_alone.size() * sizeof(float)));
+  const std::vector<float> state_alone = alone.device_state(0), state_batched = batched.device_state(0);
+  EXPECT_EQ(0, std::memcmp(state_alone.data(), state_batched.data(), state_alone.size() * sizeof(float)));
+}
+
+TEST(CudaLightningTest, RejectsUnsupportedHeadDims) {
+  M1_REQUIRE_CUDA();
+  for (int64_t d : {0, 129, 256}) {
+    LightningSegment segment{0, 4, nullptr};
+    LightningArgs args;
+    args.heads = 1;
+    args.d = d;
+    args.segments = std::span<const LightningSegment>(&segment, 1);
+    EXPECT_THROW(lightning_attention(args, nullptr), Error) << "d " << d;
+  }
+}
+
+}  // namespace
+}  // namespace m1::cuda

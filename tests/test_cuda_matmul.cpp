@@ -1,0 +1,264 @@
+// The CUDA matmul and elementwise kernels against the CPU references, on fresh random inputs of
+// awkward sizes (not multiples of any tile, chunk or vector width), and the matmul's batch
+// invariance: a row's bits do not depend on how many rows share its call.
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "cpu/elementwise.h"
+#include "cpu/matmul.h"
+#include "cuda_check.h"
+#include "cuda_test_support.h"
+#include "device_scratch.h"
+#include "elementwise.h"
+#include "m1/dtype.h"
+#include "matmul.h"
+#include "test_support.h"
+
+namespace m1::cuda {
+namespace {
+
+using test::DeviceArray;
+using testing::random_floats;
+using testing::relative_error;
+
+// Values stored in `dtype`: raw bytes for the device, and the Weight view of them for the CPU.
+struct HostWeight {
+  DType dtype;
+  int64_t rows, cols;
+  std::vector<uint8_t> bytes;
+  Weight view() const { return Weight{bytes.data(), dtype, rows, cols}; }
+};
+
+HostWeight random_weight(DType dtype, int64_t rows, int64_t cols, std::mt19937& rng) {
+  const std::vector<float> values = random_floats(size_t(rows * cols), 1.0f / std::sqrt(float(cols)), rng);
+  return HostWeight{dtype, rows, cols, testing::encode(dtype, values)};
+}
+
+const char* operands_name(GemmOperands o) { return o == GemmOperands::kBf16 ? "bf16" : "fp32"; }
+
+// out = x w^T on the GPU, with row strides ldx >= k and ldo >= n; padding of out is left as is.
+std::vector<float> gpu_matmul(const std::vector<float>& x, int64_t ldx, int64_t m, const HostWeight& w,
+                              GemmOperands operands, int64_t ldo, float fill = 0.0f) {
+  DeviceArray<float> dx(x);
+  DeviceArray<uint8_t> dw(w.bytes);
+  DeviceArray<float> dout(std::vector<float>(size_t(m * ldo), fill));
+  DeviceScratch scratch;
+  matmul(dx.get(), ldx, m, DeviceMatrix{dw.get(), w.dtype, w.rows, w.cols}, dout.get(), ldo, operands, scratch, nullptr);
+  return dout.download();
+}
+
+// The CPU oracle (double accumulation) on the operands the GPU multiplies: kBf16 with BF16 weights
+// rounds x to bf16 first, whatever this CPU supports.
+std::vector<float> reference_matmul(const std::vector<float>& x, int64_t m, const HostWeight& w, GemmOperands operands) {
+  std::vector<float> xr = x;
+  if (operands == GemmOperands::kBf16 && w.dtype == DType::kBF16)
+    for (float& v : xr) v = bf16_to_f32(f32_to_bf16(v));
+  std::vector<float> out(size_t(m * w.rows));
+  cpu::matmul_reference(Mat{xr.data(), m, w.cols}, w.view(), Mat{out.data(), m, w.rows}, cpu::Operands::kFp32);
+  return out;
+}
+
+// fp32 sums of exactly the same products as the double oracle differ by rounding alone: about
+// sqrt(k) ulp, 1e-5 leaves room for k in the thousands. kBf16 multiplies identical bf16 operands,
+// so only the order of fp32 accumulation on the tensor cores differs too; 1e-4 bounds it.
+double bound(GemmOperands operands, DType dtype) {
+  return operands == GemmOperands::kBf16 && dtype == DType::kBF16 ? 1e-4 : 1e-5;
+}
+
+void check_matmul(int64_t m, int64_t n, int64_t k, DType dtype, GemmOperands operands, std::mt19937& rng) {
+  const HostWeight w = random_weight(dtype, n, k, rng);
+  const std::vector<float> x = random_floats(size_t(m * k), 1.0f, rng);
+  const std::vector<float> got = gpu_matmul(x, k, m, w, operands, n);
+  const double err = relative_error(got, reference_matmul(x, m, w, operands));
+  EXPECT_LT(err, bound(operands, dtype)) << "m " << m << " n " << n << " k " << k << " " << dtype_name(dtype) << " "
+                                         << operands_name(operands);
+}
+
+class CudaMatmul : public ::testing::TestWithParam<std::tuple<DType, GemmOperands>> {};
+
+TEST_P(CudaMatmul, MatchesReferenceOnAwkwardShapes) {
+  M1_REQUIRE_CUDA();
+  const auto [dtype, operands] = GetParam();
+  std::mt19937 rng(1234);
+  const std::pair<int64_t, int64_t> shapes[] = {{1, 1}, {7, 15}, {17, 7}, {15, 17}, {100, 1000}, {1000, 100}, {33, 257}, {65, 513}};
+  for (int64_t m : {1, 2, 3, 5, 16, 17, 33, 100, 257})
+    for (const auto& [n, k] : shapes) check_matmul(m, n, k, dtype, operands, rng);
+}
+
+// A projection of the real model's width (k = 6144, n a slice of 8192 outputs), at decode and
+// prefill row counts.
+TEST_P(CudaMatmul, MatchesReferenceOnARealisticShape) {
+  M1_REQUIRE_CUDA();
+  const auto [dtype, operands] = GetParam();
+  std::mt19937 rng(99);
+  for (int64_t m : {1, 16, 130}) check_matmul(m, 1024, 6144, dtype, operands, rng);
+}
+
+// Row strides wider than the rows: results land in the first n columns, the rest is untouched.
+TEST_P(CudaMatmul, HonoursRowStrides) {
+  M1_REQUIRE_CUDA();
+  const auto [dtype, operands] = GetParam();
+  std::mt19937 rng(7);
+  for (int64_t m : {3, 70}) {
+    const int64_t n = 45, k = 301, ldx = k + 3, ldo = n + 5;
+    const HostWeight w = random_weight(dtype, n, k, rng);
+    const std::vector<float> x = random_floats(size_t(m * ldx), 1.0f, rng);
+    const std::vector<float> got = gpu_matmul(x, ldx, m, w, operands, ldo, /*fill=*/-7.0f);
+    std::vector<float> packed_x(size_t(m * k)), packed_got(size_t(m * n));
+    for (int64_t r = 0; r < m; ++r) {
+      std::copy_n(x.begin() + r * ldx, k, packed_x.begin() + r * k);
+      std::copy_n(got.begin() + r * ldo, n, packed_got.begin() + r * n);
+      for (int64_t c = n; c < ldo; ++c) EXPECT_EQ(got[size_t(r * ldo + c)], -7.0f) << "row " << r << " col " << c;
+    }
+    EXPECT_LT(relative_error(packed_got, reference_matmul(packed_x, m, w, operands)), bound(operands, dtype)) << "m " << m;
+  }
+}
+
+// Rows computed alone, in small groups (the decode kernels) and inside large calls (the tiled
+// kernels) are bit-identical, for inner dimensions spanning several chunks, aligned or not.
+TEST_P(CudaMatmul, RowsDoNotDependOnTheirBatch) {
+  M1_REQUIRE_CUDA();
+  const auto [dtype, operands] = GetParam();
+  std::mt19937 rng(42);
+  for (const auto& [n, k] : {std::pair<int64_t, int64_t>{300, 1000}, {77, 999}}) {
+    const int64_t rows = 300;
+    const HostWeight w = random_weight(dtype, n, k, rng);
+    const std::vector<float> x = random_floats(size_t(rows * k), 1.0f, rng);
+    const std::vector<float> all = gpu_matmul(x, k, rows, w, operands, n);
+    // (first row, count): counts that take each kernel, at positions inside and across tiles.
+    const std::pair<int64_t, int64_t> calls[] = {{0, 1},   {150, 1}, {299, 1},  {100, 7}, {3, 7},
+                                                 {11, 20}, {200, 40}, {130, 70}, {5, 129}};
+    for (const auto& [first, count] : calls) {
+      const std::vector<float> part(x.begin() + first * k, x.begin() + (first + count) * k);
+      const std::vector<float> got = gpu_matmul(part, k, count, w, operands, n);
+      ASSERT_EQ(std::memcmp(got.data(), all.data() + first * n, got.size() * sizeof(float)), 0)
+          << "rows [" << first << ", " << first + count << ") of " << rows << ", n " << n << " k " << k << " "
+          << dtype_name(dtype) << " " << operands_name(operands);
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(DtypesAndOperands, CudaMatmul,
+                         ::testing::Combine(::testing::Values(DType::kBF16, DType::kF16, DType::kF32),
+                                            ::testing::Values(GemmOperands::kFp32, GemmOperands::kBf16)),
+                         [](const auto& info) {
+                           return std::string(dtype_name(std::get<0>(info.param))) + "_" +
+                                  operands_name(std::get<1>(info.param));
+                         });
+
+// ---------------------------------------------------------------------------------------------
+// Elementwise steps against the CPU row kernels. They compute the same formulas in fp32; the
+// GPU's expf and its tree-ordered sum of squares differ by a few ulp, so 1e-6 bounds them.
+
+constexpr double kElementwiseBound = 1e-6;
+
+// Inputs with a wide spread (and some far in the tails) so the sigmoid's both branches and its
+// saturation are exercised.
+std::vector<float> spread_floats(size_t n, std::mt19937& rng) {
+  std::vector<float> v = random_floats(n, 3.0f, rng);
+  for (size_t i = 0; i < n; i += 97) v[i] = (i % 2 ? 1.0f : -1.0f) * 40.0f;
+  return v;
+}
+
+TEST(CudaElementwise, EmbedAndGatherCopyExactly) {
+  M1_REQUIRE_CUDA();
+  std::mt19937 rng(5);
+  for (DType dtype : {DType::kBF16, DType::kF16, DType::kF32}) {
+    const int64_t vocab = 50, cols = 37;
+    const HostWeight table = random_weight(dtype, vocab, cols, rng);
+    const std::vector<int32_t> tokens = {3, 0, 49, 3, 17};
+    DeviceArray<uint8_t> dtable(table.bytes);
+    DeviceArray<int32_t> dtokens(tokens);
+    DeviceArray<float> out(std::vector<float>(tokens.size() * cols));
+    embed(DeviceMatrix{dtable.get(), dtype, vocab, cols}, dtokens.get(), int64_t(tokens.size()), out.get(), nullptr);
+    const std::vector<float> got = out.download();
+    for (size_t i = 0; i < tokens.size(); ++i)
+      for (int64_t c = 0; c < cols; ++c)
+        ASSERT_EQ(got[i * cols + c], load_as_f32(table.bytes.data(), dtype, size_t(tokens[i] * cols + c))) << dtype_name(dtype);
+  }
+  const int64_t rows = 9, cols = 1001;
+  const std::vector<float> x = random_floats(size_t(rows * cols), 1.0f, rng);
+  const std::vector<int64_t> picks = {8, 0, 4, 4};
+  DeviceArray<float> dx(x), out(std::vector<float>(picks.size() * cols));
+  DeviceArray<int64_t> dpicks(picks);
+  gather_rows(dx.get(), cols, dpicks.get(), int64_t(picks.size()), out.get(), nullptr);
+  const std::vector<float> got = out.download();
+  for (size_t i = 0; i < picks.size(); ++i)
+    EXPECT_EQ(std::memcmp(got.data() + i * cols, x.data() + picks[i] * cols, cols * sizeof(float)), 0) << i;
+}
+
+TEST(CudaElementwise, RmsnormMatchesCpu) {
+  M1_REQUIRE_CUDA();
+  std::mt19937 rng(6);
+  for (DType dtype : {DType::kBF16, DType::kF16, DType::kF32})
+    for (int64_t cols : {1, 7, 255, 1000, 6144}) {
+      const int64_t rows = 5;
+      const std::vector<float> x = random_floats(size_t(rows * cols), 2.0f, rng);
+      HostWeight w = random_weight(dtype, 1, cols, rng);
+      std::vector<float> want(x.size());
+      for (int64_t r = 0; r < rows; ++r)
+        cpu::rmsnorm_row(x.data() + r * cols, w.bytes.data(), dtype, 1e-5f, want.data() + r * cols, cols);
+      DeviceArray<uint8_t> dw(w.bytes);
+      DeviceArray<float> dx(x), out(std::vector<float>(x.size()));
+      const DeviceMatrix weight{dw.get(), dtype, 1, cols};
+      rmsnorm(dx.get(), rows, cols, weight, 1e-5f, out.get(), nullptr);
+      EXPECT_LT(relative_error(out.download(), want), kElementwiseBound) << dtype_name(dtype) << " cols " << cols;
+      rmsnorm(dx.get(), rows, cols, weight, 1e-5f, dx.get(), nullptr);  // in place
+      EXPECT_LT(relative_error(dx.download(), want), kElementwiseBound) << dtype_name(dtype) << " cols " << cols << " in place";
+    }
+}
+
+TEST(CudaElementwise, ActivationsMatchCpu) {
+  M1_REQUIRE_CUDA();
+  std::mt19937 rng(8);
+  for (int64_t n : {1, 33, 100003}) {
+    const std::vector<float> a = spread_floats(size_t(n), rng), b = spread_floats(size_t(n), rng);
+    {
+      std::vector<float> want = a;
+      cpu::silu_inplace(want.data(), n);
+      DeviceArray<float> dx(a);
+      silu(dx.get(), n, nullptr);
+      EXPECT_LT(relative_error(dx.download(), want), kElementwiseBound) << "silu " << n;
+    }
+    {
+      std::vector<float> want = b;
+      cpu::sigmoid_gate(a.data(), want.data(), n);
+      DeviceArray<float> dgate(a), dx(b);
+      sigmoid_gate(dgate.get(), dx.get(), n, nullptr);
+      EXPECT_LT(relative_error(dx.download(), want), kElementwiseBound) << "sigmoid_gate " << n;
+    }
+    {
+      std::vector<float> want = a;
+      cpu::swiglu(want.data(), b.data(), n);
+      DeviceArray<float> dgate(a), dup(b);
+      swiglu(dgate.get(), dup.get(), n, nullptr);
+      EXPECT_LT(relative_error(dgate.download(), want), kElementwiseBound) << "swiglu " << n;
+    }
+    {
+      std::vector<float> want(static_cast<size_t>(n));
+      cpu::add_scaled(a.data(), 3.5f, b.data(), -0.25f, want.data(), n);
+      DeviceArray<float> da(a), db(b);
+      add_scaled(da.get(), 3.5f, db.get(), -0.25f, da.get(), n, nullptr);  // out aliases a
+      EXPECT_LT(relative_error(da.download(), want), kElementwiseBound) << "add_scaled " << n;
+    }
+  }
+  for (int64_t cols : {1, 7, 1000}) {
+    const int64_t rows = 6;
+    const std::vector<float> x = random_floats(size_t(rows * cols), 1.0f, rng), y = random_floats(size_t(rows * cols), 1.0f, rng);
+    const std::vector<float> coef = spread_floats(size_t(rows), rng);
+    std::vector<float> want = x;
+    for (int64_t r = 0; r < rows; ++r) cpu::blend_sigmoid(want.data() + r * cols, y.data() + r * cols, coef[size_t(r)], cols);
+    DeviceArray<float> dx(x), dy(y), dcoef(coef);
+    blend_sigmoid(dx.get(), dy.get(), dcoef.get(), rows, cols, nullptr);
+    EXPECT_LT(relative_error(dx.download(), want), kElementwiseBound) << "blend_sigmoid cols " << cols;
+  }
+}
+
+}  // namespace
+}  // namespace m1::cuda

@@ -1,0 +1,300 @@
+// The CUDA mixture of experts against the CPU oracle (m1::cpu::route for the routing alone,
+// m1::cpu::moe_reference for the whole layer) on fresh random inputs with awkward sizes, and its
+// batch invariance. Set M1_TEST_SEED to replay a failure; every test prints the seed it used.
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "cpu/matmul.h"
+#include "cpu/moe.h"
+#include "cuda_check.h"
+#include "cuda_test_support.h"
+#include "m1/dtype.h"
+#include "m1/error.h"
+#include "moe.h"
+#include "test_support.h"
+
+namespace m1::cuda {
+namespace {
+
+using test::DeviceArray;
+using testing::random_floats;
+using testing::relative_error;
+using testing::seed;
+
+// A weight matrix in `dtype` holding the rounded values of random floats, on the host for the
+// CPU oracle and on the device for the kernel.
+struct TestWeight {
+  std::vector<uint8_t> bytes;
+  Weight host;
+  DeviceArray<uint8_t> device_copy;
+  DeviceMatrix device;
+
+  TestWeight(DType dtype, int64_t rows, int64_t cols, float scale)
+      : bytes(testing::encode(dtype, random_floats(size_t(rows * cols), scale))),
+        host{bytes.data(), dtype, rows, cols},
+        device_copy(bytes),
+        device{device_copy.get(), dtype, rows, cols} {}
+};
+
+// A random MoE layer; weights scaled so router logits and expert activations are O(1).
+struct TestMoe {
+  int64_t experts, top_k, hidden, ffn;
+  std::vector<TestWeight> owned;
+  MoeWeights cpu;
+  std::vector<DeviceMatrix> w1, w3, w2;
+
+  TestMoe(int64_t experts_, int64_t top_k_, int64_t hidden_, int64_t ffn_, DType dtype)
+      : experts(experts_), top_k(top_k_), hidden(hidden_), ffn(ffn_) {
+    owned.reserve(size_t(1 + 3 * experts));
+    const float in_scale = 1.0f / std::sqrt(float(hidden)), out_scale = 1.0f / std::sqrt(float(ffn));
+    owned.emplace_back(dtype, experts, hidden, in_scale);
+    cpu.router = owned.back().host;
+    cpu.top_k = top_k;
+    for (int64_t e = 0; e < experts; ++e) {
+      for (auto [list, rows, cols, scale] : {std::tuple{&w1, ffn, hidden, in_scale}, {&w3, ffn, hidden, in_scale},
+                                             {&w2, hidden, ffn, out_scale}}) {
+        owned.emplace_back(dtype, rows, cols, scale);
+        list->push_back(owned.back().device);
+      }
+      cpu.w1.push_back(owned[owned.size() - 3].host);
+      cpu.w3.push_back(owned[owned.size() - 2].host);
+      cpu.w2.push_back(owned[owned.size() - 1].host);
+    }
+  }
+
+  MoeArgs args(const float* x, int64_t rows, GemmOperands operands, float* out) const {
+    MoeArgs a;
+    a.x = x;
+    a.rows = rows;
+    a.hidden = hidden;
+    a.router = owned[0].device;
+    a.w1 = w1;
+    a.w3 = w3;
+    a.w2 = w2;
+    a.top_k = top_k;
+    a.operands = operands;
+    a.out = out;
+    return a;
+  }
+
+  // Random rows of x whose top k + 1 router logits (the oracle's fp32 logits) are at least 1e-3
+  // apart: logit errors of the fp32 sums are ~1e-6, so CPU and GPU pick the same experts in the
+  // same order and the comparison measures the expert products, not a routing flip.
+  std::vector<float> rows_with_clear_routing(int64_t rows) const {
+    std::vector<float> x(static_cast<size_t>(rows * hidden)), logits(static_cast<size_t>(experts));
+    const size_t compared = size_t(std::min(top_k + 1, experts));
+    for (int64_t t = 0; t < rows; ++t) {
+      float* row = x.data() + t * hidden;
+      bool clear = false;
+      for (int attempt = 0; attempt < 1000 && !clear; ++attempt) {
+        const std::vector<float> fresh = random_floats(size_t(hidden), 1.0f);
+        std::copy(fresh.begin(), fresh.end(), row);
+        cpu::matmul_reference(Mat{row, 1, hidden}, cpu.router, Mat{logits.data(), 1, experts});
+        std::partial_sort(logits.begin(), logits.begin() + compared, logits.end(), std::greater<>());
+        clear = true;
+        for (size_t r = 1; r < compared; ++r) clear = clear && logits[r - 1] - logits[r] > 1e-3f;
+      }
+      if (!clear) ADD_FAILURE() << "no row with a clear routing margin in 1000 tries";
+    }
+    return x;
+  }
+};
+
+// The GPU layer on host rows, through device copies.
+std::vector<float> run_moe(const TestMoe& m, const std::vector<float>& x, int64_t rows, GemmOperands operands,
+                           MoeWorkspace& workspace, cudaStream_t stream) {
+  DeviceArray<float> x_device(x), out_device(size_t(rows * m.hidden));
+  moe(m.args(x_device.get(), rows, operands, out_device.get()), workspace, stream);
+  M1_CUDA_CHECK(cudaStreamSynchronize(stream));
+  return out_device.download();
+}
+
+class CudaMoeTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    M1_REQUIRE_CUDA();
+    M1_CUDA_CHECK(cudaStreamCreate(&stream_));
+  }
+  void TearDown() override {
+    if (stream_) cudaStreamDestroy(stream_);
+  }
+  cudaStream_t stream_ = nullptr;
+};
+
+// Routing alone on random logits (several experts per lane when experts > 32). A row is compared
+// only when the CPU's sorted probabilities of ranks 0..k are pairwise more than 1e-4 apart or
+// exactly equal (same logits give the same bits on both sides): a closer pair may order
+// differently under fp32 rounding of the exponential sum. Weights to 1e-5 absolute.
+TEST_F(CudaMoeTest, RoutingMatchesCpu) {
+  M1_REQUIRE_CUDA();
+  SCOPED_TRACE("seed " + std::to_string(seed()));
+  for (int64_t experts : {4, 8, 32, 33, 100, 256})
+    for (int64_t top_k : {int64_t(1), int64_t(2), int64_t(3), experts}) {
+      // Every expert chosen: all ranks must order alike, so only where few close pairs can occur.
+      if (top_k > experts || (top_k == experts && experts > 8)) continue;
+      const int64_t rows = 517;
+      std::vector<float> logits = random_floats(size_t(rows * experts), 2.0f);
+      // Ties: an all-equal row, and a row whose best two and a later pair are equal.
+      std::fill_n(logits.begin(), experts, 0.25f);
+      float* tied = logits.data() + experts;
+      tied[experts - 1] = tied[1] = 9.0f;
+      tied[experts / 2] = tied[0] = 8.0f;
+
+      DeviceArray<float> logits_device(logits);
+      const size_t slots = size_t(rows * top_k);
+      DeviceArray<int32_t> chosen_device(slots);
+      DeviceArray<float> weights_device(slots);
+      route(logits_device.get(), rows, experts, top_k, chosen_device.get(), weights_device.get(), stream_);
+      M1_CUDA_CHECK(cudaStreamSynchronize(stream_));
+      const auto chosen = chosen_device.download();
+      const auto weights = weights_device.download();
+      std::vector<int32_t> want_chosen(slots);
+      std::vector<float> want_weights(slots);
+      cpu::route(logits.data(), rows, experts, top_k, want_chosen.data(), want_weights.data());
+
+      int64_t compared = 0;
+      for (int64_t t = 0; t < rows; ++t) {
+        const float* row = logits.data() + t * experts;
+        std::vector<double> p(row, row + experts);
+        const double max_logit = *std::max_element(p.begin(), p.end());
+        double total = 0;
+        for (double& v : p) total += v = std::exp(v - max_logit);
+        for (double& v : p) v /= total;
+        std::sort(p.begin(), p.end(), std::greater<>());
+        bool clear = true;
+        for (int64_t r = 1; r < std::min(top_k + 1, experts); ++r) {
+          const double gap = p[size_t(r - 1)] - p[size_t(r)];
+          clear = clear && (gap == 0 || gap > 1e-4);
+        }
+        double sum = 0;
+        for (int64_t r = 0; r < top_k; ++r) sum += weights[size_t(t * top_k + r)];
+        EXPECT_NEAR(sum, 1.0, 1e-5) << "row " << t;  // NaN fails EXPECT_NEAR
+        if (!clear) continue;
+        ++compared;
+        for (int64_t r = 0; r < top_k; ++r) {
+          const size_t slot = size_t(t * top_k + r);
+          ASSERT_EQ(chosen[slot], want_chosen[slot])
+              << experts << " experts, top " << top_k << ", row " << t << ", rank " << r;
+          ASSERT_NEAR(weights[slot], want_weights[slot], 1e-5)
+              << experts << " experts, top " << top_k << ", row " << t << ", rank " << r;
+        }
+      }
+      EXPECT_GE(compared, rows * 9 / 10) << experts << " experts, top " << top_k << ": too many near-ties skipped";
+    }
+}
+
+TEST_F(CudaMoeTest, RoutingBreaksTiesByLowerIndex) {
+  M1_REQUIRE_CUDA();
+  const std::vector<float> logits = {0.5f, 2.0f, 2.0f, -1.0f, 1.0f};  // experts 1 and 2 tie
+  DeviceArray<float> logits_device(logits), weights_device(3);
+  DeviceArray<int32_t> chosen_device(3);
+  route(logits_device.get(), 1, 5, 3, chosen_device.get(), weights_device.get(), stream_);
+  M1_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  const auto chosen = chosen_device.download();
+  const auto weights = weights_device.download();
+  EXPECT_EQ(chosen, (std::vector<int32_t>{1, 2, 4}));
+  const double e1 = std::exp(2.0), e4 = std::exp(1.0);
+  EXPECT_NEAR(weights[0], e1 / (2 * e1 + e4), 1e-6);
+  EXPECT_EQ(weights[0], weights[1]);
+  EXPECT_NEAR(weights[2], e4 / (2 * e1 + e4), 1e-6);
+}
+
+// The whole layer against moe_reference with the same operand rounding. Bounds (relative
+// Frobenius): 1e-4 where neither side rounds (kFp32, or weights that are not BF16: kBf16 then runs
+// as kFp32 on both); 1e-3 for bf16 operands on both sides (same roundings of the activations,
+// fp32 versus double sums); 1e-2 where this CPU cannot round (its reference is then exact fp32
+// and the GPU's bf16 activations alone differ by ~2^-9 relative).
+TEST_F(CudaMoeTest, MatchesReference) {
+  M1_REQUIRE_CUDA();
+  SCOPED_TRACE("seed " + std::to_string(seed()));
+  struct Case {
+    int64_t rows, experts, top_k, hidden, ffn;
+  };
+  const Case cases[] = {{1, 4, 1, 48, 80},    {2, 8, 2, 100, 36},    {5, 32, 3, 256, 512}, {33, 8, 3, 48, 80},
+                        {130, 32, 2, 100, 36}, {130, 4, 3, 48, 80},   {33, 32, 1, 256, 512}, {5, 4, 2, 100, 36},
+                        {2, 32, 3, 48, 80},    {130, 8, 1, 256, 512}, {9, 8, 2, 33, 17}};  // odd: unaligned rows
+  MoeWorkspace workspace(stream_);  // shared by every case: grows and is reused
+  for (DType dtype : {DType::kBF16, DType::kF16, DType::kF32})
+    for (const Case& c : cases) {
+      const TestMoe m(c.experts, c.top_k, c.hidden, c.ffn, dtype);
+      const std::vector<float> x = m.rows_with_clear_routing(c.rows);
+      for (GemmOperands operands : {GemmOperands::kFp32, GemmOperands::kBf16}) {
+        const bool rounds = operands == GemmOperands::kBf16 && dtype == DType::kBF16;
+        const double bound = !rounds ? 1e-4 : cpu::bf16_products_available() ? 1e-3 : 1e-2;
+        const std::vector<float> got = run_moe(m, x, c.rows, operands, workspace, stream_);
+        std::vector<float> want(got.size());
+        std::vector<float> x_copy = x;
+        cpu::moe_reference(Mat{x_copy.data(), c.rows, c.hidden}, m.cpu, Mat{want.data(), c.rows, c.hidden},
+                           operands == GemmOperands::kBf16 ? cpu::Operands::kBf16 : cpu::Operands::kFp32);
+        EXPECT_TRUE(std::all_of(got.begin(), got.end(), [](float v) { return std::isfinite(v); }));
+        EXPECT_LT(relative_error(got, want), bound)
+            << dtype_name(dtype) << (operands == GemmOperands::kBf16 ? " bf16" : " fp32") << ": " << c.rows
+            << " rows, " << c.experts << " experts, top " << c.top_k << ", hidden " << c.hidden << ", ffn " << c.ffn;
+      }
+    }
+}
+
+// A row's output is bit-identical alone, in a small batch and among 100 rows, whatever the
+// other rows route to and whatever the workspace held before.
+TEST_F(CudaMoeTest, RowsAreBatchInvariant) {
+  M1_REQUIRE_CUDA();
+  SCOPED_TRACE("seed " + std::to_string(seed()));
+  for (auto [hidden, ffn] : {std::pair<int64_t, int64_t>{100, 36}, {256, 512}}) {
+    const TestMoe m(8, 2, hidden, ffn, DType::kBF16);
+    const int64_t rows = 100;
+    const std::vector<float> x = random_floats(size_t(rows * hidden), 1.0f);
+    for (GemmOperands operands : {GemmOperands::kFp32, GemmOperands::kBf16}) {
+      MoeWorkspace workspace(stream_);
+      const std::vector<float> all = run_moe(m, x, rows, operands, workspace, stream_);
+      for (auto [first, count] : {std::pair<int64_t, int64_t>{0, 1}, {37, 1}, {99, 1}, {40, 7}}) {
+        const std::vector<float> part(x.begin() + first * hidden, x.begin() + (first + count) * hidden);
+        MoeWorkspace fresh(stream_);
+        for (MoeWorkspace* w : {&fresh, &workspace}) {
+          const std::vector<float> got = run_moe(m, part, count, operands, *w, stream_);
+          EXPECT_EQ(0, std::memcmp(got.data(), all.data() + first * hidden, got.size() * sizeof(float)))
+              << "rows [" << first << ", " << first + count << ") of " << rows << ", hidden " << hidden
+              << (operands == GemmOperands::kBf16 ? ", bf16" : ", fp32")
+              << (w == &fresh ? ", fresh workspace" : ", reused workspace");
+        }
+      }
+    }
+  }
+}
+
+TEST_F(CudaMoeTest, RejectsBadArguments) {
+  M1_REQUIRE_CUDA();
+  const TestMoe m(4, 2, 48, 80, DType::kBF16);
+  MoeWorkspace workspace(stream_);
+  std::vector<float> x = random_floats(size_t(3 * 48), 1.0f);
+  DeviceArray<float> x_device(x), out_device(x.size());
+  MoeArgs a = m.args(x_device.get(), 3, GemmOperands::kFp32, out_device.get());
+  a.top_k = 5;
+  EXPECT_THROW(moe(a, workspace, stream_), Error);
+  a.top_k = 0;
+  EXPECT_THROW(moe(a, workspace, stream_), Error);
+  a = m.args(x_device.get(), 3, GemmOperands::kFp32, out_device.get());
+  a.w2 = m.w1;  // [ffn, hidden] where [hidden, ffn] belongs
+  EXPECT_THROW(moe(a, workspace, stream_), Error);
+  a = m.args(x_device.get(), 3, GemmOperands::kFp32, out_device.get());
+  a.w3 = std::span<const DeviceMatrix>(m.w3).first(3);
+  EXPECT_THROW(moe(a, workspace, stream_), Error);
+
+  // A non-finite row routes to no expert: a clear error, not an out-of-range expert index.
+  x[48 + 5] = NAN;
+  DeviceArray<float> nan_device(x);
+  a = m.args(nan_device.get(), 3, GemmOperands::kFp32, out_device.get());
+  EXPECT_THROW(moe(a, workspace, stream_), Error);
+  // No rows: nothing to do, nothing launched.
+  a.rows = 0;
+  EXPECT_NO_THROW(moe(a, workspace, stream_));
+}
+
+}  // namespace
+}  // namespace m1::cuda
