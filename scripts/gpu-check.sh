@@ -45,6 +45,10 @@ fi
 OUT=${OUT:-$ROOT/gpu-check-out}
 mkdir -p "$OUT"
 start=$(date +%s)
+if ! command -v nvidia-smi >/dev/null; then
+  echo "gpu-check: no NVIDIA GPU here (nvidia-smi not found): run 'scripts/gpu-check.sh prepare' here, the check on a GPU machine" >&2
+  exit 2
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 
 if [[ -d "$BUNDLE" ]]; then
@@ -58,13 +62,14 @@ else
 fi
 echo "gpu-check: ready after $(( $(date +%s) - start )) s"
 
-# The CUDA tests, each binary's summary kept; a failure fails the check at the end.
+# The CUDA tests, each binary's summary kept; a failure fails the check at the end. Every stage has
+# a time limit, so a hung kernel costs its stage and not the whole lease.
 status=0
 for t in test_cuda_matmul test_cuda_lightning test_cuda_attention test_cuda_moe test_cuda_backend; do
-  if "$BIN/$t" --gtest_output="json:$OUT/$t.json" >"$OUT/$t.log" 2>&1; then
+  if timeout 120 "$BIN/$t" --gtest_output="json:$OUT/$t.json" >"$OUT/$t.log" 2>&1; then
     echo "PASS $t ($(grep -Eo '\[  PASSED  \] [0-9]+ tests?' "$OUT/$t.log" | head -1))"
   else
-    echo "FAIL $t:"; grep -E '^\[  FAILED  \]|Failure|error' "$OUT/$t.log" | head -20
+    echo "FAIL $t (exit $?):"; grep -E '^\[  FAILED  \]|Failure|error' "$OUT/$t.log" | head -20
     status=1
   fi
 done
@@ -72,7 +77,7 @@ echo "gpu-check: tests done after $(( $(date +%s) - start )) s"
 
 quick=--quick
 [[ "${M1_GPU_FULL:-0}" == 1 ]] && quick=
-"$BIN/bench_cuda" $quick --json "$OUT/bench_cuda.json" | tee "$OUT/bench_cuda.txt" || status=1
+timeout 200 "$BIN/bench_cuda" $quick --json "$OUT/bench_cuda.json" | tee "$OUT/bench_cuda.txt" || status=1
 echo "gpu-check: kernels measured after $(( $(date +%s) - start )) s"
 
 if [[ "${M1_GPU_E2E:-1}" != 0 ]]; then
@@ -80,7 +85,7 @@ if [[ "${M1_GPU_E2E:-1}" != 0 ]]; then
   layers=${M1_GPU_LAYERS:-$(( gib > 120000 ? 8 : 4 ))}
   contexts=8k,128k
   [[ "${M1_GPU_FULL:-0}" == 1 ]] && contexts=8k,128k,1m
-  "$BIN/m1-bench" --device cuda --synthetic m1 --layers "$layers" --contexts "$contexts" --variants hybrid \
+  timeout 240 "$BIN/m1-bench" --device cuda --synthetic m1 --layers "$layers" --contexts "$contexts" --variants hybrid \
     --decode-tokens 8 --repeats 1 --prefill-chunk 8192 --json "$OUT/m1_bench.json" --svg "$OUT/m1_bench.svg" \
     2>"$OUT/m1_bench.log" | tee "$OUT/m1_bench.txt" || { status=1; tail -5 "$OUT/m1_bench.log"; }
 fi
