@@ -12,6 +12,7 @@
 #include <memory>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include <CLI/CLI.hpp>
@@ -22,7 +23,7 @@
 #include "attention.h"
 #include "bench_measure.h"
 #include "bench_models.h"
-#include "cuda_check.h"
+#include "device_array.h"
 #include "lightning.h"
 #include "m1/error.h"
 #include "m1/model.h"
@@ -34,38 +35,29 @@ namespace {
 
 using m1::cuda::DeviceMatrix;
 
-// Device memory freed on scope exit.
-class DeviceArray {
- public:
-  explicit DeviceArray(size_t bytes) { M1_CUDA_CHECK(cudaMalloc(&data_, std::max<size_t>(bytes, 1))); }
-  ~DeviceArray() { cudaFree(data_); }
-  DeviceArray(const DeviceArray&) = delete;
-  DeviceArray& operator=(const DeviceArray&) = delete;
-  template <class T = void>
-  T* as() const { return static_cast<T*>(data_); }
+using m1::cuda::DeviceArray;
 
- private:
-  void* data_ = nullptr;
-};
+void check_cublas(cublasStatus_t status, const char* call) {
+  if (status != CUBLAS_STATUS_SUCCESS) m1::fail("cuBLAS error {} in {}", cublasGetStatusName(status), call);
+}
+#define M1_CUBLAS_CHECK(call) check_cublas((call), #call)
 
-// Fills `bytes` of device memory with copies of one random block of values in [-scale, scale]
-// (float or bf16): enough variety for timing, without generating gigabytes on the host.
-void fill_random(void* device, size_t bytes, bool bf16, float scale, uint64_t seed) {
-  constexpr size_t kBlock = size_t(16) << 20;
+// Fills a device array of float or bf16 (uint16_t) with copies of one random block of values in
+// [-scale, scale]: enough variety for timing, without generating gigabytes on the host.
+template <class T>
+void fill_random(DeviceArray<T>& array, float scale, uint64_t seed) {
+  constexpr size_t kBlock = size_t(4) << 20;
   std::mt19937_64 rng(seed);
   std::uniform_real_distribution<float> dist(-scale, scale);
-  std::vector<uint8_t> block(std::min(bytes, kBlock));
-  for (size_t i = 0; i + (bf16 ? 2 : 4) <= block.size(); i += bf16 ? 2 : 4) {
-    const float v = dist(rng);
-    if (bf16) {
-      const uint16_t b = m1::f32_to_bf16(v);
-      std::memcpy(block.data() + i, &b, 2);
-    } else {
-      std::memcpy(block.data() + i, &v, 4);
-    }
+  std::vector<T> block(std::min(array.size(), kBlock));
+  for (T& v : block) {
+    if constexpr (std::is_same_v<T, float>)
+      v = dist(rng);
+    else
+      v = m1::f32_to_bf16(dist(rng));
   }
-  for (size_t off = 0; off < bytes; off += block.size())
-    M1_CUDA_CHECK(cudaMemcpy(static_cast<uint8_t*>(device) + off, block.data(), std::min(block.size(), bytes - off),
+  for (size_t off = 0; off < array.size(); off += block.size())
+    M1_CUDA_CHECK(cudaMemcpy(array.get() + off, block.data(), std::min(block.size(), array.size() - off) * sizeof(T),
                              cudaMemcpyHostToDevice));
 }
 
@@ -129,25 +121,26 @@ struct Limits {
 // Device-to-device copy of 1 GiB: bytes read plus bytes written per second.
 double copy_bandwidth(cudaStream_t stream) {
   const size_t bytes = size_t(1) << 30;
-  DeviceArray a(bytes), b(bytes);
-  M1_CUDA_CHECK(cudaMemsetAsync(a.as(), 1, bytes, stream));
-  const double ms = time_ms(stream, 20, [&] { M1_CUDA_CHECK(cudaMemcpyAsync(b.as(), a.as(), bytes, cudaMemcpyDeviceToDevice, stream)); });
+  DeviceArray<uint8_t> a(bytes), b(bytes);
+  M1_CUDA_CHECK(cudaMemsetAsync(a.get(), 1, bytes, stream));
+  const double ms = time_ms(stream, 20, [&] { M1_CUDA_CHECK(cudaMemcpyAsync(b.get(), a.get(), bytes, cudaMemcpyDeviceToDevice, stream)); });
   return 2.0 * double(bytes) / (ms * 1e-3) / 1e9;
 }
 
 // cuBLAS bf16 x bf16 -> fp32, fp32 accumulation, n x n x n.
 double cublas_bf16_tflops(cudaStream_t stream, int64_t n) {
-  DeviceArray a(size_t(n * n) * 2), b(size_t(n * n) * 2), c(size_t(n * n) * 4);
-  fill_random(a.as(), size_t(n * n) * 2, true, 1, 1);
-  fill_random(b.as(), size_t(n * n) * 2, true, 1, 2);
+  DeviceArray<uint16_t> a(size_t(n * n)), b(size_t(n * n));
+  DeviceArray<float> c(size_t(n * n));
+  fill_random(a, 1, 1);
+  fill_random(b, 1, 2);
   cublasHandle_t handle;
-  M1_CUDA_CHECK(cublasCreate(&handle));
-  M1_CUDA_CHECK(cublasSetStream(handle, stream));
+  M1_CUBLAS_CHECK(cublasCreate(&handle));
+  M1_CUBLAS_CHECK(cublasSetStream(handle, stream));
   const float one = 1, zero = 0;
   const double ms = time_ms(stream, 10, [&] {
-    M1_CUDA_CHECK(cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, int(n), int(n), int(n), &one, a.as(), CUDA_R_16BF, int(n),
-                               b.as(), CUDA_R_16BF, int(n), &zero, c.as(), CUDA_R_32F, int(n), CUBLAS_COMPUTE_32F,
-                               CUBLAS_GEMM_DEFAULT));
+    M1_CUBLAS_CHECK(cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, int(n), int(n), int(n), &one, a.get(), CUDA_R_16BF, int(n),
+                                 b.get(), CUDA_R_16BF, int(n), &zero, c.get(), CUDA_R_32F, int(n), CUBLAS_COMPUTE_32F,
+                                 CUBLAS_GEMM_DEFAULT));
   });
   cublasDestroy(handle);
   return 2.0 * double(n) * double(n) * double(n) / (ms * 1e-3) / 1e12;
@@ -155,15 +148,16 @@ double cublas_bf16_tflops(cudaStream_t stream, int64_t n) {
 
 // Our product out = x w^T with BF16 weights [n, k] and m rows, in both operand modes.
 void bench_matmul(Report& report, const Limits& limits, cudaStream_t stream, int64_t m, int64_t n, int64_t k) {
-  DeviceArray x(size_t(m * k) * 4), w(size_t(n * k) * 2), out(size_t(m * n) * 4);
-  fill_random(x.as(), size_t(m * k) * 4, false, 1, 3);
-  fill_random(w.as(), size_t(n * k) * 2, true, 0.05f, 4);
+  DeviceArray<float> x(size_t(m * k)), out(size_t(m * n));
+  DeviceArray<uint16_t> w(size_t(n * k));
+  fill_random(x, 1, 3);
+  fill_random(w, 0.05f, 4);
   m1::cuda::DeviceScratch scratch(stream);
-  const DeviceMatrix weight{w.as(), m1::DType::kBF16, n, k};
+  const DeviceMatrix weight{w.get(), m1::DType::kBF16, n, k};
   for (auto operands : {m1::cuda::GemmOperands::kBf16, m1::cuda::GemmOperands::kFp32}) {
     const char* mode = operands == m1::cuda::GemmOperands::kBf16 ? "fast" : "exact";
     const double ms = time_ms(stream, m > 64 ? 5 : 50, [&] {
-      m1::cuda::matmul(x.as<float>(), k, m, weight, out.as<float>(), n, operands, scratch, stream);
+      m1::cuda::matmul(x.get(), k, m, weight, out.get(), n, operands, scratch, stream);
     });
     const double flops = 2.0 * double(m) * double(n) * double(k), bytes = double(n * k) * 2 + double(m * (k + n)) * 4;
     const std::string name = fmt::format("matmul {} m={} n={} k={}", mode, m, n, k);
@@ -179,18 +173,17 @@ void bench_matmul(Report& report, const Limits& limits, cudaStream_t stream, int
 // them (a 1M-token qkv in fp32 alone would need 100 GB).
 void bench_lightning_prefill(Report& report, const Limits& limits, cudaStream_t stream, int64_t tokens, int64_t chunk) {
   const int64_t heads = 64, d = 128, rows = std::min(tokens, chunk);
-  DeviceArray qkv(size_t(rows * heads * 3 * d) * 4), out(size_t(rows * heads * d) * 4), state(size_t(heads * d * d) * 4),
-      decay(size_t(heads) * 4), segment(sizeof(m1::cuda::LightningSegment));
-  fill_random(qkv.as(), size_t(rows * heads * 3 * d) * 4, false, 0.3f, 5);
-  const std::vector<float> decays = m1::lightning_decay(heads, 0, 80);
-  M1_CUDA_CHECK(cudaMemcpy(decay.as(), decays.data(), decays.size() * 4, cudaMemcpyHostToDevice));
+  DeviceArray<float> qkv(size_t(rows * heads * 3 * d)), out(size_t(rows * heads * d)), state(size_t(heads * d * d));
+  DeviceArray<float> decay(m1::lightning_decay(heads, 0, 80));
+  DeviceArray<m1::cuda::LightningSegment> segment(1);
+  fill_random(qkv, 0.3f, 5);
   auto run = [&] {
-    M1_CUDA_CHECK(cudaMemsetAsync(state.as(), 0, size_t(heads * d * d) * 4, stream));
+    M1_CUDA_CHECK(cudaMemsetAsync(state.get(), 0, state.size() * sizeof(float), stream));
     for (int64_t done = 0; done < tokens; done += rows) {
-      const m1::cuda::LightningSegment seg{0, std::min(rows, tokens - done), state.as<float>()};
-      M1_CUDA_CHECK(cudaMemcpyAsync(segment.as(), &seg, sizeof seg, cudaMemcpyHostToDevice, stream));
-      m1::cuda::LightningArgs args{qkv.as<float>(), heads * 3 * d, out.as<float>(), heads * d, heads, d, decay.as<float>(),
-                                   std::span(&seg, 1), segment.as<m1::cuda::LightningSegment>()};
+      const m1::cuda::LightningSegment seg{0, std::min(rows, tokens - done), state.get()};
+      M1_CUDA_CHECK(cudaMemcpyAsync(segment.get(), &seg, sizeof seg, cudaMemcpyHostToDevice, stream));
+      m1::cuda::LightningArgs args{qkv.get(), heads * 3 * d, out.get(), heads * d, heads, d, decay.get(),
+                                   std::span(&seg, 1), segment.get()};
       m1::cuda::lightning_attention(args, stream);
     }
   };
@@ -205,19 +198,16 @@ void bench_lightning_prefill(Report& report, const Limits& limits, cudaStream_t 
 // One decode token for `batch` sequences, 64 heads, d = 128: the state is read and written once.
 void bench_lightning_decode(Report& report, const Limits& limits, cudaStream_t stream, int64_t batch) {
   const int64_t heads = 64, d = 128;
-  DeviceArray qkv(size_t(batch * heads * 3 * d) * 4), out(size_t(batch * heads * d) * 4),
-      states(size_t(batch * heads * d * d) * 4), decay(size_t(heads) * 4), segments(size_t(batch) * sizeof(m1::cuda::LightningSegment));
-  fill_random(qkv.as(), size_t(batch * heads * 3 * d) * 4, false, 0.3f, 6);
-  M1_CUDA_CHECK(cudaMemset(states.as(), 0, size_t(batch * heads * d * d) * 4));
-  const std::vector<float> decays = m1::lightning_decay(heads, 0, 80);
-  M1_CUDA_CHECK(cudaMemcpy(decay.as(), decays.data(), decays.size() * 4, cudaMemcpyHostToDevice));
+  DeviceArray<float> qkv(size_t(batch * heads * 3 * d)), out(size_t(batch * heads * d)), states(size_t(batch * heads * d * d));
+  DeviceArray<float> decay(m1::lightning_decay(heads, 0, 80));
+  fill_random(qkv, 0.3f, 6);
+  M1_CUDA_CHECK(cudaMemset(states.get(), 0, states.size() * sizeof(float)));
   std::vector<m1::cuda::LightningSegment> segs;
-  for (int64_t b = 0; b < batch; ++b) segs.push_back({b, 1, states.as<float>() + b * heads * d * d});
-  M1_CUDA_CHECK(cudaMemcpy(segments.as(), segs.data(), segs.size() * sizeof segs[0], cudaMemcpyHostToDevice));
-  m1::cuda::LightningArgs args{qkv.as<float>(), heads * 3 * d, out.as<float>(), heads * d, heads, d, decay.as<float>(),
-                               segs, segments.as<m1::cuda::LightningSegment>()};
+  for (int64_t b = 0; b < batch; ++b) segs.push_back({b, 1, states.get() + b * heads * d * d});
+  DeviceArray<m1::cuda::LightningSegment> segments(segs);
+  m1::cuda::LightningArgs args{qkv.get(), heads * 3 * d, out.get(), heads * d, heads, d, decay.get(), segs, segments.get()};
   const double ms = time_ms(stream, 50, [&] { m1::cuda::lightning_attention(args, stream); });
-  const double bytes = 2.0 * double(batch * heads * d * d) * 4;
+  const double bytes = 2.0 * double(states.size()) * sizeof(float);
   report.add({fmt::format("lightning decode 64x128, batch {} (per layer; {:.1f} us)", batch, ms * 1e3), ms,
               bytes / (ms * 1e-3) / 1e9, "GB/s", bytes / (ms * 1e-3) / 1e9 / limits.copy_gb_s});
 }
@@ -225,18 +215,17 @@ void bench_lightning_decode(Report& report, const Limits& limits, cudaStream_t s
 // Causal flash-style prefill of `tokens` tokens: 64 query heads, 8 KV heads, d = 128, RoPE on 64 dims.
 void bench_flash_prefill(Report& report, const Limits& limits, cudaStream_t stream, int64_t tokens) {
   const int64_t heads = 64, kv_heads = 8, d = 128;
-  DeviceArray q(size_t(tokens * heads * d) * 4), k(size_t(tokens * kv_heads * d) * 4), v(size_t(tokens * kv_heads * d) * 4),
-      out(size_t(tokens * heads * d) * 4), keys(size_t(tokens * kv_heads * d) * 2), values(size_t(tokens * kv_heads * d) * 2),
-      segment(sizeof(m1::cuda::AttentionSegment));
-  fill_random(q.as(), size_t(tokens * heads * d) * 4, false, 1, 7);
-  fill_random(k.as(), size_t(tokens * kv_heads * d) * 4, false, 1, 8);
-  fill_random(v.as(), size_t(tokens * kv_heads * d) * 4, false, 1, 9);
-  const m1::cuda::AttentionSegment seg{0, tokens, 0, keys.as<uint16_t>(), values.as<uint16_t>()};
-  M1_CUDA_CHECK(cudaMemcpy(segment.as(), &seg, sizeof seg, cudaMemcpyHostToDevice));
+  DeviceArray<float> q(size_t(tokens * heads * d)), k(size_t(tokens * kv_heads * d)), v(size_t(tokens * kv_heads * d)),
+      out(size_t(tokens * heads * d));
+  DeviceArray<uint16_t> keys(size_t(tokens * kv_heads * d)), values(size_t(tokens * kv_heads * d));
+  fill_random(q, 1, 7);
+  fill_random(k, 1, 8);
+  fill_random(v, 1, 9);
+  const m1::cuda::AttentionSegment seg{0, tokens, 0, keys.get(), values.get()};
+  DeviceArray<m1::cuda::AttentionSegment> segment(std::vector{seg});
   m1::cuda::DeviceScratch scratch(stream);
-  m1::cuda::AttentionArgs args{q.as<float>(), heads * d, k.as<float>(), kv_heads * d, v.as<float>(), kv_heads * d,
-                               out.as<float>(), heads * d, heads, kv_heads, d, 64, 1e7, std::span(&seg, 1),
-                               segment.as<m1::cuda::AttentionSegment>()};
+  m1::cuda::AttentionArgs args{q.get(), heads * d, k.get(), kv_heads * d, v.get(), kv_heads * d, out.get(), heads * d,
+                               heads, kv_heads, d, 64, 1e7, std::span(&seg, 1), segment.get()};
   const double ms = time_ms(stream, tokens > 16384 ? 1 : 3, [&] { m1::cuda::softmax_attention(args, scratch, stream); });
   const double flops = 4.0 * double(d) * double(heads) * double(tokens) * double(tokens + 1) / 2;
   report.add({fmt::format("flash prefill 64q/8kv x128, {} tokens", tokens), ms, flops / (ms * 1e-3) / 1e12, "TFLOP/s",

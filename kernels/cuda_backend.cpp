@@ -1,7 +1,6 @@
 #include "cuda_backend.h"
 
 #include <algorithm>
-#include <cstring>
 
 #include "cuda_check.h"
 #include "cuda_state.h"
@@ -55,7 +54,9 @@ Weight CudaBackend::upload(const TensorView& t) {
   void* device = nullptr;
   M1_CUDA_CHECK(cudaMalloc(&device, std::max<size_t>(t.nbytes, 1)));
   weights_.push_back(device);
-  M1_CUDA_CHECK(cudaMemcpy(device, t.data, t.nbytes, cudaMemcpyHostToDevice));
+  // On the backend's stream: a pageable copy may still be landing when cudaMemcpy returns, and
+  // the stream (non-blocking) would not wait for the default stream.
+  M1_CUDA_CHECK(cudaMemcpyAsync(device, t.data, t.nbytes, cudaMemcpyHostToDevice, stream_));
   return Weight{device, dtype, t.shape.size() == 2 ? t.shape[0] : 1, t.shape.back()};
 }
 

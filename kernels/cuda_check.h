@@ -1,14 +1,12 @@
 #pragma once
-// Turns CUDA and cuBLAS failures into m1::Error with the failing call's text, so a tool prints one
+// Turns CUDA failures into m1::Error with the failing call's text, so a tool prints one
 // line and the server answers 500 for that step instead of crashing.
 
-#include <cublas_v2.h>
 #include <cuda_runtime.h>
 
 namespace m1::cuda {
 
 void check(cudaError_t status, const char* call);
-void check(cublasStatus_t status, const char* call);
 
 }  // namespace m1::cuda
 

@@ -7,7 +7,7 @@
 namespace m1::cuda {
 
 CudaState::CudaState(const StateShape& shape, cudaStream_t stream) : SequenceState(shape), stream_(stream) {
-  const size_t bytes = size_t(shape_.lightning_layers * lightning_layer_floats()) * sizeof(float);
+  const size_t bytes = lightning_bytes();
   if (bytes == 0) return;
   M1_CUDA_CHECK(cudaMallocAsync(&lightning_, bytes, stream_));
   M1_CUDA_CHECK(cudaMemsetAsync(lightning_, 0, bytes, stream_));
@@ -21,7 +21,7 @@ CudaState::~CudaState() {
 
 std::unique_ptr<SequenceState> CudaState::clone() const {
   auto copy = std::make_unique<CudaState>(shape_, stream_);
-  const size_t bytes = size_t(shape_.lightning_layers * lightning_layer_floats()) * sizeof(float);
+  const size_t bytes = lightning_bytes();
   if (bytes) M1_CUDA_CHECK(cudaMemcpyAsync(copy->lightning_, lightning_, bytes, cudaMemcpyDeviceToDevice, stream_));
   if (kv_) copy->adopt_caches(kv_, capacity_, length_, std::max<int64_t>(length_, 1));
   copy->length_ = length_;
@@ -29,9 +29,8 @@ std::unique_ptr<SequenceState> CudaState::clone() const {
 }
 
 size_t CudaState::bytes() const {
-  const size_t lightning = size_t(shape_.lightning_layers * lightning_layer_floats()) * sizeof(float);
   const size_t kv = size_t(shape_.softmax_layers * 2 * kv_row() * length_) * sizeof(uint16_t);
-  return lightning + kv;
+  return lightning_bytes() + kv;
 }
 
 void CudaState::reserve(int64_t tokens) {

@@ -31,6 +31,7 @@ class CudaState final : public SequenceState {
 
  private:
   int64_t lightning_layer_floats() const { return shape_.heads * shape_.head_dim * shape_.head_dim; }
+  size_t lightning_bytes() const { return size_t(shape_.lightning_layers * lightning_layer_floats()) * sizeof(float); }
   int64_t kv_row() const { return shape_.kv_heads * shape_.head_dim; }
   // Moves the caches to a new allocation of `capacity` rows, holding the first `rows` rows of
   // `from` (laid out for `from_capacity` rows).

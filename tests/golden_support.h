@@ -68,7 +68,6 @@ inline std::vector<float> run_chunked(Model& model, const std::vector<int32_t>& 
 // Two sequences of different lengths (the tokens and a part of them) prefilled in one step, then
 // decoding together: each gets exactly the logits it gets alone.
 inline void expect_batched_matches_solo(Model& model, const std::vector<int32_t>& tokens) {
-  const std::vector<int32_t> a(tokens.begin(), tokens.end());
   const std::vector<int32_t> b(tokens.begin() + 17, tokens.begin() + 140);
   auto solo = [&](const std::vector<int32_t>& prompt, int32_t next) {
     auto seq = model.new_sequence();
@@ -81,11 +80,11 @@ inline void expect_batched_matches_solo(Model& model, const std::vector<int32_t>
     logits.insert(logits.end(), out.row(0, 0).begin(), out.row(0, 0).end());
     return logits;
   };
-  const std::vector<float> solo_a = solo(a, 5), solo_b = solo(b, 9);
+  const std::vector<float> solo_a = solo(tokens, 5), solo_b = solo(b, 9);
 
   auto seq_a = model.new_sequence(), seq_b = model.new_sequence();
   StepLogits out;
-  BatchEntry prefill[2] = {{seq_a.get(), a, LogitsFor::kAll}, {seq_b.get(), b, LogitsFor::kAll}};
+  BatchEntry prefill[2] = {{seq_a.get(), tokens, LogitsFor::kAll}, {seq_b.get(), b, LogitsFor::kAll}};
   model.forward(prefill, out);
   std::vector<float> batched_a(out.row(0, 0).begin(), out.row(0, out.rows(0) - 1).end());
   std::vector<float> batched_b(out.row(1, 0).begin(), out.row(1, out.rows(1) - 1).end());

@@ -289,7 +289,7 @@ TEST(CudaAttention, LongDecodeSplits) {
 TEST(CudaAttention, PositionsNearOneMillion) {
   M1_REQUIRE_CUDA();
   DeviceScratch scratch;
-  // RoPE angles near 1M radians and a decode over 2,048 splits.
+  // RoPE angles near 1M radians and a decode over 2^20 + 1 keys: 2,049 splits of 512.
   const Shape s{2, 1, 64, 32, 1e7};
   const int64_t pos0 = (int64_t(1) << 20) - 3;
   Cache cache(s.kv_width(), pos0 + 4);
