@@ -14,13 +14,13 @@
 
 #include "attention.h"
 
-#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
 #include <cuda_bf16.h>
 
 #include "cuda_check.h"
+#include "launch.h"
 #include "m1/error.h"
 
 namespace m1::cuda {
@@ -55,11 +55,9 @@ struct Geometry {
 // rest of the step: short contexts cut finer to spread one sequence over more SMs; both sizes are
 // multiples of every key tile.
 __host__ __device__ constexpr int64_t decode_split_keys(int64_t keys) { return keys <= 16384 ? 256 : 512; }
-__host__ __device__ constexpr int64_t decode_splits(int64_t keys) {
-  return (keys + decode_split_keys(keys) - 1) / decode_split_keys(keys);
-}
+__host__ __device__ constexpr int64_t decode_splits(int64_t keys) { return ceil_div(keys, decode_split_keys(keys)); }
 __host__ __device__ constexpr int64_t prefill_tiles(int64_t count, int64_t group) {
-  return count > 1 ? (count * group + kQueryRows - 1) / kQueryRows : 0;
+  return count > 1 ? ceil_div(count * group, kQueryRows) : 0;
 }
 
 // --- Warp-level building blocks -------------------------------------------------------------
@@ -393,7 +391,7 @@ template <int D, class Attend>
 __device__ __forceinline__ void stream_kv(const AttentionSegment& seg, int64_t kv_width, int64_t head_offset, int d,
                                           int64_t begin, int64_t end, uint16_t* stages, Attend attend) {
   constexpr int P = Geometry<D>::kPitch, kKeys = Geometry<D>::kKeys;
-  const int tiles = int((end - begin + kKeys - 1) / kKeys);
+  const int tiles = int(ceil_div(end - begin, kKeys));
   load_kv_tile<D>(seg, kv_width, head_offset, d, begin, end, stages, stages + kKeys * P);
   for (int j = 0; j < tiles; ++j) {
     if (j + 1 < tiles) {
@@ -633,11 +631,6 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(AttendParam
 
 // --- Host side ------------------------------------------------------------------------------
 
-template <class Kernel>
-void allow_shared_bytes(Kernel kernel, size_t bytes) {
-  M1_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
-}
-
 struct StepShape {
   int64_t rows = 0, prefill_tiles = 0, decode_rows = 0, decode_splits = 0;
 };
@@ -648,8 +641,8 @@ void launch_attention(const AttendParams& base, const StepShape& shape, const At
   using G = Geometry<D>;
   // Once per process and kernel: the tiles need more than the default 48 KB of shared memory.
   static const bool configured = [] {
-    allow_shared_bytes(prefill_kernel<D>, G::kPrefillBytes);
-    allow_shared_bytes(decode_kernel<D>, G::kDecodeBytes);
+    allow_shared_memory(prefill_kernel<D>, G::kPrefillBytes);
+    allow_shared_memory(decode_kernel<D>, G::kDecodeBytes);
     return true;
   }();
   (void)configured;
@@ -667,7 +660,7 @@ void launch_attention(const AttendParams& base, const StepShape& shape, const At
     float* partials = scratch.get<float>(acc_floats + size_t(a.heads) * size_t(shape.decode_splits) * 2);
     p.partial_acc = partials;
     p.partial_stats = partials + acc_floats;
-    const unsigned head_blocks = unsigned((a.heads / a.kv_heads + 15) / 16);
+    const unsigned head_blocks = unsigned(ceil_div(a.heads / a.kv_heads, 16));
     decode_kernel<D><<<dim3(unsigned(shape.decode_splits), unsigned(a.kv_heads), head_blocks), G::kDecodeWarps * 32,
                        G::kDecodeBytes, stream>>>(p);
     M1_CUDA_CHECK_LAUNCH();
@@ -693,7 +686,7 @@ void softmax_attention(const AttentionArgs& a, DeviceScratch& scratch, cudaStrea
     if (s.count < 0 || s.pos0 < 0) fail("softmax attention: segment with count {} at position {}", s.count, s.pos0);
     if (s.count > 0 && (!s.keys || !s.values)) fail("softmax attention: segment without a KV cache");
     // The cache is read in 16-byte pieces.
-    if (reinterpret_cast<uintptr_t>(s.keys) % 16 != 0 || reinterpret_cast<uintptr_t>(s.values) % 16 != 0)
+    if (!aligned16(s.keys) || !aligned16(s.values))
       fail("softmax attention: KV cache not 16-byte aligned");
     shape.rows += s.count;
     shape.prefill_tiles += prefill_tiles(s.count, group);

@@ -31,7 +31,7 @@ CudaBackend::CudaBackend(Precision precision, const std::string& device_name)
       segment_scratch_(stream_),
       matmul_scratch_(stream_),
       attention_scratch_(stream_),
-      moe_workspace_(stream_) {}
+      moe_workspace_(stream_, matmul_scratch_) {}
 
 CudaBackend::~CudaBackend() {
   // Errors are ignored: a destructor cannot report them (a failed step has reported its own).

@@ -64,7 +64,7 @@ class CudaBackend final : public Backend {
   std::vector<void*> weights_;  // uploaded tensors, freed with the backend
   DeviceScratch index_scratch_;    // token ids and row indices
   DeviceScratch segment_scratch_;  // segment descriptors
-  DeviceScratch matmul_scratch_;
+  DeviceScratch matmul_scratch_;   // also the MoE's, so declared before moe_workspace_
   DeviceScratch attention_scratch_;
   MoeWorkspace moe_workspace_;
   struct DecayCopy {

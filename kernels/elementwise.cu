@@ -10,13 +10,12 @@
 #include <cuda_fp16.h>
 
 #include "cuda_check.h"
+#include "launch.h"
 
 namespace m1::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-
-int grid_for(int64_t items) { return int(std::clamp<int64_t>((items + kThreads - 1) / kThreads, 1, 1 << 20)); }
 
 // One CTA per row; the grid is capped, so CTAs loop over rows.
 int row_grid(int64_t rows) { return int(std::clamp<int64_t>(rows, 1, 1 << 20)); }
@@ -134,25 +133,25 @@ void rmsnorm(const float* x, int64_t rows, int64_t cols, const DeviceMatrix& w, 
 
 void silu(float* x, int64_t n, cudaStream_t stream) {
   if (n == 0) return;
-  silu_kernel<<<grid_for(n), kThreads, 0, stream>>>(x, n);
+  silu_kernel<<<grid_for(n, kThreads), kThreads, 0, stream>>>(x, n);
   M1_CUDA_CHECK_LAUNCH();
 }
 
 void sigmoid_gate(const float* gate, float* x, int64_t n, cudaStream_t stream) {
   if (n == 0) return;
-  sigmoid_gate_kernel<<<grid_for(n), kThreads, 0, stream>>>(gate, x, n);
+  sigmoid_gate_kernel<<<grid_for(n, kThreads), kThreads, 0, stream>>>(gate, x, n);
   M1_CUDA_CHECK_LAUNCH();
 }
 
 void swiglu(float* gate, const float* up, int64_t n, cudaStream_t stream) {
   if (n == 0) return;
-  swiglu_kernel<<<grid_for(n), kThreads, 0, stream>>>(gate, up, n);
+  swiglu_kernel<<<grid_for(n, kThreads), kThreads, 0, stream>>>(gate, up, n);
   M1_CUDA_CHECK_LAUNCH();
 }
 
 void add_scaled(const float* a, float alpha, const float* b, float beta, float* out, int64_t n, cudaStream_t stream) {
   if (n == 0) return;
-  add_scaled_kernel<<<grid_for(n), kThreads, 0, stream>>>(a, alpha, b, beta, out, n);
+  add_scaled_kernel<<<grid_for(n, kThreads), kThreads, 0, stream>>>(a, alpha, b, beta, out, n);
   M1_CUDA_CHECK_LAUNCH();
 }
 

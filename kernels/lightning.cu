@@ -9,6 +9,7 @@
 #include <cuda_pipeline.h>
 
 #include "cuda_check.h"
+#include "launch.h"
 #include "m1/error.h"
 
 namespace m1::cuda {
@@ -366,7 +367,7 @@ void launch_decode(const LightningArgs& args, LightningParams p, SegmentRange ra
   bool aligned = args.d % 4 == 0;
   for (int i = range.first; i <= range.last; ++i)
     if (args.segments[size_t(i)].count == 1)
-      aligned = aligned && reinterpret_cast<uintptr_t>(args.segments[size_t(i)].state) % 16 == 0;
+      aligned = aligned && aligned16(args.segments[size_t(i)].state);
   const int d = int(args.d), vec = aligned ? 4 : 1, groups = d / vec;
   const int lanes = std::min(d, kDecodeMaxThreads / groups);
   const size_t smem = size_t(3 * d + lanes * d) * sizeof(float);
@@ -379,19 +380,36 @@ void launch_decode(const LightningArgs& args, LightningParams p, SegmentRange ra
   M1_CUDA_CHECK_LAUNCH();
 }
 
-// Opts the kernel into its shared memory on the current device (cheap, so every launch does it
-// rather than remember which devices it has seen); a device without that much fails clearly.
+// What the prefill launchers need to know of the device, read once per process (like the
+// shared-memory opt-ins here and in the other kernels, on the device current at first use).
+struct DeviceLimits {
+  int sms = 0;               // streaming multiprocessors
+  int shared_per_block = 0;  // bytes of shared memory a block may opt into
+};
+
+const DeviceLimits& device_limits() {
+  static const DeviceLimits limits = [] {
+    int device = 0;
+    DeviceLimits l;
+    M1_CUDA_CHECK(cudaGetDevice(&device));
+    M1_CUDA_CHECK(cudaDeviceGetAttribute(&l.sms, cudaDevAttrMultiProcessorCount, device));
+    M1_CUDA_CHECK(cudaDeviceGetAttribute(&l.shared_per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    return l;
+  }();
+  return limits;
+}
+
+// A device without the shared memory the kernel needs fails clearly; otherwise the kernel is
+// opted into it once per process, before its first launch.
 template <int DP, int DV, int G>
 void launch_prefill_shape(const LightningArgs& args, LightningParams p, SegmentRange range, cudaStream_t stream) {
   using Shape = PrefillShape<DP, DV, G>;
-  int device = 0, limit = 0;
-  M1_CUDA_CHECK(cudaGetDevice(&device));
-  M1_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  const int limit = device_limits().shared_per_block;
   if (size_t(limit) < Shape::kSmemBytes)
     fail("lightning prefill at head dim {} needs {} bytes of shared memory per block; the device allows {}", args.d,
          Shape::kSmemBytes, limit);
-  M1_CUDA_CHECK(cudaFuncSetAttribute(lightning_prefill_kernel<DP, DV, G>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                     int(Shape::kSmemBytes)));
+  static const bool prepared = (allow_shared_memory(lightning_prefill_kernel<DP, DV, G>, Shape::kSmemBytes), true);
+  (void)prepared;
   p.first = range.first;
   const dim3 grid(unsigned(range.size()), unsigned(args.heads), unsigned(Shape::kSlices));
   lightning_prefill_kernel<DP, DV, G><<<grid, Shape::kThreads, Shape::kSmemBytes, stream>>>(p);
@@ -405,10 +423,8 @@ void launch_prefill(const LightningArgs& args, LightningParams p, SegmentRange r
   if (args.d <= 64) return launch_prefill_shape<64, 64, 16>(args, p, range, stream);
   int64_t segments = 0;
   for (int i = range.first; i <= range.last; ++i) segments += args.segments[size_t(i)].count > 1;
-  int device = 0, sms = 0;
-  M1_CUDA_CHECK(cudaGetDevice(&device));
-  M1_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  if (2 * segments * args.heads <= sms) return launch_prefill_shape<128, 64, 16>(args, p, range, stream);
+  if (2 * segments * args.heads <= device_limits().sms)
+    return launch_prefill_shape<128, 64, 16>(args, p, range, stream);
   launch_prefill_shape<128, 128, 16>(args, p, range, stream);
 }
 

@@ -23,6 +23,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "launch.h"
+
 namespace m1::cuda {
 namespace {
 
@@ -42,18 +44,6 @@ __device__ __forceinline__ float widen(Stored<T> v) {
     return __uint_as_float(uint32_t(v) << 16);
   else
     return __half2float(__ushort_as_half(v));
-}
-
-__host__ __device__ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
-int grid_for(int64_t items, int threads) { return int(std::clamp<int64_t>(ceil_div(items, threads), 1, 1 << 20)); }
-
-// Sets a kernel's dynamic shared-memory limit once, before its first launch.
-template <class Kernel>
-void allow_shared_memory(Kernel kernel, int bytes) {
-  M1_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@
 
 #include "cuda_check.h"
 #include "elementwise.h"
+#include "launch.h"
 #include "m1/error.h"
 #include "matmul.h"
 
@@ -141,7 +142,7 @@ void route(const float* logits, int64_t rows, int64_t experts, int64_t top_k, in
   if (experts < 1 || experts > kMaxExperts) fail("MoE: {} experts (supported: 1 to {})", experts, kMaxExperts);
   if (top_k < 1 || top_k > experts) fail("MoE: top_k {} with {} experts", top_k, experts);
   if (rows == 0) return;
-  const int64_t blocks = (rows + kRouteWarps - 1) / kRouteWarps;
+  const int64_t blocks = ceil_div(rows, kRouteWarps);
   if (blocks > INT_MAX) fail("MoE: {} rows is too many to route in one launch", rows);
   const size_t shared = size_t(kRouteWarps) * size_t(experts) * sizeof(float);
   route_kernel<<<unsigned(blocks), kRouteWarps * kWarp, shared, stream>>>(logits, rows, int(experts), int(top_k),
@@ -225,7 +226,7 @@ void moe(const MoeArgs& a, MoeWorkspace& ws, cudaStream_t stream) {
            stream);
   }
 
-  const int64_t blocks = (rows * hidden + kCombineThreads - 1) / kCombineThreads;
+  const int64_t blocks = ceil_div(rows * hidden, kCombineThreads);
   if (blocks > INT_MAX) fail("MoE: {} x {} outputs is too many for one launch", rows, hidden);
   combine_kernel<<<unsigned(blocks), kCombineThreads, 0, stream>>>(down, b.weights, device_position_of, rows, hidden,
                                                                    int(k), a.out);

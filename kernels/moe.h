@@ -24,11 +24,12 @@ struct MoeArgs {
   float* out = nullptr;  // [rows, hidden]
 };
 
-// Buffers reused across steps.
+// Buffers reused across steps. The matmul scratch is the caller's (the backend shares its own, on
+// the same stream), so it must outlive the workspace.
 struct MoeWorkspace {
-  explicit MoeWorkspace(cudaStream_t stream) : device(stream), matmul(stream) {}
-  DeviceScratch device;  // routing results, gathered rows, expert activations
-  DeviceScratch matmul;  // the matmul's own scratch
+  MoeWorkspace(cudaStream_t stream, DeviceScratch& matmul) : device(stream), matmul(matmul) {}
+  DeviceScratch device;   // routing results, gathered rows, expert activations
+  DeviceScratch& matmul;  // scratch for the matmul calls
   std::vector<int32_t> chosen;
   std::vector<int64_t> host_index;
 };

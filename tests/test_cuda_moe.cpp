@@ -15,6 +15,7 @@
 #include "cpu/moe.h"
 #include "cuda_check.h"
 #include "cuda_test_support.h"
+#include "device_scratch.h"
 #include "m1/dtype.h"
 #include "m1/error.h"
 #include "moe.h"
@@ -115,6 +116,13 @@ std::vector<float> run_moe(const TestMoe& m, const std::vector<float>& x, int64_
   M1_CUDA_CHECK(cudaStreamSynchronize(stream));
   return out_device.download();
 }
+
+// A MoE workspace with a matmul scratch of its own, as the backend lends it its shared one.
+struct TestWorkspace {
+  explicit TestWorkspace(cudaStream_t stream) : matmul(stream), moe(stream, matmul) {}
+  DeviceScratch matmul;
+  MoeWorkspace moe;
+};
 
 class CudaMoeTest : public ::testing::Test {
  protected:
@@ -217,7 +225,7 @@ TEST_F(CudaMoeTest, MatchesReference) {
   const Case cases[] = {{1, 4, 1, 48, 80},    {2, 8, 2, 100, 36},    {5, 32, 3, 256, 512}, {33, 8, 3, 48, 80},
                         {130, 32, 2, 100, 36}, {130, 4, 3, 48, 80},   {33, 32, 1, 256, 512}, {5, 4, 2, 100, 36},
                         {2, 32, 3, 48, 80},    {130, 8, 1, 256, 512}, {9, 8, 2, 33, 17}};  // odd: unaligned rows
-  MoeWorkspace workspace(stream_);  // shared by every case: grows and is reused
+  TestWorkspace workspace(stream_);  // shared by every case: grows and is reused
   for (DType dtype : {DType::kBF16, DType::kF16, DType::kF32})
     for (const Case& c : cases) {
       const TestMoe m(c.experts, c.top_k, c.hidden, c.ffn, dtype);
@@ -225,7 +233,7 @@ TEST_F(CudaMoeTest, MatchesReference) {
       for (GemmOperands operands : {GemmOperands::kFp32, GemmOperands::kBf16}) {
         const bool rounds = operands == GemmOperands::kBf16 && dtype == DType::kBF16;
         const double bound = !rounds ? 1e-4 : cpu::bf16_products_available() ? 1e-3 : 1e-2;
-        const std::vector<float> got = run_moe(m, x, c.rows, operands, workspace, stream_);
+        const std::vector<float> got = run_moe(m, x, c.rows, operands, workspace.moe, stream_);
         std::vector<float> want(got.size());
         std::vector<float> x_copy = x;
         cpu::moe_reference(Mat{x_copy.data(), c.rows, c.hidden}, m.cpu, Mat{want.data(), c.rows, c.hidden},
@@ -247,16 +255,16 @@ TEST_F(CudaMoeTest, RowsAreBatchInvariant) {
     const int64_t rows = 100;
     const std::vector<float> x = random_floats(size_t(rows * hidden), 1.0f);
     for (GemmOperands operands : {GemmOperands::kFp32, GemmOperands::kBf16}) {
-      MoeWorkspace workspace(stream_);
-      const std::vector<float> all = run_moe(m, x, rows, operands, workspace, stream_);
+      TestWorkspace workspace(stream_);
+      const std::vector<float> all = run_moe(m, x, rows, operands, workspace.moe, stream_);
       // Bit-equal NaNs would pass the comparisons below.
       EXPECT_TRUE(std::all_of(all.begin(), all.end(), [](float v) { return std::isfinite(v); }))
           << "hidden " << hidden << (operands == GemmOperands::kBf16 ? ", bf16" : ", fp32");
       for (auto [first, count] : {std::pair<int64_t, int64_t>{0, 1}, {37, 1}, {99, 1}, {40, 7}}) {
         const std::vector<float> part(x.begin() + first * hidden, x.begin() + (first + count) * hidden);
-        MoeWorkspace fresh(stream_);
-        for (MoeWorkspace* w : {&fresh, &workspace}) {
-          const std::vector<float> got = run_moe(m, part, count, operands, *w, stream_);
+        TestWorkspace fresh(stream_);
+        for (TestWorkspace* w : {&fresh, &workspace}) {
+          const std::vector<float> got = run_moe(m, part, count, operands, w->moe, stream_);
           EXPECT_EQ(0, std::memcmp(got.data(), all.data() + first * hidden, got.size() * sizeof(float)))
               << "rows [" << first << ", " << first + count << ") of " << rows << ", hidden " << hidden
               << (operands == GemmOperands::kBf16 ? ", bf16" : ", fp32")
@@ -269,29 +277,29 @@ TEST_F(CudaMoeTest, RowsAreBatchInvariant) {
 
 TEST_F(CudaMoeTest, RejectsBadArguments) {
   const TestMoe m(4, 2, 48, 80, DType::kBF16);
-  MoeWorkspace workspace(stream_);
+  TestWorkspace workspace(stream_);
   std::vector<float> x = random_floats(size_t(3 * 48), 1.0f);
   DeviceArray<float> x_device(x), out_device(x.size());
   MoeArgs a = m.args(x_device.get(), 3, GemmOperands::kFp32, out_device.get());
   a.top_k = 5;
-  EXPECT_THROW(moe(a, workspace, stream_), Error);
+  EXPECT_THROW(moe(a, workspace.moe, stream_), Error);
   a.top_k = 0;
-  EXPECT_THROW(moe(a, workspace, stream_), Error);
+  EXPECT_THROW(moe(a, workspace.moe, stream_), Error);
   a = m.args(x_device.get(), 3, GemmOperands::kFp32, out_device.get());
   a.w2 = m.w1;  // [ffn, hidden] where [hidden, ffn] belongs
-  EXPECT_THROW(moe(a, workspace, stream_), Error);
+  EXPECT_THROW(moe(a, workspace.moe, stream_), Error);
   a = m.args(x_device.get(), 3, GemmOperands::kFp32, out_device.get());
   a.w3 = std::span<const DeviceMatrix>(m.w3).first(3);
-  EXPECT_THROW(moe(a, workspace, stream_), Error);
+  EXPECT_THROW(moe(a, workspace.moe, stream_), Error);
 
   // A non-finite row routes to no expert: a clear error, not an out-of-range expert index.
   x[48 + 5] = NAN;
   DeviceArray<float> nan_device(x);
   a = m.args(nan_device.get(), 3, GemmOperands::kFp32, out_device.get());
-  EXPECT_THROW(moe(a, workspace, stream_), Error);
+  EXPECT_THROW(moe(a, workspace.moe, stream_), Error);
   // No rows: nothing to do, nothing launched.
   a.rows = 0;
-  EXPECT_NO_THROW(moe(a, workspace, stream_));
+  EXPECT_NO_THROW(moe(a, workspace.moe, stream_));
 }
 
 }  // namespace

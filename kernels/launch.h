@@ -1,0 +1,33 @@
+#pragma once
+// Small helpers the kernel launchers share: grid sizes, 16-byte alignment checks for vector
+// loads, and the opt-in to more than the default 48 KB of dynamic shared memory.
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+#include "cuda_check.h"
+
+namespace m1::cuda {
+
+// a / b rounded up, for positive b; usable in device code and constant expressions.
+__host__ __device__ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Whether p may be read or written as 16-byte vectors.
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// Blocks of `threads` for a grid-stride loop over `items`: at least one, at most 2^20.
+inline int grid_for(int64_t items, int threads) {
+  return int(std::clamp<int64_t>(ceil_div(items, threads), 1, 1 << 20));
+}
+
+// Raises a kernel's dynamic shared-memory limit to `bytes` on the current device; callers do it
+// once, before the kernel's first launch.
+template <class Kernel>
+void allow_shared_memory(Kernel kernel, size_t bytes) {
+  M1_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+}
+
+}  // namespace m1::cuda
