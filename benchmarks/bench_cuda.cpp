@@ -170,8 +170,10 @@ void bench_matmul(Report& report, const Limits& limits, cudaStream_t stream, int
 
 // Lightning attention of one layer of the real model's shape (64 heads, d = 128) over `tokens`
 // tokens of one sequence, fed as chunks of at most `chunk` tokens with the state carried between
-// them (a 1M-token qkv in fp32 alone would need 100 GB).
-void bench_lightning_prefill(Report& report, const Limits& limits, cudaStream_t stream, int64_t tokens, int64_t chunk) {
+// them (a 1M-token qkv in fp32 alone would need 100 GB); bf16 operands on tensor cores (the fast
+// precision) or fp32 (exact).
+void bench_lightning_prefill(Report& report, const Limits& limits, cudaStream_t stream, int64_t tokens, int64_t chunk,
+                             bool bf16_operands) {
   const int64_t heads = 64, d = 128, rows = std::min(tokens, chunk);
   DeviceArray<float> qkv(size_t(rows * heads * 3 * d)), out(size_t(rows * heads * d)), state(size_t(heads * d * d));
   DeviceArray<float> decay(m1::lightning_decay(heads, 0, 80));
@@ -183,16 +185,19 @@ void bench_lightning_prefill(Report& report, const Limits& limits, cudaStream_t 
       const m1::cuda::LightningSegment seg{0, std::min(rows, tokens - done), state.get()};
       M1_CUDA_CHECK(cudaMemcpyAsync(segment.get(), &seg, sizeof seg, cudaMemcpyHostToDevice, stream));
       m1::cuda::LightningArgs args{qkv.get(), heads * 3 * d, out.get(), heads * d, heads, d, decay.get(),
-                                   std::span(&seg, 1), segment.get()};
+                                   std::span(&seg, 1), segment.get(), bf16_operands};
       m1::cuda::lightning_attention(args, stream);
     }
   };
   const double ms = time_ms(stream, tokens > chunk ? 1 : 3, run);
-  // Nominal work of the chunked form with 64-token blocks, per token and head: Q S and K^T V
-  // (2 d^2 each), Q K^T and its product with V (2 B d each).
+  // Nominal work of the chunked form both kernels implement, with B = 64-token blocks, per token
+  // and head: Q S and K^T V (2 d^2 each), Q K^T and its product with V (2 B d each, counted
+  // whole although the kernels skip the tiles above the diagonal). The kernels also move 16 bytes
+  // of fp32 q, k, v and output per token, head and feature: at ~3 TB/s that caps them near
+  // (4 d^2 + 4 B d) / (16 d) FLOP/B * 3 TB/s ~ 144 TFLOP/s at d = 128.
   const double flops = double(tokens) * double(heads) * (4.0 * d * d + 4.0 * 64 * d);
-  report.add({fmt::format("lightning prefill 64x128, {} tokens (per layer)", tokens), ms, flops / (ms * 1e-3) / 1e12,
-              "TFLOP/s", flops / (ms * 1e-3) / 1e12 / limits.cublas_tflops});
+  report.add({fmt::format("lightning prefill 64x128 {}, {} tokens (per layer)", bf16_operands ? "bf16" : "fp32", tokens),
+              ms, flops / (ms * 1e-3) / 1e12, "TFLOP/s", flops / (ms * 1e-3) / 1e12 / limits.cublas_tflops});
 }
 
 // One decode token for `batch` sequences, 64 heads, d = 128: the state is read and written once.
@@ -232,12 +237,14 @@ void bench_flash_prefill(Report& report, const Limits& limits, cudaStream_t stre
               flops / (ms * 1e-3) / 1e12 / limits.cublas_tflops});
 }
 
-// Whole decode steps of the bench preset through the model: `batch` sequences after a
-// `context`-token prompt each. Bytes per step: the weights the step reads (at most every expert a
-// token picked), each lightning state read and written, and the KV cache read.
-void bench_decode_step(Report& report, const Limits& limits, int64_t batch, int64_t context) {
+// Whole decode steps of the bench preset through the model, each ending with a greedy draw per
+// sequence on the device (the token ids back on the host): `batch` sequences after a
+// `context`-token prompt each, with decode steps replayed as CUDA graphs or launched eagerly.
+// Bytes per step: the weights the step reads (at most every expert a token picked), each
+// lightning state read and written, and the KV cache read.
+void bench_decode_step(Report& report, const Limits& limits, int64_t batch, int64_t context, bool graphs) {
   const m1::ModelConfig config = m1::preset("bench").config;
-  auto backend = m1::create_backend({"cuda", 0, m1::Precision::kFast});
+  auto backend = m1::create_backend({"cuda", 0, m1::Precision::kFast, false, graphs});
   m1::Checkpoint checkpoint = m1::random_checkpoint(config, m1::DType::kBF16, 1);
   uint64_t weight_bytes = m1::bench::decode_weight_bytes(config, checkpoint);
   uint64_t expert_bytes = 0;
@@ -260,18 +267,27 @@ void bench_decode_step(Report& report, const Limits& limits, int64_t batch, int6
   std::vector<int32_t> next(size_t(batch), 1);
   std::vector<m1::BatchEntry> step;
   for (int64_t b = 0; b < batch; ++b) step.push_back({states[size_t(b)].get(), std::span(&next[size_t(b)], 1)});
+  std::vector<m1::DrawRequest> draws(static_cast<size_t>(batch));
+  for (int64_t b = 0; b < batch; ++b) {
+    draws[size_t(b)].row = b;
+    draws[size_t(b)].params.temperature = 0;
+  }
   std::vector<double> times;
-  for (int i = 0; i < 21; ++i) {
+  for (int i = 0; i < 23; ++i) {
     const auto start = std::chrono::steady_clock::now();
-    model.forward(step, logits);  // ends with the logits copied to the host: a whole step
+    model.forward(step, logits);
+    backend->sample(logits.device(), draws);  // waits for the step
     times.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count());
   }
-  const double ms = m1::bench::median(std::vector<double>(times.begin() + 1, times.end()));
+  // The first steps run eagerly and record the graph.
+  const double ms = m1::bench::median(std::vector<double>(times.begin() + 3, times.end()));
   const m1::StateShape s = model.state_shape();
   const double state_bytes = double(batch) * (2.0 * double(s.lightning_layers * s.heads * s.head_dim * s.head_dim) * 4 +
                                               double(s.softmax_layers * 2 * s.kv_heads * s.head_dim) * 2 * double(context));
   const double bytes = double(weight_bytes) + state_bytes;
-  report.add({fmt::format("decode step, bench preset, batch {} at depth {}", batch, context), ms, bytes / (ms * 1e-3) / 1e9,
+  report.add({fmt::format("decode step, bench preset, batch {} at depth {}, {}", batch, context,
+                          graphs ? "CUDA graph" : "eager launches"),
+              ms, bytes / (ms * 1e-3) / 1e9,
               "GB/s", bytes / (ms * 1e-3) / 1e9 / limits.copy_gb_s});
 }
 
@@ -297,10 +313,12 @@ int run(const std::string& json_path, bool quick) {
   bench_matmul(report, limits, stream, 8192, 8192, 8192);
   for (int64_t batch : {1, 32}) bench_lightning_decode(report, limits, stream, batch);
   for (int64_t tokens : quick ? std::vector<int64_t>{8192} : std::vector<int64_t>{8192, 65536, 1 << 20})
-    bench_lightning_prefill(report, limits, stream, tokens, 65536);
+    bench_lightning_prefill(report, limits, stream, tokens, 65536, true);
+  bench_lightning_prefill(report, limits, stream, 8192, 65536, false);
   for (int64_t tokens : quick ? std::vector<int64_t>{8192} : std::vector<int64_t>{8192, 65536})
     bench_flash_prefill(report, limits, stream, tokens);
-  for (int64_t batch : {1, 32}) bench_decode_step(report, limits, batch, 512);
+  for (int64_t batch : {1, 32})
+    for (bool graphs : {false, true}) bench_decode_step(report, limits, batch, 512, graphs);
 
   if (!json_path.empty()) {
     nlohmann::ordered_json j{{"device", prop.name},

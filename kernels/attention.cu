@@ -22,6 +22,7 @@
 #include "cuda_check.h"
 #include "launch.h"
 #include "m1/error.h"
+#include "warp_mma.h"
 
 namespace m1::cuda {
 namespace {
@@ -56,15 +57,21 @@ struct Geometry {
 // multiples of every key tile.
 __host__ __device__ constexpr int64_t decode_split_keys(int64_t keys) { return keys <= 16384 ? 256 : 512; }
 __host__ __device__ constexpr int64_t decode_splits(int64_t keys) { return ceil_div(keys, decode_split_keys(keys)); }
+// Launch slots of a decode row: the most splits any length up to its capacity needs (the split
+// count drops where splits widen, so both sides of that point are candidates). Slots past the
+// row's own splits exit at once.
+__host__ __device__ constexpr int64_t decode_slots(const AttentionSegment& s) {
+  if (s.count != 1) return 0;
+  const int64_t room = s.capacity > s.pos0 + 1 ? s.capacity : s.pos0 + 1;
+  const int64_t finer = decode_splits(room < 16384 ? room : 16384);
+  const int64_t coarser = decode_splits(room);
+  return finer > coarser ? finer : coarser;
+}
 __host__ __device__ constexpr int64_t prefill_tiles(int64_t count, int64_t group) {
   return count > 1 ? ceil_div(count * group, kQueryRows) : 0;
 }
 
 // --- Warp-level building blocks -------------------------------------------------------------
-
-__device__ __forceinline__ uint32_t shared_address(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
 
 // 16 bytes global -> shared without passing through registers; `valid` false writes zeros.
 __device__ __forceinline__ void copy_async_16(void* dst, const void* src, bool valid) {
@@ -74,31 +81,6 @@ __device__ __forceinline__ void copy_async_16(void* dst, const void* src, bool v
 __device__ __forceinline__ void copy_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 // Waits until at most one committed group is still in flight.
 __device__ __forceinline__ void copy_async_wait_all_but_one() { asm volatile("cp.async.wait_group 1;\n" ::); }
-
-// Four 8x8 bf16 matrices; lane l gives the address of row l % 8 of matrix l / 8 and receives
-// register i = elements (row l / 4, cols 2 (l % 4), +1) of matrix i.
-__device__ __forceinline__ void load_matrices(uint32_t (&r)[4], const uint16_t* row) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(shared_address(row)));
-}
-// The same, transposed: register i = elements (rows 2 (l % 4), +1, col l / 4) of matrix i.
-__device__ __forceinline__ void load_matrices_transposed(uint32_t (&r)[4], const uint16_t* row) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(shared_address(row)));
-}
-
-// c[16x8] += a[16x16] b[16x8]. Lane l (g = l / 4, t = l % 4): a = {(g, 2t..), (g+8, 2t..),
-// (g, 2t+8..), (g+8, 2t+8..)}, b = {(2t.., g), (2t+8.., g)}, c = {(g, 2t), (g, 2t+1), (g+8, 2t),
-// (g+8, 2t+1)}.
-__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
 
 __device__ __forceinline__ uint32_t bits(__nv_bfloat162 v) { return *reinterpret_cast<uint32_t*>(&v); }
 
@@ -362,9 +344,9 @@ struct AttendParams {
   float scale_log2;
   const AttentionSegment* segments;
   int segment_count;
-  int64_t work_items;       // prefill: tiles of all segments; decode: splits of all segments
-  float* partial_acc;       // decode: [heads][splits][d]
-  float* partial_stats;     // decode: [heads][splits][max, sum]
+  int64_t work_items;       // prefill: tiles of all segments; decode: split slots of all segments
+  float* partial_acc;       // decode: [heads][slots][d]
+  float* partial_stats;     // decode: [heads][slots][max, sum]
 };
 
 // Copies cache rows [t0, t0 + kKeys) of one kv head into a shared K and V tile; rows at or past
@@ -499,8 +481,9 @@ __global__ void __launch_bounds__(Geometry<D>::kDecodeWarps * 32) decode_kernel(
   uint16_t* stages = q_low + 16 * P;
 
   const Located at = locate(p.segments, p.segment_count, blockIdx.x,
-                            [](const AttentionSegment& s) { return s.count == 1 ? decode_splits(s.pos0 + 1) : 0; });
+                            [](const AttentionSegment& s) { return decode_slots(s); });
   const AttentionSegment seg = p.segments[at.segment];
+  if (at.local >= decode_splits(seg.pos0 + 1)) return;  // a slot this length does not use: the whole CTA leaves
   const int kv_head = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t keys_total = seg.pos0 + 1, split_keys = decode_split_keys(keys_total);
   const int64_t begin = at.local * split_keys, end = min(begin + split_keys, keys_total);
@@ -573,9 +556,7 @@ __global__ void __launch_bounds__(Geometry<D>::kDecodeWarps * 32) decode_kernel(
 __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(AttendParams p) {
   const Located at = locate(p.segments, p.segment_count, blockIdx.x,
                             [](const AttentionSegment& s) -> int64_t { return s.count == 1; });
-  const int64_t first_split = work_before(p.segments, at.segment, [](const AttentionSegment& s) {
-    return s.count == 1 ? decode_splits(s.pos0 + 1) : 0;
-  });
+  const int64_t first_split = work_before(p.segments, at.segment, [](const AttentionSegment& s) { return decode_slots(s); });
   const AttentionSegment seg = p.segments[at.segment];
   const int64_t splits = decode_splits(seg.pos0 + 1), head = blockIdx.y;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, d = p.d;
@@ -632,7 +613,7 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(AttendParam
 // --- Host side ------------------------------------------------------------------------------
 
 struct StepShape {
-  int64_t rows = 0, prefill_tiles = 0, decode_rows = 0, decode_splits = 0;
+  int64_t rows = 0, prefill_tiles = 0, decode_rows = 0, decode_slots = 0;
 };
 
 template <int D>
@@ -655,13 +636,13 @@ void launch_attention(const AttendParams& base, const StepShape& shape, const At
   }
   if (shape.decode_rows > 0) {
     AttendParams p = base;
-    p.work_items = shape.decode_splits;
-    const size_t acc_floats = size_t(a.heads) * size_t(shape.decode_splits) * size_t(a.d);
-    float* partials = scratch.get<float>(acc_floats + size_t(a.heads) * size_t(shape.decode_splits) * 2);
+    p.work_items = shape.decode_slots;
+    const size_t acc_floats = size_t(a.heads) * size_t(shape.decode_slots) * size_t(a.d);
+    float* partials = scratch.get<float>(acc_floats + size_t(a.heads) * size_t(shape.decode_slots) * 2);
     p.partial_acc = partials;
     p.partial_stats = partials + acc_floats;
     const unsigned head_blocks = unsigned(ceil_div(a.heads / a.kv_heads, 16));
-    decode_kernel<D><<<dim3(unsigned(shape.decode_splits), unsigned(a.kv_heads), head_blocks), G::kDecodeWarps * 32,
+    decode_kernel<D><<<dim3(unsigned(shape.decode_slots), unsigned(a.kv_heads), head_blocks), G::kDecodeWarps * 32,
                        G::kDecodeBytes, stream>>>(p);
     M1_CUDA_CHECK_LAUNCH();
     combine_kernel<<<dim3(unsigned(shape.decode_rows), unsigned(a.heads)), kCombineWarps * 32, 0, stream>>>(p);
@@ -684,6 +665,8 @@ void softmax_attention(const AttentionArgs& a, DeviceScratch& scratch, cudaStrea
   StepShape shape;
   for (const AttentionSegment& s : a.segments) {
     if (s.count < 0 || s.pos0 < 0) fail("softmax attention: segment with count {} at position {}", s.count, s.pos0);
+    if (s.capacity != 0 && s.capacity < s.pos0 + s.count)
+      fail("softmax attention: capacity {} is less than the {} rows of the segment's cache", s.capacity, s.pos0 + s.count);
     if (s.count > 0 && (!s.keys || !s.values)) fail("softmax attention: segment without a KV cache");
     // The cache is read in 16-byte pieces.
     if (!aligned16(s.keys) || !aligned16(s.values))
@@ -692,11 +675,11 @@ void softmax_attention(const AttentionArgs& a, DeviceScratch& scratch, cudaStrea
     shape.prefill_tiles += prefill_tiles(s.count, group);
     if (s.count == 1) {
       ++shape.decode_rows;
-      shape.decode_splits += decode_splits(s.pos0 + 1);
+      shape.decode_slots += decode_slots(s);
     }
   }
   if (shape.rows == 0) return;
-  if (shape.rows > INT32_MAX || shape.prefill_tiles > INT32_MAX || shape.decode_splits > INT32_MAX)
+  if (shape.rows > INT32_MAX || shape.prefill_tiles > INT32_MAX || shape.decode_slots > INT32_MAX)
     fail("softmax attention: step of {} rows too large for one launch", shape.rows);
   const int segment_count = int(a.segments.size());
 

@@ -14,11 +14,14 @@ namespace m1::cuda {
 
 // One sequence's rows [row, row + count) at positions [pos0, pos0 + count). keys/values: this
 // layer's cache, row t = kv_heads * d bf16 values (stored as raw uint16_t), with room for at
-// least pos0 + count rows; rows [0, pos0) already hold the earlier tokens.
+// least pos0 + count rows; rows [0, pos0) already hold the earlier tokens. `capacity` (0: just
+// pos0 + count) sizes a decode row's share of the launch instead of its length, so that the same
+// launch serves every length up to it (a decode step replayed as a CUDA graph).
 struct AttentionSegment {
   int64_t row = 0, count = 0, pos0 = 0;
   uint16_t* keys = nullptr;
   uint16_t* values = nullptr;
+  int64_t capacity = 0;
 };
 
 struct AttentionArgs {

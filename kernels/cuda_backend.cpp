@@ -1,12 +1,18 @@
 #include "cuda_backend.h"
 
 #include <algorithm>
+#include <bit>
+#include <cstdlib>
+#include <functional>
+#include <type_traits>
 
 #include "cuda_check.h"
 #include "cuda_state.h"
 #include "elementwise.h"
+#include "launch.h"
 #include "m1/error.h"
 #include "matmul.h"
+#include "memory_epoch.h"
 
 namespace m1::cuda {
 namespace {
@@ -14,6 +20,24 @@ namespace {
 CudaState& cuda_state(SequenceState* s) { return *static_cast<CudaState*>(s); }
 
 DeviceMatrix device_matrix(const Weight& w) { return DeviceMatrix{w.data, w.dtype, w.rows, w.cols}; }
+
+// Batches up to this many decode rows are replayed as graphs; larger ones are not launch-bound.
+constexpr size_t kMaxGraphBatch = 256;
+
+// A call argument as 64 bits of a graph step's signature.
+template <class T>
+uint64_t signature_bits(const T& value) {
+  if constexpr (std::is_pointer_v<T>)
+    return uint64_t(reinterpret_cast<uintptr_t>(value));
+  else if constexpr (std::is_enum_v<T>)
+    return uint64_t(value);
+  else if constexpr (std::is_same_v<T, float>)
+    return std::bit_cast<uint32_t>(value);
+  else if constexpr (std::is_same_v<T, double>)
+    return std::bit_cast<uint64_t>(value);
+  else
+    return uint64_t(value);
+}
 
 cudaStream_t make_stream() {
   cudaStream_t stream = nullptr;
@@ -23,18 +47,22 @@ cudaStream_t make_stream() {
 
 }  // namespace
 
-CudaBackend::CudaBackend(Precision precision, const std::string& device_name)
+CudaBackend::CudaBackend(Precision precision, const std::string& device_name, bool graphs)
     : stream_(make_stream()),
+      graphs_(stream_, graphs),
       precision_(precision),
       device_name_(device_name),
       index_scratch_(stream_),
       segment_scratch_(stream_),
       matmul_scratch_(stream_),
       attention_scratch_(stream_),
+      sample_scratch_(stream_),
+      draw_scratch_(stream_),
       moe_workspace_(stream_, matmul_scratch_) {}
 
 CudaBackend::~CudaBackend() {
   // Errors are ignored: a destructor cannot report them (a failed step has reported its own).
+  graphs_.abandon();
   cudaStreamSynchronize(stream_);
   for (void* p : weights_) cudaFree(p);
   for (auto& [host, copy] : decays_) cudaFree(copy.device);
@@ -66,7 +94,46 @@ Mat CudaBackend::alloc(int64_t rows, int64_t cols) {
   return Mat{static_cast<float*>(p), rows, cols};
 }
 
-void CudaBackend::free(Mat m) { cudaFreeAsync(m.data, stream_); }
+void CudaBackend::free(Mat m) {
+  cudaFreeAsync(m.data, stream_);
+  memory_moved();
+}
+
+void CudaBackend::begin_step(std::span<const Segment> segments, int64_t logit_rows) {
+  bool decode = !segments.empty() && segments.size() <= kMaxGraphBatch;
+  for (const Segment& seg : segments) {
+    // Here rather than in softmax_attention: growing moves memory, which the key must see.
+    cuda_state(seg.state).reserve(seg.state->length() + seg.count);
+    decode = decode && seg.count == 1;
+  }
+  // Everything a decode step's launches depend on besides the memory epoch: the rows of logits
+  // and the sequences' memory in order (their lengths reach the kernels through staged
+  // descriptors). Layouts rather than addresses: a new state may reuse a freed one's address.
+  std::vector<uint64_t> key;
+  if (decode) {
+    key.push_back(uint64_t(logit_rows));
+    for (const Segment& seg : segments) key.push_back(cuda_state(seg.state).layout());
+  }
+  graph_candidate_ = decode;
+  graphs_.begin(std::move(key));
+}
+
+bool CudaBackend::end_step() {
+  graph_candidate_ = false;
+  return graphs_.end();
+}
+
+bool CudaBackend::abandon_step() {
+  graph_candidate_ = false;
+  return graphs_.abandon();
+}
+
+template <class... Args>
+bool CudaBackend::replaying(std::string_view call, const Args&... args) {
+  if (graphs_.mode() == StepGraphs::Mode::kEager) return false;
+  graphs_.note({std::hash<std::string_view>{}(call), signature_bits(args)...});
+  return graphs_.mode() == StepGraphs::Mode::kReplay;
+}
 
 void CudaBackend::to_host(const Mat& m, float* host) {
   M1_CUDA_CHECK(cudaMemcpyAsync(host, m.data, size_t(m.size()) * sizeof(float), cudaMemcpyDeviceToHost, stream_));
@@ -78,6 +145,7 @@ std::unique_ptr<SequenceState> CudaBackend::new_state(const StateShape& shape) {
 }
 
 void* CudaBackend::upload_to(DeviceScratch& scratch, const void* host, size_t bytes) {
+  if (graphs_.mode() != StepGraphs::Mode::kEager) return graphs_.stage(host, bytes);
   void* device = scratch.get(std::max<size_t>(bytes, 1));
   if (bytes) M1_CUDA_CHECK(cudaMemcpyAsync(device, host, bytes, cudaMemcpyHostToDevice, stream_));
   return device;
@@ -102,33 +170,48 @@ const float* CudaBackend::device_decay(std::span<const float> decay) {
 
 void CudaBackend::embed(const Weight& table, std::span<const int32_t> tokens, Mat out) {
   const auto* ids = static_cast<const int32_t*>(upload_to(index_scratch_, tokens.data(), tokens.size_bytes()));
+  if (replaying("embed", table.data, ids, tokens.size(), out.data)) return;
   cuda::embed(device_matrix(table), ids, int64_t(tokens.size()), out.data, stream_);
 }
 
 void CudaBackend::gather_rows(const Mat& x, std::span<const int64_t> rows, Mat out) {
   const auto* ids = static_cast<const int64_t*>(upload_to(index_scratch_, rows.data(), rows.size_bytes()));
+  if (replaying("gather_rows", x.data, x.cols, ids, rows.size(), out.data)) return;
   cuda::gather_rows(x.data, x.cols, ids, int64_t(rows.size()), out.data, stream_);
 }
 
 void CudaBackend::rmsnorm(const Mat& x, const Weight& w, float eps, Mat out) {
+  if (replaying("rmsnorm", x.data, x.rows, x.cols, w.data, eps, out.data)) return;
   cuda::rmsnorm(x.data, x.rows, x.cols, device_matrix(w), eps, out.data, stream_);
 }
 
 void CudaBackend::matmul(const Mat& x, const Weight& w, Mat out, Rounding rounding) {
+  if (replaying("matmul", x.data, x.rows, x.cols, w.data, w.rows, out.data, out.cols, rounding)) return;
   cuda::matmul(x.data, x.cols, x.rows, device_matrix(w), out.data, out.cols, operands(rounding), matmul_scratch_, stream_);
 }
 
-void CudaBackend::silu(Mat x) { cuda::silu(x.data, x.size(), stream_); }
+void CudaBackend::silu(Mat x) {
+  if (replaying("silu", x.data, x.size())) return;
+  cuda::silu(x.data, x.size(), stream_);
+}
 
-void CudaBackend::sigmoid_gate(const Mat& gate, Mat x) { cuda::sigmoid_gate(gate.data, x.data, x.size(), stream_); }
+void CudaBackend::sigmoid_gate(const Mat& gate, Mat x) {
+  if (replaying("sigmoid_gate", gate.data, x.data, x.size())) return;
+  cuda::sigmoid_gate(gate.data, x.data, x.size(), stream_);
+}
 
-void CudaBackend::swiglu(Mat gate, const Mat& up) { cuda::swiglu(gate.data, up.data, gate.size(), stream_); }
+void CudaBackend::swiglu(Mat gate, const Mat& up) {
+  if (replaying("swiglu", gate.data, up.data, gate.size())) return;
+  cuda::swiglu(gate.data, up.data, gate.size(), stream_);
+}
 
 void CudaBackend::add_scaled(const Mat& a, float alpha, const Mat& b, float beta, Mat out) {
+  if (replaying("add_scaled", a.data, alpha, b.data, beta, out.data, out.size())) return;
   cuda::add_scaled(a.data, alpha, b.data, beta, out.data, out.size(), stream_);
 }
 
 void CudaBackend::blend_sigmoid(Mat x, const Mat& y, const Mat& coef) {
+  if (replaying("blend_sigmoid", x.data, x.rows, x.cols, y.data, coef.data)) return;
   cuda::blend_sigmoid(x.data, y.data, coef.data, x.rows, x.cols, stream_);
 }
 
@@ -149,6 +232,10 @@ void CudaBackend::lightning_attention(const Mat& qkv, std::span<const Segment> s
   args.segments = lightning_segments_;
   args.device_segments = static_cast<const LightningSegment*>(
       upload_to(segment_scratch_, lightning_segments_.data(), lightning_segments_.size() * sizeof(LightningSegment)));
+  args.bf16_operands = precision_ == Precision::kFast;
+  if (replaying("lightning_attention", qkv.data, qkv.rows, qkv.cols, args.decay, args.device_segments,
+                lightning_segments_.size(), out.data, out.cols))
+    return;
   cuda::lightning_attention(args, stream_);
 }
 
@@ -156,9 +243,12 @@ void CudaBackend::softmax_attention(Mat q, Mat k, const Mat& v, std::span<const 
                                     const AttentionParams& p, Mat out) {
   attention_segments_.clear();
   for (const Segment& seg : segments) {
-    CudaState& state = cuda_state(seg.state);
-    state.reserve(state.length() + seg.count);
-    attention_segments_.push_back(AttentionSegment{seg.row, seg.count, state.length(), state.keys(layer), state.values(layer)});
+    const CudaState& state = cuda_state(seg.state);  // begin_step made room for this step
+    // A graph's launch must serve the lengths of later replays, so it is sized by the room; the
+    // eager step before a recording too, so that it grows the scratch to what the graph needs.
+    const int64_t capacity = graph_candidate_ ? state.capacity() : 0;
+    attention_segments_.push_back(
+        AttentionSegment{seg.row, seg.count, state.length(), state.keys(layer), state.values(layer), capacity});
   }
   AttentionArgs args;
   args.q = q.data;
@@ -177,6 +267,9 @@ void CudaBackend::softmax_attention(Mat q, Mat k, const Mat& v, std::span<const 
   args.segments = attention_segments_;
   args.device_segments = static_cast<const AttentionSegment*>(
       upload_to(segment_scratch_, attention_segments_.data(), attention_segments_.size() * sizeof(AttentionSegment)));
+  if (replaying("softmax_attention", q.data, k.data, v.data, q.rows, args.device_segments, attention_segments_.size(),
+                layer, out.data))
+    return;
   cuda::softmax_attention(args, attention_scratch_, stream_);
 }
 
@@ -199,7 +292,91 @@ void CudaBackend::moe(const Mat& x, const MoeWeights& w, Mat out) {
   args.top_k = w.top_k;
   args.operands = operands(Rounding::kAllowed);
   args.out = out.data;
+  if (replaying("moe", x.data, x.rows, x.cols, w.router.data, w.top_k, out.data)) return;
   cuda::moe(args, moe_workspace_, stream_);
+}
+
+std::vector<DrawOutcome> CudaBackend::sample(const Mat& logits, std::span<const DrawRequest> draws) {
+  std::vector<DrawOutcome> outcomes(draws.size());
+  device_draws_.clear();
+  seen_ids_.clear();
+  generated_counts_.clear();
+  draw_of_.clear();
+  for (size_t i = 0; i < draws.size(); ++i) {
+    const DrawRequest& r = draws[i];
+    if (r.row < 0 || r.row >= logits.rows) fail("sample: row {} is outside the {} rows of logits", r.row, logits.rows);
+    const SamplingParams& p = r.params;
+    const bool penalties = has_penalties(p);
+    if (penalties && !r.seen.empty() && r.seen.back() >= logits.cols) {
+      outcomes[i].error = fmt::format("token id {} is outside the vocabulary of {} logits", r.seen.back(), logits.cols);
+      continue;
+    }
+    DeviceDraw d;
+    d.row = r.row;
+    d.temperature = p.temperature;
+    d.top_p = p.top_p;
+    d.min_p = p.min_p;
+    d.top_k = p.top_k;
+    d.top_logprobs = std::min(p.top_logprobs, kMaxTopLogprobs);
+    d.uniform = r.uniform;
+    d.presence_penalty = p.presence_penalty;
+    d.frequency_penalty = p.frequency_penalty;
+    d.repetition_penalty = p.repetition_penalty;
+    if (penalties) {
+      d.seen_begin = int64_t(seen_ids_.size());
+      d.seen_count = int64_t(r.seen.size());
+      seen_ids_.insert(seen_ids_.end(), r.seen.begin(), r.seen.end());
+      d.counts_begin = int64_t(generated_counts_.size() / 2);
+      d.counts_count = int64_t(r.generated_counts.size());
+      for (auto [id, count] : r.generated_counts) generated_counts_.insert(generated_counts_.end(), {id, count});
+    }
+    device_draws_.push_back(d);
+    draw_of_.push_back(i);
+  }
+  if (device_draws_.empty()) return outcomes;
+
+  // Everything the draws read and write, laid out in one scratch buffer.
+  const auto padded = [](size_t bytes) { return size_t(ceil_div(int64_t(bytes), 256)) * 256; };
+  const size_t draws_bytes = padded(device_draws_.size() * sizeof(DeviceDraw));
+  const size_t seen_bytes = padded(seen_ids_.size() * sizeof(int32_t));
+  const size_t counts_bytes = padded(generated_counts_.size() * sizeof(int32_t));
+  const size_t results_bytes = device_draws_.size() * sizeof(DrawResult);
+  auto* base = static_cast<char*>(draw_scratch_.get(draws_bytes + seen_bytes + counts_bytes + results_bytes));
+  SampleArgs args;
+  args.logits = logits.data;
+  args.vocab = logits.cols;
+  args.draws = device_draws_;
+  args.device_draws = reinterpret_cast<const DeviceDraw*>(base);
+  args.seen = reinterpret_cast<const int32_t*>(base + draws_bytes);
+  args.generated_counts = reinterpret_cast<const int32_t*>(base + draws_bytes + seen_bytes);
+  args.results = reinterpret_cast<DrawResult*>(base + draws_bytes + seen_bytes + counts_bytes);
+  auto copy_in = [&](void* to, const void* from, size_t bytes) {
+    if (bytes) M1_CUDA_CHECK(cudaMemcpyAsync(to, from, bytes, cudaMemcpyHostToDevice, stream_));
+  };
+  copy_in(base, device_draws_.data(), device_draws_.size() * sizeof(DeviceDraw));
+  copy_in(base + draws_bytes, seen_ids_.data(), seen_ids_.size() * sizeof(int32_t));
+  copy_in(base + draws_bytes + seen_bytes, generated_counts_.data(), generated_counts_.size() * sizeof(int32_t));
+  cuda::sample(args, sample_scratch_, stream_);
+
+  draw_results_.resize(device_draws_.size());
+  M1_CUDA_CHECK(cudaMemcpyAsync(draw_results_.data(), args.results, results_bytes, cudaMemcpyDeviceToHost, stream_));
+  M1_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  for (size_t j = 0; j < draw_results_.size(); ++j) {
+    const DrawResult& result = draw_results_[j];
+    DrawOutcome& outcome = outcomes[draw_of_[j]];
+    switch (result.status) {
+      case kDrawOk:
+        outcome.token.id = result.id;
+        outcome.token.logprob = result.logprob;
+        for (int32_t t = 0; t < result.top_count; ++t) outcome.token.top.emplace_back(result.top_ids[t], result.top_logprobs[t]);
+        break;
+      case kDrawNan: outcome.error = "logits contain NaN"; break;
+      case kDrawAllMasked: outcome.error = "logits are all -inf"; break;
+      case kDrawPositiveInf: outcome.error = "logits contain +inf"; break;
+      default: fail("sample: the device returned unknown status {}", result.status);
+    }
+  }
+  return outcomes;
 }
 
 std::unique_ptr<Backend> create_cuda_backend(const BackendOptions& options) {
@@ -216,7 +393,10 @@ std::unique_ptr<Backend> create_cuda_backend(const BackendOptions& options) {
   if (properties.major < 8)
     fail("device 'cuda': no usable CUDA device ({} has compute capability {}.{}; m1 needs 8.0 or newer)", properties.name,
          properties.major, properties.minor);
-  return std::make_unique<CudaBackend>(options.precision, properties.name);
+  // M1_CUDA_GRAPHS=0: a switch for comparing against (or ruling out) graph replay from any tool.
+  const char* graphs_env = std::getenv("M1_CUDA_GRAPHS");
+  const bool graphs = options.cuda_graphs && !(graphs_env && std::string_view(graphs_env) == "0");
+  return std::make_unique<CudaBackend>(options.precision, properties.name, graphs);
 }
 
 }  // namespace m1::cuda

@@ -5,6 +5,7 @@
 
 #include <memory>
 #include <string>
+#include <string_view>
 #include <unordered_map>
 #include <vector>
 
@@ -16,17 +17,24 @@
 #include "lightning.h"
 #include "m1/backend.h"
 #include "moe.h"
+#include "sampling.h"
+#include "step_graphs.h"
 
 namespace m1::cuda {
 
 class CudaBackend final : public Backend {
  public:
-  CudaBackend(Precision precision, const std::string& device_name);
+  // `graphs`: replay decode steps as CUDA graphs (see step_graphs.h).
+  CudaBackend(Precision precision, const std::string& device_name, bool graphs);
   ~CudaBackend() override;
   CudaBackend(const CudaBackend&) = delete;
   CudaBackend& operator=(const CudaBackend&) = delete;
 
   std::string name() const override;
+  void begin_step(std::span<const Segment> segments, int64_t logit_rows) override;
+  bool end_step() override;
+  bool abandon_step() override;
+  const StepGraphs::Stats& graph_stats() const { return graphs_.stats(); }
   Weight upload(const TensorView& tensor) override;
   Mat alloc(int64_t rows, int64_t cols) override;
   void free(Mat m) override;
@@ -47,18 +55,25 @@ class CudaBackend final : public Backend {
   void softmax_attention(Mat q, Mat k, const Mat& v, std::span<const Segment> segments, int64_t layer,
                          const AttentionParams& params, Mat out) override;
   void moe(const Mat& x, const MoeWeights& w, Mat out) override;
+  std::vector<DrawOutcome> sample(const Mat& logits, std::span<const DrawRequest> draws) override;
 
  private:
   // Operands of a product that may round (or not) under this backend's precision.
   GemmOperands operands(Rounding rounding) const;
   // `bytes` of host data copied into `scratch`, in stream order (the host buffer may be reused
-  // as soon as this returns).
+  // as soon as this returns); in a graph step, into the step's stage instead.
   void* upload_to(DeviceScratch& scratch, const void* host, size_t bytes);
+  // In a graph step, adds a call's arguments to the step's signature; true when the step is a
+  // replay, so the call launches nothing.
+  template <class... Args>
+  bool replaying(std::string_view call, const Args&... args);
   // The device copy of a host vector of per-head decays, uploaded on first use (and again if the
   // vector at that address has changed).
   const float* device_decay(std::span<const float> decay);
 
   cudaStream_t stream_;
+  StepGraphs graphs_;
+  bool graph_candidate_ = false;  // this step may be, or precede, a graph recording
   Precision precision_;
   std::string device_name_;
   std::vector<void*> weights_;  // uploaded tensors, freed with the backend
@@ -66,6 +81,8 @@ class CudaBackend final : public Backend {
   DeviceScratch segment_scratch_;  // segment descriptors
   DeviceScratch matmul_scratch_;   // also the MoE's, so declared before moe_workspace_
   DeviceScratch attention_scratch_;
+  DeviceScratch sample_scratch_;  // the sampler's working rows
+  DeviceScratch draw_scratch_;    // draw descriptors, penalty lists and results
   MoeWorkspace moe_workspace_;
   struct DecayCopy {
     std::vector<float> host;
@@ -75,6 +92,10 @@ class CudaBackend final : public Backend {
   std::vector<LightningSegment> lightning_segments_;
   std::vector<AttentionSegment> attention_segments_;
   std::vector<DeviceMatrix> w1_, w3_, w2_;
+  std::vector<DeviceDraw> device_draws_;
+  std::vector<int32_t> seen_ids_, generated_counts_;
+  std::vector<size_t> draw_of_;  // which request each device draw serves
+  std::vector<DrawResult> draw_results_;
 };
 
 // Throws m1::Error when no usable CUDA device is present or the options ask for what the CUDA

@@ -1,12 +1,22 @@
 #include "cuda_state.h"
 
 #include <algorithm>
+#include <atomic>
 
 #include "cuda_check.h"
 
 namespace m1::cuda {
+namespace {
 
-CudaState::CudaState(const StateShape& shape, cudaStream_t stream) : SequenceState(shape), stream_(stream) {
+uint64_t next_layout() {
+  static std::atomic<uint64_t> counter{0};
+  return counter.fetch_add(1, std::memory_order_relaxed) + 1;
+}
+
+}  // namespace
+
+CudaState::CudaState(const StateShape& shape, cudaStream_t stream)
+    : SequenceState(shape), stream_(stream), layout_(next_layout()) {
   const size_t bytes = lightning_bytes();
   if (bytes == 0) return;
   M1_CUDA_CHECK(cudaMallocAsync(&lightning_, bytes, stream_));
@@ -55,6 +65,7 @@ void CudaState::adopt_caches(const uint16_t* from, int64_t from_capacity, int64_
   if (kv_) M1_CUDA_CHECK(cudaFreeAsync(kv_, stream_));
   kv_ = fresh;
   capacity_ = capacity;
+  layout_ = next_layout();
 }
 
 }  // namespace m1::cuda

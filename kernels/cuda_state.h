@@ -28,6 +28,11 @@ class CudaState final : public SequenceState {
   uint16_t* values(int64_t layer) const { return kv_ + (2 * layer + 1) * capacity_ * kv_row(); }
   // Makes room in every KV cache for `tokens` tokens in all, keeping the first length() rows.
   void reserve(int64_t tokens);
+  // Tokens the KV caches have room for.
+  int64_t capacity() const { return capacity_; }
+  // Names this state's device memory as it is now: unique in the process, and new whenever the
+  // caches move. A recorded CUDA graph that used the state is valid while this is unchanged.
+  uint64_t layout() const { return layout_; }
 
  private:
   int64_t lightning_layer_floats() const { return shape_.heads * shape_.head_dim * shape_.head_dim; }
@@ -41,6 +46,7 @@ class CudaState final : public SequenceState {
   float* lightning_ = nullptr;
   uint16_t* kv_ = nullptr;
   int64_t capacity_ = 0;
+  uint64_t layout_;
 };
 
 }  // namespace m1::cuda

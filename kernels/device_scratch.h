@@ -8,6 +8,7 @@
 #include <cuda_runtime.h>
 
 #include "cuda_check.h"
+#include "memory_epoch.h"
 
 namespace m1::cuda {
 
@@ -23,6 +24,7 @@ class DeviceScratch {
     if (bytes > capacity_) {
       M1_CUDA_CHECK(cudaStreamSynchronize(stream_));
       M1_CUDA_CHECK(cudaFree(data_));
+      memory_moved();
       data_ = nullptr;
       capacity_ = 0;
       size_t grown = bytes + bytes / 4;

@@ -1,16 +1,20 @@
 // Lightning attention kernels (lightning.h): a one-pass decode over each fp32 state, batched over
-// sequences and heads, and the chunked prefill with the state kept in shared memory across blocks.
+// sequences and heads, and the chunked prefill with the state kept on chip across blocks, in fp32
+// (exact) or on bf16 tensor cores (fast).
 
 #include "lightning.h"
 
 #include <algorithm>
 #include <climits>
+#include <cstdint>
 
+#include <cuda_bf16.h>
 #include <cuda_pipeline.h>
 
 #include "cuda_check.h"
 #include "launch.h"
 #include "m1/error.h"
+#include "warp_mma.h"
 
 namespace m1::cuda {
 namespace {
@@ -354,6 +358,263 @@ __global__ void __launch_bounds__(G * G, 1) lightning_prefill_kernel(LightningPa
 }
 
 // ---------------------------------------------------------------------------------------------
+// Prefill on tensor cores, for callers that allow bf16 operands: the same chunked form with every
+// product on mma.m16n8k16 (bf16 operands, fp32 accumulation). One CTA of 8 warps per (segment,
+// head, 64 value columns) walks the segment in blocks of B = 64 tokens. The head dim is padded
+// with zeros to D (64 or 128), so any d <= D works; the staging copies move 16 bytes at a time,
+// so the launcher sends d not a multiple of 4, or unaligned rows, to the fp32 kernel instead.
+//
+// The fp32 state lives in the warps' accumulator registers (warp w: rows 16 (w % (D/16)) .. +15,
+// a run of NS n-tiles); a bf16 copy of it in shared memory is the operand of Q S. Per block:
+//   stage    block b+1's fp32 q, k, v rows stream in (cp.async) while block b computes
+//   O = qdec * (Q S) and P = (Q K^T) * D       (sharing each Q fragment; P to shared as bf16)
+//   S = exp(-s n) S + K^T (kdec * V)            (into the state registers)
+//   O += P V, O out; then the new bf16 S, and block b+1's tiles converted from the stage.
+// Output warp roles: rows 16r..16r+15, value columns 32h..32h+31 of the slice; warps w and w+4
+// share a scheduler, so they take row blocks r and 3 - r and the causal work evens out.
+// Value columns never mix, and the slices are fixed by D alone, so a segment's arithmetic does
+// not depend on the rest of the step. A segment's slices are neighbours in the grid, so the q and
+// k rows they both read come from L2 the second time.
+
+constexpr int kFastBlock = 64;    // tokens per block (B)
+constexpr int kFastColumns = 64;  // value columns per CTA
+constexpr int kFastWarps = 8;
+constexpr int kFastThreads = 32 * kFastWarps;
+
+template <int D>
+struct FastShape {
+  static constexpr int kSlices = D / kFastColumns;
+  static constexpr int kStageWidth = 2 * D + kFastColumns;  // fp32 per staged token: q | k | v slice
+  // bf16 rows padded by 16 bytes, so the eight rows an ldmatrix phase reads hit distinct banks.
+  static constexpr int kKeyPitch = D + 8;                // Q and K tiles, B x D
+  static constexpr int kColumnPitch = kFastColumns + 8;  // V, kdec*V (B x 64) and S (D x 64)
+  static constexpr int kTokenPitch = kFastBlock + 8;     // P, B x B
+  static constexpr int kTableFloats = (kFastBlock + 1 + 3) / 4 * 4;  // exp(-s m), m in [0, B]
+  static constexpr int kStateRowTiles = D / 16;
+  static constexpr int kStateTiles = kFastColumns / 8 * kStateRowTiles / kFastWarps;  // n-tiles per warp (NS)
+  static constexpr size_t kStageBytes = size_t(kFastBlock) * kStageWidth * 4;
+  static constexpr size_t kTableBytes = size_t(kTableFloats) * 4;
+  static constexpr size_t kKeyTileBytes = size_t(kFastBlock) * kKeyPitch * 2;
+  static constexpr size_t kColumnTileBytes = size_t(kFastBlock) * kColumnPitch * 2;
+  static constexpr size_t kStateBytes = size_t(D) * kColumnPitch * 2;
+  static constexpr size_t kPBytes = size_t(kFastBlock) * kTokenPitch * 2;
+  static constexpr size_t kSmemBytes =
+      kStageBytes + kTableBytes + 2 * kKeyTileBytes + 2 * kColumnTileBytes + kStateBytes + kPBytes;
+  static_assert(D % kFastColumns == 0 && kFastWarps % kStateRowTiles == 0 && kStateTiles % 2 == 0,
+                "the warps must tile the state in pairs of n-tiles");
+  static_assert(kSmemBytes <= 160 * 1024, "tiles must fit in 160 KB of shared memory");
+};
+
+// (lo, hi) rounded to bf16, lo in the low half: the order of a fragment's element pair.
+__device__ __forceinline__ uint32_t bf16_pair(float lo, float hi) {
+  __nv_bfloat162 pair = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&pair);
+}
+
+__device__ __forceinline__ void store_bf16x4(uint16_t* p, float4 x) {
+  *reinterpret_cast<uint2*>(p) = make_uint2(bf16_pair(x.x, x.y), bf16_pair(x.z, x.w));
+}
+
+// Where staged column c (D q features, D k features, then this CTA's 64 value columns) comes
+// from in the head's [q | k | v] row, or -1 for padding past d.
+template <int D>
+__device__ __forceinline__ int source_column(int c, int d, int col0) {
+  const int part = c < D ? 0 : c < 2 * D ? 1 : 2;
+  const int x = part < 2 ? c - part * D : col0 + c - 2 * D;
+  return x < d ? part * d + x : -1;
+}
+
+template <int D>
+__global__ void __launch_bounds__(kFastThreads, 1) lightning_prefill_bf16_kernel(LightningParams p) {
+  using Shape = FastShape<D>;
+  constexpr int B = kFastBlock, W = Shape::kStageWidth, NS = Shape::kStateTiles;
+  constexpr int KP = Shape::kKeyPitch, CP = Shape::kColumnPitch, TP = Shape::kTokenPitch;
+  const LightningSegment seg = p.segments[p.first + blockIdx.x / Shape::kSlices];
+  if (seg.count < 2) return;
+  const int d = p.d, head = blockIdx.y, col0 = blockIdx.x % Shape::kSlices * kFastColumns;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+
+  extern __shared__ __align__(16) unsigned char smem_bytes[];
+  float* stage = reinterpret_cast<float*>(smem_bytes);  // B x W fp32
+  float* power = stage + B * W;                   // power[m] = exp(-s m)
+  uint16_t* q_tile = reinterpret_cast<uint16_t*>(smem_bytes + Shape::kStageBytes + Shape::kTableBytes);
+  uint16_t* k_tile = q_tile + B * KP;
+  uint16_t* v_tile = k_tile + B * KP;
+  uint16_t* vd_tile = v_tile + B * CP;  // kdec_j * V[j]
+  uint16_t* s_tile = vd_tile + B * CP;  // bf16 S, D x 64
+  uint16_t* p_tile = s_tile + D * CP;   // P, B x B
+
+  const float* head_rows = p.qkv + seg.row * p.qkv_stride + int64_t(head) * 3 * d;
+  // Copies the rows of the block at t0 into the stage; padding and rows past the segment are not
+  // copied (convert_block writes zeros for them).
+  auto stage_block = [&](int64_t t0) {
+    const int n = int(min(int64_t(B), seg.count - t0));
+    const float* rows = head_rows + t0 * p.qkv_stride;
+    for (int idx = threadIdx.x; idx < B * W / 4; idx += kFastThreads) {
+      const int j = idx / (W / 4), c = idx % (W / 4) * 4, source = source_column<D>(c, d, col0);
+      if (j < n && source >= 0) __pipeline_memcpy_async(stage + j * W + c, rows + j * p.qkv_stride + source, 16);
+    }
+    __pipeline_commit();
+  };
+  // The staged block of n tokens as bf16 tiles: Q, K, V and kdec * V, kdec_j = exp(-s (n-1-j)).
+  auto convert_block = [&](int n) {
+    for (int idx = threadIdx.x; idx < B * W / 4; idx += kFastThreads) {
+      const int j = idx / (W / 4), c = idx % (W / 4) * 4;
+      float4 x = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      if (j < n && source_column<D>(c, d, col0) >= 0) x = load4(stage + j * W + c);
+      if (c < D) {
+        store_bf16x4(q_tile + j * KP + c, x);
+      } else if (c < 2 * D) {
+        store_bf16x4(k_tile + j * KP + c - D, x);
+      } else {
+        store_bf16x4(v_tile + j * CP + c - 2 * D, x);
+        const float kdec = j < n ? power[n - 1 - j] : 0.0f;
+        store_bf16x4(vd_tile + j * CP + c - 2 * D, make_float4(x.x * kdec, x.y * kdec, x.z * kdec, x.w * kdec));
+      }
+    }
+  };
+
+  // This warp's state tile: rows 16 sm + g (+8), columns 8 (sn0 + nt) + 2t (+1) of the slice.
+  const int sm = warp % Shape::kStateRowTiles, sn0 = warp / Shape::kStateRowTiles * NS;
+  auto store_state_operand = [&](const float (&s)[NS][4]) {
+#pragma unroll
+    for (int nt = 0; nt < NS; ++nt) {
+      uint16_t* at = s_tile + (16 * sm + g) * CP + 8 * (sn0 + nt) + 2 * t;
+      *reinterpret_cast<uint32_t*>(at) = bf16_pair(s[nt][0], s[nt][1]);
+      *reinterpret_cast<uint32_t*>(at + 8 * CP) = bf16_pair(s[nt][2], s[nt][3]);
+    }
+  };
+  float* state = seg.state + int64_t(head) * d * d;
+  float s[NS][4];
+#pragma unroll
+  for (int nt = 0; nt < NS; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int a = 16 * sm + g + 8 * (e >> 1), c = col0 + 8 * (sn0 + nt) + 2 * t + (e & 1);
+      s[nt][e] = a < d && c < d ? state[a * d + c] : 0.0f;
+    }
+  store_state_operand(s);
+  const float decay = p.decay[head];
+  for (int m = threadIdx.x; m <= B; m += kFastThreads) power[m] = expf(-decay * float(m));
+  stage_block(0);
+  __pipeline_wait_prior(0);
+  __syncthreads();  // the stage and the power table are complete
+  convert_block(int(min(int64_t(B), seg.count)));
+  __syncthreads();  // the tiles are complete and the stage is free
+
+  const int h = warp >> 2, r = h ? 3 - (warp & 3) : warp & 3;  // output rows 16r.., columns 32h..
+  for (int64_t t0 = 0; t0 < seg.count; t0 += B) {
+    const int n = int(min(int64_t(B), seg.count - t0));
+    const bool more = t0 + B < seg.count;
+    if (more) stage_block(t0 + B);
+
+    // O = Q S and this warp's P n-tiles 2u + h (u <= r), each Q fragment used for both.
+    float o[4][4], pr[4][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[i][e] = pr[i][e] = 0.0f;
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+      if (ks * 16 >= d) break;  // the rest of the features are zero padding
+      uint32_t qf[4];
+      load_matrices(qf, q_tile + (16 * r + (lane & 15)) * KP + ks * 16 + (lane >> 4) * 8);
+#pragma unroll
+      for (int np = 0; np < 2; ++np) {
+        uint32_t b[4];
+        load_matrices_transposed(b, s_tile + (ks * 16 + (lane & 15)) * CP + 32 * h + np * 16 + (lane >> 4) * 8);
+        mma_bf16(o[2 * np], qf, b[0], b[1]);
+        mma_bf16(o[2 * np + 1], qf, b[2], b[3]);
+      }
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        if (u > r) break;
+        uint32_t b[2];
+        load_matrices(b, k_tile + (8 * (2 * u + h) + (lane & 7)) * KP + ks * 16 + ((lane >> 3) & 1) * 8);
+        mma_bf16(pr[u], qf, b[0], b[1]);
+      }
+    }
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float qdec = power[16 * r + g + 8 * (e >> 1) + 1];
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt) o[nt][e] *= qdec;
+    }
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      if (u > r) break;
+      float x[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = 16 * r + g + 8 * (e >> 1), j = 8 * (2 * u + h) + 2 * t + (e & 1);
+        x[e] = j <= i ? pr[u][e] * power[i - j] : 0.0f;
+      }
+      uint16_t* at = p_tile + (16 * r + g) * TP + 8 * (2 * u + h) + 2 * t;
+      *reinterpret_cast<uint32_t*>(at) = bf16_pair(x[0], x[1]);
+      *reinterpret_cast<uint32_t*>(at + 8 * TP) = bf16_pair(x[2], x[3]);
+    }
+
+    // S = exp(-s n) S + K^T (kdec * V): A = K^T through transposed loads of the K tile.
+    const float block_decay = power[n];
+#pragma unroll
+    for (int nt = 0; nt < NS; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[nt][e] *= block_decay;
+#pragma unroll
+    for (int kk = 0; kk < B / 16; ++kk) {
+      if (kk * 16 >= n) break;  // the rest of the tokens are zero padding
+      uint32_t kf[4];
+      load_matrices_transposed(kf, k_tile + (kk * 16 + (lane & 7) + (lane >> 4) * 8) * KP + 16 * sm + ((lane >> 3) & 1) * 8);
+#pragma unroll
+      for (int np = 0; np < NS / 2; ++np) {
+        uint32_t b[4];
+        load_matrices_transposed(b, vd_tile + (kk * 16 + (lane & 15)) * CP + 8 * sn0 + np * 16 + (lane >> 4) * 8);
+        mma_bf16(s[2 * np], kf, b[0], b[1]);
+        mma_bf16(s[2 * np + 1], kf, b[2], b[3]);
+      }
+    }
+    __syncthreads();  // P is complete, and every read of the old bf16 S is done
+
+    // O += P V over the keys of rows 16r..16r+15: P is zero past the diagonal.
+    for (int kk = 0; kk <= r; ++kk) {
+      uint32_t pf[4];
+      load_matrices(pf, p_tile + (16 * r + (lane & 15)) * TP + kk * 16 + (lane >> 4) * 8);
+#pragma unroll
+      for (int np = 0; np < 2; ++np) {
+        uint32_t b[4];
+        load_matrices_transposed(b, v_tile + (kk * 16 + (lane & 15)) * CP + 32 * h + np * 16 + (lane >> 4) * 8);
+        mma_bf16(o[2 * np], pf, b[0], b[1]);
+        mma_bf16(o[2 * np + 1], pf, b[2], b[3]);
+      }
+    }
+    float* out = p.out + (seg.row + t0) * p.out_stride + int64_t(head) * d;
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = 16 * r + g + 8 * (e >> 1), c = col0 + 32 * h + 8 * nt + 2 * t + (e & 1);
+        if (i < n && c < d) out[i * p.out_stride + c] = o[nt][e];
+      }
+
+    store_state_operand(s);
+    __pipeline_wait_prior(0);
+    __syncthreads();  // the tiles are read, the next block is staged, the new bf16 S is whole
+    if (more) {
+      convert_block(int(min(int64_t(B), seg.count - t0 - B)));
+      __syncthreads();  // the next block's tiles are complete and the stage is free
+    }
+  }
+
+#pragma unroll
+  for (int nt = 0; nt < NS; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int a = 16 * sm + g + 8 * (e >> 1), c = col0 + 8 * (sn0 + nt) + 2 * t + (e & 1);
+      if (a < d && c < d) state[a * d + c] = s[nt][e];
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Launchers.
 
 // The segments of one kind lie in [first, last]; the kernel's grid spans just that range.
@@ -399,17 +660,22 @@ const DeviceLimits& device_limits() {
   return limits;
 }
 
-// A device without the shared memory the kernel needs fails clearly; otherwise the kernel is
-// opted into it once per process, before its first launch.
+// A device without the shared memory a prefill kernel needs fails clearly; otherwise the kernel
+// is opted into it once per process, before its first launch.
+template <auto Kernel>
+void prepare_prefill_kernel(size_t bytes, int64_t d) {
+  const int limit = device_limits().shared_per_block;
+  if (size_t(limit) < bytes)
+    fail("lightning prefill at head dim {} needs {} bytes of shared memory per block; the device allows {}", d, bytes,
+         limit);
+  static const bool prepared = (allow_shared_memory(Kernel, bytes), true);
+  (void)prepared;
+}
+
 template <int DP, int DV, int G>
 void launch_prefill_shape(const LightningArgs& args, LightningParams p, SegmentRange range, cudaStream_t stream) {
   using Shape = PrefillShape<DP, DV, G>;
-  const int limit = device_limits().shared_per_block;
-  if (size_t(limit) < Shape::kSmemBytes)
-    fail("lightning prefill at head dim {} needs {} bytes of shared memory per block; the device allows {}", args.d,
-         Shape::kSmemBytes, limit);
-  static const bool prepared = (allow_shared_memory(lightning_prefill_kernel<DP, DV, G>, Shape::kSmemBytes), true);
-  (void)prepared;
+  prepare_prefill_kernel<lightning_prefill_kernel<DP, DV, G>>(Shape::kSmemBytes, args.d);
   p.first = range.first;
   const dim3 grid(unsigned(range.size()), unsigned(args.heads), unsigned(Shape::kSlices));
   lightning_prefill_kernel<DP, DV, G><<<grid, Shape::kThreads, Shape::kSmemBytes, stream>>>(p);
@@ -426,6 +692,26 @@ void launch_prefill(const LightningArgs& args, LightningParams p, SegmentRange r
   if (2 * segments * args.heads <= device_limits().sms)
     return launch_prefill_shape<128, 64, 16>(args, p, range, stream);
   launch_prefill_shape<128, 128, 16>(args, p, range, stream);
+}
+
+template <int D>
+void launch_fast_prefill_shape(const LightningArgs& args, LightningParams p, SegmentRange range, cudaStream_t stream) {
+  using Shape = FastShape<D>;
+  prepare_prefill_kernel<lightning_prefill_bf16_kernel<D>>(Shape::kSmemBytes, args.d);
+  p.first = range.first;
+  const dim3 grid(unsigned(int64_t(range.size()) * Shape::kSlices), unsigned(args.heads));
+  lightning_prefill_bf16_kernel<D><<<grid, kFastThreads, Shape::kSmemBytes, stream>>>(p);
+  M1_CUDA_CHECK_LAUNCH();
+}
+
+// The tensor-core kernel stages rows 16 bytes at a time, which needs d, the row stride and qkv
+// itself aligned to 4 floats; other calls (and callers that want fp32 operands) take the fp32
+// kernel. The choice depends on the call's layout alone, never on which segments share it.
+void launch_any_prefill(const LightningArgs& args, LightningParams p, SegmentRange range, cudaStream_t stream) {
+  const bool fast = args.bf16_operands && args.d % 4 == 0 && args.qkv_stride % 4 == 0 && aligned16(args.qkv);
+  if (!fast) return launch_prefill(args, p, range, stream);
+  if (args.d <= 64) return launch_fast_prefill_shape<64>(args, p, range, stream);
+  launch_fast_prefill_shape<128>(args, p, range, stream);
 }
 
 }  // namespace
@@ -450,7 +736,7 @@ void lightning_attention(const LightningArgs& args, cudaStream_t stream) {
   const LightningParams p{args.qkv, args.qkv_stride, args.out, args.out_stride, int(args.d), args.decay,
                           args.device_segments, 0};
   if (!decode.empty()) launch_decode(args, p, decode, stream);
-  if (!prefill.empty()) launch_prefill(args, p, prefill, stream);
+  if (!prefill.empty()) launch_any_prefill(args, p, prefill, stream);
 }
 
 }  // namespace m1::cuda

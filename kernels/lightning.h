@@ -2,7 +2,8 @@
 // Lightning (linear) attention of DESIGN.md §1 on the GPU, batched over sequences and heads:
 //   o_t = sum_{j<=t} exp(-s (t-j)) (q_t . k_j) v_j, with a fp32 d x d state per head carried
 // across steps. Segments of one token take the decode kernel (state read and written once);
-// longer ones the chunked prefill kernel (state kept on chip across blocks).
+// longer ones the chunked prefill kernel (state kept on chip across blocks), on tensor cores with
+// bf16 operands when the caller allows them, else in fp32.
 
 #include <cstdint>
 #include <span>
@@ -27,6 +28,9 @@ struct LightningArgs {
   const float* decay = nullptr;  // device: s per head
   std::span<const LightningSegment> segments;       // host copy: the launcher picks kernels by count
   const LightningSegment* device_segments = nullptr;  // the same descriptors in device memory
+  // Whether prefill products may round their operands to bf16 (fp32 accumulation, fp32 state):
+  // the fast precision of DESIGN.md §4. Decode is fp32 either way.
+  bool bf16_operands = false;
 };
 
 void lightning_attention(const LightningArgs& args, cudaStream_t stream);

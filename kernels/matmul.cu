@@ -11,6 +11,11 @@
 // single row spreads the weight matrix over the whole GPU and streams it at memory bandwidth; a
 // second kernel adds the chunk partials in order. "Tiled" kernels (prefill) keep a CTA's output
 // tile in registers along the whole inner dimension, closing each chunk as they pass its end.
+//
+// Each kernel's work is a __device__ body that two entry points share: the plain one (one
+// product) and the grouped one (one product per group of rows, each group with its own weights,
+// a CTA finding its group and rows in device memory), so a grouped row runs the very code a plain
+// call runs on it.
 
 #include "matmul.h"
 
@@ -18,12 +23,14 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <span>
 #include <type_traits>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include "launch.h"
+#include "m1/error.h"
 
 namespace m1::cuda {
 namespace {
@@ -49,10 +56,14 @@ __device__ __forceinline__ float widen(Stored<T> v) {
 // ---------------------------------------------------------------------------------------------
 // Shared pieces
 
-// out[r][n] = sum over chunks c, in order, of partial[c][r][n].
-__global__ void sum_partials(const float* partial, int64_t chunks, int64_t m, int64_t n, float* out, int64_t ldo) {
+// out[r][n] = sum over chunks c, in order, of partial[c][r][n], for every row r, or when given
+// for rows [*first_row, *end_row) (a grouped product's rows, known on the device alone).
+__global__ void sum_partials(const float* partial, int64_t chunks, int64_t m, int64_t n, float* out, int64_t ldo,
+                             const int64_t* first_row, const int64_t* end_row) {
   const int64_t plane = m * n;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < plane; i += int64_t(gridDim.x) * blockDim.x) {
+  const int64_t begin = first_row ? *first_row * n : 0, end = end_row ? *end_row * n : plane;
+  for (int64_t i = begin + blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < end;
+       i += int64_t(gridDim.x) * blockDim.x) {
     float total = 0.0f;
 #pragma unroll 8
     for (int64_t c = 0; c < chunks; ++c) total = __fadd_rn(total, partial[c * plane + i]);
@@ -62,13 +73,45 @@ __global__ void sum_partials(const float* partial, int64_t chunks, int64_t m, in
 }
 
 // Where a skinny kernel puts a chunk's partial: straight into the output when the inner
-// dimension is one chunk (0 + partial, as the reduction would), else into the partials.
-__device__ __forceinline__ void write_partial(float v, int64_t r, int64_t col, int64_t m, int64_t n, float* partial,
-                                              float* out, int64_t ldo) {
+// dimension is one chunk (0 + partial, as the reduction would), else into the partials, planes of
+// `plane_rows` rows, one per chunk.
+__device__ __forceinline__ void write_partial(float v, int64_t r, int64_t col, int64_t plane_rows, int64_t n,
+                                              float* partial, float* out, int64_t ldo) {
   if (gridDim.x == 1)
     out[r * ldo + col] = __fadd_rn(0.0f, v);
   else
-    partial[(blockIdx.x * m + r) * n + col] = v;
+    partial[(blockIdx.x * plane_rows + r) * n + col] = v;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Grouped launches. A group's weights travel in the kernel's parameters, so nothing is uploaded
+// per call; more groups than one launch holds take several launches.
+
+constexpr int kLaunchGroups = 64;
+struct GroupWeights {
+  const void* data[kLaunchGroups];
+};
+
+// Rows of one CTA of a grouped launch: group `group`'s rows [row0 + first, row0 + first + rows).
+struct GroupTile {
+  int group;
+  int64_t row0, group_rows, first, rows;
+};
+
+// Work unit `index` of a grouped launch, counting each group's ceil(rows / tile_rows) tiles in
+// group order; false past the last. Every thread of a CTA gets the same answer, so a CTA without
+// work leaves as a whole, before any barrier.
+__device__ bool find_tile(const int64_t* offsets, int groups, int64_t tile_rows, int64_t index, GroupTile& tile) {
+  for (int g = 0; g < groups; ++g) {
+    const int64_t row0 = offsets[g], rows = offsets[g + 1] - row0, tiles = ceil_div(rows, tile_rows);
+    if (index < tiles) {
+      const int64_t first = index * tile_rows;
+      tile = {g, row0, rows, first, std::min(tile_rows, rows - first)};
+      return true;
+    }
+    index -= std::max<int64_t>(tiles, 0);
+  }
+  return false;
 }
 
 // x rounded to bf16 (nearest even), rows padded with zeros to `ldb`, a multiple of 8, so every
@@ -140,10 +183,9 @@ constexpr int f32_skinny_shared_bytes(int64_t m) {
 }
 
 template <DType T, int kRowsPerThread>
-__global__ __launch_bounds__(kF32SkinnyThreads) void matmul_f32_skinny(const float* x, int64_t ldx, int64_t m,
-                                                                      const Stored<T>* w, int64_t n, int64_t k,
-                                                                      bool w_vec, float* partial, float* out,
-                                                                      int64_t ldo) {
+__device__ __forceinline__ void f32_skinny_block(const float* x, int64_t ldx, int64_t m, const Stored<T>* w, int64_t n,
+                                                 int64_t k, bool w_vec, float* partial, int64_t plane_rows, float* out,
+                                                 int64_t ldo) {
   using S = Stored<T>;
   constexpr int kStride = kF32SkinnyStride<T>;
   extern __shared__ __align__(16) unsigned char f32_skinny_shared[];
@@ -211,9 +253,32 @@ __global__ __launch_bounds__(kF32SkinnyThreads) void matmul_f32_skinny(const flo
 #pragma unroll
     for (int i = 0; i < kRowsPerThread; ++i) {
       const int r = group + i * kF32SkinnyGroups;
-      if (r < m) write_partial(part[i], r, n0 + col, m, n, partial, out, ldo);
+      if (r < m) write_partial(part[i], r, n0 + col, plane_rows, n, partial, out, ldo);
     }
   }
+}
+
+template <DType T, int kRowsPerThread>
+__global__ __launch_bounds__(kF32SkinnyThreads) void matmul_f32_skinny(const float* x, int64_t ldx, int64_t m,
+                                                                      const Stored<T>* w, int64_t n, int64_t k,
+                                                                      bool w_vec, float* partial, float* out,
+                                                                      int64_t ldo) {
+  f32_skinny_block<T, kRowsPerThread>(x, ldx, m, w, n, k, w_vec, partial, m, out, ldo);
+}
+
+// Grid z: tiles of up to kRowsPerThread * kF32SkinnyGroups rows of a group; the partials have one
+// row per row of x.
+template <DType T, int kRowsPerThread>
+__global__ __launch_bounds__(kF32SkinnyThreads) void grouped_f32_skinny(const float* x, int64_t ldx, int64_t rows,
+                                                                       const int64_t* offsets, int groups,
+                                                                       GroupWeights weights, int64_t n, int64_t k,
+                                                                       bool w_vec, float* partial, float* out,
+                                                                       int64_t ldo) {
+  GroupTile t;
+  if (!find_tile(offsets, groups, kRowsPerThread * kF32SkinnyGroups, blockIdx.z, t)) return;
+  const int64_t r0 = t.row0 + t.first;
+  f32_skinny_block<T, kRowsPerThread>(x + r0 * ldx, ldx, t.rows, static_cast<const Stored<T>*>(weights.data[t.group]),
+                                      n, k, w_vec, partial ? partial + r0 * n : nullptr, rows, out + r0 * ldo, ldo);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -224,15 +289,15 @@ __global__ __launch_bounds__(kF32SkinnyThreads) void matmul_f32_skinny(const flo
 constexpr int kF32TileM = 64, kF32TileN = 64, kF32TileK = 32, kF32TileThreads = 256;
 static_assert(kChunk % kF32TileK == 0, "a chunk must be whole k-tiles");
 
+// The tile of rows [m0, m0 + kF32TileM) of x [m, k].
 template <DType T>
-__global__ __launch_bounds__(kF32TileThreads) void matmul_f32_tiled(const float* x, int64_t ldx, int64_t m, bool x_vec,
-                                                                   const Stored<T>* w, int64_t n, int64_t k, bool w_vec,
-                                                                   float* out, int64_t ldo) {
+__device__ __forceinline__ void f32_tile(const float* x, int64_t ldx, int64_t m, bool x_vec, const Stored<T>* w,
+                                         int64_t n, int64_t k, bool w_vec, float* out, int64_t ldo, int64_t m0) {
   __shared__ __align__(16) float xs[2][kF32TileK][kF32TileM];
   __shared__ __align__(16) float ws[2][kF32TileK][kF32TileN];
 
   const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
-  const int64_t m0 = blockIdx.x * int64_t(kF32TileM), n0 = blockIdx.y * int64_t(kF32TileN);
+  const int64_t n0 = blockIdx.y * int64_t(kF32TileN);
   // Loader: tile row (of x and of w) and which 8 of the k-tile's 32 values.
   const int load_row = tid % 64, load_k = (tid / 64) * 8;
   const bool x_row = m0 + load_row < m, w_row = n0 + load_row < n;
@@ -306,6 +371,25 @@ __global__ __launch_bounds__(kF32TileThreads) void matmul_f32_tiled(const float*
   }
 }
 
+template <DType T>
+__global__ __launch_bounds__(kF32TileThreads) void matmul_f32_tiled(const float* x, int64_t ldx, int64_t m, bool x_vec,
+                                                                   const Stored<T>* w, int64_t n, int64_t k, bool w_vec,
+                                                                   float* out, int64_t ldo) {
+  f32_tile<T>(x, ldx, m, x_vec, w, n, k, w_vec, out, ldo, blockIdx.x * int64_t(kF32TileM));
+}
+
+// Grid x: the groups' row tiles, in group order.
+template <DType T>
+__global__ __launch_bounds__(kF32TileThreads) void grouped_f32_tiled(const float* x, int64_t ldx,
+                                                                    const int64_t* offsets, int groups, bool x_vec,
+                                                                    GroupWeights weights, int64_t n, int64_t k,
+                                                                    bool w_vec, float* out, int64_t ldo) {
+  GroupTile t;
+  if (!find_tile(offsets, groups, kF32TileM, blockIdx.x, t)) return;
+  f32_tile<T>(x + t.row0 * ldx, ldx, t.group_rows, x_vec, static_cast<const Stored<T>*>(weights.data[t.group]), n, k,
+              w_vec, out + t.row0 * ldo, ldo, t.first);
+}
+
 // ---------------------------------------------------------------------------------------------
 // kBf16: wmma m16n16k16, x (bf16 copy) as matrix_a, weights as matrix_b, in every kernel.
 
@@ -332,10 +416,9 @@ int bf16_skinny_shared_bytes(int64_t rows16) {
   return int((kBf16SkinnyCols + rows16) * kBf16Stride * sizeof(__nv_bfloat16) + kBf16SkinnyWarps * 256 * sizeof(float));
 }
 
-__global__ __launch_bounds__(kBf16SkinnyWarps * 32) void matmul_bf16_skinny(const __nv_bfloat16* xb, int64_t ldb,
-                                                                          int64_t m, const uint16_t* w, int64_t n,
-                                                                          int64_t k, bool w_vec, float* partial,
-                                                                          float* out, int64_t ldo) {
+__device__ __forceinline__ void bf16_skinny_block(const __nv_bfloat16* xb, int64_t ldb, int64_t m, const uint16_t* w,
+                                                  int64_t n, int64_t k, bool w_vec, float* partial,
+                                                  int64_t plane_rows, float* out, int64_t ldo) {
   extern __shared__ __align__(128) unsigned char bf16_skinny_shared[];
   const int64_t rows16 = (m + 15) / 16 * 16;
   __nv_bfloat16* ws = reinterpret_cast<__nv_bfloat16*>(bf16_skinny_shared);
@@ -379,10 +462,31 @@ __global__ __launch_bounds__(kBf16SkinnyWarps * 32) void matmul_bf16_skinny(cons
     __syncwarp();
     for (int e = lane; e < 256; e += 32) {
       const int64_t r = r0 + e / 16, col = col0 + e % 16;
-      if (r < m && col < n) write_partial(my_stage[e], r, col, m, n, partial, out, ldo);
+      if (r < m && col < n) write_partial(my_stage[e], r, col, plane_rows, n, partial, out, ldo);
     }
     __syncwarp();
   }
+}
+
+__global__ __launch_bounds__(kBf16SkinnyWarps * 32) void matmul_bf16_skinny(const __nv_bfloat16* xb, int64_t ldb,
+                                                                          int64_t m, const uint16_t* w, int64_t n,
+                                                                          int64_t k, bool w_vec, float* partial,
+                                                                          float* out, int64_t ldo) {
+  bf16_skinny_block(xb, ldb, m, w, n, k, w_vec, partial, m, out, ldo);
+}
+
+// Grid z: tiles of up to tile_rows (a multiple of 16, at most kBf16SkinnyMaxRows) rows of a group.
+__global__ __launch_bounds__(kBf16SkinnyWarps * 32) void grouped_bf16_skinny(const __nv_bfloat16* xb, int64_t ldb,
+                                                                           int64_t rows, const int64_t* offsets,
+                                                                           int groups, int64_t tile_rows,
+                                                                           GroupWeights weights, int64_t n, int64_t k,
+                                                                           bool w_vec, float* partial, float* out,
+                                                                           int64_t ldo) {
+  GroupTile t;
+  if (!find_tile(offsets, groups, tile_rows, blockIdx.z, t)) return;
+  const int64_t r0 = t.row0 + t.first;
+  bf16_skinny_block(xb + r0 * ldb, ldb, t.rows, static_cast<const uint16_t*>(weights.data[t.group]), n, k, w_vec,
+                    partial ? partial + r0 * n : nullptr, rows, out + r0 * ldo, ldo);
 }
 
 // Many rows: 128 x 128 output tile per CTA of 8 warps (4 down, 2 across: 32 x 64 each, 2 x 4
@@ -393,9 +497,9 @@ constexpr int kBf16TileM = 128, kBf16TileN = 128, kBf16TileK = 32, kBf16TileThre
 constexpr int kBf16TileStride = kBf16TileK + 8;
 static_assert(kChunk % kBf16TileK == 0, "a chunk must be whole k-tiles");
 
-__global__ __launch_bounds__(kBf16TileThreads, 1) void matmul_bf16_tiled(const __nv_bfloat16* xb, int64_t ldb, int64_t m,
-                                                                         const uint16_t* w, int64_t n, int64_t k,
-                                                                         bool w_vec, float* out, int64_t ldo) {
+// The tile of rows [m0, m0 + kBf16TileM) of the bf16 copy of x [m, k].
+__device__ __forceinline__ void bf16_tile(const __nv_bfloat16* xb, int64_t ldb, int64_t m, const uint16_t* w, int64_t n,
+                                          int64_t k, bool w_vec, float* out, int64_t ldo, int64_t m0) {
   constexpr int kTileElements = kBf16TileM * kBf16TileStride;
   __shared__ __align__(128) __nv_bfloat16 shared[2 * 2 * kTileElements];  // [A, B] x double buffer
   static_assert(sizeof(shared) >= 8 * 256 * sizeof(float), "the epilogue stages 8 warps' fragments here");
@@ -404,7 +508,7 @@ __global__ __launch_bounds__(kBf16TileThreads, 1) void matmul_bf16_tiled(const _
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int warp_m = warp / 2, warp_n = warp % 2;
-  const int64_t m0 = blockIdx.x * int64_t(kBf16TileM), n0 = blockIdx.y * int64_t(kBf16TileN);
+  const int64_t n0 = blockIdx.y * int64_t(kBf16TileN);
   const uint16_t* xraw = reinterpret_cast<const uint16_t*>(xb);
 
   // Loader: 128 rows x 4 groups of 8 values per operand, two (row, group) pairs per thread.
@@ -489,6 +593,23 @@ __global__ __launch_bounds__(kBf16TileThreads, 1) void matmul_bf16_tiled(const _
     }
 }
 
+__global__ __launch_bounds__(kBf16TileThreads, 1) void matmul_bf16_tiled(const __nv_bfloat16* xb, int64_t ldb, int64_t m,
+                                                                         const uint16_t* w, int64_t n, int64_t k,
+                                                                         bool w_vec, float* out, int64_t ldo) {
+  bf16_tile(xb, ldb, m, w, n, k, w_vec, out, ldo, blockIdx.x * int64_t(kBf16TileM));
+}
+
+// Grid x: the groups' row tiles, in group order.
+__global__ __launch_bounds__(kBf16TileThreads, 1) void grouped_bf16_tiled(const __nv_bfloat16* xb, int64_t ldb,
+                                                                          const int64_t* offsets, int groups,
+                                                                          GroupWeights weights, int64_t n, int64_t k,
+                                                                          bool w_vec, float* out, int64_t ldo) {
+  GroupTile t;
+  if (!find_tile(offsets, groups, kBf16TileM, blockIdx.x, t)) return;
+  bf16_tile(xb + t.row0 * ldb, ldb, t.group_rows, static_cast<const uint16_t*>(weights.data[t.group]), n, k, w_vec,
+            out + t.row0 * ldo, ldo, t.first);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Host side. Grids put the unbounded count (chunks, row blocks) in x and output column blocks in
 // y, which allows 65535 x 64 outputs: far more than any weight matrix has.
@@ -496,8 +617,8 @@ __global__ __launch_bounds__(kBf16TileThreads, 1) void matmul_bf16_tiled(const _
 float* partials_after(void* base, size_t offset) { return reinterpret_cast<float*>(static_cast<char*>(base) + offset); }
 
 void launch_sum_partials(const float* partial, int64_t chunks, int64_t m, int64_t n, float* out, int64_t ldo,
-                         cudaStream_t stream) {
-  sum_partials<<<grid_for(m * n, 256), 256, 0, stream>>>(partial, chunks, m, n, out, ldo);
+                         cudaStream_t stream, const int64_t* first_row = nullptr, const int64_t* end_row = nullptr) {
+  sum_partials<<<grid_for(m * n, 256), 256, 0, stream>>>(partial, chunks, m, n, out, ldo, first_row, end_row);
   M1_CUDA_CHECK_LAUNCH();
 }
 
@@ -587,7 +708,155 @@ void matmul_bf16(const float* x, int64_t ldx, int64_t m, const DeviceMatrix& w, 
   if (partial) launch_sum_partials(partial, chunks, m, n, out, ldo, stream);
 }
 
+// Grouped launches take the groups kLaunchGroups at a time. Their grids are sized from what the
+// host knows: the groups' tiles of tile_rows rows number at most rows / tile_rows plus one per
+// group that has rows (a group of c > 0 rows has ceil(c / tile_rows) <= c / tile_rows + 1), and
+// at most `rows` groups have rows.
+int64_t grouped_tiles(int64_t rows, int64_t groups, int64_t tile_rows) {
+  return rows / tile_rows + std::min(groups, rows);
+}
+
+// Skinny grouped launches put the tiles in grid z, which stops at 65535.
+bool skinny_grid_fits(int64_t rows, int64_t groups, int64_t tile_rows) {
+  return grouped_tiles(rows, std::min<int64_t>(groups, kLaunchGroups), tile_rows) <= 65535;
+}
+
+GroupWeights group_weights(std::span<const DeviceMatrix> w, int64_t first, int64_t count) {
+  GroupWeights g{};
+  for (int64_t i = 0; i < count; ++i) g.data[i] = w[size_t(first + i)].data;
+  return g;
+}
+
+// Every launch of a grouped product: launch(first group, group count, weights of those groups).
+template <class Launch>
+void for_each_launch(std::span<const DeviceMatrix> w, Launch launch) {
+  const int64_t groups = int64_t(w.size());
+  for (int64_t first = 0; first < groups; first += kLaunchGroups) {
+    const int64_t count = std::min<int64_t>(kLaunchGroups, groups - first);
+    launch(first, int(count), group_weights(w, first, count));
+  }
+}
+
+bool all_aligned16(std::span<const DeviceMatrix> w) {
+  return std::all_of(w.begin(), w.end(), [](const DeviceMatrix& m) { return aligned16(m.data); });
+}
+
+template <DType T, int kRowsPerThread>
+void launch_grouped_f32_skinny(const float* x, int64_t ldx, int64_t rows, const int64_t* offsets,
+                               std::span<const DeviceMatrix> w, float* partial, float* out, int64_t ldo,
+                               cudaStream_t stream) {
+  constexpr int kTileRows = kRowsPerThread * kF32SkinnyGroups;
+  auto kernel = grouped_f32_skinny<T, kRowsPerThread>;
+  static const bool prepared = (allow_shared_memory(kernel, f32_skinny_shared_bytes<T>(kTileRows)), true);
+  (void)prepared;
+  const int64_t n = w[0].rows, k = w[0].cols;
+  const bool w_vec = all_aligned16(w) && k % (16 / sizeof(Stored<T>)) == 0;
+  for_each_launch(w, [&](int64_t first, int count, const GroupWeights& weights) {
+    const dim3 grid(unsigned(ceil_div(k, kChunk)), unsigned(ceil_div(n, kF32SkinnyCols)),
+                    unsigned(grouped_tiles(rows, count, kTileRows)));
+    kernel<<<grid, kF32SkinnyThreads, f32_skinny_shared_bytes<T>(kTileRows), stream>>>(
+        x, ldx, rows, offsets + first, count, weights, n, k, w_vec, partial, out, ldo);
+    M1_CUDA_CHECK_LAUNCH();
+  });
+}
+
+template <DType T>
+void grouped_f32(const float* x, int64_t ldx, const int64_t* offsets, std::span<const DeviceMatrix> w, int64_t rows,
+                 int64_t group_rows, float* out, int64_t ldo, DeviceScratch& scratch, cudaStream_t stream) {
+  const int64_t n = w[0].rows, k = w[0].cols;
+  // The smallest skinny tile (one row per thread group) bounds the grid.
+  if (group_rows > kF32SkinnyMaxRows || !skinny_grid_fits(rows, int64_t(w.size()), kF32SkinnyGroups)) {
+    const bool x_vec = aligned16(x) && ldx % 4 == 0 && k % 4 == 0;
+    const bool w_vec = all_aligned16(w) && k % (16 / sizeof(Stored<T>)) == 0;
+    for_each_launch(w, [&](int64_t first, int count, const GroupWeights& weights) {
+      const dim3 grid(unsigned(grouped_tiles(rows, count, kF32TileM)), unsigned(ceil_div(n, kF32TileN)));
+      grouped_f32_tiled<T><<<grid, kF32TileThreads, 0, stream>>>(x, ldx, offsets + first, count, x_vec, weights, n, k,
+                                                                 w_vec, out, ldo);
+      M1_CUDA_CHECK_LAUNCH();
+    });
+    return;
+  }
+  const int64_t chunks = ceil_div(k, kChunk);
+  float* partial = chunks > 1 ? scratch.get<float>(size_t(chunks * rows * n)) : nullptr;
+  if (group_rows <= kF32SkinnyGroups)
+    launch_grouped_f32_skinny<T, 1>(x, ldx, rows, offsets, w, partial, out, ldo, stream);
+  else if (group_rows <= 2 * kF32SkinnyGroups)
+    launch_grouped_f32_skinny<T, 2>(x, ldx, rows, offsets, w, partial, out, ldo, stream);
+  else if (group_rows <= 4 * kF32SkinnyGroups)
+    launch_grouped_f32_skinny<T, 4>(x, ldx, rows, offsets, w, partial, out, ldo, stream);
+  else
+    launch_grouped_f32_skinny<T, 8>(x, ldx, rows, offsets, w, partial, out, ldo, stream);
+  const int64_t groups = int64_t(w.size());
+  if (partial) launch_sum_partials(partial, chunks, rows, n, out, ldo, stream, offsets, offsets + groups);
+}
+
+void grouped_bf16(const float* x, int64_t ldx, const int64_t* offsets, std::span<const DeviceMatrix> w, int64_t rows,
+                  int64_t group_rows, float* out, int64_t ldo, DeviceScratch& scratch, cudaStream_t stream) {
+  const int64_t n = w[0].rows, k = w[0].cols, ldb = (k + 7) / 8 * 8, groups = int64_t(w.size());
+  const int64_t chunks = ceil_div(k, kChunk);
+  const int64_t tile_rows = (group_rows + 15) / 16 * 16;
+  const bool skinny = group_rows <= kBf16SkinnyMaxRows && skinny_grid_fits(rows, groups, tile_rows);
+  const size_t x_bytes = (size_t(rows * ldb) * sizeof(__nv_bfloat16) + 255) / 256 * 256;
+  const size_t partial_bytes = skinny && chunks > 1 ? size_t(chunks * rows * n) * sizeof(float) : 0;
+  void* base = scratch.get(x_bytes + partial_bytes);
+  auto* xb = static_cast<__nv_bfloat16*>(base);
+  round_to_bf16<<<grid_for(rows * ldb, 256), 256, 0, stream>>>(x, ldx, rows, k, xb, ldb);
+  M1_CUDA_CHECK_LAUNCH();
+
+  const bool w_vec = all_aligned16(w) && k % 8 == 0;
+  if (!skinny) {
+    for_each_launch(w, [&](int64_t first, int count, const GroupWeights& weights) {
+      const dim3 grid(unsigned(grouped_tiles(rows, count, kBf16TileM)), unsigned(ceil_div(n, kBf16TileN)));
+      grouped_bf16_tiled<<<grid, kBf16TileThreads, 0, stream>>>(xb, ldb, offsets + first, count, weights, n, k, w_vec,
+                                                                 out, ldo);
+      M1_CUDA_CHECK_LAUNCH();
+    });
+    return;
+  }
+  static const bool prepared =
+      (allow_shared_memory(grouped_bf16_skinny, bf16_skinny_shared_bytes(kBf16SkinnyMaxRows)), true);
+  (void)prepared;
+  float* partial = partial_bytes ? partials_after(base, x_bytes) : nullptr;
+  for_each_launch(w, [&](int64_t first, int count, const GroupWeights& weights) {
+    const dim3 grid(unsigned(chunks), unsigned(ceil_div(n, kBf16SkinnyCols)),
+                    unsigned(grouped_tiles(rows, count, tile_rows)));
+    grouped_bf16_skinny<<<grid, kBf16SkinnyWarps * 32, bf16_skinny_shared_bytes(tile_rows), stream>>>(
+        xb, ldb, rows, offsets + first, count, tile_rows, weights, n, k, w_vec, partial, out, ldo);
+    M1_CUDA_CHECK_LAUNCH();
+  });
+  if (partial) launch_sum_partials(partial, chunks, rows, n, out, ldo, stream, offsets, offsets + groups);
+}
+
 }  // namespace
+
+void grouped_matmul(const float* x, int64_t ldx, const int64_t* offsets, std::span<const DeviceMatrix> w,
+                    int64_t rows, int64_t group_rows, float* out, int64_t ldo, GemmOperands operands,
+                    DeviceScratch& scratch, cudaStream_t stream) {
+  if (rows < 0) fail("grouped_matmul: {} rows", rows);
+  if (w.empty() || rows == 0) return;
+  const DeviceMatrix& first = w[0];
+  for (size_t g = 0; g < w.size(); ++g)
+    if (w[g].data == nullptr || w[g].dtype != first.dtype || w[g].rows != first.rows || w[g].cols != first.cols)
+      fail("grouped_matmul: weights of group {} are {} [{}, {}], group 0's {} [{}, {}]", g, dtype_name(w[g].dtype),
+           w[g].rows, w[g].cols, dtype_name(first.dtype), first.rows, first.cols);
+  if (first.rows == 0) return;
+  if (first.cols == 0) {  // an empty sum: zero chunks of partials add up to 0
+    launch_sum_partials(nullptr, 0, rows, first.rows, out, ldo, stream, offsets, offsets + w.size());
+    return;
+  }
+  // The bound only picks kernels, skinny for few rows per group and tiled for many, and a row's
+  // bits do not depend on that choice: every kernel here runs the same sequence of operations for
+  // each output element (see the top of this file), and a skinny tile of a group's rows splits
+  // further when the bound was low. A group never has more rows than x.
+  group_rows = std::clamp<int64_t>(group_rows, 1, rows);
+  if (operands == GemmOperands::kBf16 && first.dtype == DType::kBF16)
+    return grouped_bf16(x, ldx, offsets, w, rows, group_rows, out, ldo, scratch, stream);
+  switch (first.dtype) {
+    case DType::kF32: return grouped_f32<DType::kF32>(x, ldx, offsets, w, rows, group_rows, out, ldo, scratch, stream);
+    case DType::kF16: return grouped_f32<DType::kF16>(x, ldx, offsets, w, rows, group_rows, out, ldo, scratch, stream);
+    case DType::kBF16: return grouped_f32<DType::kBF16>(x, ldx, offsets, w, rows, group_rows, out, ldo, scratch, stream);
+  }
+}
 
 void matmul(const float* x, int64_t ldx, int64_t m, const DeviceMatrix& w, float* out, int64_t ldo,
             GemmOperands operands, DeviceScratch& scratch, cudaStream_t stream) {

@@ -4,6 +4,9 @@
 // never depends on the rows beside it (batch invariance, DESIGN.md §4); cuBLAS gives no such
 // promise, so it is the benchmark's yardstick rather than the model's path.
 
+#include <cstdint>
+#include <span>
+
 #include <cuda_runtime.h>
 
 #include "device_scratch.h"
@@ -15,5 +18,17 @@ namespace m1::cuda {
 // kBf16 with non-BF16 weights runs as kFp32. `scratch` holds the bf16 copy of x.
 void matmul(const float* x, int64_t ldx, int64_t m, const DeviceMatrix& w, float* out, int64_t ldo,
             GemmOperands operands, DeviceScratch& scratch, cudaStream_t stream);
+
+// Grouped products, for mixtures of experts: for every group g, rows [offsets[g], offsets[g + 1])
+// of x times w[g]^T into the same rows of out, each row bit-identical to what matmul gives it.
+// `offsets` (w.size() + 1 non-decreasing values in [0, rows]) is in device memory, and
+// only the kernels read it: the launches are sized from `rows` and the group count, so the host
+// never waits for the device. `group_rows`, a bound on each group's rows, only picks the kernels:
+// any value gives the same bits.
+// x has `rows` readable rows; rows of out outside every group are not written. All w share one
+// shape and dtype.
+void grouped_matmul(const float* x, int64_t ldx, const int64_t* offsets, std::span<const DeviceMatrix> w,
+                    int64_t rows, int64_t group_rows, float* out, int64_t ldo, GemmOperands operands,
+                    DeviceScratch& scratch, cudaStream_t stream);
 
 }  // namespace m1::cuda

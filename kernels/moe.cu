@@ -1,14 +1,15 @@
 // Top-k mixture of SwiGLU experts on the GPU (DESIGN.md §1 "MoE"), the device twin of
 // src/cpu/moe.cpp: fp32 router logits on the batch-invariant matmul, one warp per token for the
-// softmax and top-k, tokens grouped by expert on the host (a small copy of the choices) so each
-// expert's weights stream once per step, expert products on the matmul, and a weighted sum in
-// rank order. Every step is per row, so a row's output never depends on the rows beside it.
+// softmax and top-k, tokens grouped by expert on the device (a stable counting sort) so each
+// expert's weights stream once per step, expert products on the grouped matmul, and a weighted
+// sum in rank order. Every step is per row, so a row's output never depends on the rows beside
+// it, and nothing waits for the device: the launches are sized from the row count alone.
 
 #include "moe.h"
 
+#include <algorithm>
 #include <climits>
 #include <cmath>
-#include <span>
 #include <string_view>
 
 #include "cuda_check.h"
@@ -23,8 +24,11 @@ namespace {
 constexpr int kWarp = 32;
 constexpr int kRouteWarps = 4;  // tokens per routing block
 constexpr int kCombineThreads = 256;
+constexpr int kPlaceThreads = 256;
 // Each routing warp keeps its token's probabilities in shared memory.
 constexpr int64_t kMaxExperts = 2048;
+// Slots one grouping warp ranks, 32 at a time in slot order.
+constexpr int64_t kGroupTile = 1024;
 
 // One warp per token. The exponentials are summed by one lane in index order, like the CPU; the
 // top k are k warp-wide arg-max passes, each taking the highest probability and, among equals,
@@ -56,7 +60,7 @@ __global__ void route_kernel(const float* __restrict__ logits, int64_t rows, int
   float kept = 0.0f;
   for (int r = 0; r < top_k; ++r) {
     // Probabilities are >= 0 and struck-out ones -1, so the start value loses to every expert;
-    // only non-finite logits leave the index at INT_MAX, which the host rejects.
+    // only non-finite logits leave the index at INT_MAX, which the grouping sets apart.
     float best = -2.0f;
     int best_index = INT_MAX;
     for (int e = lane; e < experts; e += kWarp)
@@ -74,8 +78,83 @@ __global__ void route_kernel(const float* __restrict__ logits, int64_t rows, int
     for (int r = 0; r < top_k; ++r) weight_row[r] /= kept;
 }
 
+// Grouping. The (token, rank) slots, slot = token * top_k + rank, are sorted by expert into
+// "bins", stably, so each expert's slots keep ascending token order; bin `experts` holds the
+// slots routing could not place. Three steps, all in integers and without atomics, so the order
+// never varies: rank_slots counts each tile of kGroupTile slots per bin, place_tiles turns the
+// counts into where each tile's part of each bin starts, place_slots puts every slot there.
+
+__device__ __forceinline__ int bin_of(int32_t expert, int experts) {
+  return expert >= 0 && expert < experts ? expert : experts;
+}
+
+// One warp per tile, 32 slots at a time in slot order: rank[s] = the slots of s's bin before s
+// in its tile; tile_counts[tile][bin] = the tile's slots per bin.
+__global__ __launch_bounds__(kWarp) void rank_slots(const int32_t* __restrict__ chosen, int64_t slots, int experts,
+                                                    int32_t* __restrict__ rank, int32_t* __restrict__ tile_counts) {
+  __shared__ int32_t count[kMaxExperts + 1];
+  const int lane = int(threadIdx.x), bins = experts + 1;
+  for (int b = lane; b < bins; b += kWarp) count[b] = 0;
+  __syncwarp();
+  const int64_t first = int64_t(blockIdx.x) * kGroupTile, end = std::min(first + kGroupTile, slots);
+  for (int64_t s0 = first; s0 < end; s0 += kWarp) {
+    const int64_t s = s0 + lane;
+    const bool live = s < end;
+    const int bin = live ? bin_of(chosen[s], experts) : -1;
+    const unsigned same = __match_any_sync(0xffffffffu, bin);
+    const int before = __popc(same & ((1u << lane) - 1u));
+    if (live) rank[s] = count[bin] + before;
+    __syncwarp();
+    if (live && before == 0) count[bin] += __popc(same);  // one lane per bin
+    __syncwarp();
+  }
+  int32_t* counts = tile_counts + int64_t(blockIdx.x) * bins;
+  for (int b = lane; b < bins; b += kWarp) counts[b] = count[b];
+}
+
+// One warp: per bin, the tile counts become exclusive running sums over the tiles in order (the
+// bin's slots in earlier tiles), and begin[bin] = the slots of all lower bins.
+__global__ __launch_bounds__(kWarp) void place_tiles(int32_t* __restrict__ tile_counts, int64_t tiles, int experts,
+                                                     int64_t* __restrict__ begin) {
+  const int lane = int(threadIdx.x), bins = experts + 1;
+  int64_t carry = 0;
+  for (int b0 = 0; b0 < bins; b0 += kWarp) {
+    const int b = b0 + lane;
+    int64_t total = 0;
+    if (b < bins)
+      for (int64_t t = 0; t < tiles; ++t) {
+        int32_t& count = tile_counts[t * bins + b];
+        const int32_t here = count;
+        count = int32_t(total);
+        total += here;
+      }
+    int64_t inclusive = total;
+    for (int offset = 1; offset < kWarp; offset *= 2) {
+      const int64_t below = __shfl_up_sync(0xffffffffu, inclusive, offset);
+      if (lane >= offset) inclusive += below;
+    }
+    if (b < bins) begin[b] = carry + inclusive - total;
+    carry += __shfl_sync(0xffffffffu, inclusive, kWarp - 1);
+  }
+}
+
+// Slot s sits at position begin[bin] + (its bin's slots in earlier tiles) + rank[s]: token_at
+// names the row of x each position takes, position_of where each slot's expert output lands
+// (-1: no expert).
+__global__ void place_slots(const int32_t* __restrict__ chosen, const int32_t* __restrict__ rank,
+                            const int32_t* __restrict__ tile_counts, const int64_t* __restrict__ begin, int64_t slots,
+                            int experts, int top_k, int64_t* __restrict__ token_at, int64_t* __restrict__ position_of) {
+  const int64_t s = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (s >= slots) return;
+  const int bins = experts + 1, bin = bin_of(chosen[s], experts);
+  const int64_t p = begin[bin] + tile_counts[s / kGroupTile * bins + bin] + rank[s];
+  token_at[p] = s / top_k;
+  position_of[s] = bin < experts ? p : -1;
+}
+
 // out[t] = sum over ranks r, in rank order, of weight[t, r] * down[position of slot (t, r)]: a
-// fixed order per element and no atomics, so the sum is deterministic.
+// fixed order of fused multiply-adds per element and no atomics, so the sum is deterministic. A
+// slot without an expert makes its row NaN.
 __global__ void combine_kernel(const float* __restrict__ down, const float* __restrict__ weights,
                                const int64_t* __restrict__ position_of, int64_t rows, int64_t hidden, int top_k,
                                float* __restrict__ out) {
@@ -84,8 +163,8 @@ __global__ void combine_kernel(const float* __restrict__ down, const float* __re
   const int64_t t = i / hidden, c = i % hidden;
   float sum = 0.0f;
   for (int r = 0; r < top_k; ++r) {
-    const int64_t slot = t * top_k + r;
-    sum += weights[slot] * down[position_of[slot] * hidden + c];
+    const int64_t slot = t * top_k + r, p = position_of[slot];
+    sum = p < 0 ? NAN : fmaf(weights[slot], down[p * hidden + c], sum);
   }
   out[i] = sum;
 }
@@ -114,13 +193,17 @@ class Carver {
 };
 
 struct MoeBuffers {
-  float* logits;      // [rows, experts]
-  int32_t* chosen;    // [slots]: expert of slot (t, r) = t * k + r
-  float* weights;     // [slots]
-  int64_t* token_at;  // [slots] then position_of [slots], uploaded together
-  float* gathered;    // [slots, hidden]: x rows in expert order; later the down products
-  float* gate;        // [slots, ffn]
-  float* up;          // [slots, ffn]
+  float* logits;          // [rows, experts]
+  int32_t* chosen;        // [slots]: expert of slot (t, r) = t * k + r
+  float* weights;         // [slots]
+  int32_t* rank;          // [slots]: see rank_slots
+  int32_t* tile_counts;   // [tiles, experts + 1]
+  int64_t* begin;         // [experts + 1]: expert e's rows of the grouped matmuls start at begin[e]
+  int64_t* token_at;      // [slots]
+  int64_t* position_of;   // [slots]
+  float* gathered;        // [slots, hidden]: x rows in expert order; later the down products
+  float* gate;            // [slots, ffn]
+  float* up;              // [slots, ffn]
 };
 
 MoeBuffers carve(Carver& carver, int64_t rows, int64_t experts, int64_t slots, int64_t hidden, int64_t ffn) {
@@ -128,11 +211,27 @@ MoeBuffers carve(Carver& carver, int64_t rows, int64_t experts, int64_t slots, i
   b.logits = carver.take<float>(rows * experts);
   b.chosen = carver.take<int32_t>(slots);
   b.weights = carver.take<float>(slots);
-  b.token_at = carver.take<int64_t>(2 * slots);
+  b.rank = carver.take<int32_t>(slots);
+  b.tile_counts = carver.take<int32_t>(ceil_div(slots, kGroupTile) * (experts + 1));
+  b.begin = carver.take<int64_t>(experts + 1);
+  b.token_at = carver.take<int64_t>(slots);
+  b.position_of = carver.take<int64_t>(slots);
   b.gathered = carver.take<float>(slots * hidden);
   b.gate = carver.take<float>(slots * ffn);
   b.up = carver.take<float>(slots * ffn);
   return b;
+}
+
+// The grouping kernels, from b.chosen to b.begin, b.token_at and b.position_of.
+void group_by_expert(const MoeBuffers& b, int64_t slots, int64_t experts, int64_t top_k, cudaStream_t stream) {
+  const int64_t tiles = ceil_div(slots, kGroupTile);
+  rank_slots<<<unsigned(tiles), kWarp, 0, stream>>>(b.chosen, slots, int(experts), b.rank, b.tile_counts);
+  M1_CUDA_CHECK_LAUNCH();
+  place_tiles<<<1, kWarp, 0, stream>>>(b.tile_counts, tiles, int(experts), b.begin);
+  M1_CUDA_CHECK_LAUNCH();
+  place_slots<<<unsigned(ceil_div(slots, kPlaceThreads)), kPlaceThreads, 0, stream>>>(
+      b.chosen, b.rank, b.tile_counts, b.begin, slots, int(experts), int(top_k), b.token_at, b.position_of);
+  M1_CUDA_CHECK_LAUNCH();
 }
 
 }  // namespace
@@ -167,6 +266,8 @@ void moe(const MoeArgs& a, MoeWorkspace& ws, cudaStream_t stream) {
     check_matrix(a.w2[size_t(e)], hidden, ffn, "w2", e);
   }
   if (rows == 0) return;
+  // Ranks and tile counts are int32; INT_MAX slots is far beyond any step.
+  if (rows > INT_MAX / k) fail("MoE: {} rows of {} experts each is too many slots", rows, k);
   const int64_t slots = rows * k;
 
   Carver sizing;
@@ -178,57 +279,22 @@ void moe(const MoeArgs& a, MoeWorkspace& ws, cudaStream_t stream) {
   matmul(a.x, hidden, rows, a.router, b.logits, experts, GemmOperands::kFp32, ws.matmul, stream);
   route(b.logits, rows, experts, k, b.chosen, b.weights, stream);
 
-  // Group the (token, rank) slots by expert with a counting sort in slot order, as the CPU does:
-  // position p of the grouped rows holds token token_at[p], slot s sits at position_of[s], and
-  // expert e owns positions [begin[e], begin[e + 1]).
-  ws.chosen.resize(size_t(slots));
-  M1_CUDA_CHECK(cudaMemcpyAsync(ws.chosen.data(), b.chosen, size_t(slots) * sizeof(int32_t), cudaMemcpyDeviceToHost,
-                                stream));
-  M1_CUDA_CHECK(cudaStreamSynchronize(stream));
-  ws.host_index.assign(size_t(2 * slots + 2 * experts + 1), 0);
-  const std::span<int64_t> all(ws.host_index.data(), ws.host_index.size());
-  const std::span<int64_t> token_at = all.subspan(0, size_t(slots));
-  const std::span<int64_t> position_of = all.subspan(size_t(slots), size_t(slots));
-  const std::span<int64_t> begin = all.subspan(size_t(2 * slots), size_t(experts + 1));
-  const std::span<int64_t> fill = all.subspan(size_t(2 * slots + experts + 1), size_t(experts));
-  for (int32_t e : ws.chosen) {
-    if (e < 0 || e >= experts) fail("MoE: routing chose no expert (non-finite router logits?)");
-    ++begin[size_t(e) + 1];
-  }
-  for (int64_t e = 0; e < experts; ++e) begin[size_t(e + 1)] += begin[size_t(e)];
-  for (int64_t e = 0; e < experts; ++e) fill[size_t(e)] = begin[size_t(e)];
-  for (int64_t slot = 0; slot < slots; ++slot) {
-    const int64_t p = fill[size_t(ws.chosen[size_t(slot)])]++;
-    token_at[size_t(p)] = slot / k;
-    position_of[size_t(slot)] = p;
-  }
-  // From pageable memory the copy is staged before it returns, so host_index may change after.
-  M1_CUDA_CHECK(cudaMemcpyAsync(b.token_at, ws.host_index.data(), size_t(2 * slots) * sizeof(int64_t),
-                                cudaMemcpyHostToDevice, stream));
-  const int64_t* device_position_of = b.token_at + slots;
-
+  group_by_expert(b, slots, experts, k, stream);
   gather_rows(a.x, hidden, b.token_at, slots, b.gathered, stream);
+
   // Every expert's gate and up products, one SwiGLU over all slots, then every down product. The
   // down products overwrite the gathered rows, which the stream has finished reading by then.
-  for (int64_t e = 0; e < experts; ++e) {
-    const int64_t first = begin[size_t(e)], m = begin[size_t(e + 1)] - first;
-    if (m == 0) continue;
-    const float* xs = b.gathered + first * hidden;
-    matmul(xs, hidden, m, a.w1[size_t(e)], b.gate + first * ffn, ffn, a.operands, ws.matmul, stream);
-    matmul(xs, hidden, m, a.w3[size_t(e)], b.up + first * ffn, ffn, a.operands, ws.matmul, stream);
-  }
+  // An expert takes each token at most once, so it has at most `rows` rows. Rows past
+  // begin[experts] (slots without an expert) go through SwiGLU unset and are never read.
+  grouped_matmul(b.gathered, hidden, b.begin, a.w1, slots, rows, b.gate, ffn, a.operands, ws.matmul, stream);
+  grouped_matmul(b.gathered, hidden, b.begin, a.w3, slots, rows, b.up, ffn, a.operands, ws.matmul, stream);
   swiglu(b.gate, b.up, slots * ffn, stream);
   float* down = b.gathered;
-  for (int64_t e = 0; e < experts; ++e) {
-    const int64_t first = begin[size_t(e)], m = begin[size_t(e + 1)] - first;
-    if (m == 0) continue;
-    matmul(b.gate + first * ffn, ffn, m, a.w2[size_t(e)], down + first * hidden, hidden, a.operands, ws.matmul,
-           stream);
-  }
+  grouped_matmul(b.gate, ffn, b.begin, a.w2, slots, rows, down, hidden, a.operands, ws.matmul, stream);
 
   const int64_t blocks = ceil_div(rows * hidden, kCombineThreads);
   if (blocks > INT_MAX) fail("MoE: {} x {} outputs is too many for one launch", rows, hidden);
-  combine_kernel<<<unsigned(blocks), kCombineThreads, 0, stream>>>(down, b.weights, device_position_of, rows, hidden,
+  combine_kernel<<<unsigned(blocks), kCombineThreads, 0, stream>>>(down, b.weights, b.position_of, rows, hidden,
                                                                    int(k), a.out);
   M1_CUDA_CHECK_LAUNCH();
 }

@@ -1,11 +1,11 @@
 #pragma once
-// Top-k mixture of SwiGLU experts on the GPU: router logits and softmax routing in fp32 on the
-// device, tokens grouped by expert so each expert's weights stream once per step, expert products
-// on the batch-invariant matmul, weighted sum in rank order.
+// Top-k mixture of SwiGLU experts on the GPU: router logits and softmax routing in fp32, tokens
+// grouped by expert so each expert's weights stream once per step, expert products on the
+// batch-invariant grouped matmul, weighted sum in rank order. All of it is queued on the stream
+// without waiting for the device, so a decode step can be captured in a CUDA graph.
 
 #include <cstdint>
 #include <span>
-#include <vector>
 
 #include <cuda_runtime.h>
 
@@ -28,12 +28,12 @@ struct MoeArgs {
 // the same stream), so it must outlive the workspace.
 struct MoeWorkspace {
   MoeWorkspace(cudaStream_t stream, DeviceScratch& matmul) : device(stream), matmul(matmul) {}
-  DeviceScratch device;   // routing results, gathered rows, expert activations
+  DeviceScratch device;   // routing results, grouping, gathered rows, expert activations
   DeviceScratch& matmul;  // scratch for the matmul calls
-  std::vector<int32_t> chosen;
-  std::vector<int64_t> host_index;
 };
 
+// A row that routing cannot place (non-finite router logits, from a non-finite row of x) comes
+// out as NaN and leaves the other rows alone: the host never sees the choices to reject it.
 void moe(const MoeArgs& args, MoeWorkspace& workspace, cudaStream_t stream);
 
 // The routing step alone (moe's first kernel, exposed for its test): for each of `rows` rows of

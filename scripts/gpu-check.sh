@@ -20,7 +20,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 BUNDLE=$ROOT/gpu-bundle
 BUILD=$ROOT/build-gpu
-TESTS=(test_cuda_matmul test_cuda_lightning test_cuda_attention test_cuda_moe test_cuda_backend)
+TESTS=(test_cuda_matmul test_cuda_lightning test_cuda_attention test_cuda_moe test_cuda_sampling test_cuda_backend)
 TARGETS=("${TESTS[@]}" bench_cuda m1-bench)
 
 build() {

@@ -293,44 +293,74 @@ bool Engine::run_forward(std::span<const BatchEntry> batch, std::span<const Slot
   return true;
 }
 
+// Every slot with logits gets its tokens in one Backend::sample call: a decoding choice its next
+// token, a consumed prompt the first token of each of its choices (forked here).
 void Engine::take_logits(std::span<const Slot> slots) {
+  struct Owner {
+    Request* request;
+    size_t choice;
+  };
+  std::vector<Owner> owners;
+  std::vector<DrawRequest> draws;
   for (size_t i = 0; i < slots.size(); ++i) {
     Request& r = *slots[i].request;
     // A prefill chunk before the last has no logits; a request may have failed at an earlier slot.
     if (logits_.rows(i) == 0 || r.ended) continue;
+    size_t first = size_t(slots[i].choice), last = first + 1;
+    if (slots[i].choice < 0) {
+      try {
+        start_choices(r);
+      } catch (const std::exception& error) {
+        fail_alone(r, error);  // e.g. a failed fork
+        continue;
+      }
+      first = 0, last = r.choices.size();
+    }
+    for (size_t c = first; c < last; ++c) {
+      owners.push_back({&r, c});
+      draws.push_back(r.choices[c].sampler.next_draw(logits_.first_row(i)));
+    }
+  }
+  if (draws.empty()) return;
+  std::vector<DrawOutcome> outcomes;
+  try {
+    outcomes = model_.backend().sample(logits_.device(), draws);
+  } catch (const std::exception& error) {
+    spdlog::error("sampling {} tokens failed: {}", draws.size(), error.what());
+    for (const Owner& d : owners)
+      if (!d.request->ended) end_request(*d.request, "failed", fmt::format("internal error: {}", error.what()));
+    return;
+  }
+  for (size_t k = 0; k < owners.size(); ++k) {
+    Request& r = *owners[k].request;
+    if (r.ended) continue;
     try {
-      if (slots[i].choice < 0)
-        start_choices(r, logits_.row(i, 0));
-      else
-        emit_token(r, size_t(slots[i].choice), logits_.row(i, 0));
+      if (!outcomes[k].error.empty()) throw Error(outcomes[k].error);  // e.g. logits with NaN
+      emit_token(r, owners[k].choice, std::move(outcomes[k].token));
     } catch (const std::exception& error) {
-      fail_alone(r, error);  // e.g. logits the sampler cannot use (NaN), or a failed fork
+      fail_alone(r, error);
     }
   }
 }
 
-// The prompt is consumed: fork its state into n choices and sample each one's first token.
-void Engine::start_choices(Request& r, std::span<float> logits) {
+// The prompt is consumed: fork its state into the request's n choices.
+void Engine::start_choices(Request& r) {
   const int n = r.params.n;
-  std::vector<float> row;
   for (int c = 0; c < n; ++c) {
     SamplingParams sampling = r.params.sampling;
     sampling.seed += uint64_t(c);  // distinct but reproducible streams per choice
     auto state = c + 1 < n ? r.prompt_state->clone() : std::move(r.prompt_state);
     r.choices.emplace_back(std::move(state), sampling, r.params, tokenizer_);
   }
-  for (int c = 0; c < n; ++c) {
-    row.assign(logits.begin(), logits.end());  // sampling uses its row as scratch
-    emit_token(r, size_t(c), row);
-  }
 }
 
-void Engine::emit_token(Request& r, size_t choice, std::span<float> logits) {
+void Engine::emit_token(Request& r, size_t choice, SampledToken token) {
   Sequence& s = r.choices[choice];
+  s.sampler.accept(token.id);
   GenerationEvent e;
   e.kind = GenerationEvent::Kind::kToken;
   e.choice = int(choice);
-  e.token = s.sampler.sample(logits);
+  e.token = std::move(token);
   const auto now = Clock::now();
   {
     std::lock_guard lock(mutex_);

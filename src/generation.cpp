@@ -80,8 +80,11 @@ GenerationResult generate(Model& model, const Tokenizer& tokenizer, std::span<co
   };
   result.finish_reason = "length";
   for (int64_t i = 0; i < max_tokens; ++i) {
-    auto row = logits.row(0, logits.rows(0) - 1);
-    int32_t token = sampler.sample(row).id;
+    const DrawRequest draw = sampler.next_draw(logits.first_row(0) + logits.rows(0) - 1);
+    DrawOutcome outcome = std::move(model.backend().sample(logits.device(), {&draw, 1}).front());
+    if (!outcome.error.empty()) throw Error(outcome.error);
+    const int32_t token = outcome.token.id;
+    sampler.accept(token);
     result.tokens.push_back(token);
     if (std::find(params.end_tokens.begin(), params.end_tokens.end(), token) != params.end_tokens.end()) {
       result.finish_reason = "stop";

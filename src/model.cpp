@@ -55,7 +55,12 @@ std::vector<float> lightning_decay(int64_t heads, int64_t layer, int64_t layers)
 }
 
 std::span<float> StepLogits::row(size_t entry, int64_t i) {
-  return {data_.data() + (first_row_[entry] + i) * vocab_, size_t(vocab_)};
+  if (!on_host_) {
+    host_.resize(size_t(device_.size()));
+    if (device_.size() > 0) backend_->to_host(device_, host_.data());
+    on_host_ = true;
+  }
+  return {host_.data() + (first_row_[entry] + i) * vocab_, size_t(vocab_)};
 }
 
 std::unique_ptr<Model> Model::load(const std::filesystem::path& dir, Backend& backend) {
@@ -180,6 +185,9 @@ void Model::forward(std::span<const BatchEntry> batch, StepLogits& out) {
   ws.tokens.clear();
   ws.segments.clear();
   ws.wanted_rows.clear();
+  out.backend_ = &backend_;
+  out.device_ = {};
+  out.on_host_ = false;
   out.vocab_ = c.vocab_size;
   out.first_row_.assign(1, 0);
   for (const BatchEntry& e : batch) {
@@ -195,6 +203,23 @@ void Model::forward(std::span<const BatchEntry> batch, StepLogits& out) {
   if (n == 0) return;
   reserve_workspace(n, m);
 
+  backend_.begin_step(ws.segments, m);
+  try {
+    run_step(n, m);
+  } catch (...) {
+    if (!backend_.abandon_step()) throw;
+    run_step(n, m);  // nothing of the step had run: make the calls for real
+  }
+  if (!backend_.end_step()) run_step(n, m);
+  if (m > 0) out.device_ = ws.logits.as(m, c.vocab_size);
+  for (const Segment& s : ws.segments) s.state->advance(s.count);
+}
+
+// The step's calls, from the embedding to the logits of the wanted rows. They have no effect on
+// the host, so a backend may have them made twice (see Backend::begin_step).
+void Model::run_step(int64_t n, int64_t m) {
+  const ModelConfig& c = config_;
+  Workspace& ws = *ws_;
   const int64_t H = c.hidden_size;
   Mat x = ws.x.as(n, H), xn = ws.xn.as(n, H), attn_out = ws.attn_out.as(n, H), mlp_out = ws.mlp_out.as(n, H);
   backend_.embed(embed_, ws.tokens, x);
@@ -212,10 +237,7 @@ void Model::forward(std::span<const BatchEntry> batch, StepLogits& out) {
     backend_.gather_rows(x, ws.wanted_rows, last);
     backend_.rmsnorm(last, final_norm_, float(c.rms_norm_eps), last);
     backend_.matmul(last, lm_head_, logits, Rounding::kNever);  // fp32, as the M1 report requires
-    out.data_.resize(size_t(m * c.vocab_size));
-    backend_.to_host(logits, out.data_.data());
   }
-  for (const Segment& s : ws.segments) s.state->advance(s.count);
 }
 
 void Model::mlp(const Layer& layer, const Mat& xn, Mat out) {

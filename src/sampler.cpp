@@ -233,6 +233,52 @@ int32_t pick_any(std::span<const float> weights, double u) {
   return last_possible;
 }
 
+// Applies the request's penalties to `logits`, keeping the raw logits of the ids they touch.
+void apply_penalties(std::span<float> logits, const DrawRequest& request, std::vector<float>& seen_raw_logits) {
+  const SamplingParams& p = request.params;
+  if (!has_penalties(p) || request.seen.empty()) return;
+  if (request.seen.back() >= std::ssize(logits))
+    fail("token id {} is outside the vocabulary of {} logits", request.seen.back(), logits.size());
+  // Generated ids are a subset of the seen ones, so these are all the logits the penalties touch.
+  seen_raw_logits.resize(request.seen.size());
+  for (size_t i = 0; i < request.seen.size(); ++i) seen_raw_logits[i] = logits[request.seen[i]];
+
+  if (p.repetition_penalty != 1.0f) {
+    for (int32_t id : request.seen) {
+      float& logit = logits[id];
+      logit = logit > 0 ? logit / p.repetition_penalty : logit * p.repetition_penalty;
+    }
+  }
+  for (auto [id, count] : request.generated_counts)
+    logits[id] -= p.frequency_penalty * float(count) + p.presence_penalty;
+}
+
+// The logit of `id` before apply_penalties.
+float raw_logit(int32_t id, std::span<const float> logits, const DrawRequest& request,
+                std::span<const float> seen_raw_logits) {
+  if (has_penalties(request.params)) {
+    const auto at = std::ranges::lower_bound(request.seen, id);
+    if (at != request.seen.end() && *at == id) return seen_raw_logits[size_t(at - request.seen.begin())];
+  }
+  return logits[id];
+}
+
+int32_t draw(std::span<const float> logits, const DrawRequest& request, SampleScratch& scratch) {
+  const SamplingParams& p = request.params;
+  std::vector<float>& weights = scratch.weights;
+  std::vector<int32_t>& candidates = scratch.candidates;
+  compute_weights(logits, max_logit(logits), p.temperature, weights);
+  if (p.top_k == 0 && p.top_p == 1.0f && p.min_p == 0.0f)  // no truncation
+    return pick_any(weights, request.uniform);
+  const double mass = p.top_k > 0 ? gather_top_k(logits, weights, p, candidates)
+                                  : gather_above_floor(weights, p, candidates);
+  if (p.top_p < 1.0f) keep_nucleus(candidates, logits, weights, top_p_fraction(p) * mass);
+  // The kept set is defined by the order of logits; the draw walks it in id order, which a
+  // device can reproduce with a prefix sum instead of a sort.
+  std::ranges::sort(candidates);
+  return pick(candidates, weights, request.uniform);
+}
+
 }  // namespace
 
 void validate(const SamplingParams& p) {
@@ -252,6 +298,21 @@ void validate(const SamplingParams& p) {
     fail("top_logprobs must be in [0, 20], got {}", p.top_logprobs);
 }
 
+bool has_penalties(const SamplingParams& p) {
+  return p.repetition_penalty != 1.0f || p.presence_penalty != 0.0f || p.frequency_penalty != 0.0f;
+}
+
+SampledToken sample_row(std::span<float> logits, const DrawRequest& request, SampleScratch& scratch) {
+  scratch.weights.resize(logits.size());
+  const double log_norm = log_normalizer(logits, scratch.weights);
+  SampledToken token;
+  if (request.params.top_logprobs > 0) token.top = top_alternatives(logits, request.params.top_logprobs, log_norm);
+  apply_penalties(logits, request, scratch.seen_raw_logits);
+  token.id = request.params.temperature == 0.0f ? argmax(logits) : draw(logits, request, scratch);
+  token.logprob = float(double(raw_logit(token.id, logits, request, scratch.seen_raw_logits)) - log_norm);
+  return token;
+}
+
 Sampler::Sampler(const SamplingParams& params, std::span<const int32_t> prompt)
     : params_(params), rng_state_(params.seed), seen_(prompt.begin(), prompt.end()) {
   validate(params);
@@ -261,14 +322,18 @@ Sampler::Sampler(const SamplingParams& params, std::span<const int32_t> prompt)
     fail("prompt token ids must be >= 0, got {}", seen_.front());
 }
 
+DrawRequest Sampler::next_draw(int64_t row) {
+  DrawRequest request;
+  request.row = row;
+  request.params = params_;
+  request.uniform = params_.temperature == 0.0f ? 0.0 : next_uniform();
+  request.seen = seen_;
+  request.generated_counts = generated_counts_;
+  return request;
+}
+
 SampledToken Sampler::sample(std::span<float> logits) {
-  weights_.resize(logits.size());
-  const double log_norm = log_normalizer(logits, weights_);
-  SampledToken token;
-  if (params_.top_logprobs > 0) token.top = top_alternatives(logits, params_.top_logprobs, log_norm);
-  apply_penalties(logits);
-  token.id = params_.temperature == 0.0f ? argmax(logits) : draw(logits);
-  token.logprob = float(double(raw_logit(token.id, logits)) - log_norm);
+  SampledToken token = sample_row(logits, next_draw(), scratch_);
   accept(token.id);
   return token;
 }
@@ -283,49 +348,6 @@ void Sampler::accept(int32_t id) {
     ++count_at->second;
   else
     generated_counts_.insert(count_at, {id, 1});
-}
-
-bool Sampler::penalties_active() const {
-  return params_.repetition_penalty != 1.0f || params_.presence_penalty != 0.0f ||
-         params_.frequency_penalty != 0.0f;
-}
-
-void Sampler::apply_penalties(std::span<float> logits) {
-  if (!penalties_active() || seen_.empty()) return;
-  if (seen_.back() >= std::ssize(logits))
-    fail("token id {} is outside the vocabulary of {} logits", seen_.back(), logits.size());
-  // Generated ids are a subset of seen_, so these are all the logits the penalties touch.
-  seen_raw_logits_.resize(seen_.size());
-  for (size_t i = 0; i < seen_.size(); ++i) seen_raw_logits_[i] = logits[seen_[i]];
-
-  const float repetition = params_.repetition_penalty;
-  if (repetition != 1.0f) {
-    for (int32_t id : seen_) {
-      float& logit = logits[id];
-      logit = logit > 0 ? logit / repetition : logit * repetition;
-    }
-  }
-  for (auto [id, count] : generated_counts_)
-    logits[id] -= params_.frequency_penalty * float(count) + params_.presence_penalty;
-}
-
-float Sampler::raw_logit(int32_t id, std::span<const float> logits) const {
-  if (penalties_active()) {
-    const auto at = std::ranges::lower_bound(seen_, id);
-    if (at != seen_.end() && *at == id) return seen_raw_logits_[at - seen_.begin()];
-  }
-  return logits[id];
-}
-
-int32_t Sampler::draw(std::span<const float> logits) {
-  compute_weights(logits, max_logit(logits), params_.temperature, weights_);
-  if (params_.top_k == 0 && params_.top_p == 1.0f && params_.min_p == 0.0f)  // no truncation
-    return pick_any(weights_, next_uniform());
-  const double mass = params_.top_k > 0 ? gather_top_k(logits, weights_, params_, candidates_)
-                                        : gather_above_floor(weights_, params_, candidates_);
-  if (params_.top_p < 1.0f)
-    keep_nucleus(candidates_, logits, weights_, top_p_fraction(params_) * mass);
-  return pick(candidates_, weights_, next_uniform());
 }
 
 double Sampler::next_uniform() {

@@ -112,15 +112,19 @@ std::vector<float> take_rows(const std::vector<float>& strided, int64_t stride, 
 }
 
 // Runs one step of `entries` (in this order of rows) on the GPU, checks it against the oracle,
-// advances the caches and returns the GPU's rotated q, k and output per entry.
-std::vector<EntryResult> run_step(const Shape& s, const std::vector<Entry>& entries, DeviceScratch& scratch) {
+// advances the caches and returns the GPU's rotated q, k and output per entry. With
+// `declare_capacity`, each segment tells its cache's whole room (AttentionSegment::capacity).
+std::vector<EntryResult> run_step(const Shape& s, const std::vector<Entry>& entries, DeviceScratch& scratch,
+                                  bool declare_capacity = false) {
   // Odd strides with random padding, so a stride mix-up shows.
   const int64_t q_stride = s.q_width() + 3, k_stride = s.kv_width() + 1, v_stride = s.kv_width() + 2,
                 out_stride = s.q_width() + 5;
   int64_t rows = 0;
   std::vector<AttentionSegment> segments;
   for (const Entry& e : entries) {
-    segments.push_back({rows, e.count, e.cache->length, e.cache->device_keys.get(), e.cache->device_values.get()});
+    const int64_t capacity = declare_capacity ? int64_t(e.cache->keys.size()) / s.kv_width() : 0;
+    segments.push_back(
+        {rows, e.count, e.cache->length, e.cache->device_keys.get(), e.cache->device_values.get(), capacity});
     rows += e.count;
   }
   std::vector<float> q = random_floats(size_t(rows * q_stride)), k = random_floats(size_t(rows * k_stride)),
@@ -333,6 +337,28 @@ TEST(CudaAttention, BatchInvariance) {
   EXPECT_TRUE(prefill_alone.device_values.download() == prefill_shared.device_values.download());
   EXPECT_TRUE(decode_alone.device_keys.download() == decode_shared.device_keys.download());
   EXPECT_TRUE(decode_alone.device_values.download() == decode_shared.device_values.download());
+}
+
+TEST(CudaAttention, DecodeLaunchSizedByCapacity) {
+  M1_REQUIRE_CUDA();
+  DeviceScratch scratch;
+  // Room for 20,001 keys: 64 launch slots (the most any length up to it needs, at 16,384 keys),
+  // of which a 5,000-key row uses 20; the results must be those of a launch sized by length.
+  const Shape s{16, 2, 128, 64};
+  const uint64_t seed_a = rng()(), seed_b = rng()();
+  Cache sized_a(s.kv_width(), 20001), sized_b(s.kv_width(), 300), plain_a(s.kv_width(), 20001), plain_b(s.kv_width(), 300);
+  sized_a.fill_prefix(4999, seed_a);
+  plain_a.fill_prefix(4999, seed_a);
+  sized_b.fill_prefix(100, seed_b);
+  plain_b.fill_prefix(100, seed_b);
+  Entry a = make_entry(s, plain_a, 1), b = make_entry(s, plain_b, 1);
+  const std::vector<EntryResult> plain = run_step(s, {a, b}, scratch);
+  a.cache = &sized_a;
+  b.cache = &sized_b;
+  const std::vector<EntryResult> sized = run_step(s, {a, b}, scratch, true);
+  for (size_t i = 0; i < 2; ++i)
+    EXPECT_EQ(std::memcmp(plain[i].out.data(), sized[i].out.data(), plain[i].out.size() * sizeof(float)), 0)
+        << "segment " << i;
 }
 
 // Needs no GPU: the shapes are rejected before anything is launched.

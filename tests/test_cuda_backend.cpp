@@ -6,15 +6,19 @@
 #include <gtest/gtest.h>
 
 #include <cstdio>
+#include <cstring>
 #include <random>
 #include <string>
 #include <vector>
 
+#include "cuda_backend.h"
+#include "cuda_check.h"
 #include "cuda_test_support.h"
 #include "golden_support.h"
 #include "m1/error.h"
 #include "m1/model.h"
 #include "m1/synthetic.h"
+#include "sampling_checks.h"
 #include "test_support.h"
 
 namespace m1 {
@@ -46,6 +50,20 @@ TEST(CudaBackendAvailability, ReferenceKernelsAreRefused) {
     FAIL() << "the CUDA backend accepted reference kernels";
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("reference kernels run on the CPU only"), std::string::npos) << e.what();
+  }
+}
+
+// Sampling on the device against the host reference, at the real model's vocabulary too.
+TEST(CudaBackendSampling, MatchesSampleRow) {
+  M1_REQUIRE_CUDA();
+  auto backend = create_backend(BackendOptions{"cuda", 0, Precision::kFast, false});
+  for (int64_t vocab : {1, 7, 1000, 200064}) {
+    const SamplingCase c = sampling_case(vocab, 29 + uint64_t(vocab));
+    Buffer logits(*backend, c.rows, c.vocab);
+    M1_CUDA_CHECK(cudaDeviceSynchronize());  // the allocation is ordered on the backend's stream
+    M1_CUDA_CHECK(cudaMemcpy(logits.mat().data, c.logits.data(), c.logits.size() * sizeof(float), cudaMemcpyHostToDevice));
+    SCOPED_TRACE(vocab);
+    expect_matches_sample_row(*backend, logits.mat(), c);
   }
 }
 
@@ -174,6 +192,41 @@ TEST_P(CudaVersusCpu, MixedPrefillAndDecodeAgree) {
                 exact ? "exact" : "fast", err);
     EXPECT_LE(err, exact ? kExactBound : kFastBound) << (exact ? "exact" : "fast");
   }
+}
+
+// Decode steps replayed as CUDA graphs give the bits eager launches give, through changes of the
+// batch, a KV cache that grows (moving memory, so graphs are recorded again) and a prefill in between.
+TEST(CudaGraphs, ReplayedDecodeStepsMatchEagerOnes) {
+  M1_REQUIRE_CUDA();
+  ModelConfig config = preset("tiny").config;
+  config.attn_type_list = {0, 1, 0, 1};  // two softmax layers: KV caches, split-K decode
+  std::mt19937 rng(5);
+  std::uniform_int_distribution<int32_t> token(0, int32_t(config.vocab_size - 1));
+  auto tokens = [&](size_t n) {
+    std::vector<int32_t> t(n);
+    for (int32_t& x : t) x = token(rng);
+    return t;
+  };
+  std::vector<Step> steps;
+  steps.push_back({{{0, tokens(240)}, {1, tokens(9)}, {2, tokens(30)}}});
+  for (int i = 0; i < 30; ++i) steps.push_back({{{0, tokens(1)}, {1, tokens(1)}, {2, tokens(1)}}});  // 0 passes 256 keys
+  steps.push_back({{{1, tokens(50)}}});
+  for (int i = 0; i < 12; ++i) steps.push_back({{{2, tokens(1)}, {1, tokens(1)}}});
+  std::vector<float> eager, replayed;
+  for (bool graphs : {false, true}) {
+    auto backend = create_backend(BackendOptions{"cuda", 0, Precision::kFast, false, graphs});
+    Model model(config, random_checkpoint(config, DType::kBF16, 3), *backend);
+    (graphs ? replayed : eager) = run_schedule(model, steps);
+    const cuda::StepGraphs::Stats& stats = static_cast<cuda::CudaBackend&>(*backend).graph_stats();
+    std::printf("graphs %s: %lld eager, %lld recorded, %lld replayed, %lld rejected steps\n", graphs ? "on" : "off",
+                (long long)stats.eager, (long long)stats.recorded, (long long)stats.replayed, (long long)stats.rejected);
+    if (!graphs) continue;
+    EXPECT_EQ(stats.rejected, 0);
+    EXPECT_GE(stats.recorded, 3);  // the first batch, again once its caches grew, the second batch
+    EXPECT_GE(stats.replayed, 30);
+  }
+  ASSERT_EQ(eager.size(), replayed.size());
+  EXPECT_EQ(std::memcmp(eager.data(), replayed.data(), eager.size() * sizeof(float)), 0);
 }
 
 INSTANTIATE_TEST_SUITE_P(Dtypes, CudaVersusCpu, ::testing::Values(DType::kBF16, DType::kF16, DType::kF32),

@@ -1,6 +1,8 @@
 // The CUDA mixture of experts against the CPU oracle (m1::cpu::route for the routing alone,
-// m1::cpu::moe_reference for the whole layer) on fresh random inputs with awkward sizes, and its
-// batch invariance. Set M1_TEST_SEED to replay a failure; every test prints the seed it used.
+// m1::cpu::moe_reference for the whole layer) on fresh random inputs with awkward sizes, its batch
+// invariance and its capture in a CUDA graph (no host round trip); and the grouped matmul it runs
+// on, bit for bit against matmul on each group alone. Set M1_TEST_SEED to replay a failure; every
+// test prints the seed it used.
 
 #include <gtest/gtest.h>
 
@@ -8,7 +10,9 @@
 #include <cmath>
 #include <cstring>
 #include <functional>
+#include <numeric>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "cpu/matmul.h"
@@ -18,6 +22,7 @@
 #include "device_scratch.h"
 #include "m1/dtype.h"
 #include "m1/error.h"
+#include "matmul.h"
 #include "moe.h"
 #include "test_support.h"
 
@@ -222,9 +227,11 @@ TEST_F(CudaMoeTest, MatchesReference) {
   struct Case {
     int64_t rows, experts, top_k, hidden, ffn;
   };
-  const Case cases[] = {{1, 4, 1, 48, 80},    {2, 8, 2, 100, 36},    {5, 32, 3, 256, 512}, {33, 8, 3, 48, 80},
+  // The last two have more slots than one grouping tile (1024) ranks.
+  const Case cases[] = {{1, 4, 1, 48, 80},     {2, 8, 2, 100, 36},    {5, 32, 3, 256, 512}, {33, 8, 3, 48, 80},
                         {130, 32, 2, 100, 36}, {130, 4, 3, 48, 80},   {33, 32, 1, 256, 512}, {5, 4, 2, 100, 36},
-                        {2, 32, 3, 48, 80},    {130, 8, 1, 256, 512}, {9, 8, 2, 33, 17}};  // odd: unaligned rows
+                        {2, 32, 3, 48, 80},    {130, 8, 1, 256, 512}, {9, 8, 2, 33, 17},  // odd: unaligned rows
+                        {1100, 4, 2, 48, 80},  {700, 32, 3, 100, 36}};
   TestWorkspace workspace(stream_);  // shared by every case: grows and is reused
   for (DType dtype : {DType::kBF16, DType::kF16, DType::kF32})
     for (const Case& c : cases) {
@@ -246,13 +253,13 @@ TEST_F(CudaMoeTest, MatchesReference) {
     }
 }
 
-// A row's output is bit-identical alone, in a small batch and among 100 rows, whatever the
-// other rows route to and whatever the workspace held before.
+// A row's output is bit-identical alone, in a small batch and among 600 rows (1200 slots: two
+// grouping tiles), whatever the other rows route to and whatever the workspace held before.
 TEST_F(CudaMoeTest, RowsAreBatchInvariant) {
   SCOPED_TRACE("seed " + std::to_string(seed()));
   for (auto [hidden, ffn] : {std::pair<int64_t, int64_t>{100, 36}, {256, 512}}) {
     const TestMoe m(8, 2, hidden, ffn, DType::kBF16);
-    const int64_t rows = 100;
+    const int64_t rows = 600;
     const std::vector<float> x = random_floats(size_t(rows * hidden), 1.0f);
     for (GemmOperands operands : {GemmOperands::kFp32, GemmOperands::kBf16}) {
       TestWorkspace workspace(stream_);
@@ -260,7 +267,7 @@ TEST_F(CudaMoeTest, RowsAreBatchInvariant) {
       // Bit-equal NaNs would pass the comparisons below.
       EXPECT_TRUE(std::all_of(all.begin(), all.end(), [](float v) { return std::isfinite(v); }))
           << "hidden " << hidden << (operands == GemmOperands::kBf16 ? ", bf16" : ", fp32");
-      for (auto [first, count] : {std::pair<int64_t, int64_t>{0, 1}, {37, 1}, {99, 1}, {40, 7}}) {
+      for (auto [first, count] : {std::pair<int64_t, int64_t>{0, 1}, {37, 1}, {599, 1}, {40, 7}, {500, 100}}) {
         const std::vector<float> part(x.begin() + first * hidden, x.begin() + (first + count) * hidden);
         TestWorkspace fresh(stream_);
         for (TestWorkspace* w : {&fresh, &workspace}) {
@@ -291,15 +298,135 @@ TEST_F(CudaMoeTest, RejectsBadArguments) {
   a = m.args(x_device.get(), 3, GemmOperands::kFp32, out_device.get());
   a.w3 = std::span<const DeviceMatrix>(m.w3).first(3);
   EXPECT_THROW(moe(a, workspace.moe, stream_), Error);
-
-  // A non-finite row routes to no expert: a clear error, not an out-of-range expert index.
-  x[48 + 5] = NAN;
-  DeviceArray<float> nan_device(x);
-  a = m.args(nan_device.get(), 3, GemmOperands::kFp32, out_device.get());
-  EXPECT_THROW(moe(a, workspace.moe, stream_), Error);
   // No rows: nothing to do, nothing launched.
-  a.rows = 0;
+  a = m.args(x_device.get(), 0, GemmOperands::kFp32, out_device.get());
   EXPECT_NO_THROW(moe(a, workspace.moe, stream_));
+}
+
+// A non-finite row routes to no expert: its output is NaN, never an out-of-range expert index,
+// and the rows beside it come out as they do alone.
+TEST_F(CudaMoeTest, NonFiniteRowGivesNanAndLeavesOthersAlone) {
+  const TestMoe m(4, 2, 48, 80, DType::kBF16);
+  TestWorkspace workspace(stream_);
+  std::vector<float> x = random_floats(size_t(3 * 48), 1.0f);
+  x[48 + 5] = NAN;
+  const std::vector<float> got = run_moe(m, x, 3, GemmOperands::kFp32, workspace.moe, stream_);
+  EXPECT_TRUE(std::all_of(got.begin() + 48, got.begin() + 96, [](float v) { return std::isnan(v); }));
+  for (int64_t row : {0, 2}) {
+    const std::vector<float> alone(x.begin() + row * 48, x.begin() + (row + 1) * 48);
+    const std::vector<float> want = run_moe(m, alone, 1, GemmOperands::kFp32, workspace.moe, stream_);
+    EXPECT_TRUE(std::all_of(want.begin(), want.end(), [](float v) { return std::isfinite(v); }));
+    EXPECT_EQ(0, std::memcmp(want.data(), got.data() + row * 48, want.size() * sizeof(float))) << "row " << row;
+  }
+}
+
+// A warm layer queues its work without waiting for the device or copying to the host, so it can
+// be captured in a CUDA graph (a synchronise or a device-to-host copy fails the capture); the
+// replay gives the bits of a direct call.
+TEST_F(CudaMoeTest, CapturesInAGraph) {
+  SCOPED_TRACE("seed " + std::to_string(seed()));
+  const TestMoe m(8, 2, 100, 36, DType::kBF16);
+  for (int64_t rows : {1, 40}) {
+    for (GemmOperands operands : {GemmOperands::kFp32, GemmOperands::kBf16}) {
+      const std::vector<float> x = random_floats(size_t(rows * m.hidden), 1.0f);
+      TestWorkspace workspace(stream_);
+      const std::vector<float> direct = run_moe(m, x, rows, operands, workspace.moe, stream_);  // also warms it
+      DeviceArray<float> x_device(x), out_device(direct.size());
+      cudaGraph_t graph = nullptr;
+      M1_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeGlobal));
+      try {
+        moe(m.args(x_device.get(), rows, operands, out_device.get()), workspace.moe, stream_);
+      } catch (const Error& e) {
+        cudaStreamEndCapture(stream_, &graph);
+        if (graph) cudaGraphDestroy(graph);
+        FAIL() << "while capturing " << rows << " rows: " << e.what();
+      }
+      M1_CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
+      cudaGraphExec_t exec = nullptr;
+      M1_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+      M1_CUDA_CHECK(cudaGraphLaunch(exec, stream_));
+      M1_CUDA_CHECK(cudaStreamSynchronize(stream_));
+      const std::vector<float> replayed = out_device.download();
+      cudaGraphExecDestroy(exec);
+      cudaGraphDestroy(graph);
+      EXPECT_TRUE(std::all_of(direct.begin(), direct.end(), [](float v) { return std::isfinite(v); }));
+      EXPECT_EQ(0, std::memcmp(replayed.data(), direct.data(), direct.size() * sizeof(float)))
+          << rows << " rows" << (operands == GemmOperands::kBf16 ? ", bf16" : ", fp32");
+    }
+  }
+}
+
+// The grouped matmul against matmul on each group's rows alone, bit for bit, at awkward sizes:
+// empty groups, one group with every row, 1 to 1000 rows, inner and outer sizes off every tile
+// and chunk (600: three chunks of partials), more groups than one launch takes (70), and bounds on
+// the rows per group that are too low (1), tight and loose: skinny and tiled kernels, the same bits.
+// Rows before, between (none) and after the groups must keep what they held.
+TEST_F(CudaMoeTest, GroupedMatmulMatchesMatmulPerGroup) {
+  SCOPED_TRACE("seed " + std::to_string(seed()));
+  std::vector<int64_t> many(70);
+  for (size_t g = 0; g < many.size(); ++g) many[g] = int64_t(g % 7 == 3 ? 0 : g % 5);
+  const std::vector<std::vector<int64_t>> patterns = {
+      {1}, {0, 3, 0}, {0, 33, 0, 0}, {5, 0, 100, 1, 151}, {300, 0, 1, 699}, many};
+  const float kUntouched = -7.25f;
+  for (DType dtype : {DType::kBF16, DType::kF16, DType::kF32})
+    for (auto [k, n] : {std::pair<int64_t, int64_t>{72, 200}, {200, 72}, {600, 72}})
+      for (const std::vector<int64_t>& counts : patterns) {
+        const int64_t groups = int64_t(counts.size()), lead = 2;
+        const int64_t total = std::accumulate(counts.begin(), counts.end(), int64_t(0));
+        const int64_t rows = lead + total + 1, ldx = k + 3, ldo = n + 5;
+        std::vector<int64_t> offsets = {lead};
+        for (int64_t c : counts) offsets.push_back(offsets.back() + c);
+        const int64_t most = *std::max_element(counts.begin(), counts.end());
+
+        std::vector<TestWeight> weights;
+        weights.reserve(size_t(groups));
+        std::vector<DeviceMatrix> w;
+        for (int64_t g = 0; g < groups; ++g) {
+          weights.emplace_back(dtype, n, k, 1.0f / std::sqrt(float(k)));
+          w.push_back(weights.back().device);
+        }
+        const std::vector<float> x = random_floats(size_t(rows * ldx), 1.0f);
+        DeviceArray<float> x_device(x);
+        DeviceArray<int64_t> offsets_device(offsets);
+        DeviceScratch scratch(stream_);
+
+        for (GemmOperands operands : {GemmOperands::kFp32, GemmOperands::kBf16}) {
+          // Each group alone through matmul, into the same rows of `want`.
+          DeviceArray<float> want_device(std::vector<float>(size_t(rows * ldo), kUntouched));
+          for (int64_t g = 0; g < groups; ++g)
+            matmul(x_device.get() + offsets[size_t(g)] * ldx, ldx, counts[size_t(g)], w[size_t(g)],
+                   want_device.get() + offsets[size_t(g)] * ldo, ldo, operands, scratch, stream_);
+          M1_CUDA_CHECK(cudaStreamSynchronize(stream_));
+          const std::vector<float> want = want_device.download();
+          for (int64_t bound : {int64_t(1), most, rows}) {
+            DeviceArray<float> out_device(std::vector<float>(size_t(rows * ldo), kUntouched));
+            grouped_matmul(x_device.get(), ldx, offsets_device.get(), w, rows, bound, out_device.get(), ldo, operands,
+                           scratch, stream_);
+            M1_CUDA_CHECK(cudaStreamSynchronize(stream_));
+            const std::vector<float> got = out_device.download();
+            bool finite = true;
+            for (int64_t r = lead; r < lead + total; ++r)
+              for (int64_t c = 0; c < n; ++c) finite = finite && std::isfinite(got[size_t(r * ldo + c)]);
+            EXPECT_TRUE(finite);
+            EXPECT_EQ(0, std::memcmp(got.data(), want.data(), got.size() * sizeof(float)))
+                << dtype_name(dtype) << (operands == GemmOperands::kBf16 ? " bf16" : " fp32") << ", k " << k
+                << ", n " << n << ", " << groups << " groups of " << total << " rows, bound " << bound;
+          }
+        }
+      }
+}
+
+TEST_F(CudaMoeTest, GroupedMatmulRejectsMixedWeights) {
+  TestWorkspace workspace(stream_);
+  const TestWeight a(DType::kBF16, 8, 16, 1.0f), b(DType::kF16, 8, 16, 1.0f), c(DType::kBF16, 9, 16, 1.0f);
+  DeviceArray<float> x(64), out(64);
+  DeviceArray<int64_t> offsets(std::vector<int64_t>{0, 1, 2});
+  for (const TestWeight* other : {&b, &c}) {
+    const std::vector<DeviceMatrix> w = {a.device, other->device};
+    EXPECT_THROW(grouped_matmul(x.get(), 16, offsets.get(), w, 2, 1, out.get(), 8, GemmOperands::kFp32,
+                                workspace.matmul, stream_),
+                 Error);
+  }
 }
 
 }  // namespace

@@ -7,6 +7,7 @@
 
 #include "m1/engine.h"
 #include "m1/generation.h"
+#include "sampling_checks.h"
 
 namespace m1 {
 namespace {
@@ -174,6 +175,16 @@ TEST_F(EngineTest, RejectsWhatCanNeverRun) {
   Outcome o = collect(*engine.submit(request(1, 60, 50)), 1);
   EXPECT_EQ(o.tokens[0].size(), 4u);
   EXPECT_EQ(o.finish[0], "length");
+}
+
+TEST_F(EngineTest, BackendSamplingMatchesSampleRow) {
+  for (int64_t vocab : {1, 7, 1000, 50000}) {
+    const SamplingCase c = sampling_case(vocab, 17 + uint64_t(vocab));
+    Buffer logits(*backend_, c.rows, c.vocab);
+    std::copy(c.logits.begin(), c.logits.end(), logits.mat().data);  // the CPU backend's memory is the host's
+    SCOPED_TRACE(vocab);
+    expect_matches_sample_row(*backend_, logits.mat(), c);
+  }
 }
 
 TEST_F(EngineTest, FullQueueIsBusy) {

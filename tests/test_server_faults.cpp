@@ -13,6 +13,7 @@
 #include <stdexcept>
 
 #include "m1/engine.h"
+#include "forwarding_backend.h"
 #include "m1/model.h"
 #include "server_harness.h"
 
@@ -237,43 +238,23 @@ TEST_F(ServerFaultTest, RemainingClientErrorsAreOpenAiErrors) {
 
 // The CPU backend, except that a step holding the token `poison` throws in its softmax
 // attention: after the lightning layers before it have updated the state of every entry.
-class FaultyBackend final : public Backend {
+class FaultyBackend final : public ForwardingBackend {
  public:
-  explicit FaultyBackend(int32_t poison) : inner_(create_backend(BackendOptions{"cpu", 1})), poison_(poison) {}
+  explicit FaultyBackend(int32_t poison)
+      : ForwardingBackend(create_backend(BackendOptions{"cpu", 1})), poison_(poison) {}
 
   std::string name() const override { return "faulty " + inner_->name(); }
-  Weight upload(const TensorView& tensor) override { return inner_->upload(tensor); }
-  Mat alloc(int64_t rows, int64_t cols) override { return inner_->alloc(rows, cols); }
-  void free(Mat m) override { inner_->free(m); }
-  void to_host(const Mat& m, float* host) override { inner_->to_host(m, host); }
-  std::unique_ptr<SequenceState> new_state(const StateShape& shape) override { return inner_->new_state(shape); }
   void embed(const Weight& table, std::span<const int32_t> tokens, Mat out) override {
     poisoned_ = std::find(tokens.begin(), tokens.end(), poison_) != tokens.end();
     inner_->embed(table, tokens, out);
-  }
-  void gather_rows(const Mat& x, std::span<const int64_t> rows, Mat out) override { inner_->gather_rows(x, rows, out); }
-  void rmsnorm(const Mat& x, const Weight& w, float eps, Mat out) override { inner_->rmsnorm(x, w, eps, out); }
-  void matmul(const Mat& x, const Weight& w, Mat out, Rounding rounding) override { inner_->matmul(x, w, out, rounding); }
-  void silu(Mat x) override { inner_->silu(x); }
-  void sigmoid_gate(const Mat& gate, Mat x) override { inner_->sigmoid_gate(gate, x); }
-  void swiglu(Mat gate, const Mat& up) override { inner_->swiglu(gate, up); }
-  void add_scaled(const Mat& a, float alpha, const Mat& b, float beta, Mat out) override {
-    inner_->add_scaled(a, alpha, b, beta, out);
-  }
-  void blend_sigmoid(Mat x, const Mat& y, const Mat& coef) override { inner_->blend_sigmoid(x, y, coef); }
-  void lightning_attention(const Mat& qkv, std::span<const Segment> segments, int64_t layer,
-                           std::span<const float> decay, Mat out) override {
-    inner_->lightning_attention(qkv, segments, layer, decay, out);
   }
   void softmax_attention(Mat q, Mat k, const Mat& v, std::span<const Segment> segments, int64_t layer,
                          const AttentionParams& params, Mat out) override {
     if (poisoned_) throw std::runtime_error("injected fault");
     inner_->softmax_attention(q, k, v, segments, layer, params, out);
   }
-  void moe(const Mat& x, const MoeWeights& w, Mat out) override { inner_->moe(x, w, out); }
 
  private:
-  std::unique_ptr<Backend> inner_;
   int32_t poison_;
   bool poisoned_ = false;
 };

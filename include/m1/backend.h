@@ -11,6 +11,7 @@
 
 #include "m1/dtype.h"
 #include "m1/safetensors.h"
+#include "m1/sampler.h"
 
 namespace m1 {
 
@@ -95,6 +96,15 @@ class Backend {
   virtual ~Backend() = default;
   virtual std::string name() const = 0;
 
+  // Brackets the calls of one forward step over `segments` with `logit_rows` rows of logits. A
+  // backend may record a step's calls and replay them later instead of making them (the CUDA
+  // backend does so for decode steps). end_step() false: the calls since begin_step() were not
+  // carried out, and the caller makes them again. After an exception inside the bracket,
+  // abandon_step() true: nothing of the step ran, so the calls may be made again.
+  virtual void begin_step(std::span<const Segment> segments, int64_t logit_rows) {}
+  virtual bool end_step() { return true; }
+  virtual bool abandon_step() { return false; }
+
   // Memory. Weights are uploaded once at load (the CPU backend uses the mapped file in place).
   virtual Weight upload(const TensorView& tensor) = 0;
   virtual Mat alloc(int64_t rows, int64_t cols) = 0;
@@ -133,6 +143,11 @@ class Backend {
   // Top-k mixture of SwiGLU experts with renormalised softmax routing (fp32); expert products
   // follow the precision.
   virtual void moe(const Mat& x, const MoeWeights& w, Mat out) = 0;
+
+  // Draws tokens from rows of `logits` [rows, vocab] as m1::sample_row does, one outcome per
+  // request; several requests may read one row (each sees it unpenalised). Only the outcomes
+  // reach the host, not the rows.
+  virtual std::vector<DrawOutcome> sample(const Mat& logits, std::span<const DrawRequest> draws) = 0;
 };
 
 // RAII ownership of a backend allocation.
@@ -168,6 +183,8 @@ struct BackendOptions {
   Precision precision = Precision::kFast;  // the tools' default too: see README, Correctness
   // Run the naive reference kernels (the oracle the fast kernels are tested against).
   bool reference_kernels = false;
+  // CUDA: replay decode steps as CUDA graphs (the environment's M1_CUDA_GRAPHS=0 turns them off).
+  bool cuda_graphs = true;
 };
 
 // Throws m1::Error for an unknown device, or one this build or machine lacks.

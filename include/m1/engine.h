@@ -134,8 +134,8 @@ class Engine {
   void plan_step(std::vector<BatchEntry>& batch, std::vector<Slot>& slots);
   bool run_forward(std::span<const BatchEntry> batch, std::span<const Slot> slots);
   void take_logits(std::span<const Slot> slots);
-  void start_choices(Request& r, std::span<float> logits);
-  void emit_token(Request& r, size_t choice, std::span<float> logits);
+  void start_choices(Request& r);
+  void emit_token(Request& r, size_t choice, SampledToken token);
   void finish_choice(Request& r, size_t choice, const std::string& reason);
   void fail_alone(Request& r, const std::exception& error);
   void end_request(Request& r, const std::string& outcome, const std::string& error = {});

@@ -25,19 +25,27 @@ struct BatchEntry {
   LogitsFor logits = LogitsFor::kLast;
 };
 
-// Host-side logits of one step: for each entry, one row per position it asked for.
+// The logits of one step: for each entry, one row per position it asked for. They stay on the
+// backend's device (valid until the model's next forward), where Backend::sample draws from them;
+// row() copies them to the host on first use.
 class StepLogits {
  public:
   int64_t vocab() const { return vocab_; }
   int64_t rows(size_t entry) const { return first_row_[entry + 1] - first_row_[entry]; }
-  // Row i of entry's logits (the last position for LogitsFor::kLast).
+  // Where entry's rows start in device().
+  int64_t first_row(size_t entry) const { return first_row_[entry]; }
+  const Mat& device() const { return device_; }
+  // Row i of entry's logits on the host (the last position for LogitsFor::kLast).
   std::span<float> row(size_t entry, int64_t i);
 
  private:
   friend class Model;
+  Backend* backend_ = nullptr;
+  Mat device_;
   int64_t vocab_ = 0;
   std::vector<int64_t> first_row_;
-  std::vector<float> data_;
+  std::vector<float> host_;
+  bool on_host_ = false;
 };
 
 class Model {
@@ -64,6 +72,7 @@ class Model {
   void attention(const Layer& layer, int64_t index, std::span<const Segment> segments, const Mat& xn, Mat out);
   void mlp(const Layer& layer, const Mat& xn, Mat out);
   void check_batch(std::span<const BatchEntry> batch) const;
+  void run_step(int64_t n, int64_t m);
   void reserve_workspace(int64_t rows, int64_t logit_rows);
 
   ModelConfig config_;

@@ -1,9 +1,12 @@
 #pragma once
 // Picks the next token from a row of logits: penalties, temperature, top-k, top-p, min-p, and a
-// seeded random draw that gives the same tokens for the same seed on every machine.
+// seeded random draw that gives the same tokens for the same seed on every machine. A Sampler holds
+// one sequence's state (random stream, token counts); the draw itself is a pure function of the row
+// and a DrawRequest, so a backend can run it where the logits are (Backend::sample).
 
 #include <cstdint>
 #include <span>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -23,6 +26,8 @@ struct SamplingParams {
 
 // Throws m1::Error naming the first parameter out of range (e.g. "top_p must be in (0, 1]").
 void validate(const SamplingParams& params);
+// Whether any of the penalties changes the logits.
+bool has_penalties(const SamplingParams& params);
 
 struct SampledToken {
   int32_t id = -1;
@@ -31,31 +36,57 @@ struct SampledToken {
                                                  // masked (-inf) tokens are left out
 };
 
+// Everything one draw needs besides its row of logits. The spans point into the Sampler that made
+// the request and stay valid until its next accept().
+struct DrawRequest {
+  int64_t row = 0;                // which row of a step's logits
+  SamplingParams params;          // the seed is not used: `uniform` is the draw's randomness
+  double uniform = 0.0;           // in [0, 1); unused when temperature is 0
+  std::span<const int32_t> seen;  // sorted unique prompt + generated ids (repetition penalty)
+  std::span<const std::pair<int32_t, int32_t>> generated_counts;  // sorted (id, count)
+};
+
+// A draw's result, or why its row has no distribution (NaN, all -inf, +inf, an id outside the
+// vocabulary): one bad row fails its own request, not the others of a batch.
+struct DrawOutcome {
+  SampledToken token;
+  std::string error;  // empty when the token is valid
+};
+
+// Reused buffers of sample_row.
+struct SampleScratch {
+  std::vector<float> weights;          // exp((logit - max) / temperature) per token
+  std::vector<float> seen_raw_logits;  // logits of the seen ids before the penalties
+  std::vector<int32_t> candidates;
+};
+
+// The draw on the host, the reference every backend's sampling matches: penalties, temperature,
+// top-k, min-p, top-p, then the inverse-CDF draw with `uniform` over the kept tokens in id order.
+// Log-probabilities are those of the raw logits (before penalties, temperature and truncation),
+// as OpenAI-compatible servers report them. `logits` (the full vocabulary) is used as scratch.
+// Throws m1::Error when the row has no distribution.
+SampledToken sample_row(std::span<float> logits, const DrawRequest& request, SampleScratch& scratch);
+
 // One per sequence: owns the random stream and the token counts that penalties need.
 class Sampler {
  public:
   Sampler(const SamplingParams& params, std::span<const int32_t> prompt);
-  // Chooses a token from `logits` (one row, the full vocabulary); the row is used as scratch.
-  // Log-probabilities are those of the raw logits (before penalties, temperature and
-  // truncation), as OpenAI-compatible servers report them.
-  SampledToken sample(std::span<float> logits);
+  // The request for this sequence's next draw from `row` of a step's logits; takes the next
+  // number of the random stream when the draw is random.
+  DrawRequest next_draw(int64_t row = 0);
   // Records a token as generated (sample() does this for its own choice).
   void accept(int32_t id);
+  // next_draw, sample_row on a host row (used as scratch) and accept, in one.
+  SampledToken sample(std::span<float> logits);
 
  private:
-  bool penalties_active() const;
-  void apply_penalties(std::span<float> logits);
-  float raw_logit(int32_t id, std::span<const float> logits) const;  // undoes apply_penalties
-  int32_t draw(std::span<const float> logits);
   double next_uniform();
 
   SamplingParams params_;
   uint64_t rng_state_;
-  std::vector<int32_t> seen_;            // sorted unique prompt + generated ids (repetition)
-  std::vector<std::pair<int32_t, int32_t>> generated_counts_;  // sorted (id, count)
-  std::vector<float> seen_raw_logits_;   // scratch: logits of seen_ before the penalties
-  std::vector<float> weights_;           // scratch: exp((logit - max) / temperature) per token
-  std::vector<int32_t> candidates_;      // scratch, reused across calls
+  std::vector<int32_t> seen_;
+  std::vector<std::pair<int32_t, int32_t>> generated_counts_;
+  SampleScratch scratch_;
 };
 
 }  // namespace m1

@@ -172,4 +172,20 @@ void CpuBackend::moe(const Mat& x, const MoeWeights& w, Mat out) {
     cpu::moe(pool_, x, w, out, operands(Rounding::kAllowed), moe_scratch_);
 }
 
+std::vector<DrawOutcome> CpuBackend::sample(const Mat& logits, std::span<const DrawRequest> draws) {
+  std::vector<DrawOutcome> outcomes(draws.size());
+  for (size_t i = 0; i < draws.size(); ++i) {
+    const DrawRequest& draw = draws[i];
+    if (draw.row < 0 || draw.row >= logits.rows) fail("sample: row {} is outside the {} rows of logits", draw.row, logits.rows);
+    const float* row = logits.data + draw.row * logits.cols;
+    sample_row_.assign(row, row + logits.cols);
+    try {
+      outcomes[i].token = sample_row(sample_row_, draw, sample_scratch_);
+    } catch (const Error& error) {
+      outcomes[i].error = error.what();
+    }
+  }
+  return outcomes;
+}
+
 }  // namespace m1::cpu

@@ -37,6 +37,7 @@ class CpuBackend final : public Backend {
   void softmax_attention(Mat q, Mat k, const Mat& v, std::span<const Segment> segments, int64_t layer,
                          const AttentionParams& params, Mat out) override;
   void moe(const Mat& x, const MoeWeights& w, Mat out) override;
+  std::vector<DrawOutcome> sample(const Mat& logits, std::span<const DrawRequest> draws) override;
 
  private:
   // Runs fn(row) over rows, split across the pool in contiguous blocks.
@@ -51,6 +52,8 @@ class CpuBackend final : public Backend {
   bool reference_;
   MoeScratch moe_scratch_;
   std::vector<std::pair<size_t, int64_t>> attention_tasks_;  // (segment, first query row)
+  std::vector<float> sample_row_;  // the row a draw may use as scratch
+  SampleScratch sample_scratch_;
 };
 
 }  // namespace m1::cpu

@@ -31,8 +31,10 @@ rm -rf "$work/model"
 server=$!
 trap 'kill $server 2>/dev/null || true' EXIT
 
+# Up to 30 s: on a loaded 2-core machine (ctest -j2 beside the load test) startup can take seconds.
 port=
-for _ in $(seq 250); do
+for _ in $(seq 1500); do
+  if ! kill -0 $server 2>/dev/null; then break; fi
   if grep -q "ready" "$work/serve.log"; then
     port=$(sed -n 's|.*listening on http://127.0.0.1:\([0-9]*\).*|\1|p' "$work/serve.log")
     break

@@ -1,0 +1,56 @@
+#pragma once
+// A backend that hands every call to another one: tests derive from it to change one behaviour
+// (inject a fault, play a recording backend) and keep the rest real.
+
+#include <memory>
+
+#include "m1/backend.h"
+
+namespace m1 {
+
+class ForwardingBackend : public Backend {
+ public:
+  explicit ForwardingBackend(std::unique_ptr<Backend> inner) : inner_(std::move(inner)) {}
+
+  std::string name() const override { return inner_->name(); }
+  void begin_step(std::span<const Segment> segments, int64_t logit_rows) override {
+    inner_->begin_step(segments, logit_rows);
+  }
+  bool end_step() override { return inner_->end_step(); }
+  bool abandon_step() override { return inner_->abandon_step(); }
+  Weight upload(const TensorView& tensor) override { return inner_->upload(tensor); }
+  Mat alloc(int64_t rows, int64_t cols) override { return inner_->alloc(rows, cols); }
+  void free(Mat m) override { inner_->free(m); }
+  void to_host(const Mat& m, float* host) override { inner_->to_host(m, host); }
+  std::unique_ptr<SequenceState> new_state(const StateShape& shape) override { return inner_->new_state(shape); }
+  void embed(const Weight& table, std::span<const int32_t> tokens, Mat out) override {
+    inner_->embed(table, tokens, out);
+  }
+  void gather_rows(const Mat& x, std::span<const int64_t> rows, Mat out) override { inner_->gather_rows(x, rows, out); }
+  void rmsnorm(const Mat& x, const Weight& w, float eps, Mat out) override { inner_->rmsnorm(x, w, eps, out); }
+  void matmul(const Mat& x, const Weight& w, Mat out, Rounding rounding) override { inner_->matmul(x, w, out, rounding); }
+  void silu(Mat x) override { inner_->silu(x); }
+  void sigmoid_gate(const Mat& gate, Mat x) override { inner_->sigmoid_gate(gate, x); }
+  void swiglu(Mat gate, const Mat& up) override { inner_->swiglu(gate, up); }
+  void add_scaled(const Mat& a, float alpha, const Mat& b, float beta, Mat out) override {
+    inner_->add_scaled(a, alpha, b, beta, out);
+  }
+  void blend_sigmoid(Mat x, const Mat& y, const Mat& coef) override { inner_->blend_sigmoid(x, y, coef); }
+  void lightning_attention(const Mat& qkv, std::span<const Segment> segments, int64_t layer,
+                           std::span<const float> decay, Mat out) override {
+    inner_->lightning_attention(qkv, segments, layer, decay, out);
+  }
+  void softmax_attention(Mat q, Mat k, const Mat& v, std::span<const Segment> segments, int64_t layer,
+                         const AttentionParams& params, Mat out) override {
+    inner_->softmax_attention(q, k, v, segments, layer, params, out);
+  }
+  void moe(const Mat& x, const MoeWeights& w, Mat out) override { inner_->moe(x, w, out); }
+  std::vector<DrawOutcome> sample(const Mat& logits, std::span<const DrawRequest> draws) override {
+    return inner_->sample(logits, draws);
+  }
+
+ protected:
+  std::unique_ptr<Backend> inner_;
+};
+
+}  // namespace m1

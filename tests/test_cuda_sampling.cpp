@@ -1,0 +1,348 @@
+// The CUDA sampler against m1::sample_row, the host reference, on fresh random rows: every mix
+// of greedy, plain, top-k, top-p, min-p and penalties, with top log-probabilities; several draws
+// of one row with their own penalties in one call; rows without a distribution. Set
+// M1_TEST_SEED to replay a failure; every test prints the seed it used.
+//
+// The chosen ids must be EQUAL to the host's. The weights are the same bits on both sides
+// (fast_exp.h), only the order of the double sums differs, so a different id needs the draw's
+// target within about 1e-15 (relative) of a boundary between two tokens: never in practice.
+// Log-probabilities are compared within 1e-5 absolute (the log-normaliser's sum order differs).
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "cuda_test_support.h"
+#include "device_scratch.h"
+#include "m1/error.h"
+#include "m1/sampler.h"
+#include "sampling.h"
+#include "test_support.h"
+
+namespace m1::cuda {
+namespace {
+
+using test::DeviceArray;
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kLogprobTolerance = 1e-5f;
+
+// One draw as the host sampler states it, with the penalty lists it points into.
+struct TestDraw {
+  DrawRequest request;
+  std::vector<int32_t> seen;
+  std::vector<std::pair<int32_t, int32_t>> counts;
+};
+
+// Logits on a grid of quarter steps, so ties are common, with a fraction of masked (-inf) tokens
+// (never the whole row).
+std::vector<float> random_row(int64_t vocab, double masked_fraction, float scale) {
+  auto& rng = testing::rng();
+  std::normal_distribution<float> normal(0.0f, scale);
+  std::uniform_real_distribution<double> unit(0.0, 1.0);
+  std::vector<float> row(static_cast<size_t>(vocab));
+  for (float& logit : row) logit = unit(rng) < masked_fraction ? kNegInf : std::round(normal(rng) * 4.0f) / 4.0f;
+  row[size_t(std::uniform_int_distribution<int64_t>(0, vocab - 1)(rng))] = scale;
+  return row;
+}
+
+// A sorted sample of distinct ids, and counts for a subset of them (the generated tokens).
+void random_penalty_lists(int64_t vocab, TestDraw& draw) {
+  auto& rng = testing::rng();
+  const int64_t wanted = std::min<int64_t>(vocab, 1 + int64_t(rng() % 300));
+  for (int64_t i = 0; i < wanted; ++i) draw.seen.push_back(int32_t(rng() % uint64_t(vocab)));
+  std::ranges::sort(draw.seen);
+  draw.seen.erase(std::unique(draw.seen.begin(), draw.seen.end()), draw.seen.end());
+  for (int32_t id : draw.seen)
+    if (rng() % 2) draw.counts.push_back({id, int32_t(1 + rng() % 4)});
+}
+
+// The host's answer for one draw, or the status its error stands for.
+DrawResult host_result(const std::vector<float>& row, const TestDraw& draw) {
+  DrawRequest request = draw.request;
+  request.seen = draw.seen;
+  request.generated_counts = draw.counts;
+  std::vector<float> scratch_row = row;
+  SampleScratch scratch;
+  DrawResult result;
+  try {
+    const SampledToken token = sample_row(scratch_row, request, scratch);
+    result.id = token.id;
+    result.logprob = token.logprob;
+    result.top_count = int32_t(token.top.size());
+    for (size_t i = 0; i < token.top.size(); ++i) {
+      result.top_ids[i] = token.top[i].first;
+      result.top_logprobs[i] = token.top[i].second;
+    }
+  } catch (const Error& e) {
+    const std::string message = e.what();
+    result.status = message.find("NaN") != std::string::npos        ? kDrawNan
+                    : message.find("all -inf") != std::string::npos ? kDrawAllMasked
+                    : message.find("+inf") != std::string::npos     ? kDrawPositiveInf
+                                                                    : -1;
+  }
+  return result;
+}
+
+// Every draw on the device in one call.
+std::vector<DrawResult> device_results(const std::vector<float>& logits, int64_t vocab,
+                                       const std::vector<TestDraw>& draws) {
+  std::vector<DeviceDraw> device_draws;
+  std::vector<int32_t> seen, counts;
+  for (const TestDraw& draw : draws) {
+    const SamplingParams& p = draw.request.params;
+    DeviceDraw d;
+    d.row = draw.request.row;
+    d.temperature = p.temperature;
+    d.top_p = p.top_p;
+    d.min_p = p.min_p;
+    d.top_k = p.top_k;
+    d.top_logprobs = p.top_logprobs;
+    d.uniform = draw.request.uniform;
+    d.presence_penalty = p.presence_penalty;
+    d.frequency_penalty = p.frequency_penalty;
+    d.repetition_penalty = p.repetition_penalty;
+    d.seen_begin = int64_t(seen.size());
+    d.seen_count = int64_t(draw.seen.size());
+    d.counts_begin = int64_t(counts.size() / 2);
+    d.counts_count = int64_t(draw.counts.size());
+    seen.insert(seen.end(), draw.seen.begin(), draw.seen.end());
+    for (auto [id, count] : draw.counts) {
+      counts.push_back(id);
+      counts.push_back(count);
+    }
+    device_draws.push_back(d);
+  }
+  DeviceArray<float> device_logits(logits);
+  DeviceArray<DeviceDraw> device_draw_array(device_draws);
+  DeviceArray<int32_t> device_seen(seen), device_counts(counts);
+  DeviceArray<DrawResult> results(draws.size());
+  DeviceScratch scratch;
+  SampleArgs args;
+  args.logits = device_logits.get();
+  args.vocab = vocab;
+  args.draws = device_draws;
+  args.device_draws = device_draw_array.get();
+  args.seen = device_seen.get();
+  args.generated_counts = device_counts.get();
+  args.results = results.get();
+  sample(args, scratch, nullptr);
+  M1_CUDA_CHECK(cudaDeviceSynchronize());
+  return results.download();
+}
+
+std::string describe(const TestDraw& draw) {
+  const SamplingParams& p = draw.request.params;
+  return "row " + std::to_string(draw.request.row) + " temperature " + std::to_string(p.temperature) +
+         " top_k " + std::to_string(p.top_k) + " top_p " + std::to_string(p.top_p) + " min_p " +
+         std::to_string(p.min_p) + " penalties " + std::to_string(!draw.seen.empty()) + " top_logprobs " +
+         std::to_string(p.top_logprobs) + " uniform " + std::to_string(draw.request.uniform);
+}
+
+// Runs the draws on both sides and compares them draw by draw.
+void expect_matches_host(const std::vector<float>& logits, int64_t vocab, const std::vector<TestDraw>& draws) {
+  SCOPED_TRACE("seed " + std::to_string(testing::seed()));
+  const std::vector<DrawResult> device = device_results(logits, vocab, draws);
+  ASSERT_EQ(device.size(), draws.size());
+  for (size_t i = 0; i < draws.size(); ++i) {
+    SCOPED_TRACE("vocab " + std::to_string(vocab) + ", draw " + std::to_string(i) + ": " + describe(draws[i]));
+    const int64_t row = draws[i].request.row;
+    const DrawResult expected =
+        host_result(std::vector<float>(logits.begin() + row * vocab, logits.begin() + (row + 1) * vocab), draws[i]);
+    ASSERT_NE(expected.status, -1) << "the host failed for another reason";
+    ASSERT_EQ(device[i].status, expected.status);
+    if (expected.status != kDrawOk) continue;
+    EXPECT_EQ(device[i].id, expected.id);
+    EXPECT_TRUE(std::isfinite(device[i].logprob));
+    EXPECT_NEAR(device[i].logprob, expected.logprob, kLogprobTolerance);
+    ASSERT_EQ(device[i].top_count, expected.top_count);
+    for (int j = 0; j < expected.top_count; ++j) {
+      EXPECT_EQ(device[i].top_ids[j], expected.top_ids[j]) << "alternative " << j;
+      EXPECT_TRUE(std::isfinite(device[i].top_logprobs[j]));
+      EXPECT_NEAR(device[i].top_logprobs[j], expected.top_logprobs[j], kLogprobTolerance) << "alternative " << j;
+    }
+  }
+}
+
+// Every mix of the options over `rows` random rows, draws spread across the rows so that several
+// read the same row with different penalties.
+void check_every_mix(int64_t vocab, int64_t rows) {
+  auto& rng = testing::rng();
+  std::uniform_real_distribution<double> unit(0.0, 1.0);
+  std::vector<float> logits;
+  for (int64_t r = 0; r < rows; ++r) {
+    const std::vector<float> row = random_row(vocab, r % 2 ? 0.3 : 0.0, r % 3 == 2 ? 8.0f : 2.0f);
+    logits.insert(logits.end(), row.begin(), row.end());
+  }
+  const int top_logprobs_choices[] = {0, 5, 20};
+  std::vector<TestDraw> draws;
+  auto add = [&](SamplingParams params, bool penalised) {
+    TestDraw draw;
+    draw.request.row = int64_t(draws.size()) % rows;
+    params.top_logprobs = top_logprobs_choices[draws.size() % 3];
+    if (penalised) {
+      params.repetition_penalty = 1.3f;
+      params.frequency_penalty = 0.5f;
+      params.presence_penalty = 0.75f;
+      random_penalty_lists(vocab, draw);
+    }
+    draw.request.params = params;
+    // Near the top, but not within rounding of it: there the tokens of negligible weight at the
+    // end of the id order would each be a right answer.
+    draw.request.uniform = draws.size() % 7 == 3 ? 0.0 : draws.size() % 7 == 5 ? 0.999999 : unit(rng);
+    draws.push_back(std::move(draw));
+  };
+  for (bool penalised : {false, true}) {
+    SamplingParams greedy;
+    greedy.temperature = 0.0f;
+    add(greedy, penalised);
+    for (int top_k : {0, 1, 40, int(vocab) + 3})
+      for (float top_p : {0.5f, 0.9f, 1.0f})
+        for (float min_p : {0.0f, 0.05f}) {
+          SamplingParams p;
+          p.temperature = top_k == 40 ? 0.7f : 1.0f;
+          p.top_k = top_k;
+          p.top_p = top_p;
+          p.min_p = min_p;
+          add(p, penalised);
+        }
+  }
+  expect_matches_host(logits, vocab, draws);
+}
+
+TEST(CudaSampling, MatchesHostOnTinyVocabularies) {
+  M1_REQUIRE_CUDA();
+  check_every_mix(1, 1);
+  check_every_mix(7, 3);
+}
+
+TEST(CudaSampling, MatchesHostOnMidSizedVocabularies) {
+  M1_REQUIRE_CUDA();
+  check_every_mix(1000, 3);
+  check_every_mix(50000, 2);
+}
+
+TEST(CudaSampling, MatchesHostOnTheModelVocabulary) {
+  M1_REQUIRE_CUDA();
+  check_every_mix(200064, 3);
+}
+
+// A flat row: the nucleus and the top-k set hold most of the vocabulary, so the selection runs
+// its partitioning passes instead of finishing among the first survivors.
+TEST(CudaSampling, MatchesHostWhenTheKeptSetIsLarge) {
+  M1_REQUIRE_CUDA();
+  const int64_t vocab = 60001;
+  auto& rng = testing::rng();
+  std::uniform_real_distribution<float> small(-0.5f, 0.5f);
+  std::vector<float> logits(static_cast<size_t>(vocab));
+  for (float& logit : logits) logit = std::round(small(rng) * 64.0f) / 64.0f;
+  std::vector<TestDraw> draws;
+  for (int top_k : {0, 5000, 30000})
+    for (float top_p : {0.3f, 0.95f, 1.0f}) {
+      TestDraw draw;
+      draw.request.params.top_k = top_k;
+      draw.request.params.top_p = top_p;
+      draw.request.params.top_logprobs = 20;
+      draw.request.uniform = std::uniform_real_distribution<double>(0.0, 1.0)(rng);
+      draws.push_back(std::move(draw));
+    }
+  expect_matches_host(logits, vocab, draws);
+}
+
+// More draws than the launch has blocks: blocks take several draws each.
+TEST(CudaSampling, MatchesHostWithManyDraws) {
+  M1_REQUIRE_CUDA();
+  const int64_t vocab = 3001, rows = 400;
+  std::vector<float> logits;
+  for (int64_t r = 0; r < rows; ++r) {
+    const std::vector<float> row = random_row(vocab, 0.1, 3.0f);
+    logits.insert(logits.end(), row.begin(), row.end());
+  }
+  std::vector<TestDraw> draws(static_cast<size_t>(rows));
+  for (int64_t r = 0; r < rows; ++r) {
+    TestDraw& draw = draws[size_t(r)];
+    draw.request.row = r;
+    draw.request.params.top_k = int(r % 3) * 20;
+    draw.request.params.top_p = r % 2 ? 0.8f : 1.0f;
+    draw.request.params.top_logprobs = int(r % 4);
+    draw.request.uniform = double(r) / double(rows);
+  }
+  expect_matches_host(logits, vocab, draws);
+}
+
+// Rows without a distribution fail their own draws only, with checked_max's precedence: NaN, then
+// all -inf, then +inf.
+TEST(CudaSampling, ReportsRowsWithoutADistribution) {
+  M1_REQUIRE_CUDA();
+  const int64_t vocab = 1500;
+  const float nan = std::numeric_limits<float>::quiet_NaN(), inf = std::numeric_limits<float>::infinity();
+  std::vector<std::vector<float>> rows(6, random_row(vocab, 0.2, 2.0f));
+  rows[1][700] = nan;
+  std::fill(rows[2].begin(), rows[2].end(), kNegInf);
+  rows[3][vocab - 1] = inf;
+  rows[4][3] = inf;
+  rows[4][1400] = nan;  // NaN wins over +inf
+  rows[5][0] = -nan;
+  std::vector<float> logits;
+  for (const auto& row : rows) logits.insert(logits.end(), row.begin(), row.end());
+  std::vector<TestDraw> draws(rows.size() * 2);
+  for (size_t i = 0; i < draws.size(); ++i) {
+    draws[i].request.row = int64_t(i % rows.size());
+    draws[i].request.params.temperature = i < rows.size() ? 0.0f : 1.0f;
+    draws[i].request.params.top_logprobs = 3;
+    draws[i].request.uniform = 0.5;
+  }
+  expect_matches_host(logits, vocab, draws);
+  const std::vector<DrawResult> device = device_results(logits, vocab, draws);
+  const int32_t expected[] = {kDrawOk, kDrawNan, kDrawAllMasked, kDrawPositiveInf, kDrawNan, kDrawNan};
+  for (size_t i = 0; i < draws.size(); ++i) EXPECT_EQ(device[i].status, expected[i % rows.size()]) << "draw " << i;
+}
+
+// The same call twice gives the same bits.
+TEST(CudaSampling, IsDeterministic) {
+  M1_REQUIRE_CUDA();
+  const int64_t vocab = 200064;
+  const std::vector<float> logits = random_row(vocab, 0.05, 1.0f);  // flat enough for a wide nucleus
+  std::vector<TestDraw> draws(4);
+  for (size_t i = 0; i < draws.size(); ++i) {
+    draws[i].request.params.top_p = 0.9f;
+    draws[i].request.params.top_k = i % 2 ? 0 : 100000;
+    draws[i].request.params.top_logprobs = 20;
+    draws[i].request.uniform = 0.25 * double(i) + 0.1;
+  }
+  const std::vector<DrawResult> first = device_results(logits, vocab, draws);
+  const std::vector<DrawResult> second = device_results(logits, vocab, draws);
+  const auto bits = [](float value) { return std::bit_cast<uint32_t>(value); };
+  for (size_t i = 0; i < draws.size(); ++i) {
+    SCOPED_TRACE("draw " + std::to_string(i));
+    ASSERT_EQ(first[i].status, kDrawOk);
+    EXPECT_EQ(second[i].status, kDrawOk);
+    EXPECT_EQ(first[i].id, second[i].id);
+    EXPECT_EQ(bits(first[i].logprob), bits(second[i].logprob));
+    ASSERT_EQ(first[i].top_count, second[i].top_count);
+    for (int j = 0; j < first[i].top_count; ++j) {
+      EXPECT_EQ(first[i].top_ids[j], second[i].top_ids[j]);
+      EXPECT_EQ(bits(first[i].top_logprobs[j]), bits(second[i].top_logprobs[j]));
+    }
+  }
+}
+
+TEST(CudaSampling, RejectsTooManyTopLogprobs) {
+  M1_REQUIRE_CUDA();
+  std::vector<DeviceDraw> draws(1);
+  draws[0].top_logprobs = kMaxTopLogprobs + 1;
+  DeviceScratch scratch;
+  SampleArgs args;
+  args.vocab = 10;
+  args.draws = draws;
+  testing::expect_error([&] { sample(args, scratch, nullptr); }, {"top_logprobs"});
+}
+
+}  // namespace
+}  // namespace m1::cuda
