@@ -1,6 +1,7 @@
 // bench_cuda: the CUDA backend against the GPU's limits measured in the same run (device-to-device
 // copy bandwidth, cuBLAS bf16 GEMM throughput): matrix products, lightning attention at the real
-// model's layer shape, flash-style softmax prefill, and whole decode steps of the bench preset.
+// model's layer shape, flash-style softmax prefill, token sampling at the real vocabulary, and whole
+// decode steps of the bench preset (CUDA graphs on and off).
 // Prints a table; --json FILE writes the same figures.
 
 #include <algorithm>
@@ -30,6 +31,7 @@
 #include "m1/synthetic.h"
 #include "m1/weights.h"
 #include "matmul.h"
+#include "sampling.h"
 
 namespace {
 
@@ -217,6 +219,33 @@ void bench_lightning_decode(Report& report, const Limits& limits, cudaStream_t s
               bytes / (ms * 1e-3) / 1e9, "GB/s", bytes / (ms * 1e-3) / 1e9 / limits.copy_gb_s});
 }
 
+// Token draws for `batch` rows of the real model's 200,064 logits: greedy, or nucleus sampling
+// (temperature 0.8, top-p 0.9) with 5 alternatives' log-probabilities. Bytes: the logits, read once.
+void bench_sampling(Report& report, const Limits& limits, cudaStream_t stream, int64_t batch, bool nucleus) {
+  const int64_t vocab = 200064;
+  DeviceArray<float> logits(size_t(batch * vocab));
+  fill_random(logits, 3, 10);
+  std::vector<m1::cuda::DeviceDraw> draws(static_cast<size_t>(batch));
+  for (int64_t b = 0; b < batch; ++b) {
+    m1::cuda::DeviceDraw& d = draws[size_t(b)];
+    d.row = b;
+    d.temperature = nucleus ? 0.8f : 0.0f;
+    d.top_p = nucleus ? 0.9f : 1.0f;
+    d.top_logprobs = nucleus ? 5 : 0;
+    d.uniform = double(b + 1) / double(batch + 2);
+  }
+  DeviceArray<m1::cuda::DeviceDraw> device_draws(draws);
+  DeviceArray<m1::cuda::DrawResult> results(draws.size());
+  DeviceArray<int32_t> none(1);
+  m1::cuda::DeviceScratch scratch(stream);
+  m1::cuda::SampleArgs args{logits.get(), vocab, draws, device_draws.get(), none.get(), none.get(), results.get()};
+  const double ms = time_ms(stream, 20, [&] { m1::cuda::sample(args, scratch, stream); });
+  const double bytes = double(batch * vocab) * sizeof(float);
+  report.add({fmt::format("sampling, vocab 200064, batch {}, {} ({:.1f} us)", batch,
+                          nucleus ? "top-p 0.9 + 5 logprobs" : "greedy", ms * 1e3),
+              ms, bytes / (ms * 1e-3) / 1e9, "GB/s", bytes / (ms * 1e-3) / 1e9 / limits.copy_gb_s});
+}
+
 // Causal flash-style prefill of `tokens` tokens: 64 query heads, 8 KV heads, d = 128, RoPE on 64 dims.
 void bench_flash_prefill(Report& report, const Limits& limits, cudaStream_t stream, int64_t tokens) {
   const int64_t heads = 64, kv_heads = 8, d = 128;
@@ -317,6 +346,8 @@ int run(const std::string& json_path, bool quick) {
   bench_lightning_prefill(report, limits, stream, 8192, 65536, false);
   for (int64_t tokens : quick ? std::vector<int64_t>{8192} : std::vector<int64_t>{8192, 65536})
     bench_flash_prefill(report, limits, stream, tokens);
+  for (int64_t batch : {1, 32})
+    for (bool nucleus : {false, true}) bench_sampling(report, limits, stream, batch, nucleus);
   for (int64_t batch : {1, 32})
     for (bool graphs : {false, true}) bench_decode_step(report, limits, batch, 512, graphs);
 

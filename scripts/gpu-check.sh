@@ -80,7 +80,7 @@ echo "gpu-check: tests done after $(( $(date +%s) - start )) s"
 
 quick=--quick
 [[ "${M1_GPU_FULL:-0}" == 1 ]] && quick=
-timeout 120 "$BIN/bench_cuda" $quick --json "$OUT/bench_cuda.json" | tee "$OUT/bench_cuda.txt" || status=1
+timeout 180 "$BIN/bench_cuda" $quick --json "$OUT/bench_cuda.json" | tee "$OUT/bench_cuda.txt" || status=1
 echo "gpu-check: kernels measured after $(( $(date +%s) - start )) s"
 
 if [[ "${M1_GPU_E2E:-1}" != 0 ]]; then
