@@ -182,7 +182,12 @@ void CudaBackend::gather_rows(const Mat& x, std::span<const int64_t> rows, Mat o
 
 void CudaBackend::rmsnorm(const Mat& x, const Weight& w, float eps, Mat out) {
   if (replaying("rmsnorm", x.data, x.rows, x.cols, w.data, eps, out.data)) return;
-  cuda::rmsnorm(x.data, x.rows, x.cols, device_matrix(w), eps, out.data, stream_);
+  cuda::rmsnorm(x.data, x.rows, x.cols, device_matrix(w), eps, nullptr, out.data, stream_);
+}
+
+void CudaBackend::rmsnorm_gated(const Mat& x, const Weight& w, float eps, const Mat& gate, Mat out) {
+  if (replaying("rmsnorm_gated", x.data, x.rows, x.cols, w.data, eps, gate.data, out.data)) return;
+  cuda::rmsnorm(x.data, x.rows, x.cols, device_matrix(w), eps, gate.data, out.data, stream_);
 }
 
 void CudaBackend::matmul(const Mat& x, const Weight& w, Mat out, Rounding rounding) {
@@ -193,11 +198,6 @@ void CudaBackend::matmul(const Mat& x, const Weight& w, Mat out, Rounding roundi
 void CudaBackend::silu(Mat x) {
   if (replaying("silu", x.data, x.size())) return;
   cuda::silu(x.data, x.size(), stream_);
-}
-
-void CudaBackend::sigmoid_gate(const Mat& gate, Mat x) {
-  if (replaying("sigmoid_gate", gate.data, x.data, x.size())) return;
-  cuda::sigmoid_gate(gate.data, x.data, x.size(), stream_);
 }
 
 void CudaBackend::swiglu(Mat gate, const Mat& up) {

@@ -61,7 +61,7 @@ __global__ void gather(const float* x, int64_t cols, const int64_t* rows, int64_
 // Each thread sums the squares of its strided elements in order; warps then combine by a fixed
 // butterfly, and warp 0 combines the warp sums the same way.
 __global__ __launch_bounds__(kThreads) void rmsnorm_rows(const float* x, int64_t rows, int64_t cols, const void* w,
-                                                         DType w_dtype, float eps, float* out) {
+                                                         DType w_dtype, float eps, const float* gate, float* out) {
   __shared__ float warp_sums[kThreads / 32];
   __shared__ float inverse;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -82,17 +82,17 @@ __global__ __launch_bounds__(kThreads) void rmsnorm_rows(const float* x, int64_t
     __syncthreads();
     const float inv = inverse;
     float* orow = out + row * cols;
-    for (int64_t c = threadIdx.x; c < cols; c += kThreads) orow[c] = load_weight(w, w_dtype, c) * (xr[c] * inv);
+    const float* grow = gate ? gate + row * cols : nullptr;
+    for (int64_t c = threadIdx.x; c < cols; c += kThreads) {
+      const float normed = load_weight(w, w_dtype, c) * (xr[c] * inv);
+      orow[c] = grow ? normed * sigmoid(grow[c]) : normed;
+    }
     __syncthreads();  // warp_sums and inverse are reused by the next row
   }
 }
 
 __global__ void silu_kernel(float* x, int64_t n) {
   for_each_index(n, [&](int64_t i) { x[i] = silu(x[i]); });
-}
-
-__global__ void sigmoid_gate_kernel(const float* gate, float* x, int64_t n) {
-  for_each_index(n, [&](int64_t i) { x[i] *= sigmoid(gate[i]); });
 }
 
 __global__ void swiglu_kernel(float* gate, const float* up, int64_t n) {
@@ -124,22 +124,16 @@ void gather_rows(const float* x, int64_t cols, const int64_t* rows, int64_t n, f
   M1_CUDA_CHECK_LAUNCH();
 }
 
-void rmsnorm(const float* x, int64_t rows, int64_t cols, const DeviceMatrix& w, float eps, float* out,
+void rmsnorm(const float* x, int64_t rows, int64_t cols, const DeviceMatrix& w, float eps, const float* gate, float* out,
              cudaStream_t stream) {
   if (rows == 0) return;
-  rmsnorm_rows<<<row_grid(rows), kThreads, 0, stream>>>(x, rows, cols, w.data, w.dtype, eps, out);
+  rmsnorm_rows<<<row_grid(rows), kThreads, 0, stream>>>(x, rows, cols, w.data, w.dtype, eps, gate, out);
   M1_CUDA_CHECK_LAUNCH();
 }
 
 void silu(float* x, int64_t n, cudaStream_t stream) {
   if (n == 0) return;
   silu_kernel<<<grid_for(n, kThreads), kThreads, 0, stream>>>(x, n);
-  M1_CUDA_CHECK_LAUNCH();
-}
-
-void sigmoid_gate(const float* gate, float* x, int64_t n, cudaStream_t stream) {
-  if (n == 0) return;
-  sigmoid_gate_kernel<<<grid_for(n, kThreads), kThreads, 0, stream>>>(gate, x, n);
   M1_CUDA_CHECK_LAUNCH();
 }
 

@@ -14,12 +14,11 @@ namespace m1::cuda {
 void embed(const DeviceMatrix& table, const int32_t* tokens, int64_t n, float* out, cudaStream_t stream);
 // out[i] = x[rows[i]] (rows in device memory).
 void gather_rows(const float* x, int64_t cols, const int64_t* rows, int64_t n, float* out, cudaStream_t stream);
-// out = w * x / sqrt(mean(x^2) + eps), per row; out may alias x.
-void rmsnorm(const float* x, int64_t rows, int64_t cols, const DeviceMatrix& w, float eps, float* out,
+// out = w * x / sqrt(mean(x^2) + eps), per row, times sigmoid(gate) elementwise when `gate` (same
+// shape as x) is given; out may alias x.
+void rmsnorm(const float* x, int64_t rows, int64_t cols, const DeviceMatrix& w, float eps, const float* gate, float* out,
              cudaStream_t stream);
 void silu(float* x, int64_t n, cudaStream_t stream);
-// x *= sigmoid(gate)
-void sigmoid_gate(const float* gate, float* x, int64_t n, cudaStream_t stream);
 // gate = silu(gate) * up
 void swiglu(float* gate, const float* up, int64_t n, cudaStream_t stream);
 // out = alpha * a + beta * b; out may alias a or b.

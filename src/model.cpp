@@ -162,10 +162,9 @@ void Model::attention(const Layer& layer, int64_t index, std::span<const Segment
     backend_.matmul(xn, layer.qkv, qkv, Rounding::kAllowed);
     backend_.silu(qkv);
     backend_.lightning_attention(qkv, segments, slot, layer.decay, o);
-    backend_.rmsnorm(o, layer.attn_norm, 1e-6f, o);  // DESIGN.md: 1e-6 here, not rms_norm_eps
     Mat gate = ws.gate.as(n, hd);
     backend_.matmul(xn, layer.output_gate, gate, Rounding::kAllowed);
-    backend_.sigmoid_gate(gate, o);
+    backend_.rmsnorm_gated(o, layer.attn_norm, 1e-6f, gate, o);  // DESIGN.md: 1e-6 here, not rms_norm_eps
     backend_.matmul(o, layer.out_proj, out, Rounding::kAllowed);
   } else {
     Mat q = ws.wide.as(n, hd), k = ws.k.as(n, gd), v = ws.v.as(n, gd);

@@ -30,7 +30,9 @@ class ForwardingBackend : public Backend {
   void rmsnorm(const Mat& x, const Weight& w, float eps, Mat out) override { inner_->rmsnorm(x, w, eps, out); }
   void matmul(const Mat& x, const Weight& w, Mat out, Rounding rounding) override { inner_->matmul(x, w, out, rounding); }
   void silu(Mat x) override { inner_->silu(x); }
-  void sigmoid_gate(const Mat& gate, Mat x) override { inner_->sigmoid_gate(gate, x); }
+  void rmsnorm_gated(const Mat& x, const Weight& w, float eps, const Mat& gate, Mat out) override {
+    inner_->rmsnorm_gated(x, w, eps, gate, out);
+  }
   void swiglu(Mat gate, const Mat& up) override { inner_->swiglu(gate, up); }
   void add_scaled(const Mat& a, float alpha, const Mat& b, float beta, Mat out) override {
     inner_->add_scaled(a, alpha, b, beta, out);

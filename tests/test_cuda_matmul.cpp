@@ -10,6 +10,8 @@
 #include <string>
 #include <vector>
 
+#include <fmt/format.h>
+
 #include "cpu/elementwise.h"
 #include "cpu/matmul.h"
 #include "cuda_check.h"
@@ -193,25 +195,32 @@ TEST(CudaElementwise, EmbedAndGatherCopyExactly) {
     EXPECT_EQ(std::memcmp(got.data() + i * cols, x.data() + picks[i] * cols, cols * sizeof(float)), 0) << i;
 }
 
+// Plain and gated (the lightning output: the norm times sigmoid(gate)), out of place and in place.
 TEST(CudaElementwise, RmsnormMatchesCpu) {
   M1_REQUIRE_CUDA();
   std::mt19937 rng(6);
   for (DType dtype : {DType::kBF16, DType::kF16, DType::kF32})
-    for (int64_t cols : {1, 7, 255, 1000, 6144}) {
-      const int64_t rows = 5;
-      const std::vector<float> x = random_floats(size_t(rows * cols), 2.0f, rng);
-      HostWeight w = random_weight(dtype, 1, cols, rng);
-      std::vector<float> want(x.size());
-      for (int64_t r = 0; r < rows; ++r)
-        cpu::rmsnorm_row(x.data() + r * cols, w.bytes.data(), dtype, 1e-5f, want.data() + r * cols, cols);
-      DeviceArray<uint8_t> dw(w.bytes);
-      DeviceArray<float> dx(x), out(std::vector<float>(x.size()));
-      const DeviceMatrix weight{dw.get(), dtype, 1, cols};
-      rmsnorm(dx.get(), rows, cols, weight, 1e-5f, out.get(), nullptr);
-      EXPECT_LT(relative_error(out.download(), want), kElementwiseBound) << dtype_name(dtype) << " cols " << cols;
-      rmsnorm(dx.get(), rows, cols, weight, 1e-5f, dx.get(), nullptr);  // in place
-      EXPECT_LT(relative_error(dx.download(), want), kElementwiseBound) << dtype_name(dtype) << " cols " << cols << " in place";
-    }
+    for (int64_t cols : {1, 7, 255, 1000, 6144})
+      for (bool gated : {false, true}) {
+        const int64_t rows = 5;
+        const std::vector<float> x = random_floats(size_t(rows * cols), 2.0f, rng);
+        const std::vector<float> gate = spread_floats(x.size(), rng);
+        HostWeight w = random_weight(dtype, 1, cols, rng);
+        std::vector<float> want(x.size());
+        for (int64_t r = 0; r < rows; ++r) {
+          cpu::rmsnorm_row(x.data() + r * cols, w.bytes.data(), dtype, 1e-5f, want.data() + r * cols, cols);
+          if (gated) cpu::sigmoid_gate(gate.data() + r * cols, want.data() + r * cols, cols);
+        }
+        DeviceArray<uint8_t> dw(w.bytes);
+        DeviceArray<float> dx(x), dgate(gate), out(std::vector<float>(x.size()));
+        const DeviceMatrix weight{dw.get(), dtype, 1, cols};
+        const float* g = gated ? dgate.get() : nullptr;
+        const std::string what = fmt::format("{} cols {}{}", dtype_name(dtype), cols, gated ? " gated" : "");
+        rmsnorm(dx.get(), rows, cols, weight, 1e-5f, g, out.get(), nullptr);
+        EXPECT_LT(relative_error(out.download(), want), kElementwiseBound) << what;
+        rmsnorm(dx.get(), rows, cols, weight, 1e-5f, g, dx.get(), nullptr);  // in place
+        EXPECT_LT(relative_error(dx.download(), want), kElementwiseBound) << what << " in place";
+      }
 }
 
 TEST(CudaElementwise, ActivationsMatchCpu) {
@@ -225,13 +234,6 @@ TEST(CudaElementwise, ActivationsMatchCpu) {
       DeviceArray<float> dx(a);
       silu(dx.get(), n, nullptr);
       EXPECT_LT(relative_error(dx.download(), want), kElementwiseBound) << "silu " << n;
-    }
-    {
-      std::vector<float> want = b;
-      cpu::sigmoid_gate(a.data(), want.data(), n);
-      DeviceArray<float> dgate(a), dx(b);
-      sigmoid_gate(dgate.get(), dx.get(), n, nullptr);
-      EXPECT_LT(relative_error(dx.download(), want), kElementwiseBound) << "sigmoid_gate " << n;
     }
     {
       std::vector<float> want = a;

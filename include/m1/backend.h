@@ -120,9 +120,10 @@ class Backend {
   virtual void rmsnorm(const Mat& x, const Weight& w, float eps, Mat out) = 0;
   // out = x w^T, accumulated in fp32.
   virtual void matmul(const Mat& x, const Weight& w, Mat out, Rounding rounding) = 0;
+  // out = rmsnorm(x, w, eps) * sigmoid(gate), elementwise after the norm (the lightning output
+  // gate, one pass); out may alias x.
+  virtual void rmsnorm_gated(const Mat& x, const Weight& w, float eps, const Mat& gate, Mat out) = 0;
   virtual void silu(Mat x) = 0;
-  // x *= sigmoid(gate), elementwise.
-  virtual void sigmoid_gate(const Mat& gate, Mat x) = 0;
   // gate = silu(gate) * up, elementwise.
   virtual void swiglu(Mat gate, const Mat& up) = 0;
   // out = alpha * a + beta * b; out may alias a or b.

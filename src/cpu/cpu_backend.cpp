@@ -88,8 +88,12 @@ void CpuBackend::silu(Mat x) {
   for_rows(x.rows, [&](int64_t r) { silu_inplace(x.data + r * x.cols, x.cols); });
 }
 
-void CpuBackend::sigmoid_gate(const Mat& gate, Mat x) {
-  for_rows(x.rows, [&](int64_t r) { cpu::sigmoid_gate(gate.data + r * gate.cols, x.data + r * x.cols, x.cols); });
+void CpuBackend::rmsnorm_gated(const Mat& x, const Weight& w, float eps, const Mat& gate, Mat out) {
+  for_rows(x.rows, [&](int64_t r) {
+    float* row = out.data + r * out.cols;
+    rmsnorm_row(x.data + r * x.cols, w.data, w.dtype, eps, row, x.cols);
+    cpu::sigmoid_gate(gate.data + r * gate.cols, row, x.cols);
+  });
 }
 
 void CpuBackend::swiglu(Mat gate, const Mat& up) {

@@ -28,7 +28,7 @@ class CpuBackend final : public Backend {
   void rmsnorm(const Mat& x, const Weight& w, float eps, Mat out) override;
   void matmul(const Mat& x, const Weight& w, Mat out, Rounding rounding) override;
   void silu(Mat x) override;
-  void sigmoid_gate(const Mat& gate, Mat x) override;
+  void rmsnorm_gated(const Mat& x, const Weight& w, float eps, const Mat& gate, Mat out) override;
   void swiglu(Mat gate, const Mat& up) override;
   void add_scaled(const Mat& a, float alpha, const Mat& b, float beta, Mat out) override;
   void blend_sigmoid(Mat x, const Mat& y, const Mat& coef) override;
