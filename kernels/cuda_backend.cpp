@@ -65,7 +65,6 @@ CudaBackend::~CudaBackend() {
   graphs_.abandon();
   cudaStreamSynchronize(stream_);
   for (void* p : weights_) cudaFree(p);
-  for (auto& [host, copy] : decays_) cudaFree(copy.device);
   cudaStreamDestroy(stream_);
 }
 
@@ -151,23 +150,6 @@ void* CudaBackend::upload_to(DeviceScratch& scratch, const void* host, size_t by
   return device;
 }
 
-const float* CudaBackend::device_decay(std::span<const float> decay) {
-  DecayCopy& copy = decays_[decay.data()];
-  const bool same = copy.host.size() == decay.size() && std::equal(decay.begin(), decay.end(), copy.host.begin());
-  if (same) return copy.device;
-  if (copy.host.size() != decay.size()) {
-    M1_CUDA_CHECK(cudaStreamSynchronize(stream_));  // a queued kernel may still read the old copy
-    cudaFree(copy.device);
-    copy.device = nullptr;
-    copy.host.clear();
-    M1_CUDA_CHECK(cudaMalloc(&copy.device, std::max<size_t>(decay.size(), 1) * sizeof(float)));
-  }
-  copy.host.assign(decay.begin(), decay.end());
-  // Stream-ordered after every kernel that read the previous values.
-  M1_CUDA_CHECK(cudaMemcpyAsync(copy.device, copy.host.data(), decay.size() * sizeof(float), cudaMemcpyHostToDevice, stream_));
-  return copy.device;
-}
-
 void CudaBackend::embed(const Weight& table, std::span<const int32_t> tokens, Mat out) {
   const auto* ids = static_cast<const int32_t*>(upload_to(index_scratch_, tokens.data(), tokens.size_bytes()));
   if (replaying("embed", table.data, ids, tokens.size(), out.data)) return;
@@ -216,8 +198,8 @@ void CudaBackend::blend_sigmoid(Mat x, const Mat& y, const Mat& coef) {
 }
 
 void CudaBackend::lightning_attention(const Mat& qkv, std::span<const Segment> segments, int64_t layer,
-                                      std::span<const float> decay, Mat out) {
-  const int64_t heads = int64_t(decay.size());
+                                      const Weight& decay, Mat out) {
+  const int64_t heads = decay.cols;
   lightning_segments_.clear();
   for (const Segment& seg : segments)
     lightning_segments_.push_back(LightningSegment{seg.row, seg.count, cuda_state(seg.state).lightning(layer)});
@@ -228,7 +210,7 @@ void CudaBackend::lightning_attention(const Mat& qkv, std::span<const Segment> s
   args.out_stride = out.cols;
   args.heads = heads;
   args.d = out.cols / heads;
-  args.decay = device_decay(decay);
+  args.decay = static_cast<const float*>(decay.data);
   args.segments = lightning_segments_;
   args.device_segments = static_cast<const LightningSegment*>(
       upload_to(segment_scratch_, lightning_segments_.data(), lightning_segments_.size() * sizeof(LightningSegment)));

@@ -6,7 +6,6 @@
 #include <memory>
 #include <string>
 #include <string_view>
-#include <unordered_map>
 #include <vector>
 
 #include <cuda_runtime.h>
@@ -51,7 +50,7 @@ class CudaBackend final : public Backend {
   void add_scaled(const Mat& a, float alpha, const Mat& b, float beta, Mat out) override;
   void blend_sigmoid(Mat x, const Mat& y, const Mat& coef) override;
   void lightning_attention(const Mat& qkv, std::span<const Segment> segments, int64_t layer,
-                           std::span<const float> decay, Mat out) override;
+                           const Weight& decay, Mat out) override;
   void softmax_attention(Mat q, Mat k, const Mat& v, std::span<const Segment> segments, int64_t layer,
                          const AttentionParams& params, Mat out) override;
   void moe(const Mat& x, const MoeWeights& w, Mat out) override;
@@ -67,9 +66,6 @@ class CudaBackend final : public Backend {
   // replay, so the call launches nothing.
   template <class... Args>
   bool replaying(std::string_view call, const Args&... args);
-  // The device copy of a host vector of per-head decays, uploaded on first use (and again if the
-  // vector at that address has changed).
-  const float* device_decay(std::span<const float> decay);
 
   cudaStream_t stream_;
   StepGraphs graphs_;
@@ -84,11 +80,6 @@ class CudaBackend final : public Backend {
   DeviceScratch sample_scratch_;  // the sampler's working rows
   DeviceScratch draw_scratch_;    // draw descriptors, penalty lists and results
   MoeWorkspace moe_workspace_;
-  struct DecayCopy {
-    std::vector<float> host;
-    float* device = nullptr;
-  };
-  std::unordered_map<const float*, DecayCopy> decays_;
   std::vector<LightningSegment> lightning_segments_;
   std::vector<AttentionSegment> attention_segments_;
   std::vector<DeviceMatrix> w1_, w3_, w2_;

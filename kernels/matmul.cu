@@ -663,14 +663,23 @@ void launch_f32_tiled(const float* x, int64_t ldx, int64_t m, const DeviceMatrix
   M1_CUDA_CHECK_LAUNCH();
 }
 
+// The skinny kernels' chunk partials make a round trip through memory: chunks x m x n floats. Past
+// this many bytes (the LM head at batch 32 would take 615 MB) the tiled kernel, which keeps its
+// partials in registers and has n / 64 column tiles to spread over the GPU anyway, is the better
+// choice; both give the same bits.
+constexpr size_t kMaxSkinnyPartialBytes = size_t(64) << 20;
+bool skinny_partials_fit(int64_t chunks, int64_t m, int64_t n) {
+  return size_t(chunks) * size_t(m) * size_t(n) * sizeof(float) <= kMaxSkinnyPartialBytes;
+}
+
 template <DType T>
 void matmul_f32(const float* x, int64_t ldx, int64_t m, const DeviceMatrix& w, float* out, int64_t ldo,
                 DeviceScratch& scratch, cudaStream_t stream) {
-  if (m > kF32SkinnyMaxRows) {
+  const int64_t chunks = ceil_div(w.cols, kChunk);
+  if (m > kF32SkinnyMaxRows || !skinny_partials_fit(chunks, m, w.rows)) {
     launch_f32_tiled<T>(x, ldx, m, w, out, ldo, stream);
     return;
   }
-  const int64_t chunks = ceil_div(w.cols, kChunk);
   float* partial = chunks > 1 ? scratch.get<float>(size_t(chunks * m * w.rows)) : nullptr;
   launch_f32_skinny<T>(x, ldx, m, w, out, ldo, partial, stream);
   if (chunks > 1) launch_sum_partials(partial, chunks, m, w.rows, out, ldo, stream);
@@ -680,7 +689,7 @@ void matmul_bf16(const float* x, int64_t ldx, int64_t m, const DeviceMatrix& w, 
                  DeviceScratch& scratch, cudaStream_t stream) {
   const int64_t k = w.cols, n = w.rows, ldb = (k + 7) / 8 * 8;
   const int64_t chunks = ceil_div(k, kChunk);
-  const bool skinny = m <= kBf16SkinnyMaxRows;
+  const bool skinny = m <= kBf16SkinnyMaxRows && skinny_partials_fit(chunks, m, n);
   const size_t x_bytes = (size_t(m * ldb) * sizeof(__nv_bfloat16) + 255) / 256 * 256;
   const size_t partial_bytes = skinny && chunks > 1 ? size_t(chunks * m * n) * sizeof(float) : 0;
   void* base = scratch.get(x_bytes + partial_bytes);

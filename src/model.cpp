@@ -18,7 +18,8 @@ struct Model::Layer {
   Weight input_norm, post_norm;
   Weight qkv, output_gate, out_proj, attn_norm;  // lightning
   Weight q, k, v, o;                            // softmax
-  std::vector<float> decay;                     // lightning: s per head
+  std::vector<float> decay;                     // lightning: s per head, computed (not stored in checkpoints)
+  Weight decay_weight;                          // ... uploaded to the backend
   float attn_alpha = 1, attn_beta = 1;
   MoeWeights moe;
   bool shared_expert = false;
@@ -88,6 +89,14 @@ Model::Model(ModelConfig config, Checkpoint checkpoint, Backend& backend)
   }
   const std::vector<WeightSpec> specs = weight_specs(c);
   for (const WeightSpec& spec : specs) *slot(spec) = backend_.upload(checkpoint_.require(spec.name, spec.shape));
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    Layer& layer = layers_[size_t(l)];
+    if (!layer.lightning) continue;
+    // The layer keeps the values: the CPU backend uses them in place.
+    const TensorView view{fmt::format("model.layers.{}.decay", l), "(computed)", "F32", {int64_t(layer.decay.size())},
+                          reinterpret_cast<const std::byte*>(layer.decay.data()), layer.decay.size() * sizeof(float)};
+    layer.decay_weight = backend_.upload(view);
+  }
   if (c.tie_word_embeddings) lm_head_ = embed_;
   size_t unused = checkpoint_.tensors().size() - specs.size();
   if (unused > 0) spdlog::warn("checkpoint holds {} tensors this config does not use; they are ignored", unused);
@@ -161,7 +170,7 @@ void Model::attention(const Layer& layer, int64_t index, std::span<const Segment
     Mat qkv = ws.wide.as(n, 3 * hd);
     backend_.matmul(xn, layer.qkv, qkv, Rounding::kAllowed);
     backend_.silu(qkv);
-    backend_.lightning_attention(qkv, segments, slot, layer.decay, o);
+    backend_.lightning_attention(qkv, segments, slot, layer.decay_weight, o);
     Mat gate = ws.gate.as(n, hd);
     backend_.matmul(xn, layer.output_gate, gate, Rounding::kAllowed);
     backend_.rmsnorm_gated(o, layer.attn_norm, 1e-6f, gate, o);  // DESIGN.md: 1e-6 here, not rms_norm_eps

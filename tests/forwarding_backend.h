@@ -38,8 +38,8 @@ class ForwardingBackend : public Backend {
     inner_->add_scaled(a, alpha, b, beta, out);
   }
   void blend_sigmoid(Mat x, const Mat& y, const Mat& coef) override { inner_->blend_sigmoid(x, y, coef); }
-  void lightning_attention(const Mat& qkv, std::span<const Segment> segments, int64_t layer,
-                           std::span<const float> decay, Mat out) override {
+  void lightning_attention(const Mat& qkv, std::span<const Segment> segments, int64_t layer, const Weight& decay,
+                           Mat out) override {
     inner_->lightning_attention(qkv, segments, layer, decay, out);
   }
   void softmax_attention(Mat q, Mat k, const Mat& v, std::span<const Segment> segments, int64_t layer,

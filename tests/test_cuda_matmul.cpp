@@ -146,6 +146,30 @@ TEST_P(CudaMatmul, RowsDoNotDependOnTheirBatch) {
   }
 }
 
+// A call whose skinny chunk partials would pass 64 MB (32 rows of a [8192, 16640] matrix: 65 chunks,
+// 68 MB; the LM head at batch 32 would need 615 MB) takes the tiled kernel instead: its rows are
+// bit-identical to the same rows computed alone (skinny).
+TEST(CudaMatmulLarge, RowsBesideLargePartialsKeepTheirBits) {
+  M1_REQUIRE_CUDA();
+  std::mt19937 rng(44);
+  const int64_t n = 8192, k = 16640, rows = 32;
+  // One random block repeated: what is checked is bit equality between kernels, not the values.
+  const HostWeight block = random_weight(DType::kBF16, 64, k, rng);
+  HostWeight w{DType::kBF16, n, k, {}};
+  w.bytes.reserve(size_t(n * k) * 2);
+  for (int64_t r = 0; r < n; r += 64) w.bytes.insert(w.bytes.end(), block.bytes.begin(), block.bytes.end());
+  const std::vector<float> x = random_floats(size_t(rows * k), 1.0f, rng);
+  for (GemmOperands operands : {GemmOperands::kFp32, GemmOperands::kBf16}) {
+    const std::vector<float> all = gpu_matmul(x, k, rows, w, operands, n);
+    for (int64_t r : {0, 13, 31}) {
+      const std::vector<float> row(x.begin() + r * k, x.begin() + (r + 1) * k);
+      const std::vector<float> alone = gpu_matmul(row, k, 1, w, operands, n);
+      EXPECT_EQ(std::memcmp(alone.data(), all.data() + r * n, size_t(n) * sizeof(float)), 0)
+          << "row " << r << " " << operands_name(operands);
+    }
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(DtypesAndOperands, CudaMatmul,
                          ::testing::Combine(::testing::Values(DType::kBF16, DType::kF16, DType::kF32),
                                             ::testing::Values(GemmOperands::kFp32, GemmOperands::kBf16)),

@@ -132,10 +132,10 @@ class Backend {
   virtual void blend_sigmoid(Mat x, const Mat& y, const Mat& coef) = 0;
 
   // Lightning attention of DESIGN.md §1 on qkv = silu(xn qkv_proj^T) laid out per head
-  // [q | k | v] x heads; `decay` holds s per head; state slot `layer` of each segment's sequence
-  // is read and updated. out: [rows, heads * d].
+  // [q | k | v] x heads; `decay` (an F32 vector uploaded like a weight) holds s per head; state
+  // slot `layer` of each segment's sequence is read and updated. out: [rows, heads * d].
   virtual void lightning_attention(const Mat& qkv, std::span<const Segment> segments, int64_t layer,
-                                   std::span<const float> decay, Mat out) = 0;
+                                   const Weight& decay, Mat out) = 0;
   // Causal grouped-query softmax attention with partial NeoX RoPE applied to q and k at each
   // token's position; appends k and v to KV-cache slot `layer`. q: [rows, h*d], k and v:
   // [rows, g*d] (q and k are rotated in place), out: [rows, h*d].

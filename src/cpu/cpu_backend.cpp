@@ -111,14 +111,15 @@ void CpuBackend::blend_sigmoid(Mat x, const Mat& y, const Mat& coef) {
 }
 
 void CpuBackend::lightning_attention(const Mat& qkv, std::span<const Segment> segments, int64_t layer,
-                                     std::span<const float> decay, Mat out) {
-  const int64_t heads = int64_t(decay.size()), d = out.cols / heads;
+                                     const Weight& decay_weight, Mat out) {
+  const int64_t heads = decay_weight.cols, d = out.cols / heads;
+  const auto* decay = static_cast<const float*>(decay_weight.data);  // uploaded in place: host memory
   pool_.parallel_for(int64_t(segments.size()) * heads, [&](int64_t task) {
     const Segment& seg = segments[size_t(task / heads)];
     const int64_t head = task % heads;
     const float* base = qkv.data + seg.row * qkv.cols + head * 3 * d;
     LightningHead h{base, base + d, base + 2 * d, qkv.cols,
-                    out.data + seg.row * out.cols + head * d, out.cols, seg.count, d, decay[size_t(head)],
+                    out.data + seg.row * out.cols + head * d, out.cols, seg.count, d, decay[head],
                     cpu_state(seg.state).lightning(layer) + head * d * d};
     if (reference_)
       lightning_reference(h);
