@@ -221,6 +221,8 @@ void register_matmuls() {
       const std::string suffix = std::string(s.name) + "/" + operands_name(op);
       add("gemv/" + suffix, [=](benchmark::State& st) { bm_matmul(st, 1, s.out, s.in, op, false); });
       if (s.reference) add("gemv/" + suffix + "_reference", [=](benchmark::State& st) { bm_matmul(st, 1, s.out, s.in, op, true); });
+      // Eight sequences decoding together (a batched server step).
+      add("batch8/" + suffix, [=](benchmark::State& st) { bm_matmul(st, 8, s.out, s.in, op, false); });
       if (s.gemm) add("gemm512/" + suffix, [=](benchmark::State& st) { bm_matmul(st, kPrefillRows, s.out, s.in, op, false); });
     }
 }

@@ -69,7 +69,9 @@ TEST_F(KernelTest, Bf16MatmulMatchesReferenceOnAwkwardShapes) {
 // path (one-row streaming, blocked tiles, bf16 operands).
 TEST_F(KernelTest, MatmulRowsDoNotDependOnTheirNeighbours) {
   const int64_t k = 203, m = 71;
-  for (int64_t n : {3, 37})  // a decode-sized batch (weight rows streamed once) and a prefill block
+  // A decode-sized batch (weight rows streamed once), a batched decode step (blocked tiles on the
+  // stored weights), a prefill block (tiles on a widened block) and both kinds of block in one call.
+  for (int64_t n : {3, 9, 37, 70})
   for (DType dtype : {DType::kF32, DType::kF16, DType::kBF16})
     for (Operands ops : {Operands::kFp32, Operands::kBf16}) {
       TestWeight w(dtype, m, k);

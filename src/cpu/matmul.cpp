@@ -411,34 +411,48 @@ void widen(const Stored<T>* in, size_t n, float* out) {
   }
 }
 
-// Prefill: register tiles over a block of x rows and a block of weight rows. The fp32 path first
-// widens the weight block (exact, so the sums are unchanged) to spare every tile the conversion.
-template <DType T, bool Bf16>
-void blocked_task(const Product& p, int64_t task) {
+// Register tiles over a block of x rows and a block of weight rows, with the weights as `B`:
+// stored, or already widened to fp32.
+template <DType B, bool Bf16>
+void block_tiles(const Product& p, const void* block, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
   const Weight& w = p.w;
-  const int64_t max_r = Bf16 || kIsa == Isa::kAvx512 ? 4 : 2, outputs = block_outputs(w.cols);
-  const int64_t i0 = (task % p.row_blocks()) * kBlockRows, j0 = (task / p.row_blocks()) * outputs;
-  const int64_t i1 = std::min(p.rows, i0 + kBlockRows), j1 = std::min(w.rows, j0 + outputs);
-  constexpr bool kWiden = !Bf16 && T != DType::kF32;
-  constexpr DType kBlockType = kWiden ? DType::kF32 : T;
-  const void* block = weight_at<T>(w.data, j0 * w.cols);
-  if constexpr (kWiden) {
-    std::vector<float>& f = widened<T>();
-    f.resize(size_t((j1 - j0) * w.cols));
-    cpu::widen<T>(static_cast<const Stored<T>*>(block), f.size(), f.data());
-    block = f.data();
-  }
+  const int64_t max_r = Bf16 || kIsa == Isa::kAvx512 ? 4 : 2;
   const size_t x_size = Bf16 ? sizeof(uint16_t) : sizeof(float);
   for (int64_t j = j0; j < j1; j += 4) {
     const int64_t c = std::min<int64_t>(4, j1 - j);
     for (int64_t i = i0; i < i1; i += max_r) {
       const int64_t r = std::min(max_r, i1 - i);
       const void* xi = static_cast<const char*>(p.x) + size_t(i * w.cols) * x_size;
-      Tile t{xi, w.cols, weight_at<kBlockType>(block, (j - j0) * w.cols), w.cols, w.cols, p.out.data + i * p.out.cols + j,
+      Tile t{xi, w.cols, weight_at<B>(block, (j - j0) * w.cols), w.cols, w.cols, p.out.data + i * p.out.cols + j,
              p.out.cols};
-      kTiles<kBlockType, Bf16>.kernels[r - 1][c - 1](t);
+      kTiles<B, Bf16>.kernels[r - 1][c - 1](t);
     }
   }
+}
+
+// Below this many x rows a widened weight block is met too few times to repay widening it (a
+// batched decode step: the LM head at 8 rows ran at a third of the fp32 rate).
+constexpr int64_t kWidenRows = 16;
+
+// Prefill and batched decode: register tiles over blocks of x rows and weight rows. With enough
+// rows, the fp32 path first widens the weight block (exact, so the sums are unchanged) to spare
+// every tile the conversion; either way each output is the same sequence of operations.
+template <DType T, bool Bf16>
+void blocked_task(const Product& p, int64_t task) {
+  const Weight& w = p.w;
+  const int64_t outputs = block_outputs(w.cols);
+  const int64_t i0 = (task % p.row_blocks()) * kBlockRows, j0 = (task / p.row_blocks()) * outputs;
+  const int64_t i1 = std::min(p.rows, i0 + kBlockRows), j1 = std::min(w.rows, j0 + outputs);
+  const void* block = weight_at<T>(w.data, j0 * w.cols);
+  if constexpr (!Bf16 && T != DType::kF32) {
+    if (i1 - i0 >= kWidenRows) {
+      std::vector<float>& f = widened<T>();
+      f.resize(size_t((j1 - j0) * w.cols));
+      cpu::widen<T>(static_cast<const Stored<T>*>(block), f.size(), f.data());
+      return block_tiles<DType::kF32, false>(p, f.data(), i0, i1, j0, j1);
+    }
+  }
+  block_tiles<T, Bf16>(p, block, i0, i1, j0, j1);
 }
 
 template <DType T, bool Bf16>
