@@ -288,11 +288,8 @@ std::vector<DrawOutcome> CudaBackend::sample(const Mat& logits, std::span<const 
     const DrawRequest& r = draws[i];
     if (r.row < 0 || r.row >= logits.rows) fail("sample: row {} is outside the {} rows of logits", r.row, logits.rows);
     const SamplingParams& p = r.params;
-    const bool penalties = has_penalties(p);
-    if (penalties && !r.seen.empty() && r.seen.back() >= logits.cols) {
-      outcomes[i].error = fmt::format("token id {} is outside the vocabulary of {} logits", r.seen.back(), logits.cols);
-      continue;
-    }
+    outcomes[i].error = penalty_ids_error(r, logits.cols);
+    if (!outcomes[i].error.empty()) continue;
     DeviceDraw d;
     d.row = r.row;
     d.temperature = p.temperature;
@@ -304,7 +301,7 @@ std::vector<DrawOutcome> CudaBackend::sample(const Mat& logits, std::span<const 
     d.presence_penalty = p.presence_penalty;
     d.frequency_penalty = p.frequency_penalty;
     d.repetition_penalty = p.repetition_penalty;
-    if (penalties) {
+    if (has_penalties(p)) {
       d.seen_begin = int64_t(seen_ids_.size());
       d.seen_count = int64_t(r.seen.size());
       seen_ids_.insert(seen_ids_.end(), r.seen.begin(), r.seen.end());

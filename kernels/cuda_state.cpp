@@ -33,7 +33,8 @@ std::unique_ptr<SequenceState> CudaState::clone() const {
   auto copy = std::make_unique<CudaState>(shape_, stream_);
   const size_t bytes = lightning_bytes();
   if (bytes) M1_CUDA_CHECK(cudaMemcpyAsync(copy->lightning_, lightning_, bytes, cudaMemcpyDeviceToDevice, stream_));
-  if (kv_) copy->adopt_caches(kv_, capacity_, length_, std::max<int64_t>(length_, 1));
+  // The original's room, so the fork's next token does not move its caches straight away.
+  if (kv_) copy->adopt_caches(kv_, capacity_, length_, capacity_);
   copy->length_ = length_;
   return copy;
 }

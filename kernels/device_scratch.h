@@ -33,6 +33,8 @@ class DeviceScratch {
     }
     return data_;
   }
+  // Bytes held now: the largest request so far, plus the growth margin.
+  size_t capacity() const { return capacity_; }
   template <class T>
   T* get(size_t count) {
     return static_cast<T*>(get(count * sizeof(T)));

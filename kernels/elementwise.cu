@@ -18,7 +18,7 @@ namespace {
 constexpr int kThreads = 256;
 
 // One CTA per row; the grid is capped, so CTAs loop over rows.
-int row_grid(int64_t rows) { return int(std::clamp<int64_t>(rows, 1, 1 << 20)); }
+int row_grid(int64_t rows) { return grid_for(rows, 1); }
 
 __device__ __forceinline__ float load_weight(const void* data, DType dtype, int64_t i) {
   switch (dtype) {

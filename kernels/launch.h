@@ -23,6 +23,24 @@ inline int grid_for(int64_t items, int threads) {
   return int(std::clamp<int64_t>(ceil_div(items, threads), 1, 1 << 20));
 }
 
+struct DeviceLimits {
+  int sms = 0;               // streaming multiprocessors
+  int shared_per_block = 0;  // bytes of shared memory a block may opt into
+};
+
+// The current device's limits, queried once per process (launchers size grids with them).
+inline const DeviceLimits& device_limits() {
+  static const DeviceLimits limits = [] {
+    int device = 0;
+    DeviceLimits l;
+    M1_CUDA_CHECK(cudaGetDevice(&device));
+    M1_CUDA_CHECK(cudaDeviceGetAttribute(&l.sms, cudaDevAttrMultiProcessorCount, device));
+    M1_CUDA_CHECK(cudaDeviceGetAttribute(&l.shared_per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    return l;
+  }();
+  return limits;
+}
+
 // Raises a kernel's dynamic shared-memory limit to `bytes` on the current device; callers do it
 // once, before the kernel's first launch.
 template <class Kernel>

@@ -159,6 +159,19 @@ __device__ __forceinline__ float component(const float4& x, int u) {
   return u == 0 ? x.x : u == 1 ? x.y : u == 2 ? x.z : x.w;
 }
 
+// o[r][4g .. 4g + 3] += a[r] * v for the tile's four rows: one rank-1 step of a 4 x 4 block.
+template <int N>
+__device__ __forceinline__ void add_outer(float (&o)[4][N], int g, const float4& a, const float4& v) {
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    const float ar = component(a, r);
+    o[r][g * 4 + 0] = fmaf(ar, v.x, o[r][g * 4 + 0]);
+    o[r][g * 4 + 1] = fmaf(ar, v.y, o[r][g * 4 + 1]);
+    o[r][g * 4 + 2] = fmaf(ar, v.z, o[r][g * 4 + 2]);
+    o[r][g * 4 + 3] = fmaf(ar, v.w, o[r][g * 4 + 3]);
+  }
+}
+
 template <int DP, int DV, int G>
 __global__ void __launch_bounds__(G * G, 1) lightning_prefill_kernel(LightningParams p) {
   using Shape = PrefillShape<DP, DV, G>;
@@ -217,17 +230,7 @@ __global__ void __launch_bounds__(G * G, 1) lightning_prefill_kernel(LightningPa
     for (int a = 0; a < d; ++a) {
       const float4 qa = load4(qt + swizzled(a, tm * 4, B));
 #pragma unroll
-      for (int g = 0; g < kValueGroups; ++g) {
-        const float4 sa = load4(S + a * DV + g * kSpan + tn * 4);
-#pragma unroll
-        for (int r = 0; r < 4; ++r) {
-          const float qr = component(qa, r);
-          o[r][g * 4 + 0] = fmaf(qr, sa.x, o[r][g * 4 + 0]);
-          o[r][g * 4 + 1] = fmaf(qr, sa.y, o[r][g * 4 + 1]);
-          o[r][g * 4 + 2] = fmaf(qr, sa.z, o[r][g * 4 + 2]);
-          o[r][g * 4 + 3] = fmaf(qr, sa.w, o[r][g * 4 + 3]);
-        }
-      }
+      for (int g = 0; g < kValueGroups; ++g) add_outer(o, g, qa, load4(S + a * DV + g * kSpan + tn * 4));
     }
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
@@ -279,17 +282,7 @@ __global__ void __launch_bounds__(G * G, 1) lightning_prefill_kernel(LightningPa
     for (int j = 0; j < j_end; ++j) {
       const float4 pj = load4(pt + swizzled(j, tm * 4, B));
 #pragma unroll
-      for (int g = 0; g < kValueGroups; ++g) {
-        const float4 vj = load4(vs + j * DV + g * kSpan + tn * 4);
-#pragma unroll
-        for (int r = 0; r < 4; ++r) {
-          const float pr_j = component(pj, r);
-          o[r][g * 4 + 0] = fmaf(pr_j, vj.x, o[r][g * 4 + 0]);
-          o[r][g * 4 + 1] = fmaf(pr_j, vj.y, o[r][g * 4 + 1]);
-          o[r][g * 4 + 2] = fmaf(pr_j, vj.z, o[r][g * 4 + 2]);
-          o[r][g * 4 + 3] = fmaf(pr_j, vj.w, o[r][g * 4 + 3]);
-        }
-      }
+      for (int g = 0; g < kValueGroups; ++g) add_outer(o, g, pj, load4(vs + j * DV + g * kSpan + tn * 4));
     }
     float* out = p.out + (seg.row + t0) * p.out_stride + int64_t(head) * d + col0;
 #pragma unroll
@@ -643,23 +636,6 @@ void launch_decode(const LightningArgs& args, LightningParams p, SegmentRange ra
 
 // What the prefill launchers need to know of the device, read once per process (like the
 // shared-memory opt-ins here and in the other kernels, on the device current at first use).
-struct DeviceLimits {
-  int sms = 0;               // streaming multiprocessors
-  int shared_per_block = 0;  // bytes of shared memory a block may opt into
-};
-
-const DeviceLimits& device_limits() {
-  static const DeviceLimits limits = [] {
-    int device = 0;
-    DeviceLimits l;
-    M1_CUDA_CHECK(cudaGetDevice(&device));
-    M1_CUDA_CHECK(cudaDeviceGetAttribute(&l.sms, cudaDevAttrMultiProcessorCount, device));
-    M1_CUDA_CHECK(cudaDeviceGetAttribute(&l.shared_per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-    return l;
-  }();
-  return limits;
-}
-
 // A device without the shared memory a prefill kernel needs fails clearly; otherwise the kernel
 // is opted into it once per process, before its first launch.
 template <auto Kernel>

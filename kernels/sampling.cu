@@ -24,9 +24,6 @@ constexpr int kRun = 16;  // consecutive ids per thread in the passes that keep 
 constexpr uint32_t kFullMask = 0xFFFFFFFFu;
 // The bitmap of seen ids lives in shared memory: 2^20 ids take 128 KB of it.
 constexpr int64_t kMaxVocab = int64_t(1) << 20;
-// As in src/sampler.cpp, whose choices these must reproduce.
-constexpr float kNearTopWeight = 1e-7f;
-constexpr double kTopPSlack = 1e-6;
 
 // A token's place in the order "higher logit first, lower id first on ties", as one integer that
 // grows with rank: the logit's order-preserving bits above the complemented id. -0 counts as +0,
@@ -525,16 +522,18 @@ void sample(const SampleArgs& args, DeviceScratch& scratch, cudaStream_t stream)
   for (const DeviceDraw& draw : args.draws)
     if (draw.top_logprobs < 0 || draw.top_logprobs > kMaxTopLogprobs)
       fail("top_logprobs must be in [0, {}], got {}", kMaxTopLogprobs, draw.top_logprobs);
-  int device = 0, processors = 0;
-  M1_CUDA_CHECK(cudaGetDevice(&device));
-  M1_CUDA_CHECK(cudaDeviceGetAttribute(&processors, cudaDevAttrMultiProcessorCount, device));
   // Two blocks per multiprocessor keep it busy; more would only grow the id buffers.
-  const int blocks = int(std::min<int64_t>(std::ssize(args.draws), 2 * int64_t(processors)));
+  const int blocks = int(std::min<int64_t>(std::ssize(args.draws), 2 * int64_t(device_limits().sms)));
   KernelParams params{args.logits, int32_t(args.vocab), args.device_draws, std::ssize(args.draws),
                       args.seen, args.generated_counts, args.results,
                       scratch.get<int32_t>(size_t(blocks) * size_t(args.vocab))};
   const size_t shared_bytes = size_t(ceil_div(args.vocab, 32)) * sizeof(uint32_t);
-  if (shared_bytes > 48 * 1024) allow_shared_memory(sample_kernel, shared_bytes);
+  // Raised only when a larger vocabulary than before needs it (the attribute call is not free).
+  static size_t allowed_bytes = 48 * 1024;
+  if (shared_bytes > allowed_bytes) {
+    allow_shared_memory(sample_kernel, shared_bytes);
+    allowed_bytes = shared_bytes;
+  }
   sample_kernel<<<blocks, kThreads, shared_bytes, stream>>>(params);
   M1_CUDA_CHECK_LAUNCH();
 }

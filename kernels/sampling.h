@@ -9,10 +9,9 @@
 #include <cuda_runtime.h>
 
 #include "device_scratch.h"
+#include "m1/sampler.h"
 
 namespace m1::cuda {
-
-constexpr int kMaxTopLogprobs = 20;
 
 // One draw from one row of the logits, as m1::DrawRequest describes it. Several draws may read
 // the same row (the n choices of one prompt); each sees the row as it was, penalties its own.

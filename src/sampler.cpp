@@ -14,13 +14,6 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// top_p arrives as a float and the probabilities come from float logits, so a nucleus that reaches
-// top_p within that rounding counts as reaching it: 0.5 + 0.3 reaches 0.8.
-constexpr double kTopPSlack = 1e-6;
-
-// Tokens with at least this weight relative to the best token's (about e^-16). When they already
-// hold the top-p mass, the nucleus lies among them and the rest of the vocabulary is skipped.
-constexpr float kNearTopWeight = 1e-7f;
 
 // Highest logit first, lower id first on ties: a strict total order, so every selection below
 // has one right answer however the candidates happen to be arranged.
@@ -237,8 +230,7 @@ int32_t pick_any(std::span<const float> weights, double u) {
 void apply_penalties(std::span<float> logits, const DrawRequest& request, std::vector<float>& seen_raw_logits) {
   const SamplingParams& p = request.params;
   if (!has_penalties(p) || request.seen.empty()) return;
-  if (request.seen.back() >= std::ssize(logits))
-    fail("token id {} is outside the vocabulary of {} logits", request.seen.back(), logits.size());
+  if (const std::string error = penalty_ids_error(request, std::ssize(logits)); !error.empty()) throw Error(error);
   // Generated ids are a subset of the seen ones, so these are all the logits the penalties touch.
   seen_raw_logits.resize(request.seen.size());
   for (size_t i = 0; i < request.seen.size(); ++i) seen_raw_logits[i] = logits[request.seen[i]];
@@ -294,12 +286,17 @@ void validate(const SamplingParams& p) {
     fail("frequency_penalty must be in [-2, 2], got {}", p.frequency_penalty);
   if (!(p.repetition_penalty > 0 && p.repetition_penalty <= 2))
     fail("repetition_penalty must be in (0, 2], got {}", p.repetition_penalty);
-  if (p.top_logprobs < 0 || p.top_logprobs > 20)
-    fail("top_logprobs must be in [0, 20], got {}", p.top_logprobs);
+  if (p.top_logprobs < 0 || p.top_logprobs > kMaxTopLogprobs)
+    fail("top_logprobs must be in [0, {}], got {}", kMaxTopLogprobs, p.top_logprobs);
 }
 
 bool has_penalties(const SamplingParams& p) {
   return p.repetition_penalty != 1.0f || p.presence_penalty != 0.0f || p.frequency_penalty != 0.0f;
+}
+
+std::string penalty_ids_error(const DrawRequest& request, int64_t vocab) {
+  if (!has_penalties(request.params) || request.seen.empty() || request.seen.back() < vocab) return {};
+  return fmt::format("token id {} is outside the vocabulary of {} logits", request.seen.back(), vocab);
 }
 
 SampledToken sample_row(std::span<float> logits, const DrawRequest& request, SampleScratch& scratch) {

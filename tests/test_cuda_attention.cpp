@@ -369,14 +369,14 @@ TEST(CudaAttention, RejectsUnsupportedShapes) {
   args.kv_heads = 3;
   args.d = 64;
   args.rotary_dim = 64;
-  EXPECT_THROW(softmax_attention(args, scratch, nullptr), Error);
+  testing::expect_error([&] { softmax_attention(args, scratch, nullptr); }, {"kv heads"});
   args.kv_heads = 2;
   args.d = 60;
   args.rotary_dim = 60;
-  EXPECT_THROW(softmax_attention(args, scratch, nullptr), Error);
+  testing::expect_error([&] { softmax_attention(args, scratch, nullptr); }, {"head dim 60"});
   args.d = 64;
   args.rotary_dim = 65;
-  EXPECT_THROW(softmax_attention(args, scratch, nullptr), Error);
+  testing::expect_error([&] { softmax_attention(args, scratch, nullptr); }, {"rotary dim 65"});
 }
 
 }  // namespace

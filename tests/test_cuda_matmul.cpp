@@ -147,24 +147,32 @@ TEST_P(CudaMatmul, RowsDoNotDependOnTheirBatch) {
 }
 
 // A call whose skinny chunk partials would pass 64 MB (32 rows of a [8192, 16640] matrix: 65 chunks,
-// 68 MB; the LM head at batch 32 would need 615 MB) takes the tiled kernel instead: its rows are
-// bit-identical to the same rows computed alone (skinny).
-TEST(CudaMatmulLarge, RowsBesideLargePartialsKeepTheirBits) {
+// 68 MB; the LM head at batch 32 would need 615 MB) takes the tiled kernel instead: the scratch
+// stays small, and its rows are bit-identical to the same rows computed alone (skinny).
+TEST(CudaMatmulLarge, LargePartialsTakeTheTiledKernelWithTheSameBits) {
   M1_REQUIRE_CUDA();
   std::mt19937 rng(44);
   const int64_t n = 8192, k = 16640, rows = 32;
   // One random block repeated: what is checked is bit equality between kernels, not the values.
   const HostWeight block = random_weight(DType::kBF16, 64, k, rng);
-  HostWeight w{DType::kBF16, n, k, {}};
-  w.bytes.reserve(size_t(n * k) * 2);
-  for (int64_t r = 0; r < n; r += 64) w.bytes.insert(w.bytes.end(), block.bytes.begin(), block.bytes.end());
+  std::vector<uint8_t> bytes;
+  bytes.reserve(size_t(n * k) * 2);
+  for (int64_t r = 0; r < n; r += 64) bytes.insert(bytes.end(), block.bytes.begin(), block.bytes.end());
+  const DeviceArray<uint8_t> dw(bytes);
+  const DeviceMatrix w{dw.get(), DType::kBF16, n, k};
   const std::vector<float> x = random_floats(size_t(rows * k), 1.0f, rng);
+  const DeviceArray<float> dx(x);
+  DeviceArray<float> all(static_cast<size_t>(rows * n)), alone(static_cast<size_t>(n));
   for (GemmOperands operands : {GemmOperands::kFp32, GemmOperands::kBf16}) {
-    const std::vector<float> all = gpu_matmul(x, k, rows, w, operands, n);
+    DeviceScratch scratch;
+    matmul(dx.get(), k, rows, w, all.get(), n, operands, scratch, nullptr);
+    // At most the bf16 copy of x (1 MB) and its growth margin: no chunk partials.
+    EXPECT_LT(scratch.capacity(), size_t(4) << 20) << operands_name(operands);
+    const std::vector<float> all_rows = all.download();
     for (int64_t r : {0, 13, 31}) {
-      const std::vector<float> row(x.begin() + r * k, x.begin() + (r + 1) * k);
-      const std::vector<float> alone = gpu_matmul(row, k, 1, w, operands, n);
-      EXPECT_EQ(std::memcmp(alone.data(), all.data() + r * n, size_t(n) * sizeof(float)), 0)
+      matmul(dx.get() + r * k, k, 1, w, alone.get(), n, operands, scratch, nullptr);
+      const std::vector<float> got = alone.download();
+      EXPECT_EQ(std::memcmp(got.data(), all_rows.data() + r * n, size_t(n) * sizeof(float)), 0)
           << "row " << r << " " << operands_name(operands);
     }
   }

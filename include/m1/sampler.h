@@ -12,6 +12,17 @@
 
 namespace m1 {
 
+// Constants of the draw, shared with the device sampler (kernels/sampling.cu), which must make the
+// same choices bit for bit.
+// top_p arrives as a float and the probabilities come from float logits, so a nucleus that reaches
+// top_p within that rounding counts as reaching it: 0.5 + 0.3 reaches 0.8.
+constexpr double kTopPSlack = 1e-6;
+
+// Tokens with at least this weight relative to the best token's (about e^-16). When they already
+// hold the top-p mass, the nucleus lies among them and the rest of the vocabulary is skipped.
+constexpr float kNearTopWeight = 1e-7f;
+constexpr int kMaxTopLogprobs = 20;
+
 struct SamplingParams {
   float temperature = 1.0f;         // 0: greedy (argmax, lowest id on ties)
   float top_p = 1.0f;               // (0, 1]
@@ -21,7 +32,7 @@ struct SamplingParams {
   float frequency_penalty = 0.0f;   // OpenAI: logit -= frequency * count, generated tokens
   float repetition_penalty = 1.0f;  // HF/vLLM: logit /= p if > 0 else *= p, prompt + generated
   uint64_t seed = 0;
-  int top_logprobs = 0;             // how many alternatives to report (0..20)
+  int top_logprobs = 0;             // how many alternatives to report (0..kMaxTopLogprobs)
 };
 
 // Throws m1::Error naming the first parameter out of range (e.g. "top_p must be in (0, 1]").
@@ -52,6 +63,10 @@ struct DrawOutcome {
   SampledToken token;
   std::string error;  // empty when the token is valid
 };
+
+// Why `request` cannot draw from a row of `vocab` logits (an id its penalties touch lies outside
+// the row), or empty: checked before a draw, by every backend, with the same words.
+std::string penalty_ids_error(const DrawRequest& request, int64_t vocab);
 
 // Reused buffers of sample_row.
 struct SampleScratch {
