@@ -620,13 +620,9 @@ template <int D>
 void launch_attention(const AttendParams& base, const StepShape& shape, const AttentionArgs& a,
                       DeviceScratch& scratch, cudaStream_t stream) {
   using G = Geometry<D>;
-  // Once per process and kernel: the tiles need more than the default 48 KB of shared memory.
-  static const bool configured = [] {
-    allow_shared_memory(prefill_kernel<D>, G::kPrefillBytes);
-    allow_shared_memory(decode_kernel<D>, G::kDecodeBytes);
-    return true;
-  }();
-  (void)configured;
+  // The tiles need more than the default 48 KB of shared memory.
+  allow_shared_memory<prefill_kernel<D>>(G::kPrefillBytes);
+  allow_shared_memory<decode_kernel<D>>(G::kDecodeBytes);
   if (shape.prefill_tiles > 0) {
     AttendParams p = base;
     p.work_items = shape.prefill_tiles;

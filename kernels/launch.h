@@ -3,6 +3,7 @@
 // loads, and the opt-in to more than the default 48 KB of dynamic shared memory.
 
 #include <algorithm>
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 
@@ -41,11 +42,15 @@ inline const DeviceLimits& device_limits() {
   return limits;
 }
 
-// Raises a kernel's dynamic shared-memory limit to `bytes` on the current device; callers do it
-// once, before the kernel's first launch.
-template <class Kernel>
-void allow_shared_memory(Kernel kernel, size_t bytes) {
-  M1_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+// Raises `Kernel`'s dynamic shared-memory limit on the current device to at least `bytes`. The
+// attribute call is not free, so it is made only when a launch needs more than the kernel was
+// last allowed (every kernel starts at the default 48 KB).
+template <auto Kernel>
+void allow_shared_memory(size_t bytes) {
+  static std::atomic<size_t> allowed{48 * 1024};
+  if (bytes <= allowed.load(std::memory_order_relaxed)) return;
+  M1_CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+  allowed.store(bytes, std::memory_order_relaxed);
 }
 
 }  // namespace m1::cuda

@@ -637,15 +637,14 @@ void launch_decode(const LightningArgs& args, LightningParams p, SegmentRange ra
 // What the prefill launchers need to know of the device, read once per process (like the
 // shared-memory opt-ins here and in the other kernels, on the device current at first use).
 // A device without the shared memory a prefill kernel needs fails clearly; otherwise the kernel
-// is opted into it once per process, before its first launch.
+// is opted into it before its first launch.
 template <auto Kernel>
 void prepare_prefill_kernel(size_t bytes, int64_t d) {
   const int limit = device_limits().shared_per_block;
   if (size_t(limit) < bytes)
     fail("lightning prefill at head dim {} needs {} bytes of shared memory per block; the device allows {}", d, bytes,
          limit);
-  static const bool prepared = (allow_shared_memory(Kernel, bytes), true);
-  (void)prepared;
+  allow_shared_memory<Kernel>(bytes);
 }
 
 template <int DP, int DV, int G>

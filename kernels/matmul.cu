@@ -625,10 +625,8 @@ void launch_sum_partials(const float* partial, int64_t chunks, int64_t m, int64_
 template <DType T, int kRowsPerThread>
 void launch_f32_skinny_rows(const float* x, int64_t ldx, int64_t m, const DeviceMatrix& w, float* out, int64_t ldo,
                             float* partial, cudaStream_t stream) {
-  auto kernel = matmul_f32_skinny<T, kRowsPerThread>;
-  static const bool prepared =
-      (allow_shared_memory(kernel, f32_skinny_shared_bytes<T>(kRowsPerThread * kF32SkinnyGroups)), true);
-  (void)prepared;
+  constexpr auto kernel = matmul_f32_skinny<T, kRowsPerThread>;
+  allow_shared_memory<kernel>(f32_skinny_shared_bytes<T>(kRowsPerThread * kF32SkinnyGroups));
   const int64_t chunks = ceil_div(w.cols, kChunk);
   const auto* weights = static_cast<const Stored<T>*>(w.data);
   const bool w_vec = aligned16(w.data) && w.cols % (16 / sizeof(Stored<T>)) == 0;
@@ -705,9 +703,7 @@ void matmul_bf16(const float* x, int64_t ldx, int64_t m, const DeviceMatrix& w, 
     M1_CUDA_CHECK_LAUNCH();
     return;
   }
-  static const bool prepared =
-      (allow_shared_memory(matmul_bf16_skinny, bf16_skinny_shared_bytes(kBf16SkinnyMaxRows)), true);
-  (void)prepared;
+  allow_shared_memory<matmul_bf16_skinny>(bf16_skinny_shared_bytes(kBf16SkinnyMaxRows));
   float* partial = partial_bytes ? partials_after(base, x_bytes) : nullptr;
   const int64_t rows16 = (m + 15) / 16 * 16;
   const dim3 grid(unsigned(chunks), unsigned(ceil_div(n, kBf16SkinnyCols)));
@@ -755,9 +751,8 @@ void launch_grouped_f32_skinny(const float* x, int64_t ldx, int64_t rows, const 
                                std::span<const DeviceMatrix> w, float* partial, float* out, int64_t ldo,
                                cudaStream_t stream) {
   constexpr int kTileRows = kRowsPerThread * kF32SkinnyGroups;
-  auto kernel = grouped_f32_skinny<T, kRowsPerThread>;
-  static const bool prepared = (allow_shared_memory(kernel, f32_skinny_shared_bytes<T>(kTileRows)), true);
-  (void)prepared;
+  constexpr auto kernel = grouped_f32_skinny<T, kRowsPerThread>;
+  allow_shared_memory<kernel>(f32_skinny_shared_bytes<T>(kTileRows));
   const int64_t n = w[0].rows, k = w[0].cols;
   const bool w_vec = all_aligned16(w) && k % (16 / sizeof(Stored<T>)) == 0;
   for_each_launch(w, [&](int64_t first, int count, const GroupWeights& weights) {
@@ -822,9 +817,7 @@ void grouped_bf16(const float* x, int64_t ldx, const int64_t* offsets, std::span
     });
     return;
   }
-  static const bool prepared =
-      (allow_shared_memory(grouped_bf16_skinny, bf16_skinny_shared_bytes(kBf16SkinnyMaxRows)), true);
-  (void)prepared;
+  allow_shared_memory<grouped_bf16_skinny>(bf16_skinny_shared_bytes(kBf16SkinnyMaxRows));
   float* partial = partial_bytes ? partials_after(base, x_bytes) : nullptr;
   for_each_launch(w, [&](int64_t first, int count, const GroupWeights& weights) {
     const dim3 grid(unsigned(chunks), unsigned(ceil_div(n, kBf16SkinnyCols)),

@@ -528,12 +528,7 @@ void sample(const SampleArgs& args, DeviceScratch& scratch, cudaStream_t stream)
                       args.seen, args.generated_counts, args.results,
                       scratch.get<int32_t>(size_t(blocks) * size_t(args.vocab))};
   const size_t shared_bytes = size_t(ceil_div(args.vocab, 32)) * sizeof(uint32_t);
-  // Raised only when a larger vocabulary than before needs it (the attribute call is not free).
-  static size_t allowed_bytes = 48 * 1024;
-  if (shared_bytes > allowed_bytes) {
-    allow_shared_memory(sample_kernel, shared_bytes);
-    allowed_bytes = shared_bytes;
-  }
+  allow_shared_memory<sample_kernel>(shared_bytes);
   sample_kernel<<<blocks, kThreads, shared_bytes, stream>>>(params);
   M1_CUDA_CHECK_LAUNCH();
 }
