@@ -246,8 +246,10 @@ void bench_sampling(Report& report, const Limits& limits, cudaStream_t stream, i
               ms, bytes / (ms * 1e-3) / 1e9, "GB/s", bytes / (ms * 1e-3) / 1e9 / limits.copy_gb_s});
 }
 
-// Causal flash-style prefill of `tokens` tokens: 64 query heads, 8 KV heads, d = 128, RoPE on 64 dims.
-void bench_flash_prefill(Report& report, const Limits& limits, cudaStream_t stream, int64_t tokens) {
+// Causal flash-style prefill of `tokens` tokens: 64 query heads, 8 KV heads, d = 128, RoPE on 64
+// dims; q and the softmax weights rounded to bf16 once (fast) or carried as two bf16 terms (exact).
+void bench_flash_prefill(Report& report, const Limits& limits, cudaStream_t stream, int64_t tokens,
+                         bool bf16_operands) {
   const int64_t heads = 64, kv_heads = 8, d = 128;
   DeviceArray<float> q(size_t(tokens * heads * d)), k(size_t(tokens * kv_heads * d)), v(size_t(tokens * kv_heads * d)),
       out(size_t(tokens * heads * d));
@@ -259,10 +261,10 @@ void bench_flash_prefill(Report& report, const Limits& limits, cudaStream_t stre
   DeviceArray<m1::cuda::AttentionSegment> segment(std::vector{seg});
   m1::cuda::DeviceScratch scratch(stream);
   m1::cuda::AttentionArgs args{q.get(), heads * d, k.get(), kv_heads * d, v.get(), kv_heads * d, out.get(), heads * d,
-                               heads, kv_heads, d, 64, 1e7, std::span(&seg, 1), segment.get()};
+                               heads, kv_heads, d, 64, 1e7, std::span(&seg, 1), segment.get(), bf16_operands};
   const double ms = time_ms(stream, tokens > 16384 ? 1 : 3, [&] { m1::cuda::softmax_attention(args, scratch, stream); });
   const double flops = 4.0 * double(d) * double(heads) * double(tokens) * double(tokens + 1) / 2;
-  report.add({fmt::format("flash prefill 64q/8kv x128, {} tokens", tokens), ms, flops / (ms * 1e-3) / 1e12, "TFLOP/s",
+  report.add({fmt::format("flash prefill 64q/8kv x128 {}, {} tokens", bf16_operands ? "bf16" : "2xbf16", tokens), ms, flops / (ms * 1e-3) / 1e12, "TFLOP/s",
               flops / (ms * 1e-3) / 1e12 / limits.cublas_tflops});
 }
 
@@ -320,7 +322,7 @@ void bench_decode_step(Report& report, const Limits& limits, int64_t batch, int6
               "GB/s", bytes / (ms * 1e-3) / 1e9 / limits.copy_gb_s});
 }
 
-int run(const std::string& json_path, bool quick) {
+int run(const std::string& json_path) {
   int device = 0;
   M1_CUDA_CHECK(cudaGetDevice(&device));
   cudaDeviceProp prop{};
@@ -341,11 +343,11 @@ int run(const std::string& json_path, bool quick) {
   bench_matmul(report, limits, stream, 32, 8192, 8192);
   bench_matmul(report, limits, stream, 8192, 8192, 8192);
   for (int64_t batch : {1, 32}) bench_lightning_decode(report, limits, stream, batch);
-  for (int64_t tokens : quick ? std::vector<int64_t>{8192} : std::vector<int64_t>{8192, 65536, 1 << 20})
+  for (int64_t tokens : {8192, 65536, 1 << 20})
     bench_lightning_prefill(report, limits, stream, tokens, 65536, true);
   bench_lightning_prefill(report, limits, stream, 8192, 65536, false);
-  for (int64_t tokens : quick ? std::vector<int64_t>{8192} : std::vector<int64_t>{8192, 65536})
-    bench_flash_prefill(report, limits, stream, tokens);
+  for (bool bf16_operands : {true, false})
+    for (int64_t tokens : {8192, 65536}) bench_flash_prefill(report, limits, stream, tokens, bf16_operands);
   for (int64_t batch : {1, 32})
     for (bool nucleus : {false, true}) bench_sampling(report, limits, stream, batch, nucleus);
   for (int64_t batch : {1, 32})
@@ -368,12 +370,10 @@ int run(const std::string& json_path, bool quick) {
 int main(int argc, char** argv) {
   CLI::App app{"bench_cuda: the CUDA kernels against the GPU's measured limits"};
   std::string json;
-  bool quick = false;
   app.add_option("--json", json, "write the figures to FILE as JSON");
-  app.add_flag("--quick", quick, "skip the 64K and 1M-token sizes");
   CLI11_PARSE(app, argc, argv);
   try {
-    return run(json, quick);
+    return run(json);
   } catch (const m1::Error& e) {
     std::fprintf(stderr, "bench_cuda: %s\n", e.what());
     return 1;

@@ -1,14 +1,15 @@
 // Causal grouped-query softmax attention (DESIGN.md §1) in four kernels:
 //   rope_append   rotates q and k in place and appends this step's k and v to the bf16 caches;
-//   prefill       flash attention for segments of several rows: a CTA takes 64 query vectors
-//                 (position-major, all query heads of one kv head) and streams K/V tiles through
-//                 shared memory with an online softmax;
+//   prefill       flash attention for segments of several rows: a CTA takes 64 query vectors (128
+//                 in fast precision; position-major, all query heads of one kv head) and streams K/V
+//                 tiles through shared memory with an online softmax;
 //   decode        split-K for one-row segments: a CTA takes a range of cache rows for one kv head
 //                 and writes a partial (max, sum, acc) to scratch;
 //   combine       merges a decode row's partials in a fixed order.
 // Products run on bf16 tensor cores (mma.m16n8k16, fp32 accumulation). The cache is bf16 already;
-// q and the softmax weights are fp32, so each is split into a bf16 high part and a bf16 remainder
-// and multiplied twice: 16 significant bits per operand, fp32-grade results at twice the products.
+// q and the softmax weights are fp32. Exact precision splits each into a bf16 high part and a bf16
+// remainder and multiplies twice: 16 significant bits per operand, fp32-grade results at twice the
+// products. Fast precision (DESIGN.md §4) rounds them to bf16 once: one product each.
 // A row's arithmetic depends only on its own segment: work is cut per segment, key tiles sit at
 // fixed absolute positions, and keys a row must not see contribute exact zeros.
 
@@ -28,12 +29,23 @@ namespace m1::cuda {
 namespace {
 
 constexpr unsigned kFullWarp = 0xffffffffu;
-constexpr int kQueryRows = 64;                      // query vectors per prefill CTA: 4 warps x 16
-constexpr int kPrefillThreads = 4 * 32;
 constexpr int kRopeThreads = 128;
 constexpr int kCombineWarps = 8;
+constexpr int kCombineChunk = 1024;  // split weights in shared memory at a time; a multiple of kCombineWarps
 constexpr int kMaxHeadDim = 256;
 constexpr float kLog2e = 1.4426950408889634f;
+
+// How q and the softmax weights (fp32) enter the bf16 products.
+enum class Operands {
+  kSplit,    // a bf16 high part and its bf16 remainder, two products each (exact precision)
+  kRounded,  // rounded to bf16 once, one product each (fast precision)
+};
+__host__ __device__ constexpr int query_parts(Operands operands) { return operands == Operands::kSplit ? 2 : 1; }
+
+// Prefill CTAs take 16 query vectors per warp. Fast precision keeps one bf16 part of q in shared
+// memory, which leaves room for 8 warps: each K/V tile brought in then serves 128 query vectors.
+__host__ __device__ constexpr int prefill_warps(Operands operands) { return operands == Operands::kRounded ? 8 : 4; }
+__host__ __device__ constexpr int prefill_rows(Operands operands) { return 16 * prefill_warps(operands); }
 
 // Shared-memory geometry for head dims up to D: rows padded by 16 bytes so the eight rows an
 // ldmatrix phase reads fall in distinct banks; K/V tiles of kKeys rows (16 per decode warp).
@@ -45,11 +57,16 @@ struct Geometry {
   static constexpr size_t kTileBytes = size_t(kKeys) * kPitch * 2;
   // Two stages of K and V tiles, double buffered.
   static constexpr size_t kStagesBytes = 4 * kTileBytes;
-  static constexpr size_t kPrefillBytes = 2 * size_t(kQueryRows) * kPitch * 2 + kStagesBytes;
-  static constexpr size_t kDecodeBytes = 2 * size_t(16) * kPitch * 2 + kStagesBytes;
-  // The decode CTA's closing merge reuses the stages: per warp 16 rows of D floats plus max and sum.
-  static_assert(size_t(kDecodeWarps) * 16 * (D + 2) * 4 <= kStagesBytes);
-  static_assert(kPrefillBytes <= 160 * 1024 && kDecodeBytes <= 160 * 1024);
+  // The query block (a prefill CTA's or 16 decode query vectors) once per bf16 part, then the stages.
+  static constexpr size_t prefill_bytes(Operands o) {
+    return query_parts(o) * size_t(prefill_rows(o)) * kPitch * 2 + kStagesBytes;
+  }
+  static constexpr size_t decode_bytes(Operands o) { return query_parts(o) * size_t(16) * kPitch * 2 + kStagesBytes; }
+  // The decode CTA's closing merge reuses the stages: per warp 16 rows of D floats plus max,
+  // sum and merge weight.
+  static_assert(size_t(kDecodeWarps) * 16 * (D + 3) * 4 <= kStagesBytes);
+  static_assert(prefill_bytes(Operands::kSplit) <= 160 * 1024 && prefill_bytes(Operands::kRounded) <= 160 * 1024 &&
+                decode_bytes(Operands::kSplit) <= 160 * 1024);
 };
 
 // Keys per decode split, from the context length alone so a row's arithmetic never depends on the
@@ -67,8 +84,8 @@ __host__ __device__ constexpr int64_t decode_slots(const AttentionSegment& s) {
   const int64_t coarser = decode_splits(room);
   return finer > coarser ? finer : coarser;
 }
-__host__ __device__ constexpr int64_t prefill_tiles(int64_t count, int64_t group) {
-  return count > 1 ? ceil_div(count * group, kQueryRows) : 0;
+__host__ __device__ constexpr int64_t prefill_tiles(int64_t count, int64_t group, int rows_per_cta) {
+  return count > 1 ? ceil_div(count * group, rows_per_cta) : 0;
 }
 
 // --- Warp-level building blocks -------------------------------------------------------------
@@ -101,6 +118,16 @@ __device__ __forceinline__ void split_to_shared(float x, uint16_t* high, uint16_
 __device__ __forceinline__ uint16_t to_bf16_bits(float x) {
   __nv_bfloat16 h = __float2bfloat16_rn(x);
   return *reinterpret_cast<uint16_t*>(&h);
+}
+
+// One element of a shared query block: split into `high` and `low`, or only rounded into `high`.
+// The rounding is the split's high part, so both precisions share it.
+template <Operands O>
+__device__ __forceinline__ void store_query(float x, uint16_t* high, uint16_t* low) {
+  if constexpr (O == Operands::kSplit)
+    split_to_shared(x, high, low);
+  else
+    *high = to_bf16_bits(x);
 }
 
 // --- Finding a CTA's work -------------------------------------------------------------------
@@ -231,10 +258,10 @@ struct RowState {
 };
 
 // Folds keys [key0, key0 + 8 kTiles) (rows of `keys`/`values` in shared memory) into the state of
-// the warp's 16 query vectors (rows of q_high/q_low). A row sees key t iff t <= its limit; `masked`
-// false promises that every key of the tile is visible to every row. Only the first `d` columns
-// are read, in steps of 16 (padding columns are zero).
-template <int D, int kTiles>
+// the warp's 16 query vectors (rows of q_high, and of q_low when split). A row sees key t iff
+// t <= its limit; `masked` false promises that every key of the tile is visible to every row. Only
+// the first `d` columns are read, in steps of 16 (padding columns are zero).
+template <int D, int kTiles, Operands O>
 __device__ __forceinline__ void attend_tile(const uint16_t* q_high, const uint16_t* q_low, const uint16_t* keys,
                                             const uint16_t* values, int d, int64_t key0, bool masked,
                                             const int64_t (&limit)[2], float scale_log2, RowState<D>& state) {
@@ -242,7 +269,7 @@ __device__ __forceinline__ void attend_tile(const uint16_t* q_high, const uint16
   constexpr int P = Geometry<D>::kPitch;
   const int lane = threadIdx.x & 31, t = lane & 3;
 
-  // Scores: s = q k^T, q as high + low parts.
+  // Scores: s = q k^T, q as high + low parts or rounded.
   float s[kTiles][4];
 #pragma unroll
   for (int n = 0; n < kTiles; ++n)
@@ -254,15 +281,15 @@ __device__ __forceinline__ void attend_tile(const uint16_t* q_high, const uint16
     uint32_t qh[4], ql[4];
     const int q_offset = (lane & 15) * P + ks * 16 + (lane >> 4) * 8;
     load_matrices(qh, q_high + q_offset);
-    load_matrices(ql, q_low + q_offset);
+    if constexpr (O == Operands::kSplit) load_matrices(ql, q_low + q_offset);
 #pragma unroll
     for (int np = 0; np < kTiles / 2; ++np) {
       // Matrices: keys 16np+0..7 at dims +0 and +8, then keys 16np+8..15 at dims +0 and +8.
       uint32_t b[4];
       load_matrices(b, keys + (np * 16 + (lane & 7) + ((lane >> 4) << 3)) * P + ks * 16 + ((lane >> 3) & 1) * 8);
-      mma_bf16(s[2 * np], ql, b[0], b[1]);
+      if constexpr (O == Operands::kSplit) mma_bf16(s[2 * np], ql, b[0], b[1]);
       mma_bf16(s[2 * np], qh, b[0], b[1]);
-      mma_bf16(s[2 * np + 1], ql, b[2], b[3]);
+      if constexpr (O == Operands::kSplit) mma_bf16(s[2 * np + 1], ql, b[2], b[3]);
       mma_bf16(s[2 * np + 1], qh, b[2], b[3]);
     }
   }
@@ -304,24 +331,28 @@ __device__ __forceinline__ void attend_tile(const uint16_t* q_high, const uint16
 #pragma unroll
     for (int e = 0; e < 4; ++e) state.acc[n][e] *= rescale[e >> 1];
 
-  // acc += p v, the weights p as high + low parts: the score layout of n-tiles 2kk and 2kk+1 is
-  // the a-operand layout of keys 16kk..16kk+15.
+  // acc += p v, the weights p as high + low parts or rounded: the score layout of n-tiles 2kk and
+  // 2kk+1 is the a-operand layout of keys 16kk..16kk+15.
 #pragma unroll
   for (int kk = 0; kk < kTiles / 2; ++kk) {
     uint32_t ph[4], pl[4];
-    split_pair(s[2 * kk][0], s[2 * kk][1], ph[0], pl[0]);
-    split_pair(s[2 * kk][2], s[2 * kk][3], ph[1], pl[1]);
-    split_pair(s[2 * kk + 1][0], s[2 * kk + 1][1], ph[2], pl[2]);
-    split_pair(s[2 * kk + 1][2], s[2 * kk + 1][3], ph[3], pl[3]);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float* pair = &s[2 * kk + (i >> 1)][2 * (i & 1)];
+      if constexpr (O == Operands::kSplit)
+        split_pair(pair[0], pair[1], ph[i], pl[i]);
+      else
+        ph[i] = bits(__floats2bfloat162_rn(pair[0], pair[1]));
+    }
 #pragma unroll
     for (int np = 0; np < D / 16; ++np) {
       if (np * 16 >= d) break;
       // Matrices (transposed): keys +0..7 and +8..15 at dims 16np, then the same at dims 16np+8.
       uint32_t b[4];
       load_matrices_transposed(b, values + (kk * 16 + (lane & 15)) * P + np * 16 + (lane >> 4) * 8);
-      mma_bf16(state.acc[2 * np], pl, b[0], b[1]);
+      if constexpr (O == Operands::kSplit) mma_bf16(state.acc[2 * np], pl, b[0], b[1]);
       mma_bf16(state.acc[2 * np], ph, b[0], b[1]);
-      mma_bf16(state.acc[2 * np + 1], pl, b[2], b[3]);
+      if constexpr (O == Operands::kSplit) mma_bf16(state.acc[2 * np + 1], pl, b[2], b[3]);
       mma_bf16(state.acc[2 * np + 1], ph, b[2], b[3]);
     }
   }
@@ -401,19 +432,19 @@ __device__ __forceinline__ void clear_padding(uint16_t* stages, int d) {
 
 // --- Prefill --------------------------------------------------------------------------------
 
-template <int D>
-__global__ void __launch_bounds__(kPrefillThreads) prefill_kernel(AttendParams p) {
+template <int D, Operands O>
+__global__ void __launch_bounds__(prefill_warps(O) * 32) prefill_kernel(AttendParams p) {
   using G = Geometry<D>;
-  constexpr int P = G::kPitch, kKeys = G::kKeys;
+  constexpr int P = G::kPitch, kKeys = G::kKeys, kQueryRows = prefill_rows(O);
   extern __shared__ __align__(16) uint16_t shared[];
   uint16_t* q_high = shared;
-  uint16_t* q_low = q_high + kQueryRows * P;
-  uint16_t* stages = q_low + kQueryRows * P;  // stage s: keys at s * 2 kKeys rows, values after
+  uint16_t* q_low = q_high + kQueryRows * P;  // split operands only
+  uint16_t* stages = q_high + query_parts(O) * kQueryRows * P;  // stage s: keys at s * 2 kKeys rows, values after
 
   // Latest tiles (longest rows) first, so the heavy CTAs do not trail the launch.
   const int group = p.group;
   const Located at = locate(p.segments, p.segment_count, p.work_items - 1 - blockIdx.x,
-                            [group](const AttentionSegment& s) { return prefill_tiles(s.count, group); });
+                            [group](const AttentionSegment& s) { return prefill_tiles(s.count, group, kQueryRows); });
   const AttentionSegment seg = p.segments[at.segment];
   const int kv_head = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t first = at.local * kQueryRows, end = min(first + kQueryRows, seg.count * group);
@@ -429,7 +460,7 @@ __global__ void __launch_bounds__(kPrefillThreads) prefill_kernel(AttendParams p
     const int64_t m = first + r;
     float x = 0.0f;
     if (m < end && c < p.d) x = p.q[(seg.row + m / group) * p.q_stride + (head0 + m % group) * p.d + c];
-    split_to_shared(x, q_high + r * P + c, q_low + r * P + c);
+    store_query<O>(x, q_high + r * P + c, q_low + r * P + c);
   }
 
   // This lane's two rows; rows past the segment borrow the last row's limit and are not written.
@@ -446,8 +477,8 @@ __global__ void __launch_bounds__(kPrefillThreads) prefill_kernel(AttendParams p
   const uint16_t* my_q_low = q_low + warp * 16 * P;
   stream_kv<D>(seg, kv_width, int64_t(kv_head) * p.d, p.d, 0, kv_end, stages,
                [&](const uint16_t* keys, const uint16_t* values, int64_t t0) {
-                 attend_tile<D, kKeys / 8>(my_q_high, my_q_low, keys, values, p.d, t0,
-                                           t0 + kKeys - 1 > unmasked_through, limit, p.scale_log2, state);
+                 attend_tile<D, kKeys / 8, O>(my_q_high, my_q_low, keys, values, p.d, t0,
+                                              t0 + kKeys - 1 > unmasked_through, limit, p.scale_log2, state);
                });
 
   const int g = lane >> 2, t = lane & 3;
@@ -471,14 +502,14 @@ __global__ void __launch_bounds__(kPrefillThreads) prefill_kernel(AttendParams p
 
 // One CTA per (split, kv head, block of 16 query heads of the group). Each K/V tile of kKeys rows
 // is shared out 16 keys per warp; the warps' states merge at the end into the split's partial.
-template <int D>
+template <int D, Operands O>
 __global__ void __launch_bounds__(Geometry<D>::kDecodeWarps * 32) decode_kernel(AttendParams p) {
   using G = Geometry<D>;
   constexpr int P = G::kPitch, kKeys = G::kKeys, kWarps = G::kDecodeWarps;
   extern __shared__ __align__(16) uint16_t shared[];
   uint16_t* q_high = shared;
-  uint16_t* q_low = q_high + 16 * P;
-  uint16_t* stages = q_low + 16 * P;
+  uint16_t* q_low = q_high + 16 * P;  // split operands only
+  uint16_t* stages = q_high + query_parts(O) * 16 * P;
 
   const Located at = locate(p.segments, p.segment_count, blockIdx.x,
                             [](const AttentionSegment& s) { return decode_slots(s); });
@@ -496,7 +527,7 @@ __global__ void __launch_bounds__(Geometry<D>::kDecodeWarps * 32) decode_kernel(
     const int r = i / D, c = i % D;
     float x = 0.0f;
     if (r < heads_here && c < p.d) x = p.q[seg.row * p.q_stride + (head0 + r) * p.d + c];
-    split_to_shared(x, q_high + r * P + c, q_low + r * P + c);
+    store_query<O>(x, q_high + r * P + c, q_low + r * P + c);
   }
   const int64_t limit[2] = {end - 1, end - 1};
   RowState<D> state;
@@ -505,14 +536,15 @@ __global__ void __launch_bounds__(Geometry<D>::kDecodeWarps * 32) decode_kernel(
   // Warp w takes keys 16w..16w+15 of every tile.
   stream_kv<D>(seg, kv_width, int64_t(kv_head) * p.d, p.d, begin, end, stages,
                [&](const uint16_t* keys, const uint16_t* values, int64_t t0) {
-                 attend_tile<D, 2>(q_high, q_low, keys + warp * 16 * P, values + warp * 16 * P, p.d, t0 + warp * 16,
-                                   t0 + kKeys > end, limit, p.scale_log2, state);
+                 attend_tile<D, 2, O>(q_high, q_low, keys + warp * 16 * P, values + warp * 16 * P, p.d,
+                                      t0 + warp * 16, t0 + kKeys > end, limit, p.scale_log2, state);
                });
 
   // Merge the warps in a fixed order. The stages are free now (the loop ended on a barrier).
   float* merged_acc = reinterpret_cast<float*>(stages);  // [warp][16][D]
   float* merged_max = merged_acc + kWarps * 16 * D;     // [warp][16]
   float* merged_sum = merged_max + kWarps * 16;
+  float* merged_weight = merged_sum + kWarps * 16;       // [warp][16]: 2^(warp max - row max)
   const int g = lane >> 2, t = lane & 3;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -531,28 +563,34 @@ __global__ void __launch_bounds__(Geometry<D>::kDecodeWarps * 32) decode_kernel(
   }
   __syncthreads();
   const int64_t split = at.before + at.local;
-  for (int i = threadIdx.x; i < heads_here * p.d; i += blockDim.x) {
-    const int row = i / p.d, c = i % p.d;
+  // Once per row: the warps' weights, and the split's max and sum.
+  if (threadIdx.x < heads_here) {
+    const int row = threadIdx.x;
     float max = -INFINITY;
     for (int w = 0; w < kWarps; ++w) max = fmaxf(max, merged_max[w * 16 + row]);
-    float acc = 0.0f, sum = 0.0f;
+    float sum = 0.0f;
     for (int w = 0; w < kWarps; ++w) {
       // A warp whose keys were all past the end has max -inf and weighs zero.
       const float weight = exp2f(merged_max[w * 16 + row] - max);
-      acc += weight * merged_acc[(w * 16 + row) * D + c];
+      merged_weight[w * 16 + row] = weight;
       sum += weight * merged_sum[w * 16 + row];
     }
     const int64_t slot = (head0 + row) * p.work_items + split;
-    p.partial_acc[slot * p.d + c] = acc;
-    if (c == 0) {
-      p.partial_stats[2 * slot] = max;
-      p.partial_stats[2 * slot + 1] = sum;
-    }
+    p.partial_stats[2 * slot] = max;
+    p.partial_stats[2 * slot + 1] = sum;
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < heads_here * p.d; i += blockDim.x) {
+    const int row = i / p.d, c = i % p.d;
+    float acc = 0.0f;
+    for (int w = 0; w < kWarps; ++w) acc += merged_weight[w * 16 + row] * merged_acc[(w * 16 + row) * D + c];
+    p.partial_acc[((head0 + row) * p.work_items + split) * p.d + c] = acc;
   }
 }
 
 // One CTA per (decode row, query head): out = sum_s w_s acc_s / sum_s w_s sum_s with
-// w_s = 2^(max_s - max). Warp w takes splits w, w + 8, ...; the warps then add up in order.
+// w_s = 2^(max_s - max), computed once per split into shared memory (kCombineChunk at a time).
+// Warp w takes splits w, w + 8, ...; the warps then add up in order.
 __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(AttendParams p) {
   const Located at = locate(p.segments, p.segment_count, blockIdx.x,
                             [](const AttentionSegment& s) -> int64_t { return s.count == 1; });
@@ -566,6 +604,7 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(AttendParam
   __shared__ float warp_max[kCombineWarps];
   __shared__ float warp_sum[kCombineWarps];
   __shared__ __align__(16) float warp_acc[kCombineWarps][kMaxHeadDim];
+  __shared__ float split_weight[kCombineChunk];
   float max = -INFINITY;
   for (int64_t s = threadIdx.x; s < splits; s += blockDim.x) max = fmaxf(max, stats[2 * s]);
   for (int offset = 16; offset > 0; offset >>= 1) max = fmaxf(max, __shfl_xor_sync(kFullWarp, max, offset));
@@ -577,20 +616,28 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(AttendParam
   float4 part[2] = {make_float4(0, 0, 0, 0), make_float4(0, 0, 0, 0)};
   float sum = 0.0f;
   const int quads = d / 4;
-  for (int64_t s = warp; s < splits; s += kCombineWarps) {
-    const float weight = exp2f(stats[2 * s] - max);
-    sum += weight * stats[2 * s + 1];
-    const float4* row = reinterpret_cast<const float4*>(acc + s * d);
+  for (int64_t chunk = 0; chunk < splits; chunk += kCombineChunk) {
+    const int here = int(min(int64_t(kCombineChunk), splits - chunk));
+    for (int i = threadIdx.x; i < here; i += blockDim.x) split_weight[i] = exp2f(stats[2 * (chunk + i)] - max);
+    __syncthreads();
+    // Chunks start at multiples of kCombineWarps, so split s stays with warp s % kCombineWarps.
+    for (int i = warp; i < here; i += kCombineWarps) {
+      const int64_t s = chunk + i;
+      const float weight = split_weight[i];
+      sum += weight * stats[2 * s + 1];
+      const float4* row = reinterpret_cast<const float4*>(acc + s * d);
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int c4 = lane + 32 * h;
-      if (c4 >= quads) break;
-      const float4 x = row[c4];
-      part[h].x += weight * x.x;
-      part[h].y += weight * x.y;
-      part[h].z += weight * x.z;
-      part[h].w += weight * x.w;
+      for (int h = 0; h < 2; ++h) {
+        const int c4 = lane + 32 * h;
+        if (c4 >= quads) break;
+        const float4 x = row[c4];
+        part[h].x += weight * x.x;
+        part[h].y += weight * x.y;
+        part[h].z += weight * x.z;
+        part[h].w += weight * x.w;
+      }
     }
+    __syncthreads();  // the next chunk overwrites the weights
   }
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
@@ -616,18 +663,18 @@ struct StepShape {
   int64_t rows = 0, prefill_tiles = 0, decode_rows = 0, decode_slots = 0;
 };
 
-template <int D>
+template <int D, Operands O>
 void launch_attention(const AttendParams& base, const StepShape& shape, const AttentionArgs& a,
                       DeviceScratch& scratch, cudaStream_t stream) {
   using G = Geometry<D>;
   // The tiles need more than the default 48 KB of shared memory.
-  allow_shared_memory<prefill_kernel<D>>(G::kPrefillBytes);
-  allow_shared_memory<decode_kernel<D>>(G::kDecodeBytes);
+  allow_shared_memory<prefill_kernel<D, O>>(G::prefill_bytes(O));
+  allow_shared_memory<decode_kernel<D, O>>(G::decode_bytes(O));
   if (shape.prefill_tiles > 0) {
     AttendParams p = base;
     p.work_items = shape.prefill_tiles;
-    prefill_kernel<D><<<dim3(unsigned(shape.prefill_tiles), unsigned(a.kv_heads)), kPrefillThreads, G::kPrefillBytes,
-                        stream>>>(p);
+    prefill_kernel<D, O><<<dim3(unsigned(shape.prefill_tiles), unsigned(a.kv_heads)), prefill_warps(O) * 32,
+                           G::prefill_bytes(O), stream>>>(p);
     M1_CUDA_CHECK_LAUNCH();
   }
   if (shape.decode_rows > 0) {
@@ -638,12 +685,23 @@ void launch_attention(const AttendParams& base, const StepShape& shape, const At
     p.partial_acc = partials;
     p.partial_stats = partials + acc_floats;
     const unsigned head_blocks = unsigned(ceil_div(a.heads / a.kv_heads, 16));
-    decode_kernel<D><<<dim3(unsigned(shape.decode_slots), unsigned(a.kv_heads), head_blocks), G::kDecodeWarps * 32,
-                       G::kDecodeBytes, stream>>>(p);
+    decode_kernel<D, O><<<dim3(unsigned(shape.decode_slots), unsigned(a.kv_heads), head_blocks),
+                          G::kDecodeWarps * 32, G::decode_bytes(O), stream>>>(p);
     M1_CUDA_CHECK_LAUNCH();
     combine_kernel<<<dim3(unsigned(shape.decode_rows), unsigned(a.heads)), kCombineWarps * 32, 0, stream>>>(p);
     M1_CUDA_CHECK_LAUNCH();
   }
+}
+
+template <Operands O>
+void launch_for_head_dim(const AttendParams& base, const StepShape& shape, const AttentionArgs& a,
+                         DeviceScratch& scratch, cudaStream_t stream) {
+  if (a.d <= 64)
+    launch_attention<64, O>(base, shape, a, scratch, stream);
+  else if (a.d <= 128)
+    launch_attention<128, O>(base, shape, a, scratch, stream);
+  else
+    launch_attention<256, O>(base, shape, a, scratch, stream);
 }
 
 }  // namespace
@@ -658,6 +716,7 @@ void softmax_attention(const AttentionArgs& a, DeviceScratch& scratch, cudaStrea
   if (a.heads > 65535) fail("softmax attention: {} query heads exceed the grid limit 65535", a.heads);
   if (a.segments.size() > size_t(INT32_MAX)) fail("softmax attention: too many segments ({})", a.segments.size());
   const int64_t group = a.heads / a.kv_heads;
+  const Operands operands = a.bf16_operands ? Operands::kRounded : Operands::kSplit;
   StepShape shape;
   for (const AttentionSegment& s : a.segments) {
     if (s.count < 0 || s.pos0 < 0) fail("softmax attention: segment with count {} at position {}", s.count, s.pos0);
@@ -668,7 +727,7 @@ void softmax_attention(const AttentionArgs& a, DeviceScratch& scratch, cudaStrea
     if (!aligned16(s.keys) || !aligned16(s.values))
       fail("softmax attention: KV cache not 16-byte aligned");
     shape.rows += s.count;
-    shape.prefill_tiles += prefill_tiles(s.count, group);
+    shape.prefill_tiles += prefill_tiles(s.count, group, prefill_rows(operands));
     if (s.count == 1) {
       ++shape.decode_rows;
       shape.decode_slots += decode_slots(s);
@@ -695,12 +754,10 @@ void softmax_attention(const AttentionArgs& a, DeviceScratch& scratch, cudaStrea
   base.scale_log2 = kLog2e / std::sqrt(float(a.d));
   base.segments = a.device_segments;
   base.segment_count = segment_count;
-  if (a.d <= 64)
-    launch_attention<64>(base, shape, a, scratch, stream);
-  else if (a.d <= 128)
-    launch_attention<128>(base, shape, a, scratch, stream);
+  if (operands == Operands::kRounded)
+    launch_for_head_dim<Operands::kRounded>(base, shape, a, scratch, stream);
   else
-    launch_attention<256>(base, shape, a, scratch, stream);
+    launch_for_head_dim<Operands::kSplit>(base, shape, a, scratch, stream);
 }
 
 }  // namespace m1::cuda

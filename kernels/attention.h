@@ -37,6 +37,10 @@ struct AttentionArgs {
   double rope_theta = 0;
   std::span<const AttentionSegment> segments;       // host copy
   const AttentionSegment* device_segments = nullptr;  // the same descriptors in device memory
+  // Whether q and the softmax weights may enter the products rounded to bf16 once (fp32
+  // accumulation, softmax in fp32): the fast precision of DESIGN.md §4. False carries each as a
+  // bf16 high part and remainder, two products each, for fp32-grade results.
+  bool bf16_operands = false;
 };
 
 void softmax_attention(const AttentionArgs& args, DeviceScratch& scratch, cudaStream_t stream);

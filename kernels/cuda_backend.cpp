@@ -39,17 +39,18 @@ uint64_t signature_bits(const T& value) {
     return uint64_t(value);
 }
 
-cudaStream_t make_stream() {
-  cudaStream_t stream = nullptr;
-  M1_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  return stream;
-}
-
 }  // namespace
 
+OwnedStream::OwnedStream() { M1_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking)); }
+
+OwnedStream::~OwnedStream() {
+  // Errors are ignored: a destructor cannot report them (a failed step has reported its own).
+  cudaStreamSynchronize(stream_);
+  cudaStreamDestroy(stream_);
+}
+
 CudaBackend::CudaBackend(Precision precision, const std::string& device_name, bool graphs)
-    : stream_(make_stream()),
-      graphs_(stream_, graphs),
+    : graphs_(stream_, graphs),
       precision_(precision),
       device_name_(device_name),
       index_scratch_(stream_),
@@ -65,7 +66,6 @@ CudaBackend::~CudaBackend() {
   graphs_.abandon();
   cudaStreamSynchronize(stream_);
   for (void* p : weights_) cudaFree(p);
-  cudaStreamDestroy(stream_);
 }
 
 std::string CudaBackend::name() const {
@@ -246,6 +246,7 @@ void CudaBackend::softmax_attention(Mat q, Mat k, const Mat& v, std::span<const 
   args.d = p.head_dim;
   args.rotary_dim = p.rotary_dim;
   args.rope_theta = p.rope_theta;
+  args.bf16_operands = precision_ == Precision::kFast;
   args.segments = attention_segments_;
   args.device_segments = static_cast<const AttentionSegment*>(
       upload_to(segment_scratch_, attention_segments_.data(), attention_segments_.size() * sizeof(AttentionSegment)));
@@ -315,30 +316,30 @@ std::vector<DrawOutcome> CudaBackend::sample(const Mat& logits, std::span<const 
   if (device_draws_.empty()) return outcomes;
 
   // Everything the draws read and write, laid out in one scratch buffer.
-  const auto padded = [](size_t bytes) { return size_t(ceil_div(int64_t(bytes), 256)) * 256; };
-  const size_t draws_bytes = padded(device_draws_.size() * sizeof(DeviceDraw));
-  const size_t seen_bytes = padded(seen_ids_.size() * sizeof(int32_t));
-  const size_t counts_bytes = padded(generated_counts_.size() * sizeof(int32_t));
-  const size_t results_bytes = device_draws_.size() * sizeof(DrawResult);
-  auto* base = static_cast<char*>(draw_scratch_.get(draws_bytes + seen_bytes + counts_bytes + results_bytes));
-  SampleArgs args;
+  SampleArgs args = carve_scratch(draw_scratch_, [&](ScratchCarver& c) {
+    SampleArgs a;
+    a.device_draws = c.take<DeviceDraw>(std::ssize(device_draws_));
+    a.seen = c.take<int32_t>(std::ssize(seen_ids_));
+    a.generated_counts = c.take<int32_t>(std::ssize(generated_counts_));
+    a.results = c.take<DrawResult>(std::ssize(device_draws_));
+    return a;
+  });
   args.logits = logits.data;
   args.vocab = logits.cols;
   args.draws = device_draws_;
-  args.device_draws = reinterpret_cast<const DeviceDraw*>(base);
-  args.seen = reinterpret_cast<const int32_t*>(base + draws_bytes);
-  args.generated_counts = reinterpret_cast<const int32_t*>(base + draws_bytes + seen_bytes);
-  args.results = reinterpret_cast<DrawResult*>(base + draws_bytes + seen_bytes + counts_bytes);
-  auto copy_in = [&](void* to, const void* from, size_t bytes) {
-    if (bytes) M1_CUDA_CHECK(cudaMemcpyAsync(to, from, bytes, cudaMemcpyHostToDevice, stream_));
+  auto copy_in = [&](const void* to, const auto& from) {
+    if (!from.empty())
+      M1_CUDA_CHECK(cudaMemcpyAsync(const_cast<void*>(to), from.data(), from.size() * sizeof(from[0]),
+                                    cudaMemcpyHostToDevice, stream_));
   };
-  copy_in(base, device_draws_.data(), device_draws_.size() * sizeof(DeviceDraw));
-  copy_in(base + draws_bytes, seen_ids_.data(), seen_ids_.size() * sizeof(int32_t));
-  copy_in(base + draws_bytes + seen_bytes, generated_counts_.data(), generated_counts_.size() * sizeof(int32_t));
+  copy_in(args.device_draws, device_draws_);
+  copy_in(args.seen, seen_ids_);
+  copy_in(args.generated_counts, generated_counts_);
   cuda::sample(args, sample_scratch_, stream_);
 
   draw_results_.resize(device_draws_.size());
-  M1_CUDA_CHECK(cudaMemcpyAsync(draw_results_.data(), args.results, results_bytes, cudaMemcpyDeviceToHost, stream_));
+  M1_CUDA_CHECK(cudaMemcpyAsync(draw_results_.data(), args.results, draw_results_.size() * sizeof(DrawResult),
+                                cudaMemcpyDeviceToHost, stream_));
   M1_CUDA_CHECK(cudaStreamSynchronize(stream_));
   for (size_t j = 0; j < draw_results_.size(); ++j) {
     const DrawResult& result = draw_results_[j];

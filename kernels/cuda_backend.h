@@ -21,6 +21,20 @@
 
 namespace m1::cuda {
 
+// A non-blocking stream, destroyed after its work has run. The backend declares it first, so it
+// outlives every member that still releases memory or graphs on it.
+class OwnedStream {
+ public:
+  OwnedStream();
+  ~OwnedStream();
+  OwnedStream(const OwnedStream&) = delete;
+  OwnedStream& operator=(const OwnedStream&) = delete;
+  operator cudaStream_t() const { return stream_; }  // implicit: passed wherever a cudaStream_t goes
+
+ private:
+  cudaStream_t stream_ = nullptr;
+};
+
 class CudaBackend final : public Backend {
  public:
   // `graphs`: replay decode steps as CUDA graphs (see step_graphs.h).
@@ -67,7 +81,7 @@ class CudaBackend final : public Backend {
   template <class... Args>
   bool replaying(std::string_view call, const Args&... args);
 
-  cudaStream_t stream_;
+  OwnedStream stream_;
   StepGraphs graphs_;
   bool graph_candidate_ = false;  // this step may be, or precede, a graph recording
   Precision precision_;

@@ -21,7 +21,9 @@ class CudaState final : public SequenceState {
   std::unique_ptr<SequenceState> clone() const override;
   size_t bytes() const override;
 
-  // heads x d x d floats of lightning layer `layer` (counted among lightning layers).
+  // heads x d x d floats of lightning layer `layer` (counted among lightning layers): 16-byte
+  // aligned when d is a multiple of 4, as the decode kernel requires (the allocation is 256-byte
+  // aligned and each layer takes a multiple of 16 bytes).
   float* lightning(int64_t layer) const { return lightning_ + layer * lightning_layer_floats(); }
   // Rows of kv_heads * d bf16 values (raw bits), one per token, of softmax layer `layer`.
   uint16_t* keys(int64_t layer) const { return kv_ + 2 * layer * capacity_ * kv_row(); }

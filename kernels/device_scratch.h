@@ -4,6 +4,7 @@
 // stream, so memory a queued kernel still reads is never freed under it.
 
 #include <cstddef>
+#include <cstdint>
 
 #include <cuda_runtime.h>
 
@@ -45,5 +46,36 @@ class DeviceScratch {
   void* data_ = nullptr;
   size_t capacity_ = 0;
 };
+
+// Hands out consecutive pieces of one buffer, each starting 256-byte aligned. Without a base it
+// only counts the bytes, so the same carving can size the buffer first (see carve_scratch).
+class ScratchCarver {
+ public:
+  explicit ScratchCarver(void* base = nullptr) : base_(static_cast<char*>(base)) {}
+  // `count` elements of T; nullptr for none, and nullptr throughout while only counting.
+  template <class T>
+  T* take(int64_t count) {
+    if (count <= 0) return nullptr;
+    T* piece = base_ ? reinterpret_cast<T*>(base_ + bytes_) : nullptr;
+    bytes_ += (size_t(count) * sizeof(T) + 255) / 256 * 256;
+    return piece;
+  }
+  size_t bytes() const { return bytes_; }
+
+ private:
+  char* base_;
+  size_t bytes_ = 0;
+};
+
+// Runs `carve(ScratchCarver&)` twice, first to count the bytes of its pieces, then on one buffer
+// of that size from `scratch`, and returns what the second run returns. One get() for all the
+// pieces, since a later get() may move the buffer under the earlier ones.
+template <class Carve>
+auto carve_scratch(DeviceScratch& scratch, Carve carve) {
+  ScratchCarver sizing;
+  carve(sizing);
+  ScratchCarver carver(scratch.get(sizing.bytes()));
+  return carve(carver);
+}
 
 }  // namespace m1::cuda

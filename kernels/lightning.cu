@@ -617,17 +617,16 @@ struct SegmentRange {
   int size() const { return last - first + 1; }
 };
 
+// Float4 loads whenever d allows them: a choice made by the head dim alone, so a segment gets the
+// same bits whatever shares its call (lightning_attention checked the states' alignment).
 void launch_decode(const LightningArgs& args, LightningParams p, SegmentRange range, cudaStream_t stream) {
-  bool aligned = args.d % 4 == 0;
-  for (int i = range.first; i <= range.last; ++i)
-    if (args.segments[size_t(i)].count == 1)
-      aligned = aligned && aligned16(args.segments[size_t(i)].state);
-  const int d = int(args.d), vec = aligned ? 4 : 1, groups = d / vec;
+  const bool vectors = args.d % 4 == 0;
+  const int d = int(args.d), vec = vectors ? 4 : 1, groups = d / vec;
   const int lanes = std::min(d, kDecodeMaxThreads / groups);
   const size_t smem = size_t(3 * d + lanes * d) * sizeof(float);
   p.first = range.first;
   const dim3 grid(unsigned(range.size()), unsigned(args.heads));
-  if (aligned)
+  if (vectors)
     lightning_decode_kernel<4><<<grid, groups * lanes, smem, stream>>>(p);
   else
     lightning_decode_kernel<1><<<grid, groups * lanes, smem, stream>>>(p);
@@ -704,6 +703,9 @@ void lightning_attention(const LightningArgs& args, cudaStream_t stream) {
   for (size_t i = 0; i < args.segments.size(); ++i) {
     const int64_t count = args.segments[i].count;
     if (count < 1) continue;
+    if (count == 1 && args.d % 4 == 0 && !aligned16(args.segments[i].state))
+      fail("lightning attention: the state of segment {} is not 16-byte aligned (head dim {} decodes with float4 loads)",
+           i, args.d);
     SegmentRange& range = count == 1 ? decode : prefill;
     if (range.empty()) range.first = int(i);
     range.last = int(i);

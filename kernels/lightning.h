@@ -14,6 +14,7 @@ namespace m1::cuda {
 
 // One sequence's rows [row, row + count) of the step; `state` is this layer's heads x d x d
 // fp32 state in device memory (head h at state + h*d*d, row a holds S[a][:]), updated in place.
+// When d is a multiple of 4, a decode segment's state must be 16-byte aligned.
 struct LightningSegment {
   int64_t row = 0, count = 0;
   float* state = nullptr;

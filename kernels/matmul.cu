@@ -614,8 +614,6 @@ __global__ __launch_bounds__(kBf16TileThreads, 1) void grouped_bf16_tiled(const 
 // Host side. Grids put the unbounded count (chunks, row blocks) in x and output column blocks in
 // y, which allows 65535 x 64 outputs: far more than any weight matrix has.
 
-float* partials_after(void* base, size_t offset) { return reinterpret_cast<float*>(static_cast<char*>(base) + offset); }
-
 void launch_sum_partials(const float* partial, int64_t chunks, int64_t m, int64_t n, float* out, int64_t ldo,
                          cudaStream_t stream, const int64_t* first_row = nullptr, const int64_t* end_row = nullptr) {
   sum_partials<<<grid_for(m * n, 256), 256, 0, stream>>>(partial, chunks, m, n, out, ldo, first_row, end_row);
@@ -661,13 +659,14 @@ void launch_f32_tiled(const float* x, int64_t ldx, int64_t m, const DeviceMatrix
   M1_CUDA_CHECK_LAUNCH();
 }
 
-// The skinny kernels' chunk partials make a round trip through memory: chunks x m x n floats. Past
-// this many bytes (the LM head at batch 32 would take 615 MB) the tiled kernel, which keeps its
-// partials in registers and has n / 64 column tiles to spread over the GPU anyway, is the better
-// choice; both give the same bits.
+// The skinny kernels' chunk partials make a round trip through memory: chunks x m x n floats (m:
+// every row of x in a grouped call; none for a single chunk, which goes straight to out). Past
+// this many bytes (the LM head at batch 32 would take 615 MB, a MoE's gate products at batch 64
+// 113 MB) the tiled kernels, which keep their partials in registers and have n / 64 column tiles
+// to spread over the GPU anyway, are the better choice; both give the same bits.
 constexpr size_t kMaxSkinnyPartialBytes = size_t(64) << 20;
 bool skinny_partials_fit(int64_t chunks, int64_t m, int64_t n) {
-  return size_t(chunks) * size_t(m) * size_t(n) * sizeof(float) <= kMaxSkinnyPartialBytes;
+  return chunks == 1 || size_t(chunks) * size_t(m) * size_t(n) * sizeof(float) <= kMaxSkinnyPartialBytes;
 }
 
 template <DType T>
@@ -683,34 +682,51 @@ void matmul_f32(const float* x, int64_t ldx, int64_t m, const DeviceMatrix& w, f
   if (chunks > 1) launch_sum_partials(partial, chunks, m, w.rows, out, ldo, stream);
 }
 
+// The bf16 copy of x, rows padded to ldb, and the skinny kernels' chunk partials (none for a
+// count of 0), in one scratch buffer.
+struct Bf16Staging {
+  __nv_bfloat16* rows;
+  float* partial;
+};
+
+Bf16Staging carve_bf16_staging(DeviceScratch& scratch, int64_t x_elements, int64_t partial_elements) {
+  return carve_scratch(scratch, [&](ScratchCarver& carver) {
+    Bf16Staging staging;
+    staging.rows = carver.take<__nv_bfloat16>(x_elements);
+    staging.partial = carver.take<float>(partial_elements);
+    return staging;
+  });
+}
+
+void launch_round_to_bf16(const float* x, int64_t ldx, int64_t m, int64_t k, __nv_bfloat16* out, int64_t ldb,
+                          cudaStream_t stream) {
+  round_to_bf16<<<grid_for(m * ldb, 256), 256, 0, stream>>>(x, ldx, m, k, out, ldb);
+  M1_CUDA_CHECK_LAUNCH();
+}
+
 void matmul_bf16(const float* x, int64_t ldx, int64_t m, const DeviceMatrix& w, float* out, int64_t ldo,
                  DeviceScratch& scratch, cudaStream_t stream) {
   const int64_t k = w.cols, n = w.rows, ldb = (k + 7) / 8 * 8;
   const int64_t chunks = ceil_div(k, kChunk);
   const bool skinny = m <= kBf16SkinnyMaxRows && skinny_partials_fit(chunks, m, n);
-  const size_t x_bytes = (size_t(m * ldb) * sizeof(__nv_bfloat16) + 255) / 256 * 256;
-  const size_t partial_bytes = skinny && chunks > 1 ? size_t(chunks * m * n) * sizeof(float) : 0;
-  void* base = scratch.get(x_bytes + partial_bytes);
-  auto* xb = static_cast<__nv_bfloat16*>(base);
-  round_to_bf16<<<grid_for(m * ldb, 256), 256, 0, stream>>>(x, ldx, m, k, xb, ldb);
-  M1_CUDA_CHECK_LAUNCH();
+  const Bf16Staging staging = carve_bf16_staging(scratch, m * ldb, skinny && chunks > 1 ? chunks * m * n : 0);
+  launch_round_to_bf16(x, ldx, m, k, staging.rows, ldb, stream);
 
   const auto* weights = static_cast<const uint16_t*>(w.data);
   const bool w_vec = aligned16(w.data) && k % 8 == 0;
   if (!skinny) {
     const dim3 grid(unsigned(ceil_div(m, kBf16TileM)), unsigned(ceil_div(n, kBf16TileN)));
-    matmul_bf16_tiled<<<grid, kBf16TileThreads, 0, stream>>>(xb, ldb, m, weights, n, k, w_vec, out, ldo);
+    matmul_bf16_tiled<<<grid, kBf16TileThreads, 0, stream>>>(staging.rows, ldb, m, weights, n, k, w_vec, out, ldo);
     M1_CUDA_CHECK_LAUNCH();
     return;
   }
   allow_shared_memory<matmul_bf16_skinny>(bf16_skinny_shared_bytes(kBf16SkinnyMaxRows));
-  float* partial = partial_bytes ? partials_after(base, x_bytes) : nullptr;
   const int64_t rows16 = (m + 15) / 16 * 16;
   const dim3 grid(unsigned(chunks), unsigned(ceil_div(n, kBf16SkinnyCols)));
   matmul_bf16_skinny<<<grid, kBf16SkinnyWarps * 32, bf16_skinny_shared_bytes(rows16), stream>>>(
-      xb, ldb, m, weights, n, k, w_vec, partial, out, ldo);
+      staging.rows, ldb, m, weights, n, k, w_vec, staging.partial, out, ldo);
   M1_CUDA_CHECK_LAUNCH();
-  if (partial) launch_sum_partials(partial, chunks, m, n, out, ldo, stream);
+  if (staging.partial) launch_sum_partials(staging.partial, chunks, m, n, out, ldo, stream);
 }
 
 // Grouped launches take the groups kLaunchGroups at a time. Their grids are sized from what the
@@ -747,103 +763,123 @@ bool all_aligned16(std::span<const DeviceMatrix> w) {
 }
 
 template <DType T, int kRowsPerThread>
-void launch_grouped_f32_skinny(const float* x, int64_t ldx, int64_t rows, const int64_t* offsets,
-                               std::span<const DeviceMatrix> w, float* partial, float* out, int64_t ldo,
-                               cudaStream_t stream) {
+void launch_grouped_f32_skinny_rows(const float* x, int64_t ldx, int64_t rows, const int64_t* offsets,
+                                    const GroupedProduct& product, float* partial, cudaStream_t stream) {
   constexpr int kTileRows = kRowsPerThread * kF32SkinnyGroups;
   constexpr auto kernel = grouped_f32_skinny<T, kRowsPerThread>;
   allow_shared_memory<kernel>(f32_skinny_shared_bytes<T>(kTileRows));
-  const int64_t n = w[0].rows, k = w[0].cols;
-  const bool w_vec = all_aligned16(w) && k % (16 / sizeof(Stored<T>)) == 0;
-  for_each_launch(w, [&](int64_t first, int count, const GroupWeights& weights) {
+  const int64_t n = product.w[0].rows, k = product.w[0].cols;
+  const bool w_vec = all_aligned16(product.w) && k % (16 / sizeof(Stored<T>)) == 0;
+  for_each_launch(product.w, [&](int64_t first, int count, const GroupWeights& weights) {
     const dim3 grid(unsigned(ceil_div(k, kChunk)), unsigned(ceil_div(n, kF32SkinnyCols)),
                     unsigned(grouped_tiles(rows, count, kTileRows)));
     kernel<<<grid, kF32SkinnyThreads, f32_skinny_shared_bytes<T>(kTileRows), stream>>>(
-        x, ldx, rows, offsets + first, count, weights, n, k, w_vec, partial, out, ldo);
+        x, ldx, rows, offsets + first, count, weights, n, k, w_vec, partial, product.out, product.ldo);
     M1_CUDA_CHECK_LAUNCH();
   });
 }
 
 template <DType T>
-void grouped_f32(const float* x, int64_t ldx, const int64_t* offsets, std::span<const DeviceMatrix> w, int64_t rows,
-                 int64_t group_rows, float* out, int64_t ldo, DeviceScratch& scratch, cudaStream_t stream) {
-  const int64_t n = w[0].rows, k = w[0].cols;
-  // The smallest skinny tile (one row per thread group) bounds the grid.
-  if (group_rows > kF32SkinnyMaxRows || !skinny_grid_fits(rows, int64_t(w.size()), kF32SkinnyGroups)) {
-    const bool x_vec = aligned16(x) && ldx % 4 == 0 && k % 4 == 0;
-    const bool w_vec = all_aligned16(w) && k % (16 / sizeof(Stored<T>)) == 0;
-    for_each_launch(w, [&](int64_t first, int count, const GroupWeights& weights) {
-      const dim3 grid(unsigned(grouped_tiles(rows, count, kF32TileM)), unsigned(ceil_div(n, kF32TileN)));
-      grouped_f32_tiled<T><<<grid, kF32TileThreads, 0, stream>>>(x, ldx, offsets + first, count, x_vec, weights, n, k,
-                                                                 w_vec, out, ldo);
-      M1_CUDA_CHECK_LAUNCH();
-    });
-    return;
-  }
-  const int64_t chunks = ceil_div(k, kChunk);
-  float* partial = chunks > 1 ? scratch.get<float>(size_t(chunks * rows * n)) : nullptr;
+void launch_grouped_f32_skinny(const float* x, int64_t ldx, int64_t rows, const int64_t* offsets, int64_t group_rows,
+                               const GroupedProduct& product, float* partial, cudaStream_t stream) {
   if (group_rows <= kF32SkinnyGroups)
-    launch_grouped_f32_skinny<T, 1>(x, ldx, rows, offsets, w, partial, out, ldo, stream);
+    launch_grouped_f32_skinny_rows<T, 1>(x, ldx, rows, offsets, product, partial, stream);
   else if (group_rows <= 2 * kF32SkinnyGroups)
-    launch_grouped_f32_skinny<T, 2>(x, ldx, rows, offsets, w, partial, out, ldo, stream);
+    launch_grouped_f32_skinny_rows<T, 2>(x, ldx, rows, offsets, product, partial, stream);
   else if (group_rows <= 4 * kF32SkinnyGroups)
-    launch_grouped_f32_skinny<T, 4>(x, ldx, rows, offsets, w, partial, out, ldo, stream);
+    launch_grouped_f32_skinny_rows<T, 4>(x, ldx, rows, offsets, product, partial, stream);
   else
-    launch_grouped_f32_skinny<T, 8>(x, ldx, rows, offsets, w, partial, out, ldo, stream);
-  const int64_t groups = int64_t(w.size());
-  if (partial) launch_sum_partials(partial, chunks, rows, n, out, ldo, stream, offsets, offsets + groups);
+    launch_grouped_f32_skinny_rows<T, 8>(x, ldx, rows, offsets, product, partial, stream);
 }
 
-void grouped_bf16(const float* x, int64_t ldx, const int64_t* offsets, std::span<const DeviceMatrix> w, int64_t rows,
-                  int64_t group_rows, float* out, int64_t ldo, DeviceScratch& scratch, cudaStream_t stream) {
-  const int64_t n = w[0].rows, k = w[0].cols, ldb = (k + 7) / 8 * 8, groups = int64_t(w.size());
-  const int64_t chunks = ceil_div(k, kChunk);
-  const int64_t tile_rows = (group_rows + 15) / 16 * 16;
-  const bool skinny = group_rows <= kBf16SkinnyMaxRows && skinny_grid_fits(rows, groups, tile_rows);
-  const size_t x_bytes = (size_t(rows * ldb) * sizeof(__nv_bfloat16) + 255) / 256 * 256;
-  const size_t partial_bytes = skinny && chunks > 1 ? size_t(chunks * rows * n) * sizeof(float) : 0;
-  void* base = scratch.get(x_bytes + partial_bytes);
-  auto* xb = static_cast<__nv_bfloat16*>(base);
-  round_to_bf16<<<grid_for(rows * ldb, 256), 256, 0, stream>>>(x, ldx, rows, k, xb, ldb);
-  M1_CUDA_CHECK_LAUNCH();
+// The grouped entry points below run the products one after another on the stream, so one set of
+// chunk partials serves them all: a product's partials are summed before the next one's are written.
 
-  const bool w_vec = all_aligned16(w) && k % 8 == 0;
+template <DType T>
+void grouped_f32(const float* x, int64_t ldx, const int64_t* offsets, std::span<const GroupedProduct> products,
+                 int64_t rows, int64_t group_rows, DeviceScratch& scratch, cudaStream_t stream) {
+  const int64_t n = products[0].w[0].rows, k = products[0].w[0].cols, groups = int64_t(products[0].w.size());
+  const int64_t chunks = ceil_div(k, kChunk);
+  // The smallest skinny tile (one row per thread group) bounds the grid.
+  const bool skinny = group_rows <= kF32SkinnyMaxRows && skinny_grid_fits(rows, groups, kF32SkinnyGroups) &&
+                      skinny_partials_fit(chunks, rows, n);
   if (!skinny) {
-    for_each_launch(w, [&](int64_t first, int count, const GroupWeights& weights) {
-      const dim3 grid(unsigned(grouped_tiles(rows, count, kBf16TileM)), unsigned(ceil_div(n, kBf16TileN)));
-      grouped_bf16_tiled<<<grid, kBf16TileThreads, 0, stream>>>(xb, ldb, offsets + first, count, weights, n, k, w_vec,
-                                                                 out, ldo);
-      M1_CUDA_CHECK_LAUNCH();
-    });
+    const bool x_vec = aligned16(x) && ldx % 4 == 0 && k % 4 == 0;
+    for (const GroupedProduct& p : products) {
+      const bool w_vec = all_aligned16(p.w) && k % (16 / sizeof(Stored<T>)) == 0;
+      for_each_launch(p.w, [&](int64_t first, int count, const GroupWeights& weights) {
+        const dim3 grid(unsigned(grouped_tiles(rows, count, kF32TileM)), unsigned(ceil_div(n, kF32TileN)));
+        grouped_f32_tiled<T><<<grid, kF32TileThreads, 0, stream>>>(x, ldx, offsets + first, count, x_vec, weights, n,
+                                                                   k, w_vec, p.out, p.ldo);
+        M1_CUDA_CHECK_LAUNCH();
+      });
+    }
     return;
   }
-  allow_shared_memory<grouped_bf16_skinny>(bf16_skinny_shared_bytes(kBf16SkinnyMaxRows));
-  float* partial = partial_bytes ? partials_after(base, x_bytes) : nullptr;
-  for_each_launch(w, [&](int64_t first, int count, const GroupWeights& weights) {
-    const dim3 grid(unsigned(chunks), unsigned(ceil_div(n, kBf16SkinnyCols)),
-                    unsigned(grouped_tiles(rows, count, tile_rows)));
-    grouped_bf16_skinny<<<grid, kBf16SkinnyWarps * 32, bf16_skinny_shared_bytes(tile_rows), stream>>>(
-        xb, ldb, rows, offsets + first, count, tile_rows, weights, n, k, w_vec, partial, out, ldo);
-    M1_CUDA_CHECK_LAUNCH();
-  });
-  if (partial) launch_sum_partials(partial, chunks, rows, n, out, ldo, stream, offsets, offsets + groups);
+  float* partial = chunks > 1 ? scratch.get<float>(size_t(chunks * rows * n)) : nullptr;
+  for (const GroupedProduct& p : products) {
+    launch_grouped_f32_skinny<T>(x, ldx, rows, offsets, group_rows, p, partial, stream);
+    if (partial) launch_sum_partials(partial, chunks, rows, n, p.out, p.ldo, stream, offsets, offsets + groups);
+  }
+}
+
+void grouped_bf16(const float* x, int64_t ldx, const int64_t* offsets, std::span<const GroupedProduct> products,
+                  int64_t rows, int64_t group_rows, DeviceScratch& scratch, cudaStream_t stream) {
+  const int64_t n = products[0].w[0].rows, k = products[0].w[0].cols, groups = int64_t(products[0].w.size());
+  const int64_t ldb = (k + 7) / 8 * 8, chunks = ceil_div(k, kChunk);
+  const int64_t tile_rows = (group_rows + 15) / 16 * 16;
+  const bool skinny = group_rows <= kBf16SkinnyMaxRows && skinny_grid_fits(rows, groups, tile_rows) &&
+                      skinny_partials_fit(chunks, rows, n);
+  const Bf16Staging staging = carve_bf16_staging(scratch, rows * ldb, skinny && chunks > 1 ? chunks * rows * n : 0);
+  launch_round_to_bf16(x, ldx, rows, k, staging.rows, ldb, stream);
+  if (skinny) allow_shared_memory<grouped_bf16_skinny>(bf16_skinny_shared_bytes(kBf16SkinnyMaxRows));
+
+  for (const GroupedProduct& p : products) {
+    const bool w_vec = all_aligned16(p.w) && k % 8 == 0;
+    if (!skinny) {
+      for_each_launch(p.w, [&](int64_t first, int count, const GroupWeights& weights) {
+        const dim3 grid(unsigned(grouped_tiles(rows, count, kBf16TileM)), unsigned(ceil_div(n, kBf16TileN)));
+        grouped_bf16_tiled<<<grid, kBf16TileThreads, 0, stream>>>(staging.rows, ldb, offsets + first, count, weights, n,
+                                                                   k, w_vec, p.out, p.ldo);
+        M1_CUDA_CHECK_LAUNCH();
+      });
+      continue;
+    }
+    for_each_launch(p.w, [&](int64_t first, int count, const GroupWeights& weights) {
+      const dim3 grid(unsigned(chunks), unsigned(ceil_div(n, kBf16SkinnyCols)),
+                      unsigned(grouped_tiles(rows, count, tile_rows)));
+      grouped_bf16_skinny<<<grid, kBf16SkinnyWarps * 32, bf16_skinny_shared_bytes(tile_rows), stream>>>(
+          staging.rows, ldb, rows, offsets + first, count, tile_rows, weights, n, k, w_vec, staging.partial, p.out,
+          p.ldo);
+      M1_CUDA_CHECK_LAUNCH();
+    });
+    if (staging.partial)
+      launch_sum_partials(staging.partial, chunks, rows, n, p.out, p.ldo, stream, offsets, offsets + groups);
+  }
 }
 
 }  // namespace
 
-void grouped_matmul(const float* x, int64_t ldx, const int64_t* offsets, std::span<const DeviceMatrix> w,
-                    int64_t rows, int64_t group_rows, float* out, int64_t ldo, GemmOperands operands,
-                    DeviceScratch& scratch, cudaStream_t stream) {
+void grouped_matmuls(const float* x, int64_t ldx, const int64_t* offsets, std::span<const GroupedProduct> products,
+                     int64_t rows, int64_t group_rows, GemmOperands operands, DeviceScratch& scratch,
+                     cudaStream_t stream) {
   if (rows < 0) fail("grouped_matmul: {} rows", rows);
-  if (w.empty() || rows == 0) return;
-  const DeviceMatrix& first = w[0];
-  for (size_t g = 0; g < w.size(); ++g)
-    if (w[g].data == nullptr || w[g].dtype != first.dtype || w[g].rows != first.rows || w[g].cols != first.cols)
-      fail("grouped_matmul: weights of group {} are {} [{}, {}], group 0's {} [{}, {}]", g, dtype_name(w[g].dtype),
-           w[g].rows, w[g].cols, dtype_name(first.dtype), first.rows, first.cols);
+  if (products.empty()) return;
+  const std::span<const DeviceMatrix> w0 = products[0].w;
+  for (size_t i = 0; i < products.size(); ++i) {
+    const std::span<const DeviceMatrix> w = products[i].w;
+    if (w.size() != w0.size()) fail("grouped_matmul: product {} has {} groups, product 0 {}", i, w.size(), w0.size());
+    for (size_t g = 0; g < w.size(); ++g)
+      if (w[g].data == nullptr || w[g].dtype != w0[0].dtype || w[g].rows != w0[0].rows || w[g].cols != w0[0].cols)
+        fail("grouped_matmul: weights of product {} group {} are {} [{}, {}], product 0 group 0's {} [{}, {}]", i, g,
+             dtype_name(w[g].dtype), w[g].rows, w[g].cols, dtype_name(w0[0].dtype), w0[0].rows, w0[0].cols);
+  }
+  if (w0.empty() || rows == 0) return;
+  const DeviceMatrix& first = w0[0];
   if (first.rows == 0) return;
   if (first.cols == 0) {  // an empty sum: zero chunks of partials add up to 0
-    launch_sum_partials(nullptr, 0, rows, first.rows, out, ldo, stream, offsets, offsets + w.size());
+    for (const GroupedProduct& p : products)
+      launch_sum_partials(nullptr, 0, rows, first.rows, p.out, p.ldo, stream, offsets, offsets + w0.size());
     return;
   }
   // The bound only picks kernels, skinny for few rows per group and tiled for many, and a row's
@@ -852,16 +888,24 @@ void grouped_matmul(const float* x, int64_t ldx, const int64_t* offsets, std::sp
   // further when the bound was low. A group never has more rows than x.
   group_rows = std::clamp<int64_t>(group_rows, 1, rows);
   if (operands == GemmOperands::kBf16 && first.dtype == DType::kBF16)
-    return grouped_bf16(x, ldx, offsets, w, rows, group_rows, out, ldo, scratch, stream);
+    return grouped_bf16(x, ldx, offsets, products, rows, group_rows, scratch, stream);
   switch (first.dtype) {
-    case DType::kF32: return grouped_f32<DType::kF32>(x, ldx, offsets, w, rows, group_rows, out, ldo, scratch, stream);
-    case DType::kF16: return grouped_f32<DType::kF16>(x, ldx, offsets, w, rows, group_rows, out, ldo, scratch, stream);
-    case DType::kBF16: return grouped_f32<DType::kBF16>(x, ldx, offsets, w, rows, group_rows, out, ldo, scratch, stream);
+    case DType::kF32: return grouped_f32<DType::kF32>(x, ldx, offsets, products, rows, group_rows, scratch, stream);
+    case DType::kF16: return grouped_f32<DType::kF16>(x, ldx, offsets, products, rows, group_rows, scratch, stream);
+    case DType::kBF16: return grouped_f32<DType::kBF16>(x, ldx, offsets, products, rows, group_rows, scratch, stream);
   }
+}
+
+void grouped_matmul(const float* x, int64_t ldx, const int64_t* offsets, std::span<const DeviceMatrix> w,
+                    int64_t rows, int64_t group_rows, float* out, int64_t ldo, GemmOperands operands,
+                    DeviceScratch& scratch, cudaStream_t stream) {
+  const GroupedProduct product{w, out, ldo};
+  grouped_matmuls(x, ldx, offsets, std::span(&product, 1), rows, group_rows, operands, scratch, stream);
 }
 
 void matmul(const float* x, int64_t ldx, int64_t m, const DeviceMatrix& w, float* out, int64_t ldo,
             GemmOperands operands, DeviceScratch& scratch, cudaStream_t stream) {
+  if (m < 0) fail("matmul: {} rows", m);
   if (m == 0 || w.rows == 0) return;
   if (w.cols == 0) {  // an empty sum
     M1_CUDA_CHECK(cudaMemset2DAsync(out, size_t(ldo) * sizeof(float), 0, size_t(w.rows) * sizeof(float), size_t(m), stream));

@@ -31,4 +31,18 @@ void grouped_matmul(const float* x, int64_t ldx, const int64_t* offsets, std::sp
                     int64_t rows, int64_t group_rows, float* out, int64_t ldo, GemmOperands operands,
                     DeviceScratch& scratch, cudaStream_t stream);
 
+// One of several grouped products of the same rows: its weights, one per group, and its output.
+struct GroupedProduct {
+  std::span<const DeviceMatrix> w;
+  float* out = nullptr;
+  int64_t ldo = 0;
+};
+
+// Each product in turn, as grouped_matmul would compute it (the same bits), but x is rounded to
+// bf16 once for all of them (a MoE's gate and up products). Every product's weights share one
+// group count, shape and dtype.
+void grouped_matmuls(const float* x, int64_t ldx, const int64_t* offsets, std::span<const GroupedProduct> products,
+                     int64_t rows, int64_t group_rows, GemmOperands operands, DeviceScratch& scratch,
+                     cudaStream_t stream);
+
 }  // namespace m1::cuda

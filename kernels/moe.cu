@@ -174,24 +174,6 @@ void check_matrix(const DeviceMatrix& m, int64_t rows, int64_t cols, std::string
     fail("MoE: {} of expert {} is [{}, {}], expected [{}, {}]", what, expert, m.rows, m.cols, rows, cols);
 }
 
-// Device scratch pieces, each 256-byte aligned, carved from one allocation: DeviceScratch::get
-// may reallocate, so everything is sized first and taken at once.
-class Carver {
- public:
-  explicit Carver(char* base = nullptr) : base_(base) {}
-  template <class T>
-  T* take(int64_t count) {
-    T* piece = reinterpret_cast<T*>(base_ + used_);
-    used_ += (size_t(count) * sizeof(T) + 255) / 256 * 256;
-    return piece;
-  }
-  size_t used() const { return used_; }
-
- private:
-  char* base_;
-  size_t used_ = 0;
-};
-
 struct MoeBuffers {
   float* logits;          // [rows, experts]
   int32_t* chosen;        // [slots]: expert of slot (t, r) = t * k + r
@@ -206,7 +188,8 @@ struct MoeBuffers {
   float* up;              // [slots, ffn]
 };
 
-MoeBuffers carve(Carver& carver, int64_t rows, int64_t experts, int64_t slots, int64_t hidden, int64_t ffn) {
+// The buffers of one call, in one scratch allocation (see carve_scratch).
+MoeBuffers carve(ScratchCarver& carver, int64_t rows, int64_t experts, int64_t slots, int64_t hidden, int64_t ffn) {
   MoeBuffers b;
   b.logits = carver.take<float>(rows * experts);
   b.chosen = carver.take<int32_t>(slots);
@@ -270,10 +253,8 @@ void moe(const MoeArgs& a, MoeWorkspace& ws, cudaStream_t stream) {
   if (rows > INT_MAX / k) fail("MoE: {} rows of {} experts each is too many slots", rows, k);
   const int64_t slots = rows * k;
 
-  Carver sizing;
-  carve(sizing, rows, experts, slots, hidden, ffn);
-  Carver carver(static_cast<char*>(ws.device.get(sizing.used())));
-  const MoeBuffers b = carve(carver, rows, experts, slots, hidden, ffn);
+  const MoeBuffers b =
+      carve_scratch(ws.device, [&](ScratchCarver& carver) { return carve(carver, rows, experts, slots, hidden, ffn); });
 
   // Routing is always fp32, whatever the expert products use.
   matmul(a.x, hidden, rows, a.router, b.logits, experts, GemmOperands::kFp32, ws.matmul, stream);
@@ -282,12 +263,13 @@ void moe(const MoeArgs& a, MoeWorkspace& ws, cudaStream_t stream) {
   group_by_expert(b, slots, experts, k, stream);
   gather_rows(a.x, hidden, b.token_at, slots, b.gathered, stream);
 
-  // Every expert's gate and up products, one SwiGLU over all slots, then every down product. The
+  // Every expert's gate and up products (in one call, which rounds the gathered rows to bf16 once
+  // for both when the operands are bf16), one SwiGLU over all slots, then every down product. The
   // down products overwrite the gathered rows, which the stream has finished reading by then.
   // An expert takes each token at most once, so it has at most `rows` rows. Rows past
   // begin[experts] (slots without an expert) go through SwiGLU unset and are never read.
-  grouped_matmul(b.gathered, hidden, b.begin, a.w1, slots, rows, b.gate, ffn, a.operands, ws.matmul, stream);
-  grouped_matmul(b.gathered, hidden, b.begin, a.w3, slots, rows, b.up, ffn, a.operands, ws.matmul, stream);
+  const GroupedProduct gate_and_up[] = {{a.w1, b.gate, ffn}, {a.w3, b.up, ffn}};
+  grouped_matmuls(b.gathered, hidden, b.begin, gate_and_up, slots, rows, a.operands, ws.matmul, stream);
   swiglu(b.gate, b.up, slots * ffn, stream);
   float* down = b.gathered;
   grouped_matmul(b.gate, ffn, b.begin, a.w2, slots, rows, down, hidden, a.operands, ws.matmul, stream);

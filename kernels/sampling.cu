@@ -8,35 +8,52 @@
 #include "launch.h"
 #include "m1/error.h"
 
-// One block per draw (a block loops over draws when there are more than it has slots). The kept
-// set of top-k / top-p is found without sorting the vocabulary: a quickselect on the candidates,
-// compacted into a per-block id buffer, whose pivot passes sum the weights in a fixed order; the
-// last survivors (at most one per thread) are sorted in shared memory. The draw then walks the
-// kept ids in id order with block-wide prefix sums. Every sum has a fixed order, so the same
-// inputs give the same bits on every run.
+// Four kernels, so that no full pass over a row runs on one multiprocessor unless the draw truncates.
+// The scan spreads every draw's row over many small blocks, one per fixed chunk of ids: NaN, raw
+// maximum, the exp-sum against the chunk's maximum, the penalised argmax and, when the draw asks
+// for alternatives, the chunk's best finite raw logits. The combine, one block for all draws,
+// folds the chunks in a fixed order into each draw's status and log-normaliser, finishes the
+// greedy draws that report no alternatives, and lists the others for the selection. The weighing,
+// for the random draws, sums each chunk's weights at the draw's temperature, with and without
+// the near-top floor. The selection, one block per listed draw (a block loops over draws when
+// there are more than it has slots), merges the chunks' alternatives, and draws: without
+// truncation, by walking only the chunk where the chunks' running mass passes the target; with
+// it, by finding the kept set of top-k / top-p without sorting the vocabulary (a quickselect on
+// the candidates, compacted into a per-block id buffer, whose pivot passes sum the weights in a
+// fixed order; the last survivors, at most one per thread, are sorted in shared memory), then
+// walking the kept ids in id order with block-wide prefix sums. Every sum has a fixed order, so
+// the same inputs give the same bits on every run, whatever the batch.
 
 namespace m1::cuda {
 namespace {
 
-constexpr int kThreads = 1024;
+constexpr int kThreads = 1024;  // the combine's and the selection's blocks
 constexpr int kWarps = kThreads / 32;
 constexpr int kRun = 16;  // consecutive ids per thread in the passes that keep id order
 constexpr uint32_t kFullMask = 0xFFFFFFFFu;
-// The bitmap of seen ids lives in shared memory: 2^20 ids take 128 KB of it.
+// The selection's bitmap of seen ids lives in shared memory: 2^20 ids take 128 KB of it.
 constexpr int64_t kMaxVocab = int64_t(1) << 20;
+// The scan: small blocks, each over a fixed chunk of ids (so the sums' order, and with it their
+// bits, never depends on the batch), about 100 blocks for one draw at the model's vocabulary.
+constexpr int kScanThreads = 256;
+constexpr int kScanIdsPerThread = 8;
+constexpr int32_t kChunk = kScanThreads * kScanIdsPerThread;
+static_assert(kMaxVocab / kChunk <= kThreads, "the selection folds a row's chunks with a thread each");
+
+// A float's bits as an int32 that orders as the value does (NaN aside): negative floats are
+// sign-magnitude, so their magnitude bits are flipped. Mapping twice gives the bits back.
+__device__ int32_t ordered_bits(int32_t bits) { return bits ^ ((bits >> 31) & 0x7FFFFFFF); }
 
 // A token's place in the order "higher logit first, lower id first on ties", as one integer that
 // grows with rank: the logit's order-preserving bits above the complemented id. -0 counts as +0,
 // as the host's float compares have it. Never 0 (the complemented id has its top bit set), so 0
 // stands for "none".
 __device__ uint64_t rank_of(float logit, int32_t id) {
-  const int32_t bits = __float_as_int(__fadd_rn(logit, 0.0f));
-  const uint32_t ordered = uint32_t(bits ^ ((bits >> 31) & 0x7FFFFFFF)) ^ 0x80000000u;
+  const uint32_t ordered = uint32_t(ordered_bits(__float_as_int(__fadd_rn(logit, 0.0f)))) ^ 0x80000000u;
   return (uint64_t(ordered) << 32) | uint32_t(~id);
 }
 __device__ float logit_of(uint64_t rank) {
-  const int32_t ordered = int32_t(uint32_t(rank >> 32) ^ 0x80000000u);
-  return __int_as_float(ordered ^ ((ordered >> 31) & 0x7FFFFFFF));
+  return __int_as_float(ordered_bits(int32_t(uint32_t(rank >> 32) ^ 0x80000000u)));
 }
 __device__ int32_t id_of(uint64_t rank) { return int32_t(~uint32_t(rank)); }
 
@@ -66,14 +83,20 @@ __device__ T warp_reduce(T value, Op op) {
   return value;
 }
 
-// The block's reduction, returned to every thread. All threads must call it.
-template <class T, class Op>
+// The block's reduction, returned to every thread. All `Threads` threads must call it.
+template <int Threads = kThreads, class T, class Op>
 __device__ T block_reduce(T value, Op op) {
-  __shared__ T warp_results[kWarps];
+  constexpr int warps = Threads / 32;
+  __shared__ T warp_results[warps];
   value = warp_reduce(value, op);
   if (lane() == 0) warp_results[warp()] = value;
   __syncthreads();
-  value = warp_reduce(warp_results[lane()], op);
+  if constexpr (warps == 32) {
+    value = warp_reduce(warp_results[lane()], op);
+  } else {
+    value = warp_results[0];
+    for (int w = 1; w < warps; ++w) value = op(value, warp_results[w]);
+  }
   __syncthreads();  // warp_results is free again
   return value;
 }
@@ -135,18 +158,33 @@ struct Row {
   const float* logits;
   int32_t vocab;
   bool penalised;
-  const uint32_t* seen_bits;       // shared: bit id set when id is seen
-  const int32_t* counts;           // sorted (id, count) pairs, interleaved
+  const uint32_t* seen_bits;  // shared: bit (id - bits_first) set when id is seen
+  int32_t bits_first;         // a multiple of 32: the first id the bitmap covers
+  const int32_t* counts;      // sorted (id, count) pairs, interleaved
   int64_t count_pairs;
   float repetition, frequency, presence;
+
+  __device__ Row(const float* all_logits, int32_t vocab_size, const DeviceDraw& draw, const int32_t* generated_counts,
+                 const uint32_t* bits, int32_t first)
+      : logits(all_logits + draw.row * int64_t(vocab_size)),
+        vocab(vocab_size),
+        penalised(draw.seen_count > 0 && (draw.repetition_penalty != 1.0f || draw.presence_penalty != 0.0f ||
+                                          draw.frequency_penalty != 0.0f)),
+        seen_bits(bits),
+        bits_first(first),
+        counts(generated_counts + 2 * draw.counts_begin),
+        count_pairs(draw.counts_count),
+        repetition(draw.repetition_penalty),
+        frequency(draw.frequency_penalty),
+        presence(draw.presence_penalty) {}
 
   __device__ float raw(int32_t id) const { return logits[id]; }
 
   // As apply_penalties in src/sampler.cpp: repetition over the seen ids, then frequency and
-  // presence over the generated ones (a subset of the seen).
-  __device__ float penalised_logit(int32_t id) const {
-    float logit = logits[id];
-    if (!penalised || ((seen_bits[id >> 5] >> (id & 31)) & 1u) == 0) return logit;
+  // presence over the generated ones (a subset of the seen). `id` must lie in the bitmap's range.
+  __device__ float penalised_logit(int32_t id) const { return penalised_logit(id, logits[id]); }
+  __device__ float penalised_logit(int32_t id, float logit) const {
+    if (!penalised || ((seen_bits[(id - bits_first) >> 5] >> (id & 31)) & 1u) == 0) return logit;
     if (repetition != 1.0f) logit = logit > 0 ? __fdiv_rn(logit, repetition) : __fmul_rn(logit, repetition);
     int64_t lo = 0, hi = count_pairs;
     while (lo < hi) {
@@ -156,19 +194,6 @@ struct Row {
     if (lo < count_pairs && counts[2 * lo] == id)
       logit = __fsub_rn(logit, __fadd_rn(__fmul_rn(frequency, float(counts[2 * lo + 1])), presence));
     return logit;
-  }
-};
-
-// The finite raw logits, ranked: the candidates of the top log-probabilities.
-struct FiniteRaw {
-  Row row;
-  uint64_t rank_floor = 0;  // only ranks at least this
-
-  __device__ bool at(int32_t id, uint64_t& rank, float& weight) const {
-    const float logit = row.raw(id);
-    rank = rank_of(logit, id);
-    weight = 0.0f;
-    return rank >= rank_floor && logit != -__int_as_float(0x7F800000);
   }
 };
 
@@ -192,24 +217,15 @@ struct Weighted {
   }
 };
 
-// Sum of the candidates' weights and their count, over the whole row.
-struct Totals {
-  double mass;
-  int64_t count;
-};
-template <class Candidates>
-__device__ Totals row_totals(const Candidates& candidates) {
+// Sum of the candidates' weights over the whole row.
+__device__ double row_mass(const Weighted& candidates) {
   double mass = 0.0;
-  int64_t count = 0;
   for (int32_t id = int32_t(threadIdx.x); id < candidates.row.vocab; id += kThreads) {
     uint64_t rank;
     float weight;
-    if (candidates.at(id, rank, weight)) {
-      mass += weight;
-      ++count;
-    }
+    if (candidates.at(id, rank, weight)) mass += weight;
   }
-  return {block_reduce(mass, Sum{}), block_reduce(count, Sum{})};
+  return block_reduce(mass, Sum{});
 }
 
 // Writes the candidates among `ids` (the row's ids when `ids` is null, else ids[0, n)) to `out`
@@ -348,15 +364,13 @@ __device__ uint64_t last_kept_rank(Candidates candidates, int64_t k, double targ
   return result;
 }
 
-// The inverse-CDF draw of src/sampler.cpp's pick: target = uniform * the kept mass, then the
-// first kept id, in id order, at which the running sum exceeds it (the last kept id when rounding
-// leaves none).
-__device__ int32_t draw_in_id_order(const Weighted& kept, double uniform) {
-  const double target = uniform * row_totals(kept).mass;
-  const int32_t vocab = kept.row.vocab;
-  double carried = 0.0;
+// The inverse-CDF walk of src/sampler.cpp's pick over the kept ids in [begin, end), `carried` the
+// kept mass before `begin`: the first kept id, in id order, at which the running sum exceeds
+// `target` (the last kept id of the range when rounding leaves none; -1 when it keeps none).
+__device__ int32_t walk_in_id_order(const Weighted& kept, double target, double carried, int32_t begin,
+                                    int32_t end) {
   int32_t last_kept = -1;
-  for (int64_t base = 0; base < vocab; base += int64_t(kThreads) * kRun) {
+  for (int64_t base = begin; base < end; base += int64_t(kThreads) * kRun) {
     const int64_t first = base + int64_t(threadIdx.x) * kRun;
     float weights[kRun];
     double run_mass = 0.0;
@@ -364,7 +378,7 @@ __device__ int32_t draw_in_id_order(const Weighted& kept, double uniform) {
     for (int j = 0; j < kRun; ++j) {
       weights[j] = 0.0f;
       uint64_t rank;
-      if (first + j < vocab && kept.at(int32_t(first + j), rank, weights[j])) {
+      if (first + j < end && kept.at(int32_t(first + j), rank, weights[j])) {
         run_mass += weights[j];
         last_kept = int32_t(first + j);
       } else {
@@ -387,26 +401,310 @@ __device__ int32_t draw_in_id_order(const Weighted& kept, double uniform) {
   return block_reduce(last_kept, Max{});
 }
 
-struct KernelParams {
+// The inverse-CDF draw of src/sampler.cpp's pick over the whole row: target = uniform * the kept
+// mass.
+__device__ int32_t draw_in_id_order(const Weighted& kept, double uniform) {
+  return walk_in_id_order(kept, uniform * row_mass(kept), 0.0, 0, kept.row.vocab);
+}
+
+// One chunk of one draw's row, as the scan leaves it.
+struct ChunkPartial {
+  double exp_sum;        // of exp(logit - the chunk's maximum) over its raw logits
+  uint64_t best;         // the highest rank of its penalised logits
+  int32_t max_ordered;   // its raw maximum, as order-preserving bits (NaN above +inf)
+  uint32_t nan;          // 1 when it holds a NaN
+};
+
+// One chunk of one draw's penalised row at the draw's temperature, as the weighing leaves it.
+struct ChunkWeights {
+  double mass;       // of its positive weights
+  double near_mass;  // of its weights of at least kNearTopWeight
+  int32_t near_count;
+};
+
+// One draw's row, as the combine leaves it for the selection.
+struct RowSummary {
+  double log_norm;  // log(sum(exp(logit))) of the raw row
+  uint64_t best;    // the highest rank of the penalised row: its maximum and its argmax
+};
+
+// The first index of the sorted `ids[0, n)` that is not below `id`.
+__device__ int64_t lower_bound(const int32_t* ids, int64_t n, int32_t id) {
+  int64_t lo = 0, hi = n;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) / 2;
+    if (ids[mid] < id) lo = mid + 1; else hi = mid;
+  }
+  return lo;
+}
+
+// The seen ids of [first, first + kChunk) in `seen_bits` (one bit per id, from `first`), for a
+// penalised draw. All the scan-sized block's threads must call it.
+__device__ void mark_seen_in_chunk(const DeviceDraw& draw, const int32_t* all_seen, int32_t first, int32_t end,
+                                   uint32_t* seen_bits) {
+  for (int word = int(threadIdx.x); word < kChunk / 32; word += kScanThreads) seen_bits[word] = 0;
+  __syncthreads();
+  const int32_t* seen = all_seen + draw.seen_begin;
+  const int64_t last = lower_bound(seen, draw.seen_count, end);
+  for (int64_t i = lower_bound(seen, draw.seen_count, first) + threadIdx.x; i < last; i += kScanThreads)
+    atomicOr(&seen_bits[(seen[i] - first) >> 5], 1u << (seen[i] & 31));
+  __syncthreads();
+}
+
+// Writes the `count` highest ranks of the block, best first, to `out`, stopping after the first
+// 0 (fewer ranks than `count`). `ranks` is each thread's own, sorted in place; 0 stands for none.
+template <int Threads, int PerThread>
+__device__ void block_top_ranks(uint64_t (&ranks)[PerThread], int count, uint64_t* out) {
+#pragma unroll
+  for (int i = 0; i < PerThread; ++i)  // highest first: a sorting network on registers
+#pragma unroll
+    for (int j = 0; j + 1 < PerThread - i; ++j)
+      if (ranks[j] < ranks[j + 1]) {
+        const uint64_t r = ranks[j];
+        ranks[j] = ranks[j + 1];
+        ranks[j + 1] = r;
+      }
+  for (int place = 0; place < count; ++place) {
+    const uint64_t top = block_reduce<Threads>(ranks[0], Max{});
+    if (threadIdx.x == 0) out[place] = top;
+    if (top == 0) break;
+    if (ranks[0] == top) {  // ranks are unique (the id is part of them): one thread pops its head
+#pragma unroll
+      for (int j = 0; j + 1 < PerThread; ++j) ranks[j] = ranks[j + 1];
+      ranks[PerThread - 1] = 0;
+    }
+  }
+}
+
+// What the passes over chunks (the scan and the weighing) read of every draw's row.
+struct ChunkedRows {
+  const float* logits;
+  int32_t vocab;
+  int32_t chunks;  // per row
+  const DeviceDraw* draws;
+  const int32_t* seen;
+  const int32_t* generated_counts;
+};
+
+struct ScanParams : ChunkedRows {
+  ChunkPartial* partials;  // [draws, chunks]
+  uint64_t* tops;          // [draws, chunks, kMaxTopLogprobs]: the chunks' best finite raw ranks
+};
+
+// Block (draw, chunk) over ids [chunk * kChunk, + kChunk): one read of each logit.
+__global__ void __launch_bounds__(kScanThreads) scan_kernel(ScanParams p) {
+  __shared__ uint32_t seen_bits[kChunk / 32];
+  const int64_t d = blockIdx.x / p.chunks;
+  const int32_t chunk = int32_t(blockIdx.x % p.chunks);
+  const DeviceDraw draw = p.draws[d];
+  const int32_t first = chunk * kChunk;
+  const int32_t end = first + kChunk < p.vocab ? first + kChunk : p.vocab;
+  const Row row(p.logits, p.vocab, draw, p.generated_counts, seen_bits, first);
+  if (row.penalised) mark_seen_in_chunk(draw, p.seen, first, end, seen_bits);  // the same for the whole block
+
+  float logits[kScanIdsPerThread];
+  uint32_t nan = 0;
+  int32_t max_ordered = INT_MIN;
+  uint64_t best = 0;
+#pragma unroll
+  for (int j = 0; j < kScanIdsPerThread; ++j) {
+    const int32_t id = first + j * kScanThreads + int32_t(threadIdx.x);
+    logits[j] = -__int_as_float(0x7F800000);
+    if (id >= end) continue;
+    logits[j] = row.raw(id);
+    const int32_t bits = __float_as_int(logits[j]);
+    nan |= uint32_t((bits & 0x7FFFFFFF) > 0x7F800000);
+    max_ordered = ordered_bits(bits) > max_ordered ? ordered_bits(bits) : max_ordered;
+    const uint64_t rank = rank_of(row.penalised_logit(id, logits[j]), id);
+    best = rank > best ? rank : best;
+  }
+  nan = block_reduce<kScanThreads>(nan, Max{});
+  max_ordered = block_reduce<kScanThreads>(max_ordered, Max{});
+  best = block_reduce<kScanThreads>(best, Max{});
+  const float chunk_max = __int_as_float(ordered_bits(max_ordered));
+  // Only a finite maximum gives weights (-inf everywhere: none; +inf or NaN: no distribution).
+  const bool weighted = fabsf(chunk_max) < __int_as_float(0x7F800000);
+  double exp_sum = 0.0;
+#pragma unroll
+  for (int j = 0; j < kScanIdsPerThread; ++j)
+    if (weighted) exp_sum += exp_nonpositive(logits[j] - chunk_max);
+  exp_sum = block_reduce<kScanThreads>(exp_sum, Sum{});
+  if (threadIdx.x == 0) p.partials[blockIdx.x] = {exp_sum, best, max_ordered, nan};
+  if (draw.top_logprobs > 0) {  // the same for the whole block
+    uint64_t finite[kScanIdsPerThread];  // ranks of the finite logits, 0 for the masked ones
+#pragma unroll
+    for (int j = 0; j < kScanIdsPerThread; ++j) {
+      const int32_t id = first + j * kScanThreads + int32_t(threadIdx.x);
+      finite[j] = logits[j] == -__int_as_float(0x7F800000) ? 0 : rank_of(logits[j], id);
+    }
+    block_top_ranks<kScanThreads>(finite, draw.top_logprobs, p.tops + int64_t(blockIdx.x) * kMaxTopLogprobs);
+  }
+}
+
+struct CombineParams {
+  const float* logits;
+  int32_t vocab;
+  int32_t chunks;
+  const DeviceDraw* draws;
+  int64_t draw_count;
+  const ChunkPartial* partials;
+  RowSummary* summaries;
+  DrawResult* results;
+  int32_t* selection_count;  // how many draws the selection has
+  int32_t* selection_draws;  // which, in draw order
+};
+
+// One block: a warp per draw folds its chunks, lanes over chunks in a fixed order.
+__global__ void __launch_bounds__(kThreads) combine_kernel(CombineParams p) {
+  for (int64_t d = warp(); d < p.draw_count; d += kWarps) {
+    const ChunkPartial* partials = p.partials + d * p.chunks;
+    uint32_t nan = 0;
+    int32_t max_ordered = INT_MIN;
+    uint64_t best = 0;
+    for (int32_t c = lane(); c < p.chunks; c += 32) {
+      nan |= partials[c].nan;
+      max_ordered = partials[c].max_ordered > max_ordered ? partials[c].max_ordered : max_ordered;
+      best = partials[c].best > best ? partials[c].best : best;
+    }
+    nan = warp_reduce(nan, Max{});
+    max_ordered = warp_reduce(max_ordered, Max{});
+    best = warp_reduce(best, Max{});
+    // checked_max's order: NaN, then all -inf, then +inf.
+    const float raw_max = __int_as_float(ordered_bits(max_ordered));
+    const float infinity = __int_as_float(0x7F800000);
+    const int32_t status = nan ? kDrawNan : raw_max == -infinity ? kDrawAllMasked
+                                          : raw_max == infinity   ? kDrawPositiveInf
+                                                                  : kDrawOk;
+    double exp_sum = 0.0;  // rescaled from each chunk's maximum to the row's
+    for (int32_t c = lane(); c < p.chunks && status == kDrawOk; c += 32) {
+      const double chunk_max = double(__int_as_float(ordered_bits(partials[c].max_ordered)));
+      if (partials[c].exp_sum > 0.0) exp_sum += partials[c].exp_sum * exp(chunk_max - double(raw_max));
+    }
+    exp_sum = warp_reduce(exp_sum, Sum{});
+    if (lane() != 0) continue;
+    const DeviceDraw& draw = p.draws[d];
+    DrawResult& result = p.results[d];
+    const double log_norm = double(raw_max) + log(exp_sum);
+    p.summaries[d] = {log_norm, best};
+    result.status = status;
+    if (status == kDrawOk && draw.temperature == 0.0f && draw.top_logprobs == 0) {
+      result.id = id_of(best);
+      result.logprob = float(double(p.logits[draw.row * int64_t(p.vocab) + id_of(best)]) - log_norm);
+      result.top_count = 0;
+    }
+  }
+  __syncthreads();  // every status is written
+  int32_t listed = 0;
+  for (int64_t base = 0; base < p.draw_count; base += kThreads) {
+    const int64_t d = base + threadIdx.x;
+    const bool selects = d < p.draw_count && p.results[d].status == kDrawOk &&
+                         (p.draws[d].temperature != 0.0f || p.draws[d].top_logprobs > 0);
+    int32_t total;
+    const int32_t at = listed + block_exclusive_sum(int32_t(selects), total);
+    if (selects) p.selection_draws[at] = int32_t(d);
+    listed += total;
+  }
+  if (threadIdx.x == 0) *p.selection_count = listed;
+}
+
+struct WeighParams : ChunkedRows {
+  const RowSummary* summaries;
+  const DrawResult* results;  // their status
+  ChunkWeights* weights;      // [draws, chunks]
+};
+
+// Block (draw, chunk) of the random draws whose rows have a distribution: the chunk's weights
+// exp((penalised logit - penalised maximum) / temperature), the bits src/sampler.cpp computes,
+// summed with and without the near-top floor.
+__global__ void __launch_bounds__(kScanThreads) weigh_kernel(WeighParams p) {
+  __shared__ uint32_t seen_bits[kChunk / 32];
+  const int64_t d = blockIdx.x / p.chunks;
+  const int32_t chunk = int32_t(blockIdx.x % p.chunks);
+  const DeviceDraw draw = p.draws[d];
+  if (draw.temperature == 0.0f || p.results[d].status != kDrawOk) return;  // the whole block
+  const int32_t first = chunk * kChunk;
+  const int32_t end = first + kChunk < p.vocab ? first + kChunk : p.vocab;
+  const Weighted weighted{Row(p.logits, p.vocab, draw, p.generated_counts, seen_bits, first),
+                          logit_of(p.summaries[d].best), draw.temperature};
+  if (weighted.row.penalised) mark_seen_in_chunk(draw, p.seen, first, end, seen_bits);
+  double mass = 0.0, near_mass = 0.0;
+  int32_t near_count = 0;
+#pragma unroll
+  for (int j = 0; j < kScanIdsPerThread; ++j) {
+    const int32_t id = first + j * kScanThreads + int32_t(threadIdx.x);
+    uint64_t rank;
+    float weight;
+    if (id >= end || !weighted.at(id, rank, weight)) continue;
+    mass += weight;
+    if (weight >= kNearTopWeight) {
+      near_mass += weight;
+      ++near_count;
+    }
+  }
+  mass = block_reduce<kScanThreads>(mass, Sum{});
+  near_mass = block_reduce<kScanThreads>(near_mass, Sum{});
+  near_count = block_reduce<kScanThreads>(near_count, Sum{});
+  if (threadIdx.x == 0) p.weights[blockIdx.x] = {mass, near_mass, near_count};
+}
+
+// A draw's weights over its whole row, its chunks folded in a fixed order.
+struct RowWeights {
+  double mass, near_mass;
+  int64_t near_count;
+};
+__device__ RowWeights fold_chunk_weights(const ChunkWeights* chunks, int32_t count) {
+  const bool mine = int32_t(threadIdx.x) < count;  // a thread per chunk
+  const ChunkWeights none{0.0, 0.0, 0};
+  const ChunkWeights& c = mine ? chunks[threadIdx.x] : none;
+  return {block_reduce(c.mass, Sum{}), block_reduce(c.near_mass, Sum{}), block_reduce(int64_t(c.near_count), Sum{})};
+}
+
+// The inverse-CDF draw over every positive weight: the chunk where the running mass passes
+// uniform * the row's mass, found from the chunks' masses, then the walk through that chunk alone.
+__device__ int32_t draw_untruncated(const Weighted& candidates, double uniform, const ChunkWeights* chunks,
+                                    int32_t count) {
+  const int32_t c = int32_t(threadIdx.x);  // a thread per chunk
+  const double mass = c < count ? chunks[c].mass : 0.0;
+  double total;
+  const double before = block_exclusive_sum(mass, total);
+  const double target = uniform * total;
+  // Only a chunk with weight may hold the crossing: the prefix sums' rounding can put an empty
+  // chunk's running mass past the target first.
+  const int32_t crossing = block_reduce(mass > 0.0 && before + mass > target ? c : INT_MAX, Min{});
+  // When rounding leaves no chunk past the target: the last chunk with weight, whose last
+  // weighted id the walk returns.
+  const int32_t chosen = crossing != INT_MAX ? crossing : block_reduce(mass > 0.0 ? c : -1, Max{});
+  const double carried = block_reduce(c == chosen ? before : 0.0, Sum{});
+  const int32_t first = chosen * kChunk;
+  const int32_t end = first + kChunk < candidates.row.vocab ? first + kChunk : candidates.row.vocab;
+  return walk_in_id_order(candidates, target, carried, first, end);
+}
+
+struct SelectParams {
   const float* logits;
   int32_t vocab;
   const DeviceDraw* draws;
-  int64_t draw_count;
+  const uint64_t* tops;  // [draws, chunks, kMaxTopLogprobs]
   const int32_t* seen;
   const int32_t* generated_counts;
+  const RowSummary* summaries;
+  const ChunkWeights* weights;  // [draws, chunks]
+  int32_t chunks;
+  const int32_t* selection_count;
+  const int32_t* selection_draws;
   DrawResult* results;
   int32_t* buffers;  // one row of ids per block
 };
 
-__device__ void run_draw(const KernelParams& p, const DeviceDraw& draw, uint32_t* seen_bits,
-                         int32_t* buffer, DrawResult& result) {
+// The draw's top log-probabilities and its token, from a row with a distribution. Of the row's
+// chunks: `chunk_tops`, their best ranks when the draw asks for alternatives; `chunk_weights`,
+// their weights when the draw is random.
+__device__ void select_token(const SelectParams& p, const DeviceDraw& draw, const RowSummary& summary,
+                             const uint64_t* chunk_tops, const ChunkWeights* chunk_weights, uint32_t* seen_bits,
+                             int32_t* buffer, DrawResult& result) {
   const int32_t vocab = p.vocab;
-  Row row{p.logits + draw.row * int64_t(vocab), vocab, false, seen_bits,
-          p.generated_counts + 2 * draw.counts_begin, draw.counts_count,
-          draw.repetition_penalty, draw.frequency_penalty, draw.presence_penalty};
-  row.penalised = draw.seen_count > 0 && (draw.repetition_penalty != 1.0f || draw.presence_penalty != 0.0f ||
-                                          draw.frequency_penalty != 0.0f);
-  if (row.penalised) {
+  const Row row(p.logits, vocab, draw, p.generated_counts, seen_bits, 0);
+  if (row.penalised && draw.temperature != 0.0f) {  // a greedy draw's token is the combine's argmax
     for (int32_t word = int32_t(threadIdx.x); word < (vocab + 31) / 32; word += kThreads) seen_bits[word] = 0;
     __syncthreads();
     for (int64_t i = threadIdx.x; i < draw.seen_count; i += kThreads) {
@@ -415,103 +713,79 @@ __device__ void run_draw(const KernelParams& p, const DeviceDraw& draw, uint32_t
     }
     __syncthreads();
   }
+  const double log_norm = summary.log_norm;
 
-  // The raw row: NaN, then all -inf, then +inf (checked_max's order); then its log-normaliser.
-  uint32_t nan = 0;
-  int32_t max_ordered = INT_MIN;
-  for (int32_t id = int32_t(threadIdx.x); id < vocab; id += kThreads) {
-    const int32_t bits = __float_as_int(row.raw(id));
-    nan |= uint32_t((bits & 0x7FFFFFFF) > 0x7F800000);
-    const int32_t ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF);
-    max_ordered = ordered > max_ordered ? ordered : max_ordered;
-  }
-  nan = block_reduce(nan, Max{});
-  max_ordered = block_reduce(max_ordered, Max{});
-  const float raw_max = __int_as_float(max_ordered ^ ((max_ordered >> 31) & 0x7FFFFFFF));
-  const float infinity = __int_as_float(0x7F800000);
-  const int32_t status = nan ? kDrawNan : raw_max == -infinity ? kDrawAllMasked
-                                        : raw_max == infinity   ? kDrawPositiveInf
-                                                                : kDrawOk;
-  if (status != kDrawOk) {
-    if (threadIdx.x == 0) result.status = status;
-    return;
-  }
-  double exp_sum = 0.0;
-  uint64_t best = 0;  // of the penalised row: its maximum and the argmax
-  for (int32_t id = int32_t(threadIdx.x); id < vocab; id += kThreads) {
-    exp_sum += exp_nonpositive(row.raw(id) - raw_max);
-    const uint64_t rank = rank_of(row.penalised_logit(id), id);
-    best = rank > best ? rank : best;
-  }
-  const double log_norm = double(raw_max) + log(block_reduce(exp_sum, Sum{}));
-  best = block_reduce(best, Max{});
-
-  if (draw.top_logprobs > 0) {
-    __shared__ int32_t top_ids[kMaxTopLogprobs];
-    const FiniteRaw finite{row, last_kept_rank(FiniteRaw{row}, draw.top_logprobs, 0.0, buffer)};
-    const int count = int(compact(finite, nullptr, vocab, top_ids));  // in id order
-    if (int(threadIdx.x) < count) {
-      const int32_t id = top_ids[threadIdx.x];
-      const uint64_t rank = rank_of(row.raw(id), id);
-      int place = 0;
-      for (int j = 0; j < count; ++j) place += rank_of(row.raw(top_ids[j]), top_ids[j]) > rank;
-      result.top_ids[place] = id;
-      result.top_logprobs[place] = float(double(row.raw(id)) - log_norm);
+  // The best finite raw logits: a merge of the chunks' lists, a thread on each list's head.
+  int count = 0, taken = 0;  // alternatives found; entries of this thread's list among them
+  while (count < draw.top_logprobs) {
+    const uint64_t* list = chunk_tops + int64_t(threadIdx.x) * kMaxTopLogprobs;
+    const uint64_t head = int32_t(threadIdx.x) < p.chunks && taken < draw.top_logprobs ? list[taken] : 0;
+    const uint64_t top = block_reduce(head, Max{});
+    if (top == 0) break;  // fewer finite logits than asked for
+    taken += head == top;
+    if (threadIdx.x == 0) {
+      result.top_ids[count] = id_of(top);
+      result.top_logprobs[count] = float(double(row.raw(id_of(top))) - log_norm);
     }
-    if (threadIdx.x == 0) result.top_count = count;
-    __syncthreads();  // top_ids is read before the next draw writes it
-  } else if (threadIdx.x == 0) {
-    result.top_count = 0;
+    ++count;
   }
+  if (threadIdx.x == 0) result.top_count = count;
 
   int32_t chosen;
   if (draw.temperature == 0.0f) {
-    chosen = id_of(best);
+    chosen = id_of(summary.best);
+  } else if (draw.top_k == 0 && draw.top_p == 1.0f && draw.min_p == 0.0f) {
+    chosen = draw_untruncated(Weighted{row, logit_of(summary.best), draw.temperature}, draw.uniform, chunk_weights,
+                              p.chunks);
   } else {
-    Weighted candidates{row, logit_of(best), draw.temperature};
-    if (draw.top_k == 0 && draw.top_p == 1.0f && draw.min_p == 0.0f) {
-      chosen = draw_in_id_order(candidates, draw.uniform);
+    Weighted candidates{row, logit_of(summary.best), draw.temperature};
+    const RowWeights weights = fold_chunk_weights(chunk_weights, p.chunks);
+    const double top_p_fraction = draw.top_p * (1.0 - kTopPSlack);
+    double mass;
+    if (draw.top_k > 0) {
+      // The k best of the near-top tokens when there are k of them, else of all (gather_top_k).
+      if (weights.near_count >= draw.top_k) candidates.floor = kNearTopWeight;
+      candidates.rank_floor = last_kept_rank(candidates, draw.top_k, 0.0, buffer);
+      mass = row_mass(candidates);  // top-p measures against the top-k mass, before min-p
+      candidates.floor = higher(candidates.floor, draw.min_p);
     } else {
-      const double top_p_fraction = draw.top_p * (1.0 - kTopPSlack);
-      double mass;
-      if (draw.top_k > 0) {
-        // The k best of the near-top tokens when there are k of them, else of all (gather_top_k).
-        Weighted near = candidates;
-        near.floor = kNearTopWeight;
-        if (row_totals(near).count >= draw.top_k) candidates.floor = kNearTopWeight;
-        candidates.rank_floor = last_kept_rank(candidates, draw.top_k, 0.0, buffer);
-        mass = row_totals(candidates).mass;  // top-p measures against the top-k mass, before min-p
-        candidates.floor = higher(candidates.floor, draw.min_p);
-      } else {
-        // gather_above_floor: the full mass; min-p, and the near-top floor when the near-top
-        // tokens already hold the nucleus.
-        Weighted near = candidates;
-        near.floor = kNearTopWeight;
-        mass = row_totals(candidates).mass;
-        candidates.floor = draw.min_p;
-        if (draw.top_p < 1.0f && row_totals(near).mass >= top_p_fraction * mass)
-          candidates.floor = higher(candidates.floor, kNearTopWeight);
-      }
-      if (draw.top_p < 1.0f) candidates.rank_floor = last_kept_rank(candidates, 0, top_p_fraction * mass, buffer);
-      chosen = draw_in_id_order(candidates, draw.uniform);
+      // gather_above_floor: the full mass; min-p, and the near-top floor when the near-top tokens
+      // already hold the nucleus.
+      mass = weights.mass;
+      candidates.floor = draw.min_p;
+      if (draw.top_p < 1.0f && weights.near_mass >= top_p_fraction * mass)
+        candidates.floor = higher(candidates.floor, kNearTopWeight);
     }
+    if (draw.top_p < 1.0f) candidates.rank_floor = last_kept_rank(candidates, 0, top_p_fraction * mass, buffer);
+    chosen = draw_in_id_order(candidates, draw.uniform);
   }
   if (threadIdx.x == 0) {
-    result.status = kDrawOk;
     result.id = chosen;
     result.logprob = float(double(row.raw(chosen)) - log_norm);
   }
 }
 
-__global__ void __launch_bounds__(kThreads) sample_kernel(KernelParams p) {
+__global__ void __launch_bounds__(kThreads) select_kernel(SelectParams p) {
   extern __shared__ uint32_t seen_bits[];
   int32_t* buffer = p.buffers + int64_t(blockIdx.x) * p.vocab;
-  for (int64_t d = blockIdx.x; d < p.draw_count; d += gridDim.x) {
+  for (int32_t i = int32_t(blockIdx.x); i < *p.selection_count; i += int32_t(gridDim.x)) {
     __syncthreads();  // the previous draw is done with the shared arrays
+    const int32_t d = p.selection_draws[i];
     const DeviceDraw draw = p.draws[d];
-    run_draw(p, draw, seen_bits, buffer, p.results[d]);
+    select_token(p, draw, p.summaries[d], p.tops + int64_t(d) * p.chunks * kMaxTopLogprobs,
+                 p.weights + int64_t(d) * p.chunks, seen_bits, buffer, p.results[d]);
   }
 }
+
+// The launches' working memory, in one scratch buffer.
+struct Scratch {
+  ChunkPartial* partials;  // [draws, chunks]
+  ChunkWeights* weights;   // [draws, chunks]
+  uint64_t* tops;          // [draws, chunks, kMaxTopLogprobs]
+  RowSummary* summaries;   // [draws]
+  int32_t* selection;      // the selection's draw count, then its draws
+  int32_t* buffers;        // [selection blocks, vocab]
+};
 
 }  // namespace
 
@@ -519,17 +793,49 @@ void sample(const SampleArgs& args, DeviceScratch& scratch, cudaStream_t stream)
   if (args.draws.empty()) return;
   if (args.vocab < 1 || args.vocab > kMaxVocab)
     fail("sampling vocab must be in [1, {}], got {}", kMaxVocab, args.vocab);
-  for (const DeviceDraw& draw : args.draws)
+  // Draws that may need the selection, and those among them that are random (a row without a
+  // distribution needs neither).
+  int64_t selecting = 0, random_draws = 0;
+  for (const DeviceDraw& draw : args.draws) {
     if (draw.top_logprobs < 0 || draw.top_logprobs > kMaxTopLogprobs)
       fail("top_logprobs must be in [0, {}], got {}", kMaxTopLogprobs, draw.top_logprobs);
-  // Two blocks per multiprocessor keep it busy; more would only grow the id buffers.
-  const int blocks = int(std::min<int64_t>(std::ssize(args.draws), 2 * int64_t(device_limits().sms)));
-  KernelParams params{args.logits, int32_t(args.vocab), args.device_draws, std::ssize(args.draws),
-                      args.seen, args.generated_counts, args.results,
-                      scratch.get<int32_t>(size_t(blocks) * size_t(args.vocab))};
+    selecting += draw.temperature != 0.0f || draw.top_logprobs > 0;
+    random_draws += draw.temperature != 0.0f;
+  }
+  const int64_t draw_count = std::ssize(args.draws);
+  const int32_t chunks = int32_t(ceil_div(args.vocab, kChunk));
+  const int64_t chunk_count = draw_count * chunks;
+  if (chunk_count > INT_MAX) fail("sampling: {} draws are more than one launch holds", draw_count);
+  // Two selection blocks per multiprocessor keep it busy; more would only grow the id buffers.
+  const int blocks = int(std::min<int64_t>(selecting, 2 * int64_t(device_limits().sms)));
+
+  const Scratch work = carve_scratch(scratch, [&](ScratchCarver& carver) {
+    return Scratch{carver.take<ChunkPartial>(chunk_count), carver.take<ChunkWeights>(chunk_count),
+                   carver.take<uint64_t>(chunk_count * kMaxTopLogprobs), carver.take<RowSummary>(draw_count),
+                   carver.take<int32_t>(draw_count + 1), carver.take<int32_t>(blocks * args.vocab)};
+  });
+  const int32_t vocab = int32_t(args.vocab);
+
+  const ChunkedRows rows{args.logits, vocab, chunks, args.device_draws, args.seen, args.generated_counts};
+  const ScanParams scan{rows, work.partials, work.tops};
+  scan_kernel<<<int(chunk_count), kScanThreads, 0, stream>>>(scan);
+  M1_CUDA_CHECK_LAUNCH();
+  const CombineParams combine{args.logits, vocab, chunks, args.device_draws, draw_count, work.partials,
+                              work.summaries, args.results, work.selection, work.selection + 1};
+  combine_kernel<<<1, kThreads, 0, stream>>>(combine);
+  M1_CUDA_CHECK_LAUNCH();
+  if (random_draws > 0) {
+    const WeighParams weigh{rows, work.summaries, args.results, work.weights};
+    weigh_kernel<<<int(chunk_count), kScanThreads, 0, stream>>>(weigh);
+    M1_CUDA_CHECK_LAUNCH();
+  }
+  if (blocks == 0) return;
+  const SelectParams select{args.logits, vocab, args.device_draws, work.tops, args.seen, args.generated_counts,
+                            work.summaries, work.weights, chunks, work.selection, work.selection + 1, args.results,
+                            work.buffers};
   const size_t shared_bytes = size_t(ceil_div(args.vocab, 32)) * sizeof(uint32_t);
-  allow_shared_memory<sample_kernel>(shared_bytes);
-  sample_kernel<<<blocks, kThreads, shared_bytes, stream>>>(params);
+  allow_shared_memory<select_kernel>(shared_bytes);
+  select_kernel<<<blocks, kThreads, shared_bytes, stream>>>(select);
   M1_CUDA_CHECK_LAUNCH();
 }
 

@@ -52,7 +52,8 @@ struct SampleArgs {
   DrawResult* results = nullptr;                 // device: one per draw
 };
 
-// Queues the draws on `stream`; `scratch` holds per-draw working rows.
+// Queues the draws on `stream` (no host synchronisation once `scratch` has grown to the batch):
+// `scratch` holds every draw's per-chunk partial results and the selection's rows of ids.
 void sample(const SampleArgs& args, DeviceScratch& scratch, cudaStream_t stream);
 
 }  // namespace m1::cuda

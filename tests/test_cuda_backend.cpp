@@ -1,7 +1,7 @@
 // The whole model on the CUDA backend: the golden models' float64 logits however the prompt is
 // fed, batch invariance and forks bit for bit, and agreement with the CPU backend on a random
-// model through a mix of prefill and decode steps. Without a GPU, asking for the CUDA backend is a
-// clear error.
+// model through a mix of prefill and decode steps; decode steps replayed as CUDA graphs bit for bit
+// as eager ones. Without a GPU, asking for the CUDA backend is a clear error.
 
 #include <gtest/gtest.h>
 
@@ -18,7 +18,9 @@
 #include "m1/error.h"
 #include "m1/model.h"
 #include "m1/synthetic.h"
+#include "memory_epoch.h"
 #include "sampling_checks.h"
+#include "step_graphs.h"
 #include "test_support.h"
 
 namespace m1 {
@@ -161,7 +163,9 @@ std::vector<Step> mixed_schedule(int64_t vocab) {
 
 std::vector<float> run_schedule(Model& model, const std::vector<Step>& steps) {
   std::vector<std::unique_ptr<SequenceState>> seqs;
-  for (int i = 0; i < 3; ++i) seqs.push_back(model.new_sequence());
+  for (const Step& step : steps)
+    for (const auto& [seq, tokens] : step.entries)
+      while (seqs.size() <= seq) seqs.push_back(model.new_sequence());
   std::vector<float> all;
   StepLogits out;
   for (const Step& step : steps) {
@@ -194,8 +198,10 @@ TEST_P(CudaVersusCpu, MixedPrefillAndDecodeAgree) {
   }
 }
 
-// Decode steps replayed as CUDA graphs give the bits eager launches give, through changes of the
-// batch, a KV cache that grows (moving memory, so graphs are recorded again) and a prefill in between.
+// Decode steps replayed as CUDA graphs give the bits eager launches give, in both precisions,
+// through changes of the batch, a KV cache that grows (moving memory, so graphs are recorded
+// again), a prefill in between, and a context that outgrows a decode split (every 256 keys)
+// between two growths of its cache: a graph recorded at 762 keys must serve 769.
 TEST(CudaGraphs, ReplayedDecodeStepsMatchEagerOnes) {
   M1_REQUIRE_CUDA();
   ModelConfig config = preset("tiny").config;
@@ -212,21 +218,87 @@ TEST(CudaGraphs, ReplayedDecodeStepsMatchEagerOnes) {
   for (int i = 0; i < 30; ++i) steps.push_back({{{0, tokens(1)}, {1, tokens(1)}, {2, tokens(1)}}});  // 0 passes 256 keys
   steps.push_back({{{1, tokens(50)}}});
   for (int i = 0; i < 12; ++i) steps.push_back({{{2, tokens(1)}, {1, tokens(1)}}});
-  std::vector<float> eager, replayed;
-  for (bool graphs : {false, true}) {
-    auto backend = create_backend(BackendOptions{"cuda", 0, Precision::kFast, false, graphs});
-    Model model(config, random_checkpoint(config, DType::kBF16, 3), *backend);
-    (graphs ? replayed : eager) = run_schedule(model, steps);
-    const cuda::StepGraphs::Stats& stats = static_cast<cuda::CudaBackend&>(*backend).graph_stats();
-    std::printf("graphs %s: %lld eager, %lld recorded, %lld replayed, %lld rejected steps\n", graphs ? "on" : "off",
-                (long long)stats.eager, (long long)stats.recorded, (long long)stats.replayed, (long long)stats.rejected);
-    if (!graphs) continue;
-    EXPECT_EQ(stats.rejected, 0);
-    EXPECT_GE(stats.recorded, 3);  // the first batch, again once its caches grew, the second batch
-    EXPECT_GE(stats.replayed, 30);
+  steps.push_back({{{3, tokens(760)}}});  // room for exactly 760 keys, then for 1520
+  for (int i = 0; i < 14; ++i) steps.push_back({{{3, tokens(1)}}});
+  for (Precision precision : {Precision::kExact, Precision::kFast}) {
+    const char* precision_name = precision == Precision::kExact ? "exact" : "fast";
+    SCOPED_TRACE(precision_name);
+    std::vector<float> eager, replayed;
+    for (bool graphs : {false, true}) {
+      auto backend = create_backend(BackendOptions{"cuda", 0, precision, false, graphs});
+      Model model(config, random_checkpoint(config, DType::kBF16, 3), *backend);
+      (graphs ? replayed : eager) = run_schedule(model, steps);
+      const cuda::StepGraphs::Stats& stats = static_cast<cuda::CudaBackend&>(*backend).graph_stats();
+      std::printf("%s, graphs %s: %lld eager, %lld recorded, %lld replayed, %lld rejected steps\n", precision_name,
+                  graphs ? "on" : "off", (long long)stats.eager, (long long)stats.recorded, (long long)stats.replayed,
+                  (long long)stats.rejected);
+      if (!graphs) continue;
+      EXPECT_EQ(stats.rejected, 0);
+      EXPECT_GE(stats.recorded, 4);  // the first batch, again once its caches grew, the second and third
+      EXPECT_GE(stats.replayed, 40);
+    }
+    ASSERT_EQ(eager.size(), replayed.size());
+    EXPECT_EQ(std::memcmp(eager.data(), replayed.data(), eager.size() * sizeof(float)), 0);
   }
-  ASSERT_EQ(eager.size(), replayed.size());
-  EXPECT_EQ(std::memcmp(eager.data(), replayed.data(), eager.size() * sizeof(float)), 0);
+}
+
+// The graph machinery alone, with a copy out of the stage standing in for a step's kernels: a
+// replay reads its own step's staged data, a replay whose calls differ from the recording's runs
+// nothing and is reported (its key then runs eagerly until memory moves), and an abandoned
+// recording runs nothing.
+TEST(CudaStepGraphs, ReplaysStagedDataAndRejectsChangedCalls) {
+  M1_REQUIRE_CUDA();
+  using Mode = cuda::StepGraphs::Mode;
+  cudaStream_t stream = nullptr;
+  M1_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  {
+    cuda::StepGraphs graphs(stream, true);
+    test::DeviceArray<int32_t> out(4);
+    // Stages `values` (in a graph step) and copies them into `out`; `call` stands for the step's
+    // calls. Returns what end() said and the mode the step ran in.
+    auto step = [&](uint64_t key, int32_t first, uint64_t call, bool abandon = false) {
+      const std::vector<int32_t> values = {first, first + 1, first + 2, first + 3};
+      graphs.begin({key});
+      const Mode mode = graphs.mode();
+      if (mode == Mode::kEager) {
+        M1_CUDA_CHECK(cudaMemcpyAsync(out.get(), values.data(), 16, cudaMemcpyHostToDevice, stream));
+      } else {
+        void* staged = graphs.stage(values.data(), 16);
+        graphs.note({call});
+        if (mode == Mode::kRecord) M1_CUDA_CHECK(cudaMemcpyAsync(out.get(), staged, 16, cudaMemcpyDeviceToDevice, stream));
+      }
+      const bool ran = abandon ? !graphs.abandon() : graphs.end();
+      M1_CUDA_CHECK(cudaStreamSynchronize(stream));
+      return std::pair{ran, mode};
+    };
+    auto out_starts_at = [&](int32_t first) {
+      EXPECT_EQ(out.download(), (std::vector<int32_t>{first, first + 1, first + 2, first + 3}));
+    };
+    EXPECT_EQ(step(7, 1, 0), std::pair(true, Mode::kEager));  // first sight of the key
+    out_starts_at(1);
+    EXPECT_EQ(step(7, 5, 0), std::pair(true, Mode::kRecord));
+    out_starts_at(5);
+    EXPECT_EQ(step(7, 9, 0), std::pair(true, Mode::kReplay));
+    out_starts_at(9);
+    EXPECT_EQ(step(7, 13, 1), std::pair(false, Mode::kReplay));  // other calls: nothing ran
+    out_starts_at(9);
+    EXPECT_EQ(step(7, 17, 0), std::pair(true, Mode::kEager));
+    out_starts_at(17);
+    cuda::memory_moved();  // forgets every recording, the refusal too
+    EXPECT_EQ(step(7, 21, 0), std::pair(true, Mode::kRecord));
+    out_starts_at(21);
+    EXPECT_EQ(step(8, 25, 0), std::pair(true, Mode::kEager));
+    EXPECT_EQ(step(8, 29, 0, true), std::pair(false, Mode::kRecord));  // abandoned: nothing ran
+    out_starts_at(25);
+    EXPECT_EQ(step(7, 33, 0), std::pair(true, Mode::kReplay));  // key 7's recording outlives key 8's steps
+    out_starts_at(33);
+    const cuda::StepGraphs::Stats& stats = graphs.stats();
+    EXPECT_EQ(stats.eager, 3);
+    EXPECT_EQ(stats.recorded, 2);
+    EXPECT_EQ(stats.replayed, 2);
+    EXPECT_EQ(stats.rejected, 2);
+  }
+  M1_CUDA_CHECK(cudaStreamDestroy(stream));
 }
 
 INSTANTIATE_TEST_SUITE_P(Dtypes, CudaVersusCpu, ::testing::Values(DType::kBF16, DType::kF16, DType::kF32),

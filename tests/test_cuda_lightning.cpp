@@ -66,7 +66,8 @@ std::vector<float> random_decay(int64_t heads, bool model_schedule) {
 
 // One layer's tensors for a run of calls: the heads' decays and each sequence's state, on the
 // GPU and (as the reference's running copy) on the host. A device state starts 4 floats into its
-// buffer (16-byte aligned) or, to exercise the decode kernel's scalar path, 1 float in.
+// buffer (16-byte aligned) or 1 float in (which the decode kernel accepts only when d is not a
+// multiple of 4).
 struct Layer {
   int64_t heads, d;
   std::vector<float> decay;
@@ -232,13 +233,28 @@ TEST(CudaLightningTest, MixedDecodeAndPrefillSegments) {
   }
 }
 
-// States that are not 16-byte aligned take the decode kernel's scalar path.
+// A head dim that is not a multiple of 4 decodes with scalar loads, so its states need no
+// alignment.
 TEST(CudaLightningTest, DecodeWithUnalignedStates) {
   M1_REQUIRE_CUDA();
-  for (int64_t d : {32, 128}) {
+  for (int64_t d : {30, 127}) {
     SCOPED_TRACE("d " + std::to_string(d));
     check_call(4, d, {1, 1, 1, 40}, 1, CallLayout{.aligned_states = false}, true);
   }
+}
+
+// At a multiple of 4 the decode kernel loads float4s whatever shares the call (so a segment's
+// bits never depend on its neighbours): an unaligned state is refused before anything runs.
+TEST(CudaLightningTest, UnalignedDecodeStateIsAClearError) {
+  M1_REQUIRE_CUDA();
+  CallLayout layout{.aligned_states = false};
+  const std::vector<SegmentSpec> segments = lay_out({40, 1}, 0, layout);
+  Layer layer(2, 32, random_decay(2, false), segments.size(), layout.aligned_states);
+  const std::vector<float> before = layer.device_state(1);
+  testing::expect_error([&] { run_call(layer, random_qkv(size_t(layout.rows * 2 * 3 * 32)), segments, layout); },
+                        {"segment 1", "16-byte aligned"});
+  const std::vector<float> after = layer.device_state(1);
+  EXPECT_EQ(0, std::memcmp(before.data(), after.data(), before.size() * sizeof(float)));
 }
 
 // Runs `calls` one after another on one sequence and compares all their outputs and the final
@@ -341,6 +357,31 @@ void check_batch_invariance(bool bf16_operands) {
 TEST(CudaLightningTest, SegmentResultDoesNotDependOnTheBatch) {
   M1_REQUIRE_CUDA();
   check_batch_invariance(false);
+}
+
+// A decode segment gets the same bits alone as beside other decode and prefill segments, at head
+// dims with and without float4 loads.
+TEST(CudaLightningTest, DecodeResultDoesNotDependOnTheBatch) {
+  M1_REQUIRE_CUDA();
+  for (int64_t d : {30, 64}) {
+    SCOPED_TRACE("d " + std::to_string(d));
+    const int64_t heads = 3, stride = heads * 3 * d;
+    CallLayout batch_layout;
+    const std::vector<SegmentSpec> segments = lay_out({1, 1, 17, 1}, 1, batch_layout);
+    const std::vector<float> decay = random_decay(heads, true);
+    const std::vector<float> qkv = random_qkv(size_t(batch_layout.rows * stride));
+    Layer batched(heads, d, decay, segments.size()), alone(heads, d, decay, 1);
+    alone.states[0] = batched.states[0];
+    alone.upload_states();
+    auto [got_batched, want] = run_call(batched, qkv, segments, batch_layout);
+    expect_outputs(got_batched, want, segments, heads * d, heads * d, kExactBound);
+    const std::vector<float> row(qkv.begin(), qkv.begin() + stride);
+    auto [got_alone, unused] = run_call(alone, row, {{0, 0, 1}}, CallLayout{.rows = 1});
+    EXPECT_EQ(0, std::memcmp(got_alone.data(), got_batched.data(), got_alone.size() * sizeof(float)));
+    const std::vector<float> state_alone = alone.device_state(0), state_batched = batched.device_state(0);
+    EXPECT_LE(relative_error(state_batched, batched.states[0]), kExactBound);
+    EXPECT_EQ(0, std::memcmp(state_alone.data(), state_batched.data(), state_alone.size() * sizeof(float)));
+  }
 }
 
 // --- bf16 prefill operands (the fast precision) -------------------------------------------------

@@ -1,6 +1,7 @@
 // The CUDA matmul and elementwise kernels against the CPU references, on fresh random inputs of
 // awkward sizes (not multiples of any tile, chunk or vector width), and the matmul's batch
-// invariance: a row's bits do not depend on how many rows share its call.
+// invariance: a row's bits do not depend on how many rows share its call. Also the scratch
+// carver the launchers lay out their temporaries with.
 
 #include <gtest/gtest.h>
 
@@ -176,6 +177,33 @@ TEST(CudaMatmulLarge, LargePartialsTakeTheTiledKernelWithTheSameBits) {
           << "row " << r << " " << operands_name(operands);
     }
   }
+}
+
+// carve_scratch takes every piece from one buffer: in order, each 256-byte aligned (so vector
+// loads of any piece are), none overlapping, all inside the scratch; an empty piece is nullptr.
+TEST(CudaScratch, CarvesAlignedPiecesInOrder) {
+  M1_REQUIRE_CUDA();
+  struct Pieces {
+    float* three;
+    int64_t* hundred;
+    uint16_t* none;
+    char* one;
+  };
+  DeviceScratch scratch;
+  const Pieces p = carve_scratch(scratch, [](ScratchCarver& carver) {
+    Pieces pieces;
+    pieces.three = carver.take<float>(3);
+    pieces.hundred = carver.take<int64_t>(100);
+    pieces.none = carver.take<uint16_t>(0);
+    pieces.one = carver.take<char>(1);
+    return pieces;
+  });
+  const char* base = static_cast<const char*>(scratch.get(0));  // what it holds, without growing
+  EXPECT_EQ(reinterpret_cast<const char*>(p.three) - base, 0);
+  EXPECT_EQ(reinterpret_cast<const char*>(p.hundred) - base, 256);  // after 12 bytes, rounded up
+  EXPECT_EQ(p.none, nullptr);
+  EXPECT_EQ(p.one - base, 256 + 1024);  // after 800 bytes, rounded up
+  EXPECT_GE(scratch.capacity(), size_t(256 + 1024 + 1));
 }
 
 INSTANTIATE_TEST_SUITE_P(DtypesAndOperands, CudaMatmul,

@@ -360,7 +360,9 @@ TEST_F(CudaMoeTest, CapturesInAGraph) {
 // empty groups, one group with every row, 1 to 1000 rows, inner and outer sizes off every tile
 // and chunk (600: three chunks of partials), more groups than one launch takes (70), and bounds on
 // the rows per group that are too low (1), tight and loose: skinny and tiled kernels, the same bits.
-// Rows before, between (none) and after the groups must keep what they held.
+// grouped_matmuls, two products in one call (one bf16 copy of x, one set of partials reused), must
+// give each product those bits too. Rows before, between (none) and after the groups must keep
+// what they held.
 TEST_F(CudaMoeTest, GroupedMatmulMatchesMatmulPerGroup) {
   SCOPED_TRACE("seed " + std::to_string(seed()));
   std::vector<int64_t> many(70);
@@ -378,42 +380,100 @@ TEST_F(CudaMoeTest, GroupedMatmulMatchesMatmulPerGroup) {
         for (int64_t c : counts) offsets.push_back(offsets.back() + c);
         const int64_t most = *std::max_element(counts.begin(), counts.end());
 
+        // Two products' weights: w for the single calls and the first of the pair, other for the second.
         std::vector<TestWeight> weights;
-        weights.reserve(size_t(groups));
-        std::vector<DeviceMatrix> w;
-        for (int64_t g = 0; g < groups; ++g) {
-          weights.emplace_back(dtype, n, k, 1.0f / std::sqrt(float(k)));
-          w.push_back(weights.back().device);
-        }
+        weights.reserve(size_t(2 * groups));
+        std::vector<DeviceMatrix> w, other;
+        for (std::vector<DeviceMatrix>* list : {&w, &other})
+          for (int64_t g = 0; g < groups; ++g) {
+            weights.emplace_back(dtype, n, k, 1.0f / std::sqrt(float(k)));
+            list->push_back(weights.back().device);
+          }
         const std::vector<float> x = random_floats(size_t(rows * ldx), 1.0f);
         DeviceArray<float> x_device(x);
         DeviceArray<int64_t> offsets_device(offsets);
         DeviceScratch scratch(stream_);
 
         for (GemmOperands operands : {GemmOperands::kFp32, GemmOperands::kBf16}) {
-          // Each group alone through matmul, into the same rows of `want`.
-          DeviceArray<float> want_device(std::vector<float>(size_t(rows * ldo), kUntouched));
-          for (int64_t g = 0; g < groups; ++g)
-            matmul(x_device.get() + offsets[size_t(g)] * ldx, ldx, counts[size_t(g)], w[size_t(g)],
-                   want_device.get() + offsets[size_t(g)] * ldo, ldo, operands, scratch, stream_);
-          M1_CUDA_CHECK(cudaStreamSynchronize(stream_));
-          const std::vector<float> want = want_device.download();
+          const std::string what = std::string(dtype_name(dtype)) +
+                                   (operands == GemmOperands::kBf16 ? " bf16" : " fp32") + ", k " + std::to_string(k) +
+                                   ", n " + std::to_string(n) + ", " + std::to_string(groups) + " groups of " +
+                                   std::to_string(total) + " rows";
+          // Each group alone through matmul, into the same rows of the result.
+          const auto per_group = [&](const std::vector<DeviceMatrix>& weights_of) {
+            DeviceArray<float> out(std::vector<float>(size_t(rows * ldo), kUntouched));
+            for (int64_t g = 0; g < groups; ++g)
+              matmul(x_device.get() + offsets[size_t(g)] * ldx, ldx, counts[size_t(g)], weights_of[size_t(g)],
+                     out.get() + offsets[size_t(g)] * ldo, ldo, operands, scratch, stream_);
+            M1_CUDA_CHECK(cudaStreamSynchronize(stream_));
+            return out.download();
+          };
+          const std::vector<float> want = per_group(w), want_other = per_group(other);
+          const auto expect_bits = [&](const std::vector<float>& got, const std::vector<float>& expected,
+                                       const std::string& call) {
+            bool finite = true;
+            for (int64_t r = lead; r < lead + total; ++r)
+              for (int64_t c = 0; c < n; ++c) finite = finite && std::isfinite(got[size_t(r * ldo + c)]);
+            EXPECT_TRUE(finite) << what << ", " << call;
+            EXPECT_EQ(0, std::memcmp(got.data(), expected.data(), got.size() * sizeof(float))) << what << ", " << call;
+          };
           for (int64_t bound : {int64_t(1), most, rows}) {
+            const std::string bound_text = "bound " + std::to_string(bound);
             DeviceArray<float> out_device(std::vector<float>(size_t(rows * ldo), kUntouched));
             grouped_matmul(x_device.get(), ldx, offsets_device.get(), w, rows, bound, out_device.get(), ldo, operands,
                            scratch, stream_);
             M1_CUDA_CHECK(cudaStreamSynchronize(stream_));
-            const std::vector<float> got = out_device.download();
-            bool finite = true;
-            for (int64_t r = lead; r < lead + total; ++r)
-              for (int64_t c = 0; c < n; ++c) finite = finite && std::isfinite(got[size_t(r * ldo + c)]);
-            EXPECT_TRUE(finite);
-            EXPECT_EQ(0, std::memcmp(got.data(), want.data(), got.size() * sizeof(float)))
-                << dtype_name(dtype) << (operands == GemmOperands::kBf16 ? " bf16" : " fp32") << ", k " << k
-                << ", n " << n << ", " << groups << " groups of " << total << " rows, bound " << bound;
+            expect_bits(out_device.download(), want, "grouped_matmul, " + bound_text);
+
+            DeviceArray<float> first(std::vector<float>(size_t(rows * ldo), kUntouched));
+            DeviceArray<float> second(std::vector<float>(size_t(rows * ldo), kUntouched));
+            const GroupedProduct products[] = {{w, first.get(), ldo}, {other, second.get(), ldo}};
+            grouped_matmuls(x_device.get(), ldx, offsets_device.get(), products, rows, bound, operands, scratch,
+                            stream_);
+            M1_CUDA_CHECK(cudaStreamSynchronize(stream_));
+            expect_bits(first.download(), want, "grouped_matmuls first product, " + bound_text);
+            expect_bits(second.download(), want_other, "grouped_matmuls second product, " + bound_text);
           }
         }
       }
+}
+
+// A grouped call whose skinny chunk partials would pass 64 MB (300 rows, groups of at most 30, of
+// [4096, 4096] weights: 16 chunks, 79 MB) takes the tiled kernels instead, as matmul does: the
+// scratch holds at most the bf16 copy of x (2.4 MB) and its growth margin, and every group's rows
+// are bit-identical to matmul on them alone (skinny: 7.9 MB of partials).
+TEST_F(CudaMoeTest, GroupedMatmulWithLargePartialsTakesTheTiledKernels) {
+  SCOPED_TRACE("seed " + std::to_string(seed()));
+  const int64_t n = 4096, k = 4096;
+  const std::vector<int64_t> counts = {30, 0, 25, 30, 30, 17, 30, 30, 29, 30, 30, 19};
+  std::vector<int64_t> offsets = {0};
+  for (int64_t c : counts) offsets.push_back(offsets.back() + c);
+  const int64_t rows = offsets.back(), groups = int64_t(counts.size());
+  // One random block of rows repeated, shared by every group: what is checked is bit equality
+  // between kernels, which other tests check with distinct weights per group.
+  const std::vector<uint8_t> block = testing::encode(DType::kBF16, random_floats(size_t(64 * k), 1.0f / 64));
+  std::vector<uint8_t> bytes;
+  bytes.reserve(size_t(n * k) * 2);
+  for (int64_t r = 0; r < n; r += 64) bytes.insert(bytes.end(), block.begin(), block.end());
+  const DeviceArray<uint8_t> w_device(bytes);
+  const std::vector<DeviceMatrix> w(size_t(groups), DeviceMatrix{w_device.get(), DType::kBF16, n, k});
+  const DeviceArray<float> x(random_floats(size_t(rows * k), 1.0f));
+  const DeviceArray<int64_t> offsets_device(offsets);
+  DeviceArray<float> grouped_out(size_t(rows * n)), alone_out(size_t(rows * n));
+  for (GemmOperands operands : {GemmOperands::kFp32, GemmOperands::kBf16}) {
+    const char* name = operands == GemmOperands::kBf16 ? "bf16" : "fp32";
+    DeviceScratch grouped_scratch(stream_), alone_scratch(stream_);
+    grouped_matmul(x.get(), k, offsets_device.get(), w, rows, 30, grouped_out.get(), n, operands, grouped_scratch,
+                   stream_);
+    for (int64_t g = 0; g < groups; ++g)
+      matmul(x.get() + offsets[size_t(g)] * k, k, counts[size_t(g)], w[size_t(g)], alone_out.get() + offsets[size_t(g)] * n,
+             n, operands, alone_scratch, stream_);
+    M1_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    EXPECT_LT(grouped_scratch.capacity(), size_t(4) << 20) << name;
+    const std::vector<float> got = grouped_out.download(), want = alone_out.download();
+    EXPECT_TRUE(std::all_of(got.begin(), got.end(), [](float v) { return std::isfinite(v); })) << name;
+    EXPECT_EQ(0, std::memcmp(got.data(), want.data(), got.size() * sizeof(float))) << name;
+  }
 }
 
 TEST_F(CudaMoeTest, GroupedMatmulRejectsMixedWeights) {

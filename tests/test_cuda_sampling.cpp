@@ -1,7 +1,8 @@
 // The CUDA sampler against m1::sample_row, the host reference, on fresh random rows: every mix
 // of greedy, plain, top-k, top-p, min-p and penalties, with top log-probabilities; several draws
-// of one row with their own penalties in one call; rows without a distribution. Set
-// M1_TEST_SEED to replay a failure; every test prints the seed it used.
+// of one row with their own penalties in one call; rows without a distribution; and the same
+// through the backend's public Backend::sample, which packs the draws itself. Set M1_TEST_SEED to
+// replay a failure; every test prints the seed it used.
 //
 // The chosen ids must be EQUAL to the host's. The weights are the same bits on both sides
 // (fast_exp.h), only the order of the double sums differs, so a different id needs the draw's
@@ -20,6 +21,7 @@
 
 #include "cuda_test_support.h"
 #include "device_scratch.h"
+#include "m1/backend.h"
 #include "m1/error.h"
 #include "m1/sampler.h"
 #include "sampling.h"
@@ -331,6 +333,101 @@ TEST(CudaSampling, IsDeterministic) {
       EXPECT_EQ(bits(first[i].top_logprobs[j]), bits(second[i].top_logprobs[j]));
     }
   }
+}
+
+// Backend::sample packs each draw's penalty lists into one upload, skips the draws whose
+// penalties name ids outside the row, and unpacks the results: mixed draws at the model's
+// vocabulary, several of them on one row (the n choices of a prompt) with their own penalties.
+TEST(CudaSampling, BackendSampleMatchesHostOnMixedDraws) {
+  M1_REQUIRE_CUDA();
+  const int64_t vocab = 200064, rows = 2;
+  std::vector<float> logits;
+  for (int64_t r = 0; r < rows; ++r) {
+    const std::vector<float> row = random_row(vocab, r == 1 ? 0.2 : 0.0, 3.0f);
+    logits.insert(logits.end(), row.begin(), row.end());
+  }
+  auto& rng = testing::rng();
+  std::uniform_real_distribution<double> unit(0.0, 1.0);
+  std::vector<TestDraw> draws;
+  auto add = [&](int64_t row, float temperature, int top_k, float top_p, float min_p, int top_logprobs,
+                 bool penalised) {
+    TestDraw draw;
+    draw.request.row = row;
+    draw.request.params.temperature = temperature;
+    draw.request.params.top_k = top_k;
+    draw.request.params.top_p = top_p;
+    draw.request.params.min_p = min_p;
+    draw.request.params.top_logprobs = top_logprobs;
+    draw.request.uniform = unit(rng);
+    if (penalised) {
+      draw.request.params.repetition_penalty = 1.2f;
+      draw.request.params.frequency_penalty = 0.4f;
+      draw.request.params.presence_penalty = 0.6f;
+      random_penalty_lists(vocab, draw);
+    }
+    draws.push_back(std::move(draw));
+  };
+  add(0, 0.0f, 0, 1.0f, 0.0f, 0, false);
+  add(0, 0.0f, 0, 1.0f, 0.0f, 0, true);
+  {  // the row's best token generated twice: its penalties must move this greedy choice
+    TestDraw& draw = draws.back();
+    const int32_t best = int32_t(std::ranges::max_element(logits.begin(), logits.begin() + vocab) - logits.begin());
+    if (!std::ranges::binary_search(draw.seen, best)) draw.seen.insert(std::ranges::upper_bound(draw.seen, best), best);
+    std::erase_if(draw.counts, [&](const auto& entry) { return entry.first == best; });
+    draw.counts.insert(std::ranges::upper_bound(draw.counts, std::pair(best, 0)), {best, 2});
+  }
+  add(0, 1.0f, 0, 1.0f, 0.0f, 3, true);
+  add(0, 0.8f, 0, 0.9f, 0.0f, 0, true);
+  // Penalties on an id outside the row: this draw fails alone, the ones after it still match.
+  add(0, 1.0f, 0, 1.0f, 0.0f, 0, true);
+  draws.back().seen.push_back(int32_t(vocab));
+  add(0, 0.7f, 50, 1.0f, 0.05f, 20, false);
+  for (int choice = 0; choice < 3; ++choice) add(1, 1.0f, 0, 0.95f, 0.0f, 5, true);
+  add(1, 0.0f, 0, 1.0f, 0.0f, 20, true);
+  add(1, 1.0f, 0, 1.0f, 0.0f, 0, false);
+  // Each draw's own lists, alive for as long as the requests point into them.
+  for (TestDraw& draw : draws) {
+    draw.request.seen = draw.seen;
+    draw.request.generated_counts = draw.counts;
+  }
+
+  auto backend = create_backend(BackendOptions{"cuda", 0, Precision::kFast, false});
+  Buffer device_logits(*backend, rows, vocab);
+  M1_CUDA_CHECK(cudaDeviceSynchronize());  // the allocation is ordered on the backend's stream
+  M1_CUDA_CHECK(cudaMemcpy(device_logits.mat().data, logits.data(), logits.size() * sizeof(float),
+                           cudaMemcpyHostToDevice));
+  std::vector<DrawRequest> requests;
+  for (const TestDraw& draw : draws) requests.push_back(draw.request);
+  const std::vector<DrawOutcome> outcomes = backend->sample(device_logits.mat(), requests);
+
+  SCOPED_TRACE("seed " + std::to_string(testing::seed()));
+  ASSERT_EQ(outcomes.size(), draws.size());
+  SampleScratch scratch;
+  for (size_t i = 0; i < draws.size(); ++i) {
+    SCOPED_TRACE("draw " + std::to_string(i) + ": " + describe(draws[i]));
+    const int64_t row = draws[i].request.row;
+    std::vector<float> host_row(logits.begin() + row * vocab, logits.begin() + (row + 1) * vocab);
+    DrawOutcome expected;
+    try {
+      expected.token = sample_row(host_row, draws[i].request, scratch);
+    } catch (const Error& e) {
+      expected.error = e.what();
+    }
+    EXPECT_EQ(outcomes[i].error, expected.error);
+    if (!expected.error.empty()) continue;
+    const SampledToken& got = outcomes[i].token;
+    EXPECT_EQ(got.id, expected.token.id);
+    EXPECT_TRUE(std::isfinite(got.logprob));
+    EXPECT_NEAR(got.logprob, expected.token.logprob, kLogprobTolerance);
+    ASSERT_EQ(got.top.size(), expected.token.top.size());
+    for (size_t t = 0; t < got.top.size(); ++t) {
+      EXPECT_EQ(got.top[t].first, expected.token.top[t].first) << "alternative " << t;
+      EXPECT_TRUE(std::isfinite(got.top[t].second));
+      EXPECT_NEAR(got.top[t].second, expected.token.top[t].second, kLogprobTolerance) << "alternative " << t;
+    }
+  }
+  EXPECT_NE(outcomes[1].token.id, outcomes[0].token.id) << "the penalised greedy draw kept the raw best";
+  EXPECT_NE(outcomes[4].error, "") << "the draw whose penalties leave the row";
 }
 
 TEST(CudaSampling, RejectsTooManyTopLogprobs) {
