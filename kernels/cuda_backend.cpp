@@ -113,7 +113,8 @@ void CudaBackend::begin_step(std::span<const Segment> segments, int64_t logit_ro
     key.push_back(uint64_t(logit_rows));
     for (const Segment& seg : segments) key.push_back(cuda_state(seg.state).layout());
   }
-  graph_candidate_ = decode;
+  // With replay off, nothing is ever recorded: launches keep their length-sized grids.
+  graph_candidate_ = decode && graphs_.enabled();
   graphs_.begin(std::move(key));
 }
 

@@ -39,6 +39,7 @@ class StepGraphs {
   // Starts a step; an empty key means the step cannot be a graph (it runs eagerly).
   void begin(std::vector<uint64_t> key);
   Mode mode() const { return mode_; }
+  bool enabled() const { return enabled_; }
   // Record and replay: copies `bytes` of host data into the stage and returns the device address
   // it will have when the step runs. Throws m1::Error when the stage is full.
   void* stage(const void* host, size_t bytes);

@@ -8,6 +8,7 @@ packages=(
   build-essential cmake pkg-config
   nlohmann-json3-dev libfmt-dev libspdlog-dev libcli11-dev libpcre2-dev libcpp-httplib-dev
   libgtest-dev libgmock-dev libbenchmark-dev
+  python3  # turns the CUDA kernels into C++ for their CPU-emulated tests
   "$@"
 )
 

@@ -28,42 +28,35 @@ namespace {
 
 using test::DeviceArray;
 using testing::random_floats;
+using testing::RandomWeight;
 using testing::relative_error;
 
-// Values stored in `dtype`: raw bytes for the device, and the Weight view of them for the CPU.
-struct HostWeight {
-  DType dtype;
-  int64_t rows, cols;
-  std::vector<uint8_t> bytes;
-  Weight view() const { return Weight{bytes.data(), dtype, rows, cols}; }
-};
-
-HostWeight random_weight(DType dtype, int64_t rows, int64_t cols, std::mt19937& rng) {
-  const std::vector<float> values = random_floats(size_t(rows * cols), 1.0f / std::sqrt(float(cols)), rng);
-  return HostWeight{dtype, rows, cols, testing::encode(dtype, values)};
+// Random values stored in `dtype`, scaled so that products are O(1).
+RandomWeight random_weight(DType dtype, int64_t rows, int64_t cols, std::mt19937& rng) {
+  return RandomWeight(dtype, rows, cols, 1.0f / std::sqrt(float(cols)), rng);
 }
 
 const char* operands_name(GemmOperands o) { return o == GemmOperands::kBf16 ? "bf16" : "fp32"; }
 
 // out = x w^T on the GPU, with row strides ldx >= k and ldo >= n; padding of out is left as is.
-std::vector<float> gpu_matmul(const std::vector<float>& x, int64_t ldx, int64_t m, const HostWeight& w,
+std::vector<float> gpu_matmul(const std::vector<float>& x, int64_t ldx, int64_t m, const RandomWeight& w,
                               GemmOperands operands, int64_t ldo, float fill = 0.0f) {
   DeviceArray<float> dx(x);
   DeviceArray<uint8_t> dw(w.bytes);
   DeviceArray<float> dout(std::vector<float>(size_t(m * ldo), fill));
   DeviceScratch scratch;
-  matmul(dx.get(), ldx, m, DeviceMatrix{dw.get(), w.dtype, w.rows, w.cols}, dout.get(), ldo, operands, scratch, nullptr);
+  matmul(dx.get(), ldx, m, DeviceMatrix{dw.get(), w.w.dtype, w.w.rows, w.w.cols}, dout.get(), ldo, operands, scratch, nullptr);
   return dout.download();
 }
 
 // The CPU oracle (double accumulation) on the operands the GPU multiplies: kBf16 with BF16 weights
 // rounds x to bf16 first, whatever this CPU supports.
-std::vector<float> reference_matmul(const std::vector<float>& x, int64_t m, const HostWeight& w, GemmOperands operands) {
+std::vector<float> reference_matmul(const std::vector<float>& x, int64_t m, const RandomWeight& w, GemmOperands operands) {
   std::vector<float> xr = x;
-  if (operands == GemmOperands::kBf16 && w.dtype == DType::kBF16)
+  if (operands == GemmOperands::kBf16 && w.w.dtype == DType::kBF16)
     for (float& v : xr) v = bf16_to_f32(f32_to_bf16(v));
-  std::vector<float> out(size_t(m * w.rows));
-  cpu::matmul_reference(Mat{xr.data(), m, w.cols}, w.view(), Mat{out.data(), m, w.rows}, cpu::Operands::kFp32);
+  std::vector<float> out(size_t(m * w.w.rows));
+  cpu::matmul_reference(Mat{xr.data(), m, w.w.cols}, w.w, Mat{out.data(), m, w.w.rows}, cpu::Operands::kFp32);
   return out;
 }
 
@@ -75,7 +68,7 @@ double bound(GemmOperands operands, DType dtype) {
 }
 
 void check_matmul(int64_t m, int64_t n, int64_t k, DType dtype, GemmOperands operands, std::mt19937& rng) {
-  const HostWeight w = random_weight(dtype, n, k, rng);
+  const RandomWeight w = random_weight(dtype, n, k, rng);
   const std::vector<float> x = random_floats(size_t(m * k), 1.0f, rng);
   const std::vector<float> got = gpu_matmul(x, k, m, w, operands, n);
   const double err = relative_error(got, reference_matmul(x, m, w, operands));
@@ -110,7 +103,7 @@ TEST_P(CudaMatmul, HonoursRowStrides) {
   std::mt19937 rng(7);
   for (int64_t m : {3, 70}) {
     const int64_t n = 45, k = 301, ldx = k + 3, ldo = n + 5;
-    const HostWeight w = random_weight(dtype, n, k, rng);
+    const RandomWeight w = random_weight(dtype, n, k, rng);
     const std::vector<float> x = random_floats(size_t(m * ldx), 1.0f, rng);
     const std::vector<float> got = gpu_matmul(x, ldx, m, w, operands, ldo, /*fill=*/-7.0f);
     std::vector<float> packed_x(size_t(m * k)), packed_got(size_t(m * n));
@@ -131,7 +124,7 @@ TEST_P(CudaMatmul, RowsDoNotDependOnTheirBatch) {
   std::mt19937 rng(42);
   for (const auto& [n, k] : {std::pair<int64_t, int64_t>{300, 1000}, {77, 999}}) {
     const int64_t rows = 300;
-    const HostWeight w = random_weight(dtype, n, k, rng);
+    const RandomWeight w = random_weight(dtype, n, k, rng);
     const std::vector<float> x = random_floats(size_t(rows * k), 1.0f, rng);
     const std::vector<float> all = gpu_matmul(x, k, rows, w, operands, n);
     // (first row, count): counts that take each kernel, at positions inside and across tiles.
@@ -155,7 +148,7 @@ TEST(CudaMatmulLarge, LargePartialsTakeTheTiledKernelWithTheSameBits) {
   std::mt19937 rng(44);
   const int64_t n = 8192, k = 16640, rows = 32;
   // One random block repeated: what is checked is bit equality between kernels, not the values.
-  const HostWeight block = random_weight(DType::kBF16, 64, k, rng);
+  const RandomWeight block = random_weight(DType::kBF16, 64, k, rng);
   std::vector<uint8_t> bytes;
   bytes.reserve(size_t(n * k) * 2);
   for (int64_t r = 0; r < n; r += 64) bytes.insert(bytes.end(), block.bytes.begin(), block.bytes.end());
@@ -233,7 +226,7 @@ TEST(CudaElementwise, EmbedAndGatherCopyExactly) {
   std::mt19937 rng(5);
   for (DType dtype : {DType::kBF16, DType::kF16, DType::kF32}) {
     const int64_t vocab = 50, cols = 37;
-    const HostWeight table = random_weight(dtype, vocab, cols, rng);
+    const RandomWeight table = random_weight(dtype, vocab, cols, rng);
     const std::vector<int32_t> tokens = {3, 0, 49, 3, 17};
     DeviceArray<uint8_t> dtable(table.bytes);
     DeviceArray<int32_t> dtokens(tokens);
@@ -265,7 +258,7 @@ TEST(CudaElementwise, RmsnormMatchesCpu) {
         const int64_t rows = 5;
         const std::vector<float> x = random_floats(size_t(rows * cols), 2.0f, rng);
         const std::vector<float> gate = spread_floats(x.size(), rng);
-        HostWeight w = random_weight(dtype, 1, cols, rng);
+        RandomWeight w = random_weight(dtype, 1, cols, rng);
         std::vector<float> want(x.size());
         for (int64_t r = 0; r < rows; ++r) {
           cpu::rmsnorm_row(x.data() + r * cols, w.bytes.data(), dtype, 1e-5f, want.data() + r * cols, cols);

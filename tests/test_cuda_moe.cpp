@@ -37,16 +37,12 @@ using testing::seed;
 // A weight matrix in `dtype` holding the rounded values of random floats, on the host for the
 // CPU oracle and on the device for the kernel.
 struct TestWeight {
-  std::vector<uint8_t> bytes;
-  Weight host;
+  testing::RandomWeight values;
   DeviceArray<uint8_t> device_copy;
   DeviceMatrix device;
 
   TestWeight(DType dtype, int64_t rows, int64_t cols, float scale)
-      : bytes(testing::encode(dtype, random_floats(size_t(rows * cols), scale))),
-        host{bytes.data(), dtype, rows, cols},
-        device_copy(bytes),
-        device{device_copy.get(), dtype, rows, cols} {}
+      : values(dtype, rows, cols, scale), device_copy(values.bytes), device{device_copy.get(), dtype, rows, cols} {}
 };
 
 // A random MoE layer; weights scaled so router logits and expert activations are O(1).
@@ -61,7 +57,7 @@ struct TestMoe {
     owned.reserve(size_t(1 + 3 * experts));
     const float in_scale = 1.0f / std::sqrt(float(hidden)), out_scale = 1.0f / std::sqrt(float(ffn));
     owned.emplace_back(dtype, experts, hidden, in_scale);
-    cpu.router = owned.back().host;
+    cpu.router = owned.back().values.w;
     cpu.top_k = top_k;
     for (int64_t e = 0; e < experts; ++e) {
       for (auto [list, rows, cols, scale] : {std::tuple{&w1, ffn, hidden, in_scale}, {&w3, ffn, hidden, in_scale},
@@ -69,9 +65,9 @@ struct TestMoe {
         owned.emplace_back(dtype, rows, cols, scale);
         list->push_back(owned.back().device);
       }
-      cpu.w1.push_back(owned[owned.size() - 3].host);
-      cpu.w3.push_back(owned[owned.size() - 2].host);
-      cpu.w2.push_back(owned[owned.size() - 1].host);
+      cpu.w1.push_back(owned[owned.size() - 3].values.w);
+      cpu.w3.push_back(owned[owned.size() - 2].values.w);
+      cpu.w2.push_back(owned[owned.size() - 1].values.w);
     }
   }
 

@@ -19,15 +19,9 @@ namespace m1::cpu {
 namespace {
 
 using testing::random_floats;
+using testing::RandomWeight;
 using testing::relative_error;
 
-// A weight matrix in `dtype` holding the rounded values of random floats.
-struct TestWeight {
-  std::vector<uint8_t> bytes;
-  Weight w;
-  TestWeight(DType dtype, int64_t rows, int64_t cols, float scale = 1.0f)
-      : bytes(testing::encode(dtype, random_floats(size_t(rows * cols), scale))), w{bytes.data(), dtype, rows, cols} {}
-};
 
 class KernelTest : public ::testing::Test {
  protected:
@@ -40,7 +34,7 @@ TEST_F(KernelTest, MatmulMatchesReferenceOnAwkwardShapes) {
   for (DType dtype : {DType::kF32, DType::kF16, DType::kBF16})
     for (const auto& s : shapes) {
       const int64_t n = s[0], k = s[1], m = s[2];
-      TestWeight w(dtype, m, k, 0.5f);
+      RandomWeight w(dtype, m, k, 0.5f);
       std::vector<float> x = random_floats(size_t(n * k)), fast(size_t(n * m)), ref(size_t(n * m));
       matmul(pool_, Mat{x.data(), n, k}, w.w, Mat{fast.data(), n, m});
       matmul_reference(Mat{x.data(), n, k}, w.w, Mat{ref.data(), n, m});
@@ -54,7 +48,7 @@ TEST_F(KernelTest, Bf16MatmulMatchesReferenceOnAwkwardShapes) {
   const int64_t shapes[][3] = {{1, 1, 1}, {1, 31, 3}, {2, 33, 9}, {5, 64, 5}, {4, 65, 67}, {67, 100, 130}, {1, 1000, 7}};
   for (const auto& s : shapes) {
     const int64_t n = s[0], k = s[1], m = s[2];
-    TestWeight w(DType::kBF16, m, k, 0.5f);
+    RandomWeight w(DType::kBF16, m, k, 0.5f);
     std::vector<float> x = random_floats(size_t(n * k)), fast(size_t(n * m)), ref(size_t(n * m)), exact(size_t(n * m));
     matmul(pool_, Mat{x.data(), n, k}, w.w, Mat{fast.data(), n, m}, Operands::kBf16);
     matmul_reference(Mat{x.data(), n, k}, w.w, Mat{ref.data(), n, m}, Operands::kBf16);
@@ -74,7 +68,7 @@ TEST_F(KernelTest, MatmulRowsDoNotDependOnTheirNeighbours) {
   for (int64_t n : {3, 9, 37, 70})
   for (DType dtype : {DType::kF32, DType::kF16, DType::kBF16})
     for (Operands ops : {Operands::kFp32, Operands::kBf16}) {
-      TestWeight w(dtype, m, k);
+      RandomWeight w(dtype, m, k);
       std::vector<float> x = random_floats(size_t(n * k)), all(size_t(n * m)), one(static_cast<size_t>(m));
       matmul(pool_, Mat{x.data(), n, k}, w.w, Mat{all.data(), n, m}, ops);
       for (int64_t i = 0; i < n; ++i) {
@@ -217,7 +211,7 @@ TEST(MoeTest, RoutingPicksTheTopKAndRenormalises) {
 
 TEST_F(KernelTest, MoeMatchesReference) {
   for (auto [n, hidden, ffn, experts, top_k] : {std::tuple{1, 16, 24, 4, 2}, {9, 33, 17, 6, 3}, {70, 64, 96, 8, 2}}) {
-    std::vector<TestWeight> owned;
+    std::vector<RandomWeight> owned;
     owned.reserve(size_t(1 + 3 * experts));
     MoeWeights w;
     w.top_k = top_k;

@@ -18,6 +18,7 @@
 #include <string>
 #include <vector>
 
+#include "m1/backend.h"
 #include "m1/dtype.h"
 #include "m1/error.h"
 
@@ -110,6 +111,21 @@ inline std::vector<uint8_t> encode(DType dtype, const std::vector<float>& values
   }
   return bytes;
 }
+
+// A weight matrix in `dtype` holding random N(0, scale^2) values rounded as stored: the bytes and
+// the Weight view of them (moving keeps the view valid; copying would not, so it is deleted).
+struct RandomWeight {
+  std::vector<uint8_t> bytes;
+  Weight w;
+  template <class Engine>
+  RandomWeight(DType dtype, int64_t rows, int64_t cols, float scale, Engine& engine)
+      : bytes(encode(dtype, random_floats(size_t(rows * cols), scale, engine))), w{bytes.data(), dtype, rows, cols} {}
+  RandomWeight(DType dtype, int64_t rows, int64_t cols, float scale = 1.0f)
+      : RandomWeight(dtype, rows, cols, scale, rng()) {}
+  RandomWeight(RandomWeight&&) = default;
+  RandomWeight(const RandomWeight&) = delete;
+  RandomWeight& operator=(const RandomWeight&) = delete;
+};
 
 // ||got - want|| / ||want|| (||got - want|| when want is all zeros). Infinite on any non-finite
 // value on either side, so NaN never passes, and on a size mismatch, so a short result never does.

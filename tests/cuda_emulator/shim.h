@@ -1,0 +1,229 @@
+// Whole-backend CPU emulation, kernel side: one fiber per CUDA thread (asm stack switch), blocks
+// run one after another. Fibers run until their next __syncthreads / warp collective; a block
+// barrier releases when every live thread of the block waits at the same line, a warp collective
+// when every lane of the warp waits at the same one (a lane that exited or waits elsewhere aborts).
+// EMU_ORDER=forward|reverse|random picks the order fibers run in between release points.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "m1/dtype.h"
+
+#undef __global__
+#define __global__
+#undef __device__
+#define __device__
+#undef __host__
+#define __host__
+#undef __forceinline__
+#define __forceinline__ inline
+#undef __launch_bounds__
+#define __launch_bounds__(...)
+#undef __restrict__
+#define __restrict__ __restrict
+
+namespace emu {
+struct Index { unsigned x = 0, y = 0, z = 0; };
+enum State { kReady, kBlockBarrier, kWarpSync, kDone };
+struct PendingCopy { void* dst; const void* src; size_t size; int group; };
+struct Fiber {
+  void* sp = nullptr;
+  char* stack = nullptr;
+  Index idx;
+  unsigned flat = 0;
+  State state = kReady;
+  int line = 0;
+  uint64_t slot[8] = {}, published[8] = {};
+  std::vector<PendingCopy> pending;
+  int open_group = 0;
+};
+
+// Runtime side (fake_runtime.cpp).
+void enqueue_launch(const void* kernel, dim3 grid, dim3 block, size_t smem, cudaStream_t stream, std::function<void()> body);
+[[noreturn]] void die(const char* fmt, ...);
+
+extern Fiber* cur;
+extern std::vector<Fiber> fibers;
+extern Index block_idx, block_dim, grid_dim;
+extern uint64_t block_generation;
+void yield(State s, int line);
+unsigned char* shared_mem();
+size_t shared_size();
+
+inline bool lane0() { return cur->flat % 32 == 0; }
+inline unsigned lane() { return cur->flat % 32; }
+
+template <class F>
+const void* fn_id(F* f) { return reinterpret_cast<const void*>(f); }
+
+// Kernel arguments are copied at launch time, as CUDA copies them; the body may run later (a
+// stream's queue) or many times (a graph).
+bool device_pointer(const void* p);
+template <class T>
+void check_argument(const T& value, int index) {
+  if constexpr (std::is_pointer_v<T>)
+    if (value && !device_pointer(value)) die("kernel argument %d (%p) is not device memory", index, (const void*)value);
+}
+template <class F, class... A>
+void launch(const void* kernel, dim3 grid, dim3 block, size_t smem, cudaStream_t stream, F f, A... args) {
+  int index = 0;
+  (check_argument(args, index++), ...);
+  enqueue_launch(kernel, grid, block, smem, stream, [f, tup = std::make_tuple(args...)] { std::apply(f, tup); });
+}
+
+// A __shared__ variable: one per kernel, poisoned (0xff bytes: NaN) whenever a new block starts.
+template <class T>
+struct BlockStatic {
+  alignas(128) unsigned char bytes[sizeof(T)];
+  uint64_t generation = ~uint64_t(0);
+  T& get() {
+    if (generation != block_generation) {
+      std::memset(bytes, 0xff, sizeof(T));
+      generation = block_generation;
+    }
+    return *reinterpret_cast<T*>(bytes);
+  }
+};
+
+template <class T>
+T shuffle(T v, int src_lane, bool keep_own, int line) {
+  static_assert(sizeof(T) <= 8);
+  uint64_t bits = 0;
+  std::memcpy(&bits, &v, sizeof(T));
+  cur->slot[0] = bits;
+  yield(kWarpSync, line);
+  if (keep_own) return v;
+  const Fiber& from = fibers[(cur->flat & ~31u) | unsigned(src_lane & 31)];
+  T out;
+  std::memcpy(&out, &from.published[0], sizeof(T));
+  return out;
+}
+// The lanes of this warp whose published value passes `pick`, as a mask.
+template <class Pick>
+unsigned lanes_where(Pick pick) {
+  unsigned r = 0;
+  const unsigned base = cur->flat & ~31u;
+  for (unsigned l = 0; l < 32 && base + l < fibers.size(); ++l)
+    if (pick(fibers[base + l].published[0])) r |= 1u << l;
+  return r;
+}
+inline unsigned ballot(bool pred, int line) {
+  cur->slot[0] = pred;
+  yield(kWarpSync, line);
+  return lanes_where([](uint64_t published) { return published != 0; });
+}
+inline unsigned match_any(uint64_t v, int line) {
+  cur->slot[0] = v;
+  yield(kWarpSync, line);
+  return lanes_where([v](uint64_t published) { return published == v; });
+}
+
+// cp.async: a copy lands only when its thread waits for its group.
+inline void copy_async(void* dst, const void* src, size_t size, size_t zfill) {
+  unsigned char* base = shared_mem();
+  auto* d = static_cast<unsigned char*>(dst);
+  if (d < base || d + size > base + shared_size()) die("cp.async destination outside dynamic shared memory");
+  if (reinterpret_cast<uintptr_t>(dst) % size || (zfill < size && reinterpret_cast<uintptr_t>(src) % size))
+    die("cp.async misaligned (%zu bytes)", size);
+  if (zfill) std::memset(d + size - zfill, 0, zfill);
+  if (zfill < size) cur->pending.push_back({dst, src, size - zfill, cur->open_group});
+}
+inline void copy_async_commit() { ++cur->open_group; }
+// Lands every copy of the groups committed before the newest `keep` ones.
+inline void copy_async_wait(int keep) {
+  const int limit = cur->open_group - keep;
+  auto& pending = cur->pending;
+  size_t kept = 0;
+  for (auto& c : pending) {
+    if (c.group < limit) std::memcpy(c.dst, c.src, c.size);
+    else pending[kept++] = c;
+  }
+  pending.resize(kept);
+}
+}  // namespace emu
+
+#define threadIdx (::emu::cur->idx)
+#define blockIdx ::emu::block_idx
+#define blockDim ::emu::block_dim
+#define gridDim ::emu::grid_dim
+#define __syncthreads() ::emu::yield(::emu::kBlockBarrier, __LINE__)
+#define __syncwarp(...) ::emu::yield(::emu::kWarpSync, __LINE__)
+#define __shfl_xor_sync(mask, v, offset) ::emu::shuffle((v), int(::emu::lane()) ^ (offset), false, __LINE__)
+#define __shfl_sync(mask, v, src) ::emu::shuffle((v), (src), false, __LINE__)
+#define __shfl_up_sync(mask, v, delta) \
+  ::emu::shuffle((v), int(::emu::lane()) - int(delta), int(::emu::lane()) < int(delta), __LINE__)
+#define __ballot_sync(mask, pred) ::emu::ballot((pred), __LINE__)
+#define __match_any_sync(mask, v) ::emu::match_any(uint64_t(uint32_t(v)), __LINE__)
+
+inline int __popc(unsigned v) { return std::popcount(v); }
+inline int __ffs(int x) { return __builtin_ffs(x); }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __uint_as_float(uint32_t v) { return std::bit_cast<float>(v); }
+inline float __int_as_float(int v) { return std::bit_cast<float>(v); }
+inline int __float_as_int(float f) { return std::bit_cast<int>(f); }
+inline unsigned atomicOr(unsigned* p, unsigned v) { unsigned old = *p; *p |= v; return old; }
+inline int atomicAdd(int* p, int v) { int old = *p; *p += v; return old; }
+using std::max;
+using std::min;
+
+// ldmatrix / mma.m16n8k16 in their PTX fragment layouts; every lane of the warp calls them.
+namespace emu {
+inline uint64_t __cvta_generic_to_shared_impl(const void* p) { return reinterpret_cast<uintptr_t>(p); }
+inline void ldmatrix(uint32_t* r, int count, const uint16_t* row, bool trans) {
+  if (lane() < unsigned(8 * count)) {
+    auto* base = shared_mem();
+    auto* q = reinterpret_cast<const unsigned char*>(row);
+    if (q < base || q + 16 > base + shared_size() || reinterpret_cast<uintptr_t>(row) % 16)
+      die("ldmatrix row address outside dynamic shared memory or misaligned");
+  }
+  std::memcpy(&cur->slot[0], &row, sizeof(row));
+  yield(kWarpSync, -1);
+  const unsigned base = cur->flat & ~31u, l = lane();
+  for (int i = 0; i < count; ++i) {
+    auto at = [&](int rr, int cc) {
+      const uint16_t* p;
+      std::memcpy(&p, &fibers[base + 8 * i + rr].published[0], sizeof(p));
+      return p[cc];
+    };
+    uint16_t lo, hi;
+    if (!trans) { lo = at(l / 4, 2 * (l % 4)); hi = at(l / 4, 2 * (l % 4) + 1); }
+    else { lo = at(2 * (l % 4), l / 4); hi = at(2 * (l % 4) + 1, l / 4); }
+    r[i] = uint32_t(lo) | (uint32_t(hi) << 16);
+  }
+}
+inline void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  for (int i = 0; i < 4; ++i) cur->slot[i] = a[i];
+  cur->slot[4] = b0;
+  cur->slot[5] = b1;
+  yield(kWarpSync, -2);
+  const unsigned base = cur->flat & ~31u, l = lane(), g = l / 4, t = l % 4;
+  auto half = [](uint64_t w, int k) { return m1::bf16_to_f32(uint16_t(k % 2 ? w >> 16 : w & 0xffff)); };
+  auto A = [&](int row, int k) { int reg = (row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0); return half(fibers[base + (row % 8) * 4 + (k % 8) / 2].published[reg], k); };
+  auto B = [&](int k, int col) { return half(fibers[base + col * 4 + (k % 8) / 2].published[k >= 8 ? 5 : 4], k); };
+  for (int e = 0; e < 4; ++e) {
+    const int row = g + 8 * (e >> 1), col = 2 * t + (e & 1);
+    float sum = 0;
+    for (int k = 0; k < 16; ++k) sum += A(row, k) * B(k, col);
+    c[e] = c[e] + sum;
+  }
+}
+}  // namespace emu
+#define __cvta_generic_to_shared(p) ::emu::__cvta_generic_to_shared_impl(p)
+template <class T>
+cudaError_t cudaFuncSetAttribute(T* f, cudaFuncAttribute a, int v) {
+  return cudaFuncSetAttribute(reinterpret_cast<const void*>(f), a, v);
+}
