@@ -3,6 +3,7 @@
 #include <sys/socket.h>
 
 #include <algorithm>
+#include <thread>
 
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
@@ -91,6 +92,7 @@ int ApiServer::bind(const std::string& host, int port) {
   // at once overflows it and some of them have their connection reset. Listening again on the
   // bound socket raises the backlog.
   ::listen(listening_socket_, SOMAXCONN);
+  serving_.store(true);
   return bound;
 }
 
@@ -102,7 +104,10 @@ void ApiServer::prepare_listening_socket(socket_t socket) {
   listening_socket_ = socket;
 }
 
-void ApiServer::listen() { http_.listen_after_bind(); }
+void ApiServer::listen() {
+  http_.listen_after_bind();
+  serving_.store(false);
+}
 
 void ApiServer::set_model(ModelService& model) { model_.store(&model); }
 
@@ -114,7 +119,14 @@ void ApiServer::drain(std::chrono::milliseconds grace) {
   inflight_.wait_until_empty(Clock::now() + kCancelWait);
 }
 
-void ApiServer::stop() { http_.stop(); }
+// httplib's stop() does nothing until listen() is running: a stop that came first (a model that
+// fails to load at once) left listen() accepting for ever. So it is repeated until listen() returns.
+void ApiServer::stop() {
+  while (serving_.load()) {
+    http_.stop();
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+}
 
 void ApiServer::add_routes() {
   for (const Route& route : kRoutes) {

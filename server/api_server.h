@@ -32,13 +32,15 @@ class ApiServer {
 
   // Binds the listening socket (port 0: any free port) and returns the port. Throws m1::Error.
   int bind(const std::string& host, int port);
-  // Serves until stop(); blocks, so it runs on a thread of its own.
+  // Serves until stop(); blocks, so it runs on a thread of its own. Every bind() is followed by
+  // one listen().
   void listen();
   // Starts serving the model endpoints; until then they answer 503. The model must outlive
   // the server's use of it.
   void set_model(ModelService& model);
   // Refuses new requests (503), gives those in flight `grace` to finish, then cancels the rest.
   void drain(std::chrono::milliseconds grace);
+  // Ends listen(), also when it has not started yet; returns once it has.
   void stop();
 
  private:
@@ -75,6 +77,7 @@ class ApiServer {
   httplib::Server http_;
   std::atomic<ModelService*> model_{nullptr};
   std::atomic<bool> draining_{false};
+  std::atomic<bool> serving_{false};  // from bind() until listen() returns
   InflightRequests inflight_;
   ResponseCounter responses_;
   int64_t started_at_;  // Unix seconds: the served model's `created`

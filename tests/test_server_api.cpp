@@ -4,6 +4,7 @@
 
 #include <gtest/gtest.h>
 
+#include <future>
 #include <thread>
 
 #include <httplib.h>
@@ -411,6 +412,19 @@ TEST(ServerMetrics, PrometheusText) {
 }
 
 // --- HTTP without a model ------------------------------------------------------------------------
+
+// m1-serve stops at once when its model fails to load: listen() may not have started yet.
+TEST(ServerHttp, StopsBeforeListeningHasStarted) {
+  for (int attempt = 0; attempt < 20; ++attempt) {
+    ApiServer server(HttpOptions{.threads = 1});
+    server.bind("127.0.0.1", 0);
+    auto listening = std::async(std::launch::async, [&] { server.listen(); });
+    server.stop();
+    const bool ended = listening.wait_for(std::chrono::seconds(10)) == std::future_status::ready;
+    if (!ended) server.stop();  // listen() is running by now, so this one ends it
+    ASSERT_TRUE(ended) << "listen() went on after stop(), attempt " << attempt;
+  }
+}
 
 TEST(ServerHttp, AnswersWhileTheModelLoads) {
   ApiServer server(HttpOptions{.api_key = "k", .max_body_bytes = 1024, .threads = 4});
