@@ -72,7 +72,8 @@ struct Geometry {
 // Keys per decode split, from the context length alone so a row's arithmetic never depends on the
 // rest of the step: short contexts cut finer to spread one sequence over more SMs; both sizes are
 // multiples of every key tile.
-__host__ __device__ constexpr int64_t decode_split_keys(int64_t keys) { return keys <= 16384 ? 256 : 512; }
+constexpr int64_t kFineSplitMaxKeys = 16384;  // contexts up to this many keys split every 256
+__host__ __device__ constexpr int64_t decode_split_keys(int64_t keys) { return keys <= kFineSplitMaxKeys ? 256 : 512; }
 __host__ __device__ constexpr int64_t decode_splits(int64_t keys) { return ceil_div(keys, decode_split_keys(keys)); }
 // Launch slots of a decode row: the most splits any length up to its capacity needs (the split
 // count drops where splits widen, so both sides of that point are candidates). Slots past the
@@ -80,7 +81,7 @@ __host__ __device__ constexpr int64_t decode_splits(int64_t keys) { return ceil_
 __host__ __device__ constexpr int64_t decode_slots(const AttentionSegment& s) {
   if (s.count != 1) return 0;
   const int64_t room = s.capacity > s.pos0 + 1 ? s.capacity : s.pos0 + 1;
-  const int64_t finer = decode_splits(room < 16384 ? room : 16384);
+  const int64_t finer = decode_splits(room < kFineSplitMaxKeys ? room : kFineSplitMaxKeys);
   const int64_t coarser = decode_splits(room);
   return finer > coarser ? finer : coarser;
 }
@@ -105,7 +106,7 @@ __device__ __forceinline__ uint32_t bits(__nv_bfloat162 v) { return *reinterpret
 __device__ __forceinline__ void split_pair(float x0, float x1, uint32_t& high, uint32_t& low) {
   __nv_bfloat162 h = __floats2bfloat162_rn(x0, x1);
   high = bits(h);
-  low = bits(__floats2bfloat162_rn(x0 - __low2float(h), x1 - __high2float(h)));
+  low = bf16_pair(x0 - __low2float(h), x1 - __high2float(h));
 }
 
 __device__ __forceinline__ void split_to_shared(float x, uint16_t* high, uint16_t* low) {
@@ -342,7 +343,7 @@ __device__ __forceinline__ void attend_tile(const uint16_t* q_high, const uint16
       if constexpr (O == Operands::kSplit)
         split_pair(pair[0], pair[1], ph[i], pl[i]);
       else
-        ph[i] = bits(__floats2bfloat162_rn(pair[0], pair[1]));
+        ph[i] = bf16_pair(pair[0], pair[1]);
     }
 #pragma unroll
     for (int np = 0; np < D / 16; ++np) {

@@ -9,7 +9,6 @@
 #include "cuda_check.h"
 #include "cuda_state.h"
 #include "elementwise.h"
-#include "launch.h"
 #include "m1/error.h"
 #include "matmul.h"
 #include "memory_epoch.h"
@@ -226,7 +225,11 @@ void CudaBackend::softmax_attention(Mat q, Mat k, const Mat& v, std::span<const 
                                     const AttentionParams& p, Mat out) {
   attention_segments_.clear();
   for (const Segment& seg : segments) {
-    const CudaState& state = cuda_state(seg.state);  // begin_step made room for this step
+    const CudaState& state = cuda_state(seg.state);
+    // begin_step makes the room; growing here could allocate inside a graph recording.
+    if (state.length() + seg.count > state.capacity())
+      fail("softmax attention: the KV cache holds {} tokens, the step needs {} (begin_step was not called)",
+           state.capacity(), state.length() + seg.count);
     // A graph's launch must serve the lengths of later replays, so it is sized by the room; the
     // eager step before a recording too, so that it grows the scratch to what the graph needs.
     const int64_t capacity = graph_candidate_ ? state.capacity() : 0;
@@ -298,7 +301,7 @@ std::vector<DrawOutcome> CudaBackend::sample(const Mat& logits, std::span<const 
     d.top_p = p.top_p;
     d.min_p = p.min_p;
     d.top_k = p.top_k;
-    d.top_logprobs = std::min(p.top_logprobs, kMaxTopLogprobs);
+    d.top_logprobs = p.top_logprobs;  // validate() keeps it within kMaxTopLogprobs
     d.uniform = r.uniform;
     d.presence_penalty = p.presence_penalty;
     d.frequency_penalty = p.frequency_penalty;
@@ -345,17 +348,13 @@ std::vector<DrawOutcome> CudaBackend::sample(const Mat& logits, std::span<const 
   for (size_t j = 0; j < draw_results_.size(); ++j) {
     const DrawResult& result = draw_results_[j];
     DrawOutcome& outcome = outcomes[draw_of_[j]];
-    switch (result.status) {
-      case kDrawOk:
-        outcome.token.id = result.id;
-        outcome.token.logprob = result.logprob;
-        for (int32_t t = 0; t < result.top_count; ++t) outcome.token.top.emplace_back(result.top_ids[t], result.top_logprobs[t]);
-        break;
-      case kDrawNan: outcome.error = "logits contain NaN"; break;
-      case kDrawAllMasked: outcome.error = "logits are all -inf"; break;
-      case kDrawPositiveInf: outcome.error = "logits contain +inf"; break;
-      default: fail("sample: the device returned unknown status {}", result.status);
+    if (result.status != kDrawOk) {
+      outcome.error = draw_status_message(result.status);
+      continue;
     }
+    outcome.token.id = result.id;
+    outcome.token.logprob = result.logprob;
+    for (int32_t t = 0; t < result.top_count; ++t) outcome.token.top.emplace_back(result.top_ids[t], result.top_logprobs[t]);
   }
   return outcomes;
 }

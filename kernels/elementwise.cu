@@ -4,7 +4,6 @@
 
 #include "elementwise.h"
 
-#include <algorithm>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

@@ -398,12 +398,6 @@ struct FastShape {
   static_assert(kSmemBytes <= 160 * 1024, "tiles must fit in 160 KB of shared memory");
 };
 
-// (lo, hi) rounded to bf16, lo in the low half: the order of a fragment's element pair.
-__device__ __forceinline__ uint32_t bf16_pair(float lo, float hi) {
-  __nv_bfloat162 pair = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&pair);
-}
-
 __device__ __forceinline__ void store_bf16x4(uint16_t* p, float4 x) {
   *reinterpret_cast<uint2*>(p) = make_uint2(bf16_pair(x.x, x.y), bf16_pair(x.z, x.w));
 }
@@ -633,8 +627,6 @@ void launch_decode(const LightningArgs& args, LightningParams p, SegmentRange ra
   M1_CUDA_CHECK_LAUNCH();
 }
 
-// What the prefill launchers need to know of the device, read once per process (like the
-// shared-memory opt-ins here and in the other kernels, on the device current at first use).
 // A device without the shared memory a prefill kernel needs fails clearly; otherwise the kernel
 // is opted into it before its first launch.
 template <auto Kernel>

@@ -740,7 +740,7 @@ __device__ void select_token(const SelectParams& p, const DeviceDraw& draw, cons
   } else {
     Weighted candidates{row, logit_of(summary.best), draw.temperature};
     const RowWeights weights = fold_chunk_weights(chunk_weights, p.chunks);
-    const double top_p_fraction = draw.top_p * (1.0 - kTopPSlack);
+    const double top_p_share = top_p_fraction(draw.top_p);
     double mass;
     if (draw.top_k > 0) {
       // The k best of the near-top tokens when there are k of them, else of all (gather_top_k).
@@ -753,10 +753,10 @@ __device__ void select_token(const SelectParams& p, const DeviceDraw& draw, cons
       // already hold the nucleus.
       mass = weights.mass;
       candidates.floor = draw.min_p;
-      if (draw.top_p < 1.0f && weights.near_mass >= top_p_fraction * mass)
+      if (draw.top_p < 1.0f && weights.near_mass >= top_p_share * mass)
         candidates.floor = higher(candidates.floor, kNearTopWeight);
     }
-    if (draw.top_p < 1.0f) candidates.rank_floor = last_kept_rank(candidates, 0, top_p_fraction * mass, buffer);
+    if (draw.top_p < 1.0f) candidates.rank_floor = last_kept_rank(candidates, 0, top_p_share * mass, buffer);
     chosen = draw_in_id_order(candidates, draw.uniform);
   }
   if (threadIdx.x == 0) {
@@ -788,6 +788,15 @@ struct Scratch {
 };
 
 }  // namespace
+
+const char* draw_status_message(int32_t status) {
+  switch (status) {
+    case kDrawNan: return "logits contain NaN";
+    case kDrawAllMasked: return "logits are all -inf";
+    case kDrawPositiveInf: return "logits contain +inf";
+    default: fail("sample: the device returned unknown status {}", status);
+  }
+}
 
 void sample(const SampleArgs& args, DeviceScratch& scratch, cudaStream_t stream) {
   if (args.draws.empty()) return;

@@ -33,6 +33,9 @@ struct DeviceDraw {
 
 enum DrawStatus : int32_t { kDrawOk = 0, kDrawNan = 1, kDrawAllMasked = 2, kDrawPositiveInf = 3 };
 
+// The error a draw with a failed status reports, in m1::sample_row's words.
+const char* draw_status_message(int32_t status);
+
 struct DrawResult {
   int32_t status = kDrawOk;  // anything else: the row has no distribution, the rest is unset
   int32_t id = -1;

@@ -42,7 +42,7 @@ void StepGraphs::begin(std::vector<uint64_t> key) {
   signature_ = 0;
   staged_ = 0;
   if (!enabled_ || key.empty()) {
-    previous_key_.clear();
+    key_.clear();
     ++stats_.eager;
     return;
   }
@@ -53,9 +53,8 @@ void StepGraphs::begin(std::vector<uint64_t> key) {
   const auto found = recordings_.find(key);
   if (found != recordings_.end())
     mode_ = found->second.exec ? Mode::kReplay : Mode::kEager;
-  else if (key == previous_key_)
+  else if (key == key_)  // the previous step's
     mode_ = Mode::kRecord;
-  previous_key_ = key;
   key_ = std::move(key);
   if (mode_ == Mode::kEager) {
     ++stats_.eager;
@@ -110,13 +109,13 @@ bool StepGraphs::end() {
       return false;
     }
     if (recordings_.size() >= kMaxRecordings) forget_all();
-    const Recording& recording = recordings_[key_] = Recording{exec, signature_, staged_};
+    const Recording& recording = recordings_[key_] = Recording{exec, signature_};
     launch(recording);
     ++stats_.recorded;
     return true;
   }
   Recording& recording = recordings_.at(key_);
-  if (recording.signature != signature_ || recording.staged != staged_) {
+  if (recording.signature != signature_) {  // the staged pieces' places are part of it
     destroy(recording.exec);
     recording = Recording{};
     ++stats_.rejected;
@@ -145,8 +144,8 @@ bool StepGraphs::abandon() {
 }
 
 void StepGraphs::launch(const Recording& recording) {
-  if (recording.staged)
-    M1_CUDA_CHECK(cudaMemcpyAsync(device_stage_, host_stage_, recording.staged, cudaMemcpyHostToDevice, stream_));
+  if (staged_)  // as the recording staged: the signatures matched
+    M1_CUDA_CHECK(cudaMemcpyAsync(device_stage_, host_stage_, staged_, cudaMemcpyHostToDevice, stream_));
   M1_CUDA_CHECK(cudaEventRecord(stage_copied_, stream_));
   M1_CUDA_CHECK(cudaGraphLaunch(recording.exec, stream_));
 }

@@ -57,7 +57,6 @@ class StepGraphs {
   struct Recording {
     cudaGraphExec_t exec = nullptr;  // null: the key failed to record once, so it runs eagerly
     uint64_t signature = 0;
-    size_t staged = 0;
   };
   void launch(const Recording& recording);
   void destroy(cudaGraphExec_t exec);  // errors ignored: it is released either way
@@ -66,7 +65,7 @@ class StepGraphs {
   cudaStream_t stream_;
   bool enabled_;
   Mode mode_ = Mode::kEager;
-  std::vector<uint64_t> key_, previous_key_;
+  std::vector<uint64_t> key_;  // this step's, and until the next begin() the previous step's
   std::map<std::vector<uint64_t>, Recording> recordings_;
   uint64_t epoch_ = 0;  // memory epoch the recordings were made in
   uint64_t signature_ = 0;

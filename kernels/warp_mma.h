@@ -1,11 +1,19 @@
 #pragma once
-// Warp-level tensor-core building blocks shared by the attention and lightning kernels:
-// ldmatrix loads of 8x8 bf16 tiles from shared memory and the m16n8k16 bf16 product with fp32
-// accumulation (PTX ISA fragment layouts, sm_80 and later).
+// Warp-level tensor-core building blocks shared by the attention and lightning kernels: bf16
+// fragment pairs, ldmatrix loads of 8x8 bf16 tiles from shared memory and the m16n8k16 bf16
+// product with fp32 accumulation (PTX ISA fragment layouts, sm_80 and later).
 
 #include <cstdint>
 
+#include <cuda_bf16.h>
+
 namespace m1::cuda {
+
+// (lo, hi) rounded to bf16, lo in the low half: the order of a fragment's element pair.
+__device__ __forceinline__ uint32_t bf16_pair(float lo, float hi) {
+  __nv_bfloat162 pair = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&pair);
+}
 
 __device__ __forceinline__ uint32_t shared_address(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));

@@ -80,7 +80,13 @@ Model::Model(ModelConfig config, Checkpoint checkpoint, Backend& backend)
     layer.lightning = c.is_lightning(l);
     layer.attn_alpha = float(layer.lightning ? c.linear_attention_alpha : c.full_attention_alpha);
     layer.attn_beta = float(layer.lightning ? c.linear_attention_beta : c.full_attention_beta);
-    if (layer.lightning) layer.decay = lightning_decay(c.num_attention_heads, l, c.num_hidden_layers);
+    if (layer.lightning) {
+      layer.decay = lightning_decay(c.num_attention_heads, l, c.num_hidden_layers);
+      // The layer keeps the values: the CPU backend uses them in place.
+      const TensorView view{fmt::format("model.layers.{}.decay", l), "(computed)", "F32", {int64_t(layer.decay.size())},
+                            reinterpret_cast<const std::byte*>(layer.decay.data()), layer.decay.size() * sizeof(float)};
+      layer.decay_weight = backend_.upload(view);
+    }
     layer.moe.top_k = c.num_experts_per_tok;
     layer.moe.w1.resize(size_t(c.num_local_experts));
     layer.moe.w2.resize(size_t(c.num_local_experts));
@@ -89,14 +95,6 @@ Model::Model(ModelConfig config, Checkpoint checkpoint, Backend& backend)
   }
   const std::vector<WeightSpec> specs = weight_specs(c);
   for (const WeightSpec& spec : specs) *slot(spec) = backend_.upload(checkpoint_.require(spec.name, spec.shape));
-  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
-    Layer& layer = layers_[size_t(l)];
-    if (!layer.lightning) continue;
-    // The layer keeps the values: the CPU backend uses them in place.
-    const TensorView view{fmt::format("model.layers.{}.decay", l), "(computed)", "F32", {int64_t(layer.decay.size())},
-                          reinterpret_cast<const std::byte*>(layer.decay.data()), layer.decay.size() * sizeof(float)};
-    layer.decay_weight = backend_.upload(view);
-  }
   if (c.tie_word_embeddings) lm_head_ = embed_;
   size_t unused = checkpoint_.tensors().size() - specs.size();
   if (unused > 0) spdlog::warn("checkpoint holds {} tensors this config does not use; they are ignored", unused);

@@ -162,8 +162,6 @@ double gather_top_k(std::span<const float> logits, std::span<const float> weight
   return mass;
 }
 
-double top_p_fraction(const SamplingParams& params) { return params.top_p * (1.0 - kTopPSlack); }
-
 // No top-k: the tokens that min-p keeps, skipping far-off tokens when the near-top ones already
 // cover top-p. Min-p cuts a prefix of the sorted order, so filtering it before top-p leaves the
 // same final set as applying it after, provided top-p measures against the full mass.
@@ -171,7 +169,7 @@ double gather_above_floor(std::span<const float> weights, const SamplingParams& 
                           std::vector<int32_t>& candidates) {
   const double mass = sum_weights(weights);
   float floor = params.min_p;
-  if (params.top_p < 1.0f && sum_weights(weights, kNearTopWeight) >= top_p_fraction(params) * mass)
+  if (params.top_p < 1.0f && sum_weights(weights, kNearTopWeight) >= top_p_fraction(params.top_p) * mass)
     floor = std::max(floor, kNearTopWeight);
   gather_ids(weights, floor, candidates);
   return mass;
@@ -264,10 +262,11 @@ int32_t draw(std::span<const float> logits, const DrawRequest& request, SampleSc
     return pick_any(weights, request.uniform);
   const double mass = p.top_k > 0 ? gather_top_k(logits, weights, p, candidates)
                                   : gather_above_floor(weights, p, candidates);
-  if (p.top_p < 1.0f) keep_nucleus(candidates, logits, weights, top_p_fraction(p) * mass);
+  if (p.top_p < 1.0f) keep_nucleus(candidates, logits, weights, top_p_fraction(p.top_p) * mass);
   // The kept set is defined by the order of logits; the draw walks it in id order, which a
-  // device can reproduce with a prefix sum instead of a sort.
-  std::ranges::sort(candidates);
+  // device can reproduce with a prefix sum instead of a sort. Only top-k and top-p reorder the
+  // ids gathered in id order.
+  if (p.top_k > 0 || p.top_p < 1.0f) std::ranges::sort(candidates);
   return pick(candidates, weights, request.uniform);
 }
 

@@ -249,56 +249,52 @@ TEST(CudaGraphs, ReplayedDecodeStepsMatchEagerOnes) {
 TEST(CudaStepGraphs, ReplaysStagedDataAndRejectsChangedCalls) {
   M1_REQUIRE_CUDA();
   using Mode = cuda::StepGraphs::Mode;
-  cudaStream_t stream = nullptr;
-  M1_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  {
-    cuda::StepGraphs graphs(stream, true);
-    test::DeviceArray<int32_t> out(4);
-    // Stages `values` (in a graph step) and copies them into `out`; `call` stands for the step's
-    // calls. Returns what end() said and the mode the step ran in.
-    auto step = [&](uint64_t key, int32_t first, uint64_t call, bool abandon = false) {
-      const std::vector<int32_t> values = {first, first + 1, first + 2, first + 3};
-      graphs.begin({key});
-      const Mode mode = graphs.mode();
-      if (mode == Mode::kEager) {
-        M1_CUDA_CHECK(cudaMemcpyAsync(out.get(), values.data(), 16, cudaMemcpyHostToDevice, stream));
-      } else {
-        void* staged = graphs.stage(values.data(), 16);
-        graphs.note({call});
-        if (mode == Mode::kRecord) M1_CUDA_CHECK(cudaMemcpyAsync(out.get(), staged, 16, cudaMemcpyDeviceToDevice, stream));
-      }
-      const bool ran = abandon ? !graphs.abandon() : graphs.end();
-      M1_CUDA_CHECK(cudaStreamSynchronize(stream));
-      return std::pair{ran, mode};
-    };
-    auto out_starts_at = [&](int32_t first) {
-      EXPECT_EQ(out.download(), (std::vector<int32_t>{first, first + 1, first + 2, first + 3}));
-    };
-    EXPECT_EQ(step(7, 1, 0), std::pair(true, Mode::kEager));  // first sight of the key
-    out_starts_at(1);
-    EXPECT_EQ(step(7, 5, 0), std::pair(true, Mode::kRecord));
-    out_starts_at(5);
-    EXPECT_EQ(step(7, 9, 0), std::pair(true, Mode::kReplay));
-    out_starts_at(9);
-    EXPECT_EQ(step(7, 13, 1), std::pair(false, Mode::kReplay));  // other calls: nothing ran
-    out_starts_at(9);
-    EXPECT_EQ(step(7, 17, 0), std::pair(true, Mode::kEager));
-    out_starts_at(17);
-    cuda::memory_moved();  // forgets every recording, the refusal too
-    EXPECT_EQ(step(7, 21, 0), std::pair(true, Mode::kRecord));
-    out_starts_at(21);
-    EXPECT_EQ(step(8, 25, 0), std::pair(true, Mode::kEager));
-    EXPECT_EQ(step(8, 29, 0, true), std::pair(false, Mode::kRecord));  // abandoned: nothing ran
-    out_starts_at(25);
-    EXPECT_EQ(step(7, 33, 0), std::pair(true, Mode::kReplay));  // key 7's recording outlives key 8's steps
-    out_starts_at(33);
-    const cuda::StepGraphs::Stats& stats = graphs.stats();
-    EXPECT_EQ(stats.eager, 3);
-    EXPECT_EQ(stats.recorded, 2);
-    EXPECT_EQ(stats.replayed, 2);
-    EXPECT_EQ(stats.rejected, 2);
-  }
-  M1_CUDA_CHECK(cudaStreamDestroy(stream));
+  const cuda::OwnedStream stream;  // declared first, destroyed after the graphs
+  cuda::StepGraphs graphs(stream, true);
+  test::DeviceArray<int32_t> out(4);
+  // Stages `values` (in a graph step) and copies them into `out`; `call` stands for the step's
+  // calls. Returns what end() said and the mode the step ran in.
+  auto step = [&](uint64_t key, int32_t first, uint64_t call, bool abandon = false) {
+    const std::vector<int32_t> values = {first, first + 1, first + 2, first + 3};
+    graphs.begin({key});
+    const Mode mode = graphs.mode();
+    if (mode == Mode::kEager) {
+      M1_CUDA_CHECK(cudaMemcpyAsync(out.get(), values.data(), 16, cudaMemcpyHostToDevice, stream));
+    } else {
+      void* staged = graphs.stage(values.data(), 16);
+      graphs.note({call});
+      if (mode == Mode::kRecord) M1_CUDA_CHECK(cudaMemcpyAsync(out.get(), staged, 16, cudaMemcpyDeviceToDevice, stream));
+    }
+    const bool ran = abandon ? !graphs.abandon() : graphs.end();
+    M1_CUDA_CHECK(cudaStreamSynchronize(stream));
+    return std::pair{ran, mode};
+  };
+  auto out_starts_at = [&](int32_t first) {
+    EXPECT_EQ(out.download(), (std::vector<int32_t>{first, first + 1, first + 2, first + 3}));
+  };
+  EXPECT_EQ(step(7, 1, 0), std::pair(true, Mode::kEager));  // first sight of the key
+  out_starts_at(1);
+  EXPECT_EQ(step(7, 5, 0), std::pair(true, Mode::kRecord));
+  out_starts_at(5);
+  EXPECT_EQ(step(7, 9, 0), std::pair(true, Mode::kReplay));
+  out_starts_at(9);
+  EXPECT_EQ(step(7, 13, 1), std::pair(false, Mode::kReplay));  // other calls: nothing ran
+  out_starts_at(9);
+  EXPECT_EQ(step(7, 17, 0), std::pair(true, Mode::kEager));
+  out_starts_at(17);
+  cuda::memory_moved();  // forgets every recording, the refusal too
+  EXPECT_EQ(step(7, 21, 0), std::pair(true, Mode::kRecord));
+  out_starts_at(21);
+  EXPECT_EQ(step(8, 25, 0), std::pair(true, Mode::kEager));
+  EXPECT_EQ(step(8, 29, 0, true), std::pair(false, Mode::kRecord));  // abandoned: nothing ran
+  out_starts_at(25);
+  EXPECT_EQ(step(7, 33, 0), std::pair(true, Mode::kReplay));  // key 7's recording outlives key 8's steps
+  out_starts_at(33);
+  const cuda::StepGraphs::Stats& stats = graphs.stats();
+  EXPECT_EQ(stats.eager, 3);
+  EXPECT_EQ(stats.recorded, 2);
+  EXPECT_EQ(stats.replayed, 2);
+  EXPECT_EQ(stats.rejected, 2);
 }
 
 INSTANTIATE_TEST_SUITE_P(Dtypes, CudaVersusCpu, ::testing::Values(DType::kBF16, DType::kF16, DType::kF32),

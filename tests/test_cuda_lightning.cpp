@@ -13,6 +13,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <tuple>
 #include <memory>
 #include <random>
 #include <span>
@@ -422,6 +423,29 @@ TEST(CudaLightningTest, Bf16StateCarriesAcrossCalls) {
   for (int64_t d : {64, 128}) {
     SCOPED_TRACE("d " + std::to_string(d));
     check_state_carries(d, {100, 1, 1, 129}, true);
+  }
+}
+
+// The same prefill with bf16 operands allowed and not: other bits where the tensor-core kernel
+// runs (d = 64), the fp32 kernel's bits where the call falls back (d = 17; a qkv stride that is
+// not a multiple of 4 floats).
+TEST(CudaLightningTest, Bf16OperandsTakeTheTensorCoreKernelWhereTheyCan) {
+  M1_REQUIRE_CUDA();
+  for (auto [d, qkv_padding, tensor_cores] : {std::tuple{int64_t(64), int64_t(0), true}, {17, 0, false}, {64, 5, false}}) {
+    SCOPED_TRACE(::testing::Message() << "d " << d << ", qkv padding " << qkv_padding);
+    const int64_t heads = 2;
+    CallLayout fp32{.qkv_padding = qkv_padding}, bf16{.qkv_padding = qkv_padding, .bf16_operands = true};
+    const std::vector<SegmentSpec> segments = lay_out({70}, 0, fp32);
+    lay_out({70}, 0, bf16);
+    const std::vector<float> decay = random_decay(heads, true);
+    const std::vector<float> qkv = random_qkv(size_t(fp32.rows * (heads * 3 * d + qkv_padding)));
+    Layer fp32_layer(heads, d, decay, 1), bf16_layer(heads, d, decay, 1);
+    bf16_layer.states = fp32_layer.states;
+    bf16_layer.upload_states();
+    const std::vector<float> fp32_out = run_call(fp32_layer, qkv, segments, fp32).first;
+    const std::vector<float> bf16_out = run_call(bf16_layer, qkv, segments, bf16).first;
+    ASSERT_EQ(fp32_out.size(), bf16_out.size());
+    EXPECT_EQ(tensor_cores, std::memcmp(fp32_out.data(), bf16_out.data(), fp32_out.size() * sizeof(float)) != 0);
   }
 }
 

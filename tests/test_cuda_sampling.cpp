@@ -83,11 +83,10 @@ DrawResult host_result(const std::vector<float>& row, const TestDraw& draw) {
       result.top_logprobs[i] = token.top[i].second;
     }
   } catch (const Error& e) {
-    const std::string message = e.what();
-    result.status = message.find("NaN") != std::string::npos        ? kDrawNan
-                    : message.find("all -inf") != std::string::npos ? kDrawAllMasked
-                    : message.find("+inf") != std::string::npos     ? kDrawPositiveInf
-                                                                    : -1;
+    // The status whose message the backend reports is the host's, word for word.
+    result.status = -1;
+    for (int32_t status : {kDrawNan, kDrawAllMasked, kDrawPositiveInf})
+      if (e.what() == std::string(draw_status_message(status))) result.status = status;
   }
   return result;
 }

@@ -416,7 +416,9 @@ TEST(ServerMetrics, PrometheusText) {
 // m1-serve stops at once when its model fails to load: listen() may not have started yet.
 TEST(ServerHttp, StopsBeforeListeningHasStarted) {
   for (int attempt = 0; attempt < 20; ++attempt) {
-    ApiServer server(HttpOptions{.threads = 1});
+    HttpOptions options;
+    options.threads = 1;
+    ApiServer server(options);
     server.bind("127.0.0.1", 0);
     auto listening = std::async(std::launch::async, [&] { server.listen(); });
     server.stop();

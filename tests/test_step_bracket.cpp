@@ -102,7 +102,7 @@ TEST(StepBracket, CallsThatDidNotRunAreMadeAgain) {
   const std::vector<float> got = run(player, &player, {Play::kSkip, Play::kPlain, Play::kThrow});
   ASSERT_EQ(got.size(), want.size());
   EXPECT_EQ(std::memcmp(got.data(), want.data(), got.size() * sizeof(float)), 0);
-  EXPECT_GE(player.reruns, 6);  // two of every three steps
+  EXPECT_EQ(player.reruns, 6);  // two of every three steps
 }
 
 // An exception the backend cannot take back (it says something ran) reaches the caller, and the

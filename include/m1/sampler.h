@@ -17,6 +17,8 @@ namespace m1 {
 // top_p arrives as a float and the probabilities come from float logits, so a nucleus that reaches
 // top_p within that rounding counts as reaching it: 0.5 + 0.3 reaches 0.8.
 constexpr double kTopPSlack = 1e-6;
+// The share of the mass a top-p draw keeps: top_p less the slack.
+constexpr double top_p_fraction(float top_p) { return top_p * (1.0 - kTopPSlack); }
 
 // Tokens with at least this weight relative to the best token's (about e^-16). When they already
 // hold the top-p mass, the nucleus lies among them and the rest of the vocabulary is skipped.

@@ -209,10 +209,7 @@ static void release(void* p) {
 }
 
 // --- Streams, events, graphs -----------------------------------------------------------------
-struct Op {
-  std::function<void()> run;
-  std::string what;
-};
+using Op = std::function<void()>;  // a queued launch, copy, memset or event
 struct Capture {
   cudaStreamCaptureMode mode;
   bool invalidated = false;
@@ -275,7 +272,7 @@ static void flush(CUstream_st* s, const bool* until = nullptr) {
     Op op = std::move(s->queue.front());
     s->queue.pop_front();
     ++ops_run;
-    op.run();
+    op();
   }
 }
 static void flush_blocking() {
@@ -293,7 +290,7 @@ static void submit(cudaStream_t stream, Op op) {
   if (!s) {
     flush_blocking();
     ++ops_run;
-    op.run();
+    op();
     return;
   }
   if (s->capture) {
@@ -302,8 +299,6 @@ static void submit(cudaStream_t stream, Op op) {
   }
   s->queue.push_back(std::move(op));
 }
-
-void enqueue_launch(const void* kernel, dim3 grid, dim3 block, size_t smem, cudaStream_t stream, std::function<void()> body);
 }  // namespace emu
 
 // --- The API ----------------------------------------------------------------------------------
@@ -330,7 +325,7 @@ void emu::enqueue_launch(const void* kernel, dim3 grid, dim3 block, size_t smem,
   static long serial = 0;
   const std::string name = "kernel#" + std::to_string(serial++);
   auto shared_body = std::make_shared<std::function<void()>>(std::move(body));
-  submit(stream, Op{[=] { run_kernel(name.c_str(), grid, block, smem, *shared_body); }, "kernel"});
+  submit(stream, Op{[=] { run_kernel(name.c_str(), grid, block, smem, *shared_body); }});
 }
 
 extern "C" {
@@ -440,7 +435,7 @@ cudaError_t cudaFreeAsync(void* p, cudaStream_t stream) {
   const size_t size = it->second.size;
   allocations.erase(it);
   // Poisoned in stream order; the block is this stream's to reuse at once (as a pool would).
-  submit(stream, Op{[p, size] { std::memset(p, 0xff, size); }, "free"});
+  submit(stream, Op{[p, size] { std::memset(p, 0xff, size); }});
   if (s) s->pool[size].push_back(p);
   else quarantine.emplace_back(p, size);
   return cudaSuccess;
@@ -506,7 +501,7 @@ cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t n, cudaMemcpyKind
     // Staged before the call returns: the caller may reuse its buffer at once.
     auto copy = std::make_shared<std::vector<unsigned char>>(static_cast<const unsigned char*>(src),
                                                              static_cast<const unsigned char*>(src) + n);
-    submit(stream, Op{[dst, copy] { std::memcpy(dst, copy->data(), copy->size()); }, "memcpy H2D pageable"});
+    submit(stream, Op{[dst, copy] { std::memcpy(dst, copy->data(), copy->size()); }});
     return cudaSuccess;
   }
   bool done = false;
@@ -514,8 +509,7 @@ cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t n, cudaMemcpyKind
   submit(stream, Op{[dst, src, n, flag] {
                       std::memcpy(dst, src, n);
                       if (flag) *flag = true;
-                    },
-                    "memcpy"});
+                    }});
   if (pageable_dst) flush(s, &done);  // returns once the copy has landed
   return cudaSuccess;
 }
@@ -527,7 +521,7 @@ cudaError_t cudaMemset(void* p, int v, size_t n) {
 }
 cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t stream) {
   if (n && !is_device(p, n)) die("cudaMemsetAsync outside device memory");
-  submit(stream, Op{[p, v, n] { std::memset(p, v, n); }, "memset"});
+  submit(stream, Op{[p, v, n] { std::memset(p, v, n); }});
   return cudaSuccess;
 }
 
@@ -536,8 +530,7 @@ cudaError_t cudaMemset2DAsync(void* p, size_t pitch, int v, size_t width, size_t
   if (width > pitch) return fail(cudaErrorInvalidValue, "cudaMemset2DAsync: width %zu over pitch %zu", width, pitch);
   submit(stream, Op{[=] {
                       for (size_t r = 0; r < height; ++r) std::memset(static_cast<char*>(p) + r * pitch, v, width);
-                    },
-                    "memset2d"});
+                    }});
   return cudaSuccess;
 }
 
@@ -595,7 +588,7 @@ cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t stream) {
   e->captured = false;
   e->stream = s;
   e->done = false;
-  submit(stream, Op{[e] { e->done = true; }, "event"});
+  submit(stream, Op{[e] { e->done = true; }});
   return cudaSuccess;
 }
 cudaError_t cudaEventSynchronize(cudaEvent_t e) {
@@ -658,9 +651,8 @@ cudaError_t cudaGraphLaunch(cudaGraphExec_t exec, cudaStream_t stream) {
   auto nodes = exec->nodes;
   submit(stream, Op{[nodes] {
                       ++graph_launches;
-                      for (const Op& op : *nodes) op.run();
-                    },
-                    "graph"});
+                      for (const Op& op : *nodes) op();
+                    }});
   return cudaSuccess;
 }
 }  // extern "C"
