@@ -2,7 +2,9 @@
 // copy bandwidth, cuBLAS bf16 GEMM throughput): matrix products, lightning attention at the real
 // model's layer shape, flash-style softmax prefill, token sampling at the real vocabulary, and whole
 // decode steps of the bench preset (CUDA graphs on and off).
-// Prints a table; --json FILE writes the same figures.
+// Prints a table; --json FILE writes the same figures; --only TEXT keeps the benchmarks whose
+// names start with TEXT. The last two decode steps of each decode benchmark run between
+// cudaProfilerStart and cudaProfilerStop, for a per-kernel profile (ncu --profile-from-start off).
 
 #include <algorithm>
 #include <chrono>
@@ -13,11 +15,14 @@
 #include <memory>
 #include <random>
 #include <string>
+#include <string_view>
 #include <type_traits>
 #include <vector>
 
 #include <CLI/CLI.hpp>
+#include <fmt/ranges.h>
 #include <cublas_v2.h>
+#include <cuda_profiler_api.h>
 #include <cuda_runtime.h>
 #include <nlohmann/json.hpp>
 
@@ -268,6 +273,11 @@ void bench_flash_prefill(Report& report, const Limits& limits, cudaStream_t stre
               flops / (ms * 1e-3) / 1e12 / limits.cublas_tflops});
 }
 
+std::string decode_step_name(int64_t batch, int64_t context, bool graphs) {
+  return fmt::format("decode step, bench preset, batch {} at depth {}, {}", batch, context,
+                     graphs ? "CUDA graph" : "eager launches");
+}
+
 // Whole decode steps of the bench preset through the model, each ending with a greedy draw per
 // sequence on the device (the token ids back on the host): `batch` sequences after a
 // `context`-token prompt each, with decode steps replayed as CUDA graphs or launched eagerly.
@@ -304,25 +314,31 @@ void bench_decode_step(Report& report, const Limits& limits, int64_t batch, int6
     draws[size_t(b)].params.temperature = 0;
   }
   std::vector<double> times;
-  for (int i = 0; i < 23; ++i) {
+  const int steps = 23, profiled = 2;
+  for (int i = 0; i < steps; ++i) {
+    if (i == steps - profiled) M1_CUDA_CHECK(cudaProfilerStart());
     const auto start = std::chrono::steady_clock::now();
     model.forward(step, logits);
     backend->sample(logits.device(), draws);  // waits for the step
     times.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count());
   }
+  M1_CUDA_CHECK(cudaProfilerStop());
   // The first steps run eagerly and record the graph.
   const double ms = m1::bench::median(std::vector<double>(times.begin() + 3, times.end()));
   const m1::StateShape s = model.state_shape();
   const double state_bytes = double(batch) * (2.0 * double(s.lightning_layers * s.heads * s.head_dim * s.head_dim) * 4 +
                                               double(s.softmax_layers * 2 * s.kv_heads * s.head_dim) * 2 * double(context));
   const double bytes = double(weight_bytes) + state_bytes;
-  report.add({fmt::format("decode step, bench preset, batch {} at depth {}, {}", batch, context,
-                          graphs ? "CUDA graph" : "eager launches"),
-              ms, bytes / (ms * 1e-3) / 1e9,
+  report.add({decode_step_name(batch, context, graphs), ms, bytes / (ms * 1e-3) / 1e9,
               "GB/s", bytes / (ms * 1e-3) / 1e9 / limits.copy_gb_s});
 }
 
-int run(const std::string& json_path) {
+int run(const std::string& json_path, const std::string& only) {
+  // Whether the benchmarks named `name...` are wanted.
+  auto wanted = [&](std::string_view name) { return only.empty() || name.starts_with(only) || only.starts_with(name); };
+  const std::vector<std::string_view> groups = {"matmul", "lightning decode", "lightning prefill", "flash prefill", "sampling", "decode step"};
+  if (std::none_of(groups.begin(), groups.end(), wanted))
+    m1::fail("--only: no benchmark name starts with '{}' (names start with {})", only, fmt::join(groups, ", "));
   int device = 0;
   M1_CUDA_CHECK(cudaGetDevice(&device));
   cudaDeviceProp prop{};
@@ -339,19 +355,27 @@ int run(const std::string& json_path) {
   limits.cublas_tflops = cublas_bf16_tflops(stream, 8192);
   report.add({"limit: cuBLAS bf16 GEMM 8192^3, fp32 accumulate", 0, limits.cublas_tflops, "TFLOP/s"});
 
-  bench_matmul(report, limits, stream, 1, 8192, 8192);
-  bench_matmul(report, limits, stream, 32, 8192, 8192);
-  bench_matmul(report, limits, stream, 8192, 8192, 8192);
-  for (int64_t batch : {1, 32}) bench_lightning_decode(report, limits, stream, batch);
-  for (int64_t tokens : {8192, 65536, 1 << 20})
-    bench_lightning_prefill(report, limits, stream, tokens, 65536, true);
-  bench_lightning_prefill(report, limits, stream, 8192, 65536, false);
-  for (bool bf16_operands : {true, false})
-    for (int64_t tokens : {8192, 65536}) bench_flash_prefill(report, limits, stream, tokens, bf16_operands);
+  if (wanted("matmul")) {
+    bench_matmul(report, limits, stream, 1, 8192, 8192);
+    bench_matmul(report, limits, stream, 32, 8192, 8192);
+    bench_matmul(report, limits, stream, 8192, 8192, 8192);
+  }
+  if (wanted("lightning decode"))
+    for (int64_t batch : {1, 32}) bench_lightning_decode(report, limits, stream, batch);
+  if (wanted("lightning prefill")) {
+    for (int64_t tokens : {8192, 65536, 1 << 20})
+      bench_lightning_prefill(report, limits, stream, tokens, 65536, true);
+    bench_lightning_prefill(report, limits, stream, 8192, 65536, false);
+  }
+  if (wanted("flash prefill"))
+    for (bool bf16_operands : {true, false})
+      for (int64_t tokens : {8192, 65536}) bench_flash_prefill(report, limits, stream, tokens, bf16_operands);
+  if (wanted("sampling"))
+    for (int64_t batch : {1, 32})
+      for (bool nucleus : {false, true}) bench_sampling(report, limits, stream, batch, nucleus);
   for (int64_t batch : {1, 32})
-    for (bool nucleus : {false, true}) bench_sampling(report, limits, stream, batch, nucleus);
-  for (int64_t batch : {1, 32})
-    for (bool graphs : {false, true}) bench_decode_step(report, limits, batch, 512, graphs);
+    for (bool graphs : {false, true})
+      if (wanted(decode_step_name(batch, 512, graphs))) bench_decode_step(report, limits, batch, 512, graphs);
 
   if (!json_path.empty()) {
     nlohmann::ordered_json j{{"device", prop.name},
@@ -369,11 +393,13 @@ int run(const std::string& json_path) {
 
 int main(int argc, char** argv) {
   CLI::App app{"bench_cuda: the CUDA kernels against the GPU's measured limits"};
-  std::string json;
+  std::string json, only;
   app.add_option("--json", json, "write the figures to FILE as JSON");
+  app.add_option("--only", only, "run only the benchmarks whose names start with TEXT (matmul, lightning decode, "
+                                 "lightning prefill, flash prefill, sampling, decode step)");
   CLI11_PARSE(app, argc, argv);
   try {
-    return run(json);
+    return run(json, only);
   } catch (const m1::Error& e) {
     std::fprintf(stderr, "bench_cuda: %s\n", e.what());
     return 1;

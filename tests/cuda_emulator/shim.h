@@ -171,6 +171,7 @@ inline int __ffs(int x) { return __builtin_ffs(x); }
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fsub_rn(float a, float b) { return a - b; }
 inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
 inline float __fdiv_rn(float a, float b) { return a / b; }
 inline float __uint_as_float(uint32_t v) { return std::bit_cast<float>(v); }
 inline float __int_as_float(int v) { return std::bit_cast<float>(v); }
@@ -205,6 +206,13 @@ inline void ldmatrix(uint32_t* r, int count, const uint16_t* row, bool trans) {
     r[i] = uint32_t(lo) | (uint32_t(hi) << 16);
   }
 }
+// A tensor-core step's result: the products exact, their sum with the accumulator rounded toward
+// zero once, as Hopper's tensor cores do (they truncate), so a kernel that carries a long sum
+// through them drifts here as it does there.
+inline float tensor_core_round(double sum) {
+  const float rounded = float(sum);
+  return std::fabs(double(rounded)) > std::fabs(sum) ? std::nextafter(rounded, 0.0f) : rounded;
+}
 inline void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   for (int i = 0; i < 4; ++i) cur->slot[i] = a[i];
   cur->slot[4] = b0;
@@ -216,9 +224,9 @@ inline void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uin
   auto B = [&](int k, int col) { return half(fibers[base + col * 4 + (k % 8) / 2].published[k >= 8 ? 5 : 4], k); };
   for (int e = 0; e < 4; ++e) {
     const int row = g + 8 * (e >> 1), col = 2 * t + (e & 1);
-    float sum = 0;
-    for (int k = 0; k < 16; ++k) sum += A(row, k) * B(k, col);
-    c[e] = c[e] + sum;
+    double sum = c[e];
+    for (int k = 0; k < 16; ++k) sum += double(A(row, k)) * double(B(k, col));
+    c[e] = tensor_core_round(sum);
   }
 }
 }  // namespace emu
