@@ -15,7 +15,8 @@ struct DeviceMatrix {
   int64_t rows = 0, cols = 0;
 };
 
-// Operands of a matrix product. kFp32: fp32 activations times the stored weights (exact).
+// Operands of a matrix product. kFp32: fp32 activations times the stored weights (exact; with
+// BF16 weights on tensor cores, each activation as three bf16 terms that sum to it exactly).
 // kBf16: activations rounded to bf16, multiplied with BF16 weights on tensor cores (fast).
 // Both accumulate in fp32.
 enum class GemmOperands { kFp32, kBf16 };

@@ -2,8 +2,12 @@
 //
 // Every output element is the same fixed sequence of fp32 operations in every kernel here: the
 // inner dimension is cut into chunks of kChunk values; a chunk's products are summed into a fresh
-// partial (kFp32: fmaf in increasing k; kBf16: tensor-core steps of 16 in increasing k), and the
-// partials are added to a total that starts at 0, in chunk order, with round-to-nearest adds.
+// partial, and the partials are added to a total that starts at 0, in chunk order, with
+// round-to-nearest adds. Within a chunk, BF16 weights take tensor-core steps of 16 in increasing
+// k, x entering each step as bf16 terms, the smallest first: one, x rounded (kBf16), or three whose
+// sum is x exactly (kFp32: fp32 products on the tensor cores); F32 and F16 weights run fmaf in
+// increasing k on the fp32 cores (x rounded first under kBf16 only for BF16 weights). A fresh
+// partial per chunk also keeps the tensor cores' truncating accumulation to 48 steps at most.
 // The kernels differ only in which thread computes which element when, so the rows beside a row
 // never change its result.
 //
@@ -114,13 +118,26 @@ __device__ bool find_tile(const int64_t* offsets, int groups, int64_t tile_rows,
   return false;
 }
 
-// x rounded to bf16 (nearest even), rows padded with zeros to `ldb`, a multiple of 8, so every
-// row of the copy is 16-byte aligned.
-__global__ void round_to_bf16(const float* x, int64_t ldx, int64_t m, int64_t k, __nv_bfloat16* out, int64_t ldb) {
-  const int64_t total = m * ldb;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+// x as kParts bf16 terms, each [m, ldb] and the next right after it, rows padded with zeros to
+// `ldb`, a multiple of 8, so every row is 16-byte aligned. One term: x rounded (nearest even).
+// Three: hi = bf16(x),
+// mid = bf16(x - hi) and lo = x - hi - mid, 8 significant bits each, summing to x exactly (an
+// infinite x keeps zero mid and lo, so its products stay infinite rather than NaN).
+template <int kParts>
+__global__ void split_to_bf16(const float* x, int64_t ldx, int64_t m, int64_t k, __nv_bfloat16* out, int64_t ldb) {
+  static_assert(kParts == 1 || kParts == 3);
+  const int64_t term = m * ldb;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < term; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t r = i / ldb, c = i - r * ldb;
-    out[i] = __float2bfloat16_rn(c < k ? x[r * ldx + c] : 0.0f);
+    const float v = c < k ? x[r * ldx + c] : 0.0f;
+    const __nv_bfloat16 hi = __float2bfloat16_rn(v);
+    out[i] = hi;
+    if constexpr (kParts == 3) {
+      const float rest = isfinite(v) ? __fsub_rn(v, __bfloat162float(hi)) : 0.0f;
+      const __nv_bfloat16 mid = __float2bfloat16_rn(rest);
+      out[term + i] = mid;
+      out[2 * term + i] = __float2bfloat16_rn(__fsub_rn(rest, __bfloat162float(mid)));
+    }
   }
 }
 
@@ -391,7 +408,8 @@ __global__ __launch_bounds__(kF32TileThreads) void grouped_f32_tiled(const float
 }
 
 // ---------------------------------------------------------------------------------------------
-// kBf16: wmma m16n16k16, x (bf16 copy) as matrix_a, weights as matrix_b, in every kernel.
+// BF16 weights: wmma m16n16k16, the kParts bf16 terms of x (split_to_bf16) as matrix_a, weights
+// as matrix_b, in every kernel; each step multiplies the terms last to first (lo, mid, hi).
 
 using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major>;
 using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major>;
@@ -412,18 +430,21 @@ constexpr int kBf16SkinnyCols = 16 * kBf16SkinnyWarps;
 constexpr int kBf16SkinnyMaxRows = 64;
 constexpr int kBf16Stride = kChunk + 8;  // a multiple of 8 (wmma), rows 16-byte aligned, banks staggered
 
-int bf16_skinny_shared_bytes(int64_t rows16) {
-  return int((kBf16SkinnyCols + rows16) * kBf16Stride * sizeof(__nv_bfloat16) + kBf16SkinnyWarps * 256 * sizeof(float));
+int bf16_skinny_shared_bytes(int parts, int64_t rows16) {
+  return int((kBf16SkinnyCols + parts * rows16) * kBf16Stride * sizeof(__nv_bfloat16) +
+             kBf16SkinnyWarps * 256 * sizeof(float));
 }
 
-__device__ __forceinline__ void bf16_skinny_block(const __nv_bfloat16* xb, int64_t ldb, int64_t m, const uint16_t* w,
-                                                  int64_t n, int64_t k, bool w_vec, float* partial,
+// xb: the first term of x's rows, the next terms `term_stride` elements apart.
+template <int kParts>
+__device__ __forceinline__ void bf16_skinny_block(const __nv_bfloat16* xb, int64_t ldb, int64_t term_stride, int64_t m,
+                                                  const uint16_t* w, int64_t n, int64_t k, bool w_vec, float* partial,
                                                   int64_t plane_rows, float* out, int64_t ldo) {
   extern __shared__ __align__(128) unsigned char bf16_skinny_shared[];
   const int64_t rows16 = (m + 15) / 16 * 16;
   __nv_bfloat16* ws = reinterpret_cast<__nv_bfloat16*>(bf16_skinny_shared);
-  __nv_bfloat16* xs = ws + kBf16SkinnyCols * kBf16Stride;
-  float* stage = reinterpret_cast<float*>(xs + rows16 * kBf16Stride);
+  __nv_bfloat16* xs = ws + kBf16SkinnyCols * kBf16Stride;  // term q's rows from xs + q * rows16 * kBf16Stride
+  float* stage = reinterpret_cast<float*>(xs + kParts * rows16 * kBf16Stride);
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int64_t n0 = blockIdx.y * int64_t(kBf16SkinnyCols), c0 = blockIdx.x * int64_t(kChunk);
@@ -438,10 +459,10 @@ __device__ __forceinline__ void bf16_skinny_block(const __nv_bfloat16* xb, int64
 #pragma unroll
   for (int i = 0; i < 16; ++i) *reinterpret_cast<uint4*>(ws + (warp * 16 + i) * kBf16Stride + lane * 8) = staged[i];
   const uint16_t* xraw = reinterpret_cast<const uint16_t*>(xb);
-  for (int64_t i = tid; i < rows16 * (kChunk / 8); i += kBf16SkinnyWarps * 32) {
-    const int64_t r = i / (kChunk / 8), kk = (i % (kChunk / 8)) * 8;
-    *reinterpret_cast<uint4*>(xs + r * kBf16Stride + kk) =
-        r < m ? load_16bit_x8(xraw + r * ldb, c0 + kk, ldb, true) : make_uint4(0, 0, 0, 0);
+  for (int64_t i = tid; i < kParts * rows16 * (kChunk / 8); i += kBf16SkinnyWarps * 32) {
+    const int64_t qr = i / (kChunk / 8), q = qr / rows16, r = qr % rows16, kk = (i % (kChunk / 8)) * 8;
+    *reinterpret_cast<uint4*>(xs + qr * kBf16Stride + kk) =
+        r < m ? load_16bit_x8(xraw + q * term_stride + r * ldb, c0 + kk, ldb, true) : make_uint4(0, 0, 0, 0);
   }
   __syncthreads();
 
@@ -452,11 +473,14 @@ __device__ __forceinline__ void bf16_skinny_block(const __nv_bfloat16* xb, int64
     FragC part;
     wmma::fill_fragment(part, 0.0f);
     for (int s = 0; s < steps; ++s) {
-      FragA a;
       FragB b;
-      wmma::load_matrix_sync(a, xs + r0 * kBf16Stride + s * 16, kBf16Stride);
       wmma::load_matrix_sync(b, ws + warp * 16 * kBf16Stride + s * 16, kBf16Stride);
-      wmma::mma_sync(part, a, b, part);
+#pragma unroll
+      for (int q = kParts - 1; q >= 0; --q) {
+        FragA a;
+        wmma::load_matrix_sync(a, xs + (q * rows16 + r0) * kBf16Stride + s * 16, kBf16Stride);
+        wmma::mma_sync(part, a, b, part);
+      }
     }
     wmma::store_matrix_sync(my_stage, part, 16, wmma::mem_row_major);
     __syncwarp();
@@ -468,14 +492,16 @@ __device__ __forceinline__ void bf16_skinny_block(const __nv_bfloat16* xb, int64
   }
 }
 
+template <int kParts>
 __global__ __launch_bounds__(kBf16SkinnyWarps * 32) void matmul_bf16_skinny(const __nv_bfloat16* xb, int64_t ldb,
                                                                           int64_t m, const uint16_t* w, int64_t n,
                                                                           int64_t k, bool w_vec, float* partial,
                                                                           float* out, int64_t ldo) {
-  bf16_skinny_block(xb, ldb, m, w, n, k, w_vec, partial, m, out, ldo);
+  bf16_skinny_block<kParts>(xb, ldb, m * ldb, m, w, n, k, w_vec, partial, m, out, ldo);
 }
 
 // Grid z: tiles of up to tile_rows (a multiple of 16, at most kBf16SkinnyMaxRows) rows of a group.
+template <int kParts>
 __global__ __launch_bounds__(kBf16SkinnyWarps * 32) void grouped_bf16_skinny(const __nv_bfloat16* xb, int64_t ldb,
                                                                            int64_t rows, const int64_t* offsets,
                                                                            int groups, int64_t tile_rows,
@@ -485,26 +511,33 @@ __global__ __launch_bounds__(kBf16SkinnyWarps * 32) void grouped_bf16_skinny(con
   GroupTile t;
   if (!find_tile(offsets, groups, tile_rows, blockIdx.z, t)) return;
   const int64_t r0 = t.row0 + t.first;
-  bf16_skinny_block(xb + r0 * ldb, ldb, t.rows, static_cast<const uint16_t*>(weights.data[t.group]), n, k, w_vec,
-                    partial ? partial + r0 * n : nullptr, rows, out + r0 * ldo, ldo);
+  bf16_skinny_block<kParts>(xb + r0 * ldb, ldb, rows * ldb, t.rows, static_cast<const uint16_t*>(weights.data[t.group]),
+                            n, k, w_vec, partial ? partial + r0 * n : nullptr, rows, out + r0 * ldo, ldo);
 }
 
 // Many rows: 128 x 128 output tile per CTA of 8 warps (4 down, 2 across: 32 x 64 each, 2 x 4
-// fragments), k-tiles of 32 staged in shared memory, the next fetched into registers while the
-// current one is multiplied.
+// fragments), k-tiles of 32 of each term of x and of the weights staged in dynamic shared memory,
+// the next fetched into registers while the current one is multiplied.
 
 constexpr int kBf16TileM = 128, kBf16TileN = 128, kBf16TileK = 32, kBf16TileThreads = 256;
 constexpr int kBf16TileStride = kBf16TileK + 8;
+constexpr int kBf16TileElements = kBf16TileM * kBf16TileStride;  // one staged k-tile of one operand
 static_assert(kChunk % kBf16TileK == 0, "a chunk must be whole k-tiles");
+static_assert(kBf16TileM == kBf16TileN, "x's terms and the weights share the tile shape");
 
-// The tile of rows [m0, m0 + kBf16TileM) of the bf16 copy of x [m, k].
-__device__ __forceinline__ void bf16_tile(const __nv_bfloat16* xb, int64_t ldb, int64_t m, const uint16_t* w, int64_t n,
-                                          int64_t k, bool w_vec, float* out, int64_t ldo, int64_t m0) {
-  constexpr int kTileElements = kBf16TileM * kBf16TileStride;
-  __shared__ __align__(128) __nv_bfloat16 shared[2 * 2 * kTileElements];  // [A, B] x double buffer
-  static_assert(sizeof(shared) >= 8 * 256 * sizeof(float), "the epilogue stages 8 warps' fragments here");
-  auto a_tile = [&](int buf) { return shared + buf * 2 * kTileElements; };
-  auto b_tile = [&](int buf) { return shared + buf * 2 * kTileElements + kTileElements; };
+// Double-buffered [terms of x..., weights] k-tiles; the epilogue stages 8 warps' fragments there.
+constexpr int bf16_tile_shared_bytes(int parts) { return 2 * (parts + 1) * kBf16TileElements * 2; }
+static_assert(bf16_tile_shared_bytes(1) >= 8 * 256 * sizeof(float));
+
+// The tile of rows [m0, m0 + kBf16TileM) of x [m, k], its terms `term_stride` elements apart from xb.
+template <int kParts>
+__device__ __forceinline__ void bf16_tile(const __nv_bfloat16* xb, int64_t ldb, int64_t term_stride, int64_t m,
+                                          const uint16_t* w, int64_t n, int64_t k, bool w_vec, float* out, int64_t ldo,
+                                          int64_t m0) {
+  extern __shared__ __align__(128) unsigned char bf16_tile_shared[];
+  __nv_bfloat16* shared = reinterpret_cast<__nv_bfloat16*>(bf16_tile_shared);
+  auto a_tile = [&](int buf, int q) { return shared + (buf * (kParts + 1) + q) * kBf16TileElements; };
+  auto b_tile = [&](int buf) { return shared + (buf * (kParts + 1) + kParts) * kBf16TileElements; };
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int warp_m = warp / 2, warp_n = warp % 2;
@@ -512,12 +545,15 @@ __device__ __forceinline__ void bf16_tile(const __nv_bfloat16* xb, int64_t ldb, 
   const uint16_t* xraw = reinterpret_cast<const uint16_t*>(xb);
 
   // Loader: 128 rows x 4 groups of 8 values per operand, two (row, group) pairs per thread.
-  uint4 a_next[2], b_next[2];
+  uint4 a_next[kParts][2], b_next[2];
   auto fetch = [&](int64_t k0) {
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const int id = tid + i * kBf16TileThreads, row = id / 4, kk = (id % 4) * 8;
-      a_next[i] = m0 + row < m ? load_16bit_x8(xraw + (m0 + row) * ldb, k0 + kk, ldb, true) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+      for (int q = 0; q < kParts; ++q)
+        a_next[q][i] = m0 + row < m ? load_16bit_x8(xraw + q * term_stride + (m0 + row) * ldb, k0 + kk, ldb, true)
+                                    : make_uint4(0, 0, 0, 0);
       b_next[i] = n0 + row < n ? load_16bit_x8(w + (n0 + row) * k, k0 + kk, k, w_vec) : make_uint4(0, 0, 0, 0);
     }
   };
@@ -525,7 +561,9 @@ __device__ __forceinline__ void bf16_tile(const __nv_bfloat16* xb, int64_t ldb, 
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const int id = tid + i * kBf16TileThreads, row = id / 4, kk = (id % 4) * 8;
-      *reinterpret_cast<uint4*>(a_tile(buf) + row * kBf16TileStride + kk) = a_next[i];
+#pragma unroll
+      for (int q = 0; q < kParts; ++q)
+        *reinterpret_cast<uint4*>(a_tile(buf, q) + row * kBf16TileStride + kk) = a_next[q][i];
       *reinterpret_cast<uint4*>(b_tile(buf) + row * kBf16TileStride + kk) = b_next[i];
     }
   };
@@ -550,16 +588,21 @@ __device__ __forceinline__ void bf16_tile(const __nv_bfloat16* xb, int64_t ldb, 
 #pragma unroll
     for (int s = 0; s < kBf16TileK / 16; ++s) {
       if (t * kBf16TileK + s * 16 >= k) break;  // the same steps as chunk_steps
-      FragA a[2];
+      FragB b[4];
 #pragma unroll
-      for (int i = 0; i < 2; ++i)
-        wmma::load_matrix_sync(a[i], a_tile(buf) + (warp_m * 32 + i * 16) * kBf16TileStride + s * 16, kBf16TileStride);
+      for (int j = 0; j < 4; ++j)
+        wmma::load_matrix_sync(b[j], b_tile(buf) + (warp_n * 64 + j * 16) * kBf16TileStride + s * 16, kBf16TileStride);
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        FragB b;
-        wmma::load_matrix_sync(b, b_tile(buf) + (warp_n * 64 + j * 16) * kBf16TileStride + s * 16, kBf16TileStride);
+      for (int q = kParts - 1; q >= 0; --q) {
+        FragA a[2];
 #pragma unroll
-        for (int i = 0; i < 2; ++i) wmma::mma_sync(part[i][j], a[i], b, part[i][j]);
+        for (int i = 0; i < 2; ++i)
+          wmma::load_matrix_sync(a[i], a_tile(buf, q) + (warp_m * 32 + i * 16) * kBf16TileStride + s * 16,
+                                 kBf16TileStride);
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+          for (int i = 0; i < 2; ++i) wmma::mma_sync(part[i][j], a[i], b[j], part[i][j]);
       }
     }
     if ((t + 1) % kTilesPerChunk == 0 || t + 1 == tiles) {
@@ -593,21 +636,24 @@ __device__ __forceinline__ void bf16_tile(const __nv_bfloat16* xb, int64_t ldb, 
     }
 }
 
+template <int kParts>
 __global__ __launch_bounds__(kBf16TileThreads, 1) void matmul_bf16_tiled(const __nv_bfloat16* xb, int64_t ldb, int64_t m,
                                                                          const uint16_t* w, int64_t n, int64_t k,
                                                                          bool w_vec, float* out, int64_t ldo) {
-  bf16_tile(xb, ldb, m, w, n, k, w_vec, out, ldo, blockIdx.x * int64_t(kBf16TileM));
+  bf16_tile<kParts>(xb, ldb, m * ldb, m, w, n, k, w_vec, out, ldo, blockIdx.x * int64_t(kBf16TileM));
 }
 
-// Grid x: the groups' row tiles, in group order.
+// Grid x: the groups' row tiles, in group order; `rows`, x's rows, sets the terms apart.
+template <int kParts>
 __global__ __launch_bounds__(kBf16TileThreads, 1) void grouped_bf16_tiled(const __nv_bfloat16* xb, int64_t ldb,
-                                                                          const int64_t* offsets, int groups,
-                                                                          GroupWeights weights, int64_t n, int64_t k,
-                                                                          bool w_vec, float* out, int64_t ldo) {
+                                                                          int64_t rows, const int64_t* offsets,
+                                                                          int groups, GroupWeights weights, int64_t n,
+                                                                          int64_t k, bool w_vec, float* out,
+                                                                          int64_t ldo) {
   GroupTile t;
   if (!find_tile(offsets, groups, kBf16TileM, blockIdx.x, t)) return;
-  bf16_tile(xb + t.row0 * ldb, ldb, t.group_rows, static_cast<const uint16_t*>(weights.data[t.group]), n, k, w_vec,
-            out + t.row0 * ldo, ldo, t.first);
+  bf16_tile<kParts>(xb + t.row0 * ldb, ldb, rows * ldb, t.group_rows,
+                    static_cast<const uint16_t*>(weights.data[t.group]), n, k, w_vec, out + t.row0 * ldo, ldo, t.first);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -682,7 +728,7 @@ void matmul_f32(const float* x, int64_t ldx, int64_t m, const DeviceMatrix& w, f
   if (chunks > 1) launch_sum_partials(partial, chunks, m, w.rows, out, ldo, stream);
 }
 
-// The bf16 copy of x, rows padded to ldb, and the skinny kernels' chunk partials (none for a
+// The bf16 terms of x, rows padded to ldb, and the skinny kernels' chunk partials (none for a
 // count of 0), in one scratch buffer.
 struct Bf16Staging {
   __nv_bfloat16* rows;
@@ -698,32 +744,38 @@ Bf16Staging carve_bf16_staging(DeviceScratch& scratch, int64_t x_elements, int64
   });
 }
 
-void launch_round_to_bf16(const float* x, int64_t ldx, int64_t m, int64_t k, __nv_bfloat16* out, int64_t ldb,
+template <int kParts>
+void launch_split_to_bf16(const float* x, int64_t ldx, int64_t m, int64_t k, __nv_bfloat16* out, int64_t ldb,
                           cudaStream_t stream) {
-  round_to_bf16<<<grid_for(m * ldb, 256), 256, 0, stream>>>(x, ldx, m, k, out, ldb);
+  split_to_bf16<kParts><<<grid_for(m * ldb, 256), 256, 0, stream>>>(x, ldx, m, k, out, ldb);
   M1_CUDA_CHECK_LAUNCH();
 }
 
+template <int kParts>
 void matmul_bf16(const float* x, int64_t ldx, int64_t m, const DeviceMatrix& w, float* out, int64_t ldo,
                  DeviceScratch& scratch, cudaStream_t stream) {
   const int64_t k = w.cols, n = w.rows, ldb = (k + 7) / 8 * 8;
   const int64_t chunks = ceil_div(k, kChunk);
   const bool skinny = m <= kBf16SkinnyMaxRows && skinny_partials_fit(chunks, m, n);
-  const Bf16Staging staging = carve_bf16_staging(scratch, m * ldb, skinny && chunks > 1 ? chunks * m * n : 0);
-  launch_round_to_bf16(x, ldx, m, k, staging.rows, ldb, stream);
+  const Bf16Staging staging = carve_bf16_staging(scratch, kParts * m * ldb, skinny && chunks > 1 ? chunks * m * n : 0);
+  launch_split_to_bf16<kParts>(x, ldx, m, k, staging.rows, ldb, stream);
 
   const auto* weights = static_cast<const uint16_t*>(w.data);
   const bool w_vec = aligned16(w.data) && k % 8 == 0;
   if (!skinny) {
+    constexpr auto kernel = matmul_bf16_tiled<kParts>;
+    allow_shared_memory<kernel>(bf16_tile_shared_bytes(kParts));
     const dim3 grid(unsigned(ceil_div(m, kBf16TileM)), unsigned(ceil_div(n, kBf16TileN)));
-    matmul_bf16_tiled<<<grid, kBf16TileThreads, 0, stream>>>(staging.rows, ldb, m, weights, n, k, w_vec, out, ldo);
+    kernel<<<grid, kBf16TileThreads, bf16_tile_shared_bytes(kParts), stream>>>(staging.rows, ldb, m, weights, n, k,
+                                                                              w_vec, out, ldo);
     M1_CUDA_CHECK_LAUNCH();
     return;
   }
-  allow_shared_memory<matmul_bf16_skinny>(bf16_skinny_shared_bytes(kBf16SkinnyMaxRows));
+  constexpr auto kernel = matmul_bf16_skinny<kParts>;
+  allow_shared_memory<kernel>(bf16_skinny_shared_bytes(kParts, kBf16SkinnyMaxRows));
   const int64_t rows16 = (m + 15) / 16 * 16;
   const dim3 grid(unsigned(chunks), unsigned(ceil_div(n, kBf16SkinnyCols)));
-  matmul_bf16_skinny<<<grid, kBf16SkinnyWarps * 32, bf16_skinny_shared_bytes(rows16), stream>>>(
+  kernel<<<grid, kBf16SkinnyWarps * 32, bf16_skinny_shared_bytes(kParts, rows16), stream>>>(
       staging.rows, ldb, m, weights, n, k, w_vec, staging.partial, out, ldo);
   M1_CUDA_CHECK_LAUNCH();
   if (staging.partial) launch_sum_partials(staging.partial, chunks, m, n, out, ldo, stream);
@@ -823,6 +875,7 @@ void grouped_f32(const float* x, int64_t ldx, const int64_t* offsets, std::span<
   }
 }
 
+template <int kParts>
 void grouped_bf16(const float* x, int64_t ldx, const int64_t* offsets, std::span<const GroupedProduct> products,
                   int64_t rows, int64_t group_rows, DeviceScratch& scratch, cudaStream_t stream) {
   const int64_t n = products[0].w[0].rows, k = products[0].w[0].cols, groups = int64_t(products[0].w.size());
@@ -830,17 +883,23 @@ void grouped_bf16(const float* x, int64_t ldx, const int64_t* offsets, std::span
   const int64_t tile_rows = (group_rows + 15) / 16 * 16;
   const bool skinny = group_rows <= kBf16SkinnyMaxRows && skinny_grid_fits(rows, groups, tile_rows) &&
                       skinny_partials_fit(chunks, rows, n);
-  const Bf16Staging staging = carve_bf16_staging(scratch, rows * ldb, skinny && chunks > 1 ? chunks * rows * n : 0);
-  launch_round_to_bf16(x, ldx, rows, k, staging.rows, ldb, stream);
-  if (skinny) allow_shared_memory<grouped_bf16_skinny>(bf16_skinny_shared_bytes(kBf16SkinnyMaxRows));
+  const Bf16Staging staging =
+      carve_bf16_staging(scratch, kParts * rows * ldb, skinny && chunks > 1 ? chunks * rows * n : 0);
+  launch_split_to_bf16<kParts>(x, ldx, rows, k, staging.rows, ldb, stream);
+  constexpr auto skinny_kernel = grouped_bf16_skinny<kParts>;
+  constexpr auto tiled_kernel = grouped_bf16_tiled<kParts>;
+  if (skinny)
+    allow_shared_memory<skinny_kernel>(bf16_skinny_shared_bytes(kParts, kBf16SkinnyMaxRows));
+  else
+    allow_shared_memory<tiled_kernel>(bf16_tile_shared_bytes(kParts));
 
   for (const GroupedProduct& p : products) {
     const bool w_vec = all_aligned16(p.w) && k % 8 == 0;
     if (!skinny) {
       for_each_launch(p.w, [&](int64_t first, int count, const GroupWeights& weights) {
         const dim3 grid(unsigned(grouped_tiles(rows, count, kBf16TileM)), unsigned(ceil_div(n, kBf16TileN)));
-        grouped_bf16_tiled<<<grid, kBf16TileThreads, 0, stream>>>(staging.rows, ldb, offsets + first, count, weights, n,
-                                                                   k, w_vec, p.out, p.ldo);
+        tiled_kernel<<<grid, kBf16TileThreads, bf16_tile_shared_bytes(kParts), stream>>>(
+            staging.rows, ldb, rows, offsets + first, count, weights, n, k, w_vec, p.out, p.ldo);
         M1_CUDA_CHECK_LAUNCH();
       });
       continue;
@@ -848,7 +907,7 @@ void grouped_bf16(const float* x, int64_t ldx, const int64_t* offsets, std::span
     for_each_launch(p.w, [&](int64_t first, int count, const GroupWeights& weights) {
       const dim3 grid(unsigned(chunks), unsigned(ceil_div(n, kBf16SkinnyCols)),
                       unsigned(grouped_tiles(rows, count, tile_rows)));
-      grouped_bf16_skinny<<<grid, kBf16SkinnyWarps * 32, bf16_skinny_shared_bytes(tile_rows), stream>>>(
+      skinny_kernel<<<grid, kBf16SkinnyWarps * 32, bf16_skinny_shared_bytes(kParts, tile_rows), stream>>>(
           staging.rows, ldb, rows, offsets + first, count, tile_rows, weights, n, k, w_vec, staging.partial, p.out,
           p.ldo);
       M1_CUDA_CHECK_LAUNCH();
@@ -887,12 +946,13 @@ void grouped_matmuls(const float* x, int64_t ldx, const int64_t* offsets, std::s
   // each output element (see the top of this file), and a skinny tile of a group's rows splits
   // further when the bound was low. A group never has more rows than x.
   group_rows = std::clamp<int64_t>(group_rows, 1, rows);
-  if (operands == GemmOperands::kBf16 && first.dtype == DType::kBF16)
-    return grouped_bf16(x, ldx, offsets, products, rows, group_rows, scratch, stream);
   switch (first.dtype) {
     case DType::kF32: return grouped_f32<DType::kF32>(x, ldx, offsets, products, rows, group_rows, scratch, stream);
     case DType::kF16: return grouped_f32<DType::kF16>(x, ldx, offsets, products, rows, group_rows, scratch, stream);
-    case DType::kBF16: return grouped_f32<DType::kBF16>(x, ldx, offsets, products, rows, group_rows, scratch, stream);
+    case DType::kBF16:
+      if (operands == GemmOperands::kBf16)
+        return grouped_bf16<1>(x, ldx, offsets, products, rows, group_rows, scratch, stream);
+      return grouped_bf16<3>(x, ldx, offsets, products, rows, group_rows, scratch, stream);
   }
 }
 
@@ -911,11 +971,12 @@ void matmul(const float* x, int64_t ldx, int64_t m, const DeviceMatrix& w, float
     M1_CUDA_CHECK(cudaMemset2DAsync(out, size_t(ldo) * sizeof(float), 0, size_t(w.rows) * sizeof(float), size_t(m), stream));
     return;
   }
-  if (operands == GemmOperands::kBf16 && w.dtype == DType::kBF16) return matmul_bf16(x, ldx, m, w, out, ldo, scratch, stream);
   switch (w.dtype) {
     case DType::kF32: return matmul_f32<DType::kF32>(x, ldx, m, w, out, ldo, scratch, stream);
     case DType::kF16: return matmul_f32<DType::kF16>(x, ldx, m, w, out, ldo, scratch, stream);
-    case DType::kBF16: return matmul_f32<DType::kBF16>(x, ldx, m, w, out, ldo, scratch, stream);
+    case DType::kBF16:
+      if (operands == GemmOperands::kBf16) return matmul_bf16<1>(x, ldx, m, w, out, ldo, scratch, stream);
+      return matmul_bf16<3>(x, ldx, m, w, out, ldo, scratch, stream);
   }
 }
 

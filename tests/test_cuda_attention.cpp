@@ -255,6 +255,16 @@ TEST(CudaAttention, MixedSegments) {
   run_step(s, entries, scratch);
 }
 
+// One step of a segment of `rows` rows after `prefix` cached keys beside a decode row after
+// `context` cached keys, each cache with 10 keys of room to spare.
+void prefill_beside_decode(const Shape& s, int64_t prefix, int64_t rows, int64_t context, DeviceScratch& scratch,
+                           bool fast) {
+  Cache prefill(s.kv_width(), prefix + rows + 10), decode(s.kv_width(), context + 10);
+  prefill.fill_prefix(prefix, rng()());
+  decode.fill_prefix(context, rng()());
+  run_step(s, {make_entry(s, prefill, rows), make_entry(s, decode, 1)}, scratch, {.fast = fast});
+}
+
 TEST(CudaAttention, GroupsAndHeadDims) {
   M1_REQUIRE_CUDA();
   DeviceScratch scratch;
@@ -262,11 +272,7 @@ TEST(CudaAttention, GroupsAndHeadDims) {
     for (int64_t d : {16, 64, 128})
       for (int64_t rotary : {d, d / 2}) {
         SCOPED_TRACE(::testing::Message() << "group " << group << ", d " << d << ", rotary " << rotary);
-        const Shape s{2 * group, 2, d, rotary};
-        Cache prefill(s.kv_width(), 100), decode(s.kv_width(), 310);
-        prefill.fill_prefix(20, rng()());
-        decode.fill_prefix(300, rng()());
-        run_step(s, {make_entry(s, prefill, 71), make_entry(s, decode, 1)}, scratch);
+        prefill_beside_decode(Shape{2 * group, 2, d, rotary}, 20, 71, 300, scratch, false);
       }
 }
 
@@ -277,19 +283,11 @@ TEST(CudaAttention, WideHeadsAndWideGroups) {
     SCOPED_TRACE(fast ? "fast" : "exact");
     {
       SCOPED_TRACE("d 256");
-      const Shape s{4, 2, 256, 128};
-      Cache prefill(s.kv_width(), 100), decode(s.kv_width(), 610);
-      prefill.fill_prefix(9, rng()());
-      decode.fill_prefix(600, rng()());
-      run_step(s, {make_entry(s, prefill, 70), make_entry(s, decode, 1)}, scratch, {.fast = fast});
+      prefill_beside_decode(Shape{4, 2, 256, 128}, 9, 70, 600, scratch, fast);
     }
     {
       SCOPED_TRACE("32 query heads on one kv head (two blocks of 16 in decode)");
-      const Shape s{32, 1, 64, 32};
-      Cache prefill(s.kv_width(), 40), decode(s.kv_width(), 210);
-      prefill.fill_prefix(3, rng()());
-      decode.fill_prefix(200, rng()());
-      run_step(s, {make_entry(s, prefill, 21), make_entry(s, decode, 1)}, scratch, {.fast = fast});
+      prefill_beside_decode(Shape{32, 1, 64, 32}, 3, 21, 200, scratch, fast);
     }
   }
 }
@@ -387,9 +385,11 @@ TEST(CudaAttention, BatchInvariance) {
 
 TEST(CudaAttention, DecodeLaunchSizedByCapacity) {
   M1_REQUIRE_CUDA();
-  DeviceScratch scratch;
+  DeviceScratch plain_scratch, sized_scratch;
   // Room for 20,001 keys: 64 launch slots (the most any length up to it needs, at 16,384 keys),
-  // of which a 5,000-key row uses 20; the results must be those of a launch sized by length.
+  // of which a 5,000-key row uses 20; the results must be those of a launch sized by length. With
+  // the second row (1 slot by length, 2 by its room of 300) the launch has 66 slots, not 21, and
+  // its split partials take about 3 times the scratch.
   const Shape s{16, 2, 128, 64};
   const uint64_t seed_a = rng()(), seed_b = rng()();
   Cache sized_a(s.kv_width(), 20001), sized_b(s.kv_width(), 300), plain_a(s.kv_width(), 20001), plain_b(s.kv_width(), 300);
@@ -398,13 +398,14 @@ TEST(CudaAttention, DecodeLaunchSizedByCapacity) {
   sized_b.fill_prefix(100, seed_b);
   plain_b.fill_prefix(100, seed_b);
   Entry a = make_entry(s, plain_a, 1), b = make_entry(s, plain_b, 1);
-  const std::vector<EntryResult> plain = run_step(s, {a, b}, scratch);
+  const std::vector<EntryResult> plain = run_step(s, {a, b}, plain_scratch);
   a.cache = &sized_a;
   b.cache = &sized_b;
-  const std::vector<EntryResult> sized = run_step(s, {a, b}, scratch, {.declare_capacity = true});
+  const std::vector<EntryResult> sized = run_step(s, {a, b}, sized_scratch, {.declare_capacity = true});
   for (size_t i = 0; i < 2; ++i)
     EXPECT_EQ(std::memcmp(plain[i].out.data(), sized[i].out.data(), plain[i].out.size() * sizeof(float)), 0)
         << "segment " << i;
+  EXPECT_GT(sized_scratch.capacity(), 5 * plain_scratch.capacity() / 2) << "the launch did not grow with the room";
 }
 
 // Needs no GPU: the shapes are rejected before anything is launched.

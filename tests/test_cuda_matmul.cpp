@@ -147,12 +147,8 @@ TEST(CudaMatmulLarge, LargePartialsTakeTheTiledKernelWithTheSameBits) {
   M1_REQUIRE_CUDA();
   std::mt19937 rng(44);
   const int64_t n = 8192, k = 16640, rows = 32;
-  // One random block repeated: what is checked is bit equality between kernels, not the values.
-  const RandomWeight block = random_weight(DType::kBF16, 64, k, rng);
-  std::vector<uint8_t> bytes;
-  bytes.reserve(size_t(n * k) * 2);
-  for (int64_t r = 0; r < n; r += 64) bytes.insert(bytes.end(), block.bytes.begin(), block.bytes.end());
-  const DeviceArray<uint8_t> dw(bytes);
+  // What is checked is bit equality between kernels, not the values.
+  const DeviceArray<uint8_t> dw(testing::repeated_block_weight(DType::kBF16, n, k, 64, 1.0f / std::sqrt(float(k)), rng));
   const DeviceMatrix w{dw.get(), DType::kBF16, n, k};
   const std::vector<float> x = random_floats(size_t(rows * k), 1.0f, rng);
   const DeviceArray<float> dx(x);

@@ -178,6 +178,7 @@ inline float __int_as_float(int v) { return std::bit_cast<float>(v); }
 inline int __float_as_int(float f) { return std::bit_cast<int>(f); }
 inline unsigned atomicOr(unsigned* p, unsigned v) { unsigned old = *p; *p |= v; return old; }
 inline int atomicAdd(int* p, int v) { int old = *p; *p += v; return old; }
+using std::isfinite;
 using std::max;
 using std::min;
 

@@ -4,7 +4,10 @@
 // stores (the other lanes' copies are never stored), which keeps the emulation affordable.
 #include <cstdint>
 #include "cuda_bf16.h"
-namespace emu { bool lane0(); }
+namespace emu {
+bool lane0();
+float tensor_core_round(double sum);
+}  // namespace emu
 namespace nvcuda::wmma {
 struct matrix_a {};
 struct matrix_b {};
@@ -39,9 +42,9 @@ inline void mma_sync(fragment<accumulator, 16, 16, 16, float, L>& d, const fragm
   float out[256];
   for (int i = 0; i < 16; ++i)
     for (int j = 0; j < 16; ++j) {
-      double s = 0;  // a fixed function of row i of a, column j of b and c(i, j)
+      double s = c.x[i * 16 + j];  // a fixed function of row i of a, column j of b and c(i, j)
       for (int k = 0; k < 16; ++k) s += double(a.x[i * 16 + k]) * double(b.x[j * 16 + k]);
-      out[i * 16 + j] = c.x[i * 16 + j] + float(s);
+      out[i * 16 + j] = emu::tensor_core_round(s);
     }
   for (int e = 0; e < 256; ++e) d.x[e] = out[e];
 }
