@@ -515,64 +515,86 @@ __global__ __launch_bounds__(kBf16SkinnyWarps * 32) void grouped_bf16_skinny(con
                             n, k, w_vec, partial ? partial + r0 * n : nullptr, rows, out + r0 * ldo, ldo);
 }
 
-// Many rows: 128 x 128 output tile per CTA of 8 warps (4 down, 2 across: 32 x 64 each, 2 x 4
-// fragments), k-tiles of 32 of each term of x and of the weights staged in dynamic shared memory,
-// the next fetched into registers while the current one is multiplied.
+// Many rows: a kTileM x 128 output tile per CTA of 8 warps, each warp 32 rows by the columns its
+// place across gives it (kTileM 128: 4 down, 2 across, 2 x 4 fragments each; kTileM 32, for few
+// rows whose skinny partials would not fit: 8 across, 2 x 1 fragments, two CTAs per SM), k-tiles
+// of 32 of each term of x and of the weights staged in dynamic shared memory, the next fetched
+// into registers while the current one is multiplied.
 
-constexpr int kBf16TileM = 128, kBf16TileN = 128, kBf16TileK = 32, kBf16TileThreads = 256;
+constexpr int kBf16TileN = 128, kBf16TileK = 32, kBf16TileThreads = 256;
 constexpr int kBf16TileStride = kBf16TileK + 8;
-constexpr int kBf16TileElements = kBf16TileM * kBf16TileStride;  // one staged k-tile of one operand
 static_assert(kChunk % kBf16TileK == 0, "a chunk must be whole k-tiles");
-static_assert(kBf16TileM == kBf16TileN, "x's terms and the weights share the tile shape");
 
-// Double-buffered [terms of x..., weights] k-tiles; the epilogue stages 8 warps' fragments there.
-constexpr int bf16_tile_shared_bytes(int parts) { return 2 * (parts + 1) * kBf16TileElements * 2; }
-static_assert(bf16_tile_shared_bytes(1) >= 8 * 256 * sizeof(float));
+template <int kTileM>
+struct Bf16Tile {
+  static_assert(kTileM == 32 || kTileM == 128);
+  static constexpr int kWarpsN = kBf16TileThreads / 32 / (kTileM / 32), kFragsN = kBf16TileN / 16 / kWarpsN;
+  static constexpr int kAElements = kTileM * kBf16TileStride, kBElements = kBf16TileN * kBf16TileStride;
+  static constexpr int kALoads = (kTileM * 4 + kBf16TileThreads - 1) / kBf16TileThreads;  // per thread and term
+  static constexpr int kBLoads = kBf16TileN * 4 / kBf16TileThreads;
+  static constexpr int kMinBlocks = kTileM == 128 ? 1 : 2;  // CTAs per SM the registers must allow
+  // Double-buffered [terms of x..., weights] k-tiles; the epilogue stages 8 warps' fragments there.
+  static constexpr int shared_bytes(int parts) { return 2 * (parts * kAElements + kBElements) * 2; }
+  static_assert(shared_bytes(1) >= 8 * 256 * sizeof(float));
+};
 
-// The tile of rows [m0, m0 + kBf16TileM) of x [m, k], its terms `term_stride` elements apart from xb.
-template <int kParts>
+// The tile of rows [m0, m0 + kTileM) of x [m, k], its terms `term_stride` elements apart from xb.
+template <int kParts, int kTileM>
 __device__ __forceinline__ void bf16_tile(const __nv_bfloat16* xb, int64_t ldb, int64_t term_stride, int64_t m,
                                           const uint16_t* w, int64_t n, int64_t k, bool w_vec, float* out, int64_t ldo,
                                           int64_t m0) {
+  using Shape = Bf16Tile<kTileM>;
+  constexpr int kFragsN = Shape::kFragsN;
   extern __shared__ __align__(128) unsigned char bf16_tile_shared[];
   __nv_bfloat16* shared = reinterpret_cast<__nv_bfloat16*>(bf16_tile_shared);
-  auto a_tile = [&](int buf, int q) { return shared + (buf * (kParts + 1) + q) * kBf16TileElements; };
-  auto b_tile = [&](int buf) { return shared + (buf * (kParts + 1) + kParts) * kBf16TileElements; };
+  constexpr int kStage = kParts * Shape::kAElements + Shape::kBElements;  // one buffer's elements
+  auto a_tile = [&](int buf, int q) { return shared + buf * kStage + q * Shape::kAElements; };
+  auto b_tile = [&](int buf) { return shared + buf * kStage + kParts * Shape::kAElements; };
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const int warp_m = warp / 2, warp_n = warp % 2;
+  const int warp_m = warp / Shape::kWarpsN, warp_n = warp % Shape::kWarpsN;
   const int64_t n0 = blockIdx.y * int64_t(kBf16TileN);
   const uint16_t* xraw = reinterpret_cast<const uint16_t*>(xb);
 
-  // Loader: 128 rows x 4 groups of 8 values per operand, two (row, group) pairs per thread.
-  uint4 a_next[kParts][2], b_next[2];
+  // Loader: rows x 4 groups of 8 values per operand, (row, group) pairs dealt out over the threads.
+  uint4 a_next[kParts][Shape::kALoads], b_next[Shape::kBLoads];
   auto fetch = [&](int64_t k0) {
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
+    for (int i = 0; i < Shape::kALoads; ++i) {
       const int id = tid + i * kBf16TileThreads, row = id / 4, kk = (id % 4) * 8;
+      const bool loads = id < kTileM * 4 && m0 + row < m;
 #pragma unroll
       for (int q = 0; q < kParts; ++q)
-        a_next[q][i] = m0 + row < m ? load_16bit_x8(xraw + q * term_stride + (m0 + row) * ldb, k0 + kk, ldb, true)
-                                    : make_uint4(0, 0, 0, 0);
+        a_next[q][i] = loads ? load_16bit_x8(xraw + q * term_stride + (m0 + row) * ldb, k0 + kk, ldb, true)
+                             : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int i = 0; i < Shape::kBLoads; ++i) {
+      const int id = tid + i * kBf16TileThreads, row = id / 4, kk = (id % 4) * 8;
       b_next[i] = n0 + row < n ? load_16bit_x8(w + (n0 + row) * k, k0 + kk, k, w_vec) : make_uint4(0, 0, 0, 0);
     }
   };
   auto stash = [&](int buf) {
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
+    for (int i = 0; i < Shape::kALoads; ++i) {
       const int id = tid + i * kBf16TileThreads, row = id / 4, kk = (id % 4) * 8;
+      if (id < kTileM * 4)
 #pragma unroll
-      for (int q = 0; q < kParts; ++q)
-        *reinterpret_cast<uint4*>(a_tile(buf, q) + row * kBf16TileStride + kk) = a_next[q][i];
+        for (int q = 0; q < kParts; ++q)
+          *reinterpret_cast<uint4*>(a_tile(buf, q) + row * kBf16TileStride + kk) = a_next[q][i];
+    }
+#pragma unroll
+    for (int i = 0; i < Shape::kBLoads; ++i) {
+      const int id = tid + i * kBf16TileThreads, row = id / 4, kk = (id % 4) * 8;
       *reinterpret_cast<uint4*>(b_tile(buf) + row * kBf16TileStride + kk) = b_next[i];
     }
   };
 
-  FragC part[2][4], total[2][4];
+  FragC part[2][kFragsN], total[2][kFragsN];
 #pragma unroll
   for (int i = 0; i < 2; ++i)
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
+    for (int j = 0; j < kFragsN; ++j) {
       wmma::fill_fragment(part[i][j], 0.0f);
       wmma::fill_fragment(total[i][j], 0.0f);
     }
@@ -588,10 +610,11 @@ __device__ __forceinline__ void bf16_tile(const __nv_bfloat16* xb, int64_t ldb, 
 #pragma unroll
     for (int s = 0; s < kBf16TileK / 16; ++s) {
       if (t * kBf16TileK + s * 16 >= k) break;  // the same steps as chunk_steps
-      FragB b[4];
+      FragB b[kFragsN];
 #pragma unroll
-      for (int j = 0; j < 4; ++j)
-        wmma::load_matrix_sync(b[j], b_tile(buf) + (warp_n * 64 + j * 16) * kBf16TileStride + s * 16, kBf16TileStride);
+      for (int j = 0; j < kFragsN; ++j)
+        wmma::load_matrix_sync(b[j], b_tile(buf) + (warp_n * kFragsN * 16 + j * 16) * kBf16TileStride + s * 16,
+                               kBf16TileStride);
 #pragma unroll
       for (int q = kParts - 1; q >= 0; --q) {
         FragA a[2];
@@ -600,7 +623,7 @@ __device__ __forceinline__ void bf16_tile(const __nv_bfloat16* xb, int64_t ldb, 
           wmma::load_matrix_sync(a[i], a_tile(buf, q) + (warp_m * 32 + i * 16) * kBf16TileStride + s * 16,
                                  kBf16TileStride);
 #pragma unroll
-        for (int j = 0; j < 4; ++j)
+        for (int j = 0; j < kFragsN; ++j)
 #pragma unroll
           for (int i = 0; i < 2; ++i) wmma::mma_sync(part[i][j], a[i], b[j], part[i][j]);
       }
@@ -609,7 +632,7 @@ __device__ __forceinline__ void bf16_tile(const __nv_bfloat16* xb, int64_t ldb, 
 #pragma unroll
       for (int i = 0; i < 2; ++i)
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
+        for (int j = 0; j < kFragsN; ++j) {
 #pragma unroll
           for (int e = 0; e < total[i][j].num_elements; ++e) total[i][j].x[e] = __fadd_rn(total[i][j].x[e], part[i][j].x[e]);
           wmma::fill_fragment(part[i][j], 0.0f);
@@ -619,15 +642,15 @@ __device__ __forceinline__ void bf16_tile(const __nv_bfloat16* xb, int64_t ldb, 
     __syncthreads();
   }
 
-  // Fragments go through shared memory (free now) so edge tiles can be stored with bounds checks.
+// Fragments go through shared memory (free now) so edge tiles can be stored with bounds checks.
   float* stage = reinterpret_cast<float*>(shared) + warp * 256;
 #pragma unroll
   for (int i = 0; i < 2; ++i)
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
+    for (int j = 0; j < kFragsN; ++j) {
       wmma::store_matrix_sync(stage, total[i][j], 16, wmma::mem_row_major);
       __syncwarp();
-      const int64_t r0 = m0 + warp_m * 32 + i * 16, c0 = n0 + warp_n * 64 + j * 16;
+      const int64_t r0 = m0 + warp_m * 32 + i * 16, c0 = n0 + (warp_n * kFragsN + j) * 16;
       for (int e = lane; e < 256; e += 32) {
         const int64_t r = r0 + e / 16, c = c0 + e % 16;
         if (r < m && c < n) out[r * ldo + c] = stage[e];
@@ -636,24 +659,23 @@ __device__ __forceinline__ void bf16_tile(const __nv_bfloat16* xb, int64_t ldb, 
     }
 }
 
-template <int kParts>
-__global__ __launch_bounds__(kBf16TileThreads, 1) void matmul_bf16_tiled(const __nv_bfloat16* xb, int64_t ldb, int64_t m,
-                                                                         const uint16_t* w, int64_t n, int64_t k,
-                                                                         bool w_vec, float* out, int64_t ldo) {
-  bf16_tile<kParts>(xb, ldb, m * ldb, m, w, n, k, w_vec, out, ldo, blockIdx.x * int64_t(kBf16TileM));
+template <int kParts, int kTileM>
+__global__ __launch_bounds__(kBf16TileThreads, Bf16Tile<kTileM>::kMinBlocks) void matmul_bf16_tiled(
+    const __nv_bfloat16* xb, int64_t ldb, int64_t m, const uint16_t* w, int64_t n, int64_t k, bool w_vec, float* out,
+    int64_t ldo) {
+  bf16_tile<kParts, kTileM>(xb, ldb, m * ldb, m, w, n, k, w_vec, out, ldo, blockIdx.x * int64_t(kTileM));
 }
 
 // Grid x: the groups' row tiles, in group order; `rows`, x's rows, sets the terms apart.
-template <int kParts>
-__global__ __launch_bounds__(kBf16TileThreads, 1) void grouped_bf16_tiled(const __nv_bfloat16* xb, int64_t ldb,
-                                                                          int64_t rows, const int64_t* offsets,
-                                                                          int groups, GroupWeights weights, int64_t n,
-                                                                          int64_t k, bool w_vec, float* out,
-                                                                          int64_t ldo) {
+template <int kParts, int kTileM>
+__global__ __launch_bounds__(kBf16TileThreads, Bf16Tile<kTileM>::kMinBlocks) void grouped_bf16_tiled(
+    const __nv_bfloat16* xb, int64_t ldb, int64_t rows, const int64_t* offsets, int groups, GroupWeights weights,
+    int64_t n, int64_t k, bool w_vec, float* out, int64_t ldo) {
   GroupTile t;
-  if (!find_tile(offsets, groups, kBf16TileM, blockIdx.x, t)) return;
-  bf16_tile<kParts>(xb + t.row0 * ldb, ldb, rows * ldb, t.group_rows,
-                    static_cast<const uint16_t*>(weights.data[t.group]), n, k, w_vec, out + t.row0 * ldo, ldo, t.first);
+  if (!find_tile(offsets, groups, kTileM, blockIdx.x, t)) return;
+  bf16_tile<kParts, kTileM>(xb + t.row0 * ldb, ldb, rows * ldb, t.group_rows,
+                            static_cast<const uint16_t*>(weights.data[t.group]), n, k, w_vec, out + t.row0 * ldo, ldo,
+                            t.first);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -751,6 +773,21 @@ void launch_split_to_bf16(const float* x, int64_t ldx, int64_t m, int64_t k, __n
   M1_CUDA_CHECK_LAUNCH();
 }
 
+// The tile height of the tiled kernels for products of at most `rows` rows per group: 32 for few
+// rows (which take them when their skinny partials would not fit), else 128.
+constexpr int64_t kBf16ShortTileRows = 32;
+
+template <int kParts, int kTileM>
+void launch_bf16_tiled(const __nv_bfloat16* xb, int64_t ldb, int64_t m, const uint16_t* w, int64_t n, int64_t k,
+                       bool w_vec, float* out, int64_t ldo, cudaStream_t stream) {
+  constexpr auto kernel = matmul_bf16_tiled<kParts, kTileM>;
+  constexpr int bytes = Bf16Tile<kTileM>::shared_bytes(kParts);
+  allow_shared_memory<kernel>(bytes);
+  const dim3 grid(unsigned(ceil_div(m, kTileM)), unsigned(ceil_div(n, kBf16TileN)));
+  kernel<<<grid, kBf16TileThreads, bytes, stream>>>(xb, ldb, m, w, n, k, w_vec, out, ldo);
+  M1_CUDA_CHECK_LAUNCH();
+}
+
 template <int kParts>
 void matmul_bf16(const float* x, int64_t ldx, int64_t m, const DeviceMatrix& w, float* out, int64_t ldo,
                  DeviceScratch& scratch, cudaStream_t stream) {
@@ -763,12 +800,10 @@ void matmul_bf16(const float* x, int64_t ldx, int64_t m, const DeviceMatrix& w, 
   const auto* weights = static_cast<const uint16_t*>(w.data);
   const bool w_vec = aligned16(w.data) && k % 8 == 0;
   if (!skinny) {
-    constexpr auto kernel = matmul_bf16_tiled<kParts>;
-    allow_shared_memory<kernel>(bf16_tile_shared_bytes(kParts));
-    const dim3 grid(unsigned(ceil_div(m, kBf16TileM)), unsigned(ceil_div(n, kBf16TileN)));
-    kernel<<<grid, kBf16TileThreads, bf16_tile_shared_bytes(kParts), stream>>>(staging.rows, ldb, m, weights, n, k,
-                                                                              w_vec, out, ldo);
-    M1_CUDA_CHECK_LAUNCH();
+    if (m <= kBf16ShortTileRows)
+      launch_bf16_tiled<kParts, kBf16ShortTileRows>(staging.rows, ldb, m, weights, n, k, w_vec, out, ldo, stream);
+    else
+      launch_bf16_tiled<kParts, 128>(staging.rows, ldb, m, weights, n, k, w_vec, out, ldo, stream);
     return;
   }
   constexpr auto kernel = matmul_bf16_skinny<kParts>;
@@ -875,6 +910,22 @@ void grouped_f32(const float* x, int64_t ldx, const int64_t* offsets, std::span<
   }
 }
 
+// One grouped product through the tiled kernels, its groups' rows in tiles of kTileM.
+template <int kParts, int kTileM>
+void launch_grouped_bf16_tiled(const __nv_bfloat16* xb, int64_t ldb, int64_t rows, const int64_t* offsets,
+                               const GroupedProduct& p, bool w_vec, cudaStream_t stream) {
+  constexpr auto kernel = grouped_bf16_tiled<kParts, kTileM>;
+  constexpr int bytes = Bf16Tile<kTileM>::shared_bytes(kParts);
+  allow_shared_memory<kernel>(bytes);
+  const int64_t n = p.w[0].rows, k = p.w[0].cols;
+  for_each_launch(p.w, [&](int64_t first, int count, const GroupWeights& weights) {
+    const dim3 grid(unsigned(grouped_tiles(rows, count, kTileM)), unsigned(ceil_div(n, kBf16TileN)));
+    kernel<<<grid, kBf16TileThreads, bytes, stream>>>(xb, ldb, rows, offsets + first, count, weights, n, k, w_vec,
+                                                      p.out, p.ldo);
+    M1_CUDA_CHECK_LAUNCH();
+  });
+}
+
 template <int kParts>
 void grouped_bf16(const float* x, int64_t ldx, const int64_t* offsets, std::span<const GroupedProduct> products,
                   int64_t rows, int64_t group_rows, DeviceScratch& scratch, cudaStream_t stream) {
@@ -887,21 +938,15 @@ void grouped_bf16(const float* x, int64_t ldx, const int64_t* offsets, std::span
       carve_bf16_staging(scratch, kParts * rows * ldb, skinny && chunks > 1 ? chunks * rows * n : 0);
   launch_split_to_bf16<kParts>(x, ldx, rows, k, staging.rows, ldb, stream);
   constexpr auto skinny_kernel = grouped_bf16_skinny<kParts>;
-  constexpr auto tiled_kernel = grouped_bf16_tiled<kParts>;
-  if (skinny)
-    allow_shared_memory<skinny_kernel>(bf16_skinny_shared_bytes(kParts, kBf16SkinnyMaxRows));
-  else
-    allow_shared_memory<tiled_kernel>(bf16_tile_shared_bytes(kParts));
+  if (skinny) allow_shared_memory<skinny_kernel>(bf16_skinny_shared_bytes(kParts, kBf16SkinnyMaxRows));
 
   for (const GroupedProduct& p : products) {
     const bool w_vec = all_aligned16(p.w) && k % 8 == 0;
     if (!skinny) {
-      for_each_launch(p.w, [&](int64_t first, int count, const GroupWeights& weights) {
-        const dim3 grid(unsigned(grouped_tiles(rows, count, kBf16TileM)), unsigned(ceil_div(n, kBf16TileN)));
-        tiled_kernel<<<grid, kBf16TileThreads, bf16_tile_shared_bytes(kParts), stream>>>(
-            staging.rows, ldb, rows, offsets + first, count, weights, n, k, w_vec, p.out, p.ldo);
-        M1_CUDA_CHECK_LAUNCH();
-      });
+      if (group_rows <= kBf16ShortTileRows)
+        launch_grouped_bf16_tiled<kParts, kBf16ShortTileRows>(staging.rows, ldb, rows, offsets, p, w_vec, stream);
+      else
+        launch_grouped_bf16_tiled<kParts, 128>(staging.rows, ldb, rows, offsets, p, w_vec, stream);
       continue;
     }
     for_each_launch(p.w, [&](int64_t first, int count, const GroupWeights& weights) {
