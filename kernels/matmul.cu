@@ -44,15 +44,16 @@ using namespace nvcuda;
 // Inner-dimension values per partial sum: part of the arithmetic, shared by every kernel.
 constexpr int kChunk = 256;
 
+// A weight as the fp32-core kernels store and read it: F32 or F16 (BF16 weights take the tensor
+// cores in either operand mode).
 template <DType T>
 using Stored = std::conditional_t<T == DType::kF32, float, uint16_t>;
 
 template <DType T>
 __device__ __forceinline__ float widen(Stored<T> v) {
+  static_assert(T == DType::kF32 || T == DType::kF16);
   if constexpr (T == DType::kF32)
     return v;
-  else if constexpr (T == DType::kBF16)
-    return __uint_as_float(uint32_t(v) << 16);
   else
     return __half2float(__ushort_as_half(v));
 }
@@ -120,9 +121,8 @@ __device__ bool find_tile(const int64_t* offsets, int groups, int64_t tile_rows,
 
 // x as kParts bf16 terms, each [m, ldb] and the next right after it, rows padded with zeros to
 // `ldb`, a multiple of 8, so every row is 16-byte aligned. One term: x rounded (nearest even).
-// Three: hi = bf16(x),
-// mid = bf16(x - hi) and lo = x - hi - mid, 8 significant bits each, summing to x exactly (an
-// infinite x keeps zero mid and lo, so its products stay infinite rather than NaN).
+// Three: hi = bf16(x), mid = bf16(x - hi) and lo = x - hi - mid, 8 significant bits each, summing
+// to x exactly (an infinite x keeps zero mid and lo, so its products stay infinite, not NaN).
 template <int kParts>
 __global__ void split_to_bf16(const float* x, int64_t ldx, int64_t m, int64_t k, __nv_bfloat16* out, int64_t ldb) {
   static_assert(kParts == 1 || kParts == 3);
@@ -181,10 +181,10 @@ __device__ __forceinline__ void load_f32_x8(const Stored<T>* row, int64_t k, int
 }
 
 // ---------------------------------------------------------------------------------------------
-// kFp32, few rows: CTA (block of 64 outputs, one chunk). The chunk of 64 weight rows is staged in
-// shared memory in its stored dtype (rows padded to an odd number of words, so a warp reading one
-// column of 32 rows hits 32 banks); thread (column, group) runs the fmaf chain of its column for
-// rows group, group + 4, ...
+// F32 and F16 weights, few rows: CTA (block of 64 outputs, one chunk). The chunk of 64 weight
+// rows is staged in shared memory in its stored dtype (rows padded to an odd number of words, so a
+// warp reading one column of 32 rows hits 32 banks); thread (column, group) runs the fmaf chain of
+// its column for rows group, group + 4, ...
 
 constexpr int kF32SkinnyThreads = 256;
 constexpr int kF32SkinnyCols = 64;
@@ -299,9 +299,10 @@ __global__ __launch_bounds__(kF32SkinnyThreads) void grouped_f32_skinny(const fl
 }
 
 // ---------------------------------------------------------------------------------------------
-// kFp32, many rows: 64 x 64 output tile per CTA of 256 threads, 4 x 4 outputs per thread, k-tiles
-// of 32 staged in shared memory as fp32 (k-major, so a thread reads its 4 rows or columns as one
-// float4), the next k-tile fetched into registers while the current one is multiplied.
+// F32 and F16 weights, many rows: 64 x 64 output tile per CTA of 256 threads, 4 x 4 outputs per
+// thread, k-tiles of 32 staged in shared memory as fp32 (k-major, so a thread reads its 4 rows or
+// columns as one float4), the next k-tile fetched into registers while the current one is
+// multiplied.
 
 constexpr int kF32TileM = 64, kF32TileN = 64, kF32TileK = 32, kF32TileThreads = 256;
 static_assert(kChunk % kF32TileK == 0, "a chunk must be whole k-tiles");
@@ -642,7 +643,7 @@ __device__ __forceinline__ void bf16_tile(const __nv_bfloat16* xb, int64_t ldb, 
     __syncthreads();
   }
 
-// Fragments go through shared memory (free now) so edge tiles can be stored with bounds checks.
+  // Fragments go through shared memory (free now) so edge tiles can be stored with bounds checks.
   float* stage = reinterpret_cast<float*>(shared) + warp * 256;
 #pragma unroll
   for (int i = 0; i < 2; ++i)
@@ -773,8 +774,8 @@ void launch_split_to_bf16(const float* x, int64_t ldx, int64_t m, int64_t k, __n
   M1_CUDA_CHECK_LAUNCH();
 }
 
-// The tile height of the tiled kernels for products of at most `rows` rows per group: 32 for few
-// rows (which take them when their skinny partials would not fit), else 128.
+// Products of at most this many rows per group that take the tiled kernels (their skinny partials
+// would not fit) run in tiles of this height; more rows take 128-row tiles.
 constexpr int64_t kBf16ShortTileRows = 32;
 
 template <int kParts, int kTileM>

@@ -326,15 +326,14 @@ TEST(CudaLightningTest, RepeatsBitForBit) {
   check_repeats_bit_for_bit(false);
 }
 
-// At d = 128 the fp32 kernel runs a lone segment with its value columns split over two CTAs per
-// head and a batch of 20 with one CTA per head: a segment's result must not depend on which, to
-// the bit. The same holds for the bf16 kernel, which always splits.
-void check_batch_invariance(bool bf16_operands) {
-  const int64_t heads = 8, d = 128, stride = heads * 3 * d, count = 150;
-  std::vector<int64_t> counts = {count};
-  for (int64_t i = 1; i < 20; ++i) counts.push_back(2 + 7 * i);
+// Runs `counts` segments (of sequences 0, 1, ..., `gap` unused rows after each) in one call and
+// checks every output and state against the recurrence, then runs the first segment alone: its
+// output and state must be the batched call's to the bit.
+void check_first_segment_alone(int64_t heads, int64_t d, const std::vector<int64_t>& counts, int64_t gap,
+                               bool bf16_operands) {
+  const int64_t stride = heads * 3 * d, count = counts[0];
   CallLayout batch_layout{.bf16_operands = bf16_operands};
-  const std::vector<SegmentSpec> segments = lay_out(counts, 0, batch_layout);
+  const std::vector<SegmentSpec> segments = lay_out(counts, gap, batch_layout);
   const std::vector<float> decay = random_decay(heads, true);
   const std::vector<float> qkv = random_qkv(size_t(batch_layout.rows * stride));
   Layer batched(heads, d, decay, counts.size()), alone(heads, d, decay, 1);
@@ -355,6 +354,15 @@ void check_batch_invariance(bool bf16_operands) {
   EXPECT_EQ(0, std::memcmp(state_alone.data(), state_batched.data(), state_alone.size() * sizeof(float)));
 }
 
+// At d = 128 the fp32 kernel runs a lone segment with its value columns split over two CTAs per
+// head and a batch of 20 with one CTA per head: a segment's result must not depend on which, to
+// the bit. The same holds for the bf16 kernel, which always splits.
+void check_batch_invariance(bool bf16_operands) {
+  std::vector<int64_t> counts = {150};
+  for (int64_t i = 1; i < 20; ++i) counts.push_back(2 + 7 * i);
+  check_first_segment_alone(8, 128, counts, 0, bf16_operands);
+}
+
 TEST(CudaLightningTest, SegmentResultDoesNotDependOnTheBatch) {
   M1_REQUIRE_CUDA();
   check_batch_invariance(false);
@@ -366,22 +374,7 @@ TEST(CudaLightningTest, DecodeResultDoesNotDependOnTheBatch) {
   M1_REQUIRE_CUDA();
   for (int64_t d : {30, 64}) {
     SCOPED_TRACE("d " + std::to_string(d));
-    const int64_t heads = 3, stride = heads * 3 * d;
-    CallLayout batch_layout;
-    const std::vector<SegmentSpec> segments = lay_out({1, 1, 17, 1}, 1, batch_layout);
-    const std::vector<float> decay = random_decay(heads, true);
-    const std::vector<float> qkv = random_qkv(size_t(batch_layout.rows * stride));
-    Layer batched(heads, d, decay, segments.size()), alone(heads, d, decay, 1);
-    alone.states[0] = batched.states[0];
-    alone.upload_states();
-    auto [got_batched, want] = run_call(batched, qkv, segments, batch_layout);
-    expect_outputs(got_batched, want, segments, heads * d, heads * d, kExactBound);
-    const std::vector<float> row(qkv.begin(), qkv.begin() + stride);
-    auto [got_alone, unused] = run_call(alone, row, {{0, 0, 1}}, CallLayout{.rows = 1});
-    EXPECT_EQ(0, std::memcmp(got_alone.data(), got_batched.data(), got_alone.size() * sizeof(float)));
-    const std::vector<float> state_alone = alone.device_state(0), state_batched = batched.device_state(0);
-    EXPECT_LE(relative_error(state_batched, batched.states[0]), kExactBound);
-    EXPECT_EQ(0, std::memcmp(state_alone.data(), state_batched.data(), state_alone.size() * sizeof(float)));
+    check_first_segment_alone(3, d, {1, 1, 17, 1}, 1, false);
   }
 }
 
