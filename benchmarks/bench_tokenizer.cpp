@@ -14,7 +14,7 @@
 namespace {
 
 const std::filesystem::path kTokenizerPath =
-    std::filesystem::path(M1_SHARED_DIR) / "data/minimax-m1/tokenizer.json";
+    std::filesystem::path(M1_SOURCE_DIR) / "data/minimax-m1/tokenizer.json";
 const std::filesystem::path kProsePath = "/usr/share/common-licenses/GPL-3";  // 35 KB of English
 
 std::string read_file(const std::filesystem::path& path) {

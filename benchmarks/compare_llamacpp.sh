@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # m1 against its CPU peer, llama.cpp, on the same checkpoint: pp512 (prompt tokens/s) and tg64
-# (generated tokens/s) at depths 0 and 4096, the peer through shared/peers/llamacpp/bench.sh. The two
+# (generated tokens/s) at depths 0 and 4096, the peer through its bench script (LLAMACPP_BENCH). The two
 # run interleaved, one sample each per round (m1, llama.cpp, m1, llama.cpp, ...) because these
 # machines drift 10-20% between runs; medians over rounds are compared. Decode is also put against
 # its limit: weight bytes read per token over the read bandwidth m1-bench measures in each round.
 #   benchmarks/compare_llamacpp.sh MODEL_DIR [THREADS]
 # Environment: ROUNDS (default 3); PRECISION, m1's (default fast: like llama.cpp's BF16 path, it
 # multiplies bf16 operands); M1_BENCH, the m1-bench binary (default build/bin/m1-bench);
-# M1_SHARED_DIR (default ../shared next to the repository).
+# LLAMACPP_BENCH (required), the peer's benchmark script: it builds llama.cpp, converts MODEL_DIR to
+# GGUF and runs llama-bench with the arguments given (the project's peer kit provides one).
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 model="$(cd "${1:?usage: compare_llamacpp.sh MODEL_DIR [THREADS]}" && pwd)"
@@ -15,9 +16,10 @@ threads="${2:-2}"
 rounds="${ROUNDS:-3}"
 precision="${PRECISION:-fast}"
 m1_bench="${M1_BENCH:-$repo/build/bin/m1-bench}"
-peer="${M1_SHARED_DIR:-$repo/../shared}/peers/llamacpp/bench.sh"
+peer="${LLAMACPP_BENCH:-}"
 [ -x "$m1_bench" ] || { echo "compare_llamacpp: $m1_bench not found (build m1-bench, or set M1_BENCH)" >&2; exit 1; }
-[ -x "$peer" ] || { echo "compare_llamacpp: $peer not found (set M1_SHARED_DIR)" >&2; exit 1; }
+[ -n "$peer" ] || { echo "compare_llamacpp: LLAMACPP_BENCH is not set (the peer's bench.sh)" >&2; exit 1; }
+[ -x "$peer" ] || { echo "compare_llamacpp: LLAMACPP_BENCH=$peer is not an executable script" >&2; exit 1; }
 
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT

@@ -39,14 +39,14 @@ if [[ "${1:-}" == prepare ]]; then
   mkdir -p "$BUILD"
   build "$BUILD"
   rm -rf "$BUNDLE"
-  mkdir -p "$BUNDLE/bin" "$BUNDLE/lib" "$BUNDLE/shared"
+  mkdir -p "$BUNDLE/bin" "$BUNDLE/lib"
   for t in "${TARGETS[@]}"; do cp "$BUILD/bin/$t" "$BUNDLE/bin/"; done
   strip --strip-debug "$BUNDLE"/bin/*
   # Libraries a bare GPU image may lack: everything but glibc's own, the C++ runtime and CUDA's.
   ldd "$BUNDLE"/bin/* | awk '/=> \// {print $3}' | sort -u |
     grep -Ev '/(libc|libm|libdl|librt|libpthread|libgcc_s|libstdc\+\+|ld-linux[^/]*|libcuda|libcublas[^/]*|libcudart)\.so' |
     xargs -r cp -L -t "$BUNDLE/lib/"
-  cp -r "$ROOT/../shared/golden" "$BUNDLE/shared/"
+  cp -r "$ROOT/tests/data/golden" "$BUNDLE/golden"
   # Packed: a device call carries at most 64 MiB, and the binaries each hold every kernel.
   tar -czf "$BUNDLE.tgz" -C "$ROOT" gpu-bundle
   du -sh "$BUNDLE" "$BUNDLE.tgz"
@@ -93,7 +93,7 @@ if [[ -f "$BUNDLE.tgz" ]]; then rm -rf "$BUNDLE" && tar -xzf "$BUNDLE.tgz" -C "$
 if [[ -d "$BUNDLE" ]]; then
   BIN=$BUNDLE/bin
   export LD_LIBRARY_PATH="$BUNDLE/lib:/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-  export M1_SHARED_DIR=$BUNDLE/shared
+  export M1_GOLDEN_DIR=$BUNDLE/golden
   if ldd "$BIN/bench_cuda" | grep -q 'not found'; then
     # cuBLAS from wherever this image keeps it (a Python wheel, say).
     lib=$(find / -xdev -name 'libcublas.so.13*' 2>/dev/null | head -1)

@@ -9,8 +9,12 @@ packages=(
   nlohmann-json3-dev libfmt-dev libspdlog-dev libcli11-dev libpcre2-dev libcpp-httplib-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   python3  # turns the CUDA kernels into C++ for their CPU-emulated tests
+  curl procps  # .ci/run asks the demo server for a chat completion (curl), finds its pid (pgrep)
   "$@"
 )
+# The openai client test runs Node.js and npm. Any install of them will do (Debian's, or
+# NodeSource's, whose nodejs package carries npm): only when npm is absent are Debian's named.
+command -v npm >/dev/null 2>&1 || packages+=(nodejs npm)
 
 missing=()
 for p in "${packages[@]}"; do

@@ -1,5 +1,5 @@
 #pragma once
-// The golden models of shared/golden (a prompt and its float64 reference logits), and what the CPU
+// The golden models of tests/data/golden (a prompt and its float64 reference logits), and what the CPU
 // (test_golden) and CUDA (test_cuda_backend) tests do alike with them: read them, feed them, and
 // check that batching and forking sequences change no logit.
 
@@ -20,11 +20,12 @@
 
 namespace m1::testing {
 
-// M1_SHARED_DIR in the environment overrides the build's: a GPU machine runs binaries built elsewhere
-// (scripts/gpu-check.sh carries the golden vectors beside them).
+// The golden models live in tests/data/golden of the source tree. M1_GOLDEN_DIR in the environment
+// overrides it: a GPU machine runs binaries built elsewhere (scripts/gpu-check.sh carries the golden
+// vectors beside them).
 inline std::string golden_root() {
-  const char* env = std::getenv("M1_SHARED_DIR");
-  return std::string(env ? env : M1_SHARED_DIR) + "/golden/";
+  const char* env = std::getenv("M1_GOLDEN_DIR");
+  return std::string(env ? env : M1_SOURCE_DIR "/tests/data/golden") + "/";
 }
 
 struct Golden {

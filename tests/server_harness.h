@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -54,25 +55,31 @@ inline int64_t cpu_state_bytes(const ModelConfig& c, int64_t tokens) {
 }
 
 // m1-serve as a child process serving DIR/tiny, its output (stderr and stdout) in DIR/serve.log;
-// the port is read from its listening line.
+// the port is read from its listening line. A process that cannot be started, or that exits before
+// it listens, is a test failure; the object then holds no process and signals nothing, ever: a
+// pid <= 0 given to kill() would reach a process group, or as root every process on the machine.
 class ServerProcess {
  public:
-  ServerProcess(const fs::path& dir, const std::vector<std::string>& flags) : log_(dir / "serve.log") {
-    std::vector<std::string> args = {kBinDir + "/m1-serve", "--model", (dir / "tiny").string(), "--port", "0",
-                                      "--threads", "1"};
+  ServerProcess(const fs::path& dir, const std::vector<std::string>& flags, const std::string& binary = kBinDir + "/m1-serve")
+      : log_(dir / "serve.log") {
+    std::vector<std::string> args = {binary, "--model", (dir / "tiny").string(), "--port", "0", "--threads", "1"};
     args.insert(args.end(), flags.begin(), flags.end());
     posix_spawn_file_actions_t files;
     posix_spawn_file_actions_init(&files);
     posix_spawn_file_actions_addopen(&files, 2, log_.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
     posix_spawn_file_actions_adddup2(&files, 2, 1);
-    EXPECT_EQ(posix_spawn(&pid_, args[0].c_str(), &files, nullptr, argv(args).data(), environ), 0);
+    pid_t pid = 0;
+    const int error = posix_spawn(&pid, args[0].c_str(), &files, nullptr, argv(args).data(), environ);
     posix_spawn_file_actions_destroy(&files);
+    if (error != 0) {
+      ADD_FAILURE() << "cannot start " << binary << ": " << std::strerror(error);
+      return;
+    }
+    pid_ = pid;
     port_ = wait_for_line();
   }
   ~ServerProcess() {
-    if (pid_ <= 0) return;
-    signal(SIGKILL);
-    wait();
+    if (signal(SIGKILL)) wait();
   }
   ServerProcess(const ServerProcess&) = delete;
   ServerProcess& operator=(const ServerProcess&) = delete;
@@ -80,24 +87,23 @@ class ServerProcess {
   int port() const { return port_; }
   std::string log() const { return read_file(log_); }
 
-  void signal(int signal) const { ::kill(pid_, signal); }
-  // Waits for the exit; returns the exit code, or -1 after `limit` or on a crash.
+  // Sends `signal` to the child while it runs; false (nothing sent) when there is none.
+  bool signal(int signal) const { return pid_ > 0 && ::kill(pid_, signal) == 0; }
+  // Waits for the exit; returns the exit code, or -1 after `limit`, on a crash, or with no child.
   int wait(std::chrono::seconds limit = 15s) {
     const auto deadline = std::chrono::steady_clock::now() + limit;
-    for (;;) {
-      int status = 0;
-      if (::waitpid(pid_, &status, WNOHANG) == pid_) {
-        pid_ = -1;
-        return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-      }
+    while (pid_ > 0) {
+      if (reap()) break;
       if (std::chrono::steady_clock::now() > deadline) return -1;
       std::this_thread::sleep_for(20ms);
     }
+    return exit_code_;
   }
   // True while the process has not exited (or crashed).
-  bool running() const { return pid_ > 0 && ::waitpid(pid_, nullptr, WNOHANG) == 0; }
+  bool running() { return pid_ > 0 && !reap(); }
   // Resident memory in KiB (VmRSS of /proc/PID/status); -1 when unreadable.
   int64_t resident_kib() const {
+    if (pid_ <= 0) return -1;
     const std::string status = read_file("/proc/" + std::to_string(pid_) + "/status");
     const size_t at = status.find("VmRSS:");
     return at == std::string::npos ? -1 : std::stoll(status.substr(at + 6));
@@ -112,6 +118,15 @@ class ServerProcess {
     return out;
   }
 
+  // Collects the child's exit if it has exited; the object then holds no process.
+  bool reap() {
+    int status = 0;
+    if (pid_ <= 0 || ::waitpid(pid_, &status, WNOHANG) != pid_) return false;
+    pid_ = -1;
+    exit_code_ = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+    return true;
+  }
+
   int wait_for_line() {
     const std::regex listening("m1-serve: listening on http://127\\.0\\.0\\.1:(\\d+)");
     for (int i = 0; i < 500; ++i) {
@@ -119,6 +134,10 @@ class ServerProcess {
       const std::string text = log();
       if (std::regex_search(text, match, listening) && text.find("ready") != std::string::npos)
         return std::stoi(match[1]);
+      if (reap()) {
+        ADD_FAILURE() << "m1-serve exited with status " << exit_code_ << " before it listened: " << log();
+        return 0;
+      }
       std::this_thread::sleep_for(20ms);
     }
     ADD_FAILURE() << "m1-serve did not start: " << log();
@@ -127,6 +146,7 @@ class ServerProcess {
 
   fs::path log_;
   pid_t pid_ = -1;
+  int exit_code_ = -1;
   int port_ = 0;
 };
 

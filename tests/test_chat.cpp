@@ -15,7 +15,7 @@ namespace {
 
 using nlohmann::ordered_json;
 
-const std::filesystem::path kSharedDir = M1_SHARED_DIR;
+const std::filesystem::path kSourceDir = M1_SOURCE_DIR;
 constexpr int32_t kEndOfSentenceId = 200020;
 constexpr int32_t kToolCallsOpenId = 200025;
 constexpr int32_t kToolCallsCloseId = 200026;
@@ -27,7 +27,7 @@ ordered_json read_json(const std::filesystem::path& path) {
 }
 
 const ordered_json& golden_cases() {
-  static const ordered_json cases = read_json(kSharedDir / "golden/chat_template.json");
+  static const ordered_json cases = read_json(kSourceDir / "tests/data/golden/chat_template.json");
   return cases;
 }
 
@@ -40,7 +40,7 @@ const ordered_json& golden_case(const std::string& name) {
 
 const m1::Tokenizer& real_tokenizer() {
   static const m1::Tokenizer tokenizer =
-      m1::Tokenizer::load(kSharedDir / "data/minimax-m1/tokenizer.json");
+      m1::Tokenizer::load(kSourceDir / "data/minimax-m1/tokenizer.json");
   return tokenizer;
 }
 

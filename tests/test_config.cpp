@@ -26,7 +26,7 @@ namespace fs = std::filesystem;
 using nlohmann::json;
 using m1::testing::expect_error;
 
-const std::string kShared = M1_SHARED_DIR;
+const std::string kSourceDir = M1_SOURCE_DIR;
 const std::string kSource = "under-test/config.json";  // the `source` every parse_config call names
 constexpr double kAlpha = 3.5565588200778455;
 
@@ -123,9 +123,9 @@ void expect_m1_layernorm_scales(const m1::ModelConfig& c) {
   EXPECT_EQ(c.mlp_beta, 1.0);
 }
 
-m1::ModelConfig tiny_bf16() { return m1::load_config(kShared + "/golden/tiny-bf16/config.json"); }
-m1::ModelConfig odd_f32() { return m1::load_config(kShared + "/golden/odd-f32/config.json"); }
-m1::ModelConfig real_m1() { return m1::load_config(kShared + "/data/minimax-m1/config.json"); }
+m1::ModelConfig tiny_bf16() { return m1::load_config(kSourceDir + "/tests/data/golden/tiny-bf16/config.json"); }
+m1::ModelConfig odd_f32() { return m1::load_config(kSourceDir + "/tests/data/golden/odd-f32/config.json"); }
+m1::ModelConfig real_m1() { return m1::load_config(kSourceDir + "/data/minimax-m1/config.json"); }
 
 // ---- valid configs ----
 

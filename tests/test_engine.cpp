@@ -12,7 +12,7 @@
 namespace m1 {
 namespace {
 
-const std::string kModel = std::string(M1_SHARED_DIR) + "/golden/odd-f32";
+const std::string kModel = std::string(M1_SOURCE_DIR) + "/tests/data/golden/odd-f32";
 
 struct Outcome {
   std::vector<std::vector<int32_t>> tokens;  // per choice

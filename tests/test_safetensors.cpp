@@ -35,7 +35,7 @@ using m1::DType;
 using m1::testing::expect_error;
 using m1::testing::read_file;
 
-const fs::path kGolden = fs::path(M1_SHARED_DIR) / "golden";
+const fs::path kGolden = fs::path(M1_SOURCE_DIR) / "tests/data/golden";
 constexpr const char* kIndexName = "model.safetensors.index.json";
 
 // ---- bytes of hand-made files ----

@@ -19,7 +19,7 @@
 namespace m1::server {
 namespace {
 
-const std::string kTokenizer = std::string(M1_SHARED_DIR) + "/golden/odd-f32/tokenizer.json";
+const std::string kTokenizer = std::string(M1_SOURCE_DIR) + "/tests/data/golden/odd-f32/tokenizer.json";
 
 class ServerApiTest : public ::testing::Test {
  protected:

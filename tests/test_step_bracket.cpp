@@ -14,7 +14,7 @@
 namespace m1 {
 namespace {
 
-const std::string kModel = std::string(M1_SHARED_DIR) + "/golden/odd-f32";
+const std::string kModel = std::string(M1_SOURCE_DIR) + "/tests/data/golden/odd-f32";
 
 // The CPU backend, playing a recording backend whose every step fails once: `kSkip` steps launch
 // nothing (and end_step says so), `kThrow` steps throw at their first attention call (and

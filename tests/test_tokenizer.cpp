@@ -21,10 +21,10 @@ namespace {
 using nlohmann::json;
 namespace fs = std::filesystem;
 
-const fs::path kSharedDir = M1_SHARED_DIR;
-const fs::path kRealTokenizer = kSharedDir / "data/minimax-m1/tokenizer.json";
-const fs::path kTinyTokenizer = kSharedDir / "golden/tiny-bf16/tokenizer.json";
-const fs::path kOddTokenizer = kSharedDir / "golden/odd-f32/tokenizer.json";
+const fs::path kSourceDir = M1_SOURCE_DIR;
+const fs::path kRealTokenizer = kSourceDir / "data/minimax-m1/tokenizer.json";
+const fs::path kTinyTokenizer = kSourceDir / "tests/data/golden/tiny-bf16/tokenizer.json";
+const fs::path kOddTokenizer = kSourceDir / "tests/data/golden/odd-f32/tokenizer.json";
 
 const m1::Tokenizer& real_tokenizer() {
   static const m1::Tokenizer tokenizer = m1::Tokenizer::load(kRealTokenizer);
@@ -134,7 +134,7 @@ int32_t byte_token(const m1::Tokenizer& tokenizer, uint8_t byte) {
 // ---------------------------------------------------------------------------------------------
 
 TEST(Tokenizer, MatchesGoldenEncodings) {
-  const json cases = read_json(kSharedDir / "golden/tokenizer_m1.json");
+  const json cases = read_json(kSourceDir / "tests/data/golden/tokenizer_m1.json");
   ASSERT_FALSE(cases.empty());
   for (const json& c : cases) {
     const std::string text = c["text"];

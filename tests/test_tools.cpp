@@ -20,7 +20,7 @@ namespace {
 
 namespace fs = std::filesystem;
 const std::string kBin = M1_BIN_DIR;
-const std::string kShared = M1_SHARED_DIR;
+const std::string kSourceDir = M1_SOURCE_DIR;
 
 using m1::testing::CommandResult;
 using m1::testing::read_file;
@@ -150,7 +150,7 @@ std::string ids_csv(const std::vector<int32_t>& ids) {
 }
 
 TEST_F(ToolsTest, GenerateLogitsMatchTheGolden) {
-  const std::string golden = kShared + "/golden/tiny-bf16";
+  const std::string golden = kSourceDir + "/tests/data/golden/tiny-bf16";
   auto meta = nlohmann::json::parse(read_file(golden + "/golden.json"));
   std::vector<int32_t> tokens = meta["tokens"];
   fs::path logits_file = dir_ / "logits.f32";
@@ -213,7 +213,7 @@ TEST_F(ToolsTest, GenerateChatStopsAtEndOfTurnOrLength) {
 }
 
 TEST_F(ToolsTest, TokenizeRoundTrips) {
-  const std::string tok = tool("m1-tokenize") + " --tokenizer " + kShared + "/data/minimax-m1/tokenizer.json";
+  const std::string tok = tool("m1-tokenize") + " --tokenizer " + kSourceDir + "/data/minimax-m1/tokenizer.json";
   Result enc = run(tok, "Hello world");
   ASSERT_EQ(enc.status, 0) << enc.err;
   EXPECT_EQ(nlohmann::json::parse(enc.out), nlohmann::json({19739, 2035}));
@@ -221,6 +221,26 @@ TEST_F(ToolsTest, TokenizeRoundTrips) {
   ASSERT_EQ(dec.status, 0) << dec.err;
   EXPECT_EQ(dec.out.substr(0, 11), "Hello world");
   expect_failure(run(tool("m1-tokenize") + " --tokenizer " + (dir_ / "none.json").string(), "x"), "none.json");
+}
+
+
+// m1-mkmodel needs nothing beside it: copied alone to another directory and run from there, it
+// writes the real tokenizer (the repository's data/minimax-m1, built into the binary) and its chat
+// template.
+TEST_F(ToolsTest, MkmodelCopiedAloneCarriesTheRealTokenizer) {
+  const fs::path copy = dir_ / "bin" / "m1-mkmodel";
+  fs::create_directories(copy.parent_path());
+  fs::copy_file(tool("m1-mkmodel"), copy);
+  const fs::path out = dir_ / "full";
+  Result r = run("cd " + dir_.string() + " && " + copy.string() + " --preset tiny --tokenizer full --out " + out.string());
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_EQ(nlohmann::json::parse(read_file(out / "tokenizer.json")),
+            nlohmann::json::parse(read_file(fs::path(kSourceDir) / "data/minimax-m1/tokenizer.json")));
+  EXPECT_EQ(nlohmann::json::parse(read_file(out / "tokenizer_config.json")),
+            nlohmann::json::parse(read_file(fs::path(kSourceDir) / "data/minimax-m1/tokenizer_config.json")));
+  Result enc = run(tool("m1-tokenize") + " --model " + out.string(), "Hello world");
+  ASSERT_EQ(enc.status, 0) << enc.err;
+  EXPECT_EQ(nlohmann::json::parse(enc.out), nlohmann::json({19739, 2035}));
 }
 
 }  // namespace

@@ -4,6 +4,8 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <optional>
+#include <string_view>
 
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
@@ -11,6 +13,7 @@
 #include "m1/error.h"
 #include "m1/safetensors.h"
 #include "m1/synthetic.h"
+#include "embedded_tokenizer.h"
 
 namespace fs = std::filesystem;
 using ordered_json = nlohmann::ordered_json;
@@ -26,7 +29,7 @@ struct Options {
   std::string dtype = "bf16";
   uint64_t seed = 0;
   std::string tokenizer;  // "full", or the number of merges to keep; default: the preset's
-  fs::path tokenizer_source = fs::path(M1_SHARED_DIR) / "data/minimax-m1/tokenizer.json";
+  fs::path tokenizer_source;  // empty: the real tokenizer built into this binary
   double shard_mb = 0;
   bool force = false;
 };
@@ -46,6 +49,16 @@ nlohmann::json read_json(const fs::path& path) {
   return j;
 }
 
+nlohmann::json parse_embedded(std::string_view text, const char* name) {
+  nlohmann::json j = nlohmann::json::parse(text, nullptr, false);
+  if (j.is_discarded()) m1::fail("the {} built into m1-mkmodel is not valid JSON (a broken build)", name);
+  return j;
+}
+
+std::string source_name(const Options& o) {
+  return o.tokenizer_source.empty() ? std::string("the built-in tokenizer.json") : o.tokenizer_source.string();
+}
+
 template <class Json>
 void write_json(const fs::path& path, const Json& j, int indent) {
   std::ofstream out(path);
@@ -55,10 +68,10 @@ void write_json(const fs::path& path, const Json& j, int indent) {
 
 // The real tokenizer cut to its first `merges` merges: ids 0-255 are the bytes, then one id per
 // kept merge, then the added tokens renumbered to follow.
-nlohmann::json truncated_tokenizer(nlohmann::json tok, int64_t merges, const fs::path& source) {
+nlohmann::json truncated_tokenizer(nlohmann::json tok, int64_t merges, const std::string& source) {
   auto& model = tok["model"];
   if (!model.contains("merges") || !model["merges"].is_array() || int64_t(model["merges"].size()) < merges)
-    m1::fail("{}: has fewer than {} merges", source.string(), merges);
+    m1::fail("{}: has fewer than {} merges", source, merges);
   const int64_t kept_ids = 256 + merges;
   nlohmann::json vocab = nlohmann::json::object();
   for (auto& [text, id] : model["vocab"].items())
@@ -73,9 +86,20 @@ nlohmann::json truncated_tokenizer(nlohmann::json tok, int64_t merges, const fs:
 
 // The tokenizer.json to write: the source, or its first `merges` merges.
 nlohmann::json model_tokenizer(const Options& o, int64_t merges) {
-  nlohmann::json tok = read_json(o.tokenizer_source);
-  if (merges >= 0) tok = truncated_tokenizer(std::move(tok), merges, o.tokenizer_source);
+  nlohmann::json tok = o.tokenizer_source.empty() ? parse_embedded(m1::tools::embedded_tokenizer_json(), "tokenizer.json")
+                                                  : read_json(o.tokenizer_source);
+  if (merges >= 0) tok = truncated_tokenizer(std::move(tok), merges, source_name(o));
   return tok;
+}
+
+// The tokenizer_config.json (chat template) to write: the built-in one, or the one beside
+// --tokenizer-source when there is one.
+std::optional<nlohmann::json> model_tokenizer_config(const Options& o) {
+  if (o.tokenizer_source.empty())
+    return parse_embedded(m1::tools::embedded_tokenizer_config_json(), "tokenizer_config.json");
+  const fs::path beside = o.tokenizer_source.parent_path() / "tokenizer_config.json";
+  if (!fs::exists(beside)) return std::nullopt;
+  return read_json(beside);
 }
 
 int64_t tokenizer_vocab(const nlohmann::json& tok) {
@@ -131,14 +155,14 @@ void make_model(const Options& o) {
     m1::fail("{}: exists and is not empty (use --force to overwrite)", o.out.string());
   // Everything is checked before the first file is written.
   const nlohmann::json tokenizer = model_tokenizer(o, merges_to_keep(o, p));
+  const std::optional<nlohmann::json> tokenizer_config = model_tokenizer_config(o);
   const ordered_json config_json = build_config(o, p, tokenizer_vocab(tokenizer), dtype);
   const m1::ModelConfig config = m1::parse_config(nlohmann::json::parse(config_json.dump()), "config");
 
   fs::create_directories(o.out, ec);
   if (ec) m1::fail("{}: cannot create: {}", o.out.string(), ec.message());
   write_json(o.out / "tokenizer.json", tokenizer, -1);
-  const fs::path tokenizer_config = o.tokenizer_source.parent_path() / "tokenizer_config.json";
-  if (fs::exists(tokenizer_config)) write_json(o.out / "tokenizer_config.json", read_json(tokenizer_config), 2);
+  if (tokenizer_config) write_json(o.out / "tokenizer_config.json", *tokenizer_config, 2);
   write_json(o.out / "config.json", config_json, 2);
 
   const std::vector<m1::TensorSpec> tensors = m1::checkpoint_tensors(config, dtype);
@@ -165,7 +189,9 @@ int main(int argc, char** argv) {
   app.add_option("--dtype", o.dtype, "Weight dtype: bf16, f16 or f32")->capture_default_str();
   app.add_option("--seed", o.seed, "Random seed (same seed, same weights)")->capture_default_str();
   app.add_option("--tokenizer", o.tokenizer, "'full', or how many merges of the real tokenizer to keep (default: the preset's)");
-  app.add_option("--tokenizer-source", o.tokenizer_source, "The real tokenizer.json to start from")->capture_default_str();
+  app.add_option("--tokenizer-source", o.tokenizer_source,
+                 "A tokenizer.json to start from instead of the built-in MiniMax-M1 one (its tokenizer_config.json is "
+                 "copied when it has one beside it)");
   app.add_option("--shard-size", o.shard_mb, "Shard size in MB (0: one model.safetensors)")->capture_default_str();
   app.add_flag("--force", o.force, "Overwrite a non-empty output directory");
   CLI11_PARSE(app, argc, argv);

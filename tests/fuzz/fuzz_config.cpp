@@ -29,7 +29,7 @@ void check_config(const json& config) {
 }  // namespace
 
 extern "C" int LLVMFuzzerInitialize(int*, char***) {
-  real_config = json::parse(std::ifstream(std::string(M1_SHARED_DIR) + "/data/minimax-m1/config.json"));
+  real_config = json::parse(std::ifstream(std::string(M1_SOURCE_DIR) + "/data/minimax-m1/config.json"));
   return 0;
 }
 

@@ -106,7 +106,7 @@ inline size_t touch_tensors(const m1::Checkpoint& checkpoint) {
 // seconds it takes are not charged to the first input.
 inline const m1::Tokenizer& real_tokenizer() {
   static const m1::Tokenizer tokenizer =
-      m1::Tokenizer::load(std::string(M1_SHARED_DIR) + "/data/minimax-m1/tokenizer.json");
+      m1::Tokenizer::load(std::string(M1_SOURCE_DIR) + "/data/minimax-m1/tokenizer.json");
   return tokenizer;
 }
 

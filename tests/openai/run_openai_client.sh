@@ -29,12 +29,14 @@ rm -rf "$work/model"
 "$bin_dir/m1-serve" --model "$work/model" --served-model-name tiny --port 0 --api-key node-key \
   --max-context 1024 --threads 1 2>"$work/serve.log" &
 server=$!
-trap 'kill $server 2>/dev/null || true' EXIT
+# Only ever our own child: a guarded pid, never empty or <= 0 (kill -1 would reach every process).
+stop_server() { if [[ "${server:-}" =~ ^[0-9]+$ ]] && (( server > 1 )); then kill "$@" "$server" 2>/dev/null || true; fi; }
+trap 'stop_server' EXIT
 
 # Up to 30 s: on a loaded 2-core machine (ctest -j2 beside the load test) startup can take seconds.
 port=
 for _ in $(seq 1500); do
-  if ! kill -0 $server 2>/dev/null; then break; fi
+  if ! kill -0 "$server" 2>/dev/null; then break; fi
   if grep -q "ready" "$work/serve.log"; then
     port=$(sed -n 's|.*listening on http://127.0.0.1:\([0-9]*\).*|\1|p' "$work/serve.log")
     break
@@ -48,5 +50,8 @@ if [ -z "$port" ]; then
 fi
 
 node "$client_dir/openai_client.mjs" "http://127.0.0.1:$port/v1" node-key
-kill -TERM $server
-wait $server
+stop_server -TERM
+status=0
+wait "$server" || status=$?
+server=  # reaped: nothing left for the trap to signal
+exit $status
