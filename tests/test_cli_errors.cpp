@@ -148,19 +148,26 @@ TEST_F(CliErrorTest, AMissingShardIsNamed) {
   expect_refused("m1-generate", "--model " + m.string() + " --prompt hi", "shard \"" + shard + "\" listed in");
 }
 
-// Permissions do not stop root, so as root the tools run as nobody.
+// Permissions do not stop root, so as root the tool runs as nobody, from a copy in the test's own
+// directory: the build tree may sit under a directory nobody cannot enter (a clone in /root, or in
+// a 0700 temporary directory).
 TEST_F(CliErrorTest, UnreadableFilesAreNamed) {
-  std::string as_user;
+  fs::permissions(dir_, fs::perms::owner_all | fs::perms::others_read | fs::perms::others_exec);
+  std::string generate = kBin + "/m1-generate";
   if (::geteuid() == 0) {
     if (run_command("command -v runuser").status != 0) GTEST_SKIP() << "root without runuser: permissions do not apply";
-    as_user = "runuser -u nobody -- ";
+    const fs::path copy = dir_ / "m1-generate";
+    fs::copy_file(generate, copy, fs::copy_options::overwrite_existing);
+    fs::permissions(copy, fs::perms::owner_all | fs::perms::others_read | fs::perms::others_exec);
+    ASSERT_EQ(run_command("runuser -u nobody -- test -x " + copy.string()).status, 0)
+        << "nobody cannot run " << copy << " (is " << dir_.parent_path() << " closed to others?)";
+    generate = "runuser -u nobody -- " + copy.string();
   }
-  fs::permissions(dir_, fs::perms::owner_all | fs::perms::others_read | fs::perms::others_exec);
   for (const char* file : {"config.json", "model.safetensors", "tokenizer.json"}) {
     SCOPED_TRACE(file);
     const fs::path m = model(std::string("unreadable_") + file);
     fs::permissions(m / file, fs::perms::none);
-    const CommandResult r = run_command(as_user + kBin + "/m1-generate --model " + m.string() + " --prompt hi");
+    const CommandResult r = run_command(generate + " --model " + m.string() + " --prompt hi");
     EXPECT_EQ(r.status, 1);
     EXPECT_NE(r.err.find((m / file).string() + ": cannot open"), std::string::npos) << r.err;
   }
