@@ -311,5 +311,30 @@ TEST(TokenMask, MatchesTokenByTokenReference) {
   }
 }
 
+// The same where the last bytes begin a marker's text (the mask then treats the tokens that
+// continue it apart), inside a counted string, and in free text before a tool block.
+TEST(TokenMask, MatchesReferenceAfterMarkerPrefixes) {
+  const auto vocabulary = real_vocabulary();
+  const auto check = [&](const std::shared_ptr<OutputGrammar>& grammar, const std::string& prefix) {
+    SCOPED_TRACE(prefix);
+    Matcher matcher(grammar);
+    ASSERT_TRUE(matcher.advance_bytes(prefix));
+    std::vector<uint32_t> mask(size_t(vocabulary->index().words()));
+    structured::fill_token_mask(matcher, vocabulary->index(), {}, mask);
+    for (int32_t id = 0; id < real_tokenizer().vocab_size(); ++id)
+      ASSERT_EQ(bit(mask, id), structured::token_allowed(matcher, real_tokenizer(), id))
+          << "token " << id << " '" << real_tokenizer().token_bytes(id) << "'";
+  };
+  const auto strings = schema_grammar(R"({"type": "array", "items": {"type": "string", "maxLength": 9}})");
+  for (const char* prefix : {"[\"a<", "[\"a</", "[\"</th", "[\"<tool_ca", "[\"ab", "[\"abcdefgh", "[\"x\", \"<t"})
+    check(strings, prefix);
+  OutputFormat tools;
+  tools.calls = OutputFormat::Calls::kOptional;
+  tools.tools.push_back({"get_weather", ordered_json::parse(R"({"type": "object", "properties": {"city": {"type": "string"}},
+      "required": ["city"], "additionalProperties": false})"), "tools[0].function.parameters"});
+  const auto text = compile_output_grammar(tools);
+  for (const char* prefix : {"Let me see <", "Hmm </tool", "plain text"}) check(text, prefix);
+}
+
 }  // namespace
 }  // namespace m1

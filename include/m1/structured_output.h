@@ -67,6 +67,7 @@ class TokenVocabulary {
   TokenVocabulary(const Tokenizer& tokenizer, int64_t rows);
   ~TokenVocabulary();
   int64_t rows() const;
+  int64_t words() const { return (rows() + 31) / 32; }  // of a mask
   const structured::TokenIndex& index() const { return *index_; }
   const Tokenizer& tokenizer() const { return tokenizer_; }
 

@@ -5,6 +5,7 @@
 #include <deque>
 
 #include "m1/error.h"
+#include "structured/reachability.h"
 
 namespace m1::structured {
 namespace {
@@ -107,6 +108,22 @@ LexerDfa::LexerDfa(const ByteNfa& nfa, std::vector<int32_t> terminal_start)
     class_of_[size_t(symbol)] = classes_;
   }
   ++classes_;
+  class_end_.assign(size_t(classes_), kSymbolCount);
+  for (int32_t symbol = 0; symbol + 1 < kSymbolCount; ++symbol)
+    if (class_of_[size_t(symbol + 1)] != class_of_[size_t(symbol)]) class_end_[size_t(class_of_[size_t(symbol)])] = symbol + 1;
+  // NFA states that reach an accepting one without reading '<' or '>': from such a state a lexeme
+  // can end without spelling a marker, whose text starts with one and ends with the other.
+  std::vector<std::vector<int32_t>> predecessors(nfa.states.size());
+  for (size_t s = 0; s < nfa.states.size(); ++s) {
+    for (const ByteNfa::Edge& e : nfa.states[s].edges) {
+      const bool only_brackets = e.lo == e.hi && (e.lo == '<' || e.lo == '>');
+      if (!only_brackets) predecessors[size_t(e.to)].push_back(int32_t(s));
+    }
+    for (int32_t t : nfa.states[s].eps) predecessors[size_t(t)].push_back(int32_t(s));
+  }
+  free_.assign(nfa.states.size(), 0);
+  for (size_t s = 0; s < nfa.states.size(); ++s) free_[s] = nfa.states[s].accepts >= 0;
+  mark_reaching(predecessors, free_, [](int32_t) { return true; });
   std::vector<int32_t> dead{-1};
   intern(dead);  // state 0: no lexeme possible
   std::fill(raw_.begin(), raw_.end(), kDead);
@@ -155,7 +172,8 @@ int32_t LexerDfa::intern(std::vector<int32_t>& key) {
   guard_.push_back(uint8_t(-1 - key.back()));
   live_.push_back(-1);
   runs_.emplace_back();
-  runs_.back().fill(-2);
+  steps_.emplace_back();
+  steps_.back().fill(kUnknownStep);
   ids_.emplace(key, id);
   sets_.push_back(key);
   raw_.resize(raw_.size() + size_t(classes_), -1);
@@ -184,13 +202,16 @@ int32_t LexerDfa::start(std::span<const int32_t> terminals) {
 // Each class's targets gathered from the NFA edges, closed and interned (classes with the same
 // targets and the same marker-prefix step share the work).
 void LexerDfa::compute_raw_row(int32_t state) {
-  std::vector<std::vector<int32_t>> buckets(static_cast<size_t>(classes_));
+  std::vector<std::vector<int32_t>>& buckets = buckets_;
+  buckets.resize(size_t(classes_));
+  for (auto& bucket : buckets) bucket.clear();
   const std::vector<int32_t> members = sets_[size_t(state)];  // intern() may grow sets_
   const uint8_t guard = guard_[size_t(state)];
   for (size_t i = 0; i + 1 < members.size(); ++i)
     for (const ByteNfa::Edge& e : nfa_.states[size_t(members[i])].edges)
       for (int32_t c = class_of_[size_t(e.lo)]; c <= class_of_[size_t(e.hi)]; ++c) buckets[size_t(c)].push_back(e.to);
-  std::unordered_map<std::vector<int32_t>, int32_t, VectorHash> done;
+  std::unordered_map<std::vector<int32_t>, int32_t, VectorHash>& done = row_targets_;
+  done.clear();
   int32_t symbol = 0;
   for (int32_t c = 0; c < classes_; ++c) {
     while (class_of_[size_t(symbol)] < c) ++symbol;  // the class's first symbol
@@ -221,6 +242,11 @@ void LexerDfa::compute_raw_row(int32_t state) {
 // state that accepts. A search that finds none has seen everything reachable, all dead.
 bool LexerDfa::live(int32_t state) {
   if (live_[size_t(state)] >= 0) return live_[size_t(state)] != 0;
+  const std::vector<int32_t>& members = sets_[size_t(state)];
+  if (std::any_of(members.begin(), members.end() - 1, [&](int32_t s) { return free_[size_t(s)] != 0; })) {
+    live_[size_t(state)] = 1;
+    return true;
+  }
   std::vector<int32_t> queue{state};
   std::vector<char> queued;
   const auto mark = [&](int32_t s) {
@@ -266,57 +292,89 @@ int32_t LexerDfa::uniform_step(int32_t state, TextClass text) {
     if (in_text_class(text, uint8_t(b)) && !see(next(state, b))) return -1;
   if (text != kUnicodeText) return common;
   // Every non-ASCII character, by the well-formed UTF-8 sequences: (first bytes, then the range of
-  // the second byte), the rest continuation bytes.
+  // the second byte), the rest continuation bytes. Bytes of one symbol class lead alike, so one
+  // byte per class is tried.
   struct Lead {
     int32_t first_lo, first_hi, second_lo, second_hi, length;
   };
   constexpr Lead leads[] = {{0xC2, 0xDF, 0x80, 0xBF, 2}, {0xE0, 0xE0, 0xA0, 0xBF, 3}, {0xE1, 0xEC, 0x80, 0xBF, 3},
                             {0xED, 0xED, 0x80, 0x9F, 3}, {0xEE, 0xEF, 0x80, 0xBF, 3}, {0xF0, 0xF0, 0x90, 0xBF, 4},
                             {0xF1, 0xF3, 0x80, 0xBF, 4}, {0xF4, 0xF4, 0x80, 0x8F, 4}};
+  std::vector<int32_t> current, after;
+  const auto advance = [&](int32_t lo, int32_t hi) {
+    after.clear();
+    for (int32_t s : current)
+      for (int32_t b = lo; b <= hi; b = class_end_[size_t(class_of_[size_t(b)])]) {
+        const int32_t t = s == kDead ? kDead : next(s, b);
+        if (std::find(after.begin(), after.end(), t) == after.end()) after.push_back(t);
+      }
+    current.swap(after);
+  };
   for (const Lead& lead : leads) {
-    std::vector<int32_t> states;
-    const auto add_next = [&](const std::vector<int32_t>& from, int32_t lo, int32_t hi, std::vector<int32_t>& to) {
-      to.clear();
-      for (int32_t s : from)
-        for (int32_t b = lo; b <= hi; ++b) {
-          const int32_t t = s == kDead ? kDead : next(s, b);
-          if (std::find(to.begin(), to.end(), t) == to.end()) to.push_back(t);
-        }
-    };
-    std::vector<int32_t> current{state}, after;
-    add_next(current, lead.first_lo, lead.first_hi, after);
-    current.swap(after);
-    add_next(current, lead.second_lo, lead.second_hi, after);
-    current.swap(after);
-    for (int32_t i = 2; i < lead.length; ++i) {
-      add_next(current, 0x80, 0xBF, after);
-      current.swap(after);
-    }
+    current.assign(1, state);
+    advance(lead.first_lo, lead.first_hi);
+    advance(lead.second_lo, lead.second_hi);
+    for (int32_t i = 2; i < lead.length; ++i) advance(0x80, 0xBF);
     for (int32_t s : current)
       if (!see(s)) return -1;
   }
   return common;
 }
 
-int32_t LexerDfa::uniform_run(int32_t state, TextClass text) {
-  if (runs_[size_t(state)][size_t(text)] != -2) return runs_[size_t(state)][size_t(text)];
-  int32_t at = state, run = 0;
-  for (; run < kMaxRunLength; ++run) {
-    const int32_t to = uniform_step(at, text);
-    // Where a lexeme may end, a refused character may still begin the next one.
-    if (to == kDead && accepts_[size_t(at)].empty()) break;
-    if (to <= kDead) {
-      run = -1;
+// A state's run is found by following its chain of uniform steps until it ends (every character
+// refused, or treated apart) or passes kMaxRunLength. Each step and each run found is kept per
+// state, so the chains of later states cost a lookup per step.
+int32_t LexerDfa::uniform_run(int32_t state, TextClass text, int32_t cap) {
+  const size_t c = size_t(text);
+  std::vector<int32_t>& path = run_path_;
+  path.clear();
+  int32_t at = state;
+  RunEnd end{};
+  for (;;) {
+    if (runs_[size_t(at)][c].known) {
+      end = runs_[size_t(at)][c];
       break;
     }
-    if (to == at) {  // a loop: any length
-      run = kMaxRunLength;
+    if (int32_t(path.size()) > kMaxRunLength) {  // long enough for any token: "at least"
+      end = {true, false, 0};
+      path.resize(1);
+      end.length = kMaxRunLength - 1;  // path[0] gets kMaxRunLength below
+      break;
+    }
+    path.push_back(at);
+    if (steps_[size_t(at)][c] == kUnknownStep) steps_[size_t(at)][c] = uniform_step(at, text);
+    const int32_t to = steps_[size_t(at)][c];
+    if (to == kDead && accepts_[size_t(at)].empty()) {
+      end = {true, false, -1};  // refused: the run ends at `at`
+      break;
+    }
+    if (to <= kDead) {
+      end = {true, true, -1};  // treated apart (or a lexeme may end here)
       break;
     }
     at = to;
   }
-  runs_[size_t(state)][size_t(text)] = int8_t(run);  // runs_ may have grown: no reference kept
-  return run;
+  // Back along the path: each state's run is one more than its successor's.
+  for (size_t i = path.size(); i-- > 0;) {
+    end.length = std::min(end.length + 1, kMaxRunLength);
+    runs_[size_t(path[i])][c] = end;
+  }
+  const RunEnd& run = runs_[size_t(state)][c];
+  if (run.length >= cap) return cap;
+  return run.apart ? -1 : run.length;
+}
+
+int32_t LexerDfa::unguarded(int32_t state) {
+  if (guard_[size_t(state)] == 0) return state;
+  std::vector<int32_t> key = sets_[size_t(state)];
+  key.back() = -1;
+  const int32_t twin = intern(key);
+  return live(twin) ? twin : kDead;
+}
+
+bool LexerDfa::guard_differs(int32_t state, uint8_t byte) const {
+  const uint8_t guard = guard_[size_t(state)];
+  return guard != 0 && marker_guard().step(guard, byte) != marker_guard().step(0, byte);
 }
 
 bool LexerDfa::can_continue(int32_t state) {

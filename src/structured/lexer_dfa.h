@@ -45,11 +45,18 @@ class LexerDfa {
   // Whether any symbol leads from `state` to a live state.
   bool can_continue(int32_t state);
   // How many characters of `text` may follow `state` with every character of the class leading
-  // to the same next state each time: n in [0, kMaxRunLength] means any run of at most n of
-  // them is accepted and no longer one is; -1 that the class's characters are treated apart, or
-  // that a lexeme may end on the way (the next one might begin with them).
-  int32_t uniform_run(int32_t state, TextClass text);
+  // to the same next state each time: n in [0, cap] means any run of at most n of them is
+  // accepted and no longer one up to the cap; -1 that the class's characters are treated apart,
+  // or that a lexeme may end on the way (the next one might begin with them). `cap` (at most
+  // kMaxRunLength): the longest run asked about, the class's longest token.
+  int32_t uniform_run(int32_t state, TextClass text, int32_t cap);
   int32_t symbol_class(int32_t symbol) const { return class_of_[size_t(symbol)]; }
+  // The same lexemes with no marker text begun (kDead if that leaves none): from a state whose
+  // last bytes begin a marker's text, a byte that does not continue it leads where the twin's
+  // does.
+  int32_t unguarded(int32_t state);
+  // Whether `byte` leads `state` elsewhere than it leads its unguarded twin.
+  bool guard_differs(int32_t state, uint8_t byte) const;
   int32_t class_count() const { return classes_; }
   int32_t state_count() const { return int32_t(sets_.size()); }
 
@@ -69,19 +76,32 @@ class LexerDfa {
 
   const ByteNfa& nfa_;
   std::vector<int32_t> terminal_start_;
-  std::vector<int32_t> class_of_;  // symbol -> class
+  std::vector<int32_t> class_of_;   // symbol -> class
+  std::vector<int32_t> class_end_;  // class -> the symbol after its last
   int32_t classes_ = 0;
   // A state's key: its sorted NFA states, then the marker-prefix state as -1 - guard.
   std::vector<std::vector<int32_t>> sets_;
   std::vector<uint8_t> guard_;                 // state -> marker-prefix state
   std::vector<std::vector<int32_t>> accepts_;  // state -> terminals
   std::vector<int8_t> live_;                   // -1 unknown, 0 dead, 1 live
-  std::vector<std::array<int8_t, kTextClassCount>> runs_;  // uniform_run, -2 unknown
+  std::vector<char> free_;  // NFA state -> can end a lexeme reading neither '<' nor '>'
+  // Where a state's chain of uniform steps ends: after `length` characters (kMaxRunLength: not
+  // within that many), every character refused or (`apart`) the characters treated apart.
+  struct RunEnd {
+    bool known = false, apart = false;
+    int32_t length = 0;
+  };
+  static constexpr int32_t kUnknownStep = -2;
+  std::vector<std::array<RunEnd, kTextClassCount>> runs_;
+  std::vector<std::array<int32_t, kTextClassCount>> steps_;  // uniform_step, kUnknownStep
+  std::vector<int32_t> run_path_;
   std::unordered_map<std::vector<int32_t>, int32_t, VectorHash> ids_;
   std::unordered_map<std::vector<int32_t>, int32_t, VectorHash> starts_;  // terminal set -> state
   std::vector<int32_t> raw_;    // state * classes + class -> state regardless of liveness; -1 unknown
   std::vector<int32_t> table_;  // the same with states that cannot end a lexeme as kDead
   std::vector<uint32_t> mark_;  // scratch for closures
+  std::vector<std::vector<int32_t>> buckets_;  // scratch for rows
+  std::unordered_map<std::vector<int32_t>, int32_t, VectorHash> row_targets_;
   uint32_t stamp_ = 0;
 };
 

@@ -99,31 +99,30 @@ TokenIndex::TokenIndex(const Tokenizer& tokenizer, int64_t rows) : rows_(rows), 
     if (bytes.empty() || bytes.size() > 255) continue;
     auto [text_class, length] = classify(bytes);
     if (text_class < kTextClassCount && length > kMaxRunLength) text_class = kTextClassCount;
-    if (text_class < kTextClassCount) codes_[size_t(id)] = uint8_t(32 * (text_class + 1) + length);
+    if (text_class < kTextClassCount) {
+      codes_[size_t(id)] = uint8_t(32 * (text_class + 1) + length);
+      longest_[size_t(text_class)] = std::max(longest_[size_t(text_class)], length);
+    }
     by_class[size_t(text_class)].emplace_back(std::move(bytes), id);
   }
   for (auto& tokens : by_class) tries_.push_back(build_trie(std::move(tokens)));
+  // Per class, the tokens of at most each length.
+  up_to_length_.assign(kTextClassCount, std::vector<std::vector<uint32_t>>(kMaxRunLength + 1, std::vector<uint32_t>(size_t(words()), 0)));
+  for (int64_t id = 0; id < rows_; ++id) {
+    const uint8_t code = codes_[size_t(id)];
+    if (code == 0) continue;
+    for (int32_t length = code % 32; length <= kMaxRunLength; ++length)
+      up_to_length_[size_t(code / 32 - 1)][size_t(length)][size_t(id / 32)] |= 1u << (id % 32);
+  }
 }
 
 void TokenIndex::copy_class_tokens(const std::array<int32_t, kTextClassCount>& runs, std::span<uint32_t> out) const {
-  uint64_t key = 0;
-  for (int32_t run : runs) key = key * 64 + uint64_t(run + 1);
-  std::lock_guard lock(mutex_);
-  auto found = class_masks_.find(key);
-  if (found != class_masks_.end()) {
-    std::copy(found->second.begin(), found->second.end(), out.begin());
-    return;
+  std::fill(out.begin(), out.end(), 0u);
+  for (int32_t c = 0; c < kTextClassCount; ++c) {
+    if (runs[size_t(c)] < 1) continue;
+    const std::vector<uint32_t>& mask = up_to_length_[size_t(c)][size_t(std::min(runs[size_t(c)], kMaxRunLength))];
+    for (size_t w = 0; w < out.size(); ++w) out[w] |= mask[w];
   }
-  if (class_masks_.size() > 512) class_masks_.clear();  // bound the memory; the common ones return
-  // Which codes are in: class c with at most runs[c] characters.
-  std::array<uint8_t, 256> take{};
-  for (int32_t c = 0; c < kTextClassCount; ++c)
-    for (int32_t length = 1; length <= runs[size_t(c)]; ++length) take[size_t(32 * (c + 1) + length)] = 1;
-  std::vector<uint32_t> mask(size_t(words()), 0);
-  for (int64_t id = 0; id < rows_; ++id)
-    if (take[codes_[size_t(id)]]) mask[size_t(id / 32)] |= 1u << (id % 32);
-  std::copy(mask.begin(), mask.end(), out.begin());
-  class_masks_.emplace(key, std::move(mask));
 }
 
 }  // namespace m1::structured

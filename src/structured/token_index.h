@@ -7,9 +7,7 @@
 
 #include <array>
 #include <cstdint>
-#include <mutex>
 #include <span>
-#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -36,17 +34,20 @@ class TokenIndex {
   // Tokens of a text class; kTextClassCount: every other token.
   const std::vector<TrieNode>& trie(int32_t text_class) const { return tries_[size_t(text_class)]; }
   std::span<const std::pair<int32_t, Marker>> markers() const { return markers_; }
+  // The most characters a token of the class has.
+  int32_t longest(int32_t text_class) const { return longest_[size_t(text_class)]; }
   // Writes to `out` (words() words) the bitmask of the class tokens no longer than runs[c]
-  // characters (runs[c] < 0: none of class c); cached for the runs seen before.
+  // characters (runs[c] < 1: none of class c).
   void copy_class_tokens(const std::array<int32_t, kTextClassCount>& runs, std::span<uint32_t> out) const;
 
  private:
   int64_t rows_;
   std::vector<std::vector<TrieNode>> tries_;
   std::vector<std::pair<int32_t, Marker>> markers_;
+  std::array<int32_t, kTextClassCount> longest_{};
   std::vector<uint8_t> codes_;  // 32 * (class + 1) + characters, 0 for other tokens
-  mutable std::mutex mutex_;
-  mutable std::unordered_map<uint64_t, std::vector<uint32_t>> class_masks_;
+  // [class][n]: the class's tokens of at most n characters.
+  std::vector<std::vector<std::vector<uint32_t>>> up_to_length_;
 };
 
 }  // namespace m1::structured

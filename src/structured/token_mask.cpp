@@ -5,17 +5,17 @@
 namespace m1::structured {
 namespace {
 
-// Depth-first over a trie: a node's bytes extend its parent's (context, state), or the subtree
-// is skipped.
-void walk(Matcher& matcher, const std::vector<TrieNode>& trie, std::span<uint32_t> allowed) {
+// Depth-first over trie[begin, end): a node's bytes extend its parent's (context, state), or the
+// subtree is skipped.
+void walk(Matcher& matcher, const std::vector<TrieNode>& trie, size_t begin, size_t end, int32_t state,
+          std::span<uint32_t> allowed) {
   struct Frame {
     int32_t context, state;
   };
   std::array<Frame, 257> stack;
-  stack[0] = {Matcher::kBase, matcher.lexer_state()};
+  stack[0] = {Matcher::kBase, state};
   LexerDfa& lexer = matcher.lexer();
-  const size_t n = trie.size();
-  for (size_t i = 0; i < n;) {
+  for (size_t i = begin; i < end;) {
     const TrieNode& node = trie[i];
     Frame frame = stack[node.depth - 1];
     const int32_t to = lexer.next(frame.state, node.byte);
@@ -31,17 +31,37 @@ void walk(Matcher& matcher, const std::vector<TrieNode>& trie, std::span<uint32_
   }
 }
 
+void walk(Matcher& matcher, const std::vector<TrieNode>& trie, int32_t state, std::span<uint32_t> allowed) {
+  walk(matcher, trie, 0, trie.size(), state, allowed);
+}
+
 }  // namespace
 
 void fill_token_mask(Matcher& matcher, const TokenIndex& index, std::span<const int32_t> end_tokens,
                      std::span<uint32_t> allowed) {
   LexerDfa& lexer = matcher.lexer();
   const int32_t state = matcher.lexer_state();
+  // When the last bytes begin a marker's text, the class tokens are taken as from the state that
+  // began none, but for those whose first byte continues the marker, tried from the real state.
+  const int32_t twin = lexer.unguarded(state);
   std::array<int32_t, kTextClassCount> runs{};
-  for (int32_t c = 0; c < kTextClassCount; ++c) runs[size_t(c)] = lexer.uniform_run(state, TextClass(c));
+  for (int32_t c = 0; c < kTextClassCount; ++c)
+    runs[size_t(c)] = twin == LexerDfa::kDead ? -1 : lexer.uniform_run(twin, TextClass(c), index.longest(c));
   index.copy_class_tokens(runs, allowed);
-  for (int32_t c = 0; c <= kTextClassCount; ++c)
-    if (c == kTextClassCount || runs[size_t(c)] < 0) walk(matcher, index.trie(c), allowed);
+  for (int32_t c = 0; c <= kTextClassCount; ++c) {
+    const std::vector<TrieNode>& trie = index.trie(c);
+    if (c == kTextClassCount || runs[size_t(c)] < 0) {
+      walk(matcher, trie, state, allowed);
+      continue;
+    }
+    if (twin == state) continue;
+    for (size_t i = 0; i < trie.size(); i = size_t(trie[i].end)) {  // the first bytes
+      if (!lexer.guard_differs(state, trie[i].byte)) continue;
+      for (size_t k = i; k < size_t(trie[i].end); ++k)
+        if (trie[k].token >= 0) allowed[size_t(trie[k].token) / 32] &= ~(1u << (trie[k].token % 32));
+      walk(matcher, trie, i, size_t(trie[i].end), state, allowed);
+    }
+  }
   for (const auto& [id, marker] : index.markers()) {
     int32_t context = Matcher::kBase, at = state;
     if (matcher.step(context, at, marker_symbol(marker))) allowed[size_t(id) / 32] |= 1u << (id % 32);
@@ -60,9 +80,10 @@ bool token_allowed(Matcher& matcher, const Tokenizer& tokenizer, int32_t id) {
       if (bytes == kMarkerText[size_t(m)]) return matcher.step(context, state, marker_symbol(Marker(m)));
     return false;
   }
+  if (bytes.empty() || bytes.size() > 255) return false;
   for (char ch : bytes)
     if (!matcher.step(context, state, static_cast<uint8_t>(ch))) return false;
-  return !bytes.empty();
+  return true;
 }
 
 }  // namespace m1::structured
