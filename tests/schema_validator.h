@@ -51,10 +51,15 @@ class SchemaValidator {
     while (pos < ref.size()) {
       size_t end = ref.find('/', pos + 1);
       if (end == std::string::npos) end = ref.size();
-      std::string token = ref.substr(pos + 1, end - pos - 1);
-      size_t k;
-      while ((k = token.find("~1")) != std::string::npos) token.replace(k, 2, "/");
-      while ((k = token.find("~0")) != std::string::npos) token.replace(k, 2, "~");
+      std::string token;  // with ~1 read as '/' and ~0 as '~'
+      for (size_t i = pos + 1; i < end; ++i) {
+        if (ref[i] == '~' && i + 1 < end && (ref[i + 1] == '0' || ref[i + 1] == '1')) {
+          token += ref[i + 1] == '1' ? '/' : '~';
+          ++i;
+        } else {
+          token += ref[i];
+        }
+      }
       at = at->is_array() ? &(*at)[std::stoul(token)] : &(*at)[token];
       pos = end;
     }
