@@ -73,6 +73,7 @@ const std::set<std::string>& annotations() {
 
 constexpr int64_t kMaxCount = 4096;  // the largest minItems/maxItems
 constexpr int64_t kMaxLength = 10000;  // the largest minLength/maxLength
+constexpr int kMaxDepth = 128;          // subschemas within subschemas
 
 enum Skip : uint8_t { kSkipAnyOf = 1, kSkipOneOf = 2 };  // keywords already accounted for
 
@@ -225,6 +226,12 @@ class SchemaCompiler {
   }
 
   int32_t compile(const Parts& parts) {
+    struct Depth {
+      int& depth;
+      explicit Depth(int& d) : depth(d) { ++depth; }
+      ~Depth() { --depth; }
+    } nested(depth_);
+    if (depth_ > kMaxDepth) error(parts.empty() ? "#" : parts[0].path, fmt::format("nests deeper than {} levels", kMaxDepth));
     const Parts expanded = expand(parts);
     const std::string key = key_of(expanded);
     if (const auto found = memo_.find(key); found != memo_.end()) return found->second;
@@ -675,6 +682,7 @@ class SchemaCompiler {
   std::string what_;
   std::map<std::string, int32_t> memo_;
   std::string first_why_;
+  int depth_ = 0;  // of compile() calls
 };
 
 int32_t JsonGrammar::schema(const ojson& schema, const std::string& what) {
