@@ -86,7 +86,8 @@ class GrammarMatcher {
   // Takes the next token; false (and nothing changes) when the grammar does not allow it.
   bool accept(int32_t token);
   // Sets bit i of `allowed` (word i / 32; rows() bits) for every token allowed next, with the
-  // `end_tokens` when the output may end here.
+  // `end_tokens` when the output may end here. A matcher back in the state of its last mask (a
+  // token inside a string, say) copies that mask instead of working it out again.
   void fill_mask(std::span<uint32_t> allowed, std::span<const int32_t> end_tokens);
   // Whether the output may end here, and whether it must (nothing more may follow).
   bool can_end();
@@ -95,6 +96,12 @@ class GrammarMatcher {
  private:
   std::unique_ptr<structured::Matcher> matcher_;
   std::shared_ptr<const TokenVocabulary> vocabulary_;
+  // The last mask and the state it is for.
+  std::vector<uint32_t> last_mask_;
+  std::vector<int32_t> last_ends_;
+  uint64_t last_generation_ = 0;
+  int32_t last_state_ = -1;
+  bool last_started_ = false;
 };
 
 }  // namespace m1

@@ -291,30 +291,40 @@ int32_t LexerDfa::uniform_step(int32_t state, TextClass text) {
   for (int32_t b = 0x20; b < 0x7F; ++b)
     if (in_text_class(text, uint8_t(b)) && !see(next(state, b))) return -1;
   if (text != kUnicodeText) return common;
-  // Every non-ASCII character, by the well-formed UTF-8 sequences: (first bytes, then the range of
-  // the second byte), the rest continuation bytes. Bytes of one symbol class lead alike, so one
-  // byte per class is tried.
-  struct Lead {
-    int32_t first_lo, first_hi, second_lo, second_hi, length;
+  // Every non-ASCII character of the class, by the byte ranges of each position of the
+  // well-formed UTF-8 sequences (U+2028 and U+2029, E2 80 A8-A9, left out). Bytes of one symbol
+  // class lead alike, so one byte per class is tried.
+  struct Sequence {
+    std::array<std::pair<int32_t, int32_t>, 4> bytes;
+    int32_t length;
   };
-  constexpr Lead leads[] = {{0xC2, 0xDF, 0x80, 0xBF, 2}, {0xE0, 0xE0, 0xA0, 0xBF, 3}, {0xE1, 0xEC, 0x80, 0xBF, 3},
-                            {0xED, 0xED, 0x80, 0x9F, 3}, {0xEE, 0xEF, 0x80, 0xBF, 3}, {0xF0, 0xF0, 0x90, 0xBF, 4},
-                            {0xF1, 0xF3, 0x80, 0xBF, 4}, {0xF4, 0xF4, 0x80, 0x8F, 4}};
+  constexpr Sequence sequences[] = {
+      {{{{0xC2, 0xDF}, {0x80, 0xBF}}}, 2},
+      {{{{0xE0, 0xE0}, {0xA0, 0xBF}, {0x80, 0xBF}}}, 3},
+      {{{{0xE1, 0xE1}, {0x80, 0xBF}, {0x80, 0xBF}}}, 3},
+      {{{{0xE2, 0xE2}, {0x81, 0xBF}, {0x80, 0xBF}}}, 3},
+      {{{{0xE2, 0xE2}, {0x80, 0x80}, {0x80, 0xA7}}}, 3},
+      {{{{0xE2, 0xE2}, {0x80, 0x80}, {0xAA, 0xBF}}}, 3},
+      {{{{0xE3, 0xEC}, {0x80, 0xBF}, {0x80, 0xBF}}}, 3},
+      {{{{0xED, 0xED}, {0x80, 0x9F}, {0x80, 0xBF}}}, 3},
+      {{{{0xEE, 0xEF}, {0x80, 0xBF}, {0x80, 0xBF}}}, 3},
+      {{{{0xF0, 0xF0}, {0x90, 0xBF}, {0x80, 0xBF}, {0x80, 0xBF}}}, 4},
+      {{{{0xF1, 0xF3}, {0x80, 0xBF}, {0x80, 0xBF}, {0x80, 0xBF}}}, 4},
+      {{{{0xF4, 0xF4}, {0x80, 0x8F}, {0x80, 0xBF}, {0x80, 0xBF}}}, 4},
+  };
   std::vector<int32_t> current, after;
-  const auto advance = [&](int32_t lo, int32_t hi) {
-    after.clear();
-    for (int32_t s : current)
-      for (int32_t b = lo; b <= hi; b = class_end_[size_t(class_of_[size_t(b)])]) {
-        const int32_t t = s == kDead ? kDead : next(s, b);
-        if (std::find(after.begin(), after.end(), t) == after.end()) after.push_back(t);
-      }
-    current.swap(after);
-  };
-  for (const Lead& lead : leads) {
+  for (const Sequence& sequence : sequences) {
     current.assign(1, state);
-    advance(lead.first_lo, lead.first_hi);
-    advance(lead.second_lo, lead.second_hi);
-    for (int32_t i = 2; i < lead.length; ++i) advance(0x80, 0xBF);
+    for (int32_t i = 0; i < sequence.length; ++i) {
+      after.clear();
+      const auto [lo, hi] = sequence.bytes[size_t(i)];
+      for (int32_t s : current)
+        for (int32_t b = lo; b <= hi; b = class_end_[size_t(class_of_[size_t(b)])]) {
+          const int32_t t = s == kDead ? kDead : next(s, b);
+          if (std::find(after.begin(), after.end(), t) == after.end()) after.push_back(t);
+        }
+      current.swap(after);
+    }
     for (int32_t s : current)
       if (!see(s)) return -1;
   }

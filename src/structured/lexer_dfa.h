@@ -51,6 +51,11 @@ class LexerDfa {
   // kMaxRunLength): the longest run asked about, the class's longest token.
   int32_t uniform_run(int32_t state, TextClass text, int32_t cap);
   int32_t symbol_class(int32_t symbol) const { return class_of_[size_t(symbol)]; }
+  // The raw transition table (state * class_count() + class: the next state, or -1 where not yet
+  // worked out) and each symbol's class, for loops that look up many transitions; the table moves
+  // whenever a state is added (next() may add some).
+  const int32_t* table_data() const { return table_.data(); }
+  const int32_t* class_data() const { return class_of_.data(); }
   // The same lexemes with no marker text begun (kDead if that leaves none): from a state whose
   // last bytes begin a marker's text, a byte that does not continue it leads where the twin's
   // does.

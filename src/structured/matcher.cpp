@@ -79,6 +79,7 @@ bool Matcher::advance(int32_t symbol) {
     for (int32_t c = context; c != kBase; c = contexts_[size_t(c)].parent) path.push_back(c);
     for (auto it = path.rbegin(); it != path.rend(); ++it) chart_.push_back(std::move(contexts_[size_t(*it)].set));
     reset_contexts();
+    ++generation_;
   }
   state_ = state;
   started_ = true;

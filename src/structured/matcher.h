@@ -35,6 +35,11 @@ class Matcher {
   // Whether it is whole and nothing may follow.
   bool must_end();
 
+  // Changes whenever the committed parser state does: the same (generation, lexer state,
+  // started) is the same matcher state, with the same token mask.
+  uint64_t generation() const { return generation_; }
+  bool started() const { return started_; }
+
   // Speculation. Context 0 is the committed parser state; others come from boundary().
   static constexpr int32_t kBase = 0;
   int32_t lexer_state() const { return state_; }
@@ -69,6 +74,7 @@ class Matcher {
   std::vector<EarleySet> chart_;
   int32_t state_ = LexerDfa::kDead;  // of the lexeme being read
   bool started_ = false;             // any symbol read (a lexeme ends only when the next begins)
+  uint64_t generation_ = 0;
   std::vector<Context> contexts_;
   std::unordered_map<uint64_t, int32_t> boundaries_;
 };

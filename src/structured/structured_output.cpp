@@ -1,5 +1,7 @@
 #include "m1/structured_output.h"
 
+#include <algorithm>
+
 #include "m1/error.h"
 #include "structured/matcher.h"
 #include "structured/token_index.h"
@@ -41,7 +43,17 @@ bool GrammarMatcher::accept(int32_t token) {
 void GrammarMatcher::fill_mask(std::span<uint32_t> allowed, std::span<const int32_t> end_tokens) {
   if (int64_t(allowed.size()) != vocabulary_->index().words())
     fail("grammar mask: {} words for {} tokens", allowed.size(), vocabulary_->rows());
-  structured::fill_token_mask(*matcher_, vocabulary_->index(), end_tokens, allowed);
+  const bool same = last_state_ == matcher_->lexer_state() && last_generation_ == matcher_->generation() &&
+                    last_started_ == matcher_->started() && std::ranges::equal(last_ends_, end_tokens);
+  if (!same) {
+    last_mask_.resize(allowed.size());
+    structured::fill_token_mask(*matcher_, vocabulary_->index(), end_tokens, last_mask_);
+    last_state_ = matcher_->lexer_state();
+    last_generation_ = matcher_->generation();
+    last_started_ = matcher_->started();
+    last_ends_.assign(end_tokens.begin(), end_tokens.end());
+  }
+  std::ranges::copy(last_mask_, allowed.begin());
 }
 
 bool GrammarMatcher::can_end() { return matcher_->can_end(); }

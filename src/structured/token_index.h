@@ -7,6 +7,8 @@
 
 #include <array>
 #include <cstdint>
+#include <mutex>
+#include <unordered_map>
 #include <span>
 #include <utility>
 #include <vector>
@@ -37,7 +39,7 @@ class TokenIndex {
   // The most characters a token of the class has.
   int32_t longest(int32_t text_class) const { return longest_[size_t(text_class)]; }
   // Writes to `out` (words() words) the bitmask of the class tokens no longer than runs[c]
-  // characters (runs[c] < 1: none of class c).
+  // characters (runs[c] < 1: none of class c). The masks of the runs met most are kept.
   void copy_class_tokens(const std::array<int32_t, kTextClassCount>& runs, std::span<uint32_t> out) const;
 
  private:
@@ -45,9 +47,12 @@ class TokenIndex {
   std::vector<std::vector<TrieNode>> tries_;
   std::vector<std::pair<int32_t, Marker>> markers_;
   std::array<int32_t, kTextClassCount> longest_{};
-  std::vector<uint8_t> codes_;  // 32 * (class + 1) + characters, 0 for other tokens
+  std::vector<uint16_t> codes_;  // 32 * (class + 1) + characters, 0 for other tokens
   // [class][n]: the class's tokens of at most n characters.
   std::vector<std::vector<std::vector<uint32_t>>> up_to_length_;
+  static constexpr size_t kCombinedKept = 64;
+  mutable std::mutex mutex_;
+  mutable std::unordered_map<uint64_t, std::vector<uint32_t>> combined_;
 };
 
 }  // namespace m1::structured

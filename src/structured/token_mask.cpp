@@ -15,18 +15,31 @@ void walk(Matcher& matcher, const std::vector<TrieNode>& trie, size_t begin, siz
   std::array<Frame, 257> stack;
   stack[0] = {Matcher::kBase, state};
   LexerDfa& lexer = matcher.lexer();
+  // Transitions looked up in place; the table is fetched again after anything that may add states.
+  const int32_t* table = lexer.table_data();
+  const int32_t* class_of = lexer.class_data();
+  const size_t classes = size_t(lexer.class_count());
+  uint32_t* bits = allowed.data();
   for (size_t i = begin; i < end;) {
     const TrieNode& node = trie[i];
     Frame frame = stack[node.depth - 1];
-    const int32_t to = lexer.next(frame.state, node.byte);
+    int32_t to = table[size_t(frame.state) * classes + size_t(class_of[node.byte])];
+    if (to < 0) {
+      to = lexer.next(frame.state, node.byte);
+      table = lexer.table_data();
+    }
     if (to != LexerDfa::kDead) {
       frame.state = to;
-    } else if (!matcher.step_across(frame.context, frame.state, node.byte)) {
-      i = size_t(node.end);
-      continue;
+    } else {
+      const bool crossed = matcher.step_across(frame.context, frame.state, node.byte);
+      table = lexer.table_data();
+      if (!crossed) {
+        i = size_t(node.end);
+        continue;
+      }
     }
     stack[node.depth] = frame;
-    if (node.token >= 0) allowed[size_t(node.token) / 32] |= 1u << (node.token % 32);
+    if (node.token >= 0) bits[size_t(node.token) / 32] |= 1u << (node.token % 32);
     ++i;
   }
 }
