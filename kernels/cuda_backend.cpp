@@ -288,6 +288,8 @@ std::vector<DrawOutcome> CudaBackend::sample(const Mat& logits, std::span<const 
   device_draws_.clear();
   seen_ids_.clear();
   generated_counts_.clear();
+  biases_.clear();
+  allowed_words_.clear();
   draw_of_.clear();
   for (size_t i = 0; i < draws.size(); ++i) {
     const DrawRequest& r = draws[i];
@@ -314,6 +316,13 @@ std::vector<DrawOutcome> CudaBackend::sample(const Mat& logits, std::span<const 
       d.counts_count = int64_t(r.generated_counts.size());
       for (auto [id, count] : r.generated_counts) generated_counts_.insert(generated_counts_.end(), {id, count});
     }
+    d.bias_begin = int64_t(biases_.size());
+    d.bias_count = int64_t(r.logit_bias.size());
+    biases_.insert(biases_.end(), r.logit_bias.begin(), r.logit_bias.end());
+    if (!r.allowed.empty()) {  // penalty_ids_error checked its size
+      d.allowed_begin = int64_t(allowed_words_.size());
+      allowed_words_.insert(allowed_words_.end(), r.allowed.begin(), r.allowed.end());
+    }
     device_draws_.push_back(d);
     draw_of_.push_back(i);
   }
@@ -325,6 +334,8 @@ std::vector<DrawOutcome> CudaBackend::sample(const Mat& logits, std::span<const 
     a.device_draws = c.take<DeviceDraw>(std::ssize(device_draws_));
     a.seen = c.take<int32_t>(std::ssize(seen_ids_));
     a.generated_counts = c.take<int32_t>(std::ssize(generated_counts_));
+    a.biases = c.take<TokenBias>(std::ssize(biases_));
+    a.allowed = c.take<uint32_t>(std::ssize(allowed_words_));
     a.results = c.take<DrawResult>(std::ssize(device_draws_));
     return a;
   });
@@ -339,6 +350,8 @@ std::vector<DrawOutcome> CudaBackend::sample(const Mat& logits, std::span<const 
   copy_in(args.device_draws, device_draws_);
   copy_in(args.seen, seen_ids_);
   copy_in(args.generated_counts, generated_counts_);
+  copy_in(args.biases, biases_);
+  copy_in(args.allowed, allowed_words_);
   cuda::sample(args, sample_scratch_, stream_);
 
   draw_results_.resize(device_draws_.size());

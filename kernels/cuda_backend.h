@@ -92,13 +92,15 @@ class CudaBackend final : public Backend {
   DeviceScratch matmul_scratch_;   // also the MoE's, so declared before moe_workspace_
   DeviceScratch attention_scratch_;
   DeviceScratch sample_scratch_;  // the sampler's working rows
-  DeviceScratch draw_scratch_;    // draw descriptors, penalty lists and results
+  DeviceScratch draw_scratch_;    // draw descriptors, penalty and bias lists, masks and results
   MoeWorkspace moe_workspace_;
   std::vector<LightningSegment> lightning_segments_;
   std::vector<AttentionSegment> attention_segments_;
   std::vector<DeviceMatrix> w1_, w3_, w2_;
   std::vector<DeviceDraw> device_draws_;
   std::vector<int32_t> seen_ids_, generated_counts_;
+  std::vector<TokenBias> biases_;
+  std::vector<uint32_t> allowed_words_;  // the masked draws' allowed-token bitmasks, one after another
   std::vector<size_t> draw_of_;  // which request each device draw serves
   std::vector<DrawResult> draw_results_;
 };

@@ -10,6 +10,7 @@
 #include "json_fields.h"
 #include "m1/error.h"
 #include "m1/sampler.h"
+#include "output_constraints.h"
 
 namespace m1::server {
 namespace {
@@ -58,6 +59,8 @@ ChatInput parse_chat_input(const ordered_json& body) {
 struct ToolChoice {
   bool parse_calls = false;
   std::vector<ChatPiece> forced;  // appended to the prompt after the generation prompt
+  ToolMode mode = ToolMode::kNone;
+  std::string name;  // kNamed
 };
 
 ToolChoice named_tool_choice(const ordered_json& choice, const std::vector<ordered_json>& tools) {
@@ -73,19 +76,23 @@ ToolChoice named_tool_choice(const ordered_json& choice, const std::vector<order
   if (!known)
     throw invalid_request(fmt::format("tool_choice: no tool named '{}' in tools", name.value_or("")), "tool_choice");
   // The call's opening up to its arguments; the name came from the client, so it is untrusted.
-  return {true, {{kToolBlockOpening, true}, {"{\"name\": " + python_json_dumps(*name) + ", \"arguments\": ", false}}};
+  return {true,
+          {{kToolBlockOpening, true}, {"{\"name\": " + python_json_dumps(*name) + ", \"arguments\": ", false}},
+          ToolMode::kNamed,
+          *name};
 }
 
 ToolChoice parse_tool_choice(const ordered_json& body, const std::vector<ordered_json>& tools) {
   const ordered_json* choice = find_field(body, "tool_choice");
-  if (choice == nullptr) return {!tools.empty(), {}};
+  const ToolMode automatic = tools.empty() ? ToolMode::kNone : ToolMode::kAuto;
+  if (choice == nullptr) return {!tools.empty(), {}, automatic, {}};
   if (!choice->is_string()) return named_tool_choice(*choice, tools);
   const std::string& mode = choice->get_ref<const std::string&>();
-  if (mode == "none") return {false, {}};
-  if (mode == "auto") return {!tools.empty(), {}};
+  if (mode == "none") return {false, {}, ToolMode::kNone, {}};
+  if (mode == "auto") return {!tools.empty(), {}, automatic, {}};
   if (mode != "required") throw invalid_request(fmt::format("tool_choice: unknown value '{}'", mode), "tool_choice");
   if (tools.empty()) throw invalid_request("tool_choice: 'required' needs tools", "tool_choice");
-  return {true, {{kToolBlockOpening, true}}};
+  return {true, {{kToolBlockOpening, true}}, ToolMode::kRequired, {}};
 }
 
 void read_float(const ordered_json& body, const std::string& name, float& target) {
@@ -182,16 +189,6 @@ void parse_completion_logprobs(const ordered_json& body, CompletionJob& job) {
   job.generation.sampling.top_logprobs = int(*top);
 }
 
-void refuse_unsupported_output_controls(const ordered_json& body) {
-  if (const ordered_json* format = find_field(body, "response_format")) {
-    if (!format->is_object()) throw invalid_request("response_format: must be an object", "response_format");
-    if (string_field(*format, "type").value_or("text") != "text")
-      throw invalid_request(R"(response_format: only {"type": "text"} is supported)", "response_format");
-  }
-  if (const ordered_json* bias = find_field(body, "logit_bias"); bias != nullptr && !bias->empty())
-    throw invalid_request("logit_bias: not supported", "logit_bias");
-}
-
 void refuse_unsupported_completion_options(const ordered_json& body) {
   if (bool_field(body, "echo").value_or(false)) throw invalid_request("echo: not supported", "echo");
   if (!string_field(body, "suffix").value_or("").empty()) throw invalid_request("suffix: not supported", "suffix");
@@ -209,7 +206,7 @@ CompletionJob common_job(const ordered_json& body, const ServedModel& model, std
   job.generation.end_tokens = {model.end_of_turn};
   job.generation.n = parse_n(body, model.max_choices);
   parse_stream(body, job);
-  refuse_unsupported_output_controls(body);
+  job.generation.logit_bias = parse_logit_bias(body);
   return job;
 }
 
@@ -275,6 +272,8 @@ CompletionJob parse_chat_request(const ordered_json& body, const ServedModel& mo
   job.forced_output = join_pieces(tools.forced);
   parse_chat_logprobs(body, job);
   validate_sampling(job.generation.sampling);
+  job.generation.grammar = output_grammar(body, {.chat = true, .tools = &input.tools, .tool_mode = tools.mode,
+                                                 .named_tool = tools.name});
   return job;
 }
 
@@ -288,6 +287,7 @@ CompletionJob parse_completion_request(const ordered_json& body, const ServedMod
   job.kind = ApiKind::kCompletion;
   parse_completion_logprobs(body, job);
   validate_sampling(job.generation.sampling);
+  job.generation.grammar = output_grammar(body, {});
   return job;
 }
 

@@ -44,10 +44,12 @@ void RequestStream::push(GenerationEvent e) {
 struct Engine::Sequence {
   Sequence(std::unique_ptr<SequenceState> state, const SamplingParams& sampling, const GenerationRequest& request,
            const Tokenizer& tokenizer)
-      : state(std::move(state)), sampler(sampling, request.prompt), decoder(tokenizer), stop(request.stop) {}
+      : state(std::move(state)), sampler(sampling, request.prompt, request.logit_bias), decoder(tokenizer), stop(request.stop) {}
 
   std::unique_ptr<SequenceState> state;
   Sampler sampler;
+  std::optional<GrammarMatcher> matcher;  // with the request's grammar
+  std::vector<uint32_t> allowed;          // the matcher's mask for the next draw
   IncrementalDecoder decoder;
   StopMatcher stop;
   int32_t last_token = -1;
@@ -117,6 +119,7 @@ std::shared_ptr<RequestStream> Engine::submit(GenerationRequest params) {
   if (params.n < 1 || params.n > options_.max_batch)
     fail("n must be between 1 and the server's batch size {}, got {}", options_.max_batch, params.n);
   validate(params.sampling);
+  check_logit_bias(params.logit_bias, model_.config().vocab_size);
   const int64_t max_new_tokens = std::min(params.max_tokens, max_context_ - prompt);
   const int64_t bytes = state_bytes(prompt + max_new_tokens, params.n);
   if (options_.max_state_bytes > 0 && bytes > options_.max_state_bytes)
@@ -316,9 +319,23 @@ void Engine::take_logits(std::span<const Slot> slots) {
       }
       first = 0, last = r.choices.size();
     }
-    for (size_t c = first; c < last; ++c) {
-      owners.push_back({&r, c});
-      draws.push_back(r.choices[c].sampler.next_draw(logits_.first_row(i)));
+    try {
+      for (size_t c = first; c < last; ++c) {
+        Sequence& s = r.choices[c];
+        DrawRequest draw = s.sampler.next_draw(logits_.first_row(i));
+        if (s.matcher) {
+          s.matcher->fill_mask(s.allowed, r.params.end_tokens);
+          draw.allowed = s.allowed;
+        }
+        owners.push_back({&r, c});
+        draws.push_back(draw);
+      }
+    } catch (const std::exception& error) {
+      fail_alone(r, error);  // e.g. a grammar whose lexer grows past its bound
+      while (!owners.empty() && owners.back().request == &r) {
+        owners.pop_back();
+        draws.pop_back();
+      }
     }
   }
   if (draws.empty()) return;
@@ -350,8 +367,17 @@ void Engine::start_choices(Request& r) {
     SamplingParams sampling = r.params.sampling;
     sampling.seed += uint64_t(c);  // distinct but reproducible streams per choice
     auto state = c + 1 < n ? r.prompt_state->clone() : std::move(r.prompt_state);
-    r.choices.emplace_back(std::move(state), sampling, r.params, tokenizer_);
+    Sequence& s = r.choices.emplace_back(std::move(state), sampling, r.params, tokenizer_);
+    if (r.params.grammar) {
+      s.matcher.emplace(r.params.grammar, vocabulary());
+      s.allowed.resize(size_t(vocabulary()->words()));
+    }
   }
+}
+
+const std::shared_ptr<const TokenVocabulary>& Engine::vocabulary() {
+  if (!vocabulary_) vocabulary_ = std::make_shared<const TokenVocabulary>(tokenizer_, model_.config().vocab_size);
+  return vocabulary_;
 }
 
 void Engine::emit_token(Request& r, size_t choice, SampledToken token) {
@@ -375,9 +401,13 @@ void Engine::emit_token(Request& r, size_t choice, SampledToken token) {
   ++r.generated;
   const auto& ends = r.params.end_tokens;
   const bool end_of_turn = std::find(ends.begin(), ends.end(), e.token.id) != ends.end();
+  if (s.matcher && !end_of_turn && !s.matcher->accept(e.token.id))
+    fail("the output's grammar refused token {}, which its mask allowed", e.token.id);
+  // A whole output that nothing may follow ends here, without drawing the end of turn.
+  const bool complete = s.matcher && !end_of_turn && s.matcher->must_end();
   if (!end_of_turn) e.text = s.stop.push(s.decoder.push(e.token.id));
   r.stream->push(std::move(e));
-  if (end_of_turn || s.stop.stopped())
+  if (end_of_turn || s.stop.stopped() || complete)
     finish_choice(r, choice, "stop");
   else if (s.generated >= r.max_new_tokens)
     finish_choice(r, choice, "length");

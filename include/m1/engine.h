@@ -21,6 +21,7 @@
 #include "m1/error.h"
 #include "m1/model.h"
 #include "m1/sampler.h"
+#include "m1/structured_output.h"
 #include "m1/tokenizer.h"
 
 namespace m1 {
@@ -42,6 +43,11 @@ struct GenerationRequest {
   std::vector<std::string> stop;
   std::vector<int32_t> end_tokens;  // end of turn; not part of the text
   int n = 1;                        // independent choices sharing the prompt
+  std::vector<TokenBias> logit_bias;
+  // What the output must be (compile_output_grammar); null: anything. Each choice follows it with
+  // a matcher of its own, on the engine thread, whose mask the sampler applies; a choice ends
+  // with "stop" once its output is whole and nothing more may follow.
+  std::shared_ptr<OutputGrammar> grammar;
 };
 
 // What a request's stream yields, in order per choice: tokens, then one finish per choice, then
@@ -135,6 +141,7 @@ class Engine {
   bool run_forward(std::span<const BatchEntry> batch, std::span<const Slot> slots);
   void take_logits(std::span<const Slot> slots);
   void start_choices(Request& r);
+  const std::shared_ptr<const TokenVocabulary>& vocabulary();
   void emit_token(Request& r, size_t choice, SampledToken token);
   void finish_choice(Request& r, size_t choice, const std::string& reason);
   void fail_alone(Request& r, const std::exception& error);
@@ -156,6 +163,7 @@ class Engine {
 
   // Owned by the loop thread.
   std::vector<std::unique_ptr<Request>> running_;
+  std::shared_ptr<const TokenVocabulary> vocabulary_;  // built for the first request with a grammar
   StepLogits logits_;
   std::thread thread_;
 };
