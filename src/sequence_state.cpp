@@ -6,14 +6,6 @@
 
 namespace m1 {
 
-size_t SequenceState::lightning_bytes() const {
-  return size_t(shape_.lightning_layers * shape_.heads * shape_.head_dim * shape_.head_dim) * sizeof(float);
-}
-
-size_t SequenceState::kv_bytes(int64_t tokens) const {
-  return size_t(shape_.softmax_layers * 2 * shape_.kv_heads * shape_.head_dim * tokens) * dtype_size(kv_dtype());
-}
-
 void SequenceState::save_lightning(std::span<std::byte> out) const {
   if (out.size() != lightning_bytes())
     fail("state snapshot: {} bytes given for {} bytes of lightning states", out.size(), lightning_bytes());

@@ -71,8 +71,12 @@ class SequenceState {
   // KV rows of tokens [begin, end): per softmax layer the keys of those tokens, then their values,
   // each row kv_heads * d values of kv_dtype() (the backend's own cache type, copied bit for bit).
   virtual DType kv_dtype() const = 0;
-  size_t lightning_bytes() const;
-  size_t kv_bytes(int64_t tokens) const;
+  size_t lightning_bytes() const {
+    return size_t(shape_.lightning_layers * shape_.heads * shape_.head_dim * shape_.head_dim) * sizeof(float);
+  }
+  size_t kv_bytes(int64_t tokens) const {
+    return size_t(shape_.softmax_layers * 2 * shape_.kv_heads * shape_.head_dim * tokens) * dtype_size(kv_dtype());
+  }
   // `out` must be exactly lightning_bytes() / kv_bytes(end - begin); 0 <= begin <= end <= length().
   void save_lightning(std::span<std::byte> out) const;
   void save_kv(int64_t begin, int64_t end, std::span<std::byte> out) const;

@@ -1,0 +1,182 @@
+#!/usr/bin/env python3
+"""Time to first token of a conversation's next turn, with m1-serve's prefix cache on (warm) and
+off (cold): a conversation of N tokens has been sent, and the next turn adds 64 new tokens.
+
+  benchmarks/prefix_cache_bench.py --model DIR [--threads 2] [--contexts 1000,16000] [--repeats 3]
+  benchmarks/prefix_cache_bench.py --warm-url http://127.0.0.1:8080 --cold-url http://127.0.0.1:8081
+
+With --model it starts the servers itself, one at a time so they never share the CPU: one with
+the cache (--cache-every 0, so that each conversation holds one snapshot and its size is the bytes
+per snapshot), then one with --cache-mb 0. With the URLs it measures servers already running (the
+cold one must run with --cache-mb 0). Prompts are token ids through /v1/completions, so their
+lengths are exact. Each figure is the median of --repeats runs (the cold 64,000-token turn once:
+it takes minutes on a small CPU); the machine may be shared, so medians, not means.
+
+Python's standard library only. Prints a table; --json FILE writes the figures.
+"""
+import argparse
+import http.client
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+
+
+def start_server(binary, model, threads, extra):
+    proc = subprocess.Popen([binary, "--model", model, "--port", "0", "--threads", str(threads)] + extra,
+                            stderr=subprocess.PIPE, text=True)
+    port = None
+    for line in proc.stderr:
+        match = re.search(r"listening on http://[^:]+:(\d+)", line)
+        if match:
+            port = int(match.group(1))
+        if "ready" in line:
+            break
+        if "cannot load" in line:
+            sys.exit(f"prefix_cache_bench: {line.strip()}")
+    if port is None:
+        sys.exit("prefix_cache_bench: m1-serve did not start")
+    threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()  # keep draining
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def request(url, method, path, body=None):
+    parts = urllib.parse.urlparse(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=3600)
+    conn.request(method, path, json.dumps(body) if body is not None else None, {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    data = response.read()
+    conn.close()
+    if response.status != 200:
+        sys.exit(f"prefix_cache_bench: HTTP {response.status}: {data[:300]}")
+    return data
+
+
+def first_token(url, prompt, salt):
+    """Seconds from sending a streamed one-token completion to its first token, and the usage."""
+    parts = urllib.parse.urlparse(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=3600)
+    body = {"prompt": prompt, "max_tokens": 1, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}, "cache_salt": salt}
+    sent = time.perf_counter()
+    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    if response.status != 200:
+        sys.exit(f"prefix_cache_bench: HTTP {response.status}: {response.read()[:300]}")
+    first, usage = None, None
+    for raw in response:
+        line = raw.decode().strip()
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        chunk = json.loads(line[6:])
+        if chunk.get("choices") and first is None:
+            first = time.perf_counter() - sent
+        if chunk.get("usage"):
+            usage = chunk["usage"]
+    conn.close()
+    return first, usage
+
+
+def metrics(url):
+    text = request(url, "GET", "/metrics").decode()
+    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(m1_prefix_cache_\w+) (\S+)$", text, re.M)}
+
+
+def conversation(length, seed):
+    """`length` valid token ids of the full vocabulary (no special tokens), different per seed."""
+    return [1000 + (seed * 104729 + i * 7919) % 150000 for i in range(length)]
+
+
+def next_turn(history, repeat):
+    return history + conversation(64, 1000 + repeat)
+
+
+def measure_warm(url, contexts, repeats):
+    """Per context: the history sent once (a cold prefill that leaves a snapshot), then `repeats`
+    next turns of 64 new tokens, each resuming from it."""
+    results = {}
+    for length in contexts:
+        salt = f"conversation-{length}"
+        history = conversation(length, length)
+        before = metrics(url)
+        first_token(url, history, salt)
+        held = metrics(url)
+        ttfts, cached = [], []
+        for r in range(repeats):
+            ttft, usage = first_token(url, next_turn(history, r), salt)
+            ttfts.append(ttft)
+            cached.append(usage["prompt_tokens_details"]["cached_tokens"])
+        results[length] = {"warm_ttft_s": statistics.median(ttfts), "warm_runs": ttfts, "cached_tokens": cached[0],
+                           "snapshot_bytes": held["m1_prefix_cache_bytes"] - before.get("m1_prefix_cache_bytes", 0)}
+        print(f"  warm {length:>6} tokens: {statistics.median(ttfts):8.3f} s (runs {', '.join(f'{t:.3f}' for t in ttfts)};"
+              f" {cached[0]} cached)", flush=True)
+    return results
+
+
+def measure_cold(url, contexts, repeats):
+    results = {}
+    for length in contexts:
+        history = conversation(length, length)
+        runs = 1 if length >= 32000 else repeats
+        ttfts = [first_token(url, next_turn(history, r), "cold")[0] for r in range(runs)]
+        results[length] = {"cold_ttft_s": statistics.median(ttfts), "cold_runs": ttfts}
+        print(f"  cold {length:>6} tokens: {statistics.median(ttfts):8.3f} s (runs {', '.join(f'{t:.3f}' for t in ttfts)})",
+              flush=True)
+    return results
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model")
+    parser.add_argument("--bin", default=os.path.join(os.path.dirname(__file__), "..", "build", "bin", "m1-serve"))
+    parser.add_argument("--warm-url")
+    parser.add_argument("--cold-url")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--contexts", default="1000,16000,64000")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    contexts = [int(c) for c in args.contexts.split(",")]
+    if not args.model and not (args.warm_url and args.cold_url):
+        sys.exit("prefix_cache_bench: give --model, or both --warm-url and --cold-url")
+
+    print("prefix cache on:", flush=True)
+    if args.model:
+        proc, url = start_server(args.bin, args.model, args.threads, ["--cache-every", "0", "--max-context", "70000"])
+    try:
+        warm = measure_warm(url if args.model else args.warm_url, contexts, args.repeats)
+    finally:
+        if args.model:
+            proc.terminate()
+            proc.wait()
+    print("prefix cache off:", flush=True)
+    if args.model:
+        proc, url = start_server(args.bin, args.model, args.threads, ["--cache-mb", "0", "--max-context", "70000"])
+    try:
+        cold = measure_cold(url if args.model else args.cold_url, contexts, args.repeats)
+    finally:
+        if args.model:
+            proc.terminate()
+            proc.wait()
+
+    rows = []
+    print(f"\n| conversation | cold TTFT | warm TTFT | speed-up | tokens prefilled warm | snapshot |")
+    print(f"|---:|---:|---:|---:|---:|---:|")
+    for length in contexts:
+        row = {"context_tokens": length, **warm[length], **cold[length]}
+        row["speedup"] = row["cold_ttft_s"] / row["warm_ttft_s"]
+        rows.append(row)
+        print(f"| {length:,} + 64 | {row['cold_ttft_s']:.3f} s | {row['warm_ttft_s']:.3f} s | {row['speedup']:.1f}x "
+              f"| {length + 64 - row['cached_tokens']} | {row['snapshot_bytes'] / 2**20:.1f} MiB |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"threads": args.threads, "repeats": args.repeats, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
