@@ -20,29 +20,12 @@ import json
 import os
 import re
 import statistics
-import subprocess
 import sys
-import threading
 import time
 import urllib.parse
 
-
-def start_server(binary, model, threads, extra):
-    proc = subprocess.Popen([binary, "--model", model, "--port", "0", "--threads", str(threads)] + extra,
-                            stderr=subprocess.PIPE, text=True)
-    port = None
-    for line in proc.stderr:
-        match = re.search(r"listening on http://[^:]+:(\d+)", line)
-        if match:
-            port = int(match.group(1))
-        if "ready" in line:
-            break
-        if "cannot load" in line:
-            sys.exit(f"prefix_cache_bench: {line.strip()}")
-    if port is None:
-        sys.exit("prefix_cache_bench: m1-serve did not start")
-    threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()  # keep draining
-    return proc, f"http://127.0.0.1:{port}"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from serve_bench import start_server  # noqa: E402
 
 
 def request(url, method, path, body=None):
@@ -145,24 +128,21 @@ def main():
     if not args.model and not (args.warm_url and args.cold_url):
         sys.exit("prefix_cache_bench: give --model, or both --warm-url and --cold-url")
 
+    def on_server(flags, url, measure):
+        """Runs `measure` against `url`, or against a server of its own started with `flags`."""
+        if not args.model:
+            return measure(url, contexts, args.repeats)
+        proc, port = start_server(args.bin, args.model, args.threads, flags + ["--max-context", "70000"])
+        try:
+            return measure(f"http://127.0.0.1:{port}", contexts, args.repeats)
+        finally:
+            proc.terminate()
+            proc.wait()
+
     print("prefix cache on:", flush=True)
-    if args.model:
-        proc, url = start_server(args.bin, args.model, args.threads, ["--cache-every", "0", "--max-context", "70000"])
-    try:
-        warm = measure_warm(url if args.model else args.warm_url, contexts, args.repeats)
-    finally:
-        if args.model:
-            proc.terminate()
-            proc.wait()
+    warm = on_server(["--cache-every", "0"], args.warm_url, measure_warm)
     print("prefix cache off:", flush=True)
-    if args.model:
-        proc, url = start_server(args.bin, args.model, args.threads, ["--cache-mb", "0", "--max-context", "70000"])
-    try:
-        cold = measure_cold(url if args.model else args.cold_url, contexts, args.repeats)
-    finally:
-        if args.model:
-            proc.terminate()
-            proc.wait()
+    cold = on_server(["--cache-mb", "0"], args.cold_url, measure_cold)
 
     rows = []
     print(f"\n| conversation | cold TTFT | warm TTFT | speed-up | tokens prefilled warm | snapshot |")
