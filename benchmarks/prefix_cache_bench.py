@@ -5,12 +5,14 @@ off (cold): a conversation of N tokens has been sent, and the next turn adds 64 
   benchmarks/prefix_cache_bench.py --model DIR [--threads 2] [--contexts 1000,16000] [--repeats 3]
   benchmarks/prefix_cache_bench.py --warm-url http://127.0.0.1:8080 --cold-url http://127.0.0.1:8081
 
-With --model it starts the servers itself, one at a time so they never share the CPU: one with
-the cache (--cache-every 0, so that each conversation holds one snapshot and its size is the bytes
-per snapshot), then one with --cache-mb 0. With the URLs it measures servers already running (the
-cold one must run with --cache-mb 0). Prompts are token ids through /v1/completions, so their
-lengths are exact. Each figure is the median of --repeats runs (the cold 64,000-token turn once:
-it takes minutes on a small CPU); the machine may be shared, so medians, not means.
+With --model it starts two servers on the model: one with the cache (--cache-every 0, so that a
+conversation holds one snapshot and its size is the bytes per snapshot) and one with --cache-mb 0;
+with the URLs it measures servers already running (the cold one must run with --cache-mb 0).
+Requests go to one server at a time, each next turn to the cold server and then the warm one, so
+that both meet the machine as it is then. Prompts are token ids through /v1/completions, so their
+lengths are exact. Each figure is the median of --repeats runs (the cold turn of a conversation of
+32,000 tokens or more once: it takes minutes on a small CPU); the machine may be shared, so
+medians, and the load average is reported.
 
 Python's standard library only. Prints a table; --json FILE writes the figures.
 """
@@ -79,38 +81,32 @@ def next_turn(history, repeat):
     return history + conversation(64, 1000 + repeat)
 
 
-def measure_warm(url, contexts, repeats):
-    """Per context: the history sent once (a cold prefill that leaves a snapshot), then `repeats`
-    next turns of 64 new tokens, each resuming from it."""
-    results = {}
-    for length in contexts:
-        salt = f"conversation-{length}"
-        history = conversation(length, length)
-        before = metrics(url)
-        first_token(url, history, salt)
-        held = metrics(url)
-        ttfts, cached = [], []
-        for r in range(repeats):
-            ttft, usage = first_token(url, next_turn(history, r), salt)
-            ttfts.append(ttft)
-            cached.append(usage["prompt_tokens_details"]["cached_tokens"])
-        results[length] = {"warm_ttft_s": statistics.median(ttfts), "warm_runs": ttfts, "cached_tokens": cached[0],
-                           "snapshot_bytes": held["m1_prefix_cache_bytes"] - before.get("m1_prefix_cache_bytes", 0)}
-        print(f"  warm {length:>6} tokens: {statistics.median(ttfts):8.3f} s (runs {', '.join(f'{t:.3f}' for t in ttfts)};"
-              f" {cached[0]} cached)", flush=True)
-    return results
-
-
-def measure_cold(url, contexts, repeats):
-    results = {}
-    for length in contexts:
-        history = conversation(length, length)
-        runs = 1 if length >= 32000 else repeats
-        ttfts = [first_token(url, next_turn(history, r), "cold")[0] for r in range(runs)]
-        results[length] = {"cold_ttft_s": statistics.median(ttfts), "cold_runs": ttfts}
-        print(f"  cold {length:>6} tokens: {statistics.median(ttfts):8.3f} s (runs {', '.join(f'{t:.3f}' for t in ttfts)})",
-              flush=True)
-    return results
+def measure(warm_url, cold_url, length, repeats):
+    """The history sent once to the warm server (a cold prefill that leaves a snapshot), then
+    `repeats` next turns of 64 new tokens, each to the cold server and then the warm one, so that
+    both see the machine as it is then."""
+    salt = f"conversation-{length}"
+    history = conversation(length, length)
+    before = metrics(warm_url)
+    first_token(warm_url, history, salt)
+    snapshot = metrics(warm_url)["m1_prefix_cache_bytes"] - before.get("m1_prefix_cache_bytes", 0)
+    cold, warm, cached, load = [], [], None, []
+    for r in range(repeats):
+        turn = next_turn(history, r)
+        if r < (1 if length >= 32000 else repeats):
+            cold.append(first_token(cold_url, turn, "cold")[0])
+        ttft, usage = first_token(warm_url, turn, salt)
+        warm.append(ttft)
+        cached = usage["prompt_tokens_details"]["cached_tokens"]
+        load.append(os.getloadavg()[0])
+    row = {"context_tokens": length, "cold_ttft_s": statistics.median(cold), "warm_ttft_s": statistics.median(warm),
+           "cold_runs": cold, "warm_runs": warm, "cached_tokens": cached, "snapshot_bytes": snapshot,
+           "load_average": load}
+    row["speedup"] = row["cold_ttft_s"] / row["warm_ttft_s"]
+    print(f"  {length:>6} tokens: cold {row['cold_ttft_s']:8.3f} s (runs {', '.join(f'{t:.2f}' for t in cold)}), "
+          f"warm {row['warm_ttft_s']:6.3f} s (runs {', '.join(f'{t:.3f}' for t in warm)}), {cached} cached, "
+          f"load average {min(load):.1f}-{max(load):.1f}", flush=True)
+    return row
 
 
 def main():
@@ -128,29 +124,24 @@ def main():
     if not args.model and not (args.warm_url and args.cold_url):
         sys.exit("prefix_cache_bench: give --model, or both --warm-url and --cold-url")
 
-    def on_server(flags, url, measure):
-        """Runs `measure` against `url`, or against a server of its own started with `flags`."""
-        if not args.model:
-            return measure(url, contexts, args.repeats)
-        proc, port = start_server(args.bin, args.model, args.threads, flags + ["--max-context", "70000"])
-        try:
-            return measure(f"http://127.0.0.1:{port}", contexts, args.repeats)
-        finally:
+    servers = []
+    try:
+        if args.model:  # both up at once; requests go to one at a time
+            for flags in (["--cache-every", "0"], ["--cache-mb", "0"]):
+                servers.append(start_server(args.bin, args.model, args.threads, flags + ["--max-context", "70000"]))
+            warm_url, cold_url = (f"http://127.0.0.1:{port}" for _, port in servers)
+        else:
+            warm_url, cold_url = args.warm_url, args.cold_url
+        rows = [measure(warm_url, cold_url, length, args.repeats) for length in contexts]
+    finally:
+        for proc, _ in servers:
             proc.terminate()
             proc.wait()
 
-    print("prefix cache on:", flush=True)
-    warm = on_server(["--cache-every", "0"], args.warm_url, measure_warm)
-    print("prefix cache off:", flush=True)
-    cold = on_server(["--cache-mb", "0"], args.cold_url, measure_cold)
-
-    rows = []
-    print(f"\n| conversation | cold TTFT | warm TTFT | speed-up | tokens prefilled warm | snapshot |")
-    print(f"|---:|---:|---:|---:|---:|---:|")
-    for length in contexts:
-        row = {"context_tokens": length, **warm[length], **cold[length]}
-        row["speedup"] = row["cold_ttft_s"] / row["warm_ttft_s"]
-        rows.append(row)
+    print("\n| conversation | cold TTFT | warm TTFT | speed-up | tokens prefilled warm | snapshot |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for row in rows:
+        length = row["context_tokens"]
         print(f"| {length:,} + 64 | {row['cold_ttft_s']:.3f} s | {row['warm_ttft_s']:.3f} s | {row['speedup']:.1f}x "
               f"| {length + 64 - row['cached_tokens']} | {row['snapshot_bytes'] / 2**20:.1f} MiB |")
     if args.json:
