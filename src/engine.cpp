@@ -286,6 +286,9 @@ void Engine::plan_step(std::vector<BatchEntry>& batch, std::vector<Slot>& slots)
     const int64_t prompt = int64_t(r->params.prompt.size());
     const int64_t end = prefill_chunk_end(r->prefilled, prompt, budget, prefill_alignment_, r->snapshot_at);
     const int64_t rest = prompt - r->prefilled, n = end - r->prefilled;
+    // A step's budget that reached no cut on the alignment: the sums may now differ from a cold
+    // prefill's by rounding, so this prompt leaves no more snapshots.
+    if (end < prompt && end % prefill_alignment_ != 0) r->snapshot_at = 0;
     batch.push_back({r->prompt_state.get(), std::span(r->params.prompt).subspan(size_t(r->prefilled), size_t(n)),
                      n == rest ? LogitsFor::kLast : LogitsFor::kNone});
     slots.push_back({r.get(), -1});

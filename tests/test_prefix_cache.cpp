@@ -485,6 +485,16 @@ TEST_F(PrefixCacheTest, DamagedAndForeignFilesAreDeletedNeverUsed) {
   }
 }
 
+// A step budget below the alignment cuts prompts where the rounding may change: such a prompt
+// leaves no snapshot, so no later request can resume from a state a cold prefill would not reach.
+TEST_F(PrefixCacheTest, APromptCutOffTheAlignmentLeavesNoSnapshot) {
+  Engine engine(*model_, *tokenizer_, options(64 << 20, 48));
+  const std::vector<int32_t> prompt = tokens(90, 200);
+  EXPECT_EQ(ask(engine, greedy(prompt)).cached, 0);
+  EXPECT_EQ(ask(engine, greedy(prompt)).cached, 0);
+  EXPECT_EQ(engine.stats().cache.snapshots, 0);
+}
+
 TEST_F(PrefixCacheTest, BadOptionsAreRefused) {
   EngineOptions o = options(64 << 20);
   o.cache.every = -1;
