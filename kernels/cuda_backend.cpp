@@ -71,6 +71,11 @@ std::string CudaBackend::name() const {
   return fmt::format("cuda ({}, {} precision)", device_name_, precision_ == Precision::kFast ? "fast" : "exact");
 }
 
+// Lightning prefill blocks (32 or 64 tokens) and attention prefill tiles (64 or 128 query rows
+// of a group's heads, so at most 128 tokens) all count from a segment's first token: cuts at
+// multiples of 128 leave each tile on the same tokens.
+int64_t CudaBackend::prefill_alignment() const { return 128; }
+
 GemmOperands CudaBackend::operands(Rounding rounding) const {
   return precision_ == Precision::kFast && rounding == Rounding::kAllowed ? GemmOperands::kBf16 : GemmOperands::kFp32;
 }

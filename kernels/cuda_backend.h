@@ -44,6 +44,7 @@ class CudaBackend final : public Backend {
   CudaBackend& operator=(const CudaBackend&) = delete;
 
   std::string name() const override;
+  int64_t prefill_alignment() const override;
   void begin_step(std::span<const Segment> segments, int64_t logit_rows) override;
   bool end_step() override;
   bool abandon_step() override;

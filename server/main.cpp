@@ -31,6 +31,7 @@ struct Options {
   int port = 8080;
   double max_body_mb = 8;
   double max_state_mb = 0;
+  double cache_mb = 4096, cache_dir_mb = 16384;
   double shutdown_grace_s = 5;
   size_t http_threads = 0;
   std::string precision = "fast";
@@ -134,6 +135,12 @@ int main(int argc, char** argv) {
   app.add_option("--step-tokens", engine.step_tokens, "New tokens per forward step (decode tokens + prefill chunks)")->capture_default_str()->check(CLI::PositiveNumber);
   app.add_option("--max-queue", engine.max_queue, "Requests waiting for a place before new ones get 503")->capture_default_str()->check(CLI::PositiveNumber);
   app.add_option("--max-state-mb", o.max_state_mb, "MiB of sequence state (KV caches, lightning states) admitted requests may hold at their largest; more wait in the queue (0: no limit)")->capture_default_str()->check(CLI::NonNegativeNumber);
+  m1::PrefixCacheOptions& cache = engine.cache;
+  app.add_option("--cache-mb", o.cache_mb, "MiB of memory for prefix-cache snapshots (prompt states later requests resume from); 0 turns the cache off")->capture_default_str()->check(CLI::NonNegativeNumber);
+  app.add_option("--cache-every", cache.every, "Also snapshot every N tokens of a long prompt (0: only near its end)")->capture_default_str()->check(CLI::NonNegativeNumber);
+  app.add_option("--cache-dir", cache.dir, "Also keep snapshots of long prefixes as files in DIR, found again after a restart");
+  app.add_option("--cache-dir-mb", o.cache_dir_mb, "MiB of snapshot files in --cache-dir")->capture_default_str()->check(CLI::PositiveNumber);
+  app.add_option("--cache-min-tokens", cache.min_disk_tokens, "Only prefixes of at least N tokens go to --cache-dir")->capture_default_str()->check(CLI::PositiveNumber);
   app.add_option("--threads", o.model.backend.threads, "CPU compute threads (0: one per core)")->capture_default_str()->check(CLI::NonNegativeNumber);
   app.add_option("--device", o.model.backend.device, "cpu or cuda (a build with the CUDA backend and a GPU)")->capture_default_str();
   app.add_option("--precision", o.precision, "fast (bf16 matrix operands where the CPU multiplies bf16, fp32 accumulation) or exact (fp32 throughout)")->capture_default_str();
@@ -150,6 +157,10 @@ int main(int argc, char** argv) {
     o.model.backend.precision = m1::parse_precision(o.precision);
     o.http.max_body_bytes = size_t(o.max_body_mb * 1024 * 1024);
     engine.max_state_bytes = int64_t(o.max_state_mb * 1024 * 1024);
+    cache.max_bytes = int64_t(o.cache_mb * 1024 * 1024);
+    cache.dir_max_bytes = int64_t(o.cache_dir_mb * 1024 * 1024);
+    if (!cache.dir.empty() && cache.max_bytes == 0)
+      m1::fail("--cache-dir needs the prefix cache: --cache-mb 0 turns it off");
     o.http.threads = o.http_threads > 0 ? o.http_threads : size_t(std::max<int64_t>(64, 4 * engine.max_batch));
     return serve(o);
   } catch (const std::exception& error) {

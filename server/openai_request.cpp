@@ -17,6 +17,7 @@ namespace {
 
 constexpr size_t kMaxStopStrings = 16;
 constexpr int kMaxTopLogprobs = 20;
+constexpr size_t kMaxCacheSaltBytes = 1024;
 constexpr const char* kToolBlockOpening = "<tool_calls>\n";  // how the model starts its calls
 
 struct ChatInput {
@@ -195,6 +196,16 @@ void refuse_unsupported_completion_options(const ordered_json& body) {
   if (integer_field(body, "best_of").value_or(1) != 1) throw invalid_request("best_of: only 1 is supported", "best_of");
 }
 
+std::optional<std::string> parse_cache_salt(const ordered_json& body) {
+  const ordered_json* salt = find_field(body, "cache_salt");
+  if (salt == nullptr) return std::nullopt;
+  if (!salt->is_string() || salt->get_ref<const std::string&>().empty())
+    throw invalid_request("cache_salt: must be a non-empty string", "cache_salt");
+  if (salt->get_ref<const std::string&>().size() > kMaxCacheSaltBytes)
+    throw invalid_request(fmt::format("cache_salt: at most {} bytes", kMaxCacheSaltBytes), "cache_salt");
+  return salt->get<std::string>();
+}
+
 // Settings shared by both endpoints, once the prompt is known.
 CompletionJob common_job(const ordered_json& body, const ServedModel& model, std::vector<int32_t> prompt,
                          const std::string& prompt_param) {
@@ -207,6 +218,7 @@ CompletionJob common_job(const ordered_json& body, const ServedModel& model, std
   job.generation.n = parse_n(body, model.max_choices);
   parse_stream(body, job);
   job.generation.logit_bias = parse_logit_bias(body);
+  job.cache_salt = parse_cache_salt(body);
   return job;
 }
 
@@ -235,6 +247,11 @@ std::vector<int32_t> completion_prompt(const ordered_json& body, const Tokenizer
 }
 
 }  // namespace
+
+// The key's identity has a fixed length, so no salt can make one scope look like another.
+std::string cache_scope(std::string_view key_identity, const std::optional<std::string>& salt) {
+  return salt ? fmt::format("{}/{}", key_identity, *salt) : std::string(key_identity);
+}
 
 void check_model(const ordered_json& body, const ServedModel& model) {
   const auto name = string_field(body, "model");

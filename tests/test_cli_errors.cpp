@@ -116,6 +116,8 @@ TEST_F(CliErrorTest, GenerateRefusesBadOptions) {
   expect_refused("m1-generate", "--model " + m + " --prompt hi --temperature 5", "temperature must be in [0, 2]");
   expect_refused("m1-generate", "--model " + m + " --prompt hi --max-tokens 1 --logits-out " + (dir_ / "no/such/dir/x").string(),
                  "--logits-out: cannot write");
+  expect_refused("m1-generate", "--model " + m + " --prompt hi --prompt-cache-ro", "--prompt-cache-ro needs --prompt-cache");
+  expect_refused("m1-generate", "--model " + m + " --prompt hi --prompt-cache x --logits-out y", "give one of them");
 }
 
 // The context bounds one-shot generation too: a prompt that fills it is refused, and generation
@@ -224,6 +226,10 @@ TEST_F(CliErrorTest, ServeRefusesBadOptions) {
   expect_refused("m1-serve", m + " --max-context 20000000", "more than the model's max_position_embeddings");
   expect_refused("m1-serve", m + " --max-context 2048 --max-state-mb 0.1", "cannot hold the state of one sequence");
   expect_refused("m1-serve", m + " --host 203.0.113.5", "cannot listen on 203.0.113.5");
+  expect_refused("m1-serve", m + " --cache-mb -1", "--cache-mb");
+  expect_refused("m1-serve", m + " --cache-dir " + dir_.string() + " --cache-mb 0", "--cache-dir needs the prefix cache");
+  std::ofstream(dir_ / "a_file") << "x";
+  expect_refused("m1-serve", m + " --cache-dir " + (dir_ / "a_file").string(), "a_file: cannot use as the cache directory");
 }
 
 TEST_F(CliErrorTest, ServeRefusesAPortInUse) {

@@ -66,7 +66,34 @@ class SequenceState {
   // Called by the model once a step has consumed `tokens` more.
   void advance(int64_t tokens) { length_ += tokens; }
 
+  // The portable form of a state, in host memory: what prefix-cache snapshots and cache files
+  // hold, and how a snapshot moves off the device. Lightning states: fp32, [layer][head][d][d].
+  // KV rows of tokens [begin, end): per softmax layer the keys of those tokens, then their values,
+  // each row kv_heads * d values of kv_dtype() (the backend's own cache type, copied bit for bit).
+  virtual DType kv_dtype() const = 0;
+  size_t lightning_bytes() const {
+    return size_t(shape_.lightning_layers * shape_.heads * shape_.head_dim * shape_.head_dim) * sizeof(float);
+  }
+  size_t kv_bytes(int64_t tokens) const {
+    return size_t(shape_.softmax_layers * 2 * shape_.kv_heads * shape_.head_dim * tokens) * dtype_size(kv_dtype());
+  }
+  // `out` must be exactly lightning_bytes() / kv_bytes(end - begin); 0 <= begin <= end <= length().
+  void save_lightning(std::span<std::byte> out) const;
+  void save_kv(int64_t begin, int64_t end, std::span<std::byte> out) const;
+  // Restoring: a state takes the KV rows of its tokens in order, one range after another (each
+  // append advances length() by `tokens`, leaving the lightning states alone), then the lightning
+  // states that belong to its length. What it holds in between is not a state to run.
+  void append_kv(std::span<const std::byte> rows, int64_t tokens);
+  void load_lightning(std::span<const std::byte> in);
+
  protected:
+  // The copies behind the methods above, their sizes checked; copies from and to the device are
+  // complete when these return.
+  virtual void read_lightning(std::byte* out) const = 0;
+  virtual void read_kv(int64_t begin, int64_t end, std::byte* out) const = 0;
+  virtual void write_kv(const std::byte* rows, int64_t tokens) = 0;  // rows for [length(), length() + tokens)
+  virtual void write_lightning(const std::byte* in) = 0;
+
   StateShape shape_;
   int64_t length_ = 0;
 };
@@ -104,6 +131,15 @@ class Backend {
   virtual void begin_step(std::span<const Segment> segments, int64_t logit_rows) {}
   virtual bool end_step() { return true; }
   virtual bool abandon_step() { return false; }
+
+  // Prefill chunks that start at multiples of this many tokens compute the same numbers however
+  // a prompt is cut into them (the blocks of the kernels' chunked forms then fall on the same
+  // tokens), provided a final block of one token runs alone (prefill_chunk_end, m1/prefill.h).
+  // A snapshot taken at such a cut resumes bit for bit. 1: no such promise.
+  virtual int64_t prefill_alignment() const { return 1; }
+  // What the numbers a state holds depend on: device kind, kernels and precision (name() less
+  // what does not change them, such as the thread count). Cache files record it.
+  virtual std::string numerics() const { return name(); }
 
   // Memory. Weights are uploaded once at load (the CPU backend uses the mapped file in place).
   virtual Weight upload(const TensorView& tensor) = 0;

@@ -58,6 +58,7 @@ class Model {
 
   const ModelConfig& config() const { return config_; }
   Backend& backend() const { return backend_; }
+  const Checkpoint& checkpoint() const { return checkpoint_; }
   StateShape state_shape() const;
   std::unique_ptr<SequenceState> new_sequence() const;
 

@@ -26,10 +26,18 @@ constexpr int64_t kRowsPerTask = 16;
 CpuBackend::CpuBackend(int threads, Precision precision, bool reference_kernels)
     : pool_(threads), precision_(precision), reference_(reference_kernels) {}
 
-std::string CpuBackend::name() const {
-  return fmt::format("cpu ({} threads, {} kernels, {} precision)", pool_.size(), reference_ ? "reference" : matmul_isa(),
+std::string CpuBackend::name() const { return fmt::format("cpu ({} threads, {})", pool_.size(), kernels()); }
+
+std::string CpuBackend::kernels() const {
+  return fmt::format("{} kernels, {} precision", reference_ ? "reference" : matmul_isa(),
                      precision_ == Precision::kFast && bf16_products_available() ? "fast" : "exact");
 }
+
+// Lightning blocks of kLightningBlock tokens and attention tasks of 16 queries both count from a
+// segment's first token, so cuts at multiples of the block leave every sum as it was.
+int64_t CpuBackend::prefill_alignment() const { return kLightningBlock; }
+
+std::string CpuBackend::numerics() const { return fmt::format("cpu ({})", kernels()); }
 
 Operands CpuBackend::operands(Rounding rounding) const {
   return precision_ == Precision::kFast && rounding == Rounding::kAllowed ? Operands::kBf16 : Operands::kFp32;

@@ -17,6 +17,8 @@ class CpuBackend final : public Backend {
   CpuBackend(int threads, Precision precision, bool reference_kernels);
 
   std::string name() const override;
+  int64_t prefill_alignment() const override;
+  std::string numerics() const override;
   Weight upload(const TensorView& tensor) override;
   Mat alloc(int64_t rows, int64_t cols) override;
   void free(Mat m) override;
@@ -40,6 +42,8 @@ class CpuBackend final : public Backend {
   std::vector<DrawOutcome> sample(const Mat& logits, std::span<const DrawRequest> draws) override;
 
  private:
+  // The kernels and the precision they run in: "avx512bf16 kernels, fast precision".
+  std::string kernels() const;
   // Runs fn(row) over rows, split across the pool in contiguous blocks.
   template <class Fn>
   void for_rows(int64_t rows, Fn&& fn);
