@@ -71,7 +71,7 @@ const Weight& bf16_weight(int64_t rows, int64_t cols, int64_t index = 0) {
   return it->second.second;
 }
 
-double weight_bytes(const Weight& w) { return double(w.rows * w.cols) * double(dtype_size(w.dtype)); }
+double weight_bytes(const Weight& w) { return double(w.data_bytes() + w.scale_bytes()); }
 
 void report(benchmark::State& state, double flops, double bytes) {
   state.counters["FLOP/s"] = benchmark::Counter(flops, benchmark::Counter::kIsIterationInvariantRate);

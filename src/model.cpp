@@ -83,9 +83,7 @@ Model::Model(ModelConfig config, Checkpoint checkpoint, Backend& backend)
     if (layer.lightning) {
       layer.decay = lightning_decay(c.num_attention_heads, l, c.num_hidden_layers);
       // The layer keeps the values: the CPU backend uses them in place.
-      const TensorView view{fmt::format("model.layers.{}.decay", l), "(computed)", "F32", {int64_t(layer.decay.size())},
-                            reinterpret_cast<const std::byte*>(layer.decay.data()), layer.decay.size() * sizeof(float)};
-      layer.decay_weight = backend_.upload(view);
+      layer.decay_weight = backend_.upload(Weight{layer.decay.data(), DType::kF32, 1, int64_t(layer.decay.size())});
     }
     layer.moe.top_k = c.num_experts_per_tok;
     layer.moe.w1.resize(size_t(c.num_local_experts));
@@ -94,7 +92,7 @@ Model::Model(ModelConfig config, Checkpoint checkpoint, Backend& backend)
     layer.shared_expert = c.shared_intermediate_size > 0;
   }
   const std::vector<WeightSpec> specs = weight_specs(c);
-  for (const WeightSpec& spec : specs) *slot(spec) = backend_.upload(checkpoint_.require(spec.name, spec.shape));
+  for (const WeightSpec& spec : specs) *slot(spec) = backend_.upload(host_weight(checkpoint_.require(spec.name, spec.shape)));
   if (c.tie_word_embeddings) lm_head_ = embed_;
   size_t unused = checkpoint_.tensors().size() - specs.size();
   if (unused > 0) spdlog::warn("checkpoint holds {} tensors this config does not use; they are ignored", unused);

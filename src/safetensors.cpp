@@ -172,7 +172,7 @@ int64_t TensorView::numel() const { return checked_numel(shape); }
 
 DType TensorView::weight_dtype() const {
   auto t = dtype_from_name(dtype_name);
-  if (!t) fail("{}: tensor {} has dtype {}; weights must be BF16, F16 or F32", file, quote_name(name), quote_name(dtype_name));
+  if (!t || !is_float(*t)) fail("{}: tensor {} has dtype {}; weights must be BF16, F16 or F32", file, quote_name(name), quote_name(dtype_name));
   return *t;
 }
 
@@ -298,7 +298,10 @@ const TensorView& Checkpoint::require(const std::string& name, const std::vector
   return *t;
 }
 
-size_t TensorSpec::nbytes() const { return size_t(checked_numel(shape)) * dtype_size(dtype); }
+size_t TensorSpec::nbytes() const {
+  const int64_t cols = shape.empty() ? 1 : shape.back();
+  return matrix_bytes(dtype, cols == 0 ? 0 : checked_numel(shape) / cols, cols);
+}
 
 void write_safetensors(const fs::path& file, const std::vector<TensorSpec>& tensors, const TensorFiller& fill) {
   nlohmann::ordered_json header;

@@ -17,7 +17,7 @@ class CpuBackend final : public Backend {
   CpuBackend(int threads, Precision precision, bool reference_kernels);
 
   std::string name() const override;
-  Weight upload(const TensorView& tensor) override;
+  Weight upload(const Weight& host) override;
   Mat alloc(int64_t rows, int64_t cols) override;
   void free(Mat m) override;
   void to_host(const Mat& m, float* host) override;
