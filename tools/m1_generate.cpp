@@ -25,6 +25,9 @@ struct Options {
   std::string device = "cpu", precision = "fast";
   fs::path logits_out;
   bool ignore_eos = false;
+  std::string quantize;
+  int64_t group_size = 0;
+  bool quantize_lm_head = false;
 };
 
 std::vector<int32_t> parse_ids(const std::string& text) {
@@ -73,8 +76,9 @@ int run(Options& o) {
   if (given != 1) m1::fail("give exactly one of --prompt, --chat or --prompt-ids");
   if (!o.system.empty() && o.chat.empty()) m1::fail("--system needs --chat");
 
+  const m1::LoadOptions load = m1::parse_load_options(o.quantize, o.group_size, o.quantize_lm_head, o.threads);
   auto backend = m1::create_backend(m1::BackendOptions{o.device, o.threads, m1::parse_precision(o.precision)});
-  auto model = m1::Model::load(o.model, *backend);
+  auto model = m1::Model::load(o.model, *backend, load);
   m1::Tokenizer tokenizer = m1::Tokenizer::load(o.model / "tokenizer.json");
   if (!o.ignore_eos) o.gen.end_tokens = {m1::end_of_turn_token(o.model, tokenizer)};
   std::vector<int32_t> prompt = prompt_tokens(o, tokenizer, model->config().vocab_size);
@@ -126,6 +130,9 @@ int main(int argc, char** argv) {
   app.add_option("--precision", o.precision, "fast (bf16 matrix operands where the CPU multiplies bf16, fp32 accumulation) or exact (fp32 throughout)")->capture_default_str();
   app.add_option("--logits-out", o.logits_out, "Write float32 logits of every prompt position to FILE");
   app.add_flag("--ignore-eos", o.ignore_eos, "Keep generating past the end-of-turn token");
+  app.add_option("--quantize", o.quantize, "Quantize weights while loading: int8 (a scale per row) or int4 (a scale per group)");
+  app.add_option("--group-size", o.group_size, "--quantize int4: inputs per scale, a multiple of 32 (default 32)");
+  app.add_flag("--quantize-lm-head", o.quantize_lm_head, "--quantize the LM head too (kept in its stored type by default)");
   CLI11_PARSE(app, argc, argv);
   try {
     return run(o);
