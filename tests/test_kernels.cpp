@@ -81,8 +81,8 @@ TEST_F(KernelTest, MatmulRowsDoNotDependOnTheirNeighbours) {
 }
 
 // The quantized weights the kernel tests cover: int8 with a scale per row, int4 in groups of 32
-// and 64 (so a row has one, several and a partial last group).
-const QuantScheme kQuantSchemes[] = {{DType::kQ8, 0}, {DType::kQ4, 32}, {DType::kQ4, 64}, {DType::kQ8, 32}};
+// and 64 (so a row has one, several and a partial last group), and both with other group counts.
+const QuantScheme kQuantSchemes[] = {{DType::kQ8, 0}, {DType::kQ4, 32}, {DType::kQ4, 64}, {DType::kQ8, 32}, {DType::kQ4, 0}};
 
 std::string scheme_name(const QuantScheme& s) { return std::string(dtype_name(s.type)) + " group " + std::to_string(s.group_size); }
 
