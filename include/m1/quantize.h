@@ -25,8 +25,8 @@
 //   bf16 and f16 scales).
 //
 // m1's quantizer: int8 with one scale per row, int4 with one scale per group of 32 inputs (64, 128,
-// ... accepted). For each group it tries a few scales near max|v| / qmax (each rounded to bf16, the
-// codes rounded to nearest and clamped) and keeps the one with the least squared error.
+// ... accepted). For each group it tries a few scales s near max|v| / qmax (each rounded to bf16;
+// codes round(v * (1 / s)) to nearest even, clamped) and keeps the one with the least squared error.
 
 #include <cstddef>
 #include <cstdint>
