@@ -287,7 +287,7 @@ void bench_decode_step(Report& report, const Limits& limits, int64_t batch, int6
   const m1::ModelConfig config = m1::preset("bench").config;
   auto backend = m1::create_backend({"cuda", 0, m1::Precision::kFast, false, graphs});
   m1::Checkpoint checkpoint = m1::random_checkpoint(config, m1::DType::kBF16, 1);
-  uint64_t weight_bytes = m1::bench::decode_weight_bytes(config, checkpoint);
+  uint64_t weight_bytes = m1::bench::decode_weight_bytes(config, checkpoint, {});
   uint64_t expert_bytes = 0;
   for (const m1::WeightSpec& spec : m1::weight_specs(config))
     if (spec.role == m1::WeightRole::kW1 || spec.role == m1::WeightRole::kW2 || spec.role == m1::WeightRole::kW3)

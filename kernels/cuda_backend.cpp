@@ -80,15 +80,20 @@ GemmOperands CudaBackend::operands(Rounding rounding) const {
   return precision_ == Precision::kFast && rounding == Rounding::kAllowed ? GemmOperands::kBf16 : GemmOperands::kFp32;
 }
 
-Weight CudaBackend::upload(const TensorView& t) {
-  const DType dtype = t.weight_dtype();
+Weight CudaBackend::upload(const Weight& host) {
+  // The CUDA kernels for quantized weights are not written yet.
+  if (host.quantized())
+    fail("--device cuda does not run {} weights yet: load the model without --quantize, or on the CPU", dtype_name(host.dtype));
   void* device = nullptr;
-  M1_CUDA_CHECK(cudaMalloc(&device, std::max<size_t>(t.nbytes, 1)));
+  const size_t bytes = host.data_bytes();
+  M1_CUDA_CHECK(cudaMalloc(&device, std::max<size_t>(bytes, 1)));
   weights_.push_back(device);
   // On the backend's stream: a pageable copy may still be landing when cudaMemcpy returns, and
   // the stream (non-blocking) would not wait for the default stream.
-  M1_CUDA_CHECK(cudaMemcpyAsync(device, t.data, t.nbytes, cudaMemcpyHostToDevice, stream_));
-  return Weight{device, dtype, t.shape.size() == 2 ? t.shape[0] : 1, t.shape.back()};
+  M1_CUDA_CHECK(cudaMemcpyAsync(device, host.data, bytes, cudaMemcpyHostToDevice, stream_));
+  Weight w = host;
+  w.data = device;
+  return w;
 }
 
 Mat CudaBackend::alloc(int64_t rows, int64_t cols) {

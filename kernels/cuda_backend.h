@@ -49,7 +49,7 @@ class CudaBackend final : public Backend {
   bool end_step() override;
   bool abandon_step() override;
   const StepGraphs::Stats& graph_stats() const { return graphs_.stats(); }
-  Weight upload(const TensorView& tensor) override;
+  Weight upload(const Weight& host) override;
   Mat alloc(int64_t rows, int64_t cols) override;
   void free(Mat m) override;
   void to_host(const Mat& m, float* host) override;

@@ -999,6 +999,7 @@ void grouped_matmuls(const float* x, int64_t ldx, const int64_t* offsets, std::s
       if (operands == GemmOperands::kBf16)
         return grouped_bf16<1>(x, ldx, offsets, products, rows, group_rows, scratch, stream);
       return grouped_bf16<3>(x, ldx, offsets, products, rows, group_rows, scratch, stream);
+    default: fail("grouped matmul: weights of dtype {} are not supported on the GPU", dtype_name(first.dtype));
   }
 }
 
@@ -1023,6 +1024,7 @@ void matmul(const float* x, int64_t ldx, int64_t m, const DeviceMatrix& w, float
     case DType::kBF16:
       if (operands == GemmOperands::kBf16) return matmul_bf16<1>(x, ldx, m, w, out, ldo, scratch, stream);
       return matmul_bf16<3>(x, ldx, m, w, out, ldo, scratch, stream);
+    default: fail("matmul: weights of dtype {} are not supported on the GPU", dtype_name(w.dtype));
   }
 }
 

@@ -35,6 +35,9 @@ struct Options {
   double shutdown_grace_s = 5;
   size_t http_threads = 0;
   std::string precision = "fast";
+  std::string quantize;
+  int64_t group_size = 0;
+  bool quantize_lm_head = false;
 };
 
 // Lifecycle lines go to stderr in a fixed form: scripts and tests read them.
@@ -147,6 +150,9 @@ int main(int argc, char** argv) {
   app.add_option("--http-threads", o.http_threads, "Connections served at once (0: max(64, 4 x max-batch))")->capture_default_str();
   app.add_option("--max-body-mb", o.max_body_mb, "Largest request body in MiB")->capture_default_str()->check(CLI::PositiveNumber);
   app.add_option("--shutdown-grace", o.shutdown_grace_s, "Seconds in-flight requests get to finish at shutdown")->capture_default_str()->check(CLI::NonNegativeNumber);
+  app.add_option("--quantize", o.quantize, "Quantize weights while loading: int8 (a scale per row) or int4 (a scale per group)");
+  app.add_option("--group-size", o.group_size, "--quantize int4: inputs per scale, a multiple of 32 (default 32)");
+  app.add_flag("--quantize-lm-head", o.quantize_lm_head, "--quantize the LM head too (kept in its stored type by default)");
   CLI11_PARSE(app, argc, argv);
 
   spdlog::set_default_logger(spdlog::stderr_color_mt("m1-serve"));  // stdout stays free for tools
@@ -155,6 +161,7 @@ int main(int argc, char** argv) {
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
   try {
     o.model.backend.precision = m1::parse_precision(o.precision);
+    o.model.load = m1::parse_load_options(o.quantize, o.group_size, o.quantize_lm_head, o.model.backend.threads);
     o.http.max_body_bytes = size_t(o.max_body_mb * 1024 * 1024);
     engine.max_state_bytes = int64_t(o.max_state_mb * 1024 * 1024);
     cache.max_bytes = int64_t(o.cache_mb * 1024 * 1024);

@@ -18,6 +18,7 @@ struct ModelOptions {
   std::filesystem::path dir;
   std::string served_name;  // empty: the directory's name
   BackendOptions backend;
+  LoadOptions load;
   EngineOptions engine;
 };
 

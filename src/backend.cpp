@@ -24,6 +24,10 @@ std::unique_ptr<Backend> create_backend(const BackendOptions& options) {
   fail("device '{}' is unknown (expected cpu or cuda)", options.device);
 }
 
+Weight host_weight(const TensorView& t) {
+  return Weight{t.data, t.weight_dtype(), t.shape.size() == 2 ? t.shape[0] : 1, t.shape.empty() ? 1 : t.shape.back()};
+}
+
 Precision parse_precision(const std::string& name) {
   if (name == "exact") return Precision::kExact;
   if (name == "fast") return Precision::kFast;

@@ -6,10 +6,9 @@
 #include <cmath>
 #include <unordered_set>
 
-#include <spdlog/spdlog.h>
-
 #include "m1/error.h"
 #include "m1/weights.h"
+#include "weight_loader.h"
 
 namespace m1 {
 
@@ -64,15 +63,19 @@ std::span<float> StepLogits::row(size_t entry, int64_t i) {
   return {host_.data() + (first_row_[entry] + i) * vocab_, size_t(vocab_)};
 }
 
-std::unique_ptr<Model> Model::load(const std::filesystem::path& dir, Backend& backend) {
+std::unique_ptr<Model> Model::load(const std::filesystem::path& dir, Backend& backend, const LoadOptions& options) {
   std::error_code ec;
   if (!std::filesystem::is_directory(dir, ec)) fail("{}: model directory not found", dir.string());
   ModelConfig config = load_config(dir / "config.json");
-  return std::make_unique<Model>(std::move(config), Checkpoint::open(dir), backend);
+  return std::make_unique<Model>(std::move(config), Checkpoint::open(dir), backend, options);
 }
 
-Model::Model(ModelConfig config, Checkpoint checkpoint, Backend& backend)
-    : config_(std::move(config)), checkpoint_(std::move(checkpoint)), backend_(backend), ws_(std::make_unique<Workspace>()) {
+Model::Model(ModelConfig config, Checkpoint checkpoint, Backend& backend, const LoadOptions& options)
+    : config_(std::move(config)),
+      checkpoint_(std::move(checkpoint)),
+      load_options_(options),
+      backend_(backend),
+      ws_(std::make_unique<Workspace>()) {
   const ModelConfig& c = config_;
   layers_.resize(size_t(c.num_hidden_layers));
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
@@ -83,9 +86,7 @@ Model::Model(ModelConfig config, Checkpoint checkpoint, Backend& backend)
     if (layer.lightning) {
       layer.decay = lightning_decay(c.num_attention_heads, l, c.num_hidden_layers);
       // The layer keeps the values: the CPU backend uses them in place.
-      const TensorView view{fmt::format("model.layers.{}.decay", l), "(computed)", "F32", {int64_t(layer.decay.size())},
-                            reinterpret_cast<const std::byte*>(layer.decay.data()), layer.decay.size() * sizeof(float)};
-      layer.decay_weight = backend_.upload(view);
+      layer.decay_weight = backend_.upload(Weight{layer.decay.data(), DType::kF32, 1, int64_t(layer.decay.size())});
     }
     layer.moe.top_k = c.num_experts_per_tok;
     layer.moe.w1.resize(size_t(c.num_local_experts));
@@ -93,11 +94,15 @@ Model::Model(ModelConfig config, Checkpoint checkpoint, Backend& backend)
     layer.moe.w3.resize(size_t(c.num_local_experts));
     layer.shared_expert = c.shared_intermediate_size > 0;
   }
-  const std::vector<WeightSpec> specs = weight_specs(c);
-  for (const WeightSpec& spec : specs) *slot(spec) = backend_.upload(checkpoint_.require(spec.name, spec.shape));
+  WeightLoader loader(c, checkpoint_, options);
+  for (const WeightSpec& spec : weight_specs(c)) {
+    WeightLoader::Loaded loaded = loader.load(spec);
+    Weight& weight = *slot(spec);
+    weight = backend_.upload(loaded.host);
+    if (loaded.copy && weight.data == loaded.host.data) quantized_.push_back(std::move(loaded.copy));  // read in place
+  }
   if (c.tie_word_embeddings) lm_head_ = embed_;
-  size_t unused = checkpoint_.tensors().size() - specs.size();
-  if (unused > 0) spdlog::warn("checkpoint holds {} tensors this config does not use; they are ignored", unused);
+  loader.finish();
 }
 
 Model::~Model() = default;

@@ -213,6 +213,13 @@ SnapshotFormat snapshot_format(const Model& model) {
   // (a checkpoint written again with other values differs there), without reading it all.
   ContentHash h;
   h.update(config_to_json(model.config()).dump());
+  // Weights quantized at load hold other values than the checkpoint's.
+  const LoadOptions& load = model.load_options();
+  if (load.quantize) {
+    h.update(std::string(dtype_name(load.quantize->type)));
+    h.update_value(load.quantize->group_size);
+    h.update_value(uint8_t(load.quantize_lm_head));
+  }
   constexpr size_t kWindow = 64;
   for (const auto& [name, t] : model.checkpoint().tensors()) {
     h.update(name);

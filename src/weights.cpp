@@ -52,4 +52,25 @@ bool is_norm(WeightRole role) {
          role == WeightRole::kAttnNorm;
 }
 
+bool quantized_by_default(WeightRole role, bool lm_head) {
+  using R = WeightRole;
+  switch (role) {
+    case R::kQkv: case R::kOutputGate: case R::kOutProj:
+    case R::kQ: case R::kK: case R::kV: case R::kO:
+    case R::kW1: case R::kW2: case R::kW3:
+    case R::kSharedGate: case R::kSharedUp: case R::kSharedDown:
+      return true;
+    case R::kLmHead:
+      return lm_head;
+    default:
+      return false;
+  }
+}
+
+std::string module_name(const WeightSpec& spec) {
+  constexpr std::string_view kSuffix = ".weight";
+  const std::string& n = spec.name;
+  return n.size() > kSuffix.size() && n.ends_with(kSuffix) ? n.substr(0, n.size() - kSuffix.size()) : n;
+}
+
 }  // namespace m1

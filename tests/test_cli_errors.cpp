@@ -232,6 +232,38 @@ TEST_F(CliErrorTest, ServeRefusesBadOptions) {
   expect_refused("m1-serve", m + " --cache-dir " + (dir_ / "a_file").string(), "a_file: cannot use as the cache directory");
 }
 
+// --quantize and its companions, on every tool that loads a model, and m1-quantize's own faults.
+TEST_F(CliErrorTest, QuantizeOptionsAreChecked) {
+  const std::string m = model("m").string();
+  const std::vector<std::pair<std::string, std::string>> tools = {
+      {"m1-generate", "--model " + m + " --prompt hi"},
+      {"m1-serve", "--port 0 --model " + m},
+      {"m1-bench", "--contexts 64 --decode-tokens 1 --repeats 1 --model " + m}};
+  for (const auto& [tool, args] : tools) {
+    SCOPED_TRACE(tool);
+    expect_refused(tool, args + " --quantize int3", "--quantize: 'int3' is not a quantization m1 implements (expected int8 or int4)");
+    expect_refused(tool, args + " --quantize int4 --group-size 48", "--quantize: group size 48 is not a positive multiple of 32");
+    expect_refused(tool, args + " --quantize int8 --group-size 64", "int8 has one scale per output row");
+    expect_refused(tool, args + " --group-size 64", "--group-size: applies to --quantize int4, and no --quantize was given");
+    expect_refused(tool, args + " --quantize-lm-head", "--quantize-lm-head: needs --quantize int8 or int4");
+  }
+  const std::string tied = model("tied", "--set tie_word_embeddings=true").string();
+  expect_refused("m1-generate", "--model " + tied + " --prompt hi --quantize int8 --quantize-lm-head",
+                 "--quantize-lm-head: this model ties its LM head to the embeddings");
+
+  const std::string out = (dir_ / "q").string();
+  expect_refused("m1-quantize", "--model " + m + " --out " + out, "--quantize is required");
+  expect_refused("m1-quantize", "--model " + m + " --out " + out + " --quantize int2", "--quantize: 'int2' is not a quantization");
+  expect_refused("m1-quantize", "--model " + (dir_ / "nowhere").string() + " --out " + out + " --quantize int8",
+                 "--model: " + (dir_ / "nowhere").string() + " is not a directory");
+  expect_refused("m1-quantize", "--model " + m + " --out " + m + " --quantize int8", "--out: " + m + " is the input directory");
+  expect_refused("m1-quantize", "--model " + m + " --out " + model("full").string() + " --quantize int8", "exists and is not empty");
+  ASSERT_EQ(run_command(kBin + "/m1-quantize --model " + m + " --out " + out + " --quantize int8").status, 0);
+  expect_refused("m1-quantize", "--model " + out + " --out " + (dir_ / "twice").string() + " --quantize int4",
+                 "is already quantized (config.json has a compressed-tensors quantization_config)");
+  expect_refused("m1-generate", "--model " + out + " --prompt hi --quantize int4", "--quantize: the checkpoint is already quantized");
+}
+
 TEST_F(CliErrorTest, ServeRefusesAPortInUse) {
   httplib::Server holder;
   const int port = holder.bind_to_any_port("127.0.0.1");

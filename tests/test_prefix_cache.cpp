@@ -7,6 +7,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <set>
 #include <thread>
 
 #include "m1/engine.h"
@@ -483,6 +484,21 @@ TEST_F(PrefixCacheTest, DamagedAndForeignFilesAreDeletedNeverUsed) {
     EXPECT_EQ(engine.stats().cache.disk_rejected, 2);
     EXPECT_EQ(engine.stats().cache.disk_files, 0);
   }
+}
+
+// Weights quantized at load are other weights: the same checkpoint loaded with --quantize (or
+// another group size, or its LM head quantized too) never takes another load's snapshot files.
+TEST_F(PrefixCacheTest, QuantizedLoadsHaveTheirOwnModelIdentity) {
+  std::set<std::string> identities = {snapshot_format(*model_).model};
+  const LoadOptions loads[] = {parse_load_options("int8", 0, false, 1), parse_load_options("int4", 0, false, 1),
+                               parse_load_options("int4", 64, false, 1), parse_load_options("int4", 0, true, 1)};
+  for (const LoadOptions& load : loads) {
+    auto quantized = Model::load(kModel, *backend_, load);
+    EXPECT_TRUE(identities.insert(snapshot_format(*quantized).model).second);
+  }
+  // And the identity is stable: the same load gives the same one.
+  EXPECT_EQ(snapshot_format(*Model::load(kModel, *backend_, loads[1])).model,
+            snapshot_format(*Model::load(kModel, *backend_, loads[1])).model);
 }
 
 // A step budget below the alignment cuts prompts where the rounding may change: such a prompt

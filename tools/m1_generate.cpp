@@ -29,6 +29,9 @@ struct Options {
   bool ignore_eos = false;
   fs::path prompt_cache;
   bool prompt_cache_ro = false;
+  std::string quantize;
+  int64_t group_size = 0;
+  bool quantize_lm_head = false;
 };
 
 template <class... Args>
@@ -118,8 +121,9 @@ int run(Options& o) {
   if (given != 1) m1::fail("give exactly one of --prompt, --chat or --prompt-ids");
   if (!o.system.empty() && o.chat.empty()) m1::fail("--system needs --chat");
 
+  const m1::LoadOptions load = m1::parse_load_options(o.quantize, o.group_size, o.quantize_lm_head, o.threads);
   auto backend = m1::create_backend(m1::BackendOptions{o.device, o.threads, m1::parse_precision(o.precision)});
-  auto model = m1::Model::load(o.model, *backend);
+  auto model = m1::Model::load(o.model, *backend, load);
   m1::Tokenizer tokenizer = m1::Tokenizer::load(o.model / "tokenizer.json");
   if (!o.ignore_eos) o.gen.end_tokens = {m1::end_of_turn_token(o.model, tokenizer)};
   std::vector<int32_t> prompt = prompt_tokens(o, tokenizer, model->config().vocab_size);
@@ -178,6 +182,9 @@ int main(int argc, char** argv) {
   app.add_flag("--ignore-eos", o.ignore_eos, "Keep generating past the end-of-turn token");
   app.add_option("--prompt-cache", o.prompt_cache, "Save the state after the prompt to FILE, and resume from it when the prompt starts with the saved one");
   app.add_flag("--prompt-cache-ro", o.prompt_cache_ro, "Resume from --prompt-cache but do not update it");
+  app.add_option("--quantize", o.quantize, "Quantize weights while loading: int8 (a scale per row) or int4 (a scale per group)");
+  app.add_option("--group-size", o.group_size, "--quantize int4: inputs per scale, a multiple of 32 (default 32)");
+  app.add_flag("--quantize-lm-head", o.quantize_lm_head, "--quantize the LM head too (kept in its stored type by default)");
   CLI11_PARSE(app, argc, argv);
   try {
     return run(o);

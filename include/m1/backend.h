@@ -1,7 +1,7 @@
 #pragma once
 // The interface the model forward is written against, once. A backend owns device memory, the
 // per-sequence state and the kernels; the CPU backend (src/cpu) and the CUDA backend (kernels/) implement it.
-// All activations are fp32; weights stay in their stored dtype.
+// All activations are fp32; weights stay in their stored dtype, or are int8/int4 quantized.
 
 #include <cstdint>
 #include <memory>
@@ -33,13 +33,32 @@ struct Mat {
   int64_t size() const { return rows * cols; }
 };
 
-// A weight tensor on the backend's device in its stored dtype; a matrix is [rows = outputs,
-// cols = inputs], a vector has rows = 1.
+// A weight tensor on the backend's device (or on the host, before upload); a matrix is
+// [rows = outputs, cols = inputs], a vector has rows = 1. A float weight is `data` in its stored
+// dtype. A quantized weight (dtype kQ8 or kQ4) is one value of two arrays: `data`, the packed
+// integer codes, and `scales`, rows x groups() of `scale_dtype`, one per `group_size` consecutive
+// inputs of a row; element (r, c) = code(r, c) * scale(r, c / group_size). The layout of both,
+// byte for byte, is described in m1/quantize.h. A backend copies data_bytes() from `data` and
+// scale_bytes() from `scales`, whatever the type.
 struct Weight {
   const void* data = nullptr;
   DType dtype = DType::kF32;
   int64_t rows = 0, cols = 0;
+  // Quantized weights only.
+  const void* scales = nullptr;
+  DType scale_dtype = DType::kBF16;  // kBF16 (what m1 writes), kF16 or kF32
+  int64_t group_size = 0;            // inputs per scale: a multiple of 32, or cols (one scale per row)
+
+  bool quantized() const { return is_quantized(dtype); }
+  int64_t groups() const { return quantized() ? (cols + group_size - 1) / group_size : 0; }
+  size_t row_bytes() const { return m1::row_bytes(dtype, cols); }
+  size_t data_bytes() const { return matrix_bytes(dtype, rows, cols); }
+  size_t scale_bytes() const { return quantized() ? matrix_bytes(scale_dtype, rows, groups()) : 0; }
 };
+
+// The host Weight of a float checkpoint tensor, read in place; throws m1::Error naming the tensor
+// and its file if it is not F32, F16 or BF16.
+Weight host_weight(const TensorView& tensor);
 
 // Sizes of the per-sequence state (DESIGN.md §2).
 struct StateShape {
@@ -141,8 +160,9 @@ class Backend {
   // what does not change them, such as the thread count). Cache files record it.
   virtual std::string numerics() const { return name(); }
 
-  // Memory. Weights are uploaded once at load (the CPU backend uses the mapped file in place).
-  virtual Weight upload(const TensorView& tensor) = 0;
+  // Memory. Weights are uploaded once at load from host memory (the CPU backend uses them in
+  // place: the mapped file, or the quantized copy the model holds).
+  virtual Weight upload(const Weight& host) = 0;
   virtual Mat alloc(int64_t rows, int64_t cols) = 0;
   virtual void free(Mat m) = 0;
   virtual void to_host(const Mat& m, float* host) = 0;

@@ -19,7 +19,7 @@ class CpuBackend final : public Backend {
   std::string name() const override;
   int64_t prefill_alignment() const override;
   std::string numerics() const override;
-  Weight upload(const TensorView& tensor) override;
+  Weight upload(const Weight& host) override;
   Mat alloc(int64_t rows, int64_t cols) override;
   void free(Mat m) override;
   void to_host(const Mat& m, float* host) override;
