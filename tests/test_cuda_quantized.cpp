@@ -154,12 +154,13 @@ class CudaQuantized : public ::testing::Test {
 };
 
 // Row counts for the skinny kernels (1 to 64, in tiles of 16) and the tiled ones (65 and more);
-// inner sizes below a block, off the blocks and groups (77), across two chunks (300, and a last
-// group of 44 for groups of 128) and three (520); 130 weight rows spill past a tiled CTA's 128.
-// Row strides wider than the rows, and the padding of out left alone.
+// inner sizes below a block, off the blocks and groups (77), across two chunks (288, a last group
+// of 32 for groups of 128) and three (520); 130 weight rows spill past a tiled CTA's 128. Rows of
+// codes copied 16 bytes at a time (288: whole 16-byte units) and 4 at a time (the others). Row
+// strides wider than the rows, and the padding of out left alone.
 TEST_F(CudaQuantized, MatchesReferenceOnAwkwardShapes) {
   SCOPED_TRACE("seed " + std::to_string(seed()));
-  const std::pair<int64_t, int64_t> shapes[] = {{7, 15}, {70, 77}, {33, 300}, {130, 520}};
+  const std::pair<int64_t, int64_t> shapes[] = {{7, 15}, {70, 77}, {33, 288}, {130, 520}};
   for (const Scheme& scheme : kSchemes)
     for (const auto& [n, k] : shapes) {
       const TestQuantWeight w(scheme, n, k, 1.0f / std::sqrt(float(k)));
@@ -181,10 +182,10 @@ TEST_F(CudaQuantized, MatchesReferenceOnAwkwardShapes) {
 
 // Rows computed alone, in small calls (the skinny kernels, 1 to 4 row tiles) and inside large ones
 // (the tiled kernels, at other offsets within their tiles) are bit-identical, over an inner size of
-// three chunks whose last group is partial (600 = 4 x 128 + 88).
+// three chunks whose last group is partial (608 = 4 x 128 + 96).
 TEST_F(CudaQuantized, RowsDoNotDependOnTheirBatch) {
   SCOPED_TRACE("seed " + std::to_string(seed()));
-  const int64_t n = 77, k = 600, rows = 150;
+  const int64_t n = 77, k = 608, rows = 150;
   const std::vector<float> x = random_floats(size_t(rows * k));
   for (const Scheme& scheme : kSchemes) {
     const TestQuantWeight w(scheme, n, k, 1.0f / std::sqrt(float(k)));
