@@ -12,13 +12,16 @@
 #include "m1/error.h"
 #include "matmul.h"
 #include "memory_epoch.h"
+#include "quantized_matmul.h"
 
 namespace m1::cuda {
 namespace {
 
 CudaState& cuda_state(SequenceState* s) { return *static_cast<CudaState*>(s); }
 
-DeviceMatrix device_matrix(const Weight& w) { return DeviceMatrix{w.data, w.dtype, w.rows, w.cols}; }
+DeviceMatrix device_matrix(const Weight& w) {
+  return DeviceMatrix{w.data, w.dtype, w.rows, w.cols, w.scales, w.scale_dtype, w.group_size};
+}
 
 // Batches up to this many decode rows are replayed as graphs; larger ones are not launch-bound.
 constexpr size_t kMaxGraphBatch = 256;
@@ -80,19 +83,23 @@ GemmOperands CudaBackend::operands(Rounding rounding) const {
   return precision_ == Precision::kFast && rounding == Rounding::kAllowed ? GemmOperands::kBf16 : GemmOperands::kFp32;
 }
 
-Weight CudaBackend::upload(const Weight& host) {
-  // The CUDA kernels for quantized weights are not written yet.
-  if (host.quantized())
-    fail("--device cuda does not run {} weights yet: load the model without --quantize, or on the CPU", dtype_name(host.dtype));
+void* CudaBackend::upload_bytes(const void* host, size_t bytes) {
   void* device = nullptr;
-  const size_t bytes = host.data_bytes();
   M1_CUDA_CHECK(cudaMalloc(&device, std::max<size_t>(bytes, 1)));
   weights_.push_back(device);
   // On the backend's stream: a pageable copy may still be landing when cudaMemcpy returns, and
   // the stream (non-blocking) would not wait for the default stream.
-  M1_CUDA_CHECK(cudaMemcpyAsync(device, host.data, bytes, cudaMemcpyHostToDevice, stream_));
+  M1_CUDA_CHECK(cudaMemcpyAsync(device, host, bytes, cudaMemcpyHostToDevice, stream_));
+  return device;
+}
+
+Weight CudaBackend::upload(const Weight& host) {
+  // Quantized: the packed codes and their scales, each in its own allocation (256-byte aligned,
+  // so the kernels copy whole 16-byte units of rows that are).
+  if (host.quantized()) check_quantized(device_matrix(host), "upload");
   Weight w = host;
-  w.data = device;
+  w.data = upload_bytes(host.data, host.data_bytes());
+  if (host.quantized()) w.scales = upload_bytes(host.scales, host.scale_bytes());
   return w;
 }
 

@@ -74,6 +74,8 @@ class CudaBackend final : public Backend {
  private:
   // Operands of a product that may round (or not) under this backend's precision.
   GemmOperands operands(Rounding rounding) const;
+  // `bytes` of host memory copied into a new device allocation, freed with the backend.
+  void* upload_bytes(const void* host, size_t bytes);
   // `bytes` of host data copied into `scratch`, in stream order (the host buffer may be reused
   // as soon as this returns); in a graph step, into the step's stage instead.
   void* upload_to(DeviceScratch& scratch, const void* host, size_t bytes);
