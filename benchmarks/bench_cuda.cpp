@@ -276,7 +276,14 @@ void bench_sampling(Report& report, const Limits& limits, cudaStream_t stream, i
   DeviceArray<m1::cuda::DrawResult> results(draws.size());
   DeviceArray<int32_t> none(1);
   m1::cuda::DeviceScratch scratch(stream);
-  m1::cuda::SampleArgs args{logits.get(), vocab, draws, device_draws.get(), none.get(), none.get(), results.get()};
+  m1::cuda::SampleArgs args;
+  args.logits = logits.get();
+  args.vocab = vocab;
+  args.draws = draws;
+  args.device_draws = device_draws.get();
+  args.seen = none.get();
+  args.generated_counts = none.get();
+  args.results = results.get();
   const double ms = time_ms(stream, 20, [&] { m1::cuda::sample(args, scratch, stream); });
   const double bytes = double(batch * vocab) * sizeof(float);
   report.add({fmt::format("sampling, vocab 200064, batch {}, {} ({:.1f} us)", batch,

@@ -57,14 +57,6 @@ TEST(CudaBackendAvailability, ReferenceKernelsAreRefused) {
   }
 }
 
-// The CUDA kernels for int8/int4 weights are not written yet: uploading one is a clear error.
-TEST(CudaBackendAvailability, QuantizedWeightsAreRefused) {
-  M1_REQUIRE_CUDA();
-  auto backend = create_backend(BackendOptions{"cuda", 0, Precision::kFast, false});
-  const testing::RandomQuantizedWeight q(QuantScheme{DType::kQ4, 32}, 4, 64);
-  testing::expect_error([&] { backend->upload(q.w); }, {"--device cuda does not run int4 weights yet"});
-}
-
 // Sampling on the device against the host reference, at the real model's vocabulary too.
 TEST(CudaBackendSampling, MatchesSampleRow) {
   M1_REQUIRE_CUDA();

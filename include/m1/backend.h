@@ -94,7 +94,7 @@ class SequenceState {
     return size_t(shape_.lightning_layers * shape_.heads * shape_.head_dim * shape_.head_dim) * sizeof(float);
   }
   size_t kv_bytes(int64_t tokens) const {
-    return size_t(shape_.softmax_layers * 2 * shape_.kv_heads * shape_.head_dim * tokens) * dtype_size(kv_dtype());
+    return matrix_bytes(kv_dtype(), shape_.softmax_layers * 2 * tokens, shape_.kv_heads * shape_.head_dim);
   }
   // `out` must be exactly lightning_bytes() / kv_bytes(end - begin); 0 <= begin <= end <= length().
   void save_lightning(std::span<std::byte> out) const;
