@@ -368,6 +368,19 @@ TEST_F(ServerTest, JsonSchemaResponsesAreValid) {
   EXPECT_GE(documents, 6) << "too few documents finished to check";
 }
 
+// max_tokens may cut a document short: the choice then ends with "length", as OpenAI's does.
+TEST_F(ServerTest, MaxTokensCutsADocumentWithLength) {
+  ordered_json request = completion_request("JSON:", 3);
+  request["response_format"] = {{"type", "json_schema"}, {"json_schema", {{"name", "answer"}, {"schema", ordered_json::parse(kAnswerSchema)}}}};
+  const Reply reply = client().post("/v1/completions", request);
+  ASSERT_EQ(reply.status, 200) << reply.body;
+  EXPECT_EQ(reply.json["choices"][0]["finish_reason"], "length") << reply.body;
+  EXPECT_EQ(text_of(reply.json).substr(0, 1), "{") << reply.body;
+  const Stream stream = client().stream("/v1/completions", streamed(request));
+  EXPECT_EQ(finish_of(stream), "length");
+  EXPECT_EQ(text_of(stream), text_of(reply.json));
+}
+
 TEST_F(ServerTest, JsonObjectModeGivesAnObject) {
   ordered_json request = chat_request("An object, please.", 200);
   request["response_format"] = {{"type", "json_object"}};

@@ -195,6 +195,10 @@ TEST(JsonSchema, RefusesWithTheKeywordAndPlace) {
   refuse(R"({"type": "string", "maxLength": 1000000})", {"maxLength above"});
   refuse(R"([1, 2])", {"a schema must be an object or a boolean"});
   refuse(R"(false)", {"no JSON document satisfies it"});
+  refuse(R"({"type": "array", "minItems": 5000})", {"#/minItems", "minItems above 4096 is not supported"});
+  std::string deep = R"({"type": "string"})";
+  for (int i = 0; i < 130; ++i) deep = R"({"type": "array", "items": )" + deep + "}";
+  refuse(deep, {"nests deeper than 128 levels"});
 }
 
 // The real tokenizer, once.
