@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <charconv>
+#include <tuple>
 
 #include <fmt/format.h>
 
@@ -24,7 +25,10 @@ void parse_response_format(const ordered_json& body, OutputFormat& format) {
   const ordered_json* response_format = find_field(body, "response_format");
   if (response_format == nullptr) return;
   if (!response_format->is_object()) throw invalid_request("response_format: must be an object", "response_format");
-  const std::string type = string_field(*response_format, "type").value_or("text");
+  const ordered_json* type_field = find_field(*response_format, "type");
+  if (type_field != nullptr && !type_field->is_string())
+    throw invalid_request("response_format.type: must be a string", "response_format");
+  const std::string type = type_field ? type_field->get<std::string>() : "text";
   if (type == "text") return;
   if (type == "json_object") {
     format.document = OutputFormat::Document::kAnyObject;
@@ -40,8 +44,13 @@ void parse_response_format(const ordered_json& body, OutputFormat& format) {
   if (!name || !valid_format_name(*name))
     throw invalid_request("response_format.json_schema.name: must be 1 to 64 letters, digits, '_' or '-'",
                           "response_format");
-  bool_field(*spec, "strict");  // a boolean when given: the schema is enforced either way
-  string_field(*spec, "description");
+  // strict: a boolean when given (the schema is enforced either way); description: a string.
+  for (const auto& [field, is_typed, kind] : {std::tuple{"strict", &ordered_json::is_boolean, "a boolean"},
+                                              std::tuple{"description", &ordered_json::is_string, "a string"}}) {
+    const ordered_json* value = find_field(*spec, field);
+    if (value != nullptr && !(value->*is_typed)())
+      throw invalid_request(fmt::format("response_format.json_schema.{}: must be {}", field, kind), "response_format");
+  }
   const ordered_json* schema = find_field(*spec, "schema");
   format.document = OutputFormat::Document::kSchema;
   format.schema = schema ? *schema : ordered_json::object();
