@@ -18,6 +18,7 @@
 #include <spdlog/spdlog.h>
 
 #include "api_server.h"
+#include "parallel_flags.h"
 #include "model_service.h"
 
 namespace {
@@ -34,6 +35,7 @@ struct Options {
   double shutdown_grace_s = 5;
   size_t http_threads = 0;
   std::string precision = "fast";
+  m1::ParallelFlags parallel;
 };
 
 // Lifecycle lines go to stderr in a fixed form: scripts and tests read them.
@@ -136,6 +138,7 @@ int main(int argc, char** argv) {
   app.add_option("--max-state-mb", o.max_state_mb, "MiB of sequence state (KV caches, lightning states) admitted requests may hold at their largest; more wait in the queue (0: no limit)")->capture_default_str()->check(CLI::NonNegativeNumber);
   app.add_option("--threads", o.model.backend.threads, "CPU compute threads (0: one per core)")->capture_default_str()->check(CLI::NonNegativeNumber);
   app.add_option("--device", o.model.backend.device, "cpu or cuda (a build with the CUDA backend and a GPU)")->capture_default_str();
+  m1::add_parallel_flags(app, o.model.backend, o.parallel);
   app.add_option("--precision", o.precision, "fast (bf16 matrix operands where the CPU multiplies bf16, fp32 accumulation) or exact (fp32 throughout)")->capture_default_str();
   app.add_option("--http-threads", o.http_threads, "Connections served at once (0: max(64, 4 x max-batch))")->capture_default_str();
   app.add_option("--max-body-mb", o.max_body_mb, "Largest request body in MiB")->capture_default_str()->check(CLI::PositiveNumber);
@@ -148,6 +151,7 @@ int main(int argc, char** argv) {
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
   try {
     o.model.backend.precision = m1::parse_precision(o.precision);
+    o.parallel.apply(o.model.backend, o.model.shard);
     o.http.max_body_bytes = size_t(o.max_body_mb * 1024 * 1024);
     engine.max_state_bytes = int64_t(o.max_state_mb * 1024 * 1024);
     o.http.threads = o.http_threads > 0 ? o.http_threads : size_t(std::max<int64_t>(64, 4 * engine.max_batch));

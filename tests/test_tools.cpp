@@ -201,8 +201,32 @@ TEST_F(ToolsTest, GenerateRejectsBadInput) {
   expect_failure(run(gen + " --prompt hi --top-p 1.5"), "top_p");
   expect_failure(run(gen + " --prompt hi --device tpu"), "tpu");
   expect_failure(run(gen + " --prompt hi --precision turbo"), "precision");
+  expect_failure(run(gen + " --prompt hi --tensor-parallel 3"), "--tensor-parallel 3 does not divide the model's 4 attention heads");
+  expect_failure(run(gen + " --prompt hi --tensor-parallel 0"), "--tensor-parallel must be between 1 and 1024, got 0");
+  expect_failure(run(gen + " --prompt hi --tensor-parallel 2 --moe-parallel sideways"), "--moe-parallel: MoE split 'sideways'");
+  expect_failure(run(gen + " --prompt hi --gpus 0,1"), "--gpus chooses GPUs for --device cuda");
+  expect_failure(run(gen + " --prompt hi --device cuda --gpus 0,x"), "--gpus: 'x' is not a GPU index");
+  expect_failure(run(gen + " --prompt hi --collectives nccl"), "--collectives nccl is for --device cuda");
   fs::remove(m / "tokenizer.json");
   expect_failure(run(gen + " --prompt hi"), "tokenizer.json");
+}
+
+// A model of 6 heads (2 KV heads, 6 experts) made with m1-mkmodel --set, split over 2 and 3 CPU
+// ranks, both MoE splits: the same greedy text as one rank, and each rank's memory printed.
+TEST_F(ToolsTest, GenerateOverRanksGivesTheSameText) {
+  fs::path m = make("six", "--set num_attention_heads=6 --set num_key_value_heads=2 --set head_dim=16 "
+                           "--set num_local_experts=6 --set intermediate_size=50");
+  const std::string base = tool("m1-generate") + " --model " + m.string() +
+                           " --prompt 'The quick brown fox' --ignore-eos --max-tokens 16 --temperature 0 --precision exact";
+  const Result one = run(base);
+  ASSERT_EQ(one.status, 0) << one.err;
+  for (const std::string flags : {"--tensor-parallel 2", "--tensor-parallel 3", "--tensor-parallel 3 --moe-parallel expert"}) {
+    const Result split = run(base + " " + flags);
+    ASSERT_EQ(split.status, 0) << flags << ": " << split.err;
+    EXPECT_EQ(split.out, one.out) << flags;
+    EXPECT_NE(split.err.find("rank 1/"), std::string::npos) << flags << ": " << split.err;
+    EXPECT_NE(split.err.find("MiB of weights"), std::string::npos) << flags << ": " << split.err;
+  }
 }
 
 TEST_F(ToolsTest, GenerateChatStopsAtEndOfTurnOrLength) {

@@ -1,6 +1,7 @@
 #include "cpu/cpu_backend.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -26,10 +27,27 @@ constexpr int64_t kRowsPerTask = 16;
 CpuBackend::CpuBackend(int threads, Precision precision, bool reference_kernels)
     : pool_(threads), precision_(precision), reference_(reference_kernels) {}
 
-std::string CpuBackend::name() const {
-  return fmt::format("cpu ({} threads, {} kernels, {} precision)", pool_.size(), reference_ ? "reference" : matmul_isa(),
-                     precision_ == Precision::kFast && bf16_products_available() ? "fast" : "exact");
+CpuBackend::CpuBackend(CpuRank rank, Precision precision, bool reference_kernels)
+    : Backend(rank.device),
+      cpus_(rank.placement.cpus),
+      pool_(rank.placement.threads, rank.placement.cpus),
+      precision_(precision),
+      reference_(reference_kernels),
+      group_(std::move(rank.group)) {}
+
+CpuBackend::~CpuBackend() {
+  for (void* p : owned_weights_) std::free(p);
 }
+
+std::string CpuBackend::name() const {
+  const std::string kernels = fmt::format("{} threads, {} kernels, {} precision", pool_.size(),
+                                          reference_ ? "reference" : matmul_isa(),
+                                          precision_ == Precision::kFast && bf16_products_available() ? "fast" : "exact");
+  if (device().world == 1) return fmt::format("cpu ({})", kernels);
+  return fmt::format("cpu rank {}/{} (node {}, {})", device().rank, device().world, device().index, kernels);
+}
+
+void CpuBackend::attach_thread() { pin_current_thread(cpus_); }
 
 Operands CpuBackend::operands(Rounding rounding) const {
   return precision_ == Precision::kFast && rounding == Rounding::kAllowed ? Operands::kBf16 : Operands::kFp32;
@@ -43,8 +61,15 @@ void CpuBackend::for_rows(int64_t rows, Fn&& fn) {
 }
 
 Weight CpuBackend::upload(const TensorView& t) {
-  Weight w{t.data, t.weight_dtype(), t.shape.size() == 2 ? t.shape[0] : 1, t.shape.back()};
-  return w;
+  const void* data = t.data;
+  if (group_) {
+    void* copy = std::aligned_alloc(64, (std::max<size_t>(t.nbytes, 1) + 63) / 64 * 64);
+    if (!copy) throw std::bad_alloc();
+    owned_weights_.push_back(copy);
+    std::memcpy(copy, t.data, t.nbytes);  // first touched here: in the calling thread's node
+    data = copy;
+  }
+  return Weight{data, t.weight_dtype(), t.shape.size() == 2 ? t.shape[0] : 1, t.shape.back()};
 }
 
 Mat CpuBackend::alloc(int64_t rows, int64_t cols) {
@@ -62,10 +87,16 @@ std::unique_ptr<SequenceState> CpuBackend::new_state(const StateShape& shape) {
   return std::make_unique<CpuState>(shape);
 }
 
-void CpuBackend::embed(const Weight& table, std::span<const int32_t> tokens, Mat out) {
+void CpuBackend::embed(const Weight& table, int64_t first_token, std::span<const int32_t> tokens, Mat out) {
   for_rows(int64_t(tokens.size()), [&](int64_t i) {
-    const size_t base = size_t(tokens[size_t(i)]) * size_t(table.cols);
-    for (int64_t c = 0; c < table.cols; ++c) out.data[i * out.cols + c] = load_as_f32(table.data, table.dtype, base + size_t(c));
+    float* row = out.data + i * out.cols;
+    const int64_t id = tokens[size_t(i)] - first_token;
+    if (id < 0 || id >= table.rows) {
+      std::fill(row, row + table.cols, 0.0f);
+      return;
+    }
+    const size_t base = size_t(id) * size_t(table.cols);
+    for (int64_t c = 0; c < table.cols; ++c) row[c] = load_as_f32(table.data, table.dtype, base + size_t(c));
   });
 }
 
@@ -92,6 +123,19 @@ void CpuBackend::rmsnorm_gated(const Mat& x, const Weight& w, float eps, const M
   for_rows(x.rows, [&](int64_t r) {
     float* row = out.data + r * out.cols;
     rmsnorm_row(x.data + r * x.cols, w.data, w.dtype, eps, row, x.cols);
+    cpu::sigmoid_gate(gate.data + r * gate.cols, row, x.cols);
+  });
+}
+
+void CpuBackend::row_sum_squares(const Mat& x, Mat sums) {
+  for_rows(x.rows, [&](int64_t r) { sums.data[r * sums.cols] = float(sum_squares(x.data + r * x.cols, x.cols)); });
+}
+
+void CpuBackend::rmsnorm_gated_split(const Mat& x, const Mat& sums, int64_t width, const Weight& w, float eps,
+                                     const Mat& gate, Mat out) {
+  for_rows(x.rows, [&](int64_t r) {
+    float* row = out.data + r * out.cols;
+    rmsnorm_row_with(double(sums.data[r * sums.cols]), width, x.data + r * x.cols, w.data, w.dtype, eps, row, x.cols);
     cpu::sigmoid_gate(gate.data + r * gate.cols, row, x.cols);
   });
 }
@@ -191,6 +235,31 @@ std::vector<DrawOutcome> CpuBackend::sample(const Mat& logits, std::span<const D
     }
   }
   return outcomes;
+}
+
+template <class Fn>
+void CpuBackend::timed_collective(Fn&& fn) {
+  const auto start = std::chrono::steady_clock::now();
+  fn();
+  collective_stats_.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  ++collective_stats_.calls;
+}
+
+void CpuBackend::all_reduce_sum(Mat x) {
+  if (!group_) return;
+  timed_collective([&] { group_->all_reduce_sum(device().rank, x.data, x.size(), pool_); });
+}
+
+void CpuBackend::gather_columns(const Mat& part, std::span<const int64_t> widths, Mat out) {
+  if (group_) {
+    timed_collective([&] { group_->gather_columns(device().rank, part.data, part.rows, widths, out.data); });
+    return;
+  }
+  if (out.data != part.data) std::memcpy(out.data, part.data, size_t(part.size()) * sizeof(float));
+}
+
+void CpuBackend::abort_collectives(const std::string& why) {
+  if (group_) group_->abort(why);
 }
 
 }  // namespace m1::cpu
