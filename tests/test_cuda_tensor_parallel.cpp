@@ -13,6 +13,7 @@
 #include <thread>
 #include <vector>
 
+#include "collectives.h"
 #include "communicator.h"
 #include "cuda_check.h"
 #include "cuda_test_support.h"
@@ -20,6 +21,7 @@
 #include "golden_support.h"
 #include "m1/error.h"
 #include "m1/model.h"
+#include "m1/synthetic.h"
 #include "test_support.h"
 
 namespace m1 {
@@ -148,6 +150,34 @@ TEST(CudaPeerCollectives, GatherColumnsOnRankZero) {
     }
 }
 
+// The kernels the NCCL path runs after NCCL moved the data: the rank-order sum of gathered rows,
+// and the placing of gathered parts as columns.
+TEST(CudaCollectiveKernels, SumAndPlaceColumns) {
+  M1_REQUIRE_CUDA();
+  const int world = 3;
+  const ReduceCase c(world, 1001);
+  std::vector<float> gathered;
+  for (const auto& d : c.data) gathered.insert(gathered.end(), d.begin(), d.end());
+  test::DeviceArray<float> dgathered(gathered), sum(c.sum.size());
+  cuda::sum_in_rank_order(dgathered.get(), world, int64_t(c.sum.size()), sum.get(), nullptr);
+  const std::vector<float> got = sum.download();
+  EXPECT_EQ(std::memcmp(got.data(), c.sum.data(), got.size() * sizeof(float)), 0);
+
+  cuda::ColumnSplit split;
+  const int64_t widths[] = {4, 1, 6}, rows = 5;
+  for (int r = 0; r < world; ++r) split.widths[r] = widths[r], split.offsets[r] = split.total, split.total += widths[r];
+  const std::vector<float> parts = testing::random_floats(size_t(rows * split.total));  // part r after part r - 1
+  test::DeviceArray<float> dparts(parts), out(size_t(rows * split.total));
+  cuda::place_columns(dparts.get(), world, rows, split, out.get(), nullptr);
+  const std::vector<float> placed = out.download();
+  for (int r = 0; r < world; ++r)
+    for (int64_t row = 0; row < rows; ++row)
+      for (int64_t c2 = 0; c2 < widths[r]; ++c2)
+        EXPECT_EQ(placed[size_t(row * split.total + split.offsets[r] + c2)],
+                  parts[size_t(rows * split.offsets[r] + row * widths[r] + c2)])
+            << "rank " << r << " row " << row << " column " << c2;
+}
+
 // A model over the ranks that `options` make, with its backends.
 struct CudaGroup {
   std::vector<std::unique_ptr<Backend>> backends;
@@ -155,12 +185,20 @@ struct CudaGroup {
 
   CudaGroup(const std::string& dir, int ranks, std::vector<int> gpus, std::string collectives, bool graphs = true,
             MoeParallel moe = MoeParallel::kTensor) {
+    backends = create_backends(options(ranks, std::move(gpus), std::move(collectives), graphs));
+    model = Model::load(dir, rank_pointers(backends), ShardOptions{moe});
+  }
+  // Random weights of `config` instead of a checkpoint.
+  CudaGroup(const ModelConfig& config, int ranks, std::vector<int> gpus) {
+    backends = create_backends(options(ranks, std::move(gpus), "auto", true));
+    model = std::make_unique<Model>(config, random_checkpoint(config, DType::kBF16, 3), rank_pointers(backends));
+  }
+  static BackendOptions options(int ranks, std::vector<int> gpus, std::string collectives, bool graphs) {
     BackendOptions o{"cuda", 0, Precision::kExact, false, graphs};
     o.tensor_parallel = ranks;
     o.gpus = std::move(gpus);
     o.collectives = std::move(collectives);
-    backends = create_backends(o);
-    model = Model::load(dir, rank_pointers(backends), ShardOptions{moe});
+    return o;
   }
 };
 
@@ -218,6 +256,27 @@ TEST_P(CudaShardedGolden, BatchingChangesNoLogitOverRanks) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Models, CudaShardedGolden, ::testing::Values("tiny-bf16"));
+
+// Eight ranks on one GPU (a random model of 8 heads, each rank one head and one KV-head copy):
+// the logits of one rank's, within the CUDA exact bound, and its greedy choices.
+TEST(CudaTensorParallel, EightRanksOnOneGpu) {
+  M1_REQUIRE_CUDA();
+  ModelConfig c = preset("tiny").config;
+  c.num_attention_heads = 8;
+  c.num_key_value_heads = 2;
+  c.head_dim = 8;
+  c.rotary_dim = 4;
+  c.num_hidden_layers = 2;
+  c.attn_type_list = {0, 1};
+  c.vocab_size = 300;
+  c = parse_config(config_to_json(c), "test config");
+  const std::vector<int32_t> prompt{5, 99, 3, 250, 17, 8, 42, 7};
+  CudaGroup one(c, 1, {}), eight(c, 8, std::vector<int>(8, 0));
+  const std::vector<float> want = testing::run_chunked(*one.model, prompt, {5, 1});
+  const std::vector<float> got = testing::run_chunked(*eight.model, prompt, {5, 1});
+  EXPECT_LE(relative_error(got, want), kExactBound);
+  EXPECT_EQ(argmax_rows(got, c.vocab_size), argmax_rows(want, c.vocab_size));
+}
 
 // Ranks on GPUs of their own through NCCL: one rank (the measurement of NCCL's cost against
 // today's path runs in scripts/gpu-check.sh) and, where the machine has them, two.
