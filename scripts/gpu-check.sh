@@ -155,12 +155,12 @@ done
 # through NCCL and two ranks sharing the GPU (peer kernels), on the bench preset and on 2 layers of
 # the real model's shape; then, with graphs off (collectives are timed with events on eager steps),
 # the share of a decode step spent in collectives.
-tp_bench() {  # label, preset args, extra flags (word-split on purpose)
+tp_bench() {  # label, preset args, extra flags (both word-split on purpose), M1_CUDA_GRAPHS
   local t
   t=$(limit 120 30)
   (( t > 0 )) || { say "gpu-check: no time left for m1-bench $1"; return; }
   # shellcheck disable=SC2086
-  within "$t" "$BIN/m1-bench" --device cuda --synthetic $2 --contexts 4k --variants hybrid --decode-tokens 32 \
+  within "$t" env M1_CUDA_GRAPHS="${4:-1}" "$BIN/m1-bench" --device cuda --synthetic $2 --contexts 4k --variants hybrid --decode-tokens 32 \
     --repeats 3 --prefill-chunk 4096 $3 --json "$LOGS/tp_$1.json" >"$LOGS/tp_$1.log" 2>&1 ||
     { status=1; tail -3 "$LOGS/tp_$1.log" | tee -a "$LOGS/summary.txt"; }
 }
@@ -172,8 +172,8 @@ tp_stage() {
     tp_bench "${shape}_nccl1" "$preset" "--collectives nccl"
     tp_bench "${shape}_peer2" "$preset" "--tensor-parallel 2 --gpus 0,0"
   done
-  M1_CUDA_GRAPHS=0 tp_bench bench_nccl1_eager bench "--collectives nccl"
-  M1_CUDA_GRAPHS=0 tp_bench bench_peer2_eager bench "--tensor-parallel 2 --gpus 0,0"
+  tp_bench bench_nccl1_eager bench "--collectives nccl" 0
+  tp_bench bench_peer2_eager bench "--tensor-parallel 2 --gpus 0,0" 0
   python3 - "$LOGS" <<'PY' 2>&1 | tee -a "$LOGS/summary.txt"
 import json, os, sys
 logs = sys.argv[1]
