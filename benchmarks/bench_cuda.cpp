@@ -1,7 +1,8 @@
 // bench_cuda: the CUDA backend against the GPU's limits measured in the same run (device-to-device
-// copy bandwidth, cuBLAS bf16 GEMM throughput): matrix products, lightning attention at the real
-// model's layer shape, flash-style softmax prefill, token sampling at the real vocabulary, and whole
-// decode steps of the bench preset (CUDA graphs on and off).
+// copy bandwidth, cuBLAS bf16 GEMM throughput): matrix products (BF16 weights, and int8 / int4
+// weights at the real model's one-row shapes and in prefill), lightning attention at the real
+// model's layer shape, flash-style softmax prefill, token sampling at the real vocabulary, and
+// whole decode steps of the bench preset (CUDA graphs on and off).
 // Prints a table; --json FILE writes the same figures; --only TEXT keeps the benchmarks whose
 // names start with TEXT. The last two decode steps of each decode benchmark run between
 // cudaProfilerStart and cudaProfilerStop, for a per-kernel profile (ncu --profile-from-start off).
@@ -51,7 +52,8 @@ void check_cublas(cublasStatus_t status, const char* call) {
 #define M1_CUBLAS_CHECK(call) check_cublas((call), #call)
 
 // Fills a device array of float or bf16 (uint16_t) with copies of one random block of values in
-// [-scale, scale]: enough variety for timing, without generating gigabytes on the host.
+// [-scale, scale], or of uint32_t with random bits: enough variety for timing, without generating
+// gigabytes on the host.
 template <class T>
 void fill_random(DeviceArray<T>& array, float scale, uint64_t seed) {
   constexpr size_t kBlock = size_t(4) << 20;
@@ -61,6 +63,8 @@ void fill_random(DeviceArray<T>& array, float scale, uint64_t seed) {
   for (T& v : block) {
     if constexpr (std::is_same_v<T, float>)
       v = dist(rng);
+    else if constexpr (std::is_same_v<T, uint32_t>)
+      v = uint32_t(rng());  // random bytes (packed int8 / int4 codes)
     else
       v = m1::f32_to_bf16(dist(rng));
   }
@@ -176,6 +180,35 @@ void bench_matmul(Report& report, const Limits& limits, cudaStream_t stream, m1:
   }
 }
 
+// Our product out = x w^T with quantized weights [n, k] (int8: one bf16 scale per row; int4: one per
+// 32 inputs) and m rows. Few rows stream the packed codes and scales, against the copy bandwidth
+// (the bar for int4 at one row: 70%); many rows against cuBLAS bf16.
+void bench_quantized_matmul(Report& report, const Limits& limits, cudaStream_t stream, m1::DType type, int64_t m,
+                            int64_t n, int64_t k, m1::cuda::GemmOperands operands, const char* what) {
+  const int64_t group = type == m1::DType::kQ4 ? 32 : k, groups = (k + group - 1) / group;
+  const size_t code_bytes = m1::matrix_bytes(type, n, k), scale_bytes = size_t(n * groups) * 2;
+  DeviceArray<float> x(size_t(m * k)), out(size_t(m * n));
+  DeviceArray<uint32_t> codes(code_bytes / 4);
+  DeviceArray<uint16_t> scales(size_t(n * groups));
+  fill_random(x, 1, 11);
+  fill_random(codes, 0, 12);
+  fill_random(scales, 0.01f, 13);
+  m1::cuda::DeviceScratch scratch(stream);
+  const DeviceMatrix weight{codes.get(), type, n, k, scales.get(), m1::DType::kBF16, group};
+  const char* mode = operands == m1::cuda::GemmOperands::kBf16 ? "fast" : "exact";
+  const double ms = time_ms(stream, m > 64 ? 5 : 50, [&] {
+    m1::cuda::matmul(x.get(), k, m, weight, out.get(), n, operands, scratch, stream);
+  });
+  const double flops = 2.0 * double(m) * double(n) * double(k);
+  const double bytes = double(code_bytes + scale_bytes) + double(m * (k + n)) * 4;
+  const std::string name = fmt::format("quantized matmul {}{} {} m={} n={} k={} ({})", m1::dtype_name(type),
+                                       type == m1::DType::kQ4 ? " g32" : "", mode, m, n, k, what);
+  if (m > 64)
+    report.add({name, ms, flops / (ms * 1e-3) / 1e12, "TFLOP/s", flops / (ms * 1e-3) / 1e12 / limits.cublas_tflops});
+  else
+    report.add({name, ms, bytes / (ms * 1e-3) / 1e9, "GB/s", bytes / (ms * 1e-3) / 1e9 / limits.copy_gb_s});
+}
+
 // Lightning attention of one layer of the real model's shape (64 heads, d = 128) over `tokens`
 // tokens of one sequence, fed as chunks of at most `chunk` tokens with the state carried between
 // them (a 1M-token qkv in fp32 alone would need 100 GB); bf16 operands on tensor cores (the fast
@@ -288,7 +321,7 @@ void bench_decode_step(Report& report, const Limits& limits, int64_t batch, int6
   const m1::ModelConfig config = m1::preset("bench").config;
   auto backend = m1::create_backend({"cuda", 0, m1::Precision::kFast, false, graphs});
   m1::Checkpoint checkpoint = m1::random_checkpoint(config, m1::DType::kBF16, 1);
-  uint64_t weight_bytes = m1::bench::decode_weight_bytes(config, checkpoint);
+  uint64_t weight_bytes = m1::bench::decode_weight_bytes(config, checkpoint, {});
   uint64_t expert_bytes = 0;
   for (const m1::WeightSpec& spec : m1::weight_specs(config))
     if (spec.role == m1::WeightRole::kW1 || spec.role == m1::WeightRole::kW2 || spec.role == m1::WeightRole::kW3)
@@ -337,7 +370,7 @@ void bench_decode_step(Report& report, const Limits& limits, int64_t batch, int6
 int run(const std::string& json_path, const std::string& only) {
   // Whether the benchmarks named `name...` are wanted.
   auto wanted = [&](std::string_view name) { return only.empty() || name.starts_with(only) || only.starts_with(name); };
-  const std::vector<std::string_view> groups = {"matmul", "lightning decode", "lightning prefill", "flash prefill", "sampling", "decode step"};
+  const std::vector<std::string_view> groups = {"matmul", "quantized matmul", "lightning decode", "lightning prefill", "flash prefill", "sampling", "decode step"};
   if (std::none_of(groups.begin(), groups.end(), wanted))
     m1::fail("--only: no benchmark name starts with '{}' (names start with {})", only, fmt::join(groups, ", "));
   m1::cuda::Device gpu = m1::cuda::Device::current();
@@ -359,6 +392,21 @@ int run(const std::string& json_path, const std::string& only) {
     bench_matmul(report, limits, stream, gpu, 1, 8192, 8192);
     bench_matmul(report, limits, stream, gpu, 32, 8192, 8192);
     bench_matmul(report, limits, stream, gpu, 8192, 8192, 8192);
+  }
+  if (wanted("quantized matmul")) {
+    using m1::cuda::GemmOperands;
+    // The real model's one-row products: an expert's gate and up, its down, a lightning layer's
+    // qkv and out_proj.
+    const struct {
+      int64_t n, k;
+      const char* what;
+    } shapes[] = {{9216, 6144, "expert w1/w3"}, {6144, 9216, "expert w2"}, {24576, 6144, "qkv_proj"}, {6144, 8192, "out_proj"}};
+    for (m1::DType type : {m1::DType::kQ4, m1::DType::kQ8})
+      for (const auto& s : shapes) bench_quantized_matmul(report, limits, stream, type, 1, s.n, s.k, GemmOperands::kBf16, s.what);
+    bench_quantized_matmul(report, limits, stream, m1::DType::kQ4, 1, 9216, 6144, GemmOperands::kFp32, "expert w1/w3");
+    bench_quantized_matmul(report, limits, stream, m1::DType::kQ4, 32, 9216, 6144, GemmOperands::kBf16, "expert w1/w3");
+    for (m1::DType type : {m1::DType::kQ4, m1::DType::kQ8})
+      bench_quantized_matmul(report, limits, stream, type, 8192, 8192, 8192, GemmOperands::kBf16, "prefill");
   }
   if (wanted("lightning decode"))
     for (int64_t batch : {1, 32}) bench_lightning_decode(report, limits, stream, gpu, batch);
@@ -395,8 +443,8 @@ int main(int argc, char** argv) {
   CLI::App app{"bench_cuda: the CUDA kernels against the GPU's measured limits"};
   std::string json, only;
   app.add_option("--json", json, "write the figures to FILE as JSON");
-  app.add_option("--only", only, "run only the benchmarks whose names start with TEXT (matmul, lightning decode, "
-                                 "lightning prefill, flash prefill, sampling, decode step)");
+  app.add_option("--only", only, "run only the benchmarks whose names start with TEXT (matmul, quantized matmul, "
+                                 "lightning decode, lightning prefill, flash prefill, sampling, decode step)");
   CLI11_PARSE(app, argc, argv);
   try {
     return run(json, only);

@@ -1,5 +1,6 @@
 // Microbenchmarks of the CPU kernels at the `bench` preset's shapes (hidden 1024, 8 heads of 128,
-// 2 KV heads, 8 experts top-2 of width 1536, vocabulary 200064), BF16 weights. Each reports
+// 2 KV heads, 8 experts top-2 of width 1536, vocabulary 200064), BF16 weights (matrix products also
+// on int8 and int4 weights). Each reports
 // FLOP/s and B/s of the bytes a call must touch, counting the arithmetic of the algorithm the
 // kernel runs; the naive references run beside them (tagged _reference) where they are cheap
 // enough, so the speedup shows in the times. Matrices of a few MB stay in the caches across
@@ -25,6 +26,7 @@
 #include "cpu/softmax_attention.h"
 #include "cpu/threadpool.h"
 #include "m1/dtype.h"
+#include "m1/quantize.h"
 
 namespace m1::cpu {
 namespace {
@@ -71,7 +73,19 @@ const Weight& bf16_weight(int64_t rows, int64_t cols, int64_t index = 0) {
   return it->second.second;
 }
 
-double weight_bytes(const Weight& w) { return double(w.rows * w.cols) * double(dtype_size(w.dtype)); }
+// weight_of(kind, ...): the BF16 weight, or it quantized to int8 (a scale per row) or int4 (groups of
+// 32), built once.
+const Weight& weight_of(const std::string& kind, int64_t rows, int64_t cols) {
+  if (kind == "bf16") return bf16_weight(rows, cols);
+  static std::map<std::tuple<std::string, int64_t, int64_t>, QuantizedWeight> cache;
+  auto [it, inserted] = cache.try_emplace({kind, rows, cols});
+  if (inserted)
+    it->second = quantize(bf16_weight(rows, cols), kind == "int8" ? QuantScheme{DType::kQ8, 0} : QuantScheme{DType::kQ4, 32},
+                          kind, int(pool().size()));
+  return it->second.weight();
+}
+
+double weight_bytes(const Weight& w) { return double(w.data_bytes() + w.scale_bytes()); }
 
 void report(benchmark::State& state, double flops, double bytes) {
   state.counters["FLOP/s"] = benchmark::Counter(flops, benchmark::Counter::kIsIterationInvariantRate);
@@ -80,9 +94,9 @@ void report(benchmark::State& state, double flops, double bytes) {
 
 const char* operands_name(Operands operands) { return operands == Operands::kBf16 ? "bf16" : "fp32"; }
 
-void bm_matmul(benchmark::State& state, int64_t rows, int64_t out_features, int64_t in_features, Operands operands,
-               bool reference) {
-  const Weight& w = bf16_weight(out_features, in_features);
+void bm_matmul(benchmark::State& state, const std::string& kind, int64_t rows, int64_t out_features, int64_t in_features,
+               Operands operands, bool reference) {
+  const Weight& w = weight_of(kind, out_features, in_features);
   std::vector<float> x = random_floats(size_t(rows * in_features), 1.0f), out(size_t(rows * out_features));
   const Mat xm{x.data(), rows, in_features}, om{out.data(), rows, out_features};
   for (auto _ : state) {
@@ -216,15 +230,19 @@ void register_matmuls() {
                           {"lm_head_200064x1024", kVocab, kHidden, false, false}};
   std::vector<Operands> operands{Operands::kFp32};
   if (bf16_products_available()) operands.push_back(Operands::kBf16);
-  for (const Shape& s : shapes)
-    for (Operands op : operands) {
-      const std::string suffix = std::string(s.name) + "/" + operands_name(op);
-      add("gemv/" + suffix, [=](benchmark::State& st) { bm_matmul(st, 1, s.out, s.in, op, false); });
-      if (s.reference) add("gemv/" + suffix + "_reference", [=](benchmark::State& st) { bm_matmul(st, 1, s.out, s.in, op, true); });
-      // Eight sequences decoding together (a batched server step).
-      add("batch8/" + suffix, [=](benchmark::State& st) { bm_matmul(st, 8, s.out, s.in, op, false); });
-      if (s.gemm) add("gemm512/" + suffix, [=](benchmark::State& st) { bm_matmul(st, kPrefillRows, s.out, s.in, op, false); });
-    }
+  // BF16 weights, and the same quantized (int8 with a scale per row, int4 in groups of 32).
+  for (const std::string kind : {"bf16", "int8", "int4"})
+    for (const Shape& s : shapes)
+      for (Operands op : operands) {
+        const std::string suffix = std::string(s.name) + "/" + (kind == "bf16" ? "" : kind + "/") + operands_name(op);
+        add("gemv/" + suffix, [=](benchmark::State& st) { bm_matmul(st, kind, 1, s.out, s.in, op, false); });
+        if (s.reference)
+          add("gemv/" + suffix + "_reference", [=](benchmark::State& st) { bm_matmul(st, kind, 1, s.out, s.in, op, true); });
+        // Eight sequences decoding together (a batched server step).
+        add("batch8/" + suffix, [=](benchmark::State& st) { bm_matmul(st, kind, 8, s.out, s.in, op, false); });
+        if (s.gemm)
+          add("gemm512/" + suffix, [=](benchmark::State& st) { bm_matmul(st, kind, kPrefillRows, s.out, s.in, op, false); });
+      }
 }
 
 void register_attention() {

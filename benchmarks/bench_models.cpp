@@ -52,16 +52,16 @@ DType checkpoint_dtype(const Checkpoint& checkpoint, const ModelConfig& config) 
   return checkpoint.require(embed.name, embed.shape).weight_dtype();
 }
 
-uint64_t decode_weight_bytes(const ModelConfig& config, const Checkpoint& checkpoint) {
+uint64_t decode_weight_bytes(const ModelConfig& config, const Checkpoint& checkpoint, const LoadOptions& load) {
   uint64_t dense = 0, experts = 0;
   for (const WeightSpec& spec : weight_specs(config)) {
-    const TensorView& t = checkpoint.require(spec.name, spec.shape);
+    const uint64_t bytes = loaded_weight_bytes(config, checkpoint, spec, load);
     if (spec.role == WeightRole::kEmbed && !config.tie_word_embeddings)
-      dense += t.nbytes / uint64_t(spec.shape.front());
+      dense += bytes / uint64_t(spec.shape.front());
     else if (spec.expert >= 0)
-      experts += t.nbytes;
+      experts += bytes;
     else
-      dense += t.nbytes;
+      dense += bytes;
   }
   return dense + experts * uint64_t(config.num_experts_per_tok) / uint64_t(config.num_local_experts);
 }

@@ -9,6 +9,7 @@
 
 #include "m1/config.h"
 #include "m1/dtype.h"
+#include "m1/model.h"
 #include "m1/safetensors.h"
 
 namespace m1::bench {
@@ -36,6 +37,7 @@ DType checkpoint_dtype(const Checkpoint& checkpoint, const ModelConfig& config);
 
 // Bytes of weights one decode token reads: every non-expert weight (of the embedding table only
 // one row, unless it doubles as the LM head), the router, and top_k of each layer's experts.
-uint64_t decode_weight_bytes(const ModelConfig& config, const Checkpoint& checkpoint);
+// Quantized weights count their codes and scales as loaded with `load`.
+uint64_t decode_weight_bytes(const ModelConfig& config, const Checkpoint& checkpoint, const LoadOptions& load);
 
 }  // namespace m1::bench

@@ -8,13 +8,22 @@
 # Environment: ROUNDS (default 3); PRECISION, m1's (default fast: like llama.cpp's BF16 path, it
 # multiplies bf16 operands); M1_BENCH, the m1-bench binary (default build/bin/m1-bench);
 # LLAMACPP_BENCH (required), the peer's benchmark script: it builds llama.cpp, converts MODEL_DIR to
-# GGUF and runs llama-bench with the arguments given (the project's peer kit provides one).
+# GGUF and runs llama-bench with the arguments given (the project's peer kit provides one);
+# DEPTHS (default 0,4096), the context depths of both.
+# Quantized: M1_QUANTIZE=int8|int4 (with M1_GROUP_SIZE, M1_QUANTIZE_LM_HEAD=1) quantizes m1's weights
+# at load; LLAMA_QUANT=Q8_0|Q4_0|... makes the peer's script benchmark llama-quantize's copy. Decode
+# is then put against the limit of the bytes m1 reads (codes and scales) only.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 model="$(cd "${1:?usage: compare_llamacpp.sh MODEL_DIR [THREADS]}" && pwd)"
 threads="${2:-2}"
 rounds="${ROUNDS:-3}"
 precision="${PRECISION:-fast}"
+depths="${DEPTHS:-0,4096}"
+quantize=()
+[ -n "${M1_QUANTIZE:-}" ] && quantize+=(--quantize "$M1_QUANTIZE")
+[ -n "${M1_GROUP_SIZE:-}" ] && quantize+=(--group-size "$M1_GROUP_SIZE")
+[ "${M1_QUANTIZE_LM_HEAD:-0}" = 1 ] && quantize+=(--quantize-lm-head)
 m1_bench="${M1_BENCH:-$repo/build/bin/m1-bench}"
 peer="${LLAMACPP_BENCH:-}"
 [ -x "$m1_bench" ] || { echo "compare_llamacpp: $m1_bench not found (build m1-bench, or set M1_BENCH)" >&2; exit 1; }
@@ -32,17 +41,18 @@ logged() {
 for round in $(seq 1 "$rounds"); do
   echo "compare_llamacpp: round $round/$rounds: m1" >&2
   # Build a context of 0 or 4096 tokens, time 512 more; decode 64 at that depth.
-  logged "$m1_bench" --model "$model" --threads "$threads" --precision "$precision" --variants hybrid --contexts 0,4k --prefill-tokens 512 \
-    --decode-tokens 64 --repeats 1 --measure-bandwidth --json "$work/m1-$round.json"
+  logged "$m1_bench" --model "$model" --threads "$threads" --precision "$precision" --variants hybrid --contexts "$depths" --prefill-tokens 512 \
+    --decode-tokens 64 --repeats 1 --measure-bandwidth --json "$work/m1-$round.json" "${quantize[@]}"
   echo "compare_llamacpp: round $round/$rounds: llama.cpp$([ "$round" = 1 ] && echo ' (builds and converts once: minutes)')" >&2
-  logged "$peer" "$model" "$threads" -p 512 -n 64 -d 0,4096 -r 1 -o json
+  logged "$peer" "$model" "$threads" -p 512 -n 64 -d "$depths" -r 1 -o json
   mv "$work/out" "$work/llamacpp-$round.json"
 done
 
-/usr/bin/python3 - "$work" "$model" "$threads" "$rounds" <<'PY'
+/usr/bin/python3 - "$work" "$model" "$threads" "$rounds" "$depths" "${LLAMA_QUANT:-}" <<'PY'
 import glob, json, statistics, sys
 
-work, model, threads, rounds = sys.argv[1:]
+work, model, threads, rounds, depths, llama_quant = sys.argv[1:]
+depths = [int(d) for d in depths.split(",")]
 ours = [json.load(open(f)) for f in sorted(glob.glob(f"{work}/m1-*.json"))]
 theirs = [json.load(open(f)) for f in sorted(glob.glob(f"{work}/llamacpp-*.json"))]
 
@@ -60,13 +70,15 @@ bytes_per_token = ours[0]["results"][0]["weight_bytes_per_token"]
 limit = bandwidth / bytes_per_token  # decode tokens/s if every weight byte streamed at that rate
 
 print(f"# {model}: m1 vs llama.cpp, {threads} threads, medians of {rounds} interleaved rounds")
-print(f"# m1: {ours[0]['machine']['backend']} | {ours[0]['model']['dtype']}")
+print(f"# m1: {ours[0]['machine']['backend']} | {ours[0]['model']['dtype']} | llama.cpp: {llama_quant or 'BF16'}")
+same_bytes = not llama_quant and "quantized" not in ours[0]["model"]["dtype"]
 print(f"# decode limit: {bytes_per_token / 1e6:.1f} MB of weights per token / {bandwidth / 1e9:.1f} GB/s read bandwidth"
       f" = {limit:.1f} tok/s")
 print(f"{'test':<14} {'m1 tok/s':>10} {'llama.cpp tok/s':>16} {'ratio':>7} {'m1 % limit':>11} {'llama.cpp % limit':>18}")
 for test, tokens in (("pp", 512), ("tg", 64)):
-    for depth in (0, 4096):
+    for depth in depths:
         a, b = m1_rate(test, depth), llamacpp_rate(test, depth)
-        share = f"{100 * a / limit:>10.0f}% {100 * b / limit:>17.0f}%" if test == "tg" else f"{'-':>11} {'-':>18}"
+        theirs_share = f"{100 * b / limit:>17.0f}%" if same_bytes else f"{'-':>18}"
+        share = f"{100 * a / limit:>10.0f}% {theirs_share}" if test == "tg" else f"{'-':>11} {'-':>18}"
         print(f"{test}{tokens} @ d{depth:<6} {a:>10.1f} {b:>16.1f} {a / b:>7.2f} {share}")
 PY

@@ -49,6 +49,9 @@ struct Options {
   m1::BackendOptions backend;  // the tensor-parallel group (device, threads and precision come from above)
   m1::ParallelFlags parallel;
   m1::ShardOptions shard;
+  std::string quantize;
+  int64_t group_size = 0;
+  bool quantize_lm_head = false;
 };
 
 // The model under test, as the command line chose it.
@@ -134,12 +137,12 @@ VariantWeights variant_weights(const BaseModel& base, const m1::ModelConfig& con
 }
 
 // One measurement in its own process (so its peak RSS is its own), the weights shared from here.
-Measurement measure_in_child(const m1::BackendOptions& backend_options, const m1::ShardOptions& shard,
+Measurement measure_in_child(const m1::BackendOptions& backend_options, const m1::LoadOptions& load,
                              const m1::ModelConfig& config, VariantWeights& weights, const MeasureSpec& spec) {
   const nlohmann::json result = run_in_child([&] {
     const auto backends = m1::create_backends(backend_options);
     // Moves the child's copy of the weights; the parent's stays for the next context.
-    m1::Model model(config, std::move(weights.checkpoint), m1::rank_pointers(backends), shard);
+    m1::Model model(config, std::move(weights.checkpoint), m1::rank_pointers(backends), load);
     Measurement m = measure(model, spec);
     m.peak_rss_bytes = peak_rss_bytes();
     return nlohmann::json(m);
@@ -152,7 +155,7 @@ struct Sweep {
   std::optional<double> read_bandwidth;
 };
 
-Sweep run_sweep(const Options& o, const BaseModel& base, const m1::BackendOptions& backend,
+Sweep run_sweep(const Options& o, const BaseModel& base, const m1::BackendOptions& backend, const m1::LoadOptions& load,
                 const std::vector<int64_t>& contexts, int64_t extra_prefill) {
   Sweep sweep;
   const size_t total = o.variants.size() * contexts.size();
@@ -160,13 +163,12 @@ Sweep run_sweep(const Options& o, const BaseModel& base, const m1::BackendOption
     const m1::ModelConfig config = variant_config(base.config, variant);
     VariantWeights weights = variant_weights(base, config);
     if (o.measure_bandwidth && !sweep.read_bandwidth) sweep.read_bandwidth = weight_read_bandwidth(weights.checkpoint, o.threads);
-    const uint64_t bytes_per_token = decode_weight_bytes(config, weights.checkpoint);
+    const uint64_t bytes_per_token = decode_weight_bytes(config, weights.checkpoint, load);
     for (int64_t context : contexts) {
       std::fprintf(stderr, "m1-bench: [%zu/%zu] %s at context %s\n", sweep.results.size() + 1, total, variant.c_str(),
                    format_token_count(context).c_str());
       const MeasureSpec spec{context, extra_prefill, o.decode_tokens, o.repeats, o.prefill_chunk};
-      sweep.results.push_back(
-          {variant, weights.random, bytes_per_token, measure_in_child(backend, o.shard, config, weights, spec)});
+      sweep.results.push_back({variant, weights.random, bytes_per_token, measure_in_child(backend, load, config, weights, spec)});
     }
   }
   return sweep;
@@ -178,7 +180,8 @@ nlohmann::ordered_json options_json(const Options& o, const std::vector<int64_t>
           {"device", o.device},           {"precision", o.precision},        {"threads", o.threads},
           {"measure_bandwidth", o.measure_bandwidth}, {"tensor_parallel", o.backend.tensor_parallel},
           {"gpus", o.backend.gpus},       {"collectives", o.backend.collectives},
-          {"moe_parallel", m1::moe_parallel_name(o.shard.moe)}};
+          {"moe_parallel", m1::moe_parallel_name(o.shard.moe)}, {"quantize", o.quantize},
+          {"group_size", o.group_size},   {"quantize_lm_head", o.quantize_lm_head}};
 }
 
 void write_file(const fs::path& path, const std::string& text, const std::string& option) {
@@ -192,6 +195,8 @@ int run(Options& o) {
   const std::vector<int64_t> contexts = parse_contexts(o, extra_prefill);
   const BaseModel base = base_model(o);
   const m1::BackendOptions backend = backend_options(o);
+  m1::LoadOptions load = m1::parse_load_options(o.quantize, o.group_size, o.quantize_lm_head, o.threads);
+  load.shard = o.shard;
   m1::plan_shards(base.config, backend.tensor_parallel, o.shard.moe);  // a split the model refuses fails here, once
 
   RunInfo info;
@@ -201,10 +206,13 @@ int run(Options& o) {
   info.threads = o.threads > 0 ? o.threads : int(std::max(1u, std::thread::hardware_concurrency()));
   info.model = base.label;
   info.dtype = std::string(m1::dtype_name(base.dtype));
+  if (load.quantize)
+    info.dtype += fmt::format(", quantized to {}{}{}", o.quantize, o.quantize == "int4" ? fmt::format(" (group {})", load.quantize->group_size) : "",
+                              o.quantize_lm_head ? " with the LM head" : "");
   info.config = base.config;
   info.options = options_json(o, contexts, extra_prefill);
 
-  Sweep sweep = run_sweep(o, base, backend, contexts, extra_prefill);
+  Sweep sweep = run_sweep(o, base, backend, load, contexts, extra_prefill);
   info.read_bandwidth = sweep.read_bandwidth;
   print_table(stdout, info, sweep.results);
   if (!o.json.empty()) write_file(o.json, report_json(info, sweep.results).dump(2) + "\n", "--json");
@@ -237,6 +245,9 @@ void define_options(CLI::App& app, Options& o) {
   app.add_option("--svg", o.svg, "Draw latency against context as an SVG chart to FILE");
   app.add_flag("--measure-bandwidth", o.measure_bandwidth, "Also measure how fast --threads threads read the weights");
   m1::add_parallel_flags(app, o.backend, o.parallel);
+  app.add_option("--quantize", o.quantize, "Quantize weights while loading: int8 (a scale per row) or int4 (a scale per group)");
+  app.add_option("--group-size", o.group_size, "--quantize int4: inputs per scale, a multiple of 32 (default 32)");
+  app.add_flag("--quantize-lm-head", o.quantize_lm_head, "--quantize the LM head too (kept in its stored type by default)");
 }
 
 }  // namespace

@@ -19,9 +19,9 @@ import threading
 import time
 
 
-def start_server(binary, model, threads, max_batch):
-    proc = subprocess.Popen([binary, "--model", model, "--port", "0", "--threads", str(threads),
-                             "--max-batch", str(max_batch), "--max-context", "8192"],
+def start_server(binary, model, threads, flags):
+    """m1-serve on a free port with `flags`, once its model is ready: the process and its port."""
+    proc = subprocess.Popen([binary, "--model", model, "--port", "0", "--threads", str(threads)] + flags,
                             stderr=subprocess.PIPE, text=True)
     port = None
     for line in proc.stderr:
@@ -113,7 +113,8 @@ def main():
     parser.add_argument("--json")
     args = parser.parse_args()
 
-    proc, port = start_server(args.bin, args.model, args.threads, max(args.streams, args.background + 1))
+    proc, port = start_server(args.bin, args.model, args.threads,
+                              ["--max-batch", str(max(args.streams, args.background + 1)), "--max-context", "8192"])
     try:
         single_stream(port, 16)  # warm-up: page in the weights
         single = statistics.median(single_stream(port, args.tokens) for _ in range(3))

@@ -11,13 +11,16 @@
 #include "m1/error.h"
 #include "matmul.h"
 #include "memory_epoch.h"
+#include "quantized_matmul.h"
 
 namespace m1::cuda {
 namespace {
 
 CudaState& cuda_state(SequenceState* s) { return *static_cast<CudaState*>(s); }
 
-DeviceMatrix device_matrix(const Weight& w) { return DeviceMatrix{w.data, w.dtype, w.rows, w.cols}; }
+DeviceMatrix device_matrix(const Weight& w) {
+  return DeviceMatrix{w.data, w.dtype, w.rows, w.cols, w.scales, w.scale_dtype, w.group_size};
+}
 
 // Batches up to this many decode rows are replayed as graphs; larger ones are not launch-bound.
 constexpr size_t kMaxGraphBatch = 256;
@@ -83,20 +86,34 @@ std::string CudaBackend::name() const {
 
 void CudaBackend::attach_thread() { M1_CUDA_CHECK(cudaSetDevice(device_.index())); }
 
+// Lightning prefill blocks (32 or 64 tokens) and attention prefill tiles (64 or 128 query rows
+// of a group's heads, so at most 128 tokens) all count from a segment's first token: cuts at
+// multiples of 128 leave each tile on the same tokens.
+int64_t CudaBackend::prefill_alignment() const { return 128; }
+
 GemmOperands CudaBackend::operands(Rounding rounding) const {
   return precision_ == Precision::kFast && rounding == Rounding::kAllowed ? GemmOperands::kBf16 : GemmOperands::kFp32;
 }
 
-Weight CudaBackend::upload(const TensorView& t) {
-  const DeviceGuard current(device_.index());
-  const DType dtype = t.weight_dtype();
+void* CudaBackend::upload_bytes(const void* host, size_t bytes) {
   void* device = nullptr;
-  M1_CUDA_CHECK(cudaMalloc(&device, std::max<size_t>(t.nbytes, 1)));
+  M1_CUDA_CHECK(cudaMalloc(&device, std::max<size_t>(bytes, 1)));
   weights_.push_back(device);
   // On the backend's stream: a pageable copy may still be landing when cudaMemcpy returns, and
   // the stream (non-blocking) would not wait for the default stream.
-  M1_CUDA_CHECK(cudaMemcpyAsync(device, t.data, t.nbytes, cudaMemcpyHostToDevice, stream_));
-  return Weight{device, dtype, t.shape.size() == 2 ? t.shape[0] : 1, t.shape.back()};
+  M1_CUDA_CHECK(cudaMemcpyAsync(device, host, bytes, cudaMemcpyHostToDevice, stream_));
+  return device;
+}
+
+Weight CudaBackend::upload(const Weight& host) {
+  // Quantized: the packed codes and their scales, each in its own allocation (256-byte aligned,
+  // so the kernels copy whole 16-byte units of rows that are).
+  if (host.quantized()) check_quantized(device_matrix(host), "upload");
+  const DeviceGuard current(device_.index());
+  Weight w = host;
+  w.data = upload_bytes(host.data, host.data_bytes());
+  if (host.quantized()) w.scales = upload_bytes(host.scales, host.scale_bytes());
+  return w;
 }
 
 Mat CudaBackend::alloc(int64_t rows, int64_t cols) {
@@ -337,6 +354,8 @@ std::vector<DrawOutcome> CudaBackend::sample(const Mat& logits, std::span<const 
   device_draws_.clear();
   seen_ids_.clear();
   generated_counts_.clear();
+  biases_.clear();
+  allowed_words_.clear();
   draw_of_.clear();
   for (size_t i = 0; i < draws.size(); ++i) {
     const DrawRequest& r = draws[i];
@@ -363,6 +382,13 @@ std::vector<DrawOutcome> CudaBackend::sample(const Mat& logits, std::span<const 
       d.counts_count = int64_t(r.generated_counts.size());
       for (auto [id, count] : r.generated_counts) generated_counts_.insert(generated_counts_.end(), {id, count});
     }
+    d.bias_begin = int64_t(biases_.size());
+    d.bias_count = int64_t(r.logit_bias.size());
+    biases_.insert(biases_.end(), r.logit_bias.begin(), r.logit_bias.end());
+    if (!r.allowed.empty()) {  // penalty_ids_error checked its size
+      d.allowed_begin = int64_t(allowed_words_.size());
+      allowed_words_.insert(allowed_words_.end(), r.allowed.begin(), r.allowed.end());
+    }
     device_draws_.push_back(d);
     draw_of_.push_back(i);
   }
@@ -374,6 +400,8 @@ std::vector<DrawOutcome> CudaBackend::sample(const Mat& logits, std::span<const 
     a.device_draws = c.take<DeviceDraw>(std::ssize(device_draws_));
     a.seen = c.take<int32_t>(std::ssize(seen_ids_));
     a.generated_counts = c.take<int32_t>(std::ssize(generated_counts_));
+    a.biases = c.take<TokenBias>(std::ssize(biases_));
+    a.allowed = c.take<uint32_t>(std::ssize(allowed_words_));
     a.results = c.take<DrawResult>(std::ssize(device_draws_));
     return a;
   });
@@ -388,6 +416,8 @@ std::vector<DrawOutcome> CudaBackend::sample(const Mat& logits, std::span<const 
   copy_in(args.device_draws, device_draws_);
   copy_in(args.seen, seen_ids_);
   copy_in(args.generated_counts, generated_counts_);
+  copy_in(args.biases, biases_);
+  copy_in(args.allowed, allowed_words_);
   cuda::sample(args, sample_scratch_, device_, stream_);
 
   draw_results_.resize(device_draws_.size());

@@ -51,11 +51,12 @@ class CudaBackend final : public Backend {
 
   std::string name() const override;
   void attach_thread() override;
+  int64_t prefill_alignment() const override;
   void begin_step(std::span<const Segment> segments, int64_t logit_rows) override;
   bool end_step() override;
   bool abandon_step() override;
   const StepGraphs::Stats& graph_stats() const { return graphs_.stats(); }
-  Weight upload(const TensorView& tensor) override;
+  Weight upload(const Weight& host) override;
   Mat alloc(int64_t rows, int64_t cols) override;
   void free(Mat m) override;
   void to_host(const Mat& m, float* host) override;
@@ -91,6 +92,8 @@ class CudaBackend final : public Backend {
   void timed_collective(Fn&& fn);
   // Operands of a product that may round (or not) under this backend's precision.
   GemmOperands operands(Rounding rounding) const;
+  // `bytes` of host memory copied into a new device allocation, freed with the backend.
+  void* upload_bytes(const void* host, size_t bytes);
   // `bytes` of host data copied into `scratch`, in stream order (the host buffer may be reused
   // as soon as this returns); in a graph step, into the step's stage instead.
   void* upload_to(DeviceScratch& scratch, const void* host, size_t bytes);
@@ -118,13 +121,15 @@ class CudaBackend final : public Backend {
   DeviceScratch matmul_scratch_;   // also the MoE's, so declared before moe_workspace_
   DeviceScratch attention_scratch_;
   DeviceScratch sample_scratch_;  // the sampler's working rows
-  DeviceScratch draw_scratch_;    // draw descriptors, penalty lists and results
+  DeviceScratch draw_scratch_;    // draw descriptors, penalty and bias lists, masks and results
   MoeWorkspace moe_workspace_;
   std::vector<LightningSegment> lightning_segments_;
   std::vector<AttentionSegment> attention_segments_;
   std::vector<DeviceMatrix> w1_, w3_, w2_;
   std::vector<DeviceDraw> device_draws_;
   std::vector<int32_t> seen_ids_, generated_counts_;
+  std::vector<TokenBias> biases_;
+  std::vector<uint32_t> allowed_words_;  // the masked draws' allowed-token bitmasks, one after another
   std::vector<size_t> draw_of_;  // which request each device draw serves
   std::vector<DrawResult> draw_results_;
 };

@@ -74,4 +74,30 @@ void CudaState::adopt_caches(const uint16_t* from, int64_t from_capacity, int64_
   layout_ = next_layout();
 }
 
+void CudaState::read_lightning(std::byte* out) const {
+  M1_CUDA_CHECK(cudaMemcpyAsync(out, lightning_, lightning_bytes(), cudaMemcpyDeviceToHost, stream_));
+  M1_CUDA_CHECK(cudaStreamSynchronize(stream_));
+}
+
+// Per softmax layer the keys of rows [begin, end), then their values: each one block of the cache.
+void CudaState::read_kv(int64_t begin, int64_t end, std::byte* out) const {
+  const size_t bytes = size_t((end - begin) * kv_row()) * sizeof(uint16_t);
+  for (int64_t block = 0; block < 2 * shape_.softmax_layers; ++block, out += bytes)
+    M1_CUDA_CHECK(cudaMemcpyAsync(out, kv_ + (block * capacity_ + begin) * kv_row(), bytes, cudaMemcpyDeviceToHost, stream_));
+  M1_CUDA_CHECK(cudaStreamSynchronize(stream_));
+}
+
+void CudaState::write_kv(const std::byte* rows, int64_t tokens) {
+  reserve(length_ + tokens);
+  const size_t bytes = size_t(tokens * kv_row()) * sizeof(uint16_t);
+  for (int64_t block = 0; block < 2 * shape_.softmax_layers; ++block, rows += bytes)
+    M1_CUDA_CHECK(cudaMemcpyAsync(kv_ + (block * capacity_ + length_) * kv_row(), rows, bytes, cudaMemcpyHostToDevice, stream_));
+  M1_CUDA_CHECK(cudaStreamSynchronize(stream_));  // the caller may free `rows` on return
+}
+
+void CudaState::write_lightning(const std::byte* in) {
+  M1_CUDA_CHECK(cudaMemcpyAsync(lightning_, in, lightning_bytes(), cudaMemcpyHostToDevice, stream_));
+  M1_CUDA_CHECK(cudaStreamSynchronize(stream_));
+}
+
 }  // namespace m1::cuda

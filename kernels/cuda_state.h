@@ -3,7 +3,8 @@
 // zeroed) and a bf16 KV cache for the softmax layers (one allocation, keys and values per layer)
 // that grows geometrically as tokens arrive. Memory is stream-ordered on the owning backend's
 // stream, so growing, copying and freeing never wait for the GPU; the state must not outlive
-// that backend.
+// that backend. The portable form (SequenceState::save_kv ...) is copied to and from host memory
+// on the same stream, which is synchronised before the copies return.
 
 #include <cstdint>
 
@@ -21,6 +22,7 @@ class CudaState final : public SequenceState {
 
   std::unique_ptr<SequenceState> clone() const override;
   size_t bytes() const override;
+  DType kv_dtype() const override { return DType::kBF16; }
 
   // heads x d x d floats of lightning layer `layer` (counted among lightning layers): 16-byte
   // aligned when d is a multiple of 4, as the decode kernel requires (the allocation is 256-byte
@@ -37,9 +39,14 @@ class CudaState final : public SequenceState {
   // caches move. A recorded CUDA graph that used the state is valid while this is unchanged.
   uint64_t layout() const { return layout_; }
 
+ protected:
+  void read_lightning(std::byte* out) const override;
+  void read_kv(int64_t begin, int64_t end, std::byte* out) const override;
+  void write_kv(const std::byte* rows, int64_t tokens) override;
+  void write_lightning(const std::byte* in) override;
+
  private:
   int64_t lightning_layer_floats() const { return shape_.heads * shape_.head_dim * shape_.head_dim; }
-  size_t lightning_bytes() const { return size_t(shape_.lightning_layers * lightning_layer_floats()) * sizeof(float); }
   int64_t kv_row() const { return shape_.kv_heads * shape_.head_dim; }
   // Moves the caches to a new allocation of `capacity` rows, holding the first `rows` rows of
   // `from` (laid out for `from_capacity` rows).

@@ -24,8 +24,8 @@ __device__ __forceinline__ float load_weight(const void* data, DType dtype, int6
     case DType::kF32: return static_cast<const float*>(data)[i];
     case DType::kF16: return __half2float(static_cast<const __half*>(data)[i]);
     case DType::kBF16: return __bfloat162float(static_cast<const __nv_bfloat16*>(data)[i]);
+    default: return 0.0f;  // norms and embeddings are float (upload refuses quantized weights)
   }
-  return 0.0f;
 }
 
 // 1 / (1 + e^-v) through e^-|v|, which never overflows.

@@ -19,7 +19,8 @@
 // Each kernel's work is a __device__ body that two entry points share: the plain one (one
 // product) and the grouped one (one product per group of rows, each group with its own weights,
 // a CTA finding its group and rows in device memory), so a grouped row runs the very code a plain
-// call runs on it.
+// call runs on it. The pieces the products on quantized weights share with these (the chunk, its
+// partials and their sum, x's bf16 terms, the grouped launches' tiles) are in matmul_common.cuh.
 
 #include "matmul.h"
 
@@ -35,14 +36,13 @@
 
 #include "launch.h"
 #include "m1/error.h"
+#include "matmul_common.cuh"
+#include "quantized_matmul.h"
 
 namespace m1::cuda {
 namespace {
 
 using namespace nvcuda;
-
-// Inner-dimension values per partial sum: part of the arithmetic, shared by every kernel.
-constexpr int kChunk = 256;
 
 // A weight as the fp32-core kernels store and read it: F32 or F16 (BF16 weights take the tensor
 // cores in either operand mode).
@@ -56,89 +56,6 @@ __device__ __forceinline__ float widen(Stored<T> v) {
     return v;
   else
     return __half2float(__ushort_as_half(v));
-}
-
-// ---------------------------------------------------------------------------------------------
-// Shared pieces
-
-// out[r][n] = sum over chunks c, in order, of partial[c][r][n], for every row r, or when given
-// for rows [*first_row, *end_row) (a grouped product's rows, known on the device alone).
-__global__ void sum_partials(const float* partial, int64_t chunks, int64_t m, int64_t n, float* out, int64_t ldo,
-                             const int64_t* first_row, const int64_t* end_row) {
-  const int64_t plane = m * n;
-  const int64_t begin = first_row ? *first_row * n : 0, end = end_row ? *end_row * n : plane;
-  for (int64_t i = begin + blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < end;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    float total = 0.0f;
-#pragma unroll 8
-    for (int64_t c = 0; c < chunks; ++c) total = __fadd_rn(total, partial[c * plane + i]);
-    const int64_t r = i / n;
-    out[r * ldo + (i - r * n)] = total;
-  }
-}
-
-// Where a skinny kernel puts a chunk's partial: straight into the output when the inner
-// dimension is one chunk (0 + partial, as the reduction would), else into the partials, planes of
-// `plane_rows` rows, one per chunk.
-__device__ __forceinline__ void write_partial(float v, int64_t r, int64_t col, int64_t plane_rows, int64_t n,
-                                              float* partial, float* out, int64_t ldo) {
-  if (gridDim.x == 1)
-    out[r * ldo + col] = __fadd_rn(0.0f, v);
-  else
-    partial[(blockIdx.x * plane_rows + r) * n + col] = v;
-}
-
-// ---------------------------------------------------------------------------------------------
-// Grouped launches. A group's weights travel in the kernel's parameters, so nothing is uploaded
-// per call; more groups than one launch holds take several launches.
-
-constexpr int kLaunchGroups = 64;
-struct GroupWeights {
-  const void* data[kLaunchGroups];
-};
-
-// Rows of one CTA of a grouped launch: group `group`'s rows [row0 + first, row0 + first + rows).
-struct GroupTile {
-  int group;
-  int64_t row0, group_rows, first, rows;
-};
-
-// Work unit `index` of a grouped launch, counting each group's ceil(rows / tile_rows) tiles in
-// group order; false past the last. Every thread of a CTA gets the same answer, so a CTA without
-// work leaves as a whole, before any barrier.
-__device__ bool find_tile(const int64_t* offsets, int groups, int64_t tile_rows, int64_t index, GroupTile& tile) {
-  for (int g = 0; g < groups; ++g) {
-    const int64_t row0 = offsets[g], rows = offsets[g + 1] - row0, tiles = ceil_div(rows, tile_rows);
-    if (index < tiles) {
-      const int64_t first = index * tile_rows;
-      tile = {g, row0, rows, first, std::min(tile_rows, rows - first)};
-      return true;
-    }
-    index -= std::max<int64_t>(tiles, 0);
-  }
-  return false;
-}
-
-// x as kParts bf16 terms, each [m, ldb] and the next right after it, rows padded with zeros to
-// `ldb`, a multiple of 8, so every row is 16-byte aligned. One term: x rounded (nearest even).
-// Three: hi = bf16(x), mid = bf16(x - hi) and lo = x - hi - mid, 8 significant bits each, summing
-// to x exactly (an infinite x keeps zero mid and lo, so its products stay infinite, not NaN).
-template <int kParts>
-__global__ void split_to_bf16(const float* x, int64_t ldx, int64_t m, int64_t k, __nv_bfloat16* out, int64_t ldb) {
-  static_assert(kParts == 1 || kParts == 3);
-  const int64_t term = m * ldb;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < term; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t r = i / ldb, c = i - r * ldb;
-    const float v = c < k ? x[r * ldx + c] : 0.0f;
-    const __nv_bfloat16 hi = __float2bfloat16_rn(v);
-    out[i] = hi;
-    if constexpr (kParts == 3) {
-      const float rest = isfinite(v) ? __fsub_rn(v, __bfloat162float(hi)) : 0.0f;
-      const __nv_bfloat16 mid = __float2bfloat16_rn(rest);
-      out[term + i] = mid;
-      out[2 * term + i] = __float2bfloat16_rn(__fsub_rn(rest, __bfloat162float(mid)));
-    }
-  }
 }
 
 // Elements [k, k + 8) of a row of 16-bit values, zero past `bound`. vec: the row start is
@@ -683,12 +600,6 @@ __global__ __launch_bounds__(kBf16TileThreads, Bf16Tile<kTileM>::kMinBlocks) voi
 // Host side. Grids put the unbounded count (chunks, row blocks) in x and output column blocks in
 // y, which allows 65535 x 64 outputs: far more than any weight matrix has.
 
-void launch_sum_partials(const float* partial, int64_t chunks, int64_t m, int64_t n, float* out, int64_t ldo,
-                         cudaStream_t stream, const int64_t* first_row = nullptr, const int64_t* end_row = nullptr) {
-  sum_partials<<<grid_for(m * n, 256), 256, 0, stream>>>(partial, chunks, m, n, out, ldo, first_row, end_row);
-  M1_CUDA_CHECK_LAUNCH();
-}
-
 template <DType T, int kRowsPerThread>
 void launch_f32_skinny_rows(const float* x, int64_t ldx, int64_t m, const DeviceMatrix& w, float* out, int64_t ldo,
                             float* partial, Device& device, cudaStream_t stream) {
@@ -728,16 +639,6 @@ void launch_f32_tiled(const float* x, int64_t ldx, int64_t m, const DeviceMatrix
   M1_CUDA_CHECK_LAUNCH();
 }
 
-// The skinny kernels' chunk partials make a round trip through memory: chunks x m x n floats (m:
-// every row of x in a grouped call; none for a single chunk, which goes straight to out). Past
-// this many bytes (the LM head at batch 32 would take 615 MB, a MoE's gate products at batch 64
-// 113 MB) the tiled kernels, which keep their partials in registers and have n / 64 column tiles
-// to spread over the GPU anyway, are the better choice; both give the same bits.
-constexpr size_t kMaxSkinnyPartialBytes = size_t(64) << 20;
-bool skinny_partials_fit(int64_t chunks, int64_t m, int64_t n) {
-  return chunks == 1 || size_t(chunks) * size_t(m) * size_t(n) * sizeof(float) <= kMaxSkinnyPartialBytes;
-}
-
 template <DType T>
 void matmul_f32(const float* x, int64_t ldx, int64_t m, const DeviceMatrix& w, float* out, int64_t ldo,
                 DeviceScratch& scratch, Device& device, cudaStream_t stream) {
@@ -765,13 +666,6 @@ Bf16Staging carve_bf16_staging(DeviceScratch& scratch, int64_t x_elements, int64
     staging.partial = carver.take<float>(partial_elements);
     return staging;
   });
-}
-
-template <int kParts>
-void launch_split_to_bf16(const float* x, int64_t ldx, int64_t m, int64_t k, __nv_bfloat16* out, int64_t ldb,
-                          cudaStream_t stream) {
-  split_to_bf16<kParts><<<grid_for(m * ldb, 256), 256, 0, stream>>>(x, ldx, m, k, out, ldb);
-  M1_CUDA_CHECK_LAUNCH();
 }
 
 // Products of at most this many rows per group that take the tiled kernels (their skinny partials
@@ -815,39 +709,6 @@ void matmul_bf16(const float* x, int64_t ldx, int64_t m, const DeviceMatrix& w, 
       staging.rows, ldb, m, weights, n, k, w_vec, staging.partial, out, ldo);
   M1_CUDA_CHECK_LAUNCH();
   if (staging.partial) launch_sum_partials(staging.partial, chunks, m, n, out, ldo, stream);
-}
-
-// Grouped launches take the groups kLaunchGroups at a time. Their grids are sized from what the
-// host knows: the groups' tiles of tile_rows rows number at most rows / tile_rows plus one per
-// group that has rows (a group of c > 0 rows has ceil(c / tile_rows) <= c / tile_rows + 1), and
-// at most `rows` groups have rows.
-int64_t grouped_tiles(int64_t rows, int64_t groups, int64_t tile_rows) {
-  return rows / tile_rows + std::min(groups, rows);
-}
-
-// Skinny grouped launches put the tiles in grid z, which stops at 65535.
-bool skinny_grid_fits(int64_t rows, int64_t groups, int64_t tile_rows) {
-  return grouped_tiles(rows, std::min<int64_t>(groups, kLaunchGroups), tile_rows) <= 65535;
-}
-
-GroupWeights group_weights(std::span<const DeviceMatrix> w, int64_t first, int64_t count) {
-  GroupWeights g{};
-  for (int64_t i = 0; i < count; ++i) g.data[i] = w[size_t(first + i)].data;
-  return g;
-}
-
-// Every launch of a grouped product: launch(first group, group count, weights of those groups).
-template <class Launch>
-void for_each_launch(std::span<const DeviceMatrix> w, Launch launch) {
-  const int64_t groups = int64_t(w.size());
-  for (int64_t first = 0; first < groups; first += kLaunchGroups) {
-    const int64_t count = std::min<int64_t>(kLaunchGroups, groups - first);
-    launch(first, int(count), group_weights(w, first, count));
-  }
-}
-
-bool all_aligned16(std::span<const DeviceMatrix> w) {
-  return std::all_of(w.begin(), w.end(), [](const DeviceMatrix& m) { return aligned16(m.data); });
 }
 
 template <DType T, int kRowsPerThread>
@@ -974,10 +835,16 @@ void grouped_matmuls(const float* x, int64_t ldx, const int64_t* offsets, std::s
   for (size_t i = 0; i < products.size(); ++i) {
     const std::span<const DeviceMatrix> w = products[i].w;
     if (w.size() != w0.size()) fail("grouped_matmul: product {} has {} groups, product 0 {}", i, w.size(), w0.size());
-    for (size_t g = 0; g < w.size(); ++g)
+    for (size_t g = 0; g < w.size(); ++g) {
       if (w[g].data == nullptr || w[g].dtype != w0[0].dtype || w[g].rows != w0[0].rows || w[g].cols != w0[0].cols)
         fail("grouped_matmul: weights of product {} group {} are {} [{}, {}], product 0 group 0's {} [{}, {}]", i, g,
              dtype_name(w[g].dtype), w[g].rows, w[g].cols, dtype_name(w0[0].dtype), w0[0].rows, w0[0].cols);
+      if (is_quantized(w[g].dtype) && (w[g].scales == nullptr || w[g].group_size != w0[0].group_size ||
+                                       w[g].scale_dtype != w0[0].scale_dtype))
+        fail("grouped_matmul: weights of product {} group {} have {} scales per {} inputs, product 0 group 0's {} per {}",
+             i, g, w[g].scales ? dtype_name(w[g].scale_dtype) : "no", w[g].group_size, dtype_name(w0[0].scale_dtype),
+             w0[0].group_size);
+    }
   }
   if (w0.empty() || rows == 0) return;
   const DeviceMatrix& first = w0[0];
@@ -999,6 +866,10 @@ void grouped_matmuls(const float* x, int64_t ldx, const int64_t* offsets, std::s
       if (operands == GemmOperands::kBf16)
         return grouped_bf16<1>(x, ldx, offsets, products, rows, group_rows, scratch, device, stream);
       return grouped_bf16<3>(x, ldx, offsets, products, rows, group_rows, scratch, device, stream);
+    case DType::kQ8:
+    case DType::kQ4:
+      return quantized_grouped_matmuls(x, ldx, offsets, products, rows, group_rows, operands, scratch, device, stream);
+    default: fail("grouped matmul: weights of dtype {} are not supported on the GPU", dtype_name(first.dtype));
   }
 }
 
@@ -1023,6 +894,9 @@ void matmul(const float* x, int64_t ldx, int64_t m, const DeviceMatrix& w, float
     case DType::kBF16:
       if (operands == GemmOperands::kBf16) return matmul_bf16<1>(x, ldx, m, w, out, ldo, scratch, device, stream);
       return matmul_bf16<3>(x, ldx, m, w, out, ldo, scratch, device, stream);
+    case DType::kQ8:
+    case DType::kQ4: return quantized_matmul(x, ldx, m, w, out, ldo, operands, scratch, device, stream);
+    default: fail("matmul: weights of dtype {} are not supported on the GPU", dtype_name(w.dtype));
   }
 }
 

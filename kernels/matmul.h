@@ -17,7 +17,8 @@
 namespace m1::cuda {
 
 // out [m, w.rows] (row stride ldo) = x [m, w.cols] (row stride ldx, fp32) times w^T.
-// kBf16 with non-BF16 weights runs as kFp32. `scratch` holds the bf16 terms of x.
+// kBf16 with F32 or F16 weights runs as kFp32; int8 and int4 weights take quantized_matmul.h's
+// kernels. `scratch` holds the bf16 terms of x.
 void matmul(const float* x, int64_t ldx, int64_t m, const DeviceMatrix& w, float* out, int64_t ldo,
             GemmOperands operands, DeviceScratch& scratch, Device& device, cudaStream_t stream);
 

@@ -22,7 +22,8 @@
 // the candidates, compacted into a per-block id buffer, whose pivot passes sum the weights in a
 // fixed order; the last survivors, at most one per thread, are sorted in shared memory), then
 // walking the kept ids in id order with block-wide prefix sums. Every sum has a fixed order, so
-// the same inputs give the same bits on every run, whatever the batch.
+// the same inputs give the same bits on every run, whatever the batch. "Penalised" logits below
+// are the processed ones: biases, penalties, then the draw's own mask (masked ids -inf).
 
 namespace m1::cuda {
 namespace {
@@ -31,7 +32,7 @@ constexpr int kThreads = 1024;  // the combine's and the selection's blocks
 constexpr int kWarps = kThreads / 32;
 constexpr int kRun = 16;  // consecutive ids per thread in the passes that keep id order
 constexpr uint32_t kFullMask = 0xFFFFFFFFu;
-// The selection's bitmap of seen ids lives in shared memory: 2^20 ids take 128 KB of it.
+// The selection's bitmap of seen and biased ids lives in shared memory: 2^20 ids take 128 KB of it.
 constexpr int64_t kMaxVocab = int64_t(1) << 20;
 // The scan: small blocks, each over a fixed chunk of ids (so the sums' order, and with it their
 // bits, never depends on the batch), about 100 blocks for one draw at the model's vocabulary.
@@ -153,38 +154,63 @@ __device__ Sorted block_sort_descending(uint64_t rank, float weight) {
   return {ranks, weights};
 }
 
-// The draw's view of its row: the raw logits, and the penalised ones that its own penalties give.
+// The draw's view of its row: the raw logits, and the processed ones its own biases, penalties
+// and mask give.
 struct Row {
   const float* logits;
   int32_t vocab;
   bool penalised;
-  const uint32_t* seen_bits;  // shared: bit (id - bits_first) set when id is seen
+  bool touched;               // some ids have biases or penalties
+  const uint32_t* touched_bits;  // shared: bit (id - bits_first) set when id is seen or biased
   int32_t bits_first;         // a multiple of 32: the first id the bitmap covers
   const int32_t* counts;      // sorted (id, count) pairs, interleaved
   int64_t count_pairs;
+  const int32_t* seen;        // sorted seen ids
+  int64_t seen_count;
+  const TokenBias* biases;    // sorted by id
+  int64_t bias_count;
+  const uint32_t* allowed;    // the mask, or null
   float repetition, frequency, presence;
 
   __device__ Row(const float* all_logits, int32_t vocab_size, const DeviceDraw& draw, const int32_t* generated_counts,
+                 const int32_t* all_seen, const TokenBias* all_biases, const uint32_t* all_allowed,
                  const uint32_t* bits, int32_t first)
       : logits(all_logits + draw.row * int64_t(vocab_size)),
         vocab(vocab_size),
         penalised(draw.seen_count > 0 && (draw.repetition_penalty != 1.0f || draw.presence_penalty != 0.0f ||
                                           draw.frequency_penalty != 0.0f)),
-        seen_bits(bits),
+        touched(penalised || draw.bias_count > 0),
+        touched_bits(bits),
         bits_first(first),
         counts(generated_counts + 2 * draw.counts_begin),
         count_pairs(draw.counts_count),
+        seen(all_seen + draw.seen_begin),
+        seen_count(draw.seen_count),
+        biases(all_biases + draw.bias_begin),
+        bias_count(draw.bias_count),
+        allowed(draw.allowed_begin >= 0 ? all_allowed + draw.allowed_begin : nullptr),
         repetition(draw.repetition_penalty),
         frequency(draw.frequency_penalty),
         presence(draw.presence_penalty) {}
 
   __device__ float raw(int32_t id) const { return logits[id]; }
 
-  // As apply_penalties in src/sampler.cpp: repetition over the seen ids, then frequency and
-  // presence over the generated ones (a subset of the seen). `id` must lie in the bitmap's range.
+  // As process() in src/sampler.cpp: the bias, then repetition over the seen ids, frequency and
+  // presence over the generated ones (a subset of the seen), then the mask. `id` must lie in the
+  // bitmap's range.
   __device__ float penalised_logit(int32_t id) const { return penalised_logit(id, logits[id]); }
   __device__ float penalised_logit(int32_t id, float logit) const {
-    if (!penalised || ((seen_bits[(id - bits_first) >> 5] >> (id & 31)) & 1u) == 0) return logit;
+    if (allowed != nullptr && ((allowed[id >> 5] >> (id & 31)) & 1u) == 0) return -__int_as_float(0x7F800000);
+    if (!touched || ((touched_bits[(id - bits_first) >> 5] >> (id & 31)) & 1u) == 0) return logit;
+    if (bias_count > 0) {
+      int64_t lo = 0, hi = bias_count;
+      while (lo < hi) {
+        const int64_t mid = (lo + hi) / 2;
+        if (biases[mid].id < id) lo = mid + 1; else hi = mid;
+      }
+      if (lo < bias_count && biases[lo].id == id) logit = __fadd_rn(logit, biases[lo].bias);
+      if (!penalised || !contains(seen, seen_count, id)) return logit;  // the bit was the bias's
+    }
     if (repetition != 1.0f) logit = logit > 0 ? __fdiv_rn(logit, repetition) : __fmul_rn(logit, repetition);
     int64_t lo = 0, hi = count_pairs;
     while (lo < hi) {
@@ -194,6 +220,15 @@ struct Row {
     if (lo < count_pairs && counts[2 * lo] == id)
       logit = __fsub_rn(logit, __fadd_rn(__fmul_rn(frequency, float(counts[2 * lo + 1])), presence));
     return logit;
+  }
+
+  __device__ static bool contains(const int32_t* ids, int64_t n, int32_t id) {
+    int64_t lo = 0, hi = n;
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      if (ids[mid] < id) lo = mid + 1; else hi = mid;
+    }
+    return lo < n && ids[lo] == id;
   }
 };
 
@@ -438,16 +473,21 @@ __device__ int64_t lower_bound(const int32_t* ids, int64_t n, int32_t id) {
   return lo;
 }
 
-// The seen ids of [first, first + kChunk) in `seen_bits` (one bit per id, from `first`), for a
-// penalised draw. All the scan-sized block's threads must call it.
-__device__ void mark_seen_in_chunk(const DeviceDraw& draw, const int32_t* all_seen, int32_t first, int32_t end,
-                                   uint32_t* seen_bits) {
-  for (int word = int(threadIdx.x); word < kChunk / 32; word += kScanThreads) seen_bits[word] = 0;
+// The seen ids (of a penalised draw) and the biased ids of [first, end) in `bits` (one bit per id,
+// from `first`, kChunk of them at most). All the block's Threads threads must call it.
+template <int Threads>
+__device__ void mark_touched(const Row& row, int32_t first, int32_t end, uint32_t* bits) {
+  for (int word = int(threadIdx.x); word < (end - first + 31) / 32; word += Threads) bits[word] = 0;
   __syncthreads();
-  const int32_t* seen = all_seen + draw.seen_begin;
-  const int64_t last = lower_bound(seen, draw.seen_count, end);
-  for (int64_t i = lower_bound(seen, draw.seen_count, first) + threadIdx.x; i < last; i += kScanThreads)
-    atomicOr(&seen_bits[(seen[i] - first) >> 5], 1u << (seen[i] & 31));
+  if (row.penalised) {
+    const int64_t last = lower_bound(row.seen, row.seen_count, end);
+    for (int64_t i = lower_bound(row.seen, row.seen_count, first) + threadIdx.x; i < last; i += Threads)
+      atomicOr(&bits[(row.seen[i] - first) >> 5], 1u << (row.seen[i] & 31));
+  }
+  for (int64_t i = threadIdx.x; i < row.bias_count; i += Threads) {
+    const int32_t id = row.biases[i].id;
+    if (id >= first && id < end) atomicOr(&bits[(id - first) >> 5], 1u << (id & 31));
+  }
   __syncthreads();
 }
 
@@ -484,6 +524,12 @@ struct ChunkedRows {
   const DeviceDraw* draws;
   const int32_t* seen;
   const int32_t* generated_counts;
+  const TokenBias* biases;
+  const uint32_t* allowed;
+
+  __device__ Row row(const DeviceDraw& draw, const uint32_t* bits, int32_t first) const {
+    return Row(logits, vocab, draw, generated_counts, seen, biases, allowed, bits, first);
+  }
 };
 
 struct ScanParams : ChunkedRows {
@@ -493,14 +539,14 @@ struct ScanParams : ChunkedRows {
 
 // Block (draw, chunk) over ids [chunk * kChunk, + kChunk): one read of each logit.
 __global__ void __launch_bounds__(kScanThreads) scan_kernel(ScanParams p) {
-  __shared__ uint32_t seen_bits[kChunk / 32];
+  __shared__ uint32_t touched_bits[kChunk / 32];
   const int64_t d = blockIdx.x / p.chunks;
   const int32_t chunk = int32_t(blockIdx.x % p.chunks);
   const DeviceDraw draw = p.draws[d];
   const int32_t first = chunk * kChunk;
   const int32_t end = first + kChunk < p.vocab ? first + kChunk : p.vocab;
-  const Row row(p.logits, p.vocab, draw, p.generated_counts, seen_bits, first);
-  if (row.penalised) mark_seen_in_chunk(draw, p.seen, first, end, seen_bits);  // the same for the whole block
+  const Row row = p.row(draw, touched_bits, first);
+  if (row.touched) mark_touched<kScanThreads>(row, first, end, touched_bits);  // the same for the whole block
 
   float logits[kScanIdsPerThread];
   uint32_t nan = 0;
@@ -572,8 +618,10 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(CombineParams p) {
     // checked_max's order: NaN, then all -inf, then +inf.
     const float raw_max = __int_as_float(ordered_bits(max_ordered));
     const float infinity = __int_as_float(0x7F800000);
+    // Then a mask (and penalties) that leave no finite logit.
     const int32_t status = nan ? kDrawNan : raw_max == -infinity ? kDrawAllMasked
                                           : raw_max == infinity   ? kDrawPositiveInf
+                                          : logit_of(best) == -infinity ? kDrawNothingAllowed
                                                                   : kDrawOk;
     double exp_sum = 0.0;  // rescaled from each chunk's maximum to the row's
     for (int32_t c = lane(); c < p.chunks && status == kDrawOk; c += 32) {
@@ -617,16 +665,15 @@ struct WeighParams : ChunkedRows {
 // exp((penalised logit - penalised maximum) / temperature), the bits src/sampler.cpp computes,
 // summed with and without the near-top floor.
 __global__ void __launch_bounds__(kScanThreads) weigh_kernel(WeighParams p) {
-  __shared__ uint32_t seen_bits[kChunk / 32];
+  __shared__ uint32_t touched_bits[kChunk / 32];
   const int64_t d = blockIdx.x / p.chunks;
   const int32_t chunk = int32_t(blockIdx.x % p.chunks);
   const DeviceDraw draw = p.draws[d];
   if (draw.temperature == 0.0f || p.results[d].status != kDrawOk) return;  // the whole block
   const int32_t first = chunk * kChunk;
   const int32_t end = first + kChunk < p.vocab ? first + kChunk : p.vocab;
-  const Weighted weighted{Row(p.logits, p.vocab, draw, p.generated_counts, seen_bits, first),
-                          logit_of(p.summaries[d].best), draw.temperature};
-  if (weighted.row.penalised) mark_seen_in_chunk(draw, p.seen, first, end, seen_bits);
+  const Weighted weighted{p.row(draw, touched_bits, first), logit_of(p.summaries[d].best), draw.temperature};
+  if (weighted.row.touched) mark_touched<kScanThreads>(weighted.row, first, end, touched_bits);
   double mass = 0.0, near_mass = 0.0;
   int32_t near_count = 0;
 #pragma unroll
@@ -687,6 +734,8 @@ struct SelectParams {
   const uint64_t* tops;  // [draws, chunks, kMaxTopLogprobs]
   const int32_t* seen;
   const int32_t* generated_counts;
+  const TokenBias* biases;
+  const uint32_t* allowed;
   const RowSummary* summaries;
   const ChunkWeights* weights;  // [draws, chunks]
   int32_t chunks;
@@ -700,19 +749,12 @@ struct SelectParams {
 // chunks: `chunk_tops`, their best ranks when the draw asks for alternatives; `chunk_weights`,
 // their weights when the draw is random.
 __device__ void select_token(const SelectParams& p, const DeviceDraw& draw, const RowSummary& summary,
-                             const uint64_t* chunk_tops, const ChunkWeights* chunk_weights, uint32_t* seen_bits,
+                             const uint64_t* chunk_tops, const ChunkWeights* chunk_weights, uint32_t* touched_bits,
                              int32_t* buffer, DrawResult& result) {
   const int32_t vocab = p.vocab;
-  const Row row(p.logits, vocab, draw, p.generated_counts, seen_bits, 0);
-  if (row.penalised && draw.temperature != 0.0f) {  // a greedy draw's token is the combine's argmax
-    for (int32_t word = int32_t(threadIdx.x); word < (vocab + 31) / 32; word += kThreads) seen_bits[word] = 0;
-    __syncthreads();
-    for (int64_t i = threadIdx.x; i < draw.seen_count; i += kThreads) {
-      const int32_t id = p.seen[draw.seen_begin + i];
-      atomicOr(&seen_bits[id >> 5], 1u << (id & 31));
-    }
-    __syncthreads();
-  }
+  const Row row(p.logits, vocab, draw, p.generated_counts, p.seen, p.biases, p.allowed, touched_bits, 0);
+  // A greedy draw's token is the combine's argmax.
+  if (row.touched && draw.temperature != 0.0f) mark_touched<kThreads>(row, 0, vocab, touched_bits);
   const double log_norm = summary.log_norm;
 
   // The best finite raw logits: a merge of the chunks' lists, a thread on each list's head.
@@ -766,14 +808,14 @@ __device__ void select_token(const SelectParams& p, const DeviceDraw& draw, cons
 }
 
 __global__ void __launch_bounds__(kThreads) select_kernel(SelectParams p) {
-  extern __shared__ uint32_t seen_bits[];
+  extern __shared__ uint32_t touched_bits[];
   int32_t* buffer = p.buffers + int64_t(blockIdx.x) * p.vocab;
   for (int32_t i = int32_t(blockIdx.x); i < *p.selection_count; i += int32_t(gridDim.x)) {
     __syncthreads();  // the previous draw is done with the shared arrays
     const int32_t d = p.selection_draws[i];
     const DeviceDraw draw = p.draws[d];
     select_token(p, draw, p.summaries[d], p.tops + int64_t(d) * p.chunks * kMaxTopLogprobs,
-                 p.weights + int64_t(d) * p.chunks, seen_bits, buffer, p.results[d]);
+                 p.weights + int64_t(d) * p.chunks, touched_bits, buffer, p.results[d]);
   }
 }
 
@@ -794,6 +836,7 @@ const char* draw_status_message(int32_t status) {
     case kDrawNan: return "logits contain NaN";
     case kDrawAllMasked: return "logits are all -inf";
     case kDrawPositiveInf: return "logits contain +inf";
+    case kDrawNothingAllowed: return kNothingAllowed;
     default: fail("sample: the device returned unknown status {}", status);
   }
 }
@@ -825,7 +868,8 @@ void sample(const SampleArgs& args, DeviceScratch& scratch, Device& device, cuda
   });
   const int32_t vocab = int32_t(args.vocab);
 
-  const ChunkedRows rows{args.logits, vocab, chunks, args.device_draws, args.seen, args.generated_counts};
+  const ChunkedRows rows{args.logits, vocab, chunks, args.device_draws, args.seen, args.generated_counts, args.biases,
+                         args.allowed};
   const ScanParams scan{rows, work.partials, work.tops};
   scan_kernel<<<int(chunk_count), kScanThreads, 0, stream>>>(scan);
   M1_CUDA_CHECK_LAUNCH();
@@ -840,8 +884,8 @@ void sample(const SampleArgs& args, DeviceScratch& scratch, Device& device, cuda
   }
   if (blocks == 0) return;
   const SelectParams select{args.logits, vocab, args.device_draws, work.tops, args.seen, args.generated_counts,
-                            work.summaries, work.weights, chunks, work.selection, work.selection + 1, args.results,
-                            work.buffers};
+                            args.biases, args.allowed, work.summaries, work.weights, chunks, work.selection,
+                            work.selection + 1, args.results, work.buffers};
   const size_t shared_bytes = size_t(ceil_div(args.vocab, 32)) * sizeof(uint32_t);
   device.allow_shared_memory<select_kernel>(shared_bytes);
   select_kernel<<<blocks, kThreads, shared_bytes, stream>>>(select);

@@ -1,7 +1,8 @@
 #pragma once
-// Token sampling on the GPU, the device twin of m1::sample_row (src/sampler.cpp): penalties,
-// temperature, top-k, top-p, min-p and the inverse-CDF draw, plus the raw log-probabilities the
-// API reports, so only token ids and a few numbers per draw cross to the host.
+// Token sampling on the GPU, the device twin of m1::sample_row (src/sampler.cpp): logit biases,
+// penalties, the allowed-token mask of a grammar, temperature, top-k, top-p, min-p and the
+// inverse-CDF draw, plus the raw log-probabilities the API reports, so only token ids and a few
+// numbers per draw cross to the host.
 
 #include <cstdint>
 #include <span>
@@ -31,9 +32,13 @@ struct DeviceDraw {
   // (the host checks).
   int64_t seen_begin = 0, seen_count = 0;
   int64_t counts_begin = 0, counts_count = 0;
+  // The draw's biases [bias_begin, bias_begin + bias_count) of SampleArgs::biases, sorted by id.
+  int64_t bias_begin = 0, bias_count = 0;
+  // Where its mask starts in SampleArgs::allowed (ceil(vocab / 32) words), or -1 for none.
+  int64_t allowed_begin = -1;
 };
 
-enum DrawStatus : int32_t { kDrawOk = 0, kDrawNan = 1, kDrawAllMasked = 2, kDrawPositiveInf = 3 };
+enum DrawStatus : int32_t { kDrawOk = 0, kDrawNan = 1, kDrawAllMasked = 2, kDrawPositiveInf = 3, kDrawNothingAllowed = 4 };
 
 // The error a draw with a failed status reports, in m1::sample_row's words.
 const char* draw_status_message(int32_t status);
@@ -54,6 +59,8 @@ struct SampleArgs {
   const DeviceDraw* device_draws = nullptr;      // the same in device memory
   const int32_t* seen = nullptr;                 // device: every draw's sorted unique seen ids
   const int32_t* generated_counts = nullptr;     // device: every draw's sorted (id, count) pairs, interleaved
+  const TokenBias* biases = nullptr;             // device: every draw's biases
+  const uint32_t* allowed = nullptr;             // device: every masked draw's allowed-token words
   DrawResult* results = nullptr;                 // device: one per draw
 };
 

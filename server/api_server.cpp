@@ -10,6 +10,7 @@
 
 #include "completion_output.h"
 #include "json_body.h"
+#include "m1/content_hash.h"
 #include "m1/error.h"
 #include "openai_json.h"
 #include "sse_stream.h"
@@ -60,6 +61,15 @@ GenerationEvent next_event(RequestStream& stream) {
     if (auto event = stream.next(std::chrono::seconds(1))) return std::move(*event);
 }
 
+// The identity of the API key in cache scopes: a hash, so that the key itself is not written into
+// cache files. With several keys, each request's would be that of the key it presented.
+std::string key_identity(const std::string& api_key) {
+  if (api_key.empty()) return {};
+  ContentHash h;
+  h.update(api_key);
+  return fmt::format("{:016x}", h.value());
+}
+
 }  // namespace
 
 const std::vector<ApiServer::Route> ApiServer::kRoutes = {
@@ -72,7 +82,8 @@ const std::vector<ApiServer::Route> ApiServer::kRoutes = {
     {"POST", "/detokenize", &ApiServer::detokenize, true},
 };
 
-ApiServer::ApiServer(HttpOptions options) : options_(std::move(options)), started_at_(unix_seconds()) {
+ApiServer::ApiServer(HttpOptions options)
+    : options_(std::move(options)), started_at_(unix_seconds()), key_identity_(key_identity(options_.api_key)) {
   http_.new_task_queue = [threads = options_.threads] { return new httplib::ThreadPool(threads); };
   http_.set_socket_options([this](socket_t socket) { prepare_listening_socket(socket); });
   http_.set_payload_max_length(options_.max_body_bytes);
@@ -234,6 +245,7 @@ void ApiServer::answer_completion(const httplib::Request& request, httplib::Resp
   const ordered_json body = parse_json_body(request.body);
   CompletionJob job = kind == ApiKind::kChat ? parse_chat_request(body, model.served())
                                              : parse_completion_request(body, model.served());
+  job.generation.cache_scope = cache_scope(key_identity_, job.cache_salt);
   ResponseMeta meta{new_response_id(kind), unix_seconds(), model.served().name};
   if (job.stream)
     answer_stream(response, model, std::move(job), std::move(meta));

@@ -82,6 +82,7 @@ class ApiServer {
   ResponseCounter responses_;
   int64_t started_at_;  // Unix seconds: the served model's `created`
   socket_t listening_socket_ = INVALID_SOCKET;
+  std::string key_identity_;  // of the API key, for cache scopes: empty without one
 };
 
 }  // namespace m1::server

@@ -37,6 +37,7 @@ bool ResponseCollector::add(const GenerationEvent& event) {
   if (event.kind == Kind::kDone) {
     prompt_tokens_ = event.prompt_tokens;
     completion_tokens_ = event.completion_tokens;
+    cached_tokens_ = event.cached_tokens;
     return true;
   }
   check_finish(event);
@@ -55,7 +56,7 @@ ordered_json ResponseCollector::response() const {
                                               : completion_choice_json(int(i), whole.content, std::move(logprobs), finish));
   }
   ordered_json response = response_json(kind_, false, meta_, std::move(choices));
-  response["usage"] = usage_json(prompt_tokens_, completion_tokens_);
+  response["usage"] = usage_json(prompt_tokens_, completion_tokens_, cached_tokens_);
   return response;
 }
 
@@ -78,7 +79,7 @@ std::vector<ordered_json> ChunkStreamer::on_event(const GenerationEvent& event) 
   if (event.kind == Kind::kDone) {
     if (!include_usage_) return chunks;
     ordered_json last = response_json(kind_, true, meta_, ordered_json::array());
-    last["usage"] = usage_json(event.prompt_tokens, event.completion_tokens);
+    last["usage"] = usage_json(event.prompt_tokens, event.completion_tokens, event.cached_tokens);
     chunks.push_back(std::move(last));
     return chunks;
   }

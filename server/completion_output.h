@@ -31,7 +31,7 @@ class ResponseCollector {
   const Tokenizer& tokenizer_;
   ResponseMeta meta_;
   std::vector<Choice> choices_;
-  int64_t prompt_tokens_ = 0, completion_tokens_ = 0;
+  int64_t prompt_tokens_ = 0, completion_tokens_ = 0, cached_tokens_ = 0;
 };
 
 class ChunkStreamer {

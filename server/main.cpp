@@ -32,10 +32,14 @@ struct Options {
   int port = 8080;
   double max_body_mb = 8;
   double max_state_mb = 0;
+  double cache_mb = 4096, cache_dir_mb = 16384;
   double shutdown_grace_s = 5;
   size_t http_threads = 0;
   std::string precision = "fast";
   m1::ParallelFlags parallel;
+  std::string quantize;
+  int64_t group_size = 0;
+  bool quantize_lm_head = false;
 };
 
 // Lifecycle lines go to stderr in a fixed form: scripts and tests read them.
@@ -136,6 +140,12 @@ int main(int argc, char** argv) {
   app.add_option("--step-tokens", engine.step_tokens, "New tokens per forward step (decode tokens + prefill chunks)")->capture_default_str()->check(CLI::PositiveNumber);
   app.add_option("--max-queue", engine.max_queue, "Requests waiting for a place before new ones get 503")->capture_default_str()->check(CLI::PositiveNumber);
   app.add_option("--max-state-mb", o.max_state_mb, "MiB of sequence state (KV caches, lightning states) admitted requests may hold at their largest; more wait in the queue (0: no limit)")->capture_default_str()->check(CLI::NonNegativeNumber);
+  m1::PrefixCacheOptions& cache = engine.cache;
+  app.add_option("--cache-mb", o.cache_mb, "MiB of memory for prefix-cache snapshots (prompt states later requests resume from); 0 turns the cache off")->capture_default_str()->check(CLI::NonNegativeNumber);
+  app.add_option("--cache-every", cache.every, "Also snapshot every N tokens of a long prompt (0: only near its end)")->capture_default_str()->check(CLI::NonNegativeNumber);
+  app.add_option("--cache-dir", cache.dir, "Also keep snapshots of long prefixes as files in DIR, found again after a restart");
+  app.add_option("--cache-dir-mb", o.cache_dir_mb, "MiB of snapshot files in --cache-dir")->capture_default_str()->check(CLI::PositiveNumber);
+  app.add_option("--cache-min-tokens", cache.min_disk_tokens, "Only prefixes of at least N tokens go to --cache-dir")->capture_default_str()->check(CLI::PositiveNumber);
   app.add_option("--threads", o.model.backend.threads, "CPU compute threads (0: one per core)")->capture_default_str()->check(CLI::NonNegativeNumber);
   app.add_option("--device", o.model.backend.device, "cpu or cuda (a build with the CUDA backend and a GPU)")->capture_default_str();
   m1::add_parallel_flags(app, o.model.backend, o.parallel);
@@ -143,6 +153,9 @@ int main(int argc, char** argv) {
   app.add_option("--http-threads", o.http_threads, "Connections served at once (0: max(64, 4 x max-batch))")->capture_default_str();
   app.add_option("--max-body-mb", o.max_body_mb, "Largest request body in MiB")->capture_default_str()->check(CLI::PositiveNumber);
   app.add_option("--shutdown-grace", o.shutdown_grace_s, "Seconds in-flight requests get to finish at shutdown")->capture_default_str()->check(CLI::NonNegativeNumber);
+  app.add_option("--quantize", o.quantize, "Quantize weights while loading: int8 (a scale per row) or int4 (a scale per group)");
+  app.add_option("--group-size", o.group_size, "--quantize int4: inputs per scale, a multiple of 32 (default 32)");
+  app.add_flag("--quantize-lm-head", o.quantize_lm_head, "--quantize the LM head too (kept in its stored type by default)");
   CLI11_PARSE(app, argc, argv);
 
   spdlog::set_default_logger(spdlog::stderr_color_mt("m1-serve"));  // stdout stays free for tools
@@ -151,9 +164,14 @@ int main(int argc, char** argv) {
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
   try {
     o.model.backend.precision = m1::parse_precision(o.precision);
-    o.parallel.apply(o.model.backend, o.model.shard);
+    o.model.load = m1::parse_load_options(o.quantize, o.group_size, o.quantize_lm_head, o.model.backend.threads);
+    o.parallel.apply(o.model.backend, o.model.load.shard);
     o.http.max_body_bytes = size_t(o.max_body_mb * 1024 * 1024);
     engine.max_state_bytes = int64_t(o.max_state_mb * 1024 * 1024);
+    cache.max_bytes = int64_t(o.cache_mb * 1024 * 1024);
+    cache.dir_max_bytes = int64_t(o.cache_dir_mb * 1024 * 1024);
+    if (!cache.dir.empty() && cache.max_bytes == 0)
+      m1::fail("--cache-dir needs the prefix cache: --cache-mb 0 turns it off");
     o.http.threads = o.http_threads > 0 ? o.http_threads : size_t(std::max<int64_t>(64, 4 * engine.max_batch));
     return serve(o);
   } catch (const std::exception& error) {

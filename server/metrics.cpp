@@ -52,6 +52,21 @@ std::string prometheus_text(const std::map<int, int64_t>& responses_by_status, c
                                        {"failed", engine.requests_failed}})
     out += fmt::format("m1_engine_requests_total{{outcome=\"{}\"}} {}\n", outcome, count);
 
+  const PrefixCacheStats& c = engine.cache;
+  single(out, "m1_prefix_cache_hits_total", "counter", "Requests that resumed from a cached prefix of their prompt.", c.hits);
+  single(out, "m1_prefix_cache_misses_total", "counter", "Requests that found no cached prefix of their prompt.", c.misses);
+  single(out, "m1_prefix_cache_hit_tokens_total", "counter", "Prompt tokens resumed from the cache instead of prefilled.",
+         c.hit_tokens);
+  single(out, "m1_prefix_cache_snapshots", "gauge", "Snapshots held in memory.", c.snapshots);
+  single(out, "m1_prefix_cache_bytes", "gauge", "Bytes of snapshots held in memory (shared KV rows counted once).", c.bytes);
+  single(out, "m1_prefix_cache_evictions_total", "counter", "Snapshots dropped from memory for the budget.", c.evictions);
+  single(out, "m1_prefix_cache_disk_hits_total", "counter", "Cache hits read from a snapshot file.", c.disk_hits);
+  single(out, "m1_prefix_cache_disk_files", "gauge", "Snapshot files in the cache directory.", c.disk_files);
+  single(out, "m1_prefix_cache_disk_bytes", "gauge", "Bytes of snapshot files in the cache directory.", c.disk_bytes);
+  single(out, "m1_prefix_cache_disk_writes_total", "counter", "Snapshot files written.", c.disk_writes);
+  single(out, "m1_prefix_cache_disk_rejected_total", "counter",
+         "Snapshot files deleted as damaged or made for another model, backend or precision.", c.disk_rejected);
+
   histogram(out, "m1_time_to_first_token_seconds", "Time from arrival to the first generated token.",
             engine.time_to_first_token);
   histogram(out, "m1_inter_token_latency_seconds", "Time between consecutive tokens of a sequence.",

@@ -18,7 +18,7 @@ struct ModelOptions {
   std::filesystem::path dir;
   std::string served_name;  // empty: the directory's name
   BackendOptions backend;
-  ShardOptions shard;
+  LoadOptions load;  // quantization at load, and the MoE split of a tensor-parallel group
   EngineOptions engine;
 };
 

@@ -28,7 +28,9 @@ std::string new_response_id(ApiKind kind);
 // Serializes for the wire; invalid UTF-8 is replaced rather than thrown on.
 std::string dump_json(const ordered_json& value);
 
-ordered_json usage_json(int64_t prompt_tokens, int64_t completion_tokens);
+// OpenAI's usage object; prompt_tokens_details.cached_tokens counts the prompt tokens resumed from
+// the prefix cache instead of prefilled.
+ordered_json usage_json(int64_t prompt_tokens, int64_t completion_tokens, int64_t cached_tokens);
 
 // Chat format: {"content": [{"token", "logprob", "bytes", "top_logprobs"}, ...]}.
 ordered_json chat_logprobs_json(std::span<const ReportedToken> tokens, const Tokenizer& tokenizer);

@@ -10,12 +10,14 @@
 #include "json_fields.h"
 #include "m1/error.h"
 #include "m1/sampler.h"
+#include "output_constraints.h"
 
 namespace m1::server {
 namespace {
 
 constexpr size_t kMaxStopStrings = 16;
 constexpr int kMaxTopLogprobs = 20;
+constexpr size_t kMaxCacheSaltBytes = 1024;
 constexpr const char* kToolBlockOpening = "<tool_calls>\n";  // how the model starts its calls
 
 struct ChatInput {
@@ -58,6 +60,8 @@ ChatInput parse_chat_input(const ordered_json& body) {
 struct ToolChoice {
   bool parse_calls = false;
   std::vector<ChatPiece> forced;  // appended to the prompt after the generation prompt
+  ToolMode mode = ToolMode::kNone;
+  std::string name;  // kNamed
 };
 
 ToolChoice named_tool_choice(const ordered_json& choice, const std::vector<ordered_json>& tools) {
@@ -73,19 +77,23 @@ ToolChoice named_tool_choice(const ordered_json& choice, const std::vector<order
   if (!known)
     throw invalid_request(fmt::format("tool_choice: no tool named '{}' in tools", name.value_or("")), "tool_choice");
   // The call's opening up to its arguments; the name came from the client, so it is untrusted.
-  return {true, {{kToolBlockOpening, true}, {"{\"name\": " + python_json_dumps(*name) + ", \"arguments\": ", false}}};
+  return {true,
+          {{kToolBlockOpening, true}, {"{\"name\": " + python_json_dumps(*name) + ", \"arguments\": ", false}},
+          ToolMode::kNamed,
+          *name};
 }
 
 ToolChoice parse_tool_choice(const ordered_json& body, const std::vector<ordered_json>& tools) {
   const ordered_json* choice = find_field(body, "tool_choice");
-  if (choice == nullptr) return {!tools.empty(), {}};
+  const ToolMode automatic = tools.empty() ? ToolMode::kNone : ToolMode::kAuto;
+  if (choice == nullptr) return {!tools.empty(), {}, automatic, {}};
   if (!choice->is_string()) return named_tool_choice(*choice, tools);
   const std::string& mode = choice->get_ref<const std::string&>();
-  if (mode == "none") return {false, {}};
-  if (mode == "auto") return {!tools.empty(), {}};
+  if (mode == "none") return {false, {}, ToolMode::kNone, {}};
+  if (mode == "auto") return {!tools.empty(), {}, automatic, {}};
   if (mode != "required") throw invalid_request(fmt::format("tool_choice: unknown value '{}'", mode), "tool_choice");
   if (tools.empty()) throw invalid_request("tool_choice: 'required' needs tools", "tool_choice");
-  return {true, {{kToolBlockOpening, true}}};
+  return {true, {{kToolBlockOpening, true}}, ToolMode::kRequired, {}};
 }
 
 void read_float(const ordered_json& body, const std::string& name, float& target) {
@@ -182,20 +190,20 @@ void parse_completion_logprobs(const ordered_json& body, CompletionJob& job) {
   job.generation.sampling.top_logprobs = int(*top);
 }
 
-void refuse_unsupported_output_controls(const ordered_json& body) {
-  if (const ordered_json* format = find_field(body, "response_format")) {
-    if (!format->is_object()) throw invalid_request("response_format: must be an object", "response_format");
-    if (string_field(*format, "type").value_or("text") != "text")
-      throw invalid_request(R"(response_format: only {"type": "text"} is supported)", "response_format");
-  }
-  if (const ordered_json* bias = find_field(body, "logit_bias"); bias != nullptr && !bias->empty())
-    throw invalid_request("logit_bias: not supported", "logit_bias");
-}
-
 void refuse_unsupported_completion_options(const ordered_json& body) {
   if (bool_field(body, "echo").value_or(false)) throw invalid_request("echo: not supported", "echo");
   if (!string_field(body, "suffix").value_or("").empty()) throw invalid_request("suffix: not supported", "suffix");
   if (integer_field(body, "best_of").value_or(1) != 1) throw invalid_request("best_of: only 1 is supported", "best_of");
+}
+
+std::optional<std::string> parse_cache_salt(const ordered_json& body) {
+  const ordered_json* salt = find_field(body, "cache_salt");
+  if (salt == nullptr) return std::nullopt;
+  if (!salt->is_string() || salt->get_ref<const std::string&>().empty())
+    throw invalid_request("cache_salt: must be a non-empty string", "cache_salt");
+  if (salt->get_ref<const std::string&>().size() > kMaxCacheSaltBytes)
+    throw invalid_request(fmt::format("cache_salt: at most {} bytes", kMaxCacheSaltBytes), "cache_salt");
+  return salt->get<std::string>();
 }
 
 // Settings shared by both endpoints, once the prompt is known.
@@ -209,7 +217,8 @@ CompletionJob common_job(const ordered_json& body, const ServedModel& model, std
   job.generation.end_tokens = {model.end_of_turn};
   job.generation.n = parse_n(body, model.max_choices);
   parse_stream(body, job);
-  refuse_unsupported_output_controls(body);
+  job.generation.logit_bias = parse_logit_bias(body);
+  job.cache_salt = parse_cache_salt(body);
   return job;
 }
 
@@ -238,6 +247,11 @@ std::vector<int32_t> completion_prompt(const ordered_json& body, const Tokenizer
 }
 
 }  // namespace
+
+// The key's identity has a fixed length, so no salt can make one scope look like another.
+std::string cache_scope(std::string_view key_identity, const std::optional<std::string>& salt) {
+  return salt ? fmt::format("{}/{}", key_identity, *salt) : std::string(key_identity);
+}
 
 void check_model(const ordered_json& body, const ServedModel& model) {
   const auto name = string_field(body, "model");
@@ -275,6 +289,8 @@ CompletionJob parse_chat_request(const ordered_json& body, const ServedModel& mo
   job.forced_output = join_pieces(tools.forced);
   parse_chat_logprobs(body, job);
   validate_sampling(job.generation.sampling);
+  job.generation.grammar = output_grammar(body, {.chat = true, .tools = &input.tools, .tool_mode = tools.mode,
+                                                 .named_tool = tools.name});
   return job;
 }
 
@@ -288,6 +304,7 @@ CompletionJob parse_completion_request(const ordered_json& body, const ServedMod
   job.kind = ApiKind::kCompletion;
   parse_completion_logprobs(body, job);
   validate_sampling(job.generation.sampling);
+  job.generation.grammar = output_grammar(body, {});
   return job;
 }
 

@@ -3,7 +3,9 @@
 // validates every field, renders and tokenizes the prompt, and keeps what the response needs.
 
 #include <cstdint>
+#include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -36,6 +38,8 @@ struct CompletionJob {
   // model's mouth (tool_choice forcing), which the output parser reads before the model's own.
   ChatOutputOptions output;
   std::string forced_output;
+  // vLLM's cache_salt: requests with different salts never share cached prompt states.
+  std::optional<std::string> cache_salt;
 };
 
 // Both throw ApiError: 400 for an invalid request, 404 for a `model` other than the served one.
@@ -48,6 +52,11 @@ std::vector<ChatPiece> chat_prompt(const nlohmann::ordered_json& body, bool add_
 // The ids of a JSON array of token ids; throws a 400 naming `param` for anything else.
 std::vector<int32_t> parse_token_ids(const nlohmann::ordered_json& ids, const Tokenizer& tokenizer,
                                      const std::string& param);
+
+// The prefix-cache scope of a request (GenerationRequest::cache_scope): requests share cached
+// prompt states only when they come with the same API key (`key_identity`, empty without keys)
+// and the same cache_salt, or both without one.
+std::string cache_scope(std::string_view key_identity, const std::optional<std::string>& salt);
 
 // Throws a 404 when the body names a model other than the served one; no `model` is accepted.
 void check_model(const nlohmann::ordered_json& body, const ServedModel& model);

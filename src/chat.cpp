@@ -1,5 +1,6 @@
 #include "m1/chat.h"
 
+#include <algorithm>
 #include <array>
 #include <charconv>
 #include <cmath>
@@ -429,13 +430,19 @@ std::string join_pieces(const std::vector<ChatPiece>& pieces) {
 }
 
 std::vector<int32_t> encode_chat(const Tokenizer& tokenizer, const std::vector<ChatPiece>& pieces) {
-  std::vector<int32_t> ids;
+  // The whole text at once, as the reference tokenizes the rendered template; a special token
+  // only where its text lies within one trusted piece.
+  std::string text;
+  std::vector<std::pair<size_t, size_t>> trusted;  // [begin, end) of each trusted piece
   for (const ChatPiece& piece : pieces) {
-    const std::vector<int32_t> piece_ids =
-        tokenizer.encode(piece.text, piece.trusted ? AddedTokens::kMatch : AddedTokens::kLiteral);
-    ids.insert(ids.end(), piece_ids.begin(), piece_ids.end());
+    if (piece.trusted) trusted.emplace_back(text.size(), text.size() + piece.text.size());
+    text += piece.text;
   }
-  return ids;
+  return tokenizer.encode(text, [&](int32_t id, size_t begin, size_t end) {
+    if (!tokenizer.is_special(id)) return true;
+    return std::any_of(trusted.begin(), trusted.end(),
+                       [&](const auto& range) { return range.first <= begin && end <= range.second; });
+  });
 }
 
 }  // namespace m1

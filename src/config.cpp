@@ -175,6 +175,8 @@ ModelConfig parse_config(const json& j, const std::string& source) {
   read_dimensions(r, c);
   c.attn_type_list = read_attn_types(r, c.num_hidden_layers);
   read_arithmetic(r, c);
+  if (j.contains("quantization_config") && !j["quantization_config"].is_null())
+    c.quantization = parse_quantization_config(j["quantization_config"], source);
   return c;
 }
 
@@ -221,6 +223,7 @@ nlohmann::ordered_json config_to_json(const ModelConfig& c) {
   j["bos_token_id"] = nullptr;
   j["eos_token_id"] = nullptr;
   j["torch_dtype"] = "bfloat16";
+  if (c.quantization) j["quantization_config"] = quantization_config_to_json(*c.quantization);
   return j;
 }
 

@@ -6,6 +6,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include "m1/prefill.h"
 #include "m1/stop.h"
 
 namespace m1 {
@@ -44,10 +45,12 @@ void RequestStream::push(GenerationEvent e) {
 struct Engine::Sequence {
   Sequence(std::unique_ptr<SequenceState> state, const SamplingParams& sampling, const GenerationRequest& request,
            const Tokenizer& tokenizer)
-      : state(std::move(state)), sampler(sampling, request.prompt), decoder(tokenizer), stop(request.stop) {}
+      : state(std::move(state)), sampler(sampling, request.prompt, request.logit_bias), decoder(tokenizer), stop(request.stop) {}
 
   std::unique_ptr<SequenceState> state;
   Sampler sampler;
+  std::optional<GrammarMatcher> matcher;  // with the request's grammar
+  std::vector<uint32_t> allowed;          // the matcher's mask for the next draw
   IncrementalDecoder decoder;
   StopMatcher stop;
   int32_t last_token = -1;
@@ -64,6 +67,8 @@ struct Engine::Request {
   int64_t state_bytes = 0;     // its choices' state at their largest, reserved while admitted
   std::unique_ptr<SequenceState> prompt_state;
   int64_t prefilled = 0;  // prompt tokens consumed
+  int64_t cached = 0;     // ... of which the prefix cache gave
+  int64_t snapshot_at = 0;  // where the prefill stops next for a snapshot (0: nowhere)
   std::vector<Sequence> choices;  // created when the prompt is done
   int64_t generated = 0;          // over all choices
   bool admitted = false;          // holds places in the batch
@@ -88,6 +93,8 @@ Engine::Engine(Model& model, const Tokenizer& tokenizer, EngineOptions options)
     fail("max_state_bytes must be 0 (no limit) or more, got {}", options_.max_state_bytes);
   max_context_ = options_.max_context > 0 ? options_.max_context : model_max;
   state_cost_ = measure_state_cost(model);
+  prefill_alignment_ = std::max<int64_t>(1, model.backend().prefill_alignment());
+  if (options_.cache.max_bytes > 0) cache_ = std::make_unique<PrefixCache>(model, options_.cache);
   if (options_.max_state_bytes > 0 && state_bytes(max_context_, 1) > options_.max_state_bytes)
     fail("max_state_bytes: {} cannot hold the state of one sequence of the whole context of {} tokens ({}); "
          "raise it or lower max_context",
@@ -117,6 +124,7 @@ std::shared_ptr<RequestStream> Engine::submit(GenerationRequest params) {
   if (params.n < 1 || params.n > options_.max_batch)
     fail("n must be between 1 and the server's batch size {}, got {}", options_.max_batch, params.n);
   validate(params.sampling);
+  check_logit_bias(params.logit_bias, model_.config().vocab_size);
   const int64_t max_new_tokens = std::min(params.max_tokens, max_context_ - prompt);
   const int64_t bytes = state_bytes(prompt + max_new_tokens, params.n);
   if (options_.max_state_bytes > 0 && bytes > options_.max_state_bytes)
@@ -143,8 +151,13 @@ std::shared_ptr<RequestStream> Engine::submit(GenerationRequest params) {
 }
 
 EngineStats Engine::stats() const {
-  std::lock_guard lock(mutex_);
-  return stats_;
+  EngineStats s;
+  {
+    std::lock_guard lock(mutex_);
+    s = stats_;
+  }
+  if (cache_) s.cache = cache_->stats();
+  return s;
 }
 
 void Engine::loop() {
@@ -219,10 +232,17 @@ std::vector<std::unique_ptr<Engine::Request>> Engine::take_admissible() {
   return admitted;
 }
 
-// The prompt's state is allocated on the loop thread; when that fails, the request fails alone.
+// The prompt's state is allocated, or resumed from the prefix cache, on the loop thread; when that
+// fails, the request fails alone.
 void Engine::start_prefill(std::unique_ptr<Request> r) {
   try {
-    r->prompt_state = model_.new_sequence();
+    if (cache_) {
+      PrefixCache::Hit hit = cache_->restore(r->params.cache_scope, r->params.prompt);
+      r->prompt_state = std::move(hit.state);
+      r->prefilled = r->cached = hit.tokens;
+      r->snapshot_at = cache_->next_snapshot(r->prefilled, int64_t(r->params.prompt.size()));
+    }
+    if (!r->prompt_state) r->prompt_state = model_.new_sequence();
   } catch (const std::exception& error) {
     fail_alone(*r, error);
     return;
@@ -246,10 +266,12 @@ void Engine::step() {
   std::vector<Slot> slots;
   plan_step(batch, slots);
   if (batch.empty() || !run_forward(batch, slots)) return;
+  keep_snapshots(slots);
   take_logits(slots);
 }
 
-// Every decoding choice gets its next token; prefills share what is left of the token budget.
+// Every decoding choice gets its next token; prefills share what is left of the token budget, in
+// chunks cut where a cut changes no sum (m1/prefill.h) and that stop at the cache's snapshot points.
 void Engine::plan_step(std::vector<BatchEntry>& batch, std::vector<Slot>& slots) {
   int64_t budget = options_.step_tokens;
   for (auto& r : running_) {
@@ -264,7 +286,12 @@ void Engine::plan_step(std::vector<BatchEntry>& batch, std::vector<Slot>& slots)
   }
   for (auto& r : running_) {
     if (!r->prefilling() || budget <= 0) continue;
-    const int64_t rest = int64_t(r->params.prompt.size()) - r->prefilled, n = std::min(rest, budget);
+    const int64_t prompt = int64_t(r->params.prompt.size());
+    const int64_t end = prefill_chunk_end(r->prefilled, prompt, budget, prefill_alignment_, r->snapshot_at);
+    const int64_t rest = prompt - r->prefilled, n = end - r->prefilled;
+    // A step's budget that reached no cut on the alignment: the sums may now differ from a cold
+    // prefill's by rounding, so this prompt leaves no more snapshots.
+    if (end < prompt && end % prefill_alignment_ != 0) r->snapshot_at = 0;
     batch.push_back({r->prompt_state.get(), std::span(r->params.prompt).subspan(size_t(r->prefilled), size_t(n)),
                      n == rest ? LogitsFor::kLast : LogitsFor::kNone});
     slots.push_back({r.get(), -1});
@@ -293,6 +320,16 @@ bool Engine::run_forward(std::span<const BatchEntry> batch, std::span<const Slot
   return true;
 }
 
+// Prefills that reached a snapshot point leave a snapshot in the prefix cache.
+void Engine::keep_snapshots(std::span<const Slot> slots) {
+  for (const Slot& s : slots) {
+    Request& r = *s.request;
+    if (s.choice >= 0 || r.ended || r.snapshot_at == 0 || r.prefilled != r.snapshot_at) continue;
+    cache_->keep(r.params.cache_scope, r.params.prompt, *r.prompt_state);
+    r.snapshot_at = cache_->next_snapshot(r.prefilled, int64_t(r.params.prompt.size()));
+  }
+}
+
 // Every slot with logits gets its tokens in one Backend::sample call: a decoding choice its next
 // token, a consumed prompt the first token of each of its choices (forked here).
 void Engine::take_logits(std::span<const Slot> slots) {
@@ -316,9 +353,23 @@ void Engine::take_logits(std::span<const Slot> slots) {
       }
       first = 0, last = r.choices.size();
     }
-    for (size_t c = first; c < last; ++c) {
-      owners.push_back({&r, c});
-      draws.push_back(r.choices[c].sampler.next_draw(logits_.first_row(i)));
+    try {
+      for (size_t c = first; c < last; ++c) {
+        Sequence& s = r.choices[c];
+        DrawRequest draw = s.sampler.next_draw(logits_.first_row(i));
+        if (s.matcher) {
+          s.matcher->fill_mask(s.allowed, r.params.end_tokens);
+          draw.allowed = s.allowed;
+        }
+        owners.push_back({&r, c});
+        draws.push_back(draw);
+      }
+    } catch (const std::exception& error) {
+      fail_alone(r, error);  // e.g. a grammar whose lexer grows past its bound
+      while (!owners.empty() && owners.back().request == &r) {
+        owners.pop_back();
+        draws.pop_back();
+      }
     }
   }
   if (draws.empty()) return;
@@ -350,8 +401,17 @@ void Engine::start_choices(Request& r) {
     SamplingParams sampling = r.params.sampling;
     sampling.seed += uint64_t(c);  // distinct but reproducible streams per choice
     auto state = c + 1 < n ? r.prompt_state->clone() : std::move(r.prompt_state);
-    r.choices.emplace_back(std::move(state), sampling, r.params, tokenizer_);
+    Sequence& s = r.choices.emplace_back(std::move(state), sampling, r.params, tokenizer_);
+    if (r.params.grammar) {
+      s.matcher.emplace(r.params.grammar, vocabulary());
+      s.allowed.resize(size_t(vocabulary()->words()));
+    }
   }
+}
+
+const std::shared_ptr<const TokenVocabulary>& Engine::vocabulary() {
+  if (!vocabulary_) vocabulary_ = std::make_shared<const TokenVocabulary>(tokenizer_, model_.config().vocab_size);
+  return vocabulary_;
 }
 
 void Engine::emit_token(Request& r, size_t choice, SampledToken token) {
@@ -375,9 +435,13 @@ void Engine::emit_token(Request& r, size_t choice, SampledToken token) {
   ++r.generated;
   const auto& ends = r.params.end_tokens;
   const bool end_of_turn = std::find(ends.begin(), ends.end(), e.token.id) != ends.end();
+  if (s.matcher && !end_of_turn && !s.matcher->accept(e.token.id))
+    fail("the output's grammar refused token {}, which its mask allowed", e.token.id);
+  // A whole output that nothing may follow ends here, without drawing the end of turn.
+  const bool complete = s.matcher && !end_of_turn && s.matcher->must_end();
   if (!end_of_turn) e.text = s.stop.push(s.decoder.push(e.token.id));
   r.stream->push(std::move(e));
-  if (end_of_turn || s.stop.stopped())
+  if (end_of_turn || s.stop.stopped() || complete)
     finish_choice(r, choice, "stop");
   else if (s.generated >= r.max_new_tokens)
     finish_choice(r, choice, "length");
@@ -430,6 +494,7 @@ void Engine::end_request(Request& r, const std::string& outcome, const std::stri
   done.kind = GenerationEvent::Kind::kDone;
   done.prompt_tokens = int64_t(r.params.prompt.size());
   done.completion_tokens = r.generated;
+  done.cached_tokens = r.cached;
   r.stream->push(std::move(done));
 }
 

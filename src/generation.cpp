@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 
 #include "m1/error.h"
+#include "m1/prefill.h"
 #include "m1/stop.h"
 
 namespace m1 {
@@ -43,7 +44,7 @@ int32_t end_of_turn_token(const std::filesystem::path& model_dir, const Tokenize
 
 GenerationResult generate(Model& model, const Tokenizer& tokenizer, std::span<const int32_t> prompt,
                           const GenerationParams& params, const std::function<void(std::string_view)>& on_text,
-                          bool keep_prompt_logits) {
+                          bool keep_prompt_logits, PromptReuse* reuse) {
   if (prompt.empty()) fail("prompt: empty (at least one token is needed)");
   if (params.prefill_chunk < 1) fail("prefill_chunk must be at least 1, got {}", params.prefill_chunk);
   if (params.max_tokens < 0) fail("max_tokens must be 0 or more, got {}", params.max_tokens);
@@ -54,18 +55,24 @@ GenerationResult generate(Model& model, const Tokenizer& tokenizer, std::span<co
   const int64_t max_tokens = std::min(params.max_tokens, context - int64_t(prompt.size()));
 
   GenerationResult result;
-  auto seq = model.new_sequence();
+  std::unique_ptr<SequenceState> seq = reuse && reuse->resume ? std::move(reuse->resume) : model.new_sequence();
+  const int64_t length = int64_t(prompt.size());
+  if (seq->length() >= length)
+    fail("prompt: a resumed state of {} tokens leaves none of the {} prompt tokens to prefill", seq->length(), length);
+  const int64_t alignment = std::max<int64_t>(1, model.backend().prefill_alignment());
+  const int64_t stop = reuse ? reuse->snapshot_at : 0;
   StepLogits logits;
   auto start = std::chrono::steady_clock::now();
-  for (size_t pos = 0; pos < prompt.size(); pos += size_t(params.prefill_chunk)) {
-    size_t n = std::min(prompt.size() - pos, size_t(params.prefill_chunk));
-    bool last_chunk = pos + n == prompt.size();
-    LogitsFor wanted = keep_prompt_logits ? LogitsFor::kAll : last_chunk ? LogitsFor::kLast : LogitsFor::kNone;
-    BatchEntry entry{seq.get(), prompt.subspan(pos, n), wanted};
+  for (int64_t pos = seq->length(); pos < length;) {
+    const int64_t end = prefill_chunk_end(pos, length, params.prefill_chunk, alignment, stop);
+    LogitsFor wanted = keep_prompt_logits ? LogitsFor::kAll : end == length ? LogitsFor::kLast : LogitsFor::kNone;
+    BatchEntry entry{seq.get(), prompt.subspan(size_t(pos), size_t(end - pos)), wanted};
     model.forward({&entry, 1}, logits);
     if (keep_prompt_logits)
       for (int64_t i = 0; i < logits.rows(0); ++i)
         result.prompt_logits.insert(result.prompt_logits.end(), logits.row(0, i).begin(), logits.row(0, i).end());
+    pos = end;
+    if (pos == stop && reuse->on_snapshot) reuse->on_snapshot(*seq);
   }
   result.prefill_seconds = seconds_since(start);
 

@@ -14,6 +14,7 @@
 #include "m1/error.h"
 #include "m1/weights.h"
 #include "sharded_state.h"
+#include "weight_loader.h"
 
 namespace m1 {
 
@@ -38,6 +39,8 @@ struct Model::Rank {
   Weight embed, final_norm, lm_head;
   std::vector<Layer> layers;
   size_t weight_bytes = 0;
+  std::vector<QuantizedWeight> quantized;  // host copies the backend reads in place
+  std::vector<SlicedWeight> parts;
   std::vector<Segment> segments;  // this step's, over the rank's part of each state
 
   int64_t rows = 0, logit_rows = 0;
@@ -102,13 +105,13 @@ std::span<float> StepLogits::row(size_t entry, int64_t i) {
   return {host_.data() + (first_row_[entry] + i) * vocab_, size_t(vocab_)};
 }
 
-std::unique_ptr<Model> Model::load(const std::filesystem::path& dir, Backend& backend) {
+std::unique_ptr<Model> Model::load(const std::filesystem::path& dir, Backend& backend, const LoadOptions& options) {
   Backend* ranks[] = {&backend};
-  return load(dir, ranks);
+  return load(dir, ranks, options);
 }
 
 std::unique_ptr<Model> Model::load(const std::filesystem::path& dir, std::span<Backend* const> ranks,
-                                   const ShardOptions& options) {
+                                   const LoadOptions& options) {
   std::error_code ec;
   if (!std::filesystem::is_directory(dir, ec)) fail("{}: model directory not found", dir.string());
   ModelConfig config = load_config(dir / "config.json");
@@ -119,13 +122,23 @@ namespace {
 
 std::vector<Backend*> one(Backend& backend) { return {&backend}; }
 
+// The quantization group of the model's weights (0: none, or one scale per row), which a split of
+// a row-parallel product's inputs must respect.
+int64_t quantization_group(const ModelConfig& c, const LoadOptions& options) {
+  if (options.quantize) return options.quantize->group_size;
+  int64_t group = 0;
+  if (c.quantization)
+    for (const QuantizationGroup& g : c.quantization->groups) group = std::max(group, g.group_size);
+  return group;
+}
+
 }  // namespace
 
-Model::Model(ModelConfig config, Checkpoint checkpoint, Backend& backend)
-    : Model(std::move(config), std::move(checkpoint), one(backend)) {}
+Model::Model(ModelConfig config, Checkpoint checkpoint, Backend& backend, const LoadOptions& options)
+    : Model(std::move(config), std::move(checkpoint), one(backend), options) {}
 
-Model::Model(ModelConfig config, Checkpoint checkpoint, std::span<Backend* const> ranks, const ShardOptions& options)
-    : config_(std::move(config)), checkpoint_(std::move(checkpoint)) {
+Model::Model(ModelConfig config, Checkpoint checkpoint, std::span<Backend* const> ranks, const LoadOptions& options)
+    : config_(std::move(config)), checkpoint_(std::move(checkpoint)), load_options_(options) {
   if (ranks.empty()) fail("a model needs at least one backend");
   const int world = int(ranks.size());
   for (int r = 0; r < world; ++r) {
@@ -134,7 +147,7 @@ Model::Model(ModelConfig config, Checkpoint checkpoint, std::span<Backend* const
       fail("backend {} of {} is rank {} of a group of {}: backends must be one group, in rank order", r, world, d.rank,
            d.world);
   }
-  plan_ = plan_shards(config_, world, options.moe);
+  plan_ = plan_shards(config_, world, options.shard.moe, quantization_group(config_, options));
   for (int r = 0; r < world; ++r) ranks_.push_back(std::make_unique<Rank>(*ranks[size_t(r)], plan_.ranks[size_t(r)]));
   if (world > 1)
     lockstep_ = std::make_unique<Lockstep>(
@@ -143,9 +156,9 @@ Model::Model(ModelConfig config, Checkpoint checkpoint, std::span<Backend* const
           for (auto& rank : ranks_) rank->backend.abort_collectives(fmt::format("rank {} failed: {}", r, what));
         });
   // Each rank reads its own part of every tensor, on its own thread (where its memory should be).
-  on_ranks([this](Rank& rank) { load_rank(rank); });
-  const size_t unused = checkpoint_.tensors().size() - weight_specs(config_).size();
-  if (unused > 0) spdlog::warn("checkpoint holds {} tensors this config does not use; they are ignored", unused);
+  WeightLoader loader(config_, checkpoint_, options, world);
+  on_ranks([&](Rank& rank) { load_rank(rank, loader); });
+  loader.finish();
   if (world > 1)
     for (const auto& rank : ranks_)
       spdlog::info("rank {}/{} ({}): {:.1f} MiB of weights", rank->shard.rank, world, rank->backend.name(),
@@ -176,13 +189,13 @@ void Model::on_ranks(const std::function<void(Rank&)>& fn) const {
   lockstep_->run([&](int r) { fn(*ranks_[size_t(r)]); });
 }
 
-void Model::load_rank(Rank& rank) {
+void Model::load_rank(Rank& rank, WeightLoader& loader) {
   const ModelConfig& c = config_;
   const RankShard& shard = rank.shard;
   Backend& backend = rank.backend;
-  auto upload = [&](const TensorView& view) {
-    rank.weight_bytes += view.nbytes;
-    return backend.upload(view);
+  auto upload = [&](const Weight& host) {
+    rank.weight_bytes += host.data_bytes() + host.scale_bytes();
+    return backend.upload(host);
   };
   rank.layers.resize(size_t(c.num_hidden_layers));
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
@@ -195,9 +208,7 @@ void Model::load_rank(Rank& rank) {
       const std::vector<float> all = lightning_decay(c.num_attention_heads, l, c.num_hidden_layers);
       layer.decay.assign(all.begin() + shard.heads.begin, all.begin() + shard.heads.end());
       // The layer keeps the values: the CPU backend uses them in place.
-      const TensorView view{fmt::format("model.layers.{}.decay", l), "(computed)", "F32", {int64_t(layer.decay.size())},
-                            reinterpret_cast<const std::byte*>(layer.decay.data()), layer.decay.size() * sizeof(float)};
-      layer.decay_weight = upload(view);
+      layer.decay_weight = upload(Weight{layer.decay.data(), DType::kF32, 1, int64_t(layer.decay.size())});
     }
     layer.moe.top_k = c.num_experts_per_tok;
     layer.moe.first_expert = shard.experts.begin;
@@ -208,14 +219,16 @@ void Model::load_rank(Rank& rank) {
   }
   for (const WeightSpec& spec : weight_specs(c)) {
     const std::optional<TensorSlice> slice = rank_slice(spec, c, shard);
-    const TensorView& stored = checkpoint_.require(spec.name, spec.shape);
-    if (!slice) continue;
-    // A rank of a group of one holds every whole tensor: a view of the stored bytes, which the
-    // CPU backend reads in place. A rank of a larger group uploads a copy of its part, so the
-    // part's own bytes may go at once.
-    const SlicedTensor part = slice_tensor(stored, *slice);
-    if (part.storage && rank.shard.world == 1) fail("{}: a group of one cut this tensor", spec.name);
-    const Weight weight = upload(part.view);
+    if (!slice) continue;  // another rank's expert: that rank reads (and checks) it
+    // A rank of a group of one holds every whole tensor: the stored bytes (or their quantized
+    // copy), which the CPU backend reads in place. A rank of a larger group uploads a copy of its
+    // part, so the part's own bytes may go at once.
+    WeightLoader::Loaded loaded = loader.load(spec, shard.world > 1 ? &*slice : nullptr);
+    const Weight weight = upload(loaded.host);
+    if (weight.data == loaded.host.data) {  // read in place: keep what it points into
+      if (loaded.copy) rank.quantized.push_back(std::move(loaded.copy));
+      if (loaded.part.data) rank.parts.push_back(std::move(loaded.part));
+    }
     using R = WeightRole;
     if (spec.role == R::kEmbed) { rank.embed = weight; continue; }
     if (spec.role == R::kFinalNorm) { rank.final_norm = weight; continue; }
@@ -247,6 +260,12 @@ void Model::load_rank(Rank& rank) {
   if (c.tie_word_embeddings) rank.lm_head = rank.embed;
 }
 
+std::string Model::numerics() const {
+  if (ranks_.size() == 1) return backend().numerics();
+  return fmt::format("{}, tensor parallel {} ({} MoE split)", backend().numerics(), ranks_.size(),
+                     moe_parallel_name(plan_.moe));
+}
+
 StateShape Model::state_shape() const {
   return StateShape{config_.lightning_layers(), config_.num_attention_heads, config_.head_dim,
                     config_.softmax_layers(), config_.num_key_value_heads};
@@ -261,7 +280,7 @@ std::unique_ptr<SequenceState> Model::new_sequence() const {
     part.kv_heads = int64_t(rank.shard.kv_heads.size());
     parts[size_t(rank.shard.rank)] = rank.backend.new_state(part);
   });
-  return std::make_unique<ShardedState>(state_shape(), std::move(parts), *lockstep_);
+  return std::make_unique<ShardedState>(state_shape(), std::move(parts), *lockstep_, plan_);
 }
 
 void Model::check_batch(std::span<const BatchEntry> batch) const {

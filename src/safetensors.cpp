@@ -11,6 +11,7 @@
 #include <cstring>
 #include <fstream>
 #include <limits>
+#include <span>
 
 #include <nlohmann/json.hpp>
 
@@ -172,7 +173,7 @@ int64_t TensorView::numel() const { return checked_numel(shape); }
 
 DType TensorView::weight_dtype() const {
   auto t = dtype_from_name(dtype_name);
-  if (!t) fail("{}: tensor {} has dtype {}; weights must be BF16, F16 or F32", file, quote_name(name), quote_name(dtype_name));
+  if (!t || !is_float(*t)) fail("{}: tensor {} has dtype {}; weights must be BF16, F16 or F32", file, quote_name(name), quote_name(dtype_name));
   return *t;
 }
 
@@ -213,6 +214,7 @@ void Checkpoint::add_file(const fs::path& path) {
     }
     tensors_.emplace(e.view.name, std::move(e.view));
   }
+  mapped_.emplace_back(file->data(), file->size());
   files_.push_back(std::move(file));
 }
 
@@ -272,6 +274,7 @@ Checkpoint Checkpoint::in_memory(const std::vector<TensorSpec>& tensors, const T
   ::madvise(region, total, MADV_HUGEPAGE);  // advice only: without huge pages it still works
   Checkpoint c;
   c.owned_.emplace_back(static_cast<std::byte*>(region), [total](std::byte* p) { ::munmap(p, std::max<size_t>(total, 1)); });
+  c.mapped_.emplace_back(static_cast<const std::byte*>(region), total);
   std::byte* next = static_cast<std::byte*>(region);
   for (const TensorSpec& t : tensors) {
     fill(t, std::span(next, t.nbytes()));
@@ -281,6 +284,19 @@ Checkpoint Checkpoint::in_memory(const std::vector<TensorSpec>& tensors, const T
     next += (t.nbytes() + kAlign - 1) / kAlign * kAlign;
   }
   return c;
+}
+
+void Checkpoint::release(const TensorView& t) const {
+  const size_t page = size_t(::sysconf(_SC_PAGESIZE));
+  const auto begin = reinterpret_cast<uintptr_t>(t.data), end = begin + t.nbytes;
+  for (const std::span<const std::byte>& region : mapped_) {
+    const auto first = reinterpret_cast<uintptr_t>(region.data()), last = first + region.size();
+    if (begin < first || end > last) continue;
+    // Only pages the tensor covers whole: its neighbours may still be needed.
+    const uintptr_t from = (begin + page - 1) / page * page, to = end / page * page;
+    if (to > from) ::madvise(reinterpret_cast<void*>(from), to - from, MADV_DONTNEED);  // advice: failure changes nothing
+    return;
+  }
 }
 
 const TensorView* Checkpoint::find(const std::string& name) const {
@@ -298,9 +314,16 @@ const TensorView& Checkpoint::require(const std::string& name, const std::vector
   return *t;
 }
 
-size_t TensorSpec::nbytes() const { return size_t(checked_numel(shape)) * dtype_size(dtype); }
+size_t TensorSpec::nbytes() const {
+  const int64_t cols = shape.empty() ? 1 : shape.back();
+  return matrix_bytes(dtype, cols == 0 ? 0 : checked_numel(shape) / cols, cols);
+}
 
-void write_safetensors(const fs::path& file, const std::vector<TensorSpec>& tensors, const TensorFiller& fill) {
+void write_safetensors(const fs::path& file, const std::vector<TensorSpec>& given, const TensorFiller& fill) {
+  std::vector<TensorSpec> tensors = given;
+  std::stable_sort(tensors.begin(), tensors.end(), [](const TensorSpec& a, const TensorSpec& b) {
+    return dtype_bits(a.dtype) > dtype_bits(b.dtype);
+  });
   nlohmann::ordered_json header;
   header["__metadata__"] = {{"format", "pt"}};
   uint64_t offset = 0;

@@ -224,15 +224,10 @@ int32_t pick_any(std::span<const float> weights, double u) {
   return last_possible;
 }
 
-// Applies the request's penalties to `logits`, keeping the raw logits of the ids they touch.
-void apply_penalties(std::span<float> logits, const DrawRequest& request, std::vector<float>& seen_raw_logits) {
+// Applies the request's penalties to `logits` (the generated ids are a subset of the seen ones, so
+// the seen ids are all the logits they touch).
+void apply_penalties(std::span<float> logits, const DrawRequest& request) {
   const SamplingParams& p = request.params;
-  if (!has_penalties(p) || request.seen.empty()) return;
-  if (const std::string error = penalty_ids_error(request, std::ssize(logits)); !error.empty()) throw Error(error);
-  // Generated ids are a subset of the seen ones, so these are all the logits the penalties touch.
-  seen_raw_logits.resize(request.seen.size());
-  for (size_t i = 0; i < request.seen.size(); ++i) seen_raw_logits[i] = logits[request.seen[i]];
-
   if (p.repetition_penalty != 1.0f) {
     for (int32_t id : request.seen) {
       float& logit = logits[id];
@@ -243,12 +238,46 @@ void apply_penalties(std::span<float> logits, const DrawRequest& request, std::v
     logits[id] -= p.frequency_penalty * float(count) + p.presence_penalty;
 }
 
-// The logit of `id` before apply_penalties.
-float raw_logit(int32_t id, std::span<const float> logits, const DrawRequest& request,
-                std::span<const float> seen_raw_logits) {
-  if (has_penalties(request.params)) {
+// -inf for every token outside the mask.
+void apply_mask(std::span<float> logits, std::span<const uint32_t> allowed) {
+  for (size_t w = 0; w < allowed.size(); ++w) {
+    const uint32_t bits = allowed[w];
+    if (bits == 0xFFFFFFFFu) continue;
+    const size_t first = w * 32, end = std::min(first + 32, logits.size());
+    for (size_t i = first; i < end; ++i)
+      if (((bits >> (i - first)) & 1u) == 0) logits[i] = kNegInf;
+  }
+}
+
+bool penalised(const DrawRequest& request) { return has_penalties(request.params) && !request.seen.empty(); }
+
+// Biases, penalties and the mask, in that order, keeping the raw logits of the ids the first two
+// touch. Returns whether the row changed.
+bool process(std::span<float> logits, const DrawRequest& request, SampleScratch& scratch) {
+  if (const std::string error = penalty_ids_error(request, std::ssize(logits)); !error.empty()) throw Error(error);
+  if (penalised(request)) {
+    scratch.seen_raw_logits.resize(request.seen.size());
+    for (size_t i = 0; i < request.seen.size(); ++i) scratch.seen_raw_logits[i] = logits[request.seen[i]];
+  }
+  scratch.bias_raw_logits.resize(request.logit_bias.size());
+  for (size_t i = 0; i < request.logit_bias.size(); ++i) {
+    float& logit = logits[request.logit_bias[i].id];
+    scratch.bias_raw_logits[i] = logit;
+    logit += request.logit_bias[i].bias;
+  }
+  if (penalised(request)) apply_penalties(logits, request);
+  apply_mask(logits, request.allowed);
+  return penalised(request) || !request.logit_bias.empty() || !request.allowed.empty();
+}
+
+// The logit of `id` before process().
+float raw_logit(int32_t id, std::span<const float> logits, const DrawRequest& request, const SampleScratch& scratch) {
+  const auto biased = std::ranges::lower_bound(request.logit_bias, id, {}, &TokenBias::id);
+  if (biased != request.logit_bias.end() && biased->id == id)
+    return scratch.bias_raw_logits[size_t(biased - request.logit_bias.begin())];
+  if (penalised(request)) {
     const auto at = std::ranges::lower_bound(request.seen, id);
-    if (at != request.seen.end() && *at == id) return seen_raw_logits[size_t(at - request.seen.begin())];
+    if (at != request.seen.end() && *at == id) return scratch.seen_raw_logits[size_t(at - request.seen.begin())];
   }
   return logits[id];
 }
@@ -294,8 +323,24 @@ bool has_penalties(const SamplingParams& p) {
 }
 
 std::string penalty_ids_error(const DrawRequest& request, int64_t vocab) {
-  if (!has_penalties(request.params) || request.seen.empty() || request.seen.back() < vocab) return {};
-  return fmt::format("token id {} is outside the vocabulary of {} logits", request.seen.back(), vocab);
+  if (penalised(request) && request.seen.back() >= vocab)
+    return fmt::format("token id {} is outside the vocabulary of {} logits", request.seen.back(), vocab);
+  if (!request.logit_bias.empty() && request.logit_bias.back().id >= vocab)
+    return fmt::format("token id {} is outside the vocabulary of {} logits", request.logit_bias.back().id, vocab);
+  if (!request.allowed.empty() && std::ssize(request.allowed) != (vocab + 31) / 32)
+    return fmt::format("an allowed-token mask of {} words does not fit {} logits", request.allowed.size(), vocab);
+  return {};
+}
+
+void check_logit_bias(std::vector<TokenBias>& biases, int64_t vocab) {
+  std::ranges::sort(biases, {}, &TokenBias::id);
+  for (size_t i = 0; i < biases.size(); ++i) {
+    const TokenBias& b = biases[i];
+    if (b.id < 0 || b.id >= vocab) fail("logit_bias: token id {} is outside the vocabulary of {} tokens", b.id, vocab);
+    if (i > 0 && biases[i - 1].id == b.id) fail("logit_bias: token id {} is given twice", b.id);
+    if (!(b.bias >= -kMaxLogitBias && b.bias <= kMaxLogitBias))
+      fail("logit_bias: the bias of token {} must be in [-100, 100], got {}", b.id, b.bias);
+  }
 }
 
 SampledToken sample_row(std::span<float> logits, const DrawRequest& request, SampleScratch& scratch) {
@@ -303,14 +348,14 @@ SampledToken sample_row(std::span<float> logits, const DrawRequest& request, Sam
   const double log_norm = log_normalizer(logits, scratch.weights);
   SampledToken token;
   if (request.params.top_logprobs > 0) token.top = top_alternatives(logits, request.params.top_logprobs, log_norm);
-  apply_penalties(logits, request, scratch.seen_raw_logits);
+  if (process(logits, request, scratch) && max_logit(logits) == kNegInf) fail("{}", kNothingAllowed);
   token.id = request.params.temperature == 0.0f ? argmax(logits) : draw(logits, request, scratch);
-  token.logprob = float(double(raw_logit(token.id, logits, request, scratch.seen_raw_logits)) - log_norm);
+  token.logprob = float(double(raw_logit(token.id, logits, request, scratch)) - log_norm);
   return token;
 }
 
-Sampler::Sampler(const SamplingParams& params, std::span<const int32_t> prompt)
-    : params_(params), rng_state_(params.seed), seen_(prompt.begin(), prompt.end()) {
+Sampler::Sampler(const SamplingParams& params, std::span<const int32_t> prompt, std::vector<TokenBias> logit_bias)
+    : params_(params), rng_state_(params.seed), seen_(prompt.begin(), prompt.end()), logit_bias_(std::move(logit_bias)) {
   validate(params);
   std::ranges::sort(seen_);
   seen_.erase(std::unique(seen_.begin(), seen_.end()), seen_.end());
@@ -325,6 +370,7 @@ DrawRequest Sampler::next_draw(int64_t row) {
   request.uniform = params_.temperature == 0.0f ? 0.0 : next_uniform();
   request.seen = seen_;
   request.generated_counts = generated_counts_;
+  request.logit_bias = logit_bias_;
   return request;
 }
 

@@ -75,6 +75,7 @@ void store(std::span<std::byte> out, DType dtype, size_t i, float v) {
       std::memcpy(out.data() + 2 * i, &b, 2);
       return;
     }
+    default: fail("random weights: dtype {} is not a float type", dtype_name(dtype));
   }
 }
 
@@ -111,7 +112,7 @@ Preset preset(const std::string& name) {
 }
 
 void fill_random_weight(const WeightSpec& spec, DType dtype, uint64_t seed, std::span<std::byte> out) {
-  const size_t n = out.size() / dtype_size(dtype);
+  const size_t n = out.size() * 8 / size_t(dtype_bits(dtype));
   const int64_t fan_in = spec.shape.back();
   const bool norm = is_norm(spec.role);
   const float scale = spec.role == WeightRole::kEmbed ? 1.0f : norm ? 0.05f : 1.0f / std::sqrt(float(fan_in));

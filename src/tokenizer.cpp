@@ -428,12 +428,13 @@ class AddedTokenMatcher {
     }
   }
 
-  // Calls on_text for the text between added tokens and on_token for each added token.
-  template <class OnText, class OnToken>
-  void split(std::string_view text, OnText&& on_text, OnToken&& on_token) const {
+  // Calls on_text for the text between added tokens and on_token for each added token;
+  // may_match(id, begin, end) says whether a token found at [begin, end) counts.
+  template <class OnText, class OnToken, class MayMatch>
+  void split(std::string_view text, OnText&& on_text, OnToken&& on_token, MayMatch&& may_match) const {
     size_t text_begin = 0;
     for (size_t pos = 0; pos < text.size(); ++pos) {
-      const Token* token = longest_at(text.substr(pos));
+      const Token* token = longest_at(text, pos, may_match);
       if (!token) continue;
       if (pos > text_begin) on_text(text.substr(text_begin, pos - text_begin));
       on_token(token->id);
@@ -444,9 +445,11 @@ class AddedTokenMatcher {
   }
 
  private:
-  const Token* longest_at(std::string_view text) const {
-    for (const Token& token : by_first_byte_[static_cast<uint8_t>(text[0])]) {
-      if (text.starts_with(token.content)) return &token;
+  template <class MayMatch>
+  const Token* longest_at(std::string_view text, size_t pos, MayMatch&& may_match) const {
+    for (const Token& token : by_first_byte_[static_cast<uint8_t>(text[pos])]) {
+      if (text.substr(pos).starts_with(token.content) && may_match(token.id, pos, pos + token.content.size()))
+        return &token;
     }
     return nullptr;
   }
@@ -800,6 +803,12 @@ Tokenizer& Tokenizer::operator=(Tokenizer&&) noexcept = default;
 Tokenizer::~Tokenizer() = default;
 
 std::vector<int32_t> Tokenizer::encode(std::string_view text, AddedTokens added) const {
+  const bool match = added == AddedTokens::kMatch;
+  return encode(text, [match](int32_t, size_t, size_t) { return match; });
+}
+
+std::vector<int32_t> Tokenizer::encode(std::string_view text,
+                                       const std::function<bool(int32_t, size_t, size_t)>& may_match) const {
   std::vector<int32_t> ids;
   ids.reserve(text.size() / 4 + 1);
   const MatchData match_data = impl_->splitter.new_match_data();
@@ -807,11 +816,7 @@ std::vector<int32_t> Tokenizer::encode(std::string_view text, AddedTokens added)
     impl_->splitter.split(segment, match_data.get(),
                           [&](std::string_view word) { impl_->encode_word(word, ids); });
   };
-  if (added == AddedTokens::kLiteral) {
-    encode_text(text);
-  } else {
-    impl_->added_tokens.split(text, encode_text, [&](int32_t id) { ids.push_back(id); });
-  }
+  impl_->added_tokens.split(text, encode_text, [&](int32_t id) { ids.push_back(id); }, may_match);
   return ids;
 }
 

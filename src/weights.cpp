@@ -2,6 +2,8 @@
 
 #include <fmt/format.h>
 
+#include "m1/backend.h"
+
 namespace m1 {
 
 std::vector<WeightSpec> weight_specs(const ModelConfig& c) {
@@ -50,6 +52,31 @@ std::vector<WeightSpec> weight_specs(const ModelConfig& c) {
 bool is_norm(WeightRole role) {
   return role == WeightRole::kFinalNorm || role == WeightRole::kInputNorm || role == WeightRole::kPostNorm ||
          role == WeightRole::kAttnNorm;
+}
+
+bool quantized_by_default(WeightRole role, bool lm_head) {
+  using R = WeightRole;
+  switch (role) {
+    case R::kQkv: case R::kOutputGate: case R::kOutProj:
+    case R::kQ: case R::kK: case R::kV: case R::kO:
+    case R::kW1: case R::kW2: case R::kW3:
+    case R::kSharedGate: case R::kSharedUp: case R::kSharedDown:
+      return true;
+    case R::kLmHead:
+      return lm_head;
+    default:
+      return false;
+  }
+}
+
+std::string module_name(const WeightSpec& spec) {
+  constexpr std::string_view kSuffix = ".weight";
+  const std::string& n = spec.name;
+  return n.size() > kSuffix.size() && n.ends_with(kSuffix) ? n.substr(0, n.size() - kSuffix.size()) : n;
+}
+
+Weight host_weight(const TensorView& t) {
+  return Weight{t.data, t.weight_dtype(), t.shape.size() == 2 ? t.shape[0] : 1, t.shape.empty() ? 1 : t.shape.back()};
 }
 
 }  // namespace m1

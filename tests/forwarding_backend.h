@@ -20,7 +20,9 @@ class ForwardingBackend : public Backend {
   }
   bool end_step() override { return inner_->end_step(); }
   bool abandon_step() override { return inner_->abandon_step(); }
-  Weight upload(const TensorView& tensor) override { return inner_->upload(tensor); }
+  int64_t prefill_alignment() const override { return inner_->prefill_alignment(); }
+  std::string numerics() const override { return inner_->numerics(); }
+  Weight upload(const Weight& host) override { return inner_->upload(host); }
   Mat alloc(int64_t rows, int64_t cols) override { return inner_->alloc(rows, cols); }
   void free(Mat m) override { inner_->free(m); }
   void to_host(const Mat& m, float* host) override { inner_->to_host(m, host); }

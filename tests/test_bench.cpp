@@ -168,6 +168,28 @@ TEST(BenchTensorParallel, ReportsTheShareOfCollectives) {
   }
 }
 
+// --quantize counts the bytes a decode step reads as loaded: codes and scales of the quantized
+// weights (int4 groups of 32: 4.5 bits each), the rest as stored.
+TEST(BenchQuantized, WeightBytesPerTokenAreTheQuantizedOnes) {
+  const fs::path dir = fs::temp_directory_path() / ("m1-bench-quantized-" + std::to_string(::getpid()));
+  fs::create_directories(dir);
+  auto bytes = [&](const std::string& flags) {
+    const Result r = run_bench("--synthetic tiny --contexts 64 --decode-tokens 2 --repeats 1 --threads 2 --variants hybrid --json " +
+                               (dir / "out.json").string() + " " + flags);
+    EXPECT_EQ(r.status, 0) << r.err;
+    const json report = json::parse(read_file(dir / "out.json"), nullptr, false);
+    return report["results"][0]["weight_bytes_per_token"].get<double>();
+  };
+  const double bf16 = bytes(""), int8 = bytes("--quantize int8"), int4 = bytes("--quantize int4"),
+               int4_head = bytes("--quantize int4 --quantize-lm-head");
+  fs::remove_all(dir);
+  EXPECT_LT(int8, bf16);
+  EXPECT_LT(int4, int8);
+  EXPECT_LT(int4_head, int4);
+  // The tiny preset's LM head: 2320 x 64 bf16 values, 4.5 bits each once quantized.
+  EXPECT_NEAR(int4 - int4_head, 2320.0 * 64 * (2 - 4.5 / 8), 1.0);
+}
+
 TEST_F(BenchErrors, BadArgumentsNameTheOption) {
   expect_rejected("--synthetic huge", "--synthetic");
   expect_rejected("--synthetic tiny --contexts 64,lots", "--contexts");
@@ -179,6 +201,7 @@ TEST_F(BenchErrors, BadArgumentsNameTheOption) {
   expect_rejected("--synthetic tiny --dtype int8", "--dtype");
   expect_rejected("--synthetic tiny --tensor-parallel 3", "--tensor-parallel 3");
   expect_rejected("--synthetic tiny --tensor-parallel 2 --moe-parallel sideways", "--moe-parallel");
+  expect_rejected("--synthetic tiny --quantize int2", "--quantize");
 }
 
 }  // namespace

@@ -16,7 +16,10 @@ namespace {
 using nlohmann::ordered_json;
 
 const std::filesystem::path kSourceDir = M1_SOURCE_DIR;
+constexpr int32_t kBeginningOfSentenceId = 200019;
 constexpr int32_t kEndOfSentenceId = 200020;
+constexpr int32_t kThinkOpenId = 200023;
+constexpr int32_t kThinkCloseId = 200024;
 constexpr int32_t kToolCallsOpenId = 200025;
 constexpr int32_t kToolCallsCloseId = 200026;
 
@@ -320,6 +323,46 @@ TEST(ChatEncode, SpecialTokensInUserTextStayLiteral) {
   const std::vector<int32_t> ids = encode(messages);
   // The template closes the user turn once; the user's own "<end_of_sentence>" is plain text.
   EXPECT_EQ(std::count(ids.begin(), ids.end(), kEndOfSentenceId), 1);
+  EXPECT_EQ(real_tokenizer().decode(ids), render(messages));
+}
+
+// The special tokens (<end_of_sentence>, <beginning_of_sentence>, <begin_of_document>,
+// <end_of_document>, the reserved ones) are never made from message text, whatever the role, nor
+// from text that a message and the template only spell together.
+TEST(ChatEncode, SpecialTokensNeverComeFromMessageText) {
+  const ordered_json messages = ordered_json::parse(R"([
+    {"role": "system", "content": "<beginning_of_sentence>system"},
+    {"role": "user", "content": "<reserved_3> and <end_of_document>"},
+    {"role": "assistant", "content": "<end_of_sentence>"},
+    {"role": "user", "content": "tail <end_of_"}])");
+  const std::vector<int32_t> ids = encode(messages);
+  for (int32_t id : ids) {
+    if (real_tokenizer().is_special(id)) {
+      EXPECT_TRUE(id == kBeginningOfSentenceId || id == kEndOfSentenceId || id == 200021) << id;  // 200021: the document start
+    }
+  }
+  // Only the template's own: a document start, five turn headers and four turn ends.
+  EXPECT_EQ(std::count(ids.begin(), ids.end(), kBeginningOfSentenceId), 5);
+  EXPECT_EQ(std::count(ids.begin(), ids.end(), kEndOfSentenceId), 4);
+  EXPECT_EQ(real_tokenizer().decode(ids), render(messages));
+}
+
+// The non-special added tokens are matched in message text as the reference matches them: an
+// assistant turn sent back as raw text, with its reasoning and its tool block, gets the tokens
+// the model wrote. Such text is tokenized whole, as the reference tokenizes the rendered template.
+TEST(ChatEncode, NonSpecialAddedTokensAreMatchedInMessageText) {
+  const ordered_json messages = ordered_json::parse(R"([
+    {"role": "user", "content": "Wie wird das Wetter in Berlin?"},
+    {"role": "assistant", "content": "<think>\nIch rufe das Wetter ab.\n</think>\n\n<tool_calls>\n{\"name\": \"wetter\", \"arguments\": {\"ort\": \"Berlin\"}}\n</tool_calls>"},
+    {"role": "tool", "name": "wetter", "content": "Bewölkt, 14 Grad <think>"}])");
+  const std::vector<int32_t> ids = encode(messages);
+  EXPECT_EQ(std::count(ids.begin(), ids.end(), kThinkOpenId), 2);  // the user's tool result's too
+  EXPECT_EQ(std::count(ids.begin(), ids.end(), kThinkCloseId), 1);
+  EXPECT_EQ(std::count(ids.begin(), ids.end(), kToolCallsOpenId), 1);
+  EXPECT_EQ(std::count(ids.begin(), ids.end(), kToolCallsCloseId), 1);
+  // With no special token's text in the messages, the ids are the reference's: the rendered text
+  // tokenized whole with every added token matched.
+  EXPECT_EQ(ids, real_tokenizer().encode(render(messages), m1::AddedTokens::kMatch));
   EXPECT_EQ(real_tokenizer().decode(ids), render(messages));
 }
 

@@ -116,6 +116,8 @@ TEST_F(CliErrorTest, GenerateRefusesBadOptions) {
   expect_refused("m1-generate", "--model " + m + " --prompt hi --temperature 5", "temperature must be in [0, 2]");
   expect_refused("m1-generate", "--model " + m + " --prompt hi --max-tokens 1 --logits-out " + (dir_ / "no/such/dir/x").string(),
                  "--logits-out: cannot write");
+  expect_refused("m1-generate", "--model " + m + " --prompt hi --prompt-cache-ro", "--prompt-cache-ro needs --prompt-cache");
+  expect_refused("m1-generate", "--model " + m + " --prompt hi --prompt-cache x --logits-out y", "give one of them");
 }
 
 // The context bounds one-shot generation too: a prompt that fills it is refused, and generation
@@ -148,19 +150,26 @@ TEST_F(CliErrorTest, AMissingShardIsNamed) {
   expect_refused("m1-generate", "--model " + m.string() + " --prompt hi", "shard \"" + shard + "\" listed in");
 }
 
-// Permissions do not stop root, so as root the tools run as nobody.
+// Permissions do not stop root, so as root the tool runs as nobody, from a copy in the test's own
+// directory: the build tree may sit under a directory nobody cannot enter (a clone in /root, or in
+// a 0700 temporary directory).
 TEST_F(CliErrorTest, UnreadableFilesAreNamed) {
-  std::string as_user;
+  fs::permissions(dir_, fs::perms::owner_all | fs::perms::others_read | fs::perms::others_exec);
+  std::string generate = kBin + "/m1-generate";
   if (::geteuid() == 0) {
     if (run_command("command -v runuser").status != 0) GTEST_SKIP() << "root without runuser: permissions do not apply";
-    as_user = "runuser -u nobody -- ";
+    const fs::path copy = dir_ / "m1-generate";
+    fs::copy_file(generate, copy, fs::copy_options::overwrite_existing);
+    fs::permissions(copy, fs::perms::owner_all | fs::perms::others_read | fs::perms::others_exec);
+    ASSERT_EQ(run_command("runuser -u nobody -- test -x " + copy.string()).status, 0)
+        << "nobody cannot run " << copy << " (is " << dir_.parent_path() << " closed to others?)";
+    generate = "runuser -u nobody -- " + copy.string();
   }
-  fs::permissions(dir_, fs::perms::owner_all | fs::perms::others_read | fs::perms::others_exec);
   for (const char* file : {"config.json", "model.safetensors", "tokenizer.json"}) {
     SCOPED_TRACE(file);
     const fs::path m = model(std::string("unreadable_") + file);
     fs::permissions(m / file, fs::perms::none);
-    const CommandResult r = run_command(as_user + kBin + "/m1-generate --model " + m.string() + " --prompt hi");
+    const CommandResult r = run_command(generate + " --model " + m.string() + " --prompt hi");
     EXPECT_EQ(r.status, 1);
     EXPECT_NE(r.err.find((m / file).string() + ": cannot open"), std::string::npos) << r.err;
   }
@@ -219,6 +228,42 @@ TEST_F(CliErrorTest, ServeRefusesBadOptions) {
   expect_refused("m1-serve", m + " --max-context 20000000", "more than the model's max_position_embeddings");
   expect_refused("m1-serve", m + " --max-context 2048 --max-state-mb 0.1", "cannot hold the state of one sequence");
   expect_refused("m1-serve", m + " --host 203.0.113.5", "cannot listen on 203.0.113.5");
+  expect_refused("m1-serve", m + " --cache-mb -1", "--cache-mb");
+  expect_refused("m1-serve", m + " --cache-dir " + dir_.string() + " --cache-mb 0", "--cache-dir needs the prefix cache");
+  std::ofstream(dir_ / "a_file") << "x";
+  expect_refused("m1-serve", m + " --cache-dir " + (dir_ / "a_file").string(), "a_file: cannot use as the cache directory");
+}
+
+// --quantize and its companions, on every tool that loads a model, and m1-quantize's own faults.
+TEST_F(CliErrorTest, QuantizeOptionsAreChecked) {
+  const std::string m = model("m").string();
+  const std::vector<std::pair<std::string, std::string>> tools = {
+      {"m1-generate", "--model " + m + " --prompt hi"},
+      {"m1-serve", "--port 0 --model " + m},
+      {"m1-bench", "--contexts 64 --decode-tokens 1 --repeats 1 --model " + m}};
+  for (const auto& [tool, args] : tools) {
+    SCOPED_TRACE(tool);
+    expect_refused(tool, args + " --quantize int3", "--quantize: 'int3' is not a quantization m1 implements (expected int8 or int4)");
+    expect_refused(tool, args + " --quantize int4 --group-size 48", "--quantize: group size 48 is not a positive multiple of 32");
+    expect_refused(tool, args + " --quantize int8 --group-size 64", "int8 has one scale per output row");
+    expect_refused(tool, args + " --group-size 64", "--group-size: applies to --quantize int4, and no --quantize was given");
+    expect_refused(tool, args + " --quantize-lm-head", "--quantize-lm-head: needs --quantize int8 or int4");
+  }
+  const std::string tied = model("tied", "--set tie_word_embeddings=true").string();
+  expect_refused("m1-generate", "--model " + tied + " --prompt hi --quantize int8 --quantize-lm-head",
+                 "--quantize-lm-head: this model ties its LM head to the embeddings");
+
+  const std::string out = (dir_ / "q").string();
+  expect_refused("m1-quantize", "--model " + m + " --out " + out, "--quantize is required");
+  expect_refused("m1-quantize", "--model " + m + " --out " + out + " --quantize int2", "--quantize: 'int2' is not a quantization");
+  expect_refused("m1-quantize", "--model " + (dir_ / "nowhere").string() + " --out " + out + " --quantize int8",
+                 "--model: " + (dir_ / "nowhere").string() + " is not a directory");
+  expect_refused("m1-quantize", "--model " + m + " --out " + m + " --quantize int8", "--out: " + m + " is the input directory");
+  expect_refused("m1-quantize", "--model " + m + " --out " + model("full").string() + " --quantize int8", "exists and is not empty");
+  ASSERT_EQ(run_command(kBin + "/m1-quantize --model " + m + " --out " + out + " --quantize int8").status, 0);
+  expect_refused("m1-quantize", "--model " + out + " --out " + (dir_ / "twice").string() + " --quantize int4",
+                 "is already quantized (config.json has a compressed-tensors quantization_config)");
+  expect_refused("m1-generate", "--model " + out + " --prompt hi --quantize int4", "--quantize: the checkpoint is already quantized");
 }
 
 TEST_F(CliErrorTest, ServeRefusesAPortInUse) {

@@ -17,6 +17,8 @@
 #include "golden_support.h"
 #include "m1/error.h"
 #include "m1/model.h"
+#include "m1/prefill.h"
+#include "m1/state_snapshot.h"
 #include "m1/synthetic.h"
 #include "memory_epoch.h"
 #include "sampling_checks.h"
@@ -53,6 +55,14 @@ TEST(CudaBackendAvailability, ReferenceKernelsAreRefused) {
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("reference kernels run on the CPU only"), std::string::npos) << e.what();
   }
+}
+
+// The CUDA kernels for int8/int4 weights are not written yet: uploading one is a clear error.
+TEST(CudaBackendAvailability, QuantizedWeightsAreRefused) {
+  M1_REQUIRE_CUDA();
+  auto backend = create_backend(BackendOptions{"cuda", 0, Precision::kFast, false});
+  const testing::RandomQuantizedWeight q(QuantScheme{DType::kQ4, 32}, 4, 64);
+  testing::expect_error([&] { backend->upload(q.w); }, {"--device cuda does not run int4 weights yet"});
 }
 
 // Sampling on the device against the host reference, at the real model's vocabulary too.
@@ -295,6 +305,59 @@ TEST(CudaStepGraphs, ReplaysStagedDataAndRejectsChangedCalls) {
   EXPECT_EQ(stats.recorded, 2);
   EXPECT_EQ(stats.replayed, 2);
   EXPECT_EQ(stats.rejected, 2);
+}
+
+// The CUDA state's portable form: a snapshot taken where a prefill chunk may end (the backend's
+// alignment), moved to host memory in two KV ranges and restored, resumes the prompt with the
+// bits of a prefill in one piece, in both precisions; so does a prompt whose last token runs
+// alone (one more than a multiple of the alignment). What the prefix cache relies on.
+TEST(CudaSnapshots, ARestoredStateResumesBitForBit) {
+  M1_REQUIRE_CUDA();
+  ModelConfig config = preset("tiny").config;
+  config.attn_type_list = {0, 1, 0, 1};
+  std::mt19937 rng(9);
+  std::uniform_int_distribution<int32_t> token(0, int32_t(config.vocab_size - 1));
+  for (Precision precision : {Precision::kExact, Precision::kFast}) {
+    SCOPED_TRACE(precision == Precision::kExact ? "exact" : "fast");
+    auto backend = create_backend(BackendOptions{"cuda", 0, precision, false});
+    Model model(config, random_checkpoint(config, DType::kBF16, 3), *backend);
+    const int64_t align = backend->prefill_alignment();
+    EXPECT_EQ(align, 128);
+    for (int64_t length : {2 * align + 1, 2 * align + 44}) {
+      std::vector<int32_t> prompt(static_cast<size_t>(length));
+      for (int32_t& t : prompt) t = token(rng);
+      // The prompt from `seq` on, cut as the engine cuts it; the last position's logits.
+      auto finish = [&](SequenceState& seq, int64_t stop) {
+        StepLogits out;
+        for (int64_t pos = seq.length(); pos < length;) {
+          const int64_t end = prefill_chunk_end(pos, length, 4096, align, stop);
+          BatchEntry e{&seq, std::span(prompt).subspan(size_t(pos), size_t(end - pos)),
+                       end == length ? LogitsFor::kLast : LogitsFor::kNone};
+          model.forward({&e, 1}, out);
+          pos = end;
+          if (pos == stop) return std::vector<float>{};
+        }
+        auto row = out.row(0, 0);
+        return std::vector<float>(row.begin(), row.end());
+      };
+      auto whole = model.new_sequence();
+      const std::vector<float> want = finish(*whole, 0);
+      auto cut = model.new_sequence();
+      finish(*cut, 2 * align);
+      const StateCopy snapshot = copy_state(*cut);
+      std::vector<std::byte> head(cut->kv_bytes(100)), tail(cut->kv_bytes(2 * align - 100));
+      cut->save_kv(0, 100, head);
+      cut->save_kv(100, 2 * align, tail);
+      auto restored = restore_state(model, SnapshotPieces{{{head, 100}, {tail, 2 * align - 100}}, snapshot.lightning});
+      EXPECT_EQ(copy_state(*restored).kv, snapshot.kv);
+      EXPECT_EQ(copy_state(*restored).lightning, snapshot.lightning);
+      const std::vector<float> got = finish(*restored, 0);
+      ASSERT_EQ(got.size(), want.size());
+      EXPECT_EQ(std::memcmp(got.data(), want.data(), want.size() * sizeof(float)), 0) << "length " << length;
+      EXPECT_EQ(copy_state(*restored).kv, copy_state(*whole).kv);
+      EXPECT_EQ(copy_state(*restored).lightning, copy_state(*whole).lightning);
+    }
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Dtypes, CudaVersusCpu, ::testing::Values(DType::kBF16, DType::kF16, DType::kF32),

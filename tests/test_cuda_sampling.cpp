@@ -35,11 +35,13 @@ using test::DeviceArray;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kLogprobTolerance = 1e-5f;
 
-// One draw as the host sampler states it, with the penalty lists it points into.
+// One draw as the host sampler states it, with the penalty lists, biases and mask it points into.
 struct TestDraw {
   DrawRequest request;
   std::vector<int32_t> seen;
   std::vector<std::pair<int32_t, int32_t>> counts;
+  std::vector<TokenBias> biases;
+  std::vector<uint32_t> allowed;
 };
 
 // Logits on a grid of quarter steps, so ties are common, with a fraction of masked (-inf) tokens
@@ -65,11 +67,40 @@ void random_penalty_lists(int64_t vocab, TestDraw& draw) {
     if (rng() % 2) draw.counts.push_back({id, int32_t(1 + rng() % 4)});
 }
 
-// The host's answer for one draw, or the status its error stands for.
-DrawResult host_result(const std::vector<float>& row, const TestDraw& draw) {
+// Random biases in [-100, 100] on a sorted sample of ids.
+void random_biases(int64_t vocab, TestDraw& draw) {
+  auto& rng = testing::rng();
+  std::vector<int32_t> ids;
+  for (int i = 0; i < 1 + int(rng() % 40); ++i) ids.push_back(int32_t(rng() % uint64_t(vocab)));
+  std::ranges::sort(ids);
+  ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
+  for (int32_t id : ids) draw.biases.push_back({id, float(int(rng() % 801) - 400) / 4.0f});
+}
+
+// A mask allowing each token with probability `share` (at least one token).
+void random_mask(int64_t vocab, double share, TestDraw& draw) {
+  auto& rng = testing::rng();
+  std::uniform_real_distribution<double> unit(0.0, 1.0);
+  draw.allowed.assign(size_t((vocab + 31) / 32), 0);
+  for (int64_t id = 0; id < vocab; ++id)
+    if (unit(rng) < share) draw.allowed[size_t(id / 32)] |= 1u << (id % 32);
+  const int64_t one = int64_t(rng() % uint64_t(vocab));
+  draw.allowed[size_t(one / 32)] |= 1u << (one % 32);
+}
+
+// The request with its lists.
+DrawRequest with_lists(const TestDraw& draw) {
   DrawRequest request = draw.request;
   request.seen = draw.seen;
   request.generated_counts = draw.counts;
+  request.logit_bias = draw.biases;
+  request.allowed = draw.allowed;
+  return request;
+}
+
+// The host's answer for one draw, or the status its error stands for.
+DrawResult host_result(const std::vector<float>& row, const TestDraw& draw) {
+  const DrawRequest request = with_lists(draw);
   std::vector<float> scratch_row = row;
   SampleScratch scratch;
   DrawResult result;
@@ -85,7 +116,7 @@ DrawResult host_result(const std::vector<float>& row, const TestDraw& draw) {
   } catch (const Error& e) {
     // The status whose message the backend reports is the host's, word for word.
     result.status = -1;
-    for (int32_t status : {kDrawNan, kDrawAllMasked, kDrawPositiveInf})
+    for (int32_t status : {kDrawNan, kDrawAllMasked, kDrawPositiveInf, kDrawNothingAllowed})
       if (e.what() == std::string(draw_status_message(status))) result.status = status;
   }
   return result;
@@ -96,6 +127,8 @@ std::vector<DrawResult> device_results(const std::vector<float>& logits, int64_t
                                        const std::vector<TestDraw>& draws) {
   std::vector<DeviceDraw> device_draws;
   std::vector<int32_t> seen, counts;
+  std::vector<TokenBias> biases;
+  std::vector<uint32_t> allowed;
   for (const TestDraw& draw : draws) {
     const SamplingParams& p = draw.request.params;
     DeviceDraw d;
@@ -118,11 +151,20 @@ std::vector<DrawResult> device_results(const std::vector<float>& logits, int64_t
       counts.push_back(id);
       counts.push_back(count);
     }
+    d.bias_begin = int64_t(biases.size());
+    d.bias_count = int64_t(draw.biases.size());
+    biases.insert(biases.end(), draw.biases.begin(), draw.biases.end());
+    if (!draw.allowed.empty()) {
+      d.allowed_begin = int64_t(allowed.size());
+      allowed.insert(allowed.end(), draw.allowed.begin(), draw.allowed.end());
+    }
     device_draws.push_back(d);
   }
   DeviceArray<float> device_logits(logits);
   DeviceArray<DeviceDraw> device_draw_array(device_draws);
   DeviceArray<int32_t> device_seen(seen), device_counts(counts);
+  DeviceArray<TokenBias> device_biases(biases);
+  DeviceArray<uint32_t> device_allowed(allowed);
   DeviceArray<DrawResult> results(draws.size());
   DeviceScratch scratch;
   SampleArgs args;
@@ -132,6 +174,8 @@ std::vector<DrawResult> device_results(const std::vector<float>& logits, int64_t
   args.device_draws = device_draw_array.get();
   args.seen = device_seen.get();
   args.generated_counts = device_counts.get();
+  args.biases = device_biases.get();
+  args.allowed = device_allowed.get();
   args.results = results.get();
   sample(args, scratch, test::test_device(), nullptr);
   M1_CUDA_CHECK(cudaDeviceSynchronize());
@@ -142,7 +186,8 @@ std::string describe(const TestDraw& draw) {
   const SamplingParams& p = draw.request.params;
   return "row " + std::to_string(draw.request.row) + " temperature " + std::to_string(p.temperature) +
          " top_k " + std::to_string(p.top_k) + " top_p " + std::to_string(p.top_p) + " min_p " +
-         std::to_string(p.min_p) + " penalties " + std::to_string(!draw.seen.empty()) + " top_logprobs " +
+         std::to_string(p.min_p) + " penalties " + std::to_string(!draw.seen.empty()) + " biases " +
+         std::to_string(draw.biases.size()) + " mask " + std::to_string(!draw.allowed.empty()) + " top_logprobs " +
          std::to_string(p.top_logprobs) + " uniform " + std::to_string(draw.request.uniform);
 }
 
@@ -194,6 +239,9 @@ void check_every_mix(int64_t vocab, int64_t rows) {
       random_penalty_lists(vocab, draw);
     }
     draw.request.params = params;
+    // A grammar's mask on every third draw (wide or narrow), biases on every fourth.
+    if (draws.size() % 3 == 1) random_mask(vocab, draws.size() % 2 ? 0.6 : 0.01, draw);
+    if (draws.size() % 4 == 2) random_biases(vocab, draw);
     // Near the top, but not within rounding of it: there the tokens of negligible weight at the
     // end of the id order would each be a right answer.
     draw.request.uniform = draws.size() % 7 == 3 ? 0.0 : draws.size() % 7 == 5 ? 0.999999 : unit(rng);
@@ -384,11 +432,14 @@ TEST(CudaSampling, BackendSampleMatchesHostOnMixedDraws) {
   for (int choice = 0; choice < 3; ++choice) add(1, 1.0f, 0, 0.95f, 0.0f, 5, true);
   add(1, 0.0f, 0, 1.0f, 0.0f, 20, true);
   add(1, 1.0f, 0, 1.0f, 0.0f, 0, false);
+  // A grammar's masks and logit biases, one choice of the same row with each.
+  add(1, 0.9f, 0, 0.95f, 0.0f, 3, true);
+  random_mask(vocab, 0.05, draws.back());
+  random_biases(vocab, draws.back());
+  add(1, 0.0f, 0, 1.0f, 0.0f, 0, false);
+  random_mask(vocab, 0.5, draws.back());
   // Each draw's own lists, alive for as long as the requests point into them.
-  for (TestDraw& draw : draws) {
-    draw.request.seen = draw.seen;
-    draw.request.generated_counts = draw.counts;
-  }
+  for (TestDraw& draw : draws) draw.request = with_lists(draw);
 
   auto backend = create_backend(BackendOptions{"cuda", 0, Precision::kFast, false});
   Buffer device_logits(*backend, rows, vocab);
@@ -427,6 +478,77 @@ TEST(CudaSampling, BackendSampleMatchesHostOnMixedDraws) {
   }
   EXPECT_NE(outcomes[1].token.id, outcomes[0].token.id) << "the penalised greedy draw kept the raw best";
   EXPECT_NE(outcomes[4].error, "") << "the draw whose penalties leave the row";
+}
+
+// Grammar masks and logit biases with every kind of draw, at awkward sizes and the model's: masks
+// of one token, of tokens whose logits are all -inf (no distribution left), and with penalties.
+TEST(CudaSampling, MasksAndBiasesMatchHost) {
+  M1_REQUIRE_CUDA();
+  for (int64_t vocab : {int64_t(37), int64_t(3001), int64_t(200064)}) {
+    std::vector<float> logits = random_row(vocab, 0.1, 3.0f);
+    const int64_t masked_out = int64_t(std::ranges::find(logits, kNegInf) - logits.begin());
+    std::vector<TestDraw> draws;
+    auto& rng = testing::rng();
+    for (int kind = 0; kind < 12; ++kind) {
+      TestDraw draw;
+      draw.request.params.temperature = kind % 3 == 0 ? 0.0f : 0.8f;
+      draw.request.params.top_k = kind % 4 == 1 ? 20 : 0;
+      draw.request.params.top_p = kind % 5 == 2 ? 0.7f : 1.0f;
+      draw.request.params.top_logprobs = kind % 2 ? 5 : 0;
+      draw.request.uniform = std::uniform_real_distribution<double>(0.0, 1.0)(rng);
+      if (kind == 0 || kind == 1) {  // one token allowed
+        draw.allowed.assign(size_t((vocab + 31) / 32), 0);
+        const int64_t only = int64_t(rng() % uint64_t(vocab));
+        draw.allowed[size_t(only / 32)] |= 1u << (only % 32);
+      } else if (kind == 2 && masked_out < vocab) {  // only a -inf token allowed
+        draw.allowed.assign(size_t((vocab + 31) / 32), 0);
+        draw.allowed[size_t(masked_out / 32)] |= 1u << (masked_out % 32);
+      } else {
+        random_mask(vocab, kind % 2 ? 0.3 : 0.9, draw);
+      }
+      if (kind % 3 == 1) random_biases(vocab, draw);
+      if (kind >= 9) {
+        draw.request.params.repetition_penalty = 1.3f;
+        draw.request.params.frequency_penalty = 0.5f;
+        random_penalty_lists(vocab, draw);
+      }
+      draws.push_back(std::move(draw));
+    }
+    expect_matches_host(logits, vocab, draws);
+    if (masked_out < vocab) {
+      EXPECT_EQ(device_results(logits, vocab, draws)[2].status, kDrawNothingAllowed);
+    }
+  }
+}
+
+// A masked draw gives the same bits alone as beside other draws (their masks never reach it).
+TEST(CudaSampling, MaskedDrawsAreBatchInvariant) {
+  M1_REQUIRE_CUDA();
+  const int64_t vocab = 50001;
+  std::vector<float> logits;
+  for (int r = 0; r < 3; ++r) {
+    const std::vector<float> row = random_row(vocab, 0.0, 2.0f);
+    logits.insert(logits.end(), row.begin(), row.end());
+  }
+  std::vector<TestDraw> draws(6);
+  for (size_t i = 0; i < draws.size(); ++i) {
+    draws[i].request.row = int64_t(i % 3);
+    draws[i].request.params.top_p = 0.9f;
+    draws[i].request.params.top_logprobs = 2;
+    draws[i].request.uniform = 0.1 + 0.15 * double(i);
+    random_mask(vocab, i % 2 ? 0.02 : 0.5, draws[i]);
+    if (i % 2) random_biases(vocab, draws[i]);
+  }
+  const std::vector<DrawResult> together = device_results(logits, vocab, draws);
+  for (size_t i = 0; i < draws.size(); ++i) {
+    TestDraw alone = draws[i];
+    const std::vector<float> row(logits.begin() + alone.request.row * vocab, logits.begin() + (alone.request.row + 1) * vocab);
+    alone.request.row = 0;
+    const DrawResult single = device_results(row, vocab, {alone})[0];
+    EXPECT_EQ(single.status, together[i].status) << "draw " << i;
+    EXPECT_EQ(single.id, together[i].id) << "draw " << i;
+    EXPECT_EQ(std::bit_cast<uint32_t>(single.logprob), std::bit_cast<uint32_t>(together[i].logprob)) << "draw " << i;
+  }
 }
 
 TEST(CudaSampling, RejectsTooManyTopLogprobs) {

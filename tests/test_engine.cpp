@@ -8,6 +8,8 @@
 #include "m1/engine.h"
 #include "m1/generation.h"
 #include "sampling_checks.h"
+#include "schema_validator.h"
+#include "test_support.h"
 
 namespace m1 {
 namespace {
@@ -196,6 +198,100 @@ TEST_F(EngineTest, FullQueueIsBusy) {
   EXPECT_THROW(engine.submit(request(3, 10, 5)), EngineBusy);
   running->cancel();
   EXPECT_EQ(collect(*queued, 1).finish[0], "length");
+}
+
+// A schema whose documents a random model finishes in a few dozen tokens.
+const char* kSmallSchema = R"({"type": "object", "properties": {
+    "mood": {"enum": ["calm", "busy", "odd"]}, "level": {"type": "integer", "minimum": -5, "maximum": 99},
+    "flags": {"type": "array", "items": {"type": "boolean"}, "maxItems": 3},
+    "note": {"type": "string", "maxLength": 6}},
+    "required": ["mood", "level", "flags"], "additionalProperties": false})";
+
+std::shared_ptr<OutputGrammar> small_grammar() {
+  OutputFormat format;
+  format.document = OutputFormat::Document::kSchema;
+  format.schema = nlohmann::ordered_json::parse(kSmallSchema);
+  format.schema_what = "schema";
+  return compile_output_grammar(format);
+}
+
+// Every constrained output that ends with "stop" is a valid document; those cut by max_tokens end
+// with "length". Choices and requests sharing steps keep their own masks: the same outputs as
+// each alone.
+TEST_F(EngineTest, ConstrainedOutputsAreValidAndBatchInvariant) {
+  const testing::SchemaValidator validator(nlohmann::json::parse(kSmallSchema));
+  const int32_t end = *tokenizer_->token_id("<end_of_sentence>");
+  std::vector<GenerationRequest> requests;
+  for (int i = 0; i < 6; ++i) {
+    GenerationRequest r = request(7 * i + 2, 9 + 5 * i, 80, i % 3 == 0 ? 0.0f : 1.0f);
+    r.end_tokens = {end};
+    if (i != 4) r.grammar = small_grammar();  // one unconstrained request shares the steps
+    r.n = i == 1 ? 3 : 1;
+    requests.push_back(r);
+  }
+  std::vector<Outcome> alone_outcomes;
+  {
+    Engine engine(*model_, *tokenizer_, EngineOptions{1, 0, 512, 64});
+    for (GenerationRequest& r : requests) {
+      GenerationRequest single = r;
+      single.n = 1;
+      for (int c = 0; c < r.n; ++c) {
+        single.sampling.seed = r.sampling.seed + uint64_t(c);
+        alone_outcomes.push_back(collect(*engine.submit(single), 1));
+      }
+    }
+  }
+  Engine engine(*model_, *tokenizer_, EngineOptions{8, 0, 96, 64});
+  std::vector<std::shared_ptr<RequestStream>> streams;
+  for (auto& r : requests) streams.push_back(engine.submit(r));
+  size_t k = 0;
+  int documents = 0;
+  for (size_t i = 0; i < requests.size(); ++i) {
+    const Outcome o = collect(*streams[i], requests[i].n);
+    for (int c = 0; c < requests[i].n; ++c, ++k) {
+      SCOPED_TRACE(fmt::format("request {} choice {}", i, c));
+      EXPECT_EQ(o.tokens[size_t(c)], alone_outcomes[k].tokens[0]);
+      if (!requests[i].grammar) continue;
+      if (o.finish[size_t(c)] == "stop") {
+        ++documents;
+        EXPECT_EQ(validator.check_text(o.text[size_t(c)]), "") << o.text[size_t(c)];
+      } else {
+        EXPECT_EQ(o.finish[size_t(c)], "length");
+      }
+    }
+  }
+  EXPECT_GE(documents, 4) << "too few documents finished to check";
+}
+
+// A grammar cut by max_tokens ends with "length"; a whole one ends without the end token.
+TEST_F(EngineTest, ConstrainedOutputsEndWhenWhole) {
+  OutputFormat format;
+  format.document = OutputFormat::Document::kSchema;
+  format.schema = nlohmann::ordered_json::parse(R"({"enum": ["yes", "no"]})");
+  GenerationRequest r = request(5, 12, 30);
+  r.grammar = compile_output_grammar(format);
+  Engine engine(*model_, *tokenizer_, EngineOptions{});
+  const Outcome whole = collect(*engine.submit(r), 1);
+  EXPECT_EQ(whole.finish[0], "stop");
+  EXPECT_TRUE(whole.text[0] == "\"yes\"" || whole.text[0] == "\"no\"") << whole.text[0];
+  r.max_tokens = 1;
+  r.grammar = small_grammar();
+  const Outcome cut = collect(*engine.submit(r), 1);
+  EXPECT_EQ(cut.finish[0], "length");
+  EXPECT_EQ(cut.text[0].substr(0, 1), "{");
+}
+
+TEST_F(EngineTest, LogitBiasSteersEveryDraw) {
+  Engine engine(*model_, *tokenizer_, EngineOptions{});
+  GenerationRequest r = request(9, 10, 6);
+  r.logit_bias = {{97, 100.0f}};  // 'a'
+  const Outcome o = collect(*engine.submit(r), 1);
+  EXPECT_EQ(o.tokens[0], std::vector<int32_t>(6, 97));
+  GenerationRequest bad = request(9, 10, 6);
+  bad.logit_bias = {{int32_t(model_->config().vocab_size), 1.0f}};
+  testing::expect_error([&] { engine.submit(bad); }, {"logit_bias: token id 700 is outside the vocabulary"});
+  bad.logit_bias = {{3, 101.0f}};
+  testing::expect_error([&] { engine.submit(bad); }, {"logit_bias: the bias of token 3 must be in [-100, 100]"});
 }
 
 }  // namespace

@@ -13,6 +13,7 @@
 #include "cpu/softmax_attention.h"
 #include "cpu/threadpool.h"
 #include "m1/dtype.h"
+#include "m1/quantize.h"
 #include "test_support.h"
 
 namespace m1::cpu {
@@ -77,6 +78,64 @@ TEST_F(KernelTest, MatmulRowsDoNotDependOnTheirNeighbours) {
             << "row " << i << " " << dtype_name(dtype) << (ops == Operands::kBf16 ? " bf16" : " fp32");
       }
     }
+}
+
+// The quantized weights the kernel tests cover: int8 with a scale per row, int4 in groups of 32
+// and 64 (so a row has one, several and a partial last group), and both with other group counts.
+const QuantScheme kQuantSchemes[] = {{DType::kQ8, 0}, {DType::kQ4, 32}, {DType::kQ4, 64}, {DType::kQ8, 32}, {DType::kQ4, 0}};
+
+std::string scheme_name(const QuantScheme& s) { return std::string(dtype_name(s.type)) + " group " + std::to_string(s.group_size); }
+
+// The reference product on quantized weights is the product on their dequantized values.
+TEST(QuantizedReferenceTest, IsTheProductOnDequantizedWeights) {
+  const int64_t n = 3, k = 77, m = 5;
+  for (const QuantScheme& scheme : kQuantSchemes) {
+    testing::RandomQuantizedWeight q(scheme, m, k);
+    std::vector<float> dense(size_t(m * k)), x = random_floats(size_t(n * k)), got(size_t(n * m)), want(size_t(n * m));
+    for (int64_t j = 0; j < m; ++j) dequantize_row(q.w, j, dense.data() + j * k);
+    matmul_reference(Mat{x.data(), n, k}, q.w, Mat{got.data(), n, m});
+    matmul_reference(Mat{x.data(), n, k}, Weight{dense.data(), DType::kF32, m, k}, Mat{want.data(), n, m});
+    EXPECT_EQ(got, want) << scheme_name(scheme);
+  }
+}
+
+TEST_F(KernelTest, QuantizedMatmulMatchesReferenceOnAwkwardShapes) {
+  const int64_t shapes[][3] = {{1, 1, 1}, {1, 7, 3}, {2, 15, 9}, {3, 16, 4}, {5, 17, 5}, {4, 33, 67},
+                               {67, 100, 130}, {1, 1000, 7}, {130, 64, 65}, {9, 129, 200}, {2, 300, 33}};
+  for (const QuantScheme& scheme : kQuantSchemes)
+    for (Operands ops : {Operands::kFp32, Operands::kBf16})
+      for (const auto& s : shapes) {
+        const int64_t n = s[0], k = s[1], m = s[2];
+        testing::RandomQuantizedWeight q(scheme, m, k, 0.5f);
+        std::vector<float> x = random_floats(size_t(n * k)), fast(size_t(n * m)), ref(size_t(n * m)), exact(size_t(n * m));
+        matmul(pool_, Mat{x.data(), n, k}, q.w, Mat{fast.data(), n, m}, ops);
+        matmul_reference(Mat{x.data(), n, k}, q.w, Mat{ref.data(), n, m}, ops);
+        matmul_reference(Mat{x.data(), n, k}, q.w, Mat{exact.data(), n, m}, Operands::kFp32);
+        const std::string what = scheme_name(scheme) + (ops == Operands::kBf16 ? " bf16 " : " fp32 ") + std::to_string(n) +
+                                 "x" + std::to_string(k) + "x" + std::to_string(m);
+        EXPECT_LE(relative_error(fast, ref), 1e-5) << what;
+        // bf16 activations and code * scale in bf16 round twice, each by up to 2^-9 relative; a few
+        // terms that cancel (k = 1, 7) magnify it.
+        EXPECT_LE(relative_error(fast, exact), 3e-2) << what;
+      }
+}
+
+// Row i of a product on quantized weights is the same bits alone or among other rows, decode
+// (rows streamed once) and prefill (dequantized blocks) alike, in both precisions.
+TEST_F(KernelTest, QuantizedMatmulRowsDoNotDependOnTheirNeighbours) {
+  const int64_t k = 203, m = 71;
+  for (int64_t n : {2, 3, 9, 37, 70})
+    for (const QuantScheme& scheme : kQuantSchemes)
+      for (Operands ops : {Operands::kFp32, Operands::kBf16}) {
+        testing::RandomQuantizedWeight q(scheme, m, k);
+        std::vector<float> x = random_floats(size_t(n * k)), all(size_t(n * m)), one(static_cast<size_t>(m));
+        matmul(pool_, Mat{x.data(), n, k}, q.w, Mat{all.data(), n, m}, ops);
+        for (int64_t i = 0; i < n; ++i) {
+          matmul(pool_, Mat{x.data() + i * k, 1, k}, q.w, Mat{one.data(), 1, m}, ops);
+          EXPECT_TRUE(std::equal(one.begin(), one.end(), all.begin() + i * m))
+              << "row " << i << " of " << n << " " << scheme_name(scheme) << (ops == Operands::kBf16 ? " bf16" : " fp32");
+        }
+      }
 }
 
 // The vectorised elementwise kernels against their formulas in double, over magnitudes up to
@@ -229,6 +288,31 @@ TEST_F(KernelTest, MoeMatchesReference) {
       EXPECT_LE(relative_error(fast, ref), 1e-5) << n << " tokens, " << experts << " experts";
     }
   }
+}
+
+// Experts (gate, up, down) quantized, the router kept: the MoE against its reference.
+TEST_F(KernelTest, MoeOnQuantizedExpertsMatchesReference) {
+  for (const QuantScheme& scheme : kQuantSchemes)
+    for (auto [n, hidden, ffn, experts, top_k] : {std::tuple{1, 64, 96, 4, 2}, {9, 33, 17, 6, 3}, {70, 64, 96, 8, 2}}) {
+      std::vector<testing::RandomQuantizedWeight> owned;
+      owned.reserve(size_t(3 * experts));
+      RandomWeight router(DType::kBF16, experts, hidden, 1.0f);
+      MoeWeights w;
+      w.top_k = top_k;
+      w.router = router.w;
+      for (int e = 0; e < experts; ++e) {
+        w.w1.push_back(owned.emplace_back(scheme, ffn, hidden, 0.3f).w);
+        w.w3.push_back(owned.emplace_back(scheme, ffn, hidden, 0.3f).w);
+        w.w2.push_back(owned.emplace_back(scheme, hidden, ffn, 0.3f).w);
+      }
+      std::vector<float> x = random_floats(size_t(n * hidden)), fast(size_t(n * hidden)), ref(size_t(n * hidden));
+      for (Operands ops : {Operands::kFp32, Operands::kBf16}) {
+        MoeScratch scratch;
+        moe(pool_, Mat{x.data(), n, hidden}, w, Mat{fast.data(), n, hidden}, ops, scratch);
+        moe_reference(Mat{x.data(), n, hidden}, w, Mat{ref.data(), n, hidden}, ops);
+        EXPECT_LE(relative_error(fast, ref), 1e-5) << n << " tokens, " << scheme_name(scheme);
+      }
+    }
 }
 
 TEST(ThreadPoolTest, RunsEveryTaskOnceAndRethrows) {

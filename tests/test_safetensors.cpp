@@ -110,7 +110,7 @@ void expect_tensor_matches(const m1::Checkpoint& c, const m1::TensorSpec& spec) 
   EXPECT_EQ(t->weight_dtype(), spec.dtype);
   EXPECT_EQ(t->shape, spec.shape);
   ASSERT_EQ(t->nbytes, spec.nbytes());
-  EXPECT_EQ(reinterpret_cast<uintptr_t>(t->data) % m1::dtype_size(spec.dtype), 0u);
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(t->data) % (size_t(m1::dtype_bits(spec.dtype)) / 8), 0u);
   for (size_t i = 0; i < t->nbytes; ++i)
     ASSERT_EQ(t->data[i], pattern_byte(spec.name, i)) << "byte " << i;
   EXPECT_EQ(&c.require(spec.name, spec.shape), t);

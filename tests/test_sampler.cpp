@@ -508,5 +508,115 @@ TEST(Sampler, ValidateAcceptsTheRangeEnds) {
   EXPECT_NO_THROW(validate(high));
 }
 
+// A mask allowing exactly `ids` among `vocab` tokens.
+std::vector<uint32_t> mask_of(size_t vocab, const std::vector<int32_t>& ids) {
+  std::vector<uint32_t> mask((vocab + 31) / 32, 0);
+  for (int32_t id : ids) mask[size_t(id) / 32] |= 1u << (id % 32);
+  return mask;
+}
+
+SampledToken draw_with(const SamplingParams& params, std::vector<float> logits, double uniform,
+                       std::span<const TokenBias> biases, std::span<const uint32_t> allowed,
+                       std::span<const int32_t> seen = {}) {
+  DrawRequest request;
+  request.params = params;
+  request.uniform = uniform;
+  request.logit_bias = biases;
+  request.allowed = allowed;
+  request.seen = seen;
+  SampleScratch scratch;
+  return sample_row(logits, request, scratch);
+}
+
+TEST(Sampler, LogitBiasMovesTheDrawButNotTheLogprob) {
+  const std::vector<float> logits = {3.0f, 1.0f, 0.0f, -2.0f};
+  SamplingParams greedy;
+  greedy.temperature = 0;
+  greedy.top_logprobs = 2;
+  const std::vector<TokenBias> up = {{3, 10.0f}};
+  const SampledToken token = draw_with(greedy, logits, 0.0, up, {});
+  EXPECT_EQ(token.id, 3);
+  EXPECT_NEAR(token.logprob, log_softmax(logits)[3], 1e-6);  // the raw row's
+  ASSERT_EQ(token.top.size(), 2u);
+  EXPECT_EQ(token.top[0].first, 0);  // alternatives from the raw row too
+  // -100 all but removes a token; every other draw of the row avoids it.
+  const std::vector<TokenBias> down = {{0, -100.0f}};
+  EXPECT_EQ(draw_with(greedy, logits, 0.0, down, {}).id, 1);
+  SamplingParams random;
+  for (double u = 0.0; u < 1.0; u += 0.01) EXPECT_NE(draw_with(random, logits, u, down, {}).id, 0) << u;
+  // Through a Sampler, the biases go with every draw.
+  Sampler sampler(greedy, {}, {{2, 5.0f}});
+  std::vector<float> row = logits;
+  EXPECT_EQ(sampler.sample(row).id, 2);
+}
+
+TEST(Sampler, BiasComesBeforeThePenalties) {
+  // logit 1 + bias 1 = 2, then repetition 2: 1; without the bias first it would be 0.5 + 1.
+  const std::vector<float> logits = {1.0f, 1.4f, 1.2f};
+  SamplingParams params;
+  params.temperature = 0;
+  params.repetition_penalty = 2.0f;
+  const std::vector<int32_t> seen = {0, 1};
+  const std::vector<TokenBias> biases = {{0, 1.0f}};
+  // 0: (1 + 1) / 2 = 1.0; 1: 1.4 / 2 = 0.7; 2: 1.2 unpenalised: 2 wins, where bias-after would give 0 1.5.
+  EXPECT_EQ(draw_with(params, logits, 0.0, biases, {}, seen).id, 2);
+}
+
+TEST(Sampler, MaskLimitsEveryKindOfDraw) {
+  const std::vector<float> logits = random_logits(1000, 11);
+  std::vector<int32_t> ids = {3, 64, 65, 500, 999};
+  const std::vector<uint32_t> mask = mask_of(logits.size(), ids);
+  std::vector<SamplingParams> kinds(5);
+  kinds[0].temperature = 0;
+  kinds[1].top_k = 40;
+  kinds[2].top_p = 0.5f;
+  kinds[3].min_p = 0.2f;
+  kinds[4].temperature = 1.7f;
+  for (const SamplingParams& params : kinds)
+    for (double u = 0.0; u < 1.0; u += 0.05) {
+      const int32_t id = draw_with(params, logits, u, {}, mask).id;
+      EXPECT_TRUE(std::ranges::find(ids, id) != ids.end()) << id;
+    }
+  // Greedy: the best allowed token.
+  const int32_t best = *std::ranges::max_element(ids, {}, [&](int32_t id) { return logits[size_t(id)]; });
+  EXPECT_EQ(draw_with(kinds[0], logits, 0.0, {}, mask).id, best);
+  // Frequencies among the allowed ones follow their weights.
+  SamplingParams plain;
+  std::vector<int> counts(logits.size());
+  std::mt19937_64 rng(5);
+  for (int i = 0; i < 4000; ++i) ++counts[size_t(draw_with(plain, logits, std::uniform_real_distribution<double>()(rng), {}, mask).id)];
+  std::vector<double> probs(logits.size(), 0.0);
+  for (int32_t id : ids) probs[size_t(id)] = std::exp(double(logits[size_t(id)]));
+  expect_frequencies(counts, probs);
+}
+
+TEST(Sampler, RefusesAMaskThatLeavesNothing) {
+  std::vector<float> logits = {0.0f, kNegInf, 1.0f};
+  SamplingParams params;
+  const std::vector<uint32_t> only_masked = mask_of(3, {1});
+  expect_error([&] { draw_with(params, logits, 0.5, {}, only_masked); }, kNothingAllowed);
+  const std::vector<uint32_t> none = mask_of(3, {});
+  params.temperature = 0;
+  expect_error([&] { draw_with(params, logits, 0.5, {}, none); }, kNothingAllowed);
+  const std::vector<uint32_t> too_long(2, ~0u);
+  expect_error([&] { draw_with(params, logits, 0.5, {}, too_long); }, "an allowed-token mask of 2 words does not fit 3 logits");
+  const std::vector<TokenBias> outside = {{3, 1.0f}};
+  expect_error([&] { draw_with(params, logits, 0.5, outside, {}); }, "token id 3 is outside the vocabulary");
+}
+
+TEST(Sampler, CheckLogitBiasNamesTheBadEntry) {
+  std::vector<TokenBias> fine = {{5, 1.0f}, {2, -100.0f}, {9, 100.0f}};
+  check_logit_bias(fine, 10);
+  EXPECT_EQ(fine[0].id, 2);  // sorted
+  const auto refuse = [](std::vector<TokenBias> biases, const std::string& message) {
+    expect_error([&] { check_logit_bias(biases, 10); }, message);
+  };
+  refuse({{10, 1.0f}}, "logit_bias: token id 10 is outside the vocabulary of 10 tokens");
+  refuse({{-1, 1.0f}}, "logit_bias: token id -1 is outside");
+  refuse({{1, 1.0f}, {1, 2.0f}}, "logit_bias: token id 1 is given twice");
+  refuse({{1, 100.5f}}, "logit_bias: the bias of token 1 must be in [-100, 100], got 100.5");
+  refuse({{1, kNaN}}, "logit_bias: the bias of token 1 must be in [-100, 100], got nan");
+}
+
 }  // namespace
 }  // namespace m1

@@ -9,6 +9,7 @@
 
 #include "m1/chat.h"
 #include "m1/tokenizer.h"
+#include "schema_validator.h"
 #include "server_harness.h"
 
 namespace {
@@ -231,8 +232,16 @@ TEST_F(ServerTest, ClientErrorsAreOpenAiErrors) {
       {"n zero", chat, "{" + user + R"(, "n": 0})", 400, "invalid_request_error", "n"},
       {"invalid UTF-8", chat, "{\"messages\": [{\"role\": \"user\", \"content\": \"\xc3\x28\"}]}", 400,
        "invalid_request_error", "messages[0].content"},
-      {"JSON mode", chat, "{" + user + R"(, "response_format": {"type": "json_object"}})", 400, "invalid_request_error",
-       "response_format"},
+      {"JSON schema with an unsupported keyword", chat,
+       "{" + user + R"(, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema":
+           {"type": "object", "properties": {"n": {"type": "integer", "multipleOf": 3}}}}}})",
+       400, "invalid_request_error", "response_format"},
+      {"a strict tool with an unsupported keyword", chat,
+       "{" + user + R"(, "tools": [{"type": "function", "function": {"name": "f", "strict": true,
+           "parameters": {"type": "object", "patternProperties": {}}}}]})",
+       400, "invalid_request_error", "tools"},
+      {"logit_bias out of range", chat, "{" + user + R"(, "logit_bias": {"5": 101}})", 400, "invalid_request_error",
+       "logit_bias"},
       {"unknown tool", chat,
        "{" + user + R"(, "tools": [{"type": "function", "function": {"name": "f"}}],
            "tool_choice": {"type": "function", "function": {"name": "g"}}})",
@@ -267,9 +276,9 @@ TEST_F(ServerTest, ClientErrorsAreOpenAiErrors) {
 // writes the call up to its arguments. The random model never completes the call, so what the
 // forcing wrote comes back as content, as the parser keeps unfinished tool blocks.
 TEST_F(ServerTest, ToolChoiceForcesACall) {
-  ordered_json request = chat_request("What is the weather in Paris?", 12);
+  ordered_json request = chat_request("What is the weather in Paris?", 40);
   request["tools"] = ordered_json::parse(R"([{"type": "function", "function": {"name": "get_weather",
-      "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}])");
+      "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8}}}}}])");
   const size_t base = chat_prompt_tokens(request["messages"], request["tools"]);
   const std::string opening = R"({"name": "get_weather", "arguments": )";
   const size_t block_tokens = tokenizer_->encode("<tool_calls>\n").size();
@@ -286,10 +295,131 @@ TEST_F(ServerTest, ToolChoiceForcesACall) {
   EXPECT_EQ(prompt_tokens("required").json["usage"]["prompt_tokens"], base + block_tokens);
   const Reply named = prompt_tokens({{"type", "function"}, {"function", {{"name", "get_weather"}}}});
   EXPECT_EQ(named.json["usage"]["prompt_tokens"], base + block_tokens + opening_tokens);
-  const ordered_json& message = named.json["choices"][0]["message"];
-  EXPECT_NE(message["content"].get<std::string>().find(opening), std::string::npos) << message.dump();
-  EXPECT_FALSE(message.contains("tool_calls"));
-  EXPECT_EQ(named.json["choices"][0]["finish_reason"], "length");
+  // The call the model completes follows the function's schema.
+  const ordered_json& choice = named.json["choices"][0];
+  ASSERT_EQ(choice["finish_reason"], "tool_calls") << named.body;
+  EXPECT_EQ(choice["message"]["tool_calls"][0]["function"]["name"], "get_weather");
+  const SchemaValidator validator(nlohmann::json::parse(request["tools"][0]["function"]["parameters"].dump()));
+  EXPECT_EQ(validator.check_text(choice["message"]["tool_calls"][0]["function"]["arguments"]), "") << named.body;
+}
+
+// The token the model opens its reasoning with, biased away so that the random model answers at
+// once (as a client that wants no reasoning does).
+ordered_json no_reasoning(const m1::Tokenizer& tokenizer) {
+  return {{std::to_string(*tokenizer.token_id("<think>")), -100}};
+}
+
+const char* kAnswerSchema = R"({"type": "object", "properties": {
+    "answer": {"enum": ["yes", "no", "maybe"]}, "confidence": {"type": "integer", "minimum": 0, "maximum": 100},
+    "tags": {"type": "array", "items": {"type": "string", "maxLength": 5}, "maxItems": 2},
+    "source": {"anyOf": [{"type": "null"}, {"type": "string", "format": "date"}]}},
+    "required": ["answer", "confidence", "tags", "source"], "additionalProperties": false})";
+
+// response_format json_schema through chat and completions, whole and streamed, n > 1, and all
+// of them at once: every output that ends with "stop" is a valid document, each the same as alone.
+TEST_F(ServerTest, JsonSchemaResponsesAreValid) {
+  const SchemaValidator validator(nlohmann::json::parse(kAnswerSchema));
+  const ordered_json format = {{"type", "json_schema"},
+                               {"json_schema", {{"name", "answer"}, {"schema", ordered_json::parse(kAnswerSchema)}, {"strict", true}}}};
+  struct Case {
+    std::string path;
+    ordered_json request;
+    bool stream;
+  };
+  std::vector<Case> cases;
+  for (int i = 0; i < 6; ++i) {
+    const bool chat = i % 3 != 2;
+    ordered_json request = chat ? chat_request("Answer in JSON, please " + std::to_string(i), 120)
+                                : completion_request("JSON: " + std::to_string(i), 120);
+    request["response_format"] = format;
+    request["temperature"] = 1.0;
+    request["seed"] = 100 + i;
+    request["n"] = i == 0 ? 3 : 1;
+    if (chat) request["logit_bias"] = no_reasoning(*tokenizer_);
+    cases.push_back({chat ? "/v1/chat/completions" : "/v1/completions", request, i % 2 == 1});
+  }
+  const auto answer = [&](const Case& c) {
+    std::vector<std::pair<std::string, std::string>> choices;  // (text, finish reason)
+    if (c.stream) {
+      const Stream stream = client().stream(c.path, streamed(c.request));
+      for (int k = 0; k < c.request["n"].get<int>(); ++k) choices.emplace_back(text_of(stream, k), finish_of(stream, k));
+    } else {
+      const Reply reply = client().post(c.path, c.request);
+      EXPECT_EQ(reply.status, 200) << reply.body;
+      for (size_t k = 0; k < reply.json["choices"].size(); ++k)
+        choices.emplace_back(text_of(reply.json, k), reply.json["choices"][k]["finish_reason"]);
+    }
+    return choices;
+  };
+  std::vector<std::vector<std::pair<std::string, std::string>>> sequential;
+  for (const Case& c : cases) sequential.push_back(answer(c));
+  std::vector<std::future<std::vector<std::pair<std::string, std::string>>>> concurrent;
+  for (const Case& c : cases) concurrent.push_back(std::async(std::launch::async, answer, c));
+  int documents = 0;
+  for (size_t i = 0; i < cases.size(); ++i) {
+    EXPECT_EQ(concurrent[i].get(), sequential[i]) << "request " << i;
+    for (const auto& [text, finish] : sequential[i]) {
+      if (finish == "length") continue;
+      EXPECT_EQ(finish, "stop");
+      EXPECT_EQ(validator.check_text(text), "") << "request " << i << ": " << text;
+      ++documents;
+    }
+  }
+  EXPECT_GE(documents, 6) << "too few documents finished to check";
+}
+
+TEST_F(ServerTest, JsonObjectModeGivesAnObject) {
+  ordered_json request = chat_request("An object, please.", 200);
+  request["response_format"] = {{"type", "json_object"}};
+  request["logit_bias"] = no_reasoning(*tokenizer_);
+  // Short keys and values: bias the closing quote up so that strings end soon.
+  request["logit_bias"][std::to_string(tokenizer_->encode("\"", m1::AddedTokens::kLiteral)[0])] = 8;
+  const Reply reply = client().post("/v1/chat/completions", request);
+  ASSERT_EQ(reply.status, 200) << reply.body;
+  const std::string text = text_of(reply.json);
+  EXPECT_EQ(text.substr(0, 1), "{") << text;
+  if (reply.json["choices"][0]["finish_reason"] == "stop") {
+    EXPECT_TRUE(nlohmann::json::parse(text).is_object()) << text;
+  }
+}
+
+// Strict tools: the calls the model makes name a tool and hold arguments its schema accepts.
+TEST_F(ServerTest, StrictToolCallsFollowTheirSchemas) {
+  const char* parameters = R"({"type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]},
+      "days": {"type": "integer", "minimum": 1, "maximum": 7}}, "required": ["city", "days"], "additionalProperties": false})";
+  ordered_json request = chat_request("Weather?", 80);
+  request["tools"] = {{{"type", "function"},
+                       {"function", {{"name", "forecast"}, {"strict", true}, {"parameters", ordered_json::parse(parameters)}}}},
+                      {{"type", "function"}, {"function", {{"name", "noop"}, {"strict", true}}}}};
+  request["tool_choice"] = "required";
+  request["temperature"] = 1.0;
+  const SchemaValidator forecast(nlohmann::json::parse(parameters));
+  int calls = 0;
+  for (int seed = 0; seed < 4; ++seed) {
+    request["seed"] = seed;
+    const Reply reply = client().post("/v1/chat/completions", request);
+    ASSERT_EQ(reply.status, 200) << reply.body;
+    const ordered_json& choice = reply.json["choices"][0];
+    if (choice["finish_reason"] == "length") continue;
+    ASSERT_EQ(choice["finish_reason"], "tool_calls") << reply.body;
+    for (const ordered_json& call : choice["message"]["tool_calls"]) {
+      const std::string name = call["function"]["name"];
+      const std::string arguments = call["function"]["arguments"];
+      if (name == "forecast") EXPECT_EQ(forecast.check_text(arguments), "") << arguments;
+      else EXPECT_EQ(name + arguments, "noop{}");
+      ++calls;
+    }
+  }
+  EXPECT_GE(calls, 2) << "too few calls finished to check";
+}
+
+TEST_F(ServerTest, LogitBiasSteersTheOutput) {
+  ordered_json request = completion_request("Once", 5);
+  const int32_t a = tokenizer_->encode("a", m1::AddedTokens::kLiteral)[0];
+  request["logit_bias"] = {{std::to_string(a), 100}};
+  const Reply reply = client().post("/v1/completions", request);
+  ASSERT_EQ(reply.status, 200) << reply.body;
+  EXPECT_EQ(text_of(reply.json), "aaaaa");
 }
 
 TEST_F(ServerTest, TokenizeAndDetokenize) {

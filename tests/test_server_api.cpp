@@ -82,11 +82,12 @@ GenerationEvent finish(std::string reason, std::string text = "", int choice = 0
   return e;
 }
 
-GenerationEvent done(int64_t prompt_tokens, int64_t completion_tokens) {
+GenerationEvent done(int64_t prompt_tokens, int64_t completion_tokens, int64_t cached_tokens = 0) {
   GenerationEvent e;
   e.kind = GenerationEvent::Kind::kDone;
   e.prompt_tokens = prompt_tokens;
   e.completion_tokens = completion_tokens;
+  e.cached_tokens = cached_tokens;
   return e;
 }
 
@@ -95,7 +96,7 @@ std::vector<GenerationEvent> thinking_tool_turn(int32_t end_of_turn) {
   return {token(10, "<think>"), token(11, "Paris is"), token(12, " in France."), token(13, "</think>"),
           token(14, "\n\nLet me check."), token(15, "<tool_calls>"),
           token(16, "\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n"), token(17, "</tool_calls>"),
-          token(end_of_turn, ""), finish("stop"), done(20, 9)};
+          token(end_of_turn, ""), finish("stop"), done(20, 9, 16)};
 }
 
 ResponseMeta meta() { return {"chatcmpl-test", 1700000000, "tiny"}; }
@@ -177,7 +178,19 @@ TEST_F(ServerApiTest, ChatRequestErrors) {
            {R"({"top_logprobs": 2})", "top_logprobs"},
            {R"({"logprobs": true, "top_logprobs": 21})", "top_logprobs"},
            {R"({"stream_options": {"include_usage": true}})", "stream_options"},
-           {R"({"response_format": {"type": "json_object"}})", "response_format"},
+           {R"({"response_format": {"type": "json"}})", "response_format"},
+           {R"({"response_format": {"type": "json_schema"}})", "response_format"},
+           {R"({"response_format": {"type": "json_schema", "json_schema": {"name": "a b", "schema": {}}}})", "response_format"},
+           {R"({"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object", "not": {}}}}})",
+            "response_format"},
+           {R"({"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {"enum": []}}}})",
+            "response_format"},
+           {R"({"logit_bias": [1]})", "logit_bias"},
+           {R"({"logit_bias": {"x": 1}})", "logit_bias"},
+           {R"({"logit_bias": {"1": "high"}})", "logit_bias"},
+           {R"({"tools": [{"type": "function", "function": {"name": "f", "strict": "yes"}}]})", "tools"},
+           {R"({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "not": {}}}}],
+               "tool_choice": "required"})", "tools"},
            {R"({"tool_choice": "required"})", "tool_choice"},
            {R"({"messages": [{"role": "robot", "content": "hi"}]})", "messages[0].role"},
            {R"({"messages": []})", "messages"},
@@ -254,6 +267,19 @@ TEST_F(ServerApiTest, CompletionPrompts) {
   EXPECT_EQ(job.generation.sampling.top_logprobs, 2);
 }
 
+// Requests share cached prompt states only with the same API key and cache_salt.
+TEST_F(ServerApiTest, CacheScopesSeparateKeysAndSalts) {
+  const CompletionJob salted = parse_chat_request(
+      ordered_json::parse(R"({"messages": [{"role": "user", "content": "hi"}], "cache_salt": "s1"})"), served());
+  EXPECT_EQ(salted.cache_salt, "s1");
+  EXPECT_FALSE(parse_completion_request(ordered_json::parse(R"({"prompt": "a"})"), served()).cache_salt);
+  const std::string key = "0123456789abcdef";
+  const std::vector<std::string> scopes = {cache_scope("", std::nullopt), cache_scope("", "s1"), cache_scope(key, std::nullopt),
+                                           cache_scope(key, "s1"), cache_scope(key, "s2"), cache_scope("", key + "/s1")};
+  for (size_t i = 0; i < scopes.size(); ++i)
+    for (size_t j = i + 1; j < scopes.size(); ++j) EXPECT_NE(scopes[i], scopes[j]) << i << " and " << j;
+}
+
 // --- Responses -----------------------------------------------------------------------------------
 
 TEST_F(ServerApiTest, ChatResponseSplitsReasoningContentAndToolCalls) {
@@ -275,7 +301,8 @@ TEST_F(ServerApiTest, ChatResponseSplitsReasoningContentAndToolCalls) {
   EXPECT_EQ(call["function"]["arguments"], R"({"city": "Paris"})");
   EXPECT_TRUE(call["id"].get<std::string>().starts_with("call_"));
   EXPECT_TRUE(choice["logprobs"].is_null());
-  EXPECT_EQ(response["usage"], ordered_json::parse(R"({"prompt_tokens": 20, "completion_tokens": 9, "total_tokens": 29})"));
+  EXPECT_EQ(response["usage"], ordered_json::parse(R"({"prompt_tokens": 20, "completion_tokens": 9, "total_tokens": 29,
+                                                        "prompt_tokens_details": {"cached_tokens": 16}})"));
 }
 
 TEST_F(ServerApiTest, OnlyToolCallsMeansNullContent) {
@@ -399,6 +426,9 @@ TEST(ServerMetrics, PrometheusText) {
   stats.requests_cancelled = 1;
   stats.time_to_first_token.observe(0.003);
   stats.time_to_first_token.observe(0.2);
+  stats.cache.hits = 3;
+  stats.cache.hit_tokens = 4096;
+  stats.cache.disk_rejected = 1;
   const std::string text = prometheus_text({{200, 5}, {400, 1}}, stats);
   for (const char* line : {"# TYPE m1_requests_total counter", "m1_requests_total{status=\"200\"} 5",
                            "m1_requests_total{status=\"400\"} 1", "m1_prompt_tokens_total 12", "m1_requests_running 2",
@@ -407,7 +437,10 @@ TEST(ServerMetrics, PrometheusText) {
                            "m1_time_to_first_token_seconds_bucket{le=\"0.0025\"} 0",
                            "m1_time_to_first_token_seconds_bucket{le=\"0.005\"} 1",
                            "m1_time_to_first_token_seconds_bucket{le=\"+Inf\"} 2",
-                           "m1_time_to_first_token_seconds_count 2", "m1_inter_token_latency_seconds_count 0"})
+                           "m1_time_to_first_token_seconds_count 2", "m1_inter_token_latency_seconds_count 0",
+                           "# TYPE m1_prefix_cache_hits_total counter", "m1_prefix_cache_hits_total 3",
+                           "m1_prefix_cache_hit_tokens_total 4096", "m1_prefix_cache_misses_total 0",
+                           "# TYPE m1_prefix_cache_bytes gauge", "m1_prefix_cache_disk_rejected_total 1"})
     EXPECT_NE(text.find(std::string(line) + "\n"), std::string::npos) << line;
 }
 

@@ -22,6 +22,7 @@
 #include "m1/backends.h"
 #include "m1/dtype.h"
 #include "m1/error.h"
+#include "m1/quantize.h"
 
 namespace m1::testing {
 
@@ -101,7 +102,7 @@ inline std::vector<float> random_floats(size_t n, float scale = 1.0f) { return r
 
 // `values` stored in `dtype`, rounded as the model's weights are.
 inline std::vector<uint8_t> encode(DType dtype, const std::vector<float>& values) {
-  std::vector<uint8_t> bytes(values.size() * dtype_size(dtype));
+  std::vector<uint8_t> bytes(matrix_bytes(dtype, 1, int64_t(values.size())));
   for (size_t i = 0; i < values.size(); ++i) {
     if (dtype == DType::kF32) {
       std::memcpy(&bytes[4 * i], &values[i], 4);
@@ -126,6 +127,14 @@ struct RandomWeight {
   RandomWeight(RandomWeight&&) = default;
   RandomWeight(const RandomWeight&) = delete;
   RandomWeight& operator=(const RandomWeight&) = delete;
+};
+
+// A quantized weight of random N(0, scale^2) values (quantized from bf16): moving keeps it valid.
+struct RandomQuantizedWeight {
+  QuantizedWeight quantized;
+  Weight w;
+  RandomQuantizedWeight(const QuantScheme& scheme, int64_t rows, int64_t cols, float scale = 1.0f)
+      : quantized(quantize(RandomWeight(DType::kBF16, rows, cols, scale).w, scheme, "random")), w(quantized.weight()) {}
 };
 
 // The bytes of a [rows, cols] weight stored in `dtype`: one random block of `block_rows` rows

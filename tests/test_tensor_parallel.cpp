@@ -19,6 +19,8 @@
 #include "forwarding_backend.h"
 #include "golden_support.h"
 #include "m1/model.h"
+#include "m1/quantize.h"
+#include "m1/state_snapshot.h"
 #include "m1/sharding.h"
 #include "m1/synthetic.h"
 #include "m1/weights.h"
@@ -46,7 +48,7 @@ BackendOptions cpu_ranks(int ranks, Precision precision = Precision::kExact) {
 Group load_group(const std::string& dir, int ranks, MoeParallel moe = MoeParallel::kTensor) {
   Group g;
   g.backends = create_backends(cpu_ranks(ranks));
-  g.model = Model::load(dir, rank_pointers(g.backends), ShardOptions{moe});
+  g.model = Model::load(dir, rank_pointers(g.backends), LoadOptions{.shard = ShardOptions{moe}});
   return g;
 }
 
@@ -54,7 +56,7 @@ Group random_group(const ModelConfig& config, int ranks, MoeParallel moe = MoePa
   Group g;
   g.backends = create_backends(cpu_ranks(ranks));
   g.model = std::make_unique<Model>(config, random_checkpoint(config, DType::kBF16, seed), rank_pointers(g.backends),
-                                    ShardOptions{moe});
+                                    LoadOptions{.shard = ShardOptions{moe}});
   return g;
 }
 
@@ -134,43 +136,72 @@ TEST(Sharding, RefusesWhatTheRanksDoNotDivide) {
 }
 
 // A [3, 5] F32 tensor whose element (r, c) is 10r + c.
-struct NumberedTensor {
+// A [rows, cols] F32 weight whose element (r, c) is 10r + c.
+struct NumberedWeight {
   std::vector<float> values;
-  TensorView view;
-  NumberedTensor(int64_t rows = 3, int64_t cols = 5) {
+  Weight weight;
+  NumberedWeight(int64_t rows = 3, int64_t cols = 5) {
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t c = 0; c < cols; ++c) values.push_back(float(10 * r + c));
-    view = TensorView{"t", "(test)", "F32", {rows, cols}, reinterpret_cast<const std::byte*>(values.data()),
-                      values.size() * sizeof(float)};
+    weight = Weight{values.data(), DType::kF32, rows, cols};
   }
 };
 
-std::vector<float> floats(const TensorView& v) {
-  const auto* p = reinterpret_cast<const float*>(v.data);
-  return {p, p + v.nbytes / sizeof(float)};
+std::vector<float> floats(const Weight& w) {
+  const auto* p = static_cast<const float*>(w.data);
+  return {p, p + w.rows * w.cols};
 }
 
 TEST(Sharding, CutsRowsAndColumns) {
-  NumberedTensor t;
+  NumberedWeight t;
   using Axis = TensorSlice::Axis;
-  SlicedTensor rows = slice_tensor(t.view, {Axis::kRows, {{1, 2}}});
-  EXPECT_EQ(rows.storage, nullptr);  // one run of rows: a view
-  EXPECT_EQ(rows.view.shape, (std::vector<int64_t>{2, 5}));
-  EXPECT_EQ(floats(rows.view), (std::vector<float>{10, 11, 12, 13, 14, 20, 21, 22, 23, 24}));
-  SlicedTensor columns = slice_tensor(t.view, {Axis::kColumns, {{3, 2}}});
-  EXPECT_NE(columns.storage, nullptr);
-  EXPECT_EQ(columns.view.shape, (std::vector<int64_t>{3, 2}));
-  EXPECT_EQ(floats(columns.view), (std::vector<float>{3, 4, 13, 14, 23, 24}));
-  SlicedTensor gathered = slice_tensor(t.view, {Axis::kRows, {{2, 1}, {0, 1}, {2, 1}}});
-  EXPECT_EQ(floats(gathered.view), (std::vector<float>{20, 21, 22, 23, 24, 0, 1, 2, 3, 4, 20, 21, 22, 23, 24}));
+  SlicedWeight rows = slice_weight(t.weight, {Axis::kRows, {{1, 2}}}, "t");
+  EXPECT_EQ(rows.data, nullptr);  // one run of rows: a view
+  EXPECT_EQ(rows.weight.rows, 2);
+  EXPECT_EQ(floats(rows.weight), (std::vector<float>{10, 11, 12, 13, 14, 20, 21, 22, 23, 24}));
+  SlicedWeight columns = slice_weight(t.weight, {Axis::kColumns, {{3, 2}}}, "t");
+  EXPECT_NE(columns.data, nullptr);
+  EXPECT_EQ(columns.weight.cols, 2);
+  EXPECT_EQ(floats(columns.weight), (std::vector<float>{3, 4, 13, 14, 23, 24}));
+  SlicedWeight gathered = slice_weight(t.weight, {Axis::kRows, {{2, 1}, {0, 1}, {2, 1}}}, "t");
+  EXPECT_EQ(floats(gathered.weight), (std::vector<float>{20, 21, 22, 23, 24, 0, 1, 2, 3, 4, 20, 21, 22, 23, 24}));
   // A vector's only axis is its columns: a run of them is a view.
-  NumberedTensor vector(1, 6);
-  vector.view.shape = {6};
-  SlicedTensor part = slice_tensor(vector.view, {Axis::kColumns, {{2, 3}}});
-  EXPECT_EQ(part.storage, nullptr);
-  EXPECT_EQ(part.view.shape, (std::vector<int64_t>{3}));
-  EXPECT_EQ(floats(part.view), (std::vector<float>{2, 3, 4}));
-  testing::expect_error([&] { slice_tensor(t.view, {Axis::kColumns, {{4, 2}}}); }, {"t", "columns [4, 6)", "5"});
+  NumberedWeight vector(1, 6);
+  SlicedWeight part = slice_weight(vector.weight, {Axis::kColumns, {{2, 3}}}, "v");
+  EXPECT_EQ(part.data, nullptr);
+  EXPECT_EQ(floats(part.weight), (std::vector<float>{2, 3, 4}));
+  testing::expect_error([&] { slice_weight(t.weight, {Axis::kColumns, {{4, 2}}}, "t"); }, {"t", "columns [4, 6)", "5"});
+}
+
+// Quantized weights are cut with their scales: rows with their scale rows, columns on groups with
+// the groups' scales (one scale per row: the row's scale), codes exactly those of the whole.
+TEST(Sharding, CutsQuantizedWeightsWithTheirScales) {
+  std::vector<float> values;
+  const int64_t rows = 5, cols = 96;
+  for (int64_t i = 0; i < rows * cols; ++i) values.push_back(std::sin(float(i) * 0.37f));
+  const Weight source{values.data(), DType::kF32, rows, cols};
+  using Axis = TensorSlice::Axis;
+  for (const QuantScheme scheme : {QuantScheme{DType::kQ4, 32}, QuantScheme{DType::kQ8, 0}}) {
+    const QuantizedWeight whole = quantize(source, scheme, "w");
+    const Weight& w = whole.weight();
+    for (const TensorSlice& slice : {TensorSlice{Axis::kRows, {{3, 2}, {0, 1}}}, TensorSlice{Axis::kColumns, {{32, 64}}},
+                                     TensorSlice{Axis::kColumns, {{64, 32}, {0, 32}}}}) {
+      const SlicedWeight part = slice_weight(w, slice, "w");
+      int64_t at = 0;
+      for (const Range& r : slice.ranges)
+        for (int64_t i = 0; i < r.count; ++i, ++at)
+          for (int64_t j = 0; j < (slice.axis == Axis::kRows ? cols : rows); ++j) {
+            const bool by_rows = slice.axis == Axis::kRows;
+            const int64_t pr = by_rows ? at : j, pc = by_rows ? j : at;
+            const int64_t wr = by_rows ? r.begin + i : j, wc = by_rows ? j : r.begin + i;
+            ASSERT_EQ(weight_value(part.weight, pr, pc), weight_value(w, wr, wc))
+                << dtype_name(scheme.type) << " element (" << pr << ", " << pc << ")";
+          }
+    }
+  }
+  const QuantizedWeight int4 = quantize(source, QuantScheme{DType::kQ4, 32}, "w");
+  testing::expect_error([&] { slice_weight(int4.weight(), {Axis::kColumns, {{16, 48}}}, "w"); },
+                        {"w", "96 inputs", "column 16", "group of 32"});
 }
 
 // Every rank's part of every weight, put back together, is the whole tensor.
@@ -511,6 +542,108 @@ TEST(TensorParallel, StatesServeOnlyTheirModel) {
   expect_refused(*two.model, *one);
   expect_refused(*one, *two.model);
   expect_refused(*two.model, *other.model);
+}
+
+// --- With quantized weights and the prefix cache --------------------------------------------
+
+Group quantized_group(const ModelConfig& config, int ranks, const QuantScheme& scheme) {
+  Group g;
+  g.backends = create_backends(cpu_ranks(ranks));
+  g.model = std::make_unique<Model>(config, random_checkpoint(config, DType::kBF16, 5), rank_pointers(g.backends),
+                                    LoadOptions{.quantize = scheme});
+  return g;
+}
+
+// Quantized at load, each rank quantizes its own slice, and the splits of the row-parallel
+// products' inputs fall on the int4 groups: N ranks hold exactly the codes and scales of one, so
+// the logits differ from one rank's only in the order of the sums, and greedy output is the same.
+TEST(TensorParallel, QuantizedAtLoadGivesOneRanksOutput) {
+  ModelConfig c = shaped(6, 2, 32, 6);  // out_proj: 192 inputs, 96 or 64 a rank (groups of 32)
+  c.intermediate_size = 160;            // over 2 ranks 96 + 64, over 3 64 + 64 + 32: on groups
+  c = parse_config(config_to_json(c), "test config");
+  const std::vector<int32_t> prompt{3, 141, 59, 26, 535, 89, 79, 323, 84, 626, 43};
+  for (const QuantScheme scheme : {QuantScheme{DType::kQ8, 0}, QuantScheme{DType::kQ4, 32}}) {
+    Group one = quantized_group(c, 1, scheme);
+    const std::vector<float> want = testing::run_chunked(*one.model, prompt, {int64_t(prompt.size())});
+    const std::vector<int32_t> tokens = greedy(*one.model, prompt, 8);
+    for (int ranks : {2, 3}) {
+      SCOPED_TRACE(fmt::format("{} over {} ranks", dtype_name(scheme.type), ranks));
+      Group g = quantized_group(c, ranks, scheme);
+      const std::vector<size_t> bytes = g.model->rank_weight_bytes();
+      EXPECT_LT(bytes[1], one.model->rank_weight_bytes()[0] * 7 / 10);  // quantized bytes, a share of them
+      EXPECT_LE(relative_error(testing::run_chunked(*g.model, prompt, {5, 1}), want), kExactBound);
+      EXPECT_EQ(greedy(*g.model, prompt, 8), tokens);
+    }
+  }
+  // Too few inputs for whole groups: the split cannot fall on one, and the load says so.
+  ModelConfig narrow = shaped(6, 2, 8, 6);  // out_proj: 48 inputs, 24 a rank
+  testing::expect_error([&] { quantized_group(narrow, 2, QuantScheme{DType::kQ4, 32}); },
+                        {"48 inputs", "column 24", "group of 32"});
+}
+
+// A compressed-tensors checkpoint (m1-quantize's) is sliced in place, packed codes and scale rows:
+// two ranks give one rank's greedy output and logits.
+TEST(TensorParallel, CompressedTensorsCheckpointOverRanks) {
+  namespace fs = std::filesystem;
+  const fs::path out = fs::temp_directory_path() / ("m1-tp-int4-" + std::to_string(::getpid()));
+  fs::remove_all(out);
+  const std::string golden = testing::golden_root() + "tiny-bf16";
+  const auto made = testing::run_command(std::string(M1_BIN_DIR) + "/m1-quantize --model " + golden + " --out " +
+                                         out.string() + " --quantize int4");
+  ASSERT_EQ(made.status, 0) << made.err;
+  const std::vector<int32_t> prompt{1, 20, 300, 45, 6, 78};
+  Group one = load_group(out.string(), 1), two = load_group(out.string(), 2);
+  EXPECT_LE(relative_error(testing::run_chunked(*two.model, prompt, {4, 2}),
+                           testing::run_chunked(*one.model, prompt, {int64_t(prompt.size())})),
+            kExactBound);
+  EXPECT_EQ(greedy(*two.model, prompt, 8), greedy(*one.model, prompt, 8));
+  fs::remove_all(out);
+}
+
+// A sharded sequence's state in its portable form: each rank's heads and KV heads put together,
+// restored into a new state that goes on as the original; snapshots record the group.
+TEST(TensorParallel, StatesSnapshotAndRestoreAcrossRanks) {
+  for (auto [config, ranks] : {std::pair{shaped(6, 2, 8, 6), 3}, std::pair{shaped(6, 3, 8, 6), 2}}) {
+    SCOPED_TRACE(fmt::format("{} KV heads over {} ranks", config.num_key_value_heads, ranks));
+    Group g = random_group(config, ranks);
+    Group one = random_group(config, 1);
+    const std::vector<int32_t> prompt{3, 141, 59, 26, 535, 89, 79, 323};
+    auto seq = g.model->new_sequence();
+    StepLogits out;
+    BatchEntry e{seq.get(), prompt, LogitsFor::kLast};
+    g.model->forward({&e, 1}, out);
+    const StateCopy copy = copy_state(*seq);
+    // The portable form is the whole model's: one rank's state of the same prompt has its layout.
+    auto whole = one.model->new_sequence();
+    BatchEntry w{whole.get(), prompt, LogitsFor::kLast};
+    one.model->forward({&w, 1}, out);
+    const StateCopy one_copy = copy_state(*whole);
+    ASSERT_EQ(copy.kv.size(), one_copy.kv.size());
+    ASSERT_EQ(copy.lightning.size(), one_copy.lightning.size());
+    auto floats_of = [](const std::vector<std::byte>& b) {
+      const auto* p = reinterpret_cast<const float*>(b.data());
+      return std::vector<float>(p, p + b.size() / sizeof(float));
+    };
+    EXPECT_LE(relative_error(floats_of(copy.lightning), floats_of(one_copy.lightning)), kExactBound);
+
+    auto restored = restore_state(*g.model, copy.pieces());
+    EXPECT_EQ(copy_state(*restored).kv, copy.kv);
+    EXPECT_EQ(copy_state(*restored).lightning, copy.lightning);
+    std::vector<int32_t> a, b;
+    for (auto* state : {seq.get(), restored.get()}) {
+      std::vector<int32_t>& got = state == seq.get() ? a : b;
+      int32_t next = 7;
+      for (int i = 0; i < 4; ++i) {
+        BatchEntry step{state, {&next, 1}, LogitsFor::kLast};
+        g.model->forward({&step, 1}, out);
+        auto row = out.row(0, 0);
+        next = int32_t(std::max_element(row.begin(), row.end()) - row.begin());
+        got.push_back(next);
+      }
+    }
+    EXPECT_EQ(a, b);
+    EXPECT_NE(snapshot_format(*g.model).numerics, snapshot_format(*one.model).numerics);
+  }
 }
 
 }  // namespace

@@ -229,6 +229,37 @@ TEST_F(ToolsTest, GenerateOverRanksGivesTheSameText) {
   }
 }
 
+// --prompt-cache: the state after the prompt is saved, a longer prompt resumes from it, and the
+// output is what it is without the cache; a file that cannot be used is replaced.
+TEST_F(ToolsTest, GeneratePromptCacheResumesWithTheSameOutput) {
+  fs::path m = make("m");
+  std::string ids;
+  for (int i = 0; i < 200; ++i) ids += (i ? "," : "") + std::to_string(300 + (i * 37) % 1500);
+  const std::string gen = tool("m1-generate") + " --model " + m.string() + " --temperature 0 --max-tokens 8 --threads 1";
+  const fs::path cache = dir_ / "prompt.m1snap";
+  Result first = run(gen + " --prompt-ids " + ids + " --prompt-cache " + cache.string());
+  ASSERT_EQ(first.status, 0) << first.err;
+  EXPECT_NE(first.err.find("saved the state after 192 prompt tokens"), std::string::npos) << first.err;
+  const std::string longer = ids + ",301,302,303,304,305";
+  const Result plain = run(gen + " --prompt-ids " + longer);
+  Result resumed = run(gen + " --prompt-ids " + longer + " --prompt-cache " + cache.string() + " --prompt-cache-ro");
+  ASSERT_EQ(resumed.status, 0) << resumed.err;
+  EXPECT_NE(resumed.err.find("resumed 192 of 205 prompt tokens"), std::string::npos) << resumed.err;
+  EXPECT_EQ(resumed.out, plain.out);
+  EXPECT_EQ(run(gen + " --prompt-ids " + ids + " --prompt-cache " + cache.string()).out, first.out);  // the same prompt again
+
+  std::string bytes = read_file(cache);
+  bytes[bytes.size() / 2] ^= 1;
+  std::ofstream(cache, std::ios::binary) << bytes;
+  Result damaged = run(gen + " --prompt-ids " + longer + " --prompt-cache " + cache.string());
+  ASSERT_EQ(damaged.status, 0) << damaged.err;
+  EXPECT_NE(damaged.err.find("not used: checksum mismatch"), std::string::npos) << damaged.err;
+  EXPECT_NE(damaged.err.find("saved the state after 192 prompt tokens"), std::string::npos) << damaged.err;
+  EXPECT_EQ(damaged.out, plain.out);
+  Result other = run(gen + " --prompt-ids 7,8,9," + ids + " --prompt-cache " + cache.string() + " --prompt-cache-ro");
+  EXPECT_NE(other.err.find("holds another prompt"), std::string::npos) << other.err;
+}
+
 TEST_F(ToolsTest, GenerateChatStopsAtEndOfTurnOrLength) {
   fs::path m = make("m");
   Result r = run(tool("m1-generate") + " --model " + m.string() + " --chat hello --system 'be brief' --max-tokens 8 --seed 1");

@@ -14,6 +14,8 @@
 #include "m1/chat.h"
 #include "m1/error.h"
 #include "m1/generation.h"
+#include "m1/prefill.h"
+#include "m1/state_snapshot.h"
 #include "parallel_flags.h"
 
 namespace fs = std::filesystem;
@@ -31,7 +33,53 @@ struct Options {
   bool ignore_eos = false;
   m1::BackendOptions backend;
   m1::ParallelFlags parallel;
+  fs::path prompt_cache;
+  bool prompt_cache_ro = false;
+  std::string quantize;
+  int64_t group_size = 0;
+  bool quantize_lm_head = false;
 };
+
+template <class... Args>
+void note(fmt::format_string<Args...> format, Args&&... args) {
+  std::fprintf(stderr, "m1-generate: %s\n", fmt::format(format, std::forward<Args>(args)...).c_str());
+}
+
+// --prompt-cache FILE, as llama.cpp's: the state after the prompt is saved to FILE, and a later
+// prompt that starts with the saved one resumes from it. The state is saved at the last point
+// where a resumed prefill gives the same numbers as a whole one (m1/prefill.h), so up to a few
+// dozen of the prompt's last tokens are prefilled again. A file that cannot be used is ignored
+// with a note (and replaced, unless --prompt-cache-ro).
+m1::PromptReuse prompt_reuse(const Options& o, const m1::Model& model, std::span<const int32_t> prompt) {
+  m1::PromptReuse reuse;
+  const m1::SnapshotFormat format = m1::snapshot_format(model);
+  int64_t resumed = 0;
+  std::error_code ec;
+  if (fs::exists(o.prompt_cache, ec)) {
+    try {
+      m1::SnapshotFileInfo info = m1::read_snapshot_info(o.prompt_cache, format);
+      const size_t n = info.tokens.size();
+      if (n < prompt.size() && std::equal(info.tokens.begin(), info.tokens.end(), prompt.begin())) {
+        reuse.resume = m1::read_snapshot_state(o.prompt_cache, format, model, info);
+        resumed = int64_t(n);
+        note("prompt cache: resumed {} of {} prompt tokens from {}", n, prompt.size(), o.prompt_cache.string());
+      } else {
+        note("prompt cache: {} holds another prompt; prefilling all {} tokens", o.prompt_cache.string(), prompt.size());
+      }
+    } catch (const m1::SnapshotFileError& error) {
+      note("prompt cache: {} not used: {}", o.prompt_cache.string(), error.what());
+    }
+  }
+  const int64_t point = m1::last_snapshot_point(int64_t(prompt.size()), model.backend().prefill_alignment());
+  if (o.prompt_cache_ro || point <= resumed) return reuse;
+  reuse.snapshot_at = point;
+  reuse.on_snapshot = [&o, format, prompt](const m1::SequenceState& state) {
+    const m1::StateCopy copy = m1::copy_state(state);
+    m1::write_snapshot_file(o.prompt_cache, format, "", prompt.first(size_t(copy.tokens)), copy.pieces());
+    note("prompt cache: saved the state after {} prompt tokens to {}", copy.tokens, o.prompt_cache.string());
+  };
+  return reuse;
+}
 
 std::vector<int32_t> parse_ids(const std::string& text) {
   std::vector<int32_t> ids;
@@ -82,19 +130,24 @@ int run(Options& o) {
   o.backend.device = o.device;
   o.backend.threads = o.threads;
   o.backend.precision = m1::parse_precision(o.precision);
-  m1::ShardOptions shard;
-  o.parallel.apply(o.backend, shard);
+  m1::LoadOptions load = m1::parse_load_options(o.quantize, o.group_size, o.quantize_lm_head, o.threads);
+  o.parallel.apply(o.backend, load.shard);
   const auto backends = m1::create_backends(o.backend);
-  auto model = m1::Model::load(o.model, m1::rank_pointers(backends), shard);
+  auto model = m1::Model::load(o.model, m1::rank_pointers(backends), load);
   m1::Tokenizer tokenizer = m1::Tokenizer::load(o.model / "tokenizer.json");
   if (!o.ignore_eos) o.gen.end_tokens = {m1::end_of_turn_token(o.model, tokenizer)};
   std::vector<int32_t> prompt = prompt_tokens(o, tokenizer, model->config().vocab_size);
   o.gen.sampling.seed = o.seed ? *o.seed : std::random_device{}();
+  if (o.prompt_cache_ro && o.prompt_cache.empty()) m1::fail("--prompt-cache-ro needs --prompt-cache");
+  if (!o.prompt_cache.empty() && !o.logits_out.empty())
+    m1::fail("--logits-out writes every prompt position's logits, which --prompt-cache skips: give one of them");
+  m1::PromptReuse reuse;
+  if (!o.prompt_cache.empty()) reuse = prompt_reuse(o, *model, prompt);
 
   m1::GenerationResult r = m1::generate(*model, tokenizer, prompt, o.gen, [](std::string_view text) {
     std::fwrite(text.data(), 1, text.size(), stdout);
     std::fflush(stdout);
-  }, !o.logits_out.empty());
+  }, !o.logits_out.empty(), &reuse);
   std::fputc('\n', stdout);
   if (!o.logits_out.empty()) write_logits(o.logits_out, r.prompt_logits);
 
@@ -138,6 +191,11 @@ int main(int argc, char** argv) {
   app.add_option("--logits-out", o.logits_out, "Write float32 logits of every prompt position to FILE");
   app.add_flag("--ignore-eos", o.ignore_eos, "Keep generating past the end-of-turn token");
   m1::add_parallel_flags(app, o.backend, o.parallel);
+  app.add_option("--prompt-cache", o.prompt_cache, "Save the state after the prompt to FILE, and resume from it when the prompt starts with the saved one");
+  app.add_flag("--prompt-cache-ro", o.prompt_cache_ro, "Resume from --prompt-cache but do not update it");
+  app.add_option("--quantize", o.quantize, "Quantize weights while loading: int8 (a scale per row) or int4 (a scale per group)");
+  app.add_option("--group-size", o.group_size, "--quantize int4: inputs per scale, a multiple of 32 (default 32)");
+  app.add_flag("--quantize-lm-head", o.quantize_lm_head, "--quantize the LM head too (kept in its stored type by default)");
   CLI11_PARSE(app, argc, argv);
   // Log lines (memory per rank at load, warnings) on stderr: stdout carries the generated text.
   spdlog::set_default_logger(spdlog::stderr_logger_mt("m1-generate"));

@@ -167,11 +167,11 @@ void make_model(const Options& o) {
 
   const std::vector<m1::TensorSpec> tensors = m1::checkpoint_tensors(config, dtype);
   size_t params = 0;
-  for (const m1::TensorSpec& t : tensors) params += t.nbytes() / m1::dtype_size(dtype);
+  for (const m1::TensorSpec& t : tensors) params += t.nbytes() * 8 / size_t(m1::dtype_bits(dtype));
   m1::write_checkpoint(o.out, tensors, m1::random_weights(config, dtype, o.seed), size_t(o.shard_mb * 1024 * 1024));
   std::fprintf(stderr, "m1-mkmodel: wrote %s: preset %s, %ld layers, %.1fM parameters, %.1f MB of %s weights\n",
                o.out.string().c_str(), o.preset.c_str(), long(config.num_hidden_layers), double(params) / 1e6,
-               double(params * m1::dtype_size(dtype)) / 1e6, o.dtype.c_str());
+               double(params * size_t(m1::dtype_bits(dtype)) / 8) / 1e6, o.dtype.c_str());
 }
 
 }  // namespace

@@ -1,8 +1,9 @@
 #pragma once
 // The interface the model forward is written against, once. A backend owns device memory, the
 // per-sequence state and the kernels; the CPU backend (src/cpu) and the CUDA backend (kernels/) implement it.
-// All activations are fp32; weights stay in their stored dtype. A backend knows its device and its
-// place in a tensor-parallel group, and makes the group's collectives (DESIGN.md §2, "Sharding").
+// All activations are fp32; weights stay in their stored dtype, or are int8/int4 quantized. A
+// backend knows its device and its place in a tensor-parallel group, and makes the group's
+// collectives (DESIGN.md §2, "Sharding").
 
 #include <cstdint>
 #include <memory>
@@ -34,13 +35,32 @@ struct Mat {
   int64_t size() const { return rows * cols; }
 };
 
-// A weight tensor on the backend's device in its stored dtype; a matrix is [rows = outputs,
-// cols = inputs], a vector has rows = 1.
+// A weight tensor on the backend's device (or on the host, before upload); a matrix is
+// [rows = outputs, cols = inputs], a vector has rows = 1. A float weight is `data` in its stored
+// dtype. A quantized weight (dtype kQ8 or kQ4) is one value of two arrays: `data`, the packed
+// integer codes, and `scales`, rows x groups() of `scale_dtype`, one per `group_size` consecutive
+// inputs of a row; element (r, c) = code(r, c) * scale(r, c / group_size). The layout of both,
+// byte for byte, is described in m1/quantize.h. A backend copies data_bytes() from `data` and
+// scale_bytes() from `scales`, whatever the type.
 struct Weight {
   const void* data = nullptr;
   DType dtype = DType::kF32;
   int64_t rows = 0, cols = 0;
+  // Quantized weights only.
+  const void* scales = nullptr;
+  DType scale_dtype = DType::kBF16;  // kBF16 (what m1 writes), kF16 or kF32
+  int64_t group_size = 0;            // inputs per scale: a multiple of 32, or cols (one scale per row)
+
+  bool quantized() const { return is_quantized(dtype); }
+  int64_t groups() const { return quantized() ? (cols + group_size - 1) / group_size : 0; }
+  size_t row_bytes() const { return m1::row_bytes(dtype, cols); }
+  size_t data_bytes() const { return matrix_bytes(dtype, rows, cols); }
+  size_t scale_bytes() const { return quantized() ? matrix_bytes(scale_dtype, rows, groups()) : 0; }
 };
+
+// The host Weight of a float checkpoint tensor, read in place; throws m1::Error naming the tensor
+// and its file if it is not F32, F16 or BF16.
+Weight host_weight(const TensorView& tensor);
 
 // Sizes of the per-sequence state (DESIGN.md §2).
 struct StateShape {
@@ -67,7 +87,34 @@ class SequenceState {
   // Called by the model once a step has consumed `tokens` more.
   void advance(int64_t tokens) { length_ += tokens; }
 
+  // The portable form of a state, in host memory: what prefix-cache snapshots and cache files
+  // hold, and how a snapshot moves off the device. Lightning states: fp32, [layer][head][d][d].
+  // KV rows of tokens [begin, end): per softmax layer the keys of those tokens, then their values,
+  // each row kv_heads * d values of kv_dtype() (the backend's own cache type, copied bit for bit).
+  virtual DType kv_dtype() const = 0;
+  size_t lightning_bytes() const {
+    return size_t(shape_.lightning_layers * shape_.heads * shape_.head_dim * shape_.head_dim) * sizeof(float);
+  }
+  size_t kv_bytes(int64_t tokens) const {
+    return size_t(shape_.softmax_layers * 2 * shape_.kv_heads * shape_.head_dim * tokens) * size_t(dtype_bits(kv_dtype()) / 8);
+  }
+  // `out` must be exactly lightning_bytes() / kv_bytes(end - begin); 0 <= begin <= end <= length().
+  void save_lightning(std::span<std::byte> out) const;
+  void save_kv(int64_t begin, int64_t end, std::span<std::byte> out) const;
+  // Restoring: a state takes the KV rows of its tokens in order, one range after another (each
+  // append advances length() by `tokens`, leaving the lightning states alone), then the lightning
+  // states that belong to its length. What it holds in between is not a state to run.
+  void append_kv(std::span<const std::byte> rows, int64_t tokens);
+  void load_lightning(std::span<const std::byte> in);
+
  protected:
+  // The copies behind the methods above, their sizes checked; copies from and to the device are
+  // complete when these return.
+  virtual void read_lightning(std::byte* out) const = 0;
+  virtual void read_kv(int64_t begin, int64_t end, std::byte* out) const = 0;
+  virtual void write_kv(const std::byte* rows, int64_t tokens) = 0;  // rows for [length(), length() + tokens)
+  virtual void write_lightning(const std::byte* in) = 0;
+
   StateShape shape_;
   int64_t length_ = 0;
 };
@@ -128,8 +175,18 @@ class Backend {
   virtual bool end_step() { return true; }
   virtual bool abandon_step() { return false; }
 
-  // Memory. Weights are uploaded once at load (the CPU backend uses the mapped file in place).
-  virtual Weight upload(const TensorView& tensor) = 0;
+  // Prefill chunks that start at multiples of this many tokens compute the same numbers however
+  // a prompt is cut into them (the blocks of the kernels' chunked forms then fall on the same
+  // tokens), provided a final block of one token runs alone (prefill_chunk_end, m1/prefill.h).
+  // A snapshot taken at such a cut resumes bit for bit. 1: no such promise.
+  virtual int64_t prefill_alignment() const { return 1; }
+  // What the numbers a state holds depend on: device kind, kernels and precision (name() less
+  // what does not change them, such as the thread count). Cache files record it.
+  virtual std::string numerics() const { return name(); }
+
+  // Memory. Weights are uploaded once at load from host memory (the CPU backend uses them in
+  // place: the mapped file, or the quantized copy the model holds).
+  virtual Weight upload(const Weight& host) = 0;
   virtual Mat alloc(int64_t rows, int64_t cols) = 0;
   virtual void free(Mat m) = 0;
   virtual void to_host(const Mat& m, float* host) = 0;

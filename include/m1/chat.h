@@ -1,7 +1,7 @@
 #pragma once
 // The MiniMax-M1 chat format, rendered natively: the same text as the release's Jinja chat
-// template (tokenizer_config.json), kept as pieces so that message text supplied by users is
-// tokenized without turning special-token strings into control tokens.
+// template (tokenizer_config.json), kept as pieces so that message text supplied by users never
+// turns into special (control) tokens.
 
 #include <cstdint>
 #include <optional>
@@ -37,8 +37,7 @@ std::vector<ChatMessage> parse_chat_messages(const nlohmann::ordered_json& messa
 // objects F, keeping the client's key order. Throws m1::Error naming the parameter ("tools[0]...").
 std::vector<nlohmann::ordered_json> parse_chat_tools(const nlohmann::ordered_json& tools);
 
-// A stretch of rendered prompt. Template text is trusted (added tokens in it are matched); text
-// that came from a message is not (encoded literally).
+// A stretch of rendered prompt. Template text is trusted; text that came from a message is not.
 struct ChatPiece {
   std::string text;
   bool trusted = false;
@@ -48,6 +47,12 @@ std::vector<ChatPiece> render_chat(const std::vector<ChatMessage>& messages,
                                    const std::vector<nlohmann::ordered_json>& tools,
                                    bool add_generation_prompt);
 std::string join_pieces(const std::vector<ChatPiece>& pieces);
+// The rendered text tokenized whole, as the reference (Hugging Face) does, with one exception:
+// a special added token (<end_of_sentence>, <beginning_of_sentence>, the reserved ones) is
+// matched only within trusted text, so message text never yields one. The non-special added
+// tokens (<think>, </think>, <tool_calls>, </tool_calls>) are matched wherever they appear, as
+// the reference matches them: an assistant turn sent back with its raw tool block gets the
+// tokens the model wrote.
 std::vector<int32_t> encode_chat(const Tokenizer& tokenizer, const std::vector<ChatPiece>& pieces);
 
 // A JSON object of at most kMaxJsonDepth levels, else nullopt (bad JSON, not an object, too deep).

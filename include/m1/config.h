@@ -4,10 +4,13 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include <nlohmann/json.hpp>
+
+#include "m1/quantization_config.h"
 
 namespace m1 {
 
@@ -33,6 +36,8 @@ struct ModelConfig {
   double full_attention_alpha = 1, full_attention_beta = 1;      // layernorm_full_attention_*
   double mlp_alpha = 1, mlp_beta = 1;                            // layernorm_mlp_*
   std::vector<int> attn_type_list;  // per layer: 0 lightning, 1 softmax
+  // A compressed-tensors checkpoint's quantization_config (its packed weights are read in place).
+  std::optional<QuantizationConfig> quantization;
 
   bool is_lightning(int64_t layer) const { return attn_type_list[size_t(layer)] == 0; }
   int64_t lightning_layers() const;

@@ -20,7 +20,9 @@
 
 #include "m1/error.h"
 #include "m1/model.h"
+#include "m1/prefix_cache.h"
 #include "m1/sampler.h"
+#include "m1/structured_output.h"
 #include "m1/tokenizer.h"
 
 namespace m1 {
@@ -33,6 +35,8 @@ struct EngineOptions {
   // Sequence state (lightning states and KV caches, as SequenceState::bytes counts them) that
   // admitted requests may hold at their largest; requests beyond it wait in the queue. 0: no limit.
   int64_t max_state_bytes = 0;
+  // Snapshots of prompts' states that later requests resume from (cache.max_bytes 0: off).
+  PrefixCacheOptions cache = {};
 };
 
 struct GenerationRequest {
@@ -42,6 +46,14 @@ struct GenerationRequest {
   std::vector<std::string> stop;
   std::vector<int32_t> end_tokens;  // end of turn; not part of the text
   int n = 1;                        // independent choices sharing the prompt
+  std::vector<TokenBias> logit_bias;
+  // What the output must be (compile_output_grammar); null: anything. Each choice follows it with
+  // a matcher of its own, on the engine thread, whose mask the sampler applies; a choice ends
+  // with "stop" once its output is whole and nothing more may follow.
+  std::shared_ptr<OutputGrammar> grammar;
+  // Requests resume from each other's cached prompt states only within one scope (the server
+  // makes it of the API key and cache_salt).
+  std::string cache_scope;
 };
 
 // What a request's stream yields, in order per choice: tokens, then one finish per choice, then
@@ -56,8 +68,8 @@ struct GenerationEvent {
   std::string text;
   // kFinish: "stop", "length", "cancelled" or "error" (with `error`).
   std::string finish_reason, error;
-  // kDone: totals.
-  int64_t prompt_tokens = 0, completion_tokens = 0;
+  // kDone: totals; cached_tokens of the prompt were not prefilled but resumed from the cache.
+  int64_t prompt_tokens = 0, completion_tokens = 0, cached_tokens = 0;
 };
 
 // The consumer's end of one request. Thread-safe.
@@ -97,6 +109,7 @@ struct EngineStats {
   int64_t state_bytes = 0;           // reserved by the admitted requests for their largest state
   int64_t steps = 0;
   LatencyHistogram time_to_first_token, inter_token_latency;
+  PrefixCacheStats cache;
 };
 
 class Engine {
@@ -133,8 +146,10 @@ class Engine {
   void step();
   void plan_step(std::vector<BatchEntry>& batch, std::vector<Slot>& slots);
   bool run_forward(std::span<const BatchEntry> batch, std::span<const Slot> slots);
+  void keep_snapshots(std::span<const Slot> slots);
   void take_logits(std::span<const Slot> slots);
   void start_choices(Request& r);
+  const std::shared_ptr<const TokenVocabulary>& vocabulary();
   void emit_token(Request& r, size_t choice, SampledToken token);
   void finish_choice(Request& r, size_t choice, const std::string& reason);
   void fail_alone(Request& r, const std::exception& error);
@@ -147,6 +162,8 @@ class Engine {
   EngineOptions options_;
   int64_t max_context_;
   StateCost state_cost_;
+  int64_t prefill_alignment_;
+  std::unique_ptr<PrefixCache> cache_;  // null when off
 
   mutable std::mutex mutex_;  // guards waiting_, stopping_ and stats_
   std::condition_variable wake_;
@@ -156,6 +173,7 @@ class Engine {
 
   // Owned by the loop thread.
   std::vector<std::unique_ptr<Request>> running_;
+  std::shared_ptr<const TokenVocabulary> vocabulary_;  // built for the first request with a grammar
   StepLogits logits_;
   std::thread thread_;
 };

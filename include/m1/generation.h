@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <functional>
+#include <memory>
 #include <span>
 #include <string>
 #include <string_view>
@@ -36,10 +37,18 @@ struct GenerationResult {
   std::vector<float> prompt_logits;  // [prompt, vocab], only when asked for
 };
 
+// Reusing a prompt's state (m1-generate --prompt-cache): start from a state that has already
+// consumed the prompt's first tokens, and be handed the state once the prefill reaches a point.
+struct PromptReuse {
+  std::unique_ptr<SequenceState> resume;  // has consumed the first resume->length() (< prompt) tokens; null: none
+  int64_t snapshot_at = 0;                // a point where a prefill chunk may end (m1/prefill.h); 0: none
+  std::function<void(const SequenceState&)> on_snapshot;
+};
+
 // on_text receives the text as it becomes final. With keep_prompt_logits, the logits of every
-// prompt position are returned too.
+// prompt position consumed are returned too (those after a resumed state's).
 GenerationResult generate(Model& model, const Tokenizer& tokenizer, std::span<const int32_t> prompt,
                           const GenerationParams& params, const std::function<void(std::string_view)>& on_text,
-                          bool keep_prompt_logits = false);
+                          bool keep_prompt_logits = false, PromptReuse* reuse = nullptr);
 
 }  // namespace m1

@@ -5,11 +5,14 @@
 #include <filesystem>
 #include <functional>
 #include <memory>
+#include <optional>
+#include <string>
 #include <span>
 #include <vector>
 
 #include "m1/backend.h"
 #include "m1/config.h"
+#include "m1/quantize.h"
 #include "m1/safetensors.h"
 #include "m1/sharding.h"
 
@@ -17,6 +20,24 @@ namespace m1 {
 
 struct WeightSpec;
 class Lockstep;
+class WeightLoader;
+
+// How a model holds its weights. With `quantize`, weights stored as BF16/F16/F32 are quantized
+// while they load (one at a time: only the quantized copies stay in memory): every expert matrix
+// (routed and shared) and the attention projections (qkv, output gate, out_proj; q, k, v, o). The
+// embeddings, norms and router keep their stored type, and so does the LM head unless
+// `quantize_lm_head`. A compressed-tensors checkpoint's packed weights are read in place, without
+// options.
+struct LoadOptions {
+  std::optional<QuantScheme> quantize;
+  bool quantize_lm_head = false;
+  int threads = 0;  // quantizing threads; 0: one per core
+  ShardOptions shard;  // how a tensor-parallel group splits the model (ignored for one rank)
+};
+
+// The LoadOptions of the tools' flags: --quantize TYPE ("" for none), --group-size N (0: the
+// default), --quantize-lm-head. Throws m1::Error naming the flag at fault.
+LoadOptions parse_load_options(const std::string& quantize, int64_t group_size, bool quantize_lm_head, int threads);
 
 // Which positions of an entry's new tokens need logits.
 enum class LogitsFor { kNone, kLast, kAll };
@@ -57,14 +78,15 @@ class StepLogits {
 class Model {
  public:
   // Reads DIR/config.json and the safetensors checkpoint, checks every tensor the config needs
-  // (name, shape, dtype), and uploads the weights (each rank its own part of them). Throws
-  // m1::Error naming the file at fault, or the dimension the ranks do not divide.
-  static std::unique_ptr<Model> load(const std::filesystem::path& dir, Backend& backend);
+  // (name, shape, dtype), and uploads the weights (each rank its own part of them, quantized at
+  // load when `options` ask). Throws m1::Error naming the file at fault, or the dimension the
+  // ranks do not divide.
+  static std::unique_ptr<Model> load(const std::filesystem::path& dir, Backend& backend, const LoadOptions& options = {});
   static std::unique_ptr<Model> load(const std::filesystem::path& dir, std::span<Backend* const> ranks,
-                                     const ShardOptions& options = {});
-  Model(ModelConfig config, Checkpoint checkpoint, Backend& backend);
+                                     const LoadOptions& options = {});
+  Model(ModelConfig config, Checkpoint checkpoint, Backend& backend, const LoadOptions& options = {});
   // `ranks`: the group's backends in rank order (ranks[r]->device().rank == r).
-  Model(ModelConfig config, Checkpoint checkpoint, std::span<Backend* const> ranks, const ShardOptions& options = {});
+  Model(ModelConfig config, Checkpoint checkpoint, std::span<Backend* const> ranks, const LoadOptions& options = {});
   ~Model();
 
   const ModelConfig& config() const { return config_; }
@@ -72,9 +94,17 @@ class Model {
   Backend& backend() const;
   int ranks() const { return int(ranks_.size()); }
   const ShardPlan& plan() const { return plan_; }
-  // The ranks' backends and the bytes of weights each holds, in rank order.
+  // The ranks' backends and the bytes of weights each holds (quantized codes and scales counted
+  // as such), in rank order.
   std::vector<Backend*> rank_backends() const;
   std::vector<size_t> rank_weight_bytes() const;
+  const Checkpoint& checkpoint() const { return checkpoint_; }
+  // How the weights were loaded (quantized at load or not, the MoE split): part of what the
+  // numbers depend on.
+  const LoadOptions& load_options() const { return load_options_; }
+  // What the numbers a sequence state holds depend on: rank 0's backend numerics, and the
+  // group's size and MoE split when there are several ranks (a state of another N is foreign).
+  std::string numerics() const;
   StateShape state_shape() const;
   std::unique_ptr<SequenceState> new_sequence() const;
 
@@ -85,7 +115,7 @@ class Model {
  private:
   struct Layer;
   struct Rank;
-  void load_rank(Rank& rank);
+  void load_rank(Rank& rank, WeightLoader& loader);
   void attention(Rank& rank, const Layer& layer, int64_t index, const Mat& xn, Mat out);
   void mlp(Rank& rank, const Layer& layer, const Mat& xn, Mat out);
   void check_batch(std::span<const BatchEntry> batch) const;
@@ -97,6 +127,7 @@ class Model {
 
   ModelConfig config_;
   Checkpoint checkpoint_;  // keeps the mapped weights alive
+  LoadOptions load_options_;
   ShardPlan plan_;
   std::vector<std::unique_ptr<Rank>> ranks_;
   std::unique_ptr<Lockstep> lockstep_;  // the ranks' threads (none for one rank)
@@ -105,6 +136,11 @@ class Model {
   std::vector<int64_t> wanted_rows_;
   std::vector<int64_t> vocab_widths_;
 };
+
+// Bytes weight `spec` of `checkpoint` occupies once loaded with `options`: its codes and scales if
+// it is (or will be) quantized, else its stored bytes.
+uint64_t loaded_weight_bytes(const ModelConfig& config, const Checkpoint& checkpoint, const WeightSpec& spec,
+                             const LoadOptions& options);
 
 // Per-head lightning decay s of DESIGN.md §1 for `layer` of a model with `layers` layers.
 std::vector<float> lightning_decay(int64_t heads, int64_t layer, int64_t layers);

@@ -51,6 +51,11 @@ class Checkpoint {
   // The tensor, checked to exist with this shape and a weight dtype; throws m1::Error otherwise.
   const TensorView& require(const std::string& name, const std::vector<int64_t>& shape) const;
   const std::map<std::string, TensorView>& tensors() const { return tensors_; }
+  // Gives back the memory of a tensor that will not be read again (its quantized copy is held
+  // instead): the whole pages it spans of a mapped file or an in-memory checkpoint are dropped
+  // (madvise), so a checkpoint larger than memory can be quantized while it loads. Reading the
+  // tensor afterwards sees the file again (or zeros, in memory).
+  void release(const TensorView& tensor) const;
 
  private:
   Checkpoint();
@@ -58,6 +63,7 @@ class Checkpoint {
 
   std::vector<std::unique_ptr<MappedFile>> files_;
   std::vector<std::shared_ptr<std::byte>> owned_;  // in-memory tensors, and those a file left misaligned
+  std::vector<std::span<const std::byte>> mapped_;   // regions release() may drop pages of
   std::map<std::string, TensorView> tensors_;
 };
 
@@ -70,6 +76,8 @@ struct TensorSpec {
   size_t nbytes() const;
 };
 
+// Tensor data is laid out by element size, largest first (and in the given order among equals),
+// so every tensor is aligned to its element size; `fill` is called in that order.
 void write_safetensors(const std::filesystem::path& file, const std::vector<TensorSpec>& tensors,
                        const TensorFiller& fill);
 // Writes `dir`/model.safetensors, or shards of at most max_shard_bytes (a tensor larger than that

@@ -24,6 +24,14 @@ constexpr double top_p_fraction(float top_p) { return top_p * (1.0 - kTopPSlack)
 // hold the top-p mass, the nucleus lies among them and the rest of the vocabulary is skipped.
 constexpr float kNearTopWeight = 1e-7f;
 constexpr int kMaxTopLogprobs = 20;
+// OpenAI's range for a logit bias.
+constexpr float kMaxLogitBias = 100.0f;
+
+// A bias added to one token's logit (OpenAI's logit_bias).
+struct TokenBias {
+  int32_t id = 0;
+  float bias = 0.0f;
+};
 
 struct SamplingParams {
   float temperature = 1.0f;         // 0: greedy (argmax, lowest id on ties)
@@ -41,6 +49,9 @@ struct SamplingParams {
 void validate(const SamplingParams& params);
 // Whether any of the penalties changes the logits.
 bool has_penalties(const SamplingParams& params);
+// Sorts biases by id and throws m1::Error naming the first one out of range: an id outside
+// [0, vocab), one given twice, or a bias outside [-100, 100].
+void check_logit_bias(std::vector<TokenBias>& biases, int64_t vocab);
 
 struct SampledToken {
   int32_t id = -1;
@@ -50,13 +61,21 @@ struct SampledToken {
 };
 
 // Everything one draw needs besides its row of logits. The spans point into the Sampler that made
-// the request and stay valid until its next accept().
+// the request (and the caller's mask) and stay valid until its next accept().
+//
+// The logits are processed in this order: biases added, then penalties, then tokens outside
+// `allowed` set to -inf; the draw is from what is left. Log-probabilities stay those of the raw
+// row.
 struct DrawRequest {
   int64_t row = 0;                // which row of a step's logits
   SamplingParams params;          // the seed is not used: `uniform` is the draw's randomness
   double uniform = 0.0;           // in [0, 1); unused when temperature is 0
   std::span<const int32_t> seen;  // sorted unique prompt + generated ids (repetition penalty)
   std::span<const std::pair<int32_t, int32_t>> generated_counts;  // sorted (id, count)
+  std::span<const TokenBias> logit_bias;  // sorted by id, unique, ids < vocab
+  // Empty: every token may be drawn; else ceil(vocab / 32) words, bit id % 32 of word id / 32
+  // set when token id may be (a grammar's mask).
+  std::span<const uint32_t> allowed;
 };
 
 // A draw's result, or why its row has no distribution (NaN, all -inf, +inf, an id outside the
@@ -66,19 +85,25 @@ struct DrawOutcome {
   std::string error;  // empty when the token is valid
 };
 
-// Why `request` cannot draw from a row of `vocab` logits (an id its penalties touch lies outside
-// the row), or empty: checked before a draw, by every backend, with the same words.
+// Why `request` cannot draw from a row of `vocab` logits (an id its penalties or biases touch lies
+// outside the row, a mask of another size), or empty: checked before a draw, by every backend,
+// with the same words.
 std::string penalty_ids_error(const DrawRequest& request, int64_t vocab);
+
+// The error of a draw whose mask and penalties leave no token with a finite logit.
+inline constexpr const char* kNothingAllowed = "no token the output's grammar allows has a finite logit";
 
 // Reused buffers of sample_row.
 struct SampleScratch {
   std::vector<float> weights;          // exp((logit - max) / temperature) per token
   std::vector<float> seen_raw_logits;  // logits of the seen ids before the penalties
+  std::vector<float> bias_raw_logits;  // logits of the biased ids before their biases
   std::vector<int32_t> candidates;
 };
 
-// The draw on the host, the reference every backend's sampling matches: penalties, temperature,
-// top-k, min-p, top-p, then the inverse-CDF draw with `uniform` over the kept tokens in id order.
+// The draw on the host, the reference every backend's sampling matches: biases, penalties, the
+// mask, temperature, top-k, min-p, top-p, then the inverse-CDF draw with `uniform` over the kept
+// tokens in id order.
 // Log-probabilities are those of the raw logits (before penalties, temperature and truncation),
 // as OpenAI-compatible servers report them. `logits` (the full vocabulary) is used as scratch.
 // Throws m1::Error when the row has no distribution.
@@ -87,7 +112,8 @@ SampledToken sample_row(std::span<float> logits, const DrawRequest& request, Sam
 // One per sequence: owns the random stream and the token counts that penalties need.
 class Sampler {
  public:
-  Sampler(const SamplingParams& params, std::span<const int32_t> prompt);
+  // `logit_bias` as check_logit_bias leaves it.
+  Sampler(const SamplingParams& params, std::span<const int32_t> prompt, std::vector<TokenBias> logit_bias = {});
   // The request for this sequence's next draw from `row` of a step's logits; takes the next
   // number of the random stream when the draw is random.
   DrawRequest next_draw(int64_t row = 0);
@@ -103,6 +129,7 @@ class Sampler {
   uint64_t rng_state_;
   std::vector<int32_t> seen_;
   std::vector<std::pair<int32_t, int32_t>> generated_counts_;
+  std::vector<TokenBias> logit_bias_;
   SampleScratch scratch_;
 };
 

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "m1/backend.h"
 #include "m1/config.h"
 #include "m1/safetensors.h"
 #include "m1/weights.h"
@@ -60,7 +61,14 @@ struct ShardPlan {
 
 // Throws m1::Error naming both numbers when `world` does not divide the attention heads (or,
 // expert parallel, the experts), or exceeds a dimension it splits.
-ShardPlan plan_shards(const ModelConfig& config, int world, MoeParallel moe = MoeParallel::kTensor);
+// `group_size`: the inputs per scale of quantized weights (0: none, or one scale per row). Uneven
+// splits of a row-parallel product's input (each expert's and the shared MLP's intermediate size)
+// keep every rank's share a multiple of 128 (of the group size where that does not divide 128),
+// halved while the dimension is too small for it, never below lcm(8, group size): so that N ranks
+// hold exactly the codes and scales one rank holds. A dimension too small even for that falls
+// back to 1, and loading the quantized weights then fails naming the column and the group.
+ShardPlan plan_shards(const ModelConfig& config, int world, MoeParallel moe = MoeParallel::kTensor,
+                      int64_t group_size = 0);
 
 // The part of a stored tensor a rank holds: ranges of its rows, or of its columns (a vector's
 // only axis counts as columns), concatenated in order.
@@ -73,14 +81,20 @@ struct TensorSlice {
 // held by another rank); the whole tensor when it is replicated.
 std::optional<TensorSlice> rank_slice(const WeightSpec& spec, const ModelConfig& config, const RankShard& shard);
 
-// A tensor cut to a rank's part, before upload: its view, and the bytes the view points into when
-// they had to be copied (columns, or rows from several places); one run of rows is a view into
-// the stored bytes. The one place weights are cut: a quantized tensor will be cut alike, its
-// per-row scales by the same row ranges and its per-group scales by the column ranges' groups.
-struct SlicedTensor {
-  TensorView view;
-  std::unique_ptr<std::byte[]> storage;
+// A weight cut to a rank's part, before upload: the Weight, and the bytes it points into when they
+// had to be copied (columns, or rows from several places); one run of rows is a view into the
+// source. The one place weights are cut. A quantized weight is cut alike: rows take their scale
+// rows, and columns take the scales of their groups, so each column range must start on a
+// quantization group (and end on one, or at the last column): a cut inside a group is an error
+// naming the column and the group size. A weight with one scale per row keeps its rows' scales.
+// Throws that error unless every column range of `slice` falls on groups of `group_size` inputs
+// of `cols` (group_size 0 or cols: one scale per row, any range).
+void check_group_split(const TensorSlice& slice, int64_t cols, int64_t group_size, const std::string& name);
+struct SlicedWeight {
+  Weight weight;
+  std::unique_ptr<std::byte[]> data, scales;
 };
-SlicedTensor slice_tensor(const TensorView& tensor, const TensorSlice& slice);
+// `name` names the tensor in errors.
+SlicedWeight slice_weight(const Weight& weight, const TensorSlice& slice, const std::string& name);
 
 }  // namespace m1

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <span>
@@ -32,6 +33,11 @@ class Tokenizer {
 
   // Never adds special tokens of its own (no BOS/EOS).
   std::vector<int32_t> encode(std::string_view text, AddedTokens added = AddedTokens::kMatch) const;
+  // As kMatch, but an added token is matched only where `may_match(id, begin, end)` allows it
+  // (its text is text[begin, end)); elsewhere its text is ordinary bytes. The text between the
+  // matched tokens is encoded whole, as Hugging Face does.
+  std::vector<int32_t> encode(std::string_view text,
+                              const std::function<bool(int32_t id, size_t begin, size_t end)>& may_match) const;
   // Concatenated bytes of the tokens; added tokens decode to their text unless skip_special and
   // they are special. Invalid UTF-8 across the whole output is replaced with U+FFFD.
   std::string decode(std::span<const int32_t> ids, bool skip_special = false) const;

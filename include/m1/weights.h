@@ -31,4 +31,11 @@ std::vector<WeightSpec> weight_specs(const ModelConfig& config);
 
 bool is_norm(WeightRole role);
 
+// Whether --quantize quantizes a weight of this role: the expert matrices (routed and shared) and
+// the attention projections; the LM head only when asked (`lm_head`). Embeddings, norms, the
+// router and the shared-expert coefficient keep their stored type.
+bool quantized_by_default(WeightRole role, bool lm_head);
+// The module a weight belongs to: its name without ".weight" (compressed-tensors' tensor prefix).
+std::string module_name(const WeightSpec& spec);
+
 }  // namespace m1

@@ -40,14 +40,23 @@ CpuBackend::~CpuBackend() {
 }
 
 std::string CpuBackend::name() const {
-  const std::string kernels = fmt::format("{} threads, {} kernels, {} precision", pool_.size(),
-                                          reference_ ? "reference" : matmul_isa(),
-                                          precision_ == Precision::kFast && bf16_products_available() ? "fast" : "exact");
-  if (device().world == 1) return fmt::format("cpu ({})", kernels);
-  return fmt::format("cpu rank {}/{} (node {}, {})", device().rank, device().world, device().index, kernels);
+  if (device().world == 1) return fmt::format("cpu ({} threads, {})", pool_.size(), kernels());
+  return fmt::format("cpu rank {}/{} (node {}, {} threads, {})", device().rank, device().world, device().index,
+                     pool_.size(), kernels());
+}
+
+std::string CpuBackend::kernels() const {
+  return fmt::format("{} kernels, {} precision", reference_ ? "reference" : matmul_isa(),
+                     precision_ == Precision::kFast && bf16_products_available() ? "fast" : "exact");
 }
 
 void CpuBackend::attach_thread() { pin_current_thread(cpus_); }
+
+// Lightning blocks of kLightningBlock tokens and attention tasks of 16 queries both count from a
+// segment's first token, so cuts at multiples of the block leave every sum as it was.
+int64_t CpuBackend::prefill_alignment() const { return kLightningBlock; }
+
+std::string CpuBackend::numerics() const { return fmt::format("cpu ({})", kernels()); }
 
 Operands CpuBackend::operands(Rounding rounding) const {
   return precision_ == Precision::kFast && rounding == Rounding::kAllowed ? Operands::kBf16 : Operands::kFp32;
@@ -60,16 +69,20 @@ void CpuBackend::for_rows(int64_t rows, Fn&& fn) {
   });
 }
 
-Weight CpuBackend::upload(const TensorView& t) {
-  const void* data = t.data;
-  if (group_) {
-    void* copy = std::aligned_alloc(64, (std::max<size_t>(t.nbytes, 1) + 63) / 64 * 64);
-    if (!copy) throw std::bad_alloc();
-    owned_weights_.push_back(copy);
-    std::memcpy(copy, t.data, t.nbytes);  // first touched here: in the calling thread's node
-    data = copy;
-  }
-  return Weight{data, t.weight_dtype(), t.shape.size() == 2 ? t.shape[0] : 1, t.shape.back()};
+const void* CpuBackend::own_copy(const void* host, size_t bytes) {
+  void* copy = std::aligned_alloc(64, (std::max<size_t>(bytes, 1) + 63) / 64 * 64);
+  if (!copy) throw std::bad_alloc();
+  owned_weights_.push_back(copy);
+  if (bytes > 0) std::memcpy(copy, host, bytes);  // first touched here: in the calling thread's node
+  return copy;
+}
+
+Weight CpuBackend::upload(const Weight& host) {
+  if (!group_) return host;
+  Weight w = host;
+  w.data = own_copy(host.data, host.data_bytes());
+  if (host.quantized()) w.scales = own_copy(host.scales, host.scale_bytes());
+  return w;
 }
 
 Mat CpuBackend::alloc(int64_t rows, int64_t cols) {

@@ -33,7 +33,9 @@ class CpuBackend final : public Backend {
 
   std::string name() const override;
   void attach_thread() override;
-  Weight upload(const TensorView& tensor) override;
+  int64_t prefill_alignment() const override;
+  std::string numerics() const override;
+  Weight upload(const Weight& host) override;
   Mat alloc(int64_t rows, int64_t cols) override;
   void free(Mat m) override;
   void to_host(const Mat& m, float* host) override;
@@ -63,6 +65,10 @@ class CpuBackend final : public Backend {
   void abort_collectives(const std::string& why) override;
 
  private:
+  // The kernels and the precision they run in: "avx512bf16 kernels, fast precision".
+  std::string kernels() const;
+  // `bytes` of `host` copied into 64-byte aligned memory the backend frees.
+  const void* own_copy(const void* host, size_t bytes);
   // Runs fn(row) over rows, split across the pool in contiguous blocks.
   template <class Fn>
   void for_rows(int64_t rows, Fn&& fn);

@@ -1,6 +1,7 @@
 #include "cpu/cpu_state.h"
 
 #include <algorithm>
+#include <cstring>
 
 namespace m1::cpu {
 
@@ -32,6 +33,41 @@ void CpuState::reserve(int64_t tokens) {
   for (KvCache& c : caches_) {
     c.keys.resize(floats);
     c.values.resize(floats);
+  }
+}
+
+// The portable form: lightning layers in order, then per softmax layer the keys of the rows and
+// their values (SequenceState::save_kv).
+void CpuState::read_lightning(std::byte* out) const {
+  for (const auto& layer : lightning_) {
+    std::memcpy(out, layer.data(), layer.size() * sizeof(float));
+    out += layer.size() * sizeof(float);
+  }
+}
+
+void CpuState::read_kv(int64_t begin, int64_t end, std::byte* out) const {
+  const size_t row = size_t(shape_.kv_heads * shape_.head_dim), bytes = size_t(end - begin) * row * sizeof(float);
+  for (const KvCache& c : caches_)
+    for (const std::vector<float>* part : {&c.keys, &c.values}) {
+      std::memcpy(out, part->data() + size_t(begin) * row, bytes);
+      out += bytes;
+    }
+}
+
+void CpuState::write_kv(const std::byte* rows, int64_t tokens) {
+  reserve(length_ + tokens);
+  const size_t row = size_t(shape_.kv_heads * shape_.head_dim), bytes = size_t(tokens) * row * sizeof(float);
+  for (KvCache& c : caches_)
+    for (std::vector<float>* part : {&c.keys, &c.values}) {
+      std::memcpy(part->data() + size_t(length_) * row, rows, bytes);
+      rows += bytes;
+    }
+}
+
+void CpuState::write_lightning(const std::byte* in) {
+  for (auto& layer : lightning_) {
+    std::memcpy(layer.data(), in, layer.size() * sizeof(float));
+    in += layer.size() * sizeof(float);
   }
 }
 

@@ -13,6 +13,7 @@ class CpuState final : public SequenceState {
   explicit CpuState(const StateShape& shape);
   std::unique_ptr<SequenceState> clone() const override;
   size_t bytes() const override;
+  DType kv_dtype() const override { return DType::kF32; }
 
   // heads x d x d floats of lightning layer `layer` (counted among lightning layers).
   float* lightning(int64_t layer) { return lightning_[size_t(layer)].data(); }
@@ -21,6 +22,12 @@ class CpuState final : public SequenceState {
   float* values(int64_t layer) { return caches_[size_t(layer)].values.data(); }
   // Makes room in every KV cache for `tokens` tokens in all.
   void reserve(int64_t tokens);
+
+ protected:
+  void read_lightning(std::byte* out) const override;
+  void read_kv(int64_t begin, int64_t end, std::byte* out) const override;
+  void write_kv(const std::byte* rows, int64_t tokens) override;
+  void write_lightning(const std::byte* in) override;
 
  private:
   struct KvCache {

@@ -3,7 +3,6 @@
 // GCC 12 reports its own _mm512_undefined_* placeholders inside the intrinsics as uninitialised.
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#include <cpuid.h>
 #include <immintrin.h>
 
 #include <algorithm>
@@ -11,35 +10,19 @@
 #include <bit>
 #include <cstdlib>
 #include <cstring>
-#include <string_view>
 #include <vector>
 
+#include "cpu/isa.h"
+#include "cpu/quantized_matmul.h"
 #include "cpu/vectorize.h"
+#include "m1/error.h"
+#include "m1/quantize.h"
 
 namespace m1::cpu {
 namespace {
 
-enum class Isa { kAvx512, kAvx2, kScalar };
-
-// CPUID leaf 1, ECX bit 29 (clang's __builtin_cpu_supports does not know "f16c").
-bool has_f16c() {
-  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
-  return __get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx & bit_F16C) != 0;
-}
-
-// The best the CPU offers, or a lesser one named by M1_CPU_ISA (so tests cover every path).
-Isa detect_isa() {
-  __builtin_cpu_init();
-  const char* forced = std::getenv("M1_CPU_ISA");
-  const std::string_view cap = forced ? forced : "";
-  if (cap.empty() && __builtin_cpu_supports("avx512f")) return Isa::kAvx512;
-  if (cap != "scalar" && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && has_f16c())
-    return Isa::kAvx2;
-  return Isa::kScalar;
-}
-
-const Isa kIsa = detect_isa();
-const bool kBf16Dot = kIsa == Isa::kAvx512 && __builtin_cpu_supports("avx512bf16");
+const Isa kIsa = cpu_isa();
+const bool kBf16Dot = cpu_bf16_dot();
 
 // Operand pointers of one tile: R rows of x against C rows of w, over the whole inner dimension.
 struct Tile {
@@ -59,7 +42,7 @@ const T* at(const void* p, int64_t i) {
 
 template <DType T>
 const void* weight_at(const void* w, int64_t i) {
-  return static_cast<const char*>(w) + i * int64_t(dtype_size(T));
+  return static_cast<const char*>(w) + i * int64_t(dtype_bits(T) / 8);
 }
 
 // The last, partial chunk of a tile's inner dimension, copied into zero-padded rows. Zeros add
@@ -360,6 +343,7 @@ struct Product {
   int64_t row_blocks() const { return (rows + kBlockRows - 1) / kBlockRows; }
   bool skinny() const { return rows <= kSkinnyRows; }
   int64_t tasks() const {
+    if (w.quantized()) return quantized_tasks(rows, w);
     if (skinny()) return (w.rows + kSkinnyOutputs - 1) / kSkinnyOutputs;
     return row_blocks() * ((w.rows + block_outputs(w.cols) - 1) / block_outputs(w.cols));
   }
@@ -464,11 +448,13 @@ void product_task(const Product& p, int64_t task) {
 }
 
 void run_task(const Product& p, int64_t task) {
+  if (p.w.quantized()) return quantized_task(p.x, p.rows, p.w, p.out, p.bf16, task);
   if (p.bf16) return product_task<DType::kBF16, true>(p, task);
   switch (p.w.dtype) {
     case DType::kF32: return product_task<DType::kF32, false>(p, task);
     case DType::kF16: return product_task<DType::kF16, false>(p, task);
     case DType::kBF16: return product_task<DType::kBF16, false>(p, task);
+    default: return;  // matmul_batch refuses other types
   }
 }
 
@@ -477,8 +463,9 @@ thread_local std::vector<Product> products;
 thread_local std::vector<int64_t> first_task;
 thread_local std::vector<uint16_t> rounded;
 
+// BF16 and quantized weights (whose codes are exact in bf16) meet bf16 activations.
 bool uses_bf16(const Weight& w, Operands operands) {
-  return operands == Operands::kBf16 && kBf16Dot && w.dtype == DType::kBF16;
+  return operands == Operands::kBf16 && kBf16Dot && (w.dtype == DType::kBF16 || w.quantized());
 }
 
 void round_to_bf16(ThreadPool& pool, const float* x, int64_t n, uint16_t* dst) {
@@ -492,8 +479,10 @@ void round_to_bf16(ThreadPool& pool, const float* x, int64_t n, uint16_t* dst) {
 
 void matmul_batch(ThreadPool& pool, std::span<const MatmulJob> jobs, Operands operands) {
   size_t rounded_size = 0;
-  for (const MatmulJob& j : jobs)
+  for (const MatmulJob& j : jobs) {
+    if (!is_float(j.w.dtype) && !j.w.quantized()) fail("matmul: weights of dtype {} cannot be multiplied", dtype_name(j.w.dtype));
     if (uses_bf16(j.w, operands)) rounded_size += size_t(j.x.size());
+  }
   rounded.resize(rounded_size);
   products.clear();
   first_task.assign(1, 0);
@@ -534,6 +523,17 @@ void gemm_nt(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t m
   }
 }
 
+void gemm_nt_bf16(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t ldw, int64_t m, int64_t n, int64_t k,
+                  float* out, int64_t ldo) {
+  for (int64_t j = 0; j < n; j += 4) {
+    const int64_t c = std::min<int64_t>(4, n - j);
+    for (int64_t i = 0; i < m; i += 4) {
+      const int64_t r = std::min<int64_t>(4, m - i);
+      kTiles<DType::kBF16, true>.kernels[r - 1][c - 1](Tile{x + i * ldx, ldx, w + j * ldw, ldw, k, out + i * ldo + j, ldo});
+    }
+  }
+}
+
 void gemm_nn(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t m, int64_t n, int64_t k, float* out,
              int64_t ldo) {
   if (kIsa == Isa::kAvx512)
@@ -543,17 +543,26 @@ void gemm_nn(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t m
 }
 
 void matmul_reference(const Mat& x, const Weight& w, Mat out, Operands operands) {
-  const bool round = operands == Operands::kBf16 && kBf16Dot && w.dtype == DType::kBF16;
-  for (int64_t i = 0; i < x.rows; ++i)
-    for (int64_t j = 0; j < w.rows; ++j) {
+  const bool round = uses_bf16(w, operands);
+  // Quantized weights with bf16 activations: a row's codes times its one scale (applied after
+  // the sum), or with several groups per row, each code times its scale rounded to bf16.
+  const bool scale_after = round && w.quantized() && w.groups() == 1;
+  std::vector<float> row(size_t(w.cols));
+  for (int64_t j = 0; j < w.rows; ++j) {
+    for (int64_t k = 0; k < w.cols; ++k) {
+      row[size_t(k)] = scale_after ? float(packed_code(packed_row(w, j), w.dtype, k)) : weight_value(w, j, k);
+      if (round && w.quantized() && !scale_after) row[size_t(k)] = bf16_to_f32(f32_to_bf16(row[size_t(k)]));
+    }
+    for (int64_t i = 0; i < x.rows; ++i) {
       double sum = 0;
       for (int64_t k = 0; k < w.cols; ++k) {
         float xv = x.data[i * x.cols + k];
         if (round) xv = bf16_to_f32(f32_to_bf16(xv));
-        sum += double(xv) * load_as_f32(w.data, w.dtype, size_t(j * w.cols + k));
+        sum += double(xv) * row[size_t(k)];
       }
-      out.data[i * out.cols + j] = float(sum);
+      out.data[i * out.cols + j] = float(scale_after ? sum * scale_at(w, j, 0) : sum);
     }
+  }
 }
 
 bool bf16_products_available() { return kBf16Dot; }

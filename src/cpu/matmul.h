@@ -1,6 +1,6 @@
 #pragma once
-// Dense matrix products out = x w^T with fp32 activations and weights in their stored dtype,
-// accumulated in fp32. Every output element is summed in the same order whatever the number of
+// Dense matrix products out = x w^T with fp32 activations and weights in their stored dtype (or
+// quantized, see quantized_matmul.h), accumulated in fp32. Every output element is summed in the same order whatever the number of
 // rows or the tile it falls in, so a row's result never depends on the rows beside it.
 
 #include <span>
@@ -10,9 +10,11 @@
 
 namespace m1::cpu {
 
-// kFp32: the stored weights times fp32 activations. kBf16: activations rounded to bf16 and
-// multiplied with BF16 weights by the AVX-512 BF16 dot product; weights stored in another dtype,
-// and CPUs without the instruction, fall back to kFp32.
+// kFp32: the stored weights (quantized: code * scale in fp32) times fp32 activations. kBf16:
+// activations rounded to bf16 and multiplied with BF16 weights by the AVX-512 BF16 dot product;
+// with quantized weights, with their codes (a row of one scale: the scale multiplies the sum) or
+// code * scale rounded to bf16 (several groups per row). F32 and F16 weights, and CPUs without
+// the instruction, fall back to kFp32.
 enum class Operands { kFp32, kBf16 };
 
 void matmul(ThreadPool& pool, const Mat& x, const Weight& w, Mat out, Operands operands = Operands::kFp32);
@@ -32,6 +34,9 @@ void matmul_batch(ThreadPool& pool, std::span<const MatmulJob> jobs, Operands op
 // best when m is small.
 void gemm_nt(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t m, int64_t n, int64_t k, float* out,
              int64_t ldo);
+// The same with bf16 x and w (AVX-512 BF16 only): the tiles bf16 operands use.
+void gemm_nt_bf16(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t ldw, int64_t m, int64_t n, int64_t k,
+                  float* out, int64_t ldo);
 // out (m x n, row stride ldo) = a (m x k, stride lda) times b (k x n, stride ldb): rows of b
 // scaled and summed over k in order, best when m is large.
 void gemm_nn(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t m, int64_t n, int64_t k, float* out,

@@ -186,6 +186,7 @@ inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
 inline float __fdiv_rn(float a, float b) { return a / b; }
 inline float __uint_as_float(uint32_t v) { return std::bit_cast<float>(v); }
 inline float __int_as_float(int v) { return std::bit_cast<float>(v); }
+inline uint32_t __float_as_uint(float f) { return std::bit_cast<uint32_t>(f); }
 inline int __float_as_int(float f) { return std::bit_cast<int>(f); }
 inline unsigned atomicOr(unsigned* p, unsigned v) { unsigned old = *p; *p |= v; return old; }
 inline int atomicAdd(int* p, int v) { int old = *p; *p += v; return old; }

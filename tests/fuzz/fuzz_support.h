@@ -90,7 +90,7 @@ inline size_t touch_tensors(const m1::Checkpoint& checkpoint) {
   for (const auto& [name, tensor] : checkpoint.tensors()) {
     check(tensor.numel() >= 0, "an accepted tensor has a countable number of elements");
     if (const auto dtype = m1::dtype_from_name(tensor.dtype_name)) {
-      check(reinterpret_cast<uintptr_t>(tensor.data) % m1::dtype_size(*dtype) == 0,
+      check(reinterpret_cast<uintptr_t>(tensor.data) % (size_t(m1::dtype_bits(*dtype)) / 8) == 0,
             "weights are aligned to their element size");
     }
     if (tensor.nbytes == 0) continue;

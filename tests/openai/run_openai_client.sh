@@ -1,7 +1,8 @@
 #!/bin/bash
 # Runs openai_client.mjs (the official `openai` npm package) against m1-serve on a tiny random
-# model. The package is installed into WORK_DIR once. Exits 77 (skipped) only when npm cannot
-# reach its registry.
+# model; structured outputs are checked with `ajv` (JSON Schema 2020-12) and `ajv-formats`. The
+# packages are installed into WORK_DIR once. Exits 77 (skipped) only when npm cannot reach its
+# registry.
 # Usage: run_openai_client.sh BIN_DIR WORK_DIR
 set -euo pipefail
 
@@ -11,11 +12,12 @@ client_dir=$work/client
 mkdir -p "$client_dir"
 
 # openai 7 needs Node 22; 6 is the newest major that runs on Debian's Node 20.
-if [ ! -d "$client_dir/node_modules/openai" ]; then
-  if ! npm install --prefix "$client_dir" --no-audit --no-fund --loglevel=error openai@6 >"$work/npm.log" 2>&1; then
+if [ ! -d "$client_dir/node_modules/openai" ] || [ ! -d "$client_dir/node_modules/ajv-formats" ]; then
+  if ! npm install --prefix "$client_dir" --no-audit --no-fund --loglevel=error openai@6 ajv@8 ajv-formats@3 \
+      >"$work/npm.log" 2>&1; then
     cat "$work/npm.log"
     if grep -qE 'ENOTFOUND|EAI_AGAIN|ECONNREFUSED|ECONNRESET|ETIMEDOUT|ENETUNREACH|EHOSTUNREACH' "$work/npm.log"; then
-      echo "SKIPPED: npm cannot reach its registry to install the openai package"
+      echo "SKIPPED: npm cannot reach its registry to install the openai, ajv and ajv-formats packages"
       exit 77
     fi
     exit 1

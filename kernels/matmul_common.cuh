@@ -1,0 +1,190 @@
+#pragma once
+// What every batch-invariant product kernel shares (kernels/matmul.cu for float weights,
+// kernels/quantized_matmul.cu for int8/int4 ones): the chunk of the inner dimension each partial
+// sum covers, the chunk partials of the skinny kernels and their sum in chunk order, x as bf16
+// terms, and the grouped launches' tiles. Included by those two files only; everything here has
+// internal linkage, each including file its own copy.
+
+#include <algorithm>
+#include <cstdint>
+#include <span>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "device_scratch.h"
+#include "device_types.h"
+#include "launch.h"
+
+namespace m1::cuda {
+namespace {
+
+// Inner-dimension values per partial sum: part of the arithmetic, shared by every kernel.
+constexpr int kChunk = 256;
+
+// Element i of a vector of scales stored as F32, F16 or BF16, in fp32 (exact).
+__device__ __forceinline__ float load_scale(const void* scales, DType dtype, int64_t i) {
+  if (dtype == DType::kF32) return static_cast<const float*>(scales)[i];
+  const uint16_t bits = static_cast<const uint16_t*>(scales)[i];
+  if (dtype == DType::kF16) return __half2float(__ushort_as_half(bits));
+  return __uint_as_float(uint32_t(bits) << 16);
+}
+
+// out[r][n] = sum over chunks c, in order, of partial[c][r][n], for every row r, or when given
+// for rows [*first_row, *end_row) (a grouped product's rows, known on the device alone).
+__global__ void sum_partials(const float* partial, int64_t chunks, int64_t m, int64_t n, float* out, int64_t ldo,
+                             const int64_t* first_row, const int64_t* end_row) {
+  const int64_t plane = m * n;
+  const int64_t begin = first_row ? *first_row * n : 0, end = end_row ? *end_row * n : plane;
+  for (int64_t i = begin + blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < end;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    float total = 0.0f;
+#pragma unroll 8
+    for (int64_t c = 0; c < chunks; ++c) total = __fadd_rn(total, partial[c * plane + i]);
+    const int64_t r = i / n;
+    out[r * ldo + (i - r * n)] = total;
+  }
+}
+
+inline void launch_sum_partials(const float* partial, int64_t chunks, int64_t m, int64_t n, float* out, int64_t ldo,
+                                cudaStream_t stream, const int64_t* first_row = nullptr,
+                                const int64_t* end_row = nullptr) {
+  sum_partials<<<grid_for(m * n, 256), 256, 0, stream>>>(partial, chunks, m, n, out, ldo, first_row, end_row);
+  M1_CUDA_CHECK_LAUNCH();
+}
+
+// Where a skinny kernel puts a chunk's partial: straight into the output when the inner
+// dimension is one chunk (0 + partial, as the reduction would), else into the partials, planes of
+// `plane_rows` rows, one per chunk.
+__device__ __forceinline__ void write_partial(float v, int64_t r, int64_t col, int64_t plane_rows, int64_t n,
+                                              float* partial, float* out, int64_t ldo) {
+  if (gridDim.x == 1)
+    out[r * ldo + col] = __fadd_rn(0.0f, v);
+  else
+    partial[(blockIdx.x * plane_rows + r) * n + col] = v;
+}
+
+// The skinny kernels' chunk partials make a round trip through memory: chunks x m x n floats (m:
+// every row of x in a grouped call; none for a single chunk, which goes straight to out). Past
+// this many bytes (the LM head at batch 32 would take 615 MB, a MoE's gate products at batch 64
+// 113 MB) the tiled kernels, which keep their partials in registers and have n / 64 column tiles
+// to spread over the GPU anyway, are the better choice; both give the same bits.
+constexpr size_t kMaxSkinnyPartialBytes = size_t(64) << 20;
+inline bool skinny_partials_fit(int64_t chunks, int64_t m, int64_t n) {
+  return chunks == 1 || size_t(chunks) * size_t(m) * size_t(n) * sizeof(float) <= kMaxSkinnyPartialBytes;
+}
+
+// ---------------------------------------------------------------------------------------------
+// x as bf16 terms, the largest first. One term: x rounded (nearest even). Three: hi = bf16(x),
+// mid = bf16(x - hi) and lo = x - hi - mid, 8 significant bits each, summing to x exactly (an
+// infinite x keeps zero mid and lo, so its products stay infinite, not NaN).
+template <int kParts>
+__device__ __forceinline__ void bf16_terms(float v, __nv_bfloat16 (&terms)[kParts]) {
+  static_assert(kParts == 1 || kParts == 3);
+  terms[0] = __float2bfloat16_rn(v);
+  if constexpr (kParts == 3) {
+    const float rest = isfinite(v) ? __fsub_rn(v, __bfloat162float(terms[0])) : 0.0f;
+    terms[1] = __float2bfloat16_rn(rest);
+    terms[2] = __float2bfloat16_rn(__fsub_rn(rest, __bfloat162float(terms[1])));
+  }
+}
+
+// The run of 8 values in the quantized kernels' operand order (quantized_matmul.cu): value e at
+// position 2 (e % 4) + e / 4, i.e. 0 4 1 5 2 6 3 7.
+__host__ __device__ constexpr int block_order(int e) { return 2 * (e & 3) + (e >> 2); }
+
+// x's kParts bf16 terms, each [m, ldb] and the next right after it, rows padded with zeros to
+// `ldb`, a multiple of 8, so every row is 16-byte aligned. kBlockOrder stores each run of 8 values
+// in block_order; otherwise in order.
+template <int kParts, bool kBlockOrder>
+__global__ void split_to_bf16(const float* x, int64_t ldx, int64_t m, int64_t k, __nv_bfloat16* out, int64_t ldb) {
+  const int64_t term = m * ldb;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < term; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = i / ldb, c = i - r * ldb;
+    const int e = int(c & 7);
+    const int64_t at = kBlockOrder ? i - e + block_order(e) : i;
+    __nv_bfloat16 terms[kParts];
+    bf16_terms<kParts>(c < k ? x[r * ldx + c] : 0.0f, terms);
+#pragma unroll
+    for (int q = 0; q < kParts; ++q) out[q * term + at] = terms[q];
+  }
+}
+
+template <int kParts, bool kBlockOrder = false>
+void launch_split_to_bf16(const float* x, int64_t ldx, int64_t m, int64_t k, __nv_bfloat16* out, int64_t ldb,
+                          cudaStream_t stream) {
+  split_to_bf16<kParts, kBlockOrder><<<grid_for(m * ldb, 256), 256, 0, stream>>>(x, ldx, m, k, out, ldb);
+  M1_CUDA_CHECK_LAUNCH();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Grouped launches. A group's weights (and scales, for quantized weights) travel in the kernel's
+// parameters, so nothing is uploaded per call; more groups than one launch holds take several
+// launches.
+
+constexpr int kLaunchGroups = 64;
+struct GroupWeights {
+  const void* data[kLaunchGroups];
+  const void* scales[kLaunchGroups];
+};
+
+// Rows of one CTA of a grouped launch: group `group`'s rows [row0 + first, row0 + first + rows).
+struct GroupTile {
+  int group;
+  int64_t row0, group_rows, first, rows;
+};
+
+// Work unit `index` of a grouped launch, counting each group's ceil(rows / tile_rows) tiles in
+// group order; false past the last. Every thread of a CTA gets the same answer, so a CTA without
+// work leaves as a whole, before any barrier.
+__device__ bool find_tile(const int64_t* offsets, int groups, int64_t tile_rows, int64_t index, GroupTile& tile) {
+  for (int g = 0; g < groups; ++g) {
+    const int64_t row0 = offsets[g], rows = offsets[g + 1] - row0, tiles = ceil_div(rows, tile_rows);
+    if (index < tiles) {
+      const int64_t first = index * tile_rows;
+      tile = {g, row0, rows, first, std::min(tile_rows, rows - first)};
+      return true;
+    }
+    index -= std::max<int64_t>(tiles, 0);
+  }
+  return false;
+}
+
+// Grouped launches take the groups kLaunchGroups at a time. Their grids are sized from what the
+// host knows: the groups' tiles of tile_rows rows number at most rows / tile_rows plus one per
+// group that has rows (a group of c > 0 rows has ceil(c / tile_rows) <= c / tile_rows + 1), and
+// at most `rows` groups have rows.
+inline int64_t grouped_tiles(int64_t rows, int64_t groups, int64_t tile_rows) {
+  return rows / tile_rows + std::min(groups, rows);
+}
+
+// Skinny grouped launches put the tiles in grid z, which stops at 65535.
+inline bool skinny_grid_fits(int64_t rows, int64_t groups, int64_t tile_rows) {
+  return grouped_tiles(rows, std::min<int64_t>(groups, kLaunchGroups), tile_rows) <= 65535;
+}
+
+inline GroupWeights group_weights(std::span<const DeviceMatrix> w, int64_t first, int64_t count) {
+  GroupWeights g{};
+  for (int64_t i = 0; i < count; ++i) {
+    g.data[i] = w[size_t(first + i)].data;
+    g.scales[i] = w[size_t(first + i)].scales;
+  }
+  return g;
+}
+
+// Every launch of a grouped product: launch(first group, group count, weights of those groups).
+template <class Launch>
+void for_each_launch(std::span<const DeviceMatrix> w, Launch launch) {
+  const int64_t groups = int64_t(w.size());
+  for (int64_t first = 0; first < groups; first += kLaunchGroups) {
+    const int64_t count = std::min<int64_t>(kLaunchGroups, groups - first);
+    launch(first, int(count), group_weights(w, first, count));
+  }
+}
+
+inline bool all_aligned16(std::span<const DeviceMatrix> w) {
+  return std::all_of(w.begin(), w.end(), [](const DeviceMatrix& m) { return aligned16(m.data); });
+}
+
+}  // namespace
+}  // namespace m1::cuda
