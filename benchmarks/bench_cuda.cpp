@@ -183,7 +183,7 @@ void bench_matmul(Report& report, const Limits& limits, cudaStream_t stream, m1:
 // Our product out = x w^T with quantized weights [n, k] (int8: one bf16 scale per row; int4: one per
 // 32 inputs) and m rows. Few rows stream the packed codes and scales, against the copy bandwidth
 // (the bar for int4 at one row: 70%); many rows against cuBLAS bf16.
-void bench_quantized_matmul(Report& report, const Limits& limits, cudaStream_t stream, m1::DType type, int64_t m,
+void bench_quantized_matmul(Report& report, const Limits& limits, cudaStream_t stream, m1::cuda::Device& device, m1::DType type, int64_t m,
                             int64_t n, int64_t k, m1::cuda::GemmOperands operands, const char* what) {
   const int64_t group = type == m1::DType::kQ4 ? 32 : k, groups = (k + group - 1) / group;
   const size_t code_bytes = m1::matrix_bytes(type, n, k), scale_bytes = size_t(n * groups) * 2;
@@ -197,7 +197,7 @@ void bench_quantized_matmul(Report& report, const Limits& limits, cudaStream_t s
   const DeviceMatrix weight{codes.get(), type, n, k, scales.get(), m1::DType::kBF16, group};
   const char* mode = operands == m1::cuda::GemmOperands::kBf16 ? "fast" : "exact";
   const double ms = time_ms(stream, m > 64 ? 5 : 50, [&] {
-    m1::cuda::matmul(x.get(), k, m, weight, out.get(), n, operands, scratch, stream);
+    m1::cuda::matmul(x.get(), k, m, weight, out.get(), n, operands, scratch, device, stream);
   });
   const double flops = 2.0 * double(m) * double(n) * double(k);
   const double bytes = double(code_bytes + scale_bytes) + double(m * (k + n)) * 4;
@@ -277,7 +277,8 @@ void bench_sampling(Report& report, const Limits& limits, cudaStream_t stream, m
   DeviceArray<m1::cuda::DrawResult> results(draws.size());
   DeviceArray<int32_t> none(1);
   m1::cuda::DeviceScratch scratch(stream);
-  m1::cuda::SampleArgs args{logits.get(), vocab, draws, device_draws.get(), none.get(), none.get(), results.get()};
+  m1::cuda::SampleArgs args{logits.get(), vocab, draws, device_draws.get(), none.get(), none.get()};
+  args.results = results.get();
   const double ms = time_ms(stream, 20, [&] { m1::cuda::sample(args, scratch, device, stream); });
   const double bytes = double(batch * vocab) * sizeof(float);
   report.add({fmt::format("sampling, vocab 200064, batch {}, {} ({:.1f} us)", batch,
@@ -402,11 +403,11 @@ int run(const std::string& json_path, const std::string& only) {
       const char* what;
     } shapes[] = {{9216, 6144, "expert w1/w3"}, {6144, 9216, "expert w2"}, {24576, 6144, "qkv_proj"}, {6144, 8192, "out_proj"}};
     for (m1::DType type : {m1::DType::kQ4, m1::DType::kQ8})
-      for (const auto& s : shapes) bench_quantized_matmul(report, limits, stream, type, 1, s.n, s.k, GemmOperands::kBf16, s.what);
-    bench_quantized_matmul(report, limits, stream, m1::DType::kQ4, 1, 9216, 6144, GemmOperands::kFp32, "expert w1/w3");
-    bench_quantized_matmul(report, limits, stream, m1::DType::kQ4, 32, 9216, 6144, GemmOperands::kBf16, "expert w1/w3");
+      for (const auto& s : shapes) bench_quantized_matmul(report, limits, stream, gpu, type, 1, s.n, s.k, GemmOperands::kBf16, s.what);
+    bench_quantized_matmul(report, limits, stream, gpu, m1::DType::kQ4, 1, 9216, 6144, GemmOperands::kFp32, "expert w1/w3");
+    bench_quantized_matmul(report, limits, stream, gpu, m1::DType::kQ4, 32, 9216, 6144, GemmOperands::kBf16, "expert w1/w3");
     for (m1::DType type : {m1::DType::kQ4, m1::DType::kQ8})
-      bench_quantized_matmul(report, limits, stream, type, 8192, 8192, 8192, GemmOperands::kBf16, "prefill");
+      bench_quantized_matmul(report, limits, stream, gpu, type, 8192, 8192, 8192, GemmOperands::kBf16, "prefill");
   }
   if (wanted("lightning decode"))
     for (int64_t batch : {1, 32}) bench_lightning_decode(report, limits, stream, gpu, batch);

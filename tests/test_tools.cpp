@@ -260,6 +260,32 @@ TEST_F(ToolsTest, GeneratePromptCacheResumesWithTheSameOutput) {
   EXPECT_NE(other.err.find("holds another prompt"), std::string::npos) << other.err;
 }
 
+// --prompt-cache over two CPU ranks: the sharded state is saved and resumed with the output of a
+// cold run at N = 2; a file saved by one rank is foreign to two.
+TEST_F(ToolsTest, GeneratePromptCacheResumesOverRanks) {
+  fs::path m = make("m");
+  std::string ids;
+  for (int i = 0; i < 140; ++i) ids += (i ? "," : "") + std::to_string(300 + (i * 37) % 1500);
+  const std::string gen = tool("m1-generate") + " --model " + m.string() + " --temperature 0 --max-tokens 6 --threads 2";
+  const fs::path one = dir_ / "one.m1snap", two = dir_ / "two.m1snap";
+  ASSERT_EQ(run(gen + " --prompt-ids " + ids + " --prompt-cache " + one.string()).status, 0);
+  const std::string longer = ids + ",301,302,303";
+  const Result cold = run(gen + " --tensor-parallel 2 --prompt-ids " + longer);
+  ASSERT_EQ(cold.status, 0) << cold.err;
+  Result first = run(gen + " --tensor-parallel 2 --prompt-ids " + ids + " --prompt-cache " + two.string());
+  ASSERT_EQ(first.status, 0) << first.err;
+  EXPECT_NE(first.err.find("saved the state after 128 prompt tokens"), std::string::npos) << first.err;
+  Result resumed = run(gen + " --tensor-parallel 2 --prompt-ids " + longer + " --prompt-cache " + two.string());
+  ASSERT_EQ(resumed.status, 0) << resumed.err;
+  EXPECT_NE(resumed.err.find("resumed 128 of 143 prompt tokens"), std::string::npos) << resumed.err;
+  EXPECT_EQ(resumed.out, cold.out);
+  Result foreign = run(gen + " --tensor-parallel 2 --prompt-ids " + longer + " --prompt-cache " + one.string() +
+                       " --prompt-cache-ro");
+  ASSERT_EQ(foreign.status, 0) << foreign.err;
+  EXPECT_NE(foreign.err.find("not used"), std::string::npos) << foreign.err;
+  EXPECT_EQ(foreign.out, cold.out);
+}
+
 TEST_F(ToolsTest, GenerateChatStopsAtEndOfTurnOrLength) {
   fs::path m = make("m");
   Result r = run(tool("m1-generate") + " --model " + m.string() + " --chat hello --system 'be brief' --max-tokens 8 --seed 1");
