@@ -32,6 +32,7 @@
 #include "bench_models.h"
 #include "device_array.h"
 #include "lightning.h"
+#include "m1/backends.h"
 #include "m1/error.h"
 #include "m1/model.h"
 #include "m1/synthetic.h"
@@ -158,7 +159,7 @@ double cublas_bf16_tflops(cudaStream_t stream, int64_t n) {
 }
 
 // Our product out = x w^T with BF16 weights [n, k] and m rows, in both operand modes.
-void bench_matmul(Report& report, const Limits& limits, cudaStream_t stream, int64_t m, int64_t n, int64_t k) {
+void bench_matmul(Report& report, const Limits& limits, cudaStream_t stream, m1::cuda::Device& device, int64_t m, int64_t n, int64_t k) {
   DeviceArray<float> x(size_t(m * k)), out(size_t(m * n));
   DeviceArray<uint16_t> w(size_t(n * k));
   fill_random(x, 1, 3);
@@ -168,7 +169,7 @@ void bench_matmul(Report& report, const Limits& limits, cudaStream_t stream, int
   for (auto operands : {m1::cuda::GemmOperands::kBf16, m1::cuda::GemmOperands::kFp32}) {
     const char* mode = operands == m1::cuda::GemmOperands::kBf16 ? "fast" : "exact";
     const double ms = time_ms(stream, m > 64 ? 5 : 50, [&] {
-      m1::cuda::matmul(x.get(), k, m, weight, out.get(), n, operands, scratch, stream);
+      m1::cuda::matmul(x.get(), k, m, weight, out.get(), n, operands, scratch, device, stream);
     });
     const double flops = 2.0 * double(m) * double(n) * double(k), bytes = double(n * k) * 2 + double(m * (k + n)) * 4;
     const std::string name = fmt::format("matmul {} m={} n={} k={}", mode, m, n, k);
@@ -182,7 +183,7 @@ void bench_matmul(Report& report, const Limits& limits, cudaStream_t stream, int
 // Our product out = x w^T with quantized weights [n, k] (int8: one bf16 scale per row; int4: one per
 // 32 inputs) and m rows. Few rows stream the packed codes and scales, against the copy bandwidth
 // (the bar for int4 at one row: 70%); many rows against cuBLAS bf16.
-void bench_quantized_matmul(Report& report, const Limits& limits, cudaStream_t stream, m1::DType type, int64_t m,
+void bench_quantized_matmul(Report& report, const Limits& limits, cudaStream_t stream, m1::cuda::Device& device, m1::DType type, int64_t m,
                             int64_t n, int64_t k, m1::cuda::GemmOperands operands, const char* what) {
   const int64_t group = type == m1::DType::kQ4 ? 32 : k, groups = (k + group - 1) / group;
   const size_t code_bytes = m1::matrix_bytes(type, n, k), scale_bytes = size_t(n * groups) * 2;
@@ -196,7 +197,7 @@ void bench_quantized_matmul(Report& report, const Limits& limits, cudaStream_t s
   const DeviceMatrix weight{codes.get(), type, n, k, scales.get(), m1::DType::kBF16, group};
   const char* mode = operands == m1::cuda::GemmOperands::kBf16 ? "fast" : "exact";
   const double ms = time_ms(stream, m > 64 ? 5 : 50, [&] {
-    m1::cuda::matmul(x.get(), k, m, weight, out.get(), n, operands, scratch, stream);
+    m1::cuda::matmul(x.get(), k, m, weight, out.get(), n, operands, scratch, device, stream);
   });
   const double flops = 2.0 * double(m) * double(n) * double(k);
   const double bytes = double(code_bytes + scale_bytes) + double(m * (k + n)) * 4;
@@ -212,7 +213,7 @@ void bench_quantized_matmul(Report& report, const Limits& limits, cudaStream_t s
 // tokens of one sequence, fed as chunks of at most `chunk` tokens with the state carried between
 // them (a 1M-token qkv in fp32 alone would need 100 GB); bf16 operands on tensor cores (the fast
 // precision) or fp32 (exact).
-void bench_lightning_prefill(Report& report, const Limits& limits, cudaStream_t stream, int64_t tokens, int64_t chunk,
+void bench_lightning_prefill(Report& report, const Limits& limits, cudaStream_t stream, m1::cuda::Device& device, int64_t tokens, int64_t chunk,
                              bool bf16_operands) {
   const int64_t heads = 64, d = 128, rows = std::min(tokens, chunk);
   DeviceArray<float> qkv(size_t(rows * heads * 3 * d)), out(size_t(rows * heads * d)), state(size_t(heads * d * d));
@@ -226,7 +227,7 @@ void bench_lightning_prefill(Report& report, const Limits& limits, cudaStream_t 
       M1_CUDA_CHECK(cudaMemcpyAsync(segment.get(), &seg, sizeof seg, cudaMemcpyHostToDevice, stream));
       m1::cuda::LightningArgs args{qkv.get(), heads * 3 * d, out.get(), heads * d, heads, d, decay.get(),
                                    std::span(&seg, 1), segment.get(), bf16_operands};
-      m1::cuda::lightning_attention(args, stream);
+      m1::cuda::lightning_attention(args, device, stream);
     }
   };
   const double ms = time_ms(stream, tokens > chunk ? 1 : 3, run);
@@ -241,7 +242,7 @@ void bench_lightning_prefill(Report& report, const Limits& limits, cudaStream_t 
 }
 
 // One decode token for `batch` sequences, 64 heads, d = 128: the state is read and written once.
-void bench_lightning_decode(Report& report, const Limits& limits, cudaStream_t stream, int64_t batch) {
+void bench_lightning_decode(Report& report, const Limits& limits, cudaStream_t stream, m1::cuda::Device& device, int64_t batch) {
   const int64_t heads = 64, d = 128;
   DeviceArray<float> qkv(size_t(batch * heads * 3 * d)), out(size_t(batch * heads * d)), states(size_t(batch * heads * d * d));
   DeviceArray<float> decay(m1::lightning_decay(heads, 0, 80));
@@ -251,7 +252,7 @@ void bench_lightning_decode(Report& report, const Limits& limits, cudaStream_t s
   for (int64_t b = 0; b < batch; ++b) segs.push_back({b, 1, states.get() + b * heads * d * d});
   DeviceArray<m1::cuda::LightningSegment> segments(segs);
   m1::cuda::LightningArgs args{qkv.get(), heads * 3 * d, out.get(), heads * d, heads, d, decay.get(), segs, segments.get()};
-  const double ms = time_ms(stream, 50, [&] { m1::cuda::lightning_attention(args, stream); });
+  const double ms = time_ms(stream, 50, [&] { m1::cuda::lightning_attention(args, device, stream); });
   const double bytes = 2.0 * double(states.size()) * sizeof(float);
   report.add({fmt::format("lightning decode 64x128, batch {} (per layer; {:.1f} us)", batch, ms * 1e3), ms,
               bytes / (ms * 1e-3) / 1e9, "GB/s", bytes / (ms * 1e-3) / 1e9 / limits.copy_gb_s});
@@ -259,7 +260,7 @@ void bench_lightning_decode(Report& report, const Limits& limits, cudaStream_t s
 
 // Token draws for `batch` rows of the real model's 200,064 logits: greedy, or nucleus sampling
 // (temperature 0.8, top-p 0.9) with 5 alternatives' log-probabilities. Bytes: the logits, read once.
-void bench_sampling(Report& report, const Limits& limits, cudaStream_t stream, int64_t batch, bool nucleus) {
+void bench_sampling(Report& report, const Limits& limits, cudaStream_t stream, m1::cuda::Device& device, int64_t batch, bool nucleus) {
   const int64_t vocab = 200064;
   DeviceArray<float> logits(size_t(batch * vocab));
   fill_random(logits, 3, 10);
@@ -284,7 +285,7 @@ void bench_sampling(Report& report, const Limits& limits, cudaStream_t stream, i
   args.seen = none.get();
   args.generated_counts = none.get();
   args.results = results.get();
-  const double ms = time_ms(stream, 20, [&] { m1::cuda::sample(args, scratch, stream); });
+  const double ms = time_ms(stream, 20, [&] { m1::cuda::sample(args, scratch, device, stream); });
   const double bytes = double(batch * vocab) * sizeof(float);
   report.add({fmt::format("sampling, vocab 200064, batch {}, {} ({:.1f} us)", batch,
                           nucleus ? "top-p 0.9 + 5 logprobs" : "greedy", ms * 1e3),
@@ -293,7 +294,7 @@ void bench_sampling(Report& report, const Limits& limits, cudaStream_t stream, i
 
 // Causal flash-style prefill of `tokens` tokens: 64 query heads, 8 KV heads, d = 128, RoPE on 64
 // dims; q and the softmax weights rounded to bf16 once (fast) or carried as two bf16 terms (exact).
-void bench_flash_prefill(Report& report, const Limits& limits, cudaStream_t stream, int64_t tokens,
+void bench_flash_prefill(Report& report, const Limits& limits, cudaStream_t stream, m1::cuda::Device& device, int64_t tokens,
                          bool bf16_operands) {
   const int64_t heads = 64, kv_heads = 8, d = 128;
   DeviceArray<float> q(size_t(tokens * heads * d)), k(size_t(tokens * kv_heads * d)), v(size_t(tokens * kv_heads * d)),
@@ -307,7 +308,7 @@ void bench_flash_prefill(Report& report, const Limits& limits, cudaStream_t stre
   m1::cuda::DeviceScratch scratch(stream);
   m1::cuda::AttentionArgs args{q.get(), heads * d, k.get(), kv_heads * d, v.get(), kv_heads * d, out.get(), heads * d,
                                heads, kv_heads, d, 64, 1e7, std::span(&seg, 1), segment.get(), bf16_operands};
-  const double ms = time_ms(stream, tokens > 16384 ? 1 : 3, [&] { m1::cuda::softmax_attention(args, scratch, stream); });
+  const double ms = time_ms(stream, tokens > 16384 ? 1 : 3, [&] { m1::cuda::softmax_attention(args, scratch, device, stream); });
   const double flops = 4.0 * double(d) * double(heads) * double(tokens) * double(tokens + 1) / 2;
   report.add({fmt::format("flash prefill 64q/8kv x128 {}, {} tokens", bf16_operands ? "bf16" : "2xbf16", tokens), ms, flops / (ms * 1e-3) / 1e12, "TFLOP/s",
               flops / (ms * 1e-3) / 1e12 / limits.cublas_tflops});
@@ -379,10 +380,9 @@ int run(const std::string& json_path, const std::string& only) {
   const std::vector<std::string_view> groups = {"matmul", "quantized matmul", "lightning decode", "lightning prefill", "flash prefill", "sampling", "decode step"};
   if (std::none_of(groups.begin(), groups.end(), wanted))
     m1::fail("--only: no benchmark name starts with '{}' (names start with {})", only, fmt::join(groups, ", "));
-  int device = 0;
-  M1_CUDA_CHECK(cudaGetDevice(&device));
+  m1::cuda::Device gpu = m1::cuda::Device::current();
   cudaDeviceProp prop{};
-  M1_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
+  M1_CUDA_CHECK(cudaGetDeviceProperties(&prop, gpu.index()));
   std::printf("bench_cuda on %s (sm_%d%d, %.0f GiB)\n", prop.name, prop.major, prop.minor,
               double(prop.totalGlobalMem) / double(1 << 30));
   cudaStream_t stream;
@@ -396,9 +396,9 @@ int run(const std::string& json_path, const std::string& only) {
   report.add({"limit: cuBLAS bf16 GEMM 8192^3, fp32 accumulate", 0, limits.cublas_tflops, "TFLOP/s"});
 
   if (wanted("matmul")) {
-    bench_matmul(report, limits, stream, 1, 8192, 8192);
-    bench_matmul(report, limits, stream, 32, 8192, 8192);
-    bench_matmul(report, limits, stream, 8192, 8192, 8192);
+    bench_matmul(report, limits, stream, gpu, 1, 8192, 8192);
+    bench_matmul(report, limits, stream, gpu, 32, 8192, 8192);
+    bench_matmul(report, limits, stream, gpu, 8192, 8192, 8192);
   }
   if (wanted("quantized matmul")) {
     using m1::cuda::GemmOperands;
@@ -409,25 +409,25 @@ int run(const std::string& json_path, const std::string& only) {
       const char* what;
     } shapes[] = {{9216, 6144, "expert w1/w3"}, {6144, 9216, "expert w2"}, {24576, 6144, "qkv_proj"}, {6144, 8192, "out_proj"}};
     for (m1::DType type : {m1::DType::kQ4, m1::DType::kQ8})
-      for (const auto& s : shapes) bench_quantized_matmul(report, limits, stream, type, 1, s.n, s.k, GemmOperands::kBf16, s.what);
-    bench_quantized_matmul(report, limits, stream, m1::DType::kQ4, 1, 9216, 6144, GemmOperands::kFp32, "expert w1/w3");
-    bench_quantized_matmul(report, limits, stream, m1::DType::kQ4, 32, 9216, 6144, GemmOperands::kBf16, "expert w1/w3");
+      for (const auto& s : shapes) bench_quantized_matmul(report, limits, stream, gpu, type, 1, s.n, s.k, GemmOperands::kBf16, s.what);
+    bench_quantized_matmul(report, limits, stream, gpu, m1::DType::kQ4, 1, 9216, 6144, GemmOperands::kFp32, "expert w1/w3");
+    bench_quantized_matmul(report, limits, stream, gpu, m1::DType::kQ4, 32, 9216, 6144, GemmOperands::kBf16, "expert w1/w3");
     for (m1::DType type : {m1::DType::kQ4, m1::DType::kQ8})
-      bench_quantized_matmul(report, limits, stream, type, 8192, 8192, 8192, GemmOperands::kBf16, "prefill");
+      bench_quantized_matmul(report, limits, stream, gpu, type, 8192, 8192, 8192, GemmOperands::kBf16, "prefill");
   }
   if (wanted("lightning decode"))
-    for (int64_t batch : {1, 32}) bench_lightning_decode(report, limits, stream, batch);
+    for (int64_t batch : {1, 32}) bench_lightning_decode(report, limits, stream, gpu, batch);
   if (wanted("lightning prefill")) {
     for (int64_t tokens : {8192, 65536, 1 << 20})
-      bench_lightning_prefill(report, limits, stream, tokens, 65536, true);
-    bench_lightning_prefill(report, limits, stream, 8192, 65536, false);
+      bench_lightning_prefill(report, limits, stream, gpu, tokens, 65536, true);
+    bench_lightning_prefill(report, limits, stream, gpu, 8192, 65536, false);
   }
   if (wanted("flash prefill"))
     for (bool bf16_operands : {true, false})
-      for (int64_t tokens : {8192, 65536}) bench_flash_prefill(report, limits, stream, tokens, bf16_operands);
+      for (int64_t tokens : {8192, 65536}) bench_flash_prefill(report, limits, stream, gpu, tokens, bf16_operands);
   if (wanted("sampling"))
     for (int64_t batch : {1, 32})
-      for (bool nucleus : {false, true}) bench_sampling(report, limits, stream, batch, nucleus);
+      for (bool nucleus : {false, true}) bench_sampling(report, limits, stream, gpu, batch, nucleus);
   for (int64_t batch : {1, 32})
     for (bool graphs : {false, true})
       if (wanted(decode_step_name(batch, 512, graphs))) bench_decode_step(report, limits, batch, 512, graphs);

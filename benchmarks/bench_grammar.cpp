@@ -28,6 +28,7 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include "m1/backends.h"
 #include "m1/engine.h"
 #include "m1/error.h"
 #include "m1/generation.h"

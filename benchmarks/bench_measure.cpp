@@ -18,6 +18,25 @@ double ms_since(Clock::time_point start) {
   return std::chrono::duration<double, std::milli>(Clock::now() - start).count();
 }
 
+// Seconds the model's ranks have spent in collectives so far, summed over ranks.
+double collective_seconds(const Model& model) {
+  double seconds = 0;
+  for (const Backend* b : model.rank_backends()) seconds += b->collective_stats().seconds;
+  return seconds;
+}
+
+// Times fn; returns its wall time in ms and, through `share`, the ranks' mean share of it spent
+// in collectives.
+template <class Fn>
+double timed_with_share(const Model& model, double& share, Fn&& fn) {
+  const double before = collective_seconds(model);
+  const auto start = Clock::now();
+  fn();
+  const double ms = ms_since(start);
+  share = ms > 0 ? (collective_seconds(model) - before) * 1000 / (ms * model.ranks()) : 0;
+  return ms;
+}
+
 // Deterministic pseudo-random valid token ids.
 std::vector<int32_t> prompt_tokens(int64_t count, int64_t vocab) {
   std::mt19937_64 rng(kPromptSeed);
@@ -87,6 +106,8 @@ Summary summarize(const Measurement& m) {
   s.prefill_tokens_per_s = s.prefill_ms > 0 ? double(m.prefill_tokens) * 1000 / s.prefill_ms : 0;
   s.decode_ms_per_token = median(m.decode_ms_per_token);
   s.decode_tokens_per_s = s.decode_ms_per_token > 0 ? 1000 / s.decode_ms_per_token : 0;
+  s.prefill_collective_share = median(m.prefill_collective_share);
+  s.decode_collective_share = median(m.decode_collective_share);
   return s;
 }
 
@@ -106,13 +127,17 @@ Measurement measure(Model& model, const MeasureSpec& spec) {
   m.prefill_tokens = timed;
   for (int64_t r = 0; r < spec.repeats; ++r) {
     auto seq = base->clone();
-    const auto start = Clock::now();
-    prefill(model, *seq, all.subspan(size_t(untimed), size_t(timed)), spec.prefill_chunk);
-    m.prefill_ms.push_back(ms_since(start));
+    double share = 0;
+    m.prefill_ms.push_back(
+        timed_with_share(model, share, [&] { prefill(model, *seq, all.subspan(size_t(untimed), size_t(timed)), spec.prefill_chunk); }));
+    m.prefill_collective_share.push_back(share);
     // Decode starts at depth `context`: after the timed prefill, or from the untimed context.
     auto at_depth = extra ? base->clone() : std::move(seq);
     m.state_bytes = at_depth->bytes();
-    m.decode_ms_per_token.push_back(decode_median_ms(model, *at_depth, decode));
+    double median_ms = 0;
+    timed_with_share(model, share, [&] { median_ms = decode_median_ms(model, *at_depth, decode); });
+    m.decode_ms_per_token.push_back(median_ms);
+    m.decode_collective_share.push_back(share);
   }
   return m;
 }

@@ -28,13 +28,17 @@ struct Measurement {
   std::vector<double> decode_ms_per_token;   // one per repeat: the median over its decode steps
   uint64_t state_bytes = 0;                  // the sequence's state at depth `context`
   uint64_t peak_rss_bytes = 0;               // filled in by whoever owns the process
+  // Per repeat: the share of the wall time the ranks spent in collectives (waiting for peers
+  // included), averaged over ranks; 0 for one rank.
+  std::vector<double> prefill_collective_share, decode_collective_share;
 };
 NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(Measurement, context, prefill_tokens, prefill_ms, decode_ms_per_token,
-                                   state_bytes, peak_rss_bytes)
+                                   state_bytes, peak_rss_bytes, prefill_collective_share, decode_collective_share)
 
 // The figures a measurement reports: medians over its repeats.
 struct Summary {
   double prefill_ms = 0, prefill_tokens_per_s = 0, decode_ms_per_token = 0, decode_tokens_per_s = 0;
+  double prefill_collective_share = 0, decode_collective_share = 0;
 };
 Summary summarize(const Measurement& m);
 

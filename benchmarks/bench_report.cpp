@@ -45,6 +45,8 @@ nlohmann::ordered_json result_json(const BenchResult& r) {
   j["prefill_tokens_per_s"] = s.prefill_tokens_per_s;
   j["decode_ms_per_token"] = s.decode_ms_per_token;
   j["decode_tokens_per_s"] = s.decode_tokens_per_s;
+  j["prefill_collective_share"] = s.prefill_collective_share;
+  j["decode_collective_share"] = s.decode_collective_share;
   j["state_bytes"] = m.state_bytes;
   j["peak_rss_bytes"] = m.peak_rss_bytes;
   j["weight_bytes_per_token"] = r.weight_bytes_per_token;
@@ -56,16 +58,19 @@ nlohmann::ordered_json result_json(const BenchResult& r) {
 
 void print_table(std::FILE* out, const RunInfo& info, const std::vector<BenchResult>& results) {
   print_header(out, info, results);
-  fmt::print(out, "{:<10} {:>7} {:>7} {:>11} {:>13} {:>13} {:>12} {:>10} {:>10} {:>12}\n", "variant", "context",
+  fmt::print(out, "{:<10} {:>7} {:>7} {:>11} {:>13} {:>13} {:>12} {:>10} {:>10} {:>12} {:>9}\n", "variant", "context",
              "prefill", "prefill ms", "prefill tok/s", "decode ms/tok", "decode tok/s", "MB/token", "state MiB",
-             "peak RSS MiB");
+             "peak RSS MiB", "coll %");
   for (const BenchResult& r : results) {
     const Measurement& m = r.measurement;
     const Summary s = summarize(m);
-    fmt::print(out, "{:<10} {:>7} {:>7} {:>11.2f} {:>13.1f} {:>13.3f} {:>12.1f} {:>10.1f} {:>10.2f} {:>12.1f}\n",
+    // The share of a step in collectives: of the timed prefill, then of the decode steps.
+    const std::string collectives = fmt::format("{:.0f}/{:.0f}", 100 * s.prefill_collective_share,
+                                                100 * s.decode_collective_share);
+    fmt::print(out, "{:<10} {:>7} {:>7} {:>11.2f} {:>13.1f} {:>13.3f} {:>12.1f} {:>10.1f} {:>10.2f} {:>12.1f} {:>9}\n",
                r.variant, format_token_count(m.context), format_token_count(m.prefill_tokens), s.prefill_ms,
                s.prefill_tokens_per_s, s.decode_ms_per_token, s.decode_tokens_per_s, double(r.weight_bytes_per_token) / 1e6,
-               double(m.state_bytes) / kMiB, double(m.peak_rss_bytes) / kMiB);
+               double(m.state_bytes) / kMiB, double(m.peak_rss_bytes) / kMiB, collectives);
   }
 }
 

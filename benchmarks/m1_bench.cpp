@@ -12,15 +12,19 @@
 
 #include <CLI/CLI.hpp>
 #include <fmt/ranges.h>
+#include <spdlog/sinks/stdout_sinks.h>
+#include <spdlog/spdlog.h>
 
 #include "bench_measure.h"
 #include "bench_models.h"
 #include "bench_report.h"
 #include "child_process.h"
 #include "latency_chart.h"
+#include "m1/backends.h"
 #include "m1/error.h"
 #include "m1/model.h"
 #include "m1/synthetic.h"
+#include "parallel_flags.h"
 #include "read_bandwidth.h"
 #include "token_count.h"
 
@@ -42,6 +46,9 @@ struct Options {
   std::vector<std::string> variants = variant_names();
   fs::path json, svg;
   bool measure_bandwidth = false;
+  m1::BackendOptions backend;  // the tensor-parallel group (device, threads and precision come from above)
+  m1::ParallelFlags parallel;
+  m1::ShardOptions shard;
   std::string quantize;
   int64_t group_size = 0;
   bool quantize_lm_head = false;
@@ -105,18 +112,24 @@ BaseModel base_model(const Options& o) {
 // In a child of its own: CUDA does not survive a fork, so this process must never initialise it.
 std::string backend_description(const m1::BackendOptions& options) {
   try {
-    return run_in_child([&] { return nlohmann::json(m1::create_backend(options)->name()); }).get<std::string>();
+    return run_in_child([&] { return nlohmann::json(m1::group_name(m1::create_backends(options))); }).get<std::string>();
   } catch (const m1::Error& e) {
     m1::fail("--device: {}", e.what());
   }
 }
 
-m1::BackendOptions backend_options(const Options& o) {
+m1::BackendOptions backend_options(Options& o) {
+  m1::BackendOptions options = o.backend;
+  options.device = o.device;
+  options.threads = o.threads;
+  options.time_collectives = true;  // for the share of a step in collectives (CUDA: of eager steps)
   try {
-    return m1::BackendOptions{o.device, o.threads, m1::parse_precision(o.precision)};
+    options.precision = m1::parse_precision(o.precision);
   } catch (const m1::Error& e) {
     m1::fail("--precision: {}", e.what());
   }
+  o.parallel.apply(options, o.shard);
+  return options;
 }
 
 VariantWeights variant_weights(const BaseModel& base, const m1::ModelConfig& config) {
@@ -127,9 +140,9 @@ VariantWeights variant_weights(const BaseModel& base, const m1::ModelConfig& con
 Measurement measure_in_child(const m1::BackendOptions& backend_options, const m1::LoadOptions& load,
                              const m1::ModelConfig& config, VariantWeights& weights, const MeasureSpec& spec) {
   const nlohmann::json result = run_in_child([&] {
-    auto backend = m1::create_backend(backend_options);
+    const auto backends = m1::create_backends(backend_options);
     // Moves the child's copy of the weights; the parent's stays for the next context.
-    m1::Model model(config, std::move(weights.checkpoint), *backend, load);
+    m1::Model model(config, std::move(weights.checkpoint), m1::rank_pointers(backends), load);
     Measurement m = measure(model, spec);
     m.peak_rss_bytes = peak_rss_bytes();
     return nlohmann::json(m);
@@ -165,7 +178,9 @@ nlohmann::ordered_json options_json(const Options& o, const std::vector<int64_t>
   return {{"contexts", contexts},         {"prefill_tokens", extra_prefill}, {"prefill_chunk", o.prefill_chunk},
           {"decode_tokens", o.decode_tokens}, {"repeats", o.repeats},          {"variants", o.variants},
           {"device", o.device},           {"precision", o.precision},        {"threads", o.threads},
-          {"measure_bandwidth", o.measure_bandwidth}, {"quantize", o.quantize},
+          {"measure_bandwidth", o.measure_bandwidth}, {"tensor_parallel", o.backend.tensor_parallel},
+          {"gpus", o.backend.gpus},       {"collectives", o.backend.collectives},
+          {"moe_parallel", m1::moe_parallel_name(o.shard.moe)}, {"quantize", o.quantize},
           {"group_size", o.group_size},   {"quantize_lm_head", o.quantize_lm_head}};
 }
 
@@ -175,12 +190,14 @@ void write_file(const fs::path& path, const std::string& text, const std::string
   if (!out.flush()) m1::fail("{}: cannot write {}", option, path.string());
 }
 
-int run(const Options& o) {
+int run(Options& o) {
   const int64_t extra_prefill = token_count_option("--prefill-tokens", o.prefill_tokens, 0);
   const std::vector<int64_t> contexts = parse_contexts(o, extra_prefill);
   const BaseModel base = base_model(o);
   const m1::BackendOptions backend = backend_options(o);
-  const m1::LoadOptions load = m1::parse_load_options(o.quantize, o.group_size, o.quantize_lm_head, o.threads);
+  m1::LoadOptions load = m1::parse_load_options(o.quantize, o.group_size, o.quantize_lm_head, o.threads);
+  load.shard = o.shard;
+  m1::plan_shards(base.config, backend.tensor_parallel, o.shard.moe);  // a split the model refuses fails here, once
 
   RunInfo info;
   info.date = utc_date();
@@ -227,6 +244,7 @@ void define_options(CLI::App& app, Options& o) {
   app.add_option("--json", o.json, "Write the results as JSON to FILE");
   app.add_option("--svg", o.svg, "Draw latency against context as an SVG chart to FILE");
   app.add_flag("--measure-bandwidth", o.measure_bandwidth, "Also measure how fast --threads threads read the weights");
+  m1::add_parallel_flags(app, o.backend, o.parallel);
   app.add_option("--quantize", o.quantize, "Quantize weights while loading: int8 (a scale per row) or int4 (a scale per group)");
   app.add_option("--group-size", o.group_size, "--quantize int4: inputs per scale, a multiple of 32 (default 32)");
   app.add_flag("--quantize-lm-head", o.quantize_lm_head, "--quantize the LM head too (kept in its stored type by default)");
@@ -238,6 +256,7 @@ int main(int argc, char** argv) {
   CLI::App app{"m1-bench: prefill and decode latency against context length, hybrid vs lightning vs softmax"};
   Options o;
   define_options(app, o);
+  spdlog::set_default_logger(spdlog::stderr_logger_mt("m1-bench"));  // stdout carries the table
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

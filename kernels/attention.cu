@@ -673,11 +673,11 @@ struct StepShape {
 
 template <int D, Operands O>
 void launch_attention(const AttendParams& base, const StepShape& shape, const AttentionArgs& a,
-                      DeviceScratch& scratch, cudaStream_t stream) {
+                      DeviceScratch& scratch, Device& device, cudaStream_t stream) {
   using G = Geometry<D>;
   // The tiles need more than the default 48 KB of shared memory.
-  allow_shared_memory<prefill_kernel<D, O>>(G::prefill_bytes(O));
-  allow_shared_memory<decode_kernel<D, O>>(G::decode_bytes(O));
+  device.allow_shared_memory<prefill_kernel<D, O>>(G::prefill_bytes(O));
+  device.allow_shared_memory<decode_kernel<D, O>>(G::decode_bytes(O));
   if (shape.prefill_tiles > 0) {
     AttendParams p = base;
     p.work_items = shape.prefill_tiles;
@@ -703,18 +703,18 @@ void launch_attention(const AttendParams& base, const StepShape& shape, const At
 
 template <Operands O>
 void launch_for_head_dim(const AttendParams& base, const StepShape& shape, const AttentionArgs& a,
-                         DeviceScratch& scratch, cudaStream_t stream) {
+                         DeviceScratch& scratch, Device& device, cudaStream_t stream) {
   if (a.d <= 64)
-    launch_attention<64, O>(base, shape, a, scratch, stream);
+    launch_attention<64, O>(base, shape, a, scratch, device, stream);
   else if (a.d <= 128)
-    launch_attention<128, O>(base, shape, a, scratch, stream);
+    launch_attention<128, O>(base, shape, a, scratch, device, stream);
   else
-    launch_attention<256, O>(base, shape, a, scratch, stream);
+    launch_attention<256, O>(base, shape, a, scratch, device, stream);
 }
 
 }  // namespace
 
-void softmax_attention(const AttentionArgs& a, DeviceScratch& scratch, cudaStream_t stream) {
+void softmax_attention(const AttentionArgs& a, DeviceScratch& scratch, Device& device, cudaStream_t stream) {
   if (a.heads <= 0 || a.kv_heads <= 0 || a.heads % a.kv_heads != 0)
     fail("softmax attention: {} query heads do not split into {} kv heads", a.heads, a.kv_heads);
   if (a.d <= 0 || a.d > kMaxHeadDim || a.d % 8 != 0)
@@ -763,9 +763,9 @@ void softmax_attention(const AttentionArgs& a, DeviceScratch& scratch, cudaStrea
   base.segments = a.device_segments;
   base.segment_count = segment_count;
   if (operands == Operands::kRounded)
-    launch_for_head_dim<Operands::kRounded>(base, shape, a, scratch, stream);
+    launch_for_head_dim<Operands::kRounded>(base, shape, a, scratch, device, stream);
   else
-    launch_for_head_dim<Operands::kSplit>(base, shape, a, scratch, stream);
+    launch_for_head_dim<Operands::kSplit>(base, shape, a, scratch, device, stream);
 }
 
 }  // namespace m1::cuda

@@ -8,6 +8,8 @@
 
 #include <cuda_runtime.h>
 
+#include "device.h"
+
 #include "device_scratch.h"
 
 namespace m1::cuda {
@@ -43,6 +45,6 @@ struct AttentionArgs {
   bool bf16_operands = false;
 };
 
-void softmax_attention(const AttentionArgs& args, DeviceScratch& scratch, cudaStream_t stream);
+void softmax_attention(const AttentionArgs& args, DeviceScratch& scratch, Device& device, cudaStream_t stream);
 
 }  // namespace m1::cuda

@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <bit>
-#include <cstdlib>
 #include <functional>
 #include <type_traits>
 
@@ -51,10 +50,15 @@ OwnedStream::~OwnedStream() {
   cudaStreamDestroy(stream_);
 }
 
-CudaBackend::CudaBackend(Precision precision, const std::string& device_name, bool graphs)
-    : graphs_(stream_, graphs),
+CudaBackend::CudaBackend(Precision precision, const DeviceInfo& device, const std::string& device_name, bool graphs,
+                         std::unique_ptr<Communicator> communicator, bool time_collectives)
+    : Backend(device),
+      device_(device.index),
+      graphs_(stream_, graphs),
       precision_(precision),
       device_name_(device_name),
+      communicator_(std::move(communicator)),
+      time_collectives_(time_collectives),
       index_scratch_(stream_),
       segment_scratch_(stream_),
       matmul_scratch_(stream_),
@@ -64,15 +68,23 @@ CudaBackend::CudaBackend(Precision precision, const std::string& device_name, bo
       moe_workspace_(stream_, matmul_scratch_) {}
 
 CudaBackend::~CudaBackend() {
+  const DeviceGuard current(device_.index());
   // Errors are ignored: a destructor cannot report them (a failed step has reported its own).
   graphs_.abandon();
   cudaStreamSynchronize(stream_);
   for (void* p : weights_) cudaFree(p);
+  for (const auto* events : {&timed_, &spare_events_})
+    for (const EventPair& pair : *events) cudaEventDestroy(pair.start), cudaEventDestroy(pair.end);
 }
 
 std::string CudaBackend::name() const {
-  return fmt::format("cuda ({}, {} precision)", device_name_, precision_ == Precision::kFast ? "fast" : "exact");
+  const char* precision = precision_ == Precision::kFast ? "fast" : "exact";
+  if (!communicator_) return fmt::format("cuda ({}, {} precision)", device_name_, precision);
+  return fmt::format("cuda rank {}/{} (GPU {}, {}, {} precision, {} collectives)", device().rank, device().world,
+                     device_.index(), device_name_, precision, communicator_->name());
 }
+
+void CudaBackend::attach_thread() { M1_CUDA_CHECK(cudaSetDevice(device_.index())); }
 
 // Lightning prefill blocks (32 or 64 tokens) and attention prefill tiles (64 or 128 query rows
 // of a group's heads, so at most 128 tokens) all count from a segment's first token: cuts at
@@ -97,6 +109,7 @@ Weight CudaBackend::upload(const Weight& host) {
   // Quantized: the packed codes and their scales, each in its own allocation (256-byte aligned,
   // so the kernels copy whole 16-byte units of rows that are).
   if (host.quantized()) check_quantized(device_matrix(host), "upload");
+  const DeviceGuard current(device_.index());
   Weight w = host;
   w.data = upload_bytes(host.data, host.data_bytes());
   if (host.quantized()) w.scales = upload_bytes(host.scales, host.scale_bytes());
@@ -104,17 +117,20 @@ Weight CudaBackend::upload(const Weight& host) {
 }
 
 Mat CudaBackend::alloc(int64_t rows, int64_t cols) {
+  const DeviceGuard current(device_.index());
   void* p = nullptr;
   M1_CUDA_CHECK(cudaMallocAsync(&p, size_t(std::max<int64_t>(rows * cols, 1)) * sizeof(float), stream_));
   return Mat{static_cast<float*>(p), rows, cols};
 }
 
 void CudaBackend::free(Mat m) {
+  const DeviceGuard current(device_.index());
   cudaFreeAsync(m.data, stream_);
   memory_moved();
 }
 
 void CudaBackend::begin_step(std::span<const Segment> segments, int64_t logit_rows) {
+  const DeviceGuard current(device_.index());
   bool decode = !segments.empty() && segments.size() <= kMaxGraphBatch;
   for (const Segment& seg : segments) {
     // Here rather than in softmax_attention: growing moves memory, which the key must see.
@@ -135,11 +151,13 @@ void CudaBackend::begin_step(std::span<const Segment> segments, int64_t logit_ro
 }
 
 bool CudaBackend::end_step() {
+  const DeviceGuard current(device_.index());
   graph_candidate_ = false;
   return graphs_.end();
 }
 
 bool CudaBackend::abandon_step() {
+  const DeviceGuard current(device_.index());
   graph_candidate_ = false;
   return graphs_.abandon();
 }
@@ -152,12 +170,14 @@ bool CudaBackend::replaying(std::string_view call, const Args&... args) {
 }
 
 void CudaBackend::to_host(const Mat& m, float* host) {
+  const DeviceGuard current(device_.index());
   M1_CUDA_CHECK(cudaMemcpyAsync(host, m.data, size_t(m.size()) * sizeof(float), cudaMemcpyDeviceToHost, stream_));
   M1_CUDA_CHECK(cudaStreamSynchronize(stream_));
 }
 
 std::unique_ptr<SequenceState> CudaBackend::new_state(const StateShape& shape) {
-  return std::make_unique<CudaState>(shape, stream_);
+  const DeviceGuard current(device_.index());
+  return std::make_unique<CudaState>(shape, device_.index(), stream_);
 }
 
 void* CudaBackend::upload_to(DeviceScratch& scratch, const void* host, size_t bytes) {
@@ -167,55 +187,80 @@ void* CudaBackend::upload_to(DeviceScratch& scratch, const void* host, size_t by
   return device;
 }
 
-void CudaBackend::embed(const Weight& table, std::span<const int32_t> tokens, Mat out) {
+void CudaBackend::embed(const Weight& table, int64_t first_token, std::span<const int32_t> tokens, Mat out) {
+  const DeviceGuard current(device_.index());
   const auto* ids = static_cast<const int32_t*>(upload_to(index_scratch_, tokens.data(), tokens.size_bytes()));
-  if (replaying("embed", table.data, ids, tokens.size(), out.data)) return;
-  cuda::embed(device_matrix(table), ids, int64_t(tokens.size()), out.data, stream_);
+  if (replaying("embed", table.data, first_token, ids, tokens.size(), out.data)) return;
+  cuda::embed(device_matrix(table), first_token, ids, int64_t(tokens.size()), out.data, stream_);
 }
 
 void CudaBackend::gather_rows(const Mat& x, std::span<const int64_t> rows, Mat out) {
+  const DeviceGuard current(device_.index());
   const auto* ids = static_cast<const int64_t*>(upload_to(index_scratch_, rows.data(), rows.size_bytes()));
   if (replaying("gather_rows", x.data, x.cols, ids, rows.size(), out.data)) return;
   cuda::gather_rows(x.data, x.cols, ids, int64_t(rows.size()), out.data, stream_);
 }
 
 void CudaBackend::rmsnorm(const Mat& x, const Weight& w, float eps, Mat out) {
+  const DeviceGuard current(device_.index());
   if (replaying("rmsnorm", x.data, x.rows, x.cols, w.data, eps, out.data)) return;
   cuda::rmsnorm(x.data, x.rows, x.cols, device_matrix(w), eps, nullptr, out.data, stream_);
 }
 
 void CudaBackend::rmsnorm_gated(const Mat& x, const Weight& w, float eps, const Mat& gate, Mat out) {
+  const DeviceGuard current(device_.index());
   if (replaying("rmsnorm_gated", x.data, x.rows, x.cols, w.data, eps, gate.data, out.data)) return;
   cuda::rmsnorm(x.data, x.rows, x.cols, device_matrix(w), eps, gate.data, out.data, stream_);
 }
 
+void CudaBackend::row_sum_squares(const Mat& x, Mat sums) {
+  const DeviceGuard current(device_.index());
+  if (replaying("row_sum_squares", x.data, x.rows, x.cols, sums.data)) return;
+  cuda::row_sum_squares(x.data, x.rows, x.cols, sums.data, stream_);
+}
+
+void CudaBackend::rmsnorm_gated_split(const Mat& x, const Mat& sums, int64_t width, const Weight& w, float eps,
+                                      const Mat& gate, Mat out) {
+  const DeviceGuard current(device_.index());
+  if (replaying("rmsnorm_gated_split", x.data, x.rows, x.cols, sums.data, width, w.data, eps, gate.data, out.data))
+    return;
+  cuda::rmsnorm_with_sums(x.data, x.rows, x.cols, sums.data, width, device_matrix(w), eps, gate.data, out.data, stream_);
+}
+
 void CudaBackend::matmul(const Mat& x, const Weight& w, Mat out, Rounding rounding) {
+  const DeviceGuard current(device_.index());
   if (replaying("matmul", x.data, x.rows, x.cols, w.data, w.rows, out.data, out.cols, rounding)) return;
-  cuda::matmul(x.data, x.cols, x.rows, device_matrix(w), out.data, out.cols, operands(rounding), matmul_scratch_, stream_);
+  cuda::matmul(x.data, x.cols, x.rows, device_matrix(w), out.data, out.cols, operands(rounding), matmul_scratch_, device_,
+              stream_);
 }
 
 void CudaBackend::silu(Mat x) {
+  const DeviceGuard current(device_.index());
   if (replaying("silu", x.data, x.size())) return;
   cuda::silu(x.data, x.size(), stream_);
 }
 
 void CudaBackend::swiglu(Mat gate, const Mat& up) {
+  const DeviceGuard current(device_.index());
   if (replaying("swiglu", gate.data, up.data, gate.size())) return;
   cuda::swiglu(gate.data, up.data, gate.size(), stream_);
 }
 
 void CudaBackend::add_scaled(const Mat& a, float alpha, const Mat& b, float beta, Mat out) {
+  const DeviceGuard current(device_.index());
   if (replaying("add_scaled", a.data, alpha, b.data, beta, out.data, out.size())) return;
   cuda::add_scaled(a.data, alpha, b.data, beta, out.data, out.size(), stream_);
 }
 
 void CudaBackend::blend_sigmoid(Mat x, const Mat& y, const Mat& coef) {
+  const DeviceGuard current(device_.index());
   if (replaying("blend_sigmoid", x.data, x.rows, x.cols, y.data, coef.data)) return;
   cuda::blend_sigmoid(x.data, y.data, coef.data, x.rows, x.cols, stream_);
 }
 
 void CudaBackend::lightning_attention(const Mat& qkv, std::span<const Segment> segments, int64_t layer,
                                       const Weight& decay, Mat out) {
+  const DeviceGuard current(device_.index());
   const int64_t heads = decay.cols;
   lightning_segments_.clear();
   for (const Segment& seg : segments)
@@ -235,11 +280,12 @@ void CudaBackend::lightning_attention(const Mat& qkv, std::span<const Segment> s
   if (replaying("lightning_attention", qkv.data, qkv.rows, qkv.cols, args.decay, args.device_segments,
                 lightning_segments_.size(), out.data, out.cols))
     return;
-  cuda::lightning_attention(args, stream_);
+  cuda::lightning_attention(args, device_, stream_);
 }
 
 void CudaBackend::softmax_attention(Mat q, Mat k, const Mat& v, std::span<const Segment> segments, int64_t layer,
                                     const AttentionParams& p, Mat out) {
+  const DeviceGuard current(device_.index());
   attention_segments_.clear();
   for (const Segment& seg : segments) {
     const CudaState& state = cuda_state(seg.state);
@@ -274,10 +320,11 @@ void CudaBackend::softmax_attention(Mat q, Mat k, const Mat& v, std::span<const 
   if (replaying("softmax_attention", q.data, k.data, v.data, q.rows, args.device_segments, attention_segments_.size(),
                 layer, out.data))
     return;
-  cuda::softmax_attention(args, attention_scratch_, stream_);
+  cuda::softmax_attention(args, attention_scratch_, device_, stream_);
 }
 
 void CudaBackend::moe(const Mat& x, const MoeWeights& w, Mat out) {
+  const DeviceGuard current(device_.index());
   auto to_device = [](const std::vector<Weight>& from, std::vector<DeviceMatrix>& to) {
     to.clear();
     for (const Weight& e : from) to.push_back(device_matrix(e));
@@ -294,13 +341,15 @@ void CudaBackend::moe(const Mat& x, const MoeWeights& w, Mat out) {
   args.w3 = w3_;
   args.w2 = w2_;
   args.top_k = w.top_k;
+  args.first_expert = w.first_expert;
   args.operands = operands(Rounding::kAllowed);
   args.out = out.data;
-  if (replaying("moe", x.data, x.rows, x.cols, w.router.data, w.top_k, out.data)) return;
-  cuda::moe(args, moe_workspace_, stream_);
+  if (replaying("moe", x.data, x.rows, x.cols, w.router.data, w.top_k, w.first_expert, out.data)) return;
+  cuda::moe(args, moe_workspace_, device_, stream_);
 }
 
 std::vector<DrawOutcome> CudaBackend::sample(const Mat& logits, std::span<const DrawRequest> draws) {
+  const DeviceGuard current(device_.index());
   std::vector<DrawOutcome> outcomes(draws.size());
   device_draws_.clear();
   seen_ids_.clear();
@@ -369,7 +418,7 @@ std::vector<DrawOutcome> CudaBackend::sample(const Mat& logits, std::span<const 
   copy_in(args.generated_counts, generated_counts_);
   copy_in(args.biases, biases_);
   copy_in(args.allowed, allowed_words_);
-  cuda::sample(args, sample_scratch_, stream_);
+  cuda::sample(args, sample_scratch_, device_, stream_);
 
   draw_results_.resize(device_draws_.size());
   M1_CUDA_CHECK(cudaMemcpyAsync(draw_results_.data(), args.results, draw_results_.size() * sizeof(DrawResult),
@@ -389,24 +438,58 @@ std::vector<DrawOutcome> CudaBackend::sample(const Mat& logits, std::span<const 
   return outcomes;
 }
 
-std::unique_ptr<Backend> create_cuda_backend(const BackendOptions& options) {
-  if (options.reference_kernels) fail("device 'cuda': reference kernels run on the CPU only");
-  int count = 0;
-  const cudaError_t status = cudaGetDeviceCount(&count);
-  if (status != cudaSuccess) fail("device 'cuda': no usable CUDA device ({})", cudaGetErrorString(status));
-  if (count == 0) fail("device 'cuda': no usable CUDA device (none found)");
-  int device = 0;
-  M1_CUDA_CHECK(cudaGetDevice(&device));
-  cudaDeviceProp properties{};
-  M1_CUDA_CHECK(cudaGetDeviceProperties(&properties, device));
-  // bf16 tensor cores (wmma on __nv_bfloat16) need compute capability 8.0.
-  if (properties.major < 8)
-    fail("device 'cuda': no usable CUDA device ({} has compute capability {}.{}; m1 needs 8.0 or newer)", properties.name,
-         properties.major, properties.minor);
-  // M1_CUDA_GRAPHS=0: a switch for comparing against (or ruling out) graph replay from any tool.
-  const char* graphs_env = std::getenv("M1_CUDA_GRAPHS");
-  const bool graphs = options.cuda_graphs && !(graphs_env && std::string_view(graphs_env) == "0");
-  return std::make_unique<CudaBackend>(options.precision, properties.name, graphs);
+template <class Fn>
+void CudaBackend::timed_collective(Fn&& fn) {
+  if (!time_collectives_ || graphs_.mode() != StepGraphs::Mode::kEager) return fn();
+  EventPair pair;
+  if (spare_events_.empty()) {
+    M1_CUDA_CHECK(cudaEventCreate(&pair.start));
+    M1_CUDA_CHECK(cudaEventCreate(&pair.end));
+  } else {
+    pair = spare_events_.back();
+    spare_events_.pop_back();
+  }
+  M1_CUDA_CHECK(cudaEventRecord(pair.start, stream_));
+  fn();
+  M1_CUDA_CHECK(cudaEventRecord(pair.end, stream_));
+  timed_.push_back(pair);
+}
+
+CollectiveStats CudaBackend::collective_stats() const {
+  const DeviceGuard current(device_.index());
+  for (const EventPair& pair : timed_) {
+    float ms = 0;
+    M1_CUDA_CHECK(cudaEventSynchronize(pair.end));
+    M1_CUDA_CHECK(cudaEventElapsedTime(&ms, pair.start, pair.end));
+    collective_stats_.seconds += double(ms) / 1000;
+    ++collective_stats_.calls;
+    spare_events_.push_back(pair);
+  }
+  timed_.clear();
+  return collective_stats_;
+}
+
+void CudaBackend::all_reduce_sum(Mat x) {
+  if (!communicator_) return;
+  const DeviceGuard current(device_.index());
+  if (replaying("all_reduce_sum", x.data, x.size())) return;
+  timed_collective([&] { communicator_->all_reduce_sum(x.data, x.size(), stream_); });
+}
+
+void CudaBackend::gather_columns(const Mat& part, std::span<const int64_t> widths, Mat out) {
+  const DeviceGuard current(device_.index());
+  if (replaying("gather_columns", part.data, part.rows, part.cols, out.data)) return;
+  if (communicator_) {
+    timed_collective([&] { communicator_->gather_columns(part.data, part.rows, widths, out.data, stream_); });
+  } else if (out.data != part.data && part.size() > 0) {
+    M1_CUDA_CHECK(cudaMemcpyAsync(out.data, part.data, size_t(part.size()) * sizeof(float), cudaMemcpyDeviceToDevice,
+                                  stream_));
+  }
+}
+
+void CudaBackend::synchronize() {
+  const DeviceGuard current(device_.index());
+  M1_CUDA_CHECK(cudaStreamSynchronize(stream_));
 }
 
 }  // namespace m1::cuda

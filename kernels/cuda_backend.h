@@ -1,7 +1,8 @@
 #pragma once
 // The CUDA backend: weights and activations in device memory, one stream per backend, and the
 // kernels of kernels/*.h. Matrix products take the batch-invariant matmul; in fast precision the
-// products that may round use bf16 tensor cores.
+// products that may round use bf16 tensor cores. A backend is one GPU (several ranks may share
+// one, each with its own backend) and makes that GPU current for each call, from any thread.
 
 #include <memory>
 #include <string>
@@ -11,6 +12,8 @@
 #include <cuda_runtime.h>
 
 #include "attention.h"
+#include "communicator.h"
+#include "device.h"
 #include "device_scratch.h"
 #include "device_types.h"
 #include "lightning.h"
@@ -37,13 +40,17 @@ class OwnedStream {
 
 class CudaBackend final : public Backend {
  public:
-  // `graphs`: replay decode steps as CUDA graphs (see step_graphs.h).
-  CudaBackend(Precision precision, const std::string& device_name, bool graphs);
+  // `graphs`: replay decode steps as CUDA graphs (see step_graphs.h). `device.index` is the GPU,
+  // which must be current while the backend is made; `communicator` joins the ranks of a group of
+  // more than one (null for one rank).
+  CudaBackend(Precision precision, const DeviceInfo& device, const std::string& device_name, bool graphs,
+              std::unique_ptr<Communicator> communicator = nullptr, bool time_collectives = false);
   ~CudaBackend() override;
   CudaBackend(const CudaBackend&) = delete;
   CudaBackend& operator=(const CudaBackend&) = delete;
 
   std::string name() const override;
+  void attach_thread() override;
   int64_t prefill_alignment() const override;
   void begin_step(std::span<const Segment> segments, int64_t logit_rows) override;
   bool end_step() override;
@@ -55,12 +62,15 @@ class CudaBackend final : public Backend {
   void to_host(const Mat& m, float* host) override;
   std::unique_ptr<SequenceState> new_state(const StateShape& shape) override;
 
-  void embed(const Weight& table, std::span<const int32_t> tokens, Mat out) override;
+  void embed(const Weight& table, int64_t first_token, std::span<const int32_t> tokens, Mat out) override;
   void gather_rows(const Mat& x, std::span<const int64_t> rows, Mat out) override;
   void rmsnorm(const Mat& x, const Weight& w, float eps, Mat out) override;
   void matmul(const Mat& x, const Weight& w, Mat out, Rounding rounding) override;
   void silu(Mat x) override;
   void rmsnorm_gated(const Mat& x, const Weight& w, float eps, const Mat& gate, Mat out) override;
+  void row_sum_squares(const Mat& x, Mat sums) override;
+  void rmsnorm_gated_split(const Mat& x, const Mat& sums, int64_t width, const Weight& w, float eps, const Mat& gate,
+                           Mat out) override;
   void swiglu(Mat gate, const Mat& up) override;
   void add_scaled(const Mat& a, float alpha, const Mat& b, float beta, Mat out) override;
   void blend_sigmoid(Mat x, const Mat& y, const Mat& coef) override;
@@ -70,8 +80,16 @@ class CudaBackend final : public Backend {
                          const AttentionParams& params, Mat out) override;
   void moe(const Mat& x, const MoeWeights& w, Mat out) override;
   std::vector<DrawOutcome> sample(const Mat& logits, std::span<const DrawRequest> draws) override;
+  void all_reduce_sum(Mat x) override;
+  void gather_columns(const Mat& part, std::span<const int64_t> widths, Mat out) override;
+  void synchronize() override;
+  // The collectives timed so far (see BackendOptions::time_collectives); waits for those pending.
+  CollectiveStats collective_stats() const override;
 
  private:
+  // fn(), a collective, between two timing events when collectives are timed and the step is eager.
+  template <class Fn>
+  void timed_collective(Fn&& fn);
   // Operands of a product that may round (or not) under this backend's precision.
   GemmOperands operands(Rounding rounding) const;
   // `bytes` of host memory copied into a new device allocation, freed with the backend.
@@ -84,11 +102,19 @@ class CudaBackend final : public Backend {
   template <class... Args>
   bool replaying(std::string_view call, const Args&... args);
 
+  Device device_;  // first: the members after it are made on its GPU
   OwnedStream stream_;
   StepGraphs graphs_;
   bool graph_candidate_ = false;  // this step may be, or precede, a graph recording
   Precision precision_;
   std::string device_name_;
+  std::unique_ptr<Communicator> communicator_;
+  bool time_collectives_;
+  struct EventPair {
+    cudaEvent_t start = nullptr, end = nullptr;
+  };
+  mutable std::vector<EventPair> timed_, spare_events_;  // recorded, not yet read; read, for reuse
+  mutable CollectiveStats collective_stats_;
   std::vector<void*> weights_;  // uploaded tensors, freed with the backend
   DeviceScratch index_scratch_;    // token ids and row indices
   DeviceScratch segment_scratch_;  // segment descriptors
@@ -107,9 +133,5 @@ class CudaBackend final : public Backend {
   std::vector<size_t> draw_of_;  // which request each device draw serves
   std::vector<DrawResult> draw_results_;
 };
-
-// Throws m1::Error when no usable CUDA device is present or the options ask for what the CUDA
-// backend does not offer (the reference kernels). options.threads is ignored.
-std::unique_ptr<Backend> create_cuda_backend(const BackendOptions& options);
 
 }  // namespace m1::cuda

@@ -4,6 +4,7 @@
 #include <atomic>
 
 #include "cuda_check.h"
+#include "device.h"
 
 namespace m1::cuda {
 namespace {
@@ -15,8 +16,9 @@ uint64_t next_layout() {
 
 }  // namespace
 
-CudaState::CudaState(const StateShape& shape, cudaStream_t stream)
-    : SequenceState(shape), stream_(stream), layout_(next_layout()) {
+CudaState::CudaState(const StateShape& shape, int device, cudaStream_t stream)
+    : SequenceState(shape), device_(device), stream_(stream), layout_(next_layout()) {
+  const DeviceGuard current(device_);
   const size_t bytes = lightning_bytes();
   if (bytes == 0) return;
   M1_CUDA_CHECK(cudaMallocAsync(&lightning_, bytes, stream_));
@@ -25,12 +27,14 @@ CudaState::CudaState(const StateShape& shape, cudaStream_t stream)
 
 CudaState::~CudaState() {
   // Errors are ignored: a destructor cannot report them, and the memory is gone either way.
+  const DeviceGuard current(device_);
   if (lightning_) cudaFreeAsync(lightning_, stream_);
   if (kv_) cudaFreeAsync(kv_, stream_);
 }
 
 std::unique_ptr<SequenceState> CudaState::clone() const {
-  auto copy = std::make_unique<CudaState>(shape_, stream_);
+  const DeviceGuard current(device_);
+  auto copy = std::make_unique<CudaState>(shape_, device_, stream_);
   const size_t bytes = lightning_bytes();
   if (bytes) M1_CUDA_CHECK(cudaMemcpyAsync(copy->lightning_, lightning_, bytes, cudaMemcpyDeviceToDevice, stream_));
   // The original's room, so the fork's next token does not move its caches straight away.
@@ -46,6 +50,7 @@ size_t CudaState::bytes() const {
 
 void CudaState::reserve(int64_t tokens) {
   if (tokens <= capacity_ || shape_.softmax_layers * kv_row() == 0) return;
+  const DeviceGuard current(device_);
   adopt_caches(kv_, capacity_, length_, std::max(tokens, std::max<int64_t>(2 * capacity_, 256)));
 }
 

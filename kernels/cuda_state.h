@@ -16,7 +16,8 @@ namespace m1::cuda {
 
 class CudaState final : public SequenceState {
  public:
-  CudaState(const StateShape& shape, cudaStream_t stream);
+  // On GPU `device` (made current for the calls that need it), in `stream`'s order.
+  CudaState(const StateShape& shape, int device, cudaStream_t stream);
   ~CudaState() override;
 
   std::unique_ptr<SequenceState> clone() const override;
@@ -51,6 +52,7 @@ class CudaState final : public SequenceState {
   // `from` (laid out for `from_capacity` rows).
   void adopt_caches(const uint16_t* from, int64_t from_capacity, int64_t rows, int64_t capacity);
 
+  int device_;
   cudaStream_t stream_;
   float* lightning_ = nullptr;
   uint16_t* kv_ = nullptr;

@@ -1,7 +1,9 @@
 #pragma once
 // A device buffer that grows to the largest request and is then reused, for kernels' temporary
-// data (split-K partials, gathered rows, bf16 copies of activations). Growing waits for the
-// stream, so memory a queued kernel still reads is never freed under it.
+// data (split-K partials, gathered rows, bf16 copies of activations). Growing is stream-ordered:
+// the old buffer is freed after the kernels queued before, which may still read it, and the host
+// never waits for the device (a rank waiting there could hold up a peer's collective that its own
+// queued kernels wait for).
 
 #include <cstddef>
 #include <cstdint>
@@ -23,13 +25,12 @@ class DeviceScratch {
   // At least `bytes` bytes, 256-byte aligned; the contents are not kept across growth.
   void* get(size_t bytes) {
     if (bytes > capacity_) {
-      M1_CUDA_CHECK(cudaStreamSynchronize(stream_));
-      M1_CUDA_CHECK(cudaFree(data_));
+      if (data_) M1_CUDA_CHECK(cudaFreeAsync(data_, stream_));
       memory_moved();
       data_ = nullptr;
       capacity_ = 0;
       size_t grown = bytes + bytes / 4;
-      M1_CUDA_CHECK(cudaMalloc(&data_, grown));
+      M1_CUDA_CHECK(cudaMallocAsync(&data_, grown, stream_));
       capacity_ = grown;
     }
     return data_;

@@ -43,10 +43,13 @@ __device__ __forceinline__ void for_each_index(int64_t n, Fn fn) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) fn(i);
 }
 
-__global__ void embed_rows(const void* table, DType dtype, int64_t cols, const int32_t* tokens, int64_t n, float* out) {
+__global__ void embed_rows(const void* table, DType dtype, int64_t table_rows, int64_t cols, int64_t first_token,
+                           const int32_t* tokens, int64_t n, float* out) {
   for (int64_t row = blockIdx.x; row < n; row += gridDim.x) {
-    const int64_t base = int64_t(tokens[row]) * cols;
-    for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) out[row * cols + c] = load_weight(table, dtype, base + c);
+    const int64_t id = int64_t(tokens[row]) - first_token;
+    const bool held = id >= 0 && id < table_rows;
+    for (int64_t c = threadIdx.x; c < cols; c += blockDim.x)
+      out[row * cols + c] = held ? load_weight(table, dtype, id * cols + c) : 0.0f;
   }
 }
 
@@ -57,36 +60,55 @@ __global__ void gather(const float* x, int64_t cols, const int64_t* rows, int64_
   }
 }
 
-// Each thread sums the squares of its strided elements in order; warps then combine by a fixed
-// butterfly, and warp 0 combines the warp sums the same way.
-__global__ __launch_bounds__(kThreads) void rmsnorm_rows(const float* x, int64_t rows, int64_t cols, const void* w,
-                                                         DType w_dtype, float eps, const float* gate, float* out) {
-  __shared__ float warp_sums[kThreads / 32];
-  __shared__ float inverse;
+// The sum of the squares of row xr, the same in every thread of the block: each thread sums its
+// strided elements in order; warps then combine by a fixed butterfly, and warp 0 combines the
+// warp sums the same way. `total` and `warp_sums` are the block's shared memory.
+__device__ __forceinline__ float block_sum_squares(const float* xr, int64_t cols, float* warp_sums, float& total) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  float squares = 0.0f;
+  for (int64_t c = threadIdx.x; c < cols; c += kThreads) squares = fmaf(xr[c], xr[c], squares);
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) squares += __shfl_xor_sync(0xffffffffu, squares, offset);
+  if (lane == 0) warp_sums[warp] = squares;
+  __syncthreads();
+  if (warp == 0) {
+    float sum = lane < kThreads / 32 ? warp_sums[lane] : 0.0f;
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+    if (lane == 0) total = sum;
+  }
+  __syncthreads();
+  return total;
+}
+
+__global__ __launch_bounds__(kThreads) void sum_squares_rows(const float* x, int64_t rows, int64_t cols, float* sums) {
+  __shared__ float warp_sums[kThreads / 32];
+  __shared__ float total;
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    const float sum = block_sum_squares(x + row * cols, cols, warp_sums, total);
+    if (threadIdx.x == 0) sums[row] = sum;
+    __syncthreads();  // warp_sums and total are reused by the next row
+  }
+}
+
+// Without `sums`, each row's own squares over `cols` (= width); with them, the given sums over
+// `width` columns of which x holds `cols`.
+__global__ __launch_bounds__(kThreads) void rmsnorm_rows(const float* x, int64_t rows, int64_t cols, const float* sums,
+                                                         int64_t width, const void* w, DType w_dtype, float eps,
+                                                         const float* gate, float* out) {
+  __shared__ float warp_sums[kThreads / 32];
+  __shared__ float total;
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const float* xr = x + row * cols;
-    float squares = 0.0f;
-    for (int64_t c = threadIdx.x; c < cols; c += kThreads) squares = fmaf(xr[c], xr[c], squares);
-#pragma unroll
-    for (int offset = 16; offset > 0; offset /= 2) squares += __shfl_xor_sync(0xffffffffu, squares, offset);
-    if (lane == 0) warp_sums[warp] = squares;
-    __syncthreads();
-    if (warp == 0) {
-      float sum = lane < kThreads / 32 ? warp_sums[lane] : 0.0f;
-#pragma unroll
-      for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-      if (lane == 0) inverse = 1.0f / sqrtf(sum / float(cols) + eps);
-    }
-    __syncthreads();
-    const float inv = inverse;
+    const float squares = sums ? sums[row] : block_sum_squares(xr, cols, warp_sums, total);
+    const float inv = 1.0f / sqrtf(squares / float(width) + eps);
     float* orow = out + row * cols;
     const float* grow = gate ? gate + row * cols : nullptr;
     for (int64_t c = threadIdx.x; c < cols; c += kThreads) {
       const float normed = load_weight(w, w_dtype, c) * (xr[c] * inv);
       orow[c] = grow ? normed * sigmoid(grow[c]) : normed;
     }
-    __syncthreads();  // warp_sums and inverse are reused by the next row
+    __syncthreads();  // warp_sums and total are reused by the next row
   }
 }
 
@@ -111,9 +133,11 @@ __global__ void blend_sigmoid_kernel(float* x, const float* y, const float* coef
 
 }  // namespace
 
-void embed(const DeviceMatrix& table, const int32_t* tokens, int64_t n, float* out, cudaStream_t stream) {
+void embed(const DeviceMatrix& table, int64_t first_token, const int32_t* tokens, int64_t n, float* out,
+           cudaStream_t stream) {
   if (n == 0) return;
-  embed_rows<<<row_grid(n), kThreads, 0, stream>>>(table.data, table.dtype, table.cols, tokens, n, out);
+  embed_rows<<<row_grid(n), kThreads, 0, stream>>>(table.data, table.dtype, table.rows, table.cols, first_token, tokens,
+                                                   n, out);
   M1_CUDA_CHECK_LAUNCH();
 }
 
@@ -126,7 +150,20 @@ void gather_rows(const float* x, int64_t cols, const int64_t* rows, int64_t n, f
 void rmsnorm(const float* x, int64_t rows, int64_t cols, const DeviceMatrix& w, float eps, const float* gate, float* out,
              cudaStream_t stream) {
   if (rows == 0) return;
-  rmsnorm_rows<<<row_grid(rows), kThreads, 0, stream>>>(x, rows, cols, w.data, w.dtype, eps, gate, out);
+  rmsnorm_rows<<<row_grid(rows), kThreads, 0, stream>>>(x, rows, cols, nullptr, cols, w.data, w.dtype, eps, gate, out);
+  M1_CUDA_CHECK_LAUNCH();
+}
+
+void row_sum_squares(const float* x, int64_t rows, int64_t cols, float* sums, cudaStream_t stream) {
+  if (rows == 0) return;
+  sum_squares_rows<<<row_grid(rows), kThreads, 0, stream>>>(x, rows, cols, sums);
+  M1_CUDA_CHECK_LAUNCH();
+}
+
+void rmsnorm_with_sums(const float* x, int64_t rows, int64_t cols, const float* sums, int64_t width,
+                       const DeviceMatrix& w, float eps, const float* gate, float* out, cudaStream_t stream) {
+  if (rows == 0) return;
+  rmsnorm_rows<<<row_grid(rows), kThreads, 0, stream>>>(x, rows, cols, sums, width, w.data, w.dtype, eps, gate, out);
   M1_CUDA_CHECK_LAUNCH();
 }
 

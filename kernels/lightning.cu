@@ -630,18 +630,18 @@ void launch_decode(const LightningArgs& args, LightningParams p, SegmentRange ra
 // A device without the shared memory a prefill kernel needs fails clearly; otherwise the kernel
 // is opted into it before its first launch.
 template <auto Kernel>
-void prepare_prefill_kernel(size_t bytes, int64_t d) {
-  const int limit = device_limits().shared_per_block;
+void prepare_prefill_kernel(size_t bytes, int64_t d, Device& device) {
+  const int limit = device.limits().shared_per_block;
   if (size_t(limit) < bytes)
     fail("lightning prefill at head dim {} needs {} bytes of shared memory per block; the device allows {}", d, bytes,
          limit);
-  allow_shared_memory<Kernel>(bytes);
+  device.allow_shared_memory<Kernel>(bytes);
 }
 
 template <int DP, int DV, int G>
-void launch_prefill_shape(const LightningArgs& args, LightningParams p, SegmentRange range, cudaStream_t stream) {
+void launch_prefill_shape(const LightningArgs& args, LightningParams p, SegmentRange range, Device& device, cudaStream_t stream) {
   using Shape = PrefillShape<DP, DV, G>;
-  prepare_prefill_kernel<lightning_prefill_kernel<DP, DV, G>>(Shape::kSmemBytes, args.d);
+  prepare_prefill_kernel<lightning_prefill_kernel<DP, DV, G>>(Shape::kSmemBytes, args.d, device);
   p.first = range.first;
   const dim3 grid(unsigned(range.size()), unsigned(args.heads), unsigned(Shape::kSlices));
   lightning_prefill_kernel<DP, DV, G><<<grid, Shape::kThreads, Shape::kSmemBytes, stream>>>(p);
@@ -650,20 +650,20 @@ void launch_prefill_shape(const LightningArgs& args, LightningParams p, SegmentR
 
 // At d > 64 one CTA per (segment, head) is a whole SM's worth of work; when those CTAs would
 // leave at least half the SMs idle, each takes half the value columns instead.
-void launch_prefill(const LightningArgs& args, LightningParams p, SegmentRange range, cudaStream_t stream) {
-  if (args.d <= 32) return launch_prefill_shape<32, 32, 8>(args, p, range, stream);
-  if (args.d <= 64) return launch_prefill_shape<64, 64, 16>(args, p, range, stream);
+void launch_prefill(const LightningArgs& args, LightningParams p, SegmentRange range, Device& device, cudaStream_t stream) {
+  if (args.d <= 32) return launch_prefill_shape<32, 32, 8>(args, p, range, device, stream);
+  if (args.d <= 64) return launch_prefill_shape<64, 64, 16>(args, p, range, device, stream);
   int64_t segments = 0;
   for (int i = range.first; i <= range.last; ++i) segments += args.segments[size_t(i)].count > 1;
-  if (2 * segments * args.heads <= device_limits().sms)
-    return launch_prefill_shape<128, 64, 16>(args, p, range, stream);
-  launch_prefill_shape<128, 128, 16>(args, p, range, stream);
+  if (2 * segments * args.heads <= device.limits().sms)
+    return launch_prefill_shape<128, 64, 16>(args, p, range, device, stream);
+  launch_prefill_shape<128, 128, 16>(args, p, range, device, stream);
 }
 
 template <int D>
-void launch_fast_prefill_shape(const LightningArgs& args, LightningParams p, SegmentRange range, cudaStream_t stream) {
+void launch_fast_prefill_shape(const LightningArgs& args, LightningParams p, SegmentRange range, Device& device, cudaStream_t stream) {
   using Shape = FastShape<D>;
-  prepare_prefill_kernel<lightning_prefill_bf16_kernel<D>>(Shape::kSmemBytes, args.d);
+  prepare_prefill_kernel<lightning_prefill_bf16_kernel<D>>(Shape::kSmemBytes, args.d, device);
   p.first = range.first;
   const dim3 grid(unsigned(int64_t(range.size()) * Shape::kSlices), unsigned(args.heads));
   lightning_prefill_bf16_kernel<D><<<grid, kFastThreads, Shape::kSmemBytes, stream>>>(p);
@@ -673,16 +673,16 @@ void launch_fast_prefill_shape(const LightningArgs& args, LightningParams p, Seg
 // The tensor-core kernel stages rows 16 bytes at a time, which needs d, the row stride and qkv
 // itself aligned to 4 floats; other calls (and callers that want fp32 operands) take the fp32
 // kernel. The choice depends on the call's layout alone, never on which segments share it.
-void launch_any_prefill(const LightningArgs& args, LightningParams p, SegmentRange range, cudaStream_t stream) {
+void launch_any_prefill(const LightningArgs& args, LightningParams p, SegmentRange range, Device& device, cudaStream_t stream) {
   const bool fast = args.bf16_operands && args.d % 4 == 0 && args.qkv_stride % 4 == 0 && aligned16(args.qkv);
-  if (!fast) return launch_prefill(args, p, range, stream);
-  if (args.d <= 64) return launch_fast_prefill_shape<64>(args, p, range, stream);
-  launch_fast_prefill_shape<128>(args, p, range, stream);
+  if (!fast) return launch_prefill(args, p, range, device, stream);
+  if (args.d <= 64) return launch_fast_prefill_shape<64>(args, p, range, device, stream);
+  launch_fast_prefill_shape<128>(args, p, range, device, stream);
 }
 
 }  // namespace
 
-void lightning_attention(const LightningArgs& args, cudaStream_t stream) {
+void lightning_attention(const LightningArgs& args, Device& device, cudaStream_t stream) {
   if (args.d < 1 || args.d > kMaxHeadDim)
     fail("lightning attention supports head dim 1..{}, got {}", kMaxHeadDim, args.d);
   if (args.heads < 1 || args.heads > 65535) fail("lightning attention supports 1..65535 heads, got {}", args.heads);
@@ -705,7 +705,7 @@ void lightning_attention(const LightningArgs& args, cudaStream_t stream) {
   const LightningParams p{args.qkv, args.qkv_stride, args.out, args.out_stride, int(args.d), args.decay,
                           args.device_segments, 0};
   if (!decode.empty()) launch_decode(args, p, decode, stream);
-  if (!prefill.empty()) launch_any_prefill(args, p, prefill, stream);
+  if (!prefill.empty()) launch_any_prefill(args, p, prefill, device, stream);
 }
 
 }  // namespace m1::cuda

@@ -10,6 +10,8 @@
 
 #include <cuda_runtime.h>
 
+#include "device.h"
+
 namespace m1::cuda {
 
 // One sequence's rows [row, row + count) of the step; `state` is this layer's heads x d x d
@@ -34,6 +36,6 @@ struct LightningArgs {
   bool bf16_operands = false;
 };
 
-void lightning_attention(const LightningArgs& args, cudaStream_t stream);
+void lightning_attention(const LightningArgs& args, Device& device, cudaStream_t stream);
 
 }  // namespace m1::cuda

@@ -602,9 +602,9 @@ __global__ __launch_bounds__(kBf16TileThreads, Bf16Tile<kTileM>::kMinBlocks) voi
 
 template <DType T, int kRowsPerThread>
 void launch_f32_skinny_rows(const float* x, int64_t ldx, int64_t m, const DeviceMatrix& w, float* out, int64_t ldo,
-                            float* partial, cudaStream_t stream) {
+                            float* partial, Device& device, cudaStream_t stream) {
   constexpr auto kernel = matmul_f32_skinny<T, kRowsPerThread>;
-  allow_shared_memory<kernel>(f32_skinny_shared_bytes<T>(kRowsPerThread * kF32SkinnyGroups));
+  device.allow_shared_memory<kernel>(f32_skinny_shared_bytes<T>(kRowsPerThread * kF32SkinnyGroups));
   const int64_t chunks = ceil_div(w.cols, kChunk);
   const auto* weights = static_cast<const Stored<T>*>(w.data);
   const bool w_vec = aligned16(w.data) && w.cols % (16 / sizeof(Stored<T>)) == 0;
@@ -616,15 +616,15 @@ void launch_f32_skinny_rows(const float* x, int64_t ldx, int64_t m, const Device
 
 template <DType T>
 void launch_f32_skinny(const float* x, int64_t ldx, int64_t m, const DeviceMatrix& w, float* out, int64_t ldo,
-                       float* partial, cudaStream_t stream) {
+                       float* partial, Device& device, cudaStream_t stream) {
   if (m <= kF32SkinnyGroups)
-    launch_f32_skinny_rows<T, 1>(x, ldx, m, w, out, ldo, partial, stream);
+    launch_f32_skinny_rows<T, 1>(x, ldx, m, w, out, ldo, partial, device, stream);
   else if (m <= 2 * kF32SkinnyGroups)
-    launch_f32_skinny_rows<T, 2>(x, ldx, m, w, out, ldo, partial, stream);
+    launch_f32_skinny_rows<T, 2>(x, ldx, m, w, out, ldo, partial, device, stream);
   else if (m <= 4 * kF32SkinnyGroups)
-    launch_f32_skinny_rows<T, 4>(x, ldx, m, w, out, ldo, partial, stream);
+    launch_f32_skinny_rows<T, 4>(x, ldx, m, w, out, ldo, partial, device, stream);
   else
-    launch_f32_skinny_rows<T, 8>(x, ldx, m, w, out, ldo, partial, stream);
+    launch_f32_skinny_rows<T, 8>(x, ldx, m, w, out, ldo, partial, device, stream);
   static_assert(8 * kF32SkinnyGroups == kF32SkinnyMaxRows);
 }
 
@@ -641,14 +641,14 @@ void launch_f32_tiled(const float* x, int64_t ldx, int64_t m, const DeviceMatrix
 
 template <DType T>
 void matmul_f32(const float* x, int64_t ldx, int64_t m, const DeviceMatrix& w, float* out, int64_t ldo,
-                DeviceScratch& scratch, cudaStream_t stream) {
+                DeviceScratch& scratch, Device& device, cudaStream_t stream) {
   const int64_t chunks = ceil_div(w.cols, kChunk);
   if (m > kF32SkinnyMaxRows || !skinny_partials_fit(chunks, m, w.rows)) {
     launch_f32_tiled<T>(x, ldx, m, w, out, ldo, stream);
     return;
   }
   float* partial = chunks > 1 ? scratch.get<float>(size_t(chunks * m * w.rows)) : nullptr;
-  launch_f32_skinny<T>(x, ldx, m, w, out, ldo, partial, stream);
+  launch_f32_skinny<T>(x, ldx, m, w, out, ldo, partial, device, stream);
   if (chunks > 1) launch_sum_partials(partial, chunks, m, w.rows, out, ldo, stream);
 }
 
@@ -674,10 +674,10 @@ constexpr int64_t kBf16ShortTileRows = 32;
 
 template <int kParts, int kTileM>
 void launch_bf16_tiled(const __nv_bfloat16* xb, int64_t ldb, int64_t m, const uint16_t* w, int64_t n, int64_t k,
-                       bool w_vec, float* out, int64_t ldo, cudaStream_t stream) {
+                       bool w_vec, float* out, int64_t ldo, Device& device, cudaStream_t stream) {
   constexpr auto kernel = matmul_bf16_tiled<kParts, kTileM>;
   constexpr int bytes = Bf16Tile<kTileM>::shared_bytes(kParts);
-  allow_shared_memory<kernel>(bytes);
+  device.allow_shared_memory<kernel>(bytes);
   const dim3 grid(unsigned(ceil_div(m, kTileM)), unsigned(ceil_div(n, kBf16TileN)));
   kernel<<<grid, kBf16TileThreads, bytes, stream>>>(xb, ldb, m, w, n, k, w_vec, out, ldo);
   M1_CUDA_CHECK_LAUNCH();
@@ -685,7 +685,7 @@ void launch_bf16_tiled(const __nv_bfloat16* xb, int64_t ldb, int64_t m, const ui
 
 template <int kParts>
 void matmul_bf16(const float* x, int64_t ldx, int64_t m, const DeviceMatrix& w, float* out, int64_t ldo,
-                 DeviceScratch& scratch, cudaStream_t stream) {
+                 DeviceScratch& scratch, Device& device, cudaStream_t stream) {
   const int64_t k = w.cols, n = w.rows, ldb = (k + 7) / 8 * 8;
   const int64_t chunks = ceil_div(k, kChunk);
   const bool skinny = m <= kBf16SkinnyMaxRows && skinny_partials_fit(chunks, m, n);
@@ -696,13 +696,13 @@ void matmul_bf16(const float* x, int64_t ldx, int64_t m, const DeviceMatrix& w, 
   const bool w_vec = aligned16(w.data) && k % 8 == 0;
   if (!skinny) {
     if (m <= kBf16ShortTileRows)
-      launch_bf16_tiled<kParts, kBf16ShortTileRows>(staging.rows, ldb, m, weights, n, k, w_vec, out, ldo, stream);
+      launch_bf16_tiled<kParts, kBf16ShortTileRows>(staging.rows, ldb, m, weights, n, k, w_vec, out, ldo, device, stream);
     else
-      launch_bf16_tiled<kParts, 128>(staging.rows, ldb, m, weights, n, k, w_vec, out, ldo, stream);
+      launch_bf16_tiled<kParts, 128>(staging.rows, ldb, m, weights, n, k, w_vec, out, ldo, device, stream);
     return;
   }
   constexpr auto kernel = matmul_bf16_skinny<kParts>;
-  allow_shared_memory<kernel>(bf16_skinny_shared_bytes(kParts, kBf16SkinnyMaxRows));
+  device.allow_shared_memory<kernel>(bf16_skinny_shared_bytes(kParts, kBf16SkinnyMaxRows));
   const int64_t rows16 = (m + 15) / 16 * 16;
   const dim3 grid(unsigned(chunks), unsigned(ceil_div(n, kBf16SkinnyCols)));
   kernel<<<grid, kBf16SkinnyWarps * 32, bf16_skinny_shared_bytes(kParts, rows16), stream>>>(
@@ -713,10 +713,10 @@ void matmul_bf16(const float* x, int64_t ldx, int64_t m, const DeviceMatrix& w, 
 
 template <DType T, int kRowsPerThread>
 void launch_grouped_f32_skinny_rows(const float* x, int64_t ldx, int64_t rows, const int64_t* offsets,
-                                    const GroupedProduct& product, float* partial, cudaStream_t stream) {
+                                    const GroupedProduct& product, float* partial, Device& device, cudaStream_t stream) {
   constexpr int kTileRows = kRowsPerThread * kF32SkinnyGroups;
   constexpr auto kernel = grouped_f32_skinny<T, kRowsPerThread>;
-  allow_shared_memory<kernel>(f32_skinny_shared_bytes<T>(kTileRows));
+  device.allow_shared_memory<kernel>(f32_skinny_shared_bytes<T>(kTileRows));
   const int64_t n = product.w[0].rows, k = product.w[0].cols;
   const bool w_vec = all_aligned16(product.w) && k % (16 / sizeof(Stored<T>)) == 0;
   for_each_launch(product.w, [&](int64_t first, int count, const GroupWeights& weights) {
@@ -730,15 +730,15 @@ void launch_grouped_f32_skinny_rows(const float* x, int64_t ldx, int64_t rows, c
 
 template <DType T>
 void launch_grouped_f32_skinny(const float* x, int64_t ldx, int64_t rows, const int64_t* offsets, int64_t group_rows,
-                               const GroupedProduct& product, float* partial, cudaStream_t stream) {
+                               const GroupedProduct& product, float* partial, Device& device, cudaStream_t stream) {
   if (group_rows <= kF32SkinnyGroups)
-    launch_grouped_f32_skinny_rows<T, 1>(x, ldx, rows, offsets, product, partial, stream);
+    launch_grouped_f32_skinny_rows<T, 1>(x, ldx, rows, offsets, product, partial, device, stream);
   else if (group_rows <= 2 * kF32SkinnyGroups)
-    launch_grouped_f32_skinny_rows<T, 2>(x, ldx, rows, offsets, product, partial, stream);
+    launch_grouped_f32_skinny_rows<T, 2>(x, ldx, rows, offsets, product, partial, device, stream);
   else if (group_rows <= 4 * kF32SkinnyGroups)
-    launch_grouped_f32_skinny_rows<T, 4>(x, ldx, rows, offsets, product, partial, stream);
+    launch_grouped_f32_skinny_rows<T, 4>(x, ldx, rows, offsets, product, partial, device, stream);
   else
-    launch_grouped_f32_skinny_rows<T, 8>(x, ldx, rows, offsets, product, partial, stream);
+    launch_grouped_f32_skinny_rows<T, 8>(x, ldx, rows, offsets, product, partial, device, stream);
 }
 
 // The grouped entry points below run the products one after another on the stream, so one set of
@@ -746,7 +746,7 @@ void launch_grouped_f32_skinny(const float* x, int64_t ldx, int64_t rows, const 
 
 template <DType T>
 void grouped_f32(const float* x, int64_t ldx, const int64_t* offsets, std::span<const GroupedProduct> products,
-                 int64_t rows, int64_t group_rows, DeviceScratch& scratch, cudaStream_t stream) {
+                 int64_t rows, int64_t group_rows, DeviceScratch& scratch, Device& device, cudaStream_t stream) {
   const int64_t n = products[0].w[0].rows, k = products[0].w[0].cols, groups = int64_t(products[0].w.size());
   const int64_t chunks = ceil_div(k, kChunk);
   // The smallest skinny tile (one row per thread group) bounds the grid.
@@ -767,7 +767,7 @@ void grouped_f32(const float* x, int64_t ldx, const int64_t* offsets, std::span<
   }
   float* partial = chunks > 1 ? scratch.get<float>(size_t(chunks * rows * n)) : nullptr;
   for (const GroupedProduct& p : products) {
-    launch_grouped_f32_skinny<T>(x, ldx, rows, offsets, group_rows, p, partial, stream);
+    launch_grouped_f32_skinny<T>(x, ldx, rows, offsets, group_rows, p, partial, device, stream);
     if (partial) launch_sum_partials(partial, chunks, rows, n, p.out, p.ldo, stream, offsets, offsets + groups);
   }
 }
@@ -775,10 +775,10 @@ void grouped_f32(const float* x, int64_t ldx, const int64_t* offsets, std::span<
 // One grouped product through the tiled kernels, its groups' rows in tiles of kTileM.
 template <int kParts, int kTileM>
 void launch_grouped_bf16_tiled(const __nv_bfloat16* xb, int64_t ldb, int64_t rows, const int64_t* offsets,
-                               const GroupedProduct& p, bool w_vec, cudaStream_t stream) {
+                               const GroupedProduct& p, bool w_vec, Device& device, cudaStream_t stream) {
   constexpr auto kernel = grouped_bf16_tiled<kParts, kTileM>;
   constexpr int bytes = Bf16Tile<kTileM>::shared_bytes(kParts);
-  allow_shared_memory<kernel>(bytes);
+  device.allow_shared_memory<kernel>(bytes);
   const int64_t n = p.w[0].rows, k = p.w[0].cols;
   for_each_launch(p.w, [&](int64_t first, int count, const GroupWeights& weights) {
     const dim3 grid(unsigned(grouped_tiles(rows, count, kTileM)), unsigned(ceil_div(n, kBf16TileN)));
@@ -790,7 +790,7 @@ void launch_grouped_bf16_tiled(const __nv_bfloat16* xb, int64_t ldb, int64_t row
 
 template <int kParts>
 void grouped_bf16(const float* x, int64_t ldx, const int64_t* offsets, std::span<const GroupedProduct> products,
-                  int64_t rows, int64_t group_rows, DeviceScratch& scratch, cudaStream_t stream) {
+                  int64_t rows, int64_t group_rows, DeviceScratch& scratch, Device& device, cudaStream_t stream) {
   const int64_t n = products[0].w[0].rows, k = products[0].w[0].cols, groups = int64_t(products[0].w.size());
   const int64_t ldb = (k + 7) / 8 * 8, chunks = ceil_div(k, kChunk);
   const int64_t tile_rows = (group_rows + 15) / 16 * 16;
@@ -800,15 +800,15 @@ void grouped_bf16(const float* x, int64_t ldx, const int64_t* offsets, std::span
       carve_bf16_staging(scratch, kParts * rows * ldb, skinny && chunks > 1 ? chunks * rows * n : 0);
   launch_split_to_bf16<kParts>(x, ldx, rows, k, staging.rows, ldb, stream);
   constexpr auto skinny_kernel = grouped_bf16_skinny<kParts>;
-  if (skinny) allow_shared_memory<skinny_kernel>(bf16_skinny_shared_bytes(kParts, kBf16SkinnyMaxRows));
+  if (skinny) device.allow_shared_memory<skinny_kernel>(bf16_skinny_shared_bytes(kParts, kBf16SkinnyMaxRows));
 
   for (const GroupedProduct& p : products) {
     const bool w_vec = all_aligned16(p.w) && k % 8 == 0;
     if (!skinny) {
       if (group_rows <= kBf16ShortTileRows)
-        launch_grouped_bf16_tiled<kParts, kBf16ShortTileRows>(staging.rows, ldb, rows, offsets, p, w_vec, stream);
+        launch_grouped_bf16_tiled<kParts, kBf16ShortTileRows>(staging.rows, ldb, rows, offsets, p, w_vec, device, stream);
       else
-        launch_grouped_bf16_tiled<kParts, 128>(staging.rows, ldb, rows, offsets, p, w_vec, stream);
+        launch_grouped_bf16_tiled<kParts, 128>(staging.rows, ldb, rows, offsets, p, w_vec, device, stream);
       continue;
     }
     for_each_launch(p.w, [&](int64_t first, int count, const GroupWeights& weights) {
@@ -828,7 +828,7 @@ void grouped_bf16(const float* x, int64_t ldx, const int64_t* offsets, std::span
 
 void grouped_matmuls(const float* x, int64_t ldx, const int64_t* offsets, std::span<const GroupedProduct> products,
                      int64_t rows, int64_t group_rows, GemmOperands operands, DeviceScratch& scratch,
-                     cudaStream_t stream) {
+                     Device& device, cudaStream_t stream) {
   if (rows < 0) fail("grouped_matmul: {} rows", rows);
   if (products.empty()) return;
   const std::span<const DeviceMatrix> w0 = products[0].w;
@@ -860,28 +860,28 @@ void grouped_matmuls(const float* x, int64_t ldx, const int64_t* offsets, std::s
   // further when the bound was low. A group never has more rows than x.
   group_rows = std::clamp<int64_t>(group_rows, 1, rows);
   switch (first.dtype) {
-    case DType::kF32: return grouped_f32<DType::kF32>(x, ldx, offsets, products, rows, group_rows, scratch, stream);
-    case DType::kF16: return grouped_f32<DType::kF16>(x, ldx, offsets, products, rows, group_rows, scratch, stream);
+    case DType::kF32: return grouped_f32<DType::kF32>(x, ldx, offsets, products, rows, group_rows, scratch, device, stream);
+    case DType::kF16: return grouped_f32<DType::kF16>(x, ldx, offsets, products, rows, group_rows, scratch, device, stream);
     case DType::kBF16:
       if (operands == GemmOperands::kBf16)
-        return grouped_bf16<1>(x, ldx, offsets, products, rows, group_rows, scratch, stream);
-      return grouped_bf16<3>(x, ldx, offsets, products, rows, group_rows, scratch, stream);
+        return grouped_bf16<1>(x, ldx, offsets, products, rows, group_rows, scratch, device, stream);
+      return grouped_bf16<3>(x, ldx, offsets, products, rows, group_rows, scratch, device, stream);
     case DType::kQ8:
     case DType::kQ4:
-      return quantized_grouped_matmuls(x, ldx, offsets, products, rows, group_rows, operands, scratch, stream);
+      return quantized_grouped_matmuls(x, ldx, offsets, products, rows, group_rows, operands, scratch, device, stream);
     default: fail("grouped matmul: weights of dtype {} are not supported on the GPU", dtype_name(first.dtype));
   }
 }
 
 void grouped_matmul(const float* x, int64_t ldx, const int64_t* offsets, std::span<const DeviceMatrix> w,
                     int64_t rows, int64_t group_rows, float* out, int64_t ldo, GemmOperands operands,
-                    DeviceScratch& scratch, cudaStream_t stream) {
+                    DeviceScratch& scratch, Device& device, cudaStream_t stream) {
   const GroupedProduct product{w, out, ldo};
-  grouped_matmuls(x, ldx, offsets, std::span(&product, 1), rows, group_rows, operands, scratch, stream);
+  grouped_matmuls(x, ldx, offsets, std::span(&product, 1), rows, group_rows, operands, scratch, device, stream);
 }
 
 void matmul(const float* x, int64_t ldx, int64_t m, const DeviceMatrix& w, float* out, int64_t ldo,
-            GemmOperands operands, DeviceScratch& scratch, cudaStream_t stream) {
+            GemmOperands operands, DeviceScratch& scratch, Device& device, cudaStream_t stream) {
   if (m < 0) fail("matmul: {} rows", m);
   if (m == 0 || w.rows == 0) return;
   if (w.cols == 0) {  // an empty sum
@@ -889,13 +889,13 @@ void matmul(const float* x, int64_t ldx, int64_t m, const DeviceMatrix& w, float
     return;
   }
   switch (w.dtype) {
-    case DType::kF32: return matmul_f32<DType::kF32>(x, ldx, m, w, out, ldo, scratch, stream);
-    case DType::kF16: return matmul_f32<DType::kF16>(x, ldx, m, w, out, ldo, scratch, stream);
+    case DType::kF32: return matmul_f32<DType::kF32>(x, ldx, m, w, out, ldo, scratch, device, stream);
+    case DType::kF16: return matmul_f32<DType::kF16>(x, ldx, m, w, out, ldo, scratch, device, stream);
     case DType::kBF16:
-      if (operands == GemmOperands::kBf16) return matmul_bf16<1>(x, ldx, m, w, out, ldo, scratch, stream);
-      return matmul_bf16<3>(x, ldx, m, w, out, ldo, scratch, stream);
+      if (operands == GemmOperands::kBf16) return matmul_bf16<1>(x, ldx, m, w, out, ldo, scratch, device, stream);
+      return matmul_bf16<3>(x, ldx, m, w, out, ldo, scratch, device, stream);
     case DType::kQ8:
-    case DType::kQ4: return quantized_matmul(x, ldx, m, w, out, ldo, operands, scratch, stream);
+    case DType::kQ4: return quantized_matmul(x, ldx, m, w, out, ldo, operands, scratch, device, stream);
     default: fail("matmul: weights of dtype {} are not supported on the GPU", dtype_name(w.dtype));
   }
 }

@@ -9,6 +9,8 @@
 
 #include <cuda_runtime.h>
 
+#include "device.h"
+
 #include "device_scratch.h"
 #include "device_types.h"
 
@@ -18,7 +20,7 @@ namespace m1::cuda {
 // kBf16 with F32 or F16 weights runs as kFp32; int8 and int4 weights take quantized_matmul.h's
 // kernels. `scratch` holds the bf16 terms of x.
 void matmul(const float* x, int64_t ldx, int64_t m, const DeviceMatrix& w, float* out, int64_t ldo,
-            GemmOperands operands, DeviceScratch& scratch, cudaStream_t stream);
+            GemmOperands operands, DeviceScratch& scratch, Device& device, cudaStream_t stream);
 
 // Grouped products, for mixtures of experts: for every group g, rows [offsets[g], offsets[g + 1])
 // of x times w[g]^T into the same rows of out, each row bit-identical to what matmul gives it.
@@ -30,7 +32,7 @@ void matmul(const float* x, int64_t ldx, int64_t m, const DeviceMatrix& w, float
 // shape and dtype.
 void grouped_matmul(const float* x, int64_t ldx, const int64_t* offsets, std::span<const DeviceMatrix> w,
                     int64_t rows, int64_t group_rows, float* out, int64_t ldo, GemmOperands operands,
-                    DeviceScratch& scratch, cudaStream_t stream);
+                    DeviceScratch& scratch, Device& device, cudaStream_t stream);
 
 // One of several grouped products of the same rows: its weights, one per group, and its output.
 struct GroupedProduct {
@@ -44,6 +46,6 @@ struct GroupedProduct {
 // group count, shape and dtype.
 void grouped_matmuls(const float* x, int64_t ldx, const int64_t* offsets, std::span<const GroupedProduct> products,
                      int64_t rows, int64_t group_rows, GemmOperands operands, DeviceScratch& scratch,
-                     cudaStream_t stream);
+                     Device& device, cudaStream_t stream);
 
 }  // namespace m1::cuda

@@ -79,28 +79,40 @@ __global__ void route_kernel(const float* __restrict__ logits, int64_t rows, int
 }
 
 // Grouping. The (token, rank) slots, slot = token * top_k + rank, are sorted by expert into
-// "bins", stably, so each expert's slots keep ascending token order; bin `experts` holds the
-// slots routing could not place. Three steps, all in integers and without atomics, so the order
+// "bins", stably, so each expert's slots keep ascending token order: bins [0, held) are the
+// experts held here, bin `held` the slots of experts held elsewhere (expert parallel), bin
+// `held + 1` the slots routing could not place. Three steps, all in integers and without atomics, so the order
 // never varies: rank_slots counts each tile of kGroupTile slots per bin, place_tiles turns the
 // counts into where each tile's part of each bin starts, place_slots puts every slot there.
 
-__device__ __forceinline__ int bin_of(int32_t expert, int experts) {
-  return expert >= 0 && expert < experts ? expert : experts;
-}
+struct Bins {
+  int experts;  // of the router
+  int first;    // the first expert held
+  int held;     // experts held
+
+  __device__ __forceinline__ int count() const { return held + 2; }
+  __device__ __forceinline__ int of(int32_t expert) const {
+    if (expert >= first && expert < first + held) return expert - first;
+    return expert >= 0 && expert < experts ? held : held + 1;
+  }
+};
+
+// position_of for a slot whose expert is held elsewhere, and for one without an expert.
+constexpr int64_t kElsewhere = -2, kNowhere = -1;
 
 // One warp per tile, 32 slots at a time in slot order: rank[s] = the slots of s's bin before s
 // in its tile; tile_counts[tile][bin] = the tile's slots per bin.
-__global__ __launch_bounds__(kWarp) void rank_slots(const int32_t* __restrict__ chosen, int64_t slots, int experts,
+__global__ __launch_bounds__(kWarp) void rank_slots(const int32_t* __restrict__ chosen, int64_t slots, Bins bin_of,
                                                     int32_t* __restrict__ rank, int32_t* __restrict__ tile_counts) {
-  __shared__ int32_t count[kMaxExperts + 1];
-  const int lane = int(threadIdx.x), bins = experts + 1;
+  __shared__ int32_t count[kMaxExperts + 2];
+  const int lane = int(threadIdx.x), bins = bin_of.count();
   for (int b = lane; b < bins; b += kWarp) count[b] = 0;
   __syncwarp();
   const int64_t first = int64_t(blockIdx.x) * kGroupTile, end = std::min(first + kGroupTile, slots);
   for (int64_t s0 = first; s0 < end; s0 += kWarp) {
     const int64_t s = s0 + lane;
     const bool live = s < end;
-    const int bin = live ? bin_of(chosen[s], experts) : -1;
+    const int bin = live ? bin_of.of(chosen[s]) : -1;
     const unsigned same = __match_any_sync(0xffffffffu, bin);
     const int before = __popc(same & ((1u << lane) - 1u));
     if (live) rank[s] = count[bin] + before;
@@ -114,9 +126,9 @@ __global__ __launch_bounds__(kWarp) void rank_slots(const int32_t* __restrict__ 
 
 // One warp: per bin, the tile counts become exclusive running sums over the tiles in order (the
 // bin's slots in earlier tiles), and begin[bin] = the slots of all lower bins.
-__global__ __launch_bounds__(kWarp) void place_tiles(int32_t* __restrict__ tile_counts, int64_t tiles, int experts,
+__global__ __launch_bounds__(kWarp) void place_tiles(int32_t* __restrict__ tile_counts, int64_t tiles, int bins,
                                                      int64_t* __restrict__ begin) {
-  const int lane = int(threadIdx.x), bins = experts + 1;
+  const int lane = int(threadIdx.x);
   int64_t carry = 0;
   for (int b0 = 0; b0 < bins; b0 += kWarp) {
     const int b = b0 + lane;
@@ -140,21 +152,21 @@ __global__ __launch_bounds__(kWarp) void place_tiles(int32_t* __restrict__ tile_
 
 // Slot s sits at position begin[bin] + (its bin's slots in earlier tiles) + rank[s]: token_at
 // names the row of x each position takes, position_of where each slot's expert output lands
-// (-1: no expert).
+// (kElsewhere, kNowhere: none here).
 __global__ void place_slots(const int32_t* __restrict__ chosen, const int32_t* __restrict__ rank,
                             const int32_t* __restrict__ tile_counts, const int64_t* __restrict__ begin, int64_t slots,
-                            int experts, int top_k, int64_t* __restrict__ token_at, int64_t* __restrict__ position_of) {
+                            Bins bin_of, int top_k, int64_t* __restrict__ token_at, int64_t* __restrict__ position_of) {
   const int64_t s = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (s >= slots) return;
-  const int bins = experts + 1, bin = bin_of(chosen[s], experts);
+  const int bins = bin_of.count(), bin = bin_of.of(chosen[s]);
   const int64_t p = begin[bin] + tile_counts[s / kGroupTile * bins + bin] + rank[s];
   token_at[p] = s / top_k;
-  position_of[s] = bin < experts ? p : -1;
+  position_of[s] = bin < bin_of.held ? p : bin == bin_of.held ? kElsewhere : kNowhere;
 }
 
 // out[t] = sum over ranks r, in rank order, of weight[t, r] * down[position of slot (t, r)]: a
 // fixed order of fused multiply-adds per element and no atomics, so the sum is deterministic. A
-// slot without an expert makes its row NaN.
+// slot without an expert makes its row NaN; one whose expert is held elsewhere adds nothing.
 __global__ void combine_kernel(const float* __restrict__ down, const float* __restrict__ weights,
                                const int64_t* __restrict__ position_of, int64_t rows, int64_t hidden, int top_k,
                                float* __restrict__ out) {
@@ -164,7 +176,7 @@ __global__ void combine_kernel(const float* __restrict__ down, const float* __re
   float sum = 0.0f;
   for (int r = 0; r < top_k; ++r) {
     const int64_t slot = t * top_k + r, p = position_of[slot];
-    sum = p < 0 ? NAN : fmaf(weights[slot], down[p * hidden + c], sum);
+    if (p != kElsewhere) sum = p == kNowhere ? NAN : fmaf(weights[slot], down[p * hidden + c], sum);
   }
   out[i] = sum;
 }
@@ -179,8 +191,8 @@ struct MoeBuffers {
   int32_t* chosen;        // [slots]: expert of slot (t, r) = t * k + r
   float* weights;         // [slots]
   int32_t* rank;          // [slots]: see rank_slots
-  int32_t* tile_counts;   // [tiles, experts + 1]
-  int64_t* begin;         // [experts + 1]: expert e's rows of the grouped matmuls start at begin[e]
+  int32_t* tile_counts;   // [tiles, bins]
+  int64_t* begin;         // [bins + 1]: held expert e's rows of the grouped matmuls start at begin[e]
   int64_t* token_at;      // [slots]
   int64_t* position_of;   // [slots]
   float* gathered;        // [slots, hidden]: x rows in expert order; later the down products
@@ -189,14 +201,15 @@ struct MoeBuffers {
 };
 
 // The buffers of one call, in one scratch allocation (see carve_scratch).
-MoeBuffers carve(ScratchCarver& carver, int64_t rows, int64_t experts, int64_t slots, int64_t hidden, int64_t ffn) {
+MoeBuffers carve(ScratchCarver& carver, int64_t rows, int64_t experts, int64_t bins, int64_t slots, int64_t hidden,
+                 int64_t ffn) {
   MoeBuffers b;
   b.logits = carver.take<float>(rows * experts);
   b.chosen = carver.take<int32_t>(slots);
   b.weights = carver.take<float>(slots);
   b.rank = carver.take<int32_t>(slots);
-  b.tile_counts = carver.take<int32_t>(ceil_div(slots, kGroupTile) * (experts + 1));
-  b.begin = carver.take<int64_t>(experts + 1);
+  b.tile_counts = carver.take<int32_t>(ceil_div(slots, kGroupTile) * bins);
+  b.begin = carver.take<int64_t>(bins);
   b.token_at = carver.take<int64_t>(slots);
   b.position_of = carver.take<int64_t>(slots);
   b.gathered = carver.take<float>(slots * hidden);
@@ -206,14 +219,14 @@ MoeBuffers carve(ScratchCarver& carver, int64_t rows, int64_t experts, int64_t s
 }
 
 // The grouping kernels, from b.chosen to b.begin, b.token_at and b.position_of.
-void group_by_expert(const MoeBuffers& b, int64_t slots, int64_t experts, int64_t top_k, cudaStream_t stream) {
+void group_by_expert(const MoeBuffers& b, int64_t slots, Bins bins, int64_t top_k, cudaStream_t stream) {
   const int64_t tiles = ceil_div(slots, kGroupTile);
-  rank_slots<<<unsigned(tiles), kWarp, 0, stream>>>(b.chosen, slots, int(experts), b.rank, b.tile_counts);
+  rank_slots<<<unsigned(tiles), kWarp, 0, stream>>>(b.chosen, slots, bins, b.rank, b.tile_counts);
   M1_CUDA_CHECK_LAUNCH();
-  place_tiles<<<1, kWarp, 0, stream>>>(b.tile_counts, tiles, int(experts), b.begin);
+  place_tiles<<<1, kWarp, 0, stream>>>(b.tile_counts, tiles, bins.held + 2, b.begin);
   M1_CUDA_CHECK_LAUNCH();
   place_slots<<<unsigned(ceil_div(slots, kPlaceThreads)), kPlaceThreads, 0, stream>>>(
-      b.chosen, b.rank, b.tile_counts, b.begin, slots, int(experts), int(top_k), b.token_at, b.position_of);
+      b.chosen, b.rank, b.tile_counts, b.begin, slots, bins, int(top_k), b.token_at, b.position_of);
   M1_CUDA_CHECK_LAUNCH();
 }
 
@@ -232,47 +245,50 @@ void route(const float* logits, int64_t rows, int64_t experts, int64_t top_k, in
   M1_CUDA_CHECK_LAUNCH();
 }
 
-void moe(const MoeArgs& a, MoeWorkspace& ws, cudaStream_t stream) {
+void moe(const MoeArgs& a, MoeWorkspace& ws, Device& device, cudaStream_t stream) {
   const int64_t rows = a.rows, hidden = a.hidden, experts = a.router.rows, k = a.top_k;
   if (rows < 0 || hidden < 1) fail("MoE: bad activation shape [{}, {}]", rows, hidden);
   if (a.router.data == nullptr || a.router.cols != hidden)
     fail("MoE: router is [{}, {}], expected {} columns", a.router.rows, a.router.cols, hidden);
-  if (int64_t(a.w1.size()) != experts || int64_t(a.w3.size()) != experts || int64_t(a.w2.size()) != experts)
-    fail("MoE: {} experts in the router but {}, {}, {} in w1, w3, w2", experts, a.w1.size(), a.w3.size(),
-         a.w2.size());
+  const int64_t held = int64_t(a.w1.size());
+  if (held < 1 || int64_t(a.w3.size()) != held || int64_t(a.w2.size()) != held || a.first_expert < 0 ||
+      a.first_expert + held > experts)
+    fail("MoE: experts [{}, {}) of the router's {} held, with {}, {}, {} in w1, w3, w2", a.first_expert,
+         a.first_expert + held, experts, a.w1.size(), a.w3.size(), a.w2.size());
   if (k < 1 || k > experts) fail("MoE: top_k {} with {} experts", k, experts);
   if (experts > kMaxExperts) fail("MoE: {} experts (supported: 1 to {})", experts, kMaxExperts);
   const int64_t ffn = a.w1[0].rows;
-  for (int64_t e = 0; e < experts; ++e) {
-    check_matrix(a.w1[size_t(e)], ffn, hidden, "w1", e);
-    check_matrix(a.w3[size_t(e)], ffn, hidden, "w3", e);
-    check_matrix(a.w2[size_t(e)], hidden, ffn, "w2", e);
+  for (int64_t e = 0; e < held; ++e) {
+    check_matrix(a.w1[size_t(e)], ffn, hidden, "w1", a.first_expert + e);
+    check_matrix(a.w3[size_t(e)], ffn, hidden, "w3", a.first_expert + e);
+    check_matrix(a.w2[size_t(e)], hidden, ffn, "w2", a.first_expert + e);
   }
   if (rows == 0) return;
   // Ranks and tile counts are int32; INT_MAX slots is far beyond any step.
   if (rows > INT_MAX / k) fail("MoE: {} rows of {} experts each is too many slots", rows, k);
   const int64_t slots = rows * k;
 
-  const MoeBuffers b =
-      carve_scratch(ws.device, [&](ScratchCarver& carver) { return carve(carver, rows, experts, slots, hidden, ffn); });
+  const Bins bins{int(experts), int(a.first_expert), int(held)};
+  const MoeBuffers b = carve_scratch(
+      ws.device, [&](ScratchCarver& carver) { return carve(carver, rows, experts, held + 2, slots, hidden, ffn); });
 
   // Routing is always fp32, whatever the expert products use.
-  matmul(a.x, hidden, rows, a.router, b.logits, experts, GemmOperands::kFp32, ws.matmul, stream);
+  matmul(a.x, hidden, rows, a.router, b.logits, experts, GemmOperands::kFp32, ws.matmul, device, stream);
   route(b.logits, rows, experts, k, b.chosen, b.weights, stream);
 
-  group_by_expert(b, slots, experts, k, stream);
+  group_by_expert(b, slots, bins, k, stream);
   gather_rows(a.x, hidden, b.token_at, slots, b.gathered, stream);
 
   // Every expert's gate and up products (in one call, which rounds the gathered rows to bf16 once
   // for both when the operands are bf16), one SwiGLU over all slots, then every down product. The
   // down products overwrite the gathered rows, which the stream has finished reading by then.
   // An expert takes each token at most once, so it has at most `rows` rows. Rows past
-  // begin[experts] (slots without an expert) go through SwiGLU unset and are never read.
+  // begin[held] (slots without an expert held here) go through SwiGLU unset and are never read.
   const GroupedProduct gate_and_up[] = {{a.w1, b.gate, ffn}, {a.w3, b.up, ffn}};
-  grouped_matmuls(b.gathered, hidden, b.begin, gate_and_up, slots, rows, a.operands, ws.matmul, stream);
+  grouped_matmuls(b.gathered, hidden, b.begin, gate_and_up, slots, rows, a.operands, ws.matmul, device, stream);
   swiglu(b.gate, b.up, slots * ffn, stream);
   float* down = b.gathered;
-  grouped_matmul(b.gate, ffn, b.begin, a.w2, slots, rows, down, hidden, a.operands, ws.matmul, stream);
+  grouped_matmul(b.gate, ffn, b.begin, a.w2, slots, rows, down, hidden, a.operands, ws.matmul, device, stream);
 
   const int64_t blocks = ceil_div(rows * hidden, kCombineThreads);
   if (blocks > INT_MAX) fail("MoE: {} x {} outputs is too many for one launch", rows, hidden);

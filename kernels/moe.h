@@ -9,6 +9,8 @@
 
 #include <cuda_runtime.h>
 
+#include "device.h"
+
 #include "device_scratch.h"
 #include "device_types.h"
 
@@ -17,8 +19,11 @@ namespace m1::cuda {
 struct MoeArgs {
   const float* x = nullptr;  // [rows, hidden], contiguous
   int64_t rows = 0, hidden = 0;
-  DeviceMatrix router;                      // [experts, hidden]
-  std::span<const DeviceMatrix> w1, w3, w2;  // per expert: gate [F, H], up [F, H], down [H, F]
+  DeviceMatrix router;                      // [experts, hidden]: every expert
+  std::span<const DeviceMatrix> w1, w3, w2;  // per expert held: gate [F, H], up [F, H], down [H, F]
+  // The experts held are [first_expert, first_expert + w1.size()); a row's output sums only the
+  // experts it chose among them (expert parallel: the ranks' outputs are summed afterwards).
+  int64_t first_expert = 0;
   int64_t top_k = 0;
   GemmOperands operands = GemmOperands::kFp32;  // of the expert products; routing is always fp32
   float* out = nullptr;  // [rows, hidden]
@@ -34,7 +39,7 @@ struct MoeWorkspace {
 
 // A row that routing cannot place (non-finite router logits, from a non-finite row of x) comes
 // out as NaN and leaves the other rows alone: the host never sees the choices to reject it.
-void moe(const MoeArgs& args, MoeWorkspace& workspace, cudaStream_t stream);
+void moe(const MoeArgs& args, MoeWorkspace& workspace, Device& device, cudaStream_t stream);
 
 // The routing step alone (moe's first kernel, exposed for its test): for each of `rows` rows of
 // fp32 `logits` [rows, experts], the top_k experts by softmax probability (ties: lower index

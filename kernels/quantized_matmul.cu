@@ -554,10 +554,10 @@ int64_t padded_row(int64_t k) { return ceil_div(k, kBlockK) * kBlockK; }
 
 template <DType T, int kParts, int kM>
 void launch_skinny(const float* x, int64_t ldx, int64_t m, const QuantOperand& w, float* partial, float* out,
-                   int64_t ldo, cudaStream_t stream) {
+                   int64_t ldo, Device& device, cudaStream_t stream) {
   constexpr auto kernel = quant_skinny<T, kParts, kM>;
   constexpr int bytes = skinny_shared_bytes<T>(kParts, 16 * kM);
-  allow_shared_memory<kernel>(bytes);
+  device.allow_shared_memory<kernel>(bytes);
   const dim3 grid(unsigned(ceil_div(w.k, kChunk)), unsigned(ceil_div(w.n, kSkinnyCols)));
   kernel<<<grid, kSkinnyWarps * 32, bytes, stream>>>(x, ldx, m, w, partial, out, ldo);
   M1_CUDA_CHECK_LAUNCH();
@@ -565,10 +565,10 @@ void launch_skinny(const float* x, int64_t ldx, int64_t m, const QuantOperand& w
 
 template <DType T, int kParts, int kM>
 void launch_grouped_skinny(const float* x, int64_t ldx, int64_t rows, const int64_t* offsets, const GroupedProduct& p,
-                           QuantOperand w, float* partial, cudaStream_t stream) {
+                           QuantOperand w, float* partial, Device& device, cudaStream_t stream) {
   constexpr auto kernel = grouped_quant_skinny<T, kParts, kM>;
   constexpr int bytes = skinny_shared_bytes<T>(kParts, 16 * kM);
-  allow_shared_memory<kernel>(bytes);
+  device.allow_shared_memory<kernel>(bytes);
   for_each_launch(p.w, [&](int64_t first, int count, const GroupWeights& weights) {
     const dim3 grid(unsigned(ceil_div(w.k, kChunk)), unsigned(ceil_div(w.n, kSkinnyCols)),
                     unsigned(grouped_tiles(rows, count, 16 * kM)));
@@ -592,10 +592,10 @@ void with_row_tiles(int64_t rows, Launch launch) {
 
 template <DType T, int kParts>
 void launch_tiled(const __nv_bfloat16* xb, int64_t ldq, int64_t m, const QuantOperand& w, float* out, int64_t ldo,
-                  cudaStream_t stream) {
+                  Device& device, cudaStream_t stream) {
   using Shape = QuantTile<T, kParts>;
   constexpr auto kernel = quant_tiled<T, kParts>;
-  allow_shared_memory<kernel>(Shape::kSharedBytes);
+  device.allow_shared_memory<kernel>(Shape::kSharedBytes);
   const dim3 grid(unsigned(ceil_div(m, Shape::kTileM)), unsigned(ceil_div(w.n, kTileN)));
   kernel<<<grid, kTileThreads, Shape::kSharedBytes, stream>>>(xb, ldq, m, w, out, ldo);
   M1_CUDA_CHECK_LAUNCH();
@@ -603,10 +603,10 @@ void launch_tiled(const __nv_bfloat16* xb, int64_t ldq, int64_t m, const QuantOp
 
 template <DType T, int kParts>
 void launch_grouped_tiled(const __nv_bfloat16* xb, int64_t ldq, int64_t rows, const int64_t* offsets,
-                          const GroupedProduct& p, const QuantOperand& w, cudaStream_t stream) {
+                          const GroupedProduct& p, const QuantOperand& w, Device& device, cudaStream_t stream) {
   using Shape = QuantTile<T, kParts>;
   constexpr auto kernel = grouped_quant_tiled<T, kParts>;
-  allow_shared_memory<kernel>(Shape::kSharedBytes);
+  device.allow_shared_memory<kernel>(Shape::kSharedBytes);
   for_each_launch(p.w, [&](int64_t first, int count, const GroupWeights& weights) {
     const dim3 grid(unsigned(grouped_tiles(rows, count, Shape::kTileM)), unsigned(ceil_div(w.n, kTileN)));
     kernel<<<grid, kTileThreads, Shape::kSharedBytes, stream>>>(xb, ldq, rows, offsets + first, count, weights, w,
@@ -617,23 +617,23 @@ void launch_grouped_tiled(const __nv_bfloat16* xb, int64_t ldq, int64_t rows, co
 
 template <DType T, int kParts>
 void matmul_quantized(const float* x, int64_t ldx, int64_t m, const DeviceMatrix& weight, float* out, int64_t ldo,
-                      GemmOperands operands, DeviceScratch& scratch, cudaStream_t stream) {
+                      GemmOperands operands, DeviceScratch& scratch, Device& device, cudaStream_t stream) {
   const QuantOperand w = operand(weight, operands, aligned16(weight.data));
   const int64_t ldq = padded_row(w.k), chunks = ceil_div(w.k, kChunk);
   if (m > kSkinnyMaxRows || !skinny_partials_fit(chunks, m, w.n)) {
     __nv_bfloat16* xb = scratch.get<__nv_bfloat16>(size_t(kParts * m * ldq));
     launch_split_to_bf16<kParts, true>(x, ldx, m, w.k, xb, ldq, stream);
-    return launch_tiled<T, kParts>(xb, ldq, m, w, out, ldo, stream);
+    return launch_tiled<T, kParts>(xb, ldq, m, w, out, ldo, device, stream);
   }
   float* partial = chunks > 1 ? scratch.get<float>(size_t(chunks * m * w.n)) : nullptr;
-  with_row_tiles(m, [&]<int kM>() { launch_skinny<T, kParts, kM>(x, ldx, m, w, partial, out, ldo, stream); });
+  with_row_tiles(m, [&]<int kM>() { launch_skinny<T, kParts, kM>(x, ldx, m, w, partial, out, ldo, device, stream); });
   if (partial) launch_sum_partials(partial, chunks, m, w.n, out, ldo, stream);
 }
 
 template <DType T, int kParts>
 void grouped_quantized(const float* x, int64_t ldx, const int64_t* offsets, std::span<const GroupedProduct> products,
                        int64_t rows, int64_t group_rows, GemmOperands operands, DeviceScratch& scratch,
-                       cudaStream_t stream) {
+                       Device& device, cudaStream_t stream) {
   const DeviceMatrix& first = products[0].w[0];
   const int64_t groups = int64_t(products[0].w.size());
   const int64_t ldq = padded_row(first.cols), chunks = ceil_div(first.cols, kChunk);
@@ -644,14 +644,14 @@ void grouped_quantized(const float* x, int64_t ldx, const int64_t* offsets, std:
     __nv_bfloat16* xb = scratch.get<__nv_bfloat16>(size_t(kParts * rows * ldq));
     launch_split_to_bf16<kParts, true>(x, ldx, rows, first.cols, xb, ldq, stream);
     for (const GroupedProduct& p : products)
-      launch_grouped_tiled<T, kParts>(xb, ldq, rows, offsets, p, operand(p.w[0], operands, all_aligned16(p.w)), stream);
+      launch_grouped_tiled<T, kParts>(xb, ldq, rows, offsets, p, operand(p.w[0], operands, all_aligned16(p.w)), device, stream);
     return;
   }
   float* partial = chunks > 1 ? scratch.get<float>(size_t(chunks * rows * first.rows)) : nullptr;
   for (const GroupedProduct& p : products) {  // one set of partials, summed before the next product's
     const QuantOperand w = operand(p.w[0], operands, all_aligned16(p.w));
     with_row_tiles(tile_rows, [&]<int kM>() {
-      launch_grouped_skinny<T, kParts, kM>(x, ldx, rows, offsets, p, w, partial, stream);
+      launch_grouped_skinny<T, kParts, kM>(x, ldx, rows, offsets, p, w, partial, device, stream);
     });
     if (partial) launch_sum_partials(partial, chunks, rows, w.n, p.out, p.ldo, stream, offsets, offsets + groups);
   }
@@ -680,20 +680,20 @@ void check_quantized(const DeviceMatrix& w, const char* what) {
 }
 
 void quantized_matmul(const float* x, int64_t ldx, int64_t m, const DeviceMatrix& w, float* out, int64_t ldo,
-                      GemmOperands operands, DeviceScratch& scratch, cudaStream_t stream) {
+                      GemmOperands operands, DeviceScratch& scratch, Device& device, cudaStream_t stream) {
   check_quantized(w, "matmul");
   with_kind(w, operands, [&]<DType T, int kParts>() {
-    matmul_quantized<T, kParts>(x, ldx, m, w, out, ldo, operands, scratch, stream);
+    matmul_quantized<T, kParts>(x, ldx, m, w, out, ldo, operands, scratch, device, stream);
   });
 }
 
 void quantized_grouped_matmuls(const float* x, int64_t ldx, const int64_t* offsets,
                                std::span<const GroupedProduct> products, int64_t rows, int64_t group_rows,
-                               GemmOperands operands, DeviceScratch& scratch, cudaStream_t stream) {
+                               GemmOperands operands, DeviceScratch& scratch, Device& device, cudaStream_t stream) {
   const DeviceMatrix& first = products[0].w[0];
   check_quantized(first, "grouped matmul");
   with_kind(first, operands, [&]<DType T, int kParts>() {
-    grouped_quantized<T, kParts>(x, ldx, offsets, products, rows, group_rows, operands, scratch, stream);
+    grouped_quantized<T, kParts>(x, ldx, offsets, products, rows, group_rows, operands, scratch, device, stream);
   });
 }
 

@@ -31,13 +31,13 @@ void check_quantized(const DeviceMatrix& w, const char* what);
 // As matmul (matmul.h), for a quantized w, which matmul passes on here once it has dealt with
 // empty products (m, w.rows or w.cols 0).
 void quantized_matmul(const float* x, int64_t ldx, int64_t m, const DeviceMatrix& w, float* out, int64_t ldo,
-                      GemmOperands operands, DeviceScratch& scratch, cudaStream_t stream);
+                      GemmOperands operands, DeviceScratch& scratch, Device& device, cudaStream_t stream);
 
 // As grouped_matmuls (matmul.h), for quantized weights, which grouped_matmuls passes on here once
 // it has checked that every product's weights share one type, shape, group size and scale dtype
 // and dealt with empty products.
 void quantized_grouped_matmuls(const float* x, int64_t ldx, const int64_t* offsets,
                                std::span<const GroupedProduct> products, int64_t rows, int64_t group_rows,
-                               GemmOperands operands, DeviceScratch& scratch, cudaStream_t stream);
+                               GemmOperands operands, DeviceScratch& scratch, Device& device, cudaStream_t stream);
 
 }  // namespace m1::cuda

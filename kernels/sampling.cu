@@ -841,7 +841,7 @@ const char* draw_status_message(int32_t status) {
   }
 }
 
-void sample(const SampleArgs& args, DeviceScratch& scratch, cudaStream_t stream) {
+void sample(const SampleArgs& args, DeviceScratch& scratch, Device& device, cudaStream_t stream) {
   if (args.draws.empty()) return;
   if (args.vocab < 1 || args.vocab > kMaxVocab)
     fail("sampling vocab must be in [1, {}], got {}", kMaxVocab, args.vocab);
@@ -859,7 +859,7 @@ void sample(const SampleArgs& args, DeviceScratch& scratch, cudaStream_t stream)
   const int64_t chunk_count = draw_count * chunks;
   if (chunk_count > INT_MAX) fail("sampling: {} draws are more than one launch holds", draw_count);
   // Two selection blocks per multiprocessor keep it busy; more would only grow the id buffers.
-  const int blocks = int(std::min<int64_t>(selecting, 2 * int64_t(device_limits().sms)));
+  const int blocks = int(std::min<int64_t>(selecting, 2 * int64_t(device.limits().sms)));
 
   const Scratch work = carve_scratch(scratch, [&](ScratchCarver& carver) {
     return Scratch{carver.take<ChunkPartial>(chunk_count), carver.take<ChunkWeights>(chunk_count),
@@ -887,7 +887,7 @@ void sample(const SampleArgs& args, DeviceScratch& scratch, cudaStream_t stream)
                             args.biases, args.allowed, work.summaries, work.weights, chunks, work.selection,
                             work.selection + 1, args.results, work.buffers};
   const size_t shared_bytes = size_t(ceil_div(args.vocab, 32)) * sizeof(uint32_t);
-  allow_shared_memory<select_kernel>(shared_bytes);
+  device.allow_shared_memory<select_kernel>(shared_bytes);
   select_kernel<<<blocks, kThreads, shared_bytes, stream>>>(select);
   M1_CUDA_CHECK_LAUNCH();
 }

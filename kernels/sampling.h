@@ -9,6 +9,8 @@
 
 #include <cuda_runtime.h>
 
+#include "device.h"
+
 #include "device_scratch.h"
 #include "m1/sampler.h"
 
@@ -64,6 +66,6 @@ struct SampleArgs {
 
 // Queues the draws on `stream` (no host synchronisation once `scratch` has grown to the batch):
 // `scratch` holds every draw's per-chunk partial results and the selection's rows of ids.
-void sample(const SampleArgs& args, DeviceScratch& scratch, cudaStream_t stream);
+void sample(const SampleArgs& args, DeviceScratch& scratch, Device& device, cudaStream_t stream);
 
 }  // namespace m1::cuda

@@ -26,7 +26,15 @@ uint64_t mix(uint64_t hash, uint64_t value) {
 
 }  // namespace
 
-StepGraphs::StepGraphs(cudaStream_t stream, bool enabled) : stream_(stream), enabled_(enabled) {}
+StepGraphs::StepGraphs(cudaStream_t stream, bool enabled) : stream_(stream), enabled_(enabled) {
+  if (!enabled_) return;
+  // Here rather than at the first graph step: pinned allocation may wait for the whole device,
+  // which must never happen between the launches of a step (a peer rank's collective could be
+  // waiting for this rank's next one).
+  M1_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&host_stage_), kStageBytes, cudaHostAllocDefault));
+  M1_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&device_stage_), kStageBytes));
+  M1_CUDA_CHECK(cudaEventCreateWithFlags(&stage_copied_, cudaEventDisableTiming));
+}
 
 StepGraphs::~StepGraphs() {
   // Errors are ignored: a destructor cannot report them.
@@ -59,11 +67,6 @@ void StepGraphs::begin(std::vector<uint64_t> key) {
   if (mode_ == Mode::kEager) {
     ++stats_.eager;
     return;
-  }
-  if (!host_stage_) {
-    M1_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&host_stage_), kStageBytes, cudaHostAllocDefault));
-    M1_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&device_stage_), kStageBytes));
-    M1_CUDA_CHECK(cudaEventCreateWithFlags(&stage_copied_, cudaEventDisableTiming));
   }
   // The previous graph step's copy may still be reading the host stage.
   M1_CUDA_CHECK(cudaEventSynchronize(stage_copied_));

@@ -12,6 +12,11 @@
 #   scripts/gpu-check.sh           On the GPU machine: runs gpu-bundle/ (unpacked from
 #                                  gpu-bundle.tgz if need be) when present, else configures and
 #                                  builds Release for sm_90 in build-gpu/ first.
+#   scripts/gpu-check.sh tp        The tensor-parallel checks alone (one short call): the TP tests
+#                                  (ranks sharing the GPU through the peer kernels, NCCL with one
+#                                  rank), then decode ms/token of today's path against one rank
+#                                  through NCCL (target: at most 1.05x) and two ranks sharing the
+#                                  GPU, and the share of a decode step in collectives.
 #
 # Stages, in order of worth, each under a time limit cut to what is left of M1_GPU_DEADLINE seconds
 # (default 420, so a 600-second device call leaves room for the machine's start and a rerun): the
@@ -29,7 +34,7 @@ ROOT=$PWD
 BUNDLE=$ROOT/gpu-bundle
 BUILD=$ROOT/build-gpu
 TESTS=(test_cuda_matmul test_cuda_quantized test_cuda_lightning test_cuda_attention test_cuda_moe test_cuda_sampling
-       test_cuda_backend)
+       test_cuda_backend test_cuda_tensor_parallel)
 TARGETS=("${TESTS[@]}" bench_cuda m1-bench)
 
 build() {
@@ -55,6 +60,9 @@ if [[ "${1:-}" == prepare ]]; then
   exit 0
 fi
 
+MODE=${1:-all}
+[[ "$MODE" == all || "$MODE" == tp ]] || { echo "gpu-check: unknown mode '$MODE' (prepare, tp, or none)" >&2; exit 2; }
+[[ "$MODE" == tp ]] && TESTS=(test_cuda_tensor_parallel)
 OUT=${OUT:-$ROOT/gpu-check-out}
 mkdir -p "$OUT"
 LOGS=$(mktemp -d)
@@ -107,6 +115,11 @@ else
   build "$LOGS"
   BIN=$BUILD/bin
 fi
+# NCCL is loaded at run time (--collectives nccl): from wherever this image keeps it.
+if ! ldconfig -p 2>/dev/null | grep -q libnccl.so.2; then
+  lib=$(find / -xdev -name 'libnccl.so.2' 2>/dev/null | head -1)
+  [[ -n "$lib" ]] && export LD_LIBRARY_PATH="$(dirname "$lib"):${LD_LIBRARY_PATH:-}" && say "gpu-check: NCCL from $lib"
+fi
 say "gpu-check: ready after $(elapsed) s"
 
 # The CUDA tests, each binary's summary kept; a failure fails the check at the end.
@@ -138,6 +151,54 @@ for t in "${failed[@]}"; do
     grep -m 8 -E '^========= (Invalid|Race|Error|  at )' "$LOGS/$t.$tool.log" | tee -a "$LOGS/summary.txt" || true
   done
 done
+
+# Tensor parallelism: decode ms/token of today's path (one rank, no collectives) against one rank
+# through NCCL and two ranks sharing the GPU (peer kernels), on the bench preset and on 2 layers of
+# the real model's shape; then, with graphs off (collectives are timed with events on eager steps),
+# the share of a decode step spent in collectives.
+tp_bench() {  # label, preset args, extra flags (both word-split on purpose), M1_CUDA_GRAPHS
+  local t
+  t=$(limit 120 30)
+  (( t > 0 )) || { say "gpu-check: no time left for m1-bench $1"; return; }
+  # shellcheck disable=SC2086
+  within "$t" env M1_CUDA_GRAPHS="${4:-1}" "$BIN/m1-bench" --device cuda --synthetic $2 --contexts 4k --variants hybrid --decode-tokens 32 \
+    --repeats 3 --prefill-chunk 4096 $3 --json "$LOGS/tp_$1.json" >"$LOGS/tp_$1.log" 2>&1 ||
+    { status=1; tail -3 "$LOGS/tp_$1.log" | tee -a "$LOGS/summary.txt"; }
+}
+tp_stage() {
+  for shape in bench m1; do
+    preset=$shape
+    [[ $shape == m1 ]] && preset="m1 --layers 2"
+    tp_bench "${shape}_today" "$preset" ""
+    tp_bench "${shape}_nccl1" "$preset" "--collectives nccl"
+    tp_bench "${shape}_peer2" "$preset" "--tensor-parallel 2 --gpus 0,0"
+  done
+  tp_bench bench_nccl1_eager bench "--collectives nccl" 0
+  tp_bench bench_peer2_eager bench "--tensor-parallel 2 --gpus 0,0" 0
+  python3 - "$LOGS" <<'PY' 2>&1 | tee -a "$LOGS/summary.txt"
+import json, os, sys
+logs = sys.argv[1]
+def result(label):
+    path = os.path.join(logs, f"tp_{label}.json")
+    return json.load(open(path))["results"][0] if os.path.exists(path) else None
+print("tensor parallel, decode at depth 4k (median ms/token; share of the step in collectives):")
+for shape in ("bench", "m1"):
+    today = result(f"{shape}_today")
+    for label in ("today", "nccl1", "peer2"):
+        r = result(f"{shape}_{label}")
+        if not r: print(f"  {shape:5} {label:6} missing"); continue
+        ratio = f" ({r['decode_ms_per_token'] / today['decode_ms_per_token']:.3f}x today's)" if today and label != "today" else ""
+        print(f"  {shape:5} {label:6} {r['decode_ms_per_token']:8.3f} ms/token{ratio}")
+for label in ("bench_nccl1_eager", "bench_peer2_eager"):
+    r = result(label)
+    if r: print(f"  {label}: decode {r['decode_ms_per_token']:.3f} ms/token, {100 * r['decode_collective_share']:.1f}% in collectives; prefill {100 * r['prefill_collective_share']:.1f}%")
+PY
+}
+if [[ "$MODE" == tp ]]; then
+  tp_stage
+  say "gpu-check: done in $(elapsed) s, status $status (logs in $OUT/gpu-check-logs.tgz)"
+  exit
+fi
 
 within "$(limit 180)" "$BIN/bench_cuda" --json "$LOGS/bench_cuda.json" 2>&1 | tee -a "$LOGS/summary.txt" || status=1
 say "gpu-check: kernels measured after $(elapsed) s"
@@ -202,6 +263,9 @@ for batch in 1 32; do
   say "kernels of one decode step, bench preset, batch $batch (ncu):"
   python3 "$ROOT/scripts/kernel_times.py" "$csv" 2 2>&1 | tee -a "$LOGS/summary.txt" || true
 done
+
+tp_stage
+say "gpu-check: tensor parallel measured after $(elapsed) s"
 
 [[ "${M1_GPU_E2E:-1}" != 0 && "${M1_GPU_FULL:-1}" != 0 ]] && e2e 1m 240 150
 

@@ -18,6 +18,7 @@
 #include <spdlog/spdlog.h>
 
 #include "api_server.h"
+#include "parallel_flags.h"
 #include "model_service.h"
 
 namespace {
@@ -35,6 +36,7 @@ struct Options {
   double shutdown_grace_s = 5;
   size_t http_threads = 0;
   std::string precision = "fast";
+  m1::ParallelFlags parallel;
   std::string quantize;
   int64_t group_size = 0;
   bool quantize_lm_head = false;
@@ -146,6 +148,7 @@ int main(int argc, char** argv) {
   app.add_option("--cache-min-tokens", cache.min_disk_tokens, "Only prefixes of at least N tokens go to --cache-dir")->capture_default_str()->check(CLI::PositiveNumber);
   app.add_option("--threads", o.model.backend.threads, "CPU compute threads (0: one per core)")->capture_default_str()->check(CLI::NonNegativeNumber);
   app.add_option("--device", o.model.backend.device, "cpu or cuda (a build with the CUDA backend and a GPU)")->capture_default_str();
+  m1::add_parallel_flags(app, o.model.backend, o.parallel);
   app.add_option("--precision", o.precision, "fast (bf16 matrix operands where the CPU multiplies bf16, fp32 accumulation) or exact (fp32 throughout)")->capture_default_str();
   app.add_option("--http-threads", o.http_threads, "Connections served at once (0: max(64, 4 x max-batch))")->capture_default_str();
   app.add_option("--max-body-mb", o.max_body_mb, "Largest request body in MiB")->capture_default_str()->check(CLI::PositiveNumber);
@@ -162,6 +165,7 @@ int main(int argc, char** argv) {
   try {
     o.model.backend.precision = m1::parse_precision(o.precision);
     o.model.load = m1::parse_load_options(o.quantize, o.group_size, o.quantize_lm_head, o.model.backend.threads);
+    o.parallel.apply(o.model.backend, o.model.load.shard);
     o.http.max_body_bytes = size_t(o.max_body_mb * 1024 * 1024);
     engine.max_state_bytes = int64_t(o.max_state_mb * 1024 * 1024);
     cache.max_bytes = int64_t(o.cache_mb * 1024 * 1024);

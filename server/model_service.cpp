@@ -5,8 +5,8 @@
 namespace m1::server {
 
 ModelService::ModelService(const ModelOptions& options)
-    : backend_(create_backend(options.backend)),
-      model_(Model::load(options.dir, *backend_, options.load)),
+    : backends_(create_backends(options.backend)),
+      model_(Model::load(options.dir, rank_pointers(backends_), options.load)),
       tokenizer_(Tokenizer::load(options.dir / "tokenizer.json")),
       engine_(std::make_unique<Engine>(*model_, tokenizer_, options.engine)),
       served_{.tokenizer = &tokenizer_,

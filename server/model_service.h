@@ -6,7 +6,7 @@
 #include <memory>
 #include <string>
 
-#include "m1/backend.h"
+#include "m1/backends.h"
 #include "m1/engine.h"
 #include "m1/model.h"
 #include "m1/tokenizer.h"
@@ -18,7 +18,7 @@ struct ModelOptions {
   std::filesystem::path dir;
   std::string served_name;  // empty: the directory's name
   BackendOptions backend;
-  LoadOptions load;
+  LoadOptions load;  // quantization at load, and the MoE split of a tensor-parallel group
   EngineOptions engine;
 };
 
@@ -29,11 +29,11 @@ class ModelService {
 
   Engine& engine() { return *engine_; }
   const ServedModel& served() const { return served_; }
-  std::string backend_name() const { return backend_->name(); }
+  std::string backend_name() const { return group_name(backends_); }
 
  private:
   // Destroyed in reverse: the engine stops before the model and tokenizer it uses go away.
-  std::unique_ptr<Backend> backend_;
+  std::vector<std::unique_ptr<Backend>> backends_;  // one per rank
   std::unique_ptr<Model> model_;
   Tokenizer tokenizer_;
   std::unique_ptr<Engine> engine_;

@@ -204,7 +204,7 @@ SnapshotFormat snapshot_format(const Model& model) {
   SnapshotFormat f;
   const auto probe = model.new_sequence();
   const StateShape s = model.state_shape();
-  f.numerics = model.backend().numerics();
+  f.numerics = model.numerics();
   f.kv_dtype = std::string(dtype_name(probe->kv_dtype()));
   f.shape = {s.lightning_layers, s.heads, s.head_dim, s.softmax_layers, s.kv_heads};
   f.lightning_bytes = int64_t(probe->lightning_bytes());

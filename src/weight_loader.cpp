@@ -43,7 +43,8 @@ LoadOptions parse_load_options(const std::string& quantize, int64_t group_size, 
   return o;
 }
 
-WeightLoader::WeightLoader(const ModelConfig& config, const Checkpoint& checkpoint, const LoadOptions& options)
+WeightLoader::WeightLoader(const ModelConfig& config, const Checkpoint& checkpoint, const LoadOptions& options,
+                           int ranks)
     : config_(config), checkpoint_(checkpoint), options_(options) {
   if (options_.quantize && config.quantization)
     fail("--quantize: the checkpoint is already quantized (config.json has a compressed-tensors quantization_config); "
@@ -51,7 +52,9 @@ WeightLoader::WeightLoader(const ModelConfig& config, const Checkpoint& checkpoi
   if (options_.quantize_lm_head && config.tie_word_embeddings)
     fail("--quantize-lm-head: this model ties its LM head to the embeddings, which keep their stored type");
   if (options_.threads <= 0) options_.threads = int(std::max(1u, std::thread::hardware_concurrency()));
-  for (const WeightSpec& spec : weight_specs(config)) to_quantize_ += quantizes(spec);
+  options_.threads = std::max(1, options_.threads / std::max(1, ranks));  // the ranks quantize at once
+  ranks_ = ranks;
+  for (const WeightSpec& spec : weight_specs(config)) to_quantize_ += quantizes(spec) * ranks;
   start_ = last_report_ = std::chrono::steady_clock::now();
 }
 
@@ -59,8 +62,13 @@ bool WeightLoader::packed(const WeightSpec& spec) const { return is_packed(confi
 
 bool WeightLoader::quantizes(const WeightSpec& spec) const { return will_quantize(options_, spec); }
 
-WeightLoader::Loaded WeightLoader::load(const WeightSpec& spec) {
+WeightLoader::Loaded WeightLoader::load(const WeightSpec& spec, const TensorSlice* slice) {
   Loaded out;
+  auto cut = [&](const Weight& whole, const std::string& name) {
+    if (!slice) return whole;
+    out.part = slice_weight(whole, *slice, name);
+    return out.part.weight;
+  };
   if (packed(spec)) {
     const std::string module = module_name(spec);
     const QuantizationGroup* group = find_group(*config_.quantization, module);
@@ -69,18 +77,39 @@ WeightLoader::Loaded WeightLoader::load(const WeightSpec& spec) {
            quote_name(packed_tensor_name(module)), quote_name(module));
     if (spec.role == WeightRole::kEmbed)
       fail("checkpoint: tensor {}: m1 reads embeddings as BF16, F16 or F32, not packed", quote_name(packed_tensor_name(module)));
-    out.host = read_packed_weight(checkpoint_, module, spec.shape[0], spec.shape[1], *group);
+    out.host = cut(read_packed_weight(checkpoint_, module, spec.shape[0], spec.shape[1], *group), packed_tensor_name(module));
+    std::lock_guard lock(mutex_);
     for (const std::string& name : {packed_tensor_name(module), scale_tensor_name(module), shape_tensor_name(module)})
       used_.insert(name);
     return out;
   }
   const TensorView& view = checkpoint_.require(spec.name, spec.shape);
-  used_.insert(spec.name);
-  out.host = host_weight(view);
-  if (!quantizes(spec)) return out;
-  out.copy = quantize(out.host, *options_.quantize, spec.name, options_.threads);
-  out.host = out.copy.weight();
-  checkpoint_.release(view);
+  {
+    std::lock_guard lock(mutex_);
+    used_.insert(spec.name);
+  }
+  const Weight whole = host_weight(view);
+  if (!quantizes(spec)) {
+    out.host = cut(whole, spec.name);
+    return out;
+  }
+  const QuantScheme& scheme = *options_.quantize;
+  const bool grouped = scheme.group_size > 0 && scheme.group_size < whole.cols;
+  if (!slice || slice->axis == TensorSlice::Axis::kRows || grouped) {
+    // Rows and whole groups quantize alone: quantize the slice. A column slice must fall on groups.
+    if (slice && slice->axis == TensorSlice::Axis::kColumns) check_group_split(*slice, whole.cols, scheme.group_size, spec.name);
+    out.copy = quantize(cut(whole, spec.name), scheme, spec.name, options_.threads);
+    out.part = {};  // the float slice, quantized
+    out.host = out.copy.weight();
+  } else {
+    // One scale per row: the whole rows' scale, then the columns cut.
+    out.copy = quantize(whole, scheme, spec.name, options_.threads);
+    out.host = cut(out.copy.weight(), spec.name);
+  }
+  // The source's pages go once quantized; with several ranks another may still be reading them
+  // (a mapped file's pages then stay in the page cache, which the kernel may reclaim).
+  if (ranks_ == 1) checkpoint_.release(view);
+  std::lock_guard lock(mutex_);
   ++quantized_;
   read_bytes_ += view.nbytes;
   held_bytes_ += out.host.data_bytes() + out.host.scale_bytes();

@@ -2,6 +2,8 @@
 
 #include <fmt/format.h>
 
+#include "m1/backend.h"
+
 namespace m1 {
 
 std::vector<WeightSpec> weight_specs(const ModelConfig& c) {
@@ -71,6 +73,10 @@ std::string module_name(const WeightSpec& spec) {
   constexpr std::string_view kSuffix = ".weight";
   const std::string& n = spec.name;
   return n.size() > kSuffix.size() && n.ends_with(kSuffix) ? n.substr(0, n.size() - kSuffix.size()) : n;
+}
+
+Weight host_weight(const TensorView& t) {
+  return Weight{t.data, t.weight_dtype(), t.shape.size() == 2 ? t.shape[0] : 1, t.shape.empty() ? 1 : t.shape.back()};
 }
 
 }  // namespace m1

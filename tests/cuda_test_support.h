@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
+#include "device.h"
 #include "device_array.h"
 
 namespace m1::test {
@@ -20,6 +21,15 @@ inline std::string cuda_unavailable_reason() {
   if (status != cudaSuccess) return std::string("no CUDA device: ") + cudaGetErrorString(status);
   if (count == 0) return "no CUDA device";
   return {};
+}
+
+// The current GPU as the kernel launchers take it (its limits and shared-memory opt-ins), for
+// tests that call them directly; without a GPU, a stand-in for the tests of what launchers refuse
+// before they launch.
+inline cuda::Device& test_device() {
+  static cuda::Device device =
+      cuda_unavailable_reason().empty() ? cuda::Device::current() : cuda::Device(0, cuda::DeviceLimits{});
+  return device;
 }
 
 }  // namespace m1::test

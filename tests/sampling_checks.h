@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "m1/backend.h"
+#include "m1/backends.h"
 #include "m1/error.h"
 #include "m1/sampler.h"
 

@@ -149,6 +149,25 @@ class BenchErrors : public ::testing::Test {
   fs::path dir_;
 };
 
+// Over CPU ranks the report gives each step's share in collectives.
+TEST(BenchTensorParallel, ReportsTheShareOfCollectives) {
+  const fs::path dir = fs::temp_directory_path() / ("m1-bench-tp-" + std::to_string(::getpid()));
+  fs::create_directories(dir);
+  const Result r = run_bench("--synthetic tiny --tensor-parallel 2 --contexts 64 --decode-tokens 3 --repeats 1 "
+                             "--variants hybrid --json " + (dir / "out.json").string());
+  const json report = json::parse(read_file(dir / "out.json"), nullptr, false);
+  fs::remove_all(dir);
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_NE(r.out.find("coll %"), std::string::npos) << r.out;
+  ASSERT_FALSE(report.is_discarded());
+  EXPECT_EQ(report["options"]["tensor_parallel"], 2);
+  for (const char* share : {"prefill_collective_share", "decode_collective_share"}) {
+    const double value = report["results"][0][share].get<double>();
+    EXPECT_GT(value, 0) << share;
+    EXPECT_LT(value, 1) << share;
+  }
+}
+
 // --quantize counts the bytes a decode step reads as loaded: codes and scales of the quantized
 // weights (int4 groups of 32: 4.5 bits each), the rest as stored.
 TEST(BenchQuantized, WeightBytesPerTokenAreTheQuantizedOnes) {
@@ -180,6 +199,8 @@ TEST_F(BenchErrors, BadArgumentsNameTheOption) {
   expect_rejected("--synthetic tiny --variants hybrid,quadratic", "--variants");
   expect_rejected("--synthetic tiny --precision turbo", "--precision");
   expect_rejected("--synthetic tiny --dtype int8", "--dtype");
+  expect_rejected("--synthetic tiny --tensor-parallel 3", "--tensor-parallel 3");
+  expect_rejected("--synthetic tiny --tensor-parallel 2 --moe-parallel sideways", "--moe-parallel");
   expect_rejected("--synthetic tiny --quantize int2", "--quantize");
 }
 

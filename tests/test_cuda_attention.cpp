@@ -164,7 +164,7 @@ std::vector<EntryResult> run_step(const Shape& s, const std::vector<Entry>& entr
   args.segments = segments;
   args.device_segments = dsegments.get();
   args.bf16_operands = options.fast;
-  softmax_attention(args, scratch, nullptr);
+  softmax_attention(args, scratch, test::test_device(), nullptr);
   M1_CUDA_CHECK(cudaDeviceSynchronize());
   const std::vector<float> gpu_q = dq.download(), gpu_k = dk.download(), gpu_out = dout.download();
   EXPECT_TRUE(padding_untouched(q, gpu_q, q_stride, s.q_width()));
@@ -416,14 +416,14 @@ TEST(CudaAttention, RejectsUnsupportedShapes) {
   args.kv_heads = 3;
   args.d = 64;
   args.rotary_dim = 64;
-  testing::expect_error([&] { softmax_attention(args, scratch, nullptr); }, {"kv heads"});
+  testing::expect_error([&] { softmax_attention(args, scratch, test::test_device(), nullptr); }, {"kv heads"});
   args.kv_heads = 2;
   args.d = 60;
   args.rotary_dim = 60;
-  testing::expect_error([&] { softmax_attention(args, scratch, nullptr); }, {"head dim 60"});
+  testing::expect_error([&] { softmax_attention(args, scratch, test::test_device(), nullptr); }, {"head dim 60"});
   args.d = 64;
   args.rotary_dim = 65;
-  testing::expect_error([&] { softmax_attention(args, scratch, nullptr); }, {"rotary dim 65"});
+  testing::expect_error([&] { softmax_attention(args, scratch, test::test_device(), nullptr); }, {"rotary dim 65"});
 }
 
 }  // namespace

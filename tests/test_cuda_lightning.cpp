@@ -134,7 +134,7 @@ std::pair<std::vector<float>, std::vector<float>> run_call(Layer& layer, const s
   args.segments = descriptors;
   args.device_segments = device_segments.get();
   args.bf16_operands = layout.bf16_operands;
-  lightning_attention(args, nullptr);
+  lightning_attention(args, test::test_device(), nullptr);
   M1_CUDA_CHECK(cudaDeviceSynchronize());
   std::vector<float> got = device_out.download();
 
@@ -461,7 +461,7 @@ TEST(CudaLightningTest, RejectsUnsupportedHeadDims) {
     args.d = d;
     args.segments = std::span<const LightningSegment>(&segment, 1);
     SCOPED_TRACE(d);
-    testing::expect_error([&] { lightning_attention(args, nullptr); }, {"head dim"});
+    testing::expect_error([&] { lightning_attention(args, test::test_device(), nullptr); }, {"head dim"});
   }
 }
 

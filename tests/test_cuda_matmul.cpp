@@ -45,7 +45,7 @@ std::vector<float> gpu_matmul(const std::vector<float>& x, int64_t ldx, int64_t 
   DeviceArray<uint8_t> dw(w.bytes);
   DeviceArray<float> dout(std::vector<float>(size_t(m * ldo), fill));
   DeviceScratch scratch;
-  matmul(dx.get(), ldx, m, DeviceMatrix{dw.get(), w.w.dtype, w.w.rows, w.w.cols}, dout.get(), ldo, operands, scratch, nullptr);
+  matmul(dx.get(), ldx, m, DeviceMatrix{dw.get(), w.w.dtype, w.w.rows, w.w.cols}, dout.get(), ldo, operands, scratch, test::test_device(), nullptr);
   return dout.download();
 }
 
@@ -155,12 +155,12 @@ TEST(CudaMatmulLarge, LargePartialsTakeTheTiledKernelWithTheSameBits) {
   DeviceArray<float> all(static_cast<size_t>(rows * n)), alone(static_cast<size_t>(n));
   for (GemmOperands operands : {GemmOperands::kFp32, GemmOperands::kBf16}) {
     DeviceScratch scratch;
-    matmul(dx.get(), k, rows, w, all.get(), n, operands, scratch, nullptr);
+    matmul(dx.get(), k, rows, w, all.get(), n, operands, scratch, test::test_device(), nullptr);
     // At most the bf16 copy of x (1 MB) and its growth margin: no chunk partials.
     EXPECT_LT(scratch.capacity(), size_t(4) << 20) << operands_name(operands);
     const std::vector<float> all_rows = all.download();
     for (int64_t r : {0, 13, 31}) {
-      matmul(dx.get() + r * k, k, 1, w, alone.get(), n, operands, scratch, nullptr);
+      matmul(dx.get() + r * k, k, 1, w, alone.get(), n, operands, scratch, test::test_device(), nullptr);
       const std::vector<float> got = alone.download();
       EXPECT_EQ(std::memcmp(got.data(), all_rows.data() + r * n, size_t(n) * sizeof(float)), 0)
           << "row " << r << " " << operands_name(operands);
@@ -227,11 +227,18 @@ TEST(CudaElementwise, EmbedAndGatherCopyExactly) {
     DeviceArray<uint8_t> dtable(table.bytes);
     DeviceArray<int32_t> dtokens(tokens);
     DeviceArray<float> out(std::vector<float>(tokens.size() * cols));
-    embed(DeviceMatrix{dtable.get(), dtype, vocab, cols}, dtokens.get(), int64_t(tokens.size()), out.get(), nullptr);
-    const std::vector<float> got = out.download();
-    for (size_t i = 0; i < tokens.size(); ++i)
-      for (int64_t c = 0; c < cols; ++c)
-        ASSERT_EQ(got[i * cols + c], load_as_f32(table.bytes.data(), dtype, size_t(tokens[i] * cols + c))) << dtype_name(dtype);
+    // The table as a rank's rows [first, first + vocab) of a larger vocabulary: others give zeros.
+    for (int64_t first : {0, 3}) {
+      embed(DeviceMatrix{dtable.get(), dtype, vocab, cols}, first, dtokens.get(), int64_t(tokens.size()), out.get(),
+            nullptr);
+      const std::vector<float> got = out.download();
+      for (size_t i = 0; i < tokens.size(); ++i) {
+        const int64_t row = tokens[i] - first;
+        for (int64_t c = 0; c < cols; ++c)
+          ASSERT_EQ(got[i * cols + c], row < 0 ? 0.0f : load_as_f32(table.bytes.data(), dtype, size_t(row * cols + c)))
+              << dtype_name(dtype) << " first " << first;
+      }
+    }
   }
   const int64_t rows = 9, cols = 1001;
   const std::vector<float> x = random_floats(size_t(rows * cols), 1.0f, rng);
@@ -270,6 +277,50 @@ TEST(CudaElementwise, RmsnormMatchesCpu) {
         rmsnorm(dx.get(), rows, cols, weight, 1e-5f, g, dx.get(), nullptr);  // in place
         EXPECT_LT(relative_error(dx.download(), want), kElementwiseBound) << what << " in place";
       }
+}
+
+// A row split in two column ranges (a rank's heads): each part's sums of squares, added, normalise
+// each part as the whole row's norm does.
+TEST(CudaElementwise, SplitRmsnormMatchesTheWholeRow) {
+  M1_REQUIRE_CUDA();
+  std::mt19937 rng(7);
+  const int64_t rows = 6, cols = 999, left = 500, right = cols - left;
+  const std::vector<float> x = random_floats(size_t(rows * cols), 2.0f, rng), gate = spread_floats(x.size(), rng);
+  RandomWeight w = random_weight(DType::kBF16, 1, cols, rng);
+  std::vector<float> want(x.size()), parts[2], sums(size_t(rows), 0.0f);
+  for (int64_t r = 0; r < rows; ++r) {
+    cpu::rmsnorm_row(x.data() + r * cols, w.bytes.data(), DType::kBF16, 1e-6f, want.data() + r * cols, cols);
+    cpu::sigmoid_gate(gate.data() + r * cols, want.data() + r * cols, cols);
+  }
+  DeviceArray<uint8_t> dw(w.bytes);
+  for (int half = 0; half < 2; ++half) {
+    const int64_t first = half ? left : 0, width = half ? right : left;
+    std::vector<float> xs, gs;
+    for (int64_t r = 0; r < rows; ++r) {
+      xs.insert(xs.end(), x.begin() + r * cols + first, x.begin() + r * cols + first + width);
+      gs.insert(gs.end(), gate.begin() + r * cols + first, gate.begin() + r * cols + first + width);
+    }
+    DeviceArray<float> dx(xs), dsums(std::vector<float>(static_cast<size_t>(rows)));
+    row_sum_squares(dx.get(), rows, width, dsums.get(), nullptr);
+    const std::vector<float> part_sums = dsums.download();
+    for (int64_t r = 0; r < rows; ++r) sums[size_t(r)] += part_sums[size_t(r)];
+    parts[half] = xs;
+    parts[half].insert(parts[half].end(), gs.begin(), gs.end());
+  }
+  DeviceArray<float> dsums(sums);
+  std::vector<float> got(x.size());
+  for (int half = 0; half < 2; ++half) {
+    const int64_t first = half ? left : 0, width = half ? right : left;
+    DeviceArray<float> dx(std::vector<float>(parts[half].begin(), parts[half].begin() + rows * width));
+    DeviceArray<float> dgate(std::vector<float>(parts[half].begin() + rows * width, parts[half].end()));
+    const auto* wb = reinterpret_cast<const uint8_t*>(dw.get()) + first * 2;
+    rmsnorm_with_sums(dx.get(), rows, width, dsums.get(), cols, DeviceMatrix{wb, DType::kBF16, 1, width}, 1e-6f,
+                      dgate.get(), dx.get(), nullptr);
+    const std::vector<float> out = dx.download();
+    for (int64_t r = 0; r < rows; ++r)
+      std::copy_n(out.begin() + r * width, width, got.begin() + r * cols + first);
+  }
+  EXPECT_LT(relative_error(got, want), kElementwiseBound);
 }
 
 TEST(CudaElementwise, ActivationsMatchCpu) {

@@ -113,7 +113,7 @@ struct TestMoe {
 std::vector<float> run_moe(const TestMoe& m, const std::vector<float>& x, int64_t rows, GemmOperands operands,
                            MoeWorkspace& workspace, cudaStream_t stream) {
   DeviceArray<float> x_device(x), out_device(size_t(rows * m.hidden));
-  moe(m.args(x_device.get(), rows, operands, out_device.get()), workspace, stream);
+  moe(m.args(x_device.get(), rows, operands, out_device.get()), workspace, test::test_device(), stream);
   M1_CUDA_CHECK(cudaStreamSynchronize(stream));
   return out_device.download();
 }
@@ -218,6 +218,39 @@ TEST_F(CudaMoeTest, RoutingBreaksTiesByLowerIndex) {
 // as kFp32 on both); 1e-3 for bf16 operands on both sides (same roundings of the activations,
 // fp32 versus double sums); 1e-2 where this CPU cannot round (its reference is then exact fp32
 // and the GPU's bf16 activations alone differ by ~2^-9 relative).
+// Expert parallel: a rank holding experts [first, first + held) gives each row the sum of the
+// experts it chose among those (the reference likewise), and the ranks' outputs add up to the
+// whole layer's.
+TEST_F(CudaMoeTest, HeldExpertsAddUpToTheLayer) {
+  TestWorkspace workspace(stream_);
+  const TestMoe m(8, 3, 100, 36, DType::kBF16);
+  const int64_t rows = 37;
+  const std::vector<float> x = m.rows_with_clear_routing(rows);
+  const std::vector<float> whole = run_moe(m, x, rows, GemmOperands::kFp32, workspace.moe, stream_);
+  std::vector<float> sum(whole.size(), 0.0f);
+  for (auto [first, held] : {std::pair<int64_t, int64_t>{0, 3}, {3, 4}, {7, 1}}) {
+    MoeArgs a = m.args(nullptr, rows, GemmOperands::kFp32, nullptr);
+    a.first_expert = first;
+    a.w1 = a.w1.subspan(size_t(first), size_t(held));
+    a.w3 = a.w3.subspan(size_t(first), size_t(held));
+    a.w2 = a.w2.subspan(size_t(first), size_t(held));
+    DeviceArray<float> x_device(x), out_device(size_t(rows * m.hidden));
+    a.x = x_device.get();
+    a.out = out_device.get();
+    moe(a, workspace.moe, test::test_device(), stream_);
+    const std::vector<float> got = out_device.download();
+    MoeWeights cpu = m.cpu;
+    cpu.first_expert = first;
+    for (auto* list : {&cpu.w1, &cpu.w3, &cpu.w2})
+      *list = std::vector<Weight>(list->begin() + first, list->begin() + first + held);
+    std::vector<float> want(got.size()), x_copy = x;
+    cpu::moe_reference(Mat{x_copy.data(), rows, m.hidden}, cpu, Mat{want.data(), rows, m.hidden}, cpu::Operands::kFp32);
+    EXPECT_LT(relative_error(got, want), 1e-4) << "experts " << first << " to " << first + held - 1;
+    for (size_t i = 0; i < sum.size(); ++i) sum[i] += got[i];
+  }
+  EXPECT_LT(relative_error(sum, whole), 1e-5);
+}
+
 TEST_F(CudaMoeTest, MatchesReference) {
   SCOPED_TRACE("seed " + std::to_string(seed()));
   struct Case {
@@ -285,18 +318,18 @@ TEST_F(CudaMoeTest, RejectsBadArguments) {
   DeviceArray<float> x_device(x), out_device(x.size());
   MoeArgs a = m.args(x_device.get(), 3, GemmOperands::kFp32, out_device.get());
   a.top_k = 5;
-  EXPECT_THROW(moe(a, workspace.moe, stream_), Error);
+  EXPECT_THROW(moe(a, workspace.moe, test::test_device(), stream_), Error);
   a.top_k = 0;
-  EXPECT_THROW(moe(a, workspace.moe, stream_), Error);
+  EXPECT_THROW(moe(a, workspace.moe, test::test_device(), stream_), Error);
   a = m.args(x_device.get(), 3, GemmOperands::kFp32, out_device.get());
   a.w2 = m.w1;  // [ffn, hidden] where [hidden, ffn] belongs
-  EXPECT_THROW(moe(a, workspace.moe, stream_), Error);
+  EXPECT_THROW(moe(a, workspace.moe, test::test_device(), stream_), Error);
   a = m.args(x_device.get(), 3, GemmOperands::kFp32, out_device.get());
   a.w3 = std::span<const DeviceMatrix>(m.w3).first(3);
-  EXPECT_THROW(moe(a, workspace.moe, stream_), Error);
+  EXPECT_THROW(moe(a, workspace.moe, test::test_device(), stream_), Error);
   // No rows: nothing to do, nothing launched.
   a = m.args(x_device.get(), 0, GemmOperands::kFp32, out_device.get());
-  EXPECT_NO_THROW(moe(a, workspace.moe, stream_));
+  EXPECT_NO_THROW(moe(a, workspace.moe, test::test_device(), stream_));
 }
 
 // A non-finite row routes to no expert: its output is NaN, never an out-of-range expert index,
@@ -331,7 +364,7 @@ TEST_F(CudaMoeTest, CapturesInAGraph) {
       cudaGraph_t graph = nullptr;
       M1_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeGlobal));
       try {
-        moe(m.args(x_device.get(), rows, operands, out_device.get()), workspace.moe, stream_);
+        moe(m.args(x_device.get(), rows, operands, out_device.get()), workspace.moe, test::test_device(), stream_);
       } catch (const Error& e) {
         cudaStreamEndCapture(stream_, &graph);
         if (graph) cudaGraphDestroy(graph);
@@ -400,7 +433,7 @@ TEST_F(CudaMoeTest, GroupedMatmulMatchesMatmulPerGroup) {
             DeviceArray<float> out(std::vector<float>(size_t(rows * ldo), kUntouched));
             for (int64_t g = 0; g < groups; ++g)
               matmul(x_device.get() + offsets[size_t(g)] * ldx, ldx, counts[size_t(g)], weights_of[size_t(g)],
-                     out.get() + offsets[size_t(g)] * ldo, ldo, operands, scratch, stream_);
+                     out.get() + offsets[size_t(g)] * ldo, ldo, operands, scratch, test::test_device(), stream_);
             M1_CUDA_CHECK(cudaStreamSynchronize(stream_));
             return out.download();
           };
@@ -417,14 +450,14 @@ TEST_F(CudaMoeTest, GroupedMatmulMatchesMatmulPerGroup) {
             const std::string bound_text = "bound " + std::to_string(bound);
             DeviceArray<float> out_device(std::vector<float>(size_t(rows * ldo), kUntouched));
             grouped_matmul(x_device.get(), ldx, offsets_device.get(), w, rows, bound, out_device.get(), ldo, operands,
-                           scratch, stream_);
+                           scratch, test::test_device(), stream_);
             M1_CUDA_CHECK(cudaStreamSynchronize(stream_));
             expect_bits(out_device.download(), want, "grouped_matmul, " + bound_text);
 
             DeviceArray<float> first(std::vector<float>(size_t(rows * ldo), kUntouched));
             DeviceArray<float> second(std::vector<float>(size_t(rows * ldo), kUntouched));
             const GroupedProduct products[] = {{w, first.get(), ldo}, {other, second.get(), ldo}};
-            grouped_matmuls(x_device.get(), ldx, offsets_device.get(), products, rows, bound, operands, scratch,
+            grouped_matmuls(x_device.get(), ldx, offsets_device.get(), products, rows, bound, operands, scratch, test::test_device(),
                             stream_);
             M1_CUDA_CHECK(cudaStreamSynchronize(stream_));
             expect_bits(first.download(), want, "grouped_matmuls first product, " + bound_text);
@@ -456,11 +489,11 @@ TEST_F(CudaMoeTest, GroupedMatmulWithLargePartialsTakesTheTiledKernels) {
   for (GemmOperands operands : {GemmOperands::kFp32, GemmOperands::kBf16}) {
     const char* name = operands == GemmOperands::kBf16 ? "bf16" : "fp32";
     DeviceScratch grouped_scratch(stream_), alone_scratch(stream_);
-    grouped_matmul(x.get(), k, offsets_device.get(), w, rows, 30, grouped_out.get(), n, operands, grouped_scratch,
+    grouped_matmul(x.get(), k, offsets_device.get(), w, rows, 30, grouped_out.get(), n, operands, grouped_scratch, test::test_device(),
                    stream_);
     for (int64_t g = 0; g < groups; ++g)
       matmul(x.get() + offsets[size_t(g)] * k, k, counts[size_t(g)], w[size_t(g)], alone_out.get() + offsets[size_t(g)] * n,
-             n, operands, alone_scratch, stream_);
+             n, operands, alone_scratch, test::test_device(), stream_);
     M1_CUDA_CHECK(cudaStreamSynchronize(stream_));
     EXPECT_LT(grouped_scratch.capacity(), size_t(16) << 20) << name;
     const std::vector<float> got = grouped_out.download(), want = alone_out.download();
@@ -477,7 +510,7 @@ TEST_F(CudaMoeTest, GroupedMatmulRejectsMixedWeights) {
   for (const TestWeight* other : {&b, &c}) {
     const std::vector<DeviceMatrix> w = {a.device, other->device};
     EXPECT_THROW(grouped_matmul(x.get(), 16, offsets.get(), w, 2, 1, out.get(), 8, GemmOperands::kFp32,
-                                workspace.matmul, stream_),
+                                workspace.matmul, test::test_device(), stream_),
                  Error);
   }
 }

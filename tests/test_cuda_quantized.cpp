@@ -131,7 +131,7 @@ std::vector<float> gpu_matmul(const std::vector<float>& x, int64_t ldx, int64_t 
   DeviceArray<float> dx(x);
   DeviceArray<float> dout(std::vector<float>(size_t(m * ldo), fill));
   DeviceScratch scratch;
-  matmul(dx.get(), ldx, m, w.device, dout.get(), ldo, operands, scratch, nullptr);
+  matmul(dx.get(), ldx, m, w.device, dout.get(), ldo, operands, scratch, test::test_device(), nullptr);
   return dout.download();
 }
 
@@ -243,7 +243,7 @@ TEST_F(CudaQuantized, GroupedMatmulMatchesMatmulPerGroup) {
           for (int64_t g = 0; g < groups; ++g)
             if (counts[size_t(g)] > 0)
               matmul(x_device.get() + offsets[size_t(g)] * ldx, ldx, counts[size_t(g)], weights_of[size_t(g)],
-                     out.get() + offsets[size_t(g)] * ldo, ldo, operands, scratch, nullptr);
+                     out.get() + offsets[size_t(g)] * ldo, ldo, operands, scratch, test::test_device(), nullptr);
           return out.download();
         };
         const std::vector<float> want = per_group(w), want_other = per_group(other);
@@ -258,12 +258,12 @@ TEST_F(CudaQuantized, GroupedMatmulMatchesMatmulPerGroup) {
         for (int64_t bound : {int64_t(1), most, rows}) {
           DeviceArray<float> out(std::vector<float>(size_t(rows * ldo), kUntouched));
           grouped_matmul(x_device.get(), ldx, offsets_device.get(), w, rows, bound, out.get(), ldo, operands, scratch,
-                         nullptr);
+                         test::test_device(), nullptr);
           expect_bits(out, want, fmt::format("grouped_matmul, bound {}", bound));
           DeviceArray<float> first(std::vector<float>(size_t(rows * ldo), kUntouched));
           DeviceArray<float> second(std::vector<float>(size_t(rows * ldo), kUntouched));
           const GroupedProduct products[] = {{w, first.get(), ldo}, {other, second.get(), ldo}};
-          grouped_matmuls(x_device.get(), ldx, offsets_device.get(), products, rows, bound, operands, scratch, nullptr);
+          grouped_matmuls(x_device.get(), ldx, offsets_device.get(), products, rows, bound, operands, scratch, test::test_device(), nullptr);
           expect_bits(first, want, fmt::format("grouped_matmuls first, bound {}", bound));
           expect_bits(second, want_other, fmt::format("grouped_matmuls second, bound {}", bound));
         }
@@ -282,10 +282,10 @@ TEST_F(CudaQuantized, GroupedMatmulRejectsMixedQuantization) {
   DeviceScratch scratch;
   for (const DeviceMatrix& other : {b.device, c.device, unscaled}) {
     const std::vector<DeviceMatrix> w = {a.device, other};
-    EXPECT_THROW(grouped_matmul(x.get(), 64, offsets.get(), w, 2, 1, out.get(), 8, GemmOperands::kBf16, scratch, nullptr),
+    EXPECT_THROW(grouped_matmul(x.get(), 64, offsets.get(), w, 2, 1, out.get(), 8, GemmOperands::kBf16, scratch, test::test_device(), nullptr),
                  Error);
   }
-  EXPECT_THROW(matmul(x.get(), 64, 1, unscaled, out.get(), 8, GemmOperands::kBf16, scratch, nullptr), Error);
+  EXPECT_THROW(matmul(x.get(), 64, 1, unscaled, out.get(), 8, GemmOperands::kBf16, scratch, test::test_device(), nullptr), Error);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -330,7 +330,7 @@ struct QuantizedMoe {
     a.top_k = top_k;
     a.operands = operands;
     a.out = out.get();
-    moe(a, workspace, stream);
+    moe(a, workspace, test::test_device(), stream);
     M1_CUDA_CHECK(cudaStreamSynchronize(stream));
     return out.download();
   }

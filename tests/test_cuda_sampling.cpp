@@ -177,7 +177,7 @@ std::vector<DrawResult> device_results(const std::vector<float>& logits, int64_t
   args.biases = device_biases.get();
   args.allowed = device_allowed.get();
   args.results = results.get();
-  sample(args, scratch, nullptr);
+  sample(args, scratch, test::test_device(), nullptr);
   M1_CUDA_CHECK(cudaDeviceSynchronize());
   return results.download();
 }
@@ -559,7 +559,7 @@ TEST(CudaSampling, RejectsTooManyTopLogprobs) {
   SampleArgs args;
   args.vocab = 10;
   args.draws = draws;
-  testing::expect_error([&] { sample(args, scratch, nullptr); }, {"top_logprobs"});
+  testing::expect_error([&] { sample(args, scratch, test::test_device(), nullptr); }, {"top_logprobs"});
 }
 
 }  // namespace

@@ -491,6 +491,32 @@ class OwnServerTest : public ::testing::Test {
   fs::path dir_;
 };
 
+// The engine and server stay one above a model split over two CPU ranks: requests answered together
+// (batched in shared steps, n > 1 choices forking sequences) give one rank's greedy text.
+TEST_F(OwnServerTest, TwoRanksAnswerAsOne) {
+  ServerProcess server(dir_, {"--tensor-parallel", "2", "--precision", "exact", "--max-context", "4096"});
+  const auto answer = [&](int i) {
+    ordered_json request = completion_request("Request number " + std::to_string(i), 20);
+    request["n"] = 2;
+    const Reply reply = Client(server.port()).post("/v1/completions", request);
+    EXPECT_EQ(reply.status, 200) << reply.body;
+    EXPECT_EQ(text_of(reply.json, 1), text_of(reply.json, 0));
+    return text_of(reply.json);
+  };
+  std::vector<std::future<std::string>> concurrent;
+  for (int i = 0; i < 4; ++i) concurrent.push_back(std::async(std::launch::async, answer, i));
+  for (int i = 0; i < 4; ++i) {
+    const CommandResult alone = run_command(kBinDir + "/m1-generate --model " + (dir_ / "tiny").string() +
+                                            " --threads 1 --precision exact --temperature 0 --max-tokens 20 --prompt "
+                                            "'Request number " + std::to_string(i) + "'");
+    ASSERT_EQ(alone.status, 0) << alone.err;
+    EXPECT_EQ(concurrent[size_t(i)].get(), alone.out.substr(0, alone.out.size() - 1)) << "request " << i;
+  }
+  server.signal(SIGTERM);
+  EXPECT_EQ(server.wait(), 0) << server.log();
+  EXPECT_NE(server.log().find("tensor parallel 2"), std::string::npos) << server.log();
+}
+
 TEST_F(OwnServerTest, SigtermLetsStreamsFinish) {
   ServerProcess server(dir_, {"--max-context", "4096", "--shutdown-grace", "60"});
   Reply during;

@@ -251,9 +251,9 @@ class FaultyBackend final : public ForwardingBackend {
       : ForwardingBackend(create_backend(BackendOptions{"cpu", 1})), poison_(poison) {}
 
   std::string name() const override { return "faulty " + inner_->name(); }
-  void embed(const Weight& table, std::span<const int32_t> tokens, Mat out) override {
+  void embed(const Weight& table, int64_t first_token, std::span<const int32_t> tokens, Mat out) override {
     poisoned_ = std::find(tokens.begin(), tokens.end(), poison_) != tokens.end();
-    inner_->embed(table, tokens, out);
+    inner_->embed(table, first_token, tokens, out);
   }
   void softmax_attention(Mat q, Mat k, const Mat& v, std::span<const Segment> segments, int64_t layer,
                          const AttentionParams& params, Mat out) override {

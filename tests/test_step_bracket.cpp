@@ -46,8 +46,8 @@ class PlayingBackend final : public ForwardingBackend {
     reruns += nothing_ran;
     return nothing_ran;
   }
-  void embed(const Weight& table, std::span<const int32_t> tokens, Mat out) override {
-    if (!skipped()) inner_->embed(table, tokens, out);
+  void embed(const Weight& table, int64_t first_token, std::span<const int32_t> tokens, Mat out) override {
+    if (!skipped()) inner_->embed(table, first_token, tokens, out);
   }
   void matmul(const Mat& x, const Weight& w, Mat out, Rounding rounding) override {
     if (!skipped()) inner_->matmul(x, w, out, rounding);

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "m1/backend.h"
+#include "m1/backends.h"
 #include "m1/dtype.h"
 #include "m1/error.h"
 #include "m1/quantize.h"

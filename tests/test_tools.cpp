@@ -201,8 +201,32 @@ TEST_F(ToolsTest, GenerateRejectsBadInput) {
   expect_failure(run(gen + " --prompt hi --top-p 1.5"), "top_p");
   expect_failure(run(gen + " --prompt hi --device tpu"), "tpu");
   expect_failure(run(gen + " --prompt hi --precision turbo"), "precision");
+  expect_failure(run(gen + " --prompt hi --tensor-parallel 3"), "--tensor-parallel 3 does not divide the model's 4 attention heads");
+  expect_failure(run(gen + " --prompt hi --tensor-parallel 0"), "--tensor-parallel must be between 1 and 1024, got 0");
+  expect_failure(run(gen + " --prompt hi --tensor-parallel 2 --moe-parallel sideways"), "--moe-parallel: MoE split 'sideways'");
+  expect_failure(run(gen + " --prompt hi --gpus 0,1"), "--gpus chooses GPUs for --device cuda");
+  expect_failure(run(gen + " --prompt hi --device cuda --gpus 0,x"), "--gpus: 'x' is not a GPU index");
+  expect_failure(run(gen + " --prompt hi --collectives nccl"), "--collectives nccl is for --device cuda");
   fs::remove(m / "tokenizer.json");
   expect_failure(run(gen + " --prompt hi"), "tokenizer.json");
+}
+
+// A model of 6 heads (2 KV heads, 6 experts) made with m1-mkmodel --set, split over 2 and 3 CPU
+// ranks, both MoE splits: the same greedy text as one rank, and each rank's memory printed.
+TEST_F(ToolsTest, GenerateOverRanksGivesTheSameText) {
+  fs::path m = make("six", "--set num_attention_heads=6 --set num_key_value_heads=2 --set head_dim=16 "
+                           "--set num_local_experts=6 --set intermediate_size=50");
+  const std::string base = tool("m1-generate") + " --model " + m.string() +
+                           " --prompt 'The quick brown fox' --ignore-eos --max-tokens 16 --temperature 0 --precision exact";
+  const Result one = run(base);
+  ASSERT_EQ(one.status, 0) << one.err;
+  for (const std::string flags : {"--tensor-parallel 2", "--tensor-parallel 3", "--tensor-parallel 3 --moe-parallel expert"}) {
+    const Result split = run(base + " " + flags);
+    ASSERT_EQ(split.status, 0) << flags << ": " << split.err;
+    EXPECT_EQ(split.out, one.out) << flags;
+    EXPECT_NE(split.err.find("rank 1/"), std::string::npos) << flags << ": " << split.err;
+    EXPECT_NE(split.err.find("MiB of weights"), std::string::npos) << flags << ": " << split.err;
+  }
 }
 
 // --prompt-cache: the state after the prompt is saved, a longer prompt resumes from it, and the
@@ -234,6 +258,32 @@ TEST_F(ToolsTest, GeneratePromptCacheResumesWithTheSameOutput) {
   EXPECT_EQ(damaged.out, plain.out);
   Result other = run(gen + " --prompt-ids 7,8,9," + ids + " --prompt-cache " + cache.string() + " --prompt-cache-ro");
   EXPECT_NE(other.err.find("holds another prompt"), std::string::npos) << other.err;
+}
+
+// --prompt-cache over two CPU ranks: the sharded state is saved and resumed with the output of a
+// cold run at N = 2; a file saved by one rank is foreign to two.
+TEST_F(ToolsTest, GeneratePromptCacheResumesOverRanks) {
+  fs::path m = make("m");
+  std::string ids;
+  for (int i = 0; i < 140; ++i) ids += (i ? "," : "") + std::to_string(300 + (i * 37) % 1500);
+  const std::string gen = tool("m1-generate") + " --model " + m.string() + " --temperature 0 --max-tokens 6 --threads 2";
+  const fs::path one = dir_ / "one.m1snap", two = dir_ / "two.m1snap";
+  ASSERT_EQ(run(gen + " --prompt-ids " + ids + " --prompt-cache " + one.string()).status, 0);
+  const std::string longer = ids + ",301,302,303";
+  const Result cold = run(gen + " --tensor-parallel 2 --prompt-ids " + longer);
+  ASSERT_EQ(cold.status, 0) << cold.err;
+  Result first = run(gen + " --tensor-parallel 2 --prompt-ids " + ids + " --prompt-cache " + two.string());
+  ASSERT_EQ(first.status, 0) << first.err;
+  EXPECT_NE(first.err.find("saved the state after 128 prompt tokens"), std::string::npos) << first.err;
+  Result resumed = run(gen + " --tensor-parallel 2 --prompt-ids " + longer + " --prompt-cache " + two.string());
+  ASSERT_EQ(resumed.status, 0) << resumed.err;
+  EXPECT_NE(resumed.err.find("resumed 128 of 143 prompt tokens"), std::string::npos) << resumed.err;
+  EXPECT_EQ(resumed.out, cold.out);
+  Result foreign = run(gen + " --tensor-parallel 2 --prompt-ids " + longer + " --prompt-cache " + one.string() +
+                       " --prompt-cache-ro");
+  ASSERT_EQ(foreign.status, 0) << foreign.err;
+  EXPECT_NE(foreign.err.find("not used"), std::string::npos) << foreign.err;
+  EXPECT_EQ(foreign.out, cold.out);
 }
 
 TEST_F(ToolsTest, GenerateChatStopsAtEndOfTurnOrLength) {

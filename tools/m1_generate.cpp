@@ -7,12 +7,16 @@
 #include <sstream>
 
 #include <CLI/CLI.hpp>
+#include <spdlog/sinks/stdout_sinks.h>
+#include <spdlog/spdlog.h>
 
+#include "m1/backends.h"
 #include "m1/chat.h"
 #include "m1/error.h"
 #include "m1/generation.h"
 #include "m1/prefill.h"
 #include "m1/state_snapshot.h"
+#include "parallel_flags.h"
 
 namespace fs = std::filesystem;
 
@@ -27,6 +31,8 @@ struct Options {
   std::string device = "cpu", precision = "fast";
   fs::path logits_out;
   bool ignore_eos = false;
+  m1::BackendOptions backend;
+  m1::ParallelFlags parallel;
   fs::path prompt_cache;
   bool prompt_cache_ro = false;
   std::string quantize;
@@ -121,9 +127,13 @@ int run(Options& o) {
   if (given != 1) m1::fail("give exactly one of --prompt, --chat or --prompt-ids");
   if (!o.system.empty() && o.chat.empty()) m1::fail("--system needs --chat");
 
-  const m1::LoadOptions load = m1::parse_load_options(o.quantize, o.group_size, o.quantize_lm_head, o.threads);
-  auto backend = m1::create_backend(m1::BackendOptions{o.device, o.threads, m1::parse_precision(o.precision)});
-  auto model = m1::Model::load(o.model, *backend, load);
+  o.backend.device = o.device;
+  o.backend.threads = o.threads;
+  o.backend.precision = m1::parse_precision(o.precision);
+  m1::LoadOptions load = m1::parse_load_options(o.quantize, o.group_size, o.quantize_lm_head, o.threads);
+  o.parallel.apply(o.backend, load.shard);
+  const auto backends = m1::create_backends(o.backend);
+  auto model = m1::Model::load(o.model, m1::rank_pointers(backends), load);
   m1::Tokenizer tokenizer = m1::Tokenizer::load(o.model / "tokenizer.json");
   if (!o.ignore_eos) o.gen.end_tokens = {m1::end_of_turn_token(o.model, tokenizer)};
   std::vector<int32_t> prompt = prompt_tokens(o, tokenizer, model->config().vocab_size);
@@ -145,7 +155,7 @@ int run(Options& o) {
   std::fprintf(stderr,
                "m1-generate: %s | prompt %zu tokens, prefill %.3f s (%.1f tok/s) | generated %zu tokens, "
                "decode %.1f tok/s | finish %s | seed %llu\n",
-               backend->name().c_str(), prompt.size(), r.prefill_seconds, double(prompt.size()) / r.prefill_seconds,
+               m1::group_name(backends).c_str(), prompt.size(), r.prefill_seconds, double(prompt.size()) / r.prefill_seconds,
                r.tokens.size(), decoded > 0 ? double(decoded) / r.decode_seconds : 0.0, r.finish_reason.c_str(),
                (unsigned long long)o.gen.sampling.seed);
   return 0;
@@ -180,12 +190,15 @@ int main(int argc, char** argv) {
   app.add_option("--precision", o.precision, "fast (bf16 matrix operands where the CPU multiplies bf16, fp32 accumulation) or exact (fp32 throughout)")->capture_default_str();
   app.add_option("--logits-out", o.logits_out, "Write float32 logits of every prompt position to FILE");
   app.add_flag("--ignore-eos", o.ignore_eos, "Keep generating past the end-of-turn token");
+  m1::add_parallel_flags(app, o.backend, o.parallel);
   app.add_option("--prompt-cache", o.prompt_cache, "Save the state after the prompt to FILE, and resume from it when the prompt starts with the saved one");
   app.add_flag("--prompt-cache-ro", o.prompt_cache_ro, "Resume from --prompt-cache but do not update it");
   app.add_option("--quantize", o.quantize, "Quantize weights while loading: int8 (a scale per row) or int4 (a scale per group)");
   app.add_option("--group-size", o.group_size, "--quantize int4: inputs per scale, a multiple of 32 (default 32)");
   app.add_flag("--quantize-lm-head", o.quantize_lm_head, "--quantize the LM head too (kept in its stored type by default)");
   CLI11_PARSE(app, argc, argv);
+  // Log lines (memory per rank at load, warnings) on stderr: stdout carries the generated text.
+  spdlog::set_default_logger(spdlog::stderr_logger_mt("m1-generate"));
   try {
     return run(o);
   } catch (const std::exception& e) {

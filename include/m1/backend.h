@@ -1,7 +1,9 @@
 #pragma once
 // The interface the model forward is written against, once. A backend owns device memory, the
 // per-sequence state and the kernels; the CPU backend (src/cpu) and the CUDA backend (kernels/) implement it.
-// All activations are fp32; weights stay in their stored dtype, or are int8/int4 quantized.
+// All activations are fp32; weights stay in their stored dtype, or are int8/int4 quantized. A
+// backend knows its device and its place in a tensor-parallel group, and makes the group's
+// collectives (DESIGN.md §2, "Sharding").
 
 #include <cstdint>
 #include <memory>
@@ -125,10 +127,13 @@ struct Segment {
 };
 
 struct MoeWeights {
-  Weight router;                 // [E, H]
-  std::vector<Weight> w1, w3;    // per expert [F, H]: gate and up
-  std::vector<Weight> w2;        // per expert [H, F]: down
+  Weight router;                 // [E, H]: every expert, whichever of them this backend holds
+  std::vector<Weight> w1, w3;    // per expert held [F, H]: gate and up
+  std::vector<Weight> w2;        // per expert held [H, F]: down
   int64_t top_k = 0;
+  // The experts held are [first_expert, first_expert + w1.size()) of the router's E. Holding a
+  // part of them (expert parallel), moe() sums only the outputs of those a row chose.
+  int64_t first_expert = 0;
 };
 
 struct AttentionParams {
@@ -137,10 +142,29 @@ struct AttentionParams {
   double rope_theta = 0;
 };
 
+// Where a backend computes, and its place in a tensor-parallel group.
+struct DeviceInfo {
+  std::string kind = "cpu";  // "cpu" or "cuda"
+  int index = 0;             // the GPU (cuda) or the NUMA node (cpu) it computes on
+  int rank = 0, world = 1;   // its rank among the `world` ranks of its group
+};
+
+// Collective calls made so far and the wall time spent in them, waiting for peers included.
+struct CollectiveStats {
+  int64_t calls = 0;
+  double seconds = 0;
+};
+
 class Backend {
  public:
+  explicit Backend(DeviceInfo device = {}) : device_(std::move(device)) {}
   virtual ~Backend() = default;
   virtual std::string name() const = 0;
+  const DeviceInfo& device() const { return device_; }
+
+  // Binds the calling thread to the backend's device (a GPU made current, CPU cores pinned), for
+  // a thread that will drive this backend from now on. Calls work from any thread without it.
+  virtual void attach_thread() {}
 
   // Brackets the calls of one forward step over `segments` with `logit_rows` rows of logits. A
   // backend may record a step's calls and replay them later instead of making them (the CUDA
@@ -168,8 +192,9 @@ class Backend {
   virtual void to_host(const Mat& m, float* host) = 0;
   virtual std::unique_ptr<SequenceState> new_state(const StateShape& shape) = 0;
 
-  // out[i] = table[tokens[i]].
-  virtual void embed(const Weight& table, std::span<const int32_t> tokens, Mat out) = 0;
+  // out[i] = table[tokens[i] - first_token] for tokens in [first_token, first_token + table.rows),
+  // zeros for the others (a rank's rows of a table split by vocabulary).
+  virtual void embed(const Weight& table, int64_t first_token, std::span<const int32_t> tokens, Mat out) = 0;
   // out[i] = rows[i] of x.
   virtual void gather_rows(const Mat& x, std::span<const int64_t> rows, Mat out) = 0;
   // out = w * x / sqrt(mean(x^2) + eps), per row; out may alias x.
@@ -179,6 +204,12 @@ class Backend {
   // out = rmsnorm(x, w, eps) * sigmoid(gate), elementwise after the norm (the lightning output
   // gate, one pass); out may alias x.
   virtual void rmsnorm_gated(const Mat& x, const Weight& w, float eps, const Mat& gate, Mat out) = 0;
+  // sums[r] = the sum of x[r, c]^2 over the row, in fp32; sums: [rows, 1].
+  virtual void row_sum_squares(const Mat& x, Mat sums) = 0;
+  // rmsnorm_gated of a row split across ranks: x is this rank's columns of rows `width` wide, and
+  // sums [rows, 1] holds the sums of squares of the whole rows (all-reduced row_sum_squares).
+  virtual void rmsnorm_gated_split(const Mat& x, const Mat& sums, int64_t width, const Weight& w, float eps,
+                                   const Mat& gate, Mat out) = 0;
   virtual void silu(Mat x) = 0;
   // gate = silu(gate) * up, elementwise.
   virtual void swiglu(Mat gate, const Mat& up) = 0;
@@ -205,6 +236,25 @@ class Backend {
   // request; several requests may read one row (each sees it unpenalised). Only the outcomes
   // reach the host, not the rows.
   virtual std::vector<DrawOutcome> sample(const Mat& logits, std::span<const DrawRequest> draws) = 0;
+
+  // Collectives over the device().world ranks of the group: every rank makes the same calls, in
+  // the same order, with the same shapes. With one rank they leave the data as it is.
+  // x = the sum over ranks of each rank's x, added in rank order, so that every rank gets the same
+  // bits and an element's sum depends on nothing but that element's addends.
+  virtual void all_reduce_sum(Mat x) = 0;
+  // Rank 0's out [rows, sum of widths] receives each rank's part [rows, widths[rank]] at the
+  // columns after the widths of the ranks before it; the other ranks pass an empty out.
+  virtual void gather_columns(const Mat& part, std::span<const int64_t> widths, Mat out) = 0;
+  // Returns once the work given so far has run on the device.
+  virtual void synchronize() {}
+  virtual CollectiveStats collective_stats() const { return {}; }
+  // After a rank failed inside a step (`why`): this rank's collectives fail from now on instead of
+  // waiting for that rank. (A GPU kernel already waiting for a peer gives up on its own, after a
+  // bounded wait.)
+  virtual void abort_collectives(const std::string& why) {}
+
+ private:
+  DeviceInfo device_;
 };
 
 // RAII ownership of a backend allocation.
@@ -229,23 +279,5 @@ class Buffer {
   Backend* backend_ = nullptr;
   Mat mat_;
 };
-
-}  // namespace m1
-
-namespace m1 {
-
-struct BackendOptions {
-  std::string device = "cpu";  // "cpu", or "cuda" in a build with the CUDA backend
-  int threads = 0;             // CPU worker threads; 0: one per core
-  Precision precision = Precision::kFast;  // the tools' default too: see README, Correctness
-  // Run the naive reference kernels (the oracle the fast kernels are tested against).
-  bool reference_kernels = false;
-  // CUDA: replay decode steps as CUDA graphs (the environment's M1_CUDA_GRAPHS=0 turns them off).
-  bool cuda_graphs = true;
-};
-
-// Throws m1::Error for an unknown device, or one this build or machine lacks.
-std::unique_ptr<Backend> create_backend(const BackendOptions& options);
-Precision parse_precision(const std::string& name);  // "exact" or "fast"; throws m1::Error otherwise
 
 }  // namespace m1

@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -13,10 +14,13 @@
 #include "m1/config.h"
 #include "m1/quantize.h"
 #include "m1/safetensors.h"
+#include "m1/sharding.h"
 
 namespace m1 {
 
 struct WeightSpec;
+class Lockstep;
+class WeightLoader;
 
 // How a model holds its weights. With `quantize`, weights stored as BF16/F16/F32 are quantized
 // while they load (one at a time: only the quantized copies stay in memory): every expert matrix
@@ -28,6 +32,7 @@ struct LoadOptions {
   std::optional<QuantScheme> quantize;
   bool quantize_lm_head = false;
   int threads = 0;  // quantizing threads; 0: one per core
+  ShardOptions shard;  // how a tensor-parallel group splits the model (ignored for one rank)
 };
 
 // The LoadOptions of the tools' flags: --quantize TYPE ("" for none), --group-size N (0: the
@@ -67,19 +72,39 @@ class StepLogits {
   bool on_host_ = false;
 };
 
+// The model on one backend, or split across the backends of a tensor-parallel group (one per
+// rank, see m1/sharding.h). The engine sees one model either way: the ranks run each step in
+// lockstep, each on a thread of its own, and meet in the backends' collectives.
 class Model {
  public:
   // Reads DIR/config.json and the safetensors checkpoint, checks every tensor the config needs
-  // (name, shape, dtype), and uploads the weights. Throws m1::Error naming the file at fault.
+  // (name, shape, dtype), and uploads the weights (each rank its own part of them, quantized at
+  // load when `options` ask). Throws m1::Error naming the file at fault, or the dimension the
+  // ranks do not divide.
   static std::unique_ptr<Model> load(const std::filesystem::path& dir, Backend& backend, const LoadOptions& options = {});
+  static std::unique_ptr<Model> load(const std::filesystem::path& dir, std::span<Backend* const> ranks,
+                                     const LoadOptions& options = {});
   Model(ModelConfig config, Checkpoint checkpoint, Backend& backend, const LoadOptions& options = {});
+  // `ranks`: the group's backends in rank order (ranks[r]->device().rank == r).
+  Model(ModelConfig config, Checkpoint checkpoint, std::span<Backend* const> ranks, const LoadOptions& options = {});
   ~Model();
 
   const ModelConfig& config() const { return config_; }
-  Backend& backend() const { return backend_; }
+  // Rank 0's backend: a step's logits are there, and tokens are drawn there, once.
+  Backend& backend() const;
+  int ranks() const { return int(ranks_.size()); }
+  const ShardPlan& plan() const { return plan_; }
+  // The ranks' backends and the bytes of weights each holds (quantized codes and scales counted
+  // as such), in rank order.
+  std::vector<Backend*> rank_backends() const;
+  std::vector<size_t> rank_weight_bytes() const;
   const Checkpoint& checkpoint() const { return checkpoint_; }
-  // How the weights were loaded (quantized at load or not): part of what the numbers depend on.
+  // How the weights were loaded (quantized at load or not, the MoE split): part of what the
+  // numbers depend on.
   const LoadOptions& load_options() const { return load_options_; }
+  // What the numbers a sequence state holds depend on: rank 0's backend numerics, and the
+  // group's size and MoE split when there are several ranks (a state of another N is foreign).
+  std::string numerics() const;
   StateShape state_shape() const;
   std::unique_ptr<SequenceState> new_sequence() const;
 
@@ -89,22 +114,27 @@ class Model {
 
  private:
   struct Layer;
-  struct Workspace;
-  Weight* slot(const WeightSpec& spec);
-  void attention(const Layer& layer, int64_t index, std::span<const Segment> segments, const Mat& xn, Mat out);
-  void mlp(const Layer& layer, const Mat& xn, Mat out);
+  struct Rank;
+  void load_rank(Rank& rank, WeightLoader& loader);
+  void attention(Rank& rank, const Layer& layer, int64_t index, const Mat& xn, Mat out);
+  void mlp(Rank& rank, const Layer& layer, const Mat& xn, Mat out);
   void check_batch(std::span<const BatchEntry> batch) const;
-  void run_step(int64_t n, int64_t m);
-  void reserve_workspace(int64_t rows, int64_t logit_rows);
+  // One rank's whole step: begin_step, the calls, end_step (and the calls again if it asks).
+  void rank_step(Rank& rank, int64_t n, int64_t m);
+  void run_step(Rank& rank, int64_t n, int64_t m);
+  // fn(rank) for every rank: on the caller's thread for one rank, else on the ranks' threads.
+  void on_ranks(const std::function<void(Rank&)>& fn) const;
 
   ModelConfig config_;
   Checkpoint checkpoint_;  // keeps the mapped weights alive
   LoadOptions load_options_;
-  std::vector<QuantizedWeight> quantized_;  // quantized copies the backend reads in place
-  Backend& backend_;
-  Weight embed_, final_norm_, lm_head_;
-  std::vector<Layer> layers_;
-  std::unique_ptr<Workspace> ws_;
+  ShardPlan plan_;
+  std::vector<std::unique_ptr<Rank>> ranks_;
+  std::unique_ptr<Lockstep> lockstep_;  // the ranks' threads (none for one rank)
+  // The step being run, shared by the ranks.
+  std::vector<int32_t> tokens_;
+  std::vector<int64_t> wanted_rows_;
+  std::vector<int64_t> vocab_widths_;
 };
 
 // Bytes weight `spec` of `checkpoint` occupies once loaded with `options`: its codes and scales if

@@ -1,6 +1,7 @@
 #include "cpu/cpu_backend.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -26,12 +27,30 @@ constexpr int64_t kRowsPerTask = 16;
 CpuBackend::CpuBackend(int threads, Precision precision, bool reference_kernels)
     : pool_(threads), precision_(precision), reference_(reference_kernels) {}
 
-std::string CpuBackend::name() const { return fmt::format("cpu ({} threads, {})", pool_.size(), kernels()); }
+CpuBackend::CpuBackend(CpuRank rank, Precision precision, bool reference_kernels)
+    : Backend(rank.device),
+      cpus_(rank.placement.cpus),
+      pool_(rank.placement.threads, rank.placement.cpus),
+      precision_(precision),
+      reference_(reference_kernels),
+      group_(std::move(rank.group)) {}
+
+CpuBackend::~CpuBackend() {
+  for (void* p : owned_weights_) std::free(p);
+}
+
+std::string CpuBackend::name() const {
+  if (device().world == 1) return fmt::format("cpu ({} threads, {})", pool_.size(), kernels());
+  return fmt::format("cpu rank {}/{} (node {}, {} threads, {})", device().rank, device().world, device().index,
+                     pool_.size(), kernels());
+}
 
 std::string CpuBackend::kernels() const {
   return fmt::format("{} kernels, {} precision", reference_ ? "reference" : matmul_isa(),
                      precision_ == Precision::kFast && bf16_products_available() ? "fast" : "exact");
 }
+
+void CpuBackend::attach_thread() { pin_current_thread(cpus_); }
 
 // Lightning blocks of kLightningBlock tokens and attention tasks of 16 queries both count from a
 // segment's first token, so cuts at multiples of the block leave every sum as it was.
@@ -50,7 +69,21 @@ void CpuBackend::for_rows(int64_t rows, Fn&& fn) {
   });
 }
 
-Weight CpuBackend::upload(const Weight& host) { return host; }
+const void* CpuBackend::own_copy(const void* host, size_t bytes) {
+  void* copy = std::aligned_alloc(64, (std::max<size_t>(bytes, 1) + 63) / 64 * 64);
+  if (!copy) throw std::bad_alloc();
+  owned_weights_.push_back(copy);
+  if (bytes > 0) std::memcpy(copy, host, bytes);  // first touched here: in the calling thread's node
+  return copy;
+}
+
+Weight CpuBackend::upload(const Weight& host) {
+  if (!group_) return host;
+  Weight w = host;
+  w.data = own_copy(host.data, host.data_bytes());
+  if (host.quantized()) w.scales = own_copy(host.scales, host.scale_bytes());
+  return w;
+}
 
 Mat CpuBackend::alloc(int64_t rows, int64_t cols) {
   size_t bytes = (size_t(std::max<int64_t>(rows * cols, 1)) * sizeof(float) + 63) / 64 * 64;
@@ -67,10 +100,16 @@ std::unique_ptr<SequenceState> CpuBackend::new_state(const StateShape& shape) {
   return std::make_unique<CpuState>(shape);
 }
 
-void CpuBackend::embed(const Weight& table, std::span<const int32_t> tokens, Mat out) {
+void CpuBackend::embed(const Weight& table, int64_t first_token, std::span<const int32_t> tokens, Mat out) {
   for_rows(int64_t(tokens.size()), [&](int64_t i) {
-    const size_t base = size_t(tokens[size_t(i)]) * size_t(table.cols);
-    for (int64_t c = 0; c < table.cols; ++c) out.data[i * out.cols + c] = load_as_f32(table.data, table.dtype, base + size_t(c));
+    float* row = out.data + i * out.cols;
+    const int64_t id = tokens[size_t(i)] - first_token;
+    if (id < 0 || id >= table.rows) {
+      std::fill(row, row + table.cols, 0.0f);
+      return;
+    }
+    const size_t base = size_t(id) * size_t(table.cols);
+    for (int64_t c = 0; c < table.cols; ++c) row[c] = load_as_f32(table.data, table.dtype, base + size_t(c));
   });
 }
 
@@ -97,6 +136,19 @@ void CpuBackend::rmsnorm_gated(const Mat& x, const Weight& w, float eps, const M
   for_rows(x.rows, [&](int64_t r) {
     float* row = out.data + r * out.cols;
     rmsnorm_row(x.data + r * x.cols, w.data, w.dtype, eps, row, x.cols);
+    cpu::sigmoid_gate(gate.data + r * gate.cols, row, x.cols);
+  });
+}
+
+void CpuBackend::row_sum_squares(const Mat& x, Mat sums) {
+  for_rows(x.rows, [&](int64_t r) { sums.data[r * sums.cols] = float(sum_squares(x.data + r * x.cols, x.cols)); });
+}
+
+void CpuBackend::rmsnorm_gated_split(const Mat& x, const Mat& sums, int64_t width, const Weight& w, float eps,
+                                     const Mat& gate, Mat out) {
+  for_rows(x.rows, [&](int64_t r) {
+    float* row = out.data + r * out.cols;
+    rmsnorm_row_with(double(sums.data[r * sums.cols]), width, x.data + r * x.cols, w.data, w.dtype, eps, row, x.cols);
     cpu::sigmoid_gate(gate.data + r * gate.cols, row, x.cols);
   });
 }
@@ -196,6 +248,31 @@ std::vector<DrawOutcome> CpuBackend::sample(const Mat& logits, std::span<const D
     }
   }
   return outcomes;
+}
+
+template <class Fn>
+void CpuBackend::timed_collective(Fn&& fn) {
+  const auto start = std::chrono::steady_clock::now();
+  fn();
+  collective_stats_.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  ++collective_stats_.calls;
+}
+
+void CpuBackend::all_reduce_sum(Mat x) {
+  if (!group_) return;
+  timed_collective([&] { group_->all_reduce_sum(device().rank, x.data, x.size(), pool_); });
+}
+
+void CpuBackend::gather_columns(const Mat& part, std::span<const int64_t> widths, Mat out) {
+  if (group_) {
+    timed_collective([&] { group_->gather_columns(device().rank, part.data, part.rows, widths, out.data); });
+    return;
+  }
+  if (out.data != part.data) std::memcpy(out.data, part.data, size_t(part.size()) * sizeof(float));
+}
+
+void CpuBackend::abort_collectives(const std::string& why) {
+  if (group_) group_->abort(why);
 }
 
 }  // namespace m1::cpu

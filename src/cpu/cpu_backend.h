@@ -4,19 +4,35 @@
 
 #include "cpu/matmul.h"
 #include "cpu/moe.h"
+#include "cpu/numa.h"
+#include "cpu/shared_memory_group.h"
 #include "cpu/threadpool.h"
 
+#include <memory>
 #include <utility>
 #include <vector>
 #include "m1/backend.h"
 
 namespace m1::cpu {
 
+// One rank of a group of CPU ranks: where it runs and the group it reduces with.
+struct CpuRank {
+  DeviceInfo device;                         // kind "cpu", index: the NUMA node
+  RankPlacement placement;                   // its threads and the cores they are pinned to
+  std::shared_ptr<SharedMemoryGroup> group;  // shared by the ranks; null for a group of one
+};
+
 class CpuBackend final : public Backend {
  public:
+  // The one rank of a group of one: weights read in place from the mapped checkpoint.
   CpuBackend(int threads, Precision precision, bool reference_kernels);
+  // A rank of a larger group: its weights are copied into memory its own (pinned) thread touches
+  // first, so they live in its NUMA node's memory; upload from the thread attach_thread() pinned.
+  CpuBackend(CpuRank rank, Precision precision, bool reference_kernels);
+  ~CpuBackend() override;
 
   std::string name() const override;
+  void attach_thread() override;
   int64_t prefill_alignment() const override;
   std::string numerics() const override;
   Weight upload(const Weight& host) override;
@@ -25,12 +41,15 @@ class CpuBackend final : public Backend {
   void to_host(const Mat& m, float* host) override;
   std::unique_ptr<SequenceState> new_state(const StateShape& shape) override;
 
-  void embed(const Weight& table, std::span<const int32_t> tokens, Mat out) override;
+  void embed(const Weight& table, int64_t first_token, std::span<const int32_t> tokens, Mat out) override;
   void gather_rows(const Mat& x, std::span<const int64_t> rows, Mat out) override;
   void rmsnorm(const Mat& x, const Weight& w, float eps, Mat out) override;
   void matmul(const Mat& x, const Weight& w, Mat out, Rounding rounding) override;
   void silu(Mat x) override;
   void rmsnorm_gated(const Mat& x, const Weight& w, float eps, const Mat& gate, Mat out) override;
+  void row_sum_squares(const Mat& x, Mat sums) override;
+  void rmsnorm_gated_split(const Mat& x, const Mat& sums, int64_t width, const Weight& w, float eps, const Mat& gate,
+                           Mat out) override;
   void swiglu(Mat gate, const Mat& up) override;
   void add_scaled(const Mat& a, float alpha, const Mat& b, float beta, Mat out) override;
   void blend_sigmoid(Mat x, const Mat& y, const Mat& coef) override;
@@ -40,10 +59,16 @@ class CpuBackend final : public Backend {
                          const AttentionParams& params, Mat out) override;
   void moe(const Mat& x, const MoeWeights& w, Mat out) override;
   std::vector<DrawOutcome> sample(const Mat& logits, std::span<const DrawRequest> draws) override;
+  void all_reduce_sum(Mat x) override;
+  void gather_columns(const Mat& part, std::span<const int64_t> widths, Mat out) override;
+  CollectiveStats collective_stats() const override { return collective_stats_; }
+  void abort_collectives(const std::string& why) override;
 
  private:
   // The kernels and the precision they run in: "avx512bf16 kernels, fast precision".
   std::string kernels() const;
+  // `bytes` of `host` copied into 64-byte aligned memory the backend frees.
+  const void* own_copy(const void* host, size_t bytes);
   // Runs fn(row) over rows, split across the pool in contiguous blocks.
   template <class Fn>
   void for_rows(int64_t rows, Fn&& fn);
@@ -51,9 +76,17 @@ class CpuBackend final : public Backend {
   // The operands products allowed to round use.
   Operands operands(Rounding rounding) const;
 
+  // Times a collective into collective_stats_.
+  template <class Fn>
+  void timed_collective(Fn&& fn);
+
+  std::vector<int> cpus_;  // the cores this rank is pinned to; empty: not pinned
   ThreadPool pool_;
   Precision precision_;
   bool reference_;
+  std::shared_ptr<SharedMemoryGroup> group_;
+  std::vector<void*> owned_weights_;  // copies of the weights (ranks of a larger group)
+  CollectiveStats collective_stats_;
   MoeScratch moe_scratch_;
   std::vector<std::pair<size_t, int64_t>> attention_tasks_;  // (segment, first query row)
   std::vector<float> sample_row_;  // the row a draw may use as scratch

@@ -33,12 +33,21 @@ M1_VECTOR_CLONES void blend_sigmoid(float* x, const float* y, float coef, int64_
   for (int64_t i = 0; i < n; ++i) x[i] = x[i] * (1.0f - c) + y[i] * c;
 }
 
-M1_VECTOR_CLONES void rmsnorm_row(const float* x, const void* w, DType w_dtype, float eps, float* out, int64_t n) {
+M1_VECTOR_CLONES double sum_squares(const float* x, int64_t n) {
   double squares = 0;
 #pragma omp simd reduction(+ : squares)
   for (int64_t i = 0; i < n; ++i) squares += double(x[i]) * x[i];
-  const float inv = float(1.0 / std::sqrt(squares / double(n) + eps));
+  return squares;
+}
+
+M1_VECTOR_CLONES void rmsnorm_row_with(double squares, int64_t width, const float* x, const void* w, DType w_dtype,
+                                       float eps, float* out, int64_t n) {
+  const float inv = float(1.0 / std::sqrt(squares / double(width) + eps));
   for (int64_t i = 0; i < n; ++i) out[i] = load_as_f32(w, w_dtype, size_t(i)) * (x[i] * inv);
+}
+
+void rmsnorm_row(const float* x, const void* w, DType w_dtype, float eps, float* out, int64_t n) {
+  rmsnorm_row_with(sum_squares(x, n), n, x, w, w_dtype, eps, out, n);
 }
 
 }  // namespace m1::cpu

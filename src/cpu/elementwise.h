@@ -18,5 +18,10 @@ void add_scaled(const float* a, float alpha, const float* b, float beta, float* 
 void blend_sigmoid(float* x, const float* y, float coef, int64_t n);
 // out = w * x / sqrt(mean(x^2) + eps); the mean square is accumulated in double.
 void rmsnorm_row(const float* x, const void* w, DType w_dtype, float eps, float* out, int64_t n);
+// The sum of x^2, accumulated in double.
+double sum_squares(const float* x, int64_t n);
+// rmsnorm_row of n values that are part of a row `width` wide whose squares sum to `squares`.
+void rmsnorm_row_with(double squares, int64_t width, const float* x, const void* w, DType w_dtype, float eps, float* out,
+                      int64_t n);
 
 }  // namespace m1::cpu

@@ -24,7 +24,8 @@ struct MoeScratch {
 };
 
 // Tokens are grouped by expert so each expert's weights stream once per step. Routing is always
-// fp32; `operands` sets those of the expert products.
+// fp32; `operands` sets those of the expert products. Of the experts a row chose, only those
+// `w` holds add to its output (see MoeWeights::first_expert).
 void moe(ThreadPool& pool, const Mat& x, const MoeWeights& w, Mat out, Operands operands, MoeScratch& scratch);
 // The oracle: token by token, reference matrix products.
 void moe_reference(const Mat& x, const MoeWeights& w, Mat out, Operands operands);

@@ -1,5 +1,7 @@
 #include "cpu/threadpool.h"
 
+#include "cpu/numa.h"
+
 #include <immintrin.h>
 
 #include <algorithm>
@@ -14,9 +16,17 @@ constexpr auto kSpinTime = std::chrono::microseconds(200);
 
 }  // namespace
 
-ThreadPool::ThreadPool(int threads) {
+ThreadPool::ThreadPool(int threads, std::vector<int> cpus) {
   if (threads <= 0) threads = int(std::max(1u, std::thread::hardware_concurrency()));
-  for (int i = 1; i < threads; ++i) workers_.emplace_back([this] { worker_loop(); });
+  for (int i = 1; i < threads; ++i)
+    workers_.emplace_back([this, cpus] {
+      try {
+        pin_current_thread(cpus);
+      } catch (const std::exception&) {
+        // Unpinned, the worker still computes right: only its memory may be farther away.
+      }
+      worker_loop();
+    });
 }
 
 ThreadPool::~ThreadPool() {

@@ -15,8 +15,9 @@ namespace m1::cpu {
 
 class ThreadPool {
  public:
-  // threads: total, including the caller; 0 means one per core.
-  explicit ThreadPool(int threads);
+  // threads: total, including the caller; 0 means one per core. With `cpus`, the workers are
+  // pinned to those cores (the caller pins itself, if it wants to).
+  explicit ThreadPool(int threads, std::vector<int> cpus = {});
   ~ThreadPool();
   ThreadPool(const ThreadPool&) = delete;
   ThreadPool& operator=(const ThreadPool&) = delete;

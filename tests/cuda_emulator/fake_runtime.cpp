@@ -6,10 +6,22 @@
 // memcpy and memset as a closure replayed by cudaGraphLaunch; what real CUDA refuses during a
 // capture (synchronising, pageable copies, stream-ordered allocation: graph memory nodes are not
 // emulated) fails the call and invalidates the capture, and is logged to stderr.
+//
+// Several host threads may use it at once, as the ranks of a tensor-parallel group do: each runs
+// the work of the streams it waits for on fibers of its own (the kernel-side state is per thread),
+// so kernels of different streams run concurrently and may wait for each other, as a collective's
+// barrier does (its waiting threads pause with __nanosleep). One lock keeps the runtime's books and
+// is never held while a stream's work runs. EMU_DEVICES=N emulates N GPUs (default 1), with a
+// current device per thread, peer access between them, and shared-memory opt-ins per device.
 #include <sys/mman.h>
+#include <sched.h>
 
 #include <cstdarg>
+#include <atomic>
+#include <chrono>
 #include <deque>
+#include <mutex>
+#include <thread>
 #include <numeric>
 #include <random>
 #include <map>
@@ -20,10 +32,10 @@
 #include "shim.h"
 
 namespace emu {
-Fiber* cur = nullptr;
-std::vector<Fiber> fibers;
-Index block_idx, block_dim, grid_dim;
-uint64_t block_generation = 0;
+thread_local Fiber* cur = nullptr;
+thread_local std::vector<Fiber> fibers;
+thread_local Index block_idx, block_dim, grid_dim;
+thread_local uint64_t block_generation = 0;
 
 [[noreturn]] void die(const char* fmt, ...) {
   va_list args;
@@ -45,13 +57,20 @@ static void note(const char* fmt, ...) {
 
 // --- Fibers -----------------------------------------------------------------------------------
 extern "C" void emu_switch(void** save_sp, void* next_sp);
-static void* main_sp = nullptr;
-static std::function<void()>* current_body = nullptr;
-static unsigned char* smem_base = nullptr;
-static size_t smem_size = 0;
-static std::vector<unsigned char> smem_storage;
+static thread_local void* main_sp = nullptr;
+static thread_local std::function<void()>* current_body = nullptr;
+static thread_local unsigned char* smem_base = nullptr;
+static thread_local size_t smem_size = 0;
+static thread_local std::vector<unsigned char> smem_storage;
 constexpr size_t kStack = 256 * 1024;
-static char* stacks = nullptr;
+// Each thread's fiber stacks, mapped on its first kernel and unmapped when it ends.
+struct Stacks {
+  char* base = nullptr;
+  ~Stacks() {
+    if (base) munmap(base, kStack * 1024);
+  }
+};
+static thread_local Stacks stacks;
 
 unsigned char* shared_mem() { return smem_base; }
 size_t shared_size() { return smem_size; }
@@ -60,6 +79,14 @@ void yield(State s, int line) {
   cur->state = s;
   cur->line = line;
   emu_switch(&cur->sp, main_sp);
+}
+
+// A thread polling memory another stream writes: the other fibers of its block run meanwhile,
+// and when every live fiber of the block only polls, the host thread lets others run.
+static thread_local bool progressed = false;
+void pause(int line) {
+  cur->paused = true;
+  yield(kReady, line);
 }
 
 extern "C" void emu_fiber_entry() {
@@ -77,12 +104,12 @@ static const char* state_name(State s) {
   return s == kReady ? "running" : s == kBlockBarrier ? "__syncthreads" : s == kWarpSync ? "warp collective" : "exited";
 }
 
-long kernels_run = 0;
+std::atomic<long> kernels_run{0};
 static void run_kernel(const char* name, dim3 grid, dim3 block, size_t smem, std::function<void()>& body) {
   ++kernels_run;
   const unsigned threads = block.x * block.y * block.z;
-  if (!stacks)
-    stacks = static_cast<char*>(mmap(nullptr, kStack * 1024, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0));
+  if (!stacks.base)
+    stacks.base = static_cast<char*>(mmap(nullptr, kStack * 1024, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0));
   fibers.assign(threads, Fiber{});
   smem_storage.assign(smem + 256, 0);
   smem_base = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_storage.data()) + 127) & ~uintptr_t(127));
@@ -107,7 +134,7 @@ static void run_kernel(const char* name, dim3 grid, dim3 block, size_t smem, std
           f.idx = {t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
           f.pending.clear();
           f.open_group = 0;
-          f.stack = stacks + kStack * t;
+          f.stack = stacks.base + kStack * t;
           auto* top = reinterpret_cast<uint64_t*>(f.stack + kStack);
           top[-1] = 0;
           top[-2] = reinterpret_cast<uint64_t>(&emu_fiber_entry);
@@ -118,15 +145,24 @@ static void run_kernel(const char* name, dim3 grid, dim3 block, size_t smem, std
           std::iota(order.begin(), order.end(), 0u);
           if (mode == "reverse") std::reverse(order.begin(), order.end());
           if (mode == "random") std::shuffle(order.begin(), order.end(), rng);
+          progressed = false;
+          bool ready = false;
           for (unsigned t : order)
             if (fibers[t].state == kReady) {
               cur = &fibers[t];
+              cur->paused = false;
               emu_switch(&main_sp, cur->sp);
+              progressed = progressed || !cur->paused;
+              ready = ready || cur->state == kReady;
             }
           cur = nullptr;
           unsigned done = 0;
           for (auto& f : fibers) done += f.state == kDone;
           if (done == threads) break;
+          if (ready) {  // paused fibers poll again; barriers wait until no fiber is paused
+            if (!progressed) sched_yield();
+            continue;
+          }
           bool released = false;
           for (unsigned w = 0; w * 32 < threads; ++w) {
             const unsigned lo = w * 32, hi = std::min(threads, lo + 32);
@@ -161,6 +197,9 @@ static void run_kernel(const char* name, dim3 grid, dim3 block, size_t smem, std
 }
 
 // --- Memory -----------------------------------------------------------------------------------
+// The runtime's books (allocations, streams, queues, opt-ins). Recursive: API calls nest.
+static std::recursive_mutex books;
+using Lock = std::unique_lock<std::recursive_mutex>;
 enum class Kind { kDevice, kPinned };
 struct Allocation {
   size_t size;
@@ -218,6 +257,7 @@ struct Capture {
 }  // namespace emu
 
 struct CUstream_st {
+  std::mutex running;  // held by the thread running this stream's work, so it runs in order
   bool blocking = true;
   bool destroyed = false;
   std::deque<emu::Op> queue;
@@ -226,8 +266,9 @@ struct CUstream_st {
 };
 struct CUevent_st {
   CUstream_st* stream = nullptr;
-  bool done = true;
+  std::atomic<bool> done{true};
   bool captured = false;
+  std::chrono::steady_clock::time_point when;  // host time the emulation reached it
 };
 struct CUgraph_st {
   std::shared_ptr<std::vector<emu::Op>> nodes;
@@ -237,11 +278,13 @@ struct CUgraphExec_st {
 };
 
 namespace emu {
-static cudaError_t last_error = cudaSuccess;
+static thread_local cudaError_t last_error = cudaSuccess;
 static std::set<CUstream_st*> streams;
-static CUstream_st* capturing = nullptr;
-long graph_execs_alive = 0, graphs_alive = 0;
-long ops_run = 0, graph_launches = 0, captures_invalidated = 0;
+static thread_local CUstream_st* capturing = nullptr;  // captures are per thread (as in relaxed mode)
+static std::atomic<int> global_captures{0};           // a global-mode capture refuses every thread's allocations
+static thread_local int current_device = 0;
+std::atomic<long> graph_execs_alive{0}, graphs_alive{0};
+std::atomic<long> ops_run{0}, graph_launches{0}, captures_invalidated{0};
 
 static cudaError_t fail(cudaError_t e, const char* fmt, ...) {
   va_list args;
@@ -267,27 +310,49 @@ static void invalidate(const char* why) {
     note("capture invalidated: %s", why);
   }
 }
-static void flush(CUstream_st* s, const bool* until = nullptr) {
-  while (!s->queue.empty() && !(until && *until)) {
-    Op op = std::move(s->queue.front());
-    s->queue.pop_front();
+// Runs the stream's queued work (until `*until`), one op at a time, without the books' lock.
+static void flush(CUstream_st* s, const std::atomic<bool>* until = nullptr) {
+  std::lock_guard running(s->running);
+  for (;;) {
+    Op op;
+    {
+      Lock lock(books);
+      if (s->queue.empty() || (until && until->load())) return;
+      op = std::move(s->queue.front());
+      s->queue.pop_front();
+    }
     ++ops_run;
     op();
   }
 }
+// Runs the work of every stream `which` picks, the streams side by side (as the GPU runs them:
+// one stream's kernel may wait for another's).
+template <class Which>
+static void flush_streams(Which which) {
+  std::vector<CUstream_st*> pending;
+  {
+    Lock lock(books);
+    for (CUstream_st* s : streams)
+      if (!s->destroyed && !s->queue.empty() && which(s)) pending.push_back(s);
+  }
+  if (pending.size() == 1) return flush(pending.front());
+  std::vector<std::thread> threads;
+  for (CUstream_st* s : pending) threads.emplace_back([s] { flush(s); });
+  for (auto& t : threads) t.join();
+}
 static void flush_blocking() {
-  for (CUstream_st* s : streams)
-    if (s->blocking && !s->destroyed) flush(s);
+  flush_streams([](CUstream_st* s) { return s->blocking; });
 }
 static void flush_all() {
-  for (CUstream_st* s : streams)
-    if (!s->destroyed) flush(s);
+  flush_streams([](CUstream_st*) { return true; });
 }
 // Runs `op` in `stream`'s order: at once on the default stream, into the graph while capturing,
 // else queued.
 static void submit(cudaStream_t stream, Op op) {
+  Lock lock(books);
   CUstream_st* s = checked(stream);
   if (!s) {
+    lock.unlock();
     flush_blocking();
     ++ops_run;
     op();
@@ -304,7 +369,7 @@ static void submit(cudaStream_t stream, Op op) {
 // --- The API ----------------------------------------------------------------------------------
 using namespace emu;
 
-static std::map<const void*, int> allowed_shared;
+static std::map<std::pair<int, const void*>, int> allowed_shared;  // per device and kernel
 
 void emu::enqueue_launch(const void* kernel, dim3 grid, dim3 block, size_t smem, cudaStream_t stream, std::function<void()> body) {
   const unsigned long long threads = 1ull * block.x * block.y * block.z;
@@ -317,40 +382,70 @@ void emu::enqueue_launch(const void* kernel, dim3 grid, dim3 block, size_t smem,
     return;
   }
   size_t limit = 48 * 1024;
-  if (auto it = allowed_shared.find(kernel); it != allowed_shared.end()) limit = std::max<size_t>(limit, size_t(it->second));
+  Lock lock(books);
+  if (auto it = allowed_shared.find({current_device, kernel}); it != allowed_shared.end())
+    limit = std::max<size_t>(limit, size_t(it->second));
   if (smem > limit) {
     fail(cudaErrorInvalidValue, "launch with %zu bytes of dynamic shared memory, allowed %zu", smem, limit);
     return;
   }
-  static long serial = 0;
+  static std::atomic<long> serial{0};
   const std::string name = "kernel#" + std::to_string(serial++);
+  lock.unlock();
   auto shared_body = std::make_shared<std::function<void()>>(std::move(body));
   submit(stream, Op{[=] { run_kernel(name.c_str(), grid, block, smem, *shared_body); }});
 }
 
 extern "C" {
+static int device_count() {
+  if (std::getenv("EMU_NO_DEVICE")) return 0;
+  const char* env = std::getenv("EMU_DEVICES");
+  return env ? std::max(1, std::atoi(env)) : 1;
+}
 cudaError_t cudaGetDeviceCount(int* n) {
-  if (std::getenv("EMU_NO_DEVICE")) {
-    *n = 0;
+  *n = device_count();
+  if (*n == 0) {
     last_error = cudaErrorNoDevice;
     return cudaErrorNoDevice;
   }
-  *n = 1;
   return cudaSuccess;
 }
-cudaError_t cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }
-cudaError_t cudaSetDevice(int d) { return d == 0 ? cudaSuccess : fail(cudaErrorInvalidDevice, "cudaSetDevice(%d)", d); }
+cudaError_t cudaGetDevice(int* d) { *d = current_device; return cudaSuccess; }
+cudaError_t cudaSetDevice(int d) {
+  if (d < 0 || d >= device_count()) return fail(cudaErrorInvalidDevice, "cudaSetDevice(%d)", d);
+  current_device = d;
+  return cudaSuccess;
+}
+static std::set<std::pair<int, int>> peer_access;  // (device, peer) enabled
+cudaError_t cudaDeviceCanAccessPeer(int* can, int device, int peer) {
+  const int n = device_count();
+  if (device < 0 || device >= n || peer < 0 || peer >= n) return fail(cudaErrorInvalidDevice, "cudaDeviceCanAccessPeer(%d, %d)", device, peer);
+  *can = device != peer;
+  return cudaSuccess;
+}
+cudaError_t cudaDeviceEnablePeerAccess(int peer, unsigned int) {
+  if (peer < 0 || peer >= device_count() || peer == current_device)
+    return fail(cudaErrorInvalidDevice, "cudaDeviceEnablePeerAccess(%d) from device %d", peer, current_device);
+  Lock lock(books);
+  if (!peer_access.insert({current_device, peer}).second) {
+    last_error = cudaErrorPeerAccessAlreadyEnabled;
+    return cudaErrorPeerAccessAlreadyEnabled;
+  }
+  return cudaSuccess;
+}
 static int sms() {
   const char* env = std::getenv("EMU_SMS");
   return env ? std::atoi(env) : 132;
 }
-cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
+  if (device < 0 || device >= device_count()) return fail(cudaErrorInvalidDevice, "cudaDeviceGetAttribute on device %d", device);
   if (attr == cudaDevAttrMultiProcessorCount) *value = sms();
   else if (attr == cudaDevAttrMaxSharedMemoryPerBlockOptin) *value = 227 * 1024;
   else die("cudaDeviceGetAttribute(%d) not emulated", int(attr));
   return cudaSuccess;
 }
-cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int) {
+cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int device) {
+  if (device < 0 || device >= device_count()) return fail(cudaErrorInvalidDevice, "cudaGetDeviceProperties(%d)", device);
   std::memset(p, 0, sizeof(*p));
   std::strcpy(p->name, "Emulated H100");
   p->major = 9;
@@ -362,7 +457,8 @@ cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int) {
 cudaError_t cudaFuncSetAttribute(const void* f, cudaFuncAttribute attr, int value) {
   if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) die("cudaFuncSetAttribute(%d) not emulated", int(attr));
   if (value > 227 * 1024) return fail(cudaErrorInvalidValue, "cudaFuncSetAttribute: %d bytes of shared memory", value);
-  allowed_shared[f] = value;
+  Lock lock(books);
+  allowed_shared[{current_device, f}] = value;
   return cudaSuccess;
 }
 cudaError_t cudaGetLastError() {
@@ -382,12 +478,14 @@ const char* cudaGetErrorString(cudaError_t e) {
     case cudaErrorNoDevice: return "no CUDA-capable device is detected";
     case cudaErrorStreamCaptureUnsupported: return "operation not permitted when stream is capturing";
     case cudaErrorStreamCaptureInvalidated: return "operation failed due to a previous error during capture";
+    case cudaErrorInvalidDevice: return "invalid device ordinal";
     default: return "emulated error";
   }
 }
 
 cudaError_t cudaMalloc(void** p, size_t n) {
-  if (capturing && capturing->capture->mode == cudaStreamCaptureModeGlobal) {
+  Lock lock(books);
+  if (global_captures.load() > 0) {
     invalidate("cudaMalloc");
     return fail(cudaErrorStreamCaptureUnsupported, "cudaMalloc during a global-mode capture");
   }
@@ -396,16 +494,20 @@ cudaError_t cudaMalloc(void** p, size_t n) {
 }
 cudaError_t cudaFree(void* p) {
   if (!p) return cudaSuccess;
+  Lock lock(books);
   if (capturing) {
     invalidate("cudaFree");
     return fail(cudaErrorStreamCaptureUnsupported, "cudaFree during a capture");
   }
   if (!is_device(p, 1) || !allocations.count(reinterpret_cast<uintptr_t>(p))) return fail(cudaErrorInvalidValue, "cudaFree(%p): not an allocation", p);
+  lock.unlock();
   flush_all();  // cudaFree waits for the device
+  lock.lock();
   release(p);
   return cudaSuccess;
 }
 cudaError_t cudaMallocAsync(void** p, size_t n, cudaStream_t stream) {
+  Lock lock(books);
   CUstream_st* s = checked(stream);
   if (s && s->capture) {
     invalidate("cudaMallocAsync");
@@ -425,6 +527,7 @@ cudaError_t cudaMallocAsync(void** p, size_t n, cudaStream_t stream) {
 }
 cudaError_t cudaFreeAsync(void* p, cudaStream_t stream) {
   if (!p) return cudaSuccess;
+  Lock lock(books);
   CUstream_st* s = checked(stream);
   if (s && s->capture) {
     invalidate("cudaFreeAsync");
@@ -435,20 +538,25 @@ cudaError_t cudaFreeAsync(void* p, cudaStream_t stream) {
   const size_t size = it->second.size;
   allocations.erase(it);
   // Poisoned in stream order; the block is this stream's to reuse at once (as a pool would).
-  submit(stream, Op{[p, size] { std::memset(p, 0xff, size); }});
   if (s) s->pool[size].push_back(p);
   else quarantine.emplace_back(p, size);
+  lock.unlock();
+  submit(stream, Op{[p, size] { std::memset(p, 0xff, size); }});
   return cudaSuccess;
 }
 cudaError_t cudaHostAlloc(void** p, size_t n, unsigned int) {
+  Lock lock(books);
   *p = allocate(n, Kind::kPinned);
   return cudaSuccess;
 }
 cudaError_t cudaMallocHost(void** p, size_t n) { return cudaHostAlloc(p, n, 0); }
 cudaError_t cudaFreeHost(void* p) {
   if (!p) return cudaSuccess;
+  Lock lock(books);
   if (!is_pinned(p, 1)) return fail(cudaErrorInvalidValue, "cudaFreeHost(%p): not pinned memory", p);
+  lock.unlock();
   flush_all();
+  lock.lock();
   auto it = allocations.find(reinterpret_cast<uintptr_t>(p));
   std::memset(p, 0xff, it->second.size);
   allocations.erase(it);
@@ -457,6 +565,7 @@ cudaError_t cudaFreeHost(void* p) {
 }
 
 static cudaError_t check_copy(void* dst, const void* src, size_t n, cudaMemcpyKind kind) {
+  Lock lock(books);
   const bool dst_device = is_device(dst, n), src_device = is_device(src, n);
   bool ok = true;
   switch (kind) {
@@ -473,7 +582,7 @@ static cudaError_t check_copy(void* dst, const void* src, size_t n, cudaMemcpyKi
   return cudaSuccess;
 }
 cudaError_t cudaMemcpy(void* dst, const void* src, size_t n, cudaMemcpyKind kind) {
-  if (capturing && capturing->capture->mode == cudaStreamCaptureModeGlobal) {
+  if (global_captures.load() > 0) {
     invalidate("cudaMemcpy");
     return fail(cudaErrorStreamCaptureImplicit, "cudaMemcpy during a global-mode capture");
   }
@@ -484,11 +593,13 @@ cudaError_t cudaMemcpy(void* dst, const void* src, size_t n, cudaMemcpyKind kind
   return cudaSuccess;
 }
 cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t n, cudaMemcpyKind kind, cudaStream_t stream) {
+  Lock lock(books);
   CUstream_st* s = checked(stream);
   if (n == 0) return cudaSuccess;
   check_copy(dst, src, n, kind);
   const bool host_src = !is_device(src, n), host_dst = !is_device(dst, n);
   const bool pageable_src = host_src && !is_pinned(src, n), pageable_dst = host_dst && !is_pinned(dst, n);
+  lock.unlock();
   if (s && s->capture && (pageable_src || pageable_dst)) {
     invalidate("pageable cudaMemcpyAsync");
     return fail(cudaErrorStreamCaptureUnsupported, "cudaMemcpyAsync with pageable host memory during a capture");
@@ -504,7 +615,7 @@ cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t n, cudaMemcpyKind
     submit(stream, Op{[dst, copy] { std::memcpy(dst, copy->data(), copy->size()); }});
     return cudaSuccess;
   }
-  bool done = false;
+  std::atomic<bool> done{false};
   auto* flag = pageable_dst ? &done : nullptr;
   submit(stream, Op{[dst, src, n, flag] {
                       std::memcpy(dst, src, n);
@@ -514,19 +625,19 @@ cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t n, cudaMemcpyKind
   return cudaSuccess;
 }
 cudaError_t cudaMemset(void* p, int v, size_t n) {
-  if (!is_device(p, n)) die("cudaMemset outside device memory");
+  if (Lock lock(books); !is_device(p, n)) die("cudaMemset outside device memory");
   flush_blocking();
   std::memset(p, v, n);
   return cudaSuccess;
 }
 cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t stream) {
-  if (n && !is_device(p, n)) die("cudaMemsetAsync outside device memory");
+  if (Lock lock(books); n && !is_device(p, n)) die("cudaMemsetAsync outside device memory");
   submit(stream, Op{[p, v, n] { std::memset(p, v, n); }});
   return cudaSuccess;
 }
 
 cudaError_t cudaMemset2DAsync(void* p, size_t pitch, int v, size_t width, size_t height, cudaStream_t stream) {
-  if (height && !is_device(p, pitch * (height - 1) + width)) die("cudaMemset2DAsync outside device memory");
+  if (Lock lock(books); height && !is_device(p, pitch * (height - 1) + width)) die("cudaMemset2DAsync outside device memory");
   if (width > pitch) return fail(cudaErrorInvalidValue, "cudaMemset2DAsync: width %zu over pitch %zu", width, pitch);
   submit(stream, Op{[=] {
                       for (size_t r = 0; r < height; ++r) std::memset(static_cast<char*>(p) + r * pitch, v, width);
@@ -537,31 +648,37 @@ cudaError_t cudaMemset2DAsync(void* p, size_t pitch, int v, size_t width, size_t
 cudaError_t cudaStreamCreateWithFlags(cudaStream_t* stream, unsigned int flags) {
   auto* s = new CUstream_st;
   s->blocking = !(flags & cudaStreamNonBlocking);
+  Lock lock(books);
   streams.insert(s);
   *stream = s;
   return cudaSuccess;
 }
 cudaError_t cudaStreamCreate(cudaStream_t* stream) { return cudaStreamCreateWithFlags(stream, cudaStreamDefault); }
 cudaError_t cudaStreamDestroy(cudaStream_t stream) {
+  Lock lock(books);
   CUstream_st* s = checked(stream);
   if (!s) return fail(cudaErrorInvalidResourceHandle, "cudaStreamDestroy of a default stream");
   if (s->capture) return fail(cudaErrorStreamCaptureUnsupported, "cudaStreamDestroy while capturing");
+  lock.unlock();
   flush(s);
+  lock.lock();
   s->destroyed = true;  // kept, so a later use is caught
   return cudaSuccess;
 }
 cudaError_t cudaStreamSynchronize(cudaStream_t stream) {
+  Lock lock(books);
   CUstream_st* s = checked(stream);
   if (s && s->capture) {
     invalidate("cudaStreamSynchronize");
     return fail(cudaErrorStreamCaptureUnsupported, "cudaStreamSynchronize of a capturing stream");
   }
+  lock.unlock();
   if (s) flush(s);
   else flush_blocking();
   return cudaSuccess;
 }
 cudaError_t cudaDeviceSynchronize() {
-  if (capturing) {
+  if (Lock lock(books); capturing) {
     invalidate("cudaDeviceSynchronize");
     return fail(cudaErrorStreamCaptureUnsupported, "cudaDeviceSynchronize during a capture");
   }
@@ -579,6 +696,7 @@ cudaError_t cudaEventDestroy(cudaEvent_t e) {
   return cudaSuccess;
 }
 cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t stream) {
+  Lock lock(books);
   CUstream_st* s = checked(stream);
   if (s && s->capture) {
     e->captured = true;
@@ -588,7 +706,11 @@ cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t stream) {
   e->captured = false;
   e->stream = s;
   e->done = false;
-  submit(stream, Op{[e] { e->done = true; }});
+  lock.unlock();
+  submit(stream, Op{[e] {
+           e->when = std::chrono::steady_clock::now();
+           e->done = true;
+         }});
   return cudaSuccess;
 }
 cudaError_t cudaEventSynchronize(cudaEvent_t e) {
@@ -601,27 +723,38 @@ cudaError_t cudaEventSynchronize(cudaEvent_t e) {
   return cudaSuccess;
 }
 
+// The emulation's time between two events: what it took the host, not what a GPU would.
+cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t start, cudaEvent_t end) {
+  if (!start->done || !end->done) return fail(cudaErrorNotReady, "cudaEventElapsedTime of an event not reached");
+  *ms = std::chrono::duration<float, std::milli>(end->when - start->when).count();
+  return cudaSuccess;
+}
 cudaError_t cudaStreamBeginCapture(cudaStream_t stream, cudaStreamCaptureMode mode) {
+  Lock lock(books);
   CUstream_st* s = checked(stream);
   if (!s) return fail(cudaErrorStreamCaptureUnsupported, "capture of a default stream");
-  if (capturing) return fail(cudaErrorIllegalState, "a second capture while one is in progress (not emulated)");
+  if (capturing) return fail(cudaErrorIllegalState, "a second capture in one thread while one is in progress (not emulated)");
   s->capture = std::make_unique<Capture>();
   s->capture->mode = mode;
   capturing = s;
+  if (mode == cudaStreamCaptureModeGlobal) ++global_captures;
   return cudaSuccess;
 }
 cudaError_t cudaStreamEndCapture(cudaStream_t stream, cudaGraph_t* graph) {
+  Lock lock(books);
   CUstream_st* s = checked(stream);
   *graph = nullptr;
   if (!s || !s->capture) return fail(cudaErrorIllegalState, "cudaStreamEndCapture of a stream not capturing");
   std::unique_ptr<Capture> capture = std::move(s->capture);
-  capturing = nullptr;
+  if (capturing == s) capturing = nullptr;
+  if (capture->mode == cudaStreamCaptureModeGlobal) --global_captures;
   if (capture->invalidated) return fail(cudaErrorStreamCaptureInvalidated, "cudaStreamEndCapture of an invalidated capture");
   *graph = new CUgraph_st{std::make_shared<std::vector<Op>>(std::move(capture->nodes))};
   ++graphs_alive;
   return cudaSuccess;
 }
 cudaError_t cudaStreamIsCapturing(cudaStream_t stream, cudaStreamCaptureStatus* status) {
+  Lock lock(books);
   CUstream_st* s = checked(stream);
   *status = s && s->capture ? (s->capture->invalidated ? cudaStreamCaptureStatusInvalidated : cudaStreamCaptureStatusActive)
                             : cudaStreamCaptureStatusNone;
@@ -646,8 +779,7 @@ cudaError_t cudaGraphExecDestroy(cudaGraphExec_t exec) {
   return cudaSuccess;
 }
 cudaError_t cudaGraphLaunch(cudaGraphExec_t exec, cudaStream_t stream) {
-  CUstream_st* s = checked(stream);
-  if (s && s->capture) die("cudaGraphLaunch into a capture (not emulated)");
+  if (Lock lock(books); checked(stream) && checked(stream)->capture) die("cudaGraphLaunch into a capture (not emulated)");
   auto nodes = exec->nodes;
   submit(stream, Op{[nodes] {
                       ++graph_launches;
@@ -662,6 +794,7 @@ static struct Summary {
   ~Summary() {
     if (std::getenv("EMU_QUIET")) return;
     std::fprintf(stderr, "EMU summary: %ld kernels, %ld stream ops, %ld graph launches, %ld captures invalidated, %ld graph execs and %ld graphs alive\n",
-                 kernels_run, ops_run, graph_launches, captures_invalidated, graph_execs_alive, graphs_alive);
+                 kernels_run.load(), ops_run.load(), graph_launches.load(), captures_invalidated.load(), graph_execs_alive.load(),
+                 graphs_alive.load());
   }
 } summary;

@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <bit>
 #include <cmath>
 #include <cstdint>
@@ -47,17 +48,22 @@ struct Fiber {
   uint64_t slot[8] = {}, published[8] = {};
   std::vector<PendingCopy> pending;
   int open_group = 0;
+  bool paused = false;  // yielded to poll again (__nanosleep), not to wait at a barrier
 };
 
 // Runtime side (fake_runtime.cpp).
 void enqueue_launch(const void* kernel, dim3 grid, dim3 block, size_t smem, cudaStream_t stream, std::function<void()> body);
 [[noreturn]] void die(const char* fmt, ...);
 
-extern Fiber* cur;
-extern std::vector<Fiber> fibers;
-extern Index block_idx, block_dim, grid_dim;
-extern uint64_t block_generation;
+// Per host thread: each thread runs the kernels of the streams it flushes on fibers of its own.
+extern thread_local Fiber* cur;
+extern thread_local std::vector<Fiber> fibers;
+extern thread_local Index block_idx, block_dim, grid_dim;
+extern thread_local uint64_t block_generation;
 void yield(State s, int line);
+// Lets the block's other fibers run (and, when every fiber of the block only polls, other host
+// threads): a thread polling memory another stream's kernel will write.
+void pause(int line);
 unsigned char* shared_mem();
 size_t shared_size();
 
@@ -165,6 +171,11 @@ inline void copy_async_wait(int keep) {
   ::emu::shuffle((v), int(::emu::lane()) - int(delta), int(::emu::lane()) < int(delta), __LINE__)
 #define __ballot_sync(mask, pred) ::emu::ballot((pred), __LINE__)
 #define __match_any_sync(mask, v) ::emu::match_any(uint64_t(uint32_t(v)), __LINE__)
+
+#define __nanosleep(ns) ::emu::pause(__LINE__)
+#define __threadfence() std::atomic_thread_fence(std::memory_order_seq_cst)
+#define __threadfence_system() std::atomic_thread_fence(std::memory_order_seq_cst)
+#define __trap() ::emu::die("__trap: a kernel gave up")
 
 inline int __popc(unsigned v) { return std::popcount(v); }
 inline int __ffs(int x) { return __builtin_ffs(x); }

@@ -1,6 +1,6 @@
 # Turns a .cu (or warp_mma.h) into C++ for the emulator: kernel launches -> emu::launch (arguments
 # copied at launch), extern __shared__ -> the launch's dynamic buffer, __shared__ -> per-block
-# poisoned statics, inline PTX (ldmatrix, mma, cp.async) -> emulated primitives.
+# poisoned statics (one per host thread, which runs its streams' kernels), inline PTX (ldmatrix, mma, cp.async) -> emulated primitives.
 import re, sys
 
 
@@ -85,7 +85,7 @@ def shared(s):
             dm = re.fullmatch(r'(\w+)((?:\[[^\]]+\])*)', d)
             assert dm, d
             name, dims = dm.group(1), dm.group(2)
-            out.append(f'static ::emu::BlockStatic<{typ}{dims}> emu_shared_{name}; auto& {name} = emu_shared_{name}.get();')
+            out.append(f'static thread_local ::emu::BlockStatic<{typ}{dims}> emu_shared_{name}; auto& {name} = emu_shared_{name}.get();')
         return ' '.join(out)
 
     s = re.sub(r'__shared__\s+(__align__\(\d+\)\s+)?([\w:]+)\s+([^;]+);', static_shared, s)

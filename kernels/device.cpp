@@ -1,0 +1,47 @@
+#include "device.h"
+
+#include <cuda_runtime.h>
+
+#include "cuda_check.h"
+
+namespace m1::cuda {
+
+namespace {
+
+constexpr size_t kDefaultSharedBytes = 48 * 1024;
+
+}  // namespace
+
+Device::Device(int index) : index_(index) {
+  DeviceGuard guard(index);
+  M1_CUDA_CHECK(cudaDeviceGetAttribute(&limits_.sms, cudaDevAttrMultiProcessorCount, index));
+  M1_CUDA_CHECK(cudaDeviceGetAttribute(&limits_.shared_per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, index));
+}
+
+Device Device::current() {
+  int index = 0;
+  M1_CUDA_CHECK(cudaGetDevice(&index));
+  return Device(index);
+}
+
+void Device::allow(const void* kernel, size_t bytes) {
+  size_t& allowed = allowed_.try_emplace(kernel, kDefaultSharedBytes).first->second;
+  if (bytes <= allowed) return;
+  M1_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+  allowed = bytes;
+}
+
+DeviceGuard::DeviceGuard(int index) {
+  // Failures are left to the calls made under the guard, which report them (a destructor may
+  // hold a guard, and must not throw).
+  if (cudaGetDevice(&previous_) != cudaSuccess) previous_ = -1;
+  if (previous_ != index) cudaSetDevice(index);
+}
+
+DeviceGuard::~DeviceGuard() {
+  int now = -1;
+  // Errors are ignored: a destructor cannot report them.
+  if (previous_ >= 0 && cudaGetDevice(&now) == cudaSuccess && now != previous_) cudaSetDevice(previous_);
+}
+
+}  // namespace m1::cuda

@@ -1,0 +1,59 @@
+#pragma once
+// One GPU as the kernel launchers see it: its limits, read once when a backend is made for it,
+// and its kernels' opt-ins to more than the default 48 KB of dynamic shared memory, which CUDA
+// keeps per device. Each backend holds its own; launchers that size grids by the device or need
+// the opt-in take it. Used by one thread at a time, like the backend that holds it.
+
+#include <cstddef>
+#include <unordered_map>
+
+namespace m1::cuda {
+
+struct DeviceLimits {
+  int sms = 0;               // streaming multiprocessors
+  int shared_per_block = 0;  // bytes of shared memory a block may opt into
+};
+
+class Device {
+ public:
+  // GPU `index` (its limits are read with it made current; the current device is restored).
+  explicit Device(int index);
+  // The current GPU of the calling thread.
+  static Device current();
+  // A device of the given limits, made without asking CUDA: for tests of what launchers refuse
+  // before they touch the GPU.
+  Device(int index, const DeviceLimits& limits) : index_(index), limits_(limits) {}
+
+  int index() const { return index_; }
+  const DeviceLimits& limits() const { return limits_; }
+
+  // Raises `Kernel`'s dynamic shared-memory limit on this device to at least `bytes`. The
+  // attribute call is not free, so it is made only when a launch needs more than the kernel was
+  // last allowed here (every kernel starts at the default 48 KB). The device must be current.
+  template <auto Kernel>
+  void allow_shared_memory(size_t bytes) {
+    allow(reinterpret_cast<const void*>(Kernel), bytes);
+  }
+
+ private:
+  void allow(const void* kernel, size_t bytes);
+
+  int index_ = 0;
+  DeviceLimits limits_;
+  std::unordered_map<const void*, size_t> allowed_;
+};
+
+// Makes GPU `index` current for the calling thread for its lifetime, and restores the one before.
+// Never throws: a failure shows in the CUDA calls made under it.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int index);
+  ~DeviceGuard();
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = -1;
+};
+
+}  // namespace m1::cuda
