@@ -5,6 +5,7 @@
 
 #include <thread>
 
+#include "m1/backends.h"
 #include "m1/engine.h"
 #include "m1/generation.h"
 #include "sampling_checks.h"
@@ -279,6 +280,50 @@ TEST_F(EngineTest, ConstrainedOutputsEndWhenWhole) {
   const Outcome cut = collect(*engine.submit(r), 1);
   EXPECT_EQ(cut.finish[0], "length");
   EXPECT_EQ(cut.text[0].substr(0, 1), "{");
+}
+
+// Masks and biases apply once, to the logits the ranks gather: over two CPU ranks constrained and
+// biased requests sharing steps get the outputs they get on one (exact precision, where the ranks'
+// logits differ from one rank's only in the order of the sums, far below any greedy margin here).
+TEST_F(EngineTest, ConstrainedAndBiasedOutputsAreTheSameOverTwoRanks) {
+  const int32_t end = *tokenizer_->token_id("<end_of_sentence>");
+  std::vector<GenerationRequest> requests;
+  for (int i = 0; i < 4; ++i) {
+    GenerationRequest r = request(11 * i + 3, 7 + 4 * i, 80, i % 2 == 0 ? 1.0f : 0.0f);
+    r.end_tokens = {end};
+    if (i != 2) r.grammar = small_grammar();
+    if (i >= 2) r.logit_bias = {{int32_t(60 + i), 30.0f}, {int32_t(61 + i), -100.0f}};
+    requests.push_back(r);
+  }
+  auto outcomes = [&](Model& model) {
+    Engine engine(model, *tokenizer_, EngineOptions{8, 0, 96, 64});
+    std::vector<std::shared_ptr<RequestStream>> streams;
+    for (const GenerationRequest& r : requests) streams.push_back(engine.submit(r));
+    std::vector<Outcome> out;
+    for (auto& s : streams) out.push_back(collect(*s, 1));
+    return out;
+  };
+  auto one_backend = create_backend(BackendOptions{"cpu", 2, Precision::kExact});
+  auto one = Model::load(kModel, *one_backend);
+  BackendOptions two_ranks{"cpu", 2, Precision::kExact};
+  two_ranks.tensor_parallel = 2;
+  auto backends = create_backends(two_ranks);
+  auto two = Model::load(kModel, rank_pointers(backends));
+  const std::vector<Outcome> want = outcomes(*one), got = outcomes(*two);
+  const testing::SchemaValidator validator(nlohmann::json::parse(kSmallSchema));
+  int documents = 0;
+  for (size_t i = 0; i < requests.size(); ++i) {
+    SCOPED_TRACE(i);
+    EXPECT_EQ(got[i].tokens, want[i].tokens);
+    EXPECT_EQ(got[i].finish, want[i].finish);
+    if (requests[i].grammar && got[i].finish[0] == "stop") {
+      ++documents;
+      EXPECT_EQ(validator.check_text(got[i].text[0]), "") << got[i].text[0];
+    }
+    for (int32_t t : got[i].tokens[0])
+      if (!requests[i].logit_bias.empty()) EXPECT_NE(t, requests[i].logit_bias[1].id);
+  }
+  EXPECT_GE(documents, 2) << "too few documents finished to check";
 }
 
 TEST_F(EngineTest, LogitBiasSteersEveryDraw) {
