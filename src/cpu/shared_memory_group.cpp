@@ -80,7 +80,7 @@ void SharedMemoryGroup::all_reduce_sum(int rank, float* data, int64_t count, Thr
   // sums from changing before every rank has copied them.
   pool.parallel_for(world_, [&](int64_t r) {
     const auto [first, last] = share(count, world_, int(r));
-    std::memcpy(data + first, reduced_[size_t(r)].data(), size_t(last - first) * sizeof(float));
+    if (last > first) std::memcpy(data + first, reduced_[size_t(r)].data(), size_t(last - first) * sizeof(float));
   });
 }
 
