@@ -360,7 +360,7 @@ TEST(SharedMemoryGroup, SumsInRankOrderForEveryRank) {
         group.all_reduce_sum(r, data[size_t(r)].data(), count, pool);
         group.all_reduce_sum(r, data[size_t(r)].data(), 0, pool);  // back to back, and empty
       });
-      for (int r = 0; r < world; ++r)
+      for (int r = 0; r < world && count > 0; ++r)
         EXPECT_EQ(std::memcmp(data[size_t(r)].data(), want.data(), size_t(count) * sizeof(float)), 0)
             << "rank " << r << " of " << world << ", " << count << " elements";
     }

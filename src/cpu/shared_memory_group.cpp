@@ -63,7 +63,9 @@ void SharedMemoryGroup::all_reduce_sum(int rank, float* data, int64_t count, Thr
   published_[size_t(rank)] = data;
   barrier();
   // Every rank sums its share of the elements over all ranks, in rank order...
-  const auto [begin, end] = share(count, world_, rank);
+  // (Named copies: clang's OpenMP mode refuses lambdas that capture structured bindings.)
+  const auto shared = share(count, world_, rank);
+  const int64_t begin = shared.first, end = shared.second;
   std::vector<float>& mine = reduced_[size_t(rank)];
   mine.resize(size_t(end - begin));  // no peer reads it before the next barrier
   pool.parallel_for((end - begin + kBlock - 1) / kBlock, [&](int64_t task) {
