@@ -89,7 +89,30 @@ class SchemaValidator {
     return n;
   }
 
-  static bool matches(const std::string& pattern, const std::string& text) {
+  // ECMA-262's empty classes in PCRE2's terms: [] matches nothing, (?!); [^] any character.
+  static std::string pcre_pattern(const std::string& pattern) {
+    std::string out;
+    bool in_class = false;
+    for (size_t i = 0; i < pattern.size(); ++i) {
+      const char c = pattern[i];
+      if (c == '\\' && i + 1 < pattern.size()) {
+        out += pattern.substr(i++, 2);
+      } else if (!in_class && c == '[' && pattern.compare(i, 2, "[]") == 0) {
+        out += "(?!)";
+        ++i;
+      } else if (!in_class && c == '[' && pattern.compare(i, 3, "[^]") == 0) {
+        out += "[\\s\\S]";
+        i += 2;
+      } else {
+        in_class = c == '[' ? true : c == ']' ? false : in_class;
+        out += c;
+      }
+    }
+    return out;
+  }
+
+  static bool matches(const std::string& ecma_pattern, const std::string& text) {
+    const std::string pattern = pcre_pattern(ecma_pattern);
     int error = 0;
     PCRE2_SIZE offset = 0;
     pcre2_code* code = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.c_str()), pattern.size(), PCRE2_UTF | PCRE2_UCP,

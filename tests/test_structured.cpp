@@ -55,6 +55,13 @@ TEST(Pattern, MatchesAsEcmaScriptDoes) {
   EXPECT_TRUE(pattern_matches("^\\u00e9\\x41$", "\xC3\xA9" "A"));
   EXPECT_TRUE(pattern_matches("^[\\w.-]+$", "a_b.c-d"));
   EXPECT_TRUE(pattern_matches("^a|b$", "ab"));  // each alternative anchored on its own side
+  // [] matches nothing, so [] repeated zero times matches the empty text, as in JavaScript; the
+  // independent validator reads it so too (found by fuzz_json_schema).
+  EXPECT_TRUE(pattern_matches("^[]{0}-\\d{3}$", "-226"));
+  EXPECT_FALSE(pattern_matches("^[]$", "a"));
+  const testing::SchemaValidator validator(nlohmann::json::parse(R"({"type": "string", "pattern": "^[]{0}-\\d{3}$"})"));
+  EXPECT_EQ(validator.check_text("\"-226\""), "");
+  EXPECT_NE(validator.check_text("\"x-226\""), "");
 }
 
 TEST(Pattern, RefusesWhatItDoesNotSupport) {
