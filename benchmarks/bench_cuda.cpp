@@ -277,14 +277,8 @@ void bench_sampling(Report& report, const Limits& limits, cudaStream_t stream, m
   DeviceArray<m1::cuda::DrawResult> results(draws.size());
   DeviceArray<int32_t> none(1);
   m1::cuda::DeviceScratch scratch(stream);
-  m1::cuda::SampleArgs args;
-  args.logits = logits.get();
-  args.vocab = vocab;
-  args.draws = draws;
-  args.device_draws = device_draws.get();
-  args.seen = none.get();
-  args.generated_counts = none.get();
-  args.results = results.get();
+  const m1::cuda::SampleArgs args{.logits = logits.get(), .vocab = vocab, .draws = draws, .device_draws = device_draws.get(),
+                                  .seen = none.get(), .generated_counts = none.get(), .results = results.get()};
   const double ms = time_ms(stream, 20, [&] { m1::cuda::sample(args, scratch, device, stream); });
   const double bytes = double(batch * vocab) * sizeof(float);
   report.add({fmt::format("sampling, vocab 200064, batch {}, {} ({:.1f} us)", batch,
