@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <memory>
 #include <random>
 
 namespace m1::bench {
@@ -46,12 +47,15 @@ std::vector<int32_t> prompt_tokens(int64_t count, int64_t vocab) {
   return tokens;
 }
 
-// A greedy draw from the step's one row of logits, as the server makes it: only the token id
-// comes back, and on a GPU it waits for the step to finish.
-void draw_greedy(Model& model, const StepLogits& logits) {
-  DrawRequest draw;
-  draw.params.temperature = 0;
-  model.backend().sample(logits.device(), {&draw, 1});
+// Greedy draws from the step's first `rows` rows of logits, as the server makes them: only the
+// token ids come back, and on a GPU this waits for the step to finish.
+void draw_greedy(Model& model, const StepLogits& logits, size_t rows = 1) {
+  std::vector<DrawRequest> draws(rows);
+  for (size_t r = 0; r < rows; ++r) {
+    draws[r].row = int64_t(r);
+    draws[r].params.temperature = 0;
+  }
+  model.backend().sample(logits.device(), draws);
 }
 
 // Feeds `tokens` in chunks as the server does: logits only for the last position of the last
@@ -67,27 +71,38 @@ void prefill(Model& model, SequenceState& seq, std::span<const int32_t> tokens, 
   if (!tokens.empty()) draw_greedy(model, logits);
 }
 
-// Decodes `tokens` one step each, each with a greedy draw (fixed ids go in: what is measured is
-// the step, not the text); the median step in ms.
-double decode_median_ms(Model& model, SequenceState& seq, std::span<const int32_t> tokens) {
+// Decodes `tokens` one step each for every sequence of `batch` (each gets the same token), each
+// step with a greedy draw per sequence (fixed ids go in: what is measured is the step, not the
+// text); the median step in ms.
+double decode_median_ms(Model& model, std::span<const std::unique_ptr<SequenceState>> batch,
+                        std::span<const int32_t> tokens) {
   StepLogits logits;
   std::vector<double> steps;
+  std::vector<BatchEntry> entries(batch.size());
   for (const int32_t& token : tokens) {
-    BatchEntry entry{&seq, {&token, 1}, LogitsFor::kLast};
+    for (size_t b = 0; b < batch.size(); ++b) entries[b] = BatchEntry{batch[b].get(), {&token, 1}, LogitsFor::kLast};
     const auto start = Clock::now();
-    model.forward({&entry, 1}, logits);
-    draw_greedy(model, logits);
+    model.forward(entries, logits);
+    draw_greedy(model, logits, batch.size());
     steps.push_back(ms_since(start));
   }
   return median(std::move(steps));
 }
 
+// `count` sequences at the state of `seq`: seq itself, then copies.
+std::vector<std::unique_ptr<SequenceState>> replicate(std::unique_ptr<SequenceState> seq, int64_t count) {
+  std::vector<std::unique_ptr<SequenceState>> batch;
+  for (int64_t b = 1; b < count; ++b) batch.push_back(seq->clone());
+  batch.insert(batch.begin(), std::move(seq));
+  return batch;
+}
+
 // Runs every path once (thread pool, workspace at full chunk size, weights in cache) without
 // paying for a long prefill twice.
-void warm_up(Model& model, std::span<const int32_t> tokens, int64_t chunk) {
+void warm_up(Model& model, std::span<const int32_t> tokens, int64_t chunk, int64_t decode_batch) {
   auto seq = model.new_sequence();
   prefill(model, *seq, tokens.first(std::min(tokens.size(), size_t(chunk))), chunk);
-  decode_median_ms(model, *seq, tokens.first(std::min(tokens.size(), kWarmUpDecodeSteps)));
+  decode_median_ms(model, replicate(std::move(seq), decode_batch), tokens.first(std::min(tokens.size(), kWarmUpDecodeSteps)));
 }
 
 }  // namespace
@@ -105,7 +120,7 @@ Summary summarize(const Measurement& m) {
   s.prefill_ms = median(m.prefill_ms);
   s.prefill_tokens_per_s = s.prefill_ms > 0 ? double(m.prefill_tokens) * 1000 / s.prefill_ms : 0;
   s.decode_ms_per_token = median(m.decode_ms_per_token);
-  s.decode_tokens_per_s = s.decode_ms_per_token > 0 ? 1000 / s.decode_ms_per_token : 0;
+  s.decode_tokens_per_s = s.decode_ms_per_token > 0 ? double(m.decode_batch) * 1000 / s.decode_ms_per_token : 0;
   s.prefill_collective_share = median(m.prefill_collective_share);
   s.decode_collective_share = median(m.decode_collective_share);
   return s;
@@ -118,13 +133,14 @@ Measurement measure(Model& model, const MeasureSpec& spec) {
   const std::span<const int32_t> all(tokens);
   const auto decode = all.last(size_t(spec.decode_tokens));
 
-  warm_up(model, all, spec.prefill_chunk);
+  warm_up(model, all, spec.prefill_chunk, spec.decode_batch);
   auto base = model.new_sequence();
   prefill(model, *base, all.first(size_t(untimed)), spec.prefill_chunk);
 
   Measurement m;
   m.context = spec.context;
   m.prefill_tokens = timed;
+  m.decode_batch = spec.decode_batch;
   for (int64_t r = 0; r < spec.repeats; ++r) {
     auto seq = base->clone();
     double share = 0;
@@ -134,8 +150,9 @@ Measurement measure(Model& model, const MeasureSpec& spec) {
     // Decode starts at depth `context`: after the timed prefill, or from the untimed context.
     auto at_depth = extra ? base->clone() : std::move(seq);
     m.state_bytes = at_depth->bytes();
+    const auto batch = replicate(std::move(at_depth), spec.decode_batch);
     double median_ms = 0;
-    timed_with_share(model, share, [&] { median_ms = decode_median_ms(model, *at_depth, decode); });
+    timed_with_share(model, share, [&] { median_ms = decode_median_ms(model, batch, decode); });
     m.decode_ms_per_token.push_back(median_ms);
     m.decode_collective_share.push_back(share);
   }

@@ -28,8 +28,10 @@ void print_header(std::FILE* out, const RunInfo& info, const std::vector<BenchRe
   const auto& o = info.options;
   fmt::print(out, "# m1-bench {} | {} | {}\n", info.date, info.cpu, info.backend);
   fmt::print(out, "# model: {} ({}) | {}\n", info.model, info.dtype, describe_shape(info.config));
-  fmt::print(out, "# weights: {} | medians of {} repeats, prefill chunk {}, {} decode tokens\n", weights_line(results),
-             o["repeats"].get<int64_t>(), o["prefill_chunk"].get<int64_t>(), o["decode_tokens"].get<int64_t>());
+  const int64_t batch = o.value("decode_batch", int64_t(1));
+  fmt::print(out, "# weights: {} | medians of {} repeats, prefill chunk {}, {} decode tokens{}\n", weights_line(results),
+             o["repeats"].get<int64_t>(), o["prefill_chunk"].get<int64_t>(), o["decode_tokens"].get<int64_t>(),
+             batch > 1 ? fmt::format(" in steps of {} sequences (decode ms/tok: per step; tok/s: all of them)", batch) : "");
   if (info.read_bandwidth) fmt::print(out, "# weight read bandwidth: {:.1f} GB/s\n", *info.read_bandwidth / 1e9);
 }
 
@@ -41,6 +43,7 @@ nlohmann::ordered_json result_json(const BenchResult& r) {
   j["weights"] = r.random_weights ? "random" : "checkpoint";
   j["context"] = m.context;
   j["prefill_tokens"] = m.prefill_tokens;
+  j["decode_batch"] = m.decode_batch;
   j["prefill_ms"] = s.prefill_ms;
   j["prefill_tokens_per_s"] = s.prefill_tokens_per_s;
   j["decode_ms_per_token"] = s.decode_ms_per_token;

@@ -42,7 +42,7 @@ struct Options {
   int threads = 0;
   std::vector<std::string> contexts{"1k", "4k", "16k", "32k"};
   std::string prefill_tokens = "0";
-  int64_t prefill_chunk = 512, decode_tokens = 16, repeats = 3;
+  int64_t prefill_chunk = 512, decode_tokens = 16, repeats = 3, decode_batch = 1;
   std::vector<std::string> variants = variant_names();
   fs::path json, svg;
   bool measure_bandwidth = false;
@@ -167,7 +167,7 @@ Sweep run_sweep(const Options& o, const BaseModel& base, const m1::BackendOption
     for (int64_t context : contexts) {
       std::fprintf(stderr, "m1-bench: [%zu/%zu] %s at context %s\n", sweep.results.size() + 1, total, variant.c_str(),
                    format_token_count(context).c_str());
-      const MeasureSpec spec{context, extra_prefill, o.decode_tokens, o.repeats, o.prefill_chunk};
+      const MeasureSpec spec{context, extra_prefill, o.decode_tokens, o.repeats, o.prefill_chunk, o.decode_batch};
       sweep.results.push_back({variant, weights.random, bytes_per_token, measure_in_child(backend, load, config, weights, spec)});
     }
   }
@@ -176,7 +176,7 @@ Sweep run_sweep(const Options& o, const BaseModel& base, const m1::BackendOption
 
 nlohmann::ordered_json options_json(const Options& o, const std::vector<int64_t>& contexts, int64_t extra_prefill) {
   return {{"contexts", contexts},         {"prefill_tokens", extra_prefill}, {"prefill_chunk", o.prefill_chunk},
-          {"decode_tokens", o.decode_tokens}, {"repeats", o.repeats},          {"variants", o.variants},
+          {"decode_tokens", o.decode_tokens}, {"decode_batch", o.decode_batch}, {"repeats", o.repeats},          {"variants", o.variants},
           {"device", o.device},           {"precision", o.precision},        {"threads", o.threads},
           {"measure_bandwidth", o.measure_bandwidth}, {"tensor_parallel", o.backend.tensor_parallel},
           {"gpus", o.backend.gpus},       {"collectives", o.backend.collectives},
@@ -236,6 +236,10 @@ void define_options(CLI::App& app, Options& o) {
       ->capture_default_str();
   app.add_option("--prefill-chunk", o.prefill_chunk, "Prompt tokens per forward step")->capture_default_str()->check(CLI::PositiveNumber);
   app.add_option("--decode-tokens", o.decode_tokens, "Tokens decoded at each depth")->capture_default_str()->check(CLI::PositiveNumber);
+  app.add_option("--decode-batch", o.decode_batch,
+                 "Sequences decoded together at each depth, one token each per step (tok/s counts them all)")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t(1), int64_t(4096)));
   app.add_option("--repeats", o.repeats, "Timed repeats (medians are reported)")->capture_default_str()->check(CLI::PositiveNumber);
   app.add_option("--variants", o.variants, "hybrid (the model's own layers), lightning, softmax (every layer)")
       ->delimiter(',')

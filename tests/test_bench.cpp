@@ -190,6 +190,26 @@ TEST(BenchQuantized, WeightBytesPerTokenAreTheQuantizedOnes) {
   EXPECT_NEAR(int4 - int4_head, 2320.0 * 64 * (2 - 4.5 / 8), 1.0);
 }
 
+// --decode-batch N decodes N sequences per step at each depth: the step's time is reported per
+// token, and tokens/s counts every sequence of the step.
+TEST(BenchDecodeBatch, StepsCarryEverySequenceAndCountThemAll) {
+  const fs::path dir = fs::temp_directory_path() / ("m1-bench-batch-" + std::to_string(::getpid()));
+  fs::create_directories(dir);
+  const Result r = run_bench("--synthetic tiny --contexts 64 --decode-tokens 3 --repeats 1 --threads 2 --variants hybrid "
+                             "--decode-batch 5 --json " + (dir / "out.json").string());
+  const json report = json::parse(read_file(dir / "out.json"), nullptr, false);
+  fs::remove_all(dir);
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_NE(r.out.find("in steps of 5 sequences"), std::string::npos) << r.out;
+  ASSERT_FALSE(report.is_discarded());
+  EXPECT_EQ(report["options"]["decode_batch"], 5);
+  const json& result = report["results"][0];
+  EXPECT_EQ(result["decode_batch"], 5);
+  const double ms = result["decode_ms_per_token"].get<double>(), per_s = result["decode_tokens_per_s"].get<double>();
+  ASSERT_GT(ms, 0);
+  EXPECT_NEAR(per_s, 5 * 1000 / ms, 1e-9 * per_s);
+}
+
 TEST_F(BenchErrors, BadArgumentsNameTheOption) {
   expect_rejected("--synthetic huge", "--synthetic");
   expect_rejected("--synthetic tiny --contexts 64,lots", "--contexts");
@@ -202,6 +222,7 @@ TEST_F(BenchErrors, BadArgumentsNameTheOption) {
   expect_rejected("--synthetic tiny --tensor-parallel 3", "--tensor-parallel 3");
   expect_rejected("--synthetic tiny --tensor-parallel 2 --moe-parallel sideways", "--moe-parallel");
   expect_rejected("--synthetic tiny --quantize int2", "--quantize");
+  expect_rejected("--synthetic tiny --decode-batch 0", "--decode-batch");
 }
 
 }  // namespace
