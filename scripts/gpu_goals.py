@@ -1,0 +1,91 @@
+#!/usr/bin/env python3
+"""Issue 16's table: each GPU speed row against its goal, from one gpu-check run's JSON files
+(bench_cuda.json, whose limits were measured in the same run, and m1-bench's reports).
+
+    scripts/gpu_goals.py LOGS_DIR
+
+A row whose measurement is missing (not run, cut by the deadline, renamed) says so; it never
+passes. Exit status 0 either way: the table reports, the tests decide.
+"""
+import json
+import os
+import re
+import sys
+
+
+def load(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def bench_row(bench, pattern):
+    """The first bench_cuda row whose name matches the regex `pattern`."""
+    for row in (bench or {}).get("results", []):
+        if re.search(pattern, row["name"]):
+            return row
+    return None
+
+
+def m1_result(logs, name):
+    report = load(os.path.join(logs, name))
+    return report["results"][0] if report and report.get("results") else None
+
+
+def rows(logs):
+    bench = load(os.path.join(logs, "bench_cuda.json"))
+    copy_gb_s = (bench or {}).get("limits", {}).get("copy_gb_s", 0)
+
+    def share_of_limit(pattern):
+        row = bench_row(bench, pattern)
+        return (row["fraction_of_limit"], row["name"]) if row and "fraction_of_limit" in row else (None, pattern)
+
+    # Decode of the real model's shape: bytes a token reads over its time, against the copy rate.
+    batch1 = m1_result(logs, "m1_bench_batch1.json") or m1_result(logs, "m1_bench_quantized_bf16.json")
+    real = None
+    if batch1 and copy_gb_s and batch1["decode_ms_per_token"] > 0:
+        real = batch1["weight_bytes_per_token"] / (batch1["decode_ms_per_token"] * 1e-3) / 1e9 / copy_gb_s
+    yield ("decode, real shape, batch 1", real, ">=", 0.75, "%",
+           f"{batch1['decode_ms_per_token']:.2f} ms/token" if batch1 else "m1-bench batch 1 missing")
+
+    for what, pattern, goal in (
+        ("decode, bench preset, batch 1, CUDA graph", r"^decode step, bench preset, batch 1 at depth 512, CUDA graph", 0.45),
+        ("one-row product (fast, 8192x8192)", r"^matmul fast m=1 n=8192 k=8192", 0.85),
+        ("lightning prefill bf16, 64K tokens", r"^lightning prefill 64x128 bf16, 65536 tokens", 0.30),
+        ("flash prefill 64q/8kv x128, 64K tokens", r"^flash prefill 64q/8kv x128 bf16, 65536 tokens", 0.50),
+    ):
+        value, name = share_of_limit(pattern)
+        yield (what, value, ">=", goal, "%", name)
+
+    draw = bench_row(bench, r"^sampling, vocab 200064, batch 1, .*top-p 0\.95")
+    yield ("top-p 0.95 draw, vocab 200,064, batch 1", draw["ms"] * 1e3 if draw else None, "<=", 100, "us",
+           draw["name"] if draw else "no bench_cuda row with top-p 0.95 at batch 1")
+
+    batch32 = m1_result(logs, "m1_bench_batch32.json")
+    ratio = None
+    if batch1 and batch32 and batch1["decode_tokens_per_s"] > 0:
+        ratio = batch32["decode_tokens_per_s"] / batch1["decode_tokens_per_s"]
+    yield ("decode, real shape, batch 32 / batch 1 tokens/s", ratio, ">=", 12, "x",
+           f"{batch32['decode_tokens_per_s']:.0f} tok/s at batch 32" if batch32 else "m1-bench batch 32 missing")
+
+
+def main():
+    if len(sys.argv) != 2:
+        sys.exit("usage: gpu_goals.py LOGS_DIR")
+    print("issue 16 goals (limits measured in this run):")
+    print(f"  {'what':48} {'now':>10} {'goal':>10}  {'verdict':8} source")
+    for what, value, sense, goal, unit, source in rows(sys.argv[1]):
+        show = (lambda v: f"{100 * v:.1f}%") if unit == "%" else (lambda v: f"{v:.1f} {unit}")
+        if value is None:
+            now, verdict = "missing", "MISSING"
+        else:
+            now = show(value)
+            met = value >= goal if sense == ">=" else value <= goal
+            verdict = "met" if met else "NOT met"
+        print(f"  {what:48} {now:>10} {sense + ' ' + show(goal):>10}  {verdict:8} {source}")
+
+
+if __name__ == "__main__":
+    main()
