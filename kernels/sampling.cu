@@ -67,6 +67,25 @@ __device__ float higher(float a, float b) { return a < b ? b : a; }  // std::max
 __device__ int lane() { return int(threadIdx.x) % 32; }
 __device__ int warp() { return int(threadIdx.x) / 32; }
 
+// A load that other blocks' writes of this launch reach (volatile: not served from a stale L1
+// line), for data a block reads after last_to_arrive.
+template <class T>
+__device__ T load_fresh(const T* address) {
+  return *static_cast<const volatile T*>(address);
+}
+
+// Whether this block is the last of `blocks` to arrive at `counter`. Every thread's global writes
+// and atomics before the call are visible to the block that is (the fence-then-count pattern of
+// the CUDA programming guide). All the block's threads must call it.
+__device__ bool last_to_arrive(uint32_t* counter, uint32_t blocks) {
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(counter, 1u) == blocks - 1;
+  __syncthreads();
+  return last;
+}
+
 struct Sum {
   template <class T>
   __device__ T operator()(T a, T b) const { return a + b; }
@@ -478,8 +497,8 @@ struct RowSummary {
 // sampling) finds its top-p cut-off by a radix select over the keys of its candidates, the
 // order-preserving bits of their penalised logits: each pass, over every chunk of the row at
 // once, adds the candidates' weights into a histogram of the next digit of the key (among those
-// whose key starts with the digits found so far); the next pass reads the histogram from the top
-// and keeps the bucket where the running mass reaches the target. After the last digit the cut-off
+// whose key starts with the digits found so far); the draw's last block to add its part reads the
+// histogram from the top and keeps the bucket where the running mass reaches the target. After the last digit the cut-off
 // is one logit value; among the tokens tied on it, the lowest ids are kept (sample_row's order),
 // as many as the target needs. The histograms' sums are exact (FixedMass), so the order in which
 // the blocks add them never shows: the passes give the same bits on every run.
@@ -514,7 +533,15 @@ struct Histogram {
   unsigned long long low[kBuckets];
   uint32_t count[kBuckets];
 
-  __device__ FixedMass mass(int bucket) const { return {high[bucket], low[bucket]}; }
+  __device__ FixedMass mass(int bucket) const { return {load_fresh(&high[bucket]), load_fresh(&low[bucket])}; }
+  __device__ uint32_t count_of(int bucket) const { return load_fresh(&count[bucket]); }
+};
+
+// A nucleus draw's histograms, one per digit, and how many of its blocks have added theirs to
+// each: the last to arrive narrows the search. Zeroed before the weighing.
+struct NucleusWork {
+  Histogram histograms[kDigits];
+  uint32_t arrived[kDigits];
 };
 
 // A nucleus draw's search, after some digits of the cut-off key.
@@ -542,8 +569,8 @@ template <int Threads>
 __device__ Nucleus start_nucleus(const DeviceDraw& draw, const ChunkWeights* chunks, int32_t count) {
   double mass = 0.0, near_mass = 0.0;
   for (int32_t c = int32_t(threadIdx.x); c < count; c += Threads) {
-    mass += chunks[c].mass;
-    near_mass += chunks[c].near_mass;
+    mass += load_fresh(&chunks[c].mass);
+    near_mass += load_fresh(&chunks[c].near_mass);
   }
   mass = block_reduce<Threads>(mass, Sum{});
   near_mass = block_reduce<Threads>(near_mass, Sum{});
@@ -580,7 +607,7 @@ __device__ Nucleus narrow(Nucleus nucleus, const Histogram& histogram, int digit
   FixedMass above_crossing{}, above_lowest{};
   for (int j = 0; j < per_thread; ++j) {
     const int b = top - j;
-    if (b < 0 || histogram.count[b] == 0) continue;
+    if (b < 0 || histogram.count_of(b) == 0) continue;
     const FixedMass through = running + histogram.mass(b);
     if (crossing < 0 && through.value() >= nucleus.target) {
       crossing = b;
@@ -597,7 +624,7 @@ __device__ Nucleus narrow(Nucleus nucleus, const Histogram& histogram, int digit
   if (reached ? crossing == chosen : lowest == chosen) above = reached ? above_crossing : above_lowest;
   __syncthreads();
   nucleus.above = above;
-  nucleus.bucket_count = histogram.count[chosen];
+  nucleus.bucket_count = histogram.count_of(chosen);
   nucleus.prefix = (nucleus.prefix << digit_bits(digit)) | uint32_t(chosen);
   nucleus.bits += digit_bits(digit);
   __syncthreads();  // `above` is free again
@@ -841,13 +868,14 @@ struct WeighParams : ChunkedRows {
   const RowSummary* summaries;
   const DrawResult* results;  // their status
   ChunkWeights* weights;      // [draws, chunks]
-  Histogram* histograms;      // [nucleus draws, kDigits], zeroed
+  NucleusWork* nuclei;        // [nucleus draws]
+  Nucleus* searches;          // [nucleus draws, kDigits]: the search after each digit
 };
 
 // Block (draw, chunk) of the random draws whose rows have a distribution: the chunk's weights
 // exp((penalised logit - penalised maximum) / temperature), the bits src/sampler.cpp computes,
 // summed with and without the near-top floor and min-p; for a nucleus draw, the histogram of the
-// first digit of its candidates' keys.
+// first digit of its candidates' keys, which the draw's last block to finish narrows the search by.
 __global__ void __launch_bounds__(kScanThreads) weigh_kernel(WeighParams p) {
   __shared__ uint32_t touched_bits[kChunk / 32];
   __shared__ Histogram histogram;
@@ -880,38 +908,37 @@ __global__ void __launch_bounds__(kScanThreads) weigh_kernel(WeighParams p) {
   kept_mass = block_reduce<kScanThreads>(kept_mass, Sum{});
   near_count = block_reduce<kScanThreads>(near_count, Sum{});
   if (threadIdx.x == 0) p.weights[blockIdx.x] = {mass, near_mass, kept_mass, near_count};
-  if (nucleus) flush_histogram<kScanThreads>(histogram, p.histograms[int64_t(p.summaries[d].nucleus_slot) * kDigits]);
+  if (!nucleus) return;
+  const int64_t slot = p.summaries[d].nucleus_slot;
+  NucleusWork& work = p.nuclei[slot];
+  flush_histogram<kScanThreads>(histogram, work.histograms[0]);
+  if (!last_to_arrive(&work.arrived[0], uint32_t(p.chunks))) return;
+  Nucleus search = start_nucleus<kScanThreads>(draw, p.weights + d * p.chunks, p.chunks);
+  if (search.fast) search = narrow<kScanThreads>(search, work.histograms[0], 0);
+  if (threadIdx.x == 0) p.searches[slot * kDigits] = search;  // the selection reads whether it is fast
 }
 
 struct NucleusParams : ChunkedRows {
   const RowSummary* summaries;
   const DrawResult* results;    // their status
-  const ChunkWeights* weights;  // [draws, chunks]
-  Histogram* histograms;        // [nucleus draws, kDigits]
+  NucleusWork* nuclei;          // [nucleus draws]
   Nucleus* searches;            // [nucleus draws, kDigits]: the search after each digit
   ChunkNucleus* chunk_nuclei;   // [draws, chunks]
   int32_t digit;                // 1 .. kDigits: the histogram this pass fills (kDigits: the chunks' nuclei)
 };
 
-// Block (draw, chunk) of a nucleus draw: narrows the search by the previous digit's histogram (as
-// every block of the draw does, to the same bits), then adds the chunk's candidates to the next
-// digit's histogram or, after the last digit, sums the chunk's part of the nucleus.
+// Block (draw, chunk) of a nucleus draw whose search is fast: adds the chunk's candidates that
+// share the digits found so far to the next digit's histogram (the draw's last block to finish
+// narrows the search by it) or, after the last digit, sums the chunk's part of the nucleus.
 __global__ void __launch_bounds__(kScanThreads) nucleus_kernel(NucleusParams p) {
   __shared__ uint32_t touched_bits[kChunk / 32];
   __shared__ Histogram histogram;
   const auto [d, chunk, first, end] = p.place();
   const DeviceDraw draw = p.draws[d];
   if (!nucleus_draw(draw) || p.results[d].status != kDrawOk) return;  // the whole block
-  const int64_t slot = int64_t(p.summaries[d].nucleus_slot) * kDigits;
-  const bool write = chunk == 0 && threadIdx.x == 0;
-  Nucleus search = p.digit == 1 ? start_nucleus<kScanThreads>(draw, p.weights + d * p.chunks, p.chunks)
-                                : p.searches[slot + p.digit - 2];
-  if (!search.fast) {
-    if (write) p.searches[slot] = search;  // for the selection, which finds this nucleus alone
-    return;
-  }
-  search = narrow<kScanThreads>(search, p.histograms[slot + p.digit - 1], p.digit - 1);
-  if (write) p.searches[slot + p.digit - 1] = search;
+  const int64_t slot = p.summaries[d].nucleus_slot;
+  const Nucleus search = p.searches[slot * kDigits + p.digit - 1];
+  if (!search.fast) return;  // the whole block
 
   Weighted candidates{p.row(draw, touched_bits, first), logit_of(p.summaries[d].best), draw.temperature};
   candidates.floor = search.floor;
@@ -941,7 +968,11 @@ __global__ void __launch_bounds__(kScanThreads) nucleus_kernel(NucleusParams p) 
     }
   }
   if (!last) {
-    flush_histogram<kScanThreads>(histogram, p.histograms[slot + p.digit]);
+    NucleusWork& work = p.nuclei[slot];
+    flush_histogram<kScanThreads>(histogram, work.histograms[p.digit]);
+    if (!last_to_arrive(&work.arrived[p.digit], uint32_t(p.chunks))) return;
+    const Nucleus narrowed = narrow<kScanThreads>(search, work.histograms[p.digit], p.digit);
+    if (threadIdx.x == 0) p.searches[slot * kDigits + p.digit] = narrowed;
     return;
   }
   above_mass = block_reduce<kScanThreads>(above_mass, Sum{});
@@ -1147,7 +1178,7 @@ struct Scratch {
   RowSummary* summaries;   // [draws]
   int32_t* selection;      // the selection's draw count, then its draws
   int32_t* buffers;        // [selection blocks, vocab]
-  Histogram* histograms;   // [nucleus draws, kDigits]
+  NucleusWork* nuclei;     // [nucleus draws]
   Nucleus* searches;       // [nucleus draws, kDigits]
   ChunkNucleus* chunk_nuclei;  // [draws, chunks]
 };
@@ -1189,7 +1220,7 @@ void sample(const SampleArgs& args, DeviceScratch& scratch, Device& device, cuda
     return Scratch{carver.take<ChunkPartial>(chunk_count), carver.take<ChunkWeights>(chunk_count),
                    carver.take<uint64_t>(chunk_count * kMaxTopLogprobs), carver.take<RowSummary>(draw_count),
                    carver.take<int32_t>(draw_count + 1), carver.take<int32_t>(blocks * args.vocab),
-                   carver.take<Histogram>(nucleus_draws * kDigits), carver.take<Nucleus>(nucleus_draws * kDigits),
+                   carver.take<NucleusWork>(nucleus_draws), carver.take<Nucleus>(nucleus_draws * kDigits),
                    carver.take<ChunkNucleus>(nucleus_draws > 0 ? chunk_count : 0)};
   });
   const int32_t vocab = int32_t(args.vocab);
@@ -1204,15 +1235,15 @@ void sample(const SampleArgs& args, DeviceScratch& scratch, Device& device, cuda
   combine_kernel<<<1, kThreads, 0, stream>>>(combine);
   M1_CUDA_CHECK_LAUNCH();
   if (nucleus_draws > 0)
-    M1_CUDA_CHECK(cudaMemsetAsync(work.histograms, 0, size_t(nucleus_draws) * kDigits * sizeof(Histogram), stream));
+    M1_CUDA_CHECK(cudaMemsetAsync(work.nuclei, 0, size_t(nucleus_draws) * sizeof(NucleusWork), stream));
   if (random_draws > 0) {
-    const WeighParams weigh{rows, work.summaries, args.results, work.weights, work.histograms};
+    const WeighParams weigh{rows, work.summaries, args.results, work.weights, work.nuclei, work.searches};
     weigh_kernel<<<int(chunk_count), kScanThreads, 0, stream>>>(weigh);
     M1_CUDA_CHECK_LAUNCH();
   }
   for (int32_t digit = 1; digit <= kDigits && nucleus_draws > 0; ++digit) {
-    const NucleusParams nucleus{rows, work.summaries, args.results, work.weights, work.histograms, work.searches,
-                                work.chunk_nuclei, digit};
+    const NucleusParams nucleus{rows, work.summaries, args.results, work.nuclei, work.searches, work.chunk_nuclei,
+                                digit};
     nucleus_kernel<<<int(chunk_count), kScanThreads, 0, stream>>>(nucleus);
     M1_CUDA_CHECK_LAUNCH();
   }
