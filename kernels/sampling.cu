@@ -14,20 +14,20 @@
 // maximum, the penalised argmax and, when the draw asks for alternatives, the chunk's best finite
 // raw logits. The combine, one block for all draws, folds the chunks in a fixed order into each
 // draw's status and log-normaliser, finishes the greedy draws that report no alternatives, and
-// lists the others for the selection. The weighing, for the random draws, sums each chunk's
-// weights at the draw's temperature (all, near-top, min-p's) and, for a nucleus draw (top-p
-// without top-k), fills the histogram of the first digit of its candidates' keys. Three nucleus
-// passes narrow the top-p cut-off digit by digit (see Nucleus below) and sum each chunk's part of
+// lists the others for the selection. The weighing, for the random draws, sums each chunk's weights
+// at the draw's temperature (all, near-top, min-p's) and, for a nucleus draw (top-p without top-k,
+// or top-k without top-p), fills the histogram of the first digit of its candidates' keys. Three
+// nucleus passes narrow the cut-off digit by digit (see Nucleus below) and sum each chunk's part of
 // the nucleus. The selection, one block per listed draw (a block loops over draws when there are
-// more than it has slots), merges the chunks' alternatives and draws: from the chunks' kept
-// masses it finds the one chunk where the running mass passes the target and walks only that
-// chunk in id order. Top-k, and a top-p whose nucleus reaches below the near-top floor (a flat
-// row at top-p near 1), find their kept set in the selection block instead (a quickselect on the
+// more than it has slots), merges the chunks' alternatives and draws: from the chunks' kept masses
+// it finds the one chunk where the running mass passes the target and walks only that chunk in id
+// order. Top-k with top-p, and a top-p whose nucleus reaches below the near-top floor (a flat row
+// at top-p near 1), find their kept set in the selection block instead (a quickselect on the
 // candidates, compacted into a per-block id buffer, whose pivot passes sum the weights in a fixed
 // order; the last survivors, at most one per thread, are sorted in shared memory), then walk the
 // kept ids in id order with block-wide prefix sums. Every sum has a fixed order or is exact, so the
-// same inputs give the same bits on every run, whatever the batch. "Penalised" logits below are
-// the processed ones: biases, penalties, then the draw's own mask (masked ids -inf).
+// same inputs give the same bits on every run, whatever the batch. "Penalised" logits below are the
+// processed ones: biases, penalties, then the draw's own mask (masked ids -inf).
 
 namespace m1::cuda {
 namespace {
@@ -493,17 +493,18 @@ struct RowSummary {
   int32_t nucleus_slot;  // of a nucleus draw: its place among them (its histograms)
 };
 
-// The multi-block nucleus. A random draw with top-p and without top-k (MiniMax-M1's recommended
-// sampling) finds its top-p cut-off by a radix select over the keys of its candidates, the
-// order-preserving bits of their penalised logits: each pass, over every chunk of the row at
-// once, adds the candidates' weights into a histogram of the next digit of the key (among those
-// whose key starts with the digits found so far); the draw's last block to add its part reads the
-// histogram from the top and keeps the bucket where the running mass reaches the target. After the last digit the cut-off
+// The multi-block nucleus: the kept set of a random draw with top-p and without top-k (MiniMax-M1's
+// recommended sampling), or with top-k and without top-p. Its cut-off is found by a radix select
+// over the keys of its candidates, the order-preserving bits of their penalised logits: each pass,
+// over every chunk of the row at once, adds the candidates' weights (and counts) into a histogram
+// of the next digit of the key (among those whose key starts with the digits found so far); the
+// draw's last block to add its part reads the histogram from the top and keeps the bucket where
+// the running mass (top-p) or count (top-k) reaches the target. After the last digit the cut-off
 // is one logit value; among the tokens tied on it, the lowest ids are kept (sample_row's order),
 // as many as the target needs. The histograms' sums are exact (FixedMass), so the order in which
 // the blocks add them never shows: the passes give the same bits on every run.
 __device__ __host__ constexpr bool nucleus_draw(const DeviceDraw& draw) {
-  return draw.temperature != 0.0f && draw.top_k == 0 && draw.top_p < 1.0f;
+  return draw.temperature != 0.0f && (draw.top_k == 0 ? draw.top_p < 1.0f : draw.top_p == 1.0f);
 }
 constexpr int kDigits = 3;
 __device__ __host__ constexpr int digit_bits(int digit) { return digit < 2 ? 11 : 10; }
@@ -534,6 +535,10 @@ struct Histogram {
   uint32_t count[kBuckets];
 
   __device__ FixedMass mass(int bucket) const { return {load_fresh(&high[bucket]), load_fresh(&low[bucket])}; }
+  // What a search measures the bucket by: its mass, or its count as that many units.
+  __device__ FixedMass measure(int bucket, bool by_count) const {
+    return by_count ? FixedMass{0, count_of(bucket)} : mass(bucket);
+  }
   __device__ uint32_t count_of(int bucket) const { return load_fresh(&count[bucket]); }
 };
 
@@ -546,8 +551,10 @@ struct NucleusWork {
 
 // A nucleus draw's search, after some digits of the cut-off key.
 struct Nucleus {
-  double target;          // the mass the nucleus reaches: top_p_fraction * the row's mass
-  FixedMass above;        // of the candidates whose keys are above the bucket found
+  // The measure the nucleus reaches: top_p_fraction * the row's mass, or (by_count) top_k units.
+  double target;
+  int32_t by_count;
+  FixedMass above;        // measure of the candidates whose keys are above the bucket found
   uint32_t bucket_count;  // the candidates in that bucket
   uint32_t prefix;        // the key's top `bits` bits found so far
   int32_t bits;
@@ -575,6 +582,14 @@ __device__ Nucleus start_nucleus(const DeviceDraw& draw, const ChunkWeights* chu
   mass = block_reduce<Threads>(mass, Sum{});
   near_mass = block_reduce<Threads>(near_mass, Sum{});
   Nucleus nucleus{};
+  if (draw.top_k > 0) {
+    // gather_top_k: the k best of the tokens with weight (min-p applies after).
+    nucleus.target = FixedMass{0, (unsigned long long)draw.top_k}.value();
+    nucleus.by_count = 1;
+    nucleus.floor = 0.0f;
+    nucleus.fast = 1;
+    return nucleus;
+  }
   nucleus.target = top_p_fraction(draw.top_p) * mass;
   // gather_above_floor's floor: min-p, and the near-top floor when the near-top tokens hold the
   // nucleus.
@@ -585,11 +600,14 @@ __device__ Nucleus start_nucleus(const DeviceDraw& draw, const ChunkWeights* chu
 }
 
 // The candidates' least weight in the first digit's histogram: every floor a fast search can have
-// is at least this, and its candidates are those of the histogram's that reach it.
-__device__ float first_digit_floor(const DeviceDraw& draw) { return higher(draw.min_p, kNearTopWeight); }
+// is at least this, and its candidates are those of the histogram's that reach it. A top-k
+// search counts every token with weight, whose masses it does not use.
+__device__ float first_digit_floor(const DeviceDraw& draw) {
+  return draw.top_k > 0 ? 0.0f : higher(draw.min_p, kNearTopWeight);
+}
 
 // The search after `digit`: the highest bucket of `histogram` (the candidates that share the
-// digits found so far) where the running mass from the top reaches the target; the lowest
+// digits found so far) where the running measure from the top reaches the target; the lowest
 // non-empty one when rounding leaves the whole row short of it. Every thread gets the result.
 template <int Threads>
 __device__ Nucleus narrow(Nucleus nucleus, const Histogram& histogram, int digit) {
@@ -598,7 +616,7 @@ __device__ Nucleus narrow(Nucleus nucleus, const Histogram& histogram, int digit
   const int top = buckets - 1 - int(threadIdx.x) * per_thread;
   FixedMass own{};
   for (int j = 0; j < per_thread; ++j)
-    if (top - j >= 0) own = own + histogram.mass(top - j);
+    if (top - j >= 0) own = own + histogram.measure(top - j, nucleus.by_count);
   unsigned long long total_high, total_low;
   const unsigned long long high_before = block_exclusive_sum<Threads>(own.high, total_high);
   const unsigned long long low_before = block_exclusive_sum<Threads>(own.low, total_low);
@@ -608,7 +626,7 @@ __device__ Nucleus narrow(Nucleus nucleus, const Histogram& histogram, int digit
   for (int j = 0; j < per_thread; ++j) {
     const int b = top - j;
     if (b < 0 || histogram.count_of(b) == 0) continue;
-    const FixedMass through = running + histogram.mass(b);
+    const FixedMass through = running + histogram.measure(b, nucleus.by_count);
     if (crossing < 0 && through.value() >= nucleus.target) {
       crossing = b;
       above_crossing = running;
@@ -901,7 +919,8 @@ __global__ void __launch_bounds__(kScanThreads) weigh_kernel(WeighParams p) {
       ++near_count;
     }
     if (weight >= draw.min_p) kept_mass += weight;
-    if (nucleus && weight >= histogram_floor) add_to_histogram(histogram, int(key_of(rank) >> (32 - digit_bits(0))), weight);
+    if (nucleus && weight >= histogram_floor)
+      add_to_histogram(histogram, int(key_of(rank) >> (32 - digit_bits(0))), weight);
   }
   mass = block_reduce<kScanThreads>(mass, Sum{});
   near_mass = block_reduce<kScanThreads>(near_mass, Sum{});
@@ -937,8 +956,10 @@ __global__ void __launch_bounds__(kScanThreads) nucleus_kernel(NucleusParams p) 
   const DeviceDraw draw = p.draws[d];
   if (!nucleus_draw(draw) || p.results[d].status != kDrawOk) return;  // the whole block
   const int64_t slot = p.summaries[d].nucleus_slot;
+  // The first digit's search says whether the passes find this nucleus (only then are the later
+  // digits' written).
+  if (!p.searches[slot * kDigits].fast) return;  // the whole block
   const Nucleus search = p.searches[slot * kDigits + p.digit - 1];
-  if (!search.fast) return;  // the whole block
 
   Weighted candidates{p.row(draw, touched_bits, first), logit_of(p.summaries[d].best), draw.temperature};
   candidates.floor = search.floor;
@@ -962,7 +983,7 @@ __global__ void __launch_bounds__(kScanThreads) nucleus_kernel(NucleusParams p) 
     if (!last) {
       add_to_histogram(histogram, int((key >> shift) & uint32_t((1 << digit_bits(p.digit)) - 1)), weight);
     } else if (found > search.prefix) {
-      above_mass += weight;
+      if (weight >= draw.min_p) above_mass += weight;  // top-k's candidates are kept when they reach min-p
     } else {
       ++ties;
     }
@@ -1036,18 +1057,19 @@ __device__ int32_t nth_with_key(const Weighted& candidates, uint32_t key, int32_
 }
 
 // The draw of a nucleus that the passes found: the candidates above the cut-off key, and of those
-// on it the fewest, lowest ids that bring the mass to the target (all of them when none do).
-__device__ int32_t draw_from_nucleus(Weighted kept, const Nucleus& search, const ChunkNucleus* chunks, int32_t count,
-                                     double uniform) {
+// on it the fewest, lowest ids that bring the measure to the target (all of them when none do);
+// of those, the ones that reach min-p.
+__device__ int32_t draw_from_nucleus(Weighted kept, const Nucleus& search, float min_p, const ChunkNucleus* chunks,
+                                     int32_t count, double uniform) {
   kept.floor = search.floor;
   const uint64_t cut_rank = uint64_t(search.prefix) << 32;
   const float tie_weight = kept.weight_of(logit_of(cut_rank));
-  const FixedMass tie_mass = FixedMass::of(tie_weight);
-  // The fewest ties that reach the target: the running mass only grows, so a binary search.
+  const FixedMass tie_measure = search.by_count ? FixedMass{0, 1} : FixedMass::of(tie_weight);
+  // The fewest ties that reach the target: the running measure only grows, so a binary search.
   int64_t lo = 1, hi = search.bucket_count;
   while (lo < hi) {
     const int64_t mid = (lo + hi) / 2;
-    if ((search.above + tie_mass.times(mid)).value() >= search.target) hi = mid; else lo = mid + 1;
+    if ((search.above + tie_measure.times(mid)).value() >= search.target) hi = mid; else lo = mid + 1;
   }
   const int64_t needed = lo;
   // The chunk that holds the last tie kept, and that tie's id.
@@ -1061,7 +1083,9 @@ __device__ int32_t draw_from_nucleus(Weighted kept, const Nucleus& search, const
   const int32_t end = first + kChunk < kept.row.vocab ? first + kChunk : kept.row.vocab;
   const int32_t last_tie = nth_with_key(kept, search.prefix, first, end, needed - before_holder);
   kept.rank_floor = cut_rank | uint32_t(~last_tie);
-  const int64_t kept_ties = c < holder ? ties : c == holder ? needed - before_holder : 0;
+  kept.floor = higher(kept.floor, min_p);
+  const int64_t kept_ties =
+      tie_weight < kept.floor ? 0 : c < holder ? ties : c == holder ? needed - before_holder : 0;
   const double mass = c < count ? chunks[c].above_mass + double(tie_weight) * double(kept_ties) : 0.0;
   return draw_by_chunks(kept, uniform, mass);
 }
@@ -1127,8 +1151,8 @@ __device__ void select_token(const SelectParams& p, const DeviceDraw& draw, cons
     chosen = draw_by_chunks(kept, draw.uniform, c < p.chunks ? chunk_weights[c].kept_mass : 0.0);
   } else if (nucleus_draw(draw) && p.searches[int64_t(summary.nucleus_slot) * kDigits].fast) {
     chosen = draw_from_nucleus(Weighted{row, logit_of(summary.best), draw.temperature},
-                               p.searches[int64_t(summary.nucleus_slot) * kDigits + kDigits - 1], chunk_nuclei,
-                               p.chunks, draw.uniform);
+                               p.searches[int64_t(summary.nucleus_slot) * kDigits + kDigits - 1], draw.min_p,
+                               chunk_nuclei, p.chunks, draw.uniform);
   } else {
     Weighted candidates{row, logit_of(summary.best), draw.temperature};
     const RowWeights weights = fold_chunk_weights(chunk_weights, p.chunks);

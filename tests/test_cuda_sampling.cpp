@@ -343,8 +343,10 @@ std::vector<float> shaped_row(int64_t vocab, RowShape shape) {
       return row;
     case RowShape::kMostlyMasked: return random_row(vocab, 0.97, 3.0f);
     case RowShape::kFarTail:
-      row = random_row(vocab, 0.0, 0.5f);
-      for (float& logit : row) logit -= 30.0f;
+      // Weights near e^-17.5, all below kNearTopWeight: from 1000 tokens on, they hold more than
+      // the 1e-5 of the mass that top-p 0.99999 leaves out.
+      row = random_row(vocab, 0.0, 0.2f);
+      for (float& logit : row) logit -= 17.5f;
       row[size_t(rng() % uint64_t(vocab))] = 0.0f;
       return row;
   }
@@ -352,7 +354,8 @@ std::vector<float> shaped_row(int64_t vocab, RowShape shape) {
 }
 
 // The draws of a nucleus-heavy mix: MiniMax-M1's recommended top-p 0.95 at temperature 1, top-p
-// 1, top-k 1, min-p near 1 alone and under top-p, and a top-p that reaches into a far tail, each
+// 1, top-k 1, min-p near 1 alone and under top-p, a top-p that reaches into a far tail, and
+// top-k 50 under min-p (more than some rows have tokens with weight), each
 // with a uniform from the seed's stream, near 0 or near 1; penalties, biases and a mask on some.
 std::vector<TestDraw> awkward_draws(int64_t vocab) {
   auto& rng = testing::rng();
@@ -362,8 +365,8 @@ std::vector<TestDraw> awkward_draws(int64_t vocab) {
     int top_k;
     float min_p;
   };
-  const Mix mixes[] = {{0.95f, 0, 0.0f}, {1.0f, 0, 0.0f}, {1.0f, 1, 0.0f}, {1.0f, 0, 0.999f},
-                       {0.95f, 0, 0.9999f}, {0.5f, 0, 0.05f}, {0.99999f, 0, 0.0f}};
+  const Mix mixes[] = {{0.95f, 0, 0.0f},    {1.0f, 0, 0.0f},   {1.0f, 1, 0.0f},     {1.0f, 0, 0.999f},
+                       {0.95f, 0, 0.9999f}, {0.5f, 0, 0.05f}, {0.99999f, 0, 0.0f}, {1.0f, 50, 0.3f}};
   std::vector<TestDraw> draws;
   for (const Mix& mix : mixes)
     for (double uniform : {unit(rng), unit(rng), 0.0, 0.999999}) {
