@@ -258,9 +258,17 @@ void bench_lightning_decode(Report& report, const Limits& limits, cudaStream_t s
               bytes / (ms * 1e-3) / 1e9, "GB/s", bytes / (ms * 1e-3) / 1e9 / limits.copy_gb_s});
 }
 
-// Token draws for `batch` rows of the real model's 200,064 logits: greedy, or nucleus sampling
-// (temperature 0.8, top-p 0.9) with 5 alternatives' log-probabilities. Bytes: the logits, read once.
-void bench_sampling(Report& report, const Limits& limits, cudaStream_t stream, m1::cuda::Device& device, int64_t batch, bool nucleus) {
+// The draws bench_sampling times.
+enum class DrawKind {
+  kGreedy,
+  kTopP09Logprobs,  // temperature 0.8, top-p 0.9, 5 alternatives' log-probabilities
+  kTopP095,         // MiniMax-M1's recommended sampling: temperature 1.0, top-p 0.95
+};
+
+// Token draws for `batch` rows of the real model's 200,064 logits (uniform in [-3, 3]: a wide
+// nucleus). Bytes: the logits, read once.
+void bench_sampling(Report& report, const Limits& limits, cudaStream_t stream, m1::cuda::Device& device, int64_t batch,
+                    DrawKind kind) {
   const int64_t vocab = 200064;
   DeviceArray<float> logits(size_t(batch * vocab));
   fill_random(logits, 3, 10);
@@ -268,9 +276,9 @@ void bench_sampling(Report& report, const Limits& limits, cudaStream_t stream, m
   for (int64_t b = 0; b < batch; ++b) {
     m1::cuda::DeviceDraw& d = draws[size_t(b)];
     d.row = b;
-    d.temperature = nucleus ? 0.8f : 0.0f;
-    d.top_p = nucleus ? 0.9f : 1.0f;
-    d.top_logprobs = nucleus ? 5 : 0;
+    d.temperature = kind == DrawKind::kGreedy ? 0.0f : kind == DrawKind::kTopP09Logprobs ? 0.8f : 1.0f;
+    d.top_p = kind == DrawKind::kGreedy ? 1.0f : kind == DrawKind::kTopP09Logprobs ? 0.9f : 0.95f;
+    d.top_logprobs = kind == DrawKind::kTopP09Logprobs ? 5 : 0;
     d.uniform = double(b + 1) / double(batch + 2);
   }
   DeviceArray<m1::cuda::DeviceDraw> device_draws(draws);
@@ -282,7 +290,10 @@ void bench_sampling(Report& report, const Limits& limits, cudaStream_t stream, m
   const double ms = time_ms(stream, 20, [&] { m1::cuda::sample(args, scratch, device, stream); });
   const double bytes = double(batch * vocab) * sizeof(float);
   report.add({fmt::format("sampling, vocab 200064, batch {}, {} ({:.1f} us)", batch,
-                          nucleus ? "top-p 0.9 + 5 logprobs" : "greedy", ms * 1e3),
+                          kind == DrawKind::kGreedy           ? "greedy"
+                          : kind == DrawKind::kTopP09Logprobs ? "top-p 0.9 + 5 logprobs, temperature 0.8"
+                                                              : "top-p 0.95, temperature 1.0",
+                          ms * 1e3),
               ms, bytes / (ms * 1e-3) / 1e9, "GB/s", bytes / (ms * 1e-3) / 1e9 / limits.copy_gb_s});
 }
 
@@ -421,7 +432,8 @@ int run(const std::string& json_path, const std::string& only) {
       for (int64_t tokens : {8192, 65536}) bench_flash_prefill(report, limits, stream, gpu, tokens, bf16_operands);
   if (wanted("sampling"))
     for (int64_t batch : {1, 32})
-      for (bool nucleus : {false, true}) bench_sampling(report, limits, stream, gpu, batch, nucleus);
+      for (DrawKind kind : {DrawKind::kGreedy, DrawKind::kTopP09Logprobs, DrawKind::kTopP095})
+        bench_sampling(report, limits, stream, gpu, batch, kind);
   for (int64_t batch : {1, 32})
     for (bool graphs : {false, true})
       if (wanted(decode_step_name(batch, 512, graphs))) bench_decode_step(report, limits, batch, 512, graphs);

@@ -8,22 +8,26 @@
 #include "launch.h"
 #include "m1/error.h"
 
-// Four kernels, so that no full pass over a row runs on one multiprocessor unless the draw truncates.
-// The scan spreads every draw's row over many small blocks, one per fixed chunk of ids: NaN, raw
-// maximum, the exp-sum against the chunk's maximum, the penalised argmax and, when the draw asks
-// for alternatives, the chunk's best finite raw logits. The combine, one block for all draws,
-// folds the chunks in a fixed order into each draw's status and log-normaliser, finishes the
-// greedy draws that report no alternatives, and lists the others for the selection. The weighing,
-// for the random draws, sums each chunk's weights at the draw's temperature, with and without
-// the near-top floor. The selection, one block per listed draw (a block loops over draws when
-// there are more than it has slots), merges the chunks' alternatives, and draws: without
-// truncation, by walking only the chunk where the chunks' running mass passes the target; with
-// it, by finding the kept set of top-k / top-p without sorting the vocabulary (a quickselect on
-// the candidates, compacted into a per-block id buffer, whose pivot passes sum the weights in a
-// fixed order; the last survivors, at most one per thread, are sorted in shared memory), then
-// walking the kept ids in id order with block-wide prefix sums. Every sum has a fixed order, so
-// the same inputs give the same bits on every run, whatever the batch. "Penalised" logits below
-// are the processed ones: biases, penalties, then the draw's own mask (masked ids -inf).
+// Kernels over many blocks, so that a draw reads its row a small, fixed number of times, and one
+// block per draw only for what is left at the end. The scan spreads every draw's row over many
+// small blocks, one per fixed chunk of ids: NaN, raw maximum, the exp-sum against the chunk's
+// maximum, the penalised argmax and, when the draw asks for alternatives, the chunk's best finite
+// raw logits. The combine, one block for all draws, folds the chunks in a fixed order into each
+// draw's status and log-normaliser, finishes the greedy draws that report no alternatives, and
+// lists the others for the selection. The weighing, for the random draws, sums each chunk's weights
+// at the draw's temperature (all, near-top, min-p's) and, for a nucleus draw (top-p without top-k,
+// or top-k without top-p), fills the histogram of the first digit of its candidates' keys. Three
+// nucleus passes narrow the cut-off digit by digit (see Nucleus below) and sum each chunk's part of
+// the nucleus. The selection, one block per listed draw (a block loops over draws when there are
+// more than it has slots), merges the chunks' alternatives and draws: from the chunks' kept masses
+// it finds the one chunk where the running mass passes the target and walks only that chunk in id
+// order. Top-k with top-p, and a top-p whose nucleus reaches below the near-top floor (a flat row
+// at top-p near 1), find their kept set in the selection block instead (a quickselect on the
+// candidates, compacted into a per-block id buffer, whose pivot passes sum the weights in a fixed
+// order; the last survivors, at most one per thread, are sorted in shared memory), then walk the
+// kept ids in id order with block-wide prefix sums. Every sum has a fixed order or is exact, so the
+// same inputs give the same bits on every run, whatever the batch. "Penalised" logits below are the
+// processed ones: biases, penalties, then the draw's own mask (masked ids -inf).
 
 namespace m1::cuda {
 namespace {
@@ -62,6 +66,25 @@ __device__ float higher(float a, float b) { return a < b ? b : a; }  // std::max
 
 __device__ int lane() { return int(threadIdx.x) % 32; }
 __device__ int warp() { return int(threadIdx.x) / 32; }
+
+// A load that other blocks' writes of this launch reach (volatile: not served from a stale L1
+// line), for data a block reads after last_to_arrive.
+template <class T>
+__device__ T load_fresh(const T* address) {
+  return *static_cast<const volatile T*>(address);
+}
+
+// Whether this block is the last of `blocks` to arrive at `counter`. Every thread's global writes
+// and atomics before the call are visible to the block that is (the fence-then-count pattern of
+// the CUDA programming guide). All the block's threads must call it.
+__device__ bool last_to_arrive(uint32_t* counter, uint32_t blocks) {
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(counter, 1u) == blocks - 1;
+  __syncthreads();
+  return last;
+}
 
 struct Sum {
   template <class T>
@@ -103,9 +126,11 @@ __device__ T block_reduce(T value, Op op) {
 }
 
 // Sum of `value` over the threads before this one, in thread order; `total` gets the block's sum.
-template <class T>
+// All `Threads` threads must call it.
+template <int Threads = kThreads, class T>
 __device__ T block_exclusive_sum(T value, T& total) {
-  __shared__ T warp_totals[kWarps];
+  constexpr int warps = Threads / 32;
+  __shared__ T warp_totals[warps];
   T inclusive = value;
   for (int offset = 1; offset < 32; offset *= 2) {
     const T below = __shfl_up_sync(kFullMask, inclusive, offset);
@@ -117,7 +142,7 @@ __device__ T block_exclusive_sum(T value, T& total) {
   __syncthreads();
   T before = T(0);
   total = T(0);
-  for (int w = 0; w < kWarps; ++w) {
+  for (int w = 0; w < warps; ++w) {
     if (w == warp()) before = total;
     total += warp_totals[w];
   }
@@ -247,8 +272,11 @@ struct Weighted {
       weight = 0.0f;
       return false;
     }
-    weight = exp_nonpositive(__fdiv_rn(__fsub_rn(logit, max), temperature));
+    weight = weight_of(logit);
     return weight > 0.0f && weight >= floor;
+  }
+  __device__ float weight_of(float logit) const {
+    return exp_nonpositive(__fdiv_rn(__fsub_rn(logit, max), temperature));
   }
 };
 
@@ -454,14 +482,200 @@ struct ChunkPartial {
 struct ChunkWeights {
   double mass;       // of its positive weights
   double near_mass;  // of its weights of at least kNearTopWeight
+  double kept_mass;  // of its positive weights of at least the draw's min_p
   int32_t near_count;
 };
 
 // One draw's row, as the combine leaves it for the selection.
 struct RowSummary {
-  double log_norm;  // log(sum(exp(logit))) of the raw row
-  uint64_t best;    // the highest rank of the penalised row: its maximum and its argmax
+  double log_norm;       // log(sum(exp(logit))) of the raw row
+  uint64_t best;         // the highest rank of the penalised row: its maximum and its argmax
+  int32_t nucleus_slot;  // of a nucleus draw: its place among them (its histograms)
 };
+
+// The multi-block nucleus: the kept set of a random draw with top-p and without top-k (MiniMax-M1's
+// recommended sampling), or with top-k and without top-p. Its cut-off is found by a radix select
+// over the keys of its candidates, the order-preserving bits of their penalised logits: each pass,
+// over every chunk of the row at once, adds the candidates' weights (and counts) into a histogram
+// of the next digit of the key (among those whose key starts with the digits found so far); the
+// draw's last block to add its part reads the histogram from the top and keeps the bucket where
+// the running mass (top-p) or count (top-k) reaches the target. After the last digit the cut-off
+// is one logit value; among the tokens tied on it, the lowest ids are kept (sample_row's order),
+// as many as the target needs. The histograms' sums are exact (FixedMass), so the order in which
+// the blocks add them never shows: the passes give the same bits on every run.
+__device__ __host__ constexpr bool nucleus_draw(const DeviceDraw& draw) {
+  return draw.temperature != 0.0f && (draw.top_k == 0 ? draw.top_p < 1.0f : draw.top_p == 1.0f);
+}
+constexpr int kDigits = 3;
+__device__ __host__ constexpr int digit_bits(int digit) { return digit < 2 ? 11 : 10; }
+constexpr int kBuckets = 1 << 11;
+static_assert(digit_bits(0) + digit_bits(1) + digit_bits(2) == 32, "the digits cover the key");
+
+// An exact sum of weights of at least 2^-24 (kNearTopWeight and above). Each such float is a whole
+// number of 2^-47 units, at most 2^47 of them; the sum keeps their high and low parts apart, so a
+// million of them fit without overflow and integer adds give the same bits in any order.
+constexpr int kFixedSplit = 24;
+struct FixedMass {
+  unsigned long long high, low;  // high * 2^24 + low units of 2^-47
+
+  __device__ static FixedMass of(float weight) {
+    const auto units = (unsigned long long)(weight * 0x1p47f);
+    return {units >> kFixedSplit, units & ((1ull << kFixedSplit) - 1)};
+  }
+  __device__ FixedMass operator+(const FixedMass& other) const { return {high + other.high, low + other.low}; }
+  __device__ FixedMass times(int64_t n) const { return {high * (unsigned long long)n, low * (unsigned long long)n}; }
+  // Rounded once to a double.
+  __device__ double value() const { return (double(high) * 0x1p24 + double(low)) * 0x1p-47; }
+};
+
+// One digit's buckets: the candidates' exact mass and their count.
+struct Histogram {
+  unsigned long long high[kBuckets];
+  unsigned long long low[kBuckets];
+  uint32_t count[kBuckets];
+
+  __device__ FixedMass mass(int bucket) const { return {load_fresh(&high[bucket]), load_fresh(&low[bucket])}; }
+  // What a search measures the bucket by: its mass, or its count as that many units.
+  __device__ FixedMass measure(int bucket, bool by_count) const {
+    return by_count ? FixedMass{0, count_of(bucket)} : mass(bucket);
+  }
+  __device__ uint32_t count_of(int bucket) const { return load_fresh(&count[bucket]); }
+};
+
+// A nucleus draw's histograms, one per digit, and how many of its blocks have added theirs to
+// each: the last to arrive narrows the search. Zeroed before the weighing.
+struct NucleusWork {
+  Histogram histograms[kDigits];
+  uint32_t arrived[kDigits];
+};
+
+// A nucleus draw's search, after some digits of the cut-off key.
+struct Nucleus {
+  // The measure the nucleus reaches: top_p_fraction * the row's mass, or (by_count) top_k units.
+  double target;
+  int32_t by_count;
+  FixedMass above;        // measure of the candidates whose keys are above the bucket found
+  uint32_t bucket_count;  // the candidates in that bucket
+  uint32_t prefix;        // the key's top `bits` bits found so far
+  int32_t bits;
+  float floor;            // the candidates' least weight
+  int32_t fast;           // 0: the floor is below 2^-24, and the selection finds the cut-off alone
+};
+
+// One chunk of a nucleus draw's row after the last digit.
+struct ChunkNucleus {
+  double above_mass;  // of its candidates whose keys are above the cut-off key
+  int32_t ties;       // its candidates whose key is the cut-off key
+};
+
+__device__ uint32_t key_of(uint64_t rank) { return uint32_t(rank >> 32); }
+
+// The search before its first digit: the target and the candidates' floor, from the row's chunks
+// folded in a fixed order.
+template <int Threads>
+__device__ Nucleus start_nucleus(const DeviceDraw& draw, const ChunkWeights* chunks, int32_t count) {
+  double mass = 0.0, near_mass = 0.0;
+  for (int32_t c = int32_t(threadIdx.x); c < count; c += Threads) {
+    mass += load_fresh(&chunks[c].mass);
+    near_mass += load_fresh(&chunks[c].near_mass);
+  }
+  mass = block_reduce<Threads>(mass, Sum{});
+  near_mass = block_reduce<Threads>(near_mass, Sum{});
+  Nucleus nucleus{};
+  if (draw.top_k > 0) {
+    // gather_top_k: the k best of the tokens with weight (min-p applies after).
+    nucleus.target = FixedMass{0, (unsigned long long)draw.top_k}.value();
+    nucleus.by_count = 1;
+    nucleus.floor = 0.0f;
+    nucleus.fast = 1;
+    return nucleus;
+  }
+  nucleus.target = top_p_fraction(draw.top_p) * mass;
+  // gather_above_floor's floor: min-p, and the near-top floor when the near-top tokens hold the
+  // nucleus.
+  nucleus.floor = draw.min_p;
+  if (near_mass >= nucleus.target) nucleus.floor = higher(nucleus.floor, kNearTopWeight);
+  nucleus.fast = nucleus.floor >= kNearTopWeight;
+  return nucleus;
+}
+
+// The candidates' least weight in the first digit's histogram: every floor a fast search can have
+// is at least this, and its candidates are those of the histogram's that reach it. A top-k
+// search counts every token with weight, whose masses it does not use.
+__device__ float first_digit_floor(const DeviceDraw& draw) {
+  return draw.top_k > 0 ? 0.0f : higher(draw.min_p, kNearTopWeight);
+}
+
+// The search after `digit`: the highest bucket of `histogram` (the candidates that share the
+// digits found so far) where the running measure from the top reaches the target; the lowest
+// non-empty one when rounding leaves the whole row short of it. Every thread gets the result.
+template <int Threads>
+__device__ Nucleus narrow(Nucleus nucleus, const Histogram& histogram, int digit) {
+  const int buckets = 1 << digit_bits(digit);
+  const int per_thread = (buckets + Threads - 1) / Threads;  // consecutive buckets, from the top
+  const int top = buckets - 1 - int(threadIdx.x) * per_thread;
+  FixedMass own{};
+  for (int j = 0; j < per_thread; ++j)
+    if (top - j >= 0) own = own + histogram.measure(top - j, nucleus.by_count);
+  unsigned long long total_high, total_low;
+  const unsigned long long high_before = block_exclusive_sum<Threads>(own.high, total_high);
+  const unsigned long long low_before = block_exclusive_sum<Threads>(own.low, total_low);
+  FixedMass running = nucleus.above + FixedMass{high_before, low_before};
+  int crossing = -1, lowest = INT_MAX;
+  FixedMass above_crossing{}, above_lowest{};
+  for (int j = 0; j < per_thread; ++j) {
+    const int b = top - j;
+    if (b < 0 || histogram.count_of(b) == 0) continue;
+    const FixedMass through = running + histogram.measure(b, nucleus.by_count);
+    if (crossing < 0 && through.value() >= nucleus.target) {
+      crossing = b;
+      above_crossing = running;
+    }
+    lowest = b;
+    above_lowest = running;
+    running = through;
+  }
+  int chosen = block_reduce<Threads>(crossing, Max{});
+  const bool reached = chosen >= 0;
+  if (!reached) chosen = block_reduce<Threads>(lowest, Min{});
+  __shared__ FixedMass above;
+  if (reached ? crossing == chosen : lowest == chosen) above = reached ? above_crossing : above_lowest;
+  __syncthreads();
+  nucleus.above = above;
+  nucleus.bucket_count = histogram.count_of(chosen);
+  nucleus.prefix = (nucleus.prefix << digit_bits(digit)) | uint32_t(chosen);
+  nucleus.bits += digit_bits(digit);
+  __syncthreads();  // `above` is free again
+  return nucleus;
+}
+
+// A block's histogram of one digit in shared memory, added to the draw's at the end (integer
+// adds: the same sums whatever the order).
+template <int Threads>
+__device__ void clear_histogram(Histogram& histogram) {
+  for (int b = int(threadIdx.x); b < kBuckets; b += Threads) {
+    histogram.high[b] = 0;
+    histogram.low[b] = 0;
+    histogram.count[b] = 0;
+  }
+  __syncthreads();
+}
+__device__ void add_to_histogram(Histogram& histogram, int bucket, float weight) {
+  const FixedMass mass = FixedMass::of(weight);
+  atomicAdd(&histogram.high[bucket], mass.high);
+  atomicAdd(&histogram.low[bucket], mass.low);
+  atomicAdd(&histogram.count[bucket], 1u);
+}
+template <int Threads>
+__device__ void flush_histogram(const Histogram& block, Histogram& draw) {
+  __syncthreads();
+  for (int b = int(threadIdx.x); b < kBuckets; b += Threads) {
+    if (block.count[b] == 0) continue;
+    atomicAdd(&draw.high[b], block.high[b]);
+    atomicAdd(&draw.low[b], block.low[b]);
+    atomicAdd(&draw.count[b], block.count[b]);
+  }
+}
 
 // The first index of the sorted `ids[0, n)` that is not below `id`.
 __device__ int64_t lower_bound(const int32_t* ids, int64_t n, int32_t id) {
@@ -530,6 +744,17 @@ struct ChunkedRows {
   __device__ Row row(const DeviceDraw& draw, const uint32_t* bits, int32_t first) const {
     return Row(logits, vocab, draw, generated_counts, seen, biases, allowed, bits, first);
   }
+
+  // Block (draw, chunk)'s draw and the ids [first, end) of its chunk.
+  struct Place {
+    int64_t draw;
+    int32_t chunk, first, end;
+  };
+  __device__ Place place() const {
+    const int32_t chunk = int32_t(blockIdx.x % chunks);
+    const int32_t first = chunk * kChunk;
+    return {int64_t(blockIdx.x / chunks), chunk, first, first + kChunk < vocab ? first + kChunk : vocab};
+  }
 };
 
 struct ScanParams : ChunkedRows {
@@ -540,11 +765,8 @@ struct ScanParams : ChunkedRows {
 // Block (draw, chunk) over ids [chunk * kChunk, + kChunk): one read of each logit.
 __global__ void __launch_bounds__(kScanThreads) scan_kernel(ScanParams p) {
   __shared__ uint32_t touched_bits[kChunk / 32];
-  const int64_t d = blockIdx.x / p.chunks;
-  const int32_t chunk = int32_t(blockIdx.x % p.chunks);
+  const auto [d, chunk, first, end] = p.place();
   const DeviceDraw draw = p.draws[d];
-  const int32_t first = chunk * kChunk;
-  const int32_t end = first + kChunk < p.vocab ? first + kChunk : p.vocab;
   const Row row = p.row(draw, touched_bits, first);
   if (row.touched) mark_touched<kScanThreads>(row, first, end, touched_bits);  // the same for the whole block
 
@@ -633,7 +855,7 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(CombineParams p) {
     const DeviceDraw& draw = p.draws[d];
     DrawResult& result = p.results[d];
     const double log_norm = double(raw_max) + log(exp_sum);
-    p.summaries[d] = {log_norm, best};
+    p.summaries[d] = {log_norm, best, -1};
     result.status = status;
     if (status == kDrawOk && draw.temperature == 0.0f && draw.top_logprobs == 0) {
       result.id = id_of(best);
@@ -642,7 +864,7 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(CombineParams p) {
     }
   }
   __syncthreads();  // every status is written
-  int32_t listed = 0;
+  int32_t listed = 0, nuclei = 0;
   for (int64_t base = 0; base < p.draw_count; base += kThreads) {
     const int64_t d = base + threadIdx.x;
     const bool selects = d < p.draw_count && p.results[d].status == kDrawOk &&
@@ -651,6 +873,11 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(CombineParams p) {
     const int32_t at = listed + block_exclusive_sum(int32_t(selects), total);
     if (selects) p.selection_draws[at] = int32_t(d);
     listed += total;
+    // Every nucleus draw's place among them, as the host counted them (whatever the status).
+    const bool nucleus = d < p.draw_count && nucleus_draw(p.draws[d]);
+    const int32_t slot = nuclei + block_exclusive_sum(int32_t(nucleus), total);
+    if (nucleus) p.summaries[d].nucleus_slot = slot;
+    nuclei += total;
   }
   if (threadIdx.x == 0) *p.selection_count = listed;
 }
@@ -659,22 +886,26 @@ struct WeighParams : ChunkedRows {
   const RowSummary* summaries;
   const DrawResult* results;  // their status
   ChunkWeights* weights;      // [draws, chunks]
+  NucleusWork* nuclei;        // [nucleus draws]
+  Nucleus* searches;          // [nucleus draws, kDigits]: the search after each digit
 };
 
 // Block (draw, chunk) of the random draws whose rows have a distribution: the chunk's weights
 // exp((penalised logit - penalised maximum) / temperature), the bits src/sampler.cpp computes,
-// summed with and without the near-top floor.
+// summed with and without the near-top floor and min-p; for a nucleus draw, the histogram of the
+// first digit of its candidates' keys, which the draw's last block to finish narrows the search by.
 __global__ void __launch_bounds__(kScanThreads) weigh_kernel(WeighParams p) {
   __shared__ uint32_t touched_bits[kChunk / 32];
-  const int64_t d = blockIdx.x / p.chunks;
-  const int32_t chunk = int32_t(blockIdx.x % p.chunks);
+  __shared__ Histogram histogram;
+  const auto [d, chunk, first, end] = p.place();
   const DeviceDraw draw = p.draws[d];
   if (draw.temperature == 0.0f || p.results[d].status != kDrawOk) return;  // the whole block
-  const int32_t first = chunk * kChunk;
-  const int32_t end = first + kChunk < p.vocab ? first + kChunk : p.vocab;
   const Weighted weighted{p.row(draw, touched_bits, first), logit_of(p.summaries[d].best), draw.temperature};
   if (weighted.row.touched) mark_touched<kScanThreads>(weighted.row, first, end, touched_bits);
-  double mass = 0.0, near_mass = 0.0;
+  const bool nucleus = nucleus_draw(draw);  // the same for the whole block
+  if (nucleus) clear_histogram<kScanThreads>(histogram);
+  const float histogram_floor = first_digit_floor(draw);
+  double mass = 0.0, near_mass = 0.0, kept_mass = 0.0;
   int32_t near_count = 0;
 #pragma unroll
   for (int j = 0; j < kScanIdsPerThread; ++j) {
@@ -687,11 +918,87 @@ __global__ void __launch_bounds__(kScanThreads) weigh_kernel(WeighParams p) {
       near_mass += weight;
       ++near_count;
     }
+    if (weight >= draw.min_p) kept_mass += weight;
+    if (nucleus && weight >= histogram_floor)
+      add_to_histogram(histogram, int(key_of(rank) >> (32 - digit_bits(0))), weight);
   }
   mass = block_reduce<kScanThreads>(mass, Sum{});
   near_mass = block_reduce<kScanThreads>(near_mass, Sum{});
+  kept_mass = block_reduce<kScanThreads>(kept_mass, Sum{});
   near_count = block_reduce<kScanThreads>(near_count, Sum{});
-  if (threadIdx.x == 0) p.weights[blockIdx.x] = {mass, near_mass, near_count};
+  if (threadIdx.x == 0) p.weights[blockIdx.x] = {mass, near_mass, kept_mass, near_count};
+  if (!nucleus) return;
+  const int64_t slot = p.summaries[d].nucleus_slot;
+  NucleusWork& work = p.nuclei[slot];
+  flush_histogram<kScanThreads>(histogram, work.histograms[0]);
+  if (!last_to_arrive(&work.arrived[0], uint32_t(p.chunks))) return;
+  Nucleus search = start_nucleus<kScanThreads>(draw, p.weights + d * p.chunks, p.chunks);
+  if (search.fast) search = narrow<kScanThreads>(search, work.histograms[0], 0);
+  if (threadIdx.x == 0) p.searches[slot * kDigits] = search;  // the selection reads whether it is fast
+}
+
+struct NucleusParams : ChunkedRows {
+  const RowSummary* summaries;
+  const DrawResult* results;    // their status
+  NucleusWork* nuclei;          // [nucleus draws]
+  Nucleus* searches;            // [nucleus draws, kDigits]: the search after each digit
+  ChunkNucleus* chunk_nuclei;   // [draws, chunks]
+  int32_t digit;                // 1 .. kDigits: the histogram this pass fills (kDigits: the chunks' nuclei)
+};
+
+// Block (draw, chunk) of a nucleus draw whose search is fast: adds the chunk's candidates that
+// share the digits found so far to the next digit's histogram (the draw's last block to finish
+// narrows the search by it) or, after the last digit, sums the chunk's part of the nucleus.
+__global__ void __launch_bounds__(kScanThreads) nucleus_kernel(NucleusParams p) {
+  __shared__ uint32_t touched_bits[kChunk / 32];
+  __shared__ Histogram histogram;
+  const auto [d, chunk, first, end] = p.place();
+  const DeviceDraw draw = p.draws[d];
+  if (!nucleus_draw(draw) || p.results[d].status != kDrawOk) return;  // the whole block
+  const int64_t slot = p.summaries[d].nucleus_slot;
+  // The first digit's search says whether the passes find this nucleus (only then are the later
+  // digits' written).
+  if (!p.searches[slot * kDigits].fast) return;  // the whole block
+  const Nucleus search = p.searches[slot * kDigits + p.digit - 1];
+
+  Weighted candidates{p.row(draw, touched_bits, first), logit_of(p.summaries[d].best), draw.temperature};
+  candidates.floor = search.floor;
+  if (candidates.row.touched) mark_touched<kScanThreads>(candidates.row, first, end, touched_bits);
+  const bool last = p.digit == kDigits;
+  const int shift = last ? 0 : 32 - search.bits - digit_bits(p.digit);
+  if (!last) clear_histogram<kScanThreads>(histogram);
+  double above_mass = 0.0;
+  int32_t ties = 0;
+#pragma unroll
+  for (int j = 0; j < kScanIdsPerThread; ++j) {
+    const int32_t id = first + j * kScanThreads + int32_t(threadIdx.x);
+    if (id >= end) continue;
+    const float logit = candidates.row.penalised_logit(id);
+    const uint32_t key = key_of(rank_of(logit, id));
+    const uint32_t found = search.bits == 32 ? key : key >> (32 - search.bits);
+    if (found < search.prefix) continue;  // below the cut-off: no exponential
+    if (!last && found > search.prefix) continue;
+    const float weight = candidates.weight_of(logit);
+    if (!(weight > 0.0f && weight >= candidates.floor)) continue;
+    if (!last) {
+      add_to_histogram(histogram, int((key >> shift) & uint32_t((1 << digit_bits(p.digit)) - 1)), weight);
+    } else if (found > search.prefix) {
+      if (weight >= draw.min_p) above_mass += weight;  // top-k's candidates are kept when they reach min-p
+    } else {
+      ++ties;
+    }
+  }
+  if (!last) {
+    NucleusWork& work = p.nuclei[slot];
+    flush_histogram<kScanThreads>(histogram, work.histograms[p.digit]);
+    if (!last_to_arrive(&work.arrived[p.digit], uint32_t(p.chunks))) return;
+    const Nucleus narrowed = narrow<kScanThreads>(search, work.histograms[p.digit], p.digit);
+    if (threadIdx.x == 0) p.searches[slot * kDigits + p.digit] = narrowed;
+    return;
+  }
+  above_mass = block_reduce<kScanThreads>(above_mass, Sum{});
+  ties = block_reduce<kScanThreads>(ties, Sum{});
+  if (threadIdx.x == 0) p.chunk_nuclei[blockIdx.x] = {above_mass, ties};
 }
 
 // A draw's weights over its whole row, its chunks folded in a fixed order.
@@ -701,17 +1008,16 @@ struct RowWeights {
 };
 __device__ RowWeights fold_chunk_weights(const ChunkWeights* chunks, int32_t count) {
   const bool mine = int32_t(threadIdx.x) < count;  // a thread per chunk
-  const ChunkWeights none{0.0, 0.0, 0};
+  const ChunkWeights none{0.0, 0.0, 0.0, 0};
   const ChunkWeights& c = mine ? chunks[threadIdx.x] : none;
   return {block_reduce(c.mass, Sum{}), block_reduce(c.near_mass, Sum{}), block_reduce(int64_t(c.near_count), Sum{})};
 }
 
-// The inverse-CDF draw over every positive weight: the chunk where the running mass passes
-// uniform * the row's mass, found from the chunks' masses, then the walk through that chunk alone.
-__device__ int32_t draw_untruncated(const Weighted& candidates, double uniform, const ChunkWeights* chunks,
-                                    int32_t count) {
+// The inverse-CDF draw over the kept tokens: the chunk where the running mass passes uniform * the
+// kept mass, found from the chunks' kept masses (`mass`: thread c's chunk c's, 0 past the last),
+// then the walk through that chunk alone.
+__device__ int32_t draw_by_chunks(const Weighted& candidates, double uniform, double mass) {
   const int32_t c = int32_t(threadIdx.x);  // a thread per chunk
-  const double mass = c < count ? chunks[c].mass : 0.0;
   double total;
   const double before = block_exclusive_sum(mass, total);
   const double target = uniform * total;
@@ -727,6 +1033,63 @@ __device__ int32_t draw_untruncated(const Weighted& candidates, double uniform, 
   return walk_in_id_order(candidates, target, carried, first, end);
 }
 
+// The id of the n-th (from 1) candidate in id order among the chunk's ids [first, end) whose key
+// is `key`.
+__device__ int32_t nth_with_key(const Weighted& candidates, uint32_t key, int32_t first, int32_t end, int64_t n) {
+  constexpr int kPerThread = kChunk / kThreads;
+  static_assert(kChunk % kThreads == 0, "a chunk's ids spread evenly over the block");
+  int32_t matches[kPerThread];
+  int count = 0;
+#pragma unroll
+  for (int j = 0; j < kPerThread; ++j) {
+    const int32_t id = first + int32_t(threadIdx.x) * kPerThread + j;
+    uint64_t rank;
+    float weight;
+    if (id < end && candidates.at(id, rank, weight) && key_of(rank) == key) matches[count++] = id;
+  }
+  int total;
+  const int64_t before = block_exclusive_sum(count, total);
+  int32_t found = -1;
+#pragma unroll
+  for (int j = 0; j < kPerThread; ++j)
+    if (j < count && before + j + 1 == n) found = matches[j];
+  return block_reduce(found, Max{});
+}
+
+// The draw of a nucleus that the passes found: the candidates above the cut-off key, and of those
+// on it the fewest, lowest ids that bring the measure to the target (all of them when none do);
+// of those, the ones that reach min-p.
+__device__ int32_t draw_from_nucleus(Weighted kept, const Nucleus& search, float min_p, const ChunkNucleus* chunks,
+                                     int32_t count, double uniform) {
+  kept.floor = search.floor;
+  const uint64_t cut_rank = uint64_t(search.prefix) << 32;
+  const float tie_weight = kept.weight_of(logit_of(cut_rank));
+  const FixedMass tie_measure = search.by_count ? FixedMass{0, 1} : FixedMass::of(tie_weight);
+  // The fewest ties that reach the target: the running measure only grows, so a binary search.
+  int64_t lo = 1, hi = search.bucket_count;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) / 2;
+    if ((search.above + tie_measure.times(mid)).value() >= search.target) hi = mid; else lo = mid + 1;
+  }
+  const int64_t needed = lo;
+  // The chunk that holds the last tie kept, and that tie's id.
+  const int32_t c = int32_t(threadIdx.x);  // a thread per chunk
+  const int64_t ties = c < count ? chunks[c].ties : 0;
+  int64_t all_ties;
+  const int64_t before = block_exclusive_sum(ties, all_ties);
+  const int32_t holder = block_reduce(ties > 0 && before < needed && needed <= before + ties ? c : INT_MAX, Min{});
+  const int64_t before_holder = block_reduce(c == holder ? before : int64_t(0), Sum{});
+  const int32_t first = holder * kChunk;
+  const int32_t end = first + kChunk < kept.row.vocab ? first + kChunk : kept.row.vocab;
+  const int32_t last_tie = nth_with_key(kept, search.prefix, first, end, needed - before_holder);
+  kept.rank_floor = cut_rank | uint32_t(~last_tie);
+  kept.floor = higher(kept.floor, min_p);
+  const int64_t kept_ties =
+      tie_weight < kept.floor ? 0 : c < holder ? ties : c == holder ? needed - before_holder : 0;
+  const double mass = c < count ? chunks[c].above_mass + double(tie_weight) * double(kept_ties) : 0.0;
+  return draw_by_chunks(kept, uniform, mass);
+}
+
 struct SelectParams {
   const float* logits;
   int32_t vocab;
@@ -738,6 +1101,8 @@ struct SelectParams {
   const uint32_t* allowed;
   const RowSummary* summaries;
   const ChunkWeights* weights;  // [draws, chunks]
+  const Nucleus* searches;         // [nucleus draws, kDigits]
+  const ChunkNucleus* chunk_nuclei;  // [draws, chunks]
   int32_t chunks;
   const int32_t* selection_count;
   const int32_t* selection_draws;
@@ -747,10 +1112,12 @@ struct SelectParams {
 
 // The draw's top log-probabilities and its token, from a row with a distribution. Of the row's
 // chunks: `chunk_tops`, their best ranks when the draw asks for alternatives; `chunk_weights`,
-// their weights when the draw is random.
+// their weights when the draw is random; `chunk_nuclei`, their parts of the nucleus when the draw's
+// passes found it.
 __device__ void select_token(const SelectParams& p, const DeviceDraw& draw, const RowSummary& summary,
-                             const uint64_t* chunk_tops, const ChunkWeights* chunk_weights, uint32_t* touched_bits,
-                             int32_t* buffer, DrawResult& result) {
+                             const uint64_t* chunk_tops, const ChunkWeights* chunk_weights,
+                             const ChunkNucleus* chunk_nuclei, uint32_t* touched_bits, int32_t* buffer,
+                             DrawResult& result) {
   const int32_t vocab = p.vocab;
   const Row row(p.logits, vocab, draw, p.generated_counts, p.seen, p.biases, p.allowed, touched_bits, 0);
   // A greedy draw's token is the combine's argmax.
@@ -776,9 +1143,16 @@ __device__ void select_token(const SelectParams& p, const DeviceDraw& draw, cons
   int32_t chosen;
   if (draw.temperature == 0.0f) {
     chosen = id_of(summary.best);
-  } else if (draw.top_k == 0 && draw.top_p == 1.0f && draw.min_p == 0.0f) {
-    chosen = draw_untruncated(Weighted{row, logit_of(summary.best), draw.temperature}, draw.uniform, chunk_weights,
-                              p.chunks);
+  } else if (draw.top_k == 0 && draw.top_p == 1.0f) {
+    // No truncation but min-p's: the kept tokens are those of the chunks' kept masses.
+    Weighted kept{row, logit_of(summary.best), draw.temperature};
+    kept.floor = draw.min_p;
+    const int32_t c = int32_t(threadIdx.x);  // a thread per chunk
+    chosen = draw_by_chunks(kept, draw.uniform, c < p.chunks ? chunk_weights[c].kept_mass : 0.0);
+  } else if (nucleus_draw(draw) && p.searches[int64_t(summary.nucleus_slot) * kDigits].fast) {
+    chosen = draw_from_nucleus(Weighted{row, logit_of(summary.best), draw.temperature},
+                               p.searches[int64_t(summary.nucleus_slot) * kDigits + kDigits - 1], draw.min_p,
+                               chunk_nuclei, p.chunks, draw.uniform);
   } else {
     Weighted candidates{row, logit_of(summary.best), draw.temperature};
     const RowWeights weights = fold_chunk_weights(chunk_weights, p.chunks);
@@ -815,7 +1189,8 @@ __global__ void __launch_bounds__(kThreads) select_kernel(SelectParams p) {
     const int32_t d = p.selection_draws[i];
     const DeviceDraw draw = p.draws[d];
     select_token(p, draw, p.summaries[d], p.tops + int64_t(d) * p.chunks * kMaxTopLogprobs,
-                 p.weights + int64_t(d) * p.chunks, touched_bits, buffer, p.results[d]);
+                 p.weights + int64_t(d) * p.chunks, p.chunk_nuclei + int64_t(d) * p.chunks, touched_bits, buffer,
+                 p.results[d]);
   }
 }
 
@@ -827,6 +1202,9 @@ struct Scratch {
   RowSummary* summaries;   // [draws]
   int32_t* selection;      // the selection's draw count, then its draws
   int32_t* buffers;        // [selection blocks, vocab]
+  NucleusWork* nuclei;     // [nucleus draws]
+  Nucleus* searches;       // [nucleus draws, kDigits]
+  ChunkNucleus* chunk_nuclei;  // [draws, chunks]
 };
 
 }  // namespace
@@ -847,12 +1225,13 @@ void sample(const SampleArgs& args, DeviceScratch& scratch, Device& device, cuda
     fail("sampling vocab must be in [1, {}], got {}", kMaxVocab, args.vocab);
   // Draws that may need the selection, and those among them that are random (a row without a
   // distribution needs neither).
-  int64_t selecting = 0, random_draws = 0;
+  int64_t selecting = 0, random_draws = 0, nucleus_draws = 0;
   for (const DeviceDraw& draw : args.draws) {
     if (draw.top_logprobs < 0 || draw.top_logprobs > kMaxTopLogprobs)
       fail("top_logprobs must be in [0, {}], got {}", kMaxTopLogprobs, draw.top_logprobs);
     selecting += draw.temperature != 0.0f || draw.top_logprobs > 0;
     random_draws += draw.temperature != 0.0f;
+    nucleus_draws += nucleus_draw(draw);
   }
   const int64_t draw_count = std::ssize(args.draws);
   const int32_t chunks = int32_t(ceil_div(args.vocab, kChunk));
@@ -864,7 +1243,9 @@ void sample(const SampleArgs& args, DeviceScratch& scratch, Device& device, cuda
   const Scratch work = carve_scratch(scratch, [&](ScratchCarver& carver) {
     return Scratch{carver.take<ChunkPartial>(chunk_count), carver.take<ChunkWeights>(chunk_count),
                    carver.take<uint64_t>(chunk_count * kMaxTopLogprobs), carver.take<RowSummary>(draw_count),
-                   carver.take<int32_t>(draw_count + 1), carver.take<int32_t>(blocks * args.vocab)};
+                   carver.take<int32_t>(draw_count + 1), carver.take<int32_t>(blocks * args.vocab),
+                   carver.take<NucleusWork>(nucleus_draws), carver.take<Nucleus>(nucleus_draws * kDigits),
+                   carver.take<ChunkNucleus>(nucleus_draws > 0 ? chunk_count : 0)};
   });
   const int32_t vocab = int32_t(args.vocab);
 
@@ -877,14 +1258,23 @@ void sample(const SampleArgs& args, DeviceScratch& scratch, Device& device, cuda
                               work.summaries, args.results, work.selection, work.selection + 1};
   combine_kernel<<<1, kThreads, 0, stream>>>(combine);
   M1_CUDA_CHECK_LAUNCH();
+  if (nucleus_draws > 0)
+    M1_CUDA_CHECK(cudaMemsetAsync(work.nuclei, 0, size_t(nucleus_draws) * sizeof(NucleusWork), stream));
   if (random_draws > 0) {
-    const WeighParams weigh{rows, work.summaries, args.results, work.weights};
+    const WeighParams weigh{rows, work.summaries, args.results, work.weights, work.nuclei, work.searches};
     weigh_kernel<<<int(chunk_count), kScanThreads, 0, stream>>>(weigh);
+    M1_CUDA_CHECK_LAUNCH();
+  }
+  for (int32_t digit = 1; digit <= kDigits && nucleus_draws > 0; ++digit) {
+    const NucleusParams nucleus{rows, work.summaries, args.results, work.nuclei, work.searches, work.chunk_nuclei,
+                                digit};
+    nucleus_kernel<<<int(chunk_count), kScanThreads, 0, stream>>>(nucleus);
     M1_CUDA_CHECK_LAUNCH();
   }
   if (blocks == 0) return;
   const SelectParams select{args.logits, vocab, args.device_draws, work.tops, args.seen, args.generated_counts,
-                            args.biases, args.allowed, work.summaries, work.weights, chunks, work.selection,
+                            args.biases, args.allowed, work.summaries, work.weights, work.searches,
+                            work.chunk_nuclei, chunks, work.selection,
                             work.selection + 1, args.results, work.buffers};
   const size_t shared_bytes = size_t(ceil_div(args.vocab, 32)) * sizeof(uint32_t);
   device.allow_shared_memory<select_kernel>(shared_bytes);

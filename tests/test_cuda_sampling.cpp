@@ -325,6 +325,103 @@ TEST(CudaSampling, MatchesHostWithManyDraws) {
   expect_matches_host(logits, vocab, draws);
 }
 
+// Rows of awkward shapes, each the first row of its own call: all logits equal (one tie across
+// the row, so the nucleus is cut by id), one dominant logit (a nucleus of one), most tokens -inf,
+// and a dominant logit over a tail below the near-top floor (a top-p that needs the tail finds
+// its nucleus in the single-block selection instead of the multi-block passes).
+enum class RowShape { kRandom, kAllEqual, kDominant, kMostlyMasked, kFarTail };
+
+std::vector<float> shaped_row(int64_t vocab, RowShape shape) {
+  auto& rng = testing::rng();
+  std::vector<float> row;
+  switch (shape) {
+    case RowShape::kRandom: return random_row(vocab, 0.1, 2.0f);
+    case RowShape::kAllEqual: return std::vector<float>(size_t(vocab), 0.75f);
+    case RowShape::kDominant:
+      row = random_row(vocab, 0.0, 1.0f);
+      row[size_t(rng() % uint64_t(vocab))] = 40.0f;
+      return row;
+    case RowShape::kMostlyMasked: return random_row(vocab, 0.97, 3.0f);
+    case RowShape::kFarTail:
+      // Weights near e^-17.5, all below kNearTopWeight: from 1000 tokens on, they hold more than
+      // the 1e-5 of the mass that top-p 0.99999 leaves out.
+      row = random_row(vocab, 0.0, 0.2f);
+      for (float& logit : row) logit -= 17.5f;
+      row[size_t(rng() % uint64_t(vocab))] = 0.0f;
+      return row;
+  }
+  return row;
+}
+
+// The draws of a nucleus-heavy mix: MiniMax-M1's recommended top-p 0.95 at temperature 1, top-p
+// 1, top-k 1, min-p near 1 alone and under top-p, a top-p that reaches into a far tail, and
+// top-k 50 under min-p (more than some rows have tokens with weight), each
+// with a uniform from the seed's stream, near 0 or near 1; penalties, biases and a mask on some.
+std::vector<TestDraw> awkward_draws(int64_t vocab) {
+  auto& rng = testing::rng();
+  std::uniform_real_distribution<double> unit(0.0, 1.0);
+  struct Mix {
+    float top_p;
+    int top_k;
+    float min_p;
+  };
+  const Mix mixes[] = {{0.95f, 0, 0.0f},    {1.0f, 0, 0.0f},   {1.0f, 1, 0.0f},     {1.0f, 0, 0.999f},
+                       {0.95f, 0, 0.9999f}, {0.5f, 0, 0.05f}, {0.99999f, 0, 0.0f}, {1.0f, 50, 0.3f}};
+  std::vector<TestDraw> draws;
+  for (const Mix& mix : mixes)
+    for (double uniform : {unit(rng), unit(rng), 0.0, 0.999999}) {
+      TestDraw draw;
+      draw.request.params.top_p = mix.top_p;
+      draw.request.params.top_k = mix.top_k;
+      draw.request.params.min_p = mix.min_p;
+      draw.request.params.top_logprobs = int(draws.size() % 3) * 2;
+      draw.request.uniform = uniform;
+      if (draws.size() % 5 == 1) {
+        draw.request.params.repetition_penalty = 1.2f;
+        draw.request.params.presence_penalty = 0.5f;
+        random_penalty_lists(vocab, draw);
+      }
+      if (draws.size() % 6 == 2) random_biases(vocab, draw);
+      if (draws.size() % 7 == 3) random_mask(vocab, 0.5, draw);
+      draws.push_back(std::move(draw));
+    }
+  return draws;
+}
+
+TEST(CudaSampling, MatchesHostOnAwkwardRows) {
+  M1_REQUIRE_CUDA();
+  for (int64_t vocab : {1, 2, 31, 1000, 65537})
+    for (RowShape shape : {RowShape::kRandom, RowShape::kAllEqual, RowShape::kDominant, RowShape::kMostlyMasked,
+                           RowShape::kFarTail}) {
+      SCOPED_TRACE("shape " + std::to_string(int(shape)));
+      expect_matches_host(shaped_row(vocab, shape), vocab, awkward_draws(vocab));
+    }
+}
+
+// MiniMax-M1's recommended draw (top-p 0.95, temperature 1) at the model's vocabulary, one row
+// of each shape.
+TEST(CudaSampling, MatchesHostOnAwkwardRowsOfTheModelVocabulary) {
+  M1_REQUIRE_CUDA();
+  const int64_t vocab = 200064;
+  const RowShape shapes[] = {RowShape::kAllEqual, RowShape::kDominant, RowShape::kMostlyMasked, RowShape::kFarTail};
+  std::vector<float> logits;
+  for (RowShape shape : shapes) {
+    const std::vector<float> row = shaped_row(vocab, shape);
+    logits.insert(logits.end(), row.begin(), row.end());
+  }
+  std::vector<TestDraw> draws;
+  for (double uniform : {0.3, 0.97})
+    for (int64_t row = 0; row < std::ssize(shapes); ++row) {
+      TestDraw draw;
+      draw.request.row = row;
+      draw.request.params.top_p = 0.95f;
+      draw.request.params.top_logprobs = 5;
+      draw.request.uniform = uniform;
+      draws.push_back(std::move(draw));
+    }
+  expect_matches_host(logits, vocab, draws);
+}
+
 // Rows without a distribution fail their own draws only, with checked_max's precedence: NaN, then
 // all -inf, then +inf.
 TEST(CudaSampling, ReportsRowsWithoutADistribution) {

@@ -190,6 +190,12 @@ inline uint32_t __float_as_uint(float f) { return std::bit_cast<uint32_t>(f); }
 inline int __float_as_int(float f) { return std::bit_cast<int>(f); }
 inline unsigned atomicOr(unsigned* p, unsigned v) { unsigned old = *p; *p |= v; return old; }
 inline int atomicAdd(int* p, int v) { int old = *p; *p += v; return old; }
+inline unsigned atomicAdd(unsigned* p, unsigned v) { unsigned old = *p; *p += v; return old; }
+inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
+  unsigned long long old = *p;
+  *p += v;
+  return old;
+}
 using std::isfinite;
 using std::max;
 using std::min;
