@@ -190,6 +190,8 @@ inline uint32_t __float_as_uint(float f) { return std::bit_cast<uint32_t>(f); }
 inline int __float_as_int(float f) { return std::bit_cast<int>(f); }
 inline unsigned atomicOr(unsigned* p, unsigned v) { unsigned old = *p; *p |= v; return old; }
 inline int atomicAdd(int* p, int v) { int old = *p; *p += v; return old; }
+template <class T>
+inline T __ldcg(const T* p) { return *p; }  // no L1 to bypass here
 using std::isfinite;
 using std::max;
 using std::min;
