@@ -1,10 +1,12 @@
 #pragma once
 // A device buffer that grows to the largest request and is then reused, for kernels' temporary
-// data (split-K partials, gathered rows, bf16 copies of activations). Growing is stream-ordered:
+// data (split-K partials, gathered rows, bf16 copies of activations), and beside it a second one of
+// counters that the kernels using them leave at zero (see counters()). Growing is stream-ordered:
 // the old buffer is freed after the kernels queued before, which may still read it, and the host
 // never waits for the device (a rank waiting there could hold up a peer's collective that its own
 // queued kernels wait for).
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 
@@ -20,7 +22,10 @@ class DeviceScratch {
   explicit DeviceScratch(cudaStream_t stream = nullptr) : stream_(stream) {}
   DeviceScratch(const DeviceScratch&) = delete;
   DeviceScratch& operator=(const DeviceScratch&) = delete;
-  ~DeviceScratch() { cudaFree(data_); }
+  ~DeviceScratch() {
+    cudaFree(data_);
+    cudaFree(counters_);
+  }
 
   // At least `bytes` bytes, 256-byte aligned; the contents are not kept across growth.
   void* get(size_t bytes) {
@@ -35,6 +40,23 @@ class DeviceScratch {
     }
     return data_;
   }
+  // At least `count` ints, zero when the stream's kernels reach them, for kernels that count and
+  // set their counters back to zero before they end (the skinny products' chunk folds): so the
+  // next kernel on the stream, or a graph's next replay, finds them at zero. Kernels on this stream
+  // run in order, so one set serves them all. Kept across growth of get()'s buffer.
+  int* counters(int64_t count) {
+    if (size_t(count) > counter_capacity_) {
+      if (counters_) M1_CUDA_CHECK(cudaFreeAsync(counters_, stream_));
+      memory_moved();
+      counters_ = nullptr;
+      counter_capacity_ = 0;
+      const size_t grown = std::max<size_t>(size_t(count) + size_t(count) / 4, 256);
+      M1_CUDA_CHECK(cudaMallocAsync(&counters_, grown * sizeof(int), stream_));
+      M1_CUDA_CHECK(cudaMemsetAsync(counters_, 0, grown * sizeof(int), stream_));
+      counter_capacity_ = grown;
+    }
+    return counters_;
+  }
   // Bytes held now: the largest request so far, plus the growth margin.
   size_t capacity() const { return capacity_; }
   template <class T>
@@ -46,6 +68,8 @@ class DeviceScratch {
   cudaStream_t stream_;
   void* data_ = nullptr;
   size_t capacity_ = 0;
+  int* counters_ = nullptr;
+  size_t counter_capacity_ = 0;
 };
 
 // Hands out consecutive pieces of one buffer, each starting 256-byte aligned. Without a base it

@@ -119,7 +119,7 @@ constexpr int f32_skinny_shared_bytes(int64_t m) {
 template <DType T, int kRowsPerThread>
 __device__ __forceinline__ void f32_skinny_block(const float* x, int64_t ldx, int64_t m, const Stored<T>* w, int64_t n,
                                                  int64_t k, bool w_vec, float* partial, int64_t plane_rows, float* out,
-                                                 int64_t ldo) {
+                                                 int64_t ldo, int* counters) {
   using S = Stored<T>;
   constexpr int kStride = kF32SkinnyStride<T>;
   extern __shared__ __align__(16) unsigned char f32_skinny_shared[];
@@ -190,14 +190,15 @@ __device__ __forceinline__ void f32_skinny_block(const float* x, int64_t ldx, in
       if (r < m) write_partial(part[i], r, n0 + col, plane_rows, n, partial, out, ldo);
     }
   }
+  if (partial) fold_chunk_partials(counters, partial, plane_rows, m, n0, kF32SkinnyCols, n, out, ldo);
 }
 
 template <DType T, int kRowsPerThread>
 __global__ __launch_bounds__(kF32SkinnyThreads) void matmul_f32_skinny(const float* x, int64_t ldx, int64_t m,
                                                                       const Stored<T>* w, int64_t n, int64_t k,
                                                                       bool w_vec, float* partial, float* out,
-                                                                      int64_t ldo) {
-  f32_skinny_block<T, kRowsPerThread>(x, ldx, m, w, n, k, w_vec, partial, m, out, ldo);
+                                                                      int64_t ldo, int* counters) {
+  f32_skinny_block<T, kRowsPerThread>(x, ldx, m, w, n, k, w_vec, partial, m, out, ldo, counters);
 }
 
 // Grid z: tiles of up to kRowsPerThread * kF32SkinnyGroups rows of a group; the partials have one
@@ -207,12 +208,13 @@ __global__ __launch_bounds__(kF32SkinnyThreads) void grouped_f32_skinny(const fl
                                                                        const int64_t* offsets, int groups,
                                                                        GroupWeights weights, int64_t n, int64_t k,
                                                                        bool w_vec, float* partial, float* out,
-                                                                       int64_t ldo) {
+                                                                       int64_t ldo, int* counters) {
   GroupTile t;
   if (!find_tile(offsets, groups, kRowsPerThread * kF32SkinnyGroups, blockIdx.z, t)) return;
   const int64_t r0 = t.row0 + t.first;
   f32_skinny_block<T, kRowsPerThread>(x + r0 * ldx, ldx, t.rows, static_cast<const Stored<T>*>(weights.data[t.group]),
-                                      n, k, w_vec, partial ? partial + r0 * n : nullptr, rows, out + r0 * ldo, ldo);
+                                      n, k, w_vec, partial ? partial + r0 * n : nullptr, rows, out + r0 * ldo, ldo,
+                                      counters);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -340,8 +342,10 @@ __device__ __forceinline__ int chunk_steps(int64_t c0, int64_t k) {
 
 // Few rows: CTA (block of 64 outputs, one chunk) of 4 warps, warp i owning outputs
 // [16 i, 16 i + 16) of the block. Each warp stages its own 16 weight rows (512 bytes of a chunk
-// each: one 16-byte load per lane per row, all 16 in flight); the bf16 rows of x are staged by the
-// CTA and walked 16 at a time.
+// each: one 16-byte load per lane per row, all 16 in flight); the CTA stages the chunk of x's
+// fp32 rows as their bf16 terms (split as split_to_bf16 splits them, so the same bits without its
+// launch: x is a few rows, read from L2 by every CTA at little cost beside the weights) and walks
+// them 16 at a time. The last CTA of a column block adds its chunk partials (fold_chunk_partials).
 
 constexpr int kBf16SkinnyWarps = 4;
 constexpr int kBf16SkinnyCols = 16 * kBf16SkinnyWarps;
@@ -353,11 +357,11 @@ int bf16_skinny_shared_bytes(int parts, int64_t rows16) {
              kBf16SkinnyWarps * 256 * sizeof(float));
 }
 
-// xb: the first term of x's rows, the next terms `term_stride` elements apart.
+// x: m rows of fp32, ldx apart.
 template <int kParts>
-__device__ __forceinline__ void bf16_skinny_block(const __nv_bfloat16* xb, int64_t ldb, int64_t term_stride, int64_t m,
-                                                  const uint16_t* w, int64_t n, int64_t k, bool w_vec, float* partial,
-                                                  int64_t plane_rows, float* out, int64_t ldo) {
+__device__ __forceinline__ void bf16_skinny_block(const float* x, int64_t ldx, int64_t m, const uint16_t* w, int64_t n,
+                                                  int64_t k, bool w_vec, float* partial, int64_t plane_rows, float* out,
+                                                  int64_t ldo, int* counters) {
   extern __shared__ __align__(128) unsigned char bf16_skinny_shared[];
   const int64_t rows16 = (m + 15) / 16 * 16;
   __nv_bfloat16* ws = reinterpret_cast<__nv_bfloat16*>(bf16_skinny_shared);
@@ -376,11 +380,22 @@ __device__ __forceinline__ void bf16_skinny_block(const __nv_bfloat16* xb, int64
   }
 #pragma unroll
   for (int i = 0; i < 16; ++i) *reinterpret_cast<uint4*>(ws + (warp * 16 + i) * kBf16Stride + lane * 8) = staged[i];
-  const uint16_t* xraw = reinterpret_cast<const uint16_t*>(xb);
-  for (int64_t i = tid; i < kParts * rows16 * (kChunk / 8); i += kBf16SkinnyWarps * 32) {
-    const int64_t qr = i / (kChunk / 8), q = qr / rows16, r = qr % rows16, kk = (i % (kChunk / 8)) * 8;
-    *reinterpret_cast<uint4*>(xs + qr * kBf16Stride + kk) =
-        r < m ? load_16bit_x8(xraw + q * term_stride + r * ldb, c0 + kk, ldb, true) : make_uint4(0, 0, 0, 0);
+  for (int64_t i = tid; i < rows16 * (kChunk / 8); i += kBf16SkinnyWarps * 32) {
+    const int64_t r = i / (kChunk / 8), kk = (i % (kChunk / 8)) * 8;
+    uint32_t bits[kParts][8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      const int64_t c = c0 + kk + e;
+      __nv_bfloat16 t[kParts];
+      bf16_terms<kParts>(r < m && c < k ? x[r * ldx + c] : 0.0f, t);
+#pragma unroll
+      for (int q = 0; q < kParts; ++q) bits[q][e] = *reinterpret_cast<const uint16_t*>(&t[q]);
+    }
+#pragma unroll
+    for (int q = 0; q < kParts; ++q)
+      *reinterpret_cast<uint4*>(xs + (q * rows16 + r) * kBf16Stride + kk) =
+          make_uint4(bits[q][0] | bits[q][1] << 16, bits[q][2] | bits[q][3] << 16, bits[q][4] | bits[q][5] << 16,
+                     bits[q][6] | bits[q][7] << 16);
   }
   __syncthreads();
 
@@ -408,29 +423,30 @@ __device__ __forceinline__ void bf16_skinny_block(const __nv_bfloat16* xb, int64
     }
     __syncwarp();
   }
+  if (partial) fold_chunk_partials(counters, partial, plane_rows, m, n0, kBf16SkinnyCols, n, out, ldo);
 }
 
 template <int kParts>
-__global__ __launch_bounds__(kBf16SkinnyWarps * 32) void matmul_bf16_skinny(const __nv_bfloat16* xb, int64_t ldb,
-                                                                          int64_t m, const uint16_t* w, int64_t n,
-                                                                          int64_t k, bool w_vec, float* partial,
-                                                                          float* out, int64_t ldo) {
-  bf16_skinny_block<kParts>(xb, ldb, m * ldb, m, w, n, k, w_vec, partial, m, out, ldo);
+__global__ __launch_bounds__(kBf16SkinnyWarps * 32) void matmul_bf16_skinny(const float* x, int64_t ldx, int64_t m,
+                                                                          const uint16_t* w, int64_t n, int64_t k,
+                                                                          bool w_vec, float* partial, float* out,
+                                                                          int64_t ldo, int* counters) {
+  bf16_skinny_block<kParts>(x, ldx, m, w, n, k, w_vec, partial, m, out, ldo, counters);
 }
 
 // Grid z: tiles of up to tile_rows (a multiple of 16, at most kBf16SkinnyMaxRows) rows of a group.
 template <int kParts>
-__global__ __launch_bounds__(kBf16SkinnyWarps * 32) void grouped_bf16_skinny(const __nv_bfloat16* xb, int64_t ldb,
-                                                                           int64_t rows, const int64_t* offsets,
-                                                                           int groups, int64_t tile_rows,
-                                                                           GroupWeights weights, int64_t n, int64_t k,
-                                                                           bool w_vec, float* partial, float* out,
-                                                                           int64_t ldo) {
+__global__ __launch_bounds__(kBf16SkinnyWarps * 32) void grouped_bf16_skinny(const float* x, int64_t ldx, int64_t rows,
+                                                                           const int64_t* offsets, int groups,
+                                                                           int64_t tile_rows, GroupWeights weights,
+                                                                           int64_t n, int64_t k, bool w_vec,
+                                                                           float* partial, float* out, int64_t ldo,
+                                                                           int* counters) {
   GroupTile t;
   if (!find_tile(offsets, groups, tile_rows, blockIdx.z, t)) return;
   const int64_t r0 = t.row0 + t.first;
-  bf16_skinny_block<kParts>(xb + r0 * ldb, ldb, rows * ldb, t.rows, static_cast<const uint16_t*>(weights.data[t.group]),
-                            n, k, w_vec, partial ? partial + r0 * n : nullptr, rows, out + r0 * ldo, ldo);
+  bf16_skinny_block<kParts>(x + r0 * ldx, ldx, t.rows, static_cast<const uint16_t*>(weights.data[t.group]), n, k, w_vec,
+                            partial ? partial + r0 * n : nullptr, rows, out + r0 * ldo, ldo, counters);
 }
 
 // Many rows: a kTileM x 128 output tile per CTA of 8 warps, each warp 32 rows by the columns its
@@ -602,7 +618,7 @@ __global__ __launch_bounds__(kBf16TileThreads, Bf16Tile<kTileM>::kMinBlocks) voi
 
 template <DType T, int kRowsPerThread>
 void launch_f32_skinny_rows(const float* x, int64_t ldx, int64_t m, const DeviceMatrix& w, float* out, int64_t ldo,
-                            float* partial, Device& device, cudaStream_t stream) {
+                            float* partial, int* counters, Device& device, cudaStream_t stream) {
   constexpr auto kernel = matmul_f32_skinny<T, kRowsPerThread>;
   device.allow_shared_memory<kernel>(f32_skinny_shared_bytes<T>(kRowsPerThread * kF32SkinnyGroups));
   const int64_t chunks = ceil_div(w.cols, kChunk);
@@ -610,21 +626,21 @@ void launch_f32_skinny_rows(const float* x, int64_t ldx, int64_t m, const Device
   const bool w_vec = aligned16(w.data) && w.cols % (16 / sizeof(Stored<T>)) == 0;
   const dim3 grid(unsigned(chunks), unsigned(ceil_div(w.rows, kF32SkinnyCols)));
   kernel<<<grid, kF32SkinnyThreads, f32_skinny_shared_bytes<T>(m), stream>>>(x, ldx, m, weights, w.rows, w.cols, w_vec,
-                                                                            partial, out, ldo);
+                                                                            partial, out, ldo, counters);
   M1_CUDA_CHECK_LAUNCH();
 }
 
 template <DType T>
 void launch_f32_skinny(const float* x, int64_t ldx, int64_t m, const DeviceMatrix& w, float* out, int64_t ldo,
-                       float* partial, Device& device, cudaStream_t stream) {
+                       float* partial, int* counters, Device& device, cudaStream_t stream) {
   if (m <= kF32SkinnyGroups)
-    launch_f32_skinny_rows<T, 1>(x, ldx, m, w, out, ldo, partial, device, stream);
+    launch_f32_skinny_rows<T, 1>(x, ldx, m, w, out, ldo, partial, counters, device, stream);
   else if (m <= 2 * kF32SkinnyGroups)
-    launch_f32_skinny_rows<T, 2>(x, ldx, m, w, out, ldo, partial, device, stream);
+    launch_f32_skinny_rows<T, 2>(x, ldx, m, w, out, ldo, partial, counters, device, stream);
   else if (m <= 4 * kF32SkinnyGroups)
-    launch_f32_skinny_rows<T, 4>(x, ldx, m, w, out, ldo, partial, device, stream);
+    launch_f32_skinny_rows<T, 4>(x, ldx, m, w, out, ldo, partial, counters, device, stream);
   else
-    launch_f32_skinny_rows<T, 8>(x, ldx, m, w, out, ldo, partial, device, stream);
+    launch_f32_skinny_rows<T, 8>(x, ldx, m, w, out, ldo, partial, counters, device, stream);
   static_assert(8 * kF32SkinnyGroups == kF32SkinnyMaxRows);
 }
 
@@ -648,24 +664,8 @@ void matmul_f32(const float* x, int64_t ldx, int64_t m, const DeviceMatrix& w, f
     return;
   }
   float* partial = chunks > 1 ? scratch.get<float>(size_t(chunks * m * w.rows)) : nullptr;
-  launch_f32_skinny<T>(x, ldx, m, w, out, ldo, partial, device, stream);
-  if (chunks > 1) launch_sum_partials(partial, chunks, m, w.rows, out, ldo, stream);
-}
-
-// The bf16 terms of x, rows padded to ldb, and the skinny kernels' chunk partials (none for a
-// count of 0), in one scratch buffer.
-struct Bf16Staging {
-  __nv_bfloat16* rows;
-  float* partial;
-};
-
-Bf16Staging carve_bf16_staging(DeviceScratch& scratch, int64_t x_elements, int64_t partial_elements) {
-  return carve_scratch(scratch, [&](ScratchCarver& carver) {
-    Bf16Staging staging;
-    staging.rows = carver.take<__nv_bfloat16>(x_elements);
-    staging.partial = carver.take<float>(partial_elements);
-    return staging;
-  });
+  int* counters = fold_counters(scratch, partial, ceil_div(w.rows, kF32SkinnyCols));
+  launch_f32_skinny<T>(x, ldx, m, w, out, ldo, partial, counters, device, stream);
 }
 
 // Products of at most this many rows per group that take the tiled kernels (their skinny partials
@@ -689,31 +689,33 @@ void matmul_bf16(const float* x, int64_t ldx, int64_t m, const DeviceMatrix& w, 
   const int64_t k = w.cols, n = w.rows, ldb = (k + 7) / 8 * 8;
   const int64_t chunks = ceil_div(k, kChunk);
   const bool skinny = m <= kBf16SkinnyMaxRows && skinny_partials_fit(chunks, m, n);
-  const Bf16Staging staging = carve_bf16_staging(scratch, kParts * m * ldb, skinny && chunks > 1 ? chunks * m * n : 0);
-  launch_split_to_bf16<kParts>(x, ldx, m, k, staging.rows, ldb, stream);
-
   const auto* weights = static_cast<const uint16_t*>(w.data);
   const bool w_vec = aligned16(w.data) && k % 8 == 0;
   if (!skinny) {
+    __nv_bfloat16* xb = scratch.get<__nv_bfloat16>(size_t(kParts * m * ldb));
+    launch_split_to_bf16<kParts>(x, ldx, m, k, xb, ldb, stream);
     if (m <= kBf16ShortTileRows)
-      launch_bf16_tiled<kParts, kBf16ShortTileRows>(staging.rows, ldb, m, weights, n, k, w_vec, out, ldo, device, stream);
+      launch_bf16_tiled<kParts, kBf16ShortTileRows>(xb, ldb, m, weights, n, k, w_vec, out, ldo, device, stream);
     else
-      launch_bf16_tiled<kParts, 128>(staging.rows, ldb, m, weights, n, k, w_vec, out, ldo, device, stream);
+      launch_bf16_tiled<kParts, 128>(xb, ldb, m, weights, n, k, w_vec, out, ldo, device, stream);
     return;
   }
   constexpr auto kernel = matmul_bf16_skinny<kParts>;
   device.allow_shared_memory<kernel>(bf16_skinny_shared_bytes(kParts, kBf16SkinnyMaxRows));
   const int64_t rows16 = (m + 15) / 16 * 16;
   const dim3 grid(unsigned(chunks), unsigned(ceil_div(n, kBf16SkinnyCols)));
-  kernel<<<grid, kBf16SkinnyWarps * 32, bf16_skinny_shared_bytes(kParts, rows16), stream>>>(
-      staging.rows, ldb, m, weights, n, k, w_vec, staging.partial, out, ldo);
+  float* partial = chunks > 1 ? scratch.get<float>(size_t(chunks * m * n)) : nullptr;
+  int* counters = fold_counters(scratch, partial, grid.y);
+  kernel<<<grid, kBf16SkinnyWarps * 32, bf16_skinny_shared_bytes(kParts, rows16), stream>>>(x, ldx, m, weights, n, k,
+                                                                                          w_vec, partial, out, ldo,
+                                                                                          counters);
   M1_CUDA_CHECK_LAUNCH();
-  if (staging.partial) launch_sum_partials(staging.partial, chunks, m, n, out, ldo, stream);
 }
 
 template <DType T, int kRowsPerThread>
 void launch_grouped_f32_skinny_rows(const float* x, int64_t ldx, int64_t rows, const int64_t* offsets,
-                                    const GroupedProduct& product, float* partial, Device& device, cudaStream_t stream) {
+                                    const GroupedProduct& product, float* partial, DeviceScratch& scratch,
+                                    Device& device, cudaStream_t stream) {
   constexpr int kTileRows = kRowsPerThread * kF32SkinnyGroups;
   constexpr auto kernel = grouped_f32_skinny<T, kRowsPerThread>;
   device.allow_shared_memory<kernel>(f32_skinny_shared_bytes<T>(kTileRows));
@@ -722,27 +724,30 @@ void launch_grouped_f32_skinny_rows(const float* x, int64_t ldx, int64_t rows, c
   for_each_launch(product.w, [&](int64_t first, int count, const GroupWeights& weights) {
     const dim3 grid(unsigned(ceil_div(k, kChunk)), unsigned(ceil_div(n, kF32SkinnyCols)),
                     unsigned(grouped_tiles(rows, count, kTileRows)));
+    int* counters = fold_counters(scratch, partial, int64_t(grid.y) * grid.z);
     kernel<<<grid, kF32SkinnyThreads, f32_skinny_shared_bytes<T>(kTileRows), stream>>>(
-        x, ldx, rows, offsets + first, count, weights, n, k, w_vec, partial, product.out, product.ldo);
+        x, ldx, rows, offsets + first, count, weights, n, k, w_vec, partial, product.out, product.ldo, counters);
     M1_CUDA_CHECK_LAUNCH();
   });
 }
 
 template <DType T>
 void launch_grouped_f32_skinny(const float* x, int64_t ldx, int64_t rows, const int64_t* offsets, int64_t group_rows,
-                               const GroupedProduct& product, float* partial, Device& device, cudaStream_t stream) {
+                               const GroupedProduct& product, float* partial, DeviceScratch& scratch, Device& device,
+                               cudaStream_t stream) {
   if (group_rows <= kF32SkinnyGroups)
-    launch_grouped_f32_skinny_rows<T, 1>(x, ldx, rows, offsets, product, partial, device, stream);
+    launch_grouped_f32_skinny_rows<T, 1>(x, ldx, rows, offsets, product, partial, scratch, device, stream);
   else if (group_rows <= 2 * kF32SkinnyGroups)
-    launch_grouped_f32_skinny_rows<T, 2>(x, ldx, rows, offsets, product, partial, device, stream);
+    launch_grouped_f32_skinny_rows<T, 2>(x, ldx, rows, offsets, product, partial, scratch, device, stream);
   else if (group_rows <= 4 * kF32SkinnyGroups)
-    launch_grouped_f32_skinny_rows<T, 4>(x, ldx, rows, offsets, product, partial, device, stream);
+    launch_grouped_f32_skinny_rows<T, 4>(x, ldx, rows, offsets, product, partial, scratch, device, stream);
   else
-    launch_grouped_f32_skinny_rows<T, 8>(x, ldx, rows, offsets, product, partial, device, stream);
+    launch_grouped_f32_skinny_rows<T, 8>(x, ldx, rows, offsets, product, partial, scratch, device, stream);
 }
 
 // The grouped entry points below run the products one after another on the stream, so one set of
-// chunk partials serves them all: a product's partials are summed before the next one's are written.
+// chunk partials (and of fold counters) serves them all: a launch's partials are summed before the
+// next one's are written.
 
 template <DType T>
 void grouped_f32(const float* x, int64_t ldx, const int64_t* offsets, std::span<const GroupedProduct> products,
@@ -766,10 +771,8 @@ void grouped_f32(const float* x, int64_t ldx, const int64_t* offsets, std::span<
     return;
   }
   float* partial = chunks > 1 ? scratch.get<float>(size_t(chunks * rows * n)) : nullptr;
-  for (const GroupedProduct& p : products) {
-    launch_grouped_f32_skinny<T>(x, ldx, rows, offsets, group_rows, p, partial, device, stream);
-    if (partial) launch_sum_partials(partial, chunks, rows, n, p.out, p.ldo, stream, offsets, offsets + groups);
-  }
+  for (const GroupedProduct& p : products)
+    launch_grouped_f32_skinny<T>(x, ldx, rows, offsets, group_rows, p, partial, scratch, device, stream);
 }
 
 // One grouped product through the tiled kernels, its groups' rows in tiles of kTileM.
@@ -796,31 +799,31 @@ void grouped_bf16(const float* x, int64_t ldx, const int64_t* offsets, std::span
   const int64_t tile_rows = (group_rows + 15) / 16 * 16;
   const bool skinny = group_rows <= kBf16SkinnyMaxRows && skinny_grid_fits(rows, groups, tile_rows) &&
                       skinny_partials_fit(chunks, rows, n);
-  const Bf16Staging staging =
-      carve_bf16_staging(scratch, kParts * rows * ldb, skinny && chunks > 1 ? chunks * rows * n : 0);
-  launch_split_to_bf16<kParts>(x, ldx, rows, k, staging.rows, ldb, stream);
+  if (!skinny) {  // x's terms once for every product
+    __nv_bfloat16* xb = scratch.get<__nv_bfloat16>(size_t(kParts * rows * ldb));
+    launch_split_to_bf16<kParts>(x, ldx, rows, k, xb, ldb, stream);
+    for (const GroupedProduct& p : products) {
+      const bool w_vec = all_aligned16(p.w) && k % 8 == 0;
+      if (group_rows <= kBf16ShortTileRows)
+        launch_grouped_bf16_tiled<kParts, kBf16ShortTileRows>(xb, ldb, rows, offsets, p, w_vec, device, stream);
+      else
+        launch_grouped_bf16_tiled<kParts, 128>(xb, ldb, rows, offsets, p, w_vec, device, stream);
+    }
+    return;
+  }
   constexpr auto skinny_kernel = grouped_bf16_skinny<kParts>;
-  if (skinny) device.allow_shared_memory<skinny_kernel>(bf16_skinny_shared_bytes(kParts, kBf16SkinnyMaxRows));
-
+  device.allow_shared_memory<skinny_kernel>(bf16_skinny_shared_bytes(kParts, kBf16SkinnyMaxRows));
+  float* partial = chunks > 1 ? scratch.get<float>(size_t(chunks * rows * n)) : nullptr;
   for (const GroupedProduct& p : products) {
     const bool w_vec = all_aligned16(p.w) && k % 8 == 0;
-    if (!skinny) {
-      if (group_rows <= kBf16ShortTileRows)
-        launch_grouped_bf16_tiled<kParts, kBf16ShortTileRows>(staging.rows, ldb, rows, offsets, p, w_vec, device, stream);
-      else
-        launch_grouped_bf16_tiled<kParts, 128>(staging.rows, ldb, rows, offsets, p, w_vec, device, stream);
-      continue;
-    }
     for_each_launch(p.w, [&](int64_t first, int count, const GroupWeights& weights) {
       const dim3 grid(unsigned(chunks), unsigned(ceil_div(n, kBf16SkinnyCols)),
                       unsigned(grouped_tiles(rows, count, tile_rows)));
+      int* counters = fold_counters(scratch, partial, int64_t(grid.y) * grid.z);
       skinny_kernel<<<grid, kBf16SkinnyWarps * 32, bf16_skinny_shared_bytes(kParts, tile_rows), stream>>>(
-          staging.rows, ldb, rows, offsets + first, count, tile_rows, weights, n, k, w_vec, staging.partial, p.out,
-          p.ldo);
+          x, ldx, rows, offsets + first, count, tile_rows, weights, n, k, w_vec, partial, p.out, p.ldo, counters);
       M1_CUDA_CHECK_LAUNCH();
     });
-    if (staging.partial)
-      launch_sum_partials(staging.partial, chunks, rows, n, p.out, p.ldo, stream, offsets, offsets + groups);
   }
 }
 

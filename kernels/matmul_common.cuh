@@ -64,6 +64,41 @@ __device__ __forceinline__ void write_partial(float v, int64_t r, int64_t col, i
     partial[(blockIdx.x * plane_rows + r) * n + col] = v;
 }
 
+// The last CTA of a skinny launch's column block adds the block's chunk partials, in chunk order,
+// into out, so no second launch is needed. Each CTA, after writing its chunk's partials, bumps its
+// column block's counter (blockIdx.z * gridDim.y + blockIdx.y of `counters`, zero before the
+// launch); the CTA that brings it to gridDim.x (the chunks) reads every chunk's partials and sets
+// the counter back to zero, so the next launch on the stream, or the next replay of a graph, finds
+// it there. `partial` and `out` start at the CTA's first row, as its writes did; `rows` rows from
+// there, columns [n0, n0 + cols) below n. The sum is sum_partials' to the bit.
+__device__ __forceinline__ void fold_chunk_partials(int* counters, const float* partial, int64_t plane_rows,
+                                                    int64_t rows, int64_t n0, int cols, int64_t n, float* out,
+                                                    int64_t ldo) {
+  __shared__ int fold_last;
+  __threadfence();  // this thread's partials reach every SM before the count says they are there
+  __syncthreads();
+  int* counter = counters + blockIdx.z * gridDim.y + blockIdx.y;
+  if (threadIdx.x == 0) fold_last = atomicAdd(counter, 1) == int(gridDim.x) - 1;
+  __syncthreads();
+  if (!fold_last) return;
+  __threadfence();  // the other CTAs' partials are read after their counts
+  const int64_t chunks = gridDim.x;
+  for (int64_t i = threadIdx.x; i < rows * cols; i += blockDim.x) {
+    const int64_t r = i / cols, col = n0 + i % cols;
+    if (col >= n) continue;
+    float total = 0.0f;
+    for (int64_t c = 0; c < chunks; ++c) total = __fadd_rn(total, __ldcg(partial + (c * plane_rows + r) * n + col));
+    out[r * ldo + col] = total;
+  }
+  if (threadIdx.x == 0) *counter = 0;
+}
+
+// The counters fold_chunk_partials needs for a grid of `blocks` column blocks (y times z), when
+// there are partials to fold.
+inline int* fold_counters(DeviceScratch& scratch, bool partials, int64_t blocks) {
+  return partials ? scratch.counters(blocks) : nullptr;
+}
+
 // The skinny kernels' chunk partials make a round trip through memory: chunks x m x n floats (m:
 // every row of x in a grouped call; none for a single chunk, which goes straight to out). Past
 // this many bytes (the LM head at batch 32 would take 615 MB, a MoE's gate products at batch 64

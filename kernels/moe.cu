@@ -23,6 +23,8 @@ namespace {
 
 constexpr int kWarp = 32;
 constexpr int kRouteWarps = 4;  // tokens per routing block
+// Steps of at most this many rows route and group their tokens in one launch (route_and_group).
+constexpr int64_t kOneLaunchRouteRows = 64;
 constexpr int kCombineThreads = 256;
 constexpr int kPlaceThreads = 256;
 // Each routing warp keeps its token's probabilities in shared memory.
@@ -30,16 +32,13 @@ constexpr int64_t kMaxExperts = 2048;
 // Slots one grouping warp ranks, 32 at a time in slot order.
 constexpr int64_t kGroupTile = 1024;
 
-// One warp per token. The exponentials are summed by one lane in index order, like the CPU; the
-// top k are k warp-wide arg-max passes, each taking the highest probability and, among equals,
-// the lowest index, then striking it out.
-__global__ void route_kernel(const float* __restrict__ logits, int64_t rows, int experts, int top_k,
-                             int32_t* __restrict__ chosen, float* __restrict__ weights) {
-  extern __shared__ float warp_probs[];
-  const int warp = int(threadIdx.x) / kWarp, lane = int(threadIdx.x) % kWarp;
-  const int64_t t = int64_t(blockIdx.x) * kRouteWarps + warp;
-  if (t >= rows) return;  // a whole warp leaves together; the kernel has no block-wide barrier
-  float* p = warp_probs + warp * experts;
+// Token t's routing, by one warp; p: the warp's `experts` floats of shared memory. The
+// exponentials are summed by one lane in index order, like the CPU; the top k are k warp-wide
+// arg-max passes, each taking the highest probability and, among equals, the lowest index, then
+// striking it out.
+__device__ __forceinline__ void route_token(const float* __restrict__ logits, int64_t t, int experts, int top_k,
+                                            float* p, int32_t* __restrict__ chosen, float* __restrict__ weights) {
+  const int lane = int(threadIdx.x) % kWarp;
   const float* row = logits + t * experts;
 
   float max_logit = -INFINITY;
@@ -78,6 +77,16 @@ __global__ void route_kernel(const float* __restrict__ logits, int64_t rows, int
     for (int r = 0; r < top_k; ++r) weight_row[r] /= kept;
 }
 
+// One warp per token.
+__global__ void route_kernel(const float* __restrict__ logits, int64_t rows, int experts, int top_k,
+                             int32_t* __restrict__ chosen, float* __restrict__ weights) {
+  extern __shared__ float warp_probs[];
+  const int warp = int(threadIdx.x) / kWarp;
+  const int64_t t = int64_t(blockIdx.x) * kRouteWarps + warp;
+  if (t >= rows) return;  // a whole warp leaves together; the kernel has no block-wide barrier
+  route_token(logits, t, experts, top_k, warp_probs + warp * experts, chosen, weights);
+}
+
 // Grouping. The (token, rank) slots, slot = token * top_k + rank, are sorted by expert into
 // "bins", stably, so each expert's slots keep ascending token order: bins [0, held) are the
 // experts held here, bin `held` the slots of experts held elsewhere (expert parallel), bin
@@ -102,13 +111,14 @@ constexpr int64_t kElsewhere = -2, kNowhere = -1;
 
 // One warp per tile, 32 slots at a time in slot order: rank[s] = the slots of s's bin before s
 // in its tile; tile_counts[tile][bin] = the tile's slots per bin.
-__global__ __launch_bounds__(kWarp) void rank_slots(const int32_t* __restrict__ chosen, int64_t slots, Bins bin_of,
-                                                    int32_t* __restrict__ rank, int32_t* __restrict__ tile_counts) {
-  __shared__ int32_t count[kMaxExperts + 2];
-  const int lane = int(threadIdx.x), bins = bin_of.count();
+// Tile `tile`, by one warp; count: bins ints of shared memory.
+__device__ __forceinline__ void rank_tile(const int32_t* __restrict__ chosen, int64_t slots, Bins bin_of,
+                                          int32_t* __restrict__ rank, int32_t* __restrict__ tile_counts, int64_t tile,
+                                          int32_t* count) {
+  const int lane = int(threadIdx.x) % kWarp, bins = bin_of.count();
   for (int b = lane; b < bins; b += kWarp) count[b] = 0;
   __syncwarp();
-  const int64_t first = int64_t(blockIdx.x) * kGroupTile, end = std::min(first + kGroupTile, slots);
+  const int64_t first = tile * kGroupTile, end = std::min(first + kGroupTile, slots);
   for (int64_t s0 = first; s0 < end; s0 += kWarp) {
     const int64_t s = s0 + lane;
     const bool live = s < end;
@@ -120,15 +130,21 @@ __global__ __launch_bounds__(kWarp) void rank_slots(const int32_t* __restrict__ 
     if (live && before == 0) count[bin] += __popc(same);  // one lane per bin
     __syncwarp();
   }
-  int32_t* counts = tile_counts + int64_t(blockIdx.x) * bins;
+  int32_t* counts = tile_counts + tile * bins;
   for (int b = lane; b < bins; b += kWarp) counts[b] = count[b];
+}
+
+__global__ __launch_bounds__(kWarp) void rank_slots(const int32_t* __restrict__ chosen, int64_t slots, Bins bin_of,
+                                                    int32_t* __restrict__ rank, int32_t* __restrict__ tile_counts) {
+  __shared__ int32_t count[kMaxExperts + 2];
+  rank_tile(chosen, slots, bin_of, rank, tile_counts, blockIdx.x, count);
 }
 
 // One warp: per bin, the tile counts become exclusive running sums over the tiles in order (the
 // bin's slots in earlier tiles), and begin[bin] = the slots of all lower bins.
-__global__ __launch_bounds__(kWarp) void place_tiles(int32_t* __restrict__ tile_counts, int64_t tiles, int bins,
-                                                     int64_t* __restrict__ begin) {
-  const int lane = int(threadIdx.x);
+__device__ __forceinline__ void place_tile_counts(int32_t* __restrict__ tile_counts, int64_t tiles, int bins,
+                                                  int64_t* __restrict__ begin) {
+  const int lane = int(threadIdx.x) % kWarp;
   int64_t carry = 0;
   for (int b0 = 0; b0 < bins; b0 += kWarp) {
     const int b = b0 + lane;
@@ -150,18 +166,54 @@ __global__ __launch_bounds__(kWarp) void place_tiles(int32_t* __restrict__ tile_
   }
 }
 
+__global__ __launch_bounds__(kWarp) void place_tiles(int32_t* __restrict__ tile_counts, int64_t tiles, int bins,
+                                                     int64_t* __restrict__ begin) {
+  place_tile_counts(tile_counts, tiles, bins, begin);
+}
+
 // Slot s sits at position begin[bin] + (its bin's slots in earlier tiles) + rank[s]: token_at
 // names the row of x each position takes, position_of where each slot's expert output lands
 // (kElsewhere, kNowhere: none here).
-__global__ void place_slots(const int32_t* __restrict__ chosen, const int32_t* __restrict__ rank,
-                            const int32_t* __restrict__ tile_counts, const int64_t* __restrict__ begin, int64_t slots,
-                            Bins bin_of, int top_k, int64_t* __restrict__ token_at, int64_t* __restrict__ position_of) {
-  const int64_t s = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (s >= slots) return;
+__device__ __forceinline__ void place_slot(const int32_t* __restrict__ chosen, const int32_t* __restrict__ rank,
+                                           const int32_t* __restrict__ tile_counts, const int64_t* __restrict__ begin,
+                                           int64_t s, Bins bin_of, int top_k, int64_t* __restrict__ token_at,
+                                           int64_t* __restrict__ position_of) {
   const int bins = bin_of.count(), bin = bin_of.of(chosen[s]);
   const int64_t p = begin[bin] + tile_counts[s / kGroupTile * bins + bin] + rank[s];
   token_at[p] = s / top_k;
   position_of[s] = bin < bin_of.held ? p : bin == bin_of.held ? kElsewhere : kNowhere;
+}
+
+__global__ void place_slots(const int32_t* __restrict__ chosen, const int32_t* __restrict__ rank,
+                            const int32_t* __restrict__ tile_counts, const int64_t* __restrict__ begin, int64_t slots,
+                            Bins bin_of, int top_k, int64_t* __restrict__ token_at, int64_t* __restrict__ position_of) {
+  const int64_t s = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (s < slots) place_slot(chosen, rank, tile_counts, begin, s, bin_of, top_k, token_at, position_of);
+}
+
+// Routing and grouping of a few rows (decode) in one launch of one CTA: its warps route the
+// tokens (warp w tokens w, w + kRouteWarps, ...), warp 0 ranks the single tile of slots and
+// places it, and every thread places slots. Each step is route_kernel's, rank_slots', place_tiles'
+// and place_slots' code on the same data, so the same results; the CTA's barriers stand in for
+// the launches between them.
+__global__ __launch_bounds__(kRouteWarps * kWarp) void route_and_group(
+    const float* __restrict__ logits, int64_t rows, int experts, int top_k, int32_t* __restrict__ chosen,
+    float* __restrict__ weights, Bins bin_of, int32_t* __restrict__ rank, int32_t* __restrict__ tile_counts,
+    int64_t* __restrict__ begin, int64_t* __restrict__ token_at, int64_t* __restrict__ position_of) {
+  extern __shared__ float warp_probs[];
+  __shared__ int32_t count[kMaxExperts + 2];
+  const int warp = int(threadIdx.x) / kWarp;
+  for (int64_t t = warp; t < rows; t += kRouteWarps)
+    route_token(logits, t, experts, top_k, warp_probs + warp * experts, chosen, weights);
+  __syncthreads();
+  const int64_t slots = rows * top_k;
+  if (warp == 0) {
+    rank_tile(chosen, slots, bin_of, rank, tile_counts, 0, count);
+    place_tile_counts(tile_counts, 1, bin_of.count(), begin);
+  }
+  __syncthreads();
+  for (int64_t s = threadIdx.x; s < slots; s += blockDim.x)
+    place_slot(chosen, rank, tile_counts, begin, s, bin_of, top_k, token_at, position_of);
 }
 
 // out[t] = sum over ranks r, in rank order, of weight[t, r] * down[position of slot (t, r)]: a
@@ -274,9 +326,15 @@ void moe(const MoeArgs& a, MoeWorkspace& ws, Device& device, cudaStream_t stream
 
   // Routing is always fp32, whatever the expert products use.
   matmul(a.x, hidden, rows, a.router, b.logits, experts, GemmOperands::kFp32, ws.matmul, device, stream);
-  route(b.logits, rows, experts, k, b.chosen, b.weights, stream);
-
-  group_by_expert(b, slots, bins, k, stream);
+  if (rows <= kOneLaunchRouteRows && slots <= kGroupTile) {
+    route_and_group<<<1, kRouteWarps * kWarp, size_t(kRouteWarps) * size_t(experts) * sizeof(float), stream>>>(
+        b.logits, rows, int(experts), int(k), b.chosen, b.weights, bins, b.rank, b.tile_counts, b.begin, b.token_at,
+        b.position_of);
+    M1_CUDA_CHECK_LAUNCH();
+  } else {
+    route(b.logits, rows, experts, k, b.chosen, b.weights, stream);
+    group_by_expert(b, slots, bins, k, stream);
+  }
   gather_rows(a.x, hidden, b.token_at, slots, b.gathered, stream);
 
   // Every expert's gate and up products (in one call, which rounds the gathered rows to bf16 once

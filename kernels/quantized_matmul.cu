@@ -26,8 +26,8 @@
 //
 // "Skinny" kernels (decode: up to 64 rows) give each CTA one chunk of 64 weight rows and copy all
 // of its codes in at once (splitting its rows of x into bf16 terms while they land), so even a
-// single row spreads the weight over the whole GPU with many copies in flight per SM; the chunk
-// partials are added by sum_partials. "Tiled" kernels (prefill) keep a
+// single row spreads the weight over the whole GPU with many copies in flight per SM; the last
+// CTA of a column block adds its chunk partials (fold_chunk_partials). "Tiled" kernels (prefill) keep a
 // CTA's output tile in registers along the whole inner dimension, the next k-tiles of x and codes
 // streaming in (a 3-stage cp.async pipeline) while one is multiplied. The grouped entry points run
 // the same bodies on each group's rows and weights, found in device memory.
@@ -361,7 +361,8 @@ constexpr int skinny_shared_bytes(int parts, int rows) {
 // x: m rows of fp32, ldx apart (split into bf16 terms here).
 template <DType T, int kParts, int kM>
 __device__ __forceinline__ void skinny_block(const float* x, int64_t ldx, int64_t m, const QuantOperand& w,
-                                             float* partial, int64_t plane_rows, float* out, int64_t ldo) {
+                                             float* partial, int64_t plane_rows, float* out, int64_t ldo,
+                                             int* counters) {
   extern __shared__ __align__(16) unsigned char quant_skinny_shared[];
   constexpr int kRows = 16 * kM, kThreads = kSkinnyWarps * 32;
   unsigned char* cs = quant_skinny_shared;
@@ -398,13 +399,14 @@ __device__ __forceinline__ void skinny_block(const float* x, int64_t ldx, int64_
   for_each_output<kM, 2>(col0, w.n, 0, m, [&](int i, int j, int e, int64_t r, int64_t col) {
     write_partial(chunk_value(w, part[i][j][e], column_scales[j][e & 1]), r, col, plane_rows, w.n, partial, out, ldo);
   });
+  if (partial) fold_chunk_partials(counters, partial, plane_rows, m, n0, kSkinnyCols, w.n, out, ldo);
 }
 
 template <DType T, int kParts, int kM>
 __global__ __launch_bounds__(kSkinnyWarps * 32) void quant_skinny(const float* x, int64_t ldx, int64_t m,
                                                                   QuantOperand w, float* partial, float* out,
-                                                                  int64_t ldo) {
-  skinny_block<T, kParts, kM>(x, ldx, m, w, partial, m, out, ldo);
+                                                                  int64_t ldo, int* counters) {
+  skinny_block<T, kParts, kM>(x, ldx, m, w, partial, m, out, ldo, counters);
 }
 
 // Grid z: tiles of up to 16 kM rows of a group.
@@ -412,14 +414,15 @@ template <DType T, int kParts, int kM>
 __global__ __launch_bounds__(kSkinnyWarps * 32) void grouped_quant_skinny(const float* x, int64_t ldx, int64_t rows,
                                                                           const int64_t* offsets, int groups,
                                                                           GroupWeights weights, QuantOperand w,
-                                                                          float* partial, float* out, int64_t ldo) {
+                                                                          float* partial, float* out, int64_t ldo,
+                                                                          int* counters) {
   GroupTile tile;
   if (!find_tile(offsets, groups, 16 * kM, blockIdx.z, tile)) return;
   const int64_t r0 = tile.row0 + tile.first;
   w.codes = static_cast<const unsigned char*>(weights.data[tile.group]);
   w.scales = weights.scales[tile.group];
   skinny_block<T, kParts, kM>(x + r0 * ldx, ldx, tile.rows, w, partial ? partial + r0 * w.n : nullptr, rows,
-                              out + r0 * ldo, ldo);
+                              out + r0 * ldo, ldo, counters);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -553,27 +556,29 @@ QuantOperand operand(const DeviceMatrix& w, GemmOperands operands, bool vec) {
 int64_t padded_row(int64_t k) { return ceil_div(k, kBlockK) * kBlockK; }
 
 template <DType T, int kParts, int kM>
-void launch_skinny(const float* x, int64_t ldx, int64_t m, const QuantOperand& w, float* partial, float* out,
-                   int64_t ldo, Device& device, cudaStream_t stream) {
+void launch_skinny(const float* x, int64_t ldx, int64_t m, const QuantOperand& w, float* partial, int* counters,
+                   float* out, int64_t ldo, Device& device, cudaStream_t stream) {
   constexpr auto kernel = quant_skinny<T, kParts, kM>;
   constexpr int bytes = skinny_shared_bytes<T>(kParts, 16 * kM);
   device.allow_shared_memory<kernel>(bytes);
   const dim3 grid(unsigned(ceil_div(w.k, kChunk)), unsigned(ceil_div(w.n, kSkinnyCols)));
-  kernel<<<grid, kSkinnyWarps * 32, bytes, stream>>>(x, ldx, m, w, partial, out, ldo);
+  kernel<<<grid, kSkinnyWarps * 32, bytes, stream>>>(x, ldx, m, w, partial, out, ldo, counters);
   M1_CUDA_CHECK_LAUNCH();
 }
 
 template <DType T, int kParts, int kM>
 void launch_grouped_skinny(const float* x, int64_t ldx, int64_t rows, const int64_t* offsets, const GroupedProduct& p,
-                           QuantOperand w, float* partial, Device& device, cudaStream_t stream) {
+                           QuantOperand w, float* partial, DeviceScratch& scratch, Device& device,
+                           cudaStream_t stream) {
   constexpr auto kernel = grouped_quant_skinny<T, kParts, kM>;
   constexpr int bytes = skinny_shared_bytes<T>(kParts, 16 * kM);
   device.allow_shared_memory<kernel>(bytes);
   for_each_launch(p.w, [&](int64_t first, int count, const GroupWeights& weights) {
     const dim3 grid(unsigned(ceil_div(w.k, kChunk)), unsigned(ceil_div(w.n, kSkinnyCols)),
                     unsigned(grouped_tiles(rows, count, 16 * kM)));
+    int* counters = fold_counters(scratch, partial, int64_t(grid.y) * grid.z);
     kernel<<<grid, kSkinnyWarps * 32, bytes, stream>>>(x, ldx, rows, offsets + first, count, weights, w, partial,
-                                                       p.out, p.ldo);
+                                                       p.out, p.ldo, counters);
     M1_CUDA_CHECK_LAUNCH();
   });
 }
@@ -626,8 +631,10 @@ void matmul_quantized(const float* x, int64_t ldx, int64_t m, const DeviceMatrix
     return launch_tiled<T, kParts>(xb, ldq, m, w, out, ldo, device, stream);
   }
   float* partial = chunks > 1 ? scratch.get<float>(size_t(chunks * m * w.n)) : nullptr;
-  with_row_tiles(m, [&]<int kM>() { launch_skinny<T, kParts, kM>(x, ldx, m, w, partial, out, ldo, device, stream); });
-  if (partial) launch_sum_partials(partial, chunks, m, w.n, out, ldo, stream);
+  int* counters = fold_counters(scratch, partial, ceil_div(w.n, kSkinnyCols));
+  with_row_tiles(m, [&]<int kM>() {
+    launch_skinny<T, kParts, kM>(x, ldx, m, w, partial, counters, out, ldo, device, stream);
+  });
 }
 
 template <DType T, int kParts>
@@ -651,9 +658,8 @@ void grouped_quantized(const float* x, int64_t ldx, const int64_t* offsets, std:
   for (const GroupedProduct& p : products) {  // one set of partials, summed before the next product's
     const QuantOperand w = operand(p.w[0], operands, all_aligned16(p.w));
     with_row_tiles(tile_rows, [&]<int kM>() {
-      launch_grouped_skinny<T, kParts, kM>(x, ldx, rows, offsets, p, w, partial, device, stream);
+      launch_grouped_skinny<T, kParts, kM>(x, ldx, rows, offsets, p, w, partial, scratch, device, stream);
     });
-    if (partial) launch_sum_partials(partial, chunks, rows, w.n, p.out, p.ldo, stream, offsets, offsets + groups);
   }
 }
 

@@ -1,6 +1,7 @@
 #include "step_graphs.h"
 
 #include <cstring>
+#include <vector>
 
 #include "cuda_check.h"
 #include "m1/error.h"
@@ -22,6 +23,20 @@ uint64_t mix(uint64_t hash, uint64_t value) {
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
   z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
   return z ^ (z >> 31);
+}
+
+// The kernel nodes of a recorded step: the launches a replay saves. 0 if CUDA cannot say.
+int64_t kernel_nodes(cudaGraph_t graph) {
+  size_t count = 0;
+  if (cudaGraphGetNodes(graph, nullptr, &count) != cudaSuccess) return 0;
+  std::vector<cudaGraphNode_t> nodes(count);
+  if (count && cudaGraphGetNodes(graph, nodes.data(), &count) != cudaSuccess) return 0;
+  int64_t kernels = 0;
+  for (size_t i = 0; i < count; ++i) {
+    cudaGraphNodeType type;
+    if (cudaGraphNodeGetType(nodes[i], &type) == cudaSuccess && type == cudaGraphNodeTypeKernel) ++kernels;
+  }
+  return kernels;
 }
 
 }  // namespace
@@ -104,6 +119,7 @@ bool StepGraphs::end() {
     bool ok = cudaStreamEndCapture(stream_, &graph) == cudaSuccess && graph;
     // Memory that moved during the capture may be baked into it.
     ok = ok && memory_epoch() == epoch_ && cudaGraphInstantiate(&exec, graph, 0) == cudaSuccess;
+    if (ok) stats_.kernels = kernel_nodes(graph);
     if (graph) cudaGraphDestroy(graph);
     cudaGetLastError();  // a failed capture leaves its error for the next check otherwise
     if (!ok) {

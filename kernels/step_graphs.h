@@ -29,6 +29,7 @@ class StepGraphs {
   enum class Mode { kEager, kRecord, kReplay };
   struct Stats {
     int64_t eager = 0, recorded = 0, replayed = 0, rejected = 0;  // steps
+    int64_t kernels = 0;  // kernel launches of the step recorded last (0 before the first)
   };
 
   StepGraphs(cudaStream_t stream, bool enabled);

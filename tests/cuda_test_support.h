@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
+#include "cuda_check.h"
 #include "device.h"
 #include "device_array.h"
 
@@ -31,6 +32,32 @@ inline cuda::Device& test_device() {
       cuda_unavailable_reason().empty() ? cuda::Device::current() : cuda::Device(0, cuda::DeviceLimits{});
   return device;
 }
+
+// What `calls` launches on `stream`, captured once as a CUDA graph, replayed by launch().
+class CapturedGraph {
+ public:
+  template <class Calls>
+  CapturedGraph(cudaStream_t stream, Calls calls) : stream_(stream) {
+    cudaGraph_t graph = nullptr;
+    M1_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeRelaxed));
+    calls();
+    M1_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+    const cudaError_t status = cudaGraphInstantiate(&exec_, graph, 0);
+    cudaGraphDestroy(graph);
+    M1_CUDA_CHECK(status);
+  }
+  CapturedGraph(const CapturedGraph&) = delete;
+  CapturedGraph& operator=(const CapturedGraph&) = delete;
+  ~CapturedGraph() {
+    cudaStreamSynchronize(stream_);
+    cudaGraphExecDestroy(exec_);
+  }
+  void launch() { M1_CUDA_CHECK(cudaGraphLaunch(exec_, stream_)); }
+
+ private:
+  cudaStream_t stream_;
+  cudaGraphExec_t exec_ = nullptr;
+};
 
 }  // namespace m1::test
 

@@ -7,8 +7,10 @@
 
 #include <cstdio>
 #include <cstring>
+#include <memory>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "cuda_backend.h"
@@ -241,6 +243,42 @@ TEST(CudaGraphs, ReplayedDecodeStepsMatchEagerOnes) {
     }
     ASSERT_EQ(eager.size(), replayed.size());
     EXPECT_EQ(std::memcmp(eager.data(), replayed.data(), eager.size() * sizeof(float)), 0);
+  }
+}
+
+// The kernels a decode step launches, counted in its CUDA graph, pinned: a launch that comes back
+// (a separate sum of chunk partials, a bf16 split of x before a one-row product, the MoE's routing
+// and grouping in four launches instead of one) fails here. The
+// model's widths (320 inputs, 288 in the experts) take two chunks in every product, so each
+// product folds its partials. Not a timing: the count is the structure of a step.
+TEST(CudaGraphs, DecodeStepLaunchCountIsPinned) {
+  M1_REQUIRE_CUDA();
+  ModelConfig config = preset("tiny").config;
+  config.hidden_size = 320;
+  config.intermediate_size = 288;
+  // {precision, batch, kernels per decode step}
+  const std::tuple<Precision, int64_t, int64_t> cases[] = {
+      {Precision::kExact, 1, 77}, {Precision::kFast, 1, 77}, {Precision::kFast, 3, 77}};
+  for (const auto& [precision, batch, want] : cases) {
+    auto backend = create_backend(BackendOptions{"cuda", 0, precision, false, true});
+    Model model(config, random_checkpoint(config, DType::kBF16, 8), *backend);
+    std::vector<std::unique_ptr<SequenceState>> states;
+    StepLogits logits;
+    const std::vector<int32_t> prompt = {1, 2, 3, 4, 5};
+    for (int64_t b = 0; b < batch; ++b) {
+      states.push_back(model.new_sequence());
+      const BatchEntry entry{states.back().get(), prompt};
+      model.forward(std::span(&entry, 1), logits);
+    }
+    std::vector<int32_t> next(size_t(batch), 7);
+    std::vector<BatchEntry> step;
+    for (int64_t b = 0; b < batch; ++b) step.push_back({states[size_t(b)].get(), std::span(&next[size_t(b)], 1)});
+    for (int i = 0; i < 3; ++i) model.forward(step, logits);  // eager, recorded, replayed
+    const cuda::StepGraphs::Stats& stats = static_cast<cuda::CudaBackend&>(*backend).graph_stats();
+    std::printf("%s, batch %lld: %lld kernels per decode step\n", precision == Precision::kExact ? "exact" : "fast",
+                (long long)batch, (long long)stats.kernels);
+    EXPECT_EQ(stats.recorded, 1);
+    EXPECT_EQ(stats.kernels, want) << (precision == Precision::kExact ? "exact" : "fast") << ", batch " << batch;
   }
 }
 

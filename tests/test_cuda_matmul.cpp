@@ -140,6 +140,78 @@ TEST_P(CudaMatmul, RowsDoNotDependOnTheirBatch) {
   }
 }
 
+// The skinny kernels' chunk partials, added in chunk order by the last CTA of each column block
+// (fold_chunk_partials), give the bits of the tiled kernels, which keep the sum in registers (and
+// which the separate sum_partials launch matched before it was folded in): every row count from 1
+// to 32, one chunk, chunks not dividing the inner dimension, outputs not dividing the 64-column
+// block. One scratch serves every call, so each call must leave its counters at zero.
+TEST_P(CudaMatmul, FoldedChunkSumsMatchTheTiledKernel) {
+  M1_REQUIRE_CUDA();
+  const auto [dtype, operands] = GetParam();
+  std::mt19937 rng(31);
+  const int64_t rows = 70;  // tiled for every weight dtype
+  DeviceScratch scratch;
+  for (const auto& [n, k] : {std::pair<int64_t, int64_t>{1, 256}, {63, 100}, {65, 257}, {130, 1000}}) {
+    const RandomWeight w = random_weight(dtype, n, k, rng);
+    const DeviceArray<uint8_t> dw(w.bytes);
+    const DeviceMatrix dm{dw.get(), w.w.dtype, n, k};
+    const DeviceArray<float> dx(random_floats(size_t(rows * k), 1.0f, rng));
+    DeviceArray<float> dout(size_t(rows * n));
+    matmul(dx.get(), k, rows, dm, dout.get(), n, operands, scratch, test::test_device(), nullptr);
+    const std::vector<float> tiled = dout.download();
+    for (int64_t m = 1; m <= 32; ++m) {
+      const int64_t first = (m * 7) % (rows - m + 1);
+      matmul(dx.get() + first * k, k, m, dm, dout.get(), n, operands, scratch, test::test_device(), nullptr);
+      const std::vector<float> got = dout.download();
+      ASSERT_EQ(std::memcmp(got.data(), tiled.data() + first * n, size_t(m * n) * sizeof(float)), 0)
+          << m << " rows from " << first << ", n " << n << " k " << k << " " << dtype_name(dtype) << " "
+          << operands_name(operands);
+    }
+  }
+}
+
+// A skinny product recorded in a CUDA graph and replayed three times, x changed between the
+// first two: every replay gives the bits of an eager call on its x, so the fold's counters are
+// back at zero after each replay, as the graph's next replay needs them.
+TEST_P(CudaMatmul, GraphReplaysFoldTheirChunksEachTime) {
+  M1_REQUIRE_CUDA();
+  const auto [dtype, operands] = GetParam();
+  std::mt19937 rng(32);
+  const int64_t m = 3, n = 77, k = 700;
+  const RandomWeight w = random_weight(dtype, n, k, rng);
+  const DeviceArray<uint8_t> dw(w.bytes);
+  const DeviceMatrix dm{dw.get(), w.w.dtype, n, k};
+  const std::vector<float> x1 = random_floats(size_t(m * k), 1.0f, rng), x2 = random_floats(size_t(m * k), 1.0f, rng);
+  DeviceArray<float> dx(x1), dout(size_t(m * n));
+  cudaStream_t stream = nullptr;
+  M1_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  {
+    DeviceScratch scratch(stream);
+    auto run = [&] { matmul(dx.get(), k, m, dm, dout.get(), n, operands, scratch, test::test_device(), stream); };
+    auto result = [&] {
+      M1_CUDA_CHECK(cudaStreamSynchronize(stream));
+      return dout.download();
+    };
+    run();  // sizes the scratch and its counters before the capture
+    const std::vector<float> want1 = result();
+    dx.upload(x2);
+    run();
+    const std::vector<float> want2 = result();
+    dx.upload(x1);
+
+    test::CapturedGraph graph(stream, run);
+    const std::vector<float>* wants[] = {&want1, &want2, &want2};
+    for (int replay = 0; replay < 3; ++replay) {
+      if (replay == 1) dx.upload(x2);
+      graph.launch();
+      const std::vector<float> got = result();
+      EXPECT_EQ(std::memcmp(got.data(), wants[replay]->data(), got.size() * sizeof(float)), 0)
+          << "replay " << replay << " " << dtype_name(dtype) << " " << operands_name(operands);
+    }
+  }
+  M1_CUDA_CHECK(cudaStreamDestroy(stream));
+}
+
 // A call whose skinny chunk partials would pass 64 MB (32 rows of a [8192, 16640] matrix: 65 chunks,
 // 68 MB; the LM head at batch 32 would need 615 MB) takes the tiled kernel instead: the scratch
 // stays small, and its rows are bit-identical to the same rows computed alone (skinny).

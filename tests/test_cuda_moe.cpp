@@ -194,7 +194,9 @@ TEST_F(CudaMoeTest, RoutingMatchesCpu) {
               << experts << " experts, top " << top_k << ", row " << t << ", rank " << r;
         }
       }
-      EXPECT_GE(compared, rows * 9 / 10) << experts << " experts, top " << top_k << ": too many near-ties skipped";
+      // 8 experts, all chosen: about 90% of random rows have no near-tie among their 7 gaps, so
+      // 90% failed on some seeds (2584777336: 463 of 517); 80% still says most rows were compared.
+      EXPECT_GE(compared, rows * 8 / 10) << experts << " experts, top " << top_k << ": too many near-ties skipped";
     }
 }
 

@@ -253,6 +253,7 @@ struct Capture {
   cudaStreamCaptureMode mode;
   bool invalidated = false;
   std::vector<Op> nodes;
+  std::vector<cudaGraphNodeType> kinds;  // each node's, for cudaGraphGetNodes
 };
 }  // namespace emu
 
@@ -270,8 +271,12 @@ struct CUevent_st {
   bool captured = false;
   std::chrono::steady_clock::time_point when;  // host time the emulation reached it
 };
+struct CUgraphNode_st {
+  cudaGraphNodeType kind;
+};
 struct CUgraph_st {
   std::shared_ptr<std::vector<emu::Op>> nodes;
+  std::vector<CUgraphNode_st> kinds;  // what cudaGraphGetNodes hands out, one per node
 };
 struct CUgraphExec_st {
   std::shared_ptr<std::vector<emu::Op>> nodes;
@@ -348,7 +353,7 @@ static void flush_all() {
 }
 // Runs `op` in `stream`'s order: at once on the default stream, into the graph while capturing,
 // else queued.
-static void submit(cudaStream_t stream, Op op) {
+static void submit(cudaStream_t stream, Op op, cudaGraphNodeType kind) {
   Lock lock(books);
   CUstream_st* s = checked(stream);
   if (!s) {
@@ -360,6 +365,7 @@ static void submit(cudaStream_t stream, Op op) {
   }
   if (s->capture) {
     s->capture->nodes.push_back(std::move(op));
+    s->capture->kinds.push_back(kind);
     return;
   }
   s->queue.push_back(std::move(op));
@@ -393,7 +399,7 @@ void emu::enqueue_launch(const void* kernel, dim3 grid, dim3 block, size_t smem,
   const std::string name = "kernel#" + std::to_string(serial++);
   lock.unlock();
   auto shared_body = std::make_shared<std::function<void()>>(std::move(body));
-  submit(stream, Op{[=] { run_kernel(name.c_str(), grid, block, smem, *shared_body); }});
+  submit(stream, Op{[=] { run_kernel(name.c_str(), grid, block, smem, *shared_body); }}, cudaGraphNodeTypeKernel);
 }
 
 extern "C" {
@@ -541,7 +547,7 @@ cudaError_t cudaFreeAsync(void* p, cudaStream_t stream) {
   if (s) s->pool[size].push_back(p);
   else quarantine.emplace_back(p, size);
   lock.unlock();
-  submit(stream, Op{[p, size] { std::memset(p, 0xff, size); }});
+  submit(stream, Op{[p, size] { std::memset(p, 0xff, size); }}, cudaGraphNodeTypeMemFree);
   return cudaSuccess;
 }
 cudaError_t cudaHostAlloc(void** p, size_t n, unsigned int) {
@@ -612,7 +618,7 @@ cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t n, cudaMemcpyKind
     // Staged before the call returns: the caller may reuse its buffer at once.
     auto copy = std::make_shared<std::vector<unsigned char>>(static_cast<const unsigned char*>(src),
                                                              static_cast<const unsigned char*>(src) + n);
-    submit(stream, Op{[dst, copy] { std::memcpy(dst, copy->data(), copy->size()); }});
+    submit(stream, Op{[dst, copy] { std::memcpy(dst, copy->data(), copy->size()); }}, cudaGraphNodeTypeMemcpy);
     return cudaSuccess;
   }
   std::atomic<bool> done{false};
@@ -620,7 +626,8 @@ cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t n, cudaMemcpyKind
   submit(stream, Op{[dst, src, n, flag] {
                       std::memcpy(dst, src, n);
                       if (flag) *flag = true;
-                    }});
+                    }},
+         cudaGraphNodeTypeMemcpy);
   if (pageable_dst) flush(s, &done);  // returns once the copy has landed
   return cudaSuccess;
 }
@@ -632,7 +639,7 @@ cudaError_t cudaMemset(void* p, int v, size_t n) {
 }
 cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t stream) {
   if (Lock lock(books); n && !is_device(p, n)) die("cudaMemsetAsync outside device memory");
-  submit(stream, Op{[p, v, n] { std::memset(p, v, n); }});
+  submit(stream, Op{[p, v, n] { std::memset(p, v, n); }}, cudaGraphNodeTypeMemset);
   return cudaSuccess;
 }
 
@@ -641,7 +648,8 @@ cudaError_t cudaMemset2DAsync(void* p, size_t pitch, int v, size_t width, size_t
   if (width > pitch) return fail(cudaErrorInvalidValue, "cudaMemset2DAsync: width %zu over pitch %zu", width, pitch);
   submit(stream, Op{[=] {
                       for (size_t r = 0; r < height; ++r) std::memset(static_cast<char*>(p) + r * pitch, v, width);
-                    }});
+                    }},
+         cudaGraphNodeTypeMemset);
   return cudaSuccess;
 }
 
@@ -710,7 +718,8 @@ cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t stream) {
   submit(stream, Op{[e] {
            e->when = std::chrono::steady_clock::now();
            e->done = true;
-         }});
+         }},
+         cudaGraphNodeTypeEventRecord);
   return cudaSuccess;
 }
 cudaError_t cudaEventSynchronize(cudaEvent_t e) {
@@ -749,7 +758,8 @@ cudaError_t cudaStreamEndCapture(cudaStream_t stream, cudaGraph_t* graph) {
   if (capturing == s) capturing = nullptr;
   if (capture->mode == cudaStreamCaptureModeGlobal) --global_captures;
   if (capture->invalidated) return fail(cudaErrorStreamCaptureInvalidated, "cudaStreamEndCapture of an invalidated capture");
-  *graph = new CUgraph_st{std::make_shared<std::vector<Op>>(std::move(capture->nodes))};
+  *graph = new CUgraph_st{std::make_shared<std::vector<Op>>(std::move(capture->nodes)), {}};
+  for (cudaGraphNodeType kind : capture->kinds) (*graph)->kinds.push_back({kind});
   ++graphs_alive;
   return cudaSuccess;
 }
@@ -764,6 +774,24 @@ cudaError_t cudaGraphInstantiate(cudaGraphExec_t* exec, cudaGraph_t graph, unsig
   if (!graph) return fail(cudaErrorInvalidValue, "cudaGraphInstantiate of a null graph");
   *exec = new CUgraphExec_st{std::make_shared<std::vector<Op>>(*graph->nodes)};
   ++graph_execs_alive;
+  return cudaSuccess;
+}
+// The graph's nodes in capture order (a captured stream's graph is a chain), as real CUDA gives
+// them: their number when `nodes` is null, else up to *count of them, the rest of *count nulls.
+cudaError_t cudaGraphGetNodes(cudaGraph_t graph, cudaGraphNode_t* nodes, size_t* count) {
+  if (!graph || !count) return fail(cudaErrorInvalidValue, "cudaGraphGetNodes of a null graph or count");
+  const size_t have = graph->kinds.size();
+  if (nodes) {
+    for (size_t i = 0; i < *count; ++i) nodes[i] = i < have ? &graph->kinds[i] : nullptr;
+    *count = std::min(*count, have);
+  } else {
+    *count = have;
+  }
+  return cudaSuccess;
+}
+cudaError_t cudaGraphNodeGetType(cudaGraphNode_t node, cudaGraphNodeType* type) {
+  if (!node || !type) return fail(cudaErrorInvalidValue, "cudaGraphNodeGetType of a null node");
+  *type = node->kind;
   return cudaSuccess;
 }
 cudaError_t cudaGraphDestroy(cudaGraph_t graph) {
@@ -784,7 +812,8 @@ cudaError_t cudaGraphLaunch(cudaGraphExec_t exec, cudaStream_t stream) {
   submit(stream, Op{[nodes] {
                       ++graph_launches;
                       for (const Op& op : *nodes) op();
-                    }});
+                    }},
+         cudaGraphNodeTypeGraph);
   return cudaSuccess;
 }
 }  // extern "C"
