@@ -1,6 +1,6 @@
 // Lightning attention kernels (lightning.h): a one-pass decode over each fp32 state, batched over
 // sequences and heads, and the chunked prefill with the state kept on chip across blocks, in fp32
-// (exact) or on bf16 tensor cores (fast).
+// (exact) or on bf16 tensor cores (fast). Each applies SiLU to q, k and v as it stages them.
 
 #include "lightning.h"
 
@@ -20,6 +20,22 @@ namespace m1::cuda {
 namespace {
 
 constexpr int64_t kMaxHeadDim = 128;
+
+// SiLU with the elementwise kernel's arithmetic (v / (1 + e^-v) through e^-|v|, IEEE division):
+// the fp32 kernels give the bits a separate SiLU pass gave them.
+__device__ __forceinline__ float silu_exact(float v) {
+  const float e = expf(-fabsf(v));
+  const float inv = 1.0f / (1.0f + e);
+  return v * (v >= 0.0f ? inv : e * inv);
+}
+
+// SiLU of operands about to be rounded to bf16 (relative error up to 2^-9): the special function
+// unit's exponential and reciprocal (a few ulp) at a fraction of the exact ones' instructions.
+__device__ __forceinline__ float silu_fast(float v) {
+  const float e = __expf(-fabsf(v));
+  const float inv = __fdividef(1.0f, 1.0f + e);
+  return v * (v >= 0.0f ? inv : e * inv);
+}
 
 // The step's segments and tensors as the kernels see them. Each kernel runs one CTA per
 // (segment, head) over the segments [first, first + gridDim.x) and skips those not its kind.
@@ -62,7 +78,7 @@ __global__ void __launch_bounds__(kDecodeMaxThreads) lightning_decode_kernel(Lig
   float* v = smem + 2 * d;
   float* partial = smem + 3 * d;  // lanes x d partial outputs
   const float* row = p.qkv + seg.row * p.qkv_stride + int64_t(head) * 3 * d;
-  for (int i = threadIdx.x; i < 3 * d; i += blockDim.x) smem[i] = row[i];
+  for (int i = threadIdx.x; i < 3 * d; i += blockDim.x) smem[i] = silu_exact(row[i]);
   __syncthreads();
 
   const float decay = expf(-p.decay[head]);
@@ -202,22 +218,31 @@ __global__ void __launch_bounds__(G * G, 1) lightning_prefill_kernel(LightningPa
   for (int64_t t0 = 0; t0 < seg.count; t0 += B) {
     const int n = int(min(int64_t(B), seg.count - t0));
     const float* rows = p.qkv + (seg.row + t0) * p.qkv_stride + int64_t(head) * 3 * d;
-    // Tiles in, all copies in flight at once. A warp reads 4 tokens x 8 features of Q (whole
-    // sectors) and stores them transposed to 32 distinct banks; K and V go row by row.
-    for (int idx = tid; idx < B * DP; idx += T) {
-      const int i = (idx & 3) | ((idx / (4 * DP)) << 2), a = (idx >> 2) % DP;
-      copy_or_zero(qt + swizzled(a, i, B), rows + i * p.qkv_stride + a, i < n && a < d, p.qkv);
-    }
-    for (int idx = tid; idx < B * DP; idx += T) {
-      const int j = idx / DP, a = idx % DP;
-      copy_or_zero(ks + swizzled(j, a, DP), rows + j * p.qkv_stride + d + a, j < n && a < d, p.qkv);
-    }
-    for (int idx = tid; idx < B * DV; idx += T) {
-      const int j = idx / DV, c = col0 + idx % DV;
-      copy_or_zero(vs + idx, rows + j * p.qkv_stride + 2 * d + c, j < n && c < d, p.qkv);
-    }
+    // fn(tile cell, its source, whether the source is inside the data) for this thread's cells of
+    // the block's tiles. A warp reads 4 tokens x 8 features of Q (whole sectors) and stores them
+    // transposed to 32 distinct banks; K and V go row by row.
+    auto for_my_cells = [&](auto fn) {
+      for (int idx = tid; idx < B * DP; idx += T) {
+        const int i = (idx & 3) | ((idx / (4 * DP)) << 2), a = (idx >> 2) % DP;
+        fn(qt + swizzled(a, i, B), rows + i * p.qkv_stride + a, i < n && a < d);
+      }
+      for (int idx = tid; idx < B * DP; idx += T) {
+        const int j = idx / DP, a = idx % DP;
+        fn(ks + swizzled(j, a, DP), rows + j * p.qkv_stride + d + a, j < n && a < d);
+      }
+      for (int idx = tid; idx < B * DV; idx += T) {
+        const int j = idx / DV, c = col0 + idx % DV;
+        fn(vs + idx, rows + j * p.qkv_stride + 2 * d + c, j < n && c < d);
+      }
+    };
+    // Tiles in, all copies in flight at once; once a thread's copies have landed (visible to it
+    // alone before the barrier), it applies SiLU to them in place.
+    for_my_cells([&](float* cell, const float* source, bool inside) { copy_or_zero(cell, source, inside, p.qkv); });
     __pipeline_commit();
     __pipeline_wait_prior(0);
+    for_my_cells([](float* cell, const float*, bool inside) {
+      if (inside) *cell = silu_exact(*cell);
+    });
     __syncthreads();
 
     // O = qdec * (Q S), with S the state before the block.
@@ -443,12 +468,16 @@ __global__ void __launch_bounds__(kFastThreads, 1) lightning_prefill_bf16_kernel
     }
     __pipeline_commit();
   };
-  // The staged block of n tokens as bf16 tiles: Q, K, V and kdec * V, kdec_j = exp(-s (n-1-j)).
+  // The staged block of n tokens, SiLU applied, as bf16 tiles: Q, K, V and kdec * V, kdec_j =
+  // exp(-s (n-1-j)).
   auto convert_block = [&](int n) {
     for (int idx = threadIdx.x; idx < B * W / 4; idx += kFastThreads) {
       const int j = idx / (W / 4), c = idx % (W / 4) * 4;
       float4 x = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-      if (j < n && source_column<D>(c, d, col0) >= 0) x = load4(stage + j * W + c);
+      if (j < n && source_column<D>(c, d, col0) >= 0) {
+        x = load4(stage + j * W + c);
+        x = make_float4(silu_fast(x.x), silu_fast(x.y), silu_fast(x.z), silu_fast(x.w));
+      }
       if (c < D) {
         store_bf16x4(q_tile + j * KP + c, x);
       } else if (c < 2 * D) {
