@@ -379,7 +379,7 @@ __global__ void __launch_bounds__(G * G, 1) lightning_prefill_kernel(LightningPa
 
 // ---------------------------------------------------------------------------------------------
 // Prefill on tensor cores, for callers that allow bf16 operands: the same chunked form with every
-// product on mma.m16n8k16 (bf16 operands, fp32 accumulation). One CTA of 8 warps per (segment,
+// product on mma.m16n8k16 (bf16 operands, fp32 accumulation). One CTA of 16 warps per (segment,
 // head, 64 value columns) walks the segment in blocks of B = 64 tokens. The head dim is padded
 // with zeros to D (64 or 128), so any d <= D works; the staging copies move 16 bytes at a time,
 // so the launcher sends d not a multiple of 4, or unaligned rows, to the fp32 kernel instead.
@@ -390,15 +390,18 @@ __global__ void __launch_bounds__(G * G, 1) lightning_prefill_kernel(LightningPa
 //   O = qdec * (Q S) and P = (Q K^T) * D       (sharing each Q fragment; P to shared as bf16)
 //   S = exp(-s n) S + K^T (kdec * V)            (into the state registers)
 //   O += P V, O out; then the new bf16 S, and block b+1's tiles converted from the stage.
-// Output warp roles: rows 16r..16r+15, value columns 32h..32h+31 of the slice; warps w and w+4
-// share a scheduler, so they take row blocks r and 3 - r and the causal work evens out.
+// Output warp roles: rows 16r..16r+15, value columns 16h..16h+15 of the slice; warps w, w+4, w+8
+// and w+12 share a scheduler, so they take row blocks r, 3 - r, r, 3 - r and the causal work
+// evens out. The CTA takes a whole SM (its shared memory), and 16 warps, 4 per scheduler, hide
+// the latencies of its serial chain (ldmatrix, dependent mma, barriers) where 8 left them bare;
+// each output and state element sums the same products in the same order as with 8 warps.
 // Value columns never mix, and the slices are fixed by D alone, so a segment's arithmetic does
 // not depend on the rest of the step. A segment's slices are neighbours in the grid, so the q and
 // k rows they both read come from L2 the second time.
 
 constexpr int kFastBlock = 64;    // tokens per block (B)
 constexpr int kFastColumns = 64;  // value columns per CTA
-constexpr int kFastWarps = 8;
+constexpr int kFastWarps = 16;
 constexpr int kFastThreads = 32 * kFastWarps;
 
 template <int D>
@@ -520,54 +523,52 @@ __global__ void __launch_bounds__(kFastThreads, 1) lightning_prefill_bf16_kernel
   convert_block(int(min(int64_t(B), seg.count)));
   __syncthreads();  // the tiles are complete and the stage is free
 
-  const int h = warp >> 2, r = h ? 3 - (warp & 3) : warp & 3;  // output rows 16r.., columns 32h..
+  const int h = warp >> 2, r = h & 1 ? 3 - (warp & 3) : warp & 3;  // output rows 16r.., columns 16h..
+  // This warp's P n-tiles: 4u + h, those at or left of the diagonal block (<= 2r + 1).
+  auto has_p_tile = [&](int u) { return 4 * u + h <= 2 * r + 1; };
   for (int64_t t0 = 0; t0 < seg.count; t0 += B) {
     const int n = int(min(int64_t(B), seg.count - t0));
     const bool more = t0 + B < seg.count;
     if (more) stage_block(t0 + B);
 
-    // O = Q S and this warp's P n-tiles 2u + h (u <= r), each Q fragment used for both.
-    float o[4][4], pr[4][4];
+    // O = Q S and this warp's P n-tiles, each Q fragment used for both.
+    float o[2][4], pr[2][4];
 #pragma unroll
-    for (int i = 0; i < 4; ++i)
+    for (int i = 0; i < 2; ++i)
 #pragma unroll
       for (int e = 0; e < 4; ++e) o[i][e] = pr[i][e] = 0.0f;
 #pragma unroll
     for (int ks = 0; ks < D / 16; ++ks) {
       if (ks * 16 >= d) break;  // the rest of the features are zero padding
-      uint32_t qf[4];
+      uint32_t qf[4], b[4];
       load_matrices(qf, q_tile + (16 * r + (lane & 15)) * KP + ks * 16 + (lane >> 4) * 8);
+      load_matrices_transposed(b, s_tile + (ks * 16 + (lane & 15)) * CP + 16 * h + (lane >> 4) * 8);
+      mma_bf16(o[0], qf, b[0], b[1]);
+      mma_bf16(o[1], qf, b[2], b[3]);
 #pragma unroll
-      for (int np = 0; np < 2; ++np) {
-        uint32_t b[4];
-        load_matrices_transposed(b, s_tile + (ks * 16 + (lane & 15)) * CP + 32 * h + np * 16 + (lane >> 4) * 8);
-        mma_bf16(o[2 * np], qf, b[0], b[1]);
-        mma_bf16(o[2 * np + 1], qf, b[2], b[3]);
-      }
-#pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        if (u > r) break;
-        uint32_t b[2];
-        load_matrices(b, k_tile + (8 * (2 * u + h) + (lane & 7)) * KP + ks * 16 + ((lane >> 3) & 1) * 8);
-        mma_bf16(pr[u], qf, b[0], b[1]);
+      for (int u = 0; u < 2; ++u) {
+        if (!has_p_tile(u)) break;
+        uint32_t kb[2];
+        load_matrices(kb, k_tile + (8 * (4 * u + h) + (lane & 7)) * KP + ks * 16 + ((lane >> 3) & 1) * 8);
+        mma_bf16(pr[u], qf, kb[0], kb[1]);
       }
     }
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const float qdec = power[16 * r + g + 8 * (e >> 1) + 1];
 #pragma unroll
-      for (int nt = 0; nt < 4; ++nt) o[nt][e] *= qdec;
+      for (int nt = 0; nt < 2; ++nt) o[nt][e] *= qdec;
     }
 #pragma unroll
-    for (int u = 0; u < 4; ++u) {
-      if (u > r) break;
+    for (int u = 0; u < 2; ++u) {
+      if (!has_p_tile(u)) break;
       float x[4];
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int i = 16 * r + g + 8 * (e >> 1), j = 8 * (2 * u + h) + 2 * t + (e & 1);
+        const int i = 16 * r + g + 8 * (e >> 1), j = 8 * (4 * u + h) + 2 * t + (e & 1);
         x[e] = j <= i ? pr[u][e] * power[i - j] : 0.0f;
       }
-      uint16_t* at = p_tile + (16 * r + g) * TP + 8 * (2 * u + h) + 2 * t;
+      uint16_t* at = p_tile + (16 * r + g) * TP + 8 * (4 * u + h) + 2 * t;
       *reinterpret_cast<uint32_t*>(at) = bf16_pair(x[0], x[1]);
       *reinterpret_cast<uint32_t*>(at + 8 * TP) = bf16_pair(x[2], x[3]);
     }
@@ -596,21 +597,18 @@ __global__ void __launch_bounds__(kFastThreads, 1) lightning_prefill_bf16_kernel
     // O += P V over the keys of rows 16r..16r+15: P is zero past the diagonal.
     for (int kk = 0; kk <= r; ++kk) {
       uint32_t pf[4];
+      uint32_t b[4];
       load_matrices(pf, p_tile + (16 * r + (lane & 15)) * TP + kk * 16 + (lane >> 4) * 8);
-#pragma unroll
-      for (int np = 0; np < 2; ++np) {
-        uint32_t b[4];
-        load_matrices_transposed(b, v_tile + (kk * 16 + (lane & 15)) * CP + 32 * h + np * 16 + (lane >> 4) * 8);
-        mma_bf16(o[2 * np], pf, b[0], b[1]);
-        mma_bf16(o[2 * np + 1], pf, b[2], b[3]);
-      }
+      load_matrices_transposed(b, v_tile + (kk * 16 + (lane & 15)) * CP + 16 * h + (lane >> 4) * 8);
+      mma_bf16(o[0], pf, b[0], b[1]);
+      mma_bf16(o[1], pf, b[2], b[3]);
     }
     float* out = p.out + (seg.row + t0) * p.out_stride + int64_t(head) * d;
 #pragma unroll
-    for (int nt = 0; nt < 4; ++nt)
+    for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int i = 16 * r + g + 8 * (e >> 1), c = col0 + 32 * h + 8 * nt + 2 * t + (e & 1);
+        const int i = 16 * r + g + 8 * (e >> 1), c = col0 + 16 * h + 8 * nt + 2 * t + (e & 1);
         if (i < n && c < d) out[i * p.out_stride + c] = o[nt][e];
       }
 
