@@ -213,7 +213,8 @@ void bench_quantized_matmul(Report& report, const Limits& limits, cudaStream_t s
 // Lightning attention of one layer of the real model's shape (64 heads, d = 128) over `tokens`
 // tokens of one sequence, fed as chunks of at most `chunk` tokens with the state carried between
 // them (a 1M-token qkv in fp32 alone would need 100 GB); bf16 operands on tensor cores (the fast
-// precision) or fp32 (exact).
+// precision) or fp32 (exact). qkv is the projection's output: the kernels apply SiLU as they load
+// it (since 2026-12-05; the model's separate SiLU pass before that is not in these rows).
 void bench_lightning_prefill(Report& report, const Limits& limits, cudaStream_t stream, m1::cuda::Device& device, int64_t tokens, int64_t chunk,
                              bool bf16_operands) {
   const int64_t heads = 64, d = 128, rows = std::min(tokens, chunk);

@@ -234,12 +234,6 @@ void CudaBackend::matmul(const Mat& x, const Weight& w, Mat out, Rounding roundi
               stream_);
 }
 
-void CudaBackend::silu(Mat x) {
-  const DeviceGuard current(device_.index());
-  if (replaying("silu", x.data, x.size())) return;
-  cuda::silu(x.data, x.size(), stream_);
-}
-
 void CudaBackend::swiglu(Mat gate, const Mat& up) {
   const DeviceGuard current(device_.index());
   if (replaying("swiglu", gate.data, up.data, gate.size())) return;
@@ -258,8 +252,8 @@ void CudaBackend::blend_sigmoid(Mat x, const Mat& y, const Mat& coef) {
   cuda::blend_sigmoid(x.data, y.data, coef.data, x.rows, x.cols, stream_);
 }
 
-void CudaBackend::lightning_attention(const Mat& qkv, std::span<const Segment> segments, int64_t layer,
-                                      const Weight& decay, Mat out) {
+void CudaBackend::lightning_attention(Mat qkv, std::span<const Segment> segments, int64_t layer, const Weight& decay,
+                                      Mat out) {
   const DeviceGuard current(device_.index());
   const int64_t heads = decay.cols;
   lightning_segments_.clear();

@@ -1,6 +1,6 @@
 // Lightning attention kernels (lightning.h): a one-pass decode over each fp32 state, batched over
 // sequences and heads, and the chunked prefill with the state kept on chip across blocks, in fp32
-// (exact) or on bf16 tensor cores (fast).
+// (exact) or on bf16 tensor cores (fast). Each applies SiLU to q, k and v as it stages them.
 
 #include "lightning.h"
 
@@ -20,6 +20,24 @@ namespace m1::cuda {
 namespace {
 
 constexpr int64_t kMaxHeadDim = 128;
+
+// SiLU with the elementwise kernel's arithmetic (v / (1 + e^-v) through e^-|v|, IEEE division):
+// the fp32 kernels give the bits a separate SiLU pass gave them.
+__device__ __forceinline__ float silu_exact(float v) {
+  const float e = expf(-fabsf(v));
+  const float inv = 1.0f / (1.0f + e);
+  return v * (v >= 0.0f ? inv : e * inv);
+}
+
+// SiLU of operands about to be rounded to bf16 (relative error up to 2^-9), in the bf16 kernel's
+// convert step, which lies on its serial chain: v sigmoid(v) = h + h tanh(h) with h = v / 2 is one
+// special-function op (tanh.approx, relative error about 2^-11: an error in silu below |v| 2^-12)
+// and one FMA, where e^-|v| and a reciprocal take two special-function ops, the unit's rate
+// (16 per cycle per SM) being the limit there.
+__device__ __forceinline__ float silu_fast(float v) {
+  const float h = 0.5f * v;
+  return fmaf(h, __tanhf(h), h);
+}
 
 // The step's segments and tensors as the kernels see them. Each kernel runs one CTA per
 // (segment, head) over the segments [first, first + gridDim.x) and skips those not its kind.
@@ -62,7 +80,7 @@ __global__ void __launch_bounds__(kDecodeMaxThreads) lightning_decode_kernel(Lig
   float* v = smem + 2 * d;
   float* partial = smem + 3 * d;  // lanes x d partial outputs
   const float* row = p.qkv + seg.row * p.qkv_stride + int64_t(head) * 3 * d;
-  for (int i = threadIdx.x; i < 3 * d; i += blockDim.x) smem[i] = row[i];
+  for (int i = threadIdx.x; i < 3 * d; i += blockDim.x) smem[i] = silu_exact(row[i]);
   __syncthreads();
 
   const float decay = expf(-p.decay[head]);
@@ -202,22 +220,31 @@ __global__ void __launch_bounds__(G * G, 1) lightning_prefill_kernel(LightningPa
   for (int64_t t0 = 0; t0 < seg.count; t0 += B) {
     const int n = int(min(int64_t(B), seg.count - t0));
     const float* rows = p.qkv + (seg.row + t0) * p.qkv_stride + int64_t(head) * 3 * d;
-    // Tiles in, all copies in flight at once. A warp reads 4 tokens x 8 features of Q (whole
-    // sectors) and stores them transposed to 32 distinct banks; K and V go row by row.
-    for (int idx = tid; idx < B * DP; idx += T) {
-      const int i = (idx & 3) | ((idx / (4 * DP)) << 2), a = (idx >> 2) % DP;
-      copy_or_zero(qt + swizzled(a, i, B), rows + i * p.qkv_stride + a, i < n && a < d, p.qkv);
-    }
-    for (int idx = tid; idx < B * DP; idx += T) {
-      const int j = idx / DP, a = idx % DP;
-      copy_or_zero(ks + swizzled(j, a, DP), rows + j * p.qkv_stride + d + a, j < n && a < d, p.qkv);
-    }
-    for (int idx = tid; idx < B * DV; idx += T) {
-      const int j = idx / DV, c = col0 + idx % DV;
-      copy_or_zero(vs + idx, rows + j * p.qkv_stride + 2 * d + c, j < n && c < d, p.qkv);
-    }
+    // fn(tile cell, its source, whether the source is inside the data) for this thread's cells of
+    // the block's tiles. A warp reads 4 tokens x 8 features of Q (whole sectors) and stores them
+    // transposed to 32 distinct banks; K and V go row by row.
+    auto for_my_cells = [&](auto fn) {
+      for (int idx = tid; idx < B * DP; idx += T) {
+        const int i = (idx & 3) | ((idx / (4 * DP)) << 2), a = (idx >> 2) % DP;
+        fn(qt + swizzled(a, i, B), rows + i * p.qkv_stride + a, i < n && a < d);
+      }
+      for (int idx = tid; idx < B * DP; idx += T) {
+        const int j = idx / DP, a = idx % DP;
+        fn(ks + swizzled(j, a, DP), rows + j * p.qkv_stride + d + a, j < n && a < d);
+      }
+      for (int idx = tid; idx < B * DV; idx += T) {
+        const int j = idx / DV, c = col0 + idx % DV;
+        fn(vs + idx, rows + j * p.qkv_stride + 2 * d + c, j < n && c < d);
+      }
+    };
+    // Tiles in, all copies in flight at once; once a thread's copies have landed (visible to it
+    // alone before the barrier), it applies SiLU to them in place.
+    for_my_cells([&](float* cell, const float* source, bool inside) { copy_or_zero(cell, source, inside, p.qkv); });
     __pipeline_commit();
     __pipeline_wait_prior(0);
+    for_my_cells([](float* cell, const float*, bool inside) {
+      if (inside) *cell = silu_exact(*cell);
+    });
     __syncthreads();
 
     // O = qdec * (Q S), with S the state before the block.
@@ -352,7 +379,7 @@ __global__ void __launch_bounds__(G * G, 1) lightning_prefill_kernel(LightningPa
 
 // ---------------------------------------------------------------------------------------------
 // Prefill on tensor cores, for callers that allow bf16 operands: the same chunked form with every
-// product on mma.m16n8k16 (bf16 operands, fp32 accumulation). One CTA of 8 warps per (segment,
+// product on mma.m16n8k16 (bf16 operands, fp32 accumulation). One CTA of 16 warps per (segment,
 // head, 64 value columns) walks the segment in blocks of B = 64 tokens. The head dim is padded
 // with zeros to D (64 or 128), so any d <= D works; the staging copies move 16 bytes at a time,
 // so the launcher sends d not a multiple of 4, or unaligned rows, to the fp32 kernel instead.
@@ -363,15 +390,18 @@ __global__ void __launch_bounds__(G * G, 1) lightning_prefill_kernel(LightningPa
 //   O = qdec * (Q S) and P = (Q K^T) * D       (sharing each Q fragment; P to shared as bf16)
 //   S = exp(-s n) S + K^T (kdec * V)            (into the state registers)
 //   O += P V, O out; then the new bf16 S, and block b+1's tiles converted from the stage.
-// Output warp roles: rows 16r..16r+15, value columns 32h..32h+31 of the slice; warps w and w+4
-// share a scheduler, so they take row blocks r and 3 - r and the causal work evens out.
+// Output warp roles: rows 16r..16r+15, value columns 16h..16h+15 of the slice; warps w, w+4, w+8
+// and w+12 share a scheduler, so they take row blocks r, 3 - r, r, 3 - r and the causal work
+// evens out. The CTA takes a whole SM (its shared memory), and 16 warps, 4 per scheduler, hide
+// the latencies of its serial chain (ldmatrix, dependent mma, barriers) where 8 left them bare;
+// each output and state element sums the same products in the same order as with 8 warps.
 // Value columns never mix, and the slices are fixed by D alone, so a segment's arithmetic does
 // not depend on the rest of the step. A segment's slices are neighbours in the grid, so the q and
 // k rows they both read come from L2 the second time.
 
 constexpr int kFastBlock = 64;    // tokens per block (B)
 constexpr int kFastColumns = 64;  // value columns per CTA
-constexpr int kFastWarps = 8;
+constexpr int kFastWarps = 16;
 constexpr int kFastThreads = 32 * kFastWarps;
 
 template <int D>
@@ -443,12 +473,16 @@ __global__ void __launch_bounds__(kFastThreads, 1) lightning_prefill_bf16_kernel
     }
     __pipeline_commit();
   };
-  // The staged block of n tokens as bf16 tiles: Q, K, V and kdec * V, kdec_j = exp(-s (n-1-j)).
+  // The staged block of n tokens, SiLU applied, as bf16 tiles: Q, K, V and kdec * V, kdec_j =
+  // exp(-s (n-1-j)).
   auto convert_block = [&](int n) {
     for (int idx = threadIdx.x; idx < B * W / 4; idx += kFastThreads) {
       const int j = idx / (W / 4), c = idx % (W / 4) * 4;
       float4 x = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-      if (j < n && source_column<D>(c, d, col0) >= 0) x = load4(stage + j * W + c);
+      if (j < n && source_column<D>(c, d, col0) >= 0) {
+        x = load4(stage + j * W + c);
+        x = make_float4(silu_fast(x.x), silu_fast(x.y), silu_fast(x.z), silu_fast(x.w));
+      }
       if (c < D) {
         store_bf16x4(q_tile + j * KP + c, x);
       } else if (c < 2 * D) {
@@ -489,54 +523,52 @@ __global__ void __launch_bounds__(kFastThreads, 1) lightning_prefill_bf16_kernel
   convert_block(int(min(int64_t(B), seg.count)));
   __syncthreads();  // the tiles are complete and the stage is free
 
-  const int h = warp >> 2, r = h ? 3 - (warp & 3) : warp & 3;  // output rows 16r.., columns 32h..
+  const int h = warp >> 2, r = h & 1 ? 3 - (warp & 3) : warp & 3;  // output rows 16r.., columns 16h..
+  // This warp's P n-tiles: 4u + h, those at or left of the diagonal block (<= 2r + 1).
+  auto has_p_tile = [&](int u) { return 4 * u + h <= 2 * r + 1; };
   for (int64_t t0 = 0; t0 < seg.count; t0 += B) {
     const int n = int(min(int64_t(B), seg.count - t0));
     const bool more = t0 + B < seg.count;
     if (more) stage_block(t0 + B);
 
-    // O = Q S and this warp's P n-tiles 2u + h (u <= r), each Q fragment used for both.
-    float o[4][4], pr[4][4];
+    // O = Q S and this warp's P n-tiles, each Q fragment used for both.
+    float o[2][4], pr[2][4];
 #pragma unroll
-    for (int i = 0; i < 4; ++i)
+    for (int i = 0; i < 2; ++i)
 #pragma unroll
       for (int e = 0; e < 4; ++e) o[i][e] = pr[i][e] = 0.0f;
 #pragma unroll
     for (int ks = 0; ks < D / 16; ++ks) {
       if (ks * 16 >= d) break;  // the rest of the features are zero padding
-      uint32_t qf[4];
+      uint32_t qf[4], b[4];
       load_matrices(qf, q_tile + (16 * r + (lane & 15)) * KP + ks * 16 + (lane >> 4) * 8);
+      load_matrices_transposed(b, s_tile + (ks * 16 + (lane & 15)) * CP + 16 * h + (lane >> 4) * 8);
+      mma_bf16(o[0], qf, b[0], b[1]);
+      mma_bf16(o[1], qf, b[2], b[3]);
 #pragma unroll
-      for (int np = 0; np < 2; ++np) {
-        uint32_t b[4];
-        load_matrices_transposed(b, s_tile + (ks * 16 + (lane & 15)) * CP + 32 * h + np * 16 + (lane >> 4) * 8);
-        mma_bf16(o[2 * np], qf, b[0], b[1]);
-        mma_bf16(o[2 * np + 1], qf, b[2], b[3]);
-      }
-#pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        if (u > r) break;
-        uint32_t b[2];
-        load_matrices(b, k_tile + (8 * (2 * u + h) + (lane & 7)) * KP + ks * 16 + ((lane >> 3) & 1) * 8);
-        mma_bf16(pr[u], qf, b[0], b[1]);
+      for (int u = 0; u < 2; ++u) {
+        if (!has_p_tile(u)) break;
+        uint32_t kb[2];
+        load_matrices(kb, k_tile + (8 * (4 * u + h) + (lane & 7)) * KP + ks * 16 + ((lane >> 3) & 1) * 8);
+        mma_bf16(pr[u], qf, kb[0], kb[1]);
       }
     }
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const float qdec = power[16 * r + g + 8 * (e >> 1) + 1];
 #pragma unroll
-      for (int nt = 0; nt < 4; ++nt) o[nt][e] *= qdec;
+      for (int nt = 0; nt < 2; ++nt) o[nt][e] *= qdec;
     }
 #pragma unroll
-    for (int u = 0; u < 4; ++u) {
-      if (u > r) break;
+    for (int u = 0; u < 2; ++u) {
+      if (!has_p_tile(u)) break;
       float x[4];
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int i = 16 * r + g + 8 * (e >> 1), j = 8 * (2 * u + h) + 2 * t + (e & 1);
+        const int i = 16 * r + g + 8 * (e >> 1), j = 8 * (4 * u + h) + 2 * t + (e & 1);
         x[e] = j <= i ? pr[u][e] * power[i - j] : 0.0f;
       }
-      uint16_t* at = p_tile + (16 * r + g) * TP + 8 * (2 * u + h) + 2 * t;
+      uint16_t* at = p_tile + (16 * r + g) * TP + 8 * (4 * u + h) + 2 * t;
       *reinterpret_cast<uint32_t*>(at) = bf16_pair(x[0], x[1]);
       *reinterpret_cast<uint32_t*>(at + 8 * TP) = bf16_pair(x[2], x[3]);
     }
@@ -565,21 +597,18 @@ __global__ void __launch_bounds__(kFastThreads, 1) lightning_prefill_bf16_kernel
     // O += P V over the keys of rows 16r..16r+15: P is zero past the diagonal.
     for (int kk = 0; kk <= r; ++kk) {
       uint32_t pf[4];
+      uint32_t b[4];
       load_matrices(pf, p_tile + (16 * r + (lane & 15)) * TP + kk * 16 + (lane >> 4) * 8);
-#pragma unroll
-      for (int np = 0; np < 2; ++np) {
-        uint32_t b[4];
-        load_matrices_transposed(b, v_tile + (kk * 16 + (lane & 15)) * CP + 32 * h + np * 16 + (lane >> 4) * 8);
-        mma_bf16(o[2 * np], pf, b[0], b[1]);
-        mma_bf16(o[2 * np + 1], pf, b[2], b[3]);
-      }
+      load_matrices_transposed(b, v_tile + (kk * 16 + (lane & 15)) * CP + 16 * h + (lane >> 4) * 8);
+      mma_bf16(o[0], pf, b[0], b[1]);
+      mma_bf16(o[1], pf, b[2], b[3]);
     }
     float* out = p.out + (seg.row + t0) * p.out_stride + int64_t(head) * d;
 #pragma unroll
-    for (int nt = 0; nt < 4; ++nt)
+    for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int i = 16 * r + g + 8 * (e >> 1), c = col0 + 32 * h + 8 * nt + 2 * t + (e & 1);
+        const int i = 16 * r + g + 8 * (e >> 1), c = col0 + 16 * h + 8 * nt + 2 * t + (e & 1);
         if (i < n && c < d) out[i * p.out_stride + c] = o[nt][e];
       }
 

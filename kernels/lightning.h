@@ -1,6 +1,7 @@
 #pragma once
 // Lightning (linear) attention of DESIGN.md §1 on the GPU, batched over sequences and heads:
-//   o_t = sum_{j<=t} exp(-s (t-j)) (q_t . k_j) v_j, with a fp32 d x d state per head carried
+//   o_t = sum_{j<=t} exp(-s (t-j)) (q_t . k_j) v_j, with q, k, v the SiLU of the projection's
+// output (applied by the kernels as they load it), and a fp32 d x d state per head carried
 // across steps. Segments of one token take the decode kernel (state read and written once);
 // longer ones the chunked prefill kernel (state kept on chip across blocks), on tensor cores with
 // bf16 operands when the caller allows them, else in fp32.
@@ -23,7 +24,7 @@ struct LightningSegment {
 };
 
 struct LightningArgs {
-  const float* qkv = nullptr;  // row t: per head [q | k | v], d floats each (silu applied)
+  const float* qkv = nullptr;  // row t: per head [q | k | v], d floats each, before SiLU
   int64_t qkv_stride = 0;      // floats between rows (heads * 3d)
   float* out = nullptr;        // row t: heads x d
   int64_t out_stride = 0;

@@ -312,7 +312,6 @@ void Model::attention(Rank& rank, const Layer& layer, int64_t index, const Mat& 
   if (layer.lightning) {
     Mat qkv = rank.wide.as(n, 3 * hd);
     backend.matmul(xn, layer.qkv, qkv, Rounding::kAllowed);
-    backend.silu(qkv);
     backend.lightning_attention(qkv, rank.segments, slot, layer.decay_weight, o);
     Mat gate = rank.gate.as(n, hd);
     backend.matmul(xn, layer.output_gate, gate, Rounding::kAllowed);

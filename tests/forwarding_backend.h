@@ -33,7 +33,6 @@ class ForwardingBackend : public Backend {
   void gather_rows(const Mat& x, std::span<const int64_t> rows, Mat out) override { inner_->gather_rows(x, rows, out); }
   void rmsnorm(const Mat& x, const Weight& w, float eps, Mat out) override { inner_->rmsnorm(x, w, eps, out); }
   void matmul(const Mat& x, const Weight& w, Mat out, Rounding rounding) override { inner_->matmul(x, w, out, rounding); }
-  void silu(Mat x) override { inner_->silu(x); }
   void rmsnorm_gated(const Mat& x, const Weight& w, float eps, const Mat& gate, Mat out) override {
     inner_->rmsnorm_gated(x, w, eps, gate, out);
   }
@@ -47,7 +46,7 @@ class ForwardingBackend : public Backend {
     inner_->add_scaled(a, alpha, b, beta, out);
   }
   void blend_sigmoid(Mat x, const Mat& y, const Mat& coef) override { inner_->blend_sigmoid(x, y, coef); }
-  void lightning_attention(const Mat& qkv, std::span<const Segment> segments, int64_t layer, const Weight& decay,
+  void lightning_attention(Mat qkv, std::span<const Segment> segments, int64_t layer, const Weight& decay,
                            Mat out) override {
     inner_->lightning_attention(qkv, segments, layer, decay, out);
   }

@@ -1,7 +1,8 @@
 // The CUDA lightning attention kernels against the recurrent CPU oracle (lightning_reference, in
-// double) on fresh random inputs: single segments of awkward lengths, decode and prefill segments
-// mixed in one call with non-zero starting states, and state carried across calls; each with fp32
-// operands (exact precision) and with bf16 prefill operands (fast precision).
+// double, on the CPU's SiLU of the same projection output: the kernels apply SiLU themselves) on
+// fresh random inputs: single segments of awkward lengths, decode and prefill segments mixed in
+// one call with non-zero starting states, and state carried across calls; each with fp32 operands
+// (exact precision) and with bf16 prefill operands (fast precision).
 // Bounds on the relative Frobenius error of outputs and final states:
 //   fp32: 1e-4.
 //   bf16: 1e-2. Each prefill product rounds its two operands to bf16 (relative error <= 2^-9 each,
@@ -11,7 +12,6 @@
 
 #include <gtest/gtest.h>
 
-#include <cmath>
 #include <cstring>
 #include <tuple>
 #include <memory>
@@ -20,6 +20,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu/elementwise.h"
 #include "cpu/lightning.h"
 #include "cuda_check.h"
 #include "cuda_test_support.h"
@@ -41,14 +42,17 @@ using testing::rng;
 
 float uniform(float lo, float hi) { return std::uniform_real_distribution<float>(lo, hi)(rng()); }
 
-// q, k, v values as the model makes them: silu of roughly unit pre-activations.
+// The projection's output as the kernels take it: roughly unit pre-activations of q, k and v.
 std::vector<float> random_qkv(size_t n) {
   std::vector<float> v(n);
-  for (float& x : v) {
-    const float z = uniform(-2.0f, 2.0f);
-    x = z / (1.0f + std::exp(-z));
-  }
+  for (float& x : v) x = uniform(-2.0f, 2.0f);
   return v;
+}
+
+// What the reference reads: SiLU of the whole projection output (padding columns included).
+std::vector<float> activated(std::vector<float> qkv) {
+  cpu::silu_inplace(qkv.data(), int64_t(qkv.size()));
+  return qkv;
 }
 
 std::vector<float> random_state(int64_t heads, int64_t d) {
@@ -137,10 +141,12 @@ std::pair<std::vector<float>, std::vector<float>> run_call(Layer& layer, const s
   lightning_attention(args, test::test_device(), nullptr);
   M1_CUDA_CHECK(cudaDeviceSynchronize());
   std::vector<float> got = device_out.download();
+  EXPECT_EQ(qkv, device_qkv.download()) << "the kernels leave qkv as it was";
 
+  const std::vector<float> silu_qkv = activated(qkv);
   for (const SegmentSpec& s : segments)
     for (int64_t h = 0; h < heads; ++h) {
-      const float* q = qkv.data() + s.row * qkv_stride + h * 3 * d;
+      const float* q = silu_qkv.data() + s.row * qkv_stride + h * 3 * d;
       cpu::LightningHead head{q, q + d, q + 2 * d, qkv_stride, reference.data() + s.row * out_stride + h * d, out_stride,
                               s.count, d, layer.decay[size_t(h)], layer.states[s.sequence].data() + h * d * d};
       cpu::lightning_reference(head);
@@ -279,8 +285,9 @@ void check_state_carries(int64_t d, const std::vector<int64_t>& calls, bool bf16
     done += count;
   }
   std::vector<float> want(size_t(total * heads * d)), state = initial;
+  const std::vector<float> silu_qkv = activated(qkv);
   for (int64_t h = 0; h < heads; ++h) {
-    const float* q = qkv.data() + h * 3 * d;
+    const float* q = silu_qkv.data() + h * 3 * d;
     cpu::LightningHead head{q, q + d, q + 2 * d, stride, want.data() + h * d, heads * d,
                             total, d, layer.decay[size_t(h)], state.data() + h * d * d};
     cpu::lightning_reference(head);

@@ -12,6 +12,7 @@
 #include "cpu/moe.h"
 #include "cpu/softmax_attention.h"
 #include "cpu/threadpool.h"
+#include "m1/backends.h"
 #include "m1/dtype.h"
 #include "m1/quantize.h"
 #include "test_support.h"
@@ -196,6 +197,46 @@ TEST(LightningTest, ChunkedAndDecodeMatchTheRecurrence) {
       }
     auto decoded = run_lightning(qkv, c, 1, lightning_decode_token);
     EXPECT_LE(relative_error(decoded, reference), 2e-5) << "decode, count " << c.count;
+  }
+}
+
+// Backend::lightning_attention takes the projection's output and applies SiLU itself: on the CPU
+// that is the arithmetic of SiLU over the rows and then the kernels, bit for bit, for prefill
+// segments (two calls, so the state carries) and decode segments, fast and reference kernels.
+TEST(LightningTest, BackendAppliesSiluAsASeparatePassWould) {
+  const int64_t heads = 3, d = 24, width = heads * 3 * d;
+  const StateShape shape{1, heads, d, 0, 0};
+  const std::vector<float> decay = {0.7f, 0.05f, 0.002f};
+  for (bool reference : {false, true}) {
+    SCOPED_TRACE(reference ? "reference kernels" : "fast kernels");
+    std::unique_ptr<Backend> backend = create_backend(BackendOptions{"cpu", 2, Precision::kExact, reference});
+    const Weight decay_weight = backend->upload(Weight{decay.data(), DType::kF32, 1, heads});
+    std::vector<std::unique_ptr<SequenceState>> states;
+    for (int i = 0; i < 2; ++i) states.push_back(backend->new_state(shape));
+    std::vector<std::vector<float>> want_states(2, std::vector<float>(size_t(heads * d * d), 0.0f));
+    for (const std::vector<int64_t>& counts : std::vector<std::vector<int64_t>>{{70, 5}, {1, 1}, {33, 130}}) {
+      const int64_t rows = counts[0] + counts[1];
+      const std::vector<float> qkv = random_floats(size_t(rows * width), 2.0f);
+      std::vector<float> got_qkv = qkv, activated = qkv, got(size_t(rows * heads * d)), want(got.size());
+      const Segment segments[] = {{0, counts[0], states[0].get()}, {counts[0], counts[1], states[1].get()}};
+      backend->lightning_attention(Mat{got_qkv.data(), rows, width}, segments, 0, decay_weight,
+                                   Mat{got.data(), rows, heads * d});
+      for (int64_t r = 0; r < rows; ++r) silu_inplace(activated.data() + r * width, width);
+      for (size_t i = 0; i < 2; ++i)
+        for (int64_t h = 0; h < heads; ++h) {
+          const Segment& seg = segments[i];
+          const float* q = activated.data() + seg.row * width + h * 3 * d;
+          lightning_head(LightningHead{q, q + d, q + 2 * d, width, want.data() + seg.row * heads * d + h * d, heads * d,
+                                       seg.count, d, decay[size_t(h)], want_states[i].data() + h * d * d},
+                         reference);
+        }
+      EXPECT_EQ(got, want) << counts[0] << " + " << counts[1] << " tokens";
+      for (size_t i = 0; i < 2; ++i) {
+        std::vector<float> state(want_states[i].size());
+        states[i]->save_lightning(std::as_writable_bytes(std::span(state)));
+        EXPECT_EQ(state, want_states[i]) << "state " << i;
+      }
+    }
   }
 }
 

@@ -52,7 +52,7 @@ class PlayingBackend final : public ForwardingBackend {
   void matmul(const Mat& x, const Weight& w, Mat out, Rounding rounding) override {
     if (!skipped()) inner_->matmul(x, w, out, rounding);
   }
-  void lightning_attention(const Mat& qkv, std::span<const Segment> segments, int64_t layer, const Weight& decay,
+  void lightning_attention(Mat qkv, std::span<const Segment> segments, int64_t layer, const Weight& decay,
                            Mat out) override {
     if (play_ == Play::kThrow) throw std::runtime_error("capture failed");
     if (!skipped()) inner_->lightning_attention(qkv, segments, layer, decay, out);

@@ -210,7 +210,6 @@ class Backend {
   // sums [rows, 1] holds the sums of squares of the whole rows (all-reduced row_sum_squares).
   virtual void rmsnorm_gated_split(const Mat& x, const Mat& sums, int64_t width, const Weight& w, float eps,
                                    const Mat& gate, Mat out) = 0;
-  virtual void silu(Mat x) = 0;
   // gate = silu(gate) * up, elementwise.
   virtual void swiglu(Mat gate, const Mat& up) = 0;
   // out = alpha * a + beta * b; out may alias a or b.
@@ -218,11 +217,13 @@ class Backend {
   // x = x * (1 - c) + y * c with c = sigmoid(coef[row]); coef is one column.
   virtual void blend_sigmoid(Mat x, const Mat& y, const Mat& coef) = 0;
 
-  // Lightning attention of DESIGN.md §1 on qkv = silu(xn qkv_proj^T) laid out per head
-  // [q | k | v] x heads; `decay` (an F32 vector uploaded like a weight) holds s per head; state
-  // slot `layer` of each segment's sequence is read and updated. out: [rows, heads * d].
-  virtual void lightning_attention(const Mat& qkv, std::span<const Segment> segments, int64_t layer,
-                                   const Weight& decay, Mat out) = 0;
+  // Lightning attention of DESIGN.md §1 on q, k, v = silu(qkv), with qkv = xn qkv_proj^T laid
+  // out per head [q | k | v] x heads: the op applies the SiLU itself (no pass of its own over
+  // qkv), and may leave silu(qkv) or the projection in qkv. `decay` (an F32 vector uploaded like
+  // a weight) holds s per head; state slot `layer` of each segment's sequence is read and
+  // updated. out: [rows, heads * d].
+  virtual void lightning_attention(Mat qkv, std::span<const Segment> segments, int64_t layer, const Weight& decay,
+                                   Mat out) = 0;
   // Causal grouped-query softmax attention with partial NeoX RoPE applied to q and k at each
   // token's position; appends k and v to KV-cache slot `layer`. q: [rows, h*d], k and v:
   // [rows, g*d] (q and k are rotated in place), out: [rows, h*d].

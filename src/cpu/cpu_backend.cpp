@@ -128,10 +128,6 @@ void CpuBackend::matmul(const Mat& x, const Weight& w, Mat out, Rounding roundin
     cpu::matmul(pool_, x, w, out, operands(rounding));
 }
 
-void CpuBackend::silu(Mat x) {
-  for_rows(x.rows, [&](int64_t r) { silu_inplace(x.data + r * x.cols, x.cols); });
-}
-
 void CpuBackend::rmsnorm_gated(const Mat& x, const Weight& w, float eps, const Mat& gate, Mat out) {
   for_rows(x.rows, [&](int64_t r) {
     float* row = out.data + r * out.cols;
@@ -167,23 +163,21 @@ void CpuBackend::blend_sigmoid(Mat x, const Mat& y, const Mat& coef) {
   for_rows(x.rows, [&](int64_t r) { cpu::blend_sigmoid(x.data + r * x.cols, y.data + r * y.cols, coef.data[r * coef.cols], x.cols); });
 }
 
-void CpuBackend::lightning_attention(const Mat& qkv, std::span<const Segment> segments, int64_t layer,
-                                     const Weight& decay_weight, Mat out) {
+// SiLU in place on the task's own rows of its head's q, k and v (tasks touch disjoint cells), then
+// the recurrence on them while they are in cache: the arithmetic of a separate SiLU pass.
+void CpuBackend::lightning_attention(Mat qkv, std::span<const Segment> segments, int64_t layer, const Weight& decay_weight,
+                                     Mat out) {
   const int64_t heads = decay_weight.cols, d = out.cols / heads;
   const auto* decay = static_cast<const float*>(decay_weight.data);  // uploaded in place: host memory
   pool_.parallel_for(int64_t(segments.size()) * heads, [&](int64_t task) {
     const Segment& seg = segments[size_t(task / heads)];
     const int64_t head = task % heads;
-    const float* base = qkv.data + seg.row * qkv.cols + head * 3 * d;
+    float* base = qkv.data + seg.row * qkv.cols + head * 3 * d;
+    for (int64_t t = 0; t < seg.count; ++t) silu_inplace(base + t * qkv.cols, 3 * d);
     LightningHead h{base, base + d, base + 2 * d, qkv.cols,
                     out.data + seg.row * out.cols + head * d, out.cols, seg.count, d, decay[head],
                     cpu_state(seg.state).lightning(layer) + head * d * d};
-    if (reference_)
-      lightning_reference(h);
-    else if (seg.count == 1)
-      lightning_decode_token(h);
-    else
-      lightning_chunked(h, kLightningBlock);
+    lightning_head(h, reference_);
   });
 }
 

@@ -45,7 +45,6 @@ class CpuBackend final : public Backend {
   void gather_rows(const Mat& x, std::span<const int64_t> rows, Mat out) override;
   void rmsnorm(const Mat& x, const Weight& w, float eps, Mat out) override;
   void matmul(const Mat& x, const Weight& w, Mat out, Rounding rounding) override;
-  void silu(Mat x) override;
   void rmsnorm_gated(const Mat& x, const Weight& w, float eps, const Mat& gate, Mat out) override;
   void row_sum_squares(const Mat& x, Mat sums) override;
   void rmsnorm_gated_split(const Mat& x, const Mat& sums, int64_t width, const Weight& w, float eps, const Mat& gate,
@@ -53,8 +52,8 @@ class CpuBackend final : public Backend {
   void swiglu(Mat gate, const Mat& up) override;
   void add_scaled(const Mat& a, float alpha, const Mat& b, float beta, Mat out) override;
   void blend_sigmoid(Mat x, const Mat& y, const Mat& coef) override;
-  void lightning_attention(const Mat& qkv, std::span<const Segment> segments, int64_t layer,
-                           const Weight& decay, Mat out) override;
+  void lightning_attention(Mat qkv, std::span<const Segment> segments, int64_t layer, const Weight& decay,
+                           Mat out) override;
   void softmax_attention(Mat q, Mat k, const Mat& v, std::span<const Segment> segments, int64_t layer,
                          const AttentionParams& params, Mat out) override;
   void moe(const Mat& x, const MoeWeights& w, Mat out) override;

@@ -97,4 +97,13 @@ void lightning_reference(const LightningHead& h) {
   for (int64_t a = 0; a < d * d; ++a) h.state[a] = float(S[size_t(a)]);
 }
 
+void lightning_head(const LightningHead& h, bool reference) {
+  if (reference)
+    lightning_reference(h);
+  else if (h.count == 1)
+    lightning_decode_token(h);
+  else
+    lightning_chunked(h, kLightningBlock);
+}
+
 }  // namespace m1::cpu

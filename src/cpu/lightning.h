@@ -30,4 +30,8 @@ void lightning_reference(const LightningHead& h);
 
 constexpr int64_t kLightningBlock = 64;
 
+// The CPU backend's kernel for one head of one segment: the oracle when reference kernels are
+// asked for, else the decode pass for one token and the chunked form in kLightningBlock blocks.
+void lightning_head(const LightningHead& h, bool reference);
+
 }  // namespace m1::cpu
