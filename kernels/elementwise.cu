@@ -112,10 +112,6 @@ __global__ __launch_bounds__(kThreads) void rmsnorm_rows(const float* x, int64_t
   }
 }
 
-__global__ void silu_kernel(float* x, int64_t n) {
-  for_each_index(n, [&](int64_t i) { x[i] = silu(x[i]); });
-}
-
 __global__ void swiglu_kernel(float* gate, const float* up, int64_t n) {
   for_each_index(n, [&](int64_t i) { gate[i] = silu(gate[i]) * up[i]; });
 }
@@ -164,12 +160,6 @@ void rmsnorm_with_sums(const float* x, int64_t rows, int64_t cols, const float* 
                        const DeviceMatrix& w, float eps, const float* gate, float* out, cudaStream_t stream) {
   if (rows == 0) return;
   rmsnorm_rows<<<row_grid(rows), kThreads, 0, stream>>>(x, rows, cols, sums, width, w.data, w.dtype, eps, gate, out);
-  M1_CUDA_CHECK_LAUNCH();
-}
-
-void silu(float* x, int64_t n, cudaStream_t stream) {
-  if (n == 0) return;
-  silu_kernel<<<grid_for(n, kThreads), kThreads, 0, stream>>>(x, n);
   M1_CUDA_CHECK_LAUNCH();
 }
 

@@ -25,7 +25,6 @@ void row_sum_squares(const float* x, int64_t rows, int64_t cols, float* sums, cu
 // rmsnorm of rows `width` wide of which x holds `cols` columns, their sums of squares given.
 void rmsnorm_with_sums(const float* x, int64_t rows, int64_t cols, const float* sums, int64_t width,
                        const DeviceMatrix& w, float eps, const float* gate, float* out, cudaStream_t stream);
-void silu(float* x, int64_t n, cudaStream_t stream);
 // gate = silu(gate) * up
 void swiglu(float* gate, const float* up, int64_t n, cudaStream_t stream);
 // out = alpha * a + beta * b; out may alias a or b.
