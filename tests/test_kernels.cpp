@@ -351,7 +351,14 @@ TEST_F(KernelTest, MoeOnQuantizedExpertsMatchesReference) {
         MoeScratch scratch;
         moe(pool_, Mat{x.data(), n, hidden}, w, Mat{fast.data(), n, hidden}, ops, scratch);
         moe_reference(Mat{x.data(), n, hidden}, w, Mat{ref.data(), n, hidden}, ops);
-        EXPECT_LE(relative_error(fast, ref), 1e-5) << n << " tokens, " << scheme_name(scheme);
+        // With bf16 operands the two paths add a product's terms in different orders, so an
+        // activation that lies within an ulp of a bf16 rounding boundary may round the other way
+        // (a 2^-9 change of one input of the down product). Over seeds 1-300 the largest error was
+        // 1.1e-4 (most below 1e-5); the bound leaves 10x of that, still under bf16's own 2^-8.
+        // A wrong code, scale or group is an error of order 1.
+        const double bound = ops == Operands::kBf16 ? 1e-3 : 1e-5;
+        EXPECT_LE(relative_error(fast, ref), bound) << n << " tokens, " << scheme_name(scheme)
+                                                   << (ops == Operands::kBf16 ? ", bf16" : ", fp32") << " operands";
       }
     }
 }
