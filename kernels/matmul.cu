@@ -34,6 +34,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "bf16_stream.h"
 #include "launch.h"
 #include "m1/error.h"
 #include "matmul_common.cuh"
@@ -331,14 +332,7 @@ __global__ __launch_bounds__(kF32TileThreads) void grouped_f32_tiled(const float
 // BF16 weights: wmma m16n16k16, the kParts bf16 terms of x (split_to_bf16) as matrix_a, weights
 // as matrix_b, in every kernel; each step multiplies the terms last to first (lo, mid, hi).
 
-using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major>;
-using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major>;
-using FragC = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
-
-// Tensor-core steps of 16 that a chunk starting at c0 takes: those that start before k.
-__device__ __forceinline__ int chunk_steps(int64_t c0, int64_t k) {
-  return int(std::min<int64_t>(kChunk / 16, (k - c0 + 15) / 16));
-}
+// (FragA, FragB, FragC and chunk_steps: matmul_common.cuh, shared with bf16_stream.cu.)
 
 // Few rows: CTA (block of 64 outputs, one chunk) of 4 warps, warp i owning outputs
 // [16 i, 16 i + 16) of the block. Each warp stages its own 16 weight rows (512 bytes of a chunk
@@ -382,20 +376,10 @@ __device__ __forceinline__ void bf16_skinny_block(const float* x, int64_t ldx, i
   for (int i = 0; i < 16; ++i) *reinterpret_cast<uint4*>(ws + (warp * 16 + i) * kBf16Stride + lane * 8) = staged[i];
   for (int64_t i = tid; i < rows16 * (kChunk / 8); i += kBf16SkinnyWarps * 32) {
     const int64_t r = i / (kChunk / 8), kk = (i % (kChunk / 8)) * 8;
-    uint32_t bits[kParts][8];
+    float v[8];
 #pragma unroll
-    for (int e = 0; e < 8; ++e) {
-      const int64_t c = c0 + kk + e;
-      __nv_bfloat16 t[kParts];
-      bf16_terms<kParts>(r < m && c < k ? x[r * ldx + c] : 0.0f, t);
-#pragma unroll
-      for (int q = 0; q < kParts; ++q) bits[q][e] = *reinterpret_cast<const uint16_t*>(&t[q]);
-    }
-#pragma unroll
-    for (int q = 0; q < kParts; ++q)
-      *reinterpret_cast<uint4*>(xs + (q * rows16 + r) * kBf16Stride + kk) =
-          make_uint4(bits[q][0] | bits[q][1] << 16, bits[q][2] | bits[q][3] << 16, bits[q][4] | bits[q][5] << 16,
-                     bits[q][6] | bits[q][7] << 16);
+    for (int e = 0; e < 8; ++e) v[e] = r < m && c0 + kk + e < k ? x[r * ldx + c0 + kk + e] : 0.0f;
+    store_bf16_terms_x8<kParts>(v, xs + r * kBf16Stride + kk, rows16 * kBf16Stride);
   }
   __syncthreads();
 
@@ -700,6 +684,10 @@ void matmul_bf16(const float* x, int64_t ldx, int64_t m, const DeviceMatrix& w, 
       launch_bf16_tiled<kParts, 128>(xb, ldb, m, weights, n, k, w_vec, out, ldo, device, stream);
     return;
   }
+  if (bf16_streams(m, x, ldx, std::span(&w, 1), kParts, device)) {
+    bf16_stream_matmul(x, ldx, m, w, out, ldo, kParts, scratch, device, stream);
+    return;
+  }
   constexpr auto kernel = matmul_bf16_skinny<kParts>;
   device.allow_shared_memory<kernel>(bf16_skinny_shared_bytes(kParts, kBf16SkinnyMaxRows));
   const int64_t rows16 = (m + 15) / 16 * 16;
@@ -814,6 +802,13 @@ void grouped_bf16(const float* x, int64_t ldx, const int64_t* offsets, std::span
   constexpr auto skinny_kernel = grouped_bf16_skinny<kParts>;
   device.allow_shared_memory<skinny_kernel>(bf16_skinny_shared_bytes(kParts, kBf16SkinnyMaxRows));
   float* partial = chunks > 1 ? scratch.get<float>(size_t(chunks * rows * n)) : nullptr;
+  if (std::all_of(products.begin(), products.end(), [&](const GroupedProduct& p) {
+        return bf16_streams(group_rows, x, ldx, p.w, kParts, device);
+      })) {
+    for (const GroupedProduct& p : products)
+      bf16_stream_grouped(x, ldx, rows, offsets, group_rows, p, kParts, partial, scratch, device, stream);
+    return;
+  }
   for (const GroupedProduct& p : products) {
     const bool w_vec = all_aligned16(p.w) && k % 8 == 0;
     for_each_launch(p.w, [&](int64_t first, int count, const GroupWeights& weights) {

@@ -1,8 +1,9 @@
 #pragma once
 // What every batch-invariant product kernel shares (kernels/matmul.cu for float weights,
-// kernels/quantized_matmul.cu for int8/int4 ones): the chunk of the inner dimension each partial
-// sum covers, the chunk partials of the skinny kernels and their sum in chunk order, x as bf16
-// terms, and the grouped launches' tiles. Included by those two files only; everything here has
+// kernels/bf16_stream.cu for BF16 weights streamed at few rows, kernels/quantized_matmul.cu for
+// int8/int4 ones): the chunk of the inner dimension each partial sum covers, the chunk partials of
+// the skinny kernels and their sum in chunk order, the bf16 tensor-core fragments, x as bf16
+// terms, and the grouped launches' tiles. Included by those files only; everything here has
 // internal linkage, each including file its own copy.
 
 #include <algorithm>
@@ -11,6 +12,7 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <mma.h>
 
 #include "device_scratch.h"
 #include "device_types.h"
@@ -64,33 +66,48 @@ __device__ __forceinline__ void write_partial(float v, int64_t r, int64_t col, i
     partial[(blockIdx.x * plane_rows + r) * n + col] = v;
 }
 
-// The last CTA of a skinny launch's column block adds the block's chunk partials, in chunk order,
-// into out, so no second launch is needed. Each CTA, after writing its chunk's partials, bumps its
-// column block's counter (blockIdx.z * gridDim.y + blockIdx.y of `counters`, zero before the
-// launch); the CTA that brings it to gridDim.x (the chunks) reads every chunk's partials and sets
-// the counter back to zero, so the next launch on the stream, or the next replay of a graph, finds
-// it there. `partial` and `out` start at the CTA's first row, as its writes did; `rows` rows from
-// there, columns [n0, n0 + cols) below n. The sum is sum_partials' to the bit.
-__device__ __forceinline__ void fold_chunk_partials(int* counters, const float* partial, int64_t plane_rows,
-                                                    int64_t rows, int64_t n0, int cols, int64_t n, float* out,
-                                                    int64_t ldo) {
+// The CTA that completes a column block's chunks adds their partials, in chunk order, into out,
+// so no second launch is needed. Each CTA, after writing the partials of the `done` chunks it
+// computed for the block, adds `done` to the block's counter (zero before the launch); the one
+// that brings it to `chunks` reads every chunk's partials and sets the counter back to zero, so the
+// next launch on the stream, or the next replay of a graph, finds it there. `partial` and `out`
+// start at the CTA's first row, as its writes did; `rows` rows from there, columns
+// [n0, n0 + cols) below n. The sum is sum_partials' to the bit. Every thread of the CTA calls it.
+__device__ __forceinline__ void fold_when_complete(int* counter, int done, int64_t chunks, const float* partial,
+                                                   int64_t plane_rows, int64_t rows, int64_t n0, int cols, int64_t n,
+                                                   float* out, int64_t ldo) {
   __shared__ int fold_last;
   __threadfence();  // this thread's partials reach every SM before the count says they are there
   __syncthreads();
-  int* counter = counters + blockIdx.z * gridDim.y + blockIdx.y;
-  if (threadIdx.x == 0) fold_last = atomicAdd(counter, 1) == int(gridDim.x) - 1;
+  if (threadIdx.x == 0) fold_last = atomicAdd(counter, done) == int(chunks) - done;
   __syncthreads();
   if (!fold_last) return;
   __threadfence();  // the other CTAs' partials are read after their counts
-  const int64_t chunks = gridDim.x;
   for (int64_t i = threadIdx.x; i < rows * cols; i += blockDim.x) {
     const int64_t r = i / cols, col = n0 + i % cols;
     if (col >= n) continue;
+    // Eight loads in flight at a time (not one L2 round trip per chunk), added in chunk order.
     float total = 0.0f;
-    for (int64_t c = 0; c < chunks; ++c) total = __fadd_rn(total, __ldcg(partial + (c * plane_rows + r) * n + col));
+    for (int64_t c0 = 0; c0 < chunks; c0 += 8) {
+      float v[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) v[j] = c0 + j < chunks ? __ldcg(partial + ((c0 + j) * plane_rows + r) * n + col) : 0.0f;
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+        if (c0 + j < chunks) total = __fadd_rn(total, v[j]);
+    }
     out[r * ldo + col] = total;
   }
   if (threadIdx.x == 0) *counter = 0;
+}
+
+// fold_when_complete for a skinny launch whose CTAs compute one chunk (grid x) of one column
+// block (its counter: blockIdx.z * gridDim.y + blockIdx.y of `counters`).
+__device__ __forceinline__ void fold_chunk_partials(int* counters, const float* partial, int64_t plane_rows,
+                                                    int64_t rows, int64_t n0, int cols, int64_t n, float* out,
+                                                    int64_t ldo) {
+  fold_when_complete(counters + blockIdx.z * gridDim.y + blockIdx.y, 1, gridDim.x, partial, plane_rows, rows, n0, cols,
+                     n, out, ldo);
 }
 
 // The counters fold_chunk_partials needs for a grid of `blocks` column blocks (y times z), when
@@ -110,6 +127,19 @@ inline bool skinny_partials_fit(int64_t chunks, int64_t m, int64_t n) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// BF16 weights on the tensor cores (matmul.cu, bf16_stream.cu): wmma m16n16k16, x's bf16 terms as
+// matrix_a, the weights as matrix_b, a chunk in steps of 16 in increasing k.
+
+using FragA = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, __nv_bfloat16, nvcuda::wmma::row_major>;
+using FragB = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, __nv_bfloat16, nvcuda::wmma::col_major>;
+using FragC = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
+
+// Tensor-core steps of 16 that a chunk starting at c0 takes: those that start before k.
+__device__ __forceinline__ int chunk_steps(int64_t c0, int64_t k) {
+  return int(std::min<int64_t>(kChunk / 16, (k - c0 + 15) / 16));
+}
+
+// ---------------------------------------------------------------------------------------------
 // x as bf16 terms, the largest first. One term: x rounded (nearest even). Three: hi = bf16(x),
 // mid = bf16(x - hi) and lo = x - hi - mid, 8 significant bits each, summing to x exactly (an
 // infinite x keeps zero mid and lo, so its products stay infinite, not NaN).
@@ -122,6 +152,25 @@ __device__ __forceinline__ void bf16_terms(float v, __nv_bfloat16 (&terms)[kPart
     terms[1] = __float2bfloat16_rn(rest);
     terms[2] = __float2bfloat16_rn(__fsub_rn(rest, __bfloat162float(terms[1])));
   }
+}
+
+// Eight consecutive values of x as their kParts bf16 terms, 16 bytes per term: term q's at
+// dst + q * term_stride (16-byte aligned), in order.
+template <int kParts>
+__device__ __forceinline__ void store_bf16_terms_x8(const float (&v)[8], __nv_bfloat16* dst, int64_t term_stride) {
+  uint32_t bits[kParts][8];
+#pragma unroll
+  for (int e = 0; e < 8; ++e) {
+    __nv_bfloat16 t[kParts];
+    bf16_terms<kParts>(v[e], t);
+#pragma unroll
+    for (int q = 0; q < kParts; ++q) bits[q][e] = *reinterpret_cast<const uint16_t*>(&t[q]);
+  }
+#pragma unroll
+  for (int q = 0; q < kParts; ++q)
+    *reinterpret_cast<uint4*>(dst + q * term_stride) =
+        make_uint4(bits[q][0] | bits[q][1] << 16, bits[q][2] | bits[q][3] << 16, bits[q][4] | bits[q][5] << 16,
+                   bits[q][6] | bits[q][7] << 16);
 }
 
 // The run of 8 values in the quantized kernels' operand order (quantized_matmul.cu): value e at

@@ -5,9 +5,11 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <random>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -15,6 +17,7 @@
 
 #include "cpu/elementwise.h"
 #include "cpu/matmul.h"
+#include "bf16_stream.h"
 #include "cuda_check.h"
 #include "cuda_test_support.h"
 #include "device_scratch.h"
@@ -176,8 +179,9 @@ TEST_P(CudaMatmul, FoldedChunkSumsMatchTheTiledKernel) {
 TEST_P(CudaMatmul, GraphReplaysFoldTheirChunksEachTime) {
   M1_REQUIRE_CUDA();
   const auto [dtype, operands] = GetParam();
+  for (const int64_t k : {700, 704}) {  // 704: BF16 weights take the streamed kernel (bf16_stream.h)
   std::mt19937 rng(32);
-  const int64_t m = 3, n = 77, k = 700;
+  const int64_t m = 3, n = 77;
   const RandomWeight w = random_weight(dtype, n, k, rng);
   const DeviceArray<uint8_t> dw(w.bytes);
   const DeviceMatrix dm{dw.get(), w.w.dtype, n, k};
@@ -206,10 +210,113 @@ TEST_P(CudaMatmul, GraphReplaysFoldTheirChunksEachTime) {
       graph.launch();
       const std::vector<float> got = result();
       EXPECT_EQ(std::memcmp(got.data(), wants[replay]->data(), got.size() * sizeof(float)), 0)
-          << "replay " << replay << " " << dtype_name(dtype) << " " << operands_name(operands);
+          << "replay " << replay << " " << dtype_name(dtype) << " " << operands_name(operands) << " k " << k;
     }
   }
   M1_CUDA_CHECK(cudaStreamDestroy(stream));
+  }
+}
+
+// The streamed kernels (bf16_stream.h: persistent CTAs, each an equal run of (column block,
+// chunk) units) against the tiled kernel (70 rows), bit for bit, for 1 to 8 rows at sizes off the
+// column block (128), the chunk (256) and the stage (128 inputs), on grids of 1, 3, 7 and 132 CTAs
+// (how the units split: a CTA's run can start mid-block and cross blocks, and a block's chunks
+// are counted by several CTAs).
+TEST(CudaBf16Stream, MatchesTheTiledKernelOnAnyGrid) {
+  M1_REQUIRE_CUDA();
+  std::mt19937 rng(33);
+  const int64_t rows = 70;
+  for (const auto& [n, k] : {std::pair<int64_t, int64_t>{1, 8}, {127, 136}, {129, 256}, {300, 1000}, {64, 2056}}) {
+    const RandomWeight w = random_weight(DType::kBF16, n, k, rng);
+    const DeviceArray<uint8_t> dw(w.bytes);
+    const DeviceMatrix dm{dw.get(), DType::kBF16, n, k};
+    const DeviceArray<float> dx(random_floats(size_t(rows * k), 1.0f, rng));
+    DeviceArray<float> dout(size_t(rows * n));
+    for (GemmOperands operands : {GemmOperands::kBf16, GemmOperands::kFp32}) {
+      DeviceScratch scratch;
+      matmul(dx.get(), k, rows, dm, dout.get(), n, operands, scratch, test::test_device(), nullptr);
+      const std::vector<float> tiled = dout.download();
+      for (int sms : {1, 3, 7, 132}) {
+        Device device(test::test_device().index(), DeviceLimits{sms, test::test_device().limits().shared_per_block});
+        for (int64_t m = 1; m <= kBf16StreamMaxRows; ++m) {
+          const int64_t first = (m * 5 + sms) % (rows - m + 1);
+          const std::string what = fmt::format("{} rows from {}, n {} k {}, {} CTAs, {}", m, first, n, k, sms,
+                                               operands_name(operands));
+          const int parts = operands == GemmOperands::kBf16 ? 1 : 3;
+          ASSERT_TRUE(bf16_streams(m, dx.get() + first * k, k, std::span(&dm, 1), parts, device)) << what;
+          matmul(dx.get() + first * k, k, m, dm, dout.get(), n, operands, scratch, device, nullptr);
+          const std::vector<float> got = dout.download();
+          ASSERT_EQ(std::memcmp(got.data(), tiled.data() + first * n, size_t(m * n) * sizeof(float)), 0) << what;
+        }
+      }
+    }
+  }
+}
+
+// grouped_matmul(s) through the streamed kernels: each group's rows bit-identical to the tiled
+// kernel's on them (matmul of all 70 rows by the group's weights), with empty groups, groups of
+// 1 to 8 rows, a bound on the rows per group that splits groups into tiles (1, 3) or is tight, 70
+// groups (two launches), and two products in one call (one set of partials, reused). Rows outside
+// the groups keep what they held.
+TEST(CudaBf16Stream, GroupedMatchesTheTiledKernel) {
+  M1_REQUIRE_CUDA();
+  std::mt19937 rng(34);
+  const int64_t rows = 70, n = 200, k = 520, ldo = n + 3;
+  const float kUntouched = -7.25f;
+  std::vector<int64_t> many(70);
+  for (size_t g = 0; g < many.size(); ++g) many[g] = g == 69 ? 1 : 0;
+  for (const std::vector<int64_t>& counts :
+       {std::vector<int64_t>{1}, {0, 3, 0, 2}, {8, 0, 1, 5, 7, 2, 0, 4}, many}) {
+    const int64_t groups = int64_t(counts.size()), lead = 1;
+    std::vector<int64_t> offsets = {lead};
+    for (int64_t c : counts) offsets.push_back(offsets.back() + c);
+    const int64_t most = *std::max_element(counts.begin(), counts.end());
+    std::vector<std::vector<uint8_t>> bytes;
+    std::vector<DeviceArray<uint8_t>> stored;
+    std::vector<DeviceMatrix> w[2];
+    for (int product = 0; product < 2; ++product)
+      for (int64_t g = 0; g < groups; ++g) {
+        stored.emplace_back(random_weight(DType::kBF16, n, k, rng).bytes);
+        w[product].push_back(DeviceMatrix{stored.back().get(), DType::kBF16, n, k});
+      }
+    const DeviceArray<float> dx(random_floats(size_t(rows * k), 1.0f, rng));
+    const DeviceArray<int64_t> doffsets(offsets);
+    for (GemmOperands operands : {GemmOperands::kBf16, GemmOperands::kFp32}) {
+      DeviceScratch scratch;
+      // Each group's rows from the tiled kernel, the rest untouched.
+      std::vector<float> want[2];
+      for (int product = 0; product < 2; ++product) {
+        want[product].assign(size_t(rows * ldo), kUntouched);
+        DeviceArray<float> all(size_t(rows * ldo));
+        for (int64_t g = 0; g < groups; ++g) {
+          if (counts[size_t(g)] == 0) continue;
+          matmul(dx.get(), k, rows, w[product][size_t(g)], all.get(), ldo, operands, scratch, test::test_device(), nullptr);
+          const std::vector<float> got = all.download();
+          for (int64_t r = offsets[size_t(g)]; r < offsets[size_t(g) + 1]; ++r)
+            std::copy_n(got.begin() + r * ldo, n, want[product].begin() + r * ldo);
+        }
+      }
+      const int parts = operands == GemmOperands::kBf16 ? 1 : 3;
+      for (int64_t bound : {int64_t(1), int64_t(3), most}) {
+        const std::string what = fmt::format("{} groups, bound {}, {}", groups, bound, operands_name(operands));
+        ASSERT_TRUE(bf16_streams(bound, dx.get(), k, w[0], parts, test::test_device())) << what;
+        DeviceArray<float> one(std::vector<float>(size_t(rows * ldo), kUntouched));
+        grouped_matmul(dx.get(), k, doffsets.get(), w[0], rows, bound, one.get(), ldo, operands, scratch,
+                       test::test_device(), nullptr);
+        const std::vector<float> got = one.download();
+        EXPECT_EQ(std::memcmp(got.data(), want[0].data(), got.size() * sizeof(float)), 0) << what;
+
+        DeviceArray<float> out0(std::vector<float>(size_t(rows * ldo), kUntouched));
+        DeviceArray<float> out1(std::vector<float>(size_t(rows * ldo), kUntouched));
+        const GroupedProduct products[] = {{w[0], out0.get(), ldo}, {w[1], out1.get(), ldo}};
+        grouped_matmuls(dx.get(), k, doffsets.get(), products, rows, bound, operands, scratch, test::test_device(),
+                        nullptr);
+        const std::vector<float> got0 = out0.download(), got1 = out1.download();
+        EXPECT_EQ(std::memcmp(got0.data(), want[0].data(), got0.size() * sizeof(float)), 0) << what << ", first of two";
+        EXPECT_EQ(std::memcmp(got1.data(), want[1].data(), got1.size() * sizeof(float)), 0) << what << ", second of two";
+      }
+    }
+  }
 }
 
 // A call whose skinny chunk partials would pass 64 MB (32 rows of a [8192, 16640] matrix: 65 chunks,

@@ -1,0 +1,289 @@
+// BF16 products of a few rows with the weights streamed through shared memory (bf16_stream.h).
+//
+// The per-chunk skinny kernels of matmul.cu give each CTA one 32 KB piece of the weights: it
+// copies the piece in, multiplies, writes its partials and leaves, so an SM has bytes in flight
+// only while its CTAs are between launch and their first barrier, and one-row products ran at the
+// latency limit (52% of the copy bandwidth on the H200, the same time as on the H100). Here one
+// CTA per SM stays for the whole product and streams:
+//
+// - Work units are (tile of rows, column block of 128 weight rows, chunk), in that order;
+//   CTA i of G takes units [i U / G, (i + 1) U / G), so the SMs' shares differ by one unit at most.
+// - A stage is half a unit: the block's 128 weight rows over 128 inputs (32 KB) and those inputs
+//   of the tile's rows of x in fp32, copied by cp.async into a ring of kStages stages, so
+//   kStages - 1 stages are in flight while the CTA multiplies the one that has landed.
+// - Warp i owns the block's columns [16 i, 16 i + 16): it splits nothing and reorders nothing. A
+//   chunk's fresh partial takes its steps of 16 in increasing k over the chunk's two stages, x's
+//   terms last to first, exactly as matmul.cu's kernels do; the chunk's partials go where theirs
+//   go (straight to out for a single chunk), and the CTA that completes a column block's chunks
+//   adds them in chunk order (fold_when_complete). So the bits are theirs.
+
+#include "bf16_stream.h"
+
+#include <cuda_pipeline.h>
+#include <mma.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <span>
+
+#include <cuda_bf16.h>
+
+#include "launch.h"
+#include "m1/error.h"
+#include "matmul_common.cuh"
+
+namespace m1::cuda {
+namespace {
+
+using namespace nvcuda;
+
+constexpr int kWarps = 8, kThreads = kWarps * 32;
+constexpr int kCols = 16 * kWarps;         // weight rows (output columns) per column block
+constexpr int kStageK = kChunk / 2;        // inputs per stage
+constexpr int kStride = kStageK + 8;       // bf16 per staged row: rows 16-byte aligned, banks staggered
+constexpr int kWStage = kCols * kStride;   // bf16 per weight stage
+constexpr int kStages = 4;
+static_assert(kChunk % kStageK == 0 && kStageK % 16 == 0);
+constexpr int kStagesPerChunk = kChunk / kStageK;
+
+// The ring of weights, the ring of x's fp32 rows (max_rows per stage), x's terms for the stage
+// being multiplied (16 rows each, rows past the tile's zero), and each warp's 16 x 16 outputs.
+constexpr int shared_bytes(int parts, int64_t max_rows) {
+  return int(kStages * (kWStage * 2 + max_rows * kStageK * 4) + parts * 16 * kStride * 2 + kWarps * 256 * 4);
+}
+
+// One tile of rows: its weights and x, where its chunk partials go (chunk c's of row r, column j at
+// partial[(c * plane_rows + r) * n + j]; none for one chunk) and its output rows.
+struct StreamTile {
+  const uint16_t* w;
+  const float* x;
+  int64_t ldx, rows;
+  float* partial;
+  int64_t plane_rows;
+  float* out;
+  int64_t ldo;
+};
+
+// A plain product: one tile.
+struct PlainTiles {
+  StreamTile tile;
+  __device__ int64_t count() const { return 1; }
+  __device__ StreamTile at(int64_t) const { return tile; }
+};
+
+// A grouped product: each group's rows in tiles of tile_rows, in group order (find_tile), known
+// on the device alone.
+struct GroupedTiles {
+  const float* x;
+  int64_t ldx, rows;
+  const int64_t* offsets;
+  int groups;
+  int64_t tile_rows, n;
+  GroupWeights weights;
+  float* partial;
+  float* out;
+  int64_t ldo;
+  __device__ int64_t count() const {
+    int64_t tiles = 0;
+    for (int g = 0; g < groups; ++g) tiles += std::max<int64_t>(ceil_div(offsets[g + 1] - offsets[g], tile_rows), 0);
+    return tiles;
+  }
+  __device__ StreamTile at(int64_t index) const {
+    GroupTile t{};
+    find_tile(offsets, groups, tile_rows, index, t);  // index < count()
+    const int64_t r0 = t.row0 + t.first;
+    return {static_cast<const uint16_t*>(weights.data[t.group]), x + r0 * ldx, ldx, t.rows,
+            partial ? partial + r0 * n : nullptr, rows, out + r0 * ldo, ldo};
+  }
+};
+
+// The tile of the units a loop walks, looked up again only when it changes.
+template <class Tiles>
+struct TileCursor {
+  int64_t index = -1;
+  StreamTile tile{};
+  __device__ const StreamTile& at(const Tiles& tiles, int64_t i) {
+    if (i != index) {
+      tile = tiles.at(i);
+      index = i;
+    }
+    return tile;
+  }
+};
+
+template <int kParts, class Tiles>
+__device__ __forceinline__ void stream_products(const Tiles& tiles, int64_t n, int64_t k, int max_rows, int* counters) {
+  extern __shared__ __align__(128) unsigned char stream_shared[];
+  __nv_bfloat16* w_ring = reinterpret_cast<__nv_bfloat16*>(stream_shared);
+  float* x_ring = reinterpret_cast<float*>(w_ring + kStages * kWStage);
+  __nv_bfloat16* xs = reinterpret_cast<__nv_bfloat16*>(x_ring + kStages * max_rows * kStageK);  // term q: 16 rows
+  float* out_stage = reinterpret_cast<float*>(xs + kParts * 16 * kStride);
+
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int64_t chunks = ceil_div(k, kChunk), per_tile = ceil_div(n, kCols) * chunks;
+  const int64_t units = tiles.count() * per_tile;
+  const int64_t first = blockIdx.x * units / gridDim.x, last = (blockIdx.x + 1) * units / gridDim.x;
+  const int64_t stages = kStagesPerChunk * (last - first);
+  if (stages == 0) return;  // the whole CTA, before any barrier
+
+  // Stage t: unit first + t / kStagesPerChunk, its inputs from (t % kStagesPerChunk) * kStageK.
+  TileCursor<Tiles> issuing, computing;
+  auto issue = [&](int64_t t) {
+    if (t < stages) {
+      const int64_t u = first + t / kStagesPerChunk, b = u % per_tile / chunks, c = u % chunks;
+      const StreamTile& tile = issuing.at(tiles, u / per_tile);
+      const int64_t k0 = c * kChunk + t % kStagesPerChunk * kStageK, n0 = b * kCols;
+      __nv_bfloat16* w_dst = w_ring + t % kStages * kWStage;
+      for (int i = tid; i < kCols * (kStageK / 8); i += kThreads) {
+        const int row = i / (kStageK / 8), kk = i % (kStageK / 8) * 8;
+        const bool inside = n0 + row < n && k0 + kk < k;
+        __pipeline_memcpy_async(w_dst + row * kStride + kk, inside ? tile.w + (n0 + row) * k + k0 + kk : tile.w, 16,
+                                inside ? 0 : 16);
+      }
+      float* x_dst = x_ring + t % kStages * max_rows * kStageK;
+      for (int i = tid; i < tile.rows * (kStageK / 4); i += kThreads) {
+        const int r = i / (kStageK / 4), kk = i % (kStageK / 4) * 4;
+        const bool inside = k0 + kk < k;
+        __pipeline_memcpy_async(x_dst + r * kStageK + kk, inside ? tile.x + r * tile.ldx + k0 + kk : tile.x, 16,
+                                inside ? 0 : 16);
+      }
+    }
+    __pipeline_commit();  // an empty group past the end keeps the wait count uniform
+  };
+
+  // Rows of the terms past max_rows stay zero; the stages rewrite the others.
+  for (int i = tid; i < kParts * 16 * kStride / 8; i += kThreads)
+    reinterpret_cast<uint4*>(xs)[i] = make_uint4(0, 0, 0, 0);
+  for (int s = 0; s < kStages - 1; ++s) issue(s);
+
+  FragC part;
+  wmma::fill_fragment(part, 0.0f);
+  for (int64_t t = 0; t < stages; ++t) {
+    __pipeline_wait_prior(kStages - 2);  // stage t has landed (this thread's copies)
+    __syncthreads();                     // ... every thread's; and stage t - 1's buffers are free
+    issue(t + kStages - 1);
+
+    const int buf = int(t % kStages), half = int(t % kStagesPerChunk);
+    const int64_t u = first + t / kStagesPerChunk, b = u % per_tile / chunks, c = u % chunks;
+    const StreamTile& tile = computing.at(tiles, u / per_tile);
+
+    // x's terms of this stage, as split_to_bf16 makes them (rows of other tiles' x zeroed).
+    const float* x_src = x_ring + buf * max_rows * kStageK;
+    for (int i = tid; i < max_rows * (kStageK / 8); i += kThreads) {
+      const int r = i / (kStageK / 8), kk = i % (kStageK / 8) * 8;
+      float v[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) v[e] = r < tile.rows ? x_src[r * kStageK + kk + e] : 0.0f;
+      store_bf16_terms_x8<kParts>(v, xs + r * kStride + kk, 16 * kStride);
+    }
+    __syncthreads();
+
+    // The chunk's steps that fall in this stage.
+    const int steps = std::clamp(chunk_steps(c * kChunk, k) - half * (kStageK / 16), 0, kStageK / 16);
+    const __nv_bfloat16* w_tile = w_ring + buf * kWStage + warp * 16 * kStride;
+    for (int s = 0; s < steps; ++s) {
+      FragB wb;
+      wmma::load_matrix_sync(wb, w_tile + s * 16, kStride);
+#pragma unroll
+      for (int q = kParts - 1; q >= 0; --q) {
+        FragA xa;
+        wmma::load_matrix_sync(xa, xs + q * 16 * kStride + s * 16, kStride);
+        wmma::mma_sync(part, xa, wb, part);
+      }
+    }
+    if (half != kStagesPerChunk - 1) continue;
+
+    // The chunk is done: its partial out, as the per-chunk kernels write theirs.
+    float* mine = out_stage + warp * 256;
+    wmma::store_matrix_sync(mine, part, 16, wmma::mem_row_major);
+    wmma::fill_fragment(part, 0.0f);
+    __syncwarp();
+    const int64_t col0 = b * kCols + warp * 16;
+    for (int e = lane; e < tile.rows * 16; e += 32) {
+      const int64_t r = e / 16, col = col0 + e % 16;
+      if (col >= n) continue;
+      if (tile.partial)
+        tile.partial[(c * tile.plane_rows + r) * n + col] = mine[e];
+      else
+        tile.out[r * tile.ldo + col] = __fadd_rn(0.0f, mine[e]);
+    }
+    __syncwarp();
+    // Leaving the column block (u / chunks names the tile and the block): count its chunks done here.
+    if (tile.partial && (u + 1 == last || (u + 1) / chunks != u / chunks)) {
+      const int done = int(u + 1 - std::max(first, u / chunks * chunks));
+      fold_when_complete(counters + u / chunks, done, chunks, tile.partial, tile.plane_rows, tile.rows, b * kCols,
+                         kCols, n, tile.out, tile.ldo);
+    }
+  }
+}
+
+template <int kParts>
+__global__ __launch_bounds__(kThreads, 1) void bf16_stream_plain(StreamTile tile, int64_t n, int64_t k,
+                                                                 int* counters) {
+  stream_products<kParts>(PlainTiles{tile}, n, k, int(tile.rows), counters);
+}
+
+template <int kParts>
+__global__ __launch_bounds__(kThreads, 1) void bf16_stream_grouped_kernel(GroupedTiles tiles, int64_t n, int64_t k,
+                                                                          int* counters) {
+  stream_products<kParts>(tiles, n, k, int(tiles.tile_rows), counters);
+}
+
+template <int kParts>
+void launch_plain(const float* x, int64_t ldx, int64_t m, const DeviceMatrix& w, float* out, int64_t ldo,
+                  DeviceScratch& scratch, Device& device, cudaStream_t stream) {
+  constexpr auto kernel = bf16_stream_plain<kParts>;
+  const int bytes = shared_bytes(kParts, m);
+  device.allow_shared_memory<kernel>(size_t(bytes));
+  const int64_t n = w.rows, k = w.cols, chunks = ceil_div(k, kChunk), blocks = ceil_div(n, kCols);
+  float* partial = chunks > 1 ? scratch.get<float>(size_t(chunks * m * n)) : nullptr;
+  int* counters = fold_counters(scratch, partial, blocks);
+  const StreamTile tile{static_cast<const uint16_t*>(w.data), x, ldx, m, partial, m, out, ldo};
+  const int64_t grid = std::min<int64_t>(blocks * chunks, device.limits().sms);
+  kernel<<<unsigned(grid), kThreads, bytes, stream>>>(tile, n, k, counters);
+  M1_CUDA_CHECK_LAUNCH();
+}
+
+template <int kParts>
+void launch_grouped(const float* x, int64_t ldx, int64_t rows, const int64_t* offsets, int64_t tile_rows,
+                    const GroupedProduct& p, float* partial, DeviceScratch& scratch, Device& device,
+                    cudaStream_t stream) {
+  constexpr auto kernel = bf16_stream_grouped_kernel<kParts>;
+  const int bytes = shared_bytes(kParts, tile_rows);
+  device.allow_shared_memory<kernel>(size_t(bytes));
+  const int64_t n = p.w[0].rows, k = p.w[0].cols, blocks = ceil_div(n, kCols);
+  for_each_launch(p.w, [&](int64_t first, int count, const GroupWeights& weights) {
+    // The tiles are counted on the device; the host bounds them for the counters.
+    int* counters = fold_counters(scratch, partial, grouped_tiles(rows, count, tile_rows) * blocks);
+    const GroupedTiles tiles{x, ldx, rows, offsets + first, count, tile_rows, n, weights, partial, p.out, p.ldo};
+    kernel<<<unsigned(device.limits().sms), kThreads, bytes, stream>>>(tiles, n, k, counters);
+    M1_CUDA_CHECK_LAUNCH();
+  });
+}
+
+}  // namespace
+
+bool bf16_streams(int64_t rows, const float* x, int64_t ldx, std::span<const DeviceMatrix> weights, int parts,
+                  const Device& device) {
+  if (rows < 1 || rows > kBf16StreamMaxRows || weights.empty() || device.limits().sms < 1) return false;
+  const int64_t k = weights[0].cols;
+  return aligned16(x) && ldx % 4 == 0 && k % 8 == 0 && all_aligned16(weights) &&
+         shared_bytes(parts, rows) <= device.limits().shared_per_block;
+}
+
+void bf16_stream_matmul(const float* x, int64_t ldx, int64_t m, const DeviceMatrix& w, float* out, int64_t ldo,
+                        int parts, DeviceScratch& scratch, Device& device, cudaStream_t stream) {
+  if (parts == 1) return launch_plain<1>(x, ldx, m, w, out, ldo, scratch, device, stream);
+  if (parts == 3) return launch_plain<3>(x, ldx, m, w, out, ldo, scratch, device, stream);
+  fail("bf16_stream_matmul: {} terms of x", parts);
+}
+
+void bf16_stream_grouped(const float* x, int64_t ldx, int64_t rows, const int64_t* offsets, int64_t group_rows,
+                         const GroupedProduct& product, int parts, float* partial, DeviceScratch& scratch,
+                         Device& device, cudaStream_t stream) {
+  if (parts == 1) return launch_grouped<1>(x, ldx, rows, offsets, group_rows, product, partial, scratch, device, stream);
+  if (parts == 3) return launch_grouped<3>(x, ldx, rows, offsets, group_rows, product, partial, scratch, device, stream);
+  fail("bf16_stream_grouped: {} terms of x", parts);
+}
+
+}  // namespace m1::cuda

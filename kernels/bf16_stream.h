@@ -1,0 +1,43 @@
+#pragma once
+// Products out = x w^T on BF16 weights for a few rows of x (decode), with the weights streamed
+// through a ring of shared-memory stages by cp.async: one persistent CTA per SM, each taking an
+// equal run of (column block, chunk) work units, so every SM keeps several stages of weights in
+// flight while it multiplies the one that has landed. The same bits as matmul.h's other kernels
+// (every output element the same sequence of operations; see the top of matmul.cu). matmul.cu
+// picks these when bf16_streams says they take the product.
+
+#include <cstdint>
+#include <span>
+
+#include <cuda_runtime.h>
+
+#include "device.h"
+#include "device_scratch.h"
+#include "device_types.h"
+#include "matmul.h"
+
+namespace m1::cuda {
+
+// Rows of x (of a plain product, or of a grouped product's tile) these kernels take at most.
+inline constexpr int64_t kBf16StreamMaxRows = 8;
+
+// Whether bf16_stream_matmul takes a product of `rows` rows of x (row stride ldx) with BF16
+// weights of `cols` inputs at `weights` (every group's, for grouped products): few enough rows,
+// 16-byte aligned rows of x and of the weights (the copies are 16 bytes), and the ring fits the
+// device's shared memory.
+bool bf16_streams(int64_t rows, const float* x, int64_t ldx, std::span<const DeviceMatrix> weights, int parts,
+                  const Device& device);
+
+// out [m, w.rows] = x [m, w.cols] w^T, x's bf16 terms `parts` (1: kBf16, 3: kFp32), when
+// bf16_streams says so. `scratch` holds the chunk partials and the fold counters.
+void bf16_stream_matmul(const float* x, int64_t ldx, int64_t m, const DeviceMatrix& w, float* out, int64_t ldo,
+                        int parts, DeviceScratch& scratch, Device& device, cudaStream_t stream);
+
+// grouped_matmul's product (matmul.h) of groups of at most `group_rows` rows (a bound the device's
+// offsets keep), when bf16_streams(group_rows, ...) says so. `partial` holds chunks x rows x n
+// floats (none for one chunk), shared by the products of one grouped_matmuls call.
+void bf16_stream_grouped(const float* x, int64_t ldx, int64_t rows, const int64_t* offsets, int64_t group_rows,
+                         const GroupedProduct& product, int parts, float* partial, DeviceScratch& scratch,
+                         Device& device, cudaStream_t stream);
+
+}  // namespace m1::cuda
