@@ -52,65 +52,6 @@ constexpr int shared_bytes(int parts, int64_t max_rows) {
   return int(kStages * (kWStage * 2 + max_rows * kStageK * 4) + parts * 16 * kStride * 2 + kWarps * 256 * 4);
 }
 
-// One tile of rows: its weights and x, where its chunk partials go (chunk c's of row r, column j at
-// partial[(c * plane_rows + r) * n + j]; none for one chunk) and its output rows.
-struct StreamTile {
-  const uint16_t* w;
-  const float* x;
-  int64_t ldx, rows;
-  float* partial;
-  int64_t plane_rows;
-  float* out;
-  int64_t ldo;
-};
-
-// A plain product: one tile.
-struct PlainTiles {
-  StreamTile tile;
-  __device__ int64_t count() const { return 1; }
-  __device__ StreamTile at(int64_t) const { return tile; }
-};
-
-// A grouped product: each group's rows in tiles of tile_rows, in group order (find_tile), known
-// on the device alone.
-struct GroupedTiles {
-  const float* x;
-  int64_t ldx, rows;
-  const int64_t* offsets;
-  int groups;
-  int64_t tile_rows, n;
-  GroupWeights weights;
-  float* partial;
-  float* out;
-  int64_t ldo;
-  __device__ int64_t count() const {
-    int64_t tiles = 0;
-    for (int g = 0; g < groups; ++g) tiles += std::max<int64_t>(ceil_div(offsets[g + 1] - offsets[g], tile_rows), 0);
-    return tiles;
-  }
-  __device__ StreamTile at(int64_t index) const {
-    GroupTile t{};
-    find_tile(offsets, groups, tile_rows, index, t);  // index < count()
-    const int64_t r0 = t.row0 + t.first;
-    return {static_cast<const uint16_t*>(weights.data[t.group]), x + r0 * ldx, ldx, t.rows,
-            partial ? partial + r0 * n : nullptr, rows, out + r0 * ldo, ldo};
-  }
-};
-
-// The tile of the units a loop walks, looked up again only when it changes.
-template <class Tiles>
-struct TileCursor {
-  int64_t index = -1;
-  StreamTile tile{};
-  __device__ const StreamTile& at(const Tiles& tiles, int64_t i) {
-    if (i != index) {
-      tile = tiles.at(i);
-      index = i;
-    }
-    return tile;
-  }
-};
-
 template <int kParts, class Tiles>
 __device__ __forceinline__ void stream_products(const Tiles& tiles, int64_t n, int64_t k, int max_rows, int* counters) {
   extern __shared__ __align__(128) unsigned char stream_shared[];
@@ -121,8 +62,8 @@ __device__ __forceinline__ void stream_products(const Tiles& tiles, int64_t n, i
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int64_t chunks = ceil_div(k, kChunk), per_tile = ceil_div(n, kCols) * chunks;
-  const int64_t units = tiles.count() * per_tile;
-  const int64_t first = blockIdx.x * units / gridDim.x, last = (blockIdx.x + 1) * units / gridDim.x;
+  const UnitRun run = cta_units(tiles.count() * per_tile);
+  const int64_t first = run.first, last = run.last;
   const int64_t stages = kStagesPerChunk * (last - first);
   if (stages == 0) return;  // the whole CTA, before any barrier
 
@@ -132,12 +73,13 @@ __device__ __forceinline__ void stream_products(const Tiles& tiles, int64_t n, i
     if (t < stages) {
       const int64_t u = first + t / kStagesPerChunk, b = u % per_tile / chunks, c = u % chunks;
       const StreamTile& tile = issuing.at(tiles, u / per_tile);
+      const auto* weights = static_cast<const uint16_t*>(tile.w);
       const int64_t k0 = c * kChunk + t % kStagesPerChunk * kStageK, n0 = b * kCols;
       __nv_bfloat16* w_dst = w_ring + t % kStages * kWStage;
       for (int i = tid; i < kCols * (kStageK / 8); i += kThreads) {
         const int row = i / (kStageK / 8), kk = i % (kStageK / 8) * 8;
         const bool inside = n0 + row < n && k0 + kk < k;
-        __pipeline_memcpy_async(w_dst + row * kStride + kk, inside ? tile.w + (n0 + row) * k + k0 + kk : tile.w, 16,
+        __pipeline_memcpy_async(w_dst + row * kStride + kk, inside ? weights + (n0 + row) * k + k0 + kk : weights, 16,
                                 inside ? 0 : 16);
       }
       float* x_dst = x_ring + t % kStages * max_rows * kStageK;
@@ -199,21 +141,10 @@ __device__ __forceinline__ void stream_products(const Tiles& tiles, int64_t n, i
     wmma::fill_fragment(part, 0.0f);
     __syncwarp();
     const int64_t col0 = b * kCols + warp * 16;
-    for (int e = lane; e < tile.rows * 16; e += 32) {
-      const int64_t r = e / 16, col = col0 + e % 16;
-      if (col >= n) continue;
-      if (tile.partial)
-        tile.partial[(c * tile.plane_rows + r) * n + col] = mine[e];
-      else
-        tile.out[r * tile.ldo + col] = __fadd_rn(0.0f, mine[e]);
-    }
+    for (int e = lane; e < tile.rows * 16; e += 32)
+      if (col0 + e % 16 < n) write_unit_partial(tile, c, e / 16, col0 + e % 16, n, mine[e]);
     __syncwarp();
-    // Leaving the column block (u / chunks names the tile and the block): count its chunks done here.
-    if (tile.partial && (u + 1 == last || (u + 1) / chunks != u / chunks)) {
-      const int done = int(u + 1 - std::max(first, u / chunks * chunks));
-      fold_when_complete(counters + u / chunks, done, chunks, tile.partial, tile.plane_rows, tile.rows, b * kCols,
-                         kCols, n, tile.out, tile.ldo);
-    }
+    leave_unit(tile, u, run, chunks, counters, kCols, n);
   }
 }
 
@@ -238,7 +169,7 @@ void launch_plain(const float* x, int64_t ldx, int64_t m, const DeviceMatrix& w,
   const int64_t n = w.rows, k = w.cols, chunks = ceil_div(k, kChunk), blocks = ceil_div(n, kCols);
   float* partial = chunks > 1 ? scratch.get<float>(size_t(chunks * m * n)) : nullptr;
   int* counters = fold_counters(scratch, partial, blocks);
-  const StreamTile tile{static_cast<const uint16_t*>(w.data), x, ldx, m, partial, m, out, ldo};
+  const StreamTile tile{w.data, nullptr, x, ldx, m, partial, m, out, ldo};
   const int64_t grid = std::min<int64_t>(blocks * chunks, device.limits().sms);
   kernel<<<unsigned(grid), kThreads, bytes, stream>>>(tile, n, k, counters);
   M1_CUDA_CHECK_LAUNCH();

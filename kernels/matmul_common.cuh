@@ -234,6 +234,102 @@ __device__ bool find_tile(const int64_t* offsets, int groups, int64_t tile_rows,
   return false;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Streamed products (bf16_stream.cu, quantized_stream.cu): persistent CTAs, one per SM, each
+// taking an equal run of work units (tile of rows, column block, chunk) of a plain product (one
+// tile) or a grouped one (each group's rows in tiles, counted on the device).
+
+// The units [first, last) of `units` that this CTA of the grid takes.
+struct UnitRun {
+  int64_t first, last;
+};
+__device__ __forceinline__ UnitRun cta_units(int64_t units) {
+  return {blockIdx.x * units / gridDim.x, (blockIdx.x + 1) * units / gridDim.x};
+}
+
+// One tile of rows: its weights (and scales) and x, where its chunk partials go (chunk c's of row
+// r, column j at partial[(c * plane_rows + r) * n + j]; none for one chunk) and its output rows.
+struct StreamTile {
+  const void* w;
+  const void* scales;  // quantized weights' scales
+  const float* x;
+  int64_t ldx, rows;
+  float* partial;
+  int64_t plane_rows;
+  float* out;
+  int64_t ldo;
+};
+
+// A plain product: one tile.
+struct PlainTiles {
+  StreamTile tile;
+  __device__ int64_t count() const { return 1; }
+  __device__ StreamTile at(int64_t) const { return tile; }
+};
+
+// A grouped product: each group's rows in tiles of tile_rows, in group order (find_tile), known
+// on the device alone.
+struct GroupedTiles {
+  const float* x;
+  int64_t ldx, rows;
+  const int64_t* offsets;
+  int groups;
+  int64_t tile_rows, n;
+  GroupWeights weights;
+  float* partial;
+  float* out;
+  int64_t ldo;
+  __device__ int64_t count() const {
+    int64_t tiles = 0;
+    for (int g = 0; g < groups; ++g) tiles += std::max<int64_t>(ceil_div(offsets[g + 1] - offsets[g], tile_rows), 0);
+    return tiles;
+  }
+  __device__ StreamTile at(int64_t index) const {
+    GroupTile t{};
+    find_tile(offsets, groups, tile_rows, index, t);  // index < count()
+    const int64_t r0 = t.row0 + t.first;
+    return {weights.data[t.group], weights.scales[t.group], x + r0 * ldx, ldx, t.rows,
+            partial ? partial + r0 * n : nullptr, rows, out + r0 * ldo, ldo};
+  }
+};
+
+// The tile of the units a loop walks, looked up again only when it changes.
+template <class Tiles>
+struct TileCursor {
+  int64_t index = -1;
+  StreamTile tile{};
+  __device__ const StreamTile& at(const Tiles& tiles, int64_t i) {
+    if (i != index) {
+      tile = tiles.at(i);
+      index = i;
+    }
+    return tile;
+  }
+};
+
+// Unit chunk c's partial v of the tile's row r, column col (below n): where the per-chunk skinny
+// kernels put it (write_partial).
+__device__ __forceinline__ void write_unit_partial(const StreamTile& tile, int64_t c, int64_t r, int64_t col,
+                                                   int64_t n, float v) {
+  if (tile.partial)
+    tile.partial[(c * tile.plane_rows + r) * n + col] = v;
+  else
+    tile.out[r * tile.ldo + col] = __fadd_rn(0.0f, v);
+}
+
+// After unit u of the CTA's run, whose partials the whole CTA has written: if the next unit is in
+// another column block (u / chunks names the tile and the block) or there is none, the CTA counts
+// the block's chunks it computed, and the one that completes them folds them (fold_when_complete;
+// counters: one per tile and column block of `cols` outputs). Every thread of the CTA calls it.
+__device__ __forceinline__ void leave_unit(const StreamTile& tile, int64_t u, const UnitRun& run, int64_t chunks,
+                                           int* counters, int cols, int64_t n) {
+  if (!tile.partial || (u + 1 != run.last && (u + 1) / chunks == u / chunks)) return;
+  const int done = int(u + 1 - std::max(run.first, u / chunks * chunks));
+  const int64_t n0 = u % (ceil_div(n, cols) * chunks) / chunks * cols;
+  fold_when_complete(counters + u / chunks, done, chunks, tile.partial, tile.plane_rows, tile.rows, n0, cols, n,
+                     tile.out, tile.ldo);
+}
+
 // Grouped launches take the groups kLaunchGroups at a time. Their grids are sized from what the
 // host knows: the groups' tiles of tile_rows rows number at most rows / tile_rows plus one per
 // group that has rows (a group of c > 0 rows has ceil(c / tile_rows) <= c / tile_rows + 1), and

@@ -2,7 +2,10 @@
 // CUDA tests run on a machine with a GPU and skip, saying why, everywhere else. Their device
 // memory lives in m1::cuda::DeviceArray (kernels/device_array.h).
 
+#include <cstdint>
+#include <cstring>
 #include <string>
+#include <vector>
 
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
@@ -10,6 +13,8 @@
 #include "cuda_check.h"
 #include "device.h"
 #include "device_array.h"
+#include "device_scratch.h"
+#include "matmul.h"
 
 namespace m1::test {
 
@@ -58,6 +63,27 @@ class CapturedGraph {
   cudaStream_t stream_;
   cudaGraphExec_t exec_ = nullptr;
 };
+
+// grouped_matmul of w[0], then grouped_matmuls of w[0] and w[1] in one call (one set of partials),
+// each into rows x ldo floats filled with `fill`: every output bit-identical to want[0] / want[1]
+// (rows outside the groups keep the fill there too).
+inline void expect_grouped_bits(const float* x, int64_t ldx, const int64_t* offsets,
+                                const std::vector<cuda::DeviceMatrix> (&w)[2], int64_t rows, int64_t bound,
+                                int64_t ldo, float fill, cuda::GemmOperands operands, cuda::DeviceScratch& scratch,
+                                cuda::Device& device, const std::vector<float> (&want)[2], const std::string& what) {
+  const auto same = [](const std::vector<float>& a, const std::vector<float>& b) {
+    return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+  };
+  DeviceArray<float> one(std::vector<float>(size_t(rows * ldo), fill));
+  cuda::grouped_matmul(x, ldx, offsets, w[0], rows, bound, one.get(), ldo, operands, scratch, device, nullptr);
+  EXPECT_TRUE(same(one.download(), want[0])) << what << ", grouped_matmul";
+  DeviceArray<float> first(std::vector<float>(size_t(rows * ldo), fill));
+  DeviceArray<float> second(std::vector<float>(size_t(rows * ldo), fill));
+  const cuda::GroupedProduct products[] = {{w[0], first.get(), ldo}, {w[1], second.get(), ldo}};
+  cuda::grouped_matmuls(x, ldx, offsets, products, rows, bound, operands, scratch, device, nullptr);
+  EXPECT_TRUE(same(first.download(), want[0])) << what << ", grouped_matmuls, first of two";
+  EXPECT_TRUE(same(second.download(), want[1])) << what << ", grouped_matmuls, second of two";
+}
 
 }  // namespace m1::test
 

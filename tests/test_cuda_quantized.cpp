@@ -2,7 +2,8 @@
 // on fresh random inputs of awkward sizes (inner sizes off every block, chunk and group, rows off
 // every tile), for each type, group size and scale dtype, in both precisions; their batch
 // invariance (a row's bits alone, in small calls and inside large ones: skinny and tiled kernels);
-// the grouped products bit for bit against matmul on each group; the mixture of experts on
+// the grouped products bit for bit against matmul on each group; the streamed kernels for few
+// rows against the tiled ones, plain and grouped, on any grid; the mixture of experts on
 // quantized experts against moe_reference; and the backend's upload of quantized weights. Set
 // M1_TEST_SEED to replay a failure; every test prints the seed it used.
 
@@ -14,6 +15,7 @@
 #include <memory>
 #include <numeric>
 #include <random>
+#include <span>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -30,6 +32,7 @@
 #include "m1/quantize.h"
 #include "matmul.h"
 #include "moe.h"
+#include "quantized_stream.h"
 #include "test_support.h"
 
 namespace m1::cuda {
@@ -180,9 +183,10 @@ TEST_F(CudaQuantized, MatchesReferenceOnAwkwardShapes) {
     }
 }
 
-// Rows computed alone, in small calls (the skinny kernels, 1 to 4 row tiles) and inside large ones
-// (the tiled kernels, at other offsets within their tiles) are bit-identical, over an inner size of
-// three chunks whose last group is partial (608 = 4 x 128 + 96).
+// Rows computed alone, in small calls (the streamed kernels for up to 8 rows of 16-byte aligned
+// rows, the skinny ones, 1 to 4 row tiles) and inside large ones (the tiled kernels, at other
+// offsets within their tiles) are bit-identical, over an inner size of three chunks whose last
+// group is partial (608 = 4 x 128 + 96).
 TEST_F(CudaQuantized, RowsDoNotDependOnTheirBatch) {
   SCOPED_TRACE("seed " + std::to_string(seed()));
   const int64_t n = 77, k = 608, rows = 150;
@@ -193,13 +197,15 @@ TEST_F(CudaQuantized, RowsDoNotDependOnTheirBatch) {
       const std::vector<float> all = gpu_matmul(x, k, rows, w, operands, n);
       EXPECT_TRUE(std::all_of(all.begin(), all.end(), [](float v) { return std::isfinite(v); }));
       const std::pair<int64_t, int64_t> calls[] = {{0, 1}, {149, 1}, {5, 3}, {20, 17}, {100, 33}, {70, 64}, {3, 65}, {11, 139}};
-      for (const auto& [first, count] : calls) {
-        const std::vector<float> part(x.begin() + first * k, x.begin() + (first + count) * k);
-        const std::vector<float> got = gpu_matmul(part, k, count, w, operands, n);
-        ASSERT_EQ(std::memcmp(got.data(), all.data() + first * n, got.size() * sizeof(float)), 0)
-            << "rows [" << first << ", " << first + count << ") of " << rows << ", " << scheme_name(scheme) << " "
-            << operands_name(operands);
-      }
+      for (const auto& [first, count] : calls)
+        for (const int64_t ldx : {k, k + 1}) {  // few rows: streamed (aligned rows of x) and skinny kernels
+          std::vector<float> part(size_t(count * ldx));
+          for (int64_t r = 0; r < count; ++r) std::copy_n(x.begin() + (first + r) * k, k, part.begin() + r * ldx);
+          const std::vector<float> got = gpu_matmul(part, ldx, count, w, operands, n);
+          ASSERT_EQ(std::memcmp(got.data(), all.data() + first * n, got.size() * sizeof(float)), 0)
+              << "rows [" << first << ", " << first + count << ") of " << rows << ", row stride " << ldx << ", "
+              << scheme_name(scheme) << " " << operands_name(operands);
+        }
     }
   }
 }
@@ -266,6 +272,97 @@ TEST_F(CudaQuantized, GroupedMatmulMatchesMatmulPerGroup) {
           grouped_matmuls(x_device.get(), ldx, offsets_device.get(), products, rows, bound, operands, scratch, test::test_device(), nullptr);
           expect_bits(first, want, fmt::format("grouped_matmuls first, bound {}", bound));
           expect_bits(second, want_other, fmt::format("grouped_matmuls second, bound {}", bound));
+        }
+      }
+    }
+}
+
+// The streamed kernels (quantized_stream.h: persistent CTAs, an equal run of (column block, chunk)
+// units each, codes, x and scales through a ring) against the tiled kernel (70 rows), bit for bit,
+// for 1, 3 and 8 rows, every scheme, inner sizes of one block, of three chunks with a partial block
+// and group (520), and off the blocks (300), 1 to 257 weight rows (off the column block of 128),
+// on grids of 1, 3, 7 and 132 CTAs.
+TEST_F(CudaQuantized, StreamedMatchesTheTiledKernelOnAnyGrid) {
+  SCOPED_TRACE("seed " + std::to_string(seed()));
+  const int64_t rows = 70;
+  for (const Scheme& scheme : kSchemes)
+    for (const auto& [n, k] : {std::pair<int64_t, int64_t>{1, 32}, {130, 520}, {257, 300}}) {
+      const TestQuantWeight w(scheme, n, k, 1.0f / std::sqrt(float(k)));
+      const DeviceArray<float> x(random_floats(size_t(rows * k)));
+      DeviceArray<float> out(size_t(rows * n));
+      DeviceScratch scratch;
+      for (GemmOperands operands : {GemmOperands::kFp32, GemmOperands::kBf16}) {
+        matmul(x.get(), k, rows, w.device, out.get(), n, operands, scratch, test::test_device(), nullptr);
+        const std::vector<float> tiled = out.download();
+        for (int sms : {1, 3, 7, 132}) {
+          Device device(test::test_device().index(), DeviceLimits{sms, test::test_device().limits().shared_per_block});
+          for (int64_t m : {1, 3, 8}) {
+            const int64_t first = (m * 11 + sms) % (rows - m + 1);
+            const std::string what = fmt::format("{} {}: {} rows from {}, n {} k {}, {} CTAs", scheme_name(scheme),
+                                                 operands_name(operands), m, first, n, k, sms);
+            ASSERT_TRUE(quantized_streams(m, x.get() + first * k, k, std::span(&w.device, 1), operands, device)) << what;
+            matmul(x.get() + first * k, k, m, w.device, out.get(), n, operands, scratch, device, nullptr);
+            const std::vector<float> got = out.download();
+            ASSERT_EQ(std::memcmp(got.data(), tiled.data() + first * n, size_t(m * n) * sizeof(float)), 0) << what;
+          }
+        }
+      }
+    }
+}
+
+// grouped_matmul(s) through the streamed kernels: each group's rows bit-identical to the skinny
+// kernel's on them (matmul of the group's rows with a row stride that is not 16-byte aligned,
+// which the streamed kernels refuse; RowsDoNotDependOnTheirBatch ties the skinny kernels to the
+// tiled ones), with empty groups, groups of 1 to 8 rows, bounds on the rows per group that split
+// groups into tiles (1, 3) or are tight, 70 groups (two launches), two chunks with a partial block
+// and group, and two products in one call sharing one set of partials. Rows outside the groups
+// keep what they held.
+TEST_F(CudaQuantized, StreamedGroupedMatchesTheSkinnyKernel) {
+  SCOPED_TRACE("seed " + std::to_string(seed()));
+  const int64_t rows = 70, n = 150, k = 300, ldo = n + 3;
+  const float kUntouched = -7.25f;
+  std::vector<int64_t> many(70);
+  many.back() = 1;
+  // 7 CTAs (the plain test covers 1 to 132): the emulator runs every CTA of a grouped launch.
+  Device device(test::test_device().index(), DeviceLimits{7, test::test_device().limits().shared_per_block});
+  for (const Scheme& scheme : {kSchemes[0], kSchemes[2], kSchemes[6]})
+    for (const std::vector<int64_t>& counts : {std::vector<int64_t>{1}, {0, 3, 0, 2}, {8, 0, 1, 5, 7, 2, 0, 4}, many}) {
+      const int64_t groups = int64_t(counts.size()), lead = 1;
+      std::vector<int64_t> offsets = {lead};
+      for (int64_t c : counts) offsets.push_back(offsets.back() + c);
+      const int64_t most = *std::max_element(counts.begin(), counts.end());
+      std::vector<std::unique_ptr<TestQuantWeight>> weights;
+      std::vector<DeviceMatrix> w[2];
+      for (int product = 0; product < 2; ++product)
+        for (int64_t g = 0; g < groups; ++g) {
+          weights.push_back(std::make_unique<TestQuantWeight>(scheme, n, k, 1.0f / std::sqrt(float(k))));
+          w[product].push_back(weights.back()->device);
+        }
+      const std::vector<float> x_host = random_floats(size_t(rows * k));
+      const int64_t ld_skinny = k + 1;
+      std::vector<float> x_skinny(size_t(rows * ld_skinny));
+      for (int64_t r = 0; r < rows; ++r) std::copy_n(x_host.begin() + r * k, k, x_skinny.begin() + r * ld_skinny);
+      const DeviceArray<float> x(x_host), x_unaligned(x_skinny);
+      const DeviceArray<int64_t> offsets_device(offsets);
+      DeviceScratch scratch;
+      for (GemmOperands operands : {GemmOperands::kFp32, GemmOperands::kBf16}) {
+        std::vector<float> want[2];
+        for (int product = 0; product < 2; ++product) {
+          DeviceArray<float> out(std::vector<float>(size_t(rows * ldo), kUntouched));
+          for (int64_t g = 0; g < groups; ++g)
+            if (counts[size_t(g)] > 0)
+              matmul(x_unaligned.get() + offsets[size_t(g)] * ld_skinny, ld_skinny, counts[size_t(g)],
+                     w[product][size_t(g)], out.get() + offsets[size_t(g)] * ldo, ldo, operands, scratch,
+                     test::test_device(), nullptr);
+          want[product] = out.download();
+        }
+        for (int64_t bound : {int64_t(1), int64_t(3), most}) {
+          if (bound == 1 && offsets.back() - lead > 6) continue;  // a tile per row: slow on the emulator
+          const std::string what = fmt::format("{} {}, {} groups, bound {}", scheme_name(scheme), operands_name(operands),
+                                               groups, bound);
+          ASSERT_TRUE(quantized_streams(bound, x.get(), k, w[0], operands, device)) << what;
+          test::expect_grouped_bits(x.get(), k, offsets_device.get(), w, rows, bound, ldo, kUntouched, operands, scratch,
+                                    device, want, what);
         }
       }
     }

@@ -186,7 +186,9 @@ struct CudaGroup {
   CudaGroup(const std::string& dir, int ranks, std::vector<int> gpus, std::string collectives, bool graphs = true,
             MoeParallel moe = MoeParallel::kTensor) {
     backends = create_backends(options(ranks, std::move(gpus), std::move(collectives), graphs));
-    model = Model::load(dir, rank_pointers(backends), LoadOptions{.shard = ShardOptions{moe}});
+    LoadOptions load;
+    load.shard = ShardOptions{moe};
+    model = Model::load(dir, rank_pointers(backends), load);
   }
   // Random weights of `config` instead of a checkpoint.
   CudaGroup(const ModelConfig& config, int ranks, std::vector<int> gpus) {

@@ -1,0 +1,40 @@
+#pragma once
+// Products out = x w^T on int8 / int4 weights for a few rows of x (decode), with the codes, the
+// scales and x streamed through a ring of shared-memory stages: one persistent CTA per SM takes an
+// equal run of (tile of rows, column block, chunk) units, as bf16_stream.h does for BF16 weights.
+// The same bits as quantized_matmul.h's other kernels (quantized_common.cuh's arithmetic).
+// quantized_matmul.cu picks these when quantized_streams says they take the product.
+
+#include <cstdint>
+#include <span>
+
+#include <cuda_runtime.h>
+
+#include "device.h"
+#include "device_scratch.h"
+#include "device_types.h"
+#include "matmul.h"
+
+namespace m1::cuda {
+
+// Rows of x (of a plain product, or of a grouped product's tile) these kernels take at most.
+inline constexpr int64_t kQuantizedStreamMaxRows = 8;
+
+// Whether the streamed kernels take a product of `rows` rows of x (row stride ldx) with the
+// quantized `weights` (every group's, for grouped products; checked by check_quantized): few
+// enough rows, x's rows 16-byte aligned, and the ring fits the device's shared memory.
+bool quantized_streams(int64_t rows, const float* x, int64_t ldx, std::span<const DeviceMatrix> weights,
+                       GemmOperands operands, const Device& device);
+
+// quantized_matmul (quantized_matmul.h), when quantized_streams says so.
+void quantized_stream_matmul(const float* x, int64_t ldx, int64_t m, const DeviceMatrix& w, float* out, int64_t ldo,
+                             GemmOperands operands, DeviceScratch& scratch, Device& device, cudaStream_t stream);
+
+// One product of quantized_grouped_matmuls, groups of at most `group_rows` rows, when
+// quantized_streams(group_rows, ...) says so. `partial` holds chunks x rows x n floats (none for
+// one chunk), shared by the products of one call.
+void quantized_stream_grouped(const float* x, int64_t ldx, int64_t rows, const int64_t* offsets, int64_t group_rows,
+                              const GroupedProduct& product, GemmOperands operands, float* partial,
+                              DeviceScratch& scratch, Device& device, cudaStream_t stream);
+
+}  // namespace m1::cuda
