@@ -177,19 +177,17 @@ void launch_plain(const float* x, int64_t ldx, int64_t m, const DeviceMatrix& w,
 
 template <int kParts>
 void launch_grouped(const float* x, int64_t ldx, int64_t rows, const int64_t* offsets, int64_t tile_rows,
-                    const GroupedProduct& p, float* partial, DeviceScratch& scratch, Device& device,
+                    std::span<const GroupedProduct> products, DeviceScratch& scratch, Device& device,
                     cudaStream_t stream) {
   constexpr auto kernel = bf16_stream_grouped_kernel<kParts>;
   const int bytes = shared_bytes(kParts, tile_rows);
   device.allow_shared_memory<kernel>(size_t(bytes));
-  const int64_t n = p.w[0].rows, k = p.w[0].cols, blocks = ceil_div(n, kCols);
-  for_each_launch(p.w, [&](int64_t first, int count, const GroupWeights& weights) {
-    // The tiles are counted on the device; the host bounds them for the counters.
-    int* counters = fold_counters(scratch, partial, grouped_tiles(rows, count, tile_rows) * blocks);
-    const GroupedTiles tiles{x, ldx, rows, offsets + first, count, tile_rows, n, weights, partial, p.out, p.ldo};
-    kernel<<<unsigned(device.limits().sms), kThreads, bytes, stream>>>(tiles, n, k, counters);
-    M1_CUDA_CHECK_LAUNCH();
-  });
+  const int64_t n = products[0].w[0].rows, k = products[0].w[0].cols;
+  for_each_stream_launch(x, ldx, rows, offsets, tile_rows, products, kCols, scratch,
+                         [&](const GroupedTiles& tiles, int* counters) {
+                           kernel<<<unsigned(device.limits().sms), kThreads, bytes, stream>>>(tiles, n, k, counters);
+                           M1_CUDA_CHECK_LAUNCH();
+                         });
 }
 
 }  // namespace
@@ -210,10 +208,10 @@ void bf16_stream_matmul(const float* x, int64_t ldx, int64_t m, const DeviceMatr
 }
 
 void bf16_stream_grouped(const float* x, int64_t ldx, int64_t rows, const int64_t* offsets, int64_t group_rows,
-                         const GroupedProduct& product, int parts, float* partial, DeviceScratch& scratch,
-                         Device& device, cudaStream_t stream) {
-  if (parts == 1) return launch_grouped<1>(x, ldx, rows, offsets, group_rows, product, partial, scratch, device, stream);
-  if (parts == 3) return launch_grouped<3>(x, ldx, rows, offsets, group_rows, product, partial, scratch, device, stream);
+                         std::span<const GroupedProduct> products, int parts, DeviceScratch& scratch, Device& device,
+                         cudaStream_t stream) {
+  if (parts == 1) return launch_grouped<1>(x, ldx, rows, offsets, group_rows, products, scratch, device, stream);
+  if (parts == 3) return launch_grouped<3>(x, ldx, rows, offsets, group_rows, products, scratch, device, stream);
   fail("bf16_stream_grouped: {} terms of x", parts);
 }
 

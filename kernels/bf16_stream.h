@@ -33,11 +33,11 @@ bool bf16_streams(int64_t rows, const float* x, int64_t ldx, std::span<const Dev
 void bf16_stream_matmul(const float* x, int64_t ldx, int64_t m, const DeviceMatrix& w, float* out, int64_t ldo,
                         int parts, DeviceScratch& scratch, Device& device, cudaStream_t stream);
 
-// grouped_matmul's product (matmul.h) of groups of at most `group_rows` rows (a bound the device's
-// offsets keep), when bf16_streams(group_rows, ...) says so. `partial` holds chunks x rows x n
-// floats (none for one chunk), shared by the products of one grouped_matmuls call.
+// grouped_matmuls (matmul.h) for groups of at most `group_rows` rows (a bound the device's offsets
+// keep), when bf16_streams(group_rows, ...) says so for every product: two products (a MoE's gate
+// and up) in one launch when their chunk partials fit together.
 void bf16_stream_grouped(const float* x, int64_t ldx, int64_t rows, const int64_t* offsets, int64_t group_rows,
-                         const GroupedProduct& product, int parts, float* partial, DeviceScratch& scratch,
-                         Device& device, cudaStream_t stream);
+                         std::span<const GroupedProduct> products, int parts, DeviceScratch& scratch, Device& device,
+                         cudaStream_t stream);
 
 }  // namespace m1::cuda

@@ -801,14 +801,12 @@ void grouped_bf16(const float* x, int64_t ldx, const int64_t* offsets, std::span
   }
   constexpr auto skinny_kernel = grouped_bf16_skinny<kParts>;
   device.allow_shared_memory<skinny_kernel>(bf16_skinny_shared_bytes(kParts, kBf16SkinnyMaxRows));
+  const int64_t stream_rows = stream_tile_rows(group_rows, rows, kBf16StreamMaxRows);
+  if (stream_rows > 0 && std::all_of(products.begin(), products.end(), [&](const GroupedProduct& p) {
+        return bf16_streams(stream_rows, x, ldx, p.w, kParts, device);
+      }))
+    return bf16_stream_grouped(x, ldx, rows, offsets, stream_rows, products, kParts, scratch, device, stream);
   float* partial = chunks > 1 ? scratch.get<float>(size_t(chunks * rows * n)) : nullptr;
-  if (std::all_of(products.begin(), products.end(), [&](const GroupedProduct& p) {
-        return bf16_streams(group_rows, x, ldx, p.w, kParts, device);
-      })) {
-    for (const GroupedProduct& p : products)
-      bf16_stream_grouped(x, ldx, rows, offsets, group_rows, p, kParts, partial, scratch, device, stream);
-    return;
-  }
   for (const GroupedProduct& p : products) {
     const bool w_vec = all_aligned16(p.w) && k % 8 == 0;
     for_each_launch(p.w, [&](int64_t first, int count, const GroupWeights& weights) {

@@ -17,6 +17,7 @@
 #include "device_scratch.h"
 #include "device_types.h"
 #include "launch.h"
+#include "matmul.h"
 
 namespace m1::cuda {
 namespace {
@@ -267,29 +268,36 @@ struct PlainTiles {
   __device__ StreamTile at(int64_t) const { return tile; }
 };
 
-// A grouped product: each group's rows in tiles of tile_rows, in group order (find_tile), known
-// on the device alone.
+// Grouped products of the same rows (a MoE's gate and up) in one launch: each group's rows in tiles
+// of tile_rows, in group order (find_tile), known on the device alone; the products' tiles one
+// after the other. Product p's chunk partials at partial + p * partial_stride.
+constexpr int kMaxStreamProducts = 2;
 struct GroupedTiles {
   const float* x;
   int64_t ldx, rows;
   const int64_t* offsets;
   int groups;
   int64_t tile_rows, n;
-  GroupWeights weights;
+  int products;
+  GroupWeights weights[kMaxStreamProducts];
   float* partial;
-  float* out;
-  int64_t ldo;
-  __device__ int64_t count() const {
+  int64_t partial_stride;
+  float* out[kMaxStreamProducts];
+  int64_t ldo[kMaxStreamProducts];
+  __device__ int64_t product_tiles() const {
     int64_t tiles = 0;
     for (int g = 0; g < groups; ++g) tiles += std::max<int64_t>(ceil_div(offsets[g + 1] - offsets[g], tile_rows), 0);
     return tiles;
   }
-  __device__ StreamTile at(int64_t index) const {
+  __device__ int64_t count() const { return products * product_tiles(); }
+  __device__ StreamTile at(int64_t index) const {  // index < count()
+    const int64_t per_product = product_tiles();
+    const int p = int(index / per_product);
     GroupTile t{};
-    find_tile(offsets, groups, tile_rows, index, t);  // index < count()
+    find_tile(offsets, groups, tile_rows, index % per_product, t);
     const int64_t r0 = t.row0 + t.first;
-    return {weights.data[t.group], weights.scales[t.group], x + r0 * ldx, ldx, t.rows,
-            partial ? partial + r0 * n : nullptr, rows, out + r0 * ldo, ldo};
+    return {weights[p].data[t.group], weights[p].scales[t.group], x + r0 * ldx, ldx, t.rows,
+            partial ? partial + p * partial_stride + r0 * n : nullptr, rows, out[p] + r0 * ldo[p], ldo[p]};
   }
 };
 
@@ -364,6 +372,45 @@ void for_each_launch(std::span<const DeviceMatrix> w, Launch launch) {
 
 inline bool all_aligned16(std::span<const DeviceMatrix> w) {
   return std::all_of(w.begin(), w.end(), [](const DeviceMatrix& m) { return aligned16(m.data); });
+}
+
+// The rows per tile a streamed grouped call takes (0: it does not stream). Groups of at most
+// max_rows rows (the bound) stream whole; larger bounds stream too when the call has few rows in
+// all (a decode step's experts: at most 64 slots), in tiles of max_rows, each tile reading its
+// group's weights once, since most groups then have few rows although the bound cannot say so.
+inline int64_t stream_tile_rows(int64_t group_rows, int64_t rows, int64_t max_rows) {
+  return group_rows <= max_rows || rows <= 64 ? std::min(group_rows, max_rows) : 0;
+}
+
+// The launches of streamed grouped products (bf16_stream.cu, quantized_stream.cu): launch(tiles,
+// counters) for each, products kMaxStreamProducts at a time while their chunk partials fit
+// together (else one at a time, sharing one set), groups kLaunchGroups at a time. `cols`: outputs
+// per column block.
+template <class Launch>
+void for_each_stream_launch(const float* x, int64_t ldx, int64_t rows, const int64_t* offsets, int64_t tile_rows,
+                            std::span<const GroupedProduct> products, int cols, DeviceScratch& scratch,
+                            Launch launch) {
+  const int64_t n = products[0].w[0].rows, k = products[0].w[0].cols, chunks = ceil_div(k, kChunk);
+  const int64_t groups = int64_t(products[0].w.size()), blocks = ceil_div(n, cols);
+  const int64_t together = skinny_partials_fit(chunks, rows * kMaxStreamProducts, n) ? kMaxStreamProducts : 1;
+  const int64_t plane = chunks > 1 ? chunks * rows * n : 0;
+  float* partial = chunks > 1 ? scratch.get<float>(size_t(std::min<int64_t>(together, int64_t(products.size())) * plane))
+                              : nullptr;
+  for (size_t p0 = 0; p0 < products.size(); p0 += size_t(together)) {
+    const int set = int(std::min<int64_t>(together, int64_t(products.size() - p0)));
+    for (int64_t first = 0; first < groups; first += kLaunchGroups) {
+      const int count = int(std::min<int64_t>(kLaunchGroups, groups - first));
+      GroupedTiles tiles{x, ldx, rows, offsets + first, count, tile_rows, n, set, {}, partial, plane, {}, {}};
+      for (int i = 0; i < set; ++i) {
+        const GroupedProduct& p = products[p0 + size_t(i)];
+        tiles.weights[i] = group_weights(p.w, first, count);
+        tiles.out[i] = p.out;
+        tiles.ldo[i] = p.ldo;
+      }
+      // The tiles are counted on the device; the host bounds them for the counters.
+      launch(tiles, fold_counters(scratch, partial, set * grouped_tiles(rows, count, tile_rows) * blocks));
+    }
+  }
 }
 
 }  // namespace

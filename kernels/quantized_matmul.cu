@@ -313,14 +313,12 @@ void grouped_quantized(const float* x, int64_t ldx, const int64_t* offsets, std:
       launch_grouped_tiled<T, kParts>(xb, ldq, rows, offsets, p, operand(p.w[0], operands, all_aligned16(p.w)), device, stream);
     return;
   }
+  const int64_t stream_rows = stream_tile_rows(group_rows, rows, kQuantizedStreamMaxRows);
+  if (stream_rows > 0 && std::all_of(products.begin(), products.end(), [&](const GroupedProduct& p) {
+        return quantized_streams(stream_rows, x, ldx, p.w, operands, device);
+      }))
+    return quantized_stream_grouped(x, ldx, rows, offsets, stream_rows, products, operands, scratch, device, stream);
   float* partial = chunks > 1 ? scratch.get<float>(size_t(chunks * rows * first.rows)) : nullptr;
-  if (std::all_of(products.begin(), products.end(), [&](const GroupedProduct& p) {
-        return quantized_streams(group_rows, x, ldx, p.w, operands, device);
-      })) {
-    for (const GroupedProduct& p : products)
-      quantized_stream_grouped(x, ldx, rows, offsets, group_rows, p, operands, partial, scratch, device, stream);
-    return;
-  }
   for (const GroupedProduct& p : products) {  // one set of partials, summed before the next product's
     const QuantOperand w = operand(p.w[0], operands, all_aligned16(p.w));
     with_row_tiles(tile_rows, [&]<int kM>() {

@@ -181,21 +181,22 @@ void quantized_stream_matmul(const float* x, int64_t ldx, int64_t m, const Devic
 }
 
 void quantized_stream_grouped(const float* x, int64_t ldx, int64_t rows, const int64_t* offsets, int64_t group_rows,
-                              const GroupedProduct& p, GemmOperands operands, float* partial, DeviceScratch& scratch,
+                              std::span<const GroupedProduct> products, GemmOperands operands, DeviceScratch& scratch,
                               Device& device, cudaStream_t stream) {
-  with_kind(p.w[0].dtype, operands, [&]<DType T, int kParts>() {
+  with_kind(products[0].w[0].dtype, operands, [&]<DType T, int kParts>() {
     constexpr auto kernel = quant_stream_grouped<T, kParts>;
     const int bytes = shared_bytes<T>(kParts, group_rows);
     device.allow_shared_memory<kernel>(size_t(bytes));
-    const QuantOperand w = operand(p.w[0], operands, all_aligned16(p.w));
-    const int64_t blocks = ceil_div(w.n, kCols);
-    for_each_launch(p.w, [&](int64_t first, int count, const GroupWeights& weights) {
-      // The tiles are counted on the device; the host bounds them for the counters.
-      int* counters = fold_counters(scratch, partial, grouped_tiles(rows, count, group_rows) * blocks);
-      const GroupedTiles tiles{x, ldx, rows, offsets + first, count, group_rows, w.n, weights, partial, p.out, p.ldo};
-      kernel<<<unsigned(device.limits().sms), kThreads, bytes, stream>>>(tiles, w, counters);
-      M1_CUDA_CHECK_LAUNCH();
-    });
+    // Every product's weights share a shape, scale dtype and group size; their codes and scales
+    // travel in the tiles.
+    bool aligned = true;
+    for (const GroupedProduct& p : products) aligned = aligned && all_aligned16(p.w);
+    const QuantOperand w = operand(products[0].w[0], operands, aligned);
+    for_each_stream_launch(x, ldx, rows, offsets, group_rows, products, kCols, scratch,
+                           [&](const GroupedTiles& tiles, int* counters) {
+                             kernel<<<unsigned(device.limits().sms), kThreads, bytes, stream>>>(tiles, w, counters);
+                             M1_CUDA_CHECK_LAUNCH();
+                           });
   });
 }
 

@@ -30,11 +30,11 @@ bool quantized_streams(int64_t rows, const float* x, int64_t ldx, std::span<cons
 void quantized_stream_matmul(const float* x, int64_t ldx, int64_t m, const DeviceMatrix& w, float* out, int64_t ldo,
                              GemmOperands operands, DeviceScratch& scratch, Device& device, cudaStream_t stream);
 
-// One product of quantized_grouped_matmuls, groups of at most `group_rows` rows, when
-// quantized_streams(group_rows, ...) says so. `partial` holds chunks x rows x n floats (none for
-// one chunk), shared by the products of one call.
+// quantized_grouped_matmuls (quantized_matmul.h) for groups of at most `group_rows` rows, when
+// quantized_streams(group_rows, ...) says so for every product: two products (a MoE's gate and up)
+// in one launch when their chunk partials fit together.
 void quantized_stream_grouped(const float* x, int64_t ldx, int64_t rows, const int64_t* offsets, int64_t group_rows,
-                              const GroupedProduct& product, GemmOperands operands, float* partial,
-                              DeviceScratch& scratch, Device& device, cudaStream_t stream);
+                              std::span<const GroupedProduct> products, GemmOperands operands, DeviceScratch& scratch,
+                              Device& device, cudaStream_t stream);
 
 }  // namespace m1::cuda
