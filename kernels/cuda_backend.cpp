@@ -246,6 +246,16 @@ void CudaBackend::add_scaled(const Mat& a, float alpha, const Mat& b, float beta
   cuda::add_scaled(a.data, alpha, b.data, beta, out.data, out.size(), stream_);
 }
 
+void CudaBackend::add_scaled_rmsnorm(const Mat& a, float alpha, const Mat& b, float beta, Mat out, const Weight& w,
+                                     float eps, Mat normed) {
+  const DeviceGuard current(device_.index());
+  if (replaying("add_scaled_rmsnorm", a.data, alpha, b.data, beta, out.data, out.rows, out.cols, w.data, eps,
+                normed.data))
+    return;
+  cuda::add_scaled_rmsnorm(a.data, alpha, b.data, beta, out.data, out.rows, out.cols, device_matrix(w), eps,
+                           normed.data, stream_);
+}
+
 void CudaBackend::blend_sigmoid(Mat x, const Mat& y, const Mat& coef) {
   const DeviceGuard current(device_.index());
   if (replaying("blend_sigmoid", x.data, x.rows, x.cols, y.data, coef.data)) return;

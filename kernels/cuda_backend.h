@@ -72,6 +72,8 @@ class CudaBackend final : public Backend {
                            Mat out) override;
   void swiglu(Mat gate, const Mat& up) override;
   void add_scaled(const Mat& a, float alpha, const Mat& b, float beta, Mat out) override;
+  void add_scaled_rmsnorm(const Mat& a, float alpha, const Mat& b, float beta, Mat out, const Weight& w, float eps,
+                          Mat normed) override;
   void blend_sigmoid(Mat x, const Mat& y, const Mat& coef) override;
   void lightning_attention(Mat qkv, std::span<const Segment> segments, int64_t layer, const Weight& decay,
                            Mat out) override;

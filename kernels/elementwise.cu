@@ -37,6 +37,12 @@ __device__ __forceinline__ float sigmoid(float v) {
 
 __device__ __forceinline__ float silu(float v) { return v * sigmoid(v); }
 
+// alpha * a + beta * b, with its roundings spelled out, so that every kernel computing it (alone or
+// fused) gives the same bits.
+__device__ __forceinline__ float scaled_sum(float alpha, float a, float beta, float b) {
+  return __fmaf_rn(alpha, a, __fmul_rn(beta, b));
+}
+
 // fn(i) for i in [0, n), spread over the whole grid.
 template <class Fn>
 __device__ __forceinline__ void for_each_index(int64_t n, Fn fn) {
@@ -91,6 +97,17 @@ __global__ __launch_bounds__(kThreads) void sum_squares_rows(const float* x, int
   }
 }
 
+// One row of RMSNorm from its sum of squares over `width` columns (x holds `cols` of them), times
+// sigmoid(gate) when given; each thread its strided columns.
+__device__ __forceinline__ void norm_row(const float* xr, int64_t cols, float squares, int64_t width, const void* w,
+                                         DType w_dtype, float eps, const float* grow, float* orow) {
+  const float inv = 1.0f / sqrtf(squares / float(width) + eps);
+  for (int64_t c = threadIdx.x; c < cols; c += kThreads) {
+    const float normed = load_weight(w, w_dtype, c) * (xr[c] * inv);
+    orow[c] = grow ? normed * sigmoid(grow[c]) : normed;
+  }
+}
+
 // Without `sums`, each row's own squares over `cols` (= width); with them, the given sums over
 // `width` columns of which x holds `cols`.
 __global__ __launch_bounds__(kThreads) void rmsnorm_rows(const float* x, int64_t rows, int64_t cols, const float* sums,
@@ -101,13 +118,26 @@ __global__ __launch_bounds__(kThreads) void rmsnorm_rows(const float* x, int64_t
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const float* xr = x + row * cols;
     const float squares = sums ? sums[row] : block_sum_squares(xr, cols, warp_sums, total);
-    const float inv = 1.0f / sqrtf(squares / float(width) + eps);
+    norm_row(xr, cols, squares, width, w, w_dtype, eps, gate ? gate + row * cols : nullptr, out + row * cols);
+    __syncthreads();  // warp_sums and total are reused by the next row
+  }
+}
+
+// add_scaled_kernel's values into out, row by row, then rmsnorm_rows' norm of them into normed:
+// each thread writes, sums and normalises the same columns of the row, so it reads back only
+// what it wrote, and a column of `a` (which normed may alias) before that column of normed.
+__global__ __launch_bounds__(kThreads) void add_scaled_rmsnorm_rows(const float* a, float alpha, const float* b,
+                                                                    float beta, float* out, int64_t rows,
+                                                                    int64_t cols, const void* w, DType w_dtype,
+                                                                    float eps, float* normed) {
+  __shared__ float warp_sums[kThreads / 32];
+  __shared__ float total;
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     float* orow = out + row * cols;
-    const float* grow = gate ? gate + row * cols : nullptr;
-    for (int64_t c = threadIdx.x; c < cols; c += kThreads) {
-      const float normed = load_weight(w, w_dtype, c) * (xr[c] * inv);
-      orow[c] = grow ? normed * sigmoid(grow[c]) : normed;
-    }
+    for (int64_t c = threadIdx.x; c < cols; c += kThreads)
+      orow[c] = scaled_sum(alpha, a[row * cols + c], beta, b[row * cols + c]);
+    const float squares = block_sum_squares(orow, cols, warp_sums, total);
+    norm_row(orow, cols, squares, cols, w, w_dtype, eps, nullptr, normed + row * cols);
     __syncthreads();  // warp_sums and total are reused by the next row
   }
 }
@@ -117,7 +147,7 @@ __global__ void swiglu_kernel(float* gate, const float* up, int64_t n) {
 }
 
 __global__ void add_scaled_kernel(const float* a, float alpha, const float* b, float beta, float* out, int64_t n) {
-  for_each_index(n, [&](int64_t i) { out[i] = alpha * a[i] + beta * b[i]; });
+  for_each_index(n, [&](int64_t i) { out[i] = scaled_sum(alpha, a[i], beta, b[i]); });
 }
 
 __global__ void blend_sigmoid_kernel(float* x, const float* y, const float* coef, int64_t rows, int64_t cols) {
@@ -172,6 +202,14 @@ void swiglu(float* gate, const float* up, int64_t n, cudaStream_t stream) {
 void add_scaled(const float* a, float alpha, const float* b, float beta, float* out, int64_t n, cudaStream_t stream) {
   if (n == 0) return;
   add_scaled_kernel<<<grid_for(n, kThreads), kThreads, 0, stream>>>(a, alpha, b, beta, out, n);
+  M1_CUDA_CHECK_LAUNCH();
+}
+
+void add_scaled_rmsnorm(const float* a, float alpha, const float* b, float beta, float* out, int64_t rows,
+                        int64_t cols, const DeviceMatrix& w, float eps, float* normed, cudaStream_t stream) {
+  if (rows == 0) return;
+  add_scaled_rmsnorm_rows<<<row_grid(rows), kThreads, 0, stream>>>(a, alpha, b, beta, out, rows, cols, w.data, w.dtype,
+                                                                   eps, normed);
   M1_CUDA_CHECK_LAUNCH();
 }
 

@@ -29,6 +29,10 @@ void rmsnorm_with_sums(const float* x, int64_t rows, int64_t cols, const float* 
 void swiglu(float* gate, const float* up, int64_t n, cudaStream_t stream);
 // out = alpha * a + beta * b; out may alias a or b.
 void add_scaled(const float* a, float alpha, const float* b, float beta, float* out, int64_t n, cudaStream_t stream);
+// add_scaled over rows x cols, then normed = rmsnorm(out, w, eps) (no gate), in one launch with the
+// bits of the two: out may alias a or b, normed may alias a, not out.
+void add_scaled_rmsnorm(const float* a, float alpha, const float* b, float beta, float* out, int64_t rows,
+                        int64_t cols, const DeviceMatrix& w, float eps, float* normed, cudaStream_t stream);
 // x[r] = x[r] * (1 - c) + y[r] * c with c = sigmoid(coef[r]), rows of `cols`.
 void blend_sigmoid(float* x, const float* y, const float* coef, int64_t rows, int64_t cols, cudaStream_t stream);
 

@@ -404,14 +404,21 @@ void Model::run_step(Rank& rank, int64_t n, int64_t m) {
   // Each rank embeds the tokens of its vocabulary (zeros for the others): the sum is exact.
   backend.embed(rank.embed, rank.shard.vocab.begin, tokens_, x);
   backend.all_reduce_sum(x);
+  // Each residual add and the norm after it (the post-attention norm, the next layer's input norm)
+  // in one call, which a backend may run as one pass.
+  const float eps = float(c.rms_norm_eps);
+  if (!rank.layers.empty()) backend.rmsnorm(x, rank.layers[0].input_norm, eps, xn);
   for (size_t l = 0; l < rank.layers.size(); ++l) {
     const Layer& layer = rank.layers[l];
-    backend.rmsnorm(x, layer.input_norm, float(c.rms_norm_eps), xn);
     attention(rank, layer, int64_t(l), xn, attn_out);
-    backend.add_scaled(c.postnorm ? xn : x, layer.attn_alpha, attn_out, layer.attn_beta, x);
-    backend.rmsnorm(x, layer.post_norm, float(c.rms_norm_eps), xn);
+    backend.add_scaled_rmsnorm(c.postnorm ? xn : x, layer.attn_alpha, attn_out, layer.attn_beta, x, layer.post_norm,
+                               eps, xn);
     mlp(rank, layer, xn, mlp_out);
-    backend.add_scaled(c.postnorm ? xn : x, float(c.mlp_alpha), mlp_out, float(c.mlp_beta), x);
+    if (l + 1 < rank.layers.size())
+      backend.add_scaled_rmsnorm(c.postnorm ? xn : x, float(c.mlp_alpha), mlp_out, float(c.mlp_beta), x,
+                                 rank.layers[l + 1].input_norm, eps, xn);
+    else
+      backend.add_scaled(c.postnorm ? xn : x, float(c.mlp_alpha), mlp_out, float(c.mlp_beta), x);
   }
   if (m > 0) {
     Mat last = rank.last.as(m, H);

@@ -45,6 +45,10 @@ class ForwardingBackend : public Backend {
   void add_scaled(const Mat& a, float alpha, const Mat& b, float beta, Mat out) override {
     inner_->add_scaled(a, alpha, b, beta, out);
   }
+  void add_scaled_rmsnorm(const Mat& a, float alpha, const Mat& b, float beta, Mat out, const Weight& w, float eps,
+                          Mat normed) override {
+    inner_->add_scaled_rmsnorm(a, alpha, b, beta, out, w, eps, normed);
+  }
   void blend_sigmoid(Mat x, const Mat& y, const Mat& coef) override { inner_->blend_sigmoid(x, y, coef); }
   void lightning_attention(Mat qkv, std::span<const Segment> segments, int64_t layer, const Weight& decay,
                            Mat out) override {

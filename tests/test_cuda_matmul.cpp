@@ -453,6 +453,45 @@ TEST(CudaElementwise, RmsnormMatchesCpu) {
       }
 }
 
+// A residual add and the norm after it in one launch give the bits of add_scaled then rmsnorm, with
+// out apart from both inputs, out aliasing a (pre-norm layers: x = alpha x + beta y), and normed
+// aliasing a (post-norm layers: x = alpha xn + beta y, then xn = norm(x)); rows off the block
+// width, more rows than CTAs in a row, and columns below one per thread.
+TEST(CudaElementwise, AddScaledRmsnormMatchesTheTwoSteps) {
+  M1_REQUIRE_CUDA();
+  std::mt19937 rng(8);
+  enum class Alias { kNone, kOutIsA, kNormedIsA };
+  for (DType dtype : {DType::kBF16, DType::kF32})
+    for (const auto& [rows, cols] : {std::pair<int64_t, int64_t>{1, 7}, {5, 320}, {3, 1000}, {70, 257}})
+      for (Alias alias : {Alias::kNone, Alias::kOutIsA, Alias::kNormedIsA}) {
+        const std::vector<float> a = random_floats(size_t(rows * cols), 2.0f, rng);
+        const std::vector<float> b = random_floats(size_t(rows * cols), 2.0f, rng);
+        const RandomWeight w = random_weight(dtype, 1, cols, rng);
+        const DeviceArray<uint8_t> dw(w.bytes);
+        const DeviceMatrix weight{dw.get(), dtype, 1, cols};
+        const float alpha = 0.75f, beta = 1.3f;
+        const std::string what = fmt::format("{} rows {} cols {} alias {}", dtype_name(dtype), rows, cols, int(alias));
+        // The two steps.
+        DeviceArray<float> a1(a), b1(b), out1(size_t(rows * cols)), normed1(size_t(rows * cols));
+        float* o1 = alias == Alias::kOutIsA ? a1.get() : out1.get();
+        float* n1 = alias == Alias::kNormedIsA ? a1.get() : normed1.get();
+        add_scaled(a1.get(), alpha, b1.get(), beta, o1, rows * cols, nullptr);
+        rmsnorm(o1, rows, cols, weight, 1e-5f, nullptr, n1, nullptr);
+        // One launch.
+        DeviceArray<float> a2(a), b2(b), out2(size_t(rows * cols)), normed2(size_t(rows * cols));
+        float* o2 = alias == Alias::kOutIsA ? a2.get() : out2.get();
+        float* n2 = alias == Alias::kNormedIsA ? a2.get() : normed2.get();
+        add_scaled_rmsnorm(a2.get(), alpha, b2.get(), beta, o2, rows, cols, weight, 1e-5f, n2, nullptr);
+        const std::vector<float> sum1 = (alias == Alias::kOutIsA ? a1 : out1).download();
+        const std::vector<float> sum2 = (alias == Alias::kOutIsA ? a2 : out2).download();
+        const std::vector<float> norm1 = (alias == Alias::kNormedIsA ? a1 : normed1).download();
+        const std::vector<float> norm2 = (alias == Alias::kNormedIsA ? a2 : normed2).download();
+        EXPECT_TRUE(std::all_of(norm2.begin(), norm2.end(), [](float v) { return std::isfinite(v); })) << what;
+        EXPECT_EQ(std::memcmp(sum1.data(), sum2.data(), sum1.size() * sizeof(float)), 0) << what << ": the sum";
+        EXPECT_EQ(std::memcmp(norm1.data(), norm2.data(), norm1.size() * sizeof(float)), 0) << what << ": the norm";
+      }
+}
+
 // A row split in two column ranges (a rank's heads): each part's sums of squares, added, normalise
 // each part as the whole row's norm does.
 TEST(CudaElementwise, SplitRmsnormMatchesTheWholeRow) {

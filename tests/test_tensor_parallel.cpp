@@ -29,6 +29,18 @@
 namespace m1 {
 namespace {
 
+// LoadOptions with only the MoE split, or only the quantization, set.
+LoadOptions sharded_load(MoeParallel moe) {
+  LoadOptions o;
+  o.shard = ShardOptions{moe};
+  return o;
+}
+LoadOptions quantized_load(const QuantScheme& scheme) {
+  LoadOptions o;
+  o.quantize = scheme;
+  return o;
+}
+
 using testing::relative_error;
 
 constexpr double kExactBound = 1e-4;
@@ -48,7 +60,7 @@ BackendOptions cpu_ranks(int ranks, Precision precision = Precision::kExact) {
 Group load_group(const std::string& dir, int ranks, MoeParallel moe = MoeParallel::kTensor) {
   Group g;
   g.backends = create_backends(cpu_ranks(ranks));
-  g.model = Model::load(dir, rank_pointers(g.backends), LoadOptions{.shard = ShardOptions{moe}});
+  g.model = Model::load(dir, rank_pointers(g.backends), sharded_load(moe));
   return g;
 }
 
@@ -56,7 +68,7 @@ Group random_group(const ModelConfig& config, int ranks, MoeParallel moe = MoePa
   Group g;
   g.backends = create_backends(cpu_ranks(ranks));
   g.model = std::make_unique<Model>(config, random_checkpoint(config, DType::kBF16, seed), rank_pointers(g.backends),
-                                    LoadOptions{.shard = ShardOptions{moe}});
+                                    sharded_load(moe));
   return g;
 }
 
@@ -550,7 +562,7 @@ Group quantized_group(const ModelConfig& config, int ranks, const QuantScheme& s
   Group g;
   g.backends = create_backends(cpu_ranks(ranks));
   g.model = std::make_unique<Model>(config, random_checkpoint(config, DType::kBF16, 5), rank_pointers(g.backends),
-                                    LoadOptions{.quantize = scheme});
+                                    quantized_load(scheme));
   return g;
 }
 

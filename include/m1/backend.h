@@ -214,6 +214,14 @@ class Backend {
   virtual void swiglu(Mat gate, const Mat& up) = 0;
   // out = alpha * a + beta * b; out may alias a or b.
   virtual void add_scaled(const Mat& a, float alpha, const Mat& b, float beta, Mat out) = 0;
+  // add_scaled(a, alpha, b, beta, out), then normed = rmsnorm(out, w, eps): a residual add and the
+  // norm after it, which a backend may run as one pass with the same bits. out may alias a or b;
+  // normed may alias a (post-norm layers), not out.
+  virtual void add_scaled_rmsnorm(const Mat& a, float alpha, const Mat& b, float beta, Mat out, const Weight& w,
+                                  float eps, Mat normed) {
+    add_scaled(a, alpha, b, beta, out);
+    rmsnorm(out, w, eps, normed);
+  }
   // x = x * (1 - c) + y * c with c = sigmoid(coef[row]); coef is one column.
   virtual void blend_sigmoid(Mat x, const Mat& y, const Mat& coef) = 0;
 
