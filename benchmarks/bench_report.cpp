@@ -28,7 +28,7 @@ void print_header(std::FILE* out, const RunInfo& info, const std::vector<BenchRe
   const auto& o = info.options;
   fmt::print(out, "# m1-bench {} | {} | {}\n", info.date, info.cpu, info.backend);
   fmt::print(out, "# model: {} ({}) | {}\n", info.model, info.dtype, describe_shape(info.config));
-  const int64_t batch = o.value("decode_batch", int64_t(1));
+  const int64_t batch = o["decode_batch"].get<int64_t>();
   fmt::print(out, "# weights: {} | medians of {} repeats, prefill chunk {}, {} decode tokens{}\n", weights_line(results),
              o["repeats"].get<int64_t>(), o["prefill_chunk"].get<int64_t>(), o["decode_tokens"].get<int64_t>(),
              batch > 1 ? fmt::format(" in steps of {} sequences (decode ms/tok: per step; tok/s: all of them)", batch) : "");

@@ -28,6 +28,7 @@
 
 #include <cuda_bf16.h>
 
+#include "activations.cuh"
 #include "launch.h"
 #include "m1/error.h"
 #include "matmul_common.cuh"
@@ -46,18 +47,21 @@ constexpr int kStages = 4;
 static_assert(kChunk % kStageK == 0 && kStageK % 16 == 0);
 constexpr int kStagesPerChunk = kChunk / kStageK;
 
-// The ring of weights, the ring of x's fp32 rows (max_rows per stage), x's terms for the stage
-// being multiplied (16 rows each, rows past the tile's zero), and each warp's 16 x 16 outputs.
-constexpr int shared_bytes(int parts, int64_t max_rows) {
-  return int(kStages * (kWStage * 2 + max_rows * kStageK * 4) + parts * 16 * kStride * 2 + kWarps * 256 * 4);
+// The ring of weights, the ring of x's fp32 rows (max_rows per stage, and as many of up's when the
+// product applies SwiGLU: inputs 2), x's terms for the stage being multiplied (16 rows each, rows
+// past the tile's zero), and each warp's 16 x 16 outputs.
+constexpr int shared_bytes(int parts, int64_t max_rows, int inputs) {
+  return int(kStages * (kWStage * 2 + inputs * max_rows * kStageK * 4) + parts * 16 * kStride * 2 + kWarps * 256 * 4);
 }
 
 template <int kParts, class Tiles>
-__device__ __forceinline__ void stream_products(const Tiles& tiles, int64_t n, int64_t k, int max_rows, int* counters) {
+__device__ __forceinline__ void stream_products(const Tiles& tiles, int64_t n, int64_t k, int max_rows, int inputs,
+                                                int* counters) {
   extern __shared__ __align__(128) unsigned char stream_shared[];
   __nv_bfloat16* w_ring = reinterpret_cast<__nv_bfloat16*>(stream_shared);
   float* x_ring = reinterpret_cast<float*>(w_ring + kStages * kWStage);
-  __nv_bfloat16* xs = reinterpret_cast<__nv_bfloat16*>(x_ring + kStages * max_rows * kStageK);  // term q: 16 rows
+  const int x_stage = inputs * max_rows * kStageK;  // floats: x's rows, then up's
+  __nv_bfloat16* xs = reinterpret_cast<__nv_bfloat16*>(x_ring + kStages * x_stage);  // term q: 16 rows
   float* out_stage = reinterpret_cast<float*>(xs + kParts * 16 * kStride);
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
@@ -82,11 +86,12 @@ __device__ __forceinline__ void stream_products(const Tiles& tiles, int64_t n, i
         __pipeline_memcpy_async(w_dst + row * kStride + kk, inside ? weights + (n0 + row) * k + k0 + kk : weights, 16,
                                 inside ? 0 : 16);
       }
-      float* x_dst = x_ring + t % kStages * max_rows * kStageK;
-      for (int i = tid; i < tile.rows * (kStageK / 4); i += kThreads) {
-        const int r = i / (kStageK / 4), kk = i % (kStageK / 4) * 4;
-        const bool inside = k0 + kk < k;
-        __pipeline_memcpy_async(x_dst + r * kStageK + kk, inside ? tile.x + r * tile.ldx + k0 + kk : tile.x, 16,
+      float* x_dst = x_ring + t % kStages * x_stage;
+      for (int i = tid; i < (tile.up ? 2 : 1) * tile.rows * (kStageK / 4); i += kThreads) {
+        const int r = i / (kStageK / 4) % int(tile.rows), kk = i % (kStageK / 4) * 4;
+        const bool second = i >= tile.rows * (kStageK / 4), inside = k0 + kk < k;
+        const float* src = (second ? tile.up : tile.x) + r * tile.ldx;
+        __pipeline_memcpy_async(x_dst + ((second ? max_rows : 0) + r) * kStageK + kk, inside ? src + k0 + kk : src, 16,
                                 inside ? 0 : 16);
       }
     }
@@ -109,13 +114,17 @@ __device__ __forceinline__ void stream_products(const Tiles& tiles, int64_t n, i
     const int64_t u = first + t / kStagesPerChunk, b = u % per_tile / chunks, c = u % chunks;
     const StreamTile& tile = computing.at(tiles, u / per_tile);
 
-    // x's terms of this stage, as split_to_bf16 makes them (rows of other tiles' x zeroed).
-    const float* x_src = x_ring + buf * max_rows * kStageK;
+    // x's terms of this stage, as split_to_bf16 makes them (rows of other tiles' x zeroed), of
+    // swiglu(x, up) as swiglu makes it when the product applies it.
+    const float* x_src = x_ring + buf * x_stage;
     for (int i = tid; i < max_rows * (kStageK / 8); i += kThreads) {
       const int r = i / (kStageK / 8), kk = i % (kStageK / 8) * 8;
       float v[8];
 #pragma unroll
-      for (int e = 0; e < 8; ++e) v[e] = r < tile.rows ? x_src[r * kStageK + kk + e] : 0.0f;
+      for (int e = 0; e < 8; ++e) {
+        const float xv = r < tile.rows ? x_src[r * kStageK + kk + e] : 0.0f;
+        v[e] = tile.up && r < tile.rows ? swiglu_value(xv, x_src[(max_rows + r) * kStageK + kk + e]) : xv;
+      }
       store_bf16_terms_x8<kParts>(v, xs + r * kStride + kk, 16 * kStride);
     }
     __syncthreads();
@@ -151,39 +160,39 @@ __device__ __forceinline__ void stream_products(const Tiles& tiles, int64_t n, i
 template <int kParts>
 __global__ __launch_bounds__(kThreads, 1) void bf16_stream_plain(StreamTile tile, int64_t n, int64_t k,
                                                                  int* counters) {
-  stream_products<kParts>(PlainTiles{tile}, n, k, int(tile.rows), counters);
+  stream_products<kParts>(PlainTiles{tile}, n, k, int(tile.rows), 1, counters);
 }
 
 template <int kParts>
 __global__ __launch_bounds__(kThreads, 1) void bf16_stream_grouped_kernel(GroupedTiles tiles, int64_t n, int64_t k,
                                                                           int* counters) {
-  stream_products<kParts>(tiles, n, k, int(tiles.tile_rows), counters);
+  stream_products<kParts>(tiles, n, k, int(tiles.tile_rows), tiles.up ? 2 : 1, counters);
 }
 
 template <int kParts>
 void launch_plain(const float* x, int64_t ldx, int64_t m, const DeviceMatrix& w, float* out, int64_t ldo,
                   DeviceScratch& scratch, Device& device, cudaStream_t stream) {
   constexpr auto kernel = bf16_stream_plain<kParts>;
-  const int bytes = shared_bytes(kParts, m);
+  const int bytes = shared_bytes(kParts, m, 1);
   device.allow_shared_memory<kernel>(size_t(bytes));
   const int64_t n = w.rows, k = w.cols, chunks = ceil_div(k, kChunk), blocks = ceil_div(n, kCols);
   float* partial = chunks > 1 ? scratch.get<float>(size_t(chunks * m * n)) : nullptr;
   int* counters = fold_counters(scratch, partial, blocks);
-  const StreamTile tile{w.data, nullptr, x, ldx, m, partial, m, out, ldo};
+  const StreamTile tile{w.data, nullptr, x, nullptr, ldx, m, partial, m, out, ldo};
   const int64_t grid = std::min<int64_t>(blocks * chunks, device.limits().sms);
   kernel<<<unsigned(grid), kThreads, bytes, stream>>>(tile, n, k, counters);
   M1_CUDA_CHECK_LAUNCH();
 }
 
 template <int kParts>
-void launch_grouped(const float* x, int64_t ldx, int64_t rows, const int64_t* offsets, int64_t tile_rows,
-                    std::span<const GroupedProduct> products, DeviceScratch& scratch, Device& device,
-                    cudaStream_t stream) {
+void launch_grouped(const float* x, const float* up, int64_t ldx, int64_t rows, const int64_t* offsets,
+                    int64_t tile_rows, std::span<const GroupedProduct> products, DeviceScratch& scratch,
+                    Device& device, cudaStream_t stream) {
   constexpr auto kernel = bf16_stream_grouped_kernel<kParts>;
-  const int bytes = shared_bytes(kParts, tile_rows);
+  const int bytes = shared_bytes(kParts, tile_rows, up ? 2 : 1);
   device.allow_shared_memory<kernel>(size_t(bytes));
   const int64_t n = products[0].w[0].rows, k = products[0].w[0].cols;
-  for_each_stream_launch(x, ldx, rows, offsets, tile_rows, products, kCols, scratch,
+  for_each_stream_launch(x, up, ldx, rows, offsets, tile_rows, products, kCols, scratch,
                          [&](const GroupedTiles& tiles, int* counters) {
                            kernel<<<unsigned(device.limits().sms), kThreads, bytes, stream>>>(tiles, n, k, counters);
                            M1_CUDA_CHECK_LAUNCH();
@@ -193,11 +202,11 @@ void launch_grouped(const float* x, int64_t ldx, int64_t rows, const int64_t* of
 }  // namespace
 
 bool bf16_streams(int64_t rows, const float* x, int64_t ldx, std::span<const DeviceMatrix> weights, int parts,
-                  const Device& device) {
+                  const Device& device, const float* up) {
   if (rows < 1 || rows > kBf16StreamMaxRows || weights.empty() || device.limits().sms < 1) return false;
   const int64_t k = weights[0].cols;
-  return aligned16(x) && ldx % 4 == 0 && k % 8 == 0 && all_aligned16(weights) &&
-         shared_bytes(parts, rows) <= device.limits().shared_per_block;
+  return aligned16(x) && (!up || aligned16(up)) && ldx % 4 == 0 && k % 8 == 0 && all_aligned16(weights) &&
+         shared_bytes(parts, rows, up ? 2 : 1) <= device.limits().shared_per_block;
 }
 
 void bf16_stream_matmul(const float* x, int64_t ldx, int64_t m, const DeviceMatrix& w, float* out, int64_t ldo,
@@ -209,9 +218,9 @@ void bf16_stream_matmul(const float* x, int64_t ldx, int64_t m, const DeviceMatr
 
 void bf16_stream_grouped(const float* x, int64_t ldx, int64_t rows, const int64_t* offsets, int64_t group_rows,
                          std::span<const GroupedProduct> products, int parts, DeviceScratch& scratch, Device& device,
-                         cudaStream_t stream) {
-  if (parts == 1) return launch_grouped<1>(x, ldx, rows, offsets, group_rows, products, scratch, device, stream);
-  if (parts == 3) return launch_grouped<3>(x, ldx, rows, offsets, group_rows, products, scratch, device, stream);
+                         cudaStream_t stream, const float* up) {
+  if (parts == 1) return launch_grouped<1>(x, up, ldx, rows, offsets, group_rows, products, scratch, device, stream);
+  if (parts == 3) return launch_grouped<3>(x, up, ldx, rows, offsets, group_rows, products, scratch, device, stream);
   fail("bf16_stream_grouped: {} terms of x", parts);
 }
 

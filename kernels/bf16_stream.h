@@ -24,9 +24,10 @@ inline constexpr int64_t kBf16StreamMaxRows = 8;
 // Whether bf16_stream_matmul takes a product of `rows` rows of x (row stride ldx) with BF16
 // weights of `cols` inputs at `weights` (every group's, for grouped products): few enough rows,
 // 16-byte aligned rows of x and of the weights (the copies are 16 bytes), and the ring fits the
-// device's shared memory.
+// device's shared memory. With `up` (rows ldx apart, aligned like x's), the products multiply
+// swiglu(x, up) (activations.cuh) instead of x, as swiglu then the product would (grouped only).
 bool bf16_streams(int64_t rows, const float* x, int64_t ldx, std::span<const DeviceMatrix> weights, int parts,
-                  const Device& device);
+                  const Device& device, const float* up = nullptr);
 
 // out [m, w.rows] = x [m, w.cols] w^T, x's bf16 terms `parts` (1: kBf16, 3: kFp32), when
 // bf16_streams says so. `scratch` holds the chunk partials and the fold counters.
@@ -38,6 +39,6 @@ void bf16_stream_matmul(const float* x, int64_t ldx, int64_t m, const DeviceMatr
 // and up) in one launch when their chunk partials fit together.
 void bf16_stream_grouped(const float* x, int64_t ldx, int64_t rows, const int64_t* offsets, int64_t group_rows,
                          std::span<const GroupedProduct> products, int parts, DeviceScratch& scratch, Device& device,
-                         cudaStream_t stream);
+                         cudaStream_t stream, const float* up = nullptr);
 
 }  // namespace m1::cuda

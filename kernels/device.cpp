@@ -1,5 +1,7 @@
 #include "device.h"
 
+#include <algorithm>
+
 #include <cuda_runtime.h>
 
 #include "cuda_check.h"
@@ -27,8 +29,12 @@ Device Device::current() {
 void Device::allow(const void* kernel, size_t bytes) {
   size_t& allowed = allowed_.try_emplace(kernel, kDefaultSharedBytes).first->second;
   if (bytes <= allowed) return;
-  M1_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
-  allowed = bytes;
+  // Raised straight to the most a block may opt into: the attribute is the GPU's, and every Device
+  // of the GPU (ranks sharing it) then sets the same value, so one never lowers it below what
+  // another's launches rely on. (The attribute only permits; a launch uses what it asks for.)
+  const size_t raised = std::max(bytes, size_t(std::max(limits_.shared_per_block, 0)));
+  M1_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(raised)));
+  allowed = raised;
 }
 
 DeviceGuard::DeviceGuard(int index) {

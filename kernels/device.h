@@ -27,9 +27,10 @@ class Device {
   int index() const { return index_; }
   const DeviceLimits& limits() const { return limits_; }
 
-  // Raises `Kernel`'s dynamic shared-memory limit on this device to at least `bytes`. The
-  // attribute call is not free, so it is made only when a launch needs more than the kernel was
-  // last allowed here (every kernel starts at the default 48 KB). The device must be current.
+  // Raises `Kernel`'s dynamic shared-memory limit on this device to at least `bytes` (to the most a
+  // block may opt into, so that Devices of one GPU agree). The attribute call is not free, so it
+  // is made only when a launch needs more than the kernel was last allowed here (every kernel
+  // starts at the default 48 KB). The device must be current.
   template <auto Kernel>
   void allow_shared_memory(size_t bytes) {
     allow(reinterpret_cast<const void*>(Kernel), bytes);

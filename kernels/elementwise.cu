@@ -8,6 +8,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "activations.cuh"
 #include "cuda_check.h"
 #include "launch.h"
 
@@ -28,14 +29,6 @@ __device__ __forceinline__ float load_weight(const void* data, DType dtype, int6
   }
 }
 
-// 1 / (1 + e^-v) through e^-|v|, which never overflows.
-__device__ __forceinline__ float sigmoid(float v) {
-  const float e = expf(-fabsf(v));
-  const float inv = 1.0f / (1.0f + e);
-  return v >= 0.0f ? inv : e * inv;
-}
-
-__device__ __forceinline__ float silu(float v) { return v * sigmoid(v); }
 
 // alpha * a + beta * b, with its roundings spelled out, so that every kernel computing it (alone or
 // fused) gives the same bits.
@@ -143,7 +136,7 @@ __global__ __launch_bounds__(kThreads) void add_scaled_rmsnorm_rows(const float*
 }
 
 __global__ void swiglu_kernel(float* gate, const float* up, int64_t n) {
-  for_each_index(n, [&](int64_t i) { gate[i] = silu(gate[i]) * up[i]; });
+  for_each_index(n, [&](int64_t i) { gate[i] = swiglu_value(gate[i], up[i]); });
 }
 
 __global__ void add_scaled_kernel(const float* a, float alpha, const float* b, float beta, float* out, int64_t n) {

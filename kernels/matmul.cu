@@ -35,10 +35,12 @@
 #include <cuda_fp16.h>
 
 #include "bf16_stream.h"
+#include "elementwise.h"
 #include "launch.h"
 #include "m1/error.h"
 #include "matmul_common.cuh"
 #include "quantized_matmul.h"
+#include "quantized_stream.h"
 
 namespace m1::cuda {
 namespace {
@@ -822,11 +824,11 @@ void grouped_bf16(const float* x, int64_t ldx, const int64_t* offsets, std::span
 
 }  // namespace
 
-void grouped_matmuls(const float* x, int64_t ldx, const int64_t* offsets, std::span<const GroupedProduct> products,
-                     int64_t rows, int64_t group_rows, GemmOperands operands, DeviceScratch& scratch,
-                     Device& device, cudaStream_t stream) {
-  if (rows < 0) fail("grouped_matmul: {} rows", rows);
-  if (products.empty()) return;
+namespace {
+
+// Throws unless every product's weights share product 0's group count, shape and dtype (and, when
+// quantized, its scales' dtype and group size).
+void check_grouped(std::span<const GroupedProduct> products) {
   const std::span<const DeviceMatrix> w0 = products[0].w;
   for (size_t i = 0; i < products.size(); ++i) {
     const std::span<const DeviceMatrix> w = products[i].w;
@@ -842,6 +844,53 @@ void grouped_matmuls(const float* x, int64_t ldx, const int64_t* offsets, std::s
              w0[0].group_size);
     }
   }
+}
+
+// The streamed kernels' grouped product of swiglu(gate, up) (bf16_stream.h, quantized_stream.h),
+// when they take it; false when not.
+bool stream_grouped_swiglu(const float* gate, const float* up, int64_t ldx, const int64_t* offsets,
+                           const GroupedProduct& product, int64_t rows, int64_t group_rows, GemmOperands operands,
+                           DeviceScratch& scratch, Device& device, cudaStream_t stream) {
+  const DeviceMatrix& first = product.w[0];
+  const int64_t n = first.rows, k = first.cols;
+  if (!skinny_partials_fit(ceil_div(k, kChunk), rows, n)) return false;
+  const std::span products(&product, 1);
+  // The tallest tile whose ring, with up's rows beside x's, fits (int8 codes leave room for 4).
+  const auto tallest = [&](int64_t max_rows, auto streams) {
+    int64_t tile = stream_tile_rows(group_rows, rows, max_rows);
+    while (tile > 0 && !streams(tile)) tile /= 2;
+    return tile;
+  };
+  if (first.dtype == DType::kBF16) {
+    const int parts = operands == GemmOperands::kBf16 ? 1 : 3;
+    const int64_t tile = tallest(kBf16StreamMaxRows, [&](int64_t t) {
+      return bf16_streams(t, gate, ldx, product.w, parts, device, up);
+    });
+    if (tile == 0) return false;
+    bf16_stream_grouped(gate, ldx, rows, offsets, tile, products, parts, scratch, device, stream, up);
+    return true;
+  }
+  if (is_quantized(first.dtype)) {
+    check_quantized(first, "grouped matmul");
+    const int64_t tile = tallest(kQuantizedStreamMaxRows, [&](int64_t t) {
+      return quantized_streams(t, gate, ldx, product.w, operands, device, up);
+    });
+    if (tile == 0) return false;
+    quantized_stream_grouped(gate, ldx, rows, offsets, tile, products, operands, scratch, device, stream, up);
+    return true;
+  }
+  return false;
+}
+
+}  // namespace
+
+void grouped_matmuls(const float* x, int64_t ldx, const int64_t* offsets, std::span<const GroupedProduct> products,
+                     int64_t rows, int64_t group_rows, GemmOperands operands, DeviceScratch& scratch,
+                     Device& device, cudaStream_t stream) {
+  if (rows < 0) fail("grouped_matmul: {} rows", rows);
+  if (products.empty()) return;
+  check_grouped(products);
+  const std::span<const DeviceMatrix> w0 = products[0].w;
   if (w0.empty() || rows == 0) return;
   const DeviceMatrix& first = w0[0];
   if (first.rows == 0) return;
@@ -874,6 +923,21 @@ void grouped_matmul(const float* x, int64_t ldx, const int64_t* offsets, std::sp
                     DeviceScratch& scratch, Device& device, cudaStream_t stream) {
   const GroupedProduct product{w, out, ldo};
   grouped_matmuls(x, ldx, offsets, std::span(&product, 1), rows, group_rows, operands, scratch, device, stream);
+}
+
+void grouped_matmul_swiglu(float* gate, const float* up, int64_t ldx, const int64_t* offsets,
+                           std::span<const DeviceMatrix> w, int64_t rows, int64_t group_rows, float* out, int64_t ldo,
+                           GemmOperands operands, DeviceScratch& scratch, Device& device, cudaStream_t stream) {
+  if (rows < 0) fail("grouped_matmul: {} rows", rows);
+  const GroupedProduct product{w, out, ldo};
+  check_grouped(std::span(&product, 1));
+  if (w.empty() || rows == 0) return;
+  if (w[0].rows > 0 && w[0].cols > 0 &&
+      stream_grouped_swiglu(gate, up, ldx, offsets, product, rows, std::clamp<int64_t>(group_rows, 1, rows), operands,
+                            scratch, device, stream))
+    return;
+  swiglu(gate, up, rows * ldx, stream);
+  grouped_matmul(gate, ldx, offsets, w, rows, group_rows, out, ldo, operands, scratch, device, stream);
 }
 
 void matmul(const float* x, int64_t ldx, int64_t m, const DeviceMatrix& w, float* out, int64_t ldo,

@@ -41,6 +41,14 @@ struct GroupedProduct {
   int64_t ldo = 0;
 };
 
+// grouped_matmul of swiglu(gate, up) (elementwise.h's swiglu: silu(gate) * up), both [rows, ldx],
+// with the bits of swiglu then grouped_matmul: the streamed kernels apply SwiGLU as they stage
+// the rows (one launch, gate left as it is); otherwise gate is overwritten with swiglu(gate, up)
+// (all rows x ldx values) and multiplied.
+void grouped_matmul_swiglu(float* gate, const float* up, int64_t ldx, const int64_t* offsets,
+                           std::span<const DeviceMatrix> w, int64_t rows, int64_t group_rows, float* out, int64_t ldo,
+                           GemmOperands operands, DeviceScratch& scratch, Device& device, cudaStream_t stream);
+
 // Each product in turn, as grouped_matmul would compute it (the same bits), but x is rounded to
 // bf16 once for all of them (a MoE's gate and up products). Every product's weights share one
 // group count, shape and dtype.

@@ -254,6 +254,7 @@ struct StreamTile {
   const void* w;
   const void* scales;  // quantized weights' scales
   const float* x;
+  const float* up;  // when given, the rows multiplied are swiglu(x, up) (activations.cuh), not x
   int64_t ldx, rows;
   float* partial;
   int64_t plane_rows;
@@ -274,6 +275,7 @@ struct PlainTiles {
 constexpr int kMaxStreamProducts = 2;
 struct GroupedTiles {
   const float* x;
+  const float* up;  // as StreamTile's, rows ldx apart like x's
   int64_t ldx, rows;
   const int64_t* offsets;
   int groups;
@@ -296,7 +298,7 @@ struct GroupedTiles {
     GroupTile t{};
     find_tile(offsets, groups, tile_rows, index % per_product, t);
     const int64_t r0 = t.row0 + t.first;
-    return {weights[p].data[t.group], weights[p].scales[t.group], x + r0 * ldx, ldx, t.rows,
+    return {weights[p].data[t.group], weights[p].scales[t.group], x + r0 * ldx, up ? up + r0 * ldx : nullptr, ldx, t.rows,
             partial ? partial + p * partial_stride + r0 * n : nullptr, rows, out[p] + r0 * ldo[p], ldo[p]};
   }
 };
@@ -382,14 +384,14 @@ inline int64_t stream_tile_rows(int64_t group_rows, int64_t rows, int64_t max_ro
   return group_rows <= max_rows || rows <= 64 ? std::min(group_rows, max_rows) : 0;
 }
 
-// The launches of streamed grouped products (bf16_stream.cu, quantized_stream.cu): launch(tiles,
-// counters) for each, products kMaxStreamProducts at a time while their chunk partials fit
-// together (else one at a time, sharing one set), groups kLaunchGroups at a time. `cols`: outputs
-// per column block.
+// The launches of streamed grouped products (bf16_stream.cu, quantized_stream.cu) of x, or of
+// swiglu(x, up) when `up` is given: launch(tiles, counters) for each, products kMaxStreamProducts
+// at a time while their chunk partials fit together (else one at a time, sharing one set), groups
+// kLaunchGroups at a time. `cols`: outputs per column block.
 template <class Launch>
-void for_each_stream_launch(const float* x, int64_t ldx, int64_t rows, const int64_t* offsets, int64_t tile_rows,
-                            std::span<const GroupedProduct> products, int cols, DeviceScratch& scratch,
-                            Launch launch) {
+void for_each_stream_launch(const float* x, const float* up, int64_t ldx, int64_t rows, const int64_t* offsets,
+                            int64_t tile_rows, std::span<const GroupedProduct> products, int cols,
+                            DeviceScratch& scratch, Launch launch) {
   const int64_t n = products[0].w[0].rows, k = products[0].w[0].cols, chunks = ceil_div(k, kChunk);
   const int64_t groups = int64_t(products[0].w.size()), blocks = ceil_div(n, cols);
   const int64_t together = skinny_partials_fit(chunks, rows * kMaxStreamProducts, n) ? kMaxStreamProducts : 1;
@@ -400,7 +402,7 @@ void for_each_stream_launch(const float* x, int64_t ldx, int64_t rows, const int
     const int set = int(std::min<int64_t>(together, int64_t(products.size() - p0)));
     for (int64_t first = 0; first < groups; first += kLaunchGroups) {
       const int count = int(std::min<int64_t>(kLaunchGroups, groups - first));
-      GroupedTiles tiles{x, ldx, rows, offsets + first, count, tile_rows, n, set, {}, partial, plane, {}, {}};
+      GroupedTiles tiles{x, up, ldx, rows, offsets + first, count, tile_rows, n, set, {}, partial, plane, {}, {}};
       for (int i = 0; i < set; ++i) {
         const GroupedProduct& p = products[p0 + size_t(i)];
         tiles.weights[i] = group_weights(p.w, first, count);

@@ -337,16 +337,17 @@ void moe(const MoeArgs& a, MoeWorkspace& ws, Device& device, cudaStream_t stream
   }
   gather_rows(a.x, hidden, b.token_at, slots, b.gathered, stream);
 
-  // Every expert's gate and up products (in one call, which rounds the gathered rows to bf16 once
-  // for both when the operands are bf16), one SwiGLU over all slots, then every down product. The
-  // down products overwrite the gathered rows, which the stream has finished reading by then.
-  // An expert takes each token at most once, so it has at most `rows` rows. Rows past
-  // begin[held] (slots without an expert held here) go through SwiGLU unset and are never read.
+  // Every expert's gate and up products (in one call: one launch when they stream, or one bf16
+  // copy of the gathered rows for both), then every down product of their SwiGLU (applied as the
+  // streamed kernels stage the rows, else one pass over all slots). The down products overwrite the
+  // gathered rows, which the stream has finished reading by then. An expert takes each token at
+  // most once, so it has at most `rows` rows. Rows past begin[held] (slots without an expert held
+  // here) may go through SwiGLU unset and are never read.
   const GroupedProduct gate_and_up[] = {{a.w1, b.gate, ffn}, {a.w3, b.up, ffn}};
   grouped_matmuls(b.gathered, hidden, b.begin, gate_and_up, slots, rows, a.operands, ws.matmul, device, stream);
-  swiglu(b.gate, b.up, slots * ffn, stream);
   float* down = b.gathered;
-  grouped_matmul(b.gate, ffn, b.begin, a.w2, slots, rows, down, hidden, a.operands, ws.matmul, device, stream);
+  grouped_matmul_swiglu(b.gate, b.up, ffn, b.begin, a.w2, slots, rows, down, hidden, a.operands, ws.matmul, device,
+                        stream);
 
   const int64_t blocks = ceil_div(rows * hidden, kCombineThreads);
   if (blocks > INT_MAX) fail("MoE: {} x {} outputs is too many for one launch", rows, hidden);

@@ -33,6 +33,7 @@
 
 #include <cuda_bf16.h>
 
+#include "activations.cuh"
 #include "device_types.h"
 #include "launch.h"
 #include "m1/dtype.h"
@@ -174,10 +175,11 @@ __device__ __forceinline__ void stage_x(unsigned char* dst, const __nv_bfloat16*
 
 // The same staging from fp32 x (rows ldx apart, inputs [k0, k0 + 32 kBlocks) of k), each thread
 // splitting runs of 8 values into their terms (as split_to_bf16, the same bits): the skinny
-// kernels' way, which saves a launch and a round trip through memory.
+// kernels' way, which saves a launch and a round trip through memory. With `up` (rows ldx apart),
+// the values are swiglu(x, up), as swiglu makes them.
 template <int kParts, int kRows, int kBlocks, int kThreads>
 __device__ __forceinline__ void stage_x_from_fp32(unsigned char* dst, const float* x, int64_t ldx, int64_t rows,
-                                                  int64_t k0, int64_t k) {
+                                                  int64_t k0, int64_t k, const float* up = nullptr) {
   constexpr int kUnits = kBlocks * 4;
   const int64_t valid_rows = std::min<int64_t>(rows, kRows);
   for (int64_t i = threadIdx.x; i < valid_rows * kUnits; i += kThreads) {
@@ -188,7 +190,8 @@ __device__ __forceinline__ void stage_x_from_fp32(unsigned char* dst, const floa
     for (int e = 0; e < 8; ++e) {
       const int64_t c = k0 + 8 * u + e;
       __nv_bfloat16 t[kParts];
-      bf16_terms<kParts>(c < k ? x[r * ldx + c] : 0.0f, t);
+      const float v = c >= k ? 0.0f : up ? swiglu_value(x[r * ldx + c], up[r * ldx + c]) : x[r * ldx + c];
+      bf16_terms<kParts>(v, t);
 #pragma unroll
       for (int q = 0; q < kParts; ++q) terms[q][block_order(e)] = *reinterpret_cast<const uint16_t*>(&t[q]);
     }

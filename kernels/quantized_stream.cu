@@ -46,19 +46,22 @@ static_assert(kScalesPerStage % kThreads == 0);
 template <DType T>
 constexpr int kCodeStage = kCols * code_stride<T>(kBlocksPerChunk);  // bytes
 
-// The rings of codes, of x's fp32 rows (max_rows per stage) and of scales, then x's terms for the
-// stage being multiplied.
+// The rings of codes, of x's fp32 rows (max_rows per stage, and as many of up's when the product
+// applies SwiGLU: inputs 2) and of scales, then x's terms for the stage being multiplied.
 template <DType T>
-constexpr int shared_bytes(int parts, int64_t max_rows) {
-  return int(kStages * (kCodeStage<T> + max_rows * kChunk * 4 + kScalesPerStage * 4) + parts * kXRows * kChunk * 2);
+constexpr int shared_bytes(int parts, int64_t max_rows, int inputs) {
+  return int(kStages * (kCodeStage<T> + inputs * max_rows * kChunk * 4 + kScalesPerStage * 4) +
+             parts * kXRows * kChunk * 2);
 }
 
 template <DType T, int kParts, class Tiles>
-__device__ __forceinline__ void stream_quantized(const Tiles& tiles, QuantOperand w, int max_rows, int* counters) {
+__device__ __forceinline__ void stream_quantized(const Tiles& tiles, QuantOperand w, int max_rows, int inputs,
+                                                 int* counters) {
   extern __shared__ __align__(16) unsigned char quant_stream_shared[];
   unsigned char* code_ring = quant_stream_shared;
   float* x_ring = reinterpret_cast<float*>(code_ring + kStages * kCodeStage<T>);
-  float* scale_ring = x_ring + kStages * max_rows * kChunk;
+  const int x_stage = inputs * max_rows * kChunk;  // floats: x's rows, then up's
+  float* scale_ring = x_ring + kStages * x_stage;
   unsigned char* xs = reinterpret_cast<unsigned char*>(scale_ring + kStages * kScalesPerStage);
 
   const int tid = threadIdx.x, warp = tid / 32;
@@ -79,12 +82,13 @@ __device__ __forceinline__ void stream_quantized(const Tiles& tiles, QuantOperan
       wi.scales = tile.scales;
       stage_codes<T, kCols, kBlocksPerChunk, kThreads>(code_ring + t % kStages * kCodeStage<T>, wi, n0,
                                                         c * kBlocksPerChunk);
-      float* x_dst = x_ring + t % kStages * max_rows * kChunk;
-      for (int i = tid; i < tile.rows * (kChunk / 4); i += kThreads) {
-        const int r = i / (kChunk / 4), kk = i % (kChunk / 4) * 4;
-        const bool inside = c * kChunk + kk < k;
-        __pipeline_memcpy_async(x_dst + r * kChunk + kk, inside ? tile.x + r * tile.ldx + c * kChunk + kk : tile.x, 16,
-                                inside ? 0 : 16);
+      float* x_dst = x_ring + t % kStages * x_stage;
+      for (int i = tid; i < (tile.up ? 2 : 1) * tile.rows * (kChunk / 4); i += kThreads) {
+        const int r = i / (kChunk / 4) % int(tile.rows), kk = i % (kChunk / 4) * 4;
+        const bool second = i >= tile.rows * (kChunk / 4), inside = c * kChunk + kk < k;
+        const float* src = (second ? tile.up : tile.x) + r * tile.ldx;
+        __pipeline_memcpy_async(x_dst + ((second ? max_rows : 0) + r) * kChunk + kk, inside ? src + c * kChunk + kk : src,
+                                16, inside ? 0 : 16);
       }
 #pragma unroll
       for (int i = 0; i < kScalesPerThread; ++i) {
@@ -118,8 +122,9 @@ __device__ __forceinline__ void stream_quantized(const Tiles& tiles, QuantOperan
     wc.scales = tile.scales;
     const int blocks = int(std::min<int64_t>(kBlocksPerChunk, ceil_div(k - kb0 * kBlockK, kBlockK)));
 
-    stage_x_from_fp32<kParts, kXRows, kBlocksPerChunk, kThreads>(xs, x_ring + buf * max_rows * kChunk, kChunk,
-                                                                 tile.rows, 0, k - c * kChunk);
+    const float* x_src = x_ring + buf * x_stage;
+    stage_x_from_fp32<kParts, kXRows, kBlocksPerChunk, kThreads>(xs, x_src, kChunk, tile.rows, 0, k - c * kChunk,
+                                                                 tile.up ? x_src + max_rows * kChunk : nullptr);
     __syncthreads();
 
     const float* table = scale_ring + buf * kScalesPerStage;
@@ -142,24 +147,26 @@ __device__ __forceinline__ void stream_quantized(const Tiles& tiles, QuantOperan
 
 template <DType T, int kParts>
 __global__ __launch_bounds__(kThreads, 1) void quant_stream_plain(StreamTile tile, QuantOperand w, int* counters) {
-  stream_quantized<T, kParts>(PlainTiles{tile}, w, int(tile.rows), counters);
+  stream_quantized<T, kParts>(PlainTiles{tile}, w, int(tile.rows), 1, counters);
 }
 
 template <DType T, int kParts>
 __global__ __launch_bounds__(kThreads, 1) void quant_stream_grouped(GroupedTiles tiles, QuantOperand w,
                                                                     int* counters) {
-  stream_quantized<T, kParts>(tiles, w, int(tiles.tile_rows), counters);
+  stream_quantized<T, kParts>(tiles, w, int(tiles.tile_rows), tiles.up ? 2 : 1, counters);
 }
 
 }  // namespace
 
 bool quantized_streams(int64_t rows, const float* x, int64_t ldx, std::span<const DeviceMatrix> weights,
-                       GemmOperands operands, const Device& device) {
+                       GemmOperands operands, const Device& device, const float* up) {
   if (rows < 1 || rows > kQuantizedStreamMaxRows || weights.empty() || device.limits().sms < 1) return false;
   const int parts = operands == GemmOperands::kBf16 ? 1 : 3;
-  const int bytes = weights[0].dtype == DType::kQ4 ? shared_bytes<DType::kQ4>(parts, rows)
-                                                   : shared_bytes<DType::kQ8>(parts, rows);
-  return aligned16(x) && ldx % 4 == 0 && weights[0].cols % 4 == 0 && bytes <= device.limits().shared_per_block;
+  const int inputs = up ? 2 : 1;
+  const int bytes = weights[0].dtype == DType::kQ4 ? shared_bytes<DType::kQ4>(parts, rows, inputs)
+                                                   : shared_bytes<DType::kQ8>(parts, rows, inputs);
+  return aligned16(x) && (!up || aligned16(up)) && ldx % 4 == 0 && weights[0].cols % 4 == 0 &&
+         bytes <= device.limits().shared_per_block;
 }
 
 void quantized_stream_matmul(const float* x, int64_t ldx, int64_t m, const DeviceMatrix& weight, float* out,
@@ -167,13 +174,13 @@ void quantized_stream_matmul(const float* x, int64_t ldx, int64_t m, const Devic
                              cudaStream_t stream) {
   with_kind(weight.dtype, operands, [&]<DType T, int kParts>() {
     constexpr auto kernel = quant_stream_plain<T, kParts>;
-    const int bytes = shared_bytes<T>(kParts, m);
+    const int bytes = shared_bytes<T>(kParts, m, 1);
     device.allow_shared_memory<kernel>(size_t(bytes));
     const QuantOperand w = operand(weight, operands, aligned16(weight.data));
     const int64_t chunks = ceil_div(w.k, kChunk), blocks = ceil_div(w.n, kCols);
     float* partial = chunks > 1 ? scratch.get<float>(size_t(chunks * m * w.n)) : nullptr;
     int* counters = fold_counters(scratch, partial, blocks);
-    const StreamTile tile{weight.data, weight.scales, x, ldx, m, partial, m, out, ldo};
+    const StreamTile tile{weight.data, weight.scales, x, nullptr, ldx, m, partial, m, out, ldo};
     const int64_t grid = std::min<int64_t>(blocks * chunks, device.limits().sms);
     kernel<<<unsigned(grid), kThreads, bytes, stream>>>(tile, w, counters);
     M1_CUDA_CHECK_LAUNCH();
@@ -182,17 +189,17 @@ void quantized_stream_matmul(const float* x, int64_t ldx, int64_t m, const Devic
 
 void quantized_stream_grouped(const float* x, int64_t ldx, int64_t rows, const int64_t* offsets, int64_t group_rows,
                               std::span<const GroupedProduct> products, GemmOperands operands, DeviceScratch& scratch,
-                              Device& device, cudaStream_t stream) {
+                              Device& device, cudaStream_t stream, const float* up) {
   with_kind(products[0].w[0].dtype, operands, [&]<DType T, int kParts>() {
     constexpr auto kernel = quant_stream_grouped<T, kParts>;
-    const int bytes = shared_bytes<T>(kParts, group_rows);
+    const int bytes = shared_bytes<T>(kParts, group_rows, up ? 2 : 1);
     device.allow_shared_memory<kernel>(size_t(bytes));
     // Every product's weights share a shape, scale dtype and group size; their codes and scales
     // travel in the tiles.
     bool aligned = true;
     for (const GroupedProduct& p : products) aligned = aligned && all_aligned16(p.w);
     const QuantOperand w = operand(products[0].w[0], operands, aligned);
-    for_each_stream_launch(x, ldx, rows, offsets, group_rows, products, kCols, scratch,
+    for_each_stream_launch(x, up, ldx, rows, offsets, group_rows, products, kCols, scratch,
                            [&](const GroupedTiles& tiles, int* counters) {
                              kernel<<<unsigned(device.limits().sms), kThreads, bytes, stream>>>(tiles, w, counters);
                              M1_CUDA_CHECK_LAUNCH();

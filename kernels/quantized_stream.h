@@ -22,9 +22,11 @@ inline constexpr int64_t kQuantizedStreamMaxRows = 8;
 
 // Whether the streamed kernels take a product of `rows` rows of x (row stride ldx) with the
 // quantized `weights` (every group's, for grouped products; checked by check_quantized): few
-// enough rows, x's rows 16-byte aligned, and the ring fits the device's shared memory.
+// enough rows, x's rows 16-byte aligned, and the ring fits the device's shared memory. With `up`
+// (rows ldx apart, aligned like x's), the products multiply swiglu(x, up) (activations.cuh)
+// instead of x, as swiglu then the product would (grouped only).
 bool quantized_streams(int64_t rows, const float* x, int64_t ldx, std::span<const DeviceMatrix> weights,
-                       GemmOperands operands, const Device& device);
+                       GemmOperands operands, const Device& device, const float* up = nullptr);
 
 // quantized_matmul (quantized_matmul.h), when quantized_streams says so.
 void quantized_stream_matmul(const float* x, int64_t ldx, int64_t m, const DeviceMatrix& w, float* out, int64_t ldo,
@@ -35,6 +37,6 @@ void quantized_stream_matmul(const float* x, int64_t ldx, int64_t m, const Devic
 // in one launch when their chunk partials fit together.
 void quantized_stream_grouped(const float* x, int64_t ldx, int64_t rows, const int64_t* offsets, int64_t group_rows,
                               std::span<const GroupedProduct> products, GemmOperands operands, DeviceScratch& scratch,
-                              Device& device, cudaStream_t stream);
+                              Device& device, cudaStream_t stream, const float* up = nullptr);
 
 }  // namespace m1::cuda

@@ -14,6 +14,7 @@
 #include "device.h"
 #include "device_array.h"
 #include "device_scratch.h"
+#include "elementwise.h"
 #include "matmul.h"
 
 namespace m1::test {
@@ -83,6 +84,30 @@ inline void expect_grouped_bits(const float* x, int64_t ldx, const int64_t* offs
   cuda::grouped_matmuls(x, ldx, offsets, products, rows, bound, operands, scratch, device, nullptr);
   EXPECT_TRUE(same(first.download(), want[0])) << what << ", grouped_matmuls, first of two";
   EXPECT_TRUE(same(second.download(), want[1])) << what << ", grouped_matmuls, second of two";
+}
+
+// grouped_matmul_swiglu(gate, up, ...) against swiglu then grouped_matmul on copies of the same
+// rows, bit for bit, outputs filled with `fill` first (rows outside the groups keep it). gate and
+// up: rows x ldx values on the host. `fused`: whether the call should apply SwiGLU as it stages
+// the rows (gate left as it was) rather than in a pass of its own (gate overwritten).
+inline void expect_swiglu_product_bits(const std::vector<float>& gate, const std::vector<float>& up, int64_t ldx,
+                                       const int64_t* offsets, const std::vector<cuda::DeviceMatrix>& w, int64_t rows,
+                                       int64_t bound, int64_t ldo, float fill, cuda::GemmOperands operands,
+                                       cuda::DeviceScratch& scratch, cuda::Device& device, bool fused,
+                                       const std::string& what) {
+  const size_t outputs = size_t(rows * ldo);
+  DeviceArray<float> g1(gate), u1(up), out1(std::vector<float>(outputs, fill));
+  cuda::swiglu(g1.get(), u1.get(), rows * ldx, nullptr);
+  cuda::grouped_matmul(g1.get(), ldx, offsets, w, rows, bound, out1.get(), ldo, operands, scratch, device, nullptr);
+  DeviceArray<float> g2(gate), u2(up), out2(std::vector<float>(outputs, fill));
+  cuda::grouped_matmul_swiglu(g2.get(), u2.get(), ldx, offsets, w, rows, bound, out2.get(), ldo, operands, scratch,
+                              device, nullptr);
+  const std::vector<float> want = out1.download(), got = out2.download();
+  EXPECT_EQ(std::memcmp(got.data(), want.data(), outputs * sizeof(float)), 0) << what;
+  const std::vector<float> gate_after = g2.download(), swiglu_gate = g1.download();
+  const std::vector<float>& expected_gate = fused ? gate : swiglu_gate;
+  EXPECT_EQ(std::memcmp(gate_after.data(), expected_gate.data(), gate.size() * sizeof(float)), 0)
+      << what << (fused ? ": SwiGLU applied in a pass of its own" : ": gate not overwritten");
 }
 
 }  // namespace m1::test

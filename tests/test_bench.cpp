@@ -11,6 +11,7 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <string>
 
 #include <nlohmann/json.hpp>
 
@@ -150,13 +151,26 @@ class BenchErrors : public ::testing::Test {
 };
 
 // Over CPU ranks the report gives each step's share in collectives.
-TEST(BenchTensorParallel, ReportsTheShareOfCollectives) {
-  const fs::path dir = fs::temp_directory_path() / ("m1-bench-tp-" + std::to_string(::getpid()));
+// m1-bench run with `flags` and --json into a fresh directory (removed after): its result and the
+// report (discarded when the file is not JSON).
+struct JsonRun {
+  Result result;
+  json report;
+};
+JsonRun run_bench_json(const std::string& flags) {
+  static int runs = 0;
+  const fs::path dir =
+      fs::temp_directory_path() / ("m1-bench-json-" + std::to_string(::getpid()) + "-" + std::to_string(runs++));
   fs::create_directories(dir);
-  const Result r = run_bench("--synthetic tiny --tensor-parallel 2 --contexts 64 --decode-tokens 3 --repeats 1 "
-                             "--variants hybrid --json " + (dir / "out.json").string());
-  const json report = json::parse(read_file(dir / "out.json"), nullptr, false);
+  JsonRun run{run_bench(flags + " --json " + (dir / "out.json").string()), {}};
+  run.report = json::parse(read_file(dir / "out.json"), nullptr, false);
   fs::remove_all(dir);
+  return run;
+}
+
+TEST(BenchTensorParallel, ReportsTheShareOfCollectives) {
+  const auto [r, report] =
+      run_bench_json("--synthetic tiny --tensor-parallel 2 --contexts 64 --decode-tokens 3 --repeats 1 --variants hybrid");
   ASSERT_EQ(r.status, 0) << r.err;
   EXPECT_NE(r.out.find("coll %"), std::string::npos) << r.out;
   ASSERT_FALSE(report.is_discarded());
@@ -171,18 +185,14 @@ TEST(BenchTensorParallel, ReportsTheShareOfCollectives) {
 // --quantize counts the bytes a decode step reads as loaded: codes and scales of the quantized
 // weights (int4 groups of 32: 4.5 bits each), the rest as stored.
 TEST(BenchQuantized, WeightBytesPerTokenAreTheQuantizedOnes) {
-  const fs::path dir = fs::temp_directory_path() / ("m1-bench-quantized-" + std::to_string(::getpid()));
-  fs::create_directories(dir);
   auto bytes = [&](const std::string& flags) {
-    const Result r = run_bench("--synthetic tiny --contexts 64 --decode-tokens 2 --repeats 1 --threads 2 --variants hybrid --json " +
-                               (dir / "out.json").string() + " " + flags);
+    const auto [r, report] =
+        run_bench_json("--synthetic tiny --contexts 64 --decode-tokens 2 --repeats 1 --threads 2 --variants hybrid " + flags);
     EXPECT_EQ(r.status, 0) << r.err;
-    const json report = json::parse(read_file(dir / "out.json"), nullptr, false);
     return report["results"][0]["weight_bytes_per_token"].get<double>();
   };
   const double bf16 = bytes(""), int8 = bytes("--quantize int8"), int4 = bytes("--quantize int4"),
                int4_head = bytes("--quantize int4 --quantize-lm-head");
-  fs::remove_all(dir);
   EXPECT_LT(int8, bf16);
   EXPECT_LT(int4, int8);
   EXPECT_LT(int4_head, int4);
@@ -193,12 +203,8 @@ TEST(BenchQuantized, WeightBytesPerTokenAreTheQuantizedOnes) {
 // --decode-batch N decodes N sequences per step at each depth: the step's time is reported per
 // token, and tokens/s counts every sequence of the step.
 TEST(BenchDecodeBatch, StepsCarryEverySequenceAndCountThemAll) {
-  const fs::path dir = fs::temp_directory_path() / ("m1-bench-batch-" + std::to_string(::getpid()));
-  fs::create_directories(dir);
-  const Result r = run_bench("--synthetic tiny --contexts 64 --decode-tokens 3 --repeats 1 --threads 2 --variants hybrid "
-                             "--decode-batch 5 --json " + (dir / "out.json").string());
-  const json report = json::parse(read_file(dir / "out.json"), nullptr, false);
-  fs::remove_all(dir);
+  const auto [r, report] = run_bench_json(
+      "--synthetic tiny --contexts 64 --decode-tokens 3 --repeats 1 --threads 2 --variants hybrid --decode-batch 5");
   ASSERT_EQ(r.status, 0) << r.err;
   EXPECT_NE(r.out.find("in steps of 5 sequences"), std::string::npos) << r.out;
   ASSERT_FALSE(report.is_discarded());

@@ -453,6 +453,40 @@ TEST(CudaElementwise, RmsnormMatchesCpu) {
       }
 }
 
+// grouped_matmul_swiglu (the MoE's down products) gives the bits of swiglu then grouped_matmul:
+// streamed with SwiGLU applied as the rows are staged (BF16, bounds of 1 and 8 rows, and every row
+// of a 40-row call in tiles of 8), and the fallback (F32 weights; 100 rows under a loose bound).
+TEST(CudaBf16Stream, GroupedSwigluMatchesSwigluThenTheProduct) {
+  M1_REQUIRE_CUDA();
+  std::mt19937 rng(35);
+  const int64_t n = 130, k = 264, ldo = n + 1;
+  for (DType dtype : {DType::kBF16, DType::kF32})
+    for (const auto& [counts, bound] : {std::pair<std::vector<int64_t>, int64_t>{{3, 0, 5}, 1},
+                                        {{3, 0, 5}, 8},
+                                        {{12, 1, 20, 0, 6}, 40},
+                                        {{60, 39}, 100}}) {
+      std::vector<int64_t> offsets = {0};
+      for (int64_t c : counts) offsets.push_back(offsets.back() + c);
+      const int64_t rows = std::max<int64_t>(offsets.back(), bound);
+      std::vector<DeviceArray<uint8_t>> stored;
+      std::vector<DeviceMatrix> w;
+      for (size_t g = 0; g < counts.size(); ++g) {
+        stored.emplace_back(random_weight(dtype, n, k, rng).bytes);
+        w.push_back(DeviceMatrix{stored.back().get(), dtype, n, k});
+      }
+      const std::vector<float> gate = random_floats(size_t(rows * k), 3.0f, rng), up = random_floats(size_t(rows * k), 1.0f, rng);
+      const DeviceArray<int64_t> doffsets(offsets);
+      for (GemmOperands operands : {GemmOperands::kBf16, GemmOperands::kFp32}) {
+        DeviceScratch scratch;
+        const bool fused = dtype == DType::kBF16 && (bound <= 8 || rows <= 64);
+        test::expect_swiglu_product_bits(gate, up, k, doffsets.get(), w, rows, bound, ldo, -7.25f, operands, scratch,
+                                         test::test_device(), fused,
+                                         fmt::format("{} {} rows bound {} {}", dtype_name(dtype), rows, bound,
+                                                     operands_name(operands)));
+      }
+    }
+}
+
 // A residual add and the norm after it in one launch give the bits of add_scaled then rmsnorm, with
 // out apart from both inputs, out aliasing a (pre-norm layers: x = alpha x + beta y), and normed
 // aliasing a (post-norm layers: x = alpha xn + beta y, then xn = norm(x)); rows off the block

@@ -373,6 +373,37 @@ TEST_F(CudaQuantized, StreamedGroupedMatchesTheSkinnyKernel) {
     }
 }
 
+// grouped_matmul_swiglu on quantized experts gives the bits of swiglu then grouped_matmul: streamed
+// with SwiGLU applied as the rows are staged (int8's ring holds up's rows beside x's only in tiles
+// of 4, so bounds of 8 and 33 take those), and the fallback (100 rows under a loose bound).
+TEST_F(CudaQuantized, GroupedSwigluMatchesSwigluThenTheProduct) {
+  SCOPED_TRACE("seed " + std::to_string(seed()));
+  const int64_t n = 130, k = 300, ldo = n + 1;
+  for (const Scheme& scheme : {kSchemes[0], kSchemes[2], kSchemes[6]})
+    for (const auto& [counts, bound] : {std::pair<std::vector<int64_t>, int64_t>{{3, 0, 5}, 3},
+                                        {{3, 0, 5}, 8},
+                                        {{12, 1, 20}, 33},
+                                        {{60, 39}, 100}}) {
+      std::vector<int64_t> offsets = {0};
+      for (int64_t c : counts) offsets.push_back(offsets.back() + c);
+      const int64_t rows = std::max<int64_t>(offsets.back(), bound);
+      std::vector<std::unique_ptr<TestQuantWeight>> weights;
+      std::vector<DeviceMatrix> w;
+      for (size_t g = 0; g < counts.size(); ++g) {
+        weights.push_back(std::make_unique<TestQuantWeight>(scheme, n, k, 1.0f / std::sqrt(float(k))));
+        w.push_back(weights.back()->device);
+      }
+      const std::vector<float> gate = random_floats(size_t(rows * k)), up = random_floats(size_t(rows * k));
+      const DeviceArray<int64_t> offsets_device(offsets);
+      DeviceScratch scratch;
+      for (GemmOperands operands : {GemmOperands::kFp32, GemmOperands::kBf16})
+        test::expect_swiglu_product_bits(gate, up, k, offsets_device.get(), w, rows, bound, ldo, -7.25f, operands,
+                                         scratch, test::test_device(), bound <= 8 || rows <= 64,
+                                         fmt::format("{} {}: {} rows, bound {}", scheme_name(scheme),
+                                                     operands_name(operands), rows, bound));
+    }
+}
+
 // Quantized groups must share a group size and scale dtype, and have scales.
 TEST_F(CudaQuantized, GroupedMatmulRejectsMixedQuantization) {
   const TestQuantWeight a({{DType::kQ4, 32}}, 8, 64, 1.0f), b({{DType::kQ4, 64}}, 8, 64, 1.0f),
