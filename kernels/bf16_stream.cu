@@ -193,8 +193,9 @@ void launch_grouped(const float* x, const float* up, int64_t ldx, int64_t rows, 
   device.allow_shared_memory<kernel>(size_t(bytes));
   const int64_t n = products[0].w[0].rows, k = products[0].w[0].cols;
   for_each_stream_launch(x, up, ldx, rows, offsets, tile_rows, products, kCols, scratch,
-                         [&](const GroupedTiles& tiles, int* counters) {
-                           kernel<<<unsigned(device.limits().sms), kThreads, bytes, stream>>>(tiles, n, k, counters);
+                         [&](const GroupedTiles& tiles, int* counters, int64_t units) {
+                           const int64_t grid = std::min<int64_t>(units, device.limits().sms);
+                           kernel<<<unsigned(grid), kThreads, bytes, stream>>>(tiles, n, k, counters);
                            M1_CUDA_CHECK_LAUNCH();
                          });
 }

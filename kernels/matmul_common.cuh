@@ -385,9 +385,10 @@ inline int64_t stream_tile_rows(int64_t group_rows, int64_t rows, int64_t max_ro
 }
 
 // The launches of streamed grouped products (bf16_stream.cu, quantized_stream.cu) of x, or of
-// swiglu(x, up) when `up` is given: launch(tiles, counters) for each, products kMaxStreamProducts
-// at a time while their chunk partials fit together (else one at a time, sharing one set), groups
-// kLaunchGroups at a time. `cols`: outputs per column block.
+// swiglu(x, up) when `up` is given: launch(tiles, counters, units) for each, products
+// kMaxStreamProducts at a time while their chunk partials fit together (else one at a time,
+// sharing one set), groups kLaunchGroups at a time; `units` bounds the launch's work units (the
+// tiles are counted on the device), so a grid needs no more CTAs. `cols`: outputs per column block.
 template <class Launch>
 void for_each_stream_launch(const float* x, const float* up, int64_t ldx, int64_t rows, const int64_t* offsets,
                             int64_t tile_rows, std::span<const GroupedProduct> products, int cols,
@@ -409,8 +410,8 @@ void for_each_stream_launch(const float* x, const float* up, int64_t ldx, int64_
         tiles.out[i] = p.out;
         tiles.ldo[i] = p.ldo;
       }
-      // The tiles are counted on the device; the host bounds them for the counters.
-      launch(tiles, fold_counters(scratch, partial, set * grouped_tiles(rows, count, tile_rows) * blocks));
+      const int64_t tiles_bound = set * grouped_tiles(rows, count, tile_rows);
+      launch(tiles, fold_counters(scratch, partial, tiles_bound * blocks), tiles_bound * blocks * chunks);
     }
   }
 }
