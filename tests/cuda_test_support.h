@@ -110,6 +110,20 @@ inline void expect_swiglu_product_bits(const std::vector<float>& gate, const std
       << what << (fused ? ": SwiGLU applied in a pass of its own" : ": gate not overwritten");
 }
 
+// The streamed grouped products' tests (BF16 and quantized): group sizes with empty groups, groups
+// of 1 to 20 rows, and 70 groups (two launches) of which only the last has a row.
+inline std::vector<std::vector<int64_t>> streamed_group_counts() {
+  std::vector<int64_t> many(70);
+  many.back() = 1;
+  return {{1}, {0, 3, 0, 2}, {8, 0, 1, 5, 7, 2, 0, 4}, {20, 0, 9}, many};
+}
+
+// The test GPU seen as having `sms` SMs: the streamed kernels' grids, and so how they split the
+// work, follow it.
+inline cuda::Device device_with_sms(int sms) {
+  return cuda::Device(test_device().index(), cuda::DeviceLimits{sms, test_device().limits().shared_per_block});
+}
+
 }  // namespace m1::test
 
 #define M1_REQUIRE_CUDA()                                                     \

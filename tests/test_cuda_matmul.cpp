@@ -237,7 +237,7 @@ TEST(CudaBf16Stream, MatchesTheTiledKernelOnAnyGrid) {
       matmul(dx.get(), k, rows, dm, dout.get(), n, operands, scratch, test::test_device(), nullptr);
       const std::vector<float> tiled = dout.download();
       for (int sms : {1, 3, 7, 132}) {
-        Device device(test::test_device().index(), DeviceLimits{sms, test::test_device().limits().shared_per_block});
+        Device device = test::device_with_sms(sms);
         for (int64_t m = 1; m <= kBf16StreamMaxRows; ++m) {
           const int64_t first = (m * 5 + sms) % (rows - m + 1);
           const std::string what = fmt::format("{} rows from {}, n {} k {}, {} CTAs, {}", m, first, n, k, sms,
@@ -263,17 +263,13 @@ TEST(CudaBf16Stream, GroupedMatchesTheTiledKernel) {
   std::mt19937 rng(34);
   const int64_t rows = 70, call_rows = 60, n = 200, k = 520, ldo = n + 3;
   const float kUntouched = -7.25f;
-  std::vector<int64_t> many(70);
-  for (size_t g = 0; g < many.size(); ++g) many[g] = g == 69 ? 1 : 0;
   // 7 CTAs (the plain test covers 1 to 132): the emulator runs every CTA of a grouped launch.
-  Device device(test::test_device().index(), DeviceLimits{7, test::test_device().limits().shared_per_block});
-  for (const std::vector<int64_t>& counts :
-       {std::vector<int64_t>{1}, {0, 3, 0, 2}, {8, 0, 1, 5, 7, 2, 0, 4}, {20, 0, 9}, many}) {
+  Device device = test::device_with_sms(7);
+  for (const std::vector<int64_t>& counts : test::streamed_group_counts()) {
     const int64_t groups = int64_t(counts.size()), lead = 1;
     std::vector<int64_t> offsets = {lead};
     for (int64_t c : counts) offsets.push_back(offsets.back() + c);
     const int64_t most = *std::max_element(counts.begin(), counts.end());
-    std::vector<std::vector<uint8_t>> bytes;
     std::vector<DeviceArray<uint8_t>> stored;
     std::vector<DeviceMatrix> w[2];
     for (int product = 0; product < 2; ++product)

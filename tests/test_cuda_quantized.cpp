@@ -295,7 +295,7 @@ TEST_F(CudaQuantized, StreamedMatchesTheTiledKernelOnAnyGrid) {
         matmul(x.get(), k, rows, w.device, out.get(), n, operands, scratch, test::test_device(), nullptr);
         const std::vector<float> tiled = out.download();
         for (int sms : {1, 3, 7, 132}) {
-          Device device(test::test_device().index(), DeviceLimits{sms, test::test_device().limits().shared_per_block});
+          Device device = test::device_with_sms(sms);
           for (int64_t m : {1, 3, 8}) {
             const int64_t first = (m * 11 + sms) % (rows - m + 1);
             const std::string what = fmt::format("{} {}: {} rows from {}, n {} k {}, {} CTAs", scheme_name(scheme),
@@ -321,13 +321,10 @@ TEST_F(CudaQuantized, StreamedGroupedMatchesTheSkinnyKernel) {
   SCOPED_TRACE("seed " + std::to_string(seed()));
   const int64_t rows = 60, n = 150, k = 300, ldo = n + 3;
   const float kUntouched = -7.25f;
-  std::vector<int64_t> many(70);
-  many.back() = 1;
   // 7 CTAs (the plain test covers 1 to 132): the emulator runs every CTA of a grouped launch.
-  Device device(test::test_device().index(), DeviceLimits{7, test::test_device().limits().shared_per_block});
+  Device device = test::device_with_sms(7);
   for (const Scheme& scheme : {kSchemes[0], kSchemes[2], kSchemes[6]})
-    for (const std::vector<int64_t>& counts :
-         {std::vector<int64_t>{1}, {0, 3, 0, 2}, {8, 0, 1, 5, 7, 2, 0, 4}, {20, 0, 9}, many}) {
+    for (const std::vector<int64_t>& counts : test::streamed_group_counts()) {
       const int64_t groups = int64_t(counts.size()), lead = 1;
       std::vector<int64_t> offsets = {lead};
       for (int64_t c : counts) offsets.push_back(offsets.back() + c);
