@@ -2,12 +2,13 @@
 // A JSON Schema validator for the tests, written apart from the grammar engine (src/structured)
 // and sharing nothing with it: it checks a parsed document against a schema keyword by keyword,
 // as JSON Schema 2020-12 and ajv define them, for the keywords m1 supports. Patterns are matched
-// with PCRE2 in UTF and Unicode-property mode (its \s, \w, \d and '.' take all that ECMAScript's
-// take, and more: never stricter); formats by hand-written checks of ajv-formats' rules.
+// with PCRE2 in UTF mode, each ECMAScript construct whose meaning differs there spelled out as
+// ECMAScript defines it (see pcre_pattern); formats by hand-written checks of ajv-formats' rules.
 
 #define PCRE2_CODE_UNIT_WIDTH 8
 #include <pcre2.h>
 
+#include <cctype>
 #include <cmath>
 #include <cstdint>
 #include <string>
@@ -89,20 +90,63 @@ class SchemaValidator {
     return n;
   }
 
-  // ECMA-262's empty classes in PCRE2's terms: [] matches nothing, (?!); [^] any character.
+  // An ECMAScript (ECMA-262, u flag) pattern in PCRE2's terms, where the two differ:
+  // - the class escapes \d \D \w \W \s \S as the explicit sets ECMA-262 defines (PCRE2's \s lacks
+  //   U+FEFF; in Unicode mode its \d and \w take other scripts' digits and letters; found by
+  //   fuzz_json_schema), '.' as anything but a line terminator, \v as U+000B alone;
+  // - \xHH, \uHHHH and \u{H...} as PCRE2's \x{...};
+  // - the empty classes: [] matches nothing, (?!); [^] any character.
+  static std::string class_escape(char letter) {
+    switch (letter) {
+      case 'd': return "0-9";
+      case 'D': return "\\x{0}-\\x{2F}\\x{3A}-\\x{10FFFF}";
+      case 'w': return "A-Za-z0-9_";
+      case 'W': return "\\x{0}-\\x{2F}\\x{3A}-\\x{40}\\x{5B}-\\x{5E}\\x{60}\\x{7B}-\\x{10FFFF}";
+      case 's':
+        return "\\x{9}-\\x{D}\\x{20}\\x{A0}\\x{1680}\\x{2000}-\\x{200A}\\x{2028}\\x{2029}\\x{202F}\\x{205F}"
+               "\\x{3000}\\x{FEFF}";
+      case 'S':
+        return "\\x{0}-\\x{8}\\x{E}-\\x{1F}\\x{21}-\\x{9F}\\x{A1}-\\x{167F}\\x{1681}-\\x{1FFF}\\x{200B}-\\x{2027}"
+               "\\x{202A}-\\x{202E}\\x{2030}-\\x{205E}\\x{2060}-\\x{2FFF}\\x{3001}-\\x{FEFE}\\x{FF00}-\\x{10FFFF}";
+      default: return "";
+    }
+  }
+
   static std::string pcre_pattern(const std::string& pattern) {
     std::string out;
     bool in_class = false;
+    const auto is_hex = [&](size_t at) { return at < pattern.size() && std::isxdigit(static_cast<unsigned char>(pattern[at])); };
     for (size_t i = 0; i < pattern.size(); ++i) {
       const char c = pattern[i];
       if (c == '\\' && i + 1 < pattern.size()) {
-        out += pattern.substr(i++, 2);
+        const char letter = pattern[++i];
+        const std::string set = class_escape(letter);
+        if (!set.empty()) {
+          out += in_class ? set : "[" + set + "]";
+        } else if (letter == 'v') {
+          out += "\\x{B}";
+        } else if (letter == 'x' && is_hex(i + 1) && is_hex(i + 2)) {
+          out += "\\x{" + pattern.substr(i + 1, 2) + "}";
+          i += 2;
+        } else if (letter == 'u' && i + 1 < pattern.size() && pattern[i + 1] == '{') {
+          const size_t close = pattern.find('}', i);
+          if (close == std::string::npos) return pattern;  // refused by PCRE2 as by m1
+          out += "\\x{" + pattern.substr(i + 2, close - i - 2) + "}";
+          i = close;
+        } else if (letter == 'u' && is_hex(i + 1) && is_hex(i + 2) && is_hex(i + 3) && is_hex(i + 4)) {
+          out += "\\x{" + pattern.substr(i + 1, 4) + "}";
+          i += 4;
+        } else {
+          out += pattern.substr(i - 1, 2);
+        }
       } else if (!in_class && c == '[' && pattern.compare(i, 2, "[]") == 0) {
         out += "(?!)";
         ++i;
       } else if (!in_class && c == '[' && pattern.compare(i, 3, "[^]") == 0) {
-        out += "[\\s\\S]";
+        out += "[\\x{0}-\\x{10FFFF}]";
         i += 2;
+      } else if (!in_class && c == '.') {
+        out += "[^\\n\\r\\x{2028}\\x{2029}]";
       } else {
         in_class = c == '[' ? true : c == ']' ? false : in_class;
         out += c;
@@ -115,7 +159,7 @@ class SchemaValidator {
     const std::string pattern = pcre_pattern(ecma_pattern);
     int error = 0;
     PCRE2_SIZE offset = 0;
-    pcre2_code* code = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.c_str()), pattern.size(), PCRE2_UTF | PCRE2_UCP,
+    pcre2_code* code = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.c_str()), pattern.size(), PCRE2_UTF | PCRE2_DOLLAR_ENDONLY,
                                      &error, &offset, nullptr);
     if (code == nullptr) return false;
     pcre2_match_data* data = pcre2_match_data_create_from_pattern(code, nullptr);

@@ -236,6 +236,10 @@ TEST_F(ServerTest, ClientErrorsAreOpenAiErrors) {
        "{" + user + R"(, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema":
            {"type": "object", "properties": {"n": {"type": "integer", "multipleOf": 3}}}}}})",
        400, "invalid_request_error", "response_format"},
+      {"JSON schema with a pattern whose automaton explodes", chat,
+       "{" + user + R"(, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema":
+           {"type": "string", "pattern": "^[ab]*a[ab]{18}$"}}}})",
+       400, "invalid_request_error", "response_format"},
       {"a strict tool with an unsupported keyword", chat,
        "{" + user + R"(, "tools": [{"type": "function", "function": {"name": "f", "strict": true,
            "parameters": {"type": "object", "patternProperties": {}}}}]})",

@@ -64,6 +64,67 @@ TEST(Pattern, MatchesAsEcmaScriptDoes) {
   EXPECT_NE(validator.check_text("\"x-226\""), "");
 }
 
+// Where ECMAScript and PCRE2 (which the independent validator uses) read a pattern differently,
+// the engine and the validator must both read it as ECMAScript does (found by fuzz_json_schema).
+TEST(Pattern, TheValidatorAgreesWithTheEngine) {
+  const std::string bom = "\xEF\xBB\xBF", arabic_three = "\xD9\xA3", e_acute = "\xC3\xA9",
+                    line_separator = "\xE2\x80\xA8", next_line = "\xC2\x85";
+  const struct {
+    std::string pattern, text;
+    bool match;
+  } cases[] = {
+      {"^a\\sb$", "a" + bom + "b", true},  // U+FEFF is white space in ECMAScript alone
+      {"^a[\\s]b$", "a" + bom + "b", true},
+      {"^a[^\\s]b$", "a" + bom + "b", false},
+      {"^a\\Sb$", "a" + bom + "b", false},
+      {"^a[^\\S]b$", "a" + bom + "b", true},
+      {"^a\\sb$", "a" + next_line + "b", false},  // U+0085 is white space in Unicode alone
+      {"^a\\sb$", "a\vb", true},
+      {"^\\D$", arabic_three, true},  // \d is [0-9] alone
+      {"^\\d$", arabic_three, false},
+      {"^[\\D]$", arabic_three, true},
+      {"^\\W$", e_acute, true},  // \w is [A-Za-z0-9_] alone
+      {"^[x\\w]$", e_acute, false},
+      {"^.$", line_separator, false},  // '.' stops at every line terminator
+      {"^.$", next_line, true},
+      {"^a$", "a\n", false},  // '$' is the end of the text, not before a final newline
+      {"^\\u00e9\\x41\\u{1F600}$", e_acute + "A\xF0\x9F\x98\x80", true},
+      {"^\\v$", "\v", true},
+      {"^\\v$", "\n", false},
+      {"^[^]$", line_separator, true},
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.pattern);
+    EXPECT_EQ(pattern_matches(c.pattern, c.text), c.match);
+    const testing::SchemaValidator validator(ordered_json{{"type", "string"}, {"pattern", c.pattern}});
+    EXPECT_EQ(validator.check_text(ordered_json(c.text).dump()).empty(), c.match);
+  }
+}
+
+// The subset construction's state count against counts worked out by hand. The construction is
+// not minimised: the start keeps a state of its own where the minimal automaton would merge it, so
+// each count is the minimal one plus at most one; the dead state is not counted, and a count past
+// the limit reads limit + 1.
+TEST(Pattern, CountsDeterministicStates) {
+  const auto states = [](const std::string& pattern, size_t limit = 1000000) {
+    return structured::deterministic_states(structured::nfa_from_regex(structured::parse_pattern(pattern), "pattern"),
+                                            limit);
+  };
+  EXPECT_EQ(states("^abc$"), 4u);
+  EXPECT_LE(states("^a*$"), 2u);
+  // The last k + 1 letters of a [ab]* prefix are all remembered: 2^(k+1) states.
+  for (int k : {0, 1, 2, 5, 9}) {
+    const size_t minimal = size_t(2) << k;
+    EXPECT_GE(states("^[ab]*a[ab]{" + std::to_string(k) + "}$"), minimal) << k;
+    EXPECT_LE(states("^[ab]*a[ab]{" + std::to_string(k) + "}$"), minimal + 1) << k;
+  }
+  EXPECT_EQ(states("^[ab]*a[ab]{9}$", 1000), 1001u);
+  EXPECT_EQ(states("^[ab]*a[ab]{30}$", 20000), 20001u);  // stops at the limit, not near 2^31
+  // Classes: \d and [0-4] overlap, so 0-4, 5-9 and the rest are told apart: after a first digit
+  // of 0-4 both branches go on, after 5-9 one; then three different sets of finished branches.
+  EXPECT_EQ(states("^(\\d[0-4]|[0-4]\\d)$"), 6u);
+}
+
 TEST(Pattern, RefusesWhatItDoesNotSupport) {
   for (const char* pattern : {"(a)\\1", "a(?=b)", "a(?!b)", "(?<=a)b", "\\bword", "\\p{L}", "a^b", "(a$)", "[b-a]",
                               "a{2,1}", "(", "a)", "*a", "a{99999}"})
@@ -178,6 +239,15 @@ TEST(JsonSchema, Combinations) {
   EXPECT_FALSE(accepts(values, R"("blue")"));
 }
 
+// A counted repetition grows the NFA as much as the deterministic automaton: long ones pass the
+// blow-up check, and their documents match.
+TEST(JsonSchema, LongCountedPatternsPass) {
+  // About 20,000 deterministic states, past the floor of 20,000 but not twice the NFA's.
+  const auto grammar = schema_grammar(R"({"type": "string", "pattern": "^[a-z]{0,10000}-[0-9]{1,10000}$"})");
+  EXPECT_TRUE(accepts(grammar, "\"" + std::string(9000, 'q') + "-" + std::string(9999, '7') + "\""));
+  EXPECT_FALSE(accepts(grammar, "\"" + std::string(10001, 'q') + "-7\""));
+}
+
 TEST(JsonSchema, RefusesWithTheKeywordAndPlace) {
   const auto refuse = [](const std::string& schema, const std::vector<std::string>& parts) {
     testing::expect_error([&] { schema_grammar(schema); }, parts);
@@ -190,6 +260,10 @@ TEST(JsonSchema, RefusesWithTheKeywordAndPlace) {
   refuse(R"({"$ref": "#/$defs/missing"})", {"no such place"});
   refuse(R"({"$ref": "http://example.com/s.json"})", {"only references within the schema"});
   refuse(R"({"type": "string", "pattern": "(a)\\1"})", {"#/pattern", "backreferences"});
+  // Refused up front, not while matching: this pattern's deterministic automaton takes 2^19 states
+  // (found by fuzz_json_schema, whose walk spent 34 s building the lexer of one like it).
+  refuse(R"({"type": "object", "properties": {"id": {"type": "string", "pattern": "^[ab]*a[ab]{18}$"}}})",
+         {"#/properties/id", "pattern '^[ab]*a[ab]{18}$' is too complex to match", "passes 20000 states"});
   refuse(R"({"type": "integer", "minimum": 5, "maximum": 2})", {"no JSON document satisfies it"});
   refuse(R"({"type": "string", "minLength": 4, "maxLength": 2})", {"no JSON document satisfies it"});
   refuse(R"({"type": "object", "required": ["a"], "additionalProperties": false})", {"no JSON document satisfies it"});

@@ -1,10 +1,12 @@
 #include "structured/char_nfa.h"
 
+#include <algorithm>
 #include <map>
 #include <utility>
 
 #include "m1/error.h"
 #include "structured/reachability.h"
+#include "structured/state_set.h"
 
 namespace m1::structured {
 namespace {
@@ -230,6 +232,50 @@ CharNfa with_length(const CharNfa& a, int64_t min, int64_t max, const char* what
 bool is_empty(const CharNfa& nfa) {
   const CharNfa trimmed = without_epsilons(nfa);
   return !trimmed.states[size_t(trimmed.start)].accept && trimmed.states[size_t(trimmed.start)].edges.empty();
+}
+
+size_t deterministic_states(const CharNfa& nfa_in, size_t limit) {
+  const CharNfa nfa = without_epsilons(nfa_in);
+  // The classes: code points between consecutive boundaries of any edge's ranges.
+  std::vector<char32_t> starts{0};
+  for (const CharNfa::State& state : nfa.states)
+    for (const CharNfa::Edge& e : state.edges)
+      for (const auto& [lo, hi] : e.set.ranges()) {
+        starts.push_back(lo);
+        if (hi < kMaxCodepoint) starts.push_back(hi + 1);
+      }
+  std::sort(starts.begin(), starts.end());
+  starts.erase(std::unique(starts.begin(), starts.end()), starts.end());
+  const auto class_of = [&](char32_t c) { return size_t(std::upper_bound(starts.begin(), starts.end(), c) - starts.begin()) - 1; };
+
+  StateSetMap<char> seen;
+  std::vector<std::vector<int32_t>> work;  // sets seen, not yet expanded
+  const auto see = [&](std::vector<int32_t>& set) {
+    std::sort(set.begin(), set.end());
+    set.erase(std::unique(set.begin(), set.end()), set.end());
+    if (seen.emplace(set, 0).second) work.push_back(set);
+  };
+  std::vector<int32_t> first{nfa.start};
+  see(first);
+  std::vector<std::vector<int32_t>> targets(starts.size());
+  std::vector<size_t> touched;
+  while (!work.empty() && seen.size() <= limit) {
+    const std::vector<int32_t> set = std::move(work.back());
+    work.pop_back();
+    touched.clear();
+    for (int32_t s : set)
+      for (const CharNfa::Edge& e : nfa.states[size_t(s)].edges)
+        for (const auto& [lo, hi] : e.set.ranges())
+          for (size_t c = class_of(lo); c < starts.size() && starts[c] <= hi; ++c) {
+            if (targets[c].empty()) touched.push_back(c);
+            targets[c].push_back(e.to);
+          }
+    for (size_t c : touched) {
+      if (seen.size() <= limit) see(targets[c]);
+      targets[c].clear();
+    }
+  }
+  return std::min(seen.size(), limit + 1);
 }
 
 bool matches(const CharNfa& nfa, std::u32string_view text) {

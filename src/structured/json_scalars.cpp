@@ -1,5 +1,6 @@
 #include "structured/json_scalars.h"
 
+#include <algorithm>
 #include <string>
 
 #include "m1/error.h"
@@ -139,7 +140,17 @@ RegexNode number_language(const IntegerBounds& bounds) {
 CharNfa string_language(const StringConstraints& c, const char* what) {
   std::vector<RegexNode> parts;
   if (c.format) parts.push_back(parse_pattern(format_pattern(*c.format)));
-  for (const std::string& pattern : c.patterns) parts.push_back(parse_pattern(pattern));
+  for (const std::string& pattern : c.patterns) {
+    parts.push_back(parse_pattern(pattern));
+    // Refused here, not while matching: a pattern whose deterministic automaton blows up (past
+    // kPatternStatesFloor and twice its NFA) would have the lexer spend seconds building it, and
+    // pass its bound mid-generation. Counted repetitions grow the NFA as much and pass.
+    const CharNfa nfa = nfa_from_regex(parts.back(), what);
+    const size_t limit = std::max(kPatternStatesFloor, 2 * nfa.states.size());
+    if (deterministic_states(nfa, limit) > limit)
+      fail("{}: pattern '{}' is too complex to match: its deterministic automaton passes {} states", what, pattern,
+           limit);
+  }
   if (parts.empty()) parts.push_back(RegexNode::repeat(RegexNode::of_set(CodepointSet::all()), 0, -1));
   CharNfa language = nfa_from_regex(parts[0], what);
   for (size_t i = 1; i < parts.size(); ++i) language = intersect(language, nfa_from_regex(parts[i], what), what);

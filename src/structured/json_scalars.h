@@ -35,6 +35,9 @@ struct StringConstraints {
   std::optional<std::string> format;
 };
 
+// A pattern whose deterministic automaton passes this many states, and twice its NFA's, is refused.
+constexpr size_t kPatternStatesFloor = 20000;
+
 // The decoded string values that satisfy every constraint. Throws m1::Error naming `what` when a
 // pattern is unsupported or the language grows too large.
 CharNfa string_language(const StringConstraints& constraints, const char* what);

@@ -81,12 +81,6 @@ const MarkerGuard& marker_guard() {
 
 }  // namespace
 
-size_t LexerDfa::VectorHash::operator()(const std::vector<int32_t>& v) const {
-  uint64_t h = 0x9E3779B97F4A7C15ULL ^ v.size();
-  for (int32_t x : v) h = (h ^ uint64_t(uint32_t(x))) * 0x100000001B3ULL + (h >> 29);
-  return size_t(h);
-}
-
 LexerDfa::LexerDfa(const ByteNfa& nfa, std::vector<int32_t> terminal_start)
     : nfa_(nfa), terminal_start_(std::move(terminal_start)), class_of_(kSymbolCount), mark_(nfa.states.size(), 0) {
   // Symbols split into classes at every edge's bounds, around every byte of the markers' text,
@@ -210,7 +204,7 @@ void LexerDfa::compute_raw_row(int32_t state) {
   for (size_t i = 0; i + 1 < members.size(); ++i)
     for (const ByteNfa::Edge& e : nfa_.states[size_t(members[i])].edges)
       for (int32_t c = class_of_[size_t(e.lo)]; c <= class_of_[size_t(e.hi)]; ++c) buckets[size_t(c)].push_back(e.to);
-  std::unordered_map<std::vector<int32_t>, int32_t, VectorHash>& done = row_targets_;
+  StateSetMap<int32_t>& done = row_targets_;
   done.clear();
   int32_t symbol = 0;
   for (int32_t c = 0; c < classes_; ++c) {

@@ -14,10 +14,10 @@
 #include <array>
 #include <cstdint>
 #include <span>
-#include <unordered_map>
 #include <vector>
 
 #include "structured/byte_nfa.h"
+#include "structured/state_set.h"
 #include "structured/text_classes.h"
 
 namespace m1::structured {
@@ -75,10 +75,6 @@ class LexerDfa {
   int32_t intern(std::vector<int32_t>& key);
   void close(std::vector<int32_t>& set);
 
-  struct VectorHash {
-    size_t operator()(const std::vector<int32_t>& v) const;
-  };
-
   const ByteNfa& nfa_;
   std::vector<int32_t> terminal_start_;
   std::vector<int32_t> class_of_;   // symbol -> class
@@ -100,13 +96,13 @@ class LexerDfa {
   std::vector<std::array<RunEnd, kTextClassCount>> runs_;
   std::vector<std::array<int32_t, kTextClassCount>> steps_;  // uniform_step, kUnknownStep
   std::vector<int32_t> run_path_;
-  std::unordered_map<std::vector<int32_t>, int32_t, VectorHash> ids_;
-  std::unordered_map<std::vector<int32_t>, int32_t, VectorHash> starts_;  // terminal set -> state
+  StateSetMap<int32_t> ids_;
+  StateSetMap<int32_t> starts_;  // terminal set -> state
   std::vector<int32_t> raw_;    // state * classes + class -> state regardless of liveness; -1 unknown
   std::vector<int32_t> table_;  // the same with states that cannot end a lexeme as kDead
   std::vector<uint32_t> mark_;  // scratch for closures
   std::vector<std::vector<int32_t>> buckets_;  // scratch for rows
-  std::unordered_map<std::vector<int32_t>, int32_t, VectorHash> row_targets_;
+  StateSetMap<int32_t> row_targets_;
   uint32_t stamp_ = 0;
 };
 
