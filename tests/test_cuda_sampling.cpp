@@ -455,12 +455,12 @@ TEST(CudaSampling, IsDeterministic) {
   M1_REQUIRE_CUDA();
   const int64_t vocab = 200064;
   const std::vector<float> logits = random_row(vocab, 0.05, 1.0f);  // flat enough for a wide nucleus
-  std::vector<TestDraw> draws(4);
+  std::vector<TestDraw> draws(2);  // with and without top-k: the two ways a wide nucleus is found
   for (size_t i = 0; i < draws.size(); ++i) {
     draws[i].request.params.top_p = 0.9f;
     draws[i].request.params.top_k = i % 2 ? 0 : 100000;
     draws[i].request.params.top_logprobs = 20;
-    draws[i].request.uniform = 0.25 * double(i) + 0.1;
+    draws[i].request.uniform = 0.5 * double(i) + 0.1;
   }
   const std::vector<DrawResult> first = device_results(logits, vocab, draws);
   const std::vector<DrawResult> second = device_results(logits, vocab, draws);

@@ -245,14 +245,21 @@ inline void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uin
   cur->slot[4] = b0;
   cur->slot[5] = b1;
   yield(kWarpSync, -2);
-  const unsigned base = cur->flat & ~31u, l = lane(), g = l / 4, t = l % 4;
-  auto half = [](uint64_t w, int k) { return m1::bf16_to_f32(uint16_t(k % 2 ? w >> 16 : w & 0xffff)); };
-  auto A = [&](int row, int k) { int reg = (row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0); return half(fibers[base + (row % 8) * 4 + (k % 8) / 2].published[reg], k); };
-  auto B = [&](int k, int col) { return half(fibers[base + col * 4 + (k % 8) / 2].published[k >= 8 ? 5 : 4], k); };
+  const unsigned l = lane(), g = l / 4, t = l % 4;
+  const Fiber* warp = fibers.data() + (cur->flat & ~31u);  // one thread-local lookup, not 128
+  auto half = [](uint64_t w, int k) { return double(m1::bf16_to_f32(uint16_t(k % 2 ? w >> 16 : w & 0xffff))); };
+  // This lane's rows of A (g and g + 8) and columns of B (2t and 2t + 1), each read once.
+  double a_rows[2][16], b_columns[2][16];
+  for (int k = 0; k < 16; ++k) {
+    const int from = (k % 8) / 2;
+    for (int h = 0; h < 2; ++h) {
+      a_rows[h][k] = half(warp[g * 4 + from].published[h + (k >= 8 ? 2 : 0)], k);
+      b_columns[h][k] = half(warp[(2 * t + h) * 4 + from].published[k >= 8 ? 5 : 4], k);
+    }
+  }
   for (int e = 0; e < 4; ++e) {
-    const int row = g + 8 * (e >> 1), col = 2 * t + (e & 1);
     double sum = c[e];
-    for (int k = 0; k < 16; ++k) sum += double(A(row, k)) * double(B(k, col));
+    for (int k = 0; k < 16; ++k) sum += a_rows[e >> 1][k] * b_columns[e & 1][k];  // exact products
     c[e] = tensor_core_round(sum);
   }
 }
