@@ -101,28 +101,35 @@ TEST(Pattern, TheValidatorAgreesWithTheEngine) {
   }
 }
 
-// The subset construction's state count against counts worked out by hand. The construction is
-// not minimised: the start keeps a state of its own where the minimal automaton would merge it, so
-// each count is the minimal one plus at most one; the dead state is not counted, and a count past
-// the limit reads limit + 1.
-TEST(Pattern, CountsDeterministicStates) {
-  const auto states = [](const std::string& pattern, size_t limit = 1000000) {
-    return structured::deterministic_states(structured::nfa_from_regex(structured::parse_pattern(pattern), "pattern"),
-                                            limit);
+// The subset construction's size against sizes worked out by hand. The construction is not
+// minimised: the start keeps a state of its own where the minimal automaton would merge it, so each
+// count is the minimal one plus at most one; the dead state is not counted. A construction stops
+// at the first state past a bound.
+TEST(Pattern, MeasuresDeterministicAutomata) {
+  const auto size = [](const std::string& pattern, size_t max_states = 1000000, size_t max_entries = 100000000) {
+    return structured::deterministic_size(structured::nfa_from_regex(structured::parse_pattern(pattern), "pattern"),
+                                          max_states, max_entries);
   };
-  EXPECT_EQ(states("^abc$"), 4u);
-  EXPECT_LE(states("^a*$"), 2u);
+  EXPECT_EQ(size("^abc$").states, 4u);
+  EXPECT_EQ(size("^abc$").entries, 4u);  // one NFA state each
+  EXPECT_LE(size("^a*$").states, 2u);
   // The last k + 1 letters of a [ab]* prefix are all remembered: 2^(k+1) states.
   for (int k : {0, 1, 2, 5, 9}) {
     const size_t minimal = size_t(2) << k;
-    EXPECT_GE(states("^[ab]*a[ab]{" + std::to_string(k) + "}$"), minimal) << k;
-    EXPECT_LE(states("^[ab]*a[ab]{" + std::to_string(k) + "}$"), minimal + 1) << k;
+    EXPECT_GE(size("^[ab]*a[ab]{" + std::to_string(k) + "}$").states, minimal) << k;
+    EXPECT_LE(size("^[ab]*a[ab]{" + std::to_string(k) + "}$").states, minimal + 1) << k;
   }
-  EXPECT_EQ(states("^[ab]*a[ab]{9}$", 1000), 1001u);
-  EXPECT_EQ(states("^[ab]*a[ab]{30}$", 20000), 20001u);  // stops at the limit, not near 2^31
+  EXPECT_EQ(size("^[ab]*a[ab]{9}$", 1000).states, 1001u);
+  EXPECT_EQ(size("^[ab]*a[ab]{30}$", 20000).states, 20001u);  // stops at the bound, not near 2^31
+  // Where an 'a' stood among the last 10,000 characters: few states yet, but their sets grow by
+  // one NFA state a character. The entries' bound stops it after a few hundred states.
+  const structured::DeterministicSize wide = size("^.*a.{9999}$", 1000000, 100000);
+  EXPECT_GT(wide.entries, 100000u);
+  EXPECT_LT(wide.entries, 100000u + 10002u);
+  EXPECT_LT(wide.states, 1000u);
   // Classes: \d and [0-4] overlap, so 0-4, 5-9 and the rest are told apart: after a first digit
   // of 0-4 both branches go on, after 5-9 one; then three different sets of finished branches.
-  EXPECT_EQ(states("^(\\d[0-4]|[0-4]\\d)$"), 6u);
+  EXPECT_EQ(size("^(\\d[0-4]|[0-4]\\d)$").states, 6u);
 }
 
 TEST(Pattern, RefusesWhatItDoesNotSupport) {
@@ -264,6 +271,8 @@ TEST(JsonSchema, RefusesWithTheKeywordAndPlace) {
   // (found by fuzz_json_schema, whose walk spent 34 s building the lexer of one like it).
   refuse(R"({"type": "object", "properties": {"id": {"type": "string", "pattern": "^[ab]*a[ab]{18}$"}}})",
          {"#/properties/id", "pattern '^[ab]*a[ab]{18}$' is too complex to match", "passes 20000 states"});
+  // Few states, but sets of thousands of NFA states each.
+  refuse(R"({"type": "string", "pattern": "^.*a.{9999}$"})", {"schema: #: pattern '^.*a.{9999}$' is too complex"});
   refuse(R"({"type": "integer", "minimum": 5, "maximum": 2})", {"no JSON document satisfies it"});
   refuse(R"({"type": "string", "minLength": 4, "maxLength": 2})", {"no JSON document satisfies it"});
   refuse(R"({"type": "object", "required": ["a"], "additionalProperties": false})", {"no JSON document satisfies it"});

@@ -234,7 +234,7 @@ bool is_empty(const CharNfa& nfa) {
   return !trimmed.states[size_t(trimmed.start)].accept && trimmed.states[size_t(trimmed.start)].edges.empty();
 }
 
-size_t deterministic_states(const CharNfa& nfa_in, size_t limit) {
+DeterministicSize deterministic_size(const CharNfa& nfa_in, size_t max_states, size_t max_entries) {
   const CharNfa nfa = without_epsilons(nfa_in);
   // The classes: code points between consecutive boundaries of any edge's ranges.
   std::vector<char32_t> starts{0};
@@ -248,18 +248,23 @@ size_t deterministic_states(const CharNfa& nfa_in, size_t limit) {
   starts.erase(std::unique(starts.begin(), starts.end()), starts.end());
   const auto class_of = [&](char32_t c) { return size_t(std::upper_bound(starts.begin(), starts.end(), c) - starts.begin()) - 1; };
 
+  DeterministicSize size;
+  const auto within = [&] { return size.states <= max_states && size.entries <= max_entries; };
   StateSetMap<char> seen;
   std::vector<std::vector<int32_t>> work;  // sets seen, not yet expanded
   const auto see = [&](std::vector<int32_t>& set) {
     std::sort(set.begin(), set.end());
     set.erase(std::unique(set.begin(), set.end()), set.end());
-    if (seen.emplace(set, 0).second) work.push_back(set);
+    if (!seen.emplace(set, 0).second) return;
+    ++size.states;
+    size.entries += set.size();
+    work.push_back(set);
   };
   std::vector<int32_t> first{nfa.start};
   see(first);
   std::vector<std::vector<int32_t>> targets(starts.size());
   std::vector<size_t> touched;
-  while (!work.empty() && seen.size() <= limit) {
+  while (!work.empty() && within()) {
     const std::vector<int32_t> set = std::move(work.back());
     work.pop_back();
     touched.clear();
@@ -271,11 +276,11 @@ size_t deterministic_states(const CharNfa& nfa_in, size_t limit) {
             targets[c].push_back(e.to);
           }
     for (size_t c : touched) {
-      if (seen.size() <= limit) see(targets[c]);
+      if (within()) see(targets[c]);
       targets[c].clear();
     }
   }
-  return std::min(seen.size(), limit + 1);
+  return size;
 }
 
 bool matches(const CharNfa& nfa, std::u32string_view text) {

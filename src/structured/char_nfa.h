@@ -45,11 +45,15 @@ CharNfa intersect(const CharNfa& a, const CharNfa& b, const char* what);
 // Strings of a, counted in code points, of at least `min` and at most `max` (-1: no bound).
 CharNfa with_length(const CharNfa& a, int64_t min, int64_t max, const char* what);
 bool is_empty(const CharNfa& nfa);
-// How many states the deterministic form of `nfa` has (subset construction over classes of code
-// points that every edge treats alike, the dead state not counted), or `limit` + 1 when it has
-// more: a pattern such as [ab]*a[ab]{20} is small as an NFA but takes 2^21 states as a DFA, which
-// the lexer would otherwise build while matching.
-size_t deterministic_states(const CharNfa& nfa, size_t limit);
+// The size of the deterministic form of `nfa` (subset construction over classes of code points
+// that every edge treats alike, the dead state not counted): its states, and its entries (the NFA
+// states of all its states together, which bound its memory and work). The construction stops
+// once either passes its bound, so a pattern such as [ab]*a[ab]{20}, small as an NFA but 2^21
+// states as a DFA (which the lexer would otherwise build while matching), is measured quickly.
+struct DeterministicSize {
+  size_t states = 0, entries = 0;
+};
+DeterministicSize deterministic_size(const CharNfa& nfa, size_t max_states, size_t max_entries);
 bool matches(const CharNfa& nfa, std::u32string_view text);
 
 }  // namespace m1::structured

@@ -143,13 +143,16 @@ CharNfa string_language(const StringConstraints& c, const char* what) {
   for (const std::string& pattern : c.patterns) {
     parts.push_back(parse_pattern(pattern));
     // Refused here, not while matching: a pattern whose deterministic automaton blows up (past
-    // kPatternStatesFloor and twice its NFA) would have the lexer spend seconds building it, and
-    // pass its bound mid-generation. Counted repetitions grow the NFA as much and pass.
+    // kPatternStatesFloor and twice its NFA, or past kPatternEntries) would have the lexer spend
+    // seconds building it, and pass its bound mid-generation. Counted repetitions grow the NFA as
+    // much and pass.
     const CharNfa nfa = nfa_from_regex(parts.back(), what);
-    const size_t limit = std::max(kPatternStatesFloor, 2 * nfa.states.size());
-    if (deterministic_states(nfa, limit) > limit)
-      fail("{}: pattern '{}' is too complex to match: its deterministic automaton passes {} states", what, pattern,
-           limit);
+    const size_t max_states = std::max(kPatternStatesFloor, 2 * nfa.states.size());
+    const DeterministicSize size = deterministic_size(nfa, max_states, kPatternEntries);
+    if (size.states > max_states || size.entries > kPatternEntries)
+      fail("{}: pattern '{}' is too complex to match: its deterministic automaton passes {} states, or {} NFA "
+           "states over all of them",
+           what, pattern, max_states, kPatternEntries);
   }
   if (parts.empty()) parts.push_back(RegexNode::repeat(RegexNode::of_set(CodepointSet::all()), 0, -1));
   CharNfa language = nfa_from_regex(parts[0], what);
