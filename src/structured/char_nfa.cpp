@@ -251,21 +251,22 @@ DeterministicSize deterministic_size(const CharNfa& nfa_in, size_t max_states, s
   DeterministicSize size;
   const auto within = [&] { return size.states <= max_states && size.entries <= max_entries; };
   StateSetMap<char> seen;
-  std::vector<std::vector<int32_t>> work;  // sets seen, not yet expanded
+  std::vector<const std::vector<int32_t>*> work;  // sets seen, not yet expanded (keys of `seen`)
   const auto see = [&](std::vector<int32_t>& set) {
     std::sort(set.begin(), set.end());
     set.erase(std::unique(set.begin(), set.end()), set.end());
-    if (!seen.emplace(set, 0).second) return;
+    const auto [at, added] = seen.emplace(set, 0);
+    if (!added) return;
     ++size.states;
     size.entries += set.size();
-    work.push_back(set);
+    work.push_back(&at->first);
   };
   std::vector<int32_t> first{nfa.start};
   see(first);
   std::vector<std::vector<int32_t>> targets(starts.size());
   std::vector<size_t> touched;
   while (!work.empty() && within()) {
-    const std::vector<int32_t> set = std::move(work.back());
+    const std::vector<int32_t>& set = *work.back();
     work.pop_back();
     touched.clear();
     for (int32_t s : set)

@@ -37,8 +37,8 @@ struct StringConstraints {
 
 // A pattern whose deterministic automaton passes this many states and twice its NFA's, or holds
 // more than kPatternEntries NFA states over all its states, is refused.
-constexpr size_t kPatternStatesFloor = 20000;
-constexpr size_t kPatternEntries = 4000000;
+constexpr size_t kPatternStatesFloor = 10000;
+constexpr size_t kPatternEntries = 500000;
 
 // The decoded string values that satisfy every constraint. Throws m1::Error naming `what` when a
 // pattern is unsupported or the language grows too large.

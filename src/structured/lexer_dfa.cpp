@@ -232,8 +232,13 @@ void LexerDfa::compute_raw_row(int32_t state) {
   }
 }
 
-// Whether a lexeme can still end from `state`: a breadth-first search over raw transitions for a
-// state that accepts. A search that finds none has seen everything reachable, all dead.
+// Whether a lexeme can still end from `state`: a search over raw transitions for a state that
+// accepts or is known to be live, whose path there is then live too. Breadth first while it stays
+// small, as most lexemes can end within a few symbols (a closing quote); then depth first, as the
+// terminals' automaton is trimmed, so nearly every path leads to a lexeme's end and the first one
+// tried usually gets there however far away, where a breadth-first search would build every state
+// within that distance (a pattern with a '>' hundreds of symbols on: seconds). A search that finds
+// none has seen everything reachable, all dead.
 bool LexerDfa::live(int32_t state) {
   if (live_[size_t(state)] >= 0) return live_[size_t(state)] != 0;
   const std::vector<int32_t>& members = sets_[size_t(state)];
@@ -241,29 +246,87 @@ bool LexerDfa::live(int32_t state) {
     live_[size_t(state)] = 1;
     return true;
   }
-  std::vector<int32_t> queue{state};
-  std::vector<char> queued;
-  const auto mark = [&](int32_t s) {
-    if (size_t(s) >= queued.size()) queued.resize(sets_.size() + 1, 0);
-    if (queued[size_t(s)]) return false;
-    queued[size_t(s)] = 1;
+  constexpr size_t kBreadthFirstStates = 256;
+  const int near = live_breadth_first(state, kBreadthFirstStates);
+  return near >= 0 ? near != 0 : live_depth_first(state);
+}
+
+namespace {
+
+// Which lexer states a search has reached.
+class Reached {
+ public:
+  explicit Reached(size_t states) : marked_(states, 0) {}
+  bool mark(int32_t s) {  // false when already marked
+    if (size_t(s) >= marked_.size()) marked_.resize(size_t(s) + 1, 0);
+    if (marked_[size_t(s)]) return false;
+    marked_[size_t(s)] = 1;
     return true;
-  };
-  mark(state);
+  }
+
+ private:
+  std::vector<char> marked_;
+};
+
+}  // namespace
+
+int LexerDfa::live_breadth_first(int32_t state, size_t budget) {
+  std::vector<int32_t> queue{state}, parent{-1};  // parent: the index in queue it was reached from
+  Reached reached(sets_.size());
+  reached.mark(state);
   for (size_t i = 0; i < queue.size(); ++i) {
     const int32_t s = queue[i];
     if (live_[size_t(s)] == 1 || !accepts_[size_t(s)].empty()) {
-      live_[size_t(state)] = 1;
-      return true;
+      for (int32_t at = int32_t(i); at >= 0; at = parent[size_t(at)]) live_[size_t(queue[size_t(at)])] = 1;
+      return 1;
     }
     if (live_[size_t(s)] == 0) continue;
+    if (i >= budget) return -1;
     if (raw_[size_t(s) * size_t(classes_)] < 0) compute_raw_row(s);
     for (int32_t c = 0; c < classes_; ++c) {
       const int32_t to = raw_[size_t(s) * size_t(classes_) + size_t(c)];
-      if (to != kDead && mark(to)) queue.push_back(to);
+      if (to != kDead && reached.mark(to)) {
+        queue.push_back(to);
+        parent.push_back(int32_t(i));
+      }
     }
   }
   for (int32_t s : queue) live_[size_t(s)] = 0;
+  return 0;
+}
+
+bool LexerDfa::live_depth_first(int32_t state) {
+  struct Frame {
+    int32_t state, next_class;
+  };
+  std::vector<Frame> stack{{state, 0}};
+  std::vector<int32_t> seen{state};
+  Reached reached(sets_.size());
+  reached.mark(state);
+  while (!stack.empty()) {
+    const int32_t s = stack.back().state;
+    if (stack.back().next_class == 0) {  // arrived
+      if (live_[size_t(s)] == 1 || !accepts_[size_t(s)].empty()) {
+        for (const Frame& f : stack) live_[size_t(f.state)] = 1;
+        return true;
+      }
+      if (live_[size_t(s)] == 0) {
+        stack.pop_back();
+        continue;
+      }
+      if (raw_[size_t(s) * size_t(classes_)] < 0) compute_raw_row(s);
+    }
+    if (stack.back().next_class == classes_) {
+      stack.pop_back();
+      continue;
+    }
+    const int32_t to = raw_[size_t(s) * size_t(classes_) + size_t(stack.back().next_class++)];
+    if (to != kDead && reached.mark(to)) {
+      seen.push_back(to);
+      stack.push_back({to, 0});
+    }
+  }
+  for (int32_t s : seen) live_[size_t(s)] = 0;
   return false;
 }
 

@@ -69,6 +69,10 @@ class LexerDfa {
   int32_t compute_row_and_get(int32_t state, int32_t symbol);
   void compute_raw_row(int32_t state);
   bool live(int32_t state);
+  // live()'s two searches: breadth first over at most `budget` states (1 live, 0 dead, -1 not
+  // known within the budget), then depth first over all.
+  int live_breadth_first(int32_t state, size_t budget);
+  bool live_depth_first(int32_t state);
   // The state every character of `text` leads `state` to: kDead when all are refused, -1 when
   // they disagree.
   int32_t uniform_step(int32_t state, TextClass text);
