@@ -250,16 +250,16 @@ DeterministicSize deterministic_size(const CharNfa& nfa_in, size_t max_states, s
 
   DeterministicSize size;
   const auto within = [&] { return size.states <= max_states && size.entries <= max_entries; };
-  StateSetMap<char> seen;
+  StateSets seen;
   std::vector<const std::vector<int32_t>*> work;  // sets seen, not yet expanded (keys of `seen`)
   const auto see = [&](std::vector<int32_t>& set) {
     std::sort(set.begin(), set.end());
     set.erase(std::unique(set.begin(), set.end()), set.end());
-    const auto [at, added] = seen.emplace(set, 0);
+    const auto [at, added] = seen.insert(set);
     if (!added) return;
     ++size.states;
     size.entries += set.size();
-    work.push_back(&at->first);
+    work.push_back(&*at);
   };
   std::vector<int32_t> first{nfa.start};
   see(first);

@@ -138,25 +138,25 @@ RegexNode number_language(const IntegerBounds& bounds) {
 }
 
 CharNfa string_language(const StringConstraints& c, const char* what) {
-  std::vector<RegexNode> parts;
-  if (c.format) parts.push_back(parse_pattern(format_pattern(*c.format)));
+  std::vector<CharNfa> parts;
+  if (c.format) parts.push_back(nfa_from_regex(parse_pattern(format_pattern(*c.format)), what));
   for (const std::string& pattern : c.patterns) {
-    parts.push_back(parse_pattern(pattern));
+    parts.push_back(nfa_from_regex(parse_pattern(pattern), what));
     // Refused here, not while matching: a pattern whose deterministic automaton blows up (past
     // kPatternStatesFloor and twice its NFA, or past kPatternEntries) would have the lexer spend
     // seconds building it, and pass its bound mid-generation. Counted repetitions grow the NFA as
     // much and pass.
-    const CharNfa nfa = nfa_from_regex(parts.back(), what);
-    const size_t max_states = std::max(kPatternStatesFloor, 2 * nfa.states.size());
-    const DeterministicSize size = deterministic_size(nfa, max_states, kPatternEntries);
+    const size_t max_states = std::max(kPatternStatesFloor, 2 * parts.back().states.size());
+    const DeterministicSize size = deterministic_size(parts.back(), max_states, kPatternEntries);
     if (size.states > max_states || size.entries > kPatternEntries)
       fail("{}: pattern '{}' is too complex to match: its deterministic automaton passes {} states, or {} NFA "
            "states over all of them",
            what, pattern, max_states, kPatternEntries);
   }
-  if (parts.empty()) parts.push_back(RegexNode::repeat(RegexNode::of_set(CodepointSet::all()), 0, -1));
-  CharNfa language = nfa_from_regex(parts[0], what);
-  for (size_t i = 1; i < parts.size(); ++i) language = intersect(language, nfa_from_regex(parts[i], what), what);
+  if (parts.empty())
+    parts.push_back(nfa_from_regex(RegexNode::repeat(RegexNode::of_set(CodepointSet::all()), 0, -1), what));
+  CharNfa language = std::move(parts[0]);
+  for (size_t i = 1; i < parts.size(); ++i) language = intersect(language, parts[i], what);
   if (c.min_length > 0 || c.max_length >= 0) language = with_length(language, c.min_length, c.max_length, what);
   return language;
 }

@@ -276,7 +276,7 @@ int LexerDfa::live_breadth_first(int32_t state, size_t budget) {
   reached.mark(state);
   for (size_t i = 0; i < queue.size(); ++i) {
     const int32_t s = queue[i];
-    if (live_[size_t(s)] == 1 || !accepts_[size_t(s)].empty()) {
+    if (ends_or_live(s)) {
       for (int32_t at = int32_t(i); at >= 0; at = parent[size_t(at)]) live_[size_t(queue[size_t(at)])] = 1;
       return 1;
     }
@@ -306,7 +306,7 @@ bool LexerDfa::live_depth_first(int32_t state) {
   while (!stack.empty()) {
     const int32_t s = stack.back().state;
     if (stack.back().next_class == 0) {  // arrived
-      if (live_[size_t(s)] == 1 || !accepts_[size_t(s)].empty()) {
+      if (ends_or_live(s)) {
         for (const Frame& f : stack) live_[size_t(f.state)] = 1;
         return true;
       }

@@ -72,6 +72,8 @@ class LexerDfa {
   // live()'s two searches: breadth first over at most `budget` states (1 live, 0 dead, -1 not
   // known within the budget), then depth first over all.
   int live_breadth_first(int32_t state, size_t budget);
+  // Where the searches stop: a lexeme ends at `state`, or it is known to be live.
+  bool ends_or_live(int32_t state) const { return live_[size_t(state)] == 1 || !accepts_[size_t(state)].empty(); }
   bool live_depth_first(int32_t state);
   // The state every character of `text` leads `state` to: kDead when all are refused, -1 when
   // they disagree.

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 namespace m1::structured {
@@ -18,5 +19,6 @@ struct StateSetHash {
 
 template <class Value>
 using StateSetMap = std::unordered_map<std::vector<int32_t>, Value, StateSetHash>;
+using StateSets = std::unordered_set<std::vector<int32_t>, StateSetHash>;
 
 }  // namespace m1::structured
