@@ -7,12 +7,15 @@ namespace {
 
 using Kind = GenerationEvent::Kind;
 
-// Cancelled and failed choices end the whole answer with an error.
-void check_finish(const GenerationEvent& event) {
+// Cancelled and failed choices end the whole answer with an error: the client's (400, naming
+// `output_param`) when the request's own constraints caused it, else the server's.
+void check_finish(const GenerationEvent& event, const std::string& output_param) {
   if (event.kind != Kind::kFinish) return;
   if (event.finish_reason == "cancelled")
     throw unavailable("the request was cancelled: the server is shutting down", "cancelled");
-  if (event.finish_reason == "error") throw ApiError(500, "server_error", "generation failed: " + event.error);
+  if (event.finish_reason != "error") return;
+  if (event.request_fault) throw invalid_request(fmt::format("{}: {}", output_param, event.error), output_param);
+  throw ApiError(500, "server_error", "generation failed: " + event.error);
 }
 
 ordered_json logprobs_json(ApiKind kind, bool wanted, std::span<const ReportedToken> tokens, const Tokenizer& tokenizer) {
@@ -30,8 +33,8 @@ std::vector<Choice> choices_for(const CompletionJob& job) {
 }  // namespace
 
 ResponseCollector::ResponseCollector(const CompletionJob& job, const Tokenizer& tokenizer, ResponseMeta meta)
-    : kind_(job.kind), logprobs_(job.logprobs), tokenizer_(tokenizer), meta_(std::move(meta)),
-      choices_(choices_for<Choice>(job)) {}
+    : kind_(job.kind), logprobs_(job.logprobs), output_param_(job.output_param), tokenizer_(tokenizer),
+      meta_(std::move(meta)), choices_(choices_for<Choice>(job)) {}
 
 bool ResponseCollector::add(const GenerationEvent& event) {
   if (event.kind == Kind::kDone) {
@@ -40,7 +43,7 @@ bool ResponseCollector::add(const GenerationEvent& event) {
     cached_tokens_ = event.cached_tokens;
     return true;
   }
-  check_finish(event);
+  check_finish(event, output_param_);
   Choice& choice = choices_.at(size_t(event.choice));
   choice.whole.append(choice.output.on_event(event));
   return false;
@@ -61,8 +64,8 @@ ordered_json ResponseCollector::response() const {
 }
 
 ChunkStreamer::ChunkStreamer(const CompletionJob& job, const Tokenizer& tokenizer, ResponseMeta meta)
-    : kind_(job.kind), logprobs_(job.logprobs), include_usage_(job.include_usage), tokenizer_(tokenizer),
-      meta_(std::move(meta)), choices_(choices_for<Choice>(job)) {}
+    : kind_(job.kind), logprobs_(job.logprobs), include_usage_(job.include_usage), output_param_(job.output_param),
+      tokenizer_(tokenizer), meta_(std::move(meta)), choices_(choices_for<Choice>(job)) {}
 
 std::vector<ordered_json> ChunkStreamer::opening() const {
   std::vector<ordered_json> chunks;
@@ -83,7 +86,7 @@ std::vector<ordered_json> ChunkStreamer::on_event(const GenerationEvent& event) 
     chunks.push_back(std::move(last));
     return chunks;
   }
-  check_finish(event);
+  check_finish(event, output_param_);
   const int index = event.choice;
   Choice& choice = choices_.at(size_t(index));
   ChoiceDelta delta = choice.output.on_event(event);

@@ -28,6 +28,7 @@ class ResponseCollector {
   };
   ApiKind kind_;
   bool logprobs_;
+  std::string output_param_;  // CompletionJob::output_param
   const Tokenizer& tokenizer_;
   ResponseMeta meta_;
   std::vector<Choice> choices_;
@@ -55,6 +56,7 @@ class ChunkStreamer {
 
   ApiKind kind_;
   bool logprobs_, include_usage_;
+  std::string output_param_;  // CompletionJob::output_param
   const Tokenizer& tokenizer_;
   ResponseMeta meta_;
   std::vector<Choice> choices_;

@@ -151,6 +151,7 @@ int main(int argc, char** argv) {
   m1::add_parallel_flags(app, o.model.backend, o.parallel);
   app.add_option("--precision", o.precision, "fast (bf16 matrix operands where the CPU multiplies bf16, fp32 accumulation) or exact (fp32 throughout)")->capture_default_str();
   app.add_option("--http-threads", o.http_threads, "Connections served at once (0: max(64, 4 x max-batch))")->capture_default_str();
+  app.add_option("--max-grammar-states", o.model.max_grammar_states, "Lexer states one request's response_format or strict tools may build while its output is matched (each a row of transitions); past them the request gets a 400")->capture_default_str()->check(CLI::PositiveNumber);
   app.add_option("--max-body-mb", o.max_body_mb, "Largest request body in MiB")->capture_default_str()->check(CLI::PositiveNumber);
   app.add_option("--shutdown-grace", o.shutdown_grace_s, "Seconds in-flight requests get to finish at shutdown")->capture_default_str()->check(CLI::NonNegativeNumber);
   app.add_option("--quantize", o.quantize, "Quantize weights while loading: int8 (a scale per row) or int4 (a scale per group)");

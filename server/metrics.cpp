@@ -49,7 +49,8 @@ std::string prometheus_text(const std::map<int, int64_t>& responses_by_status, c
   for (const auto& [outcome, count] : {std::pair{"started", engine.requests_started},
                                        {"finished", engine.requests_finished},
                                        {"cancelled", engine.requests_cancelled},
-                                       {"failed", engine.requests_failed}})
+                                       {"failed", engine.requests_failed},
+                                       {"refused", engine.requests_refused}})
     out += fmt::format("m1_engine_requests_total{{outcome=\"{}\"}} {}\n", outcome, count);
 
   const PrefixCacheStats& c = engine.cache;

@@ -13,7 +13,8 @@ ModelService::ModelService(const ModelOptions& options)
               .name = options.served_name.empty() ? default_served_name(options.dir) : options.served_name,
               .end_of_turn = end_of_turn_token(options.dir, tokenizer_),
               .max_context = engine_->max_context(),
-              .max_choices = options.engine.max_batch} {}
+              .max_choices = options.engine.max_batch,
+              .max_grammar_states = options.max_grammar_states} {}
 
 std::string default_served_name(const std::filesystem::path& dir) {
   std::filesystem::path normal = std::filesystem::absolute(dir).lexically_normal();

@@ -20,6 +20,7 @@ struct ModelOptions {
   BackendOptions backend;
   LoadOptions load;  // quantization at load, and the MoE split of a tensor-parallel group
   EngineOptions engine;
+  int32_t max_grammar_states = kDefaultMaxLexerStates;  // OutputFormat::max_lexer_states of every request
 };
 
 class ModelService {

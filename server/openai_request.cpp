@@ -289,8 +289,10 @@ CompletionJob parse_chat_request(const ordered_json& body, const ServedModel& mo
   job.forced_output = join_pieces(tools.forced);
   parse_chat_logprobs(body, job);
   validate_sampling(job.generation.sampling);
-  job.generation.grammar = output_grammar(body, {.chat = true, .tools = &input.tools, .tool_mode = tools.mode,
-                                                 .named_tool = tools.name});
+  ConstrainedOutput output = output_grammar(body, {.chat = true, .tools = &input.tools, .tool_mode = tools.mode,
+                                                   .named_tool = tools.name, .max_lexer_states = model.max_grammar_states});
+  job.generation.grammar = std::move(output.grammar);
+  job.output_param = std::move(output.param);
   return job;
 }
 
@@ -304,7 +306,9 @@ CompletionJob parse_completion_request(const ordered_json& body, const ServedMod
   job.kind = ApiKind::kCompletion;
   parse_completion_logprobs(body, job);
   validate_sampling(job.generation.sampling);
-  job.generation.grammar = output_grammar(body, {});
+  ConstrainedOutput output = output_grammar(body, {.max_lexer_states = model.max_grammar_states});
+  job.generation.grammar = std::move(output.grammar);
+  job.output_param = std::move(output.param);
   return job;
 }
 

@@ -24,6 +24,7 @@ struct ServedModel {
   int32_t end_of_turn = -1;  // the token that ends an assistant turn
   int64_t max_context = 0;   // prompt + generated tokens per sequence
   int64_t max_choices = 1;   // the most choices (n) one request may ask for: the batch size
+  int32_t max_grammar_states = kDefaultMaxLexerStates;  // each request's OutputFormat::max_lexer_states
 };
 
 enum class ApiKind { kChat, kCompletion };
@@ -40,6 +41,9 @@ struct CompletionJob {
   std::string forced_output;
   // vLLM's cache_salt: requests with different salts never share cached prompt states.
   std::optional<std::string> cache_salt;
+  // With generation.grammar: the parameter whose constraints it enforces ("response_format" or
+  // "tools"), named when matching fails mid-generation.
+  std::string output_param;
 };
 
 // Both throw ApiError: 400 for an invalid request, 404 for a `model` other than the served one.

@@ -81,10 +81,11 @@ bool is_strict(const ordered_json& function, size_t index) {
 
 }  // namespace
 
-std::shared_ptr<OutputGrammar> output_grammar(const ordered_json& body, const OutputRequest& request) {
+ConstrainedOutput output_grammar(const ordered_json& body, const OutputRequest& request) {
   OutputFormat format;
   parse_response_format(body, format);
   format.reasoning = request.chat;
+  format.max_lexer_states = request.max_lexer_states;
   const std::vector<ordered_json> no_tools;
   const std::vector<ordered_json>& functions = request.tools ? *request.tools : no_tools;
   bool any_strict = false;
@@ -112,9 +113,9 @@ std::shared_ptr<OutputGrammar> output_grammar(const ordered_json& body, const Ou
         if (functions[i].value("name", "") == request.named_tool) format.tools.push_back(tool_grammar(functions[i], i, true));
       break;
   }
-  if (format.document == OutputFormat::Document::kNone && format.calls == OutputFormat::Calls::kNone) return nullptr;
+  if (format.document == OutputFormat::Document::kNone && format.calls == OutputFormat::Calls::kNone) return {};
   try {
-    return compile_output_grammar(format);
+    return {compile_output_grammar(format), format.document != OutputFormat::Document::kNone ? "response_format" : "tools"};
   } catch (const Error& error) {
     const std::string param = leading_parameter(error.what()).starts_with("tools") ? "tools" : "response_format";
     throw invalid_request(error.what(), param);

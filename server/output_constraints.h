@@ -22,11 +22,17 @@ struct OutputRequest {
   const std::vector<nlohmann::ordered_json>* tools = nullptr;  // the function objects
   ToolMode tool_mode = ToolMode::kNone;
   std::string named_tool;  // kNamed
+  int32_t max_lexer_states = kDefaultMaxLexerStates;  // the server's --max-grammar-states
 };
 
-// The grammar the output must follow, or null when nothing constrains it. Throws ApiError (400)
-// naming `response_format` or `tools` for a malformed request or a schema m1 refuses.
-std::shared_ptr<OutputGrammar> output_grammar(const nlohmann::ordered_json& body, const OutputRequest& request);
+struct ConstrainedOutput {
+  std::shared_ptr<OutputGrammar> grammar;  // null when nothing constrains the output
+  std::string param;                       // "response_format" or "tools": what the grammar enforces
+};
+
+// The grammar the output must follow. Throws ApiError (400) naming `response_format` or `tools`
+// for a malformed request or a schema m1 refuses.
+ConstrainedOutput output_grammar(const nlohmann::ordered_json& body, const OutputRequest& request);
 
 // `logit_bias`: {"token id": bias}. Ids and ranges are checked against the vocabulary later
 // (Engine::submit); here the shape. Throws ApiError naming `logit_bias`.

@@ -467,14 +467,20 @@ void Engine::finish_choice(Request& r, size_t choice, const std::string& reason)
   if (r.all_finished()) end_request(r, "finished");
 }
 
-// A request that hit an error of its own fails; the others in the batch go on.
+// A request that hit an error of its own fails; the others in the batch go on. One that its own
+// parameters caused is refused (reported as the request's fault).
 void Engine::fail_alone(Request& r, const std::exception& error) {
+  if (dynamic_cast<const RequestError*>(&error) != nullptr) {
+    spdlog::info("request refused: {}", error.what());
+    end_request(r, "refused", error.what());
+    return;
+  }
   spdlog::error("request failed: {}", error.what());
   end_request(r, "failed", fmt::format("internal error: {}", error.what()));
 }
 
-// Closes a request: open choices finish with `outcome` ("cancelled" or "failed", reported as
-// finish reason "error" with the message), then kDone with the totals.
+// Closes a request: open choices finish with `outcome` ("cancelled"; "failed" or "refused",
+// reported as finish reason "error" with the message), then kDone with the totals.
 void Engine::end_request(Request& r, const std::string& outcome, const std::string& error) {
   if (r.ended) return;
   r.ended = true;
@@ -484,7 +490,8 @@ void Engine::end_request(Request& r, const std::string& outcome, const std::stri
     GenerationEvent e;
     e.kind = GenerationEvent::Kind::kFinish;
     e.choice = c;
-    e.finish_reason = outcome == "failed" ? "error" : outcome;
+    e.finish_reason = outcome == "failed" || outcome == "refused" ? "error" : outcome;
+    e.request_fault = outcome == "refused";
     e.error = error;
     r.stream->push(std::move(e));
   }
@@ -510,6 +517,8 @@ void Engine::count_end(const Request& r, const std::string& outcome) {
     ++stats_.requests_cancelled;
   else if (outcome == "failed")
     ++stats_.requests_failed;
+  else if (outcome == "refused")
+    ++stats_.requests_refused;
   else
     ++stats_.requests_finished;
 }

@@ -331,7 +331,8 @@ inline int64_t engine_requests(const std::string& metrics_text, const std::strin
 inline void expect_balanced(const std::string& metrics_text) {
   EXPECT_EQ(engine_requests(metrics_text, "started"), engine_requests(metrics_text, "finished") +
                                                           engine_requests(metrics_text, "cancelled") +
-                                                          engine_requests(metrics_text, "failed"))
+                                                          engine_requests(metrics_text, "failed") +
+                                                          engine_requests(metrics_text, "refused"))
       << metrics_text;
   EXPECT_EQ(metric(metrics_text, "m1_state_bytes"), 0) << metrics_text;
 }

@@ -220,6 +220,7 @@ TEST_F(CliErrorTest, ServeRefusesBadOptions) {
   expect_refused("m1-serve", "--port 70000 --model x", "--port");
   expect_refused("m1-serve", m + " --max-batch 0", "--max-batch");
   expect_refused("m1-serve", m + " --max-state-mb -1", "--max-state-mb");
+  expect_refused("m1-serve", m + " --max-grammar-states 0", "--max-grammar-states");
   expect_refused("m1-serve", m + " --precision turbo", "precision 'turbo' is unknown");
   expect_refused("m1-serve", m + " --device tpu", "device 'tpu' is unknown");
   expect_refused("m1-serve", m + " --tensor-parallel 3", "--tensor-parallel 3 does not divide the model's 4 attention heads");

@@ -8,6 +8,7 @@
 #include "m1/backends.h"
 #include "m1/engine.h"
 #include "m1/generation.h"
+#include "lexer_bound.h"
 #include "sampling_checks.h"
 #include "schema_validator.h"
 #include "test_support.h"
@@ -19,7 +20,8 @@ const std::string kModel = std::string(M1_SOURCE_DIR) + "/tests/data/golden/odd-
 
 struct Outcome {
   std::vector<std::vector<int32_t>> tokens;  // per choice
-  std::vector<std::string> text, finish;
+  std::vector<std::string> text, finish, error;
+  std::vector<char> request_fault;
   int64_t prompt_tokens = 0, completion_tokens = 0;
 };
 
@@ -29,6 +31,8 @@ Outcome collect(RequestStream& stream, int n) {
   o.tokens.resize(size_t(n));
   o.text.resize(size_t(n));
   o.finish.resize(size_t(n));
+  o.error.resize(size_t(n));
+  o.request_fault.resize(size_t(n));
   for (;;) {
     auto e = stream.next(std::chrono::seconds(60));
     if (!e) ADD_FAILURE() << "stream stalled";
@@ -43,6 +47,8 @@ Outcome collect(RequestStream& stream, int n) {
     if (e->kind == GenerationEvent::Kind::kFinish) {
       EXPECT_TRUE(o.finish[c].empty()) << "two finishes for choice " << c;
       o.finish[c] = e->finish_reason;
+      o.error[c] = e->error;
+      o.request_fault[c] = e->request_fault;
     }
     o.text[c] += e->text;
   }
@@ -262,6 +268,42 @@ TEST_F(EngineTest, ConstrainedOutputsAreValidAndBatchInvariant) {
     }
   }
   EXPECT_GE(documents, 4) << "too few documents finished to check";
+}
+
+// A request whose output format needs more lexer states than its bound allows fails alone, as its
+// own fault (finish "error", request_fault, counted as refused), mid-generation; a request sharing
+// its steps gets what it gets alone.
+TEST_F(EngineTest, AGrammarPastItsBoundFailsAloneAsTheRequestsFault) {
+  const int32_t end = *tokenizer_->token_id("<end_of_sentence>");
+  OutputFormat format;
+  format.document = OutputFormat::Document::kSchema;
+  format.schema = nlohmann::ordered_json::parse(kSmallSchema);
+  format.max_lexer_states = testing::least_lexer_bound(format);
+  GenerationRequest bounded = request(3, 10, 40);
+  bounded.end_tokens = {end};
+  bounded.grammar = compile_output_grammar(format);
+  GenerationRequest other = request(8, 12, 40, 1.0f);
+  other.end_tokens = {end};
+  other.grammar = small_grammar();
+  Engine alone(*model_, *tokenizer_, EngineOptions{});
+  const Outcome expected = collect(*alone.submit(other), 1);
+
+  Engine engine(*model_, *tokenizer_, EngineOptions{8, 0, 96, 64});
+  const auto bounded_stream = engine.submit(bounded);
+  const auto other_stream = engine.submit(other);
+  const Outcome refused = collect(*bounded_stream, 1);
+  EXPECT_EQ(refused.finish[0], "error");
+  EXPECT_TRUE(refused.request_fault[0]);
+  EXPECT_NE(refused.error[0].find(fmt::format("needs more than {} lexer states", format.max_lexer_states)),
+            std::string::npos)
+      << refused.error[0];
+  const Outcome shared = collect(*other_stream, 1);
+  EXPECT_EQ(shared.tokens[0], expected.tokens[0]);
+  EXPECT_EQ(shared.finish[0], expected.finish[0]);
+  EXPECT_FALSE(shared.request_fault[0]);
+  const EngineStats stats = engine.stats();
+  EXPECT_EQ(stats.requests_refused, 1);
+  EXPECT_EQ(stats.requests_failed, 0);
 }
 
 // A grammar cut by max_tokens ends with "length"; a whole one ends without the end token.

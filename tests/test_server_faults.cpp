@@ -14,6 +14,7 @@
 
 #include "m1/engine.h"
 #include "forwarding_backend.h"
+#include "lexer_bound.h"
 #include "m1/model.h"
 #include "server_harness.h"
 
@@ -111,6 +112,42 @@ TEST_F(ServerFaultTest, ARequestThatFailsFailsAlone) {
   const std::string metrics = idle_metrics(client);
   expect_balanced(metrics);
   EXPECT_EQ(engine_requests(metrics, "failed"), 2);
+}
+
+// A response_format whose matching needs more lexer states than --max-grammar-states allows, once
+// generation is under way: a 400 naming response_format (an error event of that type when
+// streamed), counted as refused, and the server serves on. The bound is the least one the format
+// compiles under, so the first token's mask passes it.
+TEST_F(ServerFaultTest, AGrammarPastTheServersBoundIsTheClientsError) {
+  const ordered_json schema = ordered_json::parse(R"({"type": "object", "properties": {
+      "id": {"type": "string", "pattern": "^[a-f0-9]{8}-x$"}}, "required": ["id"]})");
+  OutputFormat format;  // what /v1/completions makes of the response_format below
+  format.document = OutputFormat::Document::kSchema;
+  format.schema = schema;
+  const int32_t bound = least_lexer_bound(format);
+  ServerProcess server(dir_, {"--max-context", "512", "--max-grammar-states", std::to_string(bound)});
+  const Client client(server.port());
+  ordered_json request = completion_request("An id", 24);
+  request["response_format"] = {{"type", "json_schema"}, {"json_schema", {{"name", "id"}, {"schema", schema}}}};
+
+  const Reply whole = client.post("/v1/completions", request);
+  EXPECT_EQ(whole.status, 400) << whole.body;
+  EXPECT_EQ(whole.json["error"]["type"], "invalid_request_error") << whole.body;
+  EXPECT_EQ(whole.json["error"]["param"], "response_format") << whole.body;
+  EXPECT_NE(whole.json["error"]["message"].get<std::string>().find(
+                fmt::format("response_format: the output format needs more than {} lexer states", bound)),
+            std::string::npos)
+      << whole.body;
+  const Stream stream = client.stream("/v1/completions", streamed(request));
+  ASSERT_TRUE(stream.done());
+  EXPECT_EQ(stream.chunks().back()["error"]["type"], "invalid_request_error");
+  EXPECT_EQ(stream.chunks().back()["error"]["param"], "response_format");
+
+  EXPECT_EQ(client.post("/v1/completions", completion_request("Unconstrained", 8)).status, 200);
+  const std::string metrics = idle_metrics(client);
+  expect_balanced(metrics);
+  EXPECT_EQ(engine_requests(metrics, "refused"), 2);
+  EXPECT_EQ(engine_requests(metrics, "failed"), 0);
 }
 
 // One request runs; the next would fit the batch but not the state budget, so it waits; the one

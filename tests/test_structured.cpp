@@ -10,6 +10,7 @@
 
 #include "m1/structured_output.h"
 #include "m1/tokenizer.h"
+#include "lexer_bound.h"
 #include "schema_validator.h"
 #include "structured/char_nfa.h"
 #include "structured/matcher.h"
@@ -253,6 +254,41 @@ TEST(JsonSchema, LongCountedPatternsPass) {
   const auto grammar = schema_grammar(R"({"type": "string", "pattern": "^[a-z]{0,10000}-[0-9]{1,10000}$"})");
   EXPECT_TRUE(accepts(grammar, "\"" + std::string(9000, 'q') + "-" + std::string(9999, '7') + "\""));
   EXPECT_FALSE(accepts(grammar, "\"" + std::string(10001, 'q') + "-7\""));
+}
+
+// The lexer's bound: a bound below what compiling needs is refused up front, and matching that
+// needs a state past it is refused mid-document, both as the request's fault (m1::RequestError),
+// with the bound in the message; the default bound matches the same document.
+TEST(JsonSchema, LexerStatesStopAtTheirBound) {
+  OutputFormat format;
+  format.document = OutputFormat::Document::kSchema;
+  format.schema = ordered_json::parse(R"({"type": "object", "properties": {"id": {"anyOf": [
+      {"type": "string", "pattern": "^[a-f0-9]{8}-x$"}, {"type": "string", "pattern": "^[a-f]*b[a-f]{3}$"}]}},
+      "required": ["id"]})");
+  format.schema_what = "schema";
+  const std::string document = R"({"id": "0123abcd-x"})";
+  const int32_t least = testing::least_lexer_bound(format);
+  ASSERT_GT(least, 1);
+  format.max_lexer_states = least - 1;
+  try {
+    compile_output_grammar(format);
+    ADD_FAILURE() << "compiled under " << least - 1 << " states";
+  } catch (const RequestError& error) {
+    EXPECT_NE(std::string(error.what()).find(fmt::format("needs more than {} lexer states", least - 1)),
+              std::string::npos)
+        << error.what();
+  }
+  format.max_lexer_states = least;
+  Matcher bounded(compile_output_grammar(format));
+  try {
+    bounded.advance_bytes(document);
+    ADD_FAILURE() << "matched under " << least << " states";
+  } catch (const RequestError& error) {
+    EXPECT_NE(std::string(error.what()).find(fmt::format("needs more than {} lexer states", least)), std::string::npos)
+        << error.what();
+  }
+  format.max_lexer_states = kDefaultMaxLexerStates;
+  EXPECT_TRUE(accepts(compile_output_grammar(format), document));
 }
 
 TEST(JsonSchema, RefusesWithTheKeywordAndPlace) {

@@ -68,6 +68,9 @@ struct GenerationEvent {
   std::string text;
   // kFinish: "stop", "length", "cancelled" or "error" (with `error`).
   std::string finish_reason, error;
+  // kFinish "error": the request's own parameters caused it (m1::RequestError: e.g. its output
+  // format outgrew the matcher's bound), not the engine or the model.
+  bool request_fault = false;
   // kDone: totals; cached_tokens of the prompt were not prefilled but resumed from the cache.
   int64_t prompt_tokens = 0, completion_tokens = 0, cached_tokens = 0;
 };
@@ -102,8 +105,10 @@ struct LatencyHistogram {
 };
 
 struct EngineStats {
-  // A request starts when accepted into the queue and ends finished, cancelled or failed.
-  int64_t requests_started = 0, requests_finished = 0, requests_cancelled = 0, requests_failed = 0;
+  // A request starts when accepted into the queue and ends finished, cancelled, failed or refused
+  // (failed by its own parameters: m1::RequestError).
+  int64_t requests_started = 0, requests_finished = 0, requests_cancelled = 0, requests_failed = 0,
+          requests_refused = 0;
   int64_t prompt_tokens = 0, generated_tokens = 0;
   int64_t waiting = 0, running = 0;  // requests queued; sequences in the batch
   int64_t state_bytes = 0;           // reserved by the admitted requests for their largest state

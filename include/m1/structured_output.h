@@ -34,6 +34,9 @@ struct ToolGrammar {
   std::string what;  // names the schema in errors, e.g. "tools[0].function.parameters"
 };
 
+// OutputFormat::max_lexer_states unless set.
+constexpr int32_t kDefaultMaxLexerStates = 200000;
+
 struct OutputFormat {
   enum class Document {
     kNone,       // no document: free text (and tool calls, if any)
@@ -53,6 +56,10 @@ struct OutputFormat {
   std::vector<ToolGrammar> tools;  // kNamed: the one named
   // A chat turn may begin with reasoning (<think>...</think>) before its document or calls.
   bool reasoning = false;
+  // The most states the matchers' lexer may build (each a row of transitions, built as matching
+  // needs them): patterns whose automata grow past it, alone or side by side, fail the request
+  // with m1::RequestError, up front or mid-generation.
+  int32_t max_lexer_states = kDefaultMaxLexerStates;
 };
 
 // Throws m1::Error naming the schema and the place in it for an unsupported keyword, a malformed

@@ -11,7 +11,8 @@ namespace m1::structured {
 constexpr size_t kMaxProductions = 1 << 20;
 constexpr size_t kMaxTerminals = 1 << 20;
 
-GrammarBuilder::GrammarBuilder() : grammar_(new Grammar) {}
+GrammarBuilder::GrammarBuilder(int32_t max_lexer_states)
+    : grammar_(new Grammar), max_lexer_states_(max_lexer_states) {}
 
 int32_t GrammarBuilder::terminal(ByteFragment fragment, std::string name) {
   Grammar& g = *grammar_;
@@ -94,7 +95,7 @@ bool GrammarBuilder::derives_text(int32_t nonterminal) {
 std::shared_ptr<Grammar> GrammarBuilder::finish(int32_t root, const std::string& what) {
   trim_nfa();
   Grammar& g = *grammar_;
-  g.lexer_ = std::make_unique<LexerDfa>(g.nfa_, g.terminal_start_);
+  g.lexer_ = std::make_unique<LexerDfa>(g.nfa_, g.terminal_start_, max_lexer_states_);
   for (int32_t t = 0; t < g.terminal_count(); ++t) {
     if (g.terminal_start_[size_t(t)] < 0) continue;
     const int32_t state = g.lexer_->start(std::span(&t, 1));

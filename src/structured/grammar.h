@@ -50,7 +50,8 @@ class Grammar {
 
 class GrammarBuilder {
  public:
-  GrammarBuilder();
+  // `max_lexer_states`: the lexer's bound (LexerDfa).
+  explicit GrammarBuilder(int32_t max_lexer_states);
   // A terminal matching the spelled language of `chars` (never the empty string: callers
   // make such a lexeme optional in the productions instead).
   int32_t terminal(const CharNfa& chars, Spelling spelling, std::string name);
@@ -77,6 +78,7 @@ class GrammarBuilder {
   std::vector<char> productive_nonterminals();
 
   std::unique_ptr<Grammar> grammar_;
+  int32_t max_lexer_states_;
   std::vector<std::string> nonterminal_names_;
   std::vector<std::pair<std::string, int32_t>> literals_;
 };

@@ -81,8 +81,8 @@ const MarkerGuard& marker_guard() {
 
 }  // namespace
 
-LexerDfa::LexerDfa(const ByteNfa& nfa, std::vector<int32_t> terminal_start)
-    : nfa_(nfa), terminal_start_(std::move(terminal_start)), class_of_(kSymbolCount), mark_(nfa.states.size(), 0) {
+LexerDfa::LexerDfa(const ByteNfa& nfa, std::vector<int32_t> terminal_start, int32_t max_states)
+    : nfa_(nfa), terminal_start_(std::move(terminal_start)), max_states_(max_states), class_of_(kSymbolCount), mark_(nfa.states.size(), 0) {
   // Symbols split into classes at every edge's bounds, around every byte of the markers' text,
   // and between bytes and markers.
   std::vector<char> cut(kSymbolCount + 1, 0);
@@ -151,9 +151,11 @@ void LexerDfa::close(std::vector<int32_t>& set) {
 int32_t LexerDfa::intern(std::vector<int32_t>& key) {
   const auto found = ids_.find(key);
   if (found != ids_.end()) return found->second;
-  if (int32_t(sets_.size()) >= kMaxLexerStates)
-    fail("grammar: matching needs more than {} lexer states (a pattern whose automaton grows too large)",
-         kMaxLexerStates);
+  if (int32_t(sets_.size()) >= max_states_)
+    throw RequestError(fmt::format(
+        "the output format needs more than {} lexer states to match (patterns whose automata grow too large, "
+        "alone or side by side)",
+        max_states_));
   const int32_t id = int32_t(sets_.size());
   std::vector<int32_t> accepted;
   for (size_t i = 0; i + 1 < key.size(); ++i) {

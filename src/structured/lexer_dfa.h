@@ -22,16 +22,14 @@
 
 namespace m1::structured {
 
-// Most states a lexer may build before the request is refused: a pattern whose deterministic
-// form explodes stops here instead of exhausting memory.
-constexpr int32_t kMaxLexerStates = 200000;
-
 class LexerDfa {
  public:
   static constexpr int32_t kDead = 0;
 
-  // `nfa` must be trimmed (every state reaches an accepting one) and outlive the lexer.
-  LexerDfa(const ByteNfa& nfa, std::vector<int32_t> terminal_start);
+  // `nfa` must be trimmed (every state reaches an accepting one) and outlive the lexer. Building
+  // more than `max_states` states throws m1::RequestError (OutputFormat::max_lexer_states):
+  // patterns whose deterministic form explodes stop there instead of exhausting memory.
+  LexerDfa(const ByteNfa& nfa, std::vector<int32_t> terminal_start, int32_t max_states);
 
   // The state before the first symbol of a lexeme of any of `terminals` (sorted, unique);
   // kDead when none of them can produce a lexeme.
@@ -83,6 +81,7 @@ class LexerDfa {
 
   const ByteNfa& nfa_;
   std::vector<int32_t> terminal_start_;
+  int32_t max_states_;
   std::vector<int32_t> class_of_;   // symbol -> class
   std::vector<int32_t> class_end_;  // class -> the symbol after its last
   int32_t classes_ = 0;

@@ -80,7 +80,8 @@ int32_t calls(GrammarBuilder& b, JsonGrammar& json, const std::vector<ToolGramma
 }  // namespace
 
 std::shared_ptr<OutputGrammar> compile_output_grammar(const OutputFormat& f) {
-  GrammarBuilder b;
+  if (f.max_lexer_states < 1) fail("output format: max_lexer_states must be positive, got {}", f.max_lexer_states);
+  GrammarBuilder b(f.max_lexer_states);
   JsonGrammar json(b);
   const int32_t root = b.nonterminal("output");
   const int32_t newline = terminal_symbol(b.literal("\n"));
