@@ -74,6 +74,12 @@ __attribute__((target("avx512f"))) inline __m512 int4_values() {
   return _mm512_set_ps(7, 6, 5, 4, 3, 2, 1, 0, -1, -2, -3, -4, -5, -6, -7, -8);
 }
 
+// The values code - 128 of 16 int8 codes, as fp32 (exact).
+__attribute__((target("avx512f"), always_inline)) inline __m512 int8_values(const uint8_t* codes) {
+  const __m512i widened = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)));
+  return _mm512_cvtepi32_ps(_mm512_sub_epi32(widened, _mm512_set1_epi32(128)));
+}
+
 // What a group's chunks are decoded with: int4, a table of the 16 values times the scale; int8,
 // the scale.
 template <DType Q>
@@ -92,9 +98,7 @@ __attribute__((target("avx512f"), always_inline)) inline __m512 f32_chunk(const 
     q = _mm512_or_si512(q, _mm512_slli_epi64(q, 28));
     return _mm512_permutexvar_ps(q, decoder);
   } else {
-    const __m512i q = _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + k))),
-                                       _mm512_set1_epi32(128));
-    return _mm512_mul_ps(_mm512_cvtepi32_ps(q), decoder);
+    return _mm512_mul_ps(int8_values(codes + k), decoder);
   }
 }
 
@@ -106,22 +110,20 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"), always_inline)) inline __m
 
 // Weights [k, k + 32) as bf16 code * scale (rounded to nearest even): int4 from 16 bytes, each
 // byte's nibbles the indices of the two 16-bit halves of its 32-bit lane into the 16-entry table;
-// int8 from 32 bytes.
-template <DType Q>
+// int8 from 32 bytes. `Bare`: int8 codes whose scale multiplies the sum instead (codes_only), the
+// values alone (the multiplication by 1 left out: it was a third of the decoding's time).
+template <DType Q, bool Bare = false>
 __attribute__((target("avx512f,avx512bw,avx512bf16"), always_inline)) inline __m512i bf16_chunk(const uint8_t* codes, int64_t k,
                                                                                                 __m512i decoder) {
+  static_assert(!Bare || Q == DType::kQ8, "int4 decodes by its table, scaled or not");
   if constexpr (Q == DType::kQ4) {
     const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + uint64_t(k) / 2)));
     const __m512i index = _mm512_ternarylogic_epi32(d, _mm512_slli_epi32(d, 12), _mm512_set1_epi32(0x000F000F), 0xA8);
     return _mm512_permutexvar_epi16(index, decoder);
   } else {
+    if constexpr (Bare) return (__m512i)_mm512_cvtne2ps_pbh(int8_values(codes + k + 16), int8_values(codes + k));
     const __m512 s = _mm512_castsi512_ps(decoder);
-    const __m512i offset = _mm512_set1_epi32(128);
-    const __m512 lo = _mm512_cvtepi32_ps(
-        _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + k))), offset));
-    const __m512 hi = _mm512_cvtepi32_ps(
-        _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + k + 16))), offset));
-    return (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(hi, s), _mm512_mul_ps(lo, s));
+    return (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(int8_values(codes + k + 16), s), _mm512_mul_ps(int8_values(codes + k), s));
   }
 }
 
@@ -169,7 +171,7 @@ __attribute__((target("avx512f,avx512bw"))) void rows_f32_avx512(const float* x,
 }
 
 // The same with bf16 x and weights: the arithmetic of the bf16 tiles (32 elements a step).
-template <int R, int C, DType Q>
+template <int R, int C, DType Q, bool Bare>
 __attribute__((target("avx512f,avx512bw,avx512bf16"))) void rows_bf16_avx512(const uint16_t* x, int64_t ldx, const QRow* w, float* out,
                                                                              int64_t ldo) {
   __m512 acc[R][C];
@@ -184,7 +186,7 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void rows_bf16_avx512(con
       left = group / 32;
     }
     __m512bh wv[C];
-    for (int c = 0; c < C; ++c) wv[c] = (__m512bh)bf16_chunk<Q>(w[c].codes, k, decoder[c]);
+    for (int c = 0; c < C; ++c) wv[c] = (__m512bh)bf16_chunk<Q, Bare>(w[c].codes, k, decoder[c]);
     for (int r = 0; r < R; ++r) {
       const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + r * ldx + k);
       for (int c = 0; c < C; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], xv, wv[c]);
@@ -195,7 +197,7 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void rows_bf16_avx512(con
     __m512bh wv[C];
     for (int c = 0; c < C; ++c) {
       const TailBytes<32> tail(w[c], Q, full);
-      wv[c] = (__m512bh)_mm512_maskz_mov_epi16(mask, bf16_chunk<Q>(tail.bytes, 0, bf16_decoder<Q>(w[c].scales[(cols - 1) / group])));
+      wv[c] = (__m512bh)_mm512_maskz_mov_epi16(mask, bf16_chunk<Q, Bare>(tail.bytes, 0, bf16_decoder<Q>(w[c].scales[(cols - 1) / group])));
     }
     for (int r = 0; r < R; ++r) {
       const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + r * ldx + full);
@@ -221,18 +223,18 @@ __attribute__((target("avx512f,avx512bw"))) void decode_f32_avx512(const QRow& w
   }
 }
 
-template <DType Q>
+template <DType Q, bool Bare>
 __attribute__((target("avx512f,avx512bw,avx512bf16"))) void decode_bf16_avx512(const QRow& w, uint16_t* out) {
   const int64_t full = w.cols / 32 * 32;
   for (int64_t g0 = 0, g = 0; g0 < full; g0 += w.group, ++g) {
     const __m512i decoder = bf16_decoder<Q>(w.scales[g]);
     for (int64_t k = g0, end = std::min(full, g0 + w.group); k < end; k += 32)
-      _mm512_storeu_si512(out + k, bf16_chunk<Q>(w.codes, k, decoder));
+      _mm512_storeu_si512(out + k, bf16_chunk<Q, Bare>(w.codes, k, decoder));
   }
   if (full < w.cols) {
     const TailBytes<32> tail(w, Q, full);
     _mm512_mask_storeu_epi16(out + full, __mmask32((uint64_t(1) << (w.cols - full)) - 1),
-                             bf16_chunk<Q>(tail.bytes, 0, bf16_decoder<Q>(w.scales[(w.cols - 1) / w.group])));
+                             bf16_chunk<Q, Bare>(tail.bytes, 0, bf16_decoder<Q>(w.scales[(w.cols - 1) / w.group])));
   }
 }
 
@@ -283,23 +285,29 @@ using RowsF32 = void (*)(const float*, int64_t, const QRow*, float*, int64_t);
 using RowsBf16 = void (*)(const uint16_t*, int64_t, const QRow*, float*, int64_t);
 constexpr int kStreamRows = 4;  // weight rows streamed together
 
-// [r - 1][c - 1]: r rows of x against c weight rows.
-template <class Fn, DType Q, bool Bf16>
+// [r - 1][c - 1]: r rows of x against c weight rows; Bare: bf16_chunk's.
+template <class Fn, DType Q, bool Bf16, bool Bare = false>
 struct RowsTable {
   Fn kernels[kSkinnyRows][kStreamRows];
   constexpr RowsTable() : kernels{} { fill(std::make_integer_sequence<int, kSkinnyRows * kStreamRows>{}); }
   template <int... I>
   constexpr void fill(std::integer_sequence<int, I...>) {
     if constexpr (Bf16)
-      ((kernels[I / kStreamRows][I % kStreamRows] = &rows_bf16_avx512<I / kStreamRows + 1, I % kStreamRows + 1, Q>), ...);
+      ((kernels[I / kStreamRows][I % kStreamRows] = &rows_bf16_avx512<I / kStreamRows + 1, I % kStreamRows + 1, Q, Bare>), ...);
     else
       ((kernels[I / kStreamRows][I % kStreamRows] = &rows_f32_avx512<I / kStreamRows + 1, I % kStreamRows + 1, Q>), ...);
   }
 };
 template <DType Q>
 constexpr RowsTable<RowsF32, Q, false> kRowsF32{};
+template <DType Q, bool Bare>
+constexpr RowsTable<RowsBf16, Q, true, Bare> kRowsBf16{};
+
+// Whether an int8 row's codes meet bf16 x bare (bf16_chunk's Bare).
 template <DType Q>
-constexpr RowsTable<RowsBf16, Q, true> kRowsBf16{};
+bool bare_codes(const Weight& w, bool bf16) {
+  return Q == DType::kQ8 && codes_only(w, bf16);
+}
 
 // Per thread: a row's scales, and decoded rows or blocks.
 thread_local std::vector<float> row_scale_buffer, f32_block;
@@ -325,7 +333,9 @@ void skinny_rows(const void* x, int64_t rows, const Weight& w, Mat out, bool bf1
       QRow stream[kStreamRows];
       for (int i = 0; i < c; ++i) stream[i] = quantized_row(w, j + i, bf16, stream_scales[i]);
       if (bf16)
-        kRowsBf16<Q>.kernels[rows - 1][c - 1](static_cast<const uint16_t*>(x), w.cols, stream, out.data + j, out.cols);
+        (bare_codes<Q>(w, bf16) ? kRowsBf16<Q, Q == DType::kQ8>.kernels[rows - 1][c - 1]
+                                : kRowsBf16<Q, false>.kernels[rows - 1][c - 1])(static_cast<const uint16_t*>(x), w.cols,
+                                                                                 stream, out.data + j, out.cols);
       else
         kRowsF32<Q>.kernels[rows - 1][c - 1](static_cast<const float*>(x), w.cols, stream, out.data + j, out.cols);
     }
@@ -347,7 +357,8 @@ void block_product(const void* x, const Weight& w, Mat out, bool bf16, int64_t i
   float* o = out.data + i0 * out.cols + j0;
   if (bf16) {
     bf16_block.resize(size_t(n * k));
-    for (int64_t j = j0; j < j1; ++j) decode_bf16_avx512<Q>(quantized_row(w, j, true, row_scale_buffer), bf16_block.data() + (j - j0) * k);
+    const auto decode = bare_codes<Q>(w, true) ? &decode_bf16_avx512<Q, Q == DType::kQ8> : &decode_bf16_avx512<Q, false>;
+    for (int64_t j = j0; j < j1; ++j) decode(quantized_row(w, j, true, row_scale_buffer), bf16_block.data() + (j - j0) * k);
     gemm_nt_bf16(static_cast<const uint16_t*>(x) + i0 * k, k, bf16_block.data(), k, m, n, k, o, out.cols);
     if (codes_only(w, true)) apply_row_scales(w, out, i0, i1, j0, j1);
   } else {
