@@ -114,8 +114,11 @@ ConstrainedOutput output_grammar(const ordered_json& body, const OutputRequest& 
       break;
   }
   if (format.document == OutputFormat::Document::kNone && format.calls == OutputFormat::Calls::kNone) return {};
+  const std::string enforced = format.document != OutputFormat::Document::kNone ? "response_format" : "tools";
   try {
-    return {compile_output_grammar(format), format.document != OutputFormat::Document::kNone ? "response_format" : "tools"};
+    return {compile_output_grammar(format), enforced};
+  } catch (const RequestError& error) {  // the lexer's bound, already while compiling
+    throw invalid_request(fmt::format("{}: {}", enforced, error.what()), enforced);
   } catch (const Error& error) {
     const std::string param = leading_parameter(error.what()).starts_with("tools") ? "tools" : "response_format";
     throw invalid_request(error.what(), param);

@@ -143,6 +143,19 @@ TEST_F(ServerFaultTest, AGrammarPastTheServersBoundIsTheClientsError) {
   EXPECT_EQ(stream.chunks().back()["error"]["type"], "invalid_request_error");
   EXPECT_EQ(stream.chunks().back()["error"]["param"], "response_format");
 
+  // A format that needs more states than the bound already to compile: refused before the engine.
+  format.schema["properties"]["other"] = {{"type", "string"}, {"pattern", "^[0-9]+(ab|cd)*$"}};
+  format.schema["properties"]["more"] = {{"type", "array"}, {"items", {{"type", "number"}}}};
+  ASSERT_GT(least_lexer_bound(format), bound);
+  request["response_format"]["json_schema"]["schema"] = format.schema;
+  const Reply early = client.post("/v1/completions", request);
+  EXPECT_EQ(early.status, 400) << early.body;
+  EXPECT_EQ(early.json["error"]["param"], "response_format") << early.body;
+  EXPECT_NE(early.json["error"]["message"].get<std::string>().find(
+                fmt::format("response_format: the output format needs more than {} lexer states", bound)),
+            std::string::npos)
+      << early.body;
+
   EXPECT_EQ(client.post("/v1/completions", completion_request("Unconstrained", 8)).status, 200);
   const std::string metrics = idle_metrics(client);
   expect_balanced(metrics);
