@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cctype>
 
+#include <fmt/format.h>
+
 namespace m1::server {
 
 ApiError invalid_request(const std::string& message, std::string param) {
@@ -19,6 +21,10 @@ ApiError unavailable(const std::string& message, std::string code) {
 
 ApiError invalid_request_from(const std::exception& error) {
   return invalid_request(error.what(), leading_parameter(error.what()));
+}
+
+ApiError request_fault(const std::string& param, const std::string& message) {
+  return invalid_request(fmt::format("{}: {}", param, message), param);
 }
 
 std::string leading_parameter(std::string_view message) {

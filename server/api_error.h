@@ -30,6 +30,10 @@ ApiError unavailable(const std::string& message, std::string code);  // 503
 // ("top_p must be in (0, 1], got 0" or "messages[2].role: unknown role").
 ApiError invalid_request_from(const std::exception& error);
 
+// A 400 for what the request's own `param` caused (m1::RequestError, whose message names no
+// parameter): "param: message".
+ApiError request_fault(const std::string& param, const std::string& message);
+
 // The parameter a one-line m1::Error message starts with, or "" when it names none.
 std::string leading_parameter(std::string_view message);
 

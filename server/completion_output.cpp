@@ -14,7 +14,7 @@ void check_finish(const GenerationEvent& event, const std::string& output_param)
   if (event.finish_reason == "cancelled")
     throw unavailable("the request was cancelled: the server is shutting down", "cancelled");
   if (event.finish_reason != "error") return;
-  if (event.request_fault) throw invalid_request(fmt::format("{}: {}", output_param, event.error), output_param);
+  if (event.request_fault) throw request_fault(output_param, event.error);
   throw ApiError(500, "server_error", "generation failed: " + event.error);
 }
 

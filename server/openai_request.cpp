@@ -306,7 +306,9 @@ CompletionJob parse_completion_request(const ordered_json& body, const ServedMod
   job.kind = ApiKind::kCompletion;
   parse_completion_logprobs(body, job);
   validate_sampling(job.generation.sampling);
-  ConstrainedOutput output = output_grammar(body, {.max_lexer_states = model.max_grammar_states});
+  OutputRequest constraints;
+  constraints.max_lexer_states = model.max_grammar_states;
+  ConstrainedOutput output = output_grammar(body, constraints);
   job.generation.grammar = std::move(output.grammar);
   job.output_param = std::move(output.param);
   return job;

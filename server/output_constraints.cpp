@@ -118,7 +118,7 @@ ConstrainedOutput output_grammar(const ordered_json& body, const OutputRequest& 
   try {
     return {compile_output_grammar(format), enforced};
   } catch (const RequestError& error) {  // the lexer's bound, already while compiling
-    throw invalid_request(fmt::format("{}: {}", enforced, error.what()), enforced);
+    throw request_fault(enforced, error.what());
   } catch (const Error& error) {
     const std::string param = leading_parameter(error.what()).starts_with("tools") ? "tools" : "response_format";
     throw invalid_request(error.what(), param);

@@ -26,24 +26,26 @@
 
 namespace m1::testing {
 
-// Runs fn and checks it throws m1::Error whose single-line message contains every part.
-inline void expect_error(const std::function<void()>& fn, const std::vector<std::string>& parts) {
+// Runs fn and checks it throws m1::Error (or the subclass Expected) whose single-line message
+// contains every part.
+template <class Expected = m1::Error>
+void expect_error(const std::function<void()>& fn, const std::vector<std::string>& parts) {
   try {
     fn();
-  } catch (const m1::Error& e) {
+  } catch (const Expected& e) {
     const std::string message = e.what();
     EXPECT_EQ(message.find('\n'), std::string::npos) << "message is not one line: " << message;
     for (const std::string& part : parts)
       EXPECT_NE(message.find(part), std::string::npos) << "'" << part << "' missing from: " << message;
     return;
   } catch (const std::exception& e) {
-    ADD_FAILURE() << "expected m1::Error, got another exception: " << e.what();
+    ADD_FAILURE() << "expected m1::Error (or the subclass asked for), got another exception: " << e.what();
     return;
   } catch (...) {
-    ADD_FAILURE() << "expected m1::Error, got a non-standard exception";
+    ADD_FAILURE() << "expected m1::Error (or the subclass asked for), got a non-standard exception";
     return;
   }
-  ADD_FAILURE() << "expected m1::Error, nothing was thrown";
+  ADD_FAILURE() << "expected m1::Error (or the subclass asked for), nothing was thrown";
 }
 
 inline std::string read_file(const std::filesystem::path& path) {

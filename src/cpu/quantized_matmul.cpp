@@ -328,16 +328,18 @@ void apply_row_scales(const Weight& w, Mat out, int64_t i0, int64_t i1, int64_t 
 template <DType Q>
 void skinny_rows(const void* x, int64_t rows, const Weight& w, Mat out, bool bf16, int64_t begin, int64_t end) {
   if (kIsa == Isa::kAvx512) {
+    const bool bare = bare_codes<Q>(w, bf16);
     for (int64_t j = begin; j < end; j += kStreamRows) {
       const int c = int(std::min<int64_t>(kStreamRows, end - j));
       QRow stream[kStreamRows];
       for (int i = 0; i < c; ++i) stream[i] = quantized_row(w, j + i, bf16, stream_scales[i]);
-      if (bf16)
-        (bare_codes<Q>(w, bf16) ? kRowsBf16<Q, Q == DType::kQ8>.kernels[rows - 1][c - 1]
-                                : kRowsBf16<Q, false>.kernels[rows - 1][c - 1])(static_cast<const uint16_t*>(x), w.cols,
-                                                                                 stream, out.data + j, out.cols);
-      else
+      if (bf16) {
+        const RowsBf16 kernel = bare ? kRowsBf16<Q, Q == DType::kQ8>.kernels[rows - 1][c - 1]
+                                     : kRowsBf16<Q, false>.kernels[rows - 1][c - 1];
+        kernel(static_cast<const uint16_t*>(x), w.cols, stream, out.data + j, out.cols);
+      } else {
         kRowsF32<Q>.kernels[rows - 1][c - 1](static_cast<const float*>(x), w.cols, stream, out.data + j, out.cols);
+      }
     }
   } else {
     f32_block.resize(size_t(w.cols));
