@@ -192,7 +192,7 @@ void launch_grouped(const float* x, const float* up, int64_t ldx, int64_t rows, 
   const int bytes = shared_bytes(kParts, tile_rows, up ? 2 : 1);
   device.allow_shared_memory<kernel>(size_t(bytes));
   const int64_t n = products[0].w[0].rows, k = products[0].w[0].cols;
-  for_each_stream_launch(x, up, ldx, rows, offsets, tile_rows, products, kCols, scratch,
+  for_each_stream_launch(x, up, ldx, rows, offsets, tile_rows, products, kCols, scratch, device,
                          [&](const GroupedTiles& tiles, int* counters, int64_t units) {
                            const int64_t grid = std::min<int64_t>(units, device.limits().sms);
                            kernel<<<unsigned(grid), kThreads, bytes, stream>>>(tiles, n, k, counters);

@@ -9,9 +9,18 @@
 
 namespace m1::cuda {
 
+// The skinny products' chunk partials make a round trip through memory: chunks x m x n floats (m:
+// every row of x in a grouped call). Past this many bytes (the LM head at batch 32 would take 615
+// MB, a MoE's gate products at batch 64 113 MB) the tiled kernels, which keep their partials in
+// registers and have n / 64 column tiles to spread over the GPU anyway, are the better choice.
+inline constexpr size_t kDefaultPartialBytes = size_t(64) << 20;
+
 struct DeviceLimits {
   int sms = 0;               // streaming multiprocessors
   int shared_per_block = 0;  // bytes of shared memory a block may opt into
+  // Bytes of scratch one product's chunk partials may take (a budget of the device's memory, not
+  // read from CUDA): past it a product takes kernels without partials, with the same bits.
+  size_t partial_bytes = kDefaultPartialBytes;
 };
 
 class Device {

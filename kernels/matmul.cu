@@ -645,7 +645,7 @@ template <DType T>
 void matmul_f32(const float* x, int64_t ldx, int64_t m, const DeviceMatrix& w, float* out, int64_t ldo,
                 DeviceScratch& scratch, Device& device, cudaStream_t stream) {
   const int64_t chunks = ceil_div(w.cols, kChunk);
-  if (m > kF32SkinnyMaxRows || !skinny_partials_fit(chunks, m, w.rows)) {
+  if (m > kF32SkinnyMaxRows || !skinny_partials_fit(chunks, m, w.rows, device)) {
     launch_f32_tiled<T>(x, ldx, m, w, out, ldo, stream);
     return;
   }
@@ -674,7 +674,7 @@ void matmul_bf16(const float* x, int64_t ldx, int64_t m, const DeviceMatrix& w, 
                  DeviceScratch& scratch, Device& device, cudaStream_t stream) {
   const int64_t k = w.cols, n = w.rows, ldb = (k + 7) / 8 * 8;
   const int64_t chunks = ceil_div(k, kChunk);
-  const bool skinny = m <= kBf16SkinnyMaxRows && skinny_partials_fit(chunks, m, n);
+  const bool skinny = m <= kBf16SkinnyMaxRows && skinny_partials_fit(chunks, m, n, device);
   const auto* weights = static_cast<const uint16_t*>(w.data);
   const bool w_vec = aligned16(w.data) && k % 8 == 0;
   if (!skinny) {
@@ -746,7 +746,7 @@ void grouped_f32(const float* x, int64_t ldx, const int64_t* offsets, std::span<
   const int64_t chunks = ceil_div(k, kChunk);
   // The smallest skinny tile (one row per thread group) bounds the grid.
   const bool skinny = group_rows <= kF32SkinnyMaxRows && skinny_grid_fits(rows, groups, kF32SkinnyGroups) &&
-                      skinny_partials_fit(chunks, rows, n);
+                      skinny_partials_fit(chunks, rows, n, device);
   if (!skinny) {
     const bool x_vec = aligned16(x) && ldx % 4 == 0 && k % 4 == 0;
     for (const GroupedProduct& p : products) {
@@ -788,7 +788,7 @@ void grouped_bf16(const float* x, int64_t ldx, const int64_t* offsets, std::span
   const int64_t ldb = (k + 7) / 8 * 8, chunks = ceil_div(k, kChunk);
   const int64_t tile_rows = (group_rows + 15) / 16 * 16;
   const bool skinny = group_rows <= kBf16SkinnyMaxRows && skinny_grid_fits(rows, groups, tile_rows) &&
-                      skinny_partials_fit(chunks, rows, n);
+                      skinny_partials_fit(chunks, rows, n, device);
   if (!skinny) {  // x's terms once for every product
     __nv_bfloat16* xb = scratch.get<__nv_bfloat16>(size_t(kParts * rows * ldb));
     launch_split_to_bf16<kParts>(x, ldx, rows, k, xb, ldb, stream);
@@ -853,7 +853,7 @@ bool stream_grouped_swiglu(const float* gate, const float* up, int64_t ldx, cons
                            DeviceScratch& scratch, Device& device, cudaStream_t stream) {
   const DeviceMatrix& first = product.w[0];
   const int64_t n = first.rows, k = first.cols;
-  if (!skinny_partials_fit(ceil_div(k, kChunk), rows, n)) return false;
+  if (!skinny_partials_fit(ceil_div(k, kChunk), rows, n, device)) return false;
   const std::span products(&product, 1);
   // The tallest tile whose ring, with up's rows beside x's, fits (int8 codes leave room for 4).
   const auto tallest = [&](int64_t max_rows, auto streams) {

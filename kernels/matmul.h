@@ -16,6 +16,10 @@
 
 namespace m1::cuda {
 
+// Inner-dimension values per partial sum: part of the arithmetic, shared by every kernel (each
+// output element is the sum, in chunk order, of its chunks' fp32 partial sums).
+inline constexpr int kMatmulChunk = 256;
+
 // out [m, w.rows] (row stride ldo) = x [m, w.cols] (row stride ldx, fp32) times w^T.
 // kBf16 with F32 or F16 weights runs as kFp32; int8 and int4 weights take quantized_matmul.h's
 // kernels. `scratch` holds the bf16 terms of x.

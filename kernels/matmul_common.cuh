@@ -22,8 +22,7 @@
 namespace m1::cuda {
 namespace {
 
-// Inner-dimension values per partial sum: part of the arithmetic, shared by every kernel.
-constexpr int kChunk = 256;
+constexpr int kChunk = kMatmulChunk;
 
 // Element i of a vector of scales stored as F32, F16 or BF16, in fp32 (exact).
 __device__ __forceinline__ float load_scale(const void* scales, DType dtype, int64_t i) {
@@ -117,14 +116,10 @@ inline int* fold_counters(DeviceScratch& scratch, bool partials, int64_t blocks)
   return partials ? scratch.counters(blocks) : nullptr;
 }
 
-// The skinny kernels' chunk partials make a round trip through memory: chunks x m x n floats (m:
-// every row of x in a grouped call; none for a single chunk, which goes straight to out). Past
-// this many bytes (the LM head at batch 32 would take 615 MB, a MoE's gate products at batch 64
-// 113 MB) the tiled kernels, which keep their partials in registers and have n / 64 column tiles
-// to spread over the GPU anyway, are the better choice; both give the same bits.
-constexpr size_t kMaxSkinnyPartialBytes = size_t(64) << 20;
-inline bool skinny_partials_fit(int64_t chunks, int64_t m, int64_t n) {
-  return chunks == 1 || size_t(chunks) * size_t(m) * size_t(n) * sizeof(float) <= kMaxSkinnyPartialBytes;
+// Whether a skinny product's chunk partials (none for a single chunk, which goes straight to out)
+// fit the device's budget for them; both kinds of kernel give the same bits.
+inline bool skinny_partials_fit(int64_t chunks, int64_t m, int64_t n, const Device& device) {
+  return chunks == 1 || size_t(chunks) * size_t(m) * size_t(n) * sizeof(float) <= device.limits().partial_bytes;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -392,10 +387,10 @@ inline int64_t stream_tile_rows(int64_t group_rows, int64_t rows, int64_t max_ro
 template <class Launch>
 void for_each_stream_launch(const float* x, const float* up, int64_t ldx, int64_t rows, const int64_t* offsets,
                             int64_t tile_rows, std::span<const GroupedProduct> products, int cols,
-                            DeviceScratch& scratch, Launch launch) {
+                            DeviceScratch& scratch, const Device& device, Launch launch) {
   const int64_t n = products[0].w[0].rows, k = products[0].w[0].cols, chunks = ceil_div(k, kChunk);
   const int64_t groups = int64_t(products[0].w.size()), blocks = ceil_div(n, cols);
-  const int64_t together = skinny_partials_fit(chunks, rows * kMaxStreamProducts, n) ? kMaxStreamProducts : 1;
+  const int64_t together = skinny_partials_fit(chunks, rows * kMaxStreamProducts, n, device) ? kMaxStreamProducts : 1;
   const int64_t plane = chunks > 1 ? chunks * rows * n : 0;
   float* partial = chunks > 1 ? scratch.get<float>(size_t(std::min<int64_t>(together, int64_t(products.size())) * plane))
                               : nullptr;

@@ -282,7 +282,7 @@ void matmul_quantized(const float* x, int64_t ldx, int64_t m, const DeviceMatrix
                       GemmOperands operands, DeviceScratch& scratch, Device& device, cudaStream_t stream) {
   const QuantOperand w = operand(weight, operands, aligned16(weight.data));
   const int64_t ldq = padded_row(w.k), chunks = ceil_div(w.k, kChunk);
-  if (m > kSkinnyMaxRows || !skinny_partials_fit(chunks, m, w.n)) {
+  if (m > kSkinnyMaxRows || !skinny_partials_fit(chunks, m, w.n, device)) {
     __nv_bfloat16* xb = scratch.get<__nv_bfloat16>(size_t(kParts * m * ldq));
     launch_split_to_bf16<kParts, true>(x, ldx, m, w.k, xb, ldq, stream);
     return launch_tiled<T, kParts>(xb, ldq, m, w, out, ldo, device, stream);
@@ -305,7 +305,7 @@ void grouped_quantized(const float* x, int64_t ldx, const int64_t* offsets, std:
   const int64_t ldq = padded_row(first.cols), chunks = ceil_div(first.cols, kChunk);
   const int64_t tile_rows = ceil_div(group_rows, 16) * 16;
   const bool skinny = group_rows <= kSkinnyMaxRows && skinny_grid_fits(rows, groups, tile_rows) &&
-                      skinny_partials_fit(chunks, rows, first.rows);
+                      skinny_partials_fit(chunks, rows, first.rows, device);
   if (!skinny) {  // x's terms once for every product
     __nv_bfloat16* xb = scratch.get<__nv_bfloat16>(size_t(kParts * rows * ldq));
     launch_split_to_bf16<kParts, true>(x, ldx, rows, first.cols, xb, ldq, stream);

@@ -199,7 +199,7 @@ void quantized_stream_grouped(const float* x, int64_t ldx, int64_t rows, const i
     bool aligned = true;
     for (const GroupedProduct& p : products) aligned = aligned && all_aligned16(p.w);
     const QuantOperand w = operand(products[0].w[0], operands, aligned);
-    for_each_stream_launch(x, up, ldx, rows, offsets, group_rows, products, kCols, scratch,
+    for_each_stream_launch(x, up, ldx, rows, offsets, group_rows, products, kCols, scratch, device,
                            [&](const GroupedTiles& tiles, int* counters, int64_t units) {
                              const int64_t grid = std::min<int64_t>(units, device.limits().sms);
                              kernel<<<unsigned(grid), kThreads, bytes, stream>>>(tiles, w, counters);

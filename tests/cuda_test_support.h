@@ -119,9 +119,16 @@ inline std::vector<std::vector<int64_t>> streamed_group_counts() {
 }
 
 // The test GPU seen as having `sms` SMs: the streamed kernels' grids, and so how they split the
-// work, follow it.
-inline cuda::Device device_with_sms(int sms) {
-  return cuda::Device(test_device().index(), cuda::DeviceLimits{sms, test_device().limits().shared_per_block});
+// work, follow it. `partial_bytes`: its budget for a product's chunk partials, past which products
+// take other kernels (or, streamed, run one at a time).
+inline cuda::Device device_with_sms(int sms, size_t partial_bytes = cuda::kDefaultPartialBytes) {
+  return cuda::Device(test_device().index(),
+                      cuda::DeviceLimits{sms, test_device().limits().shared_per_block, partial_bytes});
+}
+
+// The bytes of chunk partials a skinny product of `rows` rows makes over a [n, k] weight.
+inline size_t partial_bytes(int64_t rows, int64_t n, int64_t k) {
+  return size_t((k + cuda::kMatmulChunk - 1) / cuda::kMatmulChunk) * size_t(rows) * size_t(n) * sizeof(float);
 }
 
 }  // namespace m1::test

@@ -257,7 +257,8 @@ TEST(CudaBf16Stream, MatchesTheTiledKernelOnAnyGrid) {
 // kernel's on them (matmul of all 70 rows by the group's weights), with empty groups, groups of
 // 1 to 20 rows, a bound on the rows per group that splits groups into tiles (1, 3), is tight, or
 // is every row of a call of 60 rows (tiles of 8), 70 groups (two launches), and two products in
-// one launch. Rows outside the groups keep what they held.
+// one launch, or one after the other when the device's budget holds only one product's chunk
+// partials. Rows outside the groups keep what they held.
 TEST(CudaBf16Stream, GroupedMatchesTheTiledKernel) {
   M1_REQUIRE_CUDA();
   std::mt19937 rng(34);
@@ -306,35 +307,51 @@ TEST(CudaBf16Stream, GroupedMatchesTheTiledKernel) {
         test::expect_grouped_bits(dx.get(), k, doffsets.get(), w, call_rows, bound, ldo, kUntouched, operands, scratch,
                                   device, want, what);
       }
+      // A budget for one product's chunk partials but not two: the products stream one at a time,
+      // sharing one set of partials and counters.
+      Device one_at_a_time = test::device_with_sms(7, test::partial_bytes(call_rows, n, k));
+      test::expect_grouped_bits(dx.get(), k, doffsets.get(), w, call_rows, call_rows, ldo, kUntouched, operands,
+                                scratch, one_at_a_time, want,
+                                fmt::format("{} groups, one product at a time, {}", groups, operands_name(operands)));
     }
   }
 }
 
-// A call whose skinny chunk partials would pass 64 MB (32 rows of a [8192, 16640] matrix: 65 chunks,
-// 68 MB; the LM head at batch 32 would need 615 MB) takes the tiled kernel instead: the scratch
-// stays small, and its rows are bit-identical to the same rows computed alone (skinny).
+// A call whose skinny chunk partials would pass the device's budget for them (by default 64 MB:
+// the LM head at batch 32 would take 615 MB) takes the kernels without partials instead: the
+// scratch stays under the budget, and its rows are bit-identical to the same rows computed alone
+// (skinny). Under the default budget the same call makes its partials (the budget is what
+// decides). BF16 weights with both operand modes, and F32 weights.
 TEST(CudaMatmulLarge, LargePartialsTakeTheTiledKernelWithTheSameBits) {
   M1_REQUIRE_CUDA();
   std::mt19937 rng(44);
-  const int64_t n = 8192, k = 16640, rows = 32;
-  // What is checked is bit equality between kernels, not the values.
-  const DeviceArray<uint8_t> dw(testing::repeated_block_weight(DType::kBF16, n, k, 64, 1.0f / std::sqrt(float(k)), rng));
-  const DeviceMatrix w{dw.get(), DType::kBF16, n, k};
+  const int64_t n = 1000, k = 600, rows = 32;  // 3 chunks: 384,000 bytes of partials at 32 rows
+  const size_t partials = test::partial_bytes(rows, n, k);
+  Device tight = test::device_with_sms(test::test_device().limits().sms, partials - 1);
   const std::vector<float> x = random_floats(size_t(rows * k), 1.0f, rng);
   const DeviceArray<float> dx(x);
   DeviceArray<float> all(static_cast<size_t>(rows * n)), alone(static_cast<size_t>(n));
-  for (GemmOperands operands : {GemmOperands::kFp32, GemmOperands::kBf16}) {
-    DeviceScratch scratch;
-    matmul(dx.get(), k, rows, w, all.get(), n, operands, scratch, test::test_device(), nullptr);
-    // At most the bf16 copy of x (1 MB) and its growth margin: no chunk partials.
-    EXPECT_LT(scratch.capacity(), size_t(4) << 20) << operands_name(operands);
+  for (const auto& [dtype, operands] : {std::pair{DType::kBF16, GemmOperands::kFp32},
+                                        {DType::kBF16, GemmOperands::kBf16}, {DType::kF32, GemmOperands::kFp32}}) {
+    const std::string what = fmt::format("{} {}", dtype_name(dtype), operands_name(operands));
+    const RandomWeight rw = random_weight(dtype, n, k, rng);
+    const DeviceArray<uint8_t> dw(rw.bytes);
+    const DeviceMatrix w{dw.get(), dtype, n, k};
+    DeviceScratch scratch, roomy;
+    matmul(dx.get(), k, rows, w, all.get(), n, operands, scratch, tight, nullptr);
+    // At most the bf16 terms of x (115,200 bytes) and the growth margin: no chunk partials.
+    EXPECT_LT(scratch.capacity(), partials) << what;
     const std::vector<float> all_rows = all.download();
     for (int64_t r : {0, 13, 31}) {
-      matmul(dx.get() + r * k, k, 1, w, alone.get(), n, operands, scratch, test::test_device(), nullptr);
+      matmul(dx.get() + r * k, k, 1, w, alone.get(), n, operands, scratch, tight, nullptr);
       const std::vector<float> got = alone.download();
       EXPECT_EQ(std::memcmp(got.data(), all_rows.data() + r * n, size_t(n) * sizeof(float)), 0)
-          << "row " << r << " " << operands_name(operands);
+          << "row " << r << " " << what;
     }
+    matmul(dx.get(), k, rows, w, all.get(), n, operands, roomy, test::test_device(), nullptr);
+    EXPECT_GE(roomy.capacity(), partials) << what << ": the default budget holds these partials";
+    const std::vector<float> skinny_rows = all.download();
+    EXPECT_EQ(std::memcmp(skinny_rows.data(), all_rows.data(), all_rows.size() * sizeof(float)), 0) << what;
   }
 }
 

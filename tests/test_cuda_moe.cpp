@@ -470,38 +470,47 @@ TEST_F(CudaMoeTest, GroupedMatmulMatchesMatmulPerGroup) {
       }
 }
 
-// A grouped call whose skinny chunk partials would pass 64 MB (300 rows, groups of at most 30, of
-// [4096, 4096] weights: 16 chunks, 79 MB) takes the tiled kernels instead, as matmul does: the
-// scratch holds at most the bf16 terms of x (three for fp32 operands: 7.4 MB) and its growth
-// margin, and every group's rows are bit-identical to matmul on them alone (skinny: 7.9 MB of
-// partials).
+// A grouped call whose skinny chunk partials would pass the device's budget for them (131 rows,
+// groups of at most 30, of [500, 600] weights: 3 chunks, 786,000 bytes; a budget a byte short of
+// that) takes the tiled kernels instead, as matmul does: the scratch holds at most the bf16 terms
+// of x (three for fp32 operands: 471,600 bytes) and its growth margin, and every group's rows are
+// bit-identical to matmul on them alone (skinny). Under the default budget (64 MB) the same call
+// makes its partials and gives the same bits.
 TEST_F(CudaMoeTest, GroupedMatmulWithLargePartialsTakesTheTiledKernels) {
   SCOPED_TRACE("seed " + std::to_string(seed()));
-  const int64_t n = 4096, k = 4096;
-  const std::vector<int64_t> counts = {30, 0, 25, 30, 30, 17, 30, 30, 29, 30, 30, 19};
+  const int64_t n = 500, k = 600;
+  const std::vector<int64_t> counts = {30, 0, 25, 30, 17, 29};
   std::vector<int64_t> offsets = {0};
   for (int64_t c : counts) offsets.push_back(offsets.back() + c);
   const int64_t rows = offsets.back(), groups = int64_t(counts.size());
+  const size_t partials = test::partial_bytes(rows, n, k);
+  Device tight = test::device_with_sms(test::test_device().limits().sms, partials - 1);
   // One weight shared by every group: what is checked is bit equality between kernels, which
   // other tests check with distinct weights per group.
-  const DeviceArray<uint8_t> w_device(testing::repeated_block_weight(DType::kBF16, n, k, 64, 1.0f / 64, testing::rng()));
+  const DeviceArray<uint8_t> w_device(testing::RandomWeight(DType::kBF16, n, k, 1.0f / 32, testing::rng()).bytes);
   const std::vector<DeviceMatrix> w(size_t(groups), DeviceMatrix{w_device.get(), DType::kBF16, n, k});
   const DeviceArray<float> x(random_floats(size_t(rows * k), 1.0f));
   const DeviceArray<int64_t> offsets_device(offsets);
   DeviceArray<float> grouped_out(size_t(rows * n)), alone_out(size_t(rows * n));
   for (GemmOperands operands : {GemmOperands::kFp32, GemmOperands::kBf16}) {
     const char* name = operands == GemmOperands::kBf16 ? "bf16" : "fp32";
-    DeviceScratch grouped_scratch(stream_), alone_scratch(stream_);
-    grouped_matmul(x.get(), k, offsets_device.get(), w, rows, 30, grouped_out.get(), n, operands, grouped_scratch, test::test_device(),
-                   stream_);
+    DeviceScratch grouped_scratch(stream_), alone_scratch(stream_), roomy_scratch(stream_);
+    grouped_matmul(x.get(), k, offsets_device.get(), w, rows, 30, grouped_out.get(), n, operands, grouped_scratch,
+                   tight, stream_);
     for (int64_t g = 0; g < groups; ++g)
       matmul(x.get() + offsets[size_t(g)] * k, k, counts[size_t(g)], w[size_t(g)], alone_out.get() + offsets[size_t(g)] * n,
-             n, operands, alone_scratch, test::test_device(), stream_);
+             n, operands, alone_scratch, tight, stream_);
     M1_CUDA_CHECK(cudaStreamSynchronize(stream_));
-    EXPECT_LT(grouped_scratch.capacity(), size_t(16) << 20) << name;
+    EXPECT_LT(grouped_scratch.capacity(), partials) << name;
     const std::vector<float> got = grouped_out.download(), want = alone_out.download();
     EXPECT_TRUE(std::all_of(got.begin(), got.end(), [](float v) { return std::isfinite(v); })) << name;
     EXPECT_EQ(0, std::memcmp(got.data(), want.data(), got.size() * sizeof(float))) << name;
+    grouped_matmul(x.get(), k, offsets_device.get(), w, rows, 30, grouped_out.get(), n, operands, roomy_scratch,
+                   test::test_device(), stream_);
+    M1_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    EXPECT_GE(roomy_scratch.capacity(), partials) << name << ": the default budget holds these partials";
+    const std::vector<float> skinny = grouped_out.download();
+    EXPECT_EQ(0, std::memcmp(skinny.data(), want.data(), skinny.size() * sizeof(float))) << name;
   }
 }
 

@@ -316,7 +316,8 @@ TEST_F(CudaQuantized, StreamedMatchesTheTiledKernelOnAnyGrid) {
 // tiled ones), with empty groups, groups of 1 to 20 rows, bounds on the rows per group that split
 // groups into tiles (1, 3), are tight, or are every row of the call (60 rows: tiles of 8), 70
 // groups (two launches), two chunks with a partial block and group, and two products in one
-// launch. Rows outside the groups keep what they held.
+// launch, or one after the other when the device's budget holds only one product's chunk
+// partials. Rows outside the groups keep what they held.
 TEST_F(CudaQuantized, StreamedGroupedMatchesTheSkinnyKernel) {
   SCOPED_TRACE("seed " + std::to_string(seed()));
   const int64_t rows = 60, n = 150, k = 300, ldo = n + 3;
@@ -366,6 +367,13 @@ TEST_F(CudaQuantized, StreamedGroupedMatchesTheSkinnyKernel) {
           test::expect_grouped_bits(x.get(), k, offsets_device.get(), w, rows, bound, ldo, kUntouched, operands, scratch,
                                     device, want, what);
         }
+        // A budget for one product's chunk partials but not two: the products stream one at a
+        // time, sharing one set of partials and counters.
+        Device one_at_a_time = test::device_with_sms(7, test::partial_bytes(rows, n, k));
+        test::expect_grouped_bits(x.get(), k, offsets_device.get(), w, rows, rows, ldo, kUntouched, operands, scratch,
+                                  one_at_a_time, want,
+                                  fmt::format("{} {}, {} groups, one product at a time", scheme_name(scheme),
+                                              operands_name(operands), groups));
       }
     }
 }

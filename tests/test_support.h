@@ -139,19 +139,6 @@ struct RandomQuantizedWeight {
       : quantized(quantize(RandomWeight(DType::kBF16, rows, cols, scale).w, scheme, "random")), w(quantized.weight()) {}
 };
 
-// The bytes of a [rows, cols] weight stored in `dtype`: one random block of `block_rows` rows
-// (scaled by `scale`) repeated, rows a multiple of block_rows. For large weights where only bit
-// equality between kernels is checked: variety enough, without drawing every value.
-template <class Engine>
-std::vector<uint8_t> repeated_block_weight(DType dtype, int64_t rows, int64_t cols, int64_t block_rows, float scale,
-                                           Engine& engine) {
-  const std::vector<uint8_t> block = encode(dtype, random_floats(size_t(block_rows * cols), scale, engine));
-  std::vector<uint8_t> bytes;
-  bytes.reserve(block.size() * size_t(rows / block_rows));
-  for (int64_t r = 0; r < rows; r += block_rows) bytes.insert(bytes.end(), block.begin(), block.end());
-  return bytes;
-}
-
 // ||got - want|| / ||want|| (||got - want|| when want is all zeros). Infinite on any non-finite
 // value on either side, so NaN never passes, and on a size mismatch, so a short result never does.
 inline double relative_error(const std::vector<float>& got, const std::vector<float>& want) {
