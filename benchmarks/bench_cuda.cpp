@@ -266,6 +266,7 @@ enum class DrawKind {
   kGreedy,
   kTopP09Logprobs,  // temperature 0.8, top-p 0.9, 5 alternatives' log-probabilities
   kTopP095,         // MiniMax-M1's recommended sampling: temperature 1.0, top-p 0.95
+  kTopK50TopP095,   // the same under top-k 50 (two radix searches: top-k's, then top-p's among its kept)
 };
 
 // Token draws for `batch` rows of the real model's 200,064 logits (uniform in [-3, 3]: a wide
@@ -281,6 +282,7 @@ void bench_sampling(Report& report, const Limits& limits, cudaStream_t stream, m
     d.row = b;
     d.temperature = kind == DrawKind::kGreedy ? 0.0f : kind == DrawKind::kTopP09Logprobs ? 0.8f : 1.0f;
     d.top_p = kind == DrawKind::kGreedy ? 1.0f : kind == DrawKind::kTopP09Logprobs ? 0.9f : 0.95f;
+    d.top_k = kind == DrawKind::kTopK50TopP095 ? 50 : 0;
     d.top_logprobs = kind == DrawKind::kTopP09Logprobs ? 5 : 0;
     d.uniform = double(b + 1) / double(batch + 2);
   }
@@ -295,7 +297,8 @@ void bench_sampling(Report& report, const Limits& limits, cudaStream_t stream, m
   report.add({fmt::format("sampling, vocab 200064, batch {}, {} ({:.1f} us)", batch,
                           kind == DrawKind::kGreedy           ? "greedy"
                           : kind == DrawKind::kTopP09Logprobs ? "top-p 0.9 + 5 logprobs, temperature 0.8"
-                                                              : "top-p 0.95, temperature 1.0",
+                          : kind == DrawKind::kTopP095        ? "top-p 0.95, temperature 1.0"
+                                                              : "top-k 50 + top-p 0.95, temperature 1.0",
                           ms * 1e3),
               ms, bytes / (ms * 1e-3) / 1e9, "GB/s", bytes / (ms * 1e-3) / 1e9 / limits.copy_gb_s});
 }
@@ -443,7 +446,7 @@ int run(const std::string& json_path, const std::string& only) {
       for (int64_t tokens : {8192, 65536}) bench_flash_prefill(report, limits, stream, gpu, tokens, bf16_operands);
   if (wanted("sampling"))
     for (int64_t batch : {1, 32})
-      for (DrawKind kind : {DrawKind::kGreedy, DrawKind::kTopP09Logprobs, DrawKind::kTopP095})
+      for (DrawKind kind : {DrawKind::kGreedy, DrawKind::kTopP09Logprobs, DrawKind::kTopP095, DrawKind::kTopK50TopP095})
         bench_sampling(report, limits, stream, gpu, batch, kind);
   for (int64_t batch : {1, 32})
     for (bool graphs : {false, true})

@@ -15,19 +15,20 @@
 // raw logits. The combine, one block for all draws, folds the chunks in a fixed order into each
 // draw's status and log-normaliser, finishes the greedy draws that report no alternatives, and
 // lists the others for the selection. The weighing, for the random draws, sums each chunk's weights
-// at the draw's temperature (all, near-top, min-p's) and, for a nucleus draw (top-p without top-k,
-// or top-k without top-p), fills the histogram of the first digit of its candidates' keys. Three
-// nucleus passes narrow the cut-off digit by digit (see Nucleus below) and sum each chunk's part of
-// the nucleus. The selection, one block per listed draw (a block loops over draws when there are
-// more than it has slots), merges the chunks' alternatives and draws: from the chunks' kept masses
-// it finds the one chunk where the running mass passes the target and walks only that chunk in id
-// order. Top-k with top-p, and a top-p whose nucleus reaches below the near-top floor (a flat row
-// at top-p near 1), find their kept set in the selection block instead (a quickselect on the
-// candidates, compacted into a per-block id buffer, whose pivot passes sum the weights in a fixed
-// order; the last survivors, at most one per thread, are sorted in shared memory), then walk the
-// kept ids in id order with block-wide prefix sums. Every sum has a fixed order or is exact, so the
-// same inputs give the same bits on every run, whatever the batch. "Penalised" logits below are the
-// processed ones: biases, penalties, then the draw's own mask (masked ids -inf).
+// at the draw's temperature (all, near-top, min-p's) and, for a nucleus draw (top-p, top-k or
+// both), fills the histogram of the first digit of its candidates' keys. Nucleus passes narrow the
+// cut-off digit by digit (three for each of a draw's searches, see Nucleus below) and sum each
+// chunk's part of the nucleus. The selection, one block per listed draw (a block loops over draws
+// when there are more than it has slots), merges the chunks' alternatives and draws: from the
+// chunks' kept masses it finds the one chunk where the running mass passes the target and walks
+// only that chunk in id order. A top-p whose nucleus reaches below the near-top floor (a flat row
+// at top-p near 1), and top-k with top-p whose k best reach below it, find their kept set in the
+// selection block instead (a quickselect on the candidates, compacted into a per-block id buffer,
+// whose pivot passes sum the weights in a fixed order; the last survivors, at most one per
+// thread, are sorted in shared memory), then walk the kept ids in id order with block-wide prefix
+// sums. Every sum has a fixed order or is exact, so the same inputs give the same bits on every
+// run, whatever the batch. "Penalised" logits below are the processed ones: biases, penalties,
+// then the draw's own mask (masked ids -inf).
 
 namespace m1::cuda {
 namespace {
@@ -490,23 +491,33 @@ struct ChunkWeights {
 struct RowSummary {
   double log_norm;       // log(sum(exp(logit))) of the raw row
   uint64_t best;         // the highest rank of the penalised row: its maximum and its argmax
-  int32_t nucleus_slot;  // of a nucleus draw: its place among them (its histograms)
+  int32_t nucleus_slot;  // of a nucleus draw: its first search's slot (histograms, search states)
 };
 
-// The multi-block nucleus: the kept set of a random draw with top-p and without top-k (MiniMax-M1's
-// recommended sampling), or with top-k and without top-p. Its cut-off is found by a radix select
-// over the keys of its candidates, the order-preserving bits of their penalised logits: each pass,
-// over every chunk of the row at once, adds the candidates' weights (and counts) into a histogram
-// of the next digit of the key (among those whose key starts with the digits found so far); the
-// draw's last block to add its part reads the histogram from the top and keeps the bucket where
-// the running mass (top-p) or count (top-k) reaches the target. After the last digit the cut-off
-// is one logit value; among the tokens tied on it, the lowest ids are kept (sample_row's order),
-// as many as the target needs. The histograms' sums are exact (FixedMass), so the order in which
-// the blocks add them never shows: the passes give the same bits on every run.
+// The multi-block nucleus: the kept set of a random draw with top-p (MiniMax-M1's recommended
+// sampling), top-k, or both. Its cut-off is found by a radix select over the keys of its
+// candidates, the order-preserving bits of their penalised logits: each pass, over every chunk of
+// the row at once, adds the candidates' weights (and counts) into a histogram of the next digit of
+// the key (among those whose key starts with the digits found so far); the draw's last block to
+// add its part reads the histogram from the top and keeps the bucket where the running mass
+// (top-p) or count (top-k) reaches the target. After the last digit the cut-off is one logit
+// value; among the tokens tied on it, the lowest ids are kept (sample_row's order), as many as the
+// target needs. A draw with both makes two searches, as gather_top_k then keep_nucleus do: the
+// top-k one, whose kept mass (exact, from the histograms) sets the top-p target, then the top-p
+// one among the keys above its cut-off, with the ties it kept on the cut-off added to the
+// histograms apart. The histograms' sums are exact (FixedMass), so the order in which the blocks
+// add them never shows: the passes give the same bits on every run.
 __device__ __host__ constexpr bool nucleus_draw(const DeviceDraw& draw) {
-  return draw.temperature != 0.0f && (draw.top_k == 0 ? draw.top_p < 1.0f : draw.top_p == 1.0f);
+  return draw.temperature != 0.0f && (draw.top_k > 0 || draw.top_p < 1.0f);
+}
+// The searches a nucleus draw makes, each in slots of its own (histograms and search states).
+__device__ __host__ constexpr int searches_of(const DeviceDraw& draw) {
+  return draw.top_k > 0 && draw.top_p < 1.0f ? 2 : 1;
 }
 constexpr int kDigits = 3;
+// The passes after the weighing: the digits of a draw's searches (the weighing makes the first
+// search's first), then pass kPasses, which sums each chunk's part of the nucleus.
+constexpr int kPasses = 2 * kDigits;
 __device__ __host__ constexpr int digit_bits(int digit) { return digit < 2 ? 11 : 10; }
 constexpr int kBuckets = 1 << 11;
 static_assert(digit_bits(0) + digit_bits(1) + digit_bits(2) == 32, "the digits cover the key");
@@ -551,15 +562,23 @@ struct NucleusWork {
 
 // A nucleus draw's search, after some digits of the cut-off key.
 struct Nucleus {
-  // The measure the nucleus reaches: top_p_fraction * the row's mass, or (by_count) top_k units.
+  // The measure the nucleus reaches: top_p_fraction * the row's (or top-k's kept) mass, or
+  // (by_count) top_k units.
   double target;
   int32_t by_count;
   FixedMass above;        // measure of the candidates whose keys are above the bucket found
+  FixedMass above_mass;   // their mass (the same as `above` unless by_count)
   uint32_t bucket_count;  // the candidates in that bucket
   uint32_t prefix;        // the key's top `bits` bits found so far
   int32_t bits;
   float floor;            // the candidates' least weight
   int32_t fast;           // 0: the floor is below 2^-24, and the selection finds the cut-off alone
+  // A search among what an earlier one kept (top-p among top-k's): candidates have keys above
+  // floor_key, and of the tokens on it the floor_ties that it kept (the lowest ids), each of
+  // weight floor_tie_weight, count apart from the passes. floor_ties 0: no earlier search.
+  uint32_t floor_key;
+  uint32_t floor_ties;
+  float floor_tie_weight;
 };
 
 // One chunk of a nucleus draw's row after the last digit.
@@ -569,18 +588,23 @@ struct ChunkNucleus {
 };
 
 __device__ uint32_t key_of(uint64_t rank) { return uint32_t(rank >> 32); }
+// The key's top `bits` bits.
+__device__ uint32_t key_prefix(uint32_t key, int bits) { return bits == 0 ? 0u : key >> (32 - bits); }
 
 // The search before its first digit: the target and the candidates' floor, from the row's chunks
 // folded in a fixed order.
 template <int Threads>
 __device__ Nucleus start_nucleus(const DeviceDraw& draw, const ChunkWeights* chunks, int32_t count) {
   double mass = 0.0, near_mass = 0.0;
+  int64_t near_count = 0;
   for (int32_t c = int32_t(threadIdx.x); c < count; c += Threads) {
     mass += load_fresh(&chunks[c].mass);
     near_mass += load_fresh(&chunks[c].near_mass);
+    near_count += load_fresh(&chunks[c].near_count);
   }
   mass = block_reduce<Threads>(mass, Sum{});
   near_mass = block_reduce<Threads>(near_mass, Sum{});
+  near_count = block_reduce<Threads>(near_count, Sum{});
   Nucleus nucleus{};
   if (draw.top_k > 0) {
     // gather_top_k: the k best of the tokens with weight (min-p applies after).
@@ -588,6 +612,12 @@ __device__ Nucleus start_nucleus(const DeviceDraw& draw, const ChunkWeights* chu
     nucleus.by_count = 1;
     nucleus.floor = 0.0f;
     nucleus.fast = 1;
+    // Under top-p, the k best's mass must be exact: they must all be near-top tokens (a prefix
+    // of the order, so that the near-top ones alone give the cut-off).
+    if (draw.top_p < 1.0f) {
+      nucleus.floor = kNearTopWeight;
+      nucleus.fast = near_count >= draw.top_k;
+    }
     return nucleus;
   }
   nucleus.target = top_p_fraction(draw.top_p) * mass;
@@ -601,9 +631,36 @@ __device__ Nucleus start_nucleus(const DeviceDraw& draw, const ChunkWeights* chu
 
 // The candidates' least weight in the first digit's histogram: every floor a fast search can have
 // is at least this, and its candidates are those of the histogram's that reach it. A top-k
-// search counts every token with weight, whose masses it does not use.
+// search counts every token with weight, whose masses it does not use, unless top-p follows.
 __device__ float first_digit_floor(const DeviceDraw& draw) {
-  return draw.top_k > 0 ? 0.0f : higher(draw.min_p, kNearTopWeight);
+  if (draw.top_k > 0) return draw.top_p < 1.0f ? kNearTopWeight : 0.0f;
+  return higher(draw.min_p, kNearTopWeight);
+}
+
+// The top-p search among what a top-k search kept (gather_top_k, then keep_nucleus): the target
+// is top_p_fraction * the kept mass (exact: the kept tokens are near-top ones), the candidates
+// those kept that reach min-p.
+__device__ Nucleus nucleus_within(const Nucleus& kept, const Weighted& candidates, const DeviceDraw& draw) {
+  const float tie_weight = candidates.weight_of(logit_of(uint64_t(kept.prefix) << 32));
+  const unsigned long long above = (kept.above.high << kFixedSplit) + kept.above.low;  // a count
+  const unsigned long long wanted = (unsigned long long)draw.top_k - above;
+  const unsigned long long ties = wanted < kept.bucket_count ? wanted : kept.bucket_count;
+  Nucleus nucleus{};
+  nucleus.target = top_p_fraction(draw.top_p) * (kept.above_mass + FixedMass::of(tie_weight).times(int64_t(ties))).value();
+  nucleus.floor = higher(draw.min_p, kNearTopWeight);
+  nucleus.fast = 1;
+  nucleus.floor_key = kept.prefix;
+  nucleus.floor_ties = uint32_t(ties);
+  nucleus.floor_tie_weight = tie_weight;
+  return nucleus;
+}
+
+// The sum of `mass` over the threads before this one, in any order (integer adds).
+template <int Threads>
+__device__ FixedMass exclusive_mass(const FixedMass& mass) {
+  unsigned long long total_high, total_low;
+  const unsigned long long high = block_exclusive_sum<Threads>(mass.high, total_high);
+  return {high, block_exclusive_sum<Threads>(mass.low, total_low)};
 }
 
 // The search after `digit`: the highest bucket of `histogram` (the candidates that share the
@@ -614,34 +671,40 @@ __device__ Nucleus narrow(Nucleus nucleus, const Histogram& histogram, int digit
   const int buckets = 1 << digit_bits(digit);
   const int per_thread = (buckets + Threads - 1) / Threads;  // consecutive buckets, from the top
   const int top = buckets - 1 - int(threadIdx.x) * per_thread;
-  FixedMass own{};
+  FixedMass own{}, own_mass{};
   for (int j = 0; j < per_thread; ++j)
-    if (top - j >= 0) own = own + histogram.measure(top - j, nucleus.by_count);
-  unsigned long long total_high, total_low;
-  const unsigned long long high_before = block_exclusive_sum<Threads>(own.high, total_high);
-  const unsigned long long low_before = block_exclusive_sum<Threads>(own.low, total_low);
-  FixedMass running = nucleus.above + FixedMass{high_before, low_before};
+    if (top - j >= 0) {
+      own = own + histogram.measure(top - j, nucleus.by_count);
+      own_mass = own_mass + histogram.mass(top - j);
+    }
+  const FixedMass before = exclusive_mass<Threads>(own), mass_before = exclusive_mass<Threads>(own_mass);
+  FixedMass running = nucleus.above + before, running_mass = nucleus.above_mass + mass_before;
   int crossing = -1, lowest = INT_MAX;
-  FixedMass above_crossing{}, above_lowest{};
+  FixedMass above_crossing[2]{}, above_lowest[2]{};  // measure, mass
   for (int j = 0; j < per_thread; ++j) {
     const int b = top - j;
     if (b < 0 || histogram.count_of(b) == 0) continue;
     const FixedMass through = running + histogram.measure(b, nucleus.by_count);
     if (crossing < 0 && through.value() >= nucleus.target) {
       crossing = b;
-      above_crossing = running;
+      above_crossing[0] = running;
+      above_crossing[1] = running_mass;
     }
     lowest = b;
-    above_lowest = running;
+    above_lowest[0] = running;
+    above_lowest[1] = running_mass;
     running = through;
+    running_mass = running_mass + histogram.mass(b);
   }
   int chosen = block_reduce<Threads>(crossing, Max{});
   const bool reached = chosen >= 0;
   if (!reached) chosen = block_reduce<Threads>(lowest, Min{});
-  __shared__ FixedMass above;
-  if (reached ? crossing == chosen : lowest == chosen) above = reached ? above_crossing : above_lowest;
+  __shared__ FixedMass above[2];
+  if (reached ? crossing == chosen : lowest == chosen)
+    for (int i = 0; i < 2; ++i) above[i] = reached ? above_crossing[i] : above_lowest[i];
   __syncthreads();
-  nucleus.above = above;
+  nucleus.above = above[0];
+  nucleus.above_mass = above[1];
   nucleus.bucket_count = histogram.count_of(chosen);
   nucleus.prefix = (nucleus.prefix << digit_bits(digit)) | uint32_t(chosen);
   nucleus.bits += digit_bits(digit);
@@ -665,6 +728,21 @@ __device__ void add_to_histogram(Histogram& histogram, int bucket, float weight)
   atomicAdd(&histogram.high[bucket], mass.high);
   atomicAdd(&histogram.low[bucket], mass.low);
   atomicAdd(&histogram.count[bucket], 1u);
+}
+// The ties an earlier search kept on its cut-off key, which the passes leave out, added to the
+// draw's histogram of `digit` when their key shares the digits found so far and they reach the
+// floor: by the last block to arrive, before it narrows. All the block's threads must call it.
+__device__ void add_floor_ties(Histogram& histogram, const Nucleus& search, int digit) {
+  if (threadIdx.x == 0 && search.floor_ties > 0 && search.floor_tie_weight >= search.floor &&
+      key_prefix(search.floor_key, search.bits) == search.prefix) {
+    const int shift = 32 - search.bits - digit_bits(digit);
+    const int bucket = int((search.floor_key >> shift) & uint32_t((1 << digit_bits(digit)) - 1));
+    const FixedMass mass = FixedMass::of(search.floor_tie_weight).times(search.floor_ties);
+    atomicAdd(&histogram.high[bucket], mass.high);
+    atomicAdd(&histogram.low[bucket], mass.low);
+    atomicAdd(&histogram.count[bucket], search.floor_ties);
+  }
+  __syncthreads();
 }
 template <int Threads>
 __device__ void flush_histogram(const Histogram& block, Histogram& draw) {
@@ -873,10 +951,11 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(CombineParams p) {
     const int32_t at = listed + block_exclusive_sum(int32_t(selects), total);
     if (selects) p.selection_draws[at] = int32_t(d);
     listed += total;
-    // Every nucleus draw's place among them, as the host counted them (whatever the status).
-    const bool nucleus = d < p.draw_count && nucleus_draw(p.draws[d]);
-    const int32_t slot = nuclei + block_exclusive_sum(int32_t(nucleus), total);
-    if (nucleus) p.summaries[d].nucleus_slot = slot;
+    // Every nucleus draw's first slot, a slot per search, as the host counted them (whatever the
+    // status).
+    const int32_t slots = d < p.draw_count && nucleus_draw(p.draws[d]) ? searches_of(p.draws[d]) : 0;
+    const int32_t slot = nuclei + block_exclusive_sum(slots, total);
+    if (slots > 0) p.summaries[d].nucleus_slot = slot;
     nuclei += total;
   }
   if (threadIdx.x == 0) *p.selection_count = listed;
@@ -886,8 +965,8 @@ struct WeighParams : ChunkedRows {
   const RowSummary* summaries;
   const DrawResult* results;  // their status
   ChunkWeights* weights;      // [draws, chunks]
-  NucleusWork* nuclei;        // [nucleus draws]
-  Nucleus* searches;          // [nucleus draws, kDigits]: the search after each digit
+  NucleusWork* nuclei;        // [nucleus slots]
+  Nucleus* searches;          // [nucleus slots, kDigits]: each search after each digit
 };
 
 // Block (draw, chunk) of the random draws whose rows have a distribution: the chunk's weights
@@ -940,32 +1019,41 @@ __global__ void __launch_bounds__(kScanThreads) weigh_kernel(WeighParams p) {
 struct NucleusParams : ChunkedRows {
   const RowSummary* summaries;
   const DrawResult* results;    // their status
-  NucleusWork* nuclei;          // [nucleus draws]
-  Nucleus* searches;            // [nucleus draws, kDigits]: the search after each digit
+  NucleusWork* nuclei;          // [nucleus slots]: a draw's searches' consecutive slots
+  Nucleus* searches;            // [nucleus slots, kDigits]: each search after each digit
   ChunkNucleus* chunk_nuclei;   // [draws, chunks]
-  int32_t digit;                // 1 .. kDigits: the histogram this pass fills (kDigits: the chunks' nuclei)
+  // 1 .. kPasses - 1: the digit pass (p / kDigits: of which search, p % kDigits: which digit);
+  // kPasses: the chunks' nuclei.
+  int32_t pass;
 };
 
 // Block (draw, chunk) of a nucleus draw whose search is fast: adds the chunk's candidates that
 // share the digits found so far to the next digit's histogram (the draw's last block to finish
-// narrows the search by it) or, after the last digit, sums the chunk's part of the nucleus.
+// narrows the search by it) or, after the last digit of the draw's last search, sums the chunk's
+// part of the nucleus.
 __global__ void __launch_bounds__(kScanThreads) nucleus_kernel(NucleusParams p) {
   __shared__ uint32_t touched_bits[kChunk / 32];
   __shared__ Histogram histogram;
   const auto [d, chunk, first, end] = p.place();
   const DeviceDraw draw = p.draws[d];
   if (!nucleus_draw(draw) || p.results[d].status != kDrawOk) return;  // the whole block
+  const int searches = searches_of(draw);
+  const bool last = p.pass == kPasses;
+  if (!last && p.pass >= searches * kDigits) return;  // a search this draw does not make
   const int64_t slot = p.summaries[d].nucleus_slot;
-  // The first digit's search says whether the passes find this nucleus (only then are the later
-  // digits' written).
+  // The first search's first digit says whether the passes find this nucleus (only then are the
+  // later states written).
   if (!p.searches[slot * kDigits].fast) return;  // the whole block
-  const Nucleus search = p.searches[slot * kDigits + p.digit - 1];
+  const int64_t search_slot = slot + (last ? searches - 1 : p.pass / kDigits);
+  const int digit = last ? kDigits : p.pass % kDigits;
+  // The state after the digit before (a second search's first digit: its start).
+  Nucleus* const states = p.searches + search_slot * kDigits;
+  const Nucleus search = states[digit == 0 ? 0 : digit - 1];
 
   Weighted candidates{p.row(draw, touched_bits, first), logit_of(p.summaries[d].best), draw.temperature};
   candidates.floor = search.floor;
   if (candidates.row.touched) mark_touched<kScanThreads>(candidates.row, first, end, touched_bits);
-  const bool last = p.digit == kDigits;
-  const int shift = last ? 0 : 32 - search.bits - digit_bits(p.digit);
+  const int shift = last ? 0 : 32 - search.bits - digit_bits(digit);
   if (!last) clear_histogram<kScanThreads>(histogram);
   double above_mass = 0.0;
   int32_t ties = 0;
@@ -975,13 +1063,13 @@ __global__ void __launch_bounds__(kScanThreads) nucleus_kernel(NucleusParams p) 
     if (id >= end) continue;
     const float logit = candidates.row.penalised_logit(id);
     const uint32_t key = key_of(rank_of(logit, id));
-    const uint32_t found = search.bits == 32 ? key : key >> (32 - search.bits);
+    const uint32_t found = key_prefix(key, search.bits);
     if (found < search.prefix) continue;  // below the cut-off: no exponential
-    if (!last && found > search.prefix) continue;
+    if (!last && (found > search.prefix || (search.floor_ties > 0 && key <= search.floor_key))) continue;
     const float weight = candidates.weight_of(logit);
     if (!(weight > 0.0f && weight >= candidates.floor)) continue;
     if (!last) {
-      add_to_histogram(histogram, int((key >> shift) & uint32_t((1 << digit_bits(p.digit)) - 1)), weight);
+      add_to_histogram(histogram, int((key >> shift) & uint32_t((1 << digit_bits(digit)) - 1)), weight);
     } else if (found > search.prefix) {
       if (weight >= draw.min_p) above_mass += weight;  // top-k's candidates are kept when they reach min-p
     } else {
@@ -989,11 +1077,16 @@ __global__ void __launch_bounds__(kScanThreads) nucleus_kernel(NucleusParams p) 
     }
   }
   if (!last) {
-    NucleusWork& work = p.nuclei[slot];
-    flush_histogram<kScanThreads>(histogram, work.histograms[p.digit]);
-    if (!last_to_arrive(&work.arrived[p.digit], uint32_t(p.chunks))) return;
-    const Nucleus narrowed = narrow<kScanThreads>(search, work.histograms[p.digit], p.digit);
-    if (threadIdx.x == 0) p.searches[slot * kDigits + p.digit] = narrowed;
+    NucleusWork& work = p.nuclei[search_slot];
+    flush_histogram<kScanThreads>(histogram, work.histograms[digit]);
+    if (!last_to_arrive(&work.arrived[digit], uint32_t(p.chunks))) return;
+    add_floor_ties(work.histograms[digit], search, digit);
+    const Nucleus narrowed = narrow<kScanThreads>(search, work.histograms[digit], digit);
+    if (threadIdx.x == 0) {
+      states[digit] = narrowed;
+      if (search_slot == slot && digit == kDigits - 1 && searches == 2)
+        p.searches[(slot + 1) * kDigits] = nucleus_within(narrowed, candidates, draw);
+    }
     return;
   }
   above_mass = block_reduce<kScanThreads>(above_mass, Sum{});
@@ -1101,7 +1194,7 @@ struct SelectParams {
   const uint32_t* allowed;
   const RowSummary* summaries;
   const ChunkWeights* weights;  // [draws, chunks]
-  const Nucleus* searches;         // [nucleus draws, kDigits]
+  const Nucleus* searches;         // [nucleus slots, kDigits]
   const ChunkNucleus* chunk_nuclei;  // [draws, chunks]
   int32_t chunks;
   const int32_t* selection_count;
@@ -1150,9 +1243,10 @@ __device__ void select_token(const SelectParams& p, const DeviceDraw& draw, cons
     const int32_t c = int32_t(threadIdx.x);  // a thread per chunk
     chosen = draw_by_chunks(kept, draw.uniform, c < p.chunks ? chunk_weights[c].kept_mass : 0.0);
   } else if (nucleus_draw(draw) && p.searches[int64_t(summary.nucleus_slot) * kDigits].fast) {
+    const int64_t final_slot = summary.nucleus_slot + searches_of(draw) - 1;  // the last search's
     chosen = draw_from_nucleus(Weighted{row, logit_of(summary.best), draw.temperature},
-                               p.searches[int64_t(summary.nucleus_slot) * kDigits + kDigits - 1], draw.min_p,
-                               chunk_nuclei, p.chunks, draw.uniform);
+                               p.searches[final_slot * kDigits + kDigits - 1], draw.min_p, chunk_nuclei, p.chunks,
+                               draw.uniform);
   } else {
     Weighted candidates{row, logit_of(summary.best), draw.temperature};
     const RowWeights weights = fold_chunk_weights(chunk_weights, p.chunks);
@@ -1202,8 +1296,8 @@ struct Scratch {
   RowSummary* summaries;   // [draws]
   int32_t* selection;      // the selection's draw count, then its draws
   int32_t* buffers;        // [selection blocks, vocab]
-  NucleusWork* nuclei;     // [nucleus draws]
-  Nucleus* searches;       // [nucleus draws, kDigits]
+  NucleusWork* nuclei;     // [nucleus slots]
+  Nucleus* searches;       // [nucleus slots, kDigits]
   ChunkNucleus* chunk_nuclei;  // [draws, chunks]
 };
 
@@ -1225,13 +1319,14 @@ void sample(const SampleArgs& args, DeviceScratch& scratch, Device& device, cuda
     fail("sampling vocab must be in [1, {}], got {}", kMaxVocab, args.vocab);
   // Draws that may need the selection, and those among them that are random (a row without a
   // distribution needs neither).
-  int64_t selecting = 0, random_draws = 0, nucleus_draws = 0;
+  int64_t selecting = 0, random_draws = 0, nucleus_slots = 0, two_searches = 0;
   for (const DeviceDraw& draw : args.draws) {
     if (draw.top_logprobs < 0 || draw.top_logprobs > kMaxTopLogprobs)
       fail("top_logprobs must be in [0, {}], got {}", kMaxTopLogprobs, draw.top_logprobs);
     selecting += draw.temperature != 0.0f || draw.top_logprobs > 0;
     random_draws += draw.temperature != 0.0f;
-    nucleus_draws += nucleus_draw(draw);
+    if (nucleus_draw(draw)) nucleus_slots += searches_of(draw);
+    two_searches += nucleus_draw(draw) && searches_of(draw) == 2;
   }
   const int64_t draw_count = std::ssize(args.draws);
   const int32_t chunks = int32_t(ceil_div(args.vocab, kChunk));
@@ -1244,8 +1339,8 @@ void sample(const SampleArgs& args, DeviceScratch& scratch, Device& device, cuda
     return Scratch{carver.take<ChunkPartial>(chunk_count), carver.take<ChunkWeights>(chunk_count),
                    carver.take<uint64_t>(chunk_count * kMaxTopLogprobs), carver.take<RowSummary>(draw_count),
                    carver.take<int32_t>(draw_count + 1), carver.take<int32_t>(blocks * args.vocab),
-                   carver.take<NucleusWork>(nucleus_draws), carver.take<Nucleus>(nucleus_draws * kDigits),
-                   carver.take<ChunkNucleus>(nucleus_draws > 0 ? chunk_count : 0)};
+                   carver.take<NucleusWork>(nucleus_slots), carver.take<Nucleus>(nucleus_slots * kDigits),
+                   carver.take<ChunkNucleus>(nucleus_slots > 0 ? chunk_count : 0)};
   });
   const int32_t vocab = int32_t(args.vocab);
 
@@ -1258,16 +1353,17 @@ void sample(const SampleArgs& args, DeviceScratch& scratch, Device& device, cuda
                               work.summaries, args.results, work.selection, work.selection + 1};
   combine_kernel<<<1, kThreads, 0, stream>>>(combine);
   M1_CUDA_CHECK_LAUNCH();
-  if (nucleus_draws > 0)
-    M1_CUDA_CHECK(cudaMemsetAsync(work.nuclei, 0, size_t(nucleus_draws) * sizeof(NucleusWork), stream));
+  if (nucleus_slots > 0)
+    M1_CUDA_CHECK(cudaMemsetAsync(work.nuclei, 0, size_t(nucleus_slots) * sizeof(NucleusWork), stream));
   if (random_draws > 0) {
     const WeighParams weigh{rows, work.summaries, args.results, work.weights, work.nuclei, work.searches};
     weigh_kernel<<<int(chunk_count), kScanThreads, 0, stream>>>(weigh);
     M1_CUDA_CHECK_LAUNCH();
   }
-  for (int32_t digit = 1; digit <= kDigits && nucleus_draws > 0; ++digit) {
+  for (int32_t pass = 1; pass <= kPasses && nucleus_slots > 0; ++pass) {
+    if (pass >= kDigits && pass < kPasses && two_searches == 0) continue;  // no draw makes a second search
     const NucleusParams nucleus{rows, work.summaries, args.results, work.nuclei, work.searches, work.chunk_nuclei,
-                                digit};
+                                pass};
     nucleus_kernel<<<int(chunk_count), kScanThreads, 0, stream>>>(nucleus);
     M1_CUDA_CHECK_LAUNCH();
   }

@@ -354,9 +354,11 @@ std::vector<float> shaped_row(int64_t vocab, RowShape shape) {
 }
 
 // The draws of a nucleus-heavy mix: MiniMax-M1's recommended top-p 0.95 at temperature 1, top-p
-// 1, top-k 1, min-p near 1 alone and under top-p, a top-p that reaches into a far tail, and
-// top-k 50 under min-p (more than some rows have tokens with weight), each
-// with a uniform from the seed's stream, near 0 or near 1; penalties, biases and a mask on some.
+// 1, top-k 1, min-p near 1 alone and under top-p, a top-p that reaches into a far tail, top-k 50
+// under min-p (more than some rows have tokens with weight), and top-k with top-p, alone and under
+// min-p (two searches when the k best are near-top tokens, the selection's quickselect when they
+// are not: the dominant and far-tail rows), each with a uniform from the seed's stream, near 0 or
+// near 1; penalties, biases and a mask on some.
 std::vector<TestDraw> awkward_draws(int64_t vocab) {
   auto& rng = testing::rng();
   std::uniform_real_distribution<double> unit(0.0, 1.0);
@@ -366,7 +368,8 @@ std::vector<TestDraw> awkward_draws(int64_t vocab) {
     float min_p;
   };
   const Mix mixes[] = {{0.95f, 0, 0.0f},    {1.0f, 0, 0.0f},   {1.0f, 1, 0.0f},     {1.0f, 0, 0.999f},
-                       {0.95f, 0, 0.9999f}, {0.5f, 0, 0.05f}, {0.99999f, 0, 0.0f}, {1.0f, 50, 0.3f}};
+                       {0.95f, 0, 0.9999f}, {0.5f, 0, 0.05f}, {0.99999f, 0, 0.0f}, {1.0f, 50, 0.3f},
+                       {0.8f, 40, 0.0f},    {0.9f, 7, 0.2f}};
   std::vector<TestDraw> draws;
   for (const Mix& mix : mixes)
     for (double uniform : {unit(rng), unit(rng), 0.0, 0.999999}) {
@@ -455,12 +458,15 @@ TEST(CudaSampling, IsDeterministic) {
   M1_REQUIRE_CUDA();
   const int64_t vocab = 200064;
   const std::vector<float> logits = random_row(vocab, 0.05, 1.0f);  // flat enough for a wide nucleus
-  std::vector<TestDraw> draws(2);  // with and without top-k: the two ways a wide nucleus is found
+  // The three ways a wide nucleus is found: top-p alone and top-k with top-p in the passes, and a
+  // top-k past the near-top tokens (about 190,000 here) with top-p in the selection block.
+  const int top_ks[] = {0, 100000, 195000};
+  std::vector<TestDraw> draws(std::size(top_ks));
   for (size_t i = 0; i < draws.size(); ++i) {
     draws[i].request.params.top_p = 0.9f;
-    draws[i].request.params.top_k = i % 2 ? 0 : 100000;
+    draws[i].request.params.top_k = top_ks[i];
     draws[i].request.params.top_logprobs = 20;
-    draws[i].request.uniform = 0.5 * double(i) + 0.1;
+    draws[i].request.uniform = 0.3 * double(i) + 0.1;
   }
   const std::vector<DrawResult> first = device_results(logits, vocab, draws);
   const std::vector<DrawResult> second = device_results(logits, vocab, draws);
