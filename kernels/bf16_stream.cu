@@ -158,9 +158,9 @@ __device__ __forceinline__ void stream_products(const Tiles& tiles, int64_t n, i
 }
 
 template <int kParts>
-__global__ __launch_bounds__(kThreads, 1) void bf16_stream_plain(StreamTile tile, int64_t n, int64_t k,
+__global__ __launch_bounds__(kThreads, 1) void bf16_stream_plain(PieceTiles tiles, int64_t n, int64_t k,
                                                                  int* counters) {
-  stream_products<kParts>(PlainTiles{tile}, n, k, int(tile.rows), 1, counters);
+  stream_products<kParts>(tiles, n, k, int(tiles.rows), 1, counters);
 }
 
 template <int kParts>
@@ -170,17 +170,16 @@ __global__ __launch_bounds__(kThreads, 1) void bf16_stream_grouped_kernel(Groupe
 }
 
 template <int kParts>
-void launch_plain(const float* x, int64_t ldx, int64_t m, const DeviceMatrix& w, float* out, int64_t ldo,
-                  DeviceScratch& scratch, Device& device, cudaStream_t stream) {
+void launch_plain(const float* x, int64_t ldx, int64_t m, std::span<const PlainProduct> pieces, DeviceScratch& scratch,
+                  Device& device, cudaStream_t stream) {
   constexpr auto kernel = bf16_stream_plain<kParts>;
   const int bytes = shared_bytes(kParts, m, 1);
   device.allow_shared_memory<kernel>(size_t(bytes));
-  const int64_t n = w.rows, k = w.cols, chunks = ceil_div(k, kChunk), blocks = ceil_div(n, kCols);
-  float* partial = chunks > 1 ? scratch.get<float>(size_t(chunks * m * n)) : nullptr;
-  int* counters = fold_counters(scratch, partial, blocks);
-  const StreamTile tile{w.data, nullptr, x, nullptr, ldx, m, partial, m, out, ldo};
-  const int64_t grid = std::min<int64_t>(blocks * chunks, device.limits().sms);
-  kernel<<<unsigned(grid), kThreads, bytes, stream>>>(tile, n, k, counters);
+  int* counters;
+  int64_t units;
+  const PieceTiles tiles = piece_tiles(x, ldx, m, pieces, kCols, scratch, counters, units);
+  const int64_t grid = std::min<int64_t>(units, device.limits().sms);
+  kernel<<<unsigned(grid), kThreads, bytes, stream>>>(tiles, pieces[0].w.rows, pieces[0].w.cols, counters);
   M1_CUDA_CHECK_LAUNCH();
 }
 
@@ -210,10 +209,10 @@ bool bf16_streams(int64_t rows, const float* x, int64_t ldx, std::span<const Dev
          shared_bytes(parts, rows, up ? 2 : 1) <= device.limits().shared_per_block;
 }
 
-void bf16_stream_matmul(const float* x, int64_t ldx, int64_t m, const DeviceMatrix& w, float* out, int64_t ldo,
-                        int parts, DeviceScratch& scratch, Device& device, cudaStream_t stream) {
-  if (parts == 1) return launch_plain<1>(x, ldx, m, w, out, ldo, scratch, device, stream);
-  if (parts == 3) return launch_plain<3>(x, ldx, m, w, out, ldo, scratch, device, stream);
+void bf16_stream_matmul(const float* x, int64_t ldx, int64_t m, std::span<const PlainProduct> pieces, int parts,
+                        DeviceScratch& scratch, Device& device, cudaStream_t stream) {
+  if (parts == 1) return launch_plain<1>(x, ldx, m, pieces, scratch, device, stream);
+  if (parts == 3) return launch_plain<3>(x, ldx, m, pieces, scratch, device, stream);
   fail("bf16_stream_matmul: {} terms of x", parts);
 }
 

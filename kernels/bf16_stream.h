@@ -29,10 +29,12 @@ inline constexpr int64_t kBf16StreamMaxRows = 8;
 bool bf16_streams(int64_t rows, const float* x, int64_t ldx, std::span<const DeviceMatrix> weights, int parts,
                   const Device& device, const float* up = nullptr);
 
-// out [m, w.rows] = x [m, w.cols] w^T, x's bf16 terms `parts` (1: kBf16, 3: kFp32), when
-// bf16_streams says so. `scratch` holds the chunk partials and the fold counters.
-void bf16_stream_matmul(const float* x, int64_t ldx, int64_t m, const DeviceMatrix& w, float* out, int64_t ldo,
-                        int parts, DeviceScratch& scratch, Device& device, cudaStream_t stream);
+// out [m, w.rows] = x [m, w.cols] w^T for each of `pieces` (1 to kMaxStreamPieces products whose
+// weights share a shape) in one launch, x's bf16 terms `parts` (1: kBf16, 3: kFp32), when
+// bf16_streams says so for all their weights. `scratch` holds the chunk partials and the fold
+// counters.
+void bf16_stream_matmul(const float* x, int64_t ldx, int64_t m, std::span<const PlainProduct> pieces, int parts,
+                        DeviceScratch& scratch, Device& device, cudaStream_t stream);
 
 // grouped_matmuls (matmul.h) for groups of at most `group_rows` rows (a bound the device's offsets
 // keep), when bf16_streams(group_rows, ...) says so for every product: two products (a MoE's gate

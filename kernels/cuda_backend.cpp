@@ -234,6 +234,17 @@ void CudaBackend::matmul(const Mat& x, const Weight& w, Mat out, Rounding roundi
               stream_);
 }
 
+void CudaBackend::matmuls(const Mat& x, std::span<const Product> products, Rounding rounding) {
+  const DeviceGuard current(device_.index());
+  bool replay = false;  // each product noted as a call of its own
+  for (const Product& p : products)
+    replay = replaying("matmuls", x.data, x.rows, x.cols, p.w->data, p.w->rows, p.out.data, p.out.cols, rounding);
+  if (replay) return;
+  std::vector<cuda::PlainProduct> device_products;
+  for (const Product& p : products) device_products.push_back({device_matrix(*p.w), p.out.data, p.out.cols});
+  cuda::matmuls(x.data, x.cols, x.rows, device_products, operands(rounding), matmul_scratch_, device_, stream_);
+}
+
 void CudaBackend::swiglu(Mat gate, const Mat& up) {
   const DeviceGuard current(device_.index());
   if (replaying("swiglu", gate.data, up.data, gate.size())) return;

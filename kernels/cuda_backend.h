@@ -66,6 +66,7 @@ class CudaBackend final : public Backend {
   void gather_rows(const Mat& x, std::span<const int64_t> rows, Mat out) override;
   void rmsnorm(const Mat& x, const Weight& w, float eps, Mat out) override;
   void matmul(const Mat& x, const Weight& w, Mat out, Rounding rounding) override;
+  void matmuls(const Mat& x, std::span<const Product> products, Rounding rounding) override;
   void rmsnorm_gated(const Mat& x, const Weight& w, float eps, const Mat& gate, Mat out) override;
   void row_sum_squares(const Mat& x, Mat sums) override;
   void rmsnorm_gated_split(const Mat& x, const Mat& sums, int64_t width, const Weight& w, float eps, const Mat& gate,

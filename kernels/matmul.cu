@@ -27,9 +27,11 @@
 #include <mma.h>
 
 #include <algorithm>
+#include <cstddef>
 #include <cstdint>
 #include <span>
 #include <type_traits>
+#include <vector>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -687,7 +689,8 @@ void matmul_bf16(const float* x, int64_t ldx, int64_t m, const DeviceMatrix& w, 
     return;
   }
   if (bf16_streams(m, x, ldx, std::span(&w, 1), kParts, device)) {
-    bf16_stream_matmul(x, ldx, m, w, out, ldo, kParts, scratch, device, stream);
+    const PlainProduct piece{w, out, ldo};
+    bf16_stream_matmul(x, ldx, m, std::span(&piece, 1), kParts, scratch, device, stream);
     return;
   }
   constexpr auto kernel = matmul_bf16_skinny<kParts>;
@@ -958,6 +961,70 @@ void matmul(const float* x, int64_t ldx, int64_t m, const DeviceMatrix& w, float
     case DType::kQ4: return quantized_matmul(x, ldx, m, w, out, ldo, operands, scratch, device, stream);
     default: fail("matmul: weights of dtype {} are not supported on the GPU", dtype_name(w.dtype));
   }
+}
+
+namespace {
+
+// The products' weights cut into blocks of the fewest rows any has, as views into them (a block's
+// rows, and its rows' scales, are contiguous), each with its outputs' columns: none when the
+// weights differ in dtype, inputs or scales, some product's rows are not a multiple of that, or
+// the blocks would pass kMaxStreamPieces.
+std::vector<PlainProduct> row_blocks(std::span<const PlainProduct> products) {
+  const DeviceMatrix& first = products[0].w;
+  const bool quantized = is_quantized(first.dtype);
+  int64_t n = first.rows;
+  for (const PlainProduct& p : products) {
+    if (p.w.dtype != first.dtype || p.w.cols != first.cols ||
+        (quantized && (p.w.scale_dtype != first.scale_dtype || p.w.group_size != first.group_size)))
+      return {};
+    n = std::min(n, p.w.rows);
+  }
+  std::vector<PlainProduct> blocks;
+  if (n <= 0) return blocks;
+  for (const PlainProduct& p : products) {
+    if (p.w.rows % n != 0 || int64_t(blocks.size()) + p.w.rows / n > kMaxStreamPieces) return {};
+    const int64_t groups = quantized ? ceil_div(p.w.cols, p.w.group_size) : 0;
+    for (int64_t r0 = 0; r0 < p.w.rows; r0 += n) {
+      DeviceMatrix w = p.w;
+      w.rows = n;
+      w.data = static_cast<const std::byte*>(p.w.data) + size_t(r0) * row_bytes(p.w.dtype, p.w.cols);
+      if (quantized) w.scales = static_cast<const std::byte*>(p.w.scales) + size_t(r0) * row_bytes(p.w.scale_dtype, groups);
+      blocks.push_back({w, p.out + r0, p.ldo});
+    }
+  }
+  return blocks;
+}
+
+// The streamed kernels' launch of all the products at once, when they take it.
+bool stream_products(const float* x, int64_t ldx, int64_t m, std::span<const PlainProduct> products,
+                     GemmOperands operands, DeviceScratch& scratch, Device& device, cudaStream_t stream) {
+  if (products.size() < 2 || m < 1) return false;
+  const std::vector<PlainProduct> blocks = row_blocks(products);
+  if (blocks.empty() || blocks[0].w.cols == 0) return false;
+  const DeviceMatrix& w = blocks[0].w;
+  if (!skinny_partials_fit(ceil_div(w.cols, kChunk), m * int64_t(blocks.size()), w.rows, device)) return false;
+  std::vector<DeviceMatrix> weights;
+  for (const PlainProduct& b : blocks) weights.push_back(b.w);
+  if (w.dtype == DType::kBF16) {
+    const int parts = operands == GemmOperands::kBf16 ? 1 : 3;
+    if (!bf16_streams(m, x, ldx, weights, parts, device)) return false;
+    bf16_stream_matmul(x, ldx, m, blocks, parts, scratch, device, stream);
+    return true;
+  }
+  if (is_quantized(w.dtype) && quantized_streams(m, x, ldx, weights, operands, device)) {
+    quantized_stream_matmul(x, ldx, m, blocks, operands, scratch, device, stream);
+    return true;
+  }
+  return false;
+}
+
+}  // namespace
+
+void matmuls(const float* x, int64_t ldx, int64_t m, std::span<const PlainProduct> products, GemmOperands operands,
+             DeviceScratch& scratch, Device& device, cudaStream_t stream) {
+  if (m < 0) fail("matmuls: {} rows", m);
+  if (stream_products(x, ldx, m, products, operands, scratch, device, stream)) return;
+  for (const PlainProduct& p : products) matmul(x, ldx, m, p.w, p.out, p.ldo, operands, scratch, device, stream);
 }
 
 }  // namespace m1::cuda

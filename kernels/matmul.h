@@ -45,6 +45,20 @@ struct GroupedProduct {
   int64_t ldo = 0;
 };
 
+// One of several products of the same x (matmuls): its weights, and its output (row stride ldo).
+struct PlainProduct {
+  DeviceMatrix w;
+  float* out = nullptr;
+  int64_t ldo = 0;
+};
+
+// out = x w^T for each product, each with the bits matmul gives it. Products of a few rows of x
+// (a decode step's q, k and v, or qkv and the output gate) whose weights share a dtype, inputs
+// and scales, and whose rows are all multiples of the fewest rows any has, stream in one launch:
+// each weight cut into blocks of that many rows (at most kMaxStreamPieces blocks in all).
+void matmuls(const float* x, int64_t ldx, int64_t m, std::span<const PlainProduct> products, GemmOperands operands,
+             DeviceScratch& scratch, Device& device, cudaStream_t stream);
+
 // grouped_matmul of swiglu(gate, up) (elementwise.h's swiglu: silu(gate) * up), both [rows, ldx],
 // with the bits of swiglu then grouped_matmul: the streamed kernels apply SwiGLU as they stage
 // the rows (one launch, gate left as it is); otherwise gate is overwritten with swiglu(gate, up)

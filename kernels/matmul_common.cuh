@@ -257,12 +257,45 @@ struct StreamTile {
   int64_t ldo;
 };
 
-// A plain product: one tile.
-struct PlainTiles {
-  StreamTile tile;
-  __device__ int64_t count() const { return 1; }
-  __device__ StreamTile at(int64_t) const { return tile; }
+// Plain products of the same rows of x whose weights share a shape (a product's weights, or
+// blocks of rows of several products' weights): a tile each, in order. Piece i's chunk partials
+// at partial + i * plane.
+constexpr int kMaxStreamPieces = 12;
+struct PieceTiles {
+  const float* x;
+  int64_t ldx, rows;
+  int count_;
+  const void* w[kMaxStreamPieces];
+  const void* scales[kMaxStreamPieces];
+  float* out[kMaxStreamPieces];
+  int64_t ldo[kMaxStreamPieces];
+  float* partial;
+  int64_t plane;
+  __device__ int64_t count() const { return count_; }
+  __device__ StreamTile at(int64_t i) const {
+    return {w[i], scales[i], x, nullptr, ldx, rows, partial ? partial + i * plane : nullptr, rows, out[i], ldo[i]};
+  }
 };
+
+// The tiles of `pieces` (at most kMaxStreamPieces, weights of one shape) over x's m rows, with
+// their chunk partials and fold counters (one per piece and column block of `cols` outputs) in
+// `scratch`; `units` gets the launch's work units.
+inline PieceTiles piece_tiles(const float* x, int64_t ldx, int64_t m, std::span<const PlainProduct> pieces, int cols,
+                              DeviceScratch& scratch, int*& counters, int64_t& units) {
+  const int64_t n = pieces[0].w.rows, chunks = ceil_div(pieces[0].w.cols, kChunk), count = int64_t(pieces.size());
+  const int64_t plane = chunks > 1 ? chunks * m * n : 0;
+  PieceTiles tiles{x, ldx, m, int(count), {}, {}, {}, {}, nullptr, plane};
+  tiles.partial = chunks > 1 ? scratch.get<float>(size_t(count * plane)) : nullptr;
+  for (int64_t i = 0; i < count; ++i) {
+    tiles.w[i] = pieces[size_t(i)].w.data;
+    tiles.scales[i] = pieces[size_t(i)].w.scales;
+    tiles.out[i] = pieces[size_t(i)].out;
+    tiles.ldo[i] = pieces[size_t(i)].ldo;
+  }
+  counters = fold_counters(scratch, tiles.partial, count * ceil_div(n, cols));
+  units = count * ceil_div(n, cols) * chunks;
+  return tiles;
+}
 
 // Grouped products of the same rows (a MoE's gate and up) in one launch: each group's rows in tiles
 // of tile_rows, in group order (find_tile), known on the device alone; the products' tiles one

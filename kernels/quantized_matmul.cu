@@ -287,8 +287,10 @@ void matmul_quantized(const float* x, int64_t ldx, int64_t m, const DeviceMatrix
     launch_split_to_bf16<kParts, true>(x, ldx, m, w.k, xb, ldq, stream);
     return launch_tiled<T, kParts>(xb, ldq, m, w, out, ldo, device, stream);
   }
-  if (quantized_streams(m, x, ldx, std::span(&weight, 1), operands, device))
-    return quantized_stream_matmul(x, ldx, m, weight, out, ldo, operands, scratch, device, stream);
+  if (quantized_streams(m, x, ldx, std::span(&weight, 1), operands, device)) {
+    const PlainProduct piece{weight, out, ldo};
+    return quantized_stream_matmul(x, ldx, m, std::span(&piece, 1), operands, scratch, device, stream);
+  }
   float* partial = chunks > 1 ? scratch.get<float>(size_t(chunks * m * w.n)) : nullptr;
   int* counters = fold_counters(scratch, partial, ceil_div(w.n, kSkinnyCols));
   with_row_tiles(m, [&]<int kM>() {

@@ -146,8 +146,8 @@ __device__ __forceinline__ void stream_quantized(const Tiles& tiles, QuantOperan
 }
 
 template <DType T, int kParts>
-__global__ __launch_bounds__(kThreads, 1) void quant_stream_plain(StreamTile tile, QuantOperand w, int* counters) {
-  stream_quantized<T, kParts>(PlainTiles{tile}, w, int(tile.rows), 1, counters);
+__global__ __launch_bounds__(kThreads, 1) void quant_stream_plain(PieceTiles tiles, QuantOperand w, int* counters) {
+  stream_quantized<T, kParts>(tiles, w, int(tiles.rows), 1, counters);
 }
 
 template <DType T, int kParts>
@@ -169,20 +169,22 @@ bool quantized_streams(int64_t rows, const float* x, int64_t ldx, std::span<cons
          bytes <= device.limits().shared_per_block;
 }
 
-void quantized_stream_matmul(const float* x, int64_t ldx, int64_t m, const DeviceMatrix& weight, float* out,
-                             int64_t ldo, GemmOperands operands, DeviceScratch& scratch, Device& device,
-                             cudaStream_t stream) {
-  with_kind(weight.dtype, operands, [&]<DType T, int kParts>() {
+void quantized_stream_matmul(const float* x, int64_t ldx, int64_t m, std::span<const PlainProduct> pieces,
+                             GemmOperands operands, DeviceScratch& scratch, Device& device, cudaStream_t stream) {
+  with_kind(pieces[0].w.dtype, operands, [&]<DType T, int kParts>() {
     constexpr auto kernel = quant_stream_plain<T, kParts>;
     const int bytes = shared_bytes<T>(kParts, m, 1);
     device.allow_shared_memory<kernel>(size_t(bytes));
-    const QuantOperand w = operand(weight, operands, aligned16(weight.data));
-    const int64_t chunks = ceil_div(w.k, kChunk), blocks = ceil_div(w.n, kCols);
-    float* partial = chunks > 1 ? scratch.get<float>(size_t(chunks * m * w.n)) : nullptr;
-    int* counters = fold_counters(scratch, partial, blocks);
-    const StreamTile tile{weight.data, weight.scales, x, nullptr, ldx, m, partial, m, out, ldo};
-    const int64_t grid = std::min<int64_t>(blocks * chunks, device.limits().sms);
-    kernel<<<unsigned(grid), kThreads, bytes, stream>>>(tile, w, counters);
+    // Every piece's weights share a shape, scale dtype and group size; their codes and scales
+    // travel in the tiles.
+    bool aligned = true;
+    for (const PlainProduct& p : pieces) aligned = aligned && aligned16(p.w.data);
+    const QuantOperand w = operand(pieces[0].w, operands, aligned);
+    int* counters;
+    int64_t units;
+    const PieceTiles tiles = piece_tiles(x, ldx, m, pieces, kCols, scratch, counters, units);
+    const int64_t grid = std::min<int64_t>(units, device.limits().sms);
+    kernel<<<unsigned(grid), kThreads, bytes, stream>>>(tiles, w, counters);
     M1_CUDA_CHECK_LAUNCH();
   });
 }

@@ -28,8 +28,10 @@ inline constexpr int64_t kQuantizedStreamMaxRows = 8;
 bool quantized_streams(int64_t rows, const float* x, int64_t ldx, std::span<const DeviceMatrix> weights,
                        GemmOperands operands, const Device& device, const float* up = nullptr);
 
-// quantized_matmul (quantized_matmul.h), when quantized_streams says so.
-void quantized_stream_matmul(const float* x, int64_t ldx, int64_t m, const DeviceMatrix& w, float* out, int64_t ldo,
+// quantized_matmul (quantized_matmul.h) for each of `pieces` (1 to kMaxStreamPieces products whose
+// weights share a shape, scale dtype and group size) in one launch, when quantized_streams says
+// so for all their weights.
+void quantized_stream_matmul(const float* x, int64_t ldx, int64_t m, std::span<const PlainProduct> pieces,
                              GemmOperands operands, DeviceScratch& scratch, Device& device, cudaStream_t stream);
 
 // quantized_grouped_matmuls (quantized_matmul.h) for groups of at most `group_rows` rows, when

@@ -310,11 +310,10 @@ void Model::attention(Rank& rank, const Layer& layer, int64_t index, const Mat& 
   const int64_t slot = c.kind_index(index);
   Mat o = rank.o.as(n, hd);
   if (layer.lightning) {
-    Mat qkv = rank.wide.as(n, 3 * hd);
-    backend.matmul(xn, layer.qkv, qkv, Rounding::kAllowed);
+    Mat qkv = rank.wide.as(n, 3 * hd), gate = rank.gate.as(n, hd);
+    const Product products[] = {{&layer.qkv, qkv}, {&layer.output_gate, gate}};
+    backend.matmuls(xn, products, Rounding::kAllowed);
     backend.lightning_attention(qkv, rank.segments, slot, layer.decay_weight, o);
-    Mat gate = rank.gate.as(n, hd);
-    backend.matmul(xn, layer.output_gate, gate, Rounding::kAllowed);
     // DESIGN.md: 1e-6 here, not rms_norm_eps. The norm spans every head: split across ranks,
     // each row's sum of squares is all-reduced first (one float per row).
     if (rank.shard.world == 1) {
@@ -328,9 +327,8 @@ void Model::attention(Rank& rank, const Layer& layer, int64_t index, const Mat& 
     backend.matmul(o, layer.out_proj, out, Rounding::kAllowed);
   } else {
     Mat q = rank.wide.as(n, hd), k = rank.k.as(n, gd), v = rank.v.as(n, gd);
-    backend.matmul(xn, layer.q, q, Rounding::kAllowed);
-    backend.matmul(xn, layer.k, k, Rounding::kAllowed);
-    backend.matmul(xn, layer.v, v, Rounding::kAllowed);
+    const Product products[] = {{&layer.q, q}, {&layer.k, k}, {&layer.v, v}};
+    backend.matmuls(xn, products, Rounding::kAllowed);
     AttentionParams params{rank.shard.heads.count, int64_t(rank.shard.kv_heads.size()), c.head_dim, c.rotary_dim,
                            c.rope_theta};
     backend.softmax_attention(q, k, v, rank.segments, slot, params, o);

@@ -110,6 +110,27 @@ inline void expect_swiglu_product_bits(const std::vector<float>& gate, const std
       << what << (fused ? ": SwiGLU applied in a pass of its own" : ": gate not overwritten");
 }
 
+// matmuls of x's m rows (row stride ldx) by `weights` against matmul of each alone, bit for bit,
+// each output with a row stride past its width (the padding must keep its fill).
+inline void expect_matmuls_bits(const float* x, int64_t ldx, int64_t m, const std::vector<cuda::DeviceMatrix>& weights,
+                                cuda::GemmOperands operands, cuda::DeviceScratch& scratch, cuda::Device& device,
+                                const std::string& what) {
+  std::vector<DeviceArray<float>> outs, alone;
+  std::vector<cuda::PlainProduct> products;
+  for (const cuda::DeviceMatrix& w : weights) {
+    const int64_t ldo = w.rows + 5;
+    outs.emplace_back(std::vector<float>(size_t(m * ldo), -3.5f));
+    alone.emplace_back(std::vector<float>(size_t(m * ldo), -3.5f));
+    products.push_back({w, outs.back().get(), ldo});
+  }
+  cuda::matmuls(x, ldx, m, products, operands, scratch, device, nullptr);
+  for (size_t i = 0; i < weights.size(); ++i) {
+    cuda::matmul(x, ldx, m, weights[i], alone[i].get(), products[i].ldo, operands, scratch, device, nullptr);
+    const std::vector<float> got = outs[i].download(), want = alone[i].download();
+    ASSERT_EQ(std::memcmp(got.data(), want.data(), got.size() * sizeof(float)), 0) << what << ", product " << i;
+  }
+}
+
 // The streamed grouped products' tests (BF16 and quantized): group sizes with empty groups, groups
 // of 1 to 20 rows, and 70 groups (two launches) of which only the last has a row.
 inline std::vector<std::vector<int64_t>> streamed_group_counts() {

@@ -1,6 +1,7 @@
 #pragma once
 // A backend that hands every call to another one: tests derive from it to change one behaviour
-// (inject a fault, play a recording backend) and keep the rest real.
+// (inject a fault, play a recording backend) and keep the rest real. matmuls takes Backend's
+// default (each product through matmul), so a test that changes matmul changes both.
 
 #include <memory>
 

@@ -253,6 +253,46 @@ TEST(CudaBf16Stream, MatchesTheTiledKernelOnAnyGrid) {
   }
 }
 
+// matmuls (several products of the same x) against matmul of each product alone, bit for bit:
+// products whose rows are multiples of the fewest rows any has (qkv and the output gate; q, k and
+// v) stream in one launch at 1 to 8 rows, on grids of 1, 7 and 132 CTAs; rows that are no such
+// multiple, more pieces than a launch takes, 9 rows (not streamed) and a budget too small for
+// the pieces' partials together take the products one by one. Widths off the column block (200,
+// 96) and inputs off the chunk (520, 296).
+TEST(CudaBf16Stream, MatmulsMatchEachProductAlone) {
+  M1_REQUIRE_CUDA();
+  std::mt19937 rng(35);
+  const int64_t rows = 9;
+  struct Case {
+    std::vector<int64_t> widths;
+    int64_t k;
+  };
+  const Case cases[] = {{{600, 200}, 520}, {{384, 96, 96}, 296}, {{300, 200}, 520}, {{96, 96 * 12}, 296}};
+  for (const Case& c : cases) {
+    std::vector<DeviceArray<uint8_t>> stored;
+    std::vector<DeviceMatrix> weights;
+    for (int64_t n : c.widths) {
+      stored.emplace_back(random_weight(DType::kBF16, n, c.k, rng).bytes);
+      weights.push_back(DeviceMatrix{stored.back().get(), DType::kBF16, n, c.k});
+    }
+    const DeviceArray<float> dx(random_floats(size_t(rows * c.k), 1.0f, rng));
+    for (GemmOperands operands : {GemmOperands::kBf16, GemmOperands::kFp32}) {
+      DeviceScratch scratch;
+      for (int sms : {1, 7, 132}) {
+        for (const size_t budget : {cuda::kDefaultPartialBytes, test::partial_bytes(1, c.widths[0], c.k)}) {
+          Device device = test::device_with_sms(sms, budget);
+          for (int64_t m : {int64_t(1), int64_t(3), int64_t(8), rows}) {
+            if (sms != 7 && m != 3) continue;  // the grids with one row count
+            const std::string what = fmt::format("widths {} k {}, {} rows, {} CTAs, budget {}, {}",
+                                                 fmt::join(c.widths, "/"), c.k, m, sms, budget, operands_name(operands));
+            test::expect_matmuls_bits(dx.get(), c.k, m, weights, operands, scratch, device, what);
+          }
+        }
+      }
+    }
+  }
+}
+
 // grouped_matmul(s) through the streamed kernels: each group's rows bit-identical to the tiled
 // kernel's on them (matmul of all 70 rows by the group's weights), with empty groups, groups of
 // 1 to 20 rows, a bound on the rows per group that splits groups into tiles (1, 3), is tight, or

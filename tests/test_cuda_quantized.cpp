@@ -378,6 +378,32 @@ TEST_F(CudaQuantized, StreamedGroupedMatchesTheSkinnyKernel) {
     }
 }
 
+// matmuls on quantized weights against matmul of each product alone, bit for bit: qkv and the
+// output gate, and q, k and v, cut into row blocks that stream in one launch (their codes and
+// scales offset by whole rows), for int8 with a scale per row and int4 in groups of 32 and of
+// 128 with F32 scales, at 1, 3 and 8 rows and at 9 (not streamed).
+TEST_F(CudaQuantized, MatmulsMatchEachProductAlone) {
+  SCOPED_TRACE("seed " + std::to_string(seed()));
+  const int64_t rows = 9, k = 300;
+  Device device = test::device_with_sms(7);
+  for (const Scheme& scheme : {kSchemes[0], kSchemes[2], kSchemes[6]})
+    for (const std::vector<int64_t>& widths : {std::vector<int64_t>{600, 200}, std::vector<int64_t>{384, 96, 96}}) {
+      std::vector<std::unique_ptr<TestQuantWeight>> stored;
+      std::vector<DeviceMatrix> weights;
+      for (int64_t n : widths) {
+        stored.push_back(std::make_unique<TestQuantWeight>(scheme, n, k, 1.0f / std::sqrt(float(k))));
+        weights.push_back(stored.back()->device);
+      }
+      const DeviceArray<float> x(random_floats(size_t(rows * k)));
+      DeviceScratch scratch;
+      for (GemmOperands operands : {GemmOperands::kFp32, GemmOperands::kBf16})
+        for (int64_t m : {int64_t(1), int64_t(3), int64_t(8), rows})
+          test::expect_matmuls_bits(x.get(), k, m, weights, operands, scratch, device,
+                                    fmt::format("{} {}: widths {}, {} rows", scheme_name(scheme),
+                                                operands_name(operands), fmt::join(widths, "/"), m));
+    }
+}
+
 // grouped_matmul_swiglu on quantized experts gives the bits of swiglu then grouped_matmul: streamed
 // with SwiGLU applied as the rows are staged (int8's ring holds up's rows beside x's only in tiles
 // of 4, so bounds of 8 and 33 take those), and the fallback (100 rows under a loose bound).

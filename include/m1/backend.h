@@ -62,6 +62,12 @@ struct Weight {
 // and its file if it is not F32, F16 or BF16.
 Weight host_weight(const TensorView& tensor);
 
+// One of several products of the same activations (Backend::matmuls): out = x w^T.
+struct Product {
+  const Weight* w = nullptr;
+  Mat out;
+};
+
 // Sizes of the per-sequence state (DESIGN.md §2).
 struct StateShape {
   int64_t lightning_layers = 0, heads = 0, head_dim = 0;  // a fp32 heads x d x d state per layer
@@ -201,6 +207,12 @@ class Backend {
   virtual void rmsnorm(const Mat& x, const Weight& w, float eps, Mat out) = 0;
   // out = x w^T, accumulated in fp32.
   virtual void matmul(const Mat& x, const Weight& w, Mat out, Rounding rounding) = 0;
+  // Each product of the same x, with the bits matmul gives it; a backend may run them as one pass
+  // (a decode step's q, k and v, or qkv and the lightning output gate: one launch instead of
+  // several).
+  virtual void matmuls(const Mat& x, std::span<const Product> products, Rounding rounding) {
+    for (const Product& p : products) matmul(x, *p.w, p.out, rounding);
+  }
   // out = rmsnorm(x, w, eps) * sigmoid(gate), elementwise after the norm (the lightning output
   // gate, one pass); out may alias x.
   virtual void rmsnorm_gated(const Mat& x, const Weight& w, float eps, const Mat& gate, Mat out) = 0;
