@@ -90,7 +90,7 @@ __device__ __forceinline__ void stream_products(const Tiles& tiles, int64_t n, i
       for (int i = tid; i < (tile.up ? 2 : 1) * tile.rows * (kStageK / 4); i += kThreads) {
         const int r = i / (kStageK / 4) % int(tile.rows), kk = i % (kStageK / 4) * 4;
         const bool second = i >= tile.rows * (kStageK / 4), inside = k0 + kk < k;
-        const float* src = (second ? tile.up : tile.x) + r * tile.ldx;
+        const float* src = second ? tile.up + r * tile.ldx : x_row(tile, r);
         __pipeline_memcpy_async(x_dst + ((second ? max_rows : 0) + r) * kStageK + kk, inside ? src + k0 + kk : src, 16,
                                 inside ? 0 : 16);
       }
@@ -186,12 +186,12 @@ void launch_plain(const float* x, int64_t ldx, int64_t m, std::span<const PlainP
 template <int kParts>
 void launch_grouped(const float* x, const float* up, int64_t ldx, int64_t rows, const int64_t* offsets,
                     int64_t tile_rows, std::span<const GroupedProduct> products, DeviceScratch& scratch,
-                    Device& device, cudaStream_t stream) {
+                    Device& device, cudaStream_t stream, const int64_t* x_rows) {
   constexpr auto kernel = bf16_stream_grouped_kernel<kParts>;
   const int bytes = shared_bytes(kParts, tile_rows, up ? 2 : 1);
   device.allow_shared_memory<kernel>(size_t(bytes));
   const int64_t n = products[0].w[0].rows, k = products[0].w[0].cols;
-  for_each_stream_launch(x, up, ldx, rows, offsets, tile_rows, products, kCols, scratch, device,
+  for_each_stream_launch(x, up, ldx, rows, offsets, tile_rows, products, kCols, scratch, device, x_rows,
                          [&](const GroupedTiles& tiles, int* counters, int64_t units) {
                            const int64_t grid = std::min<int64_t>(units, device.limits().sms);
                            kernel<<<unsigned(grid), kThreads, bytes, stream>>>(tiles, n, k, counters);
@@ -218,9 +218,11 @@ void bf16_stream_matmul(const float* x, int64_t ldx, int64_t m, std::span<const 
 
 void bf16_stream_grouped(const float* x, int64_t ldx, int64_t rows, const int64_t* offsets, int64_t group_rows,
                          std::span<const GroupedProduct> products, int parts, DeviceScratch& scratch, Device& device,
-                         cudaStream_t stream, const float* up) {
-  if (parts == 1) return launch_grouped<1>(x, up, ldx, rows, offsets, group_rows, products, scratch, device, stream);
-  if (parts == 3) return launch_grouped<3>(x, up, ldx, rows, offsets, group_rows, products, scratch, device, stream);
+                         cudaStream_t stream, const float* up, const int64_t* x_rows) {
+  if (parts == 1)
+    return launch_grouped<1>(x, up, ldx, rows, offsets, group_rows, products, scratch, device, stream, x_rows);
+  if (parts == 3)
+    return launch_grouped<3>(x, up, ldx, rows, offsets, group_rows, products, scratch, device, stream, x_rows);
   fail("bf16_stream_grouped: {} terms of x", parts);
 }
 

@@ -38,9 +38,10 @@ void bf16_stream_matmul(const float* x, int64_t ldx, int64_t m, std::span<const 
 
 // grouped_matmuls (matmul.h) for groups of at most `group_rows` rows (a bound the device's offsets
 // keep), when bf16_streams(group_rows, ...) says so for every product: two products (a MoE's gate
-// and up) in one launch when their chunk partials fit together.
+// and up) in one launch when their chunk partials fit together. With `x_rows` (device), row r of
+// the call is x's row x_rows[r] (read in place, not gathered first).
 void bf16_stream_grouped(const float* x, int64_t ldx, int64_t rows, const int64_t* offsets, int64_t group_rows,
                          std::span<const GroupedProduct> products, int parts, DeviceScratch& scratch, Device& device,
-                         cudaStream_t stream, const float* up = nullptr);
+                         cudaStream_t stream, const float* up = nullptr, const int64_t* x_rows = nullptr);
 
 }  // namespace m1::cuda

@@ -1018,7 +1018,46 @@ bool stream_products(const float* x, int64_t ldx, int64_t m, std::span<const Pla
   return false;
 }
 
+// The streamed kernels' grouped products of the rows of x that x_rows names, read in place, when
+// they take them.
+bool stream_grouped_rows(const float* x, int64_t ldx, const int64_t* x_rows, const int64_t* offsets,
+                         std::span<const GroupedProduct> products, int64_t rows, int64_t group_rows,
+                         GemmOperands operands, DeviceScratch& scratch, Device& device, cudaStream_t stream) {
+  if (products[0].w.empty()) return false;
+  const DeviceMatrix& first = products[0].w[0];
+  if (first.rows == 0 || first.cols == 0 || !skinny_partials_fit(ceil_div(first.cols, kChunk), rows, first.rows, device))
+    return false;
+  group_rows = std::clamp<int64_t>(group_rows, 1, rows);
+  const auto all = [&](auto streams) { return std::all_of(products.begin(), products.end(), streams); };
+  if (first.dtype == DType::kBF16) {
+    const int parts = operands == GemmOperands::kBf16 ? 1 : 3;
+    const int64_t tile = stream_tile_rows(group_rows, rows, kBf16StreamMaxRows);
+    if (tile == 0 || !all([&](const GroupedProduct& p) { return bf16_streams(tile, x, ldx, p.w, parts, device); }))
+      return false;
+    bf16_stream_grouped(x, ldx, rows, offsets, tile, products, parts, scratch, device, stream, nullptr, x_rows);
+    return true;
+  }
+  if (!is_quantized(first.dtype)) return false;
+  const int64_t tile = stream_tile_rows(group_rows, rows, kQuantizedStreamMaxRows);
+  if (tile == 0 || !all([&](const GroupedProduct& p) { return quantized_streams(tile, x, ldx, p.w, operands, device); }))
+    return false;
+  quantized_stream_grouped(x, ldx, rows, offsets, tile, products, operands, scratch, device, stream, nullptr, x_rows);
+  return true;
+}
+
 }  // namespace
+
+void grouped_matmuls_of_rows(const float* x, int64_t ldx, const int64_t* x_rows, float* gathered,
+                             const int64_t* offsets, std::span<const GroupedProduct> products, int64_t rows,
+                             int64_t group_rows, GemmOperands operands, DeviceScratch& scratch, Device& device,
+                             cudaStream_t stream) {
+  if (rows < 0) fail("grouped_matmul: {} rows", rows);
+  if (products.empty() || rows == 0) return;
+  check_grouped(products);
+  if (stream_grouped_rows(x, ldx, x_rows, offsets, products, rows, group_rows, operands, scratch, device, stream)) return;
+  gather_rows(x, ldx, x_rows, rows, gathered, stream);
+  grouped_matmuls(gathered, ldx, offsets, products, rows, group_rows, operands, scratch, device, stream);
+}
 
 void matmuls(const float* x, int64_t ldx, int64_t m, std::span<const PlainProduct> products, GemmOperands operands,
              DeviceScratch& scratch, Device& device, cudaStream_t stream) {

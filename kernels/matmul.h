@@ -59,6 +59,14 @@ struct PlainProduct {
 void matmuls(const float* x, int64_t ldx, int64_t m, std::span<const PlainProduct> products, GemmOperands operands,
              DeviceScratch& scratch, Device& device, cudaStream_t stream);
 
+// grouped_matmuls of the rows of x (row stride ldx) that `x_rows` names (device: row r of the call
+// is x's row x_rows[r]; a MoE's tokens in expert order), with the same bits. The streamed kernels
+// read the rows in place; otherwise they are gathered into `gathered` ([rows, ldx]) first.
+void grouped_matmuls_of_rows(const float* x, int64_t ldx, const int64_t* x_rows, float* gathered,
+                             const int64_t* offsets, std::span<const GroupedProduct> products, int64_t rows,
+                             int64_t group_rows, GemmOperands operands, DeviceScratch& scratch, Device& device,
+                             cudaStream_t stream);
+
 // grouped_matmul of swiglu(gate, up) (elementwise.h's swiglu: silu(gate) * up), both [rows, ldx],
 // with the bits of swiglu then grouped_matmul: the streamed kernels apply SwiGLU as they stage
 // the rows (one launch, gate left as it is); otherwise gate is overwritten with swiglu(gate, up)

@@ -255,7 +255,13 @@ struct StreamTile {
   int64_t plane_rows;
   float* out;
   int64_t ldo;
+  const int64_t* x_rows = nullptr;  // when given, the tile's row r is x's row x_rows[r] (not r)
 };
+
+// The tile's row r of x.
+__device__ __forceinline__ const float* x_row(const StreamTile& tile, int64_t r) {
+  return tile.x + (tile.x_rows ? tile.x_rows[r] : r) * tile.ldx;
+}
 
 // Plain products of the same rows of x whose weights share a shape (a product's weights, or
 // blocks of rows of several products' weights): a tile each, in order. Piece i's chunk partials
@@ -314,6 +320,7 @@ struct GroupedTiles {
   int64_t partial_stride;
   float* out[kMaxStreamProducts];
   int64_t ldo[kMaxStreamProducts];
+  const int64_t* x_rows;  // when given, row r of the call is x's row x_rows[r]
   __device__ int64_t product_tiles() const {
     int64_t tiles = 0;
     for (int g = 0; g < groups; ++g) tiles += std::max<int64_t>(ceil_div(offsets[g + 1] - offsets[g], tile_rows), 0);
@@ -326,8 +333,9 @@ struct GroupedTiles {
     GroupTile t{};
     find_tile(offsets, groups, tile_rows, index % per_product, t);
     const int64_t r0 = t.row0 + t.first;
-    return {weights[p].data[t.group], weights[p].scales[t.group], x + r0 * ldx, up ? up + r0 * ldx : nullptr, ldx, t.rows,
-            partial ? partial + p * partial_stride + r0 * n : nullptr, rows, out[p] + r0 * ldo[p], ldo[p]};
+    return {weights[p].data[t.group], weights[p].scales[t.group], x_rows ? x : x + r0 * ldx, up ? up + r0 * ldx : nullptr,
+            ldx, t.rows, partial ? partial + p * partial_stride + r0 * n : nullptr, rows, out[p] + r0 * ldo[p], ldo[p],
+            x_rows ? x_rows + r0 : nullptr};
   }
 };
 
@@ -412,15 +420,15 @@ inline int64_t stream_tile_rows(int64_t group_rows, int64_t rows, int64_t max_ro
   return group_rows <= max_rows || rows <= 64 ? std::min(group_rows, max_rows) : 0;
 }
 
-// The launches of streamed grouped products (bf16_stream.cu, quantized_stream.cu) of x, or of
-// swiglu(x, up) when `up` is given: launch(tiles, counters, units) for each, products
+// The launches of streamed grouped products (bf16_stream.cu, quantized_stream.cu) of x (its rows
+// x_rows names, when given), or of swiglu(x, up) when `up` is given: launch(tiles, counters, units) for each, products
 // kMaxStreamProducts at a time while their chunk partials fit together (else one at a time,
 // sharing one set), groups kLaunchGroups at a time; `units` bounds the launch's work units (the
 // tiles are counted on the device), so a grid needs no more CTAs. `cols`: outputs per column block.
 template <class Launch>
 void for_each_stream_launch(const float* x, const float* up, int64_t ldx, int64_t rows, const int64_t* offsets,
                             int64_t tile_rows, std::span<const GroupedProduct> products, int cols,
-                            DeviceScratch& scratch, const Device& device, Launch launch) {
+                            DeviceScratch& scratch, const Device& device, const int64_t* x_rows, Launch launch) {
   const int64_t n = products[0].w[0].rows, k = products[0].w[0].cols, chunks = ceil_div(k, kChunk);
   const int64_t groups = int64_t(products[0].w.size()), blocks = ceil_div(n, cols);
   const int64_t together = skinny_partials_fit(chunks, rows * kMaxStreamProducts, n, device) ? kMaxStreamProducts : 1;
@@ -431,7 +439,7 @@ void for_each_stream_launch(const float* x, const float* up, int64_t ldx, int64_
     const int set = int(std::min<int64_t>(together, int64_t(products.size() - p0)));
     for (int64_t first = 0; first < groups; first += kLaunchGroups) {
       const int count = int(std::min<int64_t>(kLaunchGroups, groups - first));
-      GroupedTiles tiles{x, up, ldx, rows, offsets + first, count, tile_rows, n, set, {}, partial, plane, {}, {}};
+      GroupedTiles tiles{x, up, ldx, rows, offsets + first, count, tile_rows, n, set, {}, partial, plane, {}, {}, x_rows};
       for (int i = 0; i < set; ++i) {
         const GroupedProduct& p = products[p0 + size_t(i)];
         tiles.weights[i] = group_weights(p.w, first, count);

@@ -247,7 +247,7 @@ struct MoeBuffers {
   int64_t* begin;         // [bins + 1]: held expert e's rows of the grouped matmuls start at begin[e]
   int64_t* token_at;      // [slots]
   int64_t* position_of;   // [slots]
-  float* gathered;        // [slots, hidden]: x rows in expert order; later the down products
+  float* gathered;        // [slots, hidden]: x rows in expert order (unless read in place); later the down products
   float* gate;            // [slots, ffn]
   float* up;              // [slots, ffn]
 };
@@ -335,16 +335,16 @@ void moe(const MoeArgs& a, MoeWorkspace& ws, Device& device, cudaStream_t stream
     route(b.logits, rows, experts, k, b.chosen, b.weights, stream);
     group_by_expert(b, slots, bins, k, stream);
   }
-  gather_rows(a.x, hidden, b.token_at, slots, b.gathered, stream);
-
-  // Every expert's gate and up products (in one call: one launch when they stream, or one bf16
-  // copy of the gathered rows for both), then every down product of their SwiGLU (applied as the
-  // streamed kernels stage the rows, else one pass over all slots). The down products overwrite the
-  // gathered rows, which the stream has finished reading by then. An expert takes each token at
-  // most once, so it has at most `rows` rows. Rows past begin[held] (slots without an expert held
-  // here) may go through SwiGLU unset and are never read.
+  // Every expert's gate and up products of x's rows in expert order (in one call: one launch that
+  // reads the rows in place when they stream, else the rows gathered and one bf16 copy of them for
+  // both), then every down product of their SwiGLU (applied as the streamed kernels stage the
+  // rows, else one pass over all slots) into the gathered rows' buffer, which the stream has
+  // finished reading by then. An expert takes each token at most once, so it has at most `rows`
+  // rows. Rows past begin[held] (slots without an expert held here) may go through SwiGLU unset
+  // and are never read.
   const GroupedProduct gate_and_up[] = {{a.w1, b.gate, ffn}, {a.w3, b.up, ffn}};
-  grouped_matmuls(b.gathered, hidden, b.begin, gate_and_up, slots, rows, a.operands, ws.matmul, device, stream);
+  grouped_matmuls_of_rows(a.x, hidden, b.token_at, b.gathered, b.begin, gate_and_up, slots, rows, a.operands, ws.matmul,
+                          device, stream);
   float* down = b.gathered;
   grouped_matmul_swiglu(b.gate, b.up, ffn, b.begin, a.w2, slots, rows, down, hidden, a.operands, ws.matmul, device,
                         stream);

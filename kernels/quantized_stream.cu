@@ -86,7 +86,7 @@ __device__ __forceinline__ void stream_quantized(const Tiles& tiles, QuantOperan
       for (int i = tid; i < (tile.up ? 2 : 1) * tile.rows * (kChunk / 4); i += kThreads) {
         const int r = i / (kChunk / 4) % int(tile.rows), kk = i % (kChunk / 4) * 4;
         const bool second = i >= tile.rows * (kChunk / 4), inside = c * kChunk + kk < k;
-        const float* src = (second ? tile.up : tile.x) + r * tile.ldx;
+        const float* src = second ? tile.up + r * tile.ldx : x_row(tile, r);
         __pipeline_memcpy_async(x_dst + ((second ? max_rows : 0) + r) * kChunk + kk, inside ? src + c * kChunk + kk : src,
                                 16, inside ? 0 : 16);
       }
@@ -191,7 +191,7 @@ void quantized_stream_matmul(const float* x, int64_t ldx, int64_t m, std::span<c
 
 void quantized_stream_grouped(const float* x, int64_t ldx, int64_t rows, const int64_t* offsets, int64_t group_rows,
                               std::span<const GroupedProduct> products, GemmOperands operands, DeviceScratch& scratch,
-                              Device& device, cudaStream_t stream, const float* up) {
+                              Device& device, cudaStream_t stream, const float* up, const int64_t* x_rows) {
   with_kind(products[0].w[0].dtype, operands, [&]<DType T, int kParts>() {
     constexpr auto kernel = quant_stream_grouped<T, kParts>;
     const int bytes = shared_bytes<T>(kParts, group_rows, up ? 2 : 1);
@@ -201,7 +201,7 @@ void quantized_stream_grouped(const float* x, int64_t ldx, int64_t rows, const i
     bool aligned = true;
     for (const GroupedProduct& p : products) aligned = aligned && all_aligned16(p.w);
     const QuantOperand w = operand(products[0].w[0], operands, aligned);
-    for_each_stream_launch(x, up, ldx, rows, offsets, group_rows, products, kCols, scratch, device,
+    for_each_stream_launch(x, up, ldx, rows, offsets, group_rows, products, kCols, scratch, device, x_rows,
                            [&](const GroupedTiles& tiles, int* counters, int64_t units) {
                              const int64_t grid = std::min<int64_t>(units, device.limits().sms);
                              kernel<<<unsigned(grid), kThreads, bytes, stream>>>(tiles, w, counters);

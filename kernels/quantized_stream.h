@@ -36,9 +36,11 @@ void quantized_stream_matmul(const float* x, int64_t ldx, int64_t m, std::span<c
 
 // quantized_grouped_matmuls (quantized_matmul.h) for groups of at most `group_rows` rows, when
 // quantized_streams(group_rows, ...) says so for every product: two products (a MoE's gate and up)
-// in one launch when their chunk partials fit together.
+// in one launch when their chunk partials fit together. With `x_rows` (device), row r of the call
+// is x's row x_rows[r] (read in place, not gathered first).
 void quantized_stream_grouped(const float* x, int64_t ldx, int64_t rows, const int64_t* offsets, int64_t group_rows,
                               std::span<const GroupedProduct> products, GemmOperands operands, DeviceScratch& scratch,
-                              Device& device, cudaStream_t stream, const float* up = nullptr);
+                              Device& device, cudaStream_t stream, const float* up = nullptr,
+                              const int64_t* x_rows = nullptr);
 
 }  // namespace m1::cuda

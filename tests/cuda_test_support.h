@@ -131,6 +131,35 @@ inline void expect_matmuls_bits(const float* x, int64_t ldx, int64_t m, const st
   }
 }
 
+// grouped_matmuls_of_rows (x's rows that x_rows names, read in place when streamed) against the
+// rows gathered on the host and grouped_matmuls, bit for bit, for both products of `w` (outputs
+// [rows, ldo] filled with `fill` first: rows outside the groups keep it).
+inline void expect_rows_read_in_place(const std::vector<float>& x, int64_t ldx, const std::vector<int64_t>& x_rows,
+                                      const int64_t* offsets, const std::vector<cuda::DeviceMatrix> (&w)[2],
+                                      int64_t bound, int64_t ldo, float fill, cuda::GemmOperands operands,
+                                      cuda::DeviceScratch& scratch, cuda::Device& device, const std::string& what) {
+  const int64_t rows = int64_t(x_rows.size());
+  std::vector<float> gathered_host(size_t(rows * ldx));
+  for (int64_t r = 0; r < rows; ++r)
+    std::copy_n(x.begin() + x_rows[size_t(r)] * ldx, ldx, gathered_host.begin() + r * ldx);
+  const DeviceArray<float> dx(x), gathered(gathered_host);
+  const DeviceArray<int64_t> drows(x_rows);
+  DeviceArray<float> buffer(size_t(rows * ldx));
+  DeviceArray<float> want[2] = {DeviceArray<float>(std::vector<float>(size_t(rows * ldo), fill)),
+                                DeviceArray<float>(std::vector<float>(size_t(rows * ldo), fill))};
+  DeviceArray<float> got[2] = {DeviceArray<float>(std::vector<float>(size_t(rows * ldo), fill)),
+                               DeviceArray<float>(std::vector<float>(size_t(rows * ldo), fill))};
+  const cuda::GroupedProduct expected[] = {{w[0], want[0].get(), ldo}, {w[1], want[1].get(), ldo}};
+  cuda::grouped_matmuls(gathered.get(), ldx, offsets, expected, rows, bound, operands, scratch, device, nullptr);
+  const cuda::GroupedProduct products[] = {{w[0], got[0].get(), ldo}, {w[1], got[1].get(), ldo}};
+  cuda::grouped_matmuls_of_rows(dx.get(), ldx, drows.get(), buffer.get(), offsets, products, rows, bound, operands,
+                                scratch, device, nullptr);
+  for (int p = 0; p < 2; ++p) {
+    const std::vector<float> a = got[p].download(), b = want[p].download();
+    EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0) << what << ", product " << p;
+  }
+}
+
 // The streamed grouped products' tests (BF16 and quantized): group sizes with empty groups, groups
 // of 1 to 20 rows, and 70 groups (two launches) of which only the last has a row.
 inline std::vector<std::vector<int64_t>> streamed_group_counts() {

@@ -251,7 +251,8 @@ TEST(CudaGraphs, ReplayedDecodeStepsMatchEagerOnes) {
 // and grouping in four launches instead of one, a SiLU pass before each lightning layer, the
 // experts' gate and up products in two streamed launches instead of one, a residual add apart
 // from the norm after it, a SwiGLU pass before the experts' down products, qkv and the output gate
-// in two launches, q, k and v in three) fails here: 141 kernels before those went, 54 now. The model's widths (320 inputs, 288 in the experts) take two chunks
+// in two launches, q, k and v in three, the tokens gathered before the experts' gate and up
+// products) fails here: 141 kernels before those went, 50 now. The model's widths (320 inputs, 288 in the experts) take two chunks
 // in every product, so each product folds its partials. Not a timing: the count is the structure
 // of a step.
 TEST(CudaGraphs, DecodeStepLaunchCountIsPinned) {
@@ -261,7 +262,7 @@ TEST(CudaGraphs, DecodeStepLaunchCountIsPinned) {
   config.intermediate_size = 288;
   // {precision, batch, kernels per decode step}
   const std::tuple<Precision, int64_t, int64_t> cases[] = {
-      {Precision::kExact, 1, 54}, {Precision::kFast, 1, 54}, {Precision::kFast, 3, 54}};
+      {Precision::kExact, 1, 50}, {Precision::kFast, 1, 50}, {Precision::kFast, 3, 50}};
   for (const auto& [precision, batch, want] : cases) {
     auto backend = create_backend(BackendOptions{"cuda", 0, precision, false, true});
     Model model(config, random_checkpoint(config, DType::kBF16, 8), *backend);

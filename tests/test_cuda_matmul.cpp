@@ -357,6 +357,38 @@ TEST(CudaBf16Stream, GroupedMatchesTheTiledKernel) {
   }
 }
 
+// grouped_matmuls_of_rows (a MoE's gate and up products of its tokens in expert order) against
+// the rows gathered first, bit for bit: tokens taken twice and not at all, empty groups, bounds
+// that stream in tiles of 3 and of 8 (reading x's rows in place) and a call of 70 rows under a
+// loose bound (gathered, then the skinny kernels), in both operand modes.
+TEST(CudaBf16Stream, GroupedRowsReadInPlaceMatchGathered) {
+  M1_REQUIRE_CUDA();
+  std::mt19937 rng(36);
+  const int64_t n = 150, k = 264, tokens = 40, ldo = n + 1;
+  std::vector<DeviceArray<uint8_t>> stored;
+  std::vector<DeviceMatrix> w[2];
+  const std::vector<int64_t> counts = {3, 0, 7, 10, 10, 0, 40};
+  for (int product = 0; product < 2; ++product)
+    for (size_t g = 0; g < counts.size(); ++g) {
+      stored.emplace_back(random_weight(DType::kBF16, n, k, rng).bytes);
+      w[product].push_back(DeviceMatrix{stored.back().get(), DType::kBF16, n, k});
+    }
+  const std::vector<float> x = random_floats(size_t(tokens * k), 1.0f, rng);
+  for (const auto& [call_rows, bound] : {std::pair<int64_t, int64_t>{30, 3}, {30, 30}, {70, 70}}) {
+    std::vector<int64_t> offsets = {0};
+    for (int64_t c : counts) offsets.push_back(std::min(call_rows, offsets.back() + c));
+    const DeviceArray<int64_t> doffsets(offsets);
+    std::vector<int64_t> x_rows(static_cast<size_t>(call_rows));
+    for (int64_t& r : x_rows) r = int64_t(rng() % uint64_t(tokens - 5));  // the last 5 tokens never taken
+    for (GemmOperands operands : {GemmOperands::kBf16, GemmOperands::kFp32}) {
+      DeviceScratch scratch;
+      Device device = test::device_with_sms(7);
+      test::expect_rows_read_in_place(x, k, x_rows, doffsets.get(), w, bound, ldo, -7.25f, operands, scratch, device,
+                                      fmt::format("{} rows, bound {}, {}", call_rows, bound, operands_name(operands)));
+    }
+  }
+}
+
 // A call whose skinny chunk partials would pass the device's budget for them (by default 64 MB:
 // the LM head at batch 32 would take 615 MB) takes the kernels without partials instead: the
 // scratch stays under the budget, and its rows are bit-identical to the same rows computed alone

@@ -404,6 +404,38 @@ TEST_F(CudaQuantized, MatmulsMatchEachProductAlone) {
     }
 }
 
+// grouped_matmuls_of_rows on quantized experts against the rows gathered first, bit for bit:
+// streamed in tiles of 8 reading x's rows in place, and 70 rows under a loose bound (gathered).
+TEST_F(CudaQuantized, GroupedRowsReadInPlaceMatchGathered) {
+  SCOPED_TRACE("seed " + std::to_string(seed()));
+  const int64_t n = 130, k = 300, tokens = 40, ldo = n + 1;
+  const std::vector<int64_t> counts = {3, 0, 17, 10, 40};
+  Device device = test::device_with_sms(7);
+  for (const Scheme& scheme : {kSchemes[0], kSchemes[2], kSchemes[6]}) {
+    std::vector<std::unique_ptr<TestQuantWeight>> stored;
+    std::vector<DeviceMatrix> w[2];
+    for (int product = 0; product < 2; ++product)
+      for (size_t g = 0; g < counts.size(); ++g) {
+        stored.push_back(std::make_unique<TestQuantWeight>(scheme, n, k, 1.0f / std::sqrt(float(k))));
+        w[product].push_back(stored.back()->device);
+      }
+    const std::vector<float> x = random_floats(size_t(tokens * k));
+    for (int64_t call_rows : {30, 70}) {
+      std::vector<int64_t> offsets = {0};
+      for (int64_t c : counts) offsets.push_back(std::min(call_rows, offsets.back() + c));
+      const DeviceArray<int64_t> doffsets(offsets);
+      std::vector<int64_t> x_rows(static_cast<size_t>(call_rows));
+      for (size_t r = 0; r < x_rows.size(); ++r) x_rows[r] = int64_t((r * 7 + 3) % size_t(tokens - 5));
+      for (GemmOperands operands : {GemmOperands::kFp32, GemmOperands::kBf16}) {
+        DeviceScratch scratch;
+        test::expect_rows_read_in_place(x, k, x_rows, doffsets.get(), w, call_rows, ldo, -7.25f, operands, scratch,
+                                        device, fmt::format("{} {}, {} rows", scheme_name(scheme),
+                                                            operands_name(operands), call_rows));
+      }
+    }
+  }
+}
+
 // grouped_matmul_swiglu on quantized experts gives the bits of swiglu then grouped_matmul: streamed
 // with SwiGLU applied as the rows are staged (int8's ring holds up's rows beside x's only in tiles
 // of 4, so bounds of 8 and 33 take those), and the fallback (100 rows under a loose bound).
