@@ -420,11 +420,12 @@ inline int64_t stream_tile_rows(int64_t group_rows, int64_t rows, int64_t max_ro
   return group_rows <= max_rows || rows <= 64 ? std::min(group_rows, max_rows) : 0;
 }
 
-// The launches of streamed grouped products (bf16_stream.cu, quantized_stream.cu) of x (its rows
-// x_rows names, when given), or of swiglu(x, up) when `up` is given: launch(tiles, counters, units) for each, products
-// kMaxStreamProducts at a time while their chunk partials fit together (else one at a time,
-// sharing one set), groups kLaunchGroups at a time; `units` bounds the launch's work units (the
-// tiles are counted on the device), so a grid needs no more CTAs. `cols`: outputs per column block.
+// The launches of streamed grouped products (bf16_stream.cu, quantized_stream.cu) of x (the rows
+// x_rows names, when given), or of swiglu(x, up) when `up` is given: launch(tiles, counters, units)
+// for each, products kMaxStreamProducts at a time while their chunk partials fit together (else
+// one at a time, sharing one set), groups kLaunchGroups at a time; `units` bounds the launch's work
+// units (the tiles are counted on the device), so a grid needs no more CTAs. `cols`: outputs per
+// column block.
 template <class Launch>
 void for_each_stream_launch(const float* x, const float* up, int64_t ldx, int64_t rows, const int64_t* offsets,
                             int64_t tile_rows, std::span<const GroupedProduct> products, int cols,
