@@ -849,40 +849,43 @@ void check_grouped(std::span<const GroupedProduct> products) {
   }
 }
 
-// The streamed kernels' grouped product of swiglu(gate, up) (bf16_stream.h, quantized_stream.h),
-// when they take it; false when not.
-bool stream_grouped_swiglu(const float* gate, const float* up, int64_t ldx, const int64_t* offsets,
-                           const GroupedProduct& product, int64_t rows, int64_t group_rows, GemmOperands operands,
-                           DeviceScratch& scratch, Device& device, cudaStream_t stream) {
-  const DeviceMatrix& first = product.w[0];
-  const int64_t n = first.rows, k = first.cols;
-  if (!skinny_partials_fit(ceil_div(k, kChunk), rows, n, device)) return false;
-  const std::span products(&product, 1);
-  // The tallest tile whose ring, with up's rows beside x's, fits (int8 codes leave room for 4).
+// The streamed kernels' grouped products (bf16_stream.h, quantized_stream.h) in the tallest tiles
+// whose ring fits (int8 codes leave room for 4 rows with up's beside x's), when they take them;
+// false when not. Of x's rows, or of swiglu(x, up) when `up` is given, or of the rows of x that
+// `x_rows` names (read in place) when that is given.
+bool stream_grouped(const float* x, const float* up, const int64_t* x_rows, int64_t ldx, const int64_t* offsets,
+                    std::span<const GroupedProduct> products, int64_t rows, int64_t group_rows, GemmOperands operands,
+                    DeviceScratch& scratch, Device& device, cudaStream_t stream) {
+  if (products[0].w.empty()) return false;
+  const DeviceMatrix& first = products[0].w[0];
+  const int64_t chunks = ceil_div(first.cols, kChunk);
+  if (first.rows == 0 || first.cols == 0 || !skinny_partials_fit(chunks, rows, first.rows, device)) return false;
+  group_rows = std::clamp<int64_t>(group_rows, 1, rows);
   const auto tallest = [&](int64_t max_rows, auto streams) {
+    const auto all_stream = [&](int64_t tile) {
+      return std::all_of(products.begin(), products.end(), [&](const GroupedProduct& p) { return streams(tile, p); });
+    };
     int64_t tile = stream_tile_rows(group_rows, rows, max_rows);
-    while (tile > 0 && !streams(tile)) tile /= 2;
+    while (tile > 0 && !all_stream(tile)) tile /= 2;
     return tile;
   };
   if (first.dtype == DType::kBF16) {
     const int parts = operands == GemmOperands::kBf16 ? 1 : 3;
-    const int64_t tile = tallest(kBf16StreamMaxRows, [&](int64_t t) {
-      return bf16_streams(t, gate, ldx, product.w, parts, device, up);
+    const int64_t tile = tallest(kBf16StreamMaxRows, [&](int64_t t, const GroupedProduct& p) {
+      return bf16_streams(t, x, ldx, p.w, parts, device, up);
     });
     if (tile == 0) return false;
-    bf16_stream_grouped(gate, ldx, rows, offsets, tile, products, parts, scratch, device, stream, up);
+    bf16_stream_grouped(x, ldx, rows, offsets, tile, products, parts, scratch, device, stream, up, x_rows);
     return true;
   }
-  if (is_quantized(first.dtype)) {
-    check_quantized(first, "grouped matmul");
-    const int64_t tile = tallest(kQuantizedStreamMaxRows, [&](int64_t t) {
-      return quantized_streams(t, gate, ldx, product.w, operands, device, up);
-    });
-    if (tile == 0) return false;
-    quantized_stream_grouped(gate, ldx, rows, offsets, tile, products, operands, scratch, device, stream, up);
-    return true;
-  }
-  return false;
+  if (!is_quantized(first.dtype)) return false;
+  check_quantized(first, "grouped matmul");
+  const int64_t tile = tallest(kQuantizedStreamMaxRows, [&](int64_t t, const GroupedProduct& p) {
+    return quantized_streams(t, x, ldx, p.w, operands, device, up);
+  });
+  if (tile == 0) return false;
+  quantized_stream_grouped(x, ldx, rows, offsets, tile, products, operands, scratch, device, stream, up, x_rows);
+  return true;
 }
 
 }  // namespace
@@ -933,11 +936,10 @@ void grouped_matmul_swiglu(float* gate, const float* up, int64_t ldx, const int6
                            GemmOperands operands, DeviceScratch& scratch, Device& device, cudaStream_t stream) {
   if (rows < 0) fail("grouped_matmul: {} rows", rows);
   const GroupedProduct product{w, out, ldo};
-  check_grouped(std::span(&product, 1));
+  const std::span products(&product, 1);
+  check_grouped(products);
   if (w.empty() || rows == 0) return;
-  if (w[0].rows > 0 && w[0].cols > 0 &&
-      stream_grouped_swiglu(gate, up, ldx, offsets, product, rows, std::clamp<int64_t>(group_rows, 1, rows), operands,
-                            scratch, device, stream))
+  if (stream_grouped(gate, up, nullptr, ldx, offsets, products, rows, group_rows, operands, scratch, device, stream))
     return;
   swiglu(gate, up, rows * ldx, stream);
   grouped_matmul(gate, ldx, offsets, w, rows, group_rows, out, ldo, operands, scratch, device, stream);
@@ -988,7 +990,8 @@ std::vector<PlainProduct> row_blocks(std::span<const PlainProduct> products) {
       DeviceMatrix w = p.w;
       w.rows = n;
       w.data = static_cast<const std::byte*>(p.w.data) + size_t(r0) * row_bytes(p.w.dtype, p.w.cols);
-      if (quantized) w.scales = static_cast<const std::byte*>(p.w.scales) + size_t(r0) * row_bytes(p.w.scale_dtype, groups);
+      if (quantized)
+        w.scales = static_cast<const std::byte*>(p.w.scales) + size_t(r0) * row_bytes(p.w.scale_dtype, groups);
       blocks.push_back({w, p.out + r0, p.ldo});
     }
   }
@@ -996,8 +999,8 @@ std::vector<PlainProduct> row_blocks(std::span<const PlainProduct> products) {
 }
 
 // The streamed kernels' launch of all the products at once, when they take it.
-bool stream_products(const float* x, int64_t ldx, int64_t m, std::span<const PlainProduct> products,
-                     GemmOperands operands, DeviceScratch& scratch, Device& device, cudaStream_t stream) {
+bool stream_as_one(const float* x, int64_t ldx, int64_t m, std::span<const PlainProduct> products,
+                   GemmOperands operands, DeviceScratch& scratch, Device& device, cudaStream_t stream) {
   if (products.size() < 2 || m < 1) return false;
   const std::vector<PlainProduct> blocks = row_blocks(products);
   if (blocks.empty() || blocks[0].w.cols == 0) return false;
@@ -1018,33 +1021,6 @@ bool stream_products(const float* x, int64_t ldx, int64_t m, std::span<const Pla
   return false;
 }
 
-// The streamed kernels' grouped products of the rows of x that x_rows names, read in place, when
-// they take them.
-bool stream_grouped_rows(const float* x, int64_t ldx, const int64_t* x_rows, const int64_t* offsets,
-                         std::span<const GroupedProduct> products, int64_t rows, int64_t group_rows,
-                         GemmOperands operands, DeviceScratch& scratch, Device& device, cudaStream_t stream) {
-  if (products[0].w.empty()) return false;
-  const DeviceMatrix& first = products[0].w[0];
-  if (first.rows == 0 || first.cols == 0 || !skinny_partials_fit(ceil_div(first.cols, kChunk), rows, first.rows, device))
-    return false;
-  group_rows = std::clamp<int64_t>(group_rows, 1, rows);
-  const auto all = [&](auto streams) { return std::all_of(products.begin(), products.end(), streams); };
-  if (first.dtype == DType::kBF16) {
-    const int parts = operands == GemmOperands::kBf16 ? 1 : 3;
-    const int64_t tile = stream_tile_rows(group_rows, rows, kBf16StreamMaxRows);
-    if (tile == 0 || !all([&](const GroupedProduct& p) { return bf16_streams(tile, x, ldx, p.w, parts, device); }))
-      return false;
-    bf16_stream_grouped(x, ldx, rows, offsets, tile, products, parts, scratch, device, stream, nullptr, x_rows);
-    return true;
-  }
-  if (!is_quantized(first.dtype)) return false;
-  const int64_t tile = stream_tile_rows(group_rows, rows, kQuantizedStreamMaxRows);
-  if (tile == 0 || !all([&](const GroupedProduct& p) { return quantized_streams(tile, x, ldx, p.w, operands, device); }))
-    return false;
-  quantized_stream_grouped(x, ldx, rows, offsets, tile, products, operands, scratch, device, stream, nullptr, x_rows);
-  return true;
-}
-
 }  // namespace
 
 void grouped_matmuls_of_rows(const float* x, int64_t ldx, const int64_t* x_rows, float* gathered,
@@ -1054,7 +1030,8 @@ void grouped_matmuls_of_rows(const float* x, int64_t ldx, const int64_t* x_rows,
   if (rows < 0) fail("grouped_matmul: {} rows", rows);
   if (products.empty() || rows == 0) return;
   check_grouped(products);
-  if (stream_grouped_rows(x, ldx, x_rows, offsets, products, rows, group_rows, operands, scratch, device, stream)) return;
+  if (stream_grouped(x, nullptr, x_rows, ldx, offsets, products, rows, group_rows, operands, scratch, device, stream))
+    return;
   gather_rows(x, ldx, x_rows, rows, gathered, stream);
   grouped_matmuls(gathered, ldx, offsets, products, rows, group_rows, operands, scratch, device, stream);
 }
@@ -1062,7 +1039,7 @@ void grouped_matmuls_of_rows(const float* x, int64_t ldx, const int64_t* x_rows,
 void matmuls(const float* x, int64_t ldx, int64_t m, std::span<const PlainProduct> products, GemmOperands operands,
              DeviceScratch& scratch, Device& device, cudaStream_t stream) {
   if (m < 0) fail("matmuls: {} rows", m);
-  if (stream_products(x, ldx, m, products, operands, scratch, device, stream)) return;
+  if (stream_as_one(x, ldx, m, products, operands, scratch, device, stream)) return;
   for (const PlainProduct& p : products) matmul(x, ldx, m, p.w, p.out, p.ldo, operands, scratch, device, stream);
 }
 
