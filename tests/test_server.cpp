@@ -453,8 +453,14 @@ TEST_F(ServerTest, TokenizeAndDetokenize) {
 }
 
 TEST_F(ServerTest, MetricsAreInPrometheusFormat) {
-  client().post("/v1/completions", completion_request("Count me", 4));
-  const Reply reply = client().get("/metrics");
+  ASSERT_EQ(client().post("/v1/completions", completion_request("Count me", 4)).status, 200);
+  // A response is counted when the server logs it, after it has been written: the client can ask
+  // for /metrics first.
+  Reply reply;
+  EXPECT_TRUE(eventually([&] {
+    reply = client().get("/metrics");
+    return metric(reply.body, "m1_requests_total{status=\"200\"}") > 0;
+  })) << reply.body;
   ASSERT_EQ(reply.status, 200);
   const std::string& text = reply.body;
   for (const char* name : {"m1_requests_total", "m1_prompt_tokens_total", "m1_generation_tokens_total",
