@@ -81,6 +81,99 @@ void yield(State s, int line) {
   emu_switch(&cur->sp, main_sp);
 }
 
+// Named barriers: the threads that arrived (bar.arrive) at each id in the current phase, and the
+// count they gave. Id 0 is __syncthreads'.
+constexpr int kNamedBarriers = 16;
+struct Arrivals { int threads = 0, count = 0; };
+static thread_local Arrivals arrivals[kNamedBarriers];
+
+static void check_barrier(int id, int threads) {
+  if (id < 1 || id >= kNamedBarriers) die("named barrier id %d outside 1..%d", id, kNamedBarriers - 1);
+  if (threads < 32 || threads % 32 || unsigned(threads) > fibers.size())
+    die("named barrier %d: thread count %d is not a multiple of 32 up to the block's %zu", id, threads, fibers.size());
+  Arrivals& a = arrivals[id];
+  if (a.threads && a.count != threads) die("named barrier %d used with counts %d and %d in one phase", id, a.count, threads);
+}
+void named_barrier_sync(int id, int threads, int line) {
+  check_barrier(id, threads);
+  cur->barrier = id;
+  cur->barrier_threads = threads;
+  yield(kNamedBarrier, line);
+}
+// The arriving thread then lets the others run, so that the threads it releases may run before
+// its next step, as they may on a GPU.
+void named_barrier_arrive(int id, int threads, int line) {
+  check_barrier(id, threads);
+  arrivals[id].count = threads;
+  ++arrivals[id].threads;
+  yield(kReady, line);
+}
+
+// Releases each named barrier whose waiting and arrived threads make its count; a phase that
+// gets more threads than its count is a kernel's error.
+static bool release_named_barriers(const char* name) {
+  bool released = false;
+  for (int id = 1; id < kNamedBarriers; ++id) {
+    int waiting = 0, threads = 0;
+    for (auto& f : fibers)
+      if (f.state == kNamedBarrier && f.barrier == id) {
+        if (threads && f.barrier_threads != threads)
+          die("%s: named barrier %d waited on with counts %d and %d", name, id, threads, f.barrier_threads);
+        threads = f.barrier_threads, ++waiting;
+      }
+    if (!waiting) continue;
+    Arrivals& a = arrivals[id];
+    if (a.threads && a.count != threads) die("%s: named barrier %d: counts %d and %d", name, id, a.count, threads);
+    if (waiting + a.threads > threads)
+      die("%s: named barrier %d has %d threads waiting and %d arrived for a count of %d", name, id, waiting, a.threads,
+          threads);
+    if (waiting + a.threads < threads) continue;
+    for (auto& f : fibers)
+      if (f.state == kNamedBarrier && f.barrier == id) f.state = kReady;
+    a = {};
+    released = true;
+  }
+  return released;
+}
+
+static const char* state_name(State s) {
+  return s == kReady            ? "running"
+         : s == kBlockBarrier    ? "__syncthreads"
+         : s == kNamedBarrier    ? "a named barrier"
+         : s == kWarpSync        ? "warp collective"
+                                 : "exited";
+}
+
+// Releases each warp whose live lanes all wait at the same collective. Strict (when no thread can
+// run on), a warp with some lanes at a collective and others elsewhere is a kernel's error.
+static bool release_warps(const char* name, bool strict) {
+  bool released = false;
+  const unsigned threads = unsigned(fibers.size());
+  for (unsigned w = 0; w * 32 < threads; ++w) {
+    const unsigned lo = w * 32, hi = std::min(threads, lo + 32);
+    int line = INT32_MIN;
+    unsigned waiting = 0;
+    for (unsigned t = lo; t < hi; ++t)
+      if (fibers[t].state == kWarpSync) ++waiting, line = fibers[t].line;
+    if (!waiting) continue;
+    bool whole = true;
+    for (unsigned t = lo; t < hi; ++t)
+      if (fibers[t].state != kWarpSync || fibers[t].line != line) {
+        if (strict)
+          die("%s: warp collective at line %d, but lane %u is at %s line %d", name, line, t - lo,
+              state_name(fibers[t].state), fibers[t].line);
+        whole = false;
+      }
+    if (!whole) continue;
+    for (unsigned t = lo; t < hi; ++t) {
+      std::memcpy(fibers[t].published, fibers[t].slot, sizeof(fibers[t].slot));
+      fibers[t].state = kReady;
+    }
+    released = true;
+  }
+  return released;
+}
+
 // A thread polling memory another stream writes: the other fibers of its block run meanwhile,
 // and when every live fiber of the block only polls, the host thread lets others run.
 static thread_local bool progressed = false;
@@ -100,9 +193,6 @@ extern "C" void emu_fiber_entry() {
   std::abort();
 }
 
-static const char* state_name(State s) {
-  return s == kReady ? "running" : s == kBlockBarrier ? "__syncthreads" : s == kWarpSync ? "warp collective" : "exited";
-}
 
 std::atomic<long> kernels_run{0};
 static void run_kernel(const char* name, dim3 grid, dim3 block, size_t smem, std::function<void()>& body) {
@@ -127,6 +217,7 @@ static void run_kernel(const char* name, dim3 grid, dim3 block, size_t smem, std
         block_idx = {bx, by, bz};
         ++block_generation;
         std::memset(smem_base, 0xff, smem);
+        for (auto& a : arrivals) a = {};
         for (unsigned t = 0; t < threads; ++t) {
           Fiber& f = fibers[t];
           f.state = kReady;
@@ -159,29 +250,20 @@ static void run_kernel(const char* name, dim3 grid, dim3 block, size_t smem, std
           unsigned done = 0;
           for (auto& f : fibers) done += f.state == kDone;
           if (done == threads) break;
-          if (ready) {  // paused fibers poll again; barriers wait until no fiber is paused
-            if (!progressed) sched_yield();
+          // Warp collectives and named barriers release as soon as their threads are there, while
+          // other threads run on, as they may on a GPU.
+          const bool named = release_named_barriers(name);
+          const bool warps = release_warps(name, false);
+          if (ready || named || warps) {  // paused fibers poll again; __syncthreads waits until none is paused
+            if (!progressed && !named && !warps) sched_yield();
             continue;
           }
-          bool released = false;
-          for (unsigned w = 0; w * 32 < threads; ++w) {
-            const unsigned lo = w * 32, hi = std::min(threads, lo + 32);
-            int line = INT32_MIN;
-            unsigned waiting = 0;
-            for (unsigned t = lo; t < hi; ++t)
-              if (fibers[t].state == kWarpSync) ++waiting, line = fibers[t].line;
-            if (!waiting) continue;
-            for (unsigned t = lo; t < hi; ++t)
-              if (fibers[t].state != kWarpSync || fibers[t].line != line)
-                die("%s: warp collective at line %d, but lane %u is at %s line %d", name, line, t - lo,
-                    state_name(fibers[t].state), fibers[t].line);
-            for (unsigned t = lo; t < hi; ++t) {
-              std::memcpy(fibers[t].published, fibers[t].slot, sizeof(fibers[t].slot));
-              fibers[t].state = kReady;
-            }
-            released = true;
-          }
+          const bool released = release_warps(name, true);
           if (released) continue;
+          for (auto& f : fibers)
+            if (f.state == kNamedBarrier)
+              die("%s: deadlock: thread %u waits at named barrier %d (count %d, %d arrived) and nothing can be released",
+                  name, f.flat, f.barrier, f.barrier_threads, arrivals[f.barrier].threads);
           int line = INT32_MIN;
           for (auto& f : fibers)
             if (f.state == kBlockBarrier) {
@@ -193,6 +275,9 @@ static void run_kernel(const char* name, dim3 grid, dim3 block, size_t smem, std
         }
         for (auto& f : fibers)
           if (!f.pending.empty()) die("%s: thread %u exited with cp.async copies never waited for", name, f.flat);
+        for (int id = 1; id < kNamedBarriers; ++id)
+          if (arrivals[id].threads)
+            die("%s: %d threads arrived at named barrier %d and no phase completed it", name, arrivals[id].threads, id);
       }
 }
 

@@ -1,7 +1,9 @@
 // Whole-backend CPU emulation, kernel side: one fiber per CUDA thread (asm stack switch), blocks
-// run one after another. Fibers run until their next __syncthreads / warp collective; a block
-// barrier releases when every live thread of the block waits at the same line, a warp collective
-// when every lane of the warp waits at the same one (a lane that exited or waits elsewhere aborts).
+// run one after another. Fibers run until their next __syncthreads, named barrier or warp
+// collective; a block barrier releases when every live thread of the block waits at the same
+// line, a warp collective when every lane of the warp waits at the same one (a lane that exited
+// or waits elsewhere aborts), a named barrier (bar.sync / bar.arrive id, count) as soon as its
+// waiting and arrived threads make its count, and a block where nothing can be released aborts.
 // EMU_ORDER=forward|reverse|random picks the order fibers run in between release points.
 #pragma once
 #include <cuda_runtime.h>
@@ -36,7 +38,7 @@
 
 namespace emu {
 struct Index { unsigned x = 0, y = 0, z = 0; };
-enum State { kReady, kBlockBarrier, kWarpSync, kDone };
+enum State { kReady, kBlockBarrier, kNamedBarrier, kWarpSync, kDone };
 struct PendingCopy { void* dst; const void* src; size_t size; int group; };
 struct Fiber {
   void* sp = nullptr;
@@ -45,6 +47,7 @@ struct Fiber {
   unsigned flat = 0;
   State state = kReady;
   int line = 0;
+  int barrier = 0, barrier_threads = 0;  // the named barrier it waits at (kNamedBarrier)
   uint64_t slot[8] = {}, published[8] = {};
   std::vector<PendingCopy> pending;
   int open_group = 0;
@@ -61,6 +64,10 @@ extern thread_local std::vector<Fiber> fibers;
 extern thread_local Index block_idx, block_dim, grid_dim;
 extern thread_local uint64_t block_generation;
 void yield(State s, int line);
+// bar.sync id, threads: waits until `threads` threads (this one included) wait or have arrived.
+void named_barrier_sync(int id, int threads, int line);
+// bar.arrive id, threads: counts this thread at the barrier without waiting for it.
+void named_barrier_arrive(int id, int threads, int line);
 // Lets the block's other fibers run (and, when every fiber of the block only polls, other host
 // threads): a thread polling memory another stream's kernel will write.
 void pause(int line);
@@ -146,8 +153,10 @@ inline void copy_async(void* dst, const void* src, size_t size, size_t zfill) {
   if (zfill < size) cur->pending.push_back({dst, src, size - zfill, cur->open_group});
 }
 inline void copy_async_commit() { ++cur->open_group; }
-// Lands every copy of the groups committed before the newest `keep` ones.
+// Lands every copy of the groups committed before the newest `keep` ones, after letting the
+// block's other threads run (the wait is where a GPU's thread stalls while others go on).
 inline void copy_async_wait(int keep) {
+  yield(kReady, -3);
   const int limit = cur->open_group - keep;
   auto& pending = cur->pending;
   size_t kept = 0;

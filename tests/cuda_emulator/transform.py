@@ -1,6 +1,6 @@
 # Turns a .cu (or warp_mma.h) into C++ for the emulator: kernel launches -> emu::launch (arguments
 # copied at launch), extern __shared__ -> the launch's dynamic buffer, __shared__ -> per-block
-# poisoned statics (one per host thread, which runs its streams' kernels), inline PTX (ldmatrix, mma, cp.async) -> emulated primitives.
+# poisoned statics (one per host thread, which runs its streams' kernels), inline PTX (ldmatrix, mma, cp.async, named barriers) -> emulated primitives.
 import re, sys
 
 
@@ -104,6 +104,10 @@ def asm(s):
         if 'cp.async.cg.shared.global' in text:
             assert '16, %2' in text and 'valid ? 16 : 0' in text, text
             return '::emu::copy_async(dst, src, 16, valid ? 0 : 16);'
+        if 'bar.sync' in text:
+            return '::emu::named_barrier_sync(id, threads, __LINE__);'
+        if 'bar.arrive' in text:
+            return '::emu::named_barrier_arrive(id, threads, __LINE__);'
         if 'cp.async.commit_group' in text:
             return '::emu::copy_async_commit();'
         w = re.search(r'cp\.async\.wait_group (\d+)', text)
