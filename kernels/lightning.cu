@@ -14,6 +14,7 @@
 #include "cuda_check.h"
 #include "launch.h"
 #include "m1/error.h"
+#include "named_barrier.h"
 #include "warp_mma.h"
 
 namespace m1::cuda {
@@ -379,33 +380,63 @@ __global__ void __launch_bounds__(G * G, 1) lightning_prefill_kernel(LightningPa
 
 // ---------------------------------------------------------------------------------------------
 // Prefill on tensor cores, for callers that allow bf16 operands: the same chunked form with every
-// product on mma.m16n8k16 (bf16 operands, fp32 accumulation). One CTA of 16 warps per (segment,
-// head, 64 value columns) walks the segment in blocks of B = 64 tokens. The head dim is padded
-// with zeros to D (64 or 128), so any d <= D works; the staging copies move 16 bytes at a time,
-// so the launcher sends d not a multiple of 4, or unaligned rows, to the fp32 kernel instead.
+// product on mma.m16n8k16 (bf16 operands, fp32 accumulation). One CTA per (segment, head, 64 value
+// columns) walks the segment in blocks of B = 64 tokens. The head dim is padded with zeros to D
+// (64 or 128), so any d <= D works; the staging copies move 16 bytes at a time, so the launcher
+// sends d not a multiple of 4, or unaligned rows, to the fp32 kernel instead.
 //
-// The fp32 state lives in the warps' accumulator registers (warp w: rows 16 (w % (D/16)) .. +15,
-// a run of NS n-tiles); a bf16 copy of it in shared memory is the operand of Q S. Per block:
-//   stage    block b+1's fp32 q, k, v rows stream in (cp.async) while block b computes
-//   O = qdec * (Q S) and P = (Q K^T) * D       (sharing each Q fragment; P to shared as bf16)
-//   S = exp(-s n) S + K^T (kdec * V)            (into the state registers)
-//   O += P V, O out; then the new bf16 S, and block b+1's tiles converted from the stage.
+// The CTA's warps take roles, so that loading never waits on the products nor they on it:
+//   4 loader warps   stream the fp32 q, k, v rows in pieces of a few tokens through a ring of
+//                    stages (cp.async; StageRing), apply SiLU and write each block's bf16 tiles
+//                    (Q, K, V, kdec * V) into one of 2 tile sets;
+//   16 product warps per block, once its tile set is full:
+//                      O = qdec * (Q S) and P = (Q K^T) * D   (sharing each Q fragment; P as bf16)
+//                      S = exp(-s n) S + K^T (kdec * V)        (into the state registers)
+//                      O += P V, O out, the tile set handed back; then the new bf16 S.
+// The sets pass between the roles by named barriers (full: the loaders arrive and the product
+// warps wait; empty: the other way round), so block b + 1's rows are converted while block b is
+// multiplied and block b + 2's are in flight.
+// The fp32 state lives in the product warps' accumulator registers (warp w: rows 16 (w % (D/16))
+// .. +15, a run of NS n-tiles); a bf16 copy of it in shared memory is the operand of Q S.
 // Output warp roles: rows 16r..16r+15, value columns 16h..16h+15 of the slice; warps w, w+4, w+8
 // and w+12 share a scheduler, so they take row blocks r, 3 - r, r, 3 - r and the causal work
-// evens out. The CTA takes a whole SM (its shared memory), and 16 warps, 4 per scheduler, hide
-// the latencies of its serial chain (ldmatrix, dependent mma, barriers) where 8 left them bare;
-// each output and state element sums the same products in the same order as with 8 warps.
-// Value columns never mix, and the slices are fixed by D alone, so a segment's arithmetic does
-// not depend on the rest of the step. A segment's slices are neighbours in the grid, so the q and
-// k rows they both read come from L2 the second time.
+// evens out, and each scheduler has one loader warp. The CTA takes a whole SM (its shared memory).
+// Each output and state element sums the same products in the same order whatever the roles
+// (the tiles hold the same bf16 values), so the bits are those of the kernel that staged and
+// multiplied in turn. Value columns never mix, and the slices are fixed by D alone, so a segment's
+// arithmetic does not depend on the rest of the step. A segment's slices are neighbours in the
+// grid, so the q and k rows they both read come from L2 the second time.
 
-constexpr int kFastBlock = 64;    // tokens per block (B)
-constexpr int kFastColumns = 64;  // value columns per CTA
-constexpr int kFastWarps = 16;
-constexpr int kFastThreads = 32 * kFastWarps;
+constexpr int kFastBlock = 64;     // tokens per block (B)
+constexpr int kFastColumns = 64;   // value columns per CTA
+constexpr int kFastWarps = 16;     // the products' warps
+constexpr int kLoaderWarps = 4;    // the warps that stage and convert, one per scheduler
+constexpr int kFastThreads = 32 * (kFastWarps + kLoaderWarps);
+constexpr int kProductThreads = 32 * kFastWarps;
+constexpr int kLoaderThreads = 32 * kLoaderWarps;
+constexpr int kTileSets = 2;       // bf16 tile sets: one multiplied while the next is filled
 
-template <int D>
+// The loaders' fp32 ring: pieces of `Tokens` rows, `Pieces` stages, all but one in flight while
+// one is converted. The wide ring keeps 60 KB in flight per SM at D = 128 and needs 212 KB of
+// shared memory in all (H100, H200: 227 KB); the compact one, 20 KB in flight, fits 162 KB (A100:
+// 163 KB). The tiles, and so the bits, are the same with either.
+template <int Tokens, int Pieces>
+struct StageRing {
+  static constexpr int kPieceTokens = Tokens, kStagePieces = Pieces;
+};
+using WideRing = StageRing<16, 4>;
+using CompactRing = StageRing<8, 3>;
+
+// Named barriers (id 0 is __syncthreads'): the product warps among themselves; tile set i full
+// (the loaders arrive, the product warps wait) and empty (the other way round).
+constexpr int kProductBarrier = 1;
+constexpr int kFullBarrier = 2;
+constexpr int kEmptyBarrier = kFullBarrier + kTileSets;
+
+template <int D, class Ring>
 struct FastShape {
+  static constexpr int kPieceTokens = Ring::kPieceTokens, kStagePieces = Ring::kStagePieces;
+  static constexpr int kPiecesPerBlock = kFastBlock / kPieceTokens;
   static constexpr int kSlices = D / kFastColumns;
   static constexpr int kStageWidth = 2 * D + kFastColumns;  // fp32 per staged token: q | k | v slice
   // bf16 rows padded by 16 bytes, so the eight rows an ldmatrix phase reads hit distinct banks.
@@ -415,17 +446,21 @@ struct FastShape {
   static constexpr int kTableFloats = (kFastBlock + 1 + 3) / 4 * 4;  // exp(-s m), m in [0, B]
   static constexpr int kStateRowTiles = D / 16;
   static constexpr int kStateTiles = kFastColumns / 8 * kStateRowTiles / kFastWarps;  // n-tiles per warp (NS)
-  static constexpr size_t kStageBytes = size_t(kFastBlock) * kStageWidth * 4;
+  static constexpr int kPieceFloats = kPieceTokens * kStageWidth;
+  static constexpr int kLoaderVectors = kPieceFloats / 4 / kLoaderThreads;  // float4 per loader thread and piece
+  static constexpr size_t kStageBytes = size_t(kStagePieces) * kPieceFloats * 4;
   static constexpr size_t kTableBytes = size_t(kTableFloats) * 4;
   static constexpr size_t kKeyTileBytes = size_t(kFastBlock) * kKeyPitch * 2;
   static constexpr size_t kColumnTileBytes = size_t(kFastBlock) * kColumnPitch * 2;
+  static constexpr size_t kTileSetBytes = 2 * kKeyTileBytes + 2 * kColumnTileBytes;  // Q, K, V, kdec*V
   static constexpr size_t kStateBytes = size_t(D) * kColumnPitch * 2;
   static constexpr size_t kPBytes = size_t(kFastBlock) * kTokenPitch * 2;
-  static constexpr size_t kSmemBytes =
-      kStageBytes + kTableBytes + 2 * kKeyTileBytes + 2 * kColumnTileBytes + kStateBytes + kPBytes;
+  static constexpr size_t kSmemBytes = kStageBytes + kTableBytes + kTileSets * kTileSetBytes + kStateBytes + kPBytes;
   static_assert(D % kFastColumns == 0 && kFastWarps % kStateRowTiles == 0 && kStateTiles % 2 == 0,
                 "the warps must tile the state in pairs of n-tiles");
-  static_assert(kSmemBytes <= 160 * 1024, "tiles must fit in 160 KB of shared memory");
+  static_assert(kFastBlock % kPieceTokens == 0 && kPieceFloats % (4 * kLoaderThreads) == 0,
+                "pieces must split a block, and the loaders a piece, evenly");
+  static_assert(kSmemBytes <= 227 * 1024, "tiles must fit in the 227 KB of shared memory a block may take");
 };
 
 __device__ __forceinline__ void store_bf16x4(uint16_t* p, float4 x) {
@@ -441,10 +476,84 @@ __device__ __forceinline__ int source_column(int c, int d, int col0) {
   return x < d ? part * d + x : -1;
 }
 
-template <int D>
+// One block's bf16 operands: Q, K (B x D), V and kdec * V (B x 64), kdec_j = exp(-s (n-1-j)).
+struct FastTiles {
+  uint16_t *q, *k, *v, *vd;
+};
+template <class Shape>
+__device__ __forceinline__ FastTiles fast_tiles(unsigned char* sets, int64_t block) {
+  auto* q = reinterpret_cast<uint16_t*>(sets + size_t(block % kTileSets) * Shape::kTileSetBytes);
+  uint16_t* k = q + kFastBlock * Shape::kKeyPitch;
+  uint16_t* v = k + kFastBlock * Shape::kKeyPitch;
+  return {q, k, v, v + kFastBlock * Shape::kColumnPitch};
+}
+
+// The loader warps: the segment's rows in pieces of 16 tokens through a ring of fp32 stages
+// (cp.async), each piece with SiLU applied written as bf16 into its block's tile set, zeros for
+// padding and rows past the segment. Each thread converts exactly the floats it copied, so its
+// own cp.async wait orders them; the tile sets are handed over by the named barriers.
+template <int D, class Ring>
+__device__ void load_fast_tiles(const LightningParams& p, const LightningSegment& seg, int head, int col0,
+                                float* stage, const float* power, unsigned char* sets) {
+  using Shape = FastShape<D, Ring>;
+  constexpr int B = kFastBlock, W = Shape::kStageWidth, KP = Shape::kKeyPitch, CP = Shape::kColumnPitch;
+  constexpr int kPieceTokens = Shape::kPieceTokens, kStagePieces = Shape::kStagePieces;
+  constexpr int kPiecesPerBlock = Shape::kPiecesPerBlock;
+  const int d = p.d, loader = threadIdx.x - kProductThreads;
+  const float* head_rows = p.qkv + seg.row * p.qkv_stride + int64_t(head) * 3 * d;
+  const int64_t blocks = (seg.count + B - 1) / B, pieces = blocks * kPiecesPerBlock;
+  // Piece u's copies into stage slot u % kStagePieces; one group per piece, empty past the end.
+  auto issue = [&](int64_t u) {
+    if (u < pieces) {
+      float* slot = stage + (u % kStagePieces) * Shape::kPieceFloats;
+      const int64_t t0 = u * kPieceTokens;
+#pragma unroll
+      for (int i = 0; i < Shape::kLoaderVectors; ++i) {
+        const int idx = loader + i * kLoaderThreads, j = idx / (W / 4), c = idx % (W / 4) * 4;
+        const int source = source_column<D>(c, d, col0);
+        if (t0 + j < seg.count && source >= 0)
+          __pipeline_memcpy_async(slot + j * W + c, head_rows + (t0 + j) * p.qkv_stride + source, 16);
+      }
+    }
+    __pipeline_commit();
+  };
+  for (int u = 0; u < kStagePieces - 1; ++u) issue(u);
+  for (int64_t u = 0; u < pieces; ++u) {
+    issue(u + kStagePieces - 1);
+    __pipeline_wait_prior(kStagePieces - 1);  // piece u's copies (this thread's) have landed
+    const int64_t block = u / kPiecesPerBlock;
+    const int set = int(block % kTileSets), first = int(u % kPiecesPerBlock) * kPieceTokens;
+    if (first == 0 && block >= kTileSets) named_barrier_sync(kEmptyBarrier + set, kFastThreads);
+    const int n = int(min(int64_t(B), seg.count - block * B));
+    const FastTiles tiles = fast_tiles<Shape>(sets, block);
+    const float* slot = stage + (u % kStagePieces) * Shape::kPieceFloats;
+#pragma unroll
+    for (int i = 0; i < Shape::kLoaderVectors; ++i) {
+      const int idx = loader + i * kLoaderThreads, jp = idx / (W / 4), c = idx % (W / 4) * 4, j = first + jp;
+      float4 x = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      if (j < n && source_column<D>(c, d, col0) >= 0) {
+        x = load4(slot + jp * W + c);
+        x = make_float4(silu_fast(x.x), silu_fast(x.y), silu_fast(x.z), silu_fast(x.w));
+      }
+      if (c < D) {
+        store_bf16x4(tiles.q + j * KP + c, x);
+      } else if (c < 2 * D) {
+        store_bf16x4(tiles.k + j * KP + c - D, x);
+      } else {
+        store_bf16x4(tiles.v + j * CP + c - 2 * D, x);
+        const float kdec = j < n ? power[n - 1 - j] : 0.0f;
+        store_bf16x4(tiles.vd + j * CP + c - 2 * D, make_float4(x.x * kdec, x.y * kdec, x.z * kdec, x.w * kdec));
+      }
+    }
+    if (first + kPieceTokens == B) named_barrier_arrive(kFullBarrier + set, kFastThreads);
+  }
+  __pipeline_wait_prior(0);  // the empty groups past the end
+}
+
+template <int D, class Ring>
 __global__ void __launch_bounds__(kFastThreads, 1) lightning_prefill_bf16_kernel(LightningParams p) {
-  using Shape = FastShape<D>;
-  constexpr int B = kFastBlock, W = Shape::kStageWidth, NS = Shape::kStateTiles;
+  using Shape = FastShape<D, Ring>;
+  constexpr int B = kFastBlock, NS = Shape::kStateTiles;
   constexpr int KP = Shape::kKeyPitch, CP = Shape::kColumnPitch, TP = Shape::kTokenPitch;
   const LightningSegment seg = p.segments[p.first + blockIdx.x / Shape::kSlices];
   if (seg.count < 2) return;
@@ -452,48 +561,11 @@ __global__ void __launch_bounds__(kFastThreads, 1) lightning_prefill_bf16_kernel
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
 
   extern __shared__ __align__(16) unsigned char smem_bytes[];
-  float* stage = reinterpret_cast<float*>(smem_bytes);  // B x W fp32
-  float* power = stage + B * W;                   // power[m] = exp(-s m)
-  uint16_t* q_tile = reinterpret_cast<uint16_t*>(smem_bytes + Shape::kStageBytes + Shape::kTableBytes);
-  uint16_t* k_tile = q_tile + B * KP;
-  uint16_t* v_tile = k_tile + B * KP;
-  uint16_t* vd_tile = v_tile + B * CP;  // kdec_j * V[j]
-  uint16_t* s_tile = vd_tile + B * CP;  // bf16 S, D x 64
-  uint16_t* p_tile = s_tile + D * CP;   // P, B x B
-
-  const float* head_rows = p.qkv + seg.row * p.qkv_stride + int64_t(head) * 3 * d;
-  // Copies the rows of the block at t0 into the stage; padding and rows past the segment are not
-  // copied (convert_block writes zeros for them).
-  auto stage_block = [&](int64_t t0) {
-    const int n = int(min(int64_t(B), seg.count - t0));
-    const float* rows = head_rows + t0 * p.qkv_stride;
-    for (int idx = threadIdx.x; idx < B * W / 4; idx += kFastThreads) {
-      const int j = idx / (W / 4), c = idx % (W / 4) * 4, source = source_column<D>(c, d, col0);
-      if (j < n && source >= 0) __pipeline_memcpy_async(stage + j * W + c, rows + j * p.qkv_stride + source, 16);
-    }
-    __pipeline_commit();
-  };
-  // The staged block of n tokens, SiLU applied, as bf16 tiles: Q, K, V and kdec * V, kdec_j =
-  // exp(-s (n-1-j)).
-  auto convert_block = [&](int n) {
-    for (int idx = threadIdx.x; idx < B * W / 4; idx += kFastThreads) {
-      const int j = idx / (W / 4), c = idx % (W / 4) * 4;
-      float4 x = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-      if (j < n && source_column<D>(c, d, col0) >= 0) {
-        x = load4(stage + j * W + c);
-        x = make_float4(silu_fast(x.x), silu_fast(x.y), silu_fast(x.z), silu_fast(x.w));
-      }
-      if (c < D) {
-        store_bf16x4(q_tile + j * KP + c, x);
-      } else if (c < 2 * D) {
-        store_bf16x4(k_tile + j * KP + c - D, x);
-      } else {
-        store_bf16x4(v_tile + j * CP + c - 2 * D, x);
-        const float kdec = j < n ? power[n - 1 - j] : 0.0f;
-        store_bf16x4(vd_tile + j * CP + c - 2 * D, make_float4(x.x * kdec, x.y * kdec, x.z * kdec, x.w * kdec));
-      }
-    }
-  };
+  float* stage = reinterpret_cast<float*>(smem_bytes);  // the ring's pieces, kPieceTokens x W fp32 each
+  float* power = stage + Shape::kStagePieces * Shape::kPieceFloats;  // power[m] = exp(-s m)
+  unsigned char* sets = smem_bytes + Shape::kStageBytes + Shape::kTableBytes;
+  uint16_t* s_tile = reinterpret_cast<uint16_t*>(sets + kTileSets * Shape::kTileSetBytes);  // bf16 S, D x 64
+  uint16_t* p_tile = s_tile + D * CP;                                                        // P, B x B
 
   // This warp's state tile: rows 16 sm + g (+8), columns 8 (sn0 + nt) + 2t (+1) of the slice.
   const int sm = warp % Shape::kStateRowTiles, sn0 = warp / Shape::kStateRowTiles * NS;
@@ -507,29 +579,31 @@ __global__ void __launch_bounds__(kFastThreads, 1) lightning_prefill_bf16_kernel
   };
   float* state = seg.state + int64_t(head) * d * d;
   float s[NS][4];
+  if (warp < kFastWarps) {
 #pragma unroll
-  for (int nt = 0; nt < NS; ++nt)
+    for (int nt = 0; nt < NS; ++nt)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int a = 16 * sm + g + 8 * (e >> 1), c = col0 + 8 * (sn0 + nt) + 2 * t + (e & 1);
-      s[nt][e] = a < d && c < d ? state[a * d + c] : 0.0f;
-    }
-  store_state_operand(s);
+      for (int e = 0; e < 4; ++e) {
+        const int a = 16 * sm + g + 8 * (e >> 1), c = col0 + 8 * (sn0 + nt) + 2 * t + (e & 1);
+        s[nt][e] = a < d && c < d ? state[a * d + c] : 0.0f;
+      }
+    store_state_operand(s);
+  }
   const float decay = p.decay[head];
   for (int m = threadIdx.x; m <= B; m += kFastThreads) power[m] = expf(-decay * float(m));
-  stage_block(0);
-  __pipeline_wait_prior(0);
-  __syncthreads();  // the stage and the power table are complete
-  convert_block(int(min(int64_t(B), seg.count)));
-  __syncthreads();  // the tiles are complete and the stage is free
+  __syncthreads();  // the power table and the bf16 S are complete; from here on the roles part
+  if (warp >= kFastWarps) return load_fast_tiles<D, Ring>(p, seg, head, col0, stage, power, sets);
 
   const int h = warp >> 2, r = h & 1 ? 3 - (warp & 3) : warp & 3;  // output rows 16r.., columns 16h..
   // This warp's P n-tiles: 4u + h, those at or left of the diagonal block (<= 2r + 1).
   auto has_p_tile = [&](int u) { return 4 * u + h <= 2 * r + 1; };
-  for (int64_t t0 = 0; t0 < seg.count; t0 += B) {
-    const int n = int(min(int64_t(B), seg.count - t0));
-    const bool more = t0 + B < seg.count;
-    if (more) stage_block(t0 + B);
+  const int64_t blocks = (seg.count + B - 1) / B;
+  const bool paired_stores = p.out_stride % 2 == 0 && reinterpret_cast<uintptr_t>(p.out) % 8 == 0;
+  for (int64_t block = 0; block < blocks; ++block) {
+    const int64_t t0 = block * B;
+    const int n = int(min(int64_t(B), seg.count - t0)), set = int(block % kTileSets);
+    const FastTiles tiles = fast_tiles<Shape>(sets, block);
+    named_barrier_sync(kFullBarrier + set, kFastThreads);  // the loaders have filled the block's tiles
 
     // O = Q S and this warp's P n-tiles, each Q fragment used for both.
     float o[2][4], pr[2][4];
@@ -541,7 +615,7 @@ __global__ void __launch_bounds__(kFastThreads, 1) lightning_prefill_bf16_kernel
     for (int ks = 0; ks < D / 16; ++ks) {
       if (ks * 16 >= d) break;  // the rest of the features are zero padding
       uint32_t qf[4], b[4];
-      load_matrices(qf, q_tile + (16 * r + (lane & 15)) * KP + ks * 16 + (lane >> 4) * 8);
+      load_matrices(qf, tiles.q + (16 * r + (lane & 15)) * KP + ks * 16 + (lane >> 4) * 8);
       load_matrices_transposed(b, s_tile + (ks * 16 + (lane & 15)) * CP + 16 * h + (lane >> 4) * 8);
       mma_bf16(o[0], qf, b[0], b[1]);
       mma_bf16(o[1], qf, b[2], b[3]);
@@ -549,7 +623,7 @@ __global__ void __launch_bounds__(kFastThreads, 1) lightning_prefill_bf16_kernel
       for (int u = 0; u < 2; ++u) {
         if (!has_p_tile(u)) break;
         uint32_t kb[2];
-        load_matrices(kb, k_tile + (8 * (4 * u + h) + (lane & 7)) * KP + ks * 16 + ((lane >> 3) & 1) * 8);
+        load_matrices(kb, tiles.k + (8 * (4 * u + h) + (lane & 7)) * KP + ks * 16 + ((lane >> 3) & 1) * 8);
         mma_bf16(pr[u], qf, kb[0], kb[1]);
       }
     }
@@ -583,42 +657,47 @@ __global__ void __launch_bounds__(kFastThreads, 1) lightning_prefill_bf16_kernel
     for (int kk = 0; kk < B / 16; ++kk) {
       if (kk * 16 >= n) break;  // the rest of the tokens are zero padding
       uint32_t kf[4];
-      load_matrices_transposed(kf, k_tile + (kk * 16 + (lane & 7) + (lane >> 4) * 8) * KP + 16 * sm + ((lane >> 3) & 1) * 8);
+      load_matrices_transposed(kf, tiles.k + (kk * 16 + (lane & 7) + (lane >> 4) * 8) * KP + 16 * sm + ((lane >> 3) & 1) * 8);
 #pragma unroll
       for (int np = 0; np < NS / 2; ++np) {
         uint32_t b[4];
-        load_matrices_transposed(b, vd_tile + (kk * 16 + (lane & 15)) * CP + 8 * sn0 + np * 16 + (lane >> 4) * 8);
+        load_matrices_transposed(b, tiles.vd + (kk * 16 + (lane & 15)) * CP + 8 * sn0 + np * 16 + (lane >> 4) * 8);
         mma_bf16(s[2 * np], kf, b[0], b[1]);
         mma_bf16(s[2 * np + 1], kf, b[2], b[3]);
       }
     }
-    __syncthreads();  // P is complete, and every read of the old bf16 S is done
+    named_barrier_sync(kProductBarrier, kProductThreads);  // P is complete, and every read of the old bf16 S is done
 
     // O += P V over the keys of rows 16r..16r+15: P is zero past the diagonal.
     for (int kk = 0; kk <= r; ++kk) {
       uint32_t pf[4];
       uint32_t b[4];
       load_matrices(pf, p_tile + (16 * r + (lane & 15)) * TP + kk * 16 + (lane >> 4) * 8);
-      load_matrices_transposed(b, v_tile + (kk * 16 + (lane & 15)) * CP + 16 * h + (lane >> 4) * 8);
+      load_matrices_transposed(b, tiles.v + (kk * 16 + (lane & 15)) * CP + 16 * h + (lane >> 4) * 8);
       mma_bf16(o[0], pf, b[0], b[1]);
       mma_bf16(o[1], pf, b[2], b[3]);
     }
+    // This warp is done with the tile set; the loaders refill it with block + kTileSets.
+    if (block + kTileSets < blocks) named_barrier_arrive(kEmptyBarrier + set, kFastThreads);
+    // Columns 2t and 2t + 1 in one 8-byte store where the rows allow it (d is a multiple of 4).
     float* out = p.out + (seg.row + t0) * p.out_stride + int64_t(head) * d;
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int i = 16 * r + g + 8 * (e >> 1), c = col0 + 16 * h + 8 * nt + 2 * t + (e & 1);
-        if (i < n && c < d) out[i * p.out_stride + c] = o[nt][e];
+      for (int e = 0; e < 4; e += 2) {
+        const int i = 16 * r + g + 8 * (e >> 1), c = col0 + 16 * h + 8 * nt + 2 * t;
+        if (i >= n || c >= d) continue;
+        float* at = out + i * p.out_stride + c;
+        if (paired_stores) {
+          *reinterpret_cast<float2*>(at) = make_float2(o[nt][e], o[nt][e + 1]);
+        } else {
+          at[0] = o[nt][e];
+          at[1] = o[nt][e + 1];
+        }
       }
 
     store_state_operand(s);
-    __pipeline_wait_prior(0);
-    __syncthreads();  // the tiles are read, the next block is staged, the new bf16 S is whole
-    if (more) {
-      convert_block(int(min(int64_t(B), seg.count - t0 - B)));
-      __syncthreads();  // the next block's tiles are complete and the stage is free
-    }
+    named_barrier_sync(kProductBarrier, kProductThreads);  // P is read and the new bf16 S is whole
   }
 
 #pragma unroll
@@ -689,14 +768,22 @@ void launch_prefill(const LightningArgs& args, LightningParams p, SegmentRange r
   launch_prefill_shape<128, 128, 16>(args, p, range, device, stream);
 }
 
-template <int D>
-void launch_fast_prefill_shape(const LightningArgs& args, LightningParams p, SegmentRange range, Device& device, cudaStream_t stream) {
-  using Shape = FastShape<D>;
-  prepare_prefill_kernel<lightning_prefill_bf16_kernel<D>>(Shape::kSmemBytes, args.d, device);
+template <int D, class Ring>
+void launch_fast_prefill_ring(const LightningArgs& args, LightningParams p, SegmentRange range, Device& device, cudaStream_t stream) {
+  using Shape = FastShape<D, Ring>;
+  prepare_prefill_kernel<lightning_prefill_bf16_kernel<D, Ring>>(Shape::kSmemBytes, args.d, device);
   p.first = range.first;
   const dim3 grid(unsigned(int64_t(range.size()) * Shape::kSlices), unsigned(args.heads));
-  lightning_prefill_bf16_kernel<D><<<grid, kFastThreads, Shape::kSmemBytes, stream>>>(p);
+  lightning_prefill_bf16_kernel<D, Ring><<<grid, kFastThreads, Shape::kSmemBytes, stream>>>(p);
   M1_CUDA_CHECK_LAUNCH();
+}
+
+// The wide ring where the device's shared memory holds it, else the compact one (same bits).
+template <int D>
+void launch_fast_prefill_shape(const LightningArgs& args, LightningParams p, SegmentRange range, Device& device, cudaStream_t stream) {
+  if (FastShape<D, WideRing>::kSmemBytes <= size_t(device.limits().shared_per_block))
+    return launch_fast_prefill_ring<D, WideRing>(args, p, range, device, stream);
+  launch_fast_prefill_ring<D, CompactRing>(args, p, range, device, stream);
 }
 
 // The tensor-core kernel stages rows 16 bytes at a time, which needs d, the row stride and qkv

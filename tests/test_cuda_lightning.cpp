@@ -118,7 +118,8 @@ struct CallLayout {
 // Runs one lightning_attention call on the GPU and the same segments through the reference,
 // updating both copies of the states. Returns {GPU output, reference output}, rows x out_stride.
 std::pair<std::vector<float>, std::vector<float>> run_call(Layer& layer, const std::vector<float>& qkv,
-                                                             const std::vector<SegmentSpec>& segments, const CallLayout& layout) {
+                                                             const std::vector<SegmentSpec>& segments, const CallLayout& layout,
+                                                             Device& device = test::test_device()) {
   const int64_t heads = layer.heads, d = layer.d;
   const int64_t qkv_stride = heads * 3 * d + layout.qkv_padding, out_stride = heads * d + layout.out_padding;
   std::vector<float> reference(size_t(layout.rows * out_stride), kUntouched);
@@ -138,7 +139,7 @@ std::pair<std::vector<float>, std::vector<float>> run_call(Layer& layer, const s
   args.segments = descriptors;
   args.device_segments = device_segments.get();
   args.bf16_operands = layout.bf16_operands;
-  lightning_attention(args, test::test_device(), nullptr);
+  lightning_attention(args, device, nullptr);
   M1_CUDA_CHECK(cudaDeviceSynchronize());
   std::vector<float> got = device_out.download();
   EXPECT_EQ(qkv, device_qkv.download()) << "the kernels leave qkv as it was";
@@ -305,27 +306,32 @@ TEST(CudaLightningTest, StateCarriesAcrossCalls) {
   }
 }
 
-// The kernels sum in a fixed order: the same call twice gives the same bits.
-void check_repeats_bit_for_bit(bool bf16_operands) {
-  const int64_t heads = 4, d = 128;
-  CallLayout layout{.bf16_operands = bf16_operands};
-  const std::vector<SegmentSpec> segments = lay_out({1, 150, 1}, 0, layout);
+// The same call on two layers with the same states, the second on `second`: both right, and the
+// same bits (outputs and states).
+void expect_same_bits(int64_t heads, int64_t d, const std::vector<int64_t>& counts, int64_t gap, CallLayout layout,
+                      Device& second) {
+  const std::vector<SegmentSpec> segments = lay_out(counts, gap, layout);
   const std::vector<float> decay = random_decay(heads, true);
   const std::vector<float> qkv = random_qkv(size_t(layout.rows * heads * 3 * d));
-  Layer first(heads, d, decay, segments.size()), second(heads, d, decay, segments.size());
-  second.states = first.states;
-  second.upload_states();
-  auto [a, ref_a] = run_call(first, qkv, segments, layout);
-  auto [b, ref_b] = run_call(second, qkv, segments, layout);
+  Layer first_layer(heads, d, decay, segments.size()), second_layer(heads, d, decay, segments.size());
+  second_layer.states = first_layer.states;
+  second_layer.upload_states();
+  auto [a, ref_a] = run_call(first_layer, qkv, segments, layout);
+  auto [b, ref_b] = run_call(second_layer, qkv, segments, layout, second);
   // Bit-equal is not enough: both must also be right.
   expect_outputs(a, ref_a, segments, heads * d, heads * d, layout.bound());
   expect_outputs(b, ref_b, segments, heads * d, heads * d, layout.bound());
   EXPECT_EQ(0, std::memcmp(a.data(), b.data(), a.size() * sizeof(float)));
   for (size_t i = 0; i < segments.size(); ++i) {
-    std::vector<float> sa = first.device_state(i), sb = second.device_state(i);
-    EXPECT_LE(relative_error(sa, first.states[i]), layout.bound()) << "state " << i;
+    std::vector<float> sa = first_layer.device_state(i), sb = second_layer.device_state(i);
+    EXPECT_LE(relative_error(sa, first_layer.states[i]), layout.bound()) << "state " << i;
     EXPECT_EQ(0, std::memcmp(sa.data(), sb.data(), sa.size() * sizeof(float))) << "state " << i;
   }
+}
+
+// The kernels sum in a fixed order: the same call twice gives the same bits.
+void check_repeats_bit_for_bit(bool bf16_operands) {
+  expect_same_bits(4, 128, {1, 150, 1}, 0, CallLayout{.bf16_operands = bf16_operands}, test::test_device());
 }
 
 TEST(CudaLightningTest, RepeatsBitForBit) {
@@ -457,6 +463,32 @@ TEST(CudaLightningTest, Bf16RepeatsBitForBit) {
 TEST(CudaLightningTest, Bf16SegmentResultDoesNotDependOnTheBatch) {
   M1_REQUIRE_CUDA();
   check_batch_invariance(true);
+}
+
+// A GPU with an A100's 163 KB of shared memory per block takes the tensor-core kernel with the
+// compact staging ring at d > 64 (the wide one needs 212 KB there), and one with 120 KB at d = 64
+// (141 KB): the same bits as the wide ring, whose tiles hold the same values. With less shared
+// memory than even the compact ring needs, the call fails clearly.
+TEST(CudaLightningTest, Bf16CompactStagingRingGivesTheSameBits) {
+  M1_REQUIRE_CUDA();
+  auto device_with_shared = [](int bytes) {
+    return Device(test::test_device().index(), DeviceLimits{test::test_device().limits().sms, bytes});
+  };
+  Device a100 = device_with_shared(163 * 1024), small = device_with_shared(120 * 1024);
+  const CallLayout layout{.bf16_operands = true};
+  for (int64_t d : {64, 100, 128}) {
+    SCOPED_TRACE("d " + std::to_string(d));
+    expect_same_bits(3, d, {200, 1, 77}, 1, layout, a100);
+    if (d <= 64) {
+      expect_same_bits(3, d, {130}, 0, layout, small);
+      continue;
+    }
+    CallLayout one = layout;
+    const std::vector<SegmentSpec> segments = lay_out({70}, 0, one);
+    Layer layer(2, d, random_decay(2, true), 1);
+    testing::expect_error([&] { run_call(layer, random_qkv(size_t(one.rows * 2 * 3 * d)), segments, one, small); },
+                          {"lightning prefill at head dim", "bytes of shared memory per block", "allows 122880"});
+  }
 }
 
 // Needs no GPU: the head dim is checked before any CUDA call.
