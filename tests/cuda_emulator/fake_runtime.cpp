@@ -14,6 +14,7 @@
 // is never held while a stream's work runs. EMU_DEVICES=N emulates N GPUs (default 1), with a
 // current device per thread, peer access between them, and shared-memory opt-ins per device.
 #include <sys/mman.h>
+#include <unistd.h>
 #include <sched.h>
 
 #include <cstdarg>
@@ -61,7 +62,28 @@ static thread_local void* main_sp = nullptr;
 static thread_local std::function<void()>* current_body = nullptr;
 static thread_local unsigned char* smem_base = nullptr;
 static thread_local size_t smem_size = 0;
-static thread_local std::vector<unsigned char> smem_storage;
+// Dynamic shared memory ends where a guard page begins, so a kernel that reads or writes past
+// what its launch asked for (by 128 bytes or more: the base is 128-byte aligned) faults at once
+// instead of touching the host's heap.
+constexpr size_t kSharedArena = 256 * 1024;
+struct SharedArena {
+  unsigned char* base = nullptr;
+  size_t page = 0;
+  unsigned char* guard() {
+    if (!base) {
+      page = size_t(sysconf(_SC_PAGESIZE));
+      void* p = mmap(nullptr, kSharedArena + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      if (p == MAP_FAILED) die("cannot map the shared-memory arena");
+      base = static_cast<unsigned char*>(p);
+      if (mprotect(base + kSharedArena, page, PROT_NONE) != 0) die("cannot protect the shared-memory guard page");
+    }
+    return base + kSharedArena;
+  }
+  ~SharedArena() {
+    if (base) munmap(base, kSharedArena + page);
+  }
+};
+static thread_local SharedArena shared_arena;
 constexpr size_t kStack = 256 * 1024;
 // Each thread's fiber stacks, mapped on its first kernel and unmapped when it ends.
 struct Stacks {
@@ -201,8 +223,8 @@ static void run_kernel(const char* name, dim3 grid, dim3 block, size_t smem, std
   if (!stacks.base)
     stacks.base = static_cast<char*>(mmap(nullptr, kStack * 1024, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0));
   fibers.assign(threads, Fiber{});
-  smem_storage.assign(smem + 256, 0);
-  smem_base = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_storage.data()) + 127) & ~uintptr_t(127));
+  if (smem > kSharedArena) die("%s: %zu bytes of dynamic shared memory, more than any GPU has", name, smem);
+  smem_base = shared_arena.guard() - (smem + 127) / 128 * 128;
   smem_size = smem;
   current_body = &body;
   block_dim = {block.x, block.y, block.z};
