@@ -94,6 +94,16 @@ struct Stacks {
 };
 static thread_local Stacks stacks;
 
+bool eager_copies() {
+  static const bool eager = [] {
+    const char* mode = std::getenv("EMU_COPIES");
+    if (!mode || std::string(mode) == "deferred") return false;
+    if (std::string(mode) == "eager") return true;
+    die("EMU_COPIES must be deferred or eager, got %s", mode);
+  }();
+  return eager;
+}
+
 unsigned char* shared_mem() { return smem_base; }
 size_t shared_size() { return smem_size; }
 

@@ -4,7 +4,8 @@
 // line, a warp collective when every lane of the warp waits at the same one (a lane that exited
 // or waits elsewhere aborts), a named barrier (bar.sync / bar.arrive id, count) as soon as its
 // waiting and arrived threads make its count, and a block where nothing can be released aborts.
-// EMU_ORDER=forward|reverse|random picks the order fibers run in between release points.
+// EMU_ORDER=forward|reverse|random picks the order fibers run in between release points;
+// EMU_COPIES=deferred|eager when cp.async copies land (below).
 #pragma once
 #include <cuda_runtime.h>
 
@@ -142,7 +143,10 @@ inline unsigned match_any(uint64_t v, int line) {
   return lanes_where([v](uint64_t published) { return published == v; });
 }
 
-// cp.async: a copy lands only when its thread waits for its group.
+// cp.async: a copy lands when its thread waits for its group (so a read before the wait sees the
+// poison), or, under EMU_COPIES=eager, as it is issued (so a slot refilled while another thread
+// still reads it shows the new bytes); a GPU's copy lands anywhere between the two.
+bool eager_copies();
 inline void copy_async(void* dst, const void* src, size_t size, size_t zfill) {
   unsigned char* base = shared_mem();
   auto* d = static_cast<unsigned char*>(dst);
@@ -150,7 +154,9 @@ inline void copy_async(void* dst, const void* src, size_t size, size_t zfill) {
   if (reinterpret_cast<uintptr_t>(dst) % size || (zfill < size && reinterpret_cast<uintptr_t>(src) % size))
     die("cp.async misaligned (%zu bytes)", size);
   if (zfill) std::memset(d + size - zfill, 0, zfill);
-  if (zfill < size) cur->pending.push_back({dst, src, size - zfill, cur->open_group});
+  if (zfill == size) return;
+  if (eager_copies()) std::memcpy(dst, src, size - zfill);
+  else cur->pending.push_back({dst, src, size - zfill, cur->open_group});
 }
 inline void copy_async_commit() { ++cur->open_group; }
 // Lands every copy of the groups committed before the newest `keep` ones, after letting the
