@@ -4,7 +4,7 @@
 // model's layer shape, flash-style softmax prefill, token sampling at the real vocabulary, and
 // whole decode steps of the bench preset (CUDA graphs on and off).
 // Prints a table; --json FILE writes the same figures; --only TEXT keeps the benchmarks whose
-// names start with TEXT. The last two decode steps of each decode benchmark run between
+// names start with TEXT, --skip TEXT leaves those out. The last two decode steps of each decode benchmark run between
 // cudaProfilerStart and cudaProfilerStop, for a per-kernel profile (ncu --profile-from-start off).
 
 #include <algorithm>
@@ -388,12 +388,14 @@ void bench_decode_step(Report& report, const Limits& limits, int64_t batch, int6
               bytes / (ms * 1e-3) / 1e9 / limits.copy_gb_s});
 }
 
-int run(const std::string& json_path, const std::string& only) {
+int run(const std::string& json_path, const std::string& only, const std::string& skip) {
   // Whether the benchmarks named `name...` are wanted.
-  auto wanted = [&](std::string_view name) { return only.empty() || name.starts_with(only) || only.starts_with(name); };
+  auto wanted = [&](std::string_view name) {
+    return (only.empty() || name.starts_with(only) || only.starts_with(name)) && (skip.empty() || !name.starts_with(skip));
+  };
   const std::vector<std::string_view> groups = {"matmul", "quantized matmul", "lightning decode", "lightning prefill", "flash prefill", "sampling", "decode step"};
   if (std::none_of(groups.begin(), groups.end(), wanted))
-    m1::fail("--only: no benchmark name starts with '{}' (names start with {})", only, fmt::join(groups, ", "));
+    m1::fail("--only '{}' and --skip '{}' leave no benchmark (names start with {})", only, skip, fmt::join(groups, ", "));
   m1::cuda::Device gpu = m1::cuda::Device::current();
   cudaDeviceProp prop{};
   M1_CUDA_CHECK(cudaGetDeviceProperties(&prop, gpu.index()));
@@ -468,13 +470,14 @@ int run(const std::string& json_path, const std::string& only) {
 
 int main(int argc, char** argv) {
   CLI::App app{"bench_cuda: the CUDA kernels against the GPU's measured limits"};
-  std::string json, only;
+  std::string json, only, skip;
   app.add_option("--json", json, "write the figures to FILE as JSON");
   app.add_option("--only", only, "run only the benchmarks whose names start with TEXT (matmul, quantized matmul, "
                                  "lightning decode, lightning prefill, flash prefill, sampling, decode step)");
+  app.add_option("--skip", skip, "leave out the benchmarks whose names start with TEXT");
   CLI11_PARSE(app, argc, argv);
   try {
-    return run(json, only);
+    return run(json, only, skip);
   } catch (const m1::Error& e) {
     std::fprintf(stderr, "bench_cuda: %s\n", e.what());
     return 1;

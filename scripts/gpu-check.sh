@@ -127,12 +127,14 @@ say "gpu-check: ready after $(elapsed) s"
 
 # The CUDA tests, each binary's summary kept; a failure fails the check at the end.
 failed=()
+hung=()
 for t in "${TESTS[@]}"; do
   if within "$(limit 60)" "$BIN/$t" --gtest_output="json:$LOGS/$t.json" >"$LOGS/$t.log" 2>&1; then
     say "PASS $t: $(grep -Eo '\[  (PASSED|SKIPPED) \] [0-9]+' "$LOGS/$t.log" | tr -s ' []' ' ' | paste -sd, -) in $(grep -Eo 'ran\. \([0-9]+ ms' "$LOGS/$t.log" | grep -Eo '[0-9]+ ms')"
   else
     code=$?
-    say "FAIL $t (exit $code):"
+    say "FAIL $t (exit $code$( (( code == 124 )) && echo ': it hung' )):"
+    (( code == 124 )) && hung+=("$t")
     { grep -E '^\[  FAILED  \]|Failure|rror|Which is|Expected|actual' "$LOGS/$t.log" || tail -5 "$LOGS/$t.log"; } | head -30 | tee -a "$LOGS/summary.txt"
     failed+=("$t")
     status=1
@@ -144,6 +146,7 @@ say "gpu-check: tests done after $(elapsed) s"
 # compute-sanitizer's memcheck (out-of-bounds and misaligned accesses) and racecheck (shared memory).
 sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 for t in "${failed[@]}"; do
+  if [[ " ${hung[*]} " == *" $t "* ]]; then say "  $t hung: no reruns (each would hang to its limit)"; continue; fi
   filter=$(grep -E '^\[  FAILED  \] [A-Za-z0-9_]+\.[A-Za-z0-9_/]+' "$LOGS/$t.log" | awk '{print $4}' | sort -u | paste -sd: -)
   [[ -z "$filter" ]] && filter='*'
   M1_CUDA_GRAPHS=0 within "$(limit 30)" "$BIN/$t" --gtest_filter="$filter" >"$LOGS/$t.nographs.log" 2>&1 &&
@@ -203,7 +206,16 @@ if [[ "$MODE" == tp ]]; then
   exit
 fi
 
-within "$(limit 180)" "$BIN/bench_cuda" --json "$LOGS/bench_cuda.json" 2>&1 | tee -a "$LOGS/summary.txt" || status=1
+# A lightning prefill that fails its tests (the tensor-core kernel's warp roles hand tiles over by
+# named barriers: a GPU may hang where the emulator did not) is left out of the benchmarks and the
+# end-to-end runs, which prefill through it, so that the rest is still measured.
+bench_skip=()
+if [[ " ${failed[*]} " == *" test_cuda_lightning "* ]]; then
+  bench_skip=(--skip "lightning prefill")
+  M1_GPU_E2E=0
+  say "gpu-check: test_cuda_lightning failed: no lightning prefill benchmarks, no end-to-end runs"
+fi
+within "$(limit 180)" "$BIN/bench_cuda" --json "$LOGS/bench_cuda.json" "${bench_skip[@]}" 2>&1 | tee -a "$LOGS/summary.txt" || status=1
 say "gpu-check: kernels measured after $(elapsed) s"
 
 # The end-to-end depth: 8 layers of the real model's shape (96 GB in BF16) where the GPU holds them.

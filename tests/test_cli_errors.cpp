@@ -214,6 +214,13 @@ TEST_F(CliErrorTest, BenchRefusesBadOptions) {
   expect_refused("m1-bench", "--synthetic tiny" + quick + " --svg " + (dir_ / "no/dir/x.svg").string(), "--svg: cannot write");
 }
 
+// bench_cuda checks its filters before it touches a GPU, so this runs on any build that has it.
+TEST_F(CliErrorTest, BenchCudaRefusesFiltersThatLeaveNothing) {
+  if (!fs::exists(fs::path(kBin) / "bench_cuda")) GTEST_SKIP() << "built without the CUDA backend";
+  expect_refused("bench_cuda", "--only nothing", "--only 'nothing' and --skip '' leave no benchmark (names start with matmul");
+  expect_refused("bench_cuda", "--only sampling --skip sampl", "leave no benchmark");
+}
+
 TEST_F(CliErrorTest, ServeRefusesBadOptions) {
   const std::string m = " --port 0 --model " + model("m").string();
   expect_refused("m1-serve", "--port 0", "--model is required");
