@@ -417,7 +417,7 @@ constexpr int kLoaderThreads = 32 * kLoaderWarps;
 constexpr int kTileSets = 2;       // bf16 tile sets: one multiplied while the next is filled
 
 // The loaders' fp32 ring: pieces of `Tokens` rows, `Pieces` stages, all but one in flight while
-// one is converted. The wide ring keeps 60 KB in flight per SM at D = 128 and needs 212 KB of
+// one is converted. The wide ring keeps 60 KB in flight per SM at D = 128 and needs 211 KB of
 // shared memory in all (H100, H200: 227 KB); the compact one, 20 KB in flight, fits 162 KB (A100:
 // 163 KB). The tiles, and so the bits, are the same with either.
 template <int Tokens, int Pieces>
@@ -488,7 +488,7 @@ __device__ __forceinline__ FastTiles fast_tiles(unsigned char* sets, int64_t blo
   return {q, k, v, v + kFastBlock * Shape::kColumnPitch};
 }
 
-// The loader warps: the segment's rows in pieces of 16 tokens through a ring of fp32 stages
+// The loader warps: the segment's rows in pieces of a few tokens through the ring of fp32 stages
 // (cp.async), each piece with SiLU applied written as bf16 into its block's tile set, zeros for
 // padding and rows past the segment. Each thread converts exactly the floats it copied, so its
 // own cp.async wait orders them; the tile sets are handed over by the named barriers.
