@@ -547,7 +547,6 @@ __device__ void load_fast_tiles(const LightningParams& p, const LightningSegment
     }
     if (first + kPieceTokens == B) named_barrier_arrive(kFullBarrier + set, kFastThreads);
   }
-  __pipeline_wait_prior(0);  // the empty groups past the end
 }
 
 template <int D, class Ring>

@@ -177,7 +177,8 @@ static const char* state_name(State s) {
 }
 
 // Releases each warp whose live lanes all wait at the same collective. Strict (when no thread can
-// run on), a warp with some lanes at a collective and others elsewhere is a kernel's error.
+// run on and nothing was released), a warp with some lanes at a collective and others elsewhere
+// is a kernel's error.
 static bool release_warps(const char* name, bool strict) {
   bool released = false;
   const unsigned threads = unsigned(fibers.size());
@@ -249,7 +250,6 @@ static void run_kernel(const char* name, dim3 grid, dim3 block, size_t smem, std
         block_idx = {bx, by, bz};
         ++block_generation;
         std::memset(smem_base, 0xff, smem);
-        for (auto& a : arrivals) a = {};
         for (unsigned t = 0; t < threads; ++t) {
           Fiber& f = fibers[t];
           f.state = kReady;
@@ -290,8 +290,9 @@ static void run_kernel(const char* name, dim3 grid, dim3 block, size_t smem, std
             if (!progressed && !named && !warps) sched_yield();
             continue;
           }
-          const bool released = release_warps(name, true);
-          if (released) continue;
+          // Nothing runs and nothing was released: a warp split between a collective and anywhere
+          // else can never release, which this reports.
+          release_warps(name, true);
           for (auto& f : fibers)
             if (f.state == kNamedBarrier)
               die("%s: deadlock: thread %u waits at named barrier %d (count %d, %d arrived) and nothing can be released",
