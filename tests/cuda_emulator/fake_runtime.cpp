@@ -85,6 +85,11 @@ struct SharedArena {
 };
 static thread_local SharedArena shared_arena;
 constexpr size_t kStack = 256 * 1024;
+// Each fiber's stack starts below the top of its slot by a per-fiber offset, a multiple of 64
+// bytes under 64 KB: with tops all 256 KB apart, the 1024 fibers' hot stack lines would share a
+// handful of cache sets and miss on every switch. The offsets of fibers 0..1023 are distinct.
+constexpr size_t kStackColour = 576, kStackColours = 64 * 1024;
+static_assert(kStackColours < kStack / 2, "a fiber keeps at least half its slot");
 // Each thread's fiber stacks, mapped on its first kernel and unmapped when it ends.
 struct Stacks {
   char* base = nullptr;
@@ -107,10 +112,43 @@ bool eager_copies() {
 unsigned char* shared_mem() { return smem_base; }
 size_t shared_size() { return smem_size; }
 
+// A round runs each fiber that is ready when the round reaches it, once, in the round's order. A
+// fiber that yields switches straight to the next such fiber (one switch, not two through the
+// scheduler), and the last one of the round back to the scheduler.
+struct Round {
+  const unsigned* order = nullptr;
+  size_t next = 0, size = 0;
+  bool progressed = false;  // a fiber did more than poll
+  bool ready = false;       // a fiber yielded still ready to run
+};
+static thread_local Round round;
+
+// The round's next ready fiber, made current; null when the round is over.
+static Fiber* start_next() {
+  while (round.next < round.size) {
+    Fiber& f = fibers[round.order[round.next++]];
+    if (f.state != kReady) continue;
+    f.paused = false;
+    cur = &f;
+    return &f;
+  }
+  cur = nullptr;
+  return nullptr;
+}
+
+// Leaves the current fiber, which has set its state, for the next of the round.
+static void leave() {
+  Fiber* from = cur;
+  round.progressed = round.progressed || !from->paused;
+  round.ready = round.ready || from->state == kReady;
+  Fiber* next = start_next();
+  emu_switch(&from->sp, next ? next->sp : main_sp);
+}
+
 void yield(State s, int line) {
   cur->state = s;
   cur->line = line;
-  emu_switch(&cur->sp, main_sp);
+  leave();
 }
 
 // Named barriers: the threads that arrived (bar.arrive) at each id in the current phase, and the
@@ -144,27 +182,29 @@ void named_barrier_arrive(int id, int threads, int line) {
 // Releases each named barrier whose waiting and arrived threads make its count; a phase that
 // gets more threads than its count is a kernel's error.
 static bool release_named_barriers(const char* name) {
-  bool released = false;
+  int waiting[kNamedBarriers] = {}, threads[kNamedBarriers] = {};
+  for (auto& f : fibers)
+    if (f.state == kNamedBarrier) {
+      const int id = f.barrier;
+      if (waiting[id] && f.barrier_threads != threads[id])
+        die("%s: named barrier %d waited on with counts %d and %d", name, id, threads[id], f.barrier_threads);
+      threads[id] = f.barrier_threads, ++waiting[id];
+    }
+  bool release[kNamedBarriers] = {}, released = false;
   for (int id = 1; id < kNamedBarriers; ++id) {
-    int waiting = 0, threads = 0;
-    for (auto& f : fibers)
-      if (f.state == kNamedBarrier && f.barrier == id) {
-        if (threads && f.barrier_threads != threads)
-          die("%s: named barrier %d waited on with counts %d and %d", name, id, threads, f.barrier_threads);
-        threads = f.barrier_threads, ++waiting;
-      }
-    if (!waiting) continue;
+    if (!waiting[id]) continue;
     Arrivals& a = arrivals[id];
-    if (a.threads && a.count != threads) die("%s: named barrier %d: counts %d and %d", name, id, a.count, threads);
-    if (waiting + a.threads > threads)
-      die("%s: named barrier %d has %d threads waiting and %d arrived for a count of %d", name, id, waiting, a.threads,
-          threads);
-    if (waiting + a.threads < threads) continue;
-    for (auto& f : fibers)
-      if (f.state == kNamedBarrier && f.barrier == id) f.state = kReady;
+    if (a.threads && a.count != threads[id]) die("%s: named barrier %d: counts %d and %d", name, id, a.count, threads[id]);
+    if (waiting[id] + a.threads > threads[id])
+      die("%s: named barrier %d has %d threads waiting and %d arrived for a count of %d", name, id, waiting[id],
+          a.threads, threads[id]);
+    if (waiting[id] + a.threads < threads[id]) continue;
     a = {};
-    released = true;
+    release[id] = released = true;
   }
+  if (released)
+    for (auto& f : fibers)
+      if (f.state == kNamedBarrier && release[f.barrier]) f.state = kReady;
   return released;
 }
 
@@ -209,7 +249,6 @@ static bool release_warps(const char* name, bool strict) {
 
 // A thread polling memory another stream writes: the other fibers of its block run meanwhile,
 // and when every live fiber of the block only polls, the host thread lets others run.
-static thread_local bool progressed = false;
 void pause(int line) {
   cur->paused = true;
   yield(kReady, line);
@@ -222,7 +261,7 @@ extern "C" void emu_fiber_entry() {
     die("exception inside a kernel: %s", e.what());
   }
   cur->state = kDone;
-  emu_switch(&cur->sp, main_sp);
+  leave();
   std::abort();
 }
 
@@ -234,6 +273,7 @@ static void run_kernel(const char* name, dim3 grid, dim3 block, size_t smem, std
   if (!stacks.base)
     stacks.base = static_cast<char*>(mmap(nullptr, kStack * 1024, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0));
   fibers.assign(threads, Fiber{});
+  std::vector<Fiber>& fs = fibers;  // the thread-local's address, looked up once
   if (smem > kSharedArena) die("%s: %zu bytes of dynamic shared memory, more than any GPU has", name, smem);
   smem_base = shared_arena.guard() - (smem + 127) / 128 * 128;
   smem_size = smem;
@@ -258,7 +298,7 @@ static void run_kernel(const char* name, dim3 grid, dim3 block, size_t smem, std
           f.pending.clear();
           f.open_group = 0;
           f.stack = stacks.base + kStack * t;
-          auto* top = reinterpret_cast<uint64_t*>(f.stack + kStack);
+          auto* top = reinterpret_cast<uint64_t*>(f.stack + kStack - t * kStackColour % kStackColours);
           top[-1] = 0;
           top[-2] = reinterpret_cast<uint64_t>(&emu_fiber_entry);
           for (int r = 3; r <= 8; ++r) top[-r] = 0;
@@ -268,24 +308,22 @@ static void run_kernel(const char* name, dim3 grid, dim3 block, size_t smem, std
           std::iota(order.begin(), order.end(), 0u);
           if (mode == "reverse") std::reverse(order.begin(), order.end());
           if (mode == "random") std::shuffle(order.begin(), order.end(), rng);
-          progressed = false;
-          bool ready = false;
-          for (unsigned t : order)
-            if (fibers[t].state == kReady) {
-              cur = &fibers[t];
-              cur->paused = false;
-              emu_switch(&main_sp, cur->sp);
-              progressed = progressed || !cur->paused;
-              ready = ready || cur->state == kReady;
-            }
+          round = {order.data(), 0, order.size()};
+          if (Fiber* first = start_next()) emu_switch(&main_sp, first->sp);
+          const bool progressed = round.progressed, ready = round.ready;
           cur = nullptr;
           unsigned done = 0;
-          for (auto& f : fibers) done += f.state == kDone;
+          bool at_named = false, at_warp = false;
+          for (auto& f : fs) {
+            done += f.state == kDone;
+            at_named = at_named || f.state == kNamedBarrier;
+            at_warp = at_warp || f.state == kWarpSync;
+          }
           if (done == threads) break;
           // Warp collectives and named barriers release as soon as their threads are there, while
           // other threads run on, as they may on a GPU.
-          const bool named = release_named_barriers(name);
-          const bool warps = release_warps(name, false);
+          const bool named = at_named && release_named_barriers(name);
+          const bool warps = at_warp && release_warps(name, false);
           if (ready || named || warps) {  // paused fibers poll again; __syncthreads waits until none is paused
             if (!progressed && !named && !warps) sched_yield();
             continue;
