@@ -211,17 +211,19 @@ void bench_quantized_matmul(Report& report, const Limits& limits, cudaStream_t s
     report.add({name, ms, bytes / (ms * 1e-3) / 1e9, "GB/s", bytes / (ms * 1e-3) / 1e9 / limits.copy_gb_s});
 }
 
-// Lightning attention of one layer of the real model's shape (64 heads, d = 128) over `tokens`
-// tokens of one sequence, fed as chunks of at most `chunk` tokens with the state carried between
+// Lightning attention of one layer of the real model's shape (64 heads, d = 128; 8 heads are one
+// rank's under 8-way tensor parallelism, where the bf16 kernel splits the sequence into parts
+// unless `split` is off) over `tokens` tokens of one sequence, fed as chunks of at most `chunk` tokens with the state carried between
 // them (a 1M-token qkv in fp32 alone would need 100 GB); bf16 operands on tensor cores (the fast
 // precision) or fp32 (exact). qkv is the projection's output: the kernels apply SiLU as they load
 // it (since 2026-12-05; the model's separate SiLU pass before that is not in these rows).
 void bench_lightning_prefill(Report& report, const Limits& limits, cudaStream_t stream, m1::cuda::Device& device, int64_t tokens, int64_t chunk,
-                             bool bf16_operands) {
-  const int64_t heads = 64, d = 128, rows = std::min(tokens, chunk);
+                             bool bf16_operands, int64_t heads = 64, bool split = true) {
+  const int64_t d = 128, rows = std::min(tokens, chunk);
   DeviceArray<float> qkv(size_t(rows * heads * 3 * d)), out(size_t(rows * heads * d)), state(size_t(heads * d * d));
   DeviceArray<float> decay(m1::lightning_decay(heads, 0, 80));
   DeviceArray<m1::cuda::LightningSegment> segment(1);
+  m1::cuda::DeviceScratch scratch(stream);
   fill_random(qkv, 0.3f, 5);
   auto run = [&] {
     M1_CUDA_CHECK(cudaMemsetAsync(state.get(), 0, state.size() * sizeof(float), stream));
@@ -229,8 +231,8 @@ void bench_lightning_prefill(Report& report, const Limits& limits, cudaStream_t 
       const m1::cuda::LightningSegment seg{0, std::min(rows, tokens - done), state.get()};
       M1_CUDA_CHECK(cudaMemcpyAsync(segment.get(), &seg, sizeof seg, cudaMemcpyHostToDevice, stream));
       m1::cuda::LightningArgs args{qkv.get(), heads * 3 * d, out.get(), heads * d, heads, d, decay.get(),
-                                   std::span(&seg, 1), segment.get(), bf16_operands};
-      m1::cuda::lightning_attention(args, device, stream);
+                                   std::span(&seg, 1), segment.get(), bf16_operands, split};
+      m1::cuda::lightning_attention(args, scratch, device, stream);
     }
   };
   const double ms = time_ms(stream, tokens > chunk ? 1 : 3, run);
@@ -240,7 +242,9 @@ void bench_lightning_prefill(Report& report, const Limits& limits, cudaStream_t 
   // of fp32 q, k, v and output per token, head and feature: at ~3 TB/s that caps them near
   // (4 d^2 + 4 B d) / (16 d) FLOP/B * 3 TB/s ~ 144 TFLOP/s at d = 128.
   const double flops = double(tokens) * double(heads) * (4.0 * d * d + 4.0 * 64 * d);
-  report.add({fmt::format("lightning prefill 64x128 {}, {} tokens (per layer)", bf16_operands ? "bf16" : "fp32", tokens),
+  const std::string parts = heads == 64 ? "" : split ? ", split" : ", whole";
+  report.add({fmt::format("lightning prefill {}x128 {}, {} tokens{} (per layer)", heads, bf16_operands ? "bf16" : "fp32",
+                          tokens, parts),
               ms, flops / (ms * 1e-3) / 1e12, "TFLOP/s", flops / (ms * 1e-3) / 1e12 / limits.cublas_tflops});
 }
 
@@ -255,7 +259,8 @@ void bench_lightning_decode(Report& report, const Limits& limits, cudaStream_t s
   for (int64_t b = 0; b < batch; ++b) segs.push_back({b, 1, states.get() + b * heads * d * d});
   DeviceArray<m1::cuda::LightningSegment> segments(segs);
   m1::cuda::LightningArgs args{qkv.get(), heads * 3 * d, out.get(), heads * d, heads, d, decay.get(), segs, segments.get()};
-  const double ms = time_ms(stream, 50, [&] { m1::cuda::lightning_attention(args, device, stream); });
+  m1::cuda::DeviceScratch scratch(stream);
+  const double ms = time_ms(stream, 50, [&] { m1::cuda::lightning_attention(args, scratch, device, stream); });
   const double bytes = 2.0 * double(states.size()) * sizeof(float);
   report.add({fmt::format("lightning decode 64x128, batch {} (per layer; {:.1f} us)", batch, ms * 1e3), ms,
               bytes / (ms * 1e-3) / 1e9, "GB/s", bytes / (ms * 1e-3) / 1e9 / limits.copy_gb_s});
@@ -442,6 +447,10 @@ int run(const std::string& json_path, const std::string& only, const std::string
     for (int64_t tokens : {8192, 65536, 1 << 20})
       bench_lightning_prefill(report, limits, stream, gpu, tokens, 65536, true);
     bench_lightning_prefill(report, limits, stream, gpu, 8192, 65536, false);
+    // One rank of 8: the sequence split into parts against one CTA walking it whole, at the
+    // server's step size and at a long prompt in one call.
+    for (int64_t tokens : {512, 8192})
+      for (bool split : {true, false}) bench_lightning_prefill(report, limits, stream, gpu, tokens, 65536, true, 8, split);
   }
   if (wanted("flash prefill"))
     for (bool bf16_operands : {true, false})

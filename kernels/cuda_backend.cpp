@@ -295,7 +295,7 @@ void CudaBackend::lightning_attention(Mat qkv, std::span<const Segment> segments
   if (replaying("lightning_attention", qkv.data, qkv.rows, qkv.cols, args.decay, args.device_segments,
                 lightning_segments_.size(), out.data, out.cols))
     return;
-  cuda::lightning_attention(args, device_, stream_);
+  cuda::lightning_attention(args, lightning_scratch_, device_, stream_);
 }
 
 void CudaBackend::softmax_attention(Mat q, Mat k, const Mat& v, std::span<const Segment> segments, int64_t layer,

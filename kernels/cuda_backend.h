@@ -122,6 +122,7 @@ class CudaBackend final : public Backend {
   DeviceScratch segment_scratch_;  // segment descriptors
   DeviceScratch matmul_scratch_;   // also the MoE's, so declared before moe_workspace_
   DeviceScratch attention_scratch_;
+  DeviceScratch lightning_scratch_;  // what a prefill split into parts passes between its launches
   DeviceScratch sample_scratch_;  // the sampler's working rows
   DeviceScratch draw_scratch_;    // draw descriptors, penalty and bias lists, masks and results
   MoeWorkspace moe_workspace_;

@@ -7,11 +7,14 @@
 #include <algorithm>
 #include <climits>
 #include <cstdint>
+#include <tuple>
+#include <vector>
 
 #include <cuda_bf16.h>
 #include <cuda_pipeline.h>
 
 #include "cuda_check.h"
+#include "device_scratch.h"
 #include "launch.h"
 #include "m1/error.h"
 #include "named_barrier.h"
@@ -51,6 +54,20 @@ struct LightningParams {
   const float* decay;
   const LightningSegment* segments;
   int first;
+  // The bf16 prefill only: when set, CTA x takes part x / slices instead of a segment (see
+  // LightningPart), so one segment's blocks can be walked by several CTAs.
+  const struct LightningPart* parts = nullptr;
+};
+
+// A run of whole blocks of one segment for the bf16 prefill, from the state before its first
+// block (state_in, heads x d x d). With `terms` set it only writes each block's state term
+// K^T (kdec V) there (block b, head h at terms + (b heads + h) d d); else it writes its output
+// rows, and its final state to state_out unless that is null.
+struct LightningPart {
+  int64_t row = 0, count = 0;
+  const float* state_in = nullptr;
+  float* state_out = nullptr;
+  float* terms = nullptr;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -397,7 +414,15 @@ __global__ void __launch_bounds__(G * G, 1) lightning_prefill_kernel(LightningPa
 // warps wait; empty: the other way round), so block b + 1's rows are converted while block b is
 // multiplied and block b + 2's are in flight.
 // The fp32 state lives in the product warps' accumulator registers (warp w: rows 16 (w % (D/16))
-// .. +15, a run of NS n-tiles); a bf16 copy of it in shared memory is the operand of Q S.
+// .. +15, a run of NS n-tiles); a bf16 copy of it in shared memory is the operand of Q S. Each
+// block's term K^T (kdec * V) is summed from zero and added by one fused multiply-add,
+// S = fma(S, exp(-s n), term), so the state before any block is a fixed function of the blocks'
+// terms. That lets one segment run as parts (LightningPart) when its (segment, head) CTAs would
+// leave SMs idle, as under tensor parallelism, where a rank holds 8 of the 64 heads: a first
+// launch writes the terms of every part's blocks but the last part's, a scan
+// (lightning_scan_kernel) composes each part's starting state from them with the same
+// multiply-adds, and a second launch runs every part from its state. The bits are those of one
+// CTA walking the segment whole.
 // Output warp roles: rows 16r..16r+15, value columns 16h..16h+15 of the slice; warps w, w+4, w+8
 // and w+12 share a scheduler, so they take row blocks r, 3 - r, r, 3 - r and the causal work
 // evens out, and each scheduler has one loader warp. The CTA takes a whole SM (its shared memory).
@@ -415,6 +440,10 @@ constexpr int kFastThreads = 32 * (kFastWarps + kLoaderWarps);
 constexpr int kProductThreads = 32 * kFastWarps;
 constexpr int kLoaderThreads = 32 * kLoaderWarps;
 constexpr int kTileSets = 2;       // bf16 tile sets: one multiplied while the next is filled
+// Splitting a segment into parts (lightning_prefill_parts): at least this many blocks per part,
+// and at most this much memory for the blocks' state terms, or the call runs unsplit.
+constexpr int64_t kMinPartBlocks = 2;
+constexpr size_t kMaxPartTermBytes = size_t(256) << 20;
 
 // The loaders' fp32 ring: pieces of `Tokens` rows, `Pieces` stages, all but one in flight while
 // one is converted. The wide ring keeps 60 KB in flight per SM at D = 128 and needs 211 KB of
@@ -491,9 +520,10 @@ __device__ __forceinline__ FastTiles fast_tiles(unsigned char* sets, int64_t blo
 // The loader warps: the segment's rows in pieces of a few tokens through the ring of fp32 stages
 // (cp.async), each piece with SiLU applied written as bf16 into its block's tile set, zeros for
 // padding and rows past the segment. Each thread converts exactly the floats it copied, so its
-// own cp.async wait orders them; the tile sets are handed over by the named barriers.
+// own cp.async wait orders them; the tile sets are handed over by the named barriers. A part that
+// only writes its blocks' state terms copies no q.
 template <int D, class Ring>
-__device__ void load_fast_tiles(const LightningParams& p, const LightningSegment& seg, int head, int col0,
+__device__ void load_fast_tiles(const LightningParams& p, const LightningPart& seg, int head, int col0,
                                 float* stage, const float* power, unsigned char* sets) {
   using Shape = FastShape<D, Ring>;
   constexpr int B = kFastBlock, W = Shape::kStageWidth, KP = Shape::kKeyPitch, CP = Shape::kColumnPitch;
@@ -502,6 +532,7 @@ __device__ void load_fast_tiles(const LightningParams& p, const LightningSegment
   const int d = p.d, loader = threadIdx.x - kProductThreads;
   const float* head_rows = p.qkv + seg.row * p.qkv_stride + int64_t(head) * 3 * d;
   const int64_t blocks = (seg.count + B - 1) / B, pieces = blocks * kPiecesPerBlock;
+  const bool terms_only = seg.terms != nullptr;  // q is not read: its tile stays zero
   // Piece u's copies into stage slot u % kStagePieces; one group per piece, empty past the end.
   auto issue = [&](int64_t u) {
     if (u < pieces) {
@@ -511,7 +542,7 @@ __device__ void load_fast_tiles(const LightningParams& p, const LightningSegment
       for (int i = 0; i < Shape::kLoaderVectors; ++i) {
         const int idx = loader + i * kLoaderThreads, j = idx / (W / 4), c = idx % (W / 4) * 4;
         const int source = source_column<D>(c, d, col0);
-        if (t0 + j < seg.count && source >= 0)
+        if (t0 + j < seg.count && source >= 0 && (c >= D || !terms_only))
           __pipeline_memcpy_async(slot + j * W + c, head_rows + (t0 + j) * p.qkv_stride + source, 16);
       }
     }
@@ -531,7 +562,7 @@ __device__ void load_fast_tiles(const LightningParams& p, const LightningSegment
     for (int i = 0; i < Shape::kLoaderVectors; ++i) {
       const int idx = loader + i * kLoaderThreads, jp = idx / (W / 4), c = idx % (W / 4) * 4, j = first + jp;
       float4 x = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-      if (j < n && source_column<D>(c, d, col0) >= 0) {
+      if (j < n && source_column<D>(c, d, col0) >= 0 && (c >= D || !terms_only)) {
         x = load4(slot + jp * W + c);
         x = make_float4(silu_fast(x.x), silu_fast(x.y), silu_fast(x.z), silu_fast(x.w));
       }
@@ -554,8 +585,15 @@ __global__ void __launch_bounds__(kFastThreads, 1) lightning_prefill_bf16_kernel
   using Shape = FastShape<D, Ring>;
   constexpr int B = kFastBlock, NS = Shape::kStateTiles;
   constexpr int KP = Shape::kKeyPitch, CP = Shape::kColumnPitch, TP = Shape::kTokenPitch;
-  const LightningSegment seg = p.segments[p.first + blockIdx.x / Shape::kSlices];
-  if (seg.count < 2) return;
+  LightningPart seg;
+  if (p.parts) {
+    seg = p.parts[blockIdx.x / Shape::kSlices];
+  } else {
+    const LightningSegment whole = p.segments[p.first + blockIdx.x / Shape::kSlices];
+    if (whole.count < 2) return;
+    seg = {whole.row, whole.count, whole.state, whole.state, nullptr};
+  }
+  const bool terms_only = seg.terms != nullptr;
   const int d = p.d, head = blockIdx.y, col0 = blockIdx.x % Shape::kSlices * kFastColumns;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
 
@@ -576,16 +614,17 @@ __global__ void __launch_bounds__(kFastThreads, 1) lightning_prefill_bf16_kernel
       *reinterpret_cast<uint32_t*>(at + 8 * CP) = bf16_pair(s[nt][2], s[nt][3]);
     }
   };
-  float* state = seg.state + int64_t(head) * d * d;
-  float s[NS][4];
-  if (warp < kFastWarps) {
+  // Visits this warp's state elements: n-tile nt, entry e, at row a and column c of the head's d x d.
+  auto each_state_element = [&](auto&& visit) {
 #pragma unroll
     for (int nt = 0; nt < NS; ++nt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int a = 16 * sm + g + 8 * (e >> 1), c = col0 + 8 * (sn0 + nt) + 2 * t + (e & 1);
-        s[nt][e] = a < d && c < d ? state[a * d + c] : 0.0f;
-      }
+      for (int e = 0; e < 4; ++e) visit(nt, e, 16 * sm + g + 8 * (e >> 1), col0 + 8 * (sn0 + nt) + 2 * t + (e & 1));
+  };
+  float s[NS][4];
+  if (warp < kFastWarps && !terms_only) {
+    const float* state = seg.state_in + int64_t(head) * d * d;
+    each_state_element([&](int nt, int e, int a, int c) { s[nt][e] = a < d && c < d ? state[a * d + c] : 0.0f; });
     store_state_operand(s);
   }
   const float decay = p.decay[head];
@@ -604,7 +643,44 @@ __global__ void __launch_bounds__(kFastThreads, 1) lightning_prefill_bf16_kernel
     const FastTiles tiles = fast_tiles<Shape>(sets, block);
     named_barrier_sync(kFullBarrier + set, kFastThreads);  // the loaders have filled the block's tiles
 
-    // O = Q S and this warp's P n-tiles, each Q fragment used for both.
+    // The block's state term K^T (kdec * V), from zero (A = K^T through transposed loads of the K
+    // tile). Then S = exp(-s n) S + term, one fused multiply-add per element: a scan over the
+    // blocks' terms (lightning_scan_kernel) gives the same states, so parts of a segment may run
+    // apart and still give the bits of one CTA walking it whole.
+    float term[NS][4];
+#pragma unroll
+    for (int nt = 0; nt < NS; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) term[nt][e] = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < B / 16; ++kk) {
+      if (kk * 16 >= n) break;  // the rest of the tokens are zero padding
+      uint32_t kf[4];
+      load_matrices_transposed(kf, tiles.k + (kk * 16 + (lane & 7) + (lane >> 4) * 8) * KP + 16 * sm + ((lane >> 3) & 1) * 8);
+#pragma unroll
+      for (int np = 0; np < NS / 2; ++np) {
+        uint32_t b[4];
+        load_matrices_transposed(b, tiles.vd + (kk * 16 + (lane & 15)) * CP + 8 * sn0 + np * 16 + (lane >> 4) * 8);
+        mma_bf16(term[2 * np], kf, b[0], b[1]);
+        mma_bf16(term[2 * np + 1], kf, b[2], b[3]);
+      }
+    }
+    if (terms_only) {
+      if (block + kTileSets < blocks) named_barrier_arrive(kEmptyBarrier + set, kFastThreads);
+      float* out = seg.terms + (block * gridDim.y + head) * int64_t(d) * d;
+      each_state_element([&](int nt, int e, int a, int c) {
+        if (a < d && c < d) out[a * d + c] = term[nt][e];
+      });
+      continue;
+    }
+    const float block_decay = power[n];
+#pragma unroll
+    for (int nt = 0; nt < NS; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[nt][e] = fmaf(s[nt][e], block_decay, term[nt][e]);
+
+    // O = Q S (the bf16 copy of the state before this block) and this warp's P n-tiles, each Q
+    // fragment used for both.
     float o[2][4], pr[2][4];
 #pragma unroll
     for (int i = 0; i < 2; ++i)
@@ -646,25 +722,6 @@ __global__ void __launch_bounds__(kFastThreads, 1) lightning_prefill_bf16_kernel
       *reinterpret_cast<uint32_t*>(at + 8 * TP) = bf16_pair(x[2], x[3]);
     }
 
-    // S = exp(-s n) S + K^T (kdec * V): A = K^T through transposed loads of the K tile.
-    const float block_decay = power[n];
-#pragma unroll
-    for (int nt = 0; nt < NS; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[nt][e] *= block_decay;
-#pragma unroll
-    for (int kk = 0; kk < B / 16; ++kk) {
-      if (kk * 16 >= n) break;  // the rest of the tokens are zero padding
-      uint32_t kf[4];
-      load_matrices_transposed(kf, tiles.k + (kk * 16 + (lane & 7) + (lane >> 4) * 8) * KP + 16 * sm + ((lane >> 3) & 1) * 8);
-#pragma unroll
-      for (int np = 0; np < NS / 2; ++np) {
-        uint32_t b[4];
-        load_matrices_transposed(b, tiles.vd + (kk * 16 + (lane & 15)) * CP + 8 * sn0 + np * 16 + (lane >> 4) * 8);
-        mma_bf16(s[2 * np], kf, b[0], b[1]);
-        mma_bf16(s[2 * np + 1], kf, b[2], b[3]);
-      }
-    }
     named_barrier_sync(kProductBarrier, kProductThreads);  // P is complete, and every read of the old bf16 S is done
 
     // O += P V over the keys of rows 16r..16r+15: P is zero past the diagonal.
@@ -699,13 +756,38 @@ __global__ void __launch_bounds__(kFastThreads, 1) lightning_prefill_bf16_kernel
     named_barrier_sync(kProductBarrier, kProductThreads);  // P is read and the new bf16 S is whole
   }
 
-#pragma unroll
-  for (int nt = 0; nt < NS; ++nt)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int a = 16 * sm + g + 8 * (e >> 1), c = col0 + 8 * (sn0 + nt) + 2 * t + (e & 1);
-      if (a < d && c < d) state[a * d + c] = s[nt][e];
-    }
+  if (terms_only || !seg.state_out) return;
+  float* state = seg.state_out + int64_t(head) * d * d;
+  each_state_element([&](int nt, int e, int a, int c) {
+    if (a < d && c < d) state[a * d + c] = s[nt][e];
+  });
+}
+
+// The state before each part of the segments split into parts, one thread per (state element,
+// head, segment): from the segment's state, S = exp(-s B) S + term_b over the blocks before each
+// part, with the arithmetic of the prefill kernel's own update (one fused multiply-add by the
+// same exp), so a part that starts from it continues exactly as one CTA walking the segment.
+struct ScanSegment {
+  const float* state;  // heads x d x d, before the segment
+  const float* terms;  // the blocks' terms of every part but the last
+  float* starts;       // part i, head h at starts + (i heads + h) d d
+  int64_t part_blocks;
+  int parts;
+};
+
+__global__ void lightning_scan_kernel(const ScanSegment* segments, int d, const float* decay) {
+  const ScanSegment seg = segments[blockIdx.z];
+  const int64_t heads = gridDim.y, head = blockIdx.y, dd = int64_t(d) * d;
+  const int64_t element = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (element >= dd) return;
+  const float block_decay = expf(-decay[head] * float(kFastBlock));  // every block before the last part is whole
+  float state = seg.state[head * dd + element];
+  for (int part = 0;; ++part) {
+    seg.starts[(part * heads + head) * dd + element] = state;
+    if (part + 1 == seg.parts) break;
+    for (int64_t b = part * seg.part_blocks; b < (part + 1) * seg.part_blocks; ++b)
+      state = fmaf(state, block_decay, seg.terms[(b * heads + head) * dd + element]);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -768,36 +850,136 @@ void launch_prefill(const LightningArgs& args, LightningParams p, SegmentRange r
 }
 
 template <int D, class Ring>
-void launch_fast_prefill_ring(const LightningArgs& args, LightningParams p, SegmentRange range, Device& device, cudaStream_t stream) {
+void launch_fast_prefill_kernel(const LightningArgs& args, LightningParams p, int64_t ctas, cudaStream_t stream) {
   using Shape = FastShape<D, Ring>;
-  prepare_prefill_kernel<lightning_prefill_bf16_kernel<D, Ring>>(Shape::kSmemBytes, args.d, device);
-  p.first = range.first;
-  const dim3 grid(unsigned(int64_t(range.size()) * Shape::kSlices), unsigned(args.heads));
+  const dim3 grid(unsigned(ctas * Shape::kSlices), unsigned(args.heads));
   lightning_prefill_bf16_kernel<D, Ring><<<grid, kFastThreads, Shape::kSmemBytes, stream>>>(p);
   M1_CUDA_CHECK_LAUNCH();
 }
 
+// A call whose segments split into parts (lightning_prefill_parts) runs in three launches: the
+// blocks' state terms of every part but each segment's last, the scan of the states before each
+// part, then every part's outputs from its state (the last one writing the segment's state) beside
+// the segments that stay whole.
+template <int D, class Ring>
+void launch_fast_prefill_parts(const LightningArgs& args, LightningParams p, SegmentRange range,
+                               std::span<const int64_t> part_blocks, DeviceScratch& scratch, cudaStream_t stream) {
+  const int64_t heads = args.heads, dd = args.d * args.d, B = kFastBlock;
+  int64_t term_parts = 0, parts = 0, split = 0, term_blocks = 0, starts = 0;
+  for (int i = range.first; i <= range.last; ++i) {
+    const int64_t count = args.segments[size_t(i)].count, per = part_blocks[size_t(i - range.first)];
+    if (count < 2) continue;
+    if (!per) {
+      ++parts;
+      continue;
+    }
+    const int64_t n = ((count + B - 1) / B + per - 1) / per;
+    parts += n, term_parts += n - 1, term_blocks += (n - 1) * per, starts += n, ++split;
+  }
+  auto [term_descs, part_descs, scan_descs, terms, start_states] = carve_scratch(scratch, [&](ScratchCarver& c) {
+    return std::tuple{c.take<LightningPart>(term_parts), c.take<LightningPart>(parts), c.take<ScanSegment>(split),
+                      c.take<float>(term_blocks * heads * dd), c.take<float>(starts * heads * dd)};
+  });
+  std::vector<LightningPart> term_host, part_host;
+  std::vector<ScanSegment> scan_host;
+  float *next_terms = terms, *next_starts = start_states;
+  for (int i = range.first; i <= range.last; ++i) {
+    const LightningSegment& seg = args.segments[size_t(i)];
+    const int64_t per = part_blocks[size_t(i - range.first)];
+    if (seg.count < 2) continue;
+    if (!per) {
+      part_host.push_back({seg.row, seg.count, seg.state, seg.state, nullptr});
+      continue;
+    }
+    const int n = int(((seg.count + B - 1) / B + per - 1) / per);
+    for (int k = 0; k < n; ++k) {
+      const int64_t t0 = k * per * B, count = std::min(per * B, seg.count - t0);
+      if (k + 1 < n) term_host.push_back({seg.row + t0, count, nullptr, nullptr, next_terms + k * per * heads * dd});
+      part_host.push_back({seg.row + t0, count, next_starts + k * heads * dd, k + 1 == n ? seg.state : nullptr, nullptr});
+    }
+    scan_host.push_back({seg.state, next_terms, next_starts, per, n});
+    next_terms += (n - 1) * per * heads * dd;
+    next_starts += n * heads * dd;
+  }
+  auto upload = [&](auto* device, const auto& host) {
+    M1_CUDA_CHECK(cudaMemcpyAsync(device, host.data(), host.size() * sizeof(host[0]), cudaMemcpyHostToDevice, stream));
+  };
+  upload(term_descs, term_host);
+  upload(part_descs, part_host);
+  upload(scan_descs, scan_host);
+
+  p.parts = term_descs;
+  launch_fast_prefill_kernel<D, Ring>(args, p, term_parts, stream);
+  constexpr int kScanThreads = 256;
+  const dim3 grid(unsigned((dd + kScanThreads - 1) / kScanThreads), unsigned(heads), unsigned(split));
+  lightning_scan_kernel<<<grid, kScanThreads, 0, stream>>>(scan_descs, int(args.d), args.decay);
+  M1_CUDA_CHECK_LAUNCH();
+  p.parts = part_descs;
+  launch_fast_prefill_kernel<D, Ring>(args, p, parts, stream);
+}
+
+template <int D, class Ring>
+void launch_fast_prefill_ring(const LightningArgs& args, LightningParams p, SegmentRange range, DeviceScratch& scratch,
+                              Device& device, cudaStream_t stream) {
+  using Shape = FastShape<D, Ring>;
+  prepare_prefill_kernel<lightning_prefill_bf16_kernel<D, Ring>>(Shape::kSmemBytes, args.d, device);
+  // Under stream capture the parts' descriptors could not be copied from pageable memory; a
+  // captured step decodes anyway.
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  M1_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  const auto segments = args.segments.subspan(size_t(range.first), size_t(range.size()));
+  const std::vector<int64_t> part_blocks =
+      args.split_segments && capture == cudaStreamCaptureStatusNone ? lightning_prefill_parts(segments, args.heads, args.d, device.limits().sms)
+                                             : std::vector<int64_t>(segments.size(), 0);
+  if (std::any_of(part_blocks.begin(), part_blocks.end(), [](int64_t per) { return per > 0; }))
+    return launch_fast_prefill_parts<D, Ring>(args, p, range, part_blocks, scratch, stream);
+  p.first = range.first;
+  launch_fast_prefill_kernel<D, Ring>(args, p, range.size(), stream);
+}
+
 // The wide ring where the device's shared memory holds it, else the compact one (same bits).
 template <int D>
-void launch_fast_prefill_shape(const LightningArgs& args, LightningParams p, SegmentRange range, Device& device, cudaStream_t stream) {
+void launch_fast_prefill_shape(const LightningArgs& args, LightningParams p, SegmentRange range, DeviceScratch& scratch,
+                               Device& device, cudaStream_t stream) {
   if (FastShape<D, WideRing>::kSmemBytes <= size_t(device.limits().shared_per_block))
-    return launch_fast_prefill_ring<D, WideRing>(args, p, range, device, stream);
-  launch_fast_prefill_ring<D, CompactRing>(args, p, range, device, stream);
+    return launch_fast_prefill_ring<D, WideRing>(args, p, range, scratch, device, stream);
+  launch_fast_prefill_ring<D, CompactRing>(args, p, range, scratch, device, stream);
 }
 
 // The tensor-core kernel stages rows 16 bytes at a time, which needs d, the row stride and qkv
 // itself aligned to 4 floats; other calls (and callers that want fp32 operands) take the fp32
 // kernel. The choice depends on the call's layout alone, never on which segments share it.
-void launch_any_prefill(const LightningArgs& args, LightningParams p, SegmentRange range, Device& device, cudaStream_t stream) {
+void launch_any_prefill(const LightningArgs& args, LightningParams p, SegmentRange range, DeviceScratch& scratch,
+                        Device& device, cudaStream_t stream) {
   const bool fast = args.bf16_operands && args.d % 4 == 0 && args.qkv_stride % 4 == 0 && aligned16(args.qkv);
   if (!fast) return launch_prefill(args, p, range, device, stream);
-  if (args.d <= 64) return launch_fast_prefill_shape<64>(args, p, range, device, stream);
-  launch_fast_prefill_shape<128>(args, p, range, device, stream);
+  if (args.d <= 64) return launch_fast_prefill_shape<64>(args, p, range, scratch, device, stream);
+  launch_fast_prefill_shape<128>(args, p, range, scratch, device, stream);
 }
 
 }  // namespace
 
-void lightning_attention(const LightningArgs& args, Device& device, cudaStream_t stream) {
+std::vector<int64_t> lightning_prefill_parts(std::span<const LightningSegment> segments, int64_t heads, int64_t d,
+                                             int sms) {
+  std::vector<int64_t> part_blocks(segments.size(), 0);
+  const int64_t slices = d <= kFastColumns ? 1 : 2, ctas_per_segment = heads * slices;
+  int64_t ctas = 0, work = 0;
+  for (const LightningSegment& seg : segments)
+    if (seg.count > 1) ctas += ctas_per_segment, work += (seg.count + kFastBlock - 1) / kFastBlock * ctas_per_segment;
+  if (ctas >= sms) return part_blocks;
+  const int64_t per = std::max(kMinPartBlocks, (work + sms - 1) / sms);
+  size_t term_bytes = 0;
+  for (size_t i = 0; i < segments.size(); ++i) {
+    const int64_t blocks = (segments[i].count + kFastBlock - 1) / kFastBlock;
+    if (segments[i].count < 2 || blocks < 2 * per) continue;
+    part_blocks[i] = per;
+    term_bytes += size_t((blocks + per - 1) / per - 1) * size_t(per * heads * d * d) * sizeof(float);
+  }
+  if (term_bytes > kMaxPartTermBytes) std::fill(part_blocks.begin(), part_blocks.end(), 0);
+  return part_blocks;
+}
+
+void lightning_attention(const LightningArgs& args, DeviceScratch& scratch, Device& device, cudaStream_t stream) {
   if (args.d < 1 || args.d > kMaxHeadDim)
     fail("lightning attention supports head dim 1..{}, got {}", kMaxHeadDim, args.d);
   if (args.heads < 1 || args.heads > 65535) fail("lightning attention supports 1..65535 heads, got {}", args.heads);
@@ -820,7 +1002,7 @@ void lightning_attention(const LightningArgs& args, Device& device, cudaStream_t
   const LightningParams p{args.qkv, args.qkv_stride, args.out, args.out_stride, int(args.d), args.decay,
                           args.device_segments, 0};
   if (!decode.empty()) launch_decode(args, p, decode, stream);
-  if (!prefill.empty()) launch_any_prefill(args, p, prefill, device, stream);
+  if (!prefill.empty()) launch_any_prefill(args, p, prefill, scratch, device, stream);
 }
 
 }  // namespace m1::cuda

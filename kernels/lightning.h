@@ -8,10 +8,12 @@
 
 #include <cstdint>
 #include <span>
+#include <vector>
 
 #include <cuda_runtime.h>
 
 #include "device.h"
+#include "device_scratch.h"
 
 namespace m1::cuda {
 
@@ -35,8 +37,21 @@ struct LightningArgs {
   // Whether prefill products may round their operands to bf16 (fp32 accumulation, fp32 state):
   // the fast precision of DESIGN.md §4. Decode is fp32 either way.
   bool bf16_operands = false;
+  // Whether the bf16 prefill may split segments into parts (lightning_prefill_parts). The bits are
+  // the same either way; tests and benchmarks turn it off to compare.
+  bool split_segments = true;
 };
 
-void lightning_attention(const LightningArgs& args, Device& device, cudaStream_t stream);
+// `scratch` holds what a prefill split into parts passes between its launches (the blocks' state
+// terms, the parts' starting states, their descriptors).
+void lightning_attention(const LightningArgs& args, DeviceScratch& scratch, Device& device, cudaStream_t stream);
+
+// How the bf16 prefill splits the segments of a call (those of more than one token) into parts of
+// whole blocks of 64 tokens, each walked by CTAs of its own, when its (segment, head) CTAs would
+// leave SMs idle: blocks per part for each segment, 0 where it stays whole. A segment's bits are
+// the same split or whole (the kernels compose the state block by block either way), so the
+// choice may depend on the whole call and the device.
+std::vector<int64_t> lightning_prefill_parts(std::span<const LightningSegment> segments, int64_t heads, int64_t d,
+                                             int sms);
 
 }  // namespace m1::cuda

@@ -59,6 +59,14 @@ def rows(logs):
         value, name = share_of_limit(pattern)
         yield (what, value, ">=", goal, "%", name)
 
+    # One rank of 8-way tensor parallelism holds 8 of the 64 lightning heads: 16 CTAs when each walks
+    # its segment whole, about one per SM when the segment is split into parts (same bits).
+    split = bench_row(bench, r"^lightning prefill 8x128 bf16, 8192 tokens, split")
+    whole = bench_row(bench, r"^lightning prefill 8x128 bf16, 8192 tokens, whole")
+    speedup = whole["ms"] / split["ms"] if split and whole and split["ms"] > 0 else None
+    yield ("lightning prefill, 8 heads, 8K tokens: whole / split", speedup, ">=", 4, "x",
+           f"{split['ms']:.3f} ms split, {whole['ms']:.3f} ms whole" if split and whole else "no 8x128 rows")
+
     for what, pattern in (("top-p 0.95 draw, vocab 200,064, batch 1", r"top-p 0\.95"),
                           ("top-k 50 + top-p 0.95 draw, vocab 200,064, batch 1", r"top-k 50 \+ top-p 0\.95")):
         draw = bench_row(bench, r"^sampling, vocab 200064, batch 1, " + pattern)

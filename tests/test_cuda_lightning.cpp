@@ -112,6 +112,7 @@ struct CallLayout {
   int64_t qkv_padding = 0, out_padding = 0;  // extra floats per row past heads * 3d and heads * d
   bool aligned_states = true;  // see Layer
   bool bf16_operands = false;  // the fast precision: prefill products may round operands to bf16
+  bool split_segments = true;  // whether the bf16 prefill may split segments into parts
   double bound() const { return bf16_operands ? kBf16Bound : kExactBound; }
 };
 
@@ -139,7 +140,9 @@ std::pair<std::vector<float>, std::vector<float>> run_call(Layer& layer, const s
   args.segments = descriptors;
   args.device_segments = device_segments.get();
   args.bf16_operands = layout.bf16_operands;
-  lightning_attention(args, device, nullptr);
+  args.split_segments = layout.split_segments;
+  DeviceScratch scratch;
+  lightning_attention(args, scratch, device, nullptr);
   M1_CUDA_CHECK(cudaDeviceSynchronize());
   std::vector<float> got = device_out.download();
   EXPECT_EQ(qkv, device_qkv.download()) << "the kernels leave qkv as it was";
@@ -306,18 +309,19 @@ TEST(CudaLightningTest, StateCarriesAcrossCalls) {
   }
 }
 
-// The same call on two layers with the same states, the second on `second`: both right, and the
-// same bits (outputs and states).
+// The same call on two layers with the same states, the second with `second_layout` (whose rows
+// are taken from the first) on `second`: both right, and the same bits (outputs and states).
 void expect_same_bits(int64_t heads, int64_t d, const std::vector<int64_t>& counts, int64_t gap, CallLayout layout,
-                      Device& second) {
+                      CallLayout second_layout, Device& second) {
   const std::vector<SegmentSpec> segments = lay_out(counts, gap, layout);
+  second_layout.rows = layout.rows;
   const std::vector<float> decay = random_decay(heads, true);
   const std::vector<float> qkv = random_qkv(size_t(layout.rows * heads * 3 * d));
   Layer first_layer(heads, d, decay, segments.size()), second_layer(heads, d, decay, segments.size());
   second_layer.states = first_layer.states;
   second_layer.upload_states();
   auto [a, ref_a] = run_call(first_layer, qkv, segments, layout);
-  auto [b, ref_b] = run_call(second_layer, qkv, segments, layout, second);
+  auto [b, ref_b] = run_call(second_layer, qkv, segments, second_layout, second);
   // Bit-equal is not enough: both must also be right.
   expect_outputs(a, ref_a, segments, heads * d, heads * d, layout.bound());
   expect_outputs(b, ref_b, segments, heads * d, heads * d, layout.bound());
@@ -327,6 +331,10 @@ void expect_same_bits(int64_t heads, int64_t d, const std::vector<int64_t>& coun
     EXPECT_LE(relative_error(sa, first_layer.states[i]), layout.bound()) << "state " << i;
     EXPECT_EQ(0, std::memcmp(sa.data(), sb.data(), sa.size() * sizeof(float))) << "state " << i;
   }
+}
+void expect_same_bits(int64_t heads, int64_t d, const std::vector<int64_t>& counts, int64_t gap, CallLayout layout,
+                      Device& second) {
+  expect_same_bits(heads, d, counts, gap, layout, layout, second);
 }
 
 // The kernels sum in a fixed order: the same call twice gives the same bits.
@@ -491,6 +499,50 @@ TEST(CudaLightningTest, Bf16CompactStagingRingGivesTheSameBits) {
   }
 }
 
+// Needs no GPU. A call whose (segment, head) CTAs fill the SMs stays whole. One rank's 8 heads of
+// 8-way tensor parallelism split a long segment into parts of whole 64-token blocks, about one CTA
+// per SM, and leave short segments and decode tokens whole. A split whose blocks' state terms would
+// pass the memory bound splits nothing.
+TEST(CudaLightningTest, PrefillPartsFillTheSms) {
+  auto plan = [](const std::vector<int64_t>& counts, int64_t heads, int64_t d, int sms) {
+    std::vector<LightningSegment> segments;
+    for (int64_t count : counts) segments.push_back({0, count, nullptr});
+    return lightning_prefill_parts(segments, heads, d, sms);
+  };
+  using Blocks = std::vector<int64_t>;
+  EXPECT_EQ(plan({8192}, 64, 128, 132), Blocks{0});
+  EXPECT_EQ(plan({8192}, 66, 128, 132), Blocks{0});
+  EXPECT_EQ(plan({512}, 8, 128, 132), Blocks{2});     // 8 blocks, 4 parts: 64 CTAs
+  EXPECT_EQ(plan({8192}, 8, 128, 132), Blocks{16});   // 128 blocks, 8 parts: 128 CTAs
+  EXPECT_EQ(plan({8192, 1, 100, 0}, 8, 128, 132), (Blocks{16, 0, 0, 0}));
+  EXPECT_EQ(plan({256, 256}, 8, 64, 132), (Blocks{2, 2}));
+  EXPECT_EQ(plan({200, 8192}, 8, 64, 132), (Blocks{0, 8}));  // 4 blocks in parts of 8 stay whole
+  EXPECT_EQ(plan({1 << 20}, 8, 128, 132), Blocks{0});        // 8 GB of block terms
+}
+
+// Segments split into parts give the bits of the same call with every segment whole: the kernel
+// composes the state block by block as the scan over the blocks' terms does. With 2 heads:
+// 257 tokens (on 132 SMs, parts of 2, 2 and 1 blocks, the last of one token) and 1100 beside a
+// segment that stays whole and decode tokens; on a GPU of 13 SMs the parts are longer (4 or 8
+// blocks) and the shorter segment stays whole too. d = 64, 100 and 128.
+TEST(CudaLightningTest, Bf16SplitSegmentsGiveTheBitsOfWholeOnes) {
+  M1_REQUIRE_CUDA();
+  const std::vector<int64_t> counts = {257, 1, 1100, 100, 1};
+  const CallLayout whole{.bf16_operands = true, .split_segments = false}, split{.bf16_operands = true};
+  for (int sms : {132, 13}) {
+    Device device = test::device_with_sms(sms);
+    for (int64_t d : {64, 100, 128}) {
+      SCOPED_TRACE("d " + std::to_string(d) + ", " + std::to_string(sms) + " SMs");
+      std::vector<LightningSegment> segments;
+      for (int64_t count : counts) segments.push_back({0, count, nullptr});
+      const std::vector<int64_t> parts = lightning_prefill_parts(segments, 2, d, sms);
+      EXPECT_GT(parts[2], 0) << "the 1100-token segment splits";
+      EXPECT_EQ(parts[3], 0) << "the 100-token segment stays whole";
+      expect_same_bits(2, d, counts, 1, whole, split, device);
+    }
+  }
+}
+
 // Needs no GPU: the head dim is checked before any CUDA call.
 TEST(CudaLightningTest, RejectsUnsupportedHeadDims) {
   for (int64_t d : {0, 129, 256}) {
@@ -500,7 +552,8 @@ TEST(CudaLightningTest, RejectsUnsupportedHeadDims) {
     args.d = d;
     args.segments = std::span<const LightningSegment>(&segment, 1);
     SCOPED_TRACE(d);
-    testing::expect_error([&] { lightning_attention(args, test::test_device(), nullptr); }, {"head dim"});
+    DeviceScratch scratch;
+    testing::expect_error([&] { lightning_attention(args, scratch, test::test_device(), nullptr); }, {"head dim"});
   }
 }
 
