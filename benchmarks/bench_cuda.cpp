@@ -248,9 +248,12 @@ void bench_lightning_prefill(Report& report, const Limits& limits, cudaStream_t 
               ms, flops / (ms * 1e-3) / 1e12, "TFLOP/s", flops / (ms * 1e-3) / 1e12 / limits.cublas_tflops});
 }
 
-// One decode token for `batch` sequences, 64 heads, d = 128: the state is read and written once.
-void bench_lightning_decode(Report& report, const Limits& limits, cudaStream_t stream, m1::cuda::Device& device, int64_t batch) {
-  const int64_t heads = 64, d = 128;
+// One decode token for `batch` sequences, 64 heads (or 8: one rank's under 8-way tensor
+// parallelism, whose CTAs take slices of the value columns), d = 128: the state is read and
+// written once.
+void bench_lightning_decode(Report& report, const Limits& limits, cudaStream_t stream, m1::cuda::Device& device, int64_t batch,
+                            int64_t heads = 64) {
+  const int64_t d = 128;
   DeviceArray<float> qkv(size_t(batch * heads * 3 * d)), out(size_t(batch * heads * d)), states(size_t(batch * heads * d * d));
   DeviceArray<float> decay(m1::lightning_decay(heads, 0, 80));
   fill_random(qkv, 0.3f, 6);
@@ -262,7 +265,7 @@ void bench_lightning_decode(Report& report, const Limits& limits, cudaStream_t s
   m1::cuda::DeviceScratch scratch(stream);
   const double ms = time_ms(stream, 50, [&] { m1::cuda::lightning_attention(args, scratch, device, stream); });
   const double bytes = 2.0 * double(states.size()) * sizeof(float);
-  report.add({fmt::format("lightning decode 64x128, batch {} (per layer; {:.1f} us)", batch, ms * 1e3), ms,
+  report.add({fmt::format("lightning decode {}x128, batch {} (per layer; {:.1f} us)", heads, batch, ms * 1e3), ms,
               bytes / (ms * 1e-3) / 1e9, "GB/s", bytes / (ms * 1e-3) / 1e9 / limits.copy_gb_s});
 }
 
@@ -441,8 +444,10 @@ int run(const std::string& json_path, const std::string& only, const std::string
     for (m1::DType type : {m1::DType::kQ4, m1::DType::kQ8})
       bench_quantized_matmul(report, limits, stream, gpu, type, 8192, 8192, 8192, GemmOperands::kBf16, "prefill");
   }
-  if (wanted("lightning decode"))
+  if (wanted("lightning decode")) {
     for (int64_t batch : {1, 32}) bench_lightning_decode(report, limits, stream, gpu, batch);
+    bench_lightning_decode(report, limits, stream, gpu, 1, 8);
+  }
   if (wanted("lightning prefill")) {
     for (int64_t tokens : {8192, 65536, 1 << 20})
       bench_lightning_prefill(report, limits, stream, gpu, tokens, 65536, true);

@@ -74,8 +74,13 @@ struct LightningPart {
 // Decode: S <- exp(-s) S + k^T v and o = q S' in one pass over S. Thread (lane, group) owns
 // columns [group*V, group*V + V) of rows lane, lane + lanes, ...; it issues kRowsInFlight row
 // loads before using any, so a CTA keeps enough bytes in flight to stream S at memory speed.
+// A CTA takes the column groups of one slice of the value columns (grid z): columns never mix,
+// and `lanes` is fixed by d alone, so each column sums the same terms in the same order however
+// many slices there are. Few decode rows (one rank's 8 heads under tensor parallelism) then still
+// spread over many SMs.
 
 constexpr int kDecodeMaxThreads = 512;
+constexpr int kDecodeMinThreads = 64;  // a sliced CTA keeps at least two warps
 constexpr int kDecodeRowsInFlight = 8;
 
 template <int V>
@@ -88,15 +93,16 @@ __global__ void __launch_bounds__(kDecodeMaxThreads) lightning_decode_kernel(Lig
   const LightningSegment seg = p.segments[p.first + blockIdx.x];
   if (seg.count != 1) return;
   const int d = p.d, head = blockIdx.y;
-  const int groups = d / V;                // column groups of V floats
+  const int groups = d / V / gridDim.z;    // column groups of V floats in this CTA's slice
   const int lanes = blockDim.x / groups;   // threads sharing a column group, one row in `lanes` each
-  const int group = threadIdx.x % groups, lane = threadIdx.x / groups;
+  const int cols = groups * V, col0 = blockIdx.z * cols;
+  const int group = blockIdx.z * groups + threadIdx.x % groups, lane = threadIdx.x / groups;
 
   extern __shared__ float smem[];
   float* q = smem;             // [q | k | v] of this head
   float* k = smem + d;
   float* v = smem + 2 * d;
-  float* partial = smem + 3 * d;  // lanes x d partial outputs
+  float* partial = smem + 3 * d;  // lanes x cols partial outputs
   const float* row = p.qkv + seg.row * p.qkv_stride + int64_t(head) * 3 * d;
   for (int i = threadIdx.x; i < 3 * d; i += blockDim.x) smem[i] = silu_exact(row[i]);
   __syncthreads();
@@ -131,13 +137,13 @@ __global__ void __launch_bounds__(kDecodeMaxThreads) lightning_decode_kernel(Lig
     }
   }
 #pragma unroll
-  for (int u = 0; u < V; ++u) partial[lane * d + group * V + u] = o[u];
+  for (int u = 0; u < V; ++u) partial[lane * cols + group * V - col0 + u] = o[u];
   __syncthreads();
   // The lanes' partial sums in a fixed order, so the result does not depend on scheduling.
-  float* out = p.out + seg.row * p.out_stride + int64_t(head) * d;
-  for (int c = threadIdx.x; c < d; c += blockDim.x) {
+  float* out = p.out + seg.row * p.out_stride + int64_t(head) * d + col0;
+  for (int c = threadIdx.x; c < cols; c += blockDim.x) {
     float sum = 0.0f;
-    for (int r = 0; r < lanes; ++r) sum += partial[r * d + c];
+    for (int r = 0; r < lanes; ++r) sum += partial[r * cols + c];
     out[c] = sum;
   }
 }
@@ -802,17 +808,21 @@ struct SegmentRange {
 
 // Float4 loads whenever d allows them: a choice made by the head dim alone, so a segment gets the
 // same bits whatever shares its call (lightning_attention checked the states' alignment).
-void launch_decode(const LightningArgs& args, LightningParams p, SegmentRange range, cudaStream_t stream) {
+void launch_decode(const LightningArgs& args, LightningParams p, SegmentRange range, Device& device, cudaStream_t stream) {
   const bool vectors = args.d % 4 == 0;
   const int d = int(args.d), vec = vectors ? 4 : 1, groups = d / vec;
   const int lanes = std::min(d, kDecodeMaxThreads / groups);
-  const size_t smem = size_t(3 * d + lanes * d) * sizeof(float);
+  int64_t rows = 0;
+  for (int i = range.first; i <= range.last; ++i) rows += args.segments[size_t(i)].count == 1;
+  const int slices = lightning_decode_slices(rows, args.heads, args.d, device.limits().sms);
+  const int threads = groups / slices * lanes;
+  const size_t smem = size_t(3 * d + lanes * (d / slices)) * sizeof(float);
   p.first = range.first;
-  const dim3 grid(unsigned(range.size()), unsigned(args.heads));
+  const dim3 grid(unsigned(range.size()), unsigned(args.heads), unsigned(slices));
   if (vectors)
-    lightning_decode_kernel<4><<<grid, groups * lanes, smem, stream>>>(p);
+    lightning_decode_kernel<4><<<grid, threads, smem, stream>>>(p);
   else
-    lightning_decode_kernel<1><<<grid, groups * lanes, smem, stream>>>(p);
+    lightning_decode_kernel<1><<<grid, threads, smem, stream>>>(p);
   M1_CUDA_CHECK_LAUNCH();
 }
 
@@ -959,6 +969,15 @@ void launch_any_prefill(const LightningArgs& args, LightningParams p, SegmentRan
 
 }  // namespace
 
+int lightning_decode_slices(int64_t rows, int64_t heads, int64_t d, int sms) {
+  const int groups = int(d % 4 == 0 ? d / 4 : d), lanes = std::min(int(d), kDecodeMaxThreads / groups);
+  int slices = 1;
+  while (groups % (2 * slices) == 0 && groups / (2 * slices) * lanes >= kDecodeMinThreads &&
+         rows * heads * 2 * slices <= sms)
+    slices *= 2;
+  return slices;
+}
+
 std::vector<int64_t> lightning_prefill_parts(std::span<const LightningSegment> segments, int64_t heads, int64_t d,
                                              int sms) {
   std::vector<int64_t> part_blocks(segments.size(), 0);
@@ -1001,7 +1020,7 @@ void lightning_attention(const LightningArgs& args, DeviceScratch& scratch, Devi
   }
   const LightningParams p{args.qkv, args.qkv_stride, args.out, args.out_stride, int(args.d), args.decay,
                           args.device_segments, 0};
-  if (!decode.empty()) launch_decode(args, p, decode, stream);
+  if (!decode.empty()) launch_decode(args, p, decode, device, stream);
   if (!prefill.empty()) launch_any_prefill(args, p, prefill, scratch, device, stream);
 }
 

@@ -46,6 +46,12 @@ struct LightningArgs {
 // terms, the parts' starting states, their descriptors).
 void lightning_attention(const LightningArgs& args, DeviceScratch& scratch, Device& device, cudaStream_t stream);
 
+// Into how many slices of its value columns the decode kernel cuts each (row, head) of a call with
+// `rows` one-token segments: halves while the doubled grid still fits the SMs once and each CTA
+// keeps two warps. A row's bits are the same at any slicing (columns never mix, and each column
+// sums its rows in an order fixed by d).
+int lightning_decode_slices(int64_t rows, int64_t heads, int64_t d, int sms);
+
 // How the bf16 prefill splits the segments of a call (those of more than one token) into parts of
 // whole blocks of 64 tokens, each walked by CTAs of its own, when its (segment, head) CTAs would
 // leave SMs idle: blocks per part for each segment, 0 where it stays whole. A segment's bits are

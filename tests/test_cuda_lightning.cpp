@@ -499,6 +499,34 @@ TEST(CudaLightningTest, Bf16CompactStagingRingGivesTheSameBits) {
   }
 }
 
+// Decode rows of one rank's 8 heads spread over more SMs by slicing the value columns (needs no
+// GPU): 8 slices at d = 128 and 64 (two warps each), halves only where d's column groups allow
+// them.
+TEST(CudaLightningTest, DecodeSlicesFillTheSms) {
+  EXPECT_EQ(lightning_decode_slices(1, 64, 128, 132), 2);
+  EXPECT_EQ(lightning_decode_slices(32, 64, 128, 132), 1);
+  EXPECT_EQ(lightning_decode_slices(1, 8, 128, 132), 8);
+  EXPECT_EQ(lightning_decode_slices(1, 8, 64, 132), 8);
+  EXPECT_EQ(lightning_decode_slices(1, 8, 100, 132), 1);  // 25 column groups of 4: no halves
+  EXPECT_EQ(lightning_decode_slices(1, 8, 98, 132), 2);   // 98 column groups of 1: 49, then no halves
+  EXPECT_EQ(lightning_decode_slices(1, 8, 16, 132), 1);   // 4 groups of 16 lanes: halves would be one warp
+  EXPECT_EQ(lightning_decode_slices(3, 2, 128, 1), 1);
+}
+
+// Decode rows give the same bits however many slices of the value columns their CTAs take: 3
+// rows of 2 heads on 132 SMs (8 slices at d = 128 and 64, 2 at d = 98, 4 at d = 32) and on 1 SM
+// (unsliced), beside a prefill segment.
+TEST(CudaLightningTest, DecodeSlicesGiveTheSameBits) {
+  M1_REQUIRE_CUDA();
+  Device one_sm = test::device_with_sms(1);
+  for (int64_t d : {128, 64, 98, 32}) {
+    SCOPED_TRACE("d " + std::to_string(d));
+    EXPECT_GT(lightning_decode_slices(3, 2, d, test::test_device().limits().sms), 1);
+    EXPECT_EQ(lightning_decode_slices(3, 2, d, 1), 1);
+    expect_same_bits(2, d, {1, 1, 70, 1}, 1, CallLayout{}, one_sm);
+  }
+}
+
 // Needs no GPU. A call whose (segment, head) CTAs fill the SMs stays whole. One rank's 8 heads of
 // 8-way tensor parallelism split a long segment into parts of whole 64-token blocks, about one CTA
 // per SM, and leave short segments and decode tokens whole. A split whose blocks' state terms would
