@@ -77,6 +77,18 @@ CudaBackend::~CudaBackend() {
     for (const EventPair& pair : *events) cudaEventDestroy(pair.start), cudaEventDestroy(pair.end);
 }
 
+// The kernels' arithmetic, as snapshot files record it: raised whenever a change moves the bits
+// a state holds (2: the bf16 lightning prefill adds each block's state term by one fused
+// multiply-add), so that a file written before is skipped rather than resumed with other bits.
+constexpr int kArithmeticRevision = 2;
+
+std::string CudaBackend::numerics() const {
+  const char* precision = precision_ == Precision::kFast ? "fast" : "exact";
+  if (!communicator_) return fmt::format("cuda ({}, {} precision, arithmetic {})", device_name_, precision, kArithmeticRevision);
+  return fmt::format("cuda ({}, {} precision, arithmetic {}, {} collectives)", device_name_, precision,
+                     kArithmeticRevision, communicator_->name());
+}
+
 std::string CudaBackend::name() const {
   const char* precision = precision_ == Precision::kFast ? "fast" : "exact";
   if (!communicator_) return fmt::format("cuda ({}, {} precision)", device_name_, precision);

@@ -50,6 +50,8 @@ class CudaBackend final : public Backend {
   CudaBackend& operator=(const CudaBackend&) = delete;
 
   std::string name() const override;
+  // name() less the rank, GPU index and collectives, plus the kernels' arithmetic revision.
+  std::string numerics() const override;
   void attach_thread() override;
   int64_t prefill_alignment() const override;
   void begin_step(std::span<const Segment> segments, int64_t logit_rows) override;

@@ -59,6 +59,20 @@ TEST(CudaBackendAvailability, ReferenceKernelsAreRefused) {
   }
 }
 
+// Snapshot files record a backend's numerics: the CUDA backend's names the precision and the
+// kernels' arithmetic revision (raised when the bf16 lightning prefill's bits moved), so a file
+// from before is skipped, not resumed with other bits.
+TEST(CudaBackendNumerics, NameThePrecisionAndTheArithmeticRevision) {
+  M1_REQUIRE_CUDA();
+  for (Precision precision : {Precision::kFast, Precision::kExact}) {
+    auto backend = create_backend(BackendOptions{"cuda", 0, precision, false});
+    const std::string numerics = backend->numerics();
+    EXPECT_NE(numerics.find(precision == Precision::kFast ? "fast precision" : "exact precision"), std::string::npos)
+        << numerics;
+    EXPECT_NE(numerics.find("arithmetic 2"), std::string::npos) << numerics;
+  }
+}
+
 // Sampling on the device against the host reference, at the real model's vocabulary too.
 TEST(CudaBackendSampling, MatchesSampleRow) {
   M1_REQUIRE_CUDA();
