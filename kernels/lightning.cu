@@ -986,11 +986,25 @@ std::vector<int64_t> lightning_prefill_parts(std::span<const LightningSegment> s
   for (const LightningSegment& seg : segments)
     if (seg.count > 1) ctas += ctas_per_segment, work += (seg.count + kFastBlock - 1) / kFastBlock * ctas_per_segment;
   if (ctas >= sms) return part_blocks;
-  const int64_t per = std::max(kMinPartBlocks, (work + sms - 1) / sms);
+  // Each CTA takes a whole SM, so the parts must fit in one wave: the shortest parts (at least an
+  // even share of the work) whose CTAs, with those of the segments that stay whole, fit the SMs.
+  auto split = [&](const LightningSegment& seg, int64_t per) {
+    const int64_t blocks = (seg.count + kFastBlock - 1) / kFastBlock;
+    return seg.count > 1 && blocks >= 2 * per;
+  };
+  auto ctas_with = [&](int64_t per) {
+    int64_t total = 0;
+    for (const LightningSegment& seg : segments)
+      if (seg.count > 1)
+        total += (split(seg, per) ? ((seg.count + kFastBlock - 1) / kFastBlock + per - 1) / per : 1) * ctas_per_segment;
+    return total;
+  };
+  int64_t per = std::max(kMinPartBlocks, (work + sms - 1) / sms);
+  while (ctas_with(per) > sms) ++per;
   size_t term_bytes = 0;
   for (size_t i = 0; i < segments.size(); ++i) {
+    if (!split(segments[i], per)) continue;
     const int64_t blocks = (segments[i].count + kFastBlock - 1) / kFastBlock;
-    if (segments[i].count < 2 || blocks < 2 * per) continue;
     part_blocks[i] = per;
     term_bytes += size_t((blocks + per - 1) / per - 1) * size_t(per * heads * d * d) * sizeof(float);
   }

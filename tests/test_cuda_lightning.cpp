@@ -529,8 +529,8 @@ TEST(CudaLightningTest, DecodeSlicesGiveTheSameBits) {
 
 // Needs no GPU. A call whose (segment, head) CTAs fill the SMs stays whole. One rank's 8 heads of
 // 8-way tensor parallelism split a long segment into parts of whole 64-token blocks, about one CTA
-// per SM, and leave short segments and decode tokens whole. A split whose blocks' state terms would
-// pass the memory bound splits nothing.
+// per SM but never more CTAs than SMs (each takes a whole SM), and leave short segments and decode
+// tokens whole. A split whose blocks' state terms would pass the memory bound splits nothing.
 TEST(CudaLightningTest, PrefillPartsFillTheSms) {
   auto plan = [](const std::vector<int64_t>& counts, int64_t heads, int64_t d, int sms) {
     std::vector<LightningSegment> segments;
@@ -542,22 +542,23 @@ TEST(CudaLightningTest, PrefillPartsFillTheSms) {
   EXPECT_EQ(plan({8192}, 66, 128, 132), Blocks{0});
   EXPECT_EQ(plan({512}, 8, 128, 132), Blocks{2});     // 8 blocks, 4 parts: 64 CTAs
   EXPECT_EQ(plan({8192}, 8, 128, 132), Blocks{16});   // 128 blocks, 8 parts: 128 CTAs
-  EXPECT_EQ(plan({8192, 1, 100, 0}, 8, 128, 132), (Blocks{16, 0, 0, 0}));
+  EXPECT_EQ(plan({8192}, 32, 128, 132), Blocks{64});  // parts of 63 would make 3 of 64 CTAs each
+  EXPECT_EQ(plan({8192, 1, 100, 0}, 8, 128, 132), (Blocks{19, 0, 0, 0}));  // 7 x 16 + 16 CTAs
   EXPECT_EQ(plan({256, 256}, 8, 64, 132), (Blocks{2, 2}));
-  EXPECT_EQ(plan({200, 8192}, 8, 64, 132), (Blocks{0, 8}));  // 4 blocks in parts of 8 stay whole
+  EXPECT_EQ(plan({200, 8192}, 8, 64, 132), (Blocks{0, 9}));  // 4 blocks stay whole: 8 + 15 x 8 CTAs
   EXPECT_EQ(plan({1 << 20}, 8, 128, 132), Blocks{0});        // 8 GB of block terms
 }
 
 // Segments split into parts give the bits of the same call with every segment whole: the kernel
 // composes the state block by block as the scan over the blocks' terms does. With 2 heads:
 // 257 tokens (on 132 SMs, parts of 2, 2 and 1 blocks, the last of one token) and 1100 beside a
-// segment that stays whole and decode tokens; on a GPU of 13 SMs the parts are longer (4 or 8
+// segment that stays whole and decode tokens; on a GPU of 20 SMs the parts are longer (3 or 6
 // blocks) and the shorter segment stays whole too. d = 64, 100 and 128.
 TEST(CudaLightningTest, Bf16SplitSegmentsGiveTheBitsOfWholeOnes) {
   M1_REQUIRE_CUDA();
   const std::vector<int64_t> counts = {257, 1, 1100, 100, 1};
   const CallLayout whole{.bf16_operands = true, .split_segments = false}, split{.bf16_operands = true};
-  for (int sms : {132, 13}) {
+  for (int sms : {132, 20}) {
     Device device = test::device_with_sms(sms);
     for (int64_t d : {64, 100, 128}) {
       SCOPED_TRACE("d " + std::to_string(d) + ", " + std::to_string(sms) + " SMs");
