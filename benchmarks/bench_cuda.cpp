@@ -333,6 +333,35 @@ void bench_flash_prefill(Report& report, const Limits& limits, cudaStream_t stre
               flops / (ms * 1e-3) / 1e12 / limits.cublas_tflops});
 }
 
+// One rank's share of a softmax layer under 8-way tensor parallelism (8 query heads, 1 kv head,
+// d = 128): a 512-token step at depth `depth`, its prefill CTAs narrow (2 warps, as the launcher
+// picks on a GPU with SMs to spare) or wide (8 warps, forced by a device seen as having 1 SM).
+void bench_flash_prefill_rank(Report& report, const Limits& limits, cudaStream_t stream, m1::cuda::Device& device,
+                              int64_t depth, bool narrow) {
+  const int64_t heads = 8, kv_heads = 1, d = 128, tokens = 512;
+  DeviceArray<float> q(size_t(tokens * heads * d)), k(size_t(tokens * kv_heads * d)), v(size_t(tokens * kv_heads * d)),
+      out(size_t(tokens * heads * d));
+  DeviceArray<uint16_t> keys(size_t((depth + tokens) * kv_heads * d)), values(size_t((depth + tokens) * kv_heads * d));
+  fill_random(q, 1, 7);
+  fill_random(k, 1, 8);
+  fill_random(v, 1, 9);
+  fill_random(keys, 1, 10);
+  fill_random(values, 1, 11);
+  const m1::cuda::AttentionSegment seg{0, tokens, depth, keys.get(), values.get()};
+  DeviceArray<m1::cuda::AttentionSegment> segment(std::vector{seg});
+  m1::cuda::DeviceScratch scratch(stream);
+  m1::cuda::Device one_sm(device.index(), m1::cuda::DeviceLimits{1, device.limits().shared_per_block,
+                                                                 device.limits().partial_bytes});
+  m1::cuda::AttentionArgs args{q.get(), heads * d, k.get(), kv_heads * d, v.get(), kv_heads * d, out.get(), heads * d,
+                               heads, kv_heads, d, 64, 1e7, std::span(&seg, 1), segment.get(), true};
+  // Each run appends the same rows at the same positions, so the cache does not grow.
+  const double ms = time_ms(stream, 3, [&] { m1::cuda::softmax_attention(args, scratch, narrow ? device : one_sm, stream); });
+  const double flops = 4.0 * double(d) * double(heads) * double(tokens) * (double(depth) + double(tokens + 1) / 2);
+  report.add({fmt::format("flash prefill 8q/1kv x128 bf16, 512 tokens at depth {}, {} CTAs", depth,
+                          narrow ? "narrow" : "wide"),
+              ms, flops / (ms * 1e-3) / 1e12, "TFLOP/s", flops / (ms * 1e-3) / 1e12 / limits.cublas_tflops});
+}
+
 std::string decode_step_name(int64_t batch, int64_t context, bool graphs) {
   return fmt::format("decode step, bench preset, batch {} at depth {}, {}", batch, context,
                      graphs ? "CUDA graph" : "eager launches");
@@ -457,9 +486,11 @@ int run(const std::string& json_path, const std::string& only, const std::string
     for (int64_t tokens : {512, 8192})
       for (bool split : {true, false}) bench_lightning_prefill(report, limits, stream, gpu, tokens, 65536, true, 8, split);
   }
-  if (wanted("flash prefill"))
+  if (wanted("flash prefill")) {
     for (bool bf16_operands : {true, false})
       for (int64_t tokens : {8192, 65536}) bench_flash_prefill(report, limits, stream, gpu, tokens, bf16_operands);
+    for (bool narrow : {true, false}) bench_flash_prefill_rank(report, limits, stream, gpu, 32768, narrow);
+  }
   if (wanted("sampling"))
     for (int64_t batch : {1, 32})
       for (DrawKind kind : {DrawKind::kGreedy, DrawKind::kTopP09Logprobs, DrawKind::kTopP095, DrawKind::kTopK50TopP095})

@@ -44,8 +44,12 @@ __host__ __device__ constexpr int query_parts(Operands operands) { return operan
 
 // Prefill CTAs take 16 query vectors per warp. Fast precision keeps one bf16 part of q in shared
 // memory, which leaves room for 8 warps: each K/V tile brought in then serves 128 query vectors.
+// A step whose CTAs would leave SMs idle (one rank's 8 query heads under tensor parallelism, a
+// short prompt) takes CTAs of kNarrowPrefillWarps instead, 2 or 4 times as many: each warp walks
+// the same key tiles in the same order either way (tiles past a row's last key add exact zeros),
+// so a row's bits do not depend on the width.
 __host__ __device__ constexpr int prefill_warps(Operands operands) { return operands == Operands::kRounded ? 8 : 4; }
-__host__ __device__ constexpr int prefill_rows(Operands operands) { return 16 * prefill_warps(operands); }
+constexpr int kNarrowPrefillWarps = 2;
 
 // Shared-memory geometry for head dims up to D: rows padded by 16 bytes so the eight rows an
 // ldmatrix phase reads fall in distinct banks; K/V tiles of kKeys rows (16 per decode warp).
@@ -58,14 +62,15 @@ struct Geometry {
   // Two stages of K and V tiles, double buffered.
   static constexpr size_t kStagesBytes = 4 * kTileBytes;
   // The query block (a prefill CTA's or 16 decode query vectors) once per bf16 part, then the stages.
-  static constexpr size_t prefill_bytes(Operands o) {
-    return query_parts(o) * size_t(prefill_rows(o)) * kPitch * 2 + kStagesBytes;
+  static constexpr size_t prefill_bytes(Operands o, int warps) {
+    return query_parts(o) * size_t(16 * warps) * kPitch * 2 + kStagesBytes;
   }
   static constexpr size_t decode_bytes(Operands o) { return query_parts(o) * size_t(16) * kPitch * 2 + kStagesBytes; }
   // The decode CTA's closing merge reuses the stages: per warp 16 rows of D floats plus max,
   // sum and merge weight.
   static_assert(size_t(kDecodeWarps) * 16 * (D + 3) * 4 <= kStagesBytes);
-  static_assert(prefill_bytes(Operands::kSplit) <= 160 * 1024 && prefill_bytes(Operands::kRounded) <= 160 * 1024 &&
+  static_assert(prefill_bytes(Operands::kSplit, prefill_warps(Operands::kSplit)) <= 160 * 1024 &&
+                prefill_bytes(Operands::kRounded, prefill_warps(Operands::kRounded)) <= 160 * 1024 &&
                 decode_bytes(Operands::kSplit) <= 160 * 1024);
 };
 
@@ -440,10 +445,10 @@ __device__ __forceinline__ void clear_padding(uint16_t* stages, int d) {
 
 // --- Prefill --------------------------------------------------------------------------------
 
-template <int D, Operands O>
-__global__ void __launch_bounds__(prefill_warps(O) * 32) prefill_kernel(AttendParams p) {
+template <int D, Operands O, int W>
+__global__ void __launch_bounds__(W * 32) prefill_kernel(AttendParams p) {
   using G = Geometry<D>;
-  constexpr int P = G::kPitch, kKeys = G::kKeys, kQueryRows = prefill_rows(O);
+  constexpr int P = G::kPitch, kKeys = G::kKeys, kQueryRows = 16 * W;
   extern __shared__ __align__(16) uint16_t shared[];
   uint16_t* q_high = shared;
   uint16_t* q_low = q_high + kQueryRows * P;  // split operands only
@@ -667,23 +672,39 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(AttendParam
 
 // --- Host side ------------------------------------------------------------------------------
 
+// A step's prefill CTAs of `warps` warps for one kv head.
+int64_t prefill_ctas(std::span<const AttentionSegment> segments, int64_t group, int warps) {
+  int64_t ctas = 0;
+  for (const AttentionSegment& s : segments) ctas += prefill_tiles(s.count, group, 16 * warps);
+  return ctas;
+}
+
 struct StepShape {
   int64_t rows = 0, prefill_tiles = 0, decode_rows = 0, decode_slots = 0;
 };
+
+template <int D, Operands O, int W>
+void launch_prefill(const AttendParams& base, int64_t tiles, const AttentionArgs& a, Device& device, cudaStream_t stream) {
+  using G = Geometry<D>;
+  // The tiles need more than the default 48 KB of shared memory.
+  device.allow_shared_memory<prefill_kernel<D, O, W>>(G::prefill_bytes(O, W));
+  AttendParams p = base;
+  p.work_items = tiles;
+  prefill_kernel<D, O, W><<<dim3(unsigned(tiles), unsigned(a.kv_heads)), W * 32, G::prefill_bytes(O, W), stream>>>(p);
+  M1_CUDA_CHECK_LAUNCH();
+}
 
 template <int D, Operands O>
 void launch_attention(const AttendParams& base, const StepShape& shape, const AttentionArgs& a,
                       DeviceScratch& scratch, Device& device, cudaStream_t stream) {
   using G = Geometry<D>;
-  // The tiles need more than the default 48 KB of shared memory.
-  device.allow_shared_memory<prefill_kernel<D, O>>(G::prefill_bytes(O));
   device.allow_shared_memory<decode_kernel<D, O>>(G::decode_bytes(O));
   if (shape.prefill_tiles > 0) {
-    AttendParams p = base;
-    p.work_items = shape.prefill_tiles;
-    prefill_kernel<D, O><<<dim3(unsigned(shape.prefill_tiles), unsigned(a.kv_heads)), prefill_warps(O) * 32,
-                           G::prefill_bytes(O), stream>>>(p);
-    M1_CUDA_CHECK_LAUNCH();
+    const int64_t narrow = prefill_ctas(a.segments, base.group, kNarrowPrefillWarps);
+    if (shape.prefill_tiles * a.kv_heads < device.limits().sms && narrow <= INT32_MAX)
+      launch_prefill<D, O, kNarrowPrefillWarps>(base, narrow, a, device, stream);
+    else
+      launch_prefill<D, O, prefill_warps(O)>(base, shape.prefill_tiles, a, device, stream);
   }
   if (shape.decode_rows > 0) {
     AttendParams p = base;
@@ -735,7 +756,7 @@ void softmax_attention(const AttentionArgs& a, DeviceScratch& scratch, Device& d
     if (!aligned16(s.keys) || !aligned16(s.values))
       fail("softmax attention: KV cache not 16-byte aligned");
     shape.rows += s.count;
-    shape.prefill_tiles += prefill_tiles(s.count, group, prefill_rows(operands));
+    shape.prefill_tiles += prefill_tiles(s.count, group, 16 * prefill_warps(operands));
     if (s.count == 1) {
       ++shape.decode_rows;
       shape.decode_slots += decode_slots(s);

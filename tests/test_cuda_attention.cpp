@@ -120,6 +120,7 @@ std::vector<float> take_rows(const std::vector<float>& strided, int64_t stride, 
 struct StepOptions {
   bool fast = false;              // AttentionArgs::bf16_operands, checked against kFastOutputBound
   bool declare_capacity = false;  // each segment tells its cache's whole room (AttentionSegment::capacity)
+  Device* device = nullptr;       // the GPU as the kernels see it; the test device when null
 };
 
 // Runs one step of `entries` (in this order of rows) on the GPU, checks it against the oracle,
@@ -164,7 +165,7 @@ std::vector<EntryResult> run_step(const Shape& s, const std::vector<Entry>& entr
   args.segments = segments;
   args.device_segments = dsegments.get();
   args.bf16_operands = options.fast;
-  softmax_attention(args, scratch, test::test_device(), nullptr);
+  softmax_attention(args, scratch, options.device ? *options.device : test::test_device(), nullptr);
   M1_CUDA_CHECK(cudaDeviceSynchronize());
   const std::vector<float> gpu_q = dq.download(), gpu_k = dk.download(), gpu_out = dout.download();
   EXPECT_TRUE(padding_untouched(q, gpu_q, q_stride, s.q_width()));
@@ -381,6 +382,31 @@ TEST(CudaAttention, BatchInvariance) {
   }
   EXPECT_FALSE(same_bits(prefill_out[0], prefill_out[1])) << "fast prefill gave the exact bits";
   EXPECT_FALSE(same_bits(decode_out[0], decode_out[1])) << "fast decode gave the exact bits";
+}
+
+// A step of few prefill CTAs takes narrow ones (2 warps) on a GPU of 132 SMs, and the full width
+// (8 warps fast, 4 exact) on a GPU of one SM: the same bits in either precision. One kv head's 8
+// query heads, as one rank's under 8-way tensor parallelism, prefilling 150 rows at depth 300
+// (rows whose last keys fall in different tiles of the wide CTA) and 33 rows from the start.
+TEST(CudaAttention, NarrowPrefillCtasGiveTheSameBits) {
+  M1_REQUIRE_CUDA();
+  DeviceScratch scratch;
+  Device one_sm = test::device_with_sms(1);
+  const Shape s{8, 1, 128, 64};
+  for (bool fast : {false, true}) {
+    SCOPED_TRACE(fast ? "fast" : "exact");
+    const uint64_t seed = rng()();
+    Cache deep_wide(s.kv_width(), 500), deep_narrow(s.kv_width(), 500), fresh_wide(s.kv_width(), 40),
+        fresh_narrow(s.kv_width(), 40);
+    deep_wide.fill_prefix(300, seed);
+    deep_narrow.fill_prefix(300, seed);
+    Entry deep = make_entry(s, deep_wide, 150), fresh = make_entry(s, fresh_wide, 33);
+    const std::vector<EntryResult> wide = run_step(s, {deep, fresh}, scratch, {.fast = fast, .device = &one_sm});
+    deep.cache = &deep_narrow;
+    fresh.cache = &fresh_narrow;
+    const std::vector<EntryResult> narrow = run_step(s, {deep, fresh}, scratch, {.fast = fast});
+    for (size_t i = 0; i < 2; ++i) EXPECT_TRUE(same_bits(wide[i].out, narrow[i].out)) << "segment " << i;
+  }
 }
 
 TEST(CudaAttention, DecodeLaunchSizedByCapacity) {
