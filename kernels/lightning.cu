@@ -938,9 +938,10 @@ void launch_fast_prefill_ring(const LightningArgs& args, LightningParams p, Segm
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   M1_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
   const auto segments = args.segments.subspan(size_t(range.first), size_t(range.size()));
-  const std::vector<int64_t> part_blocks =
-      args.split_segments && capture == cudaStreamCaptureStatusNone ? lightning_prefill_parts(segments, args.heads, args.d, device.limits().sms)
-                                             : std::vector<int64_t>(segments.size(), 0);
+  const bool may_split = args.split_segments && capture == cudaStreamCaptureStatusNone;
+  const std::vector<int64_t> part_blocks = may_split
+                                               ? lightning_prefill_parts(segments, args.heads, args.d, device.limits().sms)
+                                               : std::vector<int64_t>(segments.size(), 0);
   if (std::any_of(part_blocks.begin(), part_blocks.end(), [](int64_t per) { return per > 0; }))
     return launch_fast_prefill_parts<D, Ring>(args, p, range, part_blocks, scratch, stream);
   p.first = range.first;
