@@ -63,6 +63,7 @@ CudaBackend::CudaBackend(Precision precision, const DeviceInfo& device, const st
       segment_scratch_(stream_),
       matmul_scratch_(stream_),
       attention_scratch_(stream_),
+      lightning_scratch_(stream_),
       sample_scratch_(stream_),
       draw_scratch_(stream_),
       moe_workspace_(stream_, matmul_scratch_) {}

@@ -19,7 +19,10 @@ namespace m1::cuda {
 
 class DeviceScratch {
  public:
-  explicit DeviceScratch(cudaStream_t stream = nullptr) : stream_(stream) {}
+  // `stream`: the stream of the kernels that use the buffer, which its growth is ordered on. No
+  // default: a scratch left on the legacy stream beside a non-blocking one would be freed and
+  // reallocated out of order with the kernels that read it.
+  explicit DeviceScratch(cudaStream_t stream) : stream_(stream) {}
   DeviceScratch(const DeviceScratch&) = delete;
   DeviceScratch& operator=(const DeviceScratch&) = delete;
   ~DeviceScratch() {

@@ -216,7 +216,7 @@ std::vector<EntryResult> run_step(const Shape& s, const std::vector<Entry>& entr
 
 TEST(CudaAttention, PrefillLengths) {
   M1_REQUIRE_CUDA();
-  DeviceScratch scratch;
+  DeviceScratch scratch(nullptr);
   const Shape s{8, 2, 128, 64};
   for (bool fast : {false, true})
     for (int64_t count : {1, 2, 63, 64, 65, 300}) {
@@ -228,7 +228,7 @@ TEST(CudaAttention, PrefillLengths) {
 
 TEST(CudaAttention, PrefillThenDecode) {
   M1_REQUIRE_CUDA();
-  DeviceScratch scratch;
+  DeviceScratch scratch(nullptr);
   const Shape s{16, 2, 128, 64};
   Cache cache(s.kv_width(), 130);
   run_step(s, {make_entry(s, cache, 100)}, scratch);
@@ -240,7 +240,7 @@ TEST(CudaAttention, PrefillThenDecode) {
 
 TEST(CudaAttention, MixedSegments) {
   M1_REQUIRE_CUDA();
-  DeviceScratch scratch;
+  DeviceScratch scratch(nullptr);
   const Shape s{16, 4, 64, 64};
   struct Spec {
     int64_t pos0, count;
@@ -268,7 +268,7 @@ void prefill_beside_decode(const Shape& s, int64_t prefix, int64_t rows, int64_t
 
 TEST(CudaAttention, GroupsAndHeadDims) {
   M1_REQUIRE_CUDA();
-  DeviceScratch scratch;
+  DeviceScratch scratch(nullptr);
   for (int64_t group : {1, 2, 4, 8})
     for (int64_t d : {16, 64, 128})
       for (int64_t rotary : {d, d / 2}) {
@@ -279,7 +279,7 @@ TEST(CudaAttention, GroupsAndHeadDims) {
 
 TEST(CudaAttention, WideHeadsAndWideGroups) {
   M1_REQUIRE_CUDA();
-  DeviceScratch scratch;
+  DeviceScratch scratch(nullptr);
   for (bool fast : {false, true}) {
     SCOPED_TRACE(fast ? "fast" : "exact");
     {
@@ -295,7 +295,7 @@ TEST(CudaAttention, WideHeadsAndWideGroups) {
 
 TEST(CudaAttention, FastGroupsAndHeadDims) {
   M1_REQUIRE_CUDA();
-  DeviceScratch scratch;
+  DeviceScratch scratch(nullptr);
   // Groups of 1, 3 and 8 query heads per kv head; head dims that end on half an mma step (24, 40)
   // beside 64 and 128; prefill rows that are not whole CTAs beside decode rows in one step.
   for (int64_t group : {1, 3, 8})
@@ -312,7 +312,7 @@ TEST(CudaAttention, FastGroupsAndHeadDims) {
 
 TEST(CudaAttention, LongDecodeSplits) {
   M1_REQUIRE_CUDA();
-  DeviceScratch scratch;
+  DeviceScratch scratch(nullptr);
   // 20,000 keys take 40 splits of 512; 5,000 take 20 of 256.
   const Shape s{16, 2, 128, 64, 1e7};
   for (bool fast : {false, true}) {
@@ -326,7 +326,7 @@ TEST(CudaAttention, LongDecodeSplits) {
 
 TEST(CudaAttention, PositionsNearOneMillion) {
   M1_REQUIRE_CUDA();
-  DeviceScratch scratch;
+  DeviceScratch scratch(nullptr);
   // RoPE angles near 1M radians and a decode over 2^20 + 1 keys: 2,049 splits of 512.
   const Shape s{2, 1, 64, 32, 1e7};
   const int64_t pos0 = (int64_t(1) << 20) - 3;
@@ -338,7 +338,7 @@ TEST(CudaAttention, PositionsNearOneMillion) {
 
 TEST(CudaAttention, BatchInvariance) {
   M1_REQUIRE_CUDA();
-  DeviceScratch scratch;
+  DeviceScratch scratch(nullptr);
   // A prefill and a decode segment, each alone, then both beside other segments: bit-identical,
   // in either precision. The same inputs in the two precisions must differ: the choice reaches the
   // kernels.
@@ -390,7 +390,7 @@ TEST(CudaAttention, BatchInvariance) {
 // (rows whose last keys fall in different tiles of the wide CTA) and 33 rows from the start.
 TEST(CudaAttention, NarrowPrefillCtasGiveTheSameBits) {
   M1_REQUIRE_CUDA();
-  DeviceScratch scratch;
+  DeviceScratch scratch(nullptr);
   Device one_sm = test::device_with_sms(1);
   const Shape s{8, 1, 128, 64};
   for (bool fast : {false, true}) {
@@ -411,7 +411,7 @@ TEST(CudaAttention, NarrowPrefillCtasGiveTheSameBits) {
 
 TEST(CudaAttention, DecodeLaunchSizedByCapacity) {
   M1_REQUIRE_CUDA();
-  DeviceScratch plain_scratch, sized_scratch;
+  DeviceScratch plain_scratch(nullptr), sized_scratch(nullptr);
   // Room for 20,001 keys: 64 launch slots (the most any length up to it needs, at 16,384 keys),
   // of which a 5,000-key row uses 20; the results must be those of a launch sized by length. With
   // the second row (1 slot by length, 2 by its room of 300) the launch has 66 slots, not 21, and
@@ -436,7 +436,7 @@ TEST(CudaAttention, DecodeLaunchSizedByCapacity) {
 
 // Needs no GPU: the shapes are rejected before anything is launched.
 TEST(CudaAttention, RejectsUnsupportedShapes) {
-  DeviceScratch scratch;
+  DeviceScratch scratch(nullptr);
   AttentionArgs args;
   args.heads = 8;
   args.kv_heads = 3;

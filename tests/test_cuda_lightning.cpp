@@ -141,7 +141,7 @@ std::pair<std::vector<float>, std::vector<float>> run_call(Layer& layer, const s
   args.device_segments = device_segments.get();
   args.bf16_operands = layout.bf16_operands;
   args.split_segments = layout.split_segments;
-  DeviceScratch scratch;
+  DeviceScratch scratch(nullptr);
   lightning_attention(args, scratch, device, nullptr);
   M1_CUDA_CHECK(cudaDeviceSynchronize());
   std::vector<float> got = device_out.download();
@@ -581,7 +581,7 @@ TEST(CudaLightningTest, RejectsUnsupportedHeadDims) {
     args.d = d;
     args.segments = std::span<const LightningSegment>(&segment, 1);
     SCOPED_TRACE(d);
-    DeviceScratch scratch;
+    DeviceScratch scratch(nullptr);
     testing::expect_error([&] { lightning_attention(args, scratch, test::test_device(), nullptr); }, {"head dim"});
   }
 }

@@ -47,7 +47,7 @@ std::vector<float> gpu_matmul(const std::vector<float>& x, int64_t ldx, int64_t 
   DeviceArray<float> dx(x);
   DeviceArray<uint8_t> dw(w.bytes);
   DeviceArray<float> dout(std::vector<float>(size_t(m * ldo), fill));
-  DeviceScratch scratch;
+  DeviceScratch scratch(nullptr);
   matmul(dx.get(), ldx, m, DeviceMatrix{dw.get(), w.w.dtype, w.w.rows, w.w.cols}, dout.get(), ldo, operands, scratch, test::test_device(), nullptr);
   return dout.download();
 }
@@ -153,7 +153,7 @@ TEST_P(CudaMatmul, FoldedChunkSumsMatchTheTiledKernel) {
   const auto [dtype, operands] = GetParam();
   std::mt19937 rng(31);
   const int64_t rows = 70;  // tiled for every weight dtype
-  DeviceScratch scratch;
+  DeviceScratch scratch(nullptr);
   for (const auto& [n, k] : {std::pair<int64_t, int64_t>{1, 256}, {63, 100}, {65, 257}, {130, 1000}}) {
     const RandomWeight w = random_weight(dtype, n, k, rng);
     const DeviceArray<uint8_t> dw(w.bytes);
@@ -233,7 +233,7 @@ TEST(CudaBf16Stream, MatchesTheTiledKernelOnAnyGrid) {
     const DeviceArray<float> dx(random_floats(size_t(rows * k), 1.0f, rng));
     DeviceArray<float> dout(size_t(rows * n));
     for (GemmOperands operands : {GemmOperands::kBf16, GemmOperands::kFp32}) {
-      DeviceScratch scratch;
+      DeviceScratch scratch(nullptr);
       matmul(dx.get(), k, rows, dm, dout.get(), n, operands, scratch, test::test_device(), nullptr);
       const std::vector<float> tiled = dout.download();
       for (int sms : {1, 3, 7, 132}) {
@@ -277,7 +277,7 @@ TEST(CudaBf16Stream, MatmulsMatchEachProductAlone) {
     }
     const DeviceArray<float> dx(random_floats(size_t(rows * c.k), 1.0f, rng));
     for (GemmOperands operands : {GemmOperands::kBf16, GemmOperands::kFp32}) {
-      DeviceScratch scratch;
+      DeviceScratch scratch(nullptr);
       for (int sms : {1, 7, 132}) {
         for (const size_t budget : {cuda::kDefaultPartialBytes, test::partial_bytes(1, c.widths[0], c.k)}) {
           Device device = test::device_with_sms(sms, budget);
@@ -321,7 +321,7 @@ TEST(CudaBf16Stream, GroupedMatchesTheTiledKernel) {
     const DeviceArray<float> dx(random_floats(size_t(rows * k), 1.0f, rng));
     const DeviceArray<int64_t> doffsets(offsets);
     for (GemmOperands operands : {GemmOperands::kBf16, GemmOperands::kFp32}) {
-      DeviceScratch scratch;
+      DeviceScratch scratch(nullptr);
       // Each group's rows from the tiled kernel, the rest untouched.
       std::vector<float> want[2];
       for (int product = 0; product < 2; ++product) {
@@ -381,7 +381,7 @@ TEST(CudaBf16Stream, GroupedRowsReadInPlaceMatchGathered) {
     std::vector<int64_t> x_rows(static_cast<size_t>(call_rows));
     for (int64_t& r : x_rows) r = int64_t(rng() % uint64_t(tokens - 5));  // the last 5 tokens never taken
     for (GemmOperands operands : {GemmOperands::kBf16, GemmOperands::kFp32}) {
-      DeviceScratch scratch;
+      DeviceScratch scratch(nullptr);
       Device device = test::device_with_sms(7);
       test::expect_rows_read_in_place(x, k, x_rows, doffsets.get(), w, bound, ldo, -7.25f, operands, scratch, device,
                                       fmt::format("{} rows, bound {}, {}", call_rows, bound, operands_name(operands)));
@@ -409,7 +409,7 @@ TEST(CudaMatmulLarge, LargePartialsTakeTheTiledKernelWithTheSameBits) {
     const RandomWeight rw = random_weight(dtype, n, k, rng);
     const DeviceArray<uint8_t> dw(rw.bytes);
     const DeviceMatrix w{dw.get(), dtype, n, k};
-    DeviceScratch scratch, roomy;
+    DeviceScratch scratch(nullptr), roomy(nullptr);
     matmul(dx.get(), k, rows, w, all.get(), n, operands, scratch, tight, nullptr);
     // At most the bf16 terms of x (115,200 bytes) and the growth margin: no chunk partials.
     EXPECT_LT(scratch.capacity(), partials) << what;
@@ -437,7 +437,7 @@ TEST(CudaScratch, CarvesAlignedPiecesInOrder) {
     uint16_t* none;
     char* one;
   };
-  DeviceScratch scratch;
+  DeviceScratch scratch(nullptr);
   const Pieces p = carve_scratch(scratch, [](ScratchCarver& carver) {
     Pieces pieces;
     pieces.three = carver.take<float>(3);
@@ -562,7 +562,7 @@ TEST(CudaBf16Stream, GroupedSwigluMatchesSwigluThenTheProduct) {
       const std::vector<float> gate = random_floats(size_t(rows * k), 3.0f, rng), up = random_floats(size_t(rows * k), 1.0f, rng);
       const DeviceArray<int64_t> doffsets(offsets);
       for (GemmOperands operands : {GemmOperands::kBf16, GemmOperands::kFp32}) {
-        DeviceScratch scratch;
+        DeviceScratch scratch(nullptr);
         const bool fused = dtype == DType::kBF16 && (bound <= 8 || rows <= 64);
         test::expect_swiglu_product_bits(gate, up, k, doffsets.get(), w, rows, bound, ldo, -7.25f, operands, scratch,
                                          test::test_device(), fused,

@@ -133,7 +133,7 @@ std::vector<float> gpu_matmul(const std::vector<float>& x, int64_t ldx, int64_t 
                               GemmOperands operands, int64_t ldo, float fill = 0.0f) {
   DeviceArray<float> dx(x);
   DeviceArray<float> dout(std::vector<float>(size_t(m * ldo), fill));
-  DeviceScratch scratch;
+  DeviceScratch scratch(nullptr);
   matmul(dx.get(), ldx, m, w.device, dout.get(), ldo, operands, scratch, test::test_device(), nullptr);
   return dout.download();
 }
@@ -240,7 +240,7 @@ TEST_F(CudaQuantized, GroupedMatmulMatchesMatmulPerGroup) {
       const std::vector<float> x = random_floats(size_t(rows * ldx));
       DeviceArray<float> x_device(x);
       DeviceArray<int64_t> offsets_device(offsets);
-      DeviceScratch scratch;
+      DeviceScratch scratch(nullptr);
       for (GemmOperands operands : {GemmOperands::kFp32, GemmOperands::kBf16}) {
         const std::string what = fmt::format("{} {}, {} groups of {} rows", scheme_name(scheme), operands_name(operands),
                                              groups, total);
@@ -290,7 +290,7 @@ TEST_F(CudaQuantized, StreamedMatchesTheTiledKernelOnAnyGrid) {
       const TestQuantWeight w(scheme, n, k, 1.0f / std::sqrt(float(k)));
       const DeviceArray<float> x(random_floats(size_t(rows * k)));
       DeviceArray<float> out(size_t(rows * n));
-      DeviceScratch scratch;
+      DeviceScratch scratch(nullptr);
       for (GemmOperands operands : {GemmOperands::kFp32, GemmOperands::kBf16}) {
         matmul(x.get(), k, rows, w.device, out.get(), n, operands, scratch, test::test_device(), nullptr);
         const std::vector<float> tiled = out.download();
@@ -343,7 +343,7 @@ TEST_F(CudaQuantized, StreamedGroupedMatchesTheSkinnyKernel) {
       for (int64_t r = 0; r < rows; ++r) std::copy_n(x_host.begin() + r * k, k, x_skinny.begin() + r * ld_skinny);
       const DeviceArray<float> x(x_host), x_unaligned(x_skinny);
       const DeviceArray<int64_t> offsets_device(offsets);
-      DeviceScratch scratch;
+      DeviceScratch scratch(nullptr);
       for (GemmOperands operands : {GemmOperands::kFp32, GemmOperands::kBf16}) {
         std::vector<float> want[2];
         for (int product = 0; product < 2; ++product) {
@@ -395,7 +395,7 @@ TEST_F(CudaQuantized, MatmulsMatchEachProductAlone) {
         weights.push_back(stored.back()->device);
       }
       const DeviceArray<float> x(random_floats(size_t(rows * k)));
-      DeviceScratch scratch;
+      DeviceScratch scratch(nullptr);
       for (GemmOperands operands : {GemmOperands::kFp32, GemmOperands::kBf16})
         for (int64_t m : {int64_t(1), int64_t(3), int64_t(8), rows})
           test::expect_matmuls_bits(x.get(), k, m, weights, operands, scratch, device,
@@ -427,7 +427,7 @@ TEST_F(CudaQuantized, GroupedRowsReadInPlaceMatchGathered) {
       std::vector<int64_t> x_rows(static_cast<size_t>(call_rows));
       for (size_t r = 0; r < x_rows.size(); ++r) x_rows[r] = int64_t((r * 7 + 3) % size_t(tokens - 5));
       for (GemmOperands operands : {GemmOperands::kFp32, GemmOperands::kBf16}) {
-        DeviceScratch scratch;
+        DeviceScratch scratch(nullptr);
         test::expect_rows_read_in_place(x, k, x_rows, doffsets.get(), w, call_rows, ldo, -7.25f, operands, scratch,
                                         device, fmt::format("{} {}, {} rows", scheme_name(scheme),
                                                             operands_name(operands), call_rows));
@@ -458,7 +458,7 @@ TEST_F(CudaQuantized, GroupedSwigluMatchesSwigluThenTheProduct) {
       }
       const std::vector<float> gate = random_floats(size_t(rows * k)), up = random_floats(size_t(rows * k));
       const DeviceArray<int64_t> offsets_device(offsets);
-      DeviceScratch scratch;
+      DeviceScratch scratch(nullptr);
       for (GemmOperands operands : {GemmOperands::kFp32, GemmOperands::kBf16})
         test::expect_swiglu_product_bits(gate, up, k, offsets_device.get(), w, rows, bound, ldo, -7.25f, operands,
                                          scratch, test::test_device(), bound <= 8 || rows <= 64,
@@ -475,7 +475,7 @@ TEST_F(CudaQuantized, GroupedMatmulRejectsMixedQuantization) {
   unscaled.scales = nullptr;
   DeviceArray<float> x(128), out(16);
   DeviceArray<int64_t> offsets(std::vector<int64_t>{0, 1, 2});
-  DeviceScratch scratch;
+  DeviceScratch scratch(nullptr);
   for (const DeviceMatrix& other : {b.device, c.device, unscaled}) {
     const std::vector<DeviceMatrix> w = {a.device, other};
     EXPECT_THROW(grouped_matmul(x.get(), 64, offsets.get(), w, 2, 1, out.get(), 8, GemmOperands::kBf16, scratch, test::test_device(), nullptr),

@@ -166,7 +166,7 @@ std::vector<DrawResult> device_results(const std::vector<float>& logits, int64_t
   DeviceArray<TokenBias> device_biases(biases);
   DeviceArray<uint32_t> device_allowed(allowed);
   DeviceArray<DrawResult> results(draws.size());
-  DeviceScratch scratch;
+  DeviceScratch scratch(nullptr);
   SampleArgs args;
   args.logits = device_logits.get();
   args.vocab = vocab;
@@ -658,7 +658,7 @@ TEST(CudaSampling, RejectsTooManyTopLogprobs) {
   M1_REQUIRE_CUDA();
   std::vector<DeviceDraw> draws(1);
   draws[0].top_logprobs = kMaxTopLogprobs + 1;
-  DeviceScratch scratch;
+  DeviceScratch scratch(nullptr);
   SampleArgs args;
   args.vocab = 10;
   args.draws = draws;
