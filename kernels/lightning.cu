@@ -450,6 +450,9 @@ constexpr int kTileSets = 2;       // bf16 tile sets: one multiplied while the n
 // and at most this much memory for the blocks' state terms, or the call runs unsplit.
 constexpr int64_t kMinPartBlocks = 2;
 constexpr size_t kMaxPartTermBytes = size_t(256) << 20;
+// Blocks of a segment of `count` tokens, and parts of `per` blocks they make.
+constexpr int64_t fast_blocks(int64_t count) { return (count + kFastBlock - 1) / kFastBlock; }
+constexpr int64_t part_count(int64_t count, int64_t per) { return (fast_blocks(count) + per - 1) / per; }
 
 // The loaders' fp32 ring: pieces of `Tokens` rows, `Pieces` stages, all but one in flight while
 // one is converted. The wide ring keeps 60 KB in flight per SM at D = 128 and needs 211 KB of
@@ -883,7 +886,7 @@ void launch_fast_prefill_parts(const LightningArgs& args, LightningParams p, Seg
       ++parts;
       continue;
     }
-    const int64_t n = ((count + B - 1) / B + per - 1) / per;
+    const int64_t n = part_count(count, per);
     parts += n, term_parts += n - 1, term_blocks += (n - 1) * per, starts += n, ++split;
   }
   auto [term_descs, part_descs, scan_descs, terms, start_states] = carve_scratch(scratch, [&](ScratchCarver& c) {
@@ -901,7 +904,7 @@ void launch_fast_prefill_parts(const LightningArgs& args, LightningParams p, Seg
       part_host.push_back({seg.row, seg.count, seg.state, seg.state, nullptr});
       continue;
     }
-    const int n = int(((seg.count + B - 1) / B + per - 1) / per);
+    const int n = int(part_count(seg.count, per));
     for (int k = 0; k < n; ++k) {
       const int64_t t0 = k * per * B, count = std::min(per * B, seg.count - t0);
       if (k + 1 < n) term_host.push_back({seg.row + t0, count, nullptr, nullptr, next_terms + k * per * heads * dd});
@@ -985,19 +988,16 @@ std::vector<int64_t> lightning_prefill_parts(std::span<const LightningSegment> s
   const int64_t slices = d <= kFastColumns ? 1 : 2, ctas_per_segment = heads * slices;
   int64_t ctas = 0, work = 0;
   for (const LightningSegment& seg : segments)
-    if (seg.count > 1) ctas += ctas_per_segment, work += (seg.count + kFastBlock - 1) / kFastBlock * ctas_per_segment;
+    if (seg.count > 1) ctas += ctas_per_segment, work += fast_blocks(seg.count) * ctas_per_segment;
   if (ctas >= sms) return part_blocks;
   // Each CTA takes a whole SM, so the parts must fit in one wave: the shortest parts (at least an
   // even share of the work) whose CTAs, with those of the segments that stay whole, fit the SMs.
-  auto split = [&](const LightningSegment& seg, int64_t per) {
-    const int64_t blocks = (seg.count + kFastBlock - 1) / kFastBlock;
-    return seg.count > 1 && blocks >= 2 * per;
-  };
+  auto split = [](const LightningSegment& seg, int64_t per) { return seg.count > 1 && fast_blocks(seg.count) >= 2 * per; };
   auto ctas_with = [&](int64_t per) {
     int64_t total = 0;
     for (const LightningSegment& seg : segments)
       if (seg.count > 1)
-        total += (split(seg, per) ? ((seg.count + kFastBlock - 1) / kFastBlock + per - 1) / per : 1) * ctas_per_segment;
+        total += (split(seg, per) ? part_count(seg.count, per) : 1) * ctas_per_segment;
     return total;
   };
   int64_t per = std::max(kMinPartBlocks, (work + sms - 1) / sms);
@@ -1005,9 +1005,8 @@ std::vector<int64_t> lightning_prefill_parts(std::span<const LightningSegment> s
   size_t term_bytes = 0;
   for (size_t i = 0; i < segments.size(); ++i) {
     if (!split(segments[i], per)) continue;
-    const int64_t blocks = (segments[i].count + kFastBlock - 1) / kFastBlock;
     part_blocks[i] = per;
-    term_bytes += size_t((blocks + per - 1) / per - 1) * size_t(per * heads * d * d) * sizeof(float);
+    term_bytes += size_t(part_count(segments[i].count, per) - 1) * size_t(per * heads * d * d) * sizeof(float);
   }
   if (term_bytes > kMaxPartTermBytes) std::fill(part_blocks.begin(), part_blocks.end(), 0);
   return part_blocks;

@@ -310,8 +310,7 @@ static void run_kernel(const char* name, dim3 grid, dim3 block, size_t smem, std
           if (mode == "random") std::shuffle(order.begin(), order.end(), rng);
           round = {order.data(), 0, order.size()};
           if (Fiber* first = start_next()) emu_switch(&main_sp, first->sp);
-          const bool progressed = round.progressed, ready = round.ready;
-          cur = nullptr;
+          const bool progressed = round.progressed, ready = round.ready;  // start_next left cur null
           unsigned done = 0;
           bool at_named = false, at_warp = false;
           for (auto& f : fs) {
