@@ -304,11 +304,25 @@ static void run_kernel(const char* name, dim3 grid, dim3 block, size_t smem, std
           for (int r = 3; r <= 8; ++r) top[-r] = 0;
           f.sp = top - 8;
         }
-        for (;;) {
+        for (unsigned rounds = 1;; ++rounds) {
           std::iota(order.begin(), order.end(), 0u);
           if (mode == "reverse") std::reverse(order.begin(), order.end());
           if (mode == "random") std::shuffle(order.begin(), order.end(), rng);
-          round = {order.data(), 0, order.size()};
+          size_t size = order.size();
+          bool skipped_ready = false;
+          if (mode == "skew") {
+            // Warp w runs every (1 + w % 4)th round: warps drift apart between barriers, as a GPU's
+            // may, so a stage refilled while a slower warp still reads it shows.
+            size = 0;
+            for (unsigned t = 0; t < threads; ++t) {
+              if (rounds % (1 + (t / 32) % 4) == 0)
+                order[size++] = t;
+              else
+                skipped_ready = skipped_ready || fs[t].state == kReady;
+            }
+          }
+          round = {order.data(), 0, size};
+          round.ready = skipped_ready;
           if (Fiber* first = start_next()) emu_switch(&main_sp, first->sp);
           const bool progressed = round.progressed, ready = round.ready;  // start_next left cur null
           unsigned done = 0;
