@@ -311,55 +311,62 @@ void bench_sampling(Report& report, const Limits& limits, cudaStream_t stream, m
               ms, bytes / (ms * 1e-3) / 1e9, "GB/s", bytes / (ms * 1e-3) / 1e9 / limits.copy_gb_s});
 }
 
-// Causal flash-style prefill of `tokens` tokens: 64 query heads, 8 KV heads, d = 128, RoPE on 64
-// dims; q and the softmax weights rounded to bf16 once (fast) or carried as two bf16 terms (exact).
-void bench_flash_prefill(Report& report, const Limits& limits, cudaStream_t stream, m1::cuda::Device& device, int64_t tokens,
-                         bool bf16_operands) {
-  const int64_t heads = 64, kv_heads = 8, d = 128;
-  DeviceArray<float> q(size_t(tokens * heads * d)), k(size_t(tokens * kv_heads * d)), v(size_t(tokens * kv_heads * d)),
-      out(size_t(tokens * heads * d));
-  DeviceArray<uint16_t> keys(size_t(tokens * kv_heads * d)), values(size_t(tokens * kv_heads * d));
-  fill_random(q, 1, 7);
-  fill_random(k, 1, 8);
-  fill_random(v, 1, 9);
-  const m1::cuda::AttentionSegment seg{0, tokens, 0, keys.get(), values.get()};
-  DeviceArray<m1::cuda::AttentionSegment> segment(std::vector{seg});
-  m1::cuda::DeviceScratch scratch(stream);
-  m1::cuda::AttentionArgs args{q.get(), heads * d, k.get(), kv_heads * d, v.get(), kv_heads * d, out.get(), heads * d,
-                               heads, kv_heads, d, 64, 1e7, std::span(&seg, 1), segment.get(), bf16_operands};
-  const double ms = time_ms(stream, tokens > 16384 ? 1 : 3, [&] { m1::cuda::softmax_attention(args, scratch, device, stream); });
-  const double flops = 4.0 * double(d) * double(heads) * double(tokens) * double(tokens + 1) / 2;
-  report.add({fmt::format("flash prefill 64q/8kv x128 {}, {} tokens", bf16_operands ? "bf16" : "2xbf16", tokens), ms, flops / (ms * 1e-3) / 1e12, "TFLOP/s",
-              flops / (ms * 1e-3) / 1e12 / limits.cublas_tflops});
-}
-
-// One rank's share of a softmax layer under 8-way tensor parallelism (8 query heads, 1 kv head,
-// d = 128): a 512-token step at depth `depth`, its prefill CTAs narrow (2 warps, as the launcher
-// picks on a GPU with SMs to spare) or wide (8 warps, forced by a device seen as having 1 SM).
-void bench_flash_prefill_rank(Report& report, const Limits& limits, cudaStream_t stream, m1::cuda::Device& device,
-                              int64_t depth, bool narrow) {
-  const int64_t heads = 8, kv_heads = 1, d = 128, tokens = 512;
-  DeviceArray<float> q(size_t(tokens * heads * d)), k(size_t(tokens * kv_heads * d)), v(size_t(tokens * kv_heads * d)),
-      out(size_t(tokens * heads * d));
-  DeviceArray<uint16_t> keys(size_t((depth + tokens) * kv_heads * d)), values(size_t((depth + tokens) * kv_heads * d));
+// Causal flash-style prefill: `tokens` rows after `depth` cached ones (random keys and values),
+// d = 128, RoPE on 64 dims; q and the softmax weights rounded to bf16 once (fast) or carried as two
+// bf16 terms (exact). `device` sizes the launch (a device seen as having 1 SM forces wide CTAs);
+// kv_stages as AttentionArgs::kv_stages. Returns milliseconds per call.
+struct FlashCase {
+  int64_t heads, kv_heads, tokens, depth;
+  bool bf16_operands;
+  int kv_stages = 0;
+};
+double time_flash_prefill(const FlashCase& c, cudaStream_t stream, m1::cuda::Device& device) {
+  const int64_t d = 128, rows = c.depth + c.tokens;
+  DeviceArray<float> q(size_t(c.tokens * c.heads * d)), k(size_t(c.tokens * c.kv_heads * d)),
+      v(size_t(c.tokens * c.kv_heads * d)), out(size_t(c.tokens * c.heads * d));
+  DeviceArray<uint16_t> keys(size_t(rows * c.kv_heads * d)), values(size_t(rows * c.kv_heads * d));
   fill_random(q, 1, 7);
   fill_random(k, 1, 8);
   fill_random(v, 1, 9);
   fill_random(keys, 1, 10);
   fill_random(values, 1, 11);
-  const m1::cuda::AttentionSegment seg{0, tokens, depth, keys.get(), values.get()};
+  const m1::cuda::AttentionSegment seg{0, c.tokens, c.depth, keys.get(), values.get()};
   DeviceArray<m1::cuda::AttentionSegment> segment(std::vector{seg});
   m1::cuda::DeviceScratch scratch(stream);
+  m1::cuda::AttentionArgs args{q.get(), c.heads * d, k.get(), c.kv_heads * d, v.get(), c.kv_heads * d, out.get(),
+                               c.heads * d, c.heads, c.kv_heads, d, 64, 1e7, std::span(&seg, 1), segment.get(),
+                               c.bf16_operands, c.kv_stages};
+  // Each run appends the same rows at the same positions, so the cache does not grow.
+  return time_ms(stream, c.heads * c.tokens > 16384 * 64 ? 1 : 3,
+                 [&] { m1::cuda::softmax_attention(args, scratch, device, stream); });
+}
+
+void report_flash_prefill(Report& report, const Limits& limits, const FlashCase& c, double ms, std::string name) {
+  const double flops = 4.0 * 128 * double(c.heads) * double(c.tokens) * (double(c.depth) + double(c.tokens + 1) / 2);
+  report.add({std::move(name), ms, flops / (ms * 1e-3) / 1e12, "TFLOP/s", flops / (ms * 1e-3) / 1e12 / limits.cublas_tflops});
+}
+
+// The whole model's softmax layer (64 query heads on 8 kv heads) prefilling one prompt from the
+// start, with the planned K/V stages or `kv_stages` forced.
+void bench_flash_prefill(Report& report, const Limits& limits, cudaStream_t stream, m1::cuda::Device& device,
+                         int64_t tokens, bool bf16_operands, int kv_stages = 0) {
+  const FlashCase c{64, 8, tokens, 0, bf16_operands, kv_stages};
+  report_flash_prefill(report, limits, c, time_flash_prefill(c, stream, device),
+                       fmt::format("flash prefill 64q/8kv x128 {}, {} tokens{}", bf16_operands ? "bf16" : "2xbf16",
+                                   tokens, kv_stages ? fmt::format(", {} stages", kv_stages) : ""));
+}
+
+// One rank's share of a softmax layer under 8-way tensor parallelism (8 query heads, 1 kv head):
+// a 512-token step at depth `depth`, its prefill CTAs narrow (2 warps, as the launcher picks on a
+// GPU with SMs to spare) or wide (8 warps, forced by a device seen as having 1 SM).
+void bench_flash_prefill_rank(Report& report, const Limits& limits, cudaStream_t stream, m1::cuda::Device& device,
+                              int64_t depth, bool narrow) {
   m1::cuda::Device one_sm(device.index(), m1::cuda::DeviceLimits{1, device.limits().shared_per_block,
                                                                  device.limits().partial_bytes});
-  m1::cuda::AttentionArgs args{q.get(), heads * d, k.get(), kv_heads * d, v.get(), kv_heads * d, out.get(), heads * d,
-                               heads, kv_heads, d, 64, 1e7, std::span(&seg, 1), segment.get(), true};
-  // Each run appends the same rows at the same positions, so the cache does not grow.
-  const double ms = time_ms(stream, 3, [&] { m1::cuda::softmax_attention(args, scratch, narrow ? device : one_sm, stream); });
-  const double flops = 4.0 * double(d) * double(heads) * double(tokens) * (double(depth) + double(tokens + 1) / 2);
-  report.add({fmt::format("flash prefill 8q/1kv x128 bf16, 512 tokens at depth {}, {} CTAs", depth,
-                          narrow ? "narrow" : "wide"),
-              ms, flops / (ms * 1e-3) / 1e12, "TFLOP/s", flops / (ms * 1e-3) / 1e12 / limits.cublas_tflops});
+  const FlashCase c{8, 1, 512, depth, true};
+  report_flash_prefill(report, limits, c, time_flash_prefill(c, stream, narrow ? device : one_sm),
+                       fmt::format("flash prefill 8q/1kv x128 bf16, 512 tokens at depth {}, {} CTAs", depth,
+                                   narrow ? "narrow" : "wide"));
 }
 
 std::string decode_step_name(int64_t batch, int64_t context, bool graphs) {
@@ -370,19 +377,14 @@ std::string decode_step_name(int64_t batch, int64_t context, bool graphs) {
 // Whole decode steps of the bench preset through the model, each ending with a greedy draw per
 // sequence on the device (the token ids back on the host): `batch` sequences after a
 // `context`-token prompt each, with decode steps replayed as CUDA graphs or launched eagerly.
-// Bytes per step: the weights the step reads (at most every expert a token picked), each
-// lightning state read and written, and the KV cache read.
+// Bytes per step: the weights the step reads (the experts some token picked, in expectation under
+// uniform routing: decode_weight_bytes), each lightning state read and written, and the KV cache
+// read.
 void bench_decode_step(Report& report, const Limits& limits, int64_t batch, int64_t context, bool graphs) {
   const m1::ModelConfig config = m1::preset("bench").config;
   auto backend = m1::create_backend({"cuda", 0, m1::Precision::kFast, false, graphs});
   m1::Checkpoint checkpoint = m1::random_checkpoint(config, m1::DType::kBF16, 1);
-  uint64_t weight_bytes = m1::bench::decode_weight_bytes(config, checkpoint, {});
-  uint64_t expert_bytes = 0;
-  for (const m1::WeightSpec& spec : m1::weight_specs(config))
-    if (spec.role == m1::WeightRole::kW1 || spec.role == m1::WeightRole::kW2 || spec.role == m1::WeightRole::kW3)
-      expert_bytes += checkpoint.require(spec.name, spec.shape).nbytes;
-  const int64_t experts_read = std::min(config.num_local_experts, batch * config.num_experts_per_tok);
-  weight_bytes += expert_bytes / uint64_t(config.num_local_experts) * uint64_t(experts_read - config.num_experts_per_tok);
+  const uint64_t weight_bytes = m1::bench::decode_weight_bytes(config, checkpoint, {}, batch);
   m1::Model model(config, std::move(checkpoint), *backend);
 
   std::vector<std::unique_ptr<m1::SequenceState>> states;
@@ -489,6 +491,8 @@ int run(const std::string& json_path, const std::string& only, const std::string
   if (wanted("flash prefill")) {
     for (bool bf16_operands : {true, false})
       for (int64_t tokens : {8192, 65536}) bench_flash_prefill(report, limits, stream, gpu, tokens, bf16_operands);
+    // The planned 3 stages of the fast wide CTAs against 2.
+    bench_flash_prefill(report, limits, stream, gpu, 65536, true, 2);
     for (bool narrow : {true, false}) bench_flash_prefill_rank(report, limits, stream, gpu, 32768, narrow);
   }
   if (wanted("sampling"))

@@ -1,6 +1,7 @@
 #include "bench_models.h"
 
 #include <algorithm>
+#include <cmath>
 
 #include "m1/synthetic.h"
 #include "m1/weights.h"
@@ -52,18 +53,21 @@ DType checkpoint_dtype(const Checkpoint& checkpoint, const ModelConfig& config) 
   return checkpoint.require(embed.name, embed.shape).weight_dtype();
 }
 
-uint64_t decode_weight_bytes(const ModelConfig& config, const Checkpoint& checkpoint, const LoadOptions& load) {
+uint64_t decode_weight_bytes(const ModelConfig& config, const Checkpoint& checkpoint, const LoadOptions& load,
+                             int64_t batch) {
   uint64_t dense = 0, experts = 0;
   for (const WeightSpec& spec : weight_specs(config)) {
     const uint64_t bytes = loaded_weight_bytes(config, checkpoint, spec, load);
     if (spec.role == WeightRole::kEmbed && !config.tie_word_embeddings)
-      dense += bytes / uint64_t(spec.shape.front());
+      dense += bytes / uint64_t(spec.shape.front()) * uint64_t(batch);
     else if (spec.expert >= 0)
       experts += bytes;
     else
       dense += bytes;
   }
-  return dense + experts * uint64_t(config.num_experts_per_tok) / uint64_t(config.num_local_experts);
+  if (batch == 1) return dense + experts * uint64_t(config.num_experts_per_tok) / uint64_t(config.num_local_experts);
+  const double untouched = std::pow(1.0 - double(config.num_experts_per_tok) / double(config.num_local_experts), double(batch));
+  return dense + uint64_t(std::llround(double(experts) * (1.0 - untouched)));
 }
 
 }  // namespace m1::bench

@@ -53,6 +53,7 @@ nlohmann::ordered_json result_json(const BenchResult& r) {
   j["state_bytes"] = m.state_bytes;
   j["peak_rss_bytes"] = m.peak_rss_bytes;
   j["weight_bytes_per_token"] = r.weight_bytes_per_token;
+  j["weight_bytes_per_step"] = r.weight_bytes_per_step;
   j["repeats"] = {{"prefill_ms", m.prefill_ms}, {"decode_ms_per_token", m.decode_ms_per_token}};
   return j;
 }

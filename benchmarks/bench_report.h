@@ -18,7 +18,8 @@ namespace m1::bench {
 struct BenchResult {
   std::string variant;
   bool random_weights = false;
-  uint64_t weight_bytes_per_token = 0;  // read by one decode step
+  uint64_t weight_bytes_per_token = 0;  // read by one decode step of one sequence
+  uint64_t weight_bytes_per_step = 0;   // read by one decode step of the run's batch (expected)
   Measurement measurement;
 };
 

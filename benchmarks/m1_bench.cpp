@@ -164,11 +164,13 @@ Sweep run_sweep(const Options& o, const BaseModel& base, const m1::BackendOption
     VariantWeights weights = variant_weights(base, config);
     if (o.measure_bandwidth && !sweep.read_bandwidth) sweep.read_bandwidth = weight_read_bandwidth(weights.checkpoint, o.threads);
     const uint64_t bytes_per_token = decode_weight_bytes(config, weights.checkpoint, load);
+    const uint64_t bytes_per_step = decode_weight_bytes(config, weights.checkpoint, load, o.decode_batch);
     for (int64_t context : contexts) {
       std::fprintf(stderr, "m1-bench: [%zu/%zu] %s at context %s\n", sweep.results.size() + 1, total, variant.c_str(),
                    format_token_count(context).c_str());
       const MeasureSpec spec{context, extra_prefill, o.decode_tokens, o.repeats, o.prefill_chunk, o.decode_batch};
-      sweep.results.push_back({variant, weights.random, bytes_per_token, measure_in_child(backend, load, config, weights, spec)});
+      sweep.results.push_back(
+          {variant, weights.random, bytes_per_token, bytes_per_step, measure_in_child(backend, load, config, weights, spec)});
     }
   }
   return sweep;

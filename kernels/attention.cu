@@ -59,18 +59,19 @@ struct Geometry {
   static constexpr int kKeys = D <= 128 ? 64 : 32;  // keys per tile; 256-wide rows halve it to fit
   static constexpr int kDecodeWarps = kKeys / 16;
   static constexpr size_t kTileBytes = size_t(kKeys) * kPitch * 2;
-  // Two stages of K and V tiles, double buffered.
-  static constexpr size_t kStagesBytes = 4 * kTileBytes;
-  // The query block (a prefill CTA's or 16 decode query vectors) once per bf16 part, then the stages.
-  static constexpr size_t prefill_bytes(Operands o, int warps) {
-    return query_parts(o) * size_t(16 * warps) * kPitch * 2 + kStagesBytes;
+  static constexpr size_t kStageBytes = 2 * kTileBytes;  // one K tile and one V tile
+  // The query block (a prefill CTA's or 16 decode query vectors) once per bf16 part, then the
+  // stages: `stages` for prefill, 2 for decode.
+  static constexpr size_t prefill_bytes(Operands o, int warps, int stages) {
+    return query_parts(o) * size_t(16 * warps) * kPitch * 2 + size_t(stages) * kStageBytes;
   }
-  static constexpr size_t decode_bytes(Operands o) { return query_parts(o) * size_t(16) * kPitch * 2 + kStagesBytes; }
+  static constexpr size_t decode_bytes(Operands o) { return query_parts(o) * size_t(16) * kPitch * 2 + 2 * kStageBytes; }
   // The decode CTA's closing merge reuses the stages: per warp 16 rows of D floats plus max,
   // sum and merge weight.
-  static_assert(size_t(kDecodeWarps) * 16 * (D + 3) * 4 <= kStagesBytes);
-  static_assert(prefill_bytes(Operands::kSplit, prefill_warps(Operands::kSplit)) <= 160 * 1024 &&
-                prefill_bytes(Operands::kRounded, prefill_warps(Operands::kRounded)) <= 160 * 1024 &&
+  static_assert(size_t(kDecodeWarps) * 16 * (D + 3) * 4 <= 2 * kStageBytes);
+  // Two stages fit a GPU of 160 KB per block (an A100 allows 163 KB), which a third may not.
+  static_assert(prefill_bytes(Operands::kSplit, prefill_warps(Operands::kSplit), 2) <= 160 * 1024 &&
+                prefill_bytes(Operands::kRounded, prefill_warps(Operands::kRounded), 2) <= 160 * 1024 &&
                 decode_bytes(Operands::kSplit) <= 160 * 1024);
 };
 
@@ -102,8 +103,9 @@ __device__ __forceinline__ void copy_async_16(void* dst, const void* src, bool v
                "r"(valid ? 16 : 0));
 }
 __device__ __forceinline__ void copy_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-// Waits until at most one committed group is still in flight.
+// Waits until at most one committed group is still in flight, or none.
 __device__ __forceinline__ void copy_async_wait_all_but_one() { asm volatile("cp.async.wait_group 1;\n" ::); }
+__device__ __forceinline__ void copy_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
 
 __device__ __forceinline__ uint32_t bits(__nv_bfloat162 v) { return *reinterpret_cast<uint32_t*>(&v); }
 
@@ -389,6 +391,7 @@ struct AttendParams {
   const AttentionSegment* segments;
   int segment_count;
   int64_t work_items;       // prefill: tiles of all segments; decode: split slots of all segments
+  int stages;               // prefill: K/V stages in shared memory (decode: always 2)
   float* partial_acc;       // decode: [heads][slots][d]
   float* partial_stats;     // decode: [heads][slots][max, sum]
 };
@@ -410,37 +413,46 @@ __device__ __forceinline__ void load_kv_tile(const AttentionSegment& seg, int64_
   copy_async_commit();
 }
 
-// Streams cache rows [begin, end) of one kv head through the two shared stages, kKeys rows at a
-// time (the next tile copies while this one is used), calling attend(keys, values, t0) for each
-// tile once every thread's copies have landed. All threads of the CTA must call it.
+// Streams cache rows [begin, end) of one kv head through `stage_count` (2 or 3) shared stages,
+// kKeys rows at a time, copying tiles stage_count - 1 ahead of the one in use, and calls
+// attend(keys, values, t0) for each tile once every thread's copies have landed. One barrier per
+// tile: after it every thread has its copies of this tile and is done with the last one, whose
+// stage then takes the next copy. Ends on a barrier, so the stages are free for the caller. All
+// threads of the CTA must call it.
 template <int D, class Attend>
 __device__ __forceinline__ void stream_kv(const AttentionSegment& seg, int64_t kv_width, int64_t head_offset, int d,
-                                          int64_t begin, int64_t end, uint16_t* stages, Attend attend) {
-  constexpr int P = Geometry<D>::kPitch, kKeys = Geometry<D>::kKeys;
+                                          int64_t begin, int64_t end, uint16_t* stages, int stage_count,
+                                          Attend attend) {
+  constexpr int P = Geometry<D>::kPitch, kKeys = Geometry<D>::kKeys, kStage = 2 * kKeys * P;
   const int tiles = int(ceil_div(end - begin, kKeys));
-  load_kv_tile<D>(seg, kv_width, head_offset, d, begin, end, stages, stages + kKeys * P);
+  // Tile j into stage j % stage_count; past the last tile an empty group keeps the wait count uniform.
+  const auto copy = [&](int j) {
+    if (j >= tiles) return copy_async_commit();
+    uint16_t* stage = stages + (j % stage_count) * kStage;
+    load_kv_tile<D>(seg, kv_width, head_offset, d, begin + int64_t(j) * kKeys, end, stage, stage + kKeys * P);
+  };
+  for (int j = 0; j < stage_count - 1; ++j) copy(j);
   for (int j = 0; j < tiles; ++j) {
-    if (j + 1 < tiles) {
-      uint16_t* next = stages + ((j + 1) & 1) * 2 * kKeys * P;
-      load_kv_tile<D>(seg, kv_width, head_offset, d, begin + int64_t(j + 1) * kKeys, end, next, next + kKeys * P);
-    } else {
-      copy_async_commit();  // an empty group keeps the wait count uniform
-    }
-    copy_async_wait_all_but_one();
+    // Tiles j + 1 .. j + stage_count - 2 may stay in flight.
+    if (stage_count == 3)
+      copy_async_wait_all_but_one();
+    else
+      copy_async_wait_all();
     __syncthreads();
-    const uint16_t* keys = stages + (j & 1) * 2 * kKeys * P;
+    copy(j + stage_count - 1);  // into the stage of tile j - 1
+    const uint16_t* keys = stages + (j % stage_count) * kStage;
     attend(keys, keys + kKeys * P, begin + int64_t(j) * kKeys);
-    __syncthreads();  // the next iteration refills this stage
   }
+  __syncthreads();
 }
 
-// Zeroes the columns [d, D) of every stage row once: the copies never write them and the tensor
-// cores read them in 16-column steps.
+// Zeroes the columns [d, D) of every row of `stage_count` stages once: the copies never write them
+// and the tensor cores read them in 16-column steps.
 template <int D>
-__device__ __forceinline__ void clear_padding(uint16_t* stages, int d) {
-  constexpr int P = Geometry<D>::kPitch, kRows = 4 * Geometry<D>::kKeys;
-  const int width = D - d;
-  for (int i = threadIdx.x; i < kRows * width; i += blockDim.x) stages[(i / width) * P + d + i % width] = 0;
+__device__ __forceinline__ void clear_padding(uint16_t* stages, int stage_count, int d) {
+  constexpr int P = Geometry<D>::kPitch;
+  const int rows = stage_count * 2 * Geometry<D>::kKeys, width = D - d;
+  for (int i = threadIdx.x; i < rows * width; i += blockDim.x) stages[(i / width) * P + d + i % width] = 0;
 }
 
 // --- Prefill --------------------------------------------------------------------------------
@@ -467,7 +479,7 @@ __global__ void __launch_bounds__(W * 32) prefill_kernel(AttendParams p) {
   const int64_t unmasked_through = seg.pos0 + first / group;  // keys every row sees
   const int64_t kv_width = int64_t(p.kv_heads) * p.d;
 
-  clear_padding<D>(stages, p.d);
+  clear_padding<D>(stages, p.stages, p.d);
   for (int i = threadIdx.x; i < kQueryRows * D; i += blockDim.x) {
     const int r = i / D, c = i % D;
     const int64_t m = first + r;
@@ -488,7 +500,7 @@ __global__ void __launch_bounds__(W * 32) prefill_kernel(AttendParams p) {
 
   const uint16_t* my_q_high = q_high + warp * 16 * P;
   const uint16_t* my_q_low = q_low + warp * 16 * P;
-  stream_kv<D>(seg, kv_width, int64_t(kv_head) * p.d, p.d, 0, kv_end, stages,
+  stream_kv<D>(seg, kv_width, int64_t(kv_head) * p.d, p.d, 0, kv_end, stages, p.stages,
                [&](const uint16_t* keys, const uint16_t* values, int64_t t0) {
                  attend_tile<D, kKeys / 8, O>(my_q_high, my_q_low, keys, values, p.d, t0,
                                               t0 + kKeys - 1 > unmasked_through, limit, p.scale_log2, state);
@@ -535,7 +547,7 @@ __global__ void __launch_bounds__(Geometry<D>::kDecodeWarps * 32) decode_kernel(
   const int64_t head0 = int64_t(kv_head) * p.group + first_head;
   const int64_t kv_width = int64_t(p.kv_heads) * p.d;
 
-  clear_padding<D>(stages, p.d);
+  clear_padding<D>(stages, 2, p.d);
   for (int i = threadIdx.x; i < 16 * D; i += blockDim.x) {
     const int r = i / D, c = i % D;
     float x = 0.0f;
@@ -547,13 +559,13 @@ __global__ void __launch_bounds__(Geometry<D>::kDecodeWarps * 32) decode_kernel(
   state.clear();
 
   // Warp w takes keys 16w..16w+15 of every tile.
-  stream_kv<D>(seg, kv_width, int64_t(kv_head) * p.d, p.d, begin, end, stages,
+  stream_kv<D>(seg, kv_width, int64_t(kv_head) * p.d, p.d, begin, end, stages, 2,
                [&](const uint16_t* keys, const uint16_t* values, int64_t t0) {
                  attend_tile<D, 2, O>(q_high, q_low, keys + warp * 16 * P, values + warp * 16 * P, p.d,
                                       t0 + warp * 16, t0 + kKeys > end, limit, p.scale_log2, state);
                });
 
-  // Merge the warps in a fixed order. The stages are free now (the loop ended on a barrier).
+  // Merge the warps in a fixed order. The stages are free now (stream_kv ended on a barrier).
   float* merged_acc = reinterpret_cast<float*>(stages);  // [warp][16][D]
   float* merged_max = merged_acc + kWarps * 16 * D;     // [warp][16]
   float* merged_sum = merged_max + kWarps * 16;
@@ -672,25 +684,22 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(AttendParam
 
 // --- Host side ------------------------------------------------------------------------------
 
-// A step's prefill CTAs of `warps` warps for one kv head.
-int64_t prefill_ctas(std::span<const AttentionSegment> segments, int64_t group, int warps) {
-  int64_t ctas = 0;
-  for (const AttentionSegment& s : segments) ctas += prefill_tiles(s.count, group, 16 * warps);
-  return ctas;
-}
-
 struct StepShape {
-  int64_t rows = 0, prefill_tiles = 0, decode_rows = 0, decode_slots = 0;
+  int64_t rows = 0, decode_rows = 0, decode_slots = 0;
+  PrefillPlan prefill;
 };
 
 template <int D, Operands O, int W>
-void launch_prefill(const AttendParams& base, int64_t tiles, const AttentionArgs& a, Device& device, cudaStream_t stream) {
+void launch_prefill(const AttendParams& base, const PrefillPlan& plan, const AttentionArgs& a, Device& device,
+                    cudaStream_t stream) {
   using G = Geometry<D>;
+  const size_t bytes = G::prefill_bytes(O, W, plan.stages);
   // The tiles need more than the default 48 KB of shared memory.
-  device.allow_shared_memory<prefill_kernel<D, O, W>>(G::prefill_bytes(O, W));
+  device.allow_shared_memory<prefill_kernel<D, O, W>>(bytes);
   AttendParams p = base;
-  p.work_items = tiles;
-  prefill_kernel<D, O, W><<<dim3(unsigned(tiles), unsigned(a.kv_heads)), W * 32, G::prefill_bytes(O, W), stream>>>(p);
+  p.work_items = plan.ctas;
+  p.stages = plan.stages;
+  prefill_kernel<D, O, W><<<dim3(unsigned(plan.ctas), unsigned(a.kv_heads)), W * 32, bytes, stream>>>(p);
   M1_CUDA_CHECK_LAUNCH();
 }
 
@@ -699,12 +708,11 @@ void launch_attention(const AttendParams& base, const StepShape& shape, const At
                       DeviceScratch& scratch, Device& device, cudaStream_t stream) {
   using G = Geometry<D>;
   device.allow_shared_memory<decode_kernel<D, O>>(G::decode_bytes(O));
-  if (shape.prefill_tiles > 0) {
-    const int64_t narrow = prefill_ctas(a.segments, base.group, kNarrowPrefillWarps);
-    if (shape.prefill_tiles * a.kv_heads < device.limits().sms && narrow <= INT32_MAX)
-      launch_prefill<D, O, kNarrowPrefillWarps>(base, narrow, a, device, stream);
+  if (shape.prefill.ctas > 0) {
+    if (shape.prefill.warps == kNarrowPrefillWarps)
+      launch_prefill<D, O, kNarrowPrefillWarps>(base, shape.prefill, a, device, stream);
     else
-      launch_prefill<D, O, prefill_warps(O)>(base, shape.prefill_tiles, a, device, stream);
+      launch_prefill<D, O, prefill_warps(O)>(base, shape.prefill, a, device, stream);
   }
   if (shape.decode_rows > 0) {
     AttendParams p = base;
@@ -733,7 +741,48 @@ void launch_for_head_dim(const AttendParams& base, const StepShape& shape, const
     launch_attention<256, O>(base, shape, a, scratch, device, stream);
 }
 
+// Shared memory of a prefill CTA for head dim d.
+size_t prefill_shared_bytes(int64_t d, Operands o, int warps, int stages) {
+  if (d <= 64) return Geometry<64>::prefill_bytes(o, warps, stages);
+  if (d <= 128) return Geometry<128>::prefill_bytes(o, warps, stages);
+  return Geometry<256>::prefill_bytes(o, warps, stages);
+}
+
 }  // namespace
+
+PrefillPlan plan_prefill(std::span<const AttentionSegment> segments, int64_t heads, int64_t kv_heads, int64_t d,
+                         bool bf16_operands, const DeviceLimits& limits, int stages) {
+  if (heads <= 0 || kv_heads <= 0 || heads % kv_heads != 0)
+    fail("softmax attention: {} query heads do not split into {} kv heads", heads, kv_heads);
+  const Operands o = bf16_operands ? Operands::kRounded : Operands::kSplit;
+  const int64_t group = heads / kv_heads;
+  int64_t wide = 0, narrow = 0;
+  for (const AttentionSegment& s : segments) {
+    wide += prefill_tiles(s.count, group, 16 * prefill_warps(o));
+    narrow += prefill_tiles(s.count, group, 16 * kNarrowPrefillWarps);
+  }
+  PrefillPlan plan;
+  if (wide == 0) return plan;
+  const bool few = wide * kv_heads < limits.sms && narrow <= INT32_MAX;
+  plan.warps = few ? kNarrowPrefillWarps : prefill_warps(o);
+  plan.ctas = few ? narrow : wide;
+  if (stages == 0) {
+    // Fast wide CTAs hold their SM by registers (ptxas, sm_90: 119, 157 and 194 at d = 64, 128 and
+    // 256: at most 2, 1 and 1 CTAs of 256 threads), so a third stage costs them no occupancy; the
+    // narrow and the exact CTAs share an SM by shared memory, and would lose CTAs to it.
+    const bool third = o == Operands::kRounded && plan.warps == prefill_warps(o) &&
+                       prefill_shared_bytes(d, o, plan.warps, 3) <= size_t(std::max(limits.shared_per_block, 0));
+    plan.stages = third ? 3 : 2;
+  } else {
+    if (stages != 2 && stages != 3) fail("softmax attention: {} K/V stages requested (2 or 3)", stages);
+    const size_t bytes = prefill_shared_bytes(d, o, plan.warps, stages);
+    if (bytes > size_t(std::max(limits.shared_per_block, 0)))
+      fail("softmax attention: {} K/V stages need {} bytes of shared memory per block, the GPU allows {}", stages,
+           bytes, limits.shared_per_block);
+    plan.stages = stages;
+  }
+  return plan;
+}
 
 void softmax_attention(const AttentionArgs& a, DeviceScratch& scratch, Device& device, cudaStream_t stream) {
   if (a.heads <= 0 || a.kv_heads <= 0 || a.heads % a.kv_heads != 0)
@@ -756,14 +805,14 @@ void softmax_attention(const AttentionArgs& a, DeviceScratch& scratch, Device& d
     if (!aligned16(s.keys) || !aligned16(s.values))
       fail("softmax attention: KV cache not 16-byte aligned");
     shape.rows += s.count;
-    shape.prefill_tiles += prefill_tiles(s.count, group, 16 * prefill_warps(operands));
     if (s.count == 1) {
       ++shape.decode_rows;
       shape.decode_slots += decode_slots(s);
     }
   }
   if (shape.rows == 0) return;
-  if (shape.rows > INT32_MAX || shape.prefill_tiles > INT32_MAX || shape.decode_slots > INT32_MAX)
+  shape.prefill = plan_prefill(a.segments, a.heads, a.kv_heads, a.d, a.bf16_operands, device.limits(), a.kv_stages);
+  if (shape.rows > INT32_MAX || shape.prefill.ctas > INT32_MAX || shape.decode_slots > INT32_MAX)
     fail("softmax attention: step of {} rows too large for one launch", shape.rows);
   const int segment_count = int(a.segments.size());
 

@@ -43,7 +43,22 @@ struct AttentionArgs {
   // accumulation, softmax in fp32): the fast precision of DESIGN.md §4. False carries each as a
   // bf16 high part and remainder, two products each, for fp32-grade results.
   bool bf16_operands = false;
+  // K/V tiles each prefill CTA keeps in flight plus the one in use: 0 takes plan_prefill's choice;
+  // 2 or 3 force it (benchmarks compare them; the bits are the same).
+  int kv_stages = 0;
 };
+
+// How a step's prefill rows are cut: per kv head `ctas` CTAs of `warps` warps (16 query vectors
+// each), each streaming its keys through `stages` shared K/V tiles. Narrow CTAs (2 warps) when the
+// full width (8 warps fast, 4 exact) would leave SMs idle; 3 stages where they cost no occupancy.
+// A row's bits depend on neither. `stages` 0 chooses; 2 or 3 forces (more than the GPU's shared
+// memory allows fails). No prefill rows: ctas 0.
+struct PrefillPlan {
+  int warps = 0, stages = 0;
+  int64_t ctas = 0;
+};
+PrefillPlan plan_prefill(std::span<const AttentionSegment> segments, int64_t heads, int64_t kv_heads, int64_t d,
+                         bool bf16_operands, const DeviceLimits& limits, int stages = 0);
 
 void softmax_attention(const AttentionArgs& args, DeviceScratch& scratch, Device& device, cudaStream_t stream);
 

@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -214,6 +215,28 @@ TEST(BenchDecodeBatch, StepsCarryEverySequenceAndCountThemAll) {
   const double ms = result["decode_ms_per_token"].get<double>(), per_s = result["decode_tokens_per_s"].get<double>();
   ASSERT_GT(ms, 0);
   EXPECT_NEAR(per_s, 5 * 1000 / ms, 1e-9 * per_s);
+}
+
+// A step of B sequences reads, beyond one sequence's weights, an embedding row per further
+// sequence and the experts some token picked: E (1 - (1 - k / E)^B) of each layer's E in
+// expectation when each token picks its top k uniformly, against k at batch 1.
+TEST(BenchDecodeBatch, WeightBytesPerStepCountTheExpertsTheBatchPicks) {
+  const auto [r, report] = run_bench_json(
+      "--synthetic tiny --contexts 64 --decode-tokens 2 --repeats 1 --threads 2 --variants hybrid --decode-batch 5");
+  ASSERT_EQ(r.status, 0) << r.err;
+  ASSERT_FALSE(report.is_discarded());
+  ASSERT_EQ(report["model"]["dtype"], "BF16");
+  const json& c = report["model"]["config"];
+  const double experts = c["num_local_experts"].get<double>(), top_k = c["num_experts_per_tok"].get<double>(),
+               hidden = c["hidden_size"].get<double>();
+  const double expert_bytes =
+      c["num_hidden_layers"].get<double>() * experts * 3 * hidden * c["intermediate_size"].get<double>() * 2;
+  const double embed_rows = c["tie_word_embeddings"].get<bool>() ? 0 : 4 * hidden * 2;
+  const json& result = report["results"][0];
+  const double token = result["weight_bytes_per_token"].get<double>(), step = result["weight_bytes_per_step"].get<double>();
+  const double picked = 1 - std::pow(1 - top_k / experts, 5);
+  EXPECT_NEAR(step, token + embed_rows + expert_bytes * (picked - top_k / experts), 1.0);
+  EXPECT_GT(step, token);
 }
 
 TEST_F(BenchErrors, BadArgumentsNameTheOption) {

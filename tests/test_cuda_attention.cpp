@@ -121,6 +121,7 @@ struct StepOptions {
   bool fast = false;              // AttentionArgs::bf16_operands, checked against kFastOutputBound
   bool declare_capacity = false;  // each segment tells its cache's whole room (AttentionSegment::capacity)
   Device* device = nullptr;       // the GPU as the kernels see it; the test device when null
+  int kv_stages = 0;              // AttentionArgs::kv_stages
 };
 
 // Runs one step of `entries` (in this order of rows) on the GPU, checks it against the oracle,
@@ -165,6 +166,7 @@ std::vector<EntryResult> run_step(const Shape& s, const std::vector<Entry>& entr
   args.segments = segments;
   args.device_segments = dsegments.get();
   args.bf16_operands = options.fast;
+  args.kv_stages = options.kv_stages;
   softmax_attention(args, scratch, options.device ? *options.device : test::test_device(), nullptr);
   M1_CUDA_CHECK(cudaDeviceSynchronize());
   const std::vector<float> gpu_q = dq.download(), gpu_k = dk.download(), gpu_out = dout.download();
@@ -392,9 +394,13 @@ TEST(CudaAttention, NarrowPrefillCtasGiveTheSameBits) {
   M1_REQUIRE_CUDA();
   DeviceScratch scratch(nullptr);
   Device one_sm = test::device_with_sms(1);
+  Device many_sms = test::device_with_sms(132);
   const Shape s{8, 1, 128, 64};
   for (bool fast : {false, true}) {
     SCOPED_TRACE(fast ? "fast" : "exact");
+    const AttentionSegment rows[] = {{.count = 150}, {.count = 33}};
+    ASSERT_EQ(plan_prefill(rows, s.heads, s.kv_heads, s.d, fast, many_sms.limits()).warps, 2);
+    ASSERT_EQ(plan_prefill(rows, s.heads, s.kv_heads, s.d, fast, one_sm.limits()).warps, fast ? 8 : 4);
     const uint64_t seed = rng()();
     Cache deep_wide(s.kv_width(), 500), deep_narrow(s.kv_width(), 500), fresh_wide(s.kv_width(), 40),
         fresh_narrow(s.kv_width(), 40);
@@ -404,9 +410,68 @@ TEST(CudaAttention, NarrowPrefillCtasGiveTheSameBits) {
     const std::vector<EntryResult> wide = run_step(s, {deep, fresh}, scratch, {.fast = fast, .device = &one_sm});
     deep.cache = &deep_narrow;
     fresh.cache = &fresh_narrow;
-    const std::vector<EntryResult> narrow = run_step(s, {deep, fresh}, scratch, {.fast = fast});
+    const std::vector<EntryResult> narrow = run_step(s, {deep, fresh}, scratch, {.fast = fast, .device = &many_sms});
     for (size_t i = 0; i < 2; ++i) EXPECT_TRUE(same_bits(wide[i].out, narrow[i].out)) << "segment " << i;
   }
+}
+
+// The K/V tiles stream through 2 or 3 stages of shared memory: the same bits, wide and narrow, in
+// both precisions, for rows whose keys span many tiles (depth 300 and 1,000) and rows from the
+// start, at head dims 128 and 256 (tiles of 64 and 32 keys) and 40 (padding columns).
+TEST(CudaAttention, KvStagesGiveTheSameBits) {
+  M1_REQUIRE_CUDA();
+  DeviceScratch scratch(nullptr);
+  Device one_sm = test::device_with_sms(1);
+  for (const Shape& s : {Shape{8, 1, 128, 64}, Shape{4, 2, 256, 32}, Shape{6, 3, 40, 40}}) {
+    for (bool fast : {false, true})
+      for (Device* device : {&one_sm, static_cast<Device*>(nullptr)}) {
+        SCOPED_TRACE(fmt::format("d {}, {}, {}", s.d, fast ? "fast" : "exact", device ? "wide" : "as planned"));
+        const uint64_t seed = rng()();
+        Cache deep[2] = {{s.kv_width(), 1100}, {s.kv_width(), 1100}}, fresh[2] = {{s.kv_width(), 40}, {s.kv_width(), 40}};
+        for (Cache& c : deep) c.fill_prefix(s.d == 256 ? 300 : 1000, seed);
+        Entry long_rows = make_entry(s, deep[0], 70), short_rows = make_entry(s, fresh[0], 19);
+        const std::vector<EntryResult> two =
+            run_step(s, {long_rows, short_rows}, scratch, {.fast = fast, .device = device, .kv_stages = 2});
+        long_rows.cache = &deep[1];
+        short_rows.cache = &fresh[1];
+        const std::vector<EntryResult> three =
+            run_step(s, {long_rows, short_rows}, scratch, {.fast = fast, .device = device, .kv_stages = 3});
+        for (size_t i = 0; i < 2; ++i) EXPECT_TRUE(same_bits(two[i].out, three[i].out)) << "segment " << i;
+      }
+  }
+}
+
+// Needs no GPU: the plan is made on the host. Narrow CTAs when the wide ones would leave SMs idle;
+// a third stage only for wide fast CTAs, and only where the GPU's shared memory per block holds it.
+TEST(CudaAttention, PrefillPlanNarrowsAndStagesWhereItPays) {
+  const DeviceLimits h100{132, 227 * 1024}, one{1, 227 * 1024}, a100_like{108, 160 * 1024};
+  const AttentionSegment prompt[] = {{.count = 150}, {.count = 1}, {.count = 33}};
+  // 8 query heads on 1 kv head: 1,464 query vectors of prefill (the decode row takes none).
+  PrefillPlan plan = plan_prefill(prompt, 8, 1, 128, true, h100);
+  EXPECT_EQ(plan.warps, 2);
+  EXPECT_EQ(plan.stages, 2);
+  EXPECT_EQ(plan.ctas, 38 + 9);
+  plan = plan_prefill(prompt, 8, 1, 128, true, one);
+  EXPECT_EQ(plan.warps, 8);
+  EXPECT_EQ(plan.stages, 3);
+  EXPECT_EQ(plan.ctas, 10 + 3);
+  plan = plan_prefill(prompt, 8, 1, 128, false, one);
+  EXPECT_EQ(plan.warps, 4);
+  EXPECT_EQ(plan.stages, 2);
+  EXPECT_EQ(plan_prefill(prompt, 8, 1, 128, false, one, 3).stages, 3);
+  // 64 query heads on 8 kv heads, 512 rows: 32 wide CTAs per kv head, 256 in all, fill 132 SMs.
+  const AttentionSegment chunk[] = {{.count = 512}};
+  plan = plan_prefill(chunk, 64, 8, 128, true, h100);
+  EXPECT_EQ(plan.warps, 8);
+  EXPECT_EQ(plan.ctas, 32);
+  EXPECT_EQ(plan.stages, 3);
+  // d = 256: 3 stages take 169 KB, past a 160 KB GPU: 2, and forcing 3 there fails.
+  EXPECT_EQ(plan_prefill(chunk, 64, 8, 256, true, a100_like).stages, 2);
+  EXPECT_EQ(plan_prefill(chunk, 64, 8, 256, true, h100).stages, 3);
+  testing::expect_error([&] { plan_prefill(chunk, 64, 8, 256, true, a100_like, 3); }, {"3 K/V stages", "shared memory"});
+  testing::expect_error([&] { plan_prefill(chunk, 64, 8, 128, true, h100, 4); }, {"4 K/V stages"});
+  const AttentionSegment decode[] = {{.count = 1}, {.count = 1}};
+  EXPECT_EQ(plan_prefill(decode, 64, 8, 128, true, h100).ctas, 0);
 }
 
 TEST(CudaAttention, DecodeLaunchSizedByCapacity) {
