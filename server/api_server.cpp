@@ -89,8 +89,11 @@ ApiServer::ApiServer(HttpOptions options)
   http_.set_payload_max_length(options_.max_body_bytes);
   http_.set_error_handler(httplib::Server::HandlerWithResponse(
       [this](const httplib::Request& request, httplib::Response& response) { return on_http_error(request, response); }));
-  http_.set_logger([this](const httplib::Request& request, const httplib::Response& response) {
-    responses_.count(response.status);
+  // Counted once the status is final and before anything is written, so that a client that has
+  // its answer finds it counted by the next /metrics (the logger runs after the write).
+  http_.set_post_routing_handler(
+      [this](const httplib::Request&, httplib::Response& response) { responses_.count(response.status); });
+  http_.set_logger([](const httplib::Request& request, const httplib::Response& response) {
     spdlog::debug("{} {} -> {}", request.method, request.path, response.status);
   });
   add_routes();

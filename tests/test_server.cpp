@@ -453,16 +453,20 @@ TEST_F(ServerTest, TokenizeAndDetokenize) {
 }
 
 TEST_F(ServerTest, MetricsAreInPrometheusFormat) {
+  // A response is counted before it is written: once a client has its answer, the next /metrics
+  // counts it (the /metrics reply before it is a 200 as well).
+  const std::string before = client().get("/metrics").body;
   ASSERT_EQ(client().post("/v1/completions", completion_request("Count me", 4)).status, 200);
-  // A response is counted when the server logs it, after it has been written: the client can ask
-  // for /metrics first.
-  Reply reply;
-  EXPECT_TRUE(eventually([&] {
-    reply = client().get("/metrics");
-    return metric(reply.body, "m1_requests_total{status=\"200\"}") > 0;
-  })) << reply.body;
+  ASSERT_EQ(client().post("/v1/completions", {{"prompt", "no model named"}, {"max_tokens", -1}}).status, 400);
+  ASSERT_EQ(client().get("/v1/nowhere").status, 404);
+  const Reply reply = client().get("/metrics");
   ASSERT_EQ(reply.status, 200);
   const std::string& text = reply.body;
+  const auto count = [](const std::string& metrics, const std::string& name) { return std::max<int64_t>(metric(metrics, name), 0); };
+  for (const auto& [status, more] : {std::pair{200, 2}, {400, 1}, {404, 1}}) {
+    const std::string name = "m1_requests_total{status=\"" + std::to_string(status) + "\"}";
+    EXPECT_EQ(count(text, name), count(before, name) + more) << name << "\n" << text;
+  }
   for (const char* name : {"m1_requests_total", "m1_prompt_tokens_total", "m1_generation_tokens_total",
                            "m1_requests_waiting", "m1_requests_running", "m1_engine_requests_total",
                            "m1_time_to_first_token_seconds", "m1_inter_token_latency_seconds"}) {
