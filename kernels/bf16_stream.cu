@@ -53,6 +53,8 @@ constexpr int kStagesPerChunk = kChunk / kStageK;
 constexpr int shared_bytes(int parts, int64_t max_rows, int inputs) {
   return int(kStages * (kWStage * 2 + inputs * max_rows * kStageK * 4) + parts * 16 * kStride * 2 + kWarps * 256 * 4);
 }
+static_assert(kBf16StreamMaxRows <= 16, "x's terms are one 16-row fragment tile");
+static_assert(shared_bytes(3, kBf16StreamMaxRows, 2) <= 227 * 1024, "the widest ring fits an H100's block");
 
 template <int kParts, class Tiles>
 __device__ __forceinline__ void stream_products(const Tiles& tiles, int64_t n, int64_t k, int max_rows, int inputs,

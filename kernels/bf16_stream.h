@@ -18,8 +18,11 @@
 
 namespace m1::cuda {
 
-// Rows of x (of a plain product, or of a grouped product's tile) these kernels take at most.
-inline constexpr int64_t kBf16StreamMaxRows = 8;
+// Rows of x (of a plain product, or of a grouped product's tile) these kernels take at most: one
+// row tile of the tensor cores' fragments, which cost the same for 1 row as for 16. The ring then
+// takes 221 KB at most (fp32 operands and SwiGLU), within the 227 KB a block may take on an H100
+// or H200; where a GPU has less, bf16_streams says no and a grouped product takes tiles of 8.
+inline constexpr int64_t kBf16StreamMaxRows = 16;
 
 // Whether bf16_stream_matmul takes a product of `rows` rows of x (row stride ldx) with BF16
 // weights of `cols` inputs at `weights` (every group's, for grouped products): few enough rows,

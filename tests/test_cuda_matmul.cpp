@@ -218,7 +218,8 @@ TEST_P(CudaMatmul, GraphReplaysFoldTheirChunksEachTime) {
 }
 
 // The streamed kernels (bf16_stream.h: persistent CTAs, each an equal run of (column block,
-// chunk) units) against the tiled kernel (70 rows), bit for bit, for 1 to 8 rows at sizes off the
+// chunk) units) against the tiled kernel (70 rows), bit for bit, for 1 to 16 rows (9 of those
+// counts: 1-4, 7-9, 15, 16) at sizes off the
 // column block (128), the chunk (256) and the stage (128 inputs), on grids of 1, 3, 7 and 132 CTAs
 // (how the units split: a CTA's run can start mid-block and cross blocks, and a block's chunks
 // are counted by several CTAs).
@@ -238,7 +239,7 @@ TEST(CudaBf16Stream, MatchesTheTiledKernelOnAnyGrid) {
       const std::vector<float> tiled = dout.download();
       for (int sms : {1, 3, 7, 132}) {
         Device device = test::device_with_sms(sms);
-        for (int64_t m = 1; m <= kBf16StreamMaxRows; ++m) {
+        for (int64_t m : {1, 2, 3, 4, 7, 8, 9, 15, 16}) {
           const int64_t first = (m * 5 + sms) % (rows - m + 1);
           const std::string what = fmt::format("{} rows from {}, n {} k {}, {} CTAs, {}", m, first, n, k, sms,
                                                operands_name(operands));
@@ -255,14 +256,14 @@ TEST(CudaBf16Stream, MatchesTheTiledKernelOnAnyGrid) {
 
 // matmuls (several products of the same x) against matmul of each product alone, bit for bit:
 // products whose rows are multiples of the fewest rows any has (qkv and the output gate; q, k and
-// v) stream in one launch at 1 to 8 rows, on grids of 1, 7 and 132 CTAs; rows that are no such
-// multiple, more pieces than a launch takes, 9 rows (not streamed) and a budget too small for
+// v) stream in one launch at 1 to 16 rows, on grids of 1, 7 and 132 CTAs; rows that are no such
+// multiple, more pieces than a launch takes, 17 rows (not streamed) and a budget too small for
 // the pieces' partials together take the products one by one. Widths off the column block (200,
 // 96) and inputs off the chunk (520, 296).
 TEST(CudaBf16Stream, MatmulsMatchEachProductAlone) {
   M1_REQUIRE_CUDA();
   std::mt19937 rng(35);
-  const int64_t rows = 9;
+  const int64_t rows = kBf16StreamMaxRows + 1;
   struct Case {
     std::vector<int64_t> widths;
     int64_t k;
@@ -281,7 +282,7 @@ TEST(CudaBf16Stream, MatmulsMatchEachProductAlone) {
       for (int sms : {1, 7, 132}) {
         for (const size_t budget : {cuda::kDefaultPartialBytes, test::partial_bytes(1, c.widths[0], c.k)}) {
           Device device = test::device_with_sms(sms, budget);
-          for (int64_t m : {int64_t(1), int64_t(3), int64_t(8), rows}) {
+          for (int64_t m : {int64_t(1), int64_t(3), int64_t(12), rows}) {
             if (sms != 7 && m != 3) continue;  // the grids with one row count
             const std::string what = fmt::format("widths {} k {}, {} rows, {} CTAs, budget {}, {}",
                                                  fmt::join(c.widths, "/"), c.k, m, sms, budget, operands_name(operands));
@@ -296,7 +297,7 @@ TEST(CudaBf16Stream, MatmulsMatchEachProductAlone) {
 // grouped_matmul(s) through the streamed kernels: each group's rows bit-identical to the tiled
 // kernel's on them (matmul of all 70 rows by the group's weights), with empty groups, groups of
 // 1 to 20 rows, a bound on the rows per group that splits groups into tiles (1, 3), is tight, or
-// is every row of a call of 60 rows (tiles of 8), 70 groups (two launches), and two products in
+// is every row of a call of 60 rows (tiles of 16), 70 groups (two launches), and two products in
 // one launch, or one after the other when the device's budget holds only one product's chunk
 // partials. Rows outside the groups keep what they held.
 TEST(CudaBf16Stream, GroupedMatchesTheTiledKernel) {
@@ -337,7 +338,7 @@ TEST(CudaBf16Stream, GroupedMatchesTheTiledKernel) {
         want[product].resize(size_t(call_rows * ldo));
       }
       const int parts = operands == GemmOperands::kBf16 ? 1 : 3;
-      std::vector<int64_t> tiles_tried;  // bounds past 8 rows give tiles of 8: try each tile height once
+      std::vector<int64_t> tiles_tried;  // bounds past 16 rows give tiles of 16: try each tile height once
       for (int64_t bound : {int64_t(1), int64_t(3), most, call_rows}) {
         if (bound == 1 && offsets.back() - lead > 12) continue;  // a tile per row: slow on the emulator
         if (std::ranges::count(tiles_tried, std::min(bound, kBf16StreamMaxRows)) > 0 && bound != call_rows) continue;
@@ -359,7 +360,7 @@ TEST(CudaBf16Stream, GroupedMatchesTheTiledKernel) {
 
 // grouped_matmuls_of_rows (a MoE's gate and up products of its tokens in expert order) against
 // the rows gathered first, bit for bit: tokens taken twice and not at all, empty groups, bounds
-// that stream in tiles of 3 and of 8 (reading x's rows in place) and a call of 70 rows under a
+// that stream in tiles of 3 and of 16 (reading x's rows in place) and a call of 70 rows under a
 // loose bound (gathered, then the skinny kernels), in both operand modes.
 TEST(CudaBf16Stream, GroupedRowsReadInPlaceMatchGathered) {
   M1_REQUIRE_CUDA();
@@ -540,7 +541,7 @@ TEST(CudaElementwise, RmsnormMatchesCpu) {
 
 // grouped_matmul_swiglu (the MoE's down products) gives the bits of swiglu then grouped_matmul:
 // streamed with SwiGLU applied as the rows are staged (BF16, bounds of 1 and 8 rows, and every row
-// of a 40-row call in tiles of 8), and the fallback (F32 weights; 100 rows under a loose bound).
+// of a 40-row call in tiles of 16), and the fallback (F32 weights; 100 rows under a loose bound).
 TEST(CudaBf16Stream, GroupedSwigluMatchesSwigluThenTheProduct) {
   M1_REQUIRE_CUDA();
   std::mt19937 rng(35);
