@@ -111,7 +111,7 @@ def main():
     if len(sys.argv) != 2:
         sys.exit("usage: gpu_goals.py LOGS_DIR")
     print("issue 16 goals (limits measured in this run):")
-    print(f"  {'what':52} {'now':>10} {'goal':>10}  {'verdict':8} source")
+    print(f"  {'what':56} {'now':>10} {'goal':>10}  {'verdict':8} source")
     for what, value, sense, goal, unit, source in rows(sys.argv[1]):
         show = (lambda v: f"{100 * v:.1f}%") if unit == "%" else (lambda v: f"{v:.2f} {unit}")
         if value is None:
@@ -120,7 +120,7 @@ def main():
             now = show(value)
             met = value >= goal if sense == ">=" else value <= goal
             verdict = "met" if met else "NOT met"
-        print(f"  {what:52} {now:>10} {sense + ' ' + show(goal):>10}  {verdict:8} {source}")
+        print(f"  {what:56} {now:>10} {sense + ' ' + show(goal):>10}  {verdict:8} {source}")
 
 
 if __name__ == "__main__":
