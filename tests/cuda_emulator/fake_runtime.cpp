@@ -282,6 +282,8 @@ static void run_kernel(const char* name, dim3 grid, dim3 block, size_t smem, std
   grid_dim = {grid.x, grid.y, grid.z};
   static const char* env = std::getenv("EMU_ORDER");
   static const std::string mode = env ? env : "forward";
+  if (mode != "forward" && mode != "reverse" && mode != "random" && mode != "skew")
+    die("EMU_ORDER must be forward, reverse, random or skew, got %s", mode.c_str());
   static std::mt19937 rng(12345);
   std::vector<unsigned> order(threads);
   for (unsigned bz = 0; bz < grid.z; ++bz)
