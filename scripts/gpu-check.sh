@@ -23,9 +23,9 @@
 # CUDA tests (a failing test is rerun with CUDA graphs off and under compute-sanitizer), bench_cuda,
 # int4 against BF16 decode (m1-bench at 8 layers of the real model's shape, with and without
 # --quantize int4, and the ratio of their ms/token), m1-bench at 8K and 128K, a per-kernel profile
-# of decode steps (ncu), the tensor-parallel checks, the stall reasons of one lightning and one
-# flash prefill kernel (ncu), then, while time is left, m1-bench at 1M and compute-sanitizer over
-# the quick tests. A device call returns at most 8 files: the logs travel packed in one archive.
+# of decode steps and the stall reasons of one lightning and one flash prefill kernel (ncu), the
+# tensor-parallel checks, then, while time is left, m1-bench at 1M and compute-sanitizer over the
+# quick tests. A device call returns at most 8 files: the logs travel packed in one archive.
 # Environment: M1_GPU_E2E=0 skips m1-bench, M1_GPU_FULL=0 its 1M context, M1_GPU_QUANT=0 the int4
 # comparison; M1_GPU_LAYERS overrides the end-to-end depth (default: 8 layers of the real model's
 # shape where the GPU holds them, else 4). The end-to-end runs include 32 sequences decoded
@@ -296,14 +296,11 @@ for batch in 1 32; do
   python3 "$ROOT/scripts/kernel_times.py" "$csv" 2 2>&1 | tee -a "$LOGS/summary.txt" || true
 done
 
-tp_stage
-say "gpu-check: tensor parallel measured after $(elapsed) s"
-
 # Why the two prefill kernels furthest from their goals run where they do: one launch of each at 8K
 # tokens of the whole model's heads (bench_cuda's first row of its group), with ncu's warp states
 # (the stall reasons), scheduler, memory and compute sections and the stall-sampled source lines.
 for kernel in "lightning prefill:lightning_prefill_bf16_kernel" "flash prefill:prefill_kernel"; do
-  s=$(limit 90 40)
+  s=$(limit 75 40)
   (( s > 0 )) || break
   group=${kernel%%:*}
   log=$LOGS/ncu_${kernel##*:}.txt
@@ -316,6 +313,9 @@ for kernel in "lightning prefill:lightning_prefill_bf16_kernel" "flash prefill:p
   grep -E 'Duration|Compute \(SM\) Throughput|Memory Throughput|Achieved Occupancy|Issued Ipc|No Eligible|stalled_.*ratio +[a-z]* +[0-9.]*[1-9]|OPT|Est\. Speedup' "$log" |
     sed -E 's/ +/ /g' | head -40 | tee -a "$LOGS/summary.txt" || true
 done
+
+tp_stage
+say "gpu-check: tensor parallel measured after $(elapsed) s"
 
 [[ "${M1_GPU_E2E:-1}" != 0 && "${M1_GPU_FULL:-1}" != 0 ]] && e2e 1m 240 150
 
