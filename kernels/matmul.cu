@@ -880,7 +880,7 @@ bool stream_grouped(const float* x, const float* up, const int64_t* x_rows, int6
   }
   if (!is_quantized(first.dtype)) return false;
   check_quantized(first, "grouped matmul");
-  const int64_t tile = tallest(kQuantizedStreamMaxRows, [&](int64_t t, const GroupedProduct& p) {
+  const int64_t tile = tallest(quantized_stream_max_rows(first.dtype), [&](int64_t t, const GroupedProduct& p) {
     return quantized_streams(t, x, ldx, p.w, operands, device, up);
   });
   if (tile == 0) return false;

@@ -315,7 +315,7 @@ void grouped_quantized(const float* x, int64_t ldx, const int64_t* offsets, std:
       launch_grouped_tiled<T, kParts>(xb, ldq, rows, offsets, p, operand(p.w[0], operands, all_aligned16(p.w)), device, stream);
     return;
   }
-  const int64_t stream_rows = stream_tile_rows(group_rows, rows, kQuantizedStreamMaxRows);
+  const int64_t stream_rows = stream_tile_rows(group_rows, rows, quantized_stream_max_rows(first.dtype));
   if (stream_rows > 0 && std::all_of(products.begin(), products.end(), [&](const GroupedProduct& p) {
         return quantized_streams(stream_rows, x, ldx, p.w, operands, device);
       }))

@@ -54,6 +54,12 @@ constexpr int shared_bytes(int parts, int64_t max_rows, int inputs) {
              parts * kXRows * kChunk * 2);
 }
 
+// Each cap's plain ring fits the 227 KB a block may take on an H100 or H200 (with fp32 operands;
+// int4 with SwiGLU's second input too, at bf16 operands); a tile that does not is halved.
+static_assert(shared_bytes<DType::kQ4>(3, quantized_stream_max_rows(DType::kQ4), 1) <= 227 * 1024 &&
+              shared_bytes<DType::kQ4>(1, quantized_stream_max_rows(DType::kQ4), 2) <= 227 * 1024 &&
+              shared_bytes<DType::kQ8>(3, quantized_stream_max_rows(DType::kQ8), 1) <= 227 * 1024);
+
 template <DType T, int kParts, class Tiles>
 __device__ __forceinline__ void stream_quantized(const Tiles& tiles, QuantOperand w, int max_rows, int inputs,
                                                  int* counters) {
@@ -160,7 +166,8 @@ __global__ __launch_bounds__(kThreads, 1) void quant_stream_grouped(GroupedTiles
 
 bool quantized_streams(int64_t rows, const float* x, int64_t ldx, std::span<const DeviceMatrix> weights,
                        GemmOperands operands, const Device& device, const float* up) {
-  if (rows < 1 || rows > kQuantizedStreamMaxRows || weights.empty() || device.limits().sms < 1) return false;
+  if (weights.empty() || rows < 1 || rows > quantized_stream_max_rows(weights[0].dtype) || device.limits().sms < 1)
+    return false;
   const int parts = operands == GemmOperands::kBf16 ? 1 : 3;
   const int inputs = up ? 2 : 1;
   const int bytes = weights[0].dtype == DType::kQ4 ? shared_bytes<DType::kQ4>(parts, rows, inputs)

@@ -17,8 +17,10 @@
 
 namespace m1::cuda {
 
-// Rows of x (of a plain product, or of a grouped product's tile) these kernels take at most.
-inline constexpr int64_t kQuantizedStreamMaxRows = 8;
+// Rows of x (of a plain product, or of a grouped product's tile) these kernels take at most with
+// weights of `dtype`: one 16-row fragment tile (the tensor cores' work is the same for 1 row as
+// for 16) for int4 codes; int8 codes take twice the bytes of a stage, which leaves room for 8.
+constexpr int64_t quantized_stream_max_rows(DType dtype) { return dtype == DType::kQ4 ? 16 : 8; }
 
 // Whether the streamed kernels take a product of `rows` rows of x (row stride ldx) with the
 // quantized `weights` (every group's, for grouped products; checked by check_quantized): few

@@ -416,8 +416,8 @@ TEST(CudaAttention, NarrowPrefillCtasGiveTheSameBits) {
 }
 
 // The K/V tiles stream through 2 or 3 stages of shared memory: the same bits, wide and narrow, in
-// both precisions, for rows whose keys span many tiles (depth 300 and 1,000) and rows from the
-// start, at head dims 128 and 256 (tiles of 64 and 32 keys) and 40 (padding columns).
+// both precisions, for rows whose keys span many tiles (depth 300 and 500: 9 to 12 tiles) and rows
+// from the start, at head dims 128 and 256 (tiles of 64 and 32 keys) and 40 (padding columns).
 TEST(CudaAttention, KvStagesGiveTheSameBits) {
   M1_REQUIRE_CUDA();
   DeviceScratch scratch(nullptr);
@@ -427,8 +427,8 @@ TEST(CudaAttention, KvStagesGiveTheSameBits) {
       for (Device* device : {&one_sm, static_cast<Device*>(nullptr)}) {
         SCOPED_TRACE(fmt::format("d {}, {}, {}", s.d, fast ? "fast" : "exact", device ? "wide" : "as planned"));
         const uint64_t seed = rng()();
-        Cache deep[2] = {{s.kv_width(), 1100}, {s.kv_width(), 1100}}, fresh[2] = {{s.kv_width(), 40}, {s.kv_width(), 40}};
-        for (Cache& c : deep) c.fill_prefix(s.d == 256 ? 300 : 1000, seed);
+        Cache deep[2] = {{s.kv_width(), 600}, {s.kv_width(), 600}}, fresh[2] = {{s.kv_width(), 40}, {s.kv_width(), 40}};
+        for (Cache& c : deep) c.fill_prefix(s.d == 256 ? 300 : 500, seed);
         Entry long_rows = make_entry(s, deep[0], 70), short_rows = make_entry(s, fresh[0], 19);
         const std::vector<EntryResult> two =
             run_step(s, {long_rows, short_rows}, scratch, {.fast = fast, .device = device, .kv_stages = 2});

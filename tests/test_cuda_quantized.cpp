@@ -183,7 +183,7 @@ TEST_F(CudaQuantized, MatchesReferenceOnAwkwardShapes) {
     }
 }
 
-// Rows computed alone, in small calls (the streamed kernels for up to 8 rows of 16-byte aligned
+// Rows computed alone, in small calls (the streamed kernels for up to 8 or 16 rows of 16-byte aligned
 // rows, the skinny ones, 1 to 4 row tiles) and inside large ones (the tiled kernels, at other
 // offsets within their tiles) are bit-identical, over an inner size of three chunks whose last
 // group is partial (608 = 4 x 128 + 96).
@@ -279,7 +279,7 @@ TEST_F(CudaQuantized, GroupedMatmulMatchesMatmulPerGroup) {
 
 // The streamed kernels (quantized_stream.h: persistent CTAs, an equal run of (column block, chunk)
 // units each, codes, x and scales through a ring) against the tiled kernel (70 rows), bit for bit,
-// for 1, 3 and 8 rows, every scheme, inner sizes of one block, of three chunks with a partial block
+// for 1, 3 and 8 rows (and 16 of int4), every scheme, inner sizes of one block, of three chunks with a partial block
 // and group (520), and off the blocks (300), 1 to 257 weight rows (off the column block of 128),
 // on grids of 1, 3, 7 and 132 CTAs.
 TEST_F(CudaQuantized, StreamedMatchesTheTiledKernelOnAnyGrid) {
@@ -296,7 +296,9 @@ TEST_F(CudaQuantized, StreamedMatchesTheTiledKernelOnAnyGrid) {
         const std::vector<float> tiled = out.download();
         for (int sms : {1, 3, 7, 132}) {
           Device device = test::device_with_sms(sms);
-          for (int64_t m : {1, 3, 8}) {
+          for (int64_t m : {1, 3, 8, 16}) {
+            // 16 rows (int4 only) on one grid: the others' splits are the same at any height.
+            if (m > quantized_stream_max_rows(scheme.q.type) || (m == 16 && sms != 7)) continue;
             const int64_t first = (m * 11 + sms) % (rows - m + 1);
             const std::string what = fmt::format("{} {}: {} rows from {}, n {} k {}, {} CTAs", scheme_name(scheme),
                                                  operands_name(operands), m, first, n, k, sms);
@@ -314,10 +316,10 @@ TEST_F(CudaQuantized, StreamedMatchesTheTiledKernelOnAnyGrid) {
 // kernel's on them (matmul of the group's rows with a row stride that is not 16-byte aligned,
 // which the streamed kernels refuse; RowsDoNotDependOnTheirBatch ties the skinny kernels to the
 // tiled ones), with empty groups, groups of 1 to 20 rows, bounds on the rows per group that split
-// groups into tiles (1, 3), are tight, or are every row of the call (60 rows: tiles of 8), 70
-// groups (two launches), two chunks with a partial block and group, and two products in one
-// launch, or one after the other when the device's budget holds only one product's chunk
-// partials. Rows outside the groups keep what they held.
+// groups into tiles (1, 3), are tight, or are every row of the call (60 rows: tiles of 16 of int4,
+// 8 of int8), 70 groups (two launches), two chunks with a partial block and group, and two
+// products in one launch, or one after the other when the device's budget holds only one
+// product's chunk partials. Rows outside the groups keep what they held.
 TEST_F(CudaQuantized, StreamedGroupedMatchesTheSkinnyKernel) {
   SCOPED_TRACE("seed " + std::to_string(seed()));
   const int64_t rows = 60, n = 150, k = 300, ldo = n + 3;
@@ -355,14 +357,16 @@ TEST_F(CudaQuantized, StreamedGroupedMatchesTheSkinnyKernel) {
                      test::test_device(), nullptr);
           want[product] = out.download();
         }
-        std::vector<int64_t> tiles_tried;  // bounds past 8 rows give tiles of 8: try each tile height once
+        // Bounds past the cap give tiles of the cap (16 rows of int4, 8 of int8): each height once.
+        const int64_t cap = quantized_stream_max_rows(scheme.q.type);
+        std::vector<int64_t> tiles_tried;
         for (int64_t bound : {int64_t(1), int64_t(3), most, rows}) {
           if (bound == 1 && offsets.back() - lead > 6) continue;  // a tile per row: slow on the emulator
-          if (std::ranges::count(tiles_tried, std::min(bound, kQuantizedStreamMaxRows)) > 0 && bound != rows) continue;
-          tiles_tried.push_back(std::min(bound, kQuantizedStreamMaxRows));
+          if (std::ranges::count(tiles_tried, std::min(bound, cap)) > 0 && bound != rows) continue;
+          tiles_tried.push_back(std::min(bound, cap));
           const std::string what = fmt::format("{} {}, {} groups, bound {}", scheme_name(scheme), operands_name(operands),
                                                groups, bound);
-          ASSERT_TRUE(quantized_streams(std::min(bound, kQuantizedStreamMaxRows), x.get(), k, w[0], operands, device))
+          ASSERT_TRUE(quantized_streams(std::min(bound, cap), x.get(), k, w[0], operands, device))
               << what;
           test::expect_grouped_bits(x.get(), k, offsets_device.get(), w, rows, bound, ldo, kUntouched, operands, scratch,
                                     device, want, what);
@@ -381,10 +385,11 @@ TEST_F(CudaQuantized, StreamedGroupedMatchesTheSkinnyKernel) {
 // matmuls on quantized weights against matmul of each product alone, bit for bit: qkv and the
 // output gate, and q, k and v, cut into row blocks that stream in one launch (their codes and
 // scales offset by whole rows), for int8 with a scale per row and int4 in groups of 32 and of
-// 128 with F32 scales, at 1, 3 and 8 rows and at 9 (not streamed).
+// 128 with F32 scales, at 1, 3, 8 and 16 rows (int8 streams up to 8, int4 up to 16) and at 17 (not
+// streamed).
 TEST_F(CudaQuantized, MatmulsMatchEachProductAlone) {
   SCOPED_TRACE("seed " + std::to_string(seed()));
-  const int64_t rows = 9, k = 300;
+  const int64_t rows = 17, k = 300;
   Device device = test::device_with_sms(7);
   for (const Scheme& scheme : {kSchemes[0], kSchemes[2], kSchemes[6]})
     for (const std::vector<int64_t>& widths : {std::vector<int64_t>{600, 200}, std::vector<int64_t>{384, 96, 96}}) {
@@ -397,7 +402,7 @@ TEST_F(CudaQuantized, MatmulsMatchEachProductAlone) {
       const DeviceArray<float> x(random_floats(size_t(rows * k)));
       DeviceScratch scratch(nullptr);
       for (GemmOperands operands : {GemmOperands::kFp32, GemmOperands::kBf16})
-        for (int64_t m : {int64_t(1), int64_t(3), int64_t(8), rows})
+        for (int64_t m : {int64_t(1), int64_t(3), int64_t(8), int64_t(16), rows})
           test::expect_matmuls_bits(x.get(), k, m, weights, operands, scratch, device,
                                     fmt::format("{} {}: widths {}, {} rows", scheme_name(scheme),
                                                 operands_name(operands), fmt::join(widths, "/"), m));
