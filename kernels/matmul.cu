@@ -806,10 +806,11 @@ void grouped_bf16(const float* x, int64_t ldx, const int64_t* offsets, std::span
   }
   constexpr auto skinny_kernel = grouped_bf16_skinny<kParts>;
   device.allow_shared_memory<skinny_kernel>(bf16_skinny_shared_bytes(kParts, kBf16SkinnyMaxRows));
-  const int64_t stream_rows = stream_tile_rows(group_rows, rows, kBf16StreamMaxRows);
-  if (stream_rows > 0 && std::all_of(products.begin(), products.end(), [&](const GroupedProduct& p) {
-        return bf16_streams(stream_rows, x, ldx, p.w, kParts, device);
-      }))
+  const int64_t stream_rows =
+      tallest_stream_tile(products, group_rows, rows, kBf16StreamMaxRows, [&](int64_t tile, const GroupedProduct& p) {
+        return bf16_streams(tile, x, ldx, p.w, kParts, device);
+      });
+  if (stream_rows > 0)
     return bf16_stream_grouped(x, ldx, rows, offsets, stream_rows, products, kParts, scratch, device, stream);
   float* partial = chunks > 1 ? scratch.get<float>(size_t(chunks * rows * n)) : nullptr;
   for (const GroupedProduct& p : products) {
@@ -861,28 +862,22 @@ bool stream_grouped(const float* x, const float* up, const int64_t* x_rows, int6
   const int64_t chunks = ceil_div(first.cols, kChunk);
   if (first.rows == 0 || first.cols == 0 || !skinny_partials_fit(chunks, rows, first.rows, device)) return false;
   group_rows = std::clamp<int64_t>(group_rows, 1, rows);
-  const auto tallest = [&](int64_t max_rows, auto streams) {
-    const auto all_stream = [&](int64_t tile) {
-      return std::all_of(products.begin(), products.end(), [&](const GroupedProduct& p) { return streams(tile, p); });
-    };
-    int64_t tile = stream_tile_rows(group_rows, rows, max_rows);
-    while (tile > 0 && !all_stream(tile)) tile /= 2;
-    return tile;
-  };
   if (first.dtype == DType::kBF16) {
     const int parts = operands == GemmOperands::kBf16 ? 1 : 3;
-    const int64_t tile = tallest(kBf16StreamMaxRows, [&](int64_t t, const GroupedProduct& p) {
-      return bf16_streams(t, x, ldx, p.w, parts, device, up);
-    });
+    const int64_t tile = tallest_stream_tile(products, group_rows, rows, kBf16StreamMaxRows,
+                                             [&](int64_t t, const GroupedProduct& p) {
+                                               return bf16_streams(t, x, ldx, p.w, parts, device, up);
+                                             });
     if (tile == 0) return false;
     bf16_stream_grouped(x, ldx, rows, offsets, tile, products, parts, scratch, device, stream, up, x_rows);
     return true;
   }
   if (!is_quantized(first.dtype)) return false;
   check_quantized(first, "grouped matmul");
-  const int64_t tile = tallest(quantized_stream_max_rows(first.dtype), [&](int64_t t, const GroupedProduct& p) {
-    return quantized_streams(t, x, ldx, p.w, operands, device, up);
-  });
+  const int64_t tile = tallest_stream_tile(products, group_rows, rows, quantized_stream_max_rows(first.dtype),
+                                           [&](int64_t t, const GroupedProduct& p) {
+                                             return quantized_streams(t, x, ldx, p.w, operands, device, up);
+                                           });
   if (tile == 0) return false;
   quantized_stream_grouped(x, ldx, rows, offsets, tile, products, operands, scratch, device, stream, up, x_rows);
   return true;

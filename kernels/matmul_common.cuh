@@ -420,6 +420,20 @@ inline int64_t stream_tile_rows(int64_t group_rows, int64_t rows, int64_t max_ro
   return group_rows <= max_rows || rows <= 64 ? std::min(group_rows, max_rows) : 0;
 }
 
+// The tallest tile from stream_tile_rows down, by halves, in which streams(tile, product) holds
+// for every product (the rings of taller tiles may not fit the device's shared memory); 0 when
+// none does.
+template <class Streams>
+int64_t tallest_stream_tile(std::span<const GroupedProduct> products, int64_t group_rows, int64_t rows,
+                            int64_t max_rows, Streams streams) {
+  const auto all_stream = [&](int64_t tile) {
+    return std::all_of(products.begin(), products.end(), [&](const GroupedProduct& p) { return streams(tile, p); });
+  };
+  int64_t tile = stream_tile_rows(group_rows, rows, max_rows);
+  while (tile > 0 && !all_stream(tile)) tile /= 2;
+  return tile;
+}
+
 // The launches of streamed grouped products (bf16_stream.cu, quantized_stream.cu) of x (the rows
 // x_rows names, when given), or of swiglu(x, up) when `up` is given: launch(tiles, counters, units)
 // for each, products kMaxStreamProducts at a time while their chunk partials fit together (else

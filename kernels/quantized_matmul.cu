@@ -315,10 +315,12 @@ void grouped_quantized(const float* x, int64_t ldx, const int64_t* offsets, std:
       launch_grouped_tiled<T, kParts>(xb, ldq, rows, offsets, p, operand(p.w[0], operands, all_aligned16(p.w)), device, stream);
     return;
   }
-  const int64_t stream_rows = stream_tile_rows(group_rows, rows, quantized_stream_max_rows(first.dtype));
-  if (stream_rows > 0 && std::all_of(products.begin(), products.end(), [&](const GroupedProduct& p) {
-        return quantized_streams(stream_rows, x, ldx, p.w, operands, device);
-      }))
+  // int4's 16-row ring with fp32 operands passes a 160 KB GPU's shared memory: 8-row tiles there.
+  const int64_t stream_rows = tallest_stream_tile(products, group_rows, rows, quantized_stream_max_rows(first.dtype),
+                                                  [&](int64_t tile, const GroupedProduct& p) {
+                                                    return quantized_streams(tile, x, ldx, p.w, operands, device);
+                                                  });
+  if (stream_rows > 0)
     return quantized_stream_grouped(x, ldx, rows, offsets, stream_rows, products, operands, scratch, device, stream);
   float* partial = chunks > 1 ? scratch.get<float>(size_t(chunks * rows * first.rows)) : nullptr;
   for (const GroupedProduct& p : products) {  // one set of partials, summed before the next product's

@@ -415,17 +415,21 @@ TEST(CudaAttention, NarrowPrefillCtasGiveTheSameBits) {
   }
 }
 
-// The K/V tiles stream through 2 or 3 stages of shared memory: the same bits, wide and narrow, in
-// both precisions, for rows whose keys span many tiles (depth 300 and 500: 9 to 12 tiles) and rows
-// from the start, at head dims 128 and 256 (tiles of 64 and 32 keys) and 40 (padding columns).
+// The K/V tiles stream through 2 or 3 stages of shared memory: the same bits, wide (a GPU of one
+// SM) and narrow (132 SMs), in both precisions, for rows whose keys span many tiles (depth 300 and
+// 500: 9 to 12 tiles) and rows from the start, at head dims 128 and 256 (tiles of 64 and 32 keys)
+// and 40 (padding columns).
 TEST(CudaAttention, KvStagesGiveTheSameBits) {
   M1_REQUIRE_CUDA();
   DeviceScratch scratch(nullptr);
-  Device one_sm = test::device_with_sms(1);
+  Device one_sm = test::device_with_sms(1), many_sms = test::device_with_sms(132);
   for (const Shape& s : {Shape{8, 1, 128, 64}, Shape{4, 2, 256, 32}, Shape{6, 3, 40, 40}}) {
     for (bool fast : {false, true})
-      for (Device* device : {&one_sm, static_cast<Device*>(nullptr)}) {
-        SCOPED_TRACE(fmt::format("d {}, {}, {}", s.d, fast ? "fast" : "exact", device ? "wide" : "as planned"));
+      for (Device* device : {&one_sm, &many_sms}) {
+        const bool wide = device == &one_sm;
+        SCOPED_TRACE(fmt::format("d {}, {}, {}", s.d, fast ? "fast" : "exact", wide ? "wide" : "narrow"));
+        const AttentionSegment rows[] = {{.count = 70}, {.count = 19}};
+        ASSERT_EQ(plan_prefill(rows, s.heads, s.kv_heads, s.d, fast, device->limits()).warps == 2, !wide);
         const uint64_t seed = rng()();
         Cache deep[2] = {{s.kv_width(), 600}, {s.kv_width(), 600}}, fresh[2] = {{s.kv_width(), 40}, {s.kv_width(), 40}};
         for (Cache& c : deep) c.fill_prefix(s.d == 256 ? 300 : 500, seed);
