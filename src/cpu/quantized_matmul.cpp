@@ -21,6 +21,7 @@ const Isa kIsa = cpu_isa();
 constexpr int64_t kBlockRows = 64;       // x rows per prefill task
 constexpr int64_t kSkinnyRows = 4;       // up to this many x rows, weight rows stream once each
 constexpr int64_t kSkinnyOutputs = 256;  // weight rows per task of a skinny product
+constexpr int64_t kPrefetchRows = 8;     // how far ahead a streamed weight row is prefetched
 // Weight rows per prefill task: the dequantized block (rows x k floats) should stay within L2.
 int64_t block_outputs(int64_t k) { return std::clamp<int64_t>((256 << 10) / (k * 4) / 4 * 4, 4, 64); }
 
@@ -30,6 +31,7 @@ struct QRow {
   const uint8_t* codes;
   const float* scales;
   int64_t cols, group;
+  const uint8_t* ahead;  // the codes of the row kPrefetchRows further on (or the last row)
 };
 
 // Whether bf16 operands meet a row's bare codes (exact in bf16), its scale applied to the sum.
@@ -37,11 +39,14 @@ bool codes_only(const Weight& w, bool bf16) { return bf16 && w.groups() == 1; }
 
 QRow quantized_row(const Weight& w, int64_t j, bool bf16, std::vector<float>& scales) {
   const auto* codes = static_cast<const uint8_t*>(packed_row(w, j));
-  const int64_t groups = w.groups();
+  const int64_t groups = w.groups(), a = std::min(w.rows - 1, j + kPrefetchRows);
+  const auto* ahead = static_cast<const uint8_t*>(packed_row(w, a));
+  const int64_t scale_bytes = int64_t(row_bytes(w.scale_dtype, groups));  // that row's scales, prefetched now
+  for (int64_t b = 0; b < scale_bytes; b += 64) __builtin_prefetch(static_cast<const char*>(w.scales) + a * scale_bytes + b);
   if (codes_only(w, bf16)) {
     scales.assign(1, 1.0f);
   } else if (w.scale_dtype == DType::kF32) {
-    return {codes, static_cast<const float*>(w.scales) + j * groups, w.cols, w.group_size};
+    return {codes, static_cast<const float*>(w.scales) + j * groups, w.cols, w.group_size, ahead};
   } else {
     scales.resize(size_t(groups));
     const auto* stored = static_cast<const uint16_t*>(w.scales) + j * groups;
@@ -50,7 +55,7 @@ QRow quantized_row(const Weight& w, int64_t j, bool bf16, std::vector<float>& sc
     else
       for (int64_t g = 0; g < groups; ++g) scales[size_t(g)] = f16_to_f32(stored[g]);
   }
-  return {codes, scales.data(), w.cols, w.group_size};
+  return {codes, scales.data(), w.cols, w.group_size, ahead};
 }
 
 // The codes of [first, first + count) of a row copied into zeroed bytes: a tail chunk reads
@@ -127,6 +132,14 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"), always_inline)) inline __m
   }
 }
 
+// At a cache line's first weight k, the same line of the rows kPrefetchRows further on: a core
+// decoding codes in registers leaves too few loads in flight for the hardware prefetcher alone.
+template <DType Q, int C>
+__attribute__((always_inline)) inline void prefetch_ahead(const QRow* w, int64_t k) {
+  if (k % (Q == DType::kQ4 ? 128 : 64) != 0) return;
+  for (int c = 0; c < C; ++c) __builtin_prefetch(reinterpret_cast<const char*>(w[c].ahead + (Q == DType::kQ4 ? k / 2 : k)));
+}
+
 // R rows of fp32 x against C consecutive weight rows: per output the arithmetic of the 16-lane
 // fp32 tiles (one accumulator over the chunks in order, a zero-padded tail, one final reduction),
 // with the weights decoded in registers as they stream. C rows at once keep C independent
@@ -147,6 +160,7 @@ __attribute__((target("avx512f,avx512bw"))) void rows_f32_avx512(const float* x,
       ++g;
       left = group / 16;
     }
+    prefetch_ahead<Q, C>(w, k);
     __m512 wv[C];
     for (int c = 0; c < C; ++c) wv[c] = f32_chunk<Q>(w[c].codes, k, decoder[c]);
     for (int r = 0; r < R; ++r) {
@@ -185,6 +199,7 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void rows_bf16_avx512(con
       ++g;
       left = group / 32;
     }
+    prefetch_ahead<Q, C>(w, k);
     __m512bh wv[C];
     for (int c = 0; c < C; ++c) wv[c] = (__m512bh)bf16_chunk<Q, Bare>(w[c].codes, k, decoder[c]);
     for (int r = 0; r < R; ++r) {
