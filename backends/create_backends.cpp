@@ -27,12 +27,14 @@ std::vector<std::unique_ptr<Backend>> create_backends(const BackendOptions& opti
     fail("--tensor-parallel must be between 1 and {}, got {}", kMaxRanks, options.tensor_parallel);
   if (options.collectives != "auto" && options.collectives != "nccl" && options.collectives != "peer")
     fail("--collectives '{}' is unknown (expected auto, nccl or peer)", options.collectives);
+  if (options.map_weights && (options.device != "cpu" || options.tensor_parallel != 1))
+    fail("--mmap reads weights in place on --device cpu with one rank (the ranks of a CPU group copy theirs into their NUMA node)");
   if (options.device == "cpu") {
     if (!options.gpus.empty()) fail("--gpus chooses GPUs for --device cuda, not cpu");
     if (options.collectives != "auto")
       fail("--collectives {} is for --device cuda (CPU ranks reduce through shared memory)", options.collectives);
     return cpu::create_cpu_backends(options.tensor_parallel, options.threads, options.precision,
-                                    options.reference_kernels);
+                                    options.reference_kernels, options.map_weights);
   }
   if (options.device == "cuda") {
 #ifdef M1_HAVE_CUDA

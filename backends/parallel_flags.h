@@ -1,6 +1,7 @@
 #pragma once
-// The command-line flags of tensor parallelism, the same in m1-generate, m1-serve and m1-bench:
-// --tensor-parallel N, --gpus 0,2,..., --collectives and --moe-parallel.
+// The command-line flags of the backend group, the same in m1-generate, m1-serve and m1-bench: those
+// of tensor parallelism (--tensor-parallel N, --gpus 0,2,..., --collectives, --moe-parallel) and
+// --mmap, where the CPU's weights live.
 
 #include <string>
 
@@ -36,6 +37,9 @@ inline void add_parallel_flags(CLI::App& app, BackendOptions& backend, ParallelF
       ->capture_default_str();
   app.add_option("--moe-parallel", flags.moe, "Split experts' intermediate dimension over ranks (tensor) or whole experts (expert)")
       ->capture_default_str();
+  app.add_flag("--mmap", backend.map_weights,
+               "--device cpu: read the weights in place from the checkpoint's mapped files instead of copying them into "
+               "huge pages at load (less memory, shared with the page cache; slower)");
 }
 
 }  // namespace m1

@@ -221,13 +221,16 @@ void Model::load_rank(Rank& rank, WeightLoader& loader) {
     const std::optional<TensorSlice> slice = rank_slice(spec, c, shard);
     if (!slice) continue;  // another rank's expert: that rank reads (and checks) it
     // A rank of a group of one holds every whole tensor: the stored bytes (or their quantized
-    // copy), which the CPU backend reads in place. A rank of a larger group uploads a copy of its
-    // part, so the part's own bytes may go at once.
+    // copy). A backend that reads them in place (the CPU's, asked to) keeps what they point into;
+    // one that copies them lets the quantized copy or the cut part go at once, and the
+    // checkpoint's pages too.
     WeightLoader::Loaded loaded = loader.load(spec, shard.world > 1 ? &*slice : nullptr);
     const Weight weight = upload(loaded.host);
-    if (weight.data == loaded.host.data) {  // read in place: keep what it points into
+    if (weight.data == loaded.host.data) {
       if (loaded.copy) rank.quantized.push_back(std::move(loaded.copy));
       if (loaded.part.data) rank.parts.push_back(std::move(loaded.part));
+    } else if (!loaded.copy && !loaded.part.data) {
+      loader.release(spec);
     }
     using R = WeightRole;
     if (spec.role == R::kEmbed) { rank.embed = weight; continue; }

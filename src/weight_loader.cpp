@@ -117,6 +117,14 @@ WeightLoader::Loaded WeightLoader::load(const WeightSpec& spec, const TensorSlic
   return out;
 }
 
+void WeightLoader::release(const WeightSpec& spec) {
+  if (ranks_ != 1) return;
+  if (!packed(spec)) return checkpoint_.release(checkpoint_.require(spec.name, spec.shape));
+  const std::string module = module_name(spec);
+  for (const std::string& name : {packed_tensor_name(module), scale_tensor_name(module)})
+    if (const TensorView* view = checkpoint_.find(name)) checkpoint_.release(*view);
+}
+
 void WeightLoader::report(bool last) {
   if (to_quantize_ == 0) return;
   const auto now = std::chrono::steady_clock::now();

@@ -36,6 +36,10 @@ class WeightLoader {
   // weight with one scale per row is cut from its whole rows quantized. Throws m1::Error naming
   // the tensor.
   Loaded load(const WeightSpec& spec, const TensorSlice* slice = nullptr);
+  // Gives back the checkpoint's pages of `spec` once the backend holds its own copy of what load()
+  // returned straight from the checkpoint (nothing quantized or cut): with a group of one only,
+  // since another rank may still read them.
+  void release(const WeightSpec& spec);
   // The last progress line, and a warning if the checkpoint holds tensors nothing used.
   void finish();
 

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 
 #include "golden_support.h"
 #include "m1/model.h"
@@ -17,8 +18,11 @@ using testing::relative_error;
 
 class GoldenTest : public testing::GoldenModelTest {
  protected:
-  void load(bool reference_kernels = false, Precision precision = Precision::kExact) {
-    backend_ = create_backend(BackendOptions{"cpu", 2, precision, reference_kernels});
+  void load(bool reference_kernels = false, Precision precision = Precision::kExact, bool map_weights = false) {
+    BackendOptions options{"cpu", 2, precision, reference_kernels};
+    options.map_weights = map_weights;
+    model_.reset();  // before the backend that holds its weights
+    backend_ = create_backend(options);
     model_ = Model::load(dir_, *backend_);
     vocab_ = model_->config().vocab_size;
     ASSERT_EQ(golden_.logits.size(), golden_.tokens.size() * size_t(vocab_));
@@ -34,6 +38,18 @@ TEST_P(GoldenTest, WholePromptAtOnce) {
   double err = relative_error(run_chunked({int64_t(golden_.tokens.size())}), golden_.logits);
   std::printf("%s whole prompt: relative error %.3g\n", GetParam().c_str(), err);
   EXPECT_LE(err, kExactBound);
+}
+
+// Weights read in place from the mapped files (--mmap) give the bits of the copies the backend
+// makes by default.
+TEST_P(GoldenTest, MappedWeightsGiveTheSameLogits) {
+  load();
+  const std::vector<float> copied = run_chunked({7});
+  load(false, Precision::kExact, /*map_weights=*/true);
+  const std::vector<float> mapped = run_chunked({7});
+  ASSERT_EQ(copied.size(), mapped.size());
+  EXPECT_EQ(std::memcmp(copied.data(), mapped.data(), copied.size() * sizeof(float)), 0);
+  EXPECT_LE(relative_error(mapped, golden_.logits), kExactBound);
 }
 
 TEST_P(GoldenTest, ReferenceKernelsWholePrompt) {

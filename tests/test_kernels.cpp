@@ -12,6 +12,7 @@
 #include "cpu/moe.h"
 #include "cpu/softmax_attention.h"
 #include "cpu/threadpool.h"
+#include "cpu/weight_arena.h"
 #include "m1/backends.h"
 #include "m1/dtype.h"
 #include "m1/quantize.h"
@@ -218,6 +219,49 @@ TEST(LightningTest, ChunkedAndDecodeMatchTheRecurrence) {
 // Backend::lightning_attention takes the projection's output and applies SiLU itself: on the CPU
 // that is the arithmetic of SiLU over the rows and then the kernels, bit for bit, for prefill
 // segments (two calls, so the state carries) and decode segments, fast and reference kernels.
+// Pieces of awkward sizes, some larger than a region: each 64-byte aligned, holding its bytes, and
+// apart from every other (later copies never overwrite earlier ones).
+TEST(WeightArenaTest, CopiesAreAlignedWholeAndApart) {
+  WeightArena arena(size_t(1) << 20);
+  std::vector<std::pair<const std::byte*, std::vector<std::byte>>> pieces;
+  size_t want_used = 0;
+  for (size_t bytes : {size_t(0), size_t(1), size_t(63), size_t(64), size_t(65), size_t(700) << 10, size_t(3) << 20, size_t(5),
+                       size_t(1) << 20, size_t(333)}) {
+    std::vector<std::byte> source(bytes);
+    for (size_t i = 0; i < bytes; ++i) source[i] = std::byte((i * 131 + bytes) & 0xFF);
+    const auto* copy = static_cast<const std::byte*>(arena.copy(source.data(), bytes));
+    ASSERT_NE(copy, nullptr);
+    EXPECT_EQ(reinterpret_cast<uintptr_t>(copy) % 64, 0u) << bytes << " bytes";
+    pieces.emplace_back(copy, std::move(source));
+    want_used += (std::max<size_t>(bytes, 1) + 63) / 64 * 64;
+  }
+  for (const auto& [copy, source] : pieces)
+    EXPECT_TRUE(std::equal(source.begin(), source.end(), copy)) << source.size() << " bytes";
+  EXPECT_EQ(arena.used(), want_used);
+}
+
+// The backend copies what it is given (the codes and scales of a quantized weight too) unless
+// asked to read it in place; a rank of a larger group always copies.
+TEST(CpuBackendTest, UploadCopiesUnlessAskedToMap) {
+  const RandomWeight source(DType::kBF16, 37, 70);
+  const testing::RandomQuantizedWeight q(QuantScheme{DType::kQ4, 32}, 37, 70);
+  for (bool map : {false, true}) {
+    SCOPED_TRACE(map ? "mapped" : "copied");
+    BackendOptions options{"cpu", 1};
+    options.map_weights = map;
+    const std::unique_ptr<Backend> backend = create_backend(options);
+    for (const Weight& host : {source.w, q.w}) {
+      const Weight got = backend->upload(host);
+      EXPECT_EQ(got.data == host.data, map);
+      EXPECT_EQ(std::memcmp(got.data, host.data, host.data_bytes()), 0);
+      if (host.quantized()) {
+        EXPECT_EQ(got.scales == host.scales, map);
+        EXPECT_EQ(std::memcmp(got.scales, host.scales, host.scale_bytes()), 0);
+      }
+    }
+  }
+}
+
 TEST(LightningTest, BackendAppliesSiluAsASeparatePassWould) {
   const int64_t heads = 3, d = 24, width = heads * 3 * d;
   const StateShape shape{1, heads, d, 0, 0};

@@ -24,8 +24,8 @@ constexpr int64_t kRowsPerTask = 16;
 
 }  // namespace
 
-CpuBackend::CpuBackend(int threads, Precision precision, bool reference_kernels)
-    : pool_(threads), precision_(precision), reference_(reference_kernels) {}
+CpuBackend::CpuBackend(int threads, Precision precision, bool reference_kernels, bool map_weights)
+    : pool_(threads), precision_(precision), reference_(reference_kernels), map_weights_(map_weights) {}
 
 CpuBackend::CpuBackend(CpuRank rank, Precision precision, bool reference_kernels)
     : Backend(rank.device),
@@ -35,9 +35,7 @@ CpuBackend::CpuBackend(CpuRank rank, Precision precision, bool reference_kernels
       reference_(reference_kernels),
       group_(std::move(rank.group)) {}
 
-CpuBackend::~CpuBackend() {
-  for (void* p : owned_weights_) std::free(p);
-}
+CpuBackend::~CpuBackend() = default;
 
 std::string CpuBackend::name() const {
   if (device().world == 1) return fmt::format("cpu ({} threads, {})", pool_.size(), kernels());
@@ -69,19 +67,11 @@ void CpuBackend::for_rows(int64_t rows, Fn&& fn) {
   });
 }
 
-const void* CpuBackend::own_copy(const void* host, size_t bytes) {
-  void* copy = std::aligned_alloc(64, (std::max<size_t>(bytes, 1) + 63) / 64 * 64);
-  if (!copy) throw std::bad_alloc();
-  owned_weights_.push_back(copy);
-  if (bytes > 0) std::memcpy(copy, host, bytes);  // first touched here: in the calling thread's node
-  return copy;
-}
-
 Weight CpuBackend::upload(const Weight& host) {
-  if (!group_) return host;
+  if (map_weights_ && !group_) return host;
   Weight w = host;
-  w.data = own_copy(host.data, host.data_bytes());
-  if (host.quantized()) w.scales = own_copy(host.scales, host.scale_bytes());
+  w.data = weights_.copy(host.data, host.data_bytes());
+  if (host.quantized()) w.scales = weights_.copy(host.scales, host.scale_bytes());
   return w;
 }
 

@@ -7,6 +7,7 @@
 #include "cpu/numa.h"
 #include "cpu/shared_memory_group.h"
 #include "cpu/threadpool.h"
+#include "cpu/weight_arena.h"
 
 #include <memory>
 #include <utility>
@@ -24,10 +25,12 @@ struct CpuRank {
 
 class CpuBackend final : public Backend {
  public:
-  // The one rank of a group of one: weights read in place from the mapped checkpoint.
-  CpuBackend(int threads, Precision precision, bool reference_kernels);
-  // A rank of a larger group: its weights are copied into memory its own (pinned) thread touches
-  // first, so they live in its NUMA node's memory; upload from the thread attach_thread() pinned.
+  // The one rank of a group of one. Its weights are copied into huge pages (WeightArena), or with
+  // `map_weights` read in place from the host memory given (a mapped checkpoint's file pages).
+  CpuBackend(int threads, Precision precision, bool reference_kernels, bool map_weights = false);
+  // A rank of a larger group: its weights are copied into huge pages its own (pinned) thread
+  // touches first, so they live in its NUMA node's memory; upload from the thread attach_thread()
+  // pinned.
   CpuBackend(CpuRank rank, Precision precision, bool reference_kernels);
   ~CpuBackend() override;
 
@@ -66,8 +69,6 @@ class CpuBackend final : public Backend {
  private:
   // The kernels and the precision they run in: "avx512bf16 kernels, fast precision".
   std::string kernels() const;
-  // `bytes` of `host` copied into 64-byte aligned memory the backend frees.
-  const void* own_copy(const void* host, size_t bytes);
   // Runs fn(row) over rows, split across the pool in contiguous blocks.
   template <class Fn>
   void for_rows(int64_t rows, Fn&& fn);
@@ -84,7 +85,8 @@ class CpuBackend final : public Backend {
   Precision precision_;
   bool reference_;
   std::shared_ptr<SharedMemoryGroup> group_;
-  std::vector<void*> owned_weights_;  // copies of the weights (ranks of a larger group)
+  bool map_weights_ = false;
+  WeightArena weights_;  // the copies of the weights
   CollectiveStats collective_stats_;
   MoeScratch moe_scratch_;
   std::vector<std::pair<size_t, int64_t>> attention_tasks_;  // (segment, first query row)

@@ -7,10 +7,10 @@
 namespace m1::cpu {
 
 std::vector<std::unique_ptr<Backend>> create_cpu_backends(int ranks, int threads, Precision precision,
-                                                          bool reference_kernels) {
+                                                          bool reference_kernels, bool map_weights) {
   std::vector<std::unique_ptr<Backend>> backends;
   if (ranks == 1) {
-    backends.push_back(std::make_unique<CpuBackend>(threads, precision, reference_kernels));
+    backends.push_back(std::make_unique<CpuBackend>(threads, precision, reference_kernels, map_weights));
     return backends;
   }
   const std::vector<RankPlacement> placement = place_ranks(numa_nodes(), ranks, threads);
