@@ -207,7 +207,7 @@ void Model::load_rank(Rank& rank, WeightLoader& loader) {
       // The rank's heads' slopes, cut from the whole model's schedule (never recomputed for fewer heads).
       const std::vector<float> all = lightning_decay(c.num_attention_heads, l, c.num_hidden_layers);
       layer.decay.assign(all.begin() + shard.heads.begin, all.begin() + shard.heads.end());
-      // The layer keeps the values: the CPU backend uses them in place.
+      // The layer keeps the values: a backend may read them in place.
       layer.decay_weight = upload(Weight{layer.decay.data(), DType::kF32, 1, int64_t(layer.decay.size())});
     }
     layer.moe.top_k = c.num_experts_per_tok;

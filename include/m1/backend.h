@@ -190,8 +190,9 @@ class Backend {
   // what does not change them, such as the thread count). Cache files record it.
   virtual std::string numerics() const { return name(); }
 
-  // Memory. Weights are uploaded once at load from host memory (the CPU backend uses them in
-  // place: the mapped file, or the quantized copy the model holds).
+  // Memory. Weights are uploaded once at load from host memory: a backend copies them to its
+  // device (the CPU backend into huge pages), or reads them in place (the CPU backend with
+  // BackendOptions::map_weights: the mapped file, or the quantized copy the model then holds).
   virtual Weight upload(const Weight& host) = 0;
   virtual Mat alloc(int64_t rows, int64_t cols) = 0;
   virtual void free(Mat m) = 0;
