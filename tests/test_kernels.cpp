@@ -216,9 +216,6 @@ TEST(LightningTest, ChunkedAndDecodeMatchTheRecurrence) {
   }
 }
 
-// Backend::lightning_attention takes the projection's output and applies SiLU itself: on the CPU
-// that is the arithmetic of SiLU over the rows and then the kernels, bit for bit, for prefill
-// segments (two calls, so the state carries) and decode segments, fast and reference kernels.
 // Pieces of awkward sizes, some larger than a region: each 64-byte aligned, holding its bytes, and
 // apart from every other (later copies never overwrite earlier ones).
 TEST(WeightArenaTest, CopiesAreAlignedWholeAndApart) {
@@ -260,8 +257,20 @@ TEST(CpuBackendTest, UploadCopiesUnlessAskedToMap) {
       }
     }
   }
+  BackendOptions group{"cpu", 2};
+  group.tensor_parallel = 2;
+  for (const std::unique_ptr<Backend>& rank : create_backends(group)) {
+    const Weight got = rank->upload(q.w);
+    EXPECT_NE(got.data, q.w.data);
+    EXPECT_NE(got.scales, q.w.scales);
+    EXPECT_EQ(std::memcmp(got.data, q.w.data, q.w.data_bytes()), 0);
+    EXPECT_EQ(std::memcmp(got.scales, q.w.scales, q.w.scale_bytes()), 0);
+  }
 }
 
+// Backend::lightning_attention takes the projection's output and applies SiLU itself: on the CPU
+// that is the arithmetic of SiLU over the rows and then the kernels, bit for bit, for prefill
+// segments (two calls, so the state carries) and decode segments, fast and reference kernels.
 TEST(LightningTest, BackendAppliesSiluAsASeparatePassWould) {
   const int64_t heads = 3, d = 24, width = heads * 3 * d;
   const StateShape shape{1, heads, d, 0, 0};
