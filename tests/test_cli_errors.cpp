@@ -232,7 +232,7 @@ TEST_F(CliErrorTest, ServeRefusesBadOptions) {
   expect_refused("m1-serve", m + " --device tpu", "device 'tpu' is unknown");
   expect_refused("m1-serve", m + " --tensor-parallel 3", "--tensor-parallel 3 does not divide the model's 4 attention heads");
   expect_refused("m1-serve", m + " --tensor-parallel 2 --collectives peer", "--collectives peer is for --device cuda");
-  expect_refused("m1-serve", m + " --tensor-parallel 2 --mmap", "--mmap reads weights in place on --device cpu with one rank");
+  expect_refused("m1-serve", m + " --mmap --tensor-parallel 2", "--mmap reads weights in place on --device cpu with one rank");
   expect_refused("m1-serve", " --port 0 --model " + (dir_ / "nowhere").string(), "nowhere: model directory not found");
   expect_refused("m1-serve", m + " --max-context 20000000", "more than the model's max_position_embeddings");
   expect_refused("m1-serve", m + " --max-context 2048 --max-state-mb 0.1", "cannot hold the state of one sequence");
