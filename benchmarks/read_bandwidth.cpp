@@ -62,22 +62,21 @@ double weight_read_bandwidth(const Checkpoint& checkpoint, int threads) {
   if (threads <= 0) threads = int(std::max(1u, std::thread::hardware_concurrency()));
   // The weights' bytes (up to kSample of them) copied into memory like the CPU backend's own:
   // anonymous, in huge pages. A mapped file's 4 KiB pages read slower, and are not what decode reads.
-  size_t total = 0;
-  for (const auto& [name, tensor] : checkpoint.tensors()) total += tensor.nbytes;
-  const size_t want = std::min(total, kSample);
-  cpu::WeightArena arena(want + 64 * (checkpoint.tensors().size() + 1));  // one region: one span
-  const auto* const sample = static_cast<const std::byte*>(arena.copy(nullptr, 0));
-  for (size_t copied = 0; const auto& [name, tensor] : checkpoint.tensors()) {
-    if (copied == want) break;
-    const size_t n = std::min(tensor.nbytes, want - copied);
-    arena.copy(tensor.data, n);
-    copied += n;
+  cpu::WeightArena arena;
+  std::vector<Region> copies;
+  size_t bytes = 0;
+  for (const auto& [name, tensor] : checkpoint.tensors()) {
+    if (bytes == kSample) break;
+    const size_t n = std::min(tensor.nbytes, kSample - bytes);
+    if (n == 0) continue;
+    copies.emplace_back(static_cast<const std::byte*>(arena.copy(tensor.data, n)), n);
+    bytes += n;
   }
-  const size_t bytes = arena.used();
   double best = 0;
   for (const size_t piece : kPieces) {
     std::vector<Region> pieces;
-    for (size_t offset = 0; offset < bytes; offset += piece) pieces.emplace_back(sample + offset, std::min(piece, bytes - offset));
+    for (const Region& copy : copies)
+      for (size_t offset = 0; offset < copy.size(); offset += piece) pieces.push_back(copy.subspan(offset, std::min(piece, copy.size() - offset)));
     std::vector<double> seconds;
     for (int pass = 0; pass < kTimedPasses; ++pass) seconds.push_back(read_once(pieces, threads));
     best = std::max(best, double(bytes) / median(std::move(seconds)));

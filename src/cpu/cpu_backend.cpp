@@ -68,7 +68,7 @@ void CpuBackend::for_rows(int64_t rows, Fn&& fn) {
 }
 
 Weight CpuBackend::upload(const Weight& host) {
-  if (map_weights_ && !group_) return host;
+  if (map_weights_) return host;  // only a group of one is given map_weights
   Weight w = host;
   w.data = weights_.copy(host.data, host.data_bytes());
   if (host.quantized()) w.scales = weights_.copy(host.scales, host.scale_bytes());
