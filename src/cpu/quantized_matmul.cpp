@@ -325,15 +325,20 @@ bool bare_codes(const Weight& w, bool bf16) {
 }
 
 // Per thread: a row's scales, and decoded rows or blocks.
-thread_local std::vector<float> row_scale_buffer, f32_block;
+thread_local std::vector<float> row_scale_buffer, output_scales, f32_block;
 thread_local std::vector<float> stream_scales[kStreamRows];
 thread_local std::vector<uint16_t> bf16_block;
 
-// Multiplies outputs [i0, i1) x [j0, j1) by their rows' scales (bf16 operands, one scale a row).
+// Multiplies outputs [i0, i1) x [j0, j1) by their rows' scales (bf16 operands, one scale a row),
+// an output row at a time: walking a column instead strides by out.cols, and at the products'
+// widths (multiples of 4 KiB) every row of a column falls in the same few L1 sets.
 void apply_row_scales(const Weight& w, Mat out, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
-  for (int64_t j = j0; j < j1; ++j) {
-    const float s = scale_at(w, j, 0);
-    for (int64_t i = i0; i < i1; ++i) out.data[i * out.cols + j] *= s;
+  output_scales.resize(size_t(j1 - j0));
+  float* s = output_scales.data();
+  for (int64_t j = j0; j < j1; ++j) s[j - j0] = scale_at(w, j, 0);
+  for (int64_t i = i0; i < i1; ++i) {
+    float* o = out.data + i * out.cols + j0;
+    for (int64_t j = 0; j < j1 - j0; ++j) o[j] *= s[j];
   }
 }
 
