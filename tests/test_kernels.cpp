@@ -32,8 +32,8 @@ class KernelTest : public ::testing::Test {
 };
 
 TEST_F(KernelTest, MatmulMatchesReferenceOnAwkwardShapes) {
-  const int64_t shapes[][3] = {{1, 1, 1}, {1, 7, 3}, {2, 15, 9}, {3, 16, 4}, {5, 17, 5}, {4, 33, 67},
-                               {67, 100, 130}, {1, 1000, 7}, {130, 64, 65}, {9, 129, 200}};
+  const int64_t shapes[][3] = {{1, 1, 1}, {1, 7, 3}, {2, 15, 9}, {3, 16, 4}, {5, 17, 5}, {4, 33, 67}, {8, 47, 33},
+                               {67, 100, 130}, {1, 1000, 7}, {130, 64, 65}, {9, 129, 200}, {7, 300, 301}};
   for (DType dtype : {DType::kF32, DType::kF16, DType::kBF16})
     for (const auto& s : shapes) {
       const int64_t n = s[0], k = s[1], m = s[2];
@@ -48,7 +48,8 @@ TEST_F(KernelTest, MatmulMatchesReferenceOnAwkwardShapes) {
 // bf16 operands: the kernel against the reference rounding the same operands.
 TEST_F(KernelTest, Bf16MatmulMatchesReferenceOnAwkwardShapes) {
   if (!bf16_products_available()) GTEST_SKIP() << "no AVX-512 BF16 on this CPU: bf16 products fall back to fp32";
-  const int64_t shapes[][3] = {{1, 1, 1}, {1, 31, 3}, {2, 33, 9}, {5, 64, 5}, {4, 65, 67}, {67, 100, 130}, {1, 1000, 7}};
+  const int64_t shapes[][3] = {{1, 1, 1}, {1, 31, 3}, {2, 33, 9}, {5, 64, 5}, {4, 65, 67}, {8, 95, 33}, {6, 300, 301},
+                               {67, 100, 130}, {1, 1000, 7}};
   for (const auto& s : shapes) {
     const int64_t n = s[0], k = s[1], m = s[2];
     RandomWeight w(DType::kBF16, m, k, 0.5f);
@@ -66,9 +67,10 @@ TEST_F(KernelTest, Bf16MatmulMatchesReferenceOnAwkwardShapes) {
 // path (one-row streaming, blocked tiles, bf16 operands).
 TEST_F(KernelTest, MatmulRowsDoNotDependOnTheirNeighbours) {
   const int64_t k = 203, m = 71;
-  // A decode-sized batch (weight rows streamed once), a batched decode step (blocked tiles on the
-  // stored weights), a prefill block (tiles on a widened block) and both kinds of block in one call.
-  for (int64_t n : {3, 9, 37, 70})
+  // Decode-sized batches (weight rows streamed once: 3 by rows of 4, 5 and 8 by tiles of every row
+  // on AVX-512), a batched decode step (blocked tiles on the stored weights), a prefill block
+  // (tiles on a widened block) and both kinds of block in one call.
+  for (int64_t n : {3, 5, 8, 9, 37, 70})
   for (DType dtype : {DType::kF32, DType::kF16, DType::kBF16})
     for (Operands ops : {Operands::kFp32, Operands::kBf16}) {
       RandomWeight w(dtype, m, k);
@@ -141,7 +143,7 @@ TEST_F(KernelTest, QuantizedMatmulMatchesReferenceOnAwkwardShapes) {
 // (rows streamed once) and prefill (dequantized blocks) alike, in both precisions.
 TEST_F(KernelTest, QuantizedMatmulRowsDoNotDependOnTheirNeighbours) {
   const int64_t k = 203, m = 71;
-  for (int64_t n : {2, 3, 9, 37, 70})
+  for (int64_t n : {2, 3, 5, 8, 9, 37, 70})
     for (const QuantScheme& scheme : kQuantSchemes)
       for (Operands ops : {Operands::kFp32, Operands::kBf16}) {
         testing::RandomQuantizedWeight q(scheme, m, k);
