@@ -3,6 +3,7 @@
 #include "m1/quantize.h"
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -11,6 +12,7 @@
 #include <thread>
 #include <vector>
 
+#include "cpu/vectorize.h"
 #include "m1/error.h"
 
 namespace m1 {
@@ -30,32 +32,79 @@ std::span<const float> divisors(DType t) {
 // taking away 1.5 * 2^23 (exact for |v * inverse| < 2^22, and anything larger is clamped anyway;
 // nearbyint is a library call on baseline x86-64, and this loop runs on every weight of a
 // checkpoint several times).
-inline float code_for(float v, float inverse, float qmin, float qmax) {
+M1_INLINE float code_for(float v, float inverse, float qmin, float qmax) {
   constexpr float kRound = 12582912.0f;
   const float scaled = std::clamp(v * inverse, -4194304.0f, 4194304.0f);
   return std::clamp((scaled + kRound) - kRound, qmin, qmax);
 }
 
+// The loops below run on every weight of a checkpoint once per divisor, so they are vectorised
+// (one compiled copy per x86-64 level). The codes are the same whatever the vector width; only the
+// order in which a group's squared errors are summed (in double) depends on it.
+
+M1_VECTOR_CLONES float absolute_max(const float* v, int64_t n) {
+  float m = 0;
+#pragma omp simd reduction(max : m)
+  for (int64_t i = 0; i < n; ++i) m = std::max(m, std::fabs(v[i]));
+  return m;
+}
+
+// Sum of (v - code * s)^2 over n values at scale s (code * s is exact in fp32, the difference in
+// double).
+M1_VECTOR_CLONES double squared_error(const float* v, int64_t n, float s, float inverse, float qmin, float qmax) {
+  double error = 0;
+#pragma omp simd reduction(+ : error)
+  for (int64_t i = 0; i < n; ++i) {
+    const double e = double(v[i]) - double(code_for(v[i], inverse, qmin, qmax) * s);
+    error += e * e;
+  }
+  return error;
+}
+
+M1_VECTOR_CLONES void write_codes(const float* v, int64_t n, float inverse, float qmin, float qmax, int8_t* codes) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) codes[i] = int8_t(int(code_for(v[i], inverse, qmin, qmax)));
+}
+
+M1_VECTOR_CLONES bool all_finite(const float* v, int64_t n) {
+  int bad = 0;
+#pragma omp simd reduction(| : bad)
+  for (int64_t i = 0; i < n; ++i) bad |= int((std::bit_cast<uint32_t>(v[i]) & 0x7f800000u) == 0x7f800000u);
+  return bad == 0;
+}
+
+// n codes into a packed row (m1/quantize.h's layout): int8 as code + 128, int4 as code + 8, two to
+// a byte, the first in the low nibble (an odd row's last high nibble 0).
+M1_VECTOR_CLONES void pack_codes(const int8_t* codes, int64_t n, DType t, uint8_t* out) {
+  if (t == DType::kQ8) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) out[i] = uint8_t(codes[i] + 128);
+    return;
+  }
+  const int64_t pairs = n / 2;
+#pragma omp simd
+  for (int64_t i = 0; i < pairs; ++i) out[i] = uint8_t((codes[2 * i] + 8) | ((codes[2 * i + 1] + 8) << 4));
+  if (n % 2) out[pairs] = uint8_t(codes[n - 1] + 8);
+}
+
 // Quantizes n values with one scale: returns the scale's bf16 bits and writes the codes.
 uint16_t quantize_group(const float* v, int64_t n, DType t, int8_t* codes) {
   const float qmin = float(quant_min(t)), qmax = float(quant_max(t));
-  float absmax = 0;
-  for (int64_t i = 0; i < n; ++i) absmax = std::max(absmax, std::fabs(v[i]));
+  const float absmax = absolute_max(v, n);
   uint16_t best = 0;
   double best_error = INFINITY;
   for (float d : divisors(t)) {
     const uint16_t bits = f32_to_bf16(absmax / d);
     const float s = bf16_to_f32(bits), inverse = 1.0f / s;
     if (!(s > 0) || !std::isfinite(s) || !std::isfinite(inverse)) continue;  // all zeros, or under/overflow
-    double error = 0;
-    for (int64_t i = 0; i < n; ++i) {
-      const double e = double(v[i]) - double(code_for(v[i], inverse, qmin, qmax) * s);  // code * s: exact
-      error += e * e;
-    }
+    const double error = squared_error(v, n, s, inverse, qmin, qmax);
     if (error < best_error) best_error = error, best = bits;
   }
-  const float s = bf16_to_f32(best);
-  for (int64_t i = 0; i < n; ++i) codes[i] = int8_t(best != 0 ? int(code_for(v[i], 1.0f / s, qmin, qmax)) : 0);
+  if (best == 0) {
+    std::fill(codes, codes + n, int8_t(0));
+    return best;
+  }
+  write_codes(v, n, 1.0f / bf16_to_f32(best), qmin, qmax, codes);
   return best;
 }
 
@@ -66,15 +115,15 @@ void quantize_rows(const Weight& source, const std::string& name, int64_t begin,
   auto* scales = reinterpret_cast<uint16_t*>(out.scales().data());
   for (int64_t r = begin; r < end; ++r) {
     dequantize_row(source, r, row.data());
-    for (int64_t c = 0; c < w.cols; ++c)
-      if (!std::isfinite(row[size_t(c)]))
-        fail("{}: cannot quantize: element ({}, {}) is {}", name, r, c, row[size_t(c)]);
+    if (!all_finite(row.data(), w.cols))
+      for (int64_t c = 0; c < w.cols; ++c)
+        if (!std::isfinite(row[size_t(c)]))
+          fail("{}: cannot quantize: element ({}, {}) is {}", name, r, c, row[size_t(c)]);
     for (int64_t g = 0; g < w.groups(); ++g) {
       const int64_t first = g * w.group_size, count = std::min(w.group_size, w.cols - first);
       scales[r * w.groups() + g] = quantize_group(row.data() + first, count, w.dtype, codes.data() + first);
     }
-    void* packed = out.data().data() + size_t(r) * w.row_bytes();
-    for (int64_t c = 0; c < w.cols; ++c) set_packed_code(packed, w.dtype, c, codes[size_t(c)]);
+    pack_codes(codes.data(), w.cols, w.dtype, reinterpret_cast<uint8_t*>(out.data().data() + size_t(r) * w.row_bytes()));
   }
 }
 
@@ -107,6 +156,11 @@ float weight_value(const Weight& w, int64_t r, int64_t c) {
 }
 
 void dequantize_row(const Weight& w, int64_t r, float* out) {
+  if (w.dtype == DType::kBF16) {  // the common source: widened in bulk (exact)
+    const auto* row = static_cast<const uint16_t*>(w.data) + r * w.cols;
+    for (int64_t c = 0; c < w.cols; ++c) out[c] = std::bit_cast<float>(uint32_t(row[c]) << 16);
+    return;
+  }
   for (int64_t c = 0; c < w.cols; ++c) out[c] = weight_value(w, r, c);
 }
 

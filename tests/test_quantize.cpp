@@ -115,6 +115,45 @@ TEST(QuantizeTest, ErrorWithinBoundsOnAwkwardWidths) {
     }
 }
 
+// The search against a plain scalar one: each group's scale is the best of max|v| / d over the
+// type's divisors (squared error summed in double in order; the quantizer's vector order may
+// differ in the last bits), and its codes are round(v * (1 / scale)) clamped to the type's range.
+TEST(QuantizeTest, ScaleIsTheSearchsBestAndCodesRoundToNearest) {
+  const std::vector<float> int8_divisors = {127.0f, 127.5f, 128.0f, 124.0f, 120.0f, 114.0f};
+  const std::vector<float> int4_divisors = {7.0f, 7.5f, 8.0f, 8.5f, 9.0f, 9.5f, 10.0f};
+  for (int64_t cols : {5, 16, 33, 100, 1030})
+    for (const QuantScheme scheme : {QuantScheme{DType::kQ8, 0}, QuantScheme{DType::kQ4, 32}, QuantScheme{DType::kQ4, 64}}) {
+      RandomWeight source(DType::kF32, 6, cols);
+      const auto* v = static_cast<const float*>(source.w.data);
+      const QuantizedWeight q = quantize(source.w, scheme, "w");
+      const Weight& w = q.weight();
+      const float qmin = float(quant_min(w.dtype)), qmax = float(quant_max(w.dtype));
+      auto code = [&](float x, float s) { return std::clamp(std::nearbyint(x * (1.0f / s)), qmin, qmax); };
+      for (int64_t r = 0; r < w.rows; ++r)
+        for (int64_t g = 0; g < w.groups(); ++g) {
+          const int64_t first = g * w.group_size, last = std::min(cols, first + w.group_size);
+          auto error = [&](float s) {
+            double sum = 0;
+            for (int64_t c = first; c < last; ++c) {
+              const double e = double(v[r * cols + c]) - double(code(v[r * cols + c], s) * s);
+              sum += e * e;
+            }
+            return sum;
+          };
+          float absmax = 0;
+          for (int64_t c = first; c < last; ++c) absmax = std::max(absmax, std::fabs(v[r * cols + c]));
+          double best = INFINITY;
+          for (float d : w.dtype == DType::kQ8 ? int8_divisors : int4_divisors) best = std::min(best, error(bf16_to_f32(f32_to_bf16(absmax / d))));
+          const float chosen = scale_at(w, r, g);
+          const std::string what = std::string(dtype_name(w.dtype)) + " cols " + std::to_string(cols) + " row " + std::to_string(r) +
+                                   " group " + std::to_string(g);
+          ASSERT_LE(error(chosen), best * (1 + 1e-12)) << what;
+          for (int64_t c = first; c < last; ++c)
+            ASSERT_EQ(float(packed_code(packed_row(w, r), w.dtype, c)), code(v[r * cols + c], chosen)) << what << " col " << c;
+        }
+    }
+}
+
 TEST(QuantizeTest, SameResultOnAnyThreadCount) {
   RandomWeight source(DType::kF16, 37, 96);
   const QuantizedWeight one = quantize(source.w, {DType::kQ4, 32}, "w", 1), three = quantize(source.w, {DType::kQ4, 32}, "w", 3);
@@ -133,6 +172,14 @@ TEST(QuantizeTest, ZerosAndNonFiniteValues) {
     FAIL() << "NaN was quantized";
   } catch (const Error& e) {
     EXPECT_STREQ(e.what(), "model.layers.0.w: cannot quantize: element (1, 5) is nan");
+  }
+  zeros[37] = 0.0f;
+  zeros[62] = -INFINITY;  // past the first vector of its row
+  try {
+    quantize(z, {DType::kQ4, 32}, "w");
+    FAIL() << "-inf was quantized";
+  } catch (const Error& e) {
+    EXPECT_STREQ(e.what(), "w: cannot quantize: element (1, 30) is -inf");
   }
 }
 
