@@ -6,6 +6,7 @@
 #include <atomic>
 #include <cmath>
 
+#include "cpu/aligned_vector.h"
 #include "cpu/elementwise.h"
 #include "cpu/lightning.h"
 #include "cpu/matmul.h"
@@ -215,6 +216,21 @@ TEST(LightningTest, ChunkedAndDecodeMatchTheRecurrence) {
       }
     auto decoded = run_lightning(qkv, c, 1, lightning_decode_token);
     EXPECT_LE(relative_error(decoded, reference), 2e-5) << "decode, count " << c.count;
+  }
+}
+
+// Storage of every size (small ones come from malloc's bins, large ones from mmap) starts on a
+// cache line, and keeps its elements across growth.
+TEST(AlignedVectorTest, StorageStartsOnACacheLine) {
+  for (size_t n : {size_t(1), size_t(3), size_t(100), size_t(4097), size_t(1) << 20}) {
+    AlignedVector<uint16_t> a(n, uint16_t(7));
+    AlignedVector<float> b(n);
+    EXPECT_EQ(reinterpret_cast<uintptr_t>(a.data()) % 64, 0u) << n;
+    EXPECT_EQ(reinterpret_cast<uintptr_t>(b.data()) % 64, 0u) << n;
+    a.resize(n * 3 + 1, uint16_t(9));
+    EXPECT_EQ(reinterpret_cast<uintptr_t>(a.data()) % 64, 0u) << n;
+    EXPECT_EQ(a[n - 1], 7);
+    EXPECT_EQ(a[n], 9);
   }
 }
 

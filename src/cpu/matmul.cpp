@@ -12,6 +12,7 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu/aligned_vector.h"
 #include "cpu/isa.h"
 #include "cpu/quantized_matmul.h"
 #include "cpu/vectorize.h"
@@ -484,7 +485,10 @@ void run_task(const Product& p, int64_t task) {
 // Per calling thread: the batch being run, and its activations rounded to bf16.
 thread_local std::vector<Product> products;
 thread_local std::vector<int64_t> first_task;
-thread_local std::vector<uint16_t> rounded;
+thread_local AlignedVector<uint16_t> rounded;
+
+// Elements of `rounded` a job's x takes: whole cache lines, so that each job's rows start on one.
+size_t rounded_extent(const Mat& x) { return (size_t(x.size()) + 31) / 32 * 32; }
 
 // BF16 and quantized weights (whose codes are exact in bf16) meet bf16 activations.
 bool uses_bf16(const Weight& w, Operands operands) {
@@ -504,7 +508,7 @@ void matmul_batch(ThreadPool& pool, std::span<const MatmulJob> jobs, Operands op
   size_t rounded_size = 0;
   for (const MatmulJob& j : jobs) {
     if (!is_float(j.w.dtype) && !j.w.quantized()) fail("matmul: weights of dtype {} cannot be multiplied", dtype_name(j.w.dtype));
-    if (uses_bf16(j.w, operands)) rounded_size += size_t(j.x.size());
+    if (uses_bf16(j.w, operands)) rounded_size += rounded_extent(j.x);
   }
   rounded.resize(rounded_size);
   products.clear();
@@ -516,7 +520,7 @@ void matmul_batch(ThreadPool& pool, std::span<const MatmulJob> jobs, Operands op
     if (bf16) {
       round_to_bf16(pool, j.x.data, j.x.size(), rounded.data() + offset);
       x = rounded.data() + offset;
-      offset += size_t(j.x.size());
+      offset += rounded_extent(j.x);
     }
     products.push_back(Product{x, j.x.rows, j.w, j.out, bf16});
     first_task.push_back(first_task.back() + products.back().tasks());
