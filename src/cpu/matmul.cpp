@@ -371,7 +371,8 @@ std::vector<float>& widened() {
 
 // Decode steps (a few rows of x): weight rows are streamed one at a time, each met by every row
 // of x, four at a time, while it is in cache (several interleaved weight-row streams reach only
-// about half the memory bandwidth). One row of x takes the tight one-row kernels.
+// about half the memory bandwidth). One row of x takes the tight one-row kernels; 5-8 rows (a
+// batched step, AVX-512) meet two weight rows at a time in one tile, the rows ahead prefetched.
 template <DType T, bool Bf16>
 void skinny_task(const Product& p, int64_t task) {
   const Weight& w = p.w;
