@@ -286,6 +286,34 @@ TEST(CpuBackendTest, UploadCopiesUnlessAskedToMap) {
   }
 }
 
+// Backend::matmuls runs its products as one batch: each output the bits matmul gives it alone, with
+// products of any weight type side by side (an F32 one keeps fp32 x between two that round it).
+TEST(CpuBackendTest, MatmulsMatchEachProductAlone) {
+  const int64_t k = 203;
+  const RandomWeight bf16(DType::kBF16, 37, k), f32(DType::kF32, 9, k);
+  const testing::RandomQuantizedWeight int4(QuantScheme{DType::kQ4, 32}, 70, k), int8(QuantScheme{DType::kQ8, 0}, 5, k);
+  for (Precision precision : {Precision::kFast, Precision::kExact})
+    for (int64_t n : {1, 5, 70}) {
+      SCOPED_TRACE(std::string(precision == Precision::kFast ? "fast" : "exact") + ", rows " + std::to_string(n));
+      const std::unique_ptr<Backend> backend = create_backend(BackendOptions{"cpu", 2, precision});
+      const Weight* weights[] = {&bf16.w, &int4.w, &f32.w, &int8.w};
+      std::vector<float> x = random_floats(size_t(n * k));
+      std::vector<std::vector<float>> together, alone;
+      std::vector<Product> products;
+      for (const Weight* w : weights) {
+        together.emplace_back(size_t(n * w->rows), NAN);
+        alone.emplace_back(size_t(n * w->rows), NAN);
+        products.push_back({w, Mat{together.back().data(), n, w->rows}});
+      }
+      const Mat xm{x.data(), n, k};
+      backend->matmuls(xm, products, Rounding::kAllowed);
+      for (size_t i = 0; i < products.size(); ++i) {
+        backend->matmul(xm, *weights[i], Mat{alone[i].data(), n, weights[i]->rows}, Rounding::kAllowed);
+        EXPECT_EQ(std::memcmp(together[i].data(), alone[i].data(), together[i].size() * sizeof(float)), 0) << "product " << i;
+      }
+    }
+}
+
 // Backend::lightning_attention takes the projection's output and applies SiLU itself: on the CPU
 // that is the arithmetic of SiLU over the rows and then the kernels, bit for bit, for prefill
 // segments (two calls, so the state carries) and decode segments, fast and reference kernels.

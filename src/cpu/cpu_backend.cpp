@@ -118,6 +118,14 @@ void CpuBackend::matmul(const Mat& x, const Weight& w, Mat out, Rounding roundin
     cpu::matmul(pool_, x, w, out, operands(rounding));
 }
 
+// One batch: the products' tasks share one pass of the pool, and x is rounded to bf16 once.
+void CpuBackend::matmuls(const Mat& x, std::span<const Product> products, Rounding rounding) {
+  if (reference_) return Backend::matmuls(x, products, rounding);
+  matmul_jobs_.clear();
+  for (const Product& p : products) matmul_jobs_.push_back({x, *p.w, p.out});
+  cpu::matmul_batch(pool_, matmul_jobs_, operands(rounding));
+}
+
 void CpuBackend::rmsnorm_gated(const Mat& x, const Weight& w, float eps, const Mat& gate, Mat out) {
   for_rows(x.rows, [&](int64_t r) {
     float* row = out.data + r * out.cols;

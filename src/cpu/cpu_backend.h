@@ -48,6 +48,7 @@ class CpuBackend final : public Backend {
   void gather_rows(const Mat& x, std::span<const int64_t> rows, Mat out) override;
   void rmsnorm(const Mat& x, const Weight& w, float eps, Mat out) override;
   void matmul(const Mat& x, const Weight& w, Mat out, Rounding rounding) override;
+  void matmuls(const Mat& x, std::span<const Product> products, Rounding rounding) override;
   void rmsnorm_gated(const Mat& x, const Weight& w, float eps, const Mat& gate, Mat out) override;
   void row_sum_squares(const Mat& x, Mat sums) override;
   void rmsnorm_gated_split(const Mat& x, const Mat& sums, int64_t width, const Weight& w, float eps, const Mat& gate,
@@ -89,6 +90,7 @@ class CpuBackend final : public Backend {
   WeightArena weights_;  // the copies of the weights
   CollectiveStats collective_stats_;
   MoeScratch moe_scratch_;
+  std::vector<MatmulJob> matmul_jobs_;  // matmuls' products as one batch
   std::vector<std::pair<size_t, int64_t>> attention_tasks_;  // (segment, first query row)
   std::vector<float> sample_row_;  // the row a draw may use as scratch
   SampleScratch sample_scratch_;

@@ -506,22 +506,32 @@ void round_to_bf16(ThreadPool& pool, const float* x, int64_t n, uint16_t* dst) {
 }  // namespace
 
 void matmul_batch(ThreadPool& pool, std::span<const MatmulJob> jobs, Operands operands) {
+  // A job whose x is the previous rounded job's (several products of the same activations)
+  // reads the same rounded copy.
+  auto same_x = [](const Mat* a, const Mat& b) { return a && a->data == b.data && a->rows == b.rows && a->cols == b.cols; };
   size_t rounded_size = 0;
+  const Mat* last = nullptr;
   for (const MatmulJob& j : jobs) {
     if (!is_float(j.w.dtype) && !j.w.quantized()) fail("matmul: weights of dtype {} cannot be multiplied", dtype_name(j.w.dtype));
-    if (uses_bf16(j.w, operands)) rounded_size += rounded_extent(j.x);
+    if (uses_bf16(j.w, operands) && !same_x(last, j.x)) rounded_size += rounded_extent(j.x), last = &j.x;
   }
   rounded.resize(rounded_size);
   products.clear();
   first_task.assign(1, 0);
   size_t offset = 0;
+  last = nullptr;
+  const uint16_t* last_rounded = nullptr;
   for (const MatmulJob& j : jobs) {
     const bool bf16 = uses_bf16(j.w, operands);
     const void* x = j.x.data;
     if (bf16) {
-      round_to_bf16(pool, j.x.data, j.x.size(), rounded.data() + offset);
-      x = rounded.data() + offset;
-      offset += rounded_extent(j.x);
+      if (!same_x(last, j.x)) {
+        last_rounded = rounded.data() + offset;
+        round_to_bf16(pool, j.x.data, j.x.size(), rounded.data() + offset);
+        offset += rounded_extent(j.x);
+        last = &j.x;
+      }
+      x = last_rounded;
     }
     products.push_back(Product{x, j.x.rows, j.w, j.out, bf16});
     first_task.push_back(first_task.back() + products.back().tasks());
