@@ -18,10 +18,10 @@
 #include <map>
 #include <tuple>
 #include <memory>
-#include <new>
 #include <string>
 #include <vector>
 
+#include "cpu/aligned_vector.h"
 #include "cpu/lightning.h"
 #include "cpu/matmul.h"
 #include "cpu/moe.h"
@@ -59,13 +59,6 @@ std::vector<float> random_floats(size_t n, float scale) {
     x = scale * (float(s >> 40) / float(1 << 23) - 1.0f);
   }
   return v;
-}
-
-// n floats, 64-byte aligned (std::free releases them).
-float* aligned_floats(size_t n) {
-  auto* p = static_cast<float*>(std::aligned_alloc(64, (n * sizeof(float) + 63) / 64 * 64));
-  if (p == nullptr) throw std::bad_alloc();
-  return p;
 }
 
 // `w`'s codes (or values) and scales copied into the backend's kind of memory: read through 4 KiB
@@ -119,19 +112,17 @@ void bm_matmul(benchmark::State& state, const std::string& kind, int64_t rows, i
   // 64-byte aligned, as the backend's activations are: a vector's 16-byte alignment splits every
   // vector load of x over two cache lines, and costs the streamed kernels (more loads of x per
   // weight) up to 2x.
-  const size_t x_size = size_t(rows * in_features), out_size = size_t(rows * out_features);
-  const std::unique_ptr<float, decltype(&std::free)> x(aligned_floats(x_size), &std::free), out(aligned_floats(out_size), &std::free);
-  const std::vector<float> values = random_floats(x_size, 1.0f);
-  std::copy(values.begin(), values.end(), x.get());
-  const Mat xm{x.get(), rows, in_features}, om{out.get(), rows, out_features};
+  const std::vector<float> values = random_floats(size_t(rows * in_features), 1.0f);
+  AlignedVector<float> x(values.begin(), values.end()), out(size_t(rows * out_features));
+  const Mat xm{x.data(), rows, in_features}, om{out.data(), rows, out_features};
   for (auto _ : state) {
     if (reference)
       matmul_reference(xm, w, om, operands);
     else
       matmul(pool(), xm, w, om, operands);
-    benchmark::DoNotOptimize(out.get());
+    benchmark::DoNotOptimize(out.data());
   }
-  report(state, 2.0 * double(rows * out_features * in_features), weight_bytes(w) + 4.0 * double(x_size + out_size));
+  report(state, 2.0 * double(rows * out_features * in_features), weight_bytes(w) + 4.0 * double(x.size() + out.size()));
 }
 
 // One head's q, k, v interleaved per token as in the model's qkv activations, and its output.

@@ -158,7 +158,7 @@ float weight_value(const Weight& w, int64_t r, int64_t c) {
 void dequantize_row(const Weight& w, int64_t r, float* out) {
   if (w.dtype == DType::kBF16) {  // the common source: widened in bulk (exact)
     const auto* row = static_cast<const uint16_t*>(w.data) + r * w.cols;
-    for (int64_t c = 0; c < w.cols; ++c) out[c] = std::bit_cast<float>(uint32_t(row[c]) << 16);
+    for (int64_t c = 0; c < w.cols; ++c) out[c] = bf16_to_f32(row[c]);
     return;
   }
   for (int64_t c = 0; c < w.cols; ++c) out[c] = weight_value(w, r, c);

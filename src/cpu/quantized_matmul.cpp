@@ -19,13 +19,14 @@ namespace {
 const Isa kIsa = cpu_isa();
 
 constexpr int64_t kBlockRows = 64;       // x rows per prefill task
-constexpr int64_t kSkinnyRows = 8;       // the most x rows against which weight rows stream once each
+constexpr int64_t kSkinnyRows = 4;       // up to this many x rows, weight rows stream once each
+constexpr int64_t kWideSkinnyRows = 8;   // the same on AVX-512, 2 weight rows at a time from 5 rows
 constexpr int64_t kSkinnyOutputs = 256;  // weight rows per task of a skinny product
 constexpr int64_t kPrefetchRows = 8;     // how far ahead a streamed weight row is prefetched
 // Up to how many x rows the weight rows stream (decode) rather than being decoded into blocks for
 // the tiles (prefill). On Zen 4, 8 rows stream at 1.3-1.5x the tiles' rate, fp32 or bf16 x
 // (bench_kernels batch8/lm_head); the other ISAs decode a row into cache either way.
-int64_t skinny_limit() { return kIsa == Isa::kAvx512 ? kSkinnyRows : 4; }
+int64_t skinny_limit() { return kIsa == Isa::kAvx512 ? kWideSkinnyRows : kSkinnyRows; }
 // Weight rows per prefill task: the dequantized block (rows x k floats) should stay within L2.
 int64_t block_outputs(int64_t k) { return std::clamp<int64_t>((256 << 10) / (k * 4) / 4 * 4, 4, 64); }
 
@@ -305,13 +306,13 @@ using RowsBf16 = void (*)(const uint16_t*, int64_t, const QRow*, float*, int64_t
 constexpr int kStreamRows = 4;  // the most weight rows streamed together
 // Weight rows streamed together against r rows of x: r x c accumulators stay within 16 of the
 // 32 vector registers, leaving the rest to the decoders, decoded weights and x.
-constexpr int stream_width(int64_t r) { return r <= 4 ? kStreamRows : 2; }
+constexpr int stream_width(int64_t r) { return r <= kSkinnyRows ? kStreamRows : 2; }
 
 // [r - 1][c - 1]: r rows of x against c <= stream_width(r) weight rows; Bare: bf16_chunk's.
 template <class Fn, DType Q, bool Bf16, bool Bare = false>
 struct RowsTable {
-  Fn kernels[kSkinnyRows][kStreamRows];
-  constexpr RowsTable() : kernels{} { fill(std::make_integer_sequence<int, kSkinnyRows * kStreamRows>{}); }
+  Fn kernels[kWideSkinnyRows][kStreamRows];
+  constexpr RowsTable() : kernels{} { fill(std::make_integer_sequence<int, kWideSkinnyRows * kStreamRows>{}); }
   template <int I>
   static constexpr Fn kernel() {
     constexpr int r = I / kStreamRows + 1, c = I % kStreamRows + 1;
