@@ -3,30 +3,22 @@
 // an HTTP client that reads whole responses and Server-Sent Events streams, and helpers that
 // build requests and read responses and /metrics.
 
-#include <fcntl.h>
 #include <gtest/gtest.h>
 #include <signal.h>
-#include <spawn.h>
-#include <sys/wait.h>
-#include <unistd.h>
+#include <sys/types.h>
 
 #include <chrono>
-#include <cstring>
+#include <cstdint>
 #include <filesystem>
-#include <fstream>
 #include <functional>
-#include <regex>
 #include <string>
 #include <thread>
 #include <vector>
 
-#include <httplib.h>
 #include <nlohmann/json.hpp>
 
 #include "m1/config.h"
 #include "test_support.h"
-
-extern char** environ;
 
 namespace m1::testing {
 
@@ -37,14 +29,7 @@ using namespace std::chrono_literals;
 inline const std::string kBinDir = M1_BIN_DIR;
 
 // A scratch directory holding a tiny random model in DIR/tiny.
-inline fs::path make_model(const std::string& name, const std::string& mkmodel_flags = "") {
-  const fs::path dir = fs::temp_directory_path() / ("m1-server-" + std::to_string(::getpid()) + "-" + name);
-  fs::remove_all(dir);
-  const CommandResult r =
-      run_command(kBinDir + "/m1-mkmodel --preset tiny --out " + (dir / "tiny").string() + " " + mkmodel_flags);
-  EXPECT_EQ(r.status, 0) << r.err;
-  return dir;
-}
+fs::path make_model(const std::string& name, const std::string& mkmodel_flags = "");
 
 // One sequence's state of `tokens` tokens as the CPU backend holds it (fp32 lightning states and
 // KV cache): what the engine's state budget (--max-state-mb) counts.
@@ -60,27 +45,8 @@ inline int64_t cpu_state_bytes(const ModelConfig& c, int64_t tokens) {
 // pid <= 0 given to kill() would reach a process group, or as root every process on the machine.
 class ServerProcess {
  public:
-  ServerProcess(const fs::path& dir, const std::vector<std::string>& flags, const std::string& binary = kBinDir + "/m1-serve")
-      : log_(dir / "serve.log") {
-    std::vector<std::string> args = {binary, "--model", (dir / "tiny").string(), "--port", "0", "--threads", "1"};
-    args.insert(args.end(), flags.begin(), flags.end());
-    posix_spawn_file_actions_t files;
-    posix_spawn_file_actions_init(&files);
-    posix_spawn_file_actions_addopen(&files, 2, log_.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    posix_spawn_file_actions_adddup2(&files, 2, 1);
-    pid_t pid = 0;
-    const int error = posix_spawn(&pid, args[0].c_str(), &files, nullptr, argv(args).data(), environ);
-    posix_spawn_file_actions_destroy(&files);
-    if (error != 0) {
-      ADD_FAILURE() << "cannot start " << binary << ": " << std::strerror(error);
-      return;
-    }
-    pid_ = pid;
-    port_ = wait_for_line();
-  }
-  ~ServerProcess() {
-    if (signal(SIGKILL)) wait();
-  }
+  ServerProcess(const fs::path& dir, const std::vector<std::string>& flags, const std::string& binary = kBinDir + "/m1-serve");
+  ~ServerProcess();
   ServerProcess(const ServerProcess&) = delete;
   ServerProcess& operator=(const ServerProcess&) = delete;
 
@@ -90,59 +56,16 @@ class ServerProcess {
   // Sends `signal` to the child while it runs; false (nothing sent) when there is none.
   bool signal(int signal) const { return pid_ > 0 && ::kill(pid_, signal) == 0; }
   // Waits for the exit; returns the exit code, or -1 after `limit`, on a crash, or with no child.
-  int wait(std::chrono::seconds limit = 15s) {
-    const auto deadline = std::chrono::steady_clock::now() + limit;
-    while (pid_ > 0) {
-      if (reap()) break;
-      if (std::chrono::steady_clock::now() > deadline) return -1;
-      std::this_thread::sleep_for(20ms);
-    }
-    return exit_code_;
-  }
+  int wait(std::chrono::seconds limit = 15s);
   // True while the process has not exited (or crashed).
   bool running() { return pid_ > 0 && !reap(); }
   // Resident memory in KiB (VmRSS of /proc/PID/status); -1 when unreadable.
-  int64_t resident_kib() const {
-    if (pid_ <= 0) return -1;
-    const std::string status = read_file("/proc/" + std::to_string(pid_) + "/status");
-    const size_t at = status.find("VmRSS:");
-    return at == std::string::npos ? -1 : std::stoll(status.substr(at + 6));
-  }
+  int64_t resident_kib() const;
 
  private:
-  // Pointers into `strings`, null-terminated.
-  static std::vector<char*> argv(std::vector<std::string>& strings) {
-    std::vector<char*> out;
-    for (std::string& s : strings) out.push_back(s.data());
-    out.push_back(nullptr);
-    return out;
-  }
-
   // Collects the child's exit if it has exited; the object then holds no process.
-  bool reap() {
-    int status = 0;
-    if (pid_ <= 0 || ::waitpid(pid_, &status, WNOHANG) != pid_) return false;
-    pid_ = -1;
-    exit_code_ = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-    return true;
-  }
-
-  int wait_for_line() {
-    const std::regex listening("m1-serve: listening on http://127\\.0\\.0\\.1:(\\d+)");
-    for (int i = 0; i < 500; ++i) {
-      std::smatch match;
-      const std::string text = log();
-      if (std::regex_search(text, match, listening) && text.find("ready") != std::string::npos)
-        return std::stoi(match[1]);
-      if (reap()) {
-        ADD_FAILURE() << "m1-serve exited with status " << exit_code_ << " before it listened: " << log();
-        return 0;
-      }
-      std::this_thread::sleep_for(20ms);
-    }
-    ADD_FAILURE() << "m1-serve did not start: " << log();
-    return 0;
-  }
+  bool reap();
+  int wait_for_line();
 
   fs::path log_;
   pid_t pid_ = -1;
@@ -170,6 +93,7 @@ struct Stream {
   }
 };
 
+// HTTP to 127.0.0.1:PORT, a new connection per request (server_harness.cpp holds the httplib client).
 class Client {
  public:
   explicit Client(int port, std::string key = "") : port_(port), key_(std::move(key)) {}
@@ -181,75 +105,16 @@ class Client {
     return impatient;
   }
 
-  Reply get(const std::string& path) const {
-    httplib::Client client = connect();
-    return reply(client.Get(path.c_str()));
-  }
+  Reply get(const std::string& path) const;
   Reply post(const std::string& path, const ordered_json& body) const { return post_raw(path, body.dump()); }
-  Reply post_raw(const std::string& path, const std::string& body) const {
-    httplib::Client client = connect();
-    return reply(client.Post(path.c_str(), body, "application/json"));
-  }
+  Reply post_raw(const std::string& path, const std::string& body,
+                 const std::string& content_type = "application/json") const;
 
   // Reads an SSE response; `keep_reading` may end it early (the client then disconnects).
   Stream stream(const std::string& path, const ordered_json& body,
-                const std::function<bool(const ordered_json&)>& keep_reading = {}) const {
-    httplib::Client client = connect();
-    httplib::Request request;
-    request.method = "POST";
-    request.path = path;
-    request.body = body.dump();
-    request.set_header("Content-Type", "application/json");
-    Stream stream;
-    std::string pending;
-    request.response_handler = [&](const httplib::Response& response) {
-      stream.reply.status = response.status;
-      stream.reply.retry_after = response.get_header_value("Retry-After");
-      return true;
-    };
-    request.content_receiver = [&](const char* data, size_t size, uint64_t, uint64_t) {
-      if (stream.reply.status != 200) {
-        stream.reply.body.append(data, size);
-        return true;
-      }
-      pending.append(data, size);
-      for (size_t end; (end = pending.find("\n\n")) != std::string::npos;) {
-        const std::string event = pending.substr(0, end);
-        pending.erase(0, end + 2);
-        EXPECT_TRUE(event.starts_with("data: ")) << event;
-        const std::string data_text = event.substr(6);
-        stream.events.push_back(data_text == "[DONE]" ? ordered_json("[DONE]")
-                                                      : ordered_json::parse(data_text, nullptr, false));
-        EXPECT_FALSE(stream.events.back().is_discarded()) << event;
-        if (keep_reading && !keep_reading(stream.events.back())) return false;
-      }
-      return true;
-    };
-    if (const httplib::Result result = client.send(request); !result) stream.reply.error = httplib::to_string(result.error());
-    stream.reply.json = ordered_json::parse(stream.reply.body, nullptr, false);
-    return stream;
-  }
+                const std::function<bool(const ordered_json&)>& keep_reading = {}) const;
 
  private:
-  httplib::Client connect() const {
-    httplib::Client client("127.0.0.1", port_);
-    client.set_read_timeout(read_timeout_);
-    if (!key_.empty()) client.set_bearer_token_auth(key_.c_str());
-    return client;
-  }
-  static Reply reply(const httplib::Result& result) {
-    Reply r;
-    if (!result) {
-      r.error = httplib::to_string(result.error());
-      return r;
-    }
-    r.status = result->status;
-    r.body = result->body;
-    r.retry_after = result->get_header_value("Retry-After");
-    r.json = ordered_json::parse(result->body, nullptr, false);
-    return r;
-  }
-
   int port_;
   std::string key_;
   std::chrono::milliseconds read_timeout_ = 60s;

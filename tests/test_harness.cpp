@@ -4,10 +4,14 @@
 // server stands for them here.
 
 #include <gtest/gtest-spi.h>
+#include <spawn.h>
+#include <sys/wait.h>
 
 #include <memory>
 
 #include "server_harness.h"
+
+extern char** environ;
 
 namespace m1::testing {
 namespace {
