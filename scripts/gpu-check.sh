@@ -6,11 +6,12 @@
 #   scripts/gpu-check.sh prepare   Here, without a GPU: build for sm_90 into build-gpu/ and gather
 #                                  what a run needs into gpu-bundle/ (ignored by git): the binaries,
 #                                  the shared libraries they use beyond glibc and the CUDA toolkit,
-#                                  and the golden vectors; then pack it into gpu-bundle.tgz (~22 MB,
-#                                  a third of the folder). For GPU machines that cannot install
-#                                  packages; carry gpu-bundle.tgz there.
+#                                  and the golden vectors; then pack it into gpu-bundle.tar.xz
+#                                  (~17 MB of a ~180 MB folder; it fails if the archive would pass
+#                                  the 64 MiB a device call carries). For GPU machines that cannot
+#                                  install packages; carry gpu-bundle.tar.xz there.
 #   scripts/gpu-check.sh           On the GPU machine: runs gpu-bundle/ (unpacked from
-#                                  gpu-bundle.tgz if need be) when present, else configures and
+#                                  gpu-bundle.tar.xz if need be) when present, else configures and
 #                                  builds Release for sm_90 in build-gpu/ first.
 #   scripts/gpu-check.sh tp        The tensor-parallel checks alone (one short call): the TP tests
 #                                  (ranks sharing the GPU through the peer kernels, NCCL with one
@@ -57,9 +58,16 @@ if [[ "${1:-}" == prepare ]]; then
     grep -Ev '/(libc|libm|libdl|librt|libpthread|libgcc_s|libstdc\+\+|ld-linux[^/]*|libcuda|libcublas[^/]*|libcudart)\.so' |
     xargs -r cp -L -t "$BUNDLE/lib/"
   cp -r "$ROOT/tests/data/golden" "$BUNDLE/golden"
-  # Packed: a device call carries at most 64 MiB, and the binaries each hold every kernel.
-  tar -czf "$BUNDLE.tgz" -C "$ROOT" gpu-bundle
-  du -sh "$BUNDLE" "$BUNDLE.tgz"
+  # Packed: a device call carries at most 64 MiB, and the binaries each hold every kernel (about
+  # 20 MB of them each). gzip's 32 KB window sees each copy anew (84 MB packed on 2026-12-06);
+  # one xz stream with a dictionary larger than the folder stores the kernels about once.
+  tar -cf - -C "$ROOT" gpu-bundle | xz -T1 --lzma2=preset=6,dict=256MiB >"$BUNDLE.tar.xz"
+  du -sh "$BUNDLE" "$BUNDLE.tar.xz"
+  packed=$(stat -c %s "$BUNDLE.tar.xz")
+  if (( packed > 64 * 1024 * 1024 )); then
+    echo "gpu-check: $BUNDLE.tar.xz is $packed bytes, more than the 64 MiB a device call carries" >&2
+    exit 1
+  fi
   exit 0
 fi
 
@@ -102,8 +110,16 @@ if ! command -v nvidia-smi >/dev/null; then
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,temperature.gpu --format=csv | tee -a "$LOGS/summary.txt" || true
 
-# A carried archive wins over a folder an earlier call of this lease unpacked.
-if [[ -f "$BUNDLE.tgz" ]]; then rm -rf "$BUNDLE" && tar -xzf "$BUNDLE.tgz" -C "$ROOT"; fi
+# A carried archive wins over a folder an earlier call of this lease unpacked. Python's lzma
+# unpacks it where the image has no xz.
+if [[ -f "$BUNDLE.tar.xz" ]]; then
+  rm -rf "$BUNDLE"
+  if command -v xz >/dev/null; then
+    xz -dc "$BUNDLE.tar.xz" | tar -xf - -C "$ROOT"
+  else
+    python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' "$BUNDLE.tar.xz" "$ROOT"
+  fi
+fi
 if [[ -d "$BUNDLE" ]]; then
   BIN=$BUNDLE/bin
   export LD_LIBRARY_PATH="$BUNDLE/lib:/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
