@@ -35,6 +35,7 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_pipeline.h>
 
 #include "bf16_stream.h"
 #include "elementwise.h"
@@ -439,12 +440,13 @@ __global__ __launch_bounds__(kBf16SkinnyWarps * 32) void grouped_bf16_skinny(con
 
 // Many rows: a kTileM x 128 output tile per CTA of 8 warps, each warp 32 rows by the columns its
 // place across gives it (kTileM 128: 4 down, 2 across, 2 x 4 fragments each; kTileM 32, for few
-// rows whose skinny partials would not fit: 8 across, 2 x 1 fragments, two CTAs per SM), k-tiles
-// of 32 of each term of x and of the weights staged in dynamic shared memory, the next fetched
-// into registers while the current one is multiplied.
+// rows whose skinny partials would not fit: 8 across, 2 x 1 fragments, two CTAs per SM). k-tiles
+// of 64 of each term of x and of the weights stream into a ring of stages in dynamic shared
+// memory (cp.async), stages - 1 tiles in flight while one is multiplied, with one barrier per
+// k-tile: the bytes in flight per SM, not one tile's latency, set the pace.
 
-constexpr int kBf16TileN = 128, kBf16TileK = 32, kBf16TileThreads = 256;
-constexpr int kBf16TileStride = kBf16TileK + 8;
+constexpr int kBf16TileN = 128, kBf16TileK = 64, kBf16TileThreads = 256;
+constexpr int kBf16TileStride = kBf16TileK + 8;  // 144-byte rows: a fragment's 8 row reads hit distinct banks
 static_assert(kChunk % kBf16TileK == 0, "a chunk must be whole k-tiles");
 
 template <int kTileM>
@@ -452,12 +454,20 @@ struct Bf16Tile {
   static_assert(kTileM == 32 || kTileM == 128);
   static constexpr int kWarpsN = kBf16TileThreads / 32 / (kTileM / 32), kFragsN = kBf16TileN / 16 / kWarpsN;
   static constexpr int kAElements = kTileM * kBf16TileStride, kBElements = kBf16TileN * kBf16TileStride;
-  static constexpr int kALoads = (kTileM * 4 + kBf16TileThreads - 1) / kBf16TileThreads;  // per thread and term
-  static constexpr int kBLoads = kBf16TileN * 4 / kBf16TileThreads;
+  static constexpr int kUnits = kBf16TileK / 8;  // 16-byte units per row of a k-tile
+  static constexpr int kALoads = (kTileM * kUnits + kBf16TileThreads - 1) / kBf16TileThreads;  // per thread and term
+  static constexpr int kBLoads = kBf16TileN * kUnits / kBf16TileThreads;
   static constexpr int kMinBlocks = kTileM == 128 ? 1 : 2;  // CTAs per SM the registers must allow
-  // Double-buffered [terms of x..., weights] k-tiles; the epilogue stages 8 warps' fragments there.
-  static constexpr int shared_bytes(int parts) { return 2 * (parts * kAElements + kBElements) * 2; }
+  static constexpr int stage_bytes(int parts) { return (parts * kAElements + kBElements) * 2; }
+  // As many stages (at most 4) as fit kMinBlocks times in an SM's 227 KB: 4 for one term of x,
+  // 3 for three (216 KB at 128 rows, 95 KB at 32).
+  static constexpr int stages(int parts) {
+    return stage_bytes(parts) * 4 * kMinBlocks <= 227 * 1024 ? 4 : 3;
+  }
+  // The ring of [terms of x..., weights] k-tiles; the epilogue stages 8 warps' fragments there.
+  static constexpr int shared_bytes(int parts) { return stages(parts) * stage_bytes(parts); }
   static_assert(shared_bytes(1) >= 8 * 256 * sizeof(float));
+  static_assert(shared_bytes(3) * kMinBlocks <= 227 * 1024, "the ring must fit the SM kMinBlocks times");
 };
 
 // The tile of rows [m0, m0 + kTileM) of x [m, k], its terms `term_stride` elements apart from xb.
@@ -469,47 +479,51 @@ __device__ __forceinline__ void bf16_tile(const __nv_bfloat16* xb, int64_t ldb, 
   constexpr int kFragsN = Shape::kFragsN;
   extern __shared__ __align__(128) unsigned char bf16_tile_shared[];
   __nv_bfloat16* shared = reinterpret_cast<__nv_bfloat16*>(bf16_tile_shared);
-  constexpr int kStage = kParts * Shape::kAElements + Shape::kBElements;  // one buffer's elements
+  constexpr int kStages = Shape::stages(kParts), kUnits = Shape::kUnits;
+  constexpr int kStage = kParts * Shape::kAElements + Shape::kBElements;  // one stage's elements
   auto a_tile = [&](int buf, int q) { return shared + buf * kStage + q * Shape::kAElements; };
   auto b_tile = [&](int buf) { return shared + buf * kStage + kParts * Shape::kAElements; };
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int warp_m = warp / Shape::kWarpsN, warp_n = warp % Shape::kWarpsN;
   const int64_t n0 = blockIdx.y * int64_t(kBf16TileN);
-  const uint16_t* xraw = reinterpret_cast<const uint16_t*>(xb);
+  const int64_t tiles = ceil_div(k, kBf16TileK);
 
-  // Loader: rows x 4 groups of 8 values per operand, (row, group) pairs dealt out over the threads.
-  uint4 a_next[kParts][Shape::kALoads], b_next[Shape::kBLoads];
-  auto fetch = [&](int64_t k0) {
+  // k-tile t into stage t % kStages: rows x kUnits groups of 8 values per operand, (row, group)
+  // pairs dealt out over the threads, zeros past the rows and past the inner dimension (x's terms
+  // are padded to ldb with zeros). Weights whose rows are not 16-byte units (w_vec false) are
+  // loaded and stored by the thread instead; the barrier before the stage is read covers both.
+  // Every call commits a group, empty past the last tile, so the wait count stays uniform.
+  auto stage = [&](int64_t t) {
+    if (t < tiles) {
+      const int buf = int(t % kStages);
+      const int64_t k0 = t * kBf16TileK;
 #pragma unroll
-    for (int i = 0; i < Shape::kALoads; ++i) {
-      const int id = tid + i * kBf16TileThreads, row = id / 4, kk = (id % 4) * 8;
-      const bool loads = id < kTileM * 4 && m0 + row < m;
+      for (int i = 0; i < Shape::kALoads; ++i) {
+        const int id = tid + i * kBf16TileThreads, row = id / kUnits, kk = (id % kUnits) * 8;
+        if (id >= kTileM * kUnits) continue;
+        const bool valid = m0 + row < m && k0 + kk < ldb;
 #pragma unroll
-      for (int q = 0; q < kParts; ++q)
-        a_next[q][i] = loads ? load_16bit_x8(xraw + q * term_stride + (m0 + row) * ldb, k0 + kk, ldb, true)
-                             : make_uint4(0, 0, 0, 0);
+        for (int q = 0; q < kParts; ++q) {
+          const __nv_bfloat16* src = xb + q * term_stride + (m0 + row) * ldb + k0 + kk;
+          __pipeline_memcpy_async(a_tile(buf, q) + row * kBf16TileStride + kk, valid ? src : xb, 16, valid ? 0 : 16);
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < Shape::kBLoads; ++i) {
+        const int id = tid + i * kBf16TileThreads, row = id / kUnits, kk = (id % kUnits) * 8;
+        __nv_bfloat16* dst = b_tile(buf) + row * kBf16TileStride + kk;
+        const uint16_t* w_row = w + (n0 + row) * k;
+        if (w_vec) {
+          const bool valid = n0 + row < n && k0 + kk < k;
+          __pipeline_memcpy_async(dst, valid ? w_row + k0 + kk : w, 16, valid ? 0 : 16);
+        } else {
+          *reinterpret_cast<uint4*>(dst) =
+              n0 + row < n ? load_16bit_x8(w_row, k0 + kk, k, false) : make_uint4(0, 0, 0, 0);
+        }
+      }
     }
-#pragma unroll
-    for (int i = 0; i < Shape::kBLoads; ++i) {
-      const int id = tid + i * kBf16TileThreads, row = id / 4, kk = (id % 4) * 8;
-      b_next[i] = n0 + row < n ? load_16bit_x8(w + (n0 + row) * k, k0 + kk, k, w_vec) : make_uint4(0, 0, 0, 0);
-    }
-  };
-  auto stash = [&](int buf) {
-#pragma unroll
-    for (int i = 0; i < Shape::kALoads; ++i) {
-      const int id = tid + i * kBf16TileThreads, row = id / 4, kk = (id % 4) * 8;
-      if (id < kTileM * 4)
-#pragma unroll
-        for (int q = 0; q < kParts; ++q)
-          *reinterpret_cast<uint4*>(a_tile(buf, q) + row * kBf16TileStride + kk) = a_next[q][i];
-    }
-#pragma unroll
-    for (int i = 0; i < Shape::kBLoads; ++i) {
-      const int id = tid + i * kBf16TileThreads, row = id / 4, kk = (id % 4) * 8;
-      *reinterpret_cast<uint4*>(b_tile(buf) + row * kBf16TileStride + kk) = b_next[i];
-    }
+    __pipeline_commit();
   };
 
   FragC part[2][kFragsN], total[2][kFragsN];
@@ -521,14 +535,14 @@ __device__ __forceinline__ void bf16_tile(const __nv_bfloat16* xb, int64_t ldb, 
       wmma::fill_fragment(total[i][j], 0.0f);
     }
 
-  const int64_t tiles = ceil_div(k, kBf16TileK);
   constexpr int kTilesPerChunk = kChunk / kBf16TileK;
-  fetch(0);
-  stash(0);
-  __syncthreads();
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) stage(s);
   for (int64_t t = 0; t < tiles; ++t) {
-    const int buf = int(t & 1);
-    if (t + 1 < tiles) fetch((t + 1) * kBf16TileK);
+    __pipeline_wait_prior(kStages - 2);  // tile t has landed (this thread's copies)
+    __syncthreads();  // ... every thread's, and every warp is done with tile t - 1, whose stage refills next
+    stage(t + kStages - 1);
+    const int buf = int(t % kStages);
 #pragma unroll
     for (int s = 0; s < kBf16TileK / 16; ++s) {
       if (t * kBf16TileK + s * 16 >= k) break;  // the same steps as chunk_steps
@@ -560,22 +574,22 @@ __device__ __forceinline__ void bf16_tile(const __nv_bfloat16* xb, int64_t ldb, 
           wmma::fill_fragment(part[i][j], 0.0f);
         }
     }
-    if (t + 1 < tiles) stash(buf ^ 1);
-    __syncthreads();
   }
+  __pipeline_wait_prior(0);  // the empty groups
+  __syncthreads();           // every warp is done with the ring, whose space the fragments pass through next
 
-  // Fragments go through shared memory (free now) so edge tiles can be stored with bounds checks.
-  float* stage = reinterpret_cast<float*>(shared) + warp * 256;
+  // Fragments go through shared memory so edge tiles can be stored with bounds checks.
+  float* stage_out = reinterpret_cast<float*>(shared) + warp * 256;
 #pragma unroll
   for (int i = 0; i < 2; ++i)
 #pragma unroll
     for (int j = 0; j < kFragsN; ++j) {
-      wmma::store_matrix_sync(stage, total[i][j], 16, wmma::mem_row_major);
+      wmma::store_matrix_sync(stage_out, total[i][j], 16, wmma::mem_row_major);
       __syncwarp();
       const int64_t r0 = m0 + warp_m * 32 + i * 16, c0 = n0 + (warp_n * kFragsN + j) * 16;
       for (int e = lane; e < 256; e += 32) {
         const int64_t r = r0 + e / 16, c = c0 + e % 16;
-        if (r < m && c < n) out[r * ldo + c] = stage[e];
+        if (r < m && c < n) out[r * ldo + c] = stage_out[e];
       }
       __syncwarp();
     }

@@ -24,9 +24,9 @@
 # CUDA tests (a failing test is rerun with CUDA graphs off and under compute-sanitizer), bench_cuda,
 # int4 against BF16 decode (m1-bench at 8 layers of the real model's shape, with and without
 # --quantize int4, and the ratio of their ms/token), m1-bench at 8K and 128K, a per-kernel profile
-# of decode steps and the stall reasons of one lightning and one flash prefill kernel (ncu), the
-# tensor-parallel checks, then, while time is left, m1-bench at 1M and compute-sanitizer over the
-# quick tests. A device call returns at most 8 files: the logs travel packed in one archive.
+# of decode steps and the stall reasons of one lightning prefill, flash prefill and tiled product
+# kernel (ncu), the tensor-parallel checks, then, while time is left, m1-bench at 1M and
+# compute-sanitizer over the quick tests. A device call returns at most 8 files: the logs travel packed in one archive.
 # Environment: M1_GPU_E2E=0 skips m1-bench, M1_GPU_FULL=0 its 1M context, M1_GPU_QUANT=0 the int4
 # comparison; M1_GPU_LAYERS overrides the end-to-end depth (default: 8 layers of the real model's
 # shape where the GPU holds them, else 4). The end-to-end runs include 32 sequences decoded
@@ -315,7 +315,9 @@ done
 # Why the two prefill kernels furthest from their goals run where they do: one launch of each at 8K
 # tokens of the whole model's heads (bench_cuda's first row of its group), with ncu's warp states
 # (the stall reasons), scheduler, memory and compute sections and the stall-sampled source lines.
-for kernel in "lightning prefill:lightning_prefill_bf16_kernel" "flash prefill:prefill_kernel"; do
+# Then the prefill products' tiled kernel: its first launch in the matmul group is the 8192^3 one
+# in fast precision (fewer rows stream or take the skinny kernels).
+for kernel in "lightning prefill:lightning_prefill_bf16_kernel" "flash prefill:prefill_kernel" "matmul:matmul_bf16_tiled"; do
   s=$(limit 75 40)
   (( s > 0 )) || break
   group=${kernel%%:*}
@@ -325,7 +327,7 @@ for kernel in "lightning prefill:lightning_prefill_bf16_kernel" "flash prefill:p
     --section WarpStateStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
     --section SourceCounters --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
     "$BIN/bench_cuda" --only "$group" >"$log" 2>&1 || true
-  say "$group, one kernel of 8K tokens (ncu; whole report in the logs):"
+  say "$group, one ${kernel##*:} launch (ncu; whole report in the logs):"
   grep -E 'Duration|Compute \(SM\) Throughput|Memory Throughput|Achieved Occupancy|Issued Ipc|No Eligible|stalled_.*ratio +[a-z]* +[0-9.]*[1-9]|OPT|Est\. Speedup' "$log" |
     sed -E 's/ +/ /g' | head -40 | tee -a "$LOGS/summary.txt" || true
 done

@@ -53,6 +53,10 @@ def rows(logs):
     for what, pattern, goal in (
         ("decode, bench preset, batch 1, CUDA graph", r"^decode step, bench preset, batch 1 at depth 512, CUDA graph", 0.45),
         ("one-row product (fast, 8192x8192)", r"^matmul fast m=1 n=8192 k=8192", 0.85),
+        # Prefill's products (projections, experts) are nearly all of its FLOPs: the tiled kernel's
+        # rate is the prefill's. New row (2026-12-07): mma.sync through a cp.async ring, against
+        # cuBLAS on wgmma.
+        ("prefill product (fast, 8192^3)", r"^matmul fast m=8192 n=8192 k=8192", 0.40),
         ("lightning prefill bf16, 64K tokens", r"^lightning prefill 64x128 bf16, 65536 tokens", 0.30),
         ("flash prefill 64q/8kv x128, 64K tokens", r"^flash prefill 64q/8kv x128 bf16, 65536 tokens$", 0.50),
     ):
