@@ -170,18 +170,27 @@ void bm_lightning_decode(benchmark::State& state, bool reference) {
 }
 
 // The query heads sharing one KV head, `count` queries after `pos0` cached tokens; keys and values
-// interleaved per cache row as one KV head's slice of the cache.
-void bm_attention(benchmark::State& state, int64_t count, int64_t pos0, bool reference) {
+// interleaved per cache row as one KV head's slice of the cache. Run as the CPU backend runs it:
+// blocks of query rows, each walking the cache; fp32 operands in blocks of 16 rows, bf16 ones
+// (fast precision on AVX-512 BF16) in the backend's merged blocks of 64, or the double oracle.
+enum class AttentionForm { kFp32, kBf16, kReference };
+
+void bm_attention(benchmark::State& state, int64_t count, int64_t pos0, AttentionForm form) {
   const int64_t d = kHeadDim, heads = kHeads / kKvHeads, cached = pos0 + count;
+  const int64_t block = form == AttentionForm::kBf16 ? 64 : 16;
   std::vector<float> q = random_floats(size_t(count * heads * d), 1.0f), kv = random_floats(size_t(cached * 2 * d), 1.0f);
   std::vector<float> out(q.size());
-  const AttentionGroup g{q.data(), heads * d, heads, kv.data(), kv.data() + d, 2 * d, out.data(), heads * d, count, pos0, d};
   AttentionScratch scratch;
   for (auto _ : state) {
-    if (reference)
-      attention_group_reference(g);
-    else
-      attention_group(g, scratch);
+    for (int64_t first = 0; first < count; first += block) {
+      const AttentionGroup g{q.data() + first * heads * d, heads * d, heads, kv.data(), kv.data() + d, 2 * d,
+                             out.data() + first * heads * d, heads * d, std::min(block, count - first), pos0 + first, d,
+                             form == AttentionForm::kBf16};
+      if (form == AttentionForm::kReference)
+        attention_group_reference(g);
+      else
+        attention_group(g, scratch);
+    }
     benchmark::DoNotOptimize(out.data());
   }
   // Query i scores and mixes pos0 + i + 1 keys: 4d per key and head.
@@ -266,8 +275,16 @@ void register_attention() {
     const std::string tag = ref ? "_reference" : "";
     add("lightning/prefill_4096" + tag, [=](benchmark::State& st) { bm_lightning_prefill(st, ref); });
     add("lightning/decode" + tag, [=](benchmark::State& st) { bm_lightning_decode(st, ref); });
-    add("attention/decode_depth4096" + tag, [=](benchmark::State& st) { bm_attention(st, 1, kDecodeDepth, ref); });
-    add("attention/prefill_512" + tag, [=](benchmark::State& st) { bm_attention(st, kPrefillRows, 0, ref); });
+  }
+  std::vector<std::pair<std::string, AttentionForm>> forms{{"", AttentionForm::kFp32},
+                                                            {"_reference", AttentionForm::kReference}};
+  if (attention_bf16_available()) forms.emplace_back("_bf16", AttentionForm::kBf16);
+  for (const auto& [tag, form] : forms) {
+    add("attention/decode_depth4096" + tag, [=](benchmark::State& st) { bm_attention(st, 1, kDecodeDepth, form); });
+    add("attention/prefill_512" + tag, [=](benchmark::State& st) { bm_attention(st, kPrefillRows, 0, form); });
+    if (form != AttentionForm::kReference)  // 18 GFLOP a call: the oracle would take minutes
+      add("attention/prefill_512_depth16384" + tag,
+          [=](benchmark::State& st) { bm_attention(st, kPrefillRows, 16384, form); });
   }
   add("rope/512_rows", [](benchmark::State& st) { bm_rope(st); });
 }

@@ -341,7 +341,7 @@ void CudaBackend::softmax_attention(Mat q, Mat k, const Mat& v, std::span<const 
   args.d = p.head_dim;
   args.rotary_dim = p.rotary_dim;
   args.rope_theta = p.rope_theta;
-  args.bf16_operands = precision_ == Precision::kFast;
+  args.bf16_operands = precision_ == Precision::kFast && p.rounding == Rounding::kAllowed;
   args.segments = attention_segments_;
   args.device_segments = static_cast<const AttentionSegment*>(
       upload_to(segment_scratch_, attention_segments_.data(), attention_segments_.size() * sizeof(AttentionSegment)));

@@ -332,8 +332,11 @@ void Model::attention(Rank& rank, const Layer& layer, int64_t index, const Mat& 
     Mat q = rank.wide.as(n, hd), k = rank.k.as(n, gd), v = rank.v.as(n, gd);
     const Product products[] = {{&layer.q, q}, {&layer.k, k}, {&layer.v, v}};
     backend.matmuls(xn, products, Rounding::kAllowed);
+    // Attention rounds where its layer's projections do: on bf16 or quantized weights (a checkpoint
+    // stored in F32 or F16 keeps fp32 products in either precision, DESIGN.md §4).
+    const Rounding rounding = layer.q.dtype == DType::kBF16 || layer.q.quantized() ? Rounding::kAllowed : Rounding::kNever;
     AttentionParams params{rank.shard.heads.count, int64_t(rank.shard.kv_heads.size()), c.head_dim, c.rotary_dim,
-                           c.rope_theta};
+                           c.rope_theta, rounding};
     backend.softmax_attention(q, k, v, rank.segments, slot, params, o);
     backend.matmul(o, layer.o, out, Rounding::kAllowed);
   }

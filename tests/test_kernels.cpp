@@ -409,6 +409,76 @@ TEST(AttentionTest, RowResultDoesNotDependOnItsBlock) {
   EXPECT_TRUE(std::equal(first.begin() + 3 * stride, first.end(), second.begin())) << "row 5, in two blocks";
 }
 
+// The bf16 form (fast precision on AVX-512 BF16) against the double oracle, on awkward sizes:
+// odd and unaligned head dims, more query vectors than a product tile (64), blocks that start and
+// end inside a key tile or on its edge. With the cache and the scaled queries rounded to bf16
+// first, what is left is the weights' rounding to bf16 (2^-9 relative each) and fp32
+// accumulation: about 1e-3 for unit-normal inputs, bounded by 4e-3; against the unrounded
+// operands, about 3e-3, bounded by 1e-2. A query that saw a key it must not (the causal mask, a
+// short last tile) would be off by O(1).
+TEST(AttentionTest, Bf16GroupMatchesReference) {
+  if (!attention_bf16_available()) GTEST_SKIP() << "no AVX-512 BF16 on this CPU";
+  for (auto [count, pos0, d, heads] : {std::tuple{1, 0, 8, 1}, {1, 37, 16, 4}, {5, 0, 24, 3}, {17, 3, 16, 2},
+                                       {16, 100, 32, 4}, {1, 200, 128, 8}, {70, 10, 128, 4}, {3, 130, 127, 2},
+                                       {9, 64, 40, 1}, {1, 63, 64, 1}, {40, 0, 33, 5}}) {
+    const int64_t total = pos0 + count, kv_stride = 2 * d + 3, q_stride = heads * d + 5;
+    std::vector<float> q = random_floats(size_t(count * q_stride)), kv = random_floats(size_t(total * kv_stride), 2.0f);
+    std::vector<float> fast(size_t(count * q_stride)), ref(size_t(count * q_stride)), rounded_ref(fast.size());
+    AttentionScratch scratch;
+    AttentionGroup g{q.data(), q_stride, heads, kv.data(), kv.data() + d, kv_stride, fast.data(), q_stride, count, pos0, d, true};
+    attention_group_bf16(g, scratch);
+    g.out = ref.data();
+    attention_group_reference(g);
+    // The oracle on the operands the products see: keys and values in bf16, and queries whose
+    // scaled value is the bf16 the kernel multiplies.
+    const float scale = 1.0f / std::sqrt(float(d));
+    std::vector<float> rq = q, rkv = kv;
+    for (float& v : rkv) v = bf16_to_f32(f32_to_bf16(v));
+    for (float& v : rq) v = float(double(bf16_to_f32(f32_to_bf16(v * scale))) / double(scale));
+    AttentionGroup rg{rq.data(), q_stride, heads, rkv.data(), rkv.data() + d, kv_stride, rounded_ref.data(), q_stride,
+                      count, pos0, d};
+    attention_group_reference(rg);
+    for (int64_t i = 0; i < count; ++i)  // only the rows' heads: the stride's pad is not written
+      for (int64_t c = heads * d; c < q_stride; ++c) fast[size_t(i * q_stride + c)] = ref[size_t(i * q_stride + c)] =
+                                                          rounded_ref[size_t(i * q_stride + c)] = 0;
+    const double rounded_error = relative_error(fast, rounded_ref), error = relative_error(fast, ref);
+    EXPECT_LE(rounded_error, 4e-3) << count << " queries at " << pos0 << ", d " << d << ", " << heads << " heads";
+    EXPECT_LE(error, 1e-2) << count << " queries at " << pos0 << ", d " << d << ", " << heads << " heads";
+    std::printf("bf16 attention, %d queries at %d, d %d, %d heads: %.2g against rounded operands, %.2g against fp32\n",
+                count, pos0, d, heads, rounded_error, error);
+  }
+}
+
+// In the bf16 form every query vector's sums are its own lane's: a row alone and the same row in
+// any block (blocks of 70 rows crossing key tiles) give the same bits. attention_group takes it
+// for blocks of 16 query vectors or more when allowed, and the fp32 form otherwise.
+TEST(AttentionTest, Bf16RowResultIsTheSameAloneOrInAnyBlock) {
+  if (!attention_bf16_available()) GTEST_SKIP() << "no AVX-512 BF16 on this CPU";
+  const int64_t count = 70, pos0 = 50, d = 40, heads = 3, total = pos0 + count, stride = heads * d;
+  std::vector<float> q = random_floats(size_t(count * stride)), kv = random_floats(size_t(total * 2 * d));
+  std::vector<float> block(size_t(count * stride)), single(static_cast<size_t>(stride)), part(size_t(count * stride));
+  AttentionScratch scratch;
+  auto group = [&](int64_t first, int64_t rows, float* out, bool bf16) {
+    return AttentionGroup{q.data() + first * stride, stride, heads, kv.data(), kv.data() + d, 2 * d, out, stride,
+                          rows, pos0 + first, d, bf16};
+  };
+  attention_group_bf16(group(0, count, block.data(), true), scratch);
+  for (int64_t i = 0; i < count; ++i) {
+    attention_group_bf16(group(i, 1, single.data(), true), scratch);
+    ASSERT_TRUE(std::equal(single.begin(), single.end(), block.begin() + i * stride)) << "row " << i << " alone";
+  }
+  // Rows 13..69 as a block of their own (its first key tile now ends mid-block).
+  attention_group_bf16(group(13, count - 13, part.data(), true), scratch);
+  EXPECT_TRUE(std::equal(block.begin() + 13 * stride, block.end(), part.begin())) << "rows 13.. in a block of their own";
+  // The dispatch: 6 rows of 3 heads (18 query vectors) take the bf16 form, 5 rows (15) the fp32 one.
+  std::vector<float> got(size_t(6 * stride)), want(got.size());
+  attention_group(group(0, 6, got.data(), true), scratch);
+  EXPECT_TRUE(std::equal(got.begin(), got.end(), block.begin())) << "6 rows: the bf16 form";
+  attention_group(group(0, 5, got.data(), true), scratch);
+  attention_group(group(0, 5, want.data(), false), scratch);
+  EXPECT_TRUE(std::equal(got.begin(), got.begin() + 5 * stride, want.begin())) << "5 rows: the fp32 form";
+}
+
 TEST(MoeTest, RoutingPicksTheTopKAndRenormalises) {
   const float logits[] = {0.5f, 2.0f, 2.0f, -1.0f, 1.0f};  // experts 1 and 2 tie
   int32_t chosen[3];

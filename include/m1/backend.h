@@ -146,6 +146,9 @@ struct AttentionParams {
   int64_t heads = 0, kv_heads = 0, head_dim = 0;
   int64_t rotary_dim = 0;  // RoPE on the first rotary_dim dims of each head
   double rope_theta = 0;
+  // Whether fast precision may round the operands of attention's two products (q k^T and the
+  // weights times v) to bf16, as it rounds those of a product on weights that allow it.
+  Rounding rounding = Rounding::kNever;
 };
 
 // Where a backend computes, and its place in a tensor-parallel group.

@@ -194,22 +194,38 @@ void CpuBackend::softmax_attention(Mat q, Mat k, const Mat& v, std::span<const S
       std::memcpy(state.values(layer) + (pos0 + i) * kv_width, v.data + (seg.row + i) * v.cols, size_t(kv_width) * sizeof(float));
     }
   }
-  // One task per (segment, key/value head, block of queries): each task reads the cache once for
-  // every query head of its group.
-  constexpr int64_t kQueriesPerTask = 16;
+  // One task per (segment, key/value head, block of query rows): each task reads the cache once for
+  // every query head of its group. Blocks are 16 rows counted from the segment's first, and which
+  // form a row takes depends on its block alone. The bf16 form gives every query vector its own
+  // lane's bits, so consecutive blocks that take it merge into one task (up to 4, while there are
+  // at least twice as many tasks as threads): fewer passes over the cache, the same bits.
+  constexpr int64_t kBlockRows = 16, kMaxMergedBlocks = 4;
+  const bool bf16 = precision_ == Precision::kFast && p.rounding == Rounding::kAllowed;
+  int64_t blocks = 0;
+  for (const Segment& seg : segments) blocks += (seg.count + kBlockRows - 1) / kBlockRows;
+  const int64_t merge = std::clamp<int64_t>(blocks * p.kv_heads / (2 * int64_t(pool_.size())), 1, kMaxMergedBlocks);
   attention_tasks_.clear();
   for (size_t s = 0; s < segments.size(); ++s)
-    for (int64_t i = 0; i < segments[s].count; i += kQueriesPerTask) attention_tasks_.emplace_back(s, i);
+    for (int64_t first = 0, count = segments[s].count; first < count;) {
+      int64_t rows = std::min(kBlockRows, count - first);
+      if (!reference_ && attention_takes_bf16(rows * group, bf16))
+        for (int64_t b = 1; b < merge && first + rows < count; ++b) {
+          const int64_t next = std::min(kBlockRows, count - first - rows);
+          if (!attention_takes_bf16(next * group, bf16)) break;
+          rows += next;
+        }
+      attention_tasks_.push_back({s, first, rows});
+      first += rows;
+    }
   pool_.parallel_for(int64_t(attention_tasks_.size()) * p.kv_heads, [&](int64_t task) {
-    const auto [s, first] = attention_tasks_[size_t(task / p.kv_heads)];
+    const AttentionTask& t = attention_tasks_[size_t(task / p.kv_heads)];
     const int64_t kv_head = task % p.kv_heads;
-    const Segment& seg = segments[s];
+    const Segment& seg = segments[t.segment];
     CpuState& state = cpu_state(seg.state);
-    const int64_t row = seg.row + first, head = kv_head * group;
+    const int64_t row = seg.row + t.first, head = kv_head * group;
     AttentionGroup g{q.data + row * q.cols + head * d, q.cols, group,
                      state.keys(layer) + kv_head * d, state.values(layer) + kv_head * d, kv_width,
-                     out.data + row * out.cols + head * d, out.cols,
-                     std::min(kQueriesPerTask, seg.count - first), state.length() + first, d};
+                     out.data + row * out.cols + head * d, out.cols, t.rows, state.length() + t.first, d, bf16};
     if (reference_) {
       attention_group_reference(g);
     } else {

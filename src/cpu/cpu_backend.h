@@ -91,7 +91,11 @@ class CpuBackend final : public Backend {
   CollectiveStats collective_stats_;
   MoeScratch moe_scratch_;
   std::vector<MatmulJob> matmul_jobs_;  // matmuls' products as one batch
-  std::vector<std::pair<size_t, int64_t>> attention_tasks_;  // (segment, first query row)
+  struct AttentionTask {
+    size_t segment;
+    int64_t first, rows;  // the segment's query rows [first, first + rows)
+  };
+  std::vector<AttentionTask> attention_tasks_;
   std::vector<float> sample_row_;  // the row a draw may use as scratch
   SampleScratch sample_scratch_;
 };

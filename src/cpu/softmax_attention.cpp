@@ -36,6 +36,11 @@ constexpr int64_t kKeyTile = 64;
 // From this many query vectors on, transposing each key tile pays for itself. The choice depends
 // only on the sequence's own block, never on other sequences in the step.
 constexpr int64_t kQueriesToTranspose = 16;
+// From this many query vectors on, the bf16 form (when allowed) pays: it computes 16 query vectors
+// at a time, so a decode row's few (one row of 4 to 8 heads) would waste most of its lanes, where
+// the fp32 form's dot products stream the cache at memory speed. Like the transposition, the
+// choice depends only on the sequence's own block.
+constexpr int64_t kQueriesForBf16 = 16;
 
 // Online-softmax update of one query vector's running state with its scores against one key tile
 // (the first `visible` of them unmasked): turns the scores into weights in place and returns the
@@ -56,7 +61,12 @@ M1_INLINE float absorb_scores(float* scores, int64_t tile, int64_t visible, floa
 
 }  // namespace
 
+bool attention_takes_bf16(int64_t queries, bool bf16_operands) {
+  return bf16_operands && queries >= kQueriesForBf16 && attention_bf16_available();
+}
+
 M1_VECTOR_CLONES void attention_group(const AttentionGroup& g, AttentionScratch& s) {
+  if (attention_takes_bf16(g.count * g.heads, g.bf16_operands)) return attention_group_bf16(g, s);
   // Query vector (row i, head h) is row i * heads + h of the packed block, pre-scaled by 1/sqrt(d).
   const int64_t queries = g.count * g.heads, d = g.d, keys_needed = g.pos0 + g.count;
   const float scale = 1.0f / std::sqrt(float(d));
@@ -67,9 +77,7 @@ M1_VECTOR_CLONES void attention_group(const AttentionGroup& g, AttentionScratch&
   s.scores.resize(size_t(queries * kKeyTile));
   s.keys_t.resize(size_t(d * kKeyTile));
   s.partial.resize(size_t(queries * d));
-  s.acc.assign(size_t(queries * d), 0.0f);
-  s.max.assign(size_t(queries), -INFINITY);
-  s.sum.assign(size_t(queries), 0.0f);
+  s.start_running_sums(queries, d);
   for (int64_t t0 = 0; t0 < keys_needed; t0 += kKeyTile) {
     const int64_t tile = std::min(kKeyTile, keys_needed - t0);
     if (queries < kQueriesToTranspose) {
@@ -93,12 +101,22 @@ M1_VECTOR_CLONES void attention_group(const AttentionGroup& g, AttentionScratch&
       for (int64_t c = 0; c < d; ++c) acc[c] = acc[c] * r + part[c];
     }
   }
+  s.write_outputs(g, d);
+}
+
+void AttentionScratch::start_running_sums(int64_t queries, int64_t width) {
+  acc.assign(size_t(queries * width), 0.0f);
+  max.assign(size_t(queries), -INFINITY);
+  sum.assign(size_t(queries), 0.0f);
+}
+
+void AttentionScratch::write_outputs(const AttentionGroup& g, int64_t width) const {
   for (int64_t i = 0; i < g.count; ++i)
     for (int64_t h = 0; h < g.heads; ++h) {
       const int64_t qi = i * g.heads + h;
-      const float inv = 1.0f / s.sum[size_t(qi)];
-      float* o = g.out + i * g.out_stride + h * d;
-      for (int64_t c = 0; c < d; ++c) o[c] = s.acc[size_t(qi * d + c)] * inv;
+      const float inv = 1.0f / sum[size_t(qi)];
+      float* o = g.out + i * g.out_stride + h * g.d;
+      for (int64_t c = 0; c < g.d; ++c) o[c] = acc[size_t(qi * width + c)] * inv;
     }
 }
 

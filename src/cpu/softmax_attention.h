@@ -26,11 +26,20 @@ struct AttentionGroup {
   float* out;          // laid out like q
   int64_t out_stride;
   int64_t count, pos0, d;
+  // Whether both products may round their operands to bf16 (fp32 accumulation, the softmax in
+  // fp32): fast precision, where the CPU multiplies bf16 (attention_bf16_available()).
+  bool bf16_operands = false;
 };
 
 // Reused buffers of one thread.
 struct AttentionScratch {
   std::vector<float> q, keys_t, scores, partial, acc, max, sum, rescale;
+  std::vector<uint32_t> qp, kr, vp, pp;  // the bf16 form's operands, as bf16 pairs
+
+  // Both forms' online-softmax state: acc (queries x width) at zero, max at -inf, sum at zero.
+  void start_running_sums(int64_t queries, int64_t width);
+  // Each query vector's output: its accumulated values (rows `width` apart) over its weights' sum.
+  void write_outputs(const AttentionGroup& g, int64_t width) const;
 };
 
 // Flash-style: for each tile of keys at fixed absolute positions, scores of every query vector of
@@ -38,6 +47,14 @@ struct AttentionScratch {
 // folded into running online-softmax sums. A row's result does not depend on how the prompt was
 // chunked or which rows share its block.
 void attention_group(const AttentionGroup& g, AttentionScratch& scratch);
+// The same with bf16 operands on AVX-512 BF16 (softmax_attention_bf16.cpp), which attention_group
+// runs for blocks of at least 16 query vectors when g.bf16_operands is set and the CPU has it
+// (fewer, as a decode row's, take the fp32 form). The same key tiles; each query vector's sums
+// are its own lane's, so within this form a row gets the same bits alone or in any block.
+void attention_group_bf16(const AttentionGroup& g, AttentionScratch& scratch);
+bool attention_bf16_available();
+// Whether attention_group takes the bf16 form for a block of `queries` query vectors.
+bool attention_takes_bf16(int64_t queries, bool bf16_operands);
 // The oracle: double accumulation, plain two-pass softmax, head by head.
 void attention_group_reference(const AttentionGroup& g);
 
