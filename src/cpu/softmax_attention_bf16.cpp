@@ -44,7 +44,9 @@ constexpr int64_t kColumns = 64;   // output columns per product tile (4 vectors
 
 int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
-// exp_nonpositive (fast_exp.h) on 16 lanes, the same operations in the same order: the same bits.
+// exp_nonpositive's arithmetic (fast_exp.h) on 16 lanes: e^x for x <= 0 to within 2 ulp, 0 below
+// -87. (GCC contracts a multiply and an add into an FMA here as it may in the scalar form, so the
+// two need not agree to the bit; within this form every lane computes alike.)
 M1_BF16_TARGET inline __m512 exp_nonpositive16(__m512 x) {
   const __m512i lowest = _mm512_set1_epi32(int32_t(0xC2AE0000u));  // bits of -87.0f
   const __m512i bits = _mm512_castps_si512(x);
