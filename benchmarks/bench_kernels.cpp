@@ -278,7 +278,7 @@ void register_attention() {
   }
   std::vector<std::pair<std::string, AttentionForm>> forms{{"", AttentionForm::kFp32},
                                                             {"_reference", AttentionForm::kReference}};
-  if (attention_bf16_available()) forms.emplace_back("_bf16", AttentionForm::kBf16);
+  if (bf16_products_available()) forms.emplace_back("_bf16", AttentionForm::kBf16);
   for (const auto& [tag, form] : forms) {
     add("attention/decode_depth4096" + tag, [=](benchmark::State& st) { bm_attention(st, 1, kDecodeDepth, form); });
     add("attention/prefill_512" + tag, [=](benchmark::State& st) { bm_attention(st, kPrefillRows, 0, form); });

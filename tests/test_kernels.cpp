@@ -417,7 +417,7 @@ TEST(AttentionTest, RowResultDoesNotDependOnItsBlock) {
 // operands, about 3e-3, bounded by 1e-2. A query that saw a key it must not (the causal mask, a
 // short last tile) would be off by O(1).
 TEST(AttentionTest, Bf16GroupMatchesReference) {
-  if (!attention_bf16_available()) GTEST_SKIP() << "no AVX-512 BF16 on this CPU";
+  if (!bf16_products_available()) GTEST_SKIP() << "no AVX-512 BF16 on this CPU";
   for (auto [count, pos0, d, heads] : {std::tuple{1, 0, 8, 1}, {1, 37, 16, 4}, {5, 0, 24, 3}, {17, 3, 16, 2},
                                        {16, 100, 32, 4}, {1, 200, 128, 8}, {70, 10, 128, 4}, {3, 130, 127, 2},
                                        {9, 64, 40, 1}, {1, 63, 64, 1}, {40, 0, 33, 5}}) {
@@ -453,7 +453,7 @@ TEST(AttentionTest, Bf16GroupMatchesReference) {
 // any block (blocks of 70 rows crossing key tiles) give the same bits. attention_group takes it
 // for blocks of 16 query vectors or more when allowed, and the fp32 form otherwise.
 TEST(AttentionTest, Bf16RowResultIsTheSameAloneOrInAnyBlock) {
-  if (!attention_bf16_available()) GTEST_SKIP() << "no AVX-512 BF16 on this CPU";
+  if (!bf16_products_available()) GTEST_SKIP() << "no AVX-512 BF16 on this CPU";
   const int64_t count = 70, pos0 = 50, d = 40, heads = 3, total = pos0 + count, stride = heads * d;
   std::vector<float> q = random_floats(size_t(count * stride)), kv = random_floats(size_t(total * 2 * d));
   std::vector<float> block(size_t(count * stride)), single(static_cast<size_t>(stride)), part(size_t(count * stride));

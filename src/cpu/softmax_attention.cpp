@@ -62,7 +62,7 @@ M1_INLINE float absorb_scores(float* scores, int64_t tile, int64_t visible, floa
 }  // namespace
 
 bool attention_takes_bf16(int64_t queries, bool bf16_operands) {
-  return bf16_operands && queries >= kQueriesForBf16 && attention_bf16_available();
+  return bf16_operands && queries >= kQueriesForBf16 && bf16_products_available();
 }
 
 M1_VECTOR_CLONES void attention_group(const AttentionGroup& g, AttentionScratch& s) {

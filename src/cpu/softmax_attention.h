@@ -27,7 +27,7 @@ struct AttentionGroup {
   int64_t out_stride;
   int64_t count, pos0, d;
   // Whether both products may round their operands to bf16 (fp32 accumulation, the softmax in
-  // fp32): fast precision, where the CPU multiplies bf16 (attention_bf16_available()).
+  // fp32): fast precision, where the CPU multiplies bf16 (bf16_products_available(), cpu/matmul.h).
   bool bf16_operands = false;
 };
 
@@ -52,7 +52,6 @@ void attention_group(const AttentionGroup& g, AttentionScratch& scratch);
 // (fewer, as a decode row's, take the fp32 form). The same key tiles; each query vector's sums
 // are its own lane's, so within this form a row gets the same bits alone or in any block.
 void attention_group_bf16(const AttentionGroup& g, AttentionScratch& scratch);
-bool attention_bf16_available();
 // Whether attention_group takes the bf16 form for a block of `queries` query vectors.
 bool attention_takes_bf16(int64_t queries, bool bf16_operands);
 // The oracle: double accumulation, plain two-pass softmax, head by head.

@@ -28,7 +28,6 @@
 #include <cstdint>
 #include <cstring>
 
-#include "cpu/isa.h"
 #include "cpu/softmax_attention.h"
 #include "m1/dtype.h"
 
@@ -236,7 +235,5 @@ M1_BF16_TARGET void attention_group_bf16(const AttentionGroup& g, AttentionScrat
   }
   s.write_outputs(g, width);
 }
-
-bool attention_bf16_available() { return cpu_bf16_dot(); }
 
 }  // namespace m1::cpu
