@@ -173,19 +173,27 @@ void bm_lightning_decode(benchmark::State& state, bool reference) {
 // interleaved per cache row as one KV head's slice of the cache. Run as the CPU backend runs it:
 // blocks of query rows, each walking the cache; fp32 operands in blocks of 16 rows, bf16 ones
 // (fast precision on AVX-512 BF16) in the backend's merged blocks of 64, or the double oracle.
-enum class AttentionForm { kFp32, kBf16, kReference };
+// The cache is fp32, or bf16 (kBf16Cache: what fast precision keeps, each block taking the form
+// its size picks, so a decode row takes the fp32 form on the bf16 cache).
+enum class AttentionForm { kFp32, kBf16, kBf16Cache, kReference };
 
 void bm_attention(benchmark::State& state, int64_t count, int64_t pos0, AttentionForm form) {
   const int64_t d = kHeadDim, heads = kHeads / kKvHeads, cached = pos0 + count;
-  const int64_t block = form == AttentionForm::kBf16 ? 64 : 16;
+  const bool bf16 = form == AttentionForm::kBf16 || form == AttentionForm::kBf16Cache;
+  const int64_t block = bf16 ? 64 : 16;
   std::vector<float> q = random_floats(size_t(count * heads * d), 1.0f), kv = random_floats(size_t(cached * 2 * d), 1.0f);
+  std::vector<uint16_t> kv_bf16(kv.size());
+  for (size_t i = 0; i < kv.size(); ++i) kv_bf16[i] = f32_to_bf16(kv[i]);
+  const bool bf16_cache = form == AttentionForm::kBf16Cache;
+  const void* keys = bf16_cache ? static_cast<const void*>(kv_bf16.data()) : kv.data();
+  const void* values = bf16_cache ? static_cast<const void*>(kv_bf16.data() + d) : kv.data() + d;
   std::vector<float> out(q.size());
   AttentionScratch scratch;
   for (auto _ : state) {
     for (int64_t first = 0; first < count; first += block) {
-      const AttentionGroup g{q.data() + first * heads * d, heads * d, heads, kv.data(), kv.data() + d, 2 * d,
+      const AttentionGroup g{q.data() + first * heads * d, heads * d, heads, keys, values, 2 * d,
                              out.data() + first * heads * d, heads * d, std::min(block, count - first), pos0 + first, d,
-                             form == AttentionForm::kBf16};
+                             bf16, bf16_cache ? DType::kBF16 : DType::kF32};
       if (form == AttentionForm::kReference)
         attention_group_reference(g);
       else
@@ -195,7 +203,8 @@ void bm_attention(benchmark::State& state, int64_t count, int64_t pos0, Attentio
   }
   // Query i scores and mixes pos0 + i + 1 keys: 4d per key and head.
   const double keys_attended = double(count) * double(pos0) + double(count) * double(count + 1) / 2;
-  report(state, 4.0 * double(d * heads) * keys_attended, 4.0 * double(kv.size() + q.size() + out.size()));
+  report(state, 4.0 * double(d * heads) * keys_attended,
+         (bf16_cache ? 2.0 : 4.0) * double(kv.size()) + 4.0 * double(q.size() + out.size()));
 }
 
 void bm_rope(benchmark::State& state) {
@@ -278,7 +287,10 @@ void register_attention() {
   }
   std::vector<std::pair<std::string, AttentionForm>> forms{{"", AttentionForm::kFp32},
                                                             {"_reference", AttentionForm::kReference}};
-  if (bf16_products_available()) forms.emplace_back("_bf16", AttentionForm::kBf16);
+  if (bf16_products_available()) {
+    forms.emplace_back("_bf16", AttentionForm::kBf16);
+    forms.emplace_back("_bf16_cache", AttentionForm::kBf16Cache);
+  }
   for (const auto& [tag, form] : forms) {
     add("attention/decode_depth4096" + tag, [=](benchmark::State& st) { bm_attention(st, 1, kDecodeDepth, form); });
     add("attention/prefill_512" + tag, [=](benchmark::State& st) { bm_attention(st, kPrefillRows, 0, form); });

@@ -150,6 +150,7 @@ Measurement measure(Model& model, const MeasureSpec& spec) {
     // Decode starts at depth `context`: after the timed prefill, or from the untimed context.
     auto at_depth = extra ? base->clone() : std::move(seq);
     m.state_bytes = at_depth->bytes();
+    m.kv_dtype = std::string(dtype_name(at_depth->kv_dtype()));
     const auto batch = replicate(std::move(at_depth), spec.decode_batch);
     double median_ms = 0;
     timed_with_share(model, share, [&] { median_ms = decode_median_ms(model, batch, decode); });

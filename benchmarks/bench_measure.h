@@ -31,13 +31,14 @@ struct Measurement {
   std::vector<double> prefill_ms;            // one per repeat
   std::vector<double> decode_ms_per_token;   // one per repeat: the median over its decode steps
   uint64_t state_bytes = 0;                  // one sequence's state at depth `context`
+  std::string kv_dtype;                      // the type its KV cache holds ("F32", "BF16")
   uint64_t peak_rss_bytes = 0;               // filled in by whoever owns the process
   // Per repeat: the share of the wall time the ranks spent in collectives (waiting for peers
   // included), averaged over ranks; 0 for one rank.
   std::vector<double> prefill_collective_share, decode_collective_share;
 };
 NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(Measurement, context, prefill_tokens, decode_batch, prefill_ms, decode_ms_per_token,
-                                   state_bytes, peak_rss_bytes, prefill_collective_share, decode_collective_share)
+                                   state_bytes, kv_dtype, peak_rss_bytes, prefill_collective_share, decode_collective_share)
 
 // The figures a measurement reports: medians over its repeats. decode_tokens_per_s counts every
 // sequence of a decode batch.

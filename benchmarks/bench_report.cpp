@@ -51,6 +51,7 @@ nlohmann::ordered_json result_json(const BenchResult& r) {
   j["prefill_collective_share"] = s.prefill_collective_share;
   j["decode_collective_share"] = s.decode_collective_share;
   j["state_bytes"] = m.state_bytes;
+  j["kv_dtype"] = m.kv_dtype;
   j["peak_rss_bytes"] = m.peak_rss_bytes;
   j["weight_bytes_per_token"] = r.weight_bytes_per_token;
   j["weight_bytes_per_step"] = r.weight_bytes_per_step;

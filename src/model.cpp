@@ -29,6 +29,12 @@ struct Model::Layer {
   MoeWeights moe;
   bool shared_expert = false;
   Weight shared_gate, shared_up, shared_down, coefficient;
+
+  // Softmax attention rounds where its layer's projections do: on bf16 or quantized weights (a
+  // checkpoint stored in F32 or F16 keeps fp32 products in either precision, DESIGN.md §4).
+  Rounding attention_rounding() const {
+    return q.dtype == DType::kBF16 || q.quantized() ? Rounding::kAllowed : Rounding::kNever;
+  }
 };
 
 // One rank: its backend, its part of the weights, and its activation buffers, grown to the
@@ -270,8 +276,13 @@ std::string Model::numerics() const {
 }
 
 StateShape Model::state_shape() const {
+  const std::vector<Layer>& layers = ranks_.front()->layers;
+  const bool rounds = std::all_of(layers.begin(), layers.end(), [](const Layer& layer) {
+    return layer.lightning || layer.attention_rounding() == Rounding::kAllowed;
+  });
   return StateShape{config_.lightning_layers(), config_.num_attention_heads, config_.head_dim,
-                    config_.softmax_layers(), config_.num_key_value_heads};
+                    config_.softmax_layers(),   config_.num_key_value_heads,
+                    rounds ? Rounding::kAllowed : Rounding::kNever};
 }
 
 std::unique_ptr<SequenceState> Model::new_sequence() const {
@@ -332,11 +343,8 @@ void Model::attention(Rank& rank, const Layer& layer, int64_t index, const Mat& 
     Mat q = rank.wide.as(n, hd), k = rank.k.as(n, gd), v = rank.v.as(n, gd);
     const Product products[] = {{&layer.q, q}, {&layer.k, k}, {&layer.v, v}};
     backend.matmuls(xn, products, Rounding::kAllowed);
-    // Attention rounds where its layer's projections do: on bf16 or quantized weights (a checkpoint
-    // stored in F32 or F16 keeps fp32 products in either precision, DESIGN.md §4).
-    const Rounding rounding = layer.q.dtype == DType::kBF16 || layer.q.quantized() ? Rounding::kAllowed : Rounding::kNever;
     AttentionParams params{rank.shard.heads.count, int64_t(rank.shard.kv_heads.size()), c.head_dim, c.rotary_dim,
-                           c.rope_theta, rounding};
+                           c.rope_theta, layer.attention_rounding()};
     backend.softmax_attention(q, k, v, rank.segments, slot, params, o);
     backend.matmul(o, layer.o, out, Rounding::kAllowed);
   }

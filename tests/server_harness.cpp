@@ -12,9 +12,21 @@
 
 #include <httplib.h>
 
+#include "m1/backends.h"
+#include "m1/model.h"
+
 extern char** environ;
 
 namespace m1::testing {
+
+int64_t cpu_state_bytes(const fs::path& dir, int64_t tokens) {
+  const ModelConfig c = load_config(dir / "config.json");
+  const std::unique_ptr<Backend> backend = create_backend(BackendOptions{"cpu", 1});
+  const DType kv_dtype = Model::load(dir, *backend)->new_sequence()->kv_dtype();
+  const int64_t lightning = c.lightning_layers() * c.num_attention_heads * c.head_dim * c.head_dim;
+  const int64_t kv = c.softmax_layers() * 2 * c.num_key_value_heads * c.head_dim * tokens;
+  return 4 * lightning + kv * dtype_bits(kv_dtype) / 8;
+}
 
 fs::path make_model(const std::string& name, const std::string& mkmodel_flags) {
   const fs::path dir = fs::temp_directory_path() / ("m1-server-" + std::to_string(::getpid()) + "-" + name);

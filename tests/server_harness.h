@@ -31,13 +31,11 @@ inline const std::string kBinDir = M1_BIN_DIR;
 // A scratch directory holding a tiny random model in DIR/tiny.
 fs::path make_model(const std::string& name, const std::string& mkmodel_flags = "");
 
-// One sequence's state of `tokens` tokens as the CPU backend holds it (fp32 lightning states and
-// KV cache): what the engine's state budget (--max-state-mb) counts.
-inline int64_t cpu_state_bytes(const ModelConfig& c, int64_t tokens) {
-  const int64_t lightning = c.lightning_layers() * c.num_attention_heads * c.head_dim * c.head_dim;
-  const int64_t kv = c.softmax_layers() * 2 * c.num_key_value_heads * c.head_dim * tokens;
-  return 4 * (lightning + kv);
-}
+// One sequence's state of `tokens` tokens as m1-serve holds the model in `dir` by default (the CPU
+// backend, fast precision): fp32 lightning states, and 2 * g * d values per token and softmax
+// layer of the KV cache's type (bf16 where the CPU multiplies bf16, asked of a state of the model
+// loaded here). What the engine's state budget (--max-state-mb) counts.
+int64_t cpu_state_bytes(const fs::path& dir, int64_t tokens);
 
 // m1-serve as a child process serving DIR/tiny, its output (stderr and stdout) in DIR/serve.log;
 // the port is read from its listening line. A process that cannot be started, or that exits before

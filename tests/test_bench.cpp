@@ -109,10 +109,18 @@ TEST_F(BenchSweep, JsonHasEveryFigureOfEveryRun) {
   EXPECT_TRUE(report_["model"]["config"].contains("attn_type_list"));
 }
 
-// Lightning layers hold a fixed state; each softmax layer caches 2 * g * d fp32 values per token.
+// Lightning layers hold a fixed state; each softmax layer caches 2 * g * d values per token, of
+// the KV cache's type: BF16 in fast precision on a CPU that multiplies bf16 (a bf16 checkpoint's
+// attention rounds its operands there anyway), else F32.
 TEST_F(BenchSweep, StateBytesFollowTheDesign) {
   const json& config = report_["model"]["config"];
-  const int64_t per_token_per_layer = 2 * config["num_key_value_heads"].get<int64_t>() * config["head_dim"].get<int64_t>() * 4;
+  // The backend names the precision it computes in: "fast" only where the CPU multiplies bf16.
+  const bool fast = report_["machine"]["backend"].get<std::string>().find("fast precision") != std::string::npos;
+  const std::string kv_dtype = fast ? "BF16" : "F32";
+  for (const json& r : report_["results"]) EXPECT_EQ(r["kv_dtype"], kv_dtype) << r.dump();
+  const int64_t value_bytes = kv_dtype == "BF16" ? 2 : 4;
+  const int64_t per_token_per_layer =
+      2 * config["num_key_value_heads"].get<int64_t>() * config["head_dim"].get<int64_t>() * value_bytes;
   const int64_t layers = config["num_hidden_layers"].get<int64_t>();
   const std::vector<int> types = config["attn_type_list"].get<std::vector<int>>();
   const int64_t hybrid_softmax_layers = std::count(types.begin(), types.end(), 1);

@@ -3,8 +3,10 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <string>
 
 #include "cpu/aligned_vector.h"
 #include "cpu/elementwise.h"
@@ -286,6 +288,70 @@ TEST(CpuBackendTest, UploadCopiesUnlessAskedToMap) {
   }
 }
 
+// The CPU keeps its KV cache in bf16 exactly where fast precision rounds every softmax layer's
+// attention on a CPU that multiplies bf16, and in fp32 otherwise. The cache holds the keys (after
+// RoPE) and values rounded to nearest even; its portable form is those bits, and a state restored
+// from it, or cloned, attends as the original does, bit for bit.
+TEST(CpuBackendTest, KvCacheIsBf16OnlyWhereFastPrecisionRoundsAttention) {
+  const int64_t rows = 37, heads = 4, kv_heads = 2, d = 16, kv_width = kv_heads * d;
+  for (Precision precision : {Precision::kFast, Precision::kExact})
+    for (Rounding rounding : {Rounding::kAllowed, Rounding::kNever}) {
+      const bool fast = precision == Precision::kFast, allowed = rounding == Rounding::kAllowed;
+      SCOPED_TRACE(std::string(fast ? "fast" : "exact") + (allowed ? ", rounding allowed" : ", never rounding"));
+      const std::unique_ptr<Backend> backend = create_backend(BackendOptions{"cpu", 2, precision});
+      const StateShape shape{1, heads, d, 2, kv_heads, rounding};
+      const std::unique_ptr<SequenceState> state = backend->new_state(shape);
+      const DType want = fast && allowed && bf16_products_available() ? DType::kBF16 : DType::kF32;
+      ASSERT_EQ(state->kv_dtype(), want);
+      const AttentionParams params{heads, kv_heads, d, 8, 10000.0, rounding};
+      Buffer q(*backend, rows, heads * d), k(*backend, rows, kv_width), v(*backend, rows, kv_width);
+      Buffer out(*backend, 1, heads * d);
+      for (Buffer* b : {&q, &k, &v}) {
+        const std::vector<float> x = random_floats(size_t(b->mat().size()));
+        std::copy(x.begin(), x.end(), b->mat().data);
+      }
+      Buffer prompt_out(*backend, rows - 1, heads * d);
+      const Segment prompt[] = {{0, rows - 1, state.get()}};
+      backend->softmax_attention(q.as(rows - 1, heads * d), k.as(rows - 1, kv_width), v.as(rows - 1, kv_width), prompt,
+                                 0, params, prompt_out.mat());
+      state->advance(rows - 1);
+      EXPECT_EQ(state->bytes(), state->lightning_bytes() + size_t(2 * 2 * (rows - 1) * kv_width) * (want == DType::kBF16 ? 2 : 4));
+      // The portable form: layer 0's keys (rotated in place) and values as stored, then layer 1's.
+      std::vector<std::byte> kv(state->kv_bytes(rows - 1)), lightning(state->lightning_bytes());
+      state->save_kv(0, rows - 1, kv);
+      state->save_lightning(lightning);
+      for (int64_t part = 0; part < 2; ++part)
+        for (int64_t i = 0; i < (rows - 1) * kv_width; ++i) {
+          const float x = (part == 0 ? k : v).mat().data[i];
+          const size_t at = size_t(part * (rows - 1) * kv_width + i);
+          if (want == DType::kBF16)
+            ASSERT_EQ(reinterpret_cast<const uint16_t*>(kv.data())[at], f32_to_bf16(x)) << "part " << part << ", " << i;
+          else
+            ASSERT_EQ(reinterpret_cast<const float*>(kv.data())[at], x) << "part " << part << ", " << i;
+        }
+      // The last token, on the state, on a clone and on a state restored from the portable form.
+      const std::unique_ptr<SequenceState> clone = state->clone();
+      const std::unique_ptr<SequenceState> restored = backend->new_state(shape);
+      restored->append_kv(kv, rows - 1);
+      restored->load_lightning(lightning);
+      std::vector<std::vector<float>> results;
+      for (SequenceState* s : {state.get(), clone.get(), restored.get()}) {
+        std::vector<float> last_q(q.mat().data + (rows - 1) * heads * d, q.mat().data + rows * heads * d);
+        std::vector<float> last_k(k.mat().data + (rows - 1) * kv_width, k.mat().data + rows * kv_width);
+        Buffer qq(*backend, 1, heads * d), kk(*backend, 1, kv_width);
+        std::copy(last_q.begin(), last_q.end(), qq.mat().data);
+        std::copy(last_k.begin(), last_k.end(), kk.mat().data);
+        const Segment step[] = {{0, 1, s}};
+        backend->softmax_attention(qq.mat(), kk.mat(), v.as(rows, kv_width).row_range(rows - 1, 1), step, 0, params,
+                                   out.mat());
+        results.emplace_back(out.mat().data, out.mat().data + heads * d);
+      }
+      EXPECT_EQ(results[0], results[1]) << "a clone";
+      EXPECT_EQ(results[0], results[2]) << "restored from the portable form";
+      EXPECT_FALSE(std::any_of(results[0].begin(), results[0].end(), [](float x) { return std::isnan(x); }));
+    }
+}
+
 // Backend::matmuls runs its products as one batch: each output the bits matmul gives it alone, with
 // products of any weight type side by side (an F32 one keeps fp32 x between two that round it).
 TEST(CpuBackendTest, MatmulsMatchEachProductAlone) {
@@ -477,6 +543,50 @@ TEST(AttentionTest, Bf16RowResultIsTheSameAloneOrInAnyBlock) {
   attention_group(group(0, 5, got.data(), true), scratch);
   attention_group(group(0, 5, want.data(), false), scratch);
   EXPECT_TRUE(std::equal(got.begin(), got.begin() + 5 * stride, want.begin())) << "5 rows: the fp32 form";
+}
+
+// A bf16 cache (what the CPU keeps where fast precision rounds attention) holds each value rounded
+// to nearest even. Both forms and the oracle read it as those values: bit for bit what they give
+// on an fp32 cache holding the rounded values, and the bf16 form (blocks of 16 query vectors or
+// more) what it gives on the unrounded fp32 cache, which it rounds the same way as it reads. Awkward shapes: odd head dims, strides
+// with a pad, blocks above and below the bf16 form's 16 query vectors, short last key tiles.
+TEST(AttentionTest, Bf16CacheGivesTheBitsOfItsRoundedValues) {
+  for (auto [count, pos0, d, heads] : {std::tuple{1, 0, 8, 1}, {1, 200, 128, 8}, {3, 130, 127, 2}, {5, 63, 24, 3},
+                                       {17, 3, 16, 2}, {70, 10, 128, 4}, {40, 0, 33, 5}}) {
+    const int64_t total = pos0 + count, kv_stride = 2 * d + 3, q_stride = heads * d + 5;
+    const std::vector<float> q = random_floats(size_t(count * q_stride)), kv = random_floats(size_t(total * kv_stride), 2.0f);
+    std::vector<uint16_t> cache(kv.size());
+    std::vector<float> rounded(kv.size());
+    for (size_t i = 0; i < kv.size(); ++i) {
+      cache[i] = f32_to_bf16(kv[i]);
+      rounded[i] = bf16_to_f32(cache[i]);
+    }
+    const std::string what = std::to_string(count) + " queries at " + std::to_string(pos0) + ", d " +
+                             std::to_string(d) + ", " + std::to_string(heads) + " heads";
+    AttentionScratch scratch;
+    auto run = [&](const void* keys, const void* values, DType dtype, bool bf16, bool reference) {
+      std::vector<float> out(size_t(count * q_stride), 0.0f);
+      AttentionGroup g{q.data(), q_stride, heads, keys, values, kv_stride, out.data(), q_stride, count, pos0, d, bf16, dtype};
+      if (reference)
+        attention_group_reference(g);
+      else
+        attention_group(g, scratch);
+      EXPECT_FALSE(std::any_of(out.begin(), out.end(), [](float v) { return std::isnan(v); })) << what;
+      return out;
+    };
+    const uint16_t* bk = cache.data();
+    const float* rk = rounded.data();
+    for (bool reference : {false, true}) {
+      EXPECT_EQ(run(bk, bk + d, DType::kBF16, false, reference), run(rk, rk + d, DType::kF32, false, reference))
+          << what << (reference ? ", the oracle" : ", the fp32 form");
+    }
+    if (!bf16_products_available()) continue;
+    const std::vector<float> from_cache = run(bk, bk + d, DType::kBF16, true, false);
+    EXPECT_EQ(from_cache, run(rk, rk + d, DType::kF32, true, false)) << what << ", bf16 operands on the rounded values";
+    if (attention_takes_bf16(count * heads, true)) {  // blocks of fewer query vectors take the fp32 form
+      EXPECT_EQ(from_cache, run(kv.data(), kv.data() + d, DType::kF32, true, false)) << what << ", bf16 operands, fp32 cache";
+    }
+  }
 }
 
 TEST(MoeTest, RoutingPicksTheTopKAndRenormalises) {

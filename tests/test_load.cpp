@@ -288,7 +288,7 @@ TEST_F(LoadTest, SixtyFourClientsGetWhatTheyGetAlone) {
 // to come back, and every answer that is given is right.
 TEST_F(LoadTest, OverloadIsAnswered503WithRetryAfter) {
   const int64_t context = 2048;
-  const double sequence_mb = double(cpu_state_bytes(m1::load_config(dir_ / "tiny" / "config.json"), context)) / (1 << 20);
+  const double sequence_mb = double(cpu_state_bytes(dir_ / "tiny", context)) / (1 << 20);
   ServerProcess server(dir_, {"--max-batch", "2", "--max-queue", "2", "--max-context", std::to_string(context),
                               "--max-state-mb", std::to_string(1.02 * sequence_mb)});
   const Client client(server.port());

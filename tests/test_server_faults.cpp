@@ -167,7 +167,7 @@ TEST_F(ServerFaultTest, AGrammarPastTheServersBoundIsTheClientsError) {
 // after finds the queue full and is told to come back.
 TEST_F(ServerFaultTest, AFullStateBudgetQueuesThenAnswers503) {
   const int64_t context = 2048;
-  const double budget_mb = 1.25 * double(cpu_state_bytes(load_config(dir_ / "tiny" / "config.json"), context)) / (1 << 20);
+  const double budget_mb = 1.25 * double(cpu_state_bytes(dir_ / "tiny", context)) / (1 << 20);
   ServerProcess server(dir_, {"--max-batch", "8", "--max-queue", "1", "--max-context", std::to_string(context),
                               "--max-state-mb", std::to_string(budget_mb)});
   const Client client(server.port());
@@ -377,7 +377,7 @@ TEST_F(EngineFaultTest, TheStateBudgetHoldsRequestsInTheQueue) {
   const auto backend = create_backend(BackendOptions{"cpu", 1});
   const auto model = Model::load(dir_ / "tiny", *backend);
   const Tokenizer tokenizer = Tokenizer::load(dir_ / "tiny" / "tokenizer.json");
-  const int64_t context = 8192, sequence = cpu_state_bytes(model->config(), context);
+  const int64_t context = 8192, sequence = cpu_state_bytes(dir_ / "tiny", context);
   const EngineOptions options{.max_batch = 4, .max_context = context, .max_queue = 1, .max_state_bytes = sequence * 3 / 2};
   EXPECT_THROW(Engine(*model, tokenizer, EngineOptions{.max_context = context, .max_state_bytes = sequence - 1}), Error);
   Engine engine(*model, tokenizer, options);

@@ -72,6 +72,12 @@ struct Product {
 struct StateShape {
   int64_t lightning_layers = 0, heads = 0, head_dim = 0;  // a fp32 heads x d x d state per layer
   int64_t softmax_layers = 0, kv_heads = 0;               // a KV cache of 2 * kv_heads * d per token
+  // Whether the KV cache may hold its keys and values rounded to bf16 under Precision::kFast:
+  // kAllowed when every softmax layer's attention may round its operands (AttentionParams::
+  // rounding), so that the rounding changes nothing attention would not round anyway. The CPU
+  // backend then keeps a bf16 cache where it multiplies bf16; the CUDA backend's cache is bf16
+  // in any case.
+  Rounding kv_rounding = Rounding::kNever;
 };
 
 // One sequence's memory: a lightning state per lightning layer and a KV cache per softmax layer.

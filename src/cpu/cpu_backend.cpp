@@ -86,8 +86,11 @@ void CpuBackend::free(Mat m) { std::free(m.data); }
 
 void CpuBackend::to_host(const Mat& m, float* host) { std::memcpy(host, m.data, size_t(m.size()) * sizeof(float)); }
 
+// The cache holds bf16 where fast precision rounds every softmax layer's attention operands
+// anyway: the same numbers for the bf16 form, half the memory and half the bytes read at depth.
 std::unique_ptr<SequenceState> CpuBackend::new_state(const StateShape& shape) {
-  return std::make_unique<CpuState>(shape);
+  const bool bf16 = precision_ == Precision::kFast && shape.kv_rounding == Rounding::kAllowed && bf16_products_available();
+  return std::make_unique<CpuState>(shape, bf16 ? DType::kBF16 : DType::kF32);
 }
 
 void CpuBackend::embed(const Weight& table, int64_t first_token, std::span<const int32_t> tokens, Mat out) {
@@ -188,11 +191,7 @@ void CpuBackend::softmax_attention(Mat q, Mat k, const Mat& v, std::span<const S
     const int64_t pos0 = state.length();
     apply_rope(q.data + seg.row * q.cols, seg.count, q.cols, p.heads, d, p.rotary_dim, p.rope_theta, pos0);
     apply_rope(k.data + seg.row * k.cols, seg.count, k.cols, p.kv_heads, d, p.rotary_dim, p.rope_theta, pos0);
-    state.reserve(pos0 + seg.count);
-    for (int64_t i = 0; i < seg.count; ++i) {
-      std::memcpy(state.keys(layer) + (pos0 + i) * kv_width, k.data + (seg.row + i) * k.cols, size_t(kv_width) * sizeof(float));
-      std::memcpy(state.values(layer) + (pos0 + i) * kv_width, v.data + (seg.row + i) * v.cols, size_t(kv_width) * sizeof(float));
-    }
+    state.store_kv(layer, pos0, k.data + seg.row * k.cols, k.cols, v.data + seg.row * v.cols, v.cols, seg.count);
   }
   // One task per (segment, key/value head, block of query rows): each task reads the cache once for
   // every query head of its group. Blocks are 16 rows counted from the segment's first, and which
@@ -223,9 +222,11 @@ void CpuBackend::softmax_attention(Mat q, Mat k, const Mat& v, std::span<const S
     const Segment& seg = segments[t.segment];
     CpuState& state = cpu_state(seg.state);
     const int64_t row = seg.row + t.first, head = kv_head * group;
+    const size_t column = row_bytes(state.kv_dtype(), kv_head * d);  // the group's first column of the cache
     AttentionGroup g{q.data + row * q.cols + head * d, q.cols, group,
-                     state.keys(layer) + kv_head * d, state.values(layer) + kv_head * d, kv_width,
-                     out.data + row * out.cols + head * d, out.cols, t.rows, state.length() + t.first, d, bf16};
+                     state.keys(layer) + column, state.values(layer) + column, kv_width,
+                     out.data + row * out.cols + head * d, out.cols, t.rows, state.length() + t.first, d, bf16,
+                     state.kv_dtype()};
     if (reference_) {
       attention_group_reference(g);
     } else {

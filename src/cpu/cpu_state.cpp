@@ -3,16 +3,20 @@
 #include <algorithm>
 #include <cstring>
 
+#include "m1/error.h"
+
 namespace m1::cpu {
 
-CpuState::CpuState(const StateShape& shape) : SequenceState(shape) {
+CpuState::CpuState(const StateShape& shape, DType kv_dtype) : SequenceState(shape), kv_dtype_(kv_dtype) {
+  if (kv_dtype != DType::kF32 && kv_dtype != DType::kBF16)
+    fail("CPU KV cache: dtype {} is not F32 or BF16", dtype_name(kv_dtype));
   const size_t per_layer = size_t(shape.heads * shape.head_dim * shape.head_dim);
   lightning_.assign(size_t(shape.lightning_layers), std::vector<float>(per_layer, 0.0f));
   caches_.resize(size_t(shape.softmax_layers));
 }
 
 std::unique_ptr<SequenceState> CpuState::clone() const {
-  auto copy = std::make_unique<CpuState>(shape_);
+  auto copy = std::make_unique<CpuState>(shape_, kv_dtype_);
   copy->lightning_ = lightning_;
   copy->caches_ = caches_;
   copy->capacity_ = capacity_;
@@ -20,24 +24,43 @@ std::unique_ptr<SequenceState> CpuState::clone() const {
   return copy;
 }
 
-size_t CpuState::bytes() const {
-  size_t lightning = size_t(shape_.lightning_layers * shape_.heads * shape_.head_dim * shape_.head_dim);
-  size_t kv = size_t(shape_.softmax_layers * 2 * shape_.kv_heads * shape_.head_dim * length_);
-  return (lightning + kv) * sizeof(float);
-}
+size_t CpuState::bytes() const { return lightning_bytes() + kv_bytes(length_); }
 
 void CpuState::reserve(int64_t tokens) {
   if (tokens <= capacity_) return;
   capacity_ = std::max(tokens, std::max<int64_t>(2 * capacity_, 256));
-  const size_t floats = size_t(capacity_ * shape_.kv_heads * shape_.head_dim);
+  const size_t bytes = size_t(capacity_) * row_bytes();
   for (KvCache& c : caches_) {
-    c.keys.resize(floats);
-    c.values.resize(floats);
+    c.keys.resize(bytes);
+    c.values.resize(bytes);
+  }
+}
+
+void CpuState::store_kv(int64_t layer, int64_t pos, const float* k, int64_t k_stride, const float* v, int64_t v_stride,
+                        int64_t rows) {
+  reserve(pos + rows);
+  const int64_t width = shape_.kv_heads * shape_.head_dim;
+  KvCache& c = caches_[size_t(layer)];
+  for (int64_t i = 0; i < rows; ++i) {
+    const size_t at = size_t(pos + i) * row_bytes();
+    const float* key = k + i * k_stride;
+    const float* value = v + i * v_stride;
+    if (kv_dtype_ == DType::kF32) {
+      std::memcpy(c.keys.data() + at, key, size_t(width) * sizeof(float));
+      std::memcpy(c.values.data() + at, value, size_t(width) * sizeof(float));
+      continue;
+    }
+    auto* key_out = reinterpret_cast<uint16_t*>(c.keys.data() + at);
+    auto* value_out = reinterpret_cast<uint16_t*>(c.values.data() + at);
+    for (int64_t j = 0; j < width; ++j) {
+      key_out[j] = f32_to_bf16(key[j]);
+      value_out[j] = f32_to_bf16(value[j]);
+    }
   }
 }
 
 // The portable form: lightning layers in order, then per softmax layer the keys of the rows and
-// their values (SequenceState::save_kv).
+// their values (SequenceState::save_kv), each row as the cache holds it.
 void CpuState::read_lightning(std::byte* out) const {
   for (const auto& layer : lightning_) {
     std::memcpy(out, layer.data(), layer.size() * sizeof(float));
@@ -46,20 +69,20 @@ void CpuState::read_lightning(std::byte* out) const {
 }
 
 void CpuState::read_kv(int64_t begin, int64_t end, std::byte* out) const {
-  const size_t row = size_t(shape_.kv_heads * shape_.head_dim), bytes = size_t(end - begin) * row * sizeof(float);
+  const size_t bytes = size_t(end - begin) * row_bytes();
   for (const KvCache& c : caches_)
-    for (const std::vector<float>* part : {&c.keys, &c.values}) {
-      std::memcpy(out, part->data() + size_t(begin) * row, bytes);
+    for (const AlignedVector<std::byte>* part : {&c.keys, &c.values}) {
+      std::memcpy(out, part->data() + size_t(begin) * row_bytes(), bytes);
       out += bytes;
     }
 }
 
 void CpuState::write_kv(const std::byte* rows, int64_t tokens) {
   reserve(length_ + tokens);
-  const size_t row = size_t(shape_.kv_heads * shape_.head_dim), bytes = size_t(tokens) * row * sizeof(float);
+  const size_t bytes = size_t(tokens) * row_bytes();
   for (KvCache& c : caches_)
-    for (std::vector<float>* part : {&c.keys, &c.values}) {
-      std::memcpy(part->data() + size_t(length_) * row, rows, bytes);
+    for (AlignedVector<std::byte>* part : {&c.keys, &c.values}) {
+      std::memcpy(part->data() + size_t(length_) * row_bytes(), rows, bytes);
       rows += bytes;
     }
 }

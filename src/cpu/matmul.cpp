@@ -232,11 +232,30 @@ void tile_scalar(const Tile& t) {
 
 // ---- Row-major products a b (no transpose): broadcast a, stream rows of b ----
 
+// 16 values of b as fp32: the first `tail` of them with Masked (zeros after), a bf16 b (raw bits,
+// uint16_t) widened exactly.
+template <bool Masked>
+__attribute__((target("avx512f"))) inline __m512 load_b(const float* b, __mmask16 last, int) {
+  return Masked ? _mm512_maskz_loadu_ps(last, b) : _mm512_loadu_ps(b);
+}
+template <bool Masked>
+__attribute__((target("avx512f"))) inline __m512 load_b(const uint16_t* b, __mmask16, int tail) {
+  __m256i bits;
+  if constexpr (Masked) {
+    alignas(32) uint16_t part[16] = {};
+    std::memcpy(part, b, size_t(tail) * sizeof(uint16_t));
+    bits = _mm256_load_si256(reinterpret_cast<const __m256i*>(part));
+  } else {
+    bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));
+  }
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+
 // R rows of a against V vectors of 16 columns of b; with Masked, the last vector is only `tail`
 // columns wide. (Masked loads inside the loop make GCC 12 keep the accumulators in memory, so full
 // vectors get a mask-free instance.)
-template <int R, int V, bool Masked>
-__attribute__((target("avx512f"))) void nn_tile_avx512(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t k,
+template <int R, int V, bool Masked, class B>
+__attribute__((target("avx512f"))) void nn_tile_avx512(const float* a, int64_t lda, const B* b, int64_t ldb, int64_t k,
                                                        float* out, int64_t ldo, int tail) {
   __m512 acc[R][V];
   for (int r = 0; r < R; ++r)
@@ -245,7 +264,7 @@ __attribute__((target("avx512f"))) void nn_tile_avx512(const float* a, int64_t l
   for (int64_t p = 0; p < k; ++p) {
     __m512 bv[V];
     for (int v = 0; v < V; ++v)
-      bv[v] = Masked && v + 1 == V ? _mm512_maskz_loadu_ps(last, b + p * ldb + 16 * v) : _mm512_loadu_ps(b + p * ldb + 16 * v);
+      bv[v] = Masked && v + 1 == V ? load_b<true>(b + p * ldb + 16 * v, last, tail) : load_b<false>(b + p * ldb + 16 * v, last, tail);
     for (int r = 0; r < R; ++r) {
       const __m512 av = _mm512_set1_ps(a[r * lda + p]);
       for (int v = 0; v < V; ++v) acc[r][v] = _mm512_fmadd_ps(av, bv[v], acc[r][v]);
@@ -260,22 +279,26 @@ __attribute__((target("avx512f"))) void nn_tile_avx512(const float* a, int64_t l
     }
 }
 
-using NnTileFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, float*, int64_t, int);
+template <class B>
+using NnTileFn = void (*)(const float*, int64_t, const B*, int64_t, int64_t, float*, int64_t, int);
 
-template <bool Masked, int... I>
-constexpr std::array<NnTileFn, 16> nn_tiles(std::integer_sequence<int, I...>) {
-  return {&nn_tile_avx512<I / 4 + 1, I % 4 + 1, Masked>...};
+template <bool Masked, class B, int... I>
+constexpr std::array<NnTileFn<B>, 16> nn_tiles(std::integer_sequence<int, I...>) {
+  return {&nn_tile_avx512<I / 4 + 1, I % 4 + 1, Masked, B>...};
 }
 // [(rows - 1) * 4 + vectors - 1]
-constexpr std::array<NnTileFn, 16> kNnTiles = nn_tiles<false>(std::make_integer_sequence<int, 16>{});
-constexpr std::array<NnTileFn, 16> kNnTilesMasked = nn_tiles<true>(std::make_integer_sequence<int, 16>{});
+template <class B>
+constexpr std::array<NnTileFn<B>, 16> kNnTiles = nn_tiles<false, B>(std::make_integer_sequence<int, 16>{});
+template <class B>
+constexpr std::array<NnTileFn<B>, 16> kNnTilesMasked = nn_tiles<true, B>(std::make_integer_sequence<int, 16>{});
 
-void gemm_nn_avx512(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t m, int64_t n, int64_t k, float* out,
+template <class B>
+void gemm_nn_avx512(const float* a, int64_t lda, const B* b, int64_t ldb, int64_t m, int64_t n, int64_t k, float* out,
                     int64_t ldo) {
   for (int64_t j = 0; j < n; j += 64) {
     const int64_t cols = std::min<int64_t>(64, n - j), vectors = (cols + 15) / 16;
     const int tail = int(cols - 16 * (vectors - 1));
-    const auto& tiles = tail == 16 ? kNnTiles : kNnTilesMasked;
+    const auto& tiles = tail == 16 ? kNnTiles<B> : kNnTilesMasked<B>;
     for (int64_t i = 0; i < m; i += 4) {
       const int64_t r = std::min<int64_t>(4, m - i);
       tiles[size_t((r - 1) * 4 + vectors - 1)](a + i * lda, lda, b + j, ldb, k, out + i * ldo + j, ldo, tail);
@@ -283,16 +306,20 @@ void gemm_nn_avx512(const float* a, int64_t lda, const float* b, int64_t ldb, in
   }
 }
 
-M1_VECTOR_CLONES void gemm_nn_portable(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t m, int64_t n,
+inline float widened(float v) { return v; }
+inline float widened(uint16_t v) { return bf16_to_f32(v); }
+
+template <class B>
+M1_VECTOR_CLONES void gemm_nn_portable(const float* a, int64_t lda, const B* b, int64_t ldb, int64_t m, int64_t n,
                                        int64_t k, float* out, int64_t ldo) {
   for (int64_t i = 0; i < m; ++i) {
     float* o = out + i * ldo;
     for (int64_t j = 0; j < n; ++j) o[j] = 0.0f;
     for (int64_t p = 0; p < k; ++p) {
       const float av = a[i * lda + p];
-      const float* row = b + p * ldb;
+      const B* row = b + p * ldb;
 #pragma omp simd
-      for (int64_t j = 0; j < n; ++j) o[j] += av * row[j];
+      for (int64_t j = 0; j < n; ++j) o[j] += av * widened(row[j]);
     }
   }
 }
@@ -549,16 +576,41 @@ void matmul(ThreadPool& pool, const Mat& x, const Weight& w, Mat out, Operands o
   matmul_batch(pool, {&job, 1}, operands);
 }
 
-void gemm_nt(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t m, int64_t n, int64_t k, float* out,
-             int64_t ldo) {
+namespace {
+
+// gemm_nt on fp32 x and weights of dtype W (F32, or BF16 widened as the tiles read it).
+template <DType W>
+void gemm_nt_fp32(const float* x, int64_t ldx, const Stored<W>* w, int64_t ldw, int64_t m, int64_t n, int64_t k,
+                  float* out, int64_t ldo) {
   const int64_t max_r = kIsa == Isa::kAvx512 ? 4 : 2;
   for (int64_t j = 0; j < n; j += 4) {
     const int64_t c = std::min<int64_t>(4, n - j);
     for (int64_t i = 0; i < m; i += max_r) {
       const int64_t r = std::min(max_r, m - i);
-      kTiles<DType::kF32, false>.kernels[r - 1][c - 1](Tile{x + i * ldx, ldx, w + j * ldw, ldw, k, out + i * ldo + j, ldo});
+      kTiles<W, false>.kernels[r - 1][c - 1](Tile{x + i * ldx, ldx, w + j * ldw, ldw, k, out + i * ldo + j, ldo});
     }
   }
+}
+
+template <class B>
+void gemm_nn_any(const float* a, int64_t lda, const B* b, int64_t ldb, int64_t m, int64_t n, int64_t k, float* out,
+                 int64_t ldo) {
+  if (kIsa == Isa::kAvx512)
+    gemm_nn_avx512(a, lda, b, ldb, m, n, k, out, ldo);
+  else
+    gemm_nn_portable(a, lda, b, ldb, m, n, k, out, ldo);
+}
+
+}  // namespace
+
+void gemm_nt(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t m, int64_t n, int64_t k, float* out,
+             int64_t ldo) {
+  gemm_nt_fp32<DType::kF32>(x, ldx, w, ldw, m, n, k, out, ldo);
+}
+
+void gemm_nt(const float* x, int64_t ldx, const uint16_t* w, int64_t ldw, int64_t m, int64_t n, int64_t k, float* out,
+             int64_t ldo) {
+  gemm_nt_fp32<DType::kBF16>(x, ldx, w, ldw, m, n, k, out, ldo);
 }
 
 void gemm_nt_bf16(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t ldw, int64_t m, int64_t n, int64_t k,
@@ -574,10 +626,12 @@ void gemm_nt_bf16(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t ldw
 
 void gemm_nn(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t m, int64_t n, int64_t k, float* out,
              int64_t ldo) {
-  if (kIsa == Isa::kAvx512)
-    gemm_nn_avx512(a, lda, b, ldb, m, n, k, out, ldo);
-  else
-    gemm_nn_portable(a, lda, b, ldb, m, n, k, out, ldo);
+  gemm_nn_any(a, lda, b, ldb, m, n, k, out, ldo);
+}
+
+void gemm_nn(const float* a, int64_t lda, const uint16_t* b, int64_t ldb, int64_t m, int64_t n, int64_t k, float* out,
+             int64_t ldo) {
+  gemm_nn_any(a, lda, b, ldb, m, n, k, out, ldo);
 }
 
 void matmul_reference(const Mat& x, const Weight& w, Mat out, Operands operands) {

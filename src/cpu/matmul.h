@@ -34,12 +34,20 @@ void matmul_batch(ThreadPool& pool, std::span<const MatmulJob> jobs, Operands op
 // best when m is small.
 void gemm_nt(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t m, int64_t n, int64_t k, float* out,
              int64_t ldo);
+// The same with w in bf16 (raw bits), widened exactly as it is read: the bits gemm_nt gives on
+// the widened values.
+void gemm_nt(const float* x, int64_t ldx, const uint16_t* w, int64_t ldw, int64_t m, int64_t n, int64_t k, float* out,
+             int64_t ldo);
 // The same with bf16 x and w (AVX-512 BF16 only): the tiles bf16 operands use.
 void gemm_nt_bf16(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t ldw, int64_t m, int64_t n, int64_t k,
                   float* out, int64_t ldo);
 // out (m x n, row stride ldo) = a (m x k, stride lda) times b (k x n, stride ldb): rows of b
 // scaled and summed over k in order, best when m is large.
 void gemm_nn(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t m, int64_t n, int64_t k, float* out,
+             int64_t ldo);
+// The same with b in bf16 (raw bits), widened exactly as it is read: the bits gemm_nn gives on the
+// widened values.
+void gemm_nn(const float* a, int64_t lda, const uint16_t* b, int64_t ldb, int64_t m, int64_t n, int64_t k, float* out,
              int64_t ldo);
 
 // The oracle: one thread, double accumulation, with the same operand rounding as `operands` asks.

@@ -70,6 +70,7 @@ M1_VECTOR_CLONES void attention_group(const AttentionGroup& g, AttentionScratch&
   // Query vector (row i, head h) is row i * heads + h of the packed block, pre-scaled by 1/sqrt(d).
   const int64_t queries = g.count * g.heads, d = g.d, keys_needed = g.pos0 + g.count;
   const float scale = 1.0f / std::sqrt(float(d));
+  const bool bf16_cache = g.kv_dtype == DType::kBF16;  // read widened, as the products load it
   s.q.resize(size_t(queries * d));
   for (int64_t i = 0; i < g.count; ++i)
     for (int64_t h = 0; h < g.heads; ++h)
@@ -80,11 +81,18 @@ M1_VECTOR_CLONES void attention_group(const AttentionGroup& g, AttentionScratch&
   s.start_running_sums(queries, d);
   for (int64_t t0 = 0; t0 < keys_needed; t0 += kKeyTile) {
     const int64_t tile = std::min(kKeyTile, keys_needed - t0);
+    const size_t first = size_t(t0 * g.kv_stride);  // the tile's first cache element
     if (queries < kQueriesToTranspose) {
-      gemm_nt(s.q.data(), d, g.keys + t0 * g.kv_stride, g.kv_stride, queries, tile, d, s.scores.data(), kKeyTile);
+      if (bf16_cache)
+        gemm_nt(s.q.data(), d, static_cast<const uint16_t*>(g.keys) + first, g.kv_stride, queries, tile, d,
+                s.scores.data(), kKeyTile);
+      else
+        gemm_nt(s.q.data(), d, static_cast<const float*>(g.keys) + first, g.kv_stride, queries, tile, d, s.scores.data(),
+                kKeyTile);
     } else {
       for (int64_t j = 0; j < tile; ++j)  // the tile's keys transposed: d rows of `tile` columns
-        for (int64_t c = 0; c < d; ++c) s.keys_t[size_t(c * kKeyTile + j)] = g.keys[(t0 + j) * g.kv_stride + c];
+        for (int64_t c = 0; c < d; ++c)
+          s.keys_t[size_t(c * kKeyTile + j)] = load_as_f32(g.keys, g.kv_dtype, first + size_t(j * g.kv_stride + c));
       gemm_nn(s.q.data(), d, s.keys_t.data(), kKeyTile, queries, tile, d, s.scores.data(), kKeyTile);
     }
     s.rescale.resize(size_t(queries));
@@ -92,7 +100,12 @@ M1_VECTOR_CLONES void attention_group(const AttentionGroup& g, AttentionScratch&
       const int64_t visible = std::min(tile, g.pos0 + qi / g.heads + 1 - t0);  // causal: row i sees keys <= pos0 + i
       s.rescale[size_t(qi)] = absorb_scores(s.scores.data() + qi * kKeyTile, tile, visible, s.max[size_t(qi)], s.sum[size_t(qi)]);
     }
-    gemm_nn(s.scores.data(), kKeyTile, g.values + t0 * g.kv_stride, g.kv_stride, queries, d, tile, s.partial.data(), d);
+    if (bf16_cache)
+      gemm_nn(s.scores.data(), kKeyTile, static_cast<const uint16_t*>(g.values) + first, g.kv_stride, queries, d, tile,
+              s.partial.data(), d);
+    else
+      gemm_nn(s.scores.data(), kKeyTile, static_cast<const float*>(g.values) + first, g.kv_stride, queries, d, tile,
+              s.partial.data(), d);
     for (int64_t qi = 0; qi < queries; ++qi) {
       float* acc = s.acc.data() + qi * d;
       const float* part = s.partial.data() + qi * d;
@@ -129,14 +142,15 @@ void attention_group_reference(const AttentionGroup& g) {
       std::vector<double> scores(static_cast<size_t>(keys));
       for (int64_t t = 0; t < keys; ++t) {
         double dot_qk = 0;
-        for (int64_t c = 0; c < g.d; ++c) dot_qk += double(q[c]) * g.keys[t * g.kv_stride + c];
+        for (int64_t c = 0; c < g.d; ++c) dot_qk += double(q[c]) * load_as_f32(g.keys, g.kv_dtype, size_t(t * g.kv_stride + c));
         scores[size_t(t)] = dot_qk * scale;
       }
       double max_score = *std::max_element(scores.begin(), scores.end()), total = 0;
       for (double& v : scores) total += v = std::exp(v - max_score);
       for (int64_t c = 0; c < g.d; ++c) {
         double o = 0;
-        for (int64_t t = 0; t < keys; ++t) o += scores[size_t(t)] * g.values[t * g.kv_stride + c];
+        for (int64_t t = 0; t < keys; ++t)
+          o += scores[size_t(t)] * load_as_f32(g.values, g.kv_dtype, size_t(t * g.kv_stride + c));
         g.out[i * g.out_stride + h * g.d + c] = float(o / total);
       }
     }

@@ -20,8 +20,8 @@ struct AttentionGroup {
   const float* q;      // row i, head h of the group at q + i * q_stride + h * d
   int64_t q_stride;
   int64_t heads;       // query heads in the group
-  const float* keys;   // cache row t of the group's keys at keys + t * kv_stride
-  const float* values;
+  const void* keys;    // cache row t of the group's keys at element t * kv_stride, of kv_dtype
+  const void* values;
   int64_t kv_stride;
   float* out;          // laid out like q
   int64_t out_stride;
@@ -29,6 +29,9 @@ struct AttentionGroup {
   // Whether both products may round their operands to bf16 (fp32 accumulation, the softmax in
   // fp32): fast precision, where the CPU multiplies bf16 (bf16_products_available(), cpu/matmul.h).
   bool bf16_operands = false;
+  // The cache's values: kF32, or kBF16 (raw bits; the fp32 form widens them as its products load
+  // them, the bf16 form multiplies them as they are).
+  DType kv_dtype = DType::kF32;
 };
 
 // Reused buffers of one thread.

@@ -5,9 +5,9 @@
 // Every operand is laid out so that its products need no transposition per tile:
 //   queries   pairs of their scaled values, transposed once per call: qp[cp][qi] holds (q[2cp],
 //             q[2cp + 1]) of query vector qi as one 32-bit lane;
-//   keys      each cache row rounded to bf16 as it is: row j read as 32-bit pairs (k[2cp],
-//             k[2cp + 1]), one broadcast per pair against 16 queries' pairs, so the tile's scores
-//             come out key-major, st[j][qi];
+//   keys      each cache row rounded to bf16 as it is (a bf16 cache's taken as stored): row j
+//             read as 32-bit pairs (k[2cp], k[2cp + 1]), one broadcast per pair against 16
+//             queries' pairs, so the tile's scores come out key-major, st[j][qi];
 //   weights   the softmax runs down each query's column, 16 queries to a vector; each pair of
 //             keys' weights is packed into one lane per query: pp[jp][qi] = (p[2jp], p[2jp + 1]);
 //   values    each pair of cache rows interleaved column by column: vp[jp][c] = (v[2jp][c],
@@ -91,6 +91,18 @@ M1_BF16_TARGET void round_rows(const float* x, int64_t ldx, int64_t rows, int64_
   }
 }
 
+// The same rows of a bf16 cache, as they are.
+M1_BF16_TARGET void round_rows(const uint16_t* x, int64_t ldx, int64_t rows, int64_t d, int64_t pairs, uint32_t* out) {
+  for (int64_t j = 0; j < kKeys; ++j) {
+    uint32_t* row = out + j * pairs;
+    for (int64_t c = 0; c < 2 * pairs; c += 2 * kLanes) {
+      const int64_t left = j < rows ? std::clamp<int64_t>(d - c, 0, 2 * kLanes) : 0;
+      const __m512i packed = _mm512_maskz_loadu_epi16(__mmask32((uint64_t(1) << left) - 1), x + j * ldx + c);
+      _mm512_mask_storeu_epi32(row + c / 2, __mmask16((1u << std::min<int64_t>(pairs - c / 2, kLanes)) - 1), packed);
+    }
+  }
+}
+
 // Value rows [0, rows) of the tile (d floats each, stride ldv) as key pairs: vp[jp][c] holds
 // (v[2jp][c], v[2jp + 1][c]) for c < width; rows past `rows` and columns past d are zeros.
 M1_BF16_TARGET void pair_values(const float* v, int64_t ldv, int64_t rows, int64_t d, int64_t width, uint32_t* vp) {
@@ -100,6 +112,18 @@ M1_BF16_TARGET void pair_values(const float* v, int64_t ldv, int64_t rows, int64
       const __m512 lo = _mm512_maskz_loadu_ps(2 * jp < rows ? columns : 0, v + 2 * jp * ldv + c);
       const __m512 hi = _mm512_maskz_loadu_ps(2 * jp + 1 < rows ? columns : 0, v + (2 * jp + 1) * ldv + c);
       _mm512_storeu_si512(vp + jp * width + c, pair_lanes(lo, hi));
+    }
+}
+
+// The same pairs from the rows of a bf16 cache.
+M1_BF16_TARGET void pair_values(const uint16_t* v, int64_t ldv, int64_t rows, int64_t d, int64_t width, uint32_t* vp) {
+  for (int64_t jp = 0; jp < kKeyPairs; ++jp)
+    for (int64_t c = 0; c < width; c += kLanes) {
+      const __mmask16 columns = __mmask16((1u << std::clamp<int64_t>(d - c, 0, kLanes)) - 1);
+      const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(2 * jp < rows ? columns : 0, v + 2 * jp * ldv + c));
+      const __m512i hi =
+          _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(2 * jp + 1 < rows ? columns : 0, v + (2 * jp + 1) * ldv + c));
+      _mm512_storeu_si512(vp + jp * width + c, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
     }
 }
 
@@ -207,8 +231,13 @@ M1_BF16_TARGET void attention_group_bf16(const AttentionGroup& g, AttentionScrat
   s.rescale.resize(size_t(qpad));
   for (int64_t t0 = 0; t0 < keys_needed; t0 += kKeys) {
     const int64_t tile = std::min(kKeys, keys_needed - t0);
-    round_rows(g.keys + t0 * g.kv_stride, g.kv_stride, tile, d, pairs, s.kr.data());
-    pair_values(g.values + t0 * g.kv_stride, g.kv_stride, tile, d, width, s.vp.data());
+    if (g.kv_dtype == DType::kBF16) {
+      round_rows(static_cast<const uint16_t*>(g.keys) + t0 * g.kv_stride, g.kv_stride, tile, d, pairs, s.kr.data());
+      pair_values(static_cast<const uint16_t*>(g.values) + t0 * g.kv_stride, g.kv_stride, tile, d, width, s.vp.data());
+    } else {
+      round_rows(static_cast<const float*>(g.keys) + t0 * g.kv_stride, g.kv_stride, tile, d, pairs, s.kr.data());
+      pair_values(static_cast<const float*>(g.values) + t0 * g.kv_stride, g.kv_stride, tile, d, width, s.vp.data());
+    }
     for (int64_t q0 = 0; q0 < qpad; q0 += 4 * kLanes) {
       const int64_t vectors = std::min<int64_t>(4, (round_up(queries, kLanes) - q0) / kLanes);
       for (int64_t j0 = 0; j0 < round_up(tile, 4); j0 += 4) {
