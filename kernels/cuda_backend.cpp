@@ -287,7 +287,7 @@ void CudaBackend::blend_sigmoid(Mat x, const Mat& y, const Mat& coef) {
 }
 
 void CudaBackend::lightning_attention(Mat qkv, std::span<const Segment> segments, int64_t layer, const Weight& decay,
-                                      Mat out) {
+                                      Mat out, Rounding rounding) {
   const DeviceGuard current(device_.index());
   const int64_t heads = decay.cols;
   lightning_segments_.clear();
@@ -304,7 +304,7 @@ void CudaBackend::lightning_attention(Mat qkv, std::span<const Segment> segments
   args.segments = lightning_segments_;
   args.device_segments = static_cast<const LightningSegment*>(
       upload_to(segment_scratch_, lightning_segments_.data(), lightning_segments_.size() * sizeof(LightningSegment)));
-  args.bf16_operands = precision_ == Precision::kFast;
+  args.bf16_operands = precision_ == Precision::kFast && rounding == Rounding::kAllowed;
   if (replaying("lightning_attention", qkv.data, qkv.rows, qkv.cols, args.decay, args.device_segments,
                 lightning_segments_.size(), out.data, out.cols))
     return;

@@ -79,7 +79,7 @@ class CudaBackend final : public Backend {
                           Mat normed) override;
   void blend_sigmoid(Mat x, const Mat& y, const Mat& coef) override;
   void lightning_attention(Mat qkv, std::span<const Segment> segments, int64_t layer, const Weight& decay,
-                           Mat out) override;
+                           Mat out, Rounding rounding) override;
   void softmax_attention(Mat q, Mat k, const Mat& v, std::span<const Segment> segments, int64_t layer,
                          const AttentionParams& params, Mat out) override;
   void moe(const Mat& x, const MoeWeights& w, Mat out) override;

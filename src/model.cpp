@@ -30,10 +30,11 @@ struct Model::Layer {
   bool shared_expert = false;
   Weight shared_gate, shared_up, shared_down, coefficient;
 
-  // Softmax attention rounds where its layer's projections do: on bf16 or quantized weights (a
-  // checkpoint stored in F32 or F16 keeps fp32 products in either precision, DESIGN.md §4).
+  // Attention rounds where its layer's projections do: on bf16 or quantized weights (a checkpoint
+  // stored in F32 or F16 keeps fp32 products in either precision, DESIGN.md §4).
   Rounding attention_rounding() const {
-    return q.dtype == DType::kBF16 || q.quantized() ? Rounding::kAllowed : Rounding::kNever;
+    const Weight& projection = lightning ? qkv : q;
+    return projection.dtype == DType::kBF16 || projection.quantized() ? Rounding::kAllowed : Rounding::kNever;
   }
 };
 
@@ -327,7 +328,7 @@ void Model::attention(Rank& rank, const Layer& layer, int64_t index, const Mat& 
     Mat qkv = rank.wide.as(n, 3 * hd), gate = rank.gate.as(n, hd);
     const Product products[] = {{&layer.qkv, qkv}, {&layer.output_gate, gate}};
     backend.matmuls(xn, products, Rounding::kAllowed);
-    backend.lightning_attention(qkv, rank.segments, slot, layer.decay_weight, o);
+    backend.lightning_attention(qkv, rank.segments, slot, layer.decay_weight, o, layer.attention_rounding());
     // DESIGN.md: 1e-6 here, not rms_norm_eps. The norm spans every head: split across ranks,
     // each row's sum of squares is all-reduced first (one float per row).
     if (rank.shard.world == 1) {

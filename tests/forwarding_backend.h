@@ -52,8 +52,8 @@ class ForwardingBackend : public Backend {
   }
   void blend_sigmoid(Mat x, const Mat& y, const Mat& coef) override { inner_->blend_sigmoid(x, y, coef); }
   void lightning_attention(Mat qkv, std::span<const Segment> segments, int64_t layer, const Weight& decay,
-                           Mat out) override {
-    inner_->lightning_attention(qkv, segments, layer, decay, out);
+                           Mat out, Rounding rounding) override {
+    inner_->lightning_attention(qkv, segments, layer, decay, out, rounding);
   }
   void softmax_attention(Mat q, Mat k, const Mat& v, std::span<const Segment> segments, int64_t layer,
                          const AttentionParams& params, Mat out) override {

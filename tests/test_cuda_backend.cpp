@@ -137,6 +137,19 @@ TEST_P(CudaGolden, FastWithinBound) {
   EXPECT_LE(chunked, kFastBound);
 }
 
+// A checkpoint stored in F32 (odd-f32) rounds nothing in fast precision: its products, its softmax
+// attention and its lightning attention take their exact forms, so fast gives exact's bits, whole
+// and in chunks (the KV cache is bf16 in both).
+TEST_P(CudaGolden, FastOnF32WeightsGivesExactBits) {
+  load(Precision::kExact);
+  if (model_->checkpoint().tensors().begin()->second.dtype_name != "F32") GTEST_SKIP() << "bf16 weights round in fast";
+  const int64_t n = int64_t(golden_.tokens.size());
+  const std::vector<float> whole = run_chunked({n}), chunked = run_chunked({7});
+  load(Precision::kFast);
+  EXPECT_EQ(run_chunked({n}), whole);
+  EXPECT_EQ(run_chunked({7}), chunked);
+}
+
 // Two sequences of different lengths in one step, then decoding together: each gets exactly the
 // logits it gets alone, in both precisions.
 TEST_P(CudaGolden, BatchedSequencesMatchSolo) {

@@ -400,7 +400,7 @@ TEST(LightningTest, BackendAppliesSiluAsASeparatePassWould) {
       std::vector<float> got_qkv = qkv, activated = qkv, got(size_t(rows * heads * d)), want(got.size());
       const Segment segments[] = {{0, counts[0], states[0].get()}, {counts[0], counts[1], states[1].get()}};
       backend->lightning_attention(Mat{got_qkv.data(), rows, width}, segments, 0, decay_weight,
-                                   Mat{got.data(), rows, heads * d});
+                                   Mat{got.data(), rows, heads * d}, Rounding::kAllowed);
       for (int64_t r = 0; r < rows; ++r) silu_inplace(activated.data() + r * width, width);
       for (size_t i = 0; i < 2; ++i)
         for (int64_t h = 0; h < heads; ++h) {

@@ -53,9 +53,9 @@ class PlayingBackend final : public ForwardingBackend {
     if (!skipped()) inner_->matmul(x, w, out, rounding);
   }
   void lightning_attention(Mat qkv, std::span<const Segment> segments, int64_t layer, const Weight& decay,
-                           Mat out) override {
+                           Mat out, Rounding rounding) override {
     if (play_ == Play::kThrow) throw std::runtime_error("capture failed");
-    if (!skipped()) inner_->lightning_attention(qkv, segments, layer, decay, out);
+    if (!skipped()) inner_->lightning_attention(qkv, segments, layer, decay, out, rounding);
   }
   void softmax_attention(Mat q, Mat k, const Mat& v, std::span<const Segment> segments, int64_t layer,
                          const AttentionParams& params, Mat out) override {

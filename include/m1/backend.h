@@ -251,9 +251,11 @@ class Backend {
   // out per head [q | k | v] x heads: the op applies the SiLU itself (no pass of its own over
   // qkv), and may leave silu(qkv) or the projection in qkv. `decay` (an F32 vector uploaded like
   // a weight) holds s per head; state slot `layer` of each segment's sequence is read and
-  // updated. out: [rows, heads * d].
+  // updated. out: [rows, heads * d]. `rounding`: whether fast precision may round q, k and v to
+  // bf16 for its products, as it rounds those of the projection before it (the CUDA backend's
+  // prefill does; the CPU's lightning attention stays fp32).
   virtual void lightning_attention(Mat qkv, std::span<const Segment> segments, int64_t layer, const Weight& decay,
-                                   Mat out) = 0;
+                                   Mat out, Rounding rounding) = 0;
   // Causal grouped-query softmax attention with partial NeoX RoPE applied to q and k at each
   // token's position; appends k and v to KV-cache slot `layer`. q: [rows, h*d], k and v:
   // [rows, g*d] (q and k are rotated in place), out: [rows, h*d].

@@ -166,8 +166,9 @@ void CpuBackend::blend_sigmoid(Mat x, const Mat& y, const Mat& coef) {
 
 // SiLU in place on the task's own rows of its head's q, k and v (tasks touch disjoint cells), then
 // the recurrence on them while they are in cache: the arithmetic of a separate SiLU pass.
+// The recurrence stays fp32 in either precision, so `rounding` changes nothing here.
 void CpuBackend::lightning_attention(Mat qkv, std::span<const Segment> segments, int64_t layer, const Weight& decay_weight,
-                                     Mat out) {
+                                     Mat out, Rounding) {
   const int64_t heads = decay_weight.cols, d = out.cols / heads;
   const auto* decay = static_cast<const float*>(decay_weight.data);  // uploaded in place: host memory
   pool_.parallel_for(int64_t(segments.size()) * heads, [&](int64_t task) {

@@ -57,7 +57,7 @@ class CpuBackend final : public Backend {
   void add_scaled(const Mat& a, float alpha, const Mat& b, float beta, Mat out) override;
   void blend_sigmoid(Mat x, const Mat& y, const Mat& coef) override;
   void lightning_attention(Mat qkv, std::span<const Segment> segments, int64_t layer, const Weight& decay,
-                           Mat out) override;
+                           Mat out, Rounding rounding) override;
   void softmax_attention(Mat q, Mat k, const Mat& v, std::span<const Segment> segments, int64_t layer,
                          const AttentionParams& params, Mat out) override;
   void moe(const Mat& x, const MoeWeights& w, Mat out) override;
