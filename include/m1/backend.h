@@ -74,9 +74,9 @@ struct StateShape {
   int64_t softmax_layers = 0, kv_heads = 0;               // a KV cache of 2 * kv_heads * d per token
   // Whether the KV cache may hold its keys and values rounded to bf16 under Precision::kFast:
   // kAllowed when every softmax layer's attention may round its operands (AttentionParams::
-  // rounding), so that the rounding changes nothing attention would not round anyway. The CPU
-  // backend then keeps a bf16 cache where it multiplies bf16; the CUDA backend's cache is bf16
-  // in any case.
+  // rounding). The CPU backend then keeps a bf16 cache where it multiplies bf16: its prefill
+  // blocks get the bits they got when they rounded an fp32 cache as they read it, and decode rows
+  // read the rounded keys and values. The CUDA backend's cache is bf16 in any case.
   Rounding kv_rounding = Rounding::kNever;
 };
 
