@@ -182,9 +182,9 @@ void bm_attention(benchmark::State& state, int64_t count, int64_t pos0, Attentio
   const bool bf16 = form == AttentionForm::kBf16 || form == AttentionForm::kBf16Cache;
   const int64_t block = bf16 ? 64 : 16;
   std::vector<float> q = random_floats(size_t(count * heads * d), 1.0f), kv = random_floats(size_t(cached * 2 * d), 1.0f);
-  std::vector<uint16_t> kv_bf16(kv.size());
-  for (size_t i = 0; i < kv.size(); ++i) kv_bf16[i] = f32_to_bf16(kv[i]);
   const bool bf16_cache = form == AttentionForm::kBf16Cache;
+  std::vector<uint16_t> kv_bf16(bf16_cache ? kv.size() : 0);
+  for (size_t i = 0; i < kv_bf16.size(); ++i) kv_bf16[i] = f32_to_bf16(kv[i]);
   const void* keys = bf16_cache ? static_cast<const void*>(kv_bf16.data()) : kv.data();
   const void* values = bf16_cache ? static_cast<const void*>(kv_bf16.data() + d) : kv.data() + d;
   std::vector<float> out(q.size());

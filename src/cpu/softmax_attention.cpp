@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "cpu/matmul.h"
 #include "cpu/vectorize.h"
@@ -65,12 +66,17 @@ bool attention_takes_bf16(int64_t queries, bool bf16_operands) {
   return bf16_operands && queries >= kQueriesForBf16 && bf16_products_available();
 }
 
-M1_VECTOR_CLONES void attention_group(const AttentionGroup& g, AttentionScratch& s) {
-  if (attention_takes_bf16(g.count * g.heads, g.bf16_operands)) return attention_group_bf16(g, s);
+namespace {
+
+// The fp32 form over a cache of T: float, or uint16_t (bf16 bits, widened as they are read; the
+// products widen them as they load them, giving the sums they give on the widened values).
+template <class T>
+M1_VECTOR_CLONES void attention_group_fp32(const AttentionGroup& g, AttentionScratch& s) {
+  const T* const keys = static_cast<const T*>(g.keys);
+  const T* const values = static_cast<const T*>(g.values);
   // Query vector (row i, head h) is row i * heads + h of the packed block, pre-scaled by 1/sqrt(d).
   const int64_t queries = g.count * g.heads, d = g.d, keys_needed = g.pos0 + g.count;
   const float scale = 1.0f / std::sqrt(float(d));
-  const bool bf16_cache = g.kv_dtype == DType::kBF16;  // read widened, as the products load it
   s.q.resize(size_t(queries * d));
   for (int64_t i = 0; i < g.count; ++i)
     for (int64_t h = 0; h < g.heads; ++h)
@@ -81,18 +87,18 @@ M1_VECTOR_CLONES void attention_group(const AttentionGroup& g, AttentionScratch&
   s.start_running_sums(queries, d);
   for (int64_t t0 = 0; t0 < keys_needed; t0 += kKeyTile) {
     const int64_t tile = std::min(kKeyTile, keys_needed - t0);
-    const size_t first = size_t(t0 * g.kv_stride);  // the tile's first cache element
+    const T* const tile_keys = keys + t0 * g.kv_stride;
     if (queries < kQueriesToTranspose) {
-      if (bf16_cache)
-        gemm_nt(s.q.data(), d, static_cast<const uint16_t*>(g.keys) + first, g.kv_stride, queries, tile, d,
-                s.scores.data(), kKeyTile);
-      else
-        gemm_nt(s.q.data(), d, static_cast<const float*>(g.keys) + first, g.kv_stride, queries, tile, d, s.scores.data(),
-                kKeyTile);
+      gemm_nt(s.q.data(), d, tile_keys, g.kv_stride, queries, tile, d, s.scores.data(), kKeyTile);
     } else {
       for (int64_t j = 0; j < tile; ++j)  // the tile's keys transposed: d rows of `tile` columns
-        for (int64_t c = 0; c < d; ++c)
-          s.keys_t[size_t(c * kKeyTile + j)] = load_as_f32(g.keys, g.kv_dtype, first + size_t(j * g.kv_stride + c));
+        for (int64_t c = 0; c < d; ++c) {
+          const T key = tile_keys[j * g.kv_stride + c];
+          if constexpr (std::is_same_v<T, uint16_t>)
+            s.keys_t[size_t(c * kKeyTile + j)] = bf16_to_f32(key);
+          else
+            s.keys_t[size_t(c * kKeyTile + j)] = key;
+        }
       gemm_nn(s.q.data(), d, s.keys_t.data(), kKeyTile, queries, tile, d, s.scores.data(), kKeyTile);
     }
     s.rescale.resize(size_t(queries));
@@ -100,12 +106,7 @@ M1_VECTOR_CLONES void attention_group(const AttentionGroup& g, AttentionScratch&
       const int64_t visible = std::min(tile, g.pos0 + qi / g.heads + 1 - t0);  // causal: row i sees keys <= pos0 + i
       s.rescale[size_t(qi)] = absorb_scores(s.scores.data() + qi * kKeyTile, tile, visible, s.max[size_t(qi)], s.sum[size_t(qi)]);
     }
-    if (bf16_cache)
-      gemm_nn(s.scores.data(), kKeyTile, static_cast<const uint16_t*>(g.values) + first, g.kv_stride, queries, d, tile,
-              s.partial.data(), d);
-    else
-      gemm_nn(s.scores.data(), kKeyTile, static_cast<const float*>(g.values) + first, g.kv_stride, queries, d, tile,
-              s.partial.data(), d);
+    gemm_nn(s.scores.data(), kKeyTile, values + t0 * g.kv_stride, g.kv_stride, queries, d, tile, s.partial.data(), d);
     for (int64_t qi = 0; qi < queries; ++qi) {
       float* acc = s.acc.data() + qi * d;
       const float* part = s.partial.data() + qi * d;
@@ -115,6 +116,14 @@ M1_VECTOR_CLONES void attention_group(const AttentionGroup& g, AttentionScratch&
     }
   }
   s.write_outputs(g, d);
+}
+
+}  // namespace
+
+void attention_group(const AttentionGroup& g, AttentionScratch& s) {
+  if (attention_takes_bf16(g.count * g.heads, g.bf16_operands)) return attention_group_bf16(g, s);
+  if (g.kv_dtype == DType::kBF16) return attention_group_fp32<uint16_t>(g, s);
+  attention_group_fp32<float>(g, s);
 }
 
 void AttentionScratch::start_running_sums(int64_t queries, int64_t width) {
