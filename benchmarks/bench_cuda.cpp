@@ -314,11 +314,11 @@ void bench_sampling(Report& report, const Limits& limits, cudaStream_t stream, m
 // Causal flash-style prefill: `tokens` rows after `depth` cached ones (random keys and values),
 // d = 128, RoPE on 64 dims; q and the softmax weights rounded to bf16 once (fast) or carried as two
 // bf16 terms (exact). `device` sizes the launch (a device seen as having 1 SM forces wide CTAs);
-// kv_stages as AttentionArgs::kv_stages. Returns milliseconds per call.
+// `prefill` as AttentionArgs::prefill. Returns milliseconds per call.
 struct FlashCase {
   int64_t heads, kv_heads, tokens, depth;
   bool bf16_operands;
-  int kv_stages = 0;
+  m1::cuda::PrefillChoices prefill = {};
 };
 double time_flash_prefill(const FlashCase& c, cudaStream_t stream, m1::cuda::Device& device) {
   const int64_t d = 128, rows = c.depth + c.tokens;
@@ -335,7 +335,7 @@ double time_flash_prefill(const FlashCase& c, cudaStream_t stream, m1::cuda::Dev
   m1::cuda::DeviceScratch scratch(stream);
   m1::cuda::AttentionArgs args{q.get(), c.heads * d, k.get(), c.kv_heads * d, v.get(), c.kv_heads * d, out.get(),
                                c.heads * d, c.heads, c.kv_heads, d, 64, 1e7, std::span(&seg, 1), segment.get(),
-                               c.bf16_operands, c.kv_stages};
+                               c.bf16_operands, c.prefill};
   // Each run appends the same rows at the same positions, so the cache does not grow.
   return time_ms(stream, c.heads * c.tokens > 16384 * 64 ? 1 : 3,
                  [&] { m1::cuda::softmax_attention(args, scratch, device, stream); });
@@ -350,23 +350,27 @@ void report_flash_prefill(Report& report, const Limits& limits, const FlashCase&
 // start, with the planned K/V stages or `kv_stages` forced.
 void bench_flash_prefill(Report& report, const Limits& limits, cudaStream_t stream, m1::cuda::Device& device,
                          int64_t tokens, bool bf16_operands, int kv_stages = 0) {
-  const FlashCase c{64, 8, tokens, 0, bf16_operands, kv_stages};
+  const FlashCase c{64, 8, tokens, 0, bf16_operands, {.kv_stages = kv_stages}};
   report_flash_prefill(report, limits, c, time_flash_prefill(c, stream, device),
                        fmt::format("flash prefill 64q/8kv x128 {}, {} tokens{}", bf16_operands ? "bf16" : "2xbf16",
                                    tokens, kv_stages ? fmt::format(", {} stages", kv_stages) : ""));
 }
 
 // One rank's share of a softmax layer under 8-way tensor parallelism (8 query heads, 1 kv head):
-// a 512-token step at depth `depth`, its prefill CTAs narrow (2 warps, as the launcher picks on a
-// GPU with SMs to spare) or wide (8 warps, forced by a device seen as having 1 SM).
+// a 512-token step at depth `depth`, as the launcher plans it on this GPU (its chunks of 4,096
+// keys split over CTAs), or not split: narrow CTAs (2 warps, the launcher's pick on a GPU with
+// SMs to spare) or wide ones (8 warps, forced by a device seen as having 1 SM). The same bits.
+enum class RankForm { kSplit, kNarrow, kWide };
 void bench_flash_prefill_rank(Report& report, const Limits& limits, cudaStream_t stream, m1::cuda::Device& device,
-                              int64_t depth, bool narrow) {
+                              int64_t depth, RankForm form) {
   m1::cuda::Device one_sm(device.index(), m1::cuda::DeviceLimits{1, device.limits().shared_per_block,
                                                                  device.limits().partial_bytes});
-  const FlashCase c{8, 1, 512, depth, true};
-  report_flash_prefill(report, limits, c, time_flash_prefill(c, stream, narrow ? device : one_sm),
-                       fmt::format("flash prefill 8q/1kv x128 bf16, 512 tokens at depth {}, {} CTAs", depth,
-                                   narrow ? "narrow" : "wide"));
+  const FlashCase c{8, 1, 512, depth, true, {.split = form == RankForm::kSplit ? 0 : -1}};
+  report_flash_prefill(report, limits, c, time_flash_prefill(c, stream, form == RankForm::kWide ? one_sm : device),
+                       fmt::format("flash prefill 8q/1kv x128 bf16, 512 tokens at depth {}, {}", depth,
+                                   form == RankForm::kSplit    ? "split chunks"
+                                   : form == RankForm::kNarrow ? "narrow CTAs"
+                                                               : "wide CTAs"));
 }
 
 std::string decode_step_name(int64_t batch, int64_t context, bool graphs) {
@@ -493,7 +497,8 @@ int run(const std::string& json_path, const std::string& only, const std::string
       for (int64_t tokens : {8192, 65536}) bench_flash_prefill(report, limits, stream, gpu, tokens, bf16_operands);
     // The planned 3 stages of the fast wide CTAs against 2.
     bench_flash_prefill(report, limits, stream, gpu, 65536, true, 2);
-    for (bool narrow : {true, false}) bench_flash_prefill_rank(report, limits, stream, gpu, 32768, narrow);
+    for (RankForm form : {RankForm::kSplit, RankForm::kNarrow, RankForm::kWide})
+      bench_flash_prefill_rank(report, limits, stream, gpu, 32768, form);
   }
   if (wanted("sampling"))
     for (int64_t batch : {1, 32})

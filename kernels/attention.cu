@@ -1,8 +1,11 @@
-// Causal grouped-query softmax attention (DESIGN.md §1) in four kernels:
+// Causal grouped-query softmax attention (DESIGN.md §1) in five kernels:
 //   rope_append   rotates q and k in place and appends this step's k and v to the bf16 caches;
 //   prefill       flash attention for segments of several rows: a CTA takes 64 query vectors (128
 //                 in fast precision; position-major, all query heads of one kv head) and streams K/V
-//                 tiles through shared memory with an online softmax;
+//                 tiles through shared memory with an online softmax, one per chunk of keys at fixed
+//                 absolute positions, folded left to right; when few CTAs would run, a CTA takes
+//                 one chunk and writes its state to scratch instead;
+//   fold          folds those chunk states in the same order (prefill rows);
 //   decode        split-K for one-row segments: a CTA takes a range of cache rows for one kv head
 //                 and writes a partial (max, sum, acc) to scratch;
 //   combine       merges a decode row's partials in a fixed order.
@@ -379,6 +382,62 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(kFullWarp, x, 2);
 }
 
+// --- Folding a row's chunks -------------------------------------------------------------------
+
+// A prefill row's keys are cut into chunks of chunk_keys at absolute positions 0, chunk_keys, ...
+// Each chunk is an online softmax from a fresh state; the row's result folds the chunks' states
+// left to right, in registers as one CTA walks them, or from scratch (fold_kernel) when CTAs took a
+// chunk each. Both go through these two functions, so a row's bits do not depend on which did it.
+// A row within one chunk gets exactly the bits of one online softmax over its keys.
+
+// The weights that fold a chunk's state (max_b, its row sum sum_b) into the state of the chunks
+// before it (max_a, sum_a), which it updates: each side scaled by 2^(its max - the larger max). An
+// empty side (max -inf: no key visible to the row) is dropped exactly: weight 0, the other side 1.
+struct FoldWeights {
+  float a, b;
+};
+__device__ __forceinline__ FoldWeights fold_weights(float& max_a, float& sum_a, float max_b, float sum_b) {
+  if (max_b == -INFINITY) return {1.0f, 0.0f};
+  if (max_a == -INFINITY) {
+    max_a = max_b;
+    sum_a = sum_b;
+    return {0.0f, 1.0f};
+  }
+  const float max = fmaxf(max_a, max_b);
+  const FoldWeights w{exp2f(max_a - max), exp2f(max_b - max)};
+  sum_a = __fmaf_rn(sum_a, w.a, __fmul_rn(sum_b, w.b));
+  max_a = max;
+  return w;
+}
+// One accumulated value of the folded state (after fold_weights).
+__device__ __forceinline__ float fold_value(float a, float b, FoldWeights w) {
+  if (w.b == 0.0f) return a;
+  if (w.a == 0.0f) return b;
+  return __fmaf_rn(a, w.a, __fmul_rn(b, w.b));
+}
+
+// The folded state of the chunks a CTA has walked, for the warp's 16 query vectors (lane l: rows
+// l / 4 and l / 4 + 8, as RowState); `sum` is the whole row's.
+template <int D>
+struct FoldedState {
+  float acc[D / 8][4] = {};
+  float max[2] = {-INFINITY, -INFINITY};
+  float sum[2] = {0.0f, 0.0f};
+
+  // Folds a chunk's state in and leaves the chunk's cleared for the next one. Every lane calls it.
+  __device__ void fold(RowState<D>& chunk) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const FoldWeights w = fold_weights(max[r], sum[r], chunk.max[r], quad_sum(chunk.sum[r]));
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n)
+#pragma unroll
+        for (int e = 2 * r; e < 2 * r + 2; ++e) acc[n][e] = fold_value(acc[n][e], chunk.acc[n][e], w);
+    }
+    chunk.clear();
+  }
+};
+
 // --- Shared pieces of the two attention kernels -----------------------------------------------
 
 struct AttendParams {
@@ -392,8 +451,16 @@ struct AttendParams {
   int segment_count;
   int64_t work_items;       // prefill: tiles of all segments; decode: split slots of all segments
   int stages;               // prefill: K/V stages in shared memory (decode: always 2)
-  float* partial_acc;       // decode: [heads][slots][d]
-  float* partial_stats;     // decode: [heads][slots][max, sum]
+  float* partial_acc;       // decode: [heads][slots][d]; split prefill: [chunk of the window][kv head][vector][d]
+  float* partial_stats;     // decode: [heads][slots][max, sum]; split prefill: the same [..][max, sum]
+  // Prefill: keys per chunk. Split prefill (window > 0): this launch's chunks [first_chunk,
+  // first_chunk + window), one per CTA (blockIdx.z), and the folded state of the chunks before them
+  // ([kv head][vector], as the partials; the stats in two copies, one read and one written by
+  // each window), which fold_kernel reads and writes.
+  int64_t chunk_keys;
+  int64_t first_chunk, window;
+  float* folded_acc;
+  float* folded_stats;
 };
 
 // Copies cache rows [t0, t0 + kKeys) of one kv head into a shared K and V tile; rows at or past
@@ -497,28 +564,109 @@ __global__ void __launch_bounds__(W * 32) prefill_kernel(AttendParams p) {
   }
   RowState<D> state;
   state.clear();
+  FoldedState<D> folded;
 
+  // All the keys the tile's rows see, chunk by chunk, or one chunk of them (split).
+  int64_t begin = 0, stop = kv_end;
+  if (p.window > 0) {
+    begin = (p.first_chunk + blockIdx.z) * p.chunk_keys;
+    if (begin >= kv_end) return;  // no row of this tile has keys there: the whole CTA leaves
+    stop = min(begin + p.chunk_keys, kv_end);
+  }
   const uint16_t* my_q_high = q_high + warp * 16 * P;
   const uint16_t* my_q_low = q_low + warp * 16 * P;
-  stream_kv<D>(seg, kv_width, int64_t(kv_head) * p.d, p.d, 0, kv_end, stages, p.stages,
+  stream_kv<D>(seg, kv_width, int64_t(kv_head) * p.d, p.d, begin, stop, stages, p.stages,
                [&](const uint16_t* keys, const uint16_t* values, int64_t t0) {
+                 if constexpr (D <= kMaxChunkedHeadDim)
+                   if (t0 != begin && t0 % p.chunk_keys == 0) folded.fold(state);
                  attend_tile<D, kKeys / 8, O>(my_q_high, my_q_low, keys, values, p.d, t0,
                                               t0 + kKeys - 1 > unmasked_through, limit, p.scale_log2, state);
                });
+  folded.fold(state);
 
   const int g = lane >> 2, t = lane & 3;
+  const int64_t vector0 = (p.work_items - 1 - blockIdx.x) * kQueryRows;  // the tile's first slot in the partials
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const float inverse = 1.0f / quad_sum(state.sum[r]);
     const int64_t m = first + warp * 16 + g + 8 * r;
     if (m >= end) continue;
+    if (p.window > 0) {
+      // This chunk's state, for fold_kernel.
+      const int64_t slot = (int64_t(blockIdx.z) * p.kv_heads + kv_head) * p.work_items * kQueryRows + vector0 +
+                           warp * 16 + g + 8 * r;
+      if (t == 0) {
+        p.partial_stats[2 * slot] = folded.max[r];
+        p.partial_stats[2 * slot + 1] = folded.sum[r];
+      }
+      float* acc = p.partial_acc + slot * p.d;
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        const int c = n * 8 + 2 * t;
+        if (c >= p.d) break;
+        acc[c] = folded.acc[n][2 * r];
+        acc[c + 1] = folded.acc[n][2 * r + 1];
+      }
+      continue;
+    }
+    const float inverse = 1.0f / folded.sum[r];
     float* out = p.out + (seg.row + m / group) * p.out_stride + (head0 + m % group) * p.d;
 #pragma unroll
     for (int n = 0; n < D / 8; ++n) {
       const int c = n * 8 + 2 * t;
       if (c >= p.d) break;
-      out[c] = state.acc[n][2 * r] * inverse;
-      out[c + 1] = state.acc[n][2 * r + 1] * inverse;
+      out[c] = folded.acc[n][2 * r] * inverse;
+      out[c + 1] = folded.acc[n][2 * r + 1] * inverse;
+    }
+  }
+}
+
+// One CTA per (prefill tile, kv head) of a split launch, a thread per (query vector, column):
+// folds the window's chunk states into the state of the chunks before them, left to right with
+// the prefill kernel's functions, up to the row's last chunk. A row whose last chunk is in the
+// window gets its output; the others keep the folded state for the next window.
+template <int W>
+__global__ void __launch_bounds__(256) fold_kernel(AttendParams p) {
+  constexpr int kQueryRows = 16 * W;
+  const int group = p.group;
+  const int64_t item = p.work_items - 1 - blockIdx.x;
+  const Located at = locate(p.segments, p.segment_count, item,
+                            [group](const AttentionSegment& s) { return prefill_tiles(s.count, group, kQueryRows); });
+  const AttentionSegment seg = p.segments[at.segment];
+  const int kv_head = blockIdx.y;
+  const int64_t first = at.local * kQueryRows, end = min(first + kQueryRows, seg.count * group);
+  const int64_t vectors = p.work_items * kQueryRows, head0 = int64_t(kv_head) * group;
+  // Every column's thread of a row reads the row's folded max and sum, so each window writes them
+  // to the other of two copies: one thread's store cannot overtake another's load.
+  const int64_t round = p.first_chunk / p.window, copy = p.kv_heads * vectors * 2;
+  const float* stats_in = p.folded_stats + ((round + 1) % 2) * copy;
+  float* stats_out = p.folded_stats + (round % 2) * copy;
+  for (int i = threadIdx.x; i < kQueryRows * p.d; i += blockDim.x) {
+    const int r = i / p.d, c = i % p.d;
+    const int64_t m = first + r;
+    if (m >= end) break;
+    const int64_t last_chunk = (seg.pos0 + m / group) / p.chunk_keys;
+    if (last_chunk < p.first_chunk) continue;  // folded in an earlier window
+    const int64_t slot = int64_t(kv_head) * vectors + item * kQueryRows + r;
+    float max = -INFINITY, sum = 0.0f, acc = 0.0f;
+    if (p.first_chunk > 0) {
+      max = stats_in[2 * slot];
+      sum = stats_in[2 * slot + 1];
+      acc = p.folded_acc[slot * p.d + c];
+    }
+    const int64_t stop = min(last_chunk + 1, p.first_chunk + p.window);
+    for (int64_t j = p.first_chunk; j < stop; ++j) {
+      const int64_t part = ((j - p.first_chunk) * p.kv_heads + kv_head) * vectors + item * kQueryRows + r;
+      const FoldWeights w = fold_weights(max, sum, p.partial_stats[2 * part], p.partial_stats[2 * part + 1]);
+      acc = fold_value(acc, p.partial_acc[part * p.d + c], w);
+    }
+    if (stop == last_chunk + 1) {
+      p.out[(seg.row + m / group) * p.out_stride + (head0 + m % group) * p.d + c] = acc * (1.0f / sum);
+    } else {
+      p.folded_acc[slot * p.d + c] = acc;  // this thread's own element
+      if (c == 0) {  // every column's thread has the same max and sum
+        stats_out[2 * slot] = max;
+        stats_out[2 * slot + 1] = sum;
+      }
     }
   }
 }
@@ -699,8 +847,38 @@ void launch_prefill(const AttendParams& base, const PrefillPlan& plan, const Att
   AttendParams p = base;
   p.work_items = plan.ctas;
   p.stages = plan.stages;
-  prefill_kernel<D, O, W><<<dim3(unsigned(plan.ctas), unsigned(a.kv_heads)), W * 32, bytes, stream>>>(p);
-  M1_CUDA_CHECK_LAUNCH();
+  if (plan.window == 0) {
+    prefill_kernel<D, O, W><<<dim3(unsigned(plan.ctas), unsigned(a.kv_heads)), W * 32, bytes, stream>>>(p);
+    M1_CUDA_CHECK_LAUNCH();
+    return;
+  }
+  p.window = plan.window;
+  for (p.first_chunk = 0; p.first_chunk < plan.chunks; p.first_chunk += plan.window) {
+    prefill_kernel<D, O, W>
+        <<<dim3(unsigned(plan.ctas), unsigned(a.kv_heads), unsigned(plan.window)), W * 32, bytes, stream>>>(p);
+    M1_CUDA_CHECK_LAUNCH();
+    fold_kernel<W><<<dim3(unsigned(plan.ctas), unsigned(a.kv_heads)), 256, 0, stream>>>(p);
+    M1_CUDA_CHECK_LAUNCH();
+  }
+}
+
+// Scratch of a step: the decode rows' split partials, and a split prefill's chunk states (a
+// window's) and folded states.
+struct AttentionScratch {
+  float *decode_acc, *decode_stats, *chunk_acc, *chunk_stats, *folded_acc, *folded_stats;
+};
+AttentionScratch carve_attention_scratch(DeviceScratch& scratch, const StepShape& shape, const AttentionArgs& a) {
+  const int64_t vectors = shape.prefill.window > 0 ? a.kv_heads * shape.prefill.ctas * 16 * shape.prefill.warps : 0;
+  return carve_scratch(scratch, [&](ScratchCarver& c) {
+    AttentionScratch s;
+    s.decode_acc = c.take<float>(a.heads * shape.decode_slots * a.d);
+    s.decode_stats = c.take<float>(a.heads * shape.decode_slots * 2);
+    s.chunk_acc = c.take<float>(shape.prefill.window * vectors * a.d);
+    s.chunk_stats = c.take<float>(shape.prefill.window * vectors * 2);
+    s.folded_acc = c.take<float>(vectors * a.d);
+    s.folded_stats = c.take<float>(2 * vectors * 2);  // two copies (fold_kernel)
+    return s;
+  });
 }
 
 template <int D, Operands O>
@@ -708,19 +886,23 @@ void launch_attention(const AttendParams& base, const StepShape& shape, const At
                       DeviceScratch& scratch, Device& device, cudaStream_t stream) {
   using G = Geometry<D>;
   device.allow_shared_memory<decode_kernel<D, O>>(G::decode_bytes(O));
+  const AttentionScratch s = carve_attention_scratch(scratch, shape, a);
   if (shape.prefill.ctas > 0) {
+    AttendParams p = base;
+    p.partial_acc = s.chunk_acc;
+    p.partial_stats = s.chunk_stats;
+    p.folded_acc = s.folded_acc;
+    p.folded_stats = s.folded_stats;
     if (shape.prefill.warps == kNarrowPrefillWarps)
-      launch_prefill<D, O, kNarrowPrefillWarps>(base, shape.prefill, a, device, stream);
+      launch_prefill<D, O, kNarrowPrefillWarps>(p, shape.prefill, a, device, stream);
     else
-      launch_prefill<D, O, prefill_warps(O)>(base, shape.prefill, a, device, stream);
+      launch_prefill<D, O, prefill_warps(O)>(p, shape.prefill, a, device, stream);
   }
   if (shape.decode_rows > 0) {
     AttendParams p = base;
     p.work_items = shape.decode_slots;
-    const size_t acc_floats = size_t(a.heads) * size_t(shape.decode_slots) * size_t(a.d);
-    float* partials = scratch.get<float>(acc_floats + size_t(a.heads) * size_t(shape.decode_slots) * 2);
-    p.partial_acc = partials;
-    p.partial_stats = partials + acc_floats;
+    p.partial_acc = s.decode_acc;
+    p.partial_stats = s.decode_stats;
     const unsigned head_blocks = unsigned(ceil_div(a.heads / a.kv_heads, 16));
     decode_kernel<D, O><<<dim3(unsigned(shape.decode_slots), unsigned(a.kv_heads), head_blocks),
                           G::kDecodeWarps * 32, G::decode_bytes(O), stream>>>(p);
@@ -751,26 +933,50 @@ size_t prefill_shared_bytes(int64_t d, Operands o, int warps, int stages) {
 }  // namespace
 
 PrefillPlan plan_prefill(std::span<const AttentionSegment> segments, int64_t heads, int64_t kv_heads, int64_t d,
-                         bool bf16_operands, const DeviceLimits& limits, int stages) {
+                         bool bf16_operands, const DeviceLimits& limits, const PrefillChoices& choices) {
   if (heads <= 0 || kv_heads <= 0 || heads % kv_heads != 0)
     fail("softmax attention: {} query heads do not split into {} kv heads", heads, kv_heads);
+  const int64_t chunk_keys = choices.chunk_keys == 0 ? kPrefillChunkKeys : choices.chunk_keys;
+  if (chunk_keys <= 0 || chunk_keys % 64 != 0)
+    fail("softmax attention: chunks of {} keys requested (a positive multiple of 64)", chunk_keys);
+  if (choices.split < -1) fail("softmax attention: split of {} chunks per launch requested (-1, 0 or more)", choices.split);
+  if (choices.split > 0 && d > kMaxChunkedHeadDim)
+    fail("softmax attention: a split prefill needs a head dim of at most {}, not {}", kMaxChunkedHeadDim, d);
   const Operands o = bf16_operands ? Operands::kRounded : Operands::kSplit;
-  const int64_t group = heads / kv_heads;
-  int64_t wide = 0, narrow = 0;
+  const int64_t group = heads / kv_heads, width = prefill_warps(o);
+  int64_t wide = 0, narrow = 0, chunks = 0;
   for (const AttentionSegment& s : segments) {
-    wide += prefill_tiles(s.count, group, 16 * prefill_warps(o));
+    wide += prefill_tiles(s.count, group, 16 * width);
     narrow += prefill_tiles(s.count, group, 16 * kNarrowPrefillWarps);
+    if (s.count > 1) chunks = std::max(chunks, d <= kMaxChunkedHeadDim ? (s.pos0 + s.count - 1) / chunk_keys + 1 : 1);
   }
   PrefillPlan plan;
+  plan.chunk_keys = chunk_keys;
   if (wide == 0) return plan;
-  const bool few = wide * kv_heads < limits.sms && narrow <= INT32_MAX;
-  plan.warps = few ? kNarrowPrefillWarps : prefill_warps(o);
-  plan.ctas = few ? narrow : wide;
+  plan.chunks = chunks;
+  const bool few = wide * kv_heads < limits.sms;
+  if (choices.split > 0) {
+    plan.window = choices.split;
+  } else if (choices.split == 0 && few && chunks > 1) {
+    // Enough (tile, chunk) CTAs for two rounds of the SMs, as far as the scratch budget holds a
+    // window's chunk states beside the folded ones; fewer than two chunks a launch is not a split.
+    const size_t chunk_bytes = size_t(kv_heads * wide * 16 * width * (d + 2)) * sizeof(float);
+    const int64_t room = int64_t(limits.partial_bytes / std::max<size_t>(chunk_bytes, 1)) - 1;
+    const int64_t window = std::min({chunks, ceil_div(2 * int64_t(limits.sms), wide * kv_heads), room});
+    if (window >= 2) plan.window = window;
+  }
+  const bool narrowed = plan.window == 0 && few && narrow <= INT32_MAX;
+  plan.warps = narrowed ? kNarrowPrefillWarps : width;
+  plan.ctas = narrowed ? narrow : wide;
+  if (plan.window > 65535)
+    fail("softmax attention: split of {} chunks per launch exceeds the grid limit 65535", plan.window);
+  const int stages = choices.kv_stages;
   if (stages == 0) {
-    // Fast wide CTAs hold their SM by registers (ptxas, sm_90: 119, 157 and 194 at d = 64, 128 and
-    // 256: at most 2, 1 and 1 CTAs of 256 threads), so a third stage costs them no occupancy; the
-    // narrow and the exact CTAs share an SM by shared memory, and would lose CTAs to it.
-    const bool third = o == Operands::kRounded && plan.warps == prefill_warps(o) &&
+    // Fast wide CTAs hold their SM by registers (ptxas, sm_90, with the folded state: 167, 237 and
+    // 206 at d = 64, 128 and 256: one CTA of 256 threads), so a third stage costs them no
+    // occupancy; the narrow and the exact CTAs share an SM by shared memory, and would lose CTAs
+    // to it.
+    const bool third = o == Operands::kRounded && plan.warps == width &&
                        prefill_shared_bytes(d, o, plan.warps, 3) <= size_t(std::max(limits.shared_per_block, 0));
     plan.stages = third ? 3 : 2;
   } else {
@@ -811,7 +1017,7 @@ void softmax_attention(const AttentionArgs& a, DeviceScratch& scratch, Device& d
     }
   }
   if (shape.rows == 0) return;
-  shape.prefill = plan_prefill(a.segments, a.heads, a.kv_heads, a.d, a.bf16_operands, device.limits(), a.kv_stages);
+  shape.prefill = plan_prefill(a.segments, a.heads, a.kv_heads, a.d, a.bf16_operands, device.limits(), a.prefill);
   if (shape.rows > INT32_MAX || shape.prefill.ctas > INT32_MAX || shape.decode_slots > INT32_MAX)
     fail("softmax attention: step of {} rows too large for one launch", shape.rows);
   const int segment_count = int(a.segments.size());
@@ -832,6 +1038,7 @@ void softmax_attention(const AttentionArgs& a, DeviceScratch& scratch, Device& d
   base.scale_log2 = kLog2e / std::sqrt(float(a.d));
   base.segments = a.device_segments;
   base.segment_count = segment_count;
+  base.chunk_keys = shape.prefill.chunk_keys;
   if (operands == Operands::kRounded)
     launch_for_head_dim<Operands::kRounded>(base, shape, a, scratch, device, stream);
   else

@@ -26,6 +26,19 @@ struct AttentionSegment {
   int64_t capacity = 0;
 };
 
+// Prefill choices a caller may force; zeros leave them to plan_prefill. The bits depend only on
+// chunk_keys.
+struct PrefillChoices {
+  // K/V tiles each prefill CTA keeps in flight plus the one in use: 2 or 3 (more than the GPU's
+  // shared memory allows fails).
+  int kv_stages = 0;
+  // Keys per chunk (a positive multiple of 64); 0: kPrefillChunkKeys. Tests shrink it to reach
+  // several chunks at small depths.
+  int64_t chunk_keys = 0;
+  // Chunks per split launch: N > 0 splits with windows of N chunks, -1 never splits.
+  int64_t split = 0;
+};
+
 struct AttentionArgs {
   float* q = nullptr;  // [rows, heads * d], rotated in place
   int64_t q_stride = 0;
@@ -43,22 +56,35 @@ struct AttentionArgs {
   // accumulation, softmax in fp32): the fast precision of DESIGN.md §4. False carries each as a
   // bf16 high part and remainder, two products each, for fp32-grade results.
   bool bf16_operands = false;
-  // K/V tiles each prefill CTA keeps in flight plus the one in use: 0 takes plan_prefill's choice;
-  // 2 or 3 force it (benchmarks compare them; the bits are the same).
-  int kv_stages = 0;
+  // What a caller may force in the prefill plan (benchmarks and tests): see PrefillChoices.
+  PrefillChoices prefill = {};
 };
+
+// Keys per chunk of a prefill row's online softmax: a row's keys are cut at absolute positions
+// 0, kPrefillChunkKeys, ..., each chunk's softmax runs from a fresh state, and the chunks' states
+// fold left to right. A row within one chunk gets the bits of one softmax over its keys; deeper
+// rows' bits depend on the chunk size, and on nothing else of the step.
+inline constexpr int64_t kPrefillChunkKeys = 4096;
+// Head dims above this take one chunk of any length: the folded state would not fit a CTA's
+// registers beside the running one (ptxas, sm_90: d = 256 spills).
+inline constexpr int64_t kMaxChunkedHeadDim = 128;
 
 // How a step's prefill rows are cut: per kv head `ctas` CTAs of `warps` warps (16 query vectors
 // each), each streaming its keys through `stages` shared K/V tiles. Narrow CTAs (2 warps) when the
-// full width (8 warps fast, 4 exact) would leave SMs idle; 3 stages where they cost no occupancy.
-// A row's bits depend on neither. `stages` 0 chooses; 2 or 3 forces (more than the GPU's shared
-// memory allows fails). No prefill rows: ctas 0.
+// full width (8 warps fast, 4 exact) would leave SMs idle and rows are shallow; when they are
+// deep, `window` > 0 splits their chunks over CTAs: ceil(chunks / window) launches of a CTA per
+// (tile, chunk of the window), each followed by a fold of the window's chunk states (in
+// scratch, within DeviceLimits::partial_bytes). 3 stages where they cost no occupancy. A row's
+// bits depend on none of this. No prefill rows: ctas 0.
 struct PrefillPlan {
   int warps = 0, stages = 0;
   int64_t ctas = 0;
+  int64_t chunk_keys = 0;  // keys per chunk (kPrefillChunkKeys unless chosen)
+  int64_t chunks = 0;      // the most chunks of any prefill row
+  int64_t window = 0;      // chunks per split launch; 0: each CTA walks and folds all of its tile's
 };
 PrefillPlan plan_prefill(std::span<const AttentionSegment> segments, int64_t heads, int64_t kv_heads, int64_t d,
-                         bool bf16_operands, const DeviceLimits& limits, int stages = 0);
+                         bool bf16_operands, const DeviceLimits& limits, const PrefillChoices& choices = {});
 
 void softmax_attention(const AttentionArgs& args, DeviceScratch& scratch, Device& device, cudaStream_t stream);
 

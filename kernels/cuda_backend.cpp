@@ -80,8 +80,9 @@ CudaBackend::~CudaBackend() {
 
 // The kernels' arithmetic, as snapshot files record it: raised whenever a change moves the bits
 // a state holds (2: the bf16 lightning prefill adds each block's state term by one fused
-// multiply-add), so that a file written before is skipped rather than resumed with other bits.
-constexpr int kArithmeticRevision = 2;
+// multiply-add; 3: softmax prefill rows past 4,096 keys fold their chunks' states), so that a file
+// written before is skipped rather than resumed with other bits.
+constexpr int kArithmeticRevision = 3;
 
 std::string CudaBackend::numerics() const {
   const char* precision = precision_ == Precision::kFast ? "fast" : "exact";

@@ -66,7 +66,9 @@ def rows(logs):
     # Speedups of one form of a kernel over another, each pair timed in this run:
     # - one rank of 8-way tensor parallelism holds 8 of the 64 lightning heads: 16 CTAs when each
     #   walks its segment whole, about one per SM when the segment is split into parts (same bits);
-    # - its 8 query heads on 1 kv head make a 512-token step 32 wide CTAs, 128 narrow ones;
+    # - its 8 query heads on 1 kv head make a 512-token step 32 wide CTAs, 128 narrow ones; at
+    #   depth 32K, 288 wide CTAs of one chunk of 4,096 keys each when its rows' chunks are split
+    #   over CTAs (same bits);
     # - the fast wide flash CTAs stream K/V through 3 stages instead of 2 (same bits, no occupancy
     #   lost): no slower, or the planner's choice goes back to 2.
     for what, (slow, slow_label), (fast, fast_label), goal in (
@@ -76,6 +78,9 @@ def rows(logs):
         ("flash prefill, 8q/1kv, 512 tokens at 32K: wide / narrow",
          (r"^flash prefill 8q/1kv x128 bf16, 512 tokens at depth 32768, wide", "wide"),
          (r"^flash prefill 8q/1kv x128 bf16, 512 tokens at depth 32768, narrow", "narrow"), 2),
+        ("flash prefill, 8q/1kv, 512 tokens at 32K: narrow / split",
+         (r"^flash prefill 8q/1kv x128 bf16, 512 tokens at depth 32768, narrow", "narrow"),
+         (r"^flash prefill 8q/1kv x128 bf16, 512 tokens at depth 32768, split", "split"), 1.5),
         ("flash prefill 64q/8kv, 64K tokens: 2 / 3 K/V stages",
          (r"^flash prefill 64q/8kv x128 bf16, 65536 tokens, 2 stages$", "2 stages"),
          (r"^flash prefill 64q/8kv x128 bf16, 65536 tokens$", "3 stages"), 1.0),

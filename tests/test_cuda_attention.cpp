@@ -14,6 +14,7 @@
 #include <cstring>
 #include <memory>
 #include <random>
+#include <tuple>
 #include <vector>
 
 #include "attention.h"
@@ -121,7 +122,7 @@ struct StepOptions {
   bool fast = false;              // AttentionArgs::bf16_operands, checked against kFastOutputBound
   bool declare_capacity = false;  // each segment tells its cache's whole room (AttentionSegment::capacity)
   Device* device = nullptr;       // the GPU as the kernels see it; the test device when null
-  int kv_stages = 0;              // AttentionArgs::kv_stages
+  PrefillChoices prefill = {};    // AttentionArgs::prefill
 };
 
 // Runs one step of `entries` (in this order of rows) on the GPU, checks it against the oracle,
@@ -166,7 +167,7 @@ std::vector<EntryResult> run_step(const Shape& s, const std::vector<Entry>& entr
   args.segments = segments;
   args.device_segments = dsegments.get();
   args.bf16_operands = options.fast;
-  args.kv_stages = options.kv_stages;
+  args.prefill = options.prefill;
   softmax_attention(args, scratch, options.device ? *options.device : test::test_device(), nullptr);
   M1_CUDA_CHECK(cudaDeviceSynchronize());
   const std::vector<float> gpu_q = dq.download(), gpu_k = dk.download(), gpu_out = dout.download();
@@ -435,14 +436,146 @@ TEST(CudaAttention, KvStagesGiveTheSameBits) {
         for (Cache& c : deep) c.fill_prefix(s.d == 256 ? 300 : 500, seed);
         Entry long_rows = make_entry(s, deep[0], 70), short_rows = make_entry(s, fresh[0], 19);
         const std::vector<EntryResult> two =
-            run_step(s, {long_rows, short_rows}, scratch, {.fast = fast, .device = device, .kv_stages = 2});
+            run_step(s, {long_rows, short_rows}, scratch, {.fast = fast, .device = device, .prefill = {.kv_stages = 2}});
         long_rows.cache = &deep[1];
         short_rows.cache = &fresh[1];
         const std::vector<EntryResult> three =
-            run_step(s, {long_rows, short_rows}, scratch, {.fast = fast, .device = device, .kv_stages = 3});
+            run_step(s, {long_rows, short_rows}, scratch, {.fast = fast, .device = device, .prefill = {.kv_stages = 3}});
         for (size_t i = 0; i < 2; ++i) EXPECT_TRUE(same_bits(two[i].out, three[i].out)) << "segment " << i;
       }
   }
+}
+
+// Rows deeper than one chunk (chunks of 128 keys here: two tiles of 64, or four of 32) fold their
+// chunks' states left to right: in registers as a CTA walks them, or from scratch when CTAs take one
+// chunk each, in windows of 1 or 2 chunks, of as many as a small scratch budget holds, or as
+// planned for 132 SMs. Every form gives the same bits, and so do narrow CTAs, in both precisions;
+// each run is also held to the oracle's bound. The long rows sit at depth 500-569 (5 chunks,
+// crossing the boundary at 512) beside rows from the start and a decode row, whose split partials
+// share the scratch. Against the default chunk size the short rows keep their bits and the long
+// ones do not: the chunks are really folded.
+TEST(CudaAttention, SplitPrefillGivesTheSameBits) {
+  M1_REQUIRE_CUDA();
+  DeviceScratch scratch(nullptr);
+  Device one_sm = test::device_with_sms(1), many_sms = test::device_with_sms(132);
+  constexpr int64_t kChunk = 128;
+  for (const Shape& s : {Shape{8, 1, 128, 64}, Shape{6, 3, 40, 40}}) {
+    for (bool fast : {false, true}) {
+      const AttentionSegment rows[] = {{.count = 70, .pos0 = 500}, {.row = 70, .count = 19}, {.row = 89, .count = 1, .pos0 = 300}};
+      const PrefillPlan wide = plan_prefill(rows, s.heads, s.kv_heads, s.d, fast, one_sm.limits(), {.chunk_keys = kChunk});
+      ASSERT_EQ(wide.window, 0);
+      ASSERT_EQ(wide.chunks, 5);
+      const PrefillPlan planned =
+          plan_prefill(rows, s.heads, s.kv_heads, s.d, fast, many_sms.limits(), {.chunk_keys = kChunk});
+      ASSERT_EQ(planned.window, 5);  // all 5 chunks in one launch
+      // Room for two chunks' states beside the folded ones.
+      const size_t chunk_bytes = size_t(s.kv_heads * wide.ctas * 16 * wide.warps * (s.d + 2)) * sizeof(float);
+      Device tight = test::device_with_sms(132, 3 * chunk_bytes);
+      ASSERT_EQ(plan_prefill(rows, s.heads, s.kv_heads, s.d, fast, tight.limits(), {.chunk_keys = kChunk}).window, 2);
+
+      struct Form {
+        const char* name;
+        Device* device;
+        int64_t split;
+      };
+      const Form forms[] = {{"wide, folded in registers", &one_sm, -1},
+                            {"narrow, folded in registers", &many_sms, -1},
+                            {"split, windows of 1", &one_sm, 1},
+                            {"split, windows of 2", &one_sm, 2},
+                            {"split, windows the budget holds", &tight, 0},
+                            {"split as planned", &many_sms, 0}};
+      const uint64_t deep_seed = rng()(), decode_seed = rng()();
+      Cache unused(s.kv_width(), 1);
+      Entry deep = make_entry(s, unused, 70), fresh = make_entry(s, unused, 19), decode = make_entry(s, unused, 1);
+      const auto run = [&](Device* device, PrefillChoices choices) {
+        Cache deep_cache(s.kv_width(), 600), fresh_cache(s.kv_width(), 30), decode_cache(s.kv_width(), 310);
+        deep_cache.fill_prefix(500, deep_seed);
+        decode_cache.fill_prefix(300, decode_seed);
+        deep.cache = &deep_cache;
+        fresh.cache = &fresh_cache;
+        decode.cache = &decode_cache;
+        return run_step(s, {deep, fresh, decode}, scratch, {.fast = fast, .device = device, .prefill = choices});
+      };
+      std::vector<EntryResult> first;
+      for (const Form& form : forms) {
+        SCOPED_TRACE(fmt::format("d {}, {}, {}", s.d, fast ? "fast" : "exact", form.name));
+        const std::vector<EntryResult> got = run(form.device, {.chunk_keys = kChunk, .split = form.split});
+        if (first.empty()) first = got;
+        for (size_t i = 0; i < 3; ++i) EXPECT_TRUE(same_bits(first[i].out, got[i].out)) << "segment " << i;
+      }
+      SCOPED_TRACE(fmt::format("d {}, {}, chunks of {}", s.d, fast ? "fast" : "exact", kPrefillChunkKeys));
+      const std::vector<EntryResult> whole = run(&one_sm, {});
+      EXPECT_FALSE(same_bits(first[0].out, whole[0].out)) << "the long rows were not cut into chunks";
+      EXPECT_TRUE(same_bits(first[1].out, whole[1].out)) << "rows within one chunk changed";
+    }
+  }
+}
+
+// A prompt's rows at depth get the same bits whether one step or two prefill them: the chunks sit
+// at absolute positions. 70 rows after 500 keys, whole or as 30 + 40, chunks of 128 keys, split as
+// planned for 132 SMs and folded in registers on one.
+TEST(CudaAttention, SplitPrefillRowsDoNotDependOnTheirStep) {
+  M1_REQUIRE_CUDA();
+  DeviceScratch scratch(nullptr);
+  Device one_sm = test::device_with_sms(1), many_sms = test::device_with_sms(132);
+  const Shape s{8, 1, 128, 64};
+  const uint64_t seed = rng()();
+  Cache unused(s.kv_width(), 1);
+  const Entry rows = make_entry(s, unused, 70);
+  const auto slice = [&](int64_t first, int64_t count) {
+    Entry e{nullptr, count, {}, {}, {}};
+    e.q.assign(rows.q.begin() + first * s.q_width(), rows.q.begin() + (first + count) * s.q_width());
+    e.k.assign(rows.k.begin() + first * s.kv_width(), rows.k.begin() + (first + count) * s.kv_width());
+    e.v.assign(rows.v.begin() + first * s.kv_width(), rows.v.begin() + (first + count) * s.kv_width());
+    return e;
+  };
+  for (bool fast : {false, true})
+    for (Device* device : {&one_sm, &many_sms}) {
+      SCOPED_TRACE(fmt::format("{}, {}", fast ? "fast" : "exact", device == &one_sm ? "in registers" : "split"));
+      const StepOptions options{.fast = fast, .device = device, .prefill = {.chunk_keys = 128}};
+      Cache whole_cache(s.kv_width(), 600), pieces_cache(s.kv_width(), 600);
+      whole_cache.fill_prefix(500, seed);
+      pieces_cache.fill_prefix(500, seed);
+      Entry whole = rows;
+      whole.cache = &whole_cache;
+      const std::vector<float> at_once = run_step(s, {whole}, scratch, options)[0].out;
+      Entry head = slice(0, 30), tail = slice(30, 40);
+      head.cache = tail.cache = &pieces_cache;
+      std::vector<float> in_pieces = run_step(s, {head}, scratch, options)[0].out;
+      const std::vector<float> rest = run_step(s, {tail}, scratch, options)[0].out;
+      in_pieces.insert(in_pieces.end(), rest.begin(), rest.end());
+      EXPECT_TRUE(same_bits(at_once, in_pieces));
+    }
+}
+
+// Needs no GPU. One rank's 512-token step under 8-way tensor parallelism (8 query heads, 1 kv head)
+// at depth 32K: 32 wide fast CTAs on 132 SMs, so its 9 chunks of 4,096 keys split, all in one
+// launch (288 CTAs); 64 exact CTAs take windows of 5 (2 launches). From the start (one chunk), or
+// with the whole model's 8 kv heads (256 CTAs), or where the scratch budget holds fewer than two
+// chunks' states, nothing splits. Head dims past 128 keep one chunk.
+TEST(CudaAttention, PrefillPlanSplitsDeepRowsOnIdleSms) {
+  const DeviceLimits h100{132, 227 * 1024};
+  // (warps, CTAs per kv head, most chunks of a row, chunks per split launch)
+  const auto cut = [](const PrefillPlan& p) { return std::tuple(p.warps, p.ctas, p.chunks, p.window); };
+  const AttentionSegment deep[] = {{.count = 512, .pos0 = 32768}};
+  PrefillPlan plan = plan_prefill(deep, 8, 1, 128, true, h100);
+  EXPECT_EQ(cut(plan), std::tuple(8, 32, 9, 9));
+  EXPECT_EQ(plan.chunk_keys, kPrefillChunkKeys);
+  EXPECT_EQ(plan.stages, 3);
+  EXPECT_EQ(cut(plan_prefill(deep, 8, 1, 128, false, h100)), std::tuple(4, 64, 9, 5));
+  EXPECT_EQ(cut(plan_prefill(deep, 8, 1, 128, true, h100, {.split = -1})), std::tuple(2, 128, 9, 0));  // narrow
+  EXPECT_EQ(cut(plan_prefill(deep, 8, 1, 128, true, h100, {.split = 4})), std::tuple(8, 32, 9, 4));
+  const AttentionSegment fresh[] = {{.count = 512}};
+  EXPECT_EQ(cut(plan_prefill(fresh, 8, 1, 128, true, h100)), std::tuple(2, 128, 1, 0));
+  EXPECT_EQ(cut(plan_prefill(deep, 64, 8, 128, true, h100)), std::tuple(8, 32, 9, 0));
+  // One chunk's states of 32 CTAs of 128 query vectors at d = 128: 2,129,920 bytes.
+  const DeviceLimits room_for_two{132, 227 * 1024, 3 * 2129920}, room_for_one{132, 227 * 1024, 3 * 2129920 - 1};
+  EXPECT_EQ(cut(plan_prefill(deep, 8, 1, 128, true, room_for_two)), std::tuple(8, 32, 9, 2));
+  EXPECT_EQ(cut(plan_prefill(deep, 8, 1, 128, true, room_for_one)), std::tuple(2, 128, 9, 0));
+  EXPECT_EQ(cut(plan_prefill(deep, 8, 1, 256, true, h100)), std::tuple(2, 128, 1, 0));
+  testing::expect_error([&] { plan_prefill(deep, 8, 1, 256, true, h100, {.split = 2}); }, {"split prefill", "head dim", "256"});
+  testing::expect_error([&] { plan_prefill(deep, 8, 1, 128, true, h100, {.chunk_keys = 100}); }, {"chunks of 100 keys", "multiple of 64"});
+  testing::expect_error([&] { plan_prefill(deep, 8, 1, 128, true, h100, {.split = -2}); }, {"split of -2 chunks"});
 }
 
 // Needs no GPU: the plan is made on the host. Narrow CTAs when the wide ones would leave SMs idle;
@@ -462,7 +595,7 @@ TEST(CudaAttention, PrefillPlanNarrowsAndStagesWhereItPays) {
   plan = plan_prefill(prompt, 8, 1, 128, false, one);
   EXPECT_EQ(plan.warps, 4);
   EXPECT_EQ(plan.stages, 2);
-  EXPECT_EQ(plan_prefill(prompt, 8, 1, 128, false, one, 3).stages, 3);
+  EXPECT_EQ(plan_prefill(prompt, 8, 1, 128, false, one, {.kv_stages = 3}).stages, 3);
   // 64 query heads on 8 kv heads, 512 rows: 32 wide CTAs per kv head, 256 in all, fill 132 SMs.
   const AttentionSegment chunk[] = {{.count = 512}};
   plan = plan_prefill(chunk, 64, 8, 128, true, h100);
@@ -472,8 +605,8 @@ TEST(CudaAttention, PrefillPlanNarrowsAndStagesWhereItPays) {
   // d = 256: 3 stages take 165 KB, past a 160 KB GPU: 2, and forcing 3 there fails.
   EXPECT_EQ(plan_prefill(chunk, 64, 8, 256, true, a100_like).stages, 2);
   EXPECT_EQ(plan_prefill(chunk, 64, 8, 256, true, h100).stages, 3);
-  testing::expect_error([&] { plan_prefill(chunk, 64, 8, 256, true, a100_like, 3); }, {"3 K/V stages", "shared memory"});
-  testing::expect_error([&] { plan_prefill(chunk, 64, 8, 128, true, h100, 4); }, {"4 K/V stages"});
+  testing::expect_error([&] { plan_prefill(chunk, 64, 8, 256, true, a100_like, {.kv_stages = 3}); }, {"3 K/V stages", "shared memory"});
+  testing::expect_error([&] { plan_prefill(chunk, 64, 8, 128, true, h100, {.kv_stages = 4}); }, {"4 K/V stages"});
   const AttentionSegment decode[] = {{.count = 1}, {.count = 1}};
   EXPECT_EQ(plan_prefill(decode, 64, 8, 128, true, h100).ctas, 0);
 }

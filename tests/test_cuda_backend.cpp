@@ -69,7 +69,7 @@ TEST(CudaBackendNumerics, NameThePrecisionAndTheArithmeticRevision) {
     const std::string numerics = backend->numerics();
     EXPECT_NE(numerics.find(precision == Precision::kFast ? "fast precision" : "exact precision"), std::string::npos)
         << numerics;
-    EXPECT_NE(numerics.find("arithmetic 2"), std::string::npos) << numerics;
+    EXPECT_NE(numerics.find("arithmetic 3"), std::string::npos) << numerics;
   }
 }
 

@@ -44,7 +44,7 @@ class GpuGoals(unittest.TestCase):
         with tempfile.TemporaryDirectory() as logs:
             rows, status, out = table(logs)
         self.assertEqual(status, 0, out)
-        self.assertGreaterEqual(len(rows), 12, out)
+        self.assertGreaterEqual(len(rows), 13, out)
         for what, (_, verdict, _) in rows.items():
             self.assertEqual(verdict, "MISSING", what)
 
@@ -55,6 +55,7 @@ class GpuGoals(unittest.TestCase):
                 bench_row("flash prefill 64q/8kv x128 bf16, 65536 tokens, 2 stages", 290.0, 0.57),
                 bench_row("flash prefill 8q/1kv x128 bf16, 512 tokens at depth 32768, narrow CTAs", 1.0, 0.1),
                 bench_row("flash prefill 8q/1kv x128 bf16, 512 tokens at depth 32768, wide CTAs", 2.5, 0.04),
+                bench_row("flash prefill 8q/1kv x128 bf16, 512 tokens at depth 32768, split chunks", 0.6, 0.17),
                 bench_row("lightning prefill 64x128 bf16, 65536 tokens", 5.0, 0.2),
                 bench_row("matmul fast m=8192 n=8192 k=8192", 3.1, 0.41),
                 bench_row("sampling, vocab 200064, batch 1, top-p 0.95, temperature 1.0 (80.0 us)", 0.08),
@@ -72,6 +73,7 @@ class GpuGoals(unittest.TestCase):
         self.assertEqual(rows["lightning prefill bf16, 64K tokens"][:2], ("20.0%", "NOT met"), out)
         self.assertEqual(rows["prefill product (fast, 8192^3)"][:2], ("41.0%", "met"), out)
         self.assertEqual(rows["flash prefill, 8q/1kv, 512 tokens at 32K: wide / narrow"][:2], ("2.50", "met"), out)
+        self.assertEqual(rows["flash prefill, 8q/1kv, 512 tokens at 32K: narrow / split"][:2], ("1.67", "met"), out)
         # 3 stages slower than 2: the planner's choice is to go back.
         self.assertEqual(rows["flash prefill 64q/8kv, 64K tokens: 2 / 3 K/V stages"][:2], ("0.97", "NOT met"), out)
         self.assertEqual(rows["top-p 0.95 draw, vocab 200,064, batch 1"][:2], ("80.00", "met"), out)
