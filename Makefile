@@ -5,33 +5,43 @@ MODELS ?= models
 MODEL ?= $(MODELS)/demo
 PORT ?= 8080
 
-.PHONY: all deps configure build test demo serve load-test clean sanitize fuzz
+.PHONY: all deps configure build test demo serve load-test clean sanitize fuzz tools
+
+# The quick start runs `make serve` and `make test` side by side, in two shells: they take turns at
+# installing packages, configuring and building, under one lock of this tree (flock, util-linux,
+# which every Debian has), so that two builds never write the same files at once.
+LOCK = flock $(CURDIR)/.make.lock
 
 all: build
 
 deps:
-	@scripts/install-deps.sh
+	@$(LOCK) scripts/install-deps.sh
 
 $(BUILD)/CMakeCache.txt: | deps
-	cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release
+	$(LOCK) cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release
 
 configure: deps $(BUILD)/CMakeCache.txt
 
 build: configure
-	cmake --build $(BUILD) -j $(JOBS)
+	$(LOCK) cmake --build $(BUILD) -j $(JOBS)
+
+# Only the programs the demo and the server need (not the tests and benchmarks), so that
+# `make serve` serves as soon as they are built.
+tools: configure
+	$(LOCK) cmake --build $(BUILD) -j $(JOBS) --target m1-mkmodel m1-generate m1-serve
 
 test: build
 	ctest --test-dir $(BUILD) --output-on-failure -j $(JOBS)
 
 # A random model of a few hundred MB, then one chat turn with it on the CPU.
-$(MODELS)/demo/config.json: | build
+$(MODELS)/demo/config.json: | tools
 	$(BUILD)/bin/m1-mkmodel --preset demo --out $(MODELS)/demo
 
-demo: build $(MODELS)/demo/config.json
+demo: tools $(MODELS)/demo/config.json
 	$(BUILD)/bin/m1-generate --model $(MODELS)/demo --chat "Tell me about lightning attention." --max-tokens 64 --seed 1
 
 # The OpenAI-compatible server on 127.0.0.1:$(PORT); MODEL=DIR serves another checkpoint.
-serve: build $(if $(filter $(MODELS)/demo,$(MODEL)),$(MODELS)/demo/config.json)
+serve: tools $(if $(filter $(MODELS)/demo,$(MODEL)),$(MODELS)/demo/config.json)
 	$(BUILD)/bin/m1-serve --model $(MODEL) --host 127.0.0.1 --port $(PORT)
 
 # The whole test suite under AddressSanitizer (with LeakSanitizer) and UndefinedBehaviorSanitizer,
@@ -44,11 +54,11 @@ SANITIZER_OPTIONS = ASAN_OPTIONS=detect_leaks=1:halt_on_error=1:abort_on_error=1
                     UBSAN_OPTIONS=halt_on_error=1:abort_on_error=1:print_stacktrace=1
 
 $(ASAN_BUILD)/CMakeCache.txt: | deps
-	cmake -S . -B $(ASAN_BUILD) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_FLAGS_RELWITHDEBINFO="-O1 -g1" \
+	$(LOCK) cmake -S . -B $(ASAN_BUILD) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_FLAGS_RELWITHDEBINFO="-O1 -g1" \
 	  -DM1_SANITIZE=address,undefined
 
 sanitize: deps $(ASAN_BUILD)/CMakeCache.txt
-	cmake --build $(ASAN_BUILD) -j $(JOBS)
+	$(LOCK) cmake --build $(ASAN_BUILD) -j $(JOBS)
 	$(SANITIZER_OPTIONS) ctest --test-dir $(ASAN_BUILD) --output-on-failure -j $(JOBS)
 
 # The libFuzzer targets of tests/fuzz, built with clang in build-fuzz/, each run for FUZZ_SECONDS
@@ -60,11 +70,11 @@ FUZZ_SECONDS ?= 30
 FUZZ_CLANG ?= 16
 
 $(FUZZ_BUILD)/CMakeCache.txt: | deps
-	@scripts/install-deps.sh clang-$(FUZZ_CLANG) libclang-rt-$(FUZZ_CLANG)-dev
-	cmake -S . -B $(FUZZ_BUILD) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_COMPILER=clang++-$(FUZZ_CLANG) -DM1_FUZZ=ON
+	@$(LOCK) scripts/install-deps.sh clang-$(FUZZ_CLANG) libclang-rt-$(FUZZ_CLANG)-dev
+	$(LOCK) cmake -S . -B $(FUZZ_BUILD) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_COMPILER=clang++-$(FUZZ_CLANG) -DM1_FUZZ=ON
 
 fuzz: deps $(FUZZ_BUILD)/CMakeCache.txt
-	cmake --build $(FUZZ_BUILD) -j $(JOBS) --target fuzz_targets
+	$(LOCK) cmake --build $(FUZZ_BUILD) -j $(JOBS) --target fuzz_targets
 	tests/fuzz/run_fuzzers.sh $(FUZZ_BUILD)/bin $(FUZZ_BUILD)/fuzz-out $(FUZZ_SECONDS) $(JOBS)
 
 # The load test at full length: 64 clients for 60 s against m1-serve (ctest runs it for 15 s).
