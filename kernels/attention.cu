@@ -862,13 +862,18 @@ void launch_prefill(const AttendParams& base, const PrefillPlan& plan, const Att
   }
 }
 
+// Query vectors of a split prefill launch over all kv heads: each has a state (d accumulated
+// values, its max and sum) per chunk of the window, and a folded one.
+int64_t split_vectors(int64_t kv_heads, int64_t ctas, int warps) { return kv_heads * ctas * 16 * warps; }
+
 // Scratch of a step: the decode rows' split partials, and a split prefill's chunk states (a
 // window's) and folded states.
 struct AttentionScratch {
   float *decode_acc, *decode_stats, *chunk_acc, *chunk_stats, *folded_acc, *folded_stats;
 };
 AttentionScratch carve_attention_scratch(DeviceScratch& scratch, const StepShape& shape, const AttentionArgs& a) {
-  const int64_t vectors = shape.prefill.window > 0 ? a.kv_heads * shape.prefill.ctas * 16 * shape.prefill.warps : 0;
+  const int64_t vectors =
+      shape.prefill.window > 0 ? split_vectors(a.kv_heads, shape.prefill.ctas, shape.prefill.warps) : 0;
   return carve_scratch(scratch, [&](ScratchCarver& c) {
     AttentionScratch s;
     s.decode_acc = c.take<float>(a.heads * shape.decode_slots * a.d);
@@ -960,7 +965,7 @@ PrefillPlan plan_prefill(std::span<const AttentionSegment> segments, int64_t hea
   } else if (choices.split == 0 && few && chunks > 1) {
     // Enough (tile, chunk) CTAs for two rounds of the SMs, as far as the scratch budget holds a
     // window's chunk states beside the folded ones; fewer than two chunks a launch is not a split.
-    const size_t chunk_bytes = size_t(kv_heads * wide * 16 * width * (d + 2)) * sizeof(float);
+    const size_t chunk_bytes = size_t(split_vectors(kv_heads, wide, int(width)) * (d + 2)) * sizeof(float);
     const int64_t room = int64_t(limits.partial_bytes / std::max<size_t>(chunk_bytes, 1)) - 1;
     const int64_t window = std::min({chunks, ceil_div(2 * int64_t(limits.sms), wide * kv_heads), room});
     if (window >= 2) plan.window = window;
