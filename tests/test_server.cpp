@@ -535,8 +535,13 @@ TEST_F(OwnServerTest, SigtermLetsStreamsFinish) {
   ServerProcess server(dir_, {"--max-context", "4096", "--shutdown-grace", "60"});
   Reply during;
   const Stream stream = stream_through_sigterm(server, [&] {
-    std::this_thread::sleep_for(300ms);  // the server notices a signal within 100 ms
-    during = Client(server.port()).get("/v1/models");
+    // The server notices a signal within 100 ms: ask until it stops answering 200. (A fixed wait
+    // of 300 ms could outlast the tiny model's whole stream, after which the server has exited.)
+    const auto until = std::chrono::steady_clock::now() + 2s;
+    do {
+      std::this_thread::sleep_for(10ms);
+      during = Client(server.port()).get("/v1/models");
+    } while (during.status == 200 && std::chrono::steady_clock::now() < until);
   });
   EXPECT_EQ(during.status, 503) << "new requests are refused while draining";
   EXPECT_TRUE(stream.done());
