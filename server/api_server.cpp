@@ -8,6 +8,7 @@
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
+#include "client_connection.h"
 #include "completion_output.h"
 #include "json_body.h"
 #include "m1/content_hash.h"
@@ -56,10 +57,12 @@ std::string too_large_message(const httplib::Request& request, size_t limit) {
 }
 
 // Waits as long as it takes: the engine ends every request it accepted, cancelled ones too.
-GenerationEvent next_event(RequestStream& stream) {
-  for (;;)
-    if (auto event = stream.next(std::chrono::seconds(1))) return std::move(*event);
-}
+// How long a whole response's handler waits for an event before asking whether its client left.
+constexpr std::chrono::milliseconds kClientCheckInterval{100};
+
+// nginx's code for a request whose client closed the connection first: counted in /metrics, and
+// written to nobody.
+constexpr int kClientClosedRequest = 499;
 
 // The identity of the API key in cache scopes: a hash, so that the key itself is not written into
 // cache files. With several keys, each request's would be that of the key it presented.
@@ -253,17 +256,32 @@ void ApiServer::answer_completion(const httplib::Request& request, httplib::Resp
   if (job.stream)
     answer_stream(response, model, std::move(job), std::move(meta));
   else
-    answer_whole(response, model, std::move(job), std::move(meta));
+    answer_whole(request, response, model, std::move(job), std::move(meta));
 }
 
-// httplib 0.11 does not tell a handler that its client left, so a whole response is generated
-// to the end even then; streams notice at their next write.
-void ApiServer::answer_whole(httplib::Response& response, ModelService& model, CompletionJob job, ResponseMeta meta) {
+// A client that leaves before its whole response is ready cancels the request, as a stream's does
+// at its next write: the batch slot goes to the requests whose clients still wait.
+void ApiServer::answer_whole(const httplib::Request& request, httplib::Response& response, ModelService& model,
+                             CompletionJob job, ResponseMeta meta) {
   ResponseCollector collector(job, *model.served().tokenizer, std::move(meta));
   const auto stream = submit(model.engine(), std::move(job.generation));
   const auto ticket = inflight_.track(stream);
+  ClientConnection client(request);
+  auto next_check = Clock::now() + kClientCheckInterval;
   try {
-    while (!collector.add(next_event(*stream))) {
+    for (;;) {
+      if (auto event = stream->next(kClientCheckInterval))
+        if (collector.add(std::move(*event))) break;
+      if (Clock::now() < next_check) continue;
+      next_check = Clock::now() + kClientCheckInterval;
+      if (!client.left()) continue;
+      stream->cancel();
+      spdlog::info("{} {}: the client left before its response was ready; request cancelled", request.method,
+                   request.path);
+      send_error(response, ApiError(kClientClosedRequest, "invalid_request_error",
+                                    "the client closed the connection before the response was ready", {},
+                                    "client_closed_request"));
+      return;
     }
   } catch (...) {
     stream->cancel();

@@ -68,7 +68,8 @@ class ApiServer {
   void detokenize(const httplib::Request& request, httplib::Response& response);
 
   void answer_completion(const httplib::Request& request, httplib::Response& response, ApiKind kind);
-  void answer_whole(httplib::Response& response, ModelService& model, CompletionJob job, ResponseMeta meta);
+  void answer_whole(const httplib::Request& request, httplib::Response& response, ModelService& model, CompletionJob job,
+                    ResponseMeta meta);
   void answer_stream(httplib::Response& response, ModelService& model, CompletionJob job, ResponseMeta meta);
 
   static const std::vector<Route> kRoutes;

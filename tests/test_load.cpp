@@ -265,7 +265,7 @@ TEST_F(LoadTest, SixtyFourClientsGetWhatTheyGetAlone) {
 
   const std::chrono::seconds duration = load_duration();
   const Tally tally = run_clients(client, workloads, duration);
-  const std::string metrics = idle_metrics(client, 120s);  // abandoned whole responses still generate
+  const std::string metrics = idle_metrics(client, 120s);
   const int64_t resident_after = settled_resident_kib(server);
 
   report("load", tally, duration);

@@ -559,6 +559,27 @@ TEST_F(OwnServerTest, SigtermCancelsStreamsThatOutlastTheGrace) {
   EXPECT_EQ(server.wait(), 0) << server.log();
 }
 
+// A client that gives up on a whole (non-streaming) response cancels its request, as one that
+// leaves a stream does: the generation stops, and the response is counted as 499.
+TEST_F(OwnServerTest, LeavingBeforeAWholeResponseCancelsTheRequest) {
+  // Deep enough that the tiny model is far from done when the client leaves.
+  ServerProcess server(dir_, {"--max-context", "65536"});
+  const Client client(server.port());
+  const Reply gone = client.with_read_timeout(300ms).post("/v1/completions", completion_request("A long story", 65000));
+  EXPECT_EQ(gone.status, 0) << "the response came before the client left: " << gone.body;
+  std::string metrics;
+  EXPECT_TRUE(eventually([&] {
+    metrics = client.get("/metrics").body;
+    return metric(metrics, "m1_requests_total{status=\"499\"}") == 1;
+  })) << metrics;
+  EXPECT_EQ(metric(metrics, "m1_engine_requests_total{outcome=\"cancelled\"}"), 1) << metrics;
+  metrics = idle_metrics(client);
+  const int64_t generated = metric(metrics, "m1_generation_tokens_total");
+  EXPECT_LT(generated, 65000) << metrics;
+  EXPECT_EQ(client.post("/v1/completions", completion_request("Next", 4)).status, 200);
+  EXPECT_EQ(metric(client.get("/metrics").body, "m1_generation_tokens_total"), generated + 4);
+}
+
 // One request runs, one waits, and the next is told to come back.
 TEST_F(OwnServerTest, AFullQueueAnswers503) {
   ServerProcess server(dir_, {"--max-batch", "1", "--max-queue", "1", "--max-context", "4096"});

@@ -4,6 +4,11 @@
 
 #include <gtest/gtest.h>
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
 #include <future>
 #include <thread>
 
@@ -11,6 +16,7 @@
 
 #include "api_error.h"
 #include "api_server.h"
+#include "client_connection.h"
 #include "completion_output.h"
 #include "json_body.h"
 #include "metrics.h"
@@ -445,6 +451,75 @@ TEST(ServerMetrics, PrometheusText) {
                            "m1_prefix_cache_hit_tokens_total 4096", "m1_prefix_cache_misses_total 0",
                            "# TYPE m1_prefix_cache_bytes gauge", "m1_prefix_cache_disk_rejected_total 1"})
     EXPECT_NE(text.find(std::string(line) + "\n"), std::string::npos) << line;
+}
+
+// --- The client's connection ---------------------------------------------------------------------
+
+// A raw TCP client, so that the test decides when bytes arrive and when the connection closes.
+class RawClient {
+ public:
+  explicit RawClient(int port) : socket_(::socket(AF_INET, SOCK_STREAM, 0)) {
+    sockaddr_in address{};
+    address.sin_family = AF_INET;
+    address.sin_port = htons(uint16_t(port));
+    address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    connected_ = ::connect(socket_, reinterpret_cast<const sockaddr*>(&address), sizeof address) == 0;
+  }
+  ~RawClient() { close(); }
+  bool connected() const { return connected_; }
+  bool send(const std::string& text) const { return ::send(socket_, text.data(), text.size(), MSG_NOSIGNAL) == ssize_t(text.size()); }
+  void close() {
+    if (socket_ >= 0) ::close(socket_);
+    socket_ = -1;
+  }
+
+ private:
+  int socket_;
+  bool connected_ = false;
+};
+
+// A handler finds its own connection among the process's sockets: bytes the client sends after
+// its request (a pipelined request) leave it connected; closing is noticed.
+TEST(ClientConnection, NoticesAClientThatClosedButNotOneThatSentMore) {
+  httplib::Server http;
+  std::promise<void> started, pipelined;
+  std::promise<bool> while_open;
+  std::promise<std::pair<bool, bool>> after_close;  // (noticed within 5 s, the socket was found)
+  http.Post("/wait", [&](const httplib::Request& request, httplib::Response& response) {
+    ClientConnection client(request);
+    started.set_value();
+    pipelined.get_future().wait();
+    while_open.set_value(client.left());
+    bool left = false;
+    for (auto until = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+         !left && std::chrono::steady_clock::now() < until;)
+      if (!(left = client.left())) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    const int socket = find_connection_socket(request.local_addr, request.local_port, request.remote_addr,
+                                              request.remote_port);
+    after_close.set_value({left, socket >= 0});
+    response.set_content("{}", "application/json");
+  });
+  const int port = http.bind_to_any_port("127.0.0.1");
+  std::thread listener([&] { http.listen_after_bind(); });
+
+  RawClient client(port);
+  ASSERT_TRUE(client.connected());
+  ASSERT_TRUE(client.send("POST /wait HTTP/1.1\r\nHost: test\r\nContent-Length: 0\r\n\r\n"));
+  started.get_future().wait();
+  ASSERT_TRUE(client.send("GET /next HTTP/1.1\r\nHost: test\r\n\r\n"));
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));  // on loopback the bytes are there by now
+  pipelined.set_value();
+  EXPECT_FALSE(while_open.get_future().get()) << "a pipelined request is not a client that left";
+  client.close();
+  const auto [noticed, found] = after_close.get_future().get();
+  EXPECT_TRUE(noticed) << "closing the connection went unnoticed for 5 s";
+  EXPECT_TRUE(found);
+  http.stop();
+  listener.join();
+}
+
+TEST(ClientConnection, NoSocketHasAddressesNoConnectionUses) {
+  EXPECT_EQ(find_connection_socket("127.0.0.1", 1, "127.0.0.1", 1), -1);
 }
 
 // --- HTTP without a model ------------------------------------------------------------------------
