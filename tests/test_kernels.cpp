@@ -291,9 +291,11 @@ TEST(CpuBackendTest, UploadCopiesUnlessAskedToMap) {
 // The CPU keeps its KV cache in bf16 exactly where fast precision rounds every softmax layer's
 // attention on a CPU that multiplies bf16, and in fp32 otherwise. The cache holds the keys (after
 // RoPE) and values rounded to nearest even; its portable form is those bits, and a state restored
-// from it, or cloned, attends as the original does, bit for bit.
+// from it, or cloned, attends as the original does, bit for bit. The prompt comes in two steps,
+// the second past the first's capacity (256 tokens), so the head-major cache moves its heads'
+// rows as it grows; the restored state takes all of them at once.
 TEST(CpuBackendTest, KvCacheIsBf16OnlyWhereFastPrecisionRoundsAttention) {
-  const int64_t rows = 37, heads = 4, kv_heads = 2, d = 16, kv_width = kv_heads * d;
+  const int64_t rows = 301, first_step = 200, heads = 6, kv_heads = 3, d = 16, kv_width = kv_heads * d;
   for (Precision precision : {Precision::kFast, Precision::kExact})
     for (Rounding rounding : {Rounding::kAllowed, Rounding::kNever}) {
       const bool fast = precision == Precision::kFast, allowed = rounding == Rounding::kAllowed;
@@ -311,10 +313,13 @@ TEST(CpuBackendTest, KvCacheIsBf16OnlyWhereFastPrecisionRoundsAttention) {
         std::copy(x.begin(), x.end(), b->mat().data);
       }
       Buffer prompt_out(*backend, rows - 1, heads * d);
-      const Segment prompt[] = {{0, rows - 1, state.get()}};
-      backend->softmax_attention(q.as(rows - 1, heads * d), k.as(rows - 1, kv_width), v.as(rows - 1, kv_width), prompt,
-                                 0, params, prompt_out.mat());
-      state->advance(rows - 1);
+      for (const auto [first, count] : {std::pair{int64_t(0), first_step}, {first_step, rows - 1 - first_step}}) {
+        const Segment prompt[] = {{0, count, state.get()}};
+        backend->softmax_attention(q.as(rows, heads * d).row_range(first, count), k.as(rows, kv_width).row_range(first, count),
+                                   v.as(rows, kv_width).row_range(first, count), prompt, 0, params,
+                                   prompt_out.as(rows - 1, heads * d).row_range(first, count));
+        state->advance(count);
+      }
       EXPECT_EQ(state->bytes(), state->lightning_bytes() + size_t(2 * 2 * (rows - 1) * kv_width) * (want == DType::kBF16 ? 2 : 4));
       // The portable form: layer 0's keys (rotated in place) and values as stored, then layer 1's.
       std::vector<std::byte> kv(state->kv_bytes(rows - 1)), lightning(state->lightning_bytes());

@@ -185,7 +185,7 @@ void CpuBackend::lightning_attention(Mat qkv, std::span<const Segment> segments,
 
 void CpuBackend::softmax_attention(Mat q, Mat k, const Mat& v, std::span<const Segment> segments, int64_t layer,
                                    const AttentionParams& p, Mat out) {
-  const int64_t d = p.head_dim, group = p.heads / p.kv_heads, kv_width = p.kv_heads * d;
+  const int64_t d = p.head_dim, group = p.heads / p.kv_heads;
   // Rotate, then append this step's keys and values to each sequence's cache.
   for (const Segment& seg : segments) {
     CpuState& state = cpu_state(seg.state);
@@ -223,9 +223,8 @@ void CpuBackend::softmax_attention(Mat q, Mat k, const Mat& v, std::span<const S
     const Segment& seg = segments[t.segment];
     CpuState& state = cpu_state(seg.state);
     const int64_t row = seg.row + t.first, head = kv_head * group;
-    const size_t column = row_bytes(state.kv_dtype(), kv_head * d);  // the group's first column of the cache
     AttentionGroup g{q.data + row * q.cols + head * d, q.cols, group,
-                     state.keys(layer) + column, state.values(layer) + column, kv_width,
+                     state.keys(layer, kv_head), state.values(layer, kv_head), d,
                      out.data + row * out.cols + head * d, out.cols, t.rows, state.length() + t.first, d, bf16,
                      state.kv_dtype()};
     if (reference_) {

@@ -28,39 +28,45 @@ size_t CpuState::bytes() const { return lightning_bytes() + kv_bytes(length_); }
 
 void CpuState::reserve(int64_t tokens) {
   if (tokens <= capacity_) return;
+  const int64_t old_capacity = capacity_;
   capacity_ = std::max(tokens, std::max<int64_t>(2 * capacity_, 256));
-  const size_t bytes = size_t(capacity_) * row_bytes();
-  for (KvCache& c : caches_) {
-    c.keys.resize(bytes);
-    c.values.resize(bytes);
-  }
+  const size_t head_bytes = head_row_bytes(), old_span = size_t(old_capacity) * head_bytes;
+  const size_t bytes = size_t(capacity_) * size_t(shape_.kv_heads) * head_bytes;
+  for (KvCache& c : caches_)
+    for (AlignedVector<std::byte>* part : {&c.keys, &c.values}) {
+      part->resize(bytes);
+      // Last head first: each moves to a higher offset than any head before it still occupies.
+      for (int64_t h = shape_.kv_heads - 1; h > 0 && old_span > 0; --h)
+        std::memmove(part->data() + head_offset(h), part->data() + size_t(h) * old_span, old_span);
+    }
 }
 
 void CpuState::store_kv(int64_t layer, int64_t pos, const float* k, int64_t k_stride, const float* v, int64_t v_stride,
                         int64_t rows) {
   reserve(pos + rows);
-  const int64_t width = shape_.kv_heads * shape_.head_dim;
+  const int64_t d = shape_.head_dim;
   KvCache& c = caches_[size_t(layer)];
-  for (int64_t i = 0; i < rows; ++i) {
-    const size_t at = size_t(pos + i) * row_bytes();
-    const float* key = k + i * k_stride;
-    const float* value = v + i * v_stride;
-    if (kv_dtype_ == DType::kF32) {
-      std::memcpy(c.keys.data() + at, key, size_t(width) * sizeof(float));
-      std::memcpy(c.values.data() + at, value, size_t(width) * sizeof(float));
-      continue;
+  for (int64_t h = 0; h < shape_.kv_heads; ++h)
+    for (int64_t i = 0; i < rows; ++i) {
+      const size_t at = head_offset(h) + size_t(pos + i) * head_row_bytes();
+      const float* key = k + i * k_stride + h * d;
+      const float* value = v + i * v_stride + h * d;
+      if (kv_dtype_ == DType::kF32) {
+        std::memcpy(c.keys.data() + at, key, size_t(d) * sizeof(float));
+        std::memcpy(c.values.data() + at, value, size_t(d) * sizeof(float));
+        continue;
+      }
+      auto* key_out = reinterpret_cast<uint16_t*>(c.keys.data() + at);
+      auto* value_out = reinterpret_cast<uint16_t*>(c.values.data() + at);
+      for (int64_t j = 0; j < d; ++j) {
+        key_out[j] = f32_to_bf16(key[j]);
+        value_out[j] = f32_to_bf16(value[j]);
+      }
     }
-    auto* key_out = reinterpret_cast<uint16_t*>(c.keys.data() + at);
-    auto* value_out = reinterpret_cast<uint16_t*>(c.values.data() + at);
-    for (int64_t j = 0; j < width; ++j) {
-      key_out[j] = f32_to_bf16(key[j]);
-      value_out[j] = f32_to_bf16(value[j]);
-    }
-  }
 }
 
 // The portable form: lightning layers in order, then per softmax layer the keys of the rows and
-// their values (SequenceState::save_kv), each row as the cache holds it.
+// their values (SequenceState::save_kv), each a token's kv_heads * d values in the cache's dtype.
 void CpuState::read_lightning(std::byte* out) const {
   for (const auto& layer : lightning_) {
     std::memcpy(out, layer.data(), layer.size() * sizeof(float));
@@ -68,21 +74,35 @@ void CpuState::read_lightning(std::byte* out) const {
   }
 }
 
+void CpuState::gather_rows(const AlignedVector<std::byte>& part, int64_t begin, int64_t end, std::byte* out) const {
+  const size_t head_bytes = head_row_bytes();
+  for (int64_t t = begin; t < end; ++t)
+    for (int64_t h = 0; h < shape_.kv_heads; ++h, out += head_bytes)
+      std::memcpy(out, part.data() + head_offset(h) + size_t(t) * head_bytes, head_bytes);
+}
+
+void CpuState::scatter_rows(const std::byte* rows, int64_t pos, int64_t tokens, AlignedVector<std::byte>& part) {
+  const size_t head_bytes = head_row_bytes();
+  for (int64_t t = pos; t < pos + tokens; ++t)
+    for (int64_t h = 0; h < shape_.kv_heads; ++h, rows += head_bytes)
+      std::memcpy(part.data() + head_offset(h) + size_t(t) * head_bytes, rows, head_bytes);
+}
+
 void CpuState::read_kv(int64_t begin, int64_t end, std::byte* out) const {
-  const size_t bytes = size_t(end - begin) * row_bytes();
+  const size_t bytes = size_t(end - begin) * size_t(shape_.kv_heads) * head_row_bytes();
   for (const KvCache& c : caches_)
     for (const AlignedVector<std::byte>* part : {&c.keys, &c.values}) {
-      std::memcpy(out, part->data() + size_t(begin) * row_bytes(), bytes);
+      gather_rows(*part, begin, end, out);
       out += bytes;
     }
 }
 
 void CpuState::write_kv(const std::byte* rows, int64_t tokens) {
   reserve(length_ + tokens);
-  const size_t bytes = size_t(tokens) * row_bytes();
+  const size_t bytes = size_t(tokens) * size_t(shape_.kv_heads) * head_row_bytes();
   for (KvCache& c : caches_)
     for (AlignedVector<std::byte>* part : {&c.keys, &c.values}) {
-      std::memcpy(part->data() + size_t(length_) * row_bytes(), rows, bytes);
+      scatter_rows(rows, length_, tokens, *part);
       rows += bytes;
     }
 }

@@ -1,7 +1,9 @@
 #pragma once
 // A sequence's state in host memory: fp32 lightning states and a KV cache that grows
 // geometrically as tokens arrive, in fp32, or in bf16 where fast precision rounds attention's
-// operands anyway (half the memory, and half the bytes attention reads at depth).
+// operands anyway (half the memory, and half the bytes attention reads at depth). The cache is
+// head-major: each key/value head's rows lie together, so that attention, a task per head,
+// reads its head's keys and values as two contiguous streams.
 
 #include <cstddef>
 #include <vector>
@@ -22,9 +24,12 @@ class CpuState final : public SequenceState {
 
   // heads x d x d floats of lightning layer `layer` (counted among lightning layers).
   float* lightning(int64_t layer) { return lightning_[size_t(layer)].data(); }
-  // Rows of kv_heads * d values of kv_dtype(), one per token, of softmax layer `layer`.
-  const std::byte* keys(int64_t layer) const { return caches_[size_t(layer)].keys.data(); }
-  const std::byte* values(int64_t layer) const { return caches_[size_t(layer)].values.data(); }
+  // Rows of d values of kv_dtype(), one per token (head_dim() elements apart), of key/value head
+  // `kv_head` of softmax layer `layer`.
+  const std::byte* keys(int64_t layer, int64_t kv_head) const { return caches_[size_t(layer)].keys.data() + head_offset(kv_head); }
+  const std::byte* values(int64_t layer, int64_t kv_head) const {
+    return caches_[size_t(layer)].values.data() + head_offset(kv_head);
+  }
   // Stores `rows` tokens' keys and values (fp32 rows of kv_heads * d, strides in floats) at
   // positions [pos, pos + rows) of softmax layer `layer`, making room for them first.
   void store_kv(int64_t layer, int64_t pos, const float* k, int64_t k_stride, const float* v, int64_t v_stride,
@@ -40,10 +45,16 @@ class CpuState final : public SequenceState {
   struct KvCache {
     AlignedVector<std::byte> keys, values;
   };
-  // Bytes of one cache row (one token of one layer's keys or values).
-  size_t row_bytes() const { return m1::row_bytes(kv_dtype_, shape_.kv_heads * shape_.head_dim); }
-  // Makes room in every KV cache for `tokens` tokens in all.
+  // Bytes of one token's keys (or values) of one head, and where a head's rows begin.
+  size_t head_row_bytes() const { return m1::row_bytes(kv_dtype_, shape_.head_dim); }
+  size_t head_offset(int64_t kv_head) const { return size_t(kv_head) * size_t(capacity_) * head_row_bytes(); }
+  // Makes room in every KV cache for `tokens` tokens in all, moving each head's rows to where a
+  // head of the new capacity begins.
   void reserve(int64_t tokens);
+  // Copies tokens [begin, end) of one layer's keys or values between the cache's head-major rows
+  // and the portable form's token-major ones (kv_heads * d values a token).
+  void gather_rows(const AlignedVector<std::byte>& part, int64_t begin, int64_t end, std::byte* out) const;
+  void scatter_rows(const std::byte* rows, int64_t pos, int64_t tokens, AlignedVector<std::byte>& part);
 
   DType kv_dtype_;
   std::vector<std::vector<float>> lightning_;
