@@ -56,7 +56,6 @@ std::string too_large_message(const httplib::Request& request, size_t limit) {
   return fmt::format("request body is larger than the limit of {} bytes", limit);
 }
 
-// Waits as long as it takes: the engine ends every request it accepted, cancelled ones too.
 // How long a whole response's handler waits for an event before asking whether its client left.
 constexpr std::chrono::milliseconds kClientCheckInterval{100};
 

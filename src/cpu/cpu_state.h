@@ -24,8 +24,8 @@ class CpuState final : public SequenceState {
 
   // heads x d x d floats of lightning layer `layer` (counted among lightning layers).
   float* lightning(int64_t layer) { return lightning_[size_t(layer)].data(); }
-  // Rows of d values of kv_dtype(), one per token (head_dim() elements apart), of key/value head
-  // `kv_head` of softmax layer `layer`.
+  // Rows of head_dim values of kv_dtype(), one per token and each right after the one before, of
+  // key/value head `kv_head` of softmax layer `layer`.
   const std::byte* keys(int64_t layer, int64_t kv_head) const { return caches_[size_t(layer)].keys.data() + head_offset(kv_head); }
   const std::byte* values(int64_t layer, int64_t kv_head) const {
     return caches_[size_t(layer)].values.data() + head_offset(kv_head);
