@@ -186,19 +186,20 @@ enum class AttentionForm { kFp32, kBf16, kBf16Cache, kReference };
 // One key/value head's group, laid out as the model's cache is (head-major, cpu_state.h): the
 // head's keys and its values as two arrays of rows of d.
 void bm_attention(benchmark::State& state, int64_t count, int64_t pos0, AttentionForm form) {
-  const int64_t d = kHeadDim, heads = kHeads / kKvHeads, cached = pos0 + count, row = d;
+  const int64_t d = kHeadDim, heads = kHeads / kKvHeads, cached = pos0 + count;
   const bool bf16 = form == AttentionForm::kBf16 || form == AttentionForm::kBf16Cache;
   const int64_t block = bf16 ? 64 : 16;
   const bool bf16_cache = form == AttentionForm::kBf16Cache;
   std::vector<float> q = random_floats(size_t(count * heads * d), 1.0f);
-  std::vector<float> keys_f32(bf16_cache ? 0 : size_t(cached * row)), values_f32(keys_f32.size());
-  std::vector<uint16_t> keys_bf16(bf16_cache ? size_t(cached * row) : 0), values_bf16(keys_bf16.size());
+  std::vector<float> keys_f32, values_f32;
+  std::vector<uint16_t> keys_bf16, values_bf16;
+  const size_t cache = size_t(cached * d);
   if (bf16_cache) {
-    keys_bf16 = to_bf16(random_floats(keys_bf16.size(), 1.0f));
-    values_bf16 = to_bf16(random_floats(values_bf16.size(), 1.0f));
+    keys_bf16 = to_bf16(random_floats(cache, 1.0f));
+    values_bf16 = to_bf16(random_floats(cache, 1.0f));
   } else {
-    keys_f32 = random_floats(keys_f32.size(), 1.0f);
-    values_f32 = random_floats(values_f32.size(), 1.0f);
+    keys_f32 = random_floats(cache, 1.0f);
+    values_f32 = random_floats(cache, 1.0f);
   }
   const void* keys = bf16_cache ? static_cast<const void*>(keys_bf16.data()) : keys_f32.data();
   const void* values = bf16_cache ? static_cast<const void*>(values_bf16.data()) : values_f32.data();
@@ -206,7 +207,7 @@ void bm_attention(benchmark::State& state, int64_t count, int64_t pos0, Attentio
   AttentionScratch scratch;
   for (auto _ : state) {
     for (int64_t first = 0; first < count; first += block) {
-      const AttentionGroup g{q.data() + first * heads * d, heads * d, heads, keys, values, row,
+      const AttentionGroup g{q.data() + first * heads * d, heads * d, heads, keys, values, d,
                              out.data() + first * heads * d, heads * d, std::min(block, count - first), pos0 + first, d,
                              bf16, bf16_cache ? DType::kBF16 : DType::kF32};
       if (form == AttentionForm::kReference)
@@ -219,7 +220,7 @@ void bm_attention(benchmark::State& state, int64_t count, int64_t pos0, Attentio
   // Query i scores and mixes pos0 + i + 1 keys: 4d per key and head.
   const double keys_attended = double(count) * double(pos0) + double(count) * double(count + 1) / 2;
   report(state, 4.0 * double(d * heads) * keys_attended,
-         (bf16_cache ? 2.0 : 4.0) * double(2 * cached * d) + 4.0 * double(q.size() + out.size()));
+         (bf16_cache ? 2.0 : 4.0) * double(2 * cache) + 4.0 * double(q.size() + out.size()));
 }
 
 void bm_rope(benchmark::State& state) {

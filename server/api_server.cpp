@@ -271,8 +271,9 @@ void ApiServer::answer_whole(const httplib::Request& request, httplib::Response&
     for (;;) {
       if (auto event = stream->next(kClientCheckInterval))
         if (collector.add(std::move(*event))) break;
-      if (Clock::now() < next_check) continue;
-      next_check = Clock::now() + kClientCheckInterval;
+      const auto now = Clock::now();
+      if (now < next_check) continue;
+      next_check = now + kClientCheckInterval;
       if (!client.left()) continue;
       stream->cancel();
       spdlog::info("{} {}: the client left before its response was ready; request cancelled", request.method,

@@ -31,7 +31,7 @@ void CpuState::reserve(int64_t tokens) {
   const int64_t old_capacity = capacity_;
   capacity_ = std::max(tokens, std::max<int64_t>(2 * capacity_, 256));
   const size_t head_bytes = head_row_bytes(), old_span = size_t(old_capacity) * head_bytes;
-  const size_t bytes = size_t(capacity_) * size_t(shape_.kv_heads) * head_bytes;
+  const size_t bytes = size_t(capacity_) * token_bytes();
   for (KvCache& c : caches_)
     for (AlignedVector<std::byte>* part : {&c.keys, &c.values}) {
       part->resize(bytes);
@@ -89,7 +89,7 @@ void CpuState::scatter_rows(const std::byte* rows, int64_t pos, int64_t tokens, 
 }
 
 void CpuState::read_kv(int64_t begin, int64_t end, std::byte* out) const {
-  const size_t bytes = size_t(end - begin) * size_t(shape_.kv_heads) * head_row_bytes();
+  const size_t bytes = size_t(end - begin) * token_bytes();
   for (const KvCache& c : caches_)
     for (const AlignedVector<std::byte>* part : {&c.keys, &c.values}) {
       gather_rows(*part, begin, end, out);
@@ -99,7 +99,7 @@ void CpuState::read_kv(int64_t begin, int64_t end, std::byte* out) const {
 
 void CpuState::write_kv(const std::byte* rows, int64_t tokens) {
   reserve(length_ + tokens);
-  const size_t bytes = size_t(tokens) * size_t(shape_.kv_heads) * head_row_bytes();
+  const size_t bytes = size_t(tokens) * token_bytes();
   for (KvCache& c : caches_)
     for (AlignedVector<std::byte>* part : {&c.keys, &c.values}) {
       scatter_rows(rows, length_, tokens, *part);

@@ -45,8 +45,10 @@ class CpuState final : public SequenceState {
   struct KvCache {
     AlignedVector<std::byte> keys, values;
   };
-  // Bytes of one token's keys (or values) of one head, and where a head's rows begin.
+  // Bytes of one token's keys (or values) of one head, of all heads (a row of the portable form),
+  // and where a head's rows begin.
   size_t head_row_bytes() const { return m1::row_bytes(kv_dtype_, shape_.head_dim); }
+  size_t token_bytes() const { return size_t(shape_.kv_heads) * head_row_bytes(); }
   size_t head_offset(int64_t kv_head) const { return size_t(kv_head) * size_t(capacity_) * head_row_bytes(); }
   // Makes room in every KV cache for `tokens` tokens in all, moving each head's rows to where a
   // head of the new capacity begins.
