@@ -357,6 +357,61 @@ TEST(CpuBackendTest, KvCacheIsBf16OnlyWhereFastPrecisionRoundsAttention) {
     }
 }
 
+// A decode row at depth takes its keys in chunks of 4,096 (softmax_attention.h). Where a step has
+// fewer units (sequence x key/value head) than threads, the chunks spread over the threads and
+// are folded after; a row's bits must not depend on that: the same on 1, 2 and 3 threads, alone
+// and beside another sequence, on an fp32 and a bf16 cache. One key/value head of 4 query heads,
+// d = 40, 9,001 cached tokens (three chunks, the last of 809), within 1e-5 of the oracle.
+TEST(CpuBackendTest, DeepDecodeRowsGiveTheSameBitsOnAnyThreads) {
+  const int64_t depth = 9001, heads = 4, kv_heads = 1, d = 40, kv_width = kv_heads * d;
+  const AttentionParams params{heads, kv_heads, d, 8, 10000.0, Rounding::kAllowed};
+  const StateShape shape{0, 0, d, 1, kv_heads, Rounding::kAllowed};
+  for (Precision precision : {Precision::kExact, Precision::kFast}) {
+    SCOPED_TRACE(precision == Precision::kFast ? "fast" : "exact");
+    // The cache's portable form: depth rows of keys, then of values, as the state stores them.
+    const std::unique_ptr<Backend> probe = create_backend(BackendOptions{"cpu", 1, precision});
+    const bool bf16_cache = probe->new_state(shape)->kv_dtype() == DType::kBF16;
+    const std::vector<float> kv_values = random_floats(size_t(2 * depth * kv_width));
+    std::vector<std::byte> kv(probe->new_state(shape)->kv_bytes(depth));
+    for (size_t i = 0; i < kv_values.size(); ++i) {
+      if (bf16_cache)
+        reinterpret_cast<uint16_t*>(kv.data())[i] = f32_to_bf16(kv_values[i]);
+      else
+        reinterpret_cast<float*>(kv.data())[i] = kv_values[i];
+    }
+    // Two decode rows' q, k and v (the first sequence's row, then the second's).
+    const std::vector<float> q = random_floats(size_t(2 * heads * d)), k = random_floats(size_t(2 * kv_width)),
+                             v = random_floats(size_t(2 * kv_width));
+    auto decode = [&](int threads, int64_t sequences, bool reference) {
+      BackendOptions options{"cpu", threads, precision};
+      options.reference_kernels = reference;
+      const std::unique_ptr<Backend> backend = create_backend(options);
+      std::vector<std::unique_ptr<SequenceState>> states;
+      std::vector<Segment> step;
+      for (int64_t s = 0; s < sequences; ++s) {
+        states.push_back(backend->new_state(shape));
+        states.back()->append_kv(kv, depth);
+        step.push_back({s, 1, states.back().get()});
+      }
+      Buffer qq(*backend, sequences, heads * d), kk(*backend, sequences, kv_width), vv(*backend, sequences, kv_width),
+          out(*backend, sequences, heads * d);
+      std::copy(q.begin(), q.begin() + sequences * heads * d, qq.mat().data);
+      std::copy(k.begin(), k.begin() + sequences * kv_width, kk.mat().data);
+      std::copy(v.begin(), v.begin() + sequences * kv_width, vv.mat().data);
+      backend->softmax_attention(qq.mat(), kk.mat(), vv.mat(), step, 0, params, out.mat());
+      return std::vector<float>(out.mat().data, out.mat().data + sequences * heads * d);
+    };
+    const std::vector<float> alone = decode(1, 1, false);
+    ASSERT_FALSE(std::any_of(alone.begin(), alone.end(), [](float x) { return std::isnan(x); }));
+    for (int threads : {2, 3}) {
+      EXPECT_EQ(decode(threads, 1, false), alone) << threads << " threads, alone";
+      const std::vector<float> pair = decode(threads, 2, false);
+      EXPECT_TRUE(std::equal(alone.begin(), alone.end(), pair.begin())) << threads << " threads, beside another";
+    }
+    EXPECT_LE(relative_error(alone, decode(1, 1, true)), 1e-5);
+  }
+}
+
 // Backend::matmuls runs its products as one batch: each output the bits matmul gives it alone, with
 // products of any weight type side by side (an F32 one keeps fp32 x between two that round it).
 TEST(CpuBackendTest, MatmulsMatchEachProductAlone) {
@@ -548,6 +603,77 @@ TEST(AttentionTest, Bf16RowResultIsTheSameAloneOrInAnyBlock) {
   attention_group(group(0, 5, got.data(), true), scratch);
   attention_group(group(0, 5, want.data(), false), scratch);
   EXPECT_TRUE(std::equal(got.begin(), got.begin() + 5 * stride, want.begin())) << "5 rows: the fp32 form";
+}
+
+// The fp32 form walks the keys in chunks of kAttentionChunkKeys and folds their states in order:
+// computed apart (each chunk alone, or runs of them) and folded after, a block gets the bits one
+// walk gives it, on fp32 and bf16 caches. Blocks whose rows end on both sides of a chunk edge
+// (row 4,094 sees no key of the second chunk: its state there is empty and must drop out exactly,
+// leaving the row the bits it has alone), rows exactly two chunks deep, odd head dims and strides.
+// Within 1e-5 of the oracle (a key's weight or a chunk off by one would be O(1e-2) and more).
+TEST(AttentionTest, ChunksFoldToTheBitsOfOneWalk) {
+  for (auto [count, pos0, d, heads] : {std::tuple{5, 4094, 40, 3}, {1, 8191, 128, 1}, {2, 12287, 17, 8},
+                                       {1, 9000, 64, 4}, {3, 4096, 24, 2}, {15, 8180, 16, 1}}) {
+    const int64_t total = pos0 + count, kv_stride = 2 * d + 3, q_stride = heads * d + 5;
+    const std::string what = std::to_string(count) + " rows at " + std::to_string(pos0) + ", d " + std::to_string(d) +
+                             ", " + std::to_string(heads) + " heads";
+    const std::vector<float> q = random_floats(size_t(count * q_stride)), kv = random_floats(size_t(total * kv_stride), 2.0f);
+    std::vector<uint16_t> cache(kv.size());
+    for (size_t i = 0; i < kv.size(); ++i) cache[i] = f32_to_bf16(kv[i]);
+    for (DType dtype : {DType::kF32, DType::kBF16}) {
+      const void* keys = dtype == DType::kF32 ? static_cast<const void*>(kv.data()) : cache.data();
+      const void* values = dtype == DType::kF32 ? static_cast<const void*>(kv.data() + d) : cache.data() + d;
+      AttentionScratch scratch;
+      std::vector<float> whole(size_t(count * q_stride), 0.0f), folded(whole.size(), 0.0f), ref(whole.size(), 0.0f);
+      AttentionGroup g{q.data(), q_stride, heads, keys, values, kv_stride, whole.data(), q_stride, count, pos0, d, false, dtype};
+      attention_group(g, scratch);
+      const int64_t chunks = attention_chunks(g);
+      ASSERT_EQ(chunks, (total + kAttentionChunkKeys - 1) / kAttentionChunkKeys) << what;
+      ASSERT_GE(chunks, 2) << what;
+      const size_t floats = attention_chunk_state_floats(g);
+      ASSERT_EQ(floats, size_t(count * heads * (d + 2)));
+      // Each chunk alone, then the first alone and the rest together, all in one piece.
+      for (int64_t split : {int64_t(1), chunks - 1, chunks}) {
+        std::vector<float> states(size_t(chunks) * floats, NAN);
+        if (split == 1) {
+          for (int64_t c = 0; c < chunks; ++c) attention_group_chunks(g, c, c + 1, scratch, states.data() + c * floats);
+        } else if (split < chunks) {
+          attention_group_chunks(g, 0, 1, scratch, states.data());
+          attention_group_chunks(g, 1, chunks, scratch, states.data() + floats);
+        } else {
+          attention_group_chunks(g, 0, chunks, scratch, states.data());
+        }
+        AttentionScratch other;
+        g.out = folded.data();
+        attention_fold_chunks(g, states.data(), other);
+        EXPECT_EQ(folded, whole) << what << ", split " << split;
+      }
+      g.out = ref.data();
+      attention_group_reference(g);
+      EXPECT_LE(relative_error(whole, ref), 1e-5) << what;
+      // A row that ends before the block's last chunk edge, alone (one chunk fewer, none empty),
+      // within rounding of its result in the block (blocks of other sizes multiply in other tiles).
+      for (int64_t i = 0; i < count; ++i) {
+        if ((pos0 + i) / kAttentionChunkKeys == (total - 1) / kAttentionChunkKeys) continue;
+        std::vector<float> single(size_t(q_stride), 0.0f), in_block(single.size(), 0.0f);
+        AttentionGroup row = g;
+        row.q = q.data() + i * q_stride;
+        row.out = single.data();
+        row.count = 1;
+        row.pos0 = pos0 + i;
+        attention_group(row, scratch);
+        std::copy(whole.begin() + i * q_stride, whole.begin() + i * q_stride + heads * d, in_block.begin());
+        EXPECT_LE(relative_error(single, in_block), 1e-6) << what << ", row " << i;
+      }
+    }
+  }
+  // Chunks out of range are refused.
+  const std::vector<float> q(4), kv(8);
+  std::vector<float> out(4), states(64);
+  AttentionScratch scratch;
+  const AttentionGroup g{q.data(), 4, 1, kv.data(), kv.data() + 4, 8, out.data(), 4, 1, 0, 4};
+  EXPECT_THROW(attention_group_chunks(g, 0, 2, scratch, states.data()), Error);
+  EXPECT_THROW(attention_group_chunks(g, 1, 1, scratch, states.data()), Error);
 }
 
 // A bf16 cache (what the CPU keeps where fast precision rounds attention) holds each value rounded

@@ -54,7 +54,12 @@ void CpuBackend::attach_thread() { pin_current_thread(cpus_); }
 // segment's first token, so cuts at multiples of the block leave every sum as it was.
 int64_t CpuBackend::prefill_alignment() const { return kLightningBlock; }
 
-std::string CpuBackend::numerics() const { return fmt::format("cpu ({})", kernels()); }
+// The kernels' arithmetic, as snapshot files record it: raised whenever a change moves the bits a
+// sequence's state or results get, so that files written before are skipped, not resumed. 1: the
+// fp32 attention form folds chunks of 4,096 keys (softmax_attention.h).
+constexpr int kArithmeticRevision = 1;
+
+std::string CpuBackend::numerics() const { return fmt::format("cpu ({}, arithmetic {})", kernels(), kArithmeticRevision); }
 
 Operands CpuBackend::operands(Rounding rounding) const {
   return precision_ == Precision::kFast && rounding == Rounding::kAllowed ? Operands::kBf16 : Operands::kFp32;
@@ -217,22 +222,66 @@ void CpuBackend::softmax_attention(Mat q, Mat k, const Mat& v, std::span<const S
       attention_tasks_.push_back({s, first, rows});
       first += rows;
     }
-  pool_.parallel_for(int64_t(attention_tasks_.size()) * p.kv_heads, [&](int64_t task) {
-    const AttentionTask& t = attention_tasks_[size_t(task / p.kv_heads)];
-    const int64_t kv_head = task % p.kv_heads;
+  auto group_of = [&](int64_t unit) {
+    const AttentionTask& t = attention_tasks_[size_t(unit / p.kv_heads)];
+    const int64_t kv_head = unit % p.kv_heads;
     const Segment& seg = segments[t.segment];
     CpuState& state = cpu_state(seg.state);
     const int64_t row = seg.row + t.first, head = kv_head * group;
-    AttentionGroup g{q.data + row * q.cols + head * d, q.cols, group,
-                     state.keys(layer, kv_head), state.values(layer, kv_head), d,
-                     out.data + row * out.cols + head * d, out.cols, t.rows, state.length() + t.first, d, bf16,
-                     state.kv_dtype()};
-    if (reference_) {
-      attention_group_reference(g);
-    } else {
-      thread_local AttentionScratch scratch;
-      attention_group(g, scratch);
+    return AttentionGroup{q.data + row * q.cols + head * d, q.cols, group,
+                          state.keys(layer, kv_head), state.values(layer, kv_head), d,
+                          out.data + row * out.cols + head * d, out.cols, t.rows, state.length() + t.first, d, bf16,
+                          state.kv_dtype()};
+  };
+  // A unit whose share of the step's work (keys times query vectors) is more than a thread's, as a
+  // decode row at depth beside few or shallow others, spreads its chunks of keys (the fp32 form's,
+  // softmax_attention.h) over the threads: pieces of whole chunks, each about half a thread's
+  // share, whose states go to chunk_states_ and are folded in order after. The bits are those of
+  // one task walking every chunk, whatever the threads or the step. Few-query blocks only (their
+  // states are small), within a budget of states.
+  constexpr int64_t kMaxSplitQueries = 15;
+  constexpr size_t kChunkStateBudget = size_t(16) << 20;  // floats: 64 MB
+  const int64_t units = int64_t(attention_tasks_.size()) * p.kv_heads, threads = int64_t(pool_.size());
+  auto work = [](const AttentionGroup& g) { return (g.pos0 + g.count) * g.count * g.heads; };
+  int64_t total_work = 0;
+  for (int64_t unit = 0; unit < units; ++unit) total_work += work(group_of(unit));
+  const int64_t piece_work = std::max<int64_t>(1, total_work / (2 * threads));
+  attention_pieces_.clear();
+  attention_folds_.clear();
+  size_t state_floats = 0;
+  for (int64_t unit = 0; unit < units; ++unit) {
+    const AttentionGroup g = group_of(unit);
+    const int64_t queries = g.count * g.heads, chunks = attention_chunks(g);
+    const size_t floats = size_t(chunks) * attention_chunk_state_floats(g);
+    if (reference_ || threads == 1 || chunks < 2 || work(g) * threads <= total_work || queries > kMaxSplitQueries ||
+        attention_takes_bf16(queries, bf16) || state_floats + floats > kChunkStateBudget) {
+      attention_pieces_.push_back({unit, 0, 0, 0});
+      continue;
     }
+    const int64_t parts = std::min(chunks, (work(g) + piece_work - 1) / piece_work);
+    for (int64_t i = 0; i < parts; ++i) {
+      const int64_t first = chunks * i / parts;
+      attention_pieces_.push_back({unit, first, chunks * (i + 1) / parts, state_floats + size_t(first) * (floats / size_t(chunks))});
+    }
+    attention_folds_.push_back({unit, 0, chunks, state_floats});
+    state_floats += floats;
+  }
+  chunk_states_.resize(state_floats);
+  pool_.parallel_for(int64_t(attention_pieces_.size()), [&](int64_t i) {
+    const AttentionPiece& piece = attention_pieces_[size_t(i)];
+    const AttentionGroup g = group_of(piece.unit);
+    thread_local AttentionScratch scratch;
+    if (reference_)
+      attention_group_reference(g);
+    else if (piece.end_chunk == 0)
+      attention_group(g, scratch);
+    else
+      attention_group_chunks(g, piece.first_chunk, piece.end_chunk, scratch, chunk_states_.data() + piece.states);
+  });
+  pool_.parallel_for(int64_t(attention_folds_.size()), [&](int64_t i) {
+    const AttentionPiece& fold = attention_folds_[size_t(i)];
+    thread_local AttentionScratch scratch;
+    attention_fold_chunks(group_of(fold.unit), chunk_states_.data() + fold.states, scratch);
   });
 }
 

@@ -96,6 +96,15 @@ class CpuBackend final : public Backend {
     int64_t first, rows;  // the segment's query rows [first, first + rows)
   };
   std::vector<AttentionTask> attention_tasks_;
+  // A unit (task x key/value head) whole (end_chunk 0), or chunks [first_chunk, end_chunk) of its
+  // keys, whose states go to chunk_states_ at `states` (softmax_attention.h).
+  struct AttentionPiece {
+    int64_t unit, first_chunk, end_chunk;
+    size_t states;
+  };
+  std::vector<AttentionPiece> attention_pieces_;
+  std::vector<AttentionPiece> attention_folds_;  // each split unit, all its chunks, from its first state
+  std::vector<float> chunk_states_;
   std::vector<float> sample_row_;  // the row a draw may use as scratch
   SampleScratch sample_scratch_;
 };

@@ -7,6 +7,7 @@
 #include "cpu/matmul.h"
 #include "cpu/vectorize.h"
 #include "fast_exp.h"
+#include "m1/error.h"
 
 namespace m1::cpu {
 
@@ -96,14 +97,10 @@ bool attention_takes_bf16(int64_t queries, bool bf16_operands) {
 
 namespace {
 
-// The fp32 form over a cache of T: float, or uint16_t (bf16 bits, widened as they are read; the
-// products widen them as they load them, giving the sums they give on the widened values).
-template <class T>
-M1_VECTOR_CLONES void attention_group_fp32(const AttentionGroup& g, AttentionScratch& s) {
-  const T* const keys = static_cast<const T*>(g.keys);
-  const T* const values = static_cast<const T*>(g.values);
-  // Query vector (row i, head h) is row i * heads + h of the packed block, pre-scaled by 1/sqrt(d).
-  const int64_t queries = g.count * g.heads, d = g.d, keys_needed = g.pos0 + g.count;
+// The fp32 form's query vectors (row i, head h is row i * heads + h of the packed block), each
+// pre-scaled by 1/sqrt(d), and its buffers for one tile.
+void prepare_fp32(const AttentionGroup& g, AttentionScratch& s) {
+  const int64_t queries = g.count * g.heads, d = g.d;
   const float scale = 1.0f / std::sqrt(float(d));
   s.q.resize(size_t(queries * d));
   for (int64_t i = 0; i < g.count; ++i)
@@ -112,9 +109,27 @@ M1_VECTOR_CLONES void attention_group_fp32(const AttentionGroup& g, AttentionScr
   s.scores.resize(size_t(queries * kKeyTile));
   s.keys_t.resize(size_t(d * kKeyTile));
   s.partial.resize(size_t(queries * d));
-  s.start_running_sums(queries, d);
-  for (int64_t t0 = 0; t0 < keys_needed; t0 += kKeyTile) {
-    const int64_t tile = std::min(kKeyTile, keys_needed - t0);
+  s.rescale.resize(size_t(queries));
+}
+
+// One chunk of keys, [c * kAttentionChunkKeys, ...) up to what the block needs, from a fresh
+// online-softmax state into `state` (ChunkState's layout), tile by tile. The fp32 form over a cache
+// of T: float, or uint16_t (bf16 bits, widened as they are read; the products widen them as they
+// load them, giving the sums they give on the widened values).
+template <class T>
+M1_VECTOR_CLONES void walk_chunk(const AttentionGroup& g, AttentionScratch& s, int64_t chunk, float* state) {
+  const T* const keys = static_cast<const T*>(g.keys);
+  const T* const values = static_cast<const T*>(g.values);
+  const int64_t queries = g.count * g.heads, d = g.d, keys_needed = g.pos0 + g.count;
+  float* const max = state;
+  float* const sum = state + queries;
+  float* const acc = state + 2 * queries;
+  std::fill(max, max + queries, -INFINITY);
+  std::fill(sum, sum + queries, 0.0f);
+  std::fill(acc, acc + queries * d, 0.0f);
+  const int64_t end = std::min(keys_needed, (chunk + 1) * kAttentionChunkKeys);
+  for (int64_t t0 = chunk * kAttentionChunkKeys; t0 < end; t0 += kKeyTile) {
+    const int64_t tile = std::min(kKeyTile, end - t0);
     const T* const tile_keys = keys + t0 * g.kv_stride;
     if (queries < kQueriesToTranspose) {
       scores_streamed(s.q.data(), queries, d, keys, values, g.kv_stride, t0, tile, keys_needed, s.scores.data());
@@ -129,29 +144,103 @@ M1_VECTOR_CLONES void attention_group_fp32(const AttentionGroup& g, AttentionScr
         }
       gemm_nn(s.q.data(), d, s.keys_t.data(), kKeyTile, queries, tile, d, s.scores.data(), kKeyTile);
     }
-    s.rescale.resize(size_t(queries));
     for (int64_t qi = 0; qi < queries; ++qi) {
       const int64_t visible = std::min(tile, g.pos0 + qi / g.heads + 1 - t0);  // causal: row i sees keys <= pos0 + i
-      s.rescale[size_t(qi)] = absorb_scores(s.scores.data() + qi * kKeyTile, tile, visible, s.max[size_t(qi)], s.sum[size_t(qi)]);
+      s.rescale[size_t(qi)] = absorb_scores(s.scores.data() + qi * kKeyTile, tile, visible, max[qi], sum[qi]);
     }
     gemm_nn(s.scores.data(), kKeyTile, values + t0 * g.kv_stride, g.kv_stride, queries, d, tile, s.partial.data(), d);
     for (int64_t qi = 0; qi < queries; ++qi) {
-      float* acc = s.acc.data() + qi * d;
+      float* a = acc + qi * d;
       const float* part = s.partial.data() + qi * d;
       const float r = s.rescale[size_t(qi)];
 #pragma omp simd
-      for (int64_t c = 0; c < d; ++c) acc[c] = acc[c] * r + part[c];
+      for (int64_t c = 0; c < d; ++c) a[c] = a[c] * r + part[c];
     }
   }
-  s.write_outputs(g, d);
+}
+
+void walk_chunk(const AttentionGroup& g, AttentionScratch& s, int64_t chunk, float* state) {
+  if (g.kv_dtype == DType::kBF16) return walk_chunk<uint16_t>(g, s, chunk, state);
+  walk_chunk<float>(g, s, chunk, state);
+}
+
+// Folds chunk state `b` into the running `a`, per query vector: max = max(max_a, max_b); acc and sum
+// = a's times e^(max_a - max) plus b's times e^(max_b - max). A chunk with no key the query sees
+// (max -inf: only the last chunk of a block whose rows end before it) leaves a as it was. One
+// compiled function for every caller, so a row's bits are the same whoever folds its chunks.
+[[gnu::noinline]] void fold_chunk(float* a, const float* b, int64_t queries, int64_t d) {
+  float* const max_a = a;
+  float* const sum_a = a + queries;
+  float* const acc_a = a + 2 * queries;
+  const float* const max_b = b;
+  const float* const sum_b = b + queries;
+  const float* const acc_b = b + 2 * queries;
+  for (int64_t qi = 0; qi < queries; ++qi) {
+    if (max_b[qi] == -INFINITY) continue;
+    const float m = std::max(max_a[qi], max_b[qi]);
+    const float wa = exp_nonpositive(max_a[qi] - m), wb = exp_nonpositive(max_b[qi] - m);
+    sum_a[qi] = sum_a[qi] * wa + sum_b[qi] * wb;
+    float* acc = acc_a + qi * d;
+    const float* other = acc_b + qi * d;
+    for (int64_t c = 0; c < d; ++c) acc[c] = acc[c] * wa + other[c] * wb;
+    max_a[qi] = m;
+  }
+}
+
+// Each query vector's output from a folded state: its accumulated values over its weights' sum.
+void write_folded(const AttentionGroup& g, const float* state) {
+  const int64_t queries = g.count * g.heads;
+  for (int64_t i = 0; i < g.count; ++i)
+    for (int64_t h = 0; h < g.heads; ++h) {
+      const int64_t qi = i * g.heads + h;
+      const float inv = 1.0f / state[queries + qi];
+      const float* acc = state + 2 * queries + qi * g.d;
+      float* o = g.out + i * g.out_stride + h * g.d;
+      for (int64_t c = 0; c < g.d; ++c) o[c] = acc[c] * inv;
+    }
+}
+
+// The fp32 form: each chunk's state in turn, folded into the first's.
+void attention_group_fp32(const AttentionGroup& g, AttentionScratch& s) {
+  prepare_fp32(g, s);
+  const size_t floats = attention_chunk_state_floats(g);
+  s.folded.resize(floats);
+  s.chunk.resize(floats);
+  walk_chunk(g, s, 0, s.folded.data());
+  for (int64_t c = 1, chunks = attention_chunks(g); c < chunks; ++c) {
+    walk_chunk(g, s, c, s.chunk.data());
+    fold_chunk(s.folded.data(), s.chunk.data(), g.count * g.heads, g.d);
+  }
+  write_folded(g, s.folded.data());
 }
 
 }  // namespace
 
 void attention_group(const AttentionGroup& g, AttentionScratch& s) {
   if (attention_takes_bf16(g.count * g.heads, g.bf16_operands)) return attention_group_bf16(g, s);
-  if (g.kv_dtype == DType::kBF16) return attention_group_fp32<uint16_t>(g, s);
-  attention_group_fp32<float>(g, s);
+  attention_group_fp32(g, s);
+}
+
+int64_t attention_chunks(const AttentionGroup& g) {
+  return (g.pos0 + g.count + kAttentionChunkKeys - 1) / kAttentionChunkKeys;
+}
+
+size_t attention_chunk_state_floats(const AttentionGroup& g) { return size_t(g.count * g.heads * (g.d + 2)); }
+
+void attention_group_chunks(const AttentionGroup& g, int64_t first, int64_t end, AttentionScratch& s, float* states) {
+  if (first < 0 || first >= end || end > attention_chunks(g))
+    fail("attention_group_chunks: chunks [{}, {}) of {}", first, end, attention_chunks(g));
+  prepare_fp32(g, s);
+  const size_t floats = attention_chunk_state_floats(g);
+  for (int64_t c = first; c < end; ++c) walk_chunk(g, s, c, states + size_t(c - first) * floats);
+}
+
+void attention_fold_chunks(const AttentionGroup& g, const float* states, AttentionScratch& s) {
+  const size_t floats = attention_chunk_state_floats(g);
+  s.folded.assign(states, states + floats);
+  for (int64_t c = 1, chunks = attention_chunks(g); c < chunks; ++c)
+    fold_chunk(s.folded.data(), states + size_t(c) * floats, g.count * g.heads, g.d);
+  write_folded(g, s.folded.data());
 }
 
 void AttentionScratch::start_running_sums(int64_t queries, int64_t width) {

@@ -37,6 +37,7 @@ struct AttentionGroup {
 // Reused buffers of one thread.
 struct AttentionScratch {
   std::vector<float> q, keys_t, scores, partial, acc, max, sum, rescale;
+  std::vector<float> folded, chunk;  // the fp32 form's chunk states (attention_chunk_state_floats)
   std::vector<uint32_t> qp, kr, vp, pp;  // the bf16 form's operands, as bf16 pairs
 
   // Both forms' online-softmax state: acc (queries x width) at zero, max at -inf, sum at zero.
@@ -49,7 +50,25 @@ struct AttentionScratch {
 // the group against the tile, then the weighted values, both as register-tiled matrix products,
 // folded into running online-softmax sums. A row's result does not depend on how the prompt was
 // chunked or which rows share its block.
+//
+// The fp32 form (every block in exact precision, and blocks of fewer than 16 query vectors, as a
+// decode row's, in fast) walks the keys in chunks of kAttentionChunkKeys at absolute positions:
+// each chunk's online softmax starts afresh, and a query's result folds the chunks' states left to
+// right. So a deep row's chunks can be computed apart, on several threads, and folded after
+// (attention_group_chunks, attention_fold_chunks) with the bits one task walking them gives. Rows
+// that see one chunk's keys have the bits of a single pass.
 void attention_group(const AttentionGroup& g, AttentionScratch& scratch);
+constexpr int64_t kAttentionChunkKeys = 4096;
+// The chunks of keys g's block walks in the fp32 form, and the floats one chunk's state takes
+// (each query vector's max, then sums, then accumulated values: queries x (d + 2)).
+int64_t attention_chunks(const AttentionGroup& g);
+size_t attention_chunk_state_floats(const AttentionGroup& g);
+// The fp32 form's states of chunks [first, end) of g's keys, chunk first + i at states + i *
+// attention_chunk_state_floats(g). g.out is not written.
+void attention_group_chunks(const AttentionGroup& g, int64_t first, int64_t end, AttentionScratch& scratch, float* states);
+// Folds all attention_chunks(g) states (laid out as attention_group_chunks writes them) in order
+// and writes g's outputs: the bits attention_group gives g in the fp32 form.
+void attention_fold_chunks(const AttentionGroup& g, const float* states, AttentionScratch& scratch);
 // The same with bf16 operands on AVX-512 BF16 (softmax_attention_bf16.cpp), which attention_group
 // runs for blocks of at least 16 query vectors when g.bf16_operands is set and the CPU has it
 // (fewer, as a decode row's, take the fp32 form). The same key tiles; each query vector's sums
