@@ -285,86 +285,96 @@ static void run_kernel(const char* name, dim3 grid, dim3 block, size_t smem, std
   if (mode != "forward" && mode != "reverse" && mode != "random" && mode != "skew")
     die("EMU_ORDER must be forward, reverse, random or skew, got %s", mode.c_str());
   static std::mt19937 rng(12345);
+  // The order blocks run in (EMU_BLOCKS): launch order, its reverse, or shuffled. A GPU promises
+  // none, so a kernel whose blocks meet (the last to arrive folds the others' partials) must give
+  // the same bits in any, and no block may wait for one launched after it.
+  static const char* blocks_env = std::getenv("EMU_BLOCKS");
+  static const std::string blocks_mode = blocks_env ? blocks_env : "forward";
+  if (blocks_mode != "forward" && blocks_mode != "reverse" && blocks_mode != "random")
+    die("EMU_BLOCKS must be forward, reverse or random, got %s", blocks_mode.c_str());
+  thread_local std::mt19937 block_rng(54321);
+  std::vector<unsigned> blocks(size_t(grid.x) * grid.y * grid.z);
+  std::iota(blocks.begin(), blocks.end(), 0u);
+  if (blocks_mode == "reverse") std::reverse(blocks.begin(), blocks.end());
+  if (blocks_mode == "random") std::shuffle(blocks.begin(), blocks.end(), block_rng);
   std::vector<unsigned> order(threads);
-  for (unsigned bz = 0; bz < grid.z; ++bz)
-    for (unsigned by = 0; by < grid.y; ++by)
-      for (unsigned bx = 0; bx < grid.x; ++bx) {
-        block_idx = {bx, by, bz};
-        ++block_generation;
-        std::memset(smem_base, 0xff, smem);
+  for (const unsigned b : blocks) {
+    block_idx = {b % grid.x, (b / grid.x) % grid.y, b / (grid.x * grid.y)};
+    ++block_generation;
+    std::memset(smem_base, 0xff, smem);
+    for (unsigned t = 0; t < threads; ++t) {
+      Fiber& f = fibers[t];
+      f.state = kReady;
+      f.flat = t;
+      f.idx = {t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
+      f.pending.clear();
+      f.open_group = 0;
+      f.stack = stacks.base + kStack * t;
+      auto* top = reinterpret_cast<uint64_t*>(f.stack + kStack - t * kStackColour % kStackColours);
+      top[-1] = 0;
+      top[-2] = reinterpret_cast<uint64_t>(&emu_fiber_entry);
+      for (int r = 3; r <= 8; ++r) top[-r] = 0;
+      f.sp = top - 8;
+    }
+    for (unsigned rounds = 1;; ++rounds) {
+      std::iota(order.begin(), order.end(), 0u);
+      if (mode == "reverse") std::reverse(order.begin(), order.end());
+      if (mode == "random") std::shuffle(order.begin(), order.end(), rng);
+      size_t size = order.size();
+      bool skipped_ready = false;
+      if (mode == "skew") {
+        // Warp w runs every (1 + w % 4)th round: warps drift apart between barriers, as a GPU's
+        // may, so a stage refilled while a slower warp still reads it shows.
+        size = 0;
         for (unsigned t = 0; t < threads; ++t) {
-          Fiber& f = fibers[t];
-          f.state = kReady;
-          f.flat = t;
-          f.idx = {t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
-          f.pending.clear();
-          f.open_group = 0;
-          f.stack = stacks.base + kStack * t;
-          auto* top = reinterpret_cast<uint64_t*>(f.stack + kStack - t * kStackColour % kStackColours);
-          top[-1] = 0;
-          top[-2] = reinterpret_cast<uint64_t>(&emu_fiber_entry);
-          for (int r = 3; r <= 8; ++r) top[-r] = 0;
-          f.sp = top - 8;
+          if (rounds % (1 + (t / 32) % 4) == 0)
+            order[size++] = t;
+          else
+            skipped_ready = skipped_ready || fs[t].state == kReady;
         }
-        for (unsigned rounds = 1;; ++rounds) {
-          std::iota(order.begin(), order.end(), 0u);
-          if (mode == "reverse") std::reverse(order.begin(), order.end());
-          if (mode == "random") std::shuffle(order.begin(), order.end(), rng);
-          size_t size = order.size();
-          bool skipped_ready = false;
-          if (mode == "skew") {
-            // Warp w runs every (1 + w % 4)th round: warps drift apart between barriers, as a GPU's
-            // may, so a stage refilled while a slower warp still reads it shows.
-            size = 0;
-            for (unsigned t = 0; t < threads; ++t) {
-              if (rounds % (1 + (t / 32) % 4) == 0)
-                order[size++] = t;
-              else
-                skipped_ready = skipped_ready || fs[t].state == kReady;
-            }
-          }
-          round = {order.data(), 0, size};
-          round.ready = skipped_ready;
-          if (Fiber* first = start_next()) emu_switch(&main_sp, first->sp);
-          const bool progressed = round.progressed, ready = round.ready;  // start_next left cur null
-          unsigned done = 0;
-          bool at_named = false, at_warp = false;
-          for (auto& f : fs) {
-            done += f.state == kDone;
-            at_named = at_named || f.state == kNamedBarrier;
-            at_warp = at_warp || f.state == kWarpSync;
-          }
-          if (done == threads) break;
-          // Warp collectives and named barriers release as soon as their threads are there, while
-          // other threads run on, as they may on a GPU.
-          const bool named = at_named && release_named_barriers(name);
-          const bool warps = at_warp && release_warps(name, false);
-          if (ready || named || warps) {  // paused fibers poll again; __syncthreads waits until none is paused
-            if (!progressed && !named && !warps) sched_yield();
-            continue;
-          }
-          // Nothing runs and nothing was released: a warp split between a collective and anywhere
-          // else can never release, which this reports.
-          release_warps(name, true);
-          for (auto& f : fibers)
-            if (f.state == kNamedBarrier)
-              die("%s: deadlock: thread %u waits at named barrier %d (count %d, %d arrived) and nothing can be released",
-                  name, f.flat, f.barrier, f.barrier_threads, arrivals[f.barrier].threads);
-          int line = INT32_MIN;
-          for (auto& f : fibers)
-            if (f.state == kBlockBarrier) {
-              if (line == INT32_MIN) line = f.line;
-              if (f.line != line) die("%s: __syncthreads at lines %d and %d", name, line, f.line);
-            }
-          if (done) die("%s: __syncthreads at line %d after %u threads exited", name, line, done);
-          for (auto& f : fibers) f.state = kReady;
-        }
-        for (auto& f : fibers)
-          if (!f.pending.empty()) die("%s: thread %u exited with cp.async copies never waited for", name, f.flat);
-        for (int id = 1; id < kNamedBarriers; ++id)
-          if (arrivals[id].threads)
-            die("%s: %d threads arrived at named barrier %d and no phase completed it", name, arrivals[id].threads, id);
       }
+      round = {order.data(), 0, size};
+      round.ready = skipped_ready;
+      if (Fiber* first = start_next()) emu_switch(&main_sp, first->sp);
+      const bool progressed = round.progressed, ready = round.ready;  // start_next left cur null
+      unsigned done = 0;
+      bool at_named = false, at_warp = false;
+      for (auto& f : fs) {
+        done += f.state == kDone;
+        at_named = at_named || f.state == kNamedBarrier;
+        at_warp = at_warp || f.state == kWarpSync;
+      }
+      if (done == threads) break;
+      // Warp collectives and named barriers release as soon as their threads are there, while
+      // other threads run on, as they may on a GPU.
+      const bool named = at_named && release_named_barriers(name);
+      const bool warps = at_warp && release_warps(name, false);
+      if (ready || named || warps) {  // paused fibers poll again; __syncthreads waits until none is paused
+        if (!progressed && !named && !warps) sched_yield();
+        continue;
+      }
+      // Nothing runs and nothing was released: a warp split between a collective and anywhere
+      // else can never release, which this reports.
+      release_warps(name, true);
+      for (auto& f : fibers)
+        if (f.state == kNamedBarrier)
+          die("%s: deadlock: thread %u waits at named barrier %d (count %d, %d arrived) and nothing can be released",
+              name, f.flat, f.barrier, f.barrier_threads, arrivals[f.barrier].threads);
+      int line = INT32_MIN;
+      for (auto& f : fibers)
+        if (f.state == kBlockBarrier) {
+          if (line == INT32_MIN) line = f.line;
+          if (f.line != line) die("%s: __syncthreads at lines %d and %d", name, line, f.line);
+        }
+      if (done) die("%s: __syncthreads at line %d after %u threads exited", name, line, done);
+      for (auto& f : fibers) f.state = kReady;
+    }
+    for (auto& f : fibers)
+      if (!f.pending.empty()) die("%s: thread %u exited with cp.async copies never waited for", name, f.flat);
+    for (int id = 1; id < kNamedBarriers; ++id)
+      if (arrivals[id].threads)
+        die("%s: %d threads arrived at named barrier %d and no phase completed it", name, arrivals[id].threads, id);
+  }
 }
 
 // --- Memory -----------------------------------------------------------------------------------

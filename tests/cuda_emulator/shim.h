@@ -4,8 +4,9 @@
 // line, a warp collective when every lane of the warp waits at the same one (a lane that exited
 // or waits elsewhere aborts), a named barrier (bar.sync / bar.arrive id, count) as soon as its
 // waiting and arrived threads make its count, and a block where nothing can be released aborts.
-// EMU_ORDER=forward|reverse|random picks the order fibers run in between release points;
-// EMU_COPIES=deferred|eager when cp.async copies land (below).
+// EMU_ORDER=forward|reverse|random|skew picks the order fibers run in between release points;
+// EMU_COPIES=deferred|eager when cp.async copies land (below); EMU_BLOCKS=forward|reverse|random
+// the order a launch's blocks run in.
 #pragma once
 #include <cuda_runtime.h>
 
