@@ -113,7 +113,8 @@ void prepare_fp32(const AttentionGroup& g, AttentionScratch& s) {
 }
 
 // One chunk of keys, [c * kAttentionChunkKeys, ...) up to what the block needs, from a fresh
-// online-softmax state into `state` (ChunkState's layout), tile by tile. The fp32 form over a cache
+// online-softmax state into `state` (each query vector's max, then sums, then accumulated values),
+// tile by tile. The fp32 form over a cache
 // of T: float, or uint16_t (bf16 bits, widened as they are read; the products widen them as they
 // load them, giving the sums they give on the widened values).
 template <class T>
@@ -187,17 +188,21 @@ void walk_chunk(const AttentionGroup& g, AttentionScratch& s, int64_t chunk, flo
   }
 }
 
-// Each query vector's output from a folded state: its accumulated values over its weights' sum.
-void write_folded(const AttentionGroup& g, const float* state) {
-  const int64_t queries = g.count * g.heads;
+// Each query vector's output: its accumulated values (rows `width` apart) over its weights' sum.
+void write_outputs(const AttentionGroup& g, const float* sum, const float* acc, int64_t width) {
   for (int64_t i = 0; i < g.count; ++i)
     for (int64_t h = 0; h < g.heads; ++h) {
       const int64_t qi = i * g.heads + h;
-      const float inv = 1.0f / state[queries + qi];
-      const float* acc = state + 2 * queries + qi * g.d;
+      const float inv = 1.0f / sum[qi];
       float* o = g.out + i * g.out_stride + h * g.d;
-      for (int64_t c = 0; c < g.d; ++c) o[c] = acc[c] * inv;
+      for (int64_t c = 0; c < g.d; ++c) o[c] = acc[qi * width + c] * inv;
     }
+}
+
+// The outputs of a folded chunk state.
+void write_folded(const AttentionGroup& g, const float* state) {
+  const int64_t queries = g.count * g.heads;
+  write_outputs(g, state + queries, state + 2 * queries, g.d);
 }
 
 // The fp32 form: each chunk's state in turn, folded into the first's.
@@ -250,13 +255,7 @@ void AttentionScratch::start_running_sums(int64_t queries, int64_t width) {
 }
 
 void AttentionScratch::write_outputs(const AttentionGroup& g, int64_t width) const {
-  for (int64_t i = 0; i < g.count; ++i)
-    for (int64_t h = 0; h < g.heads; ++h) {
-      const int64_t qi = i * g.heads + h;
-      const float inv = 1.0f / sum[size_t(qi)];
-      float* o = g.out + i * g.out_stride + h * g.d;
-      for (int64_t c = 0; c < g.d; ++c) o[c] = acc[size_t(qi * width + c)] * inv;
-    }
+  m1::cpu::write_outputs(g, sum.data(), acc.data(), width);
 }
 
 void attention_group_reference(const AttentionGroup& g) {
