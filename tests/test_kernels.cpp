@@ -652,7 +652,10 @@ TEST(AttentionTest, ChunksFoldToTheBitsOfOneWalk) {
       attention_group_reference(g);
       EXPECT_LE(relative_error(whole, ref), 1e-5) << what;
       // A row that ends before the block's last chunk edge, alone (one chunk fewer, none empty),
-      // within rounding of its result in the block (blocks of other sizes multiply in other tiles).
+      // within rounding of its result in the block: blocks of other sizes multiply in other tiles,
+      // so the two differ by fp32 rounding over thousands of keys (the inputs are fresh each run:
+      // up to 1.1e-6 in 40 runs, and a first bound of 1e-6 failed once in the sanitized build); a
+      // key seen or missed across the edge would be O(1e-2).
       for (int64_t i = 0; i < count; ++i) {
         if ((pos0 + i) / kAttentionChunkKeys == (total - 1) / kAttentionChunkKeys) continue;
         std::vector<float> single(size_t(q_stride), 0.0f), in_block(single.size(), 0.0f);
@@ -663,7 +666,7 @@ TEST(AttentionTest, ChunksFoldToTheBitsOfOneWalk) {
         row.pos0 = pos0 + i;
         attention_group(row, scratch);
         std::copy(whole.begin() + i * q_stride, whole.begin() + i * q_stride + heads * d, in_block.begin());
-        EXPECT_LE(relative_error(single, in_block), 1e-6) << what << ", row " << i;
+        EXPECT_LE(relative_error(single, in_block), 1e-5) << what << ", row " << i;
       }
     }
   }
