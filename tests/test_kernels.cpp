@@ -313,7 +313,7 @@ TEST(CpuBackendTest, KvCacheIsBf16OnlyWhereFastPrecisionRoundsAttention) {
         std::copy(x.begin(), x.end(), b->mat().data);
       }
       Buffer prompt_out(*backend, rows - 1, heads * d);
-      for (const auto [first, count] : {std::pair{int64_t(0), first_step}, {first_step, rows - 1 - first_step}}) {
+      for (const auto& [first, count] : {std::pair{int64_t(0), first_step}, {first_step, rows - 1 - first_step}}) {
         const Segment prompt[] = {{0, count, state.get()}};
         backend->softmax_attention(q.as(rows, heads * d).row_range(first, count), k.as(rows, kv_width).row_range(first, count),
                                    v.as(rows, kv_width).row_range(first, count), prompt, 0, params,

@@ -222,17 +222,17 @@ void CpuBackend::softmax_attention(Mat q, Mat k, const Mat& v, std::span<const S
       attention_tasks_.push_back({s, first, rows});
       first += rows;
     }
-  auto group_of = [&](int64_t unit) {
-    const AttentionTask& t = attention_tasks_[size_t(unit / p.kv_heads)];
-    const int64_t kv_head = unit % p.kv_heads;
-    const Segment& seg = segments[t.segment];
-    CpuState& state = cpu_state(seg.state);
-    const int64_t row = seg.row + t.first, head = kv_head * group;
-    return AttentionGroup{q.data + row * q.cols + head * d, q.cols, group,
-                          state.keys(layer, kv_head), state.values(layer, kv_head), d,
-                          out.data + row * out.cols + head * d, out.cols, t.rows, state.length() + t.first, d, bf16,
-                          state.kv_dtype()};
-  };
+  // The units: each task's query rows against one key/value head.
+  attention_groups_.clear();
+  for (const AttentionTask& t : attention_tasks_)
+    for (int64_t kv_head = 0; kv_head < p.kv_heads; ++kv_head) {
+      const Segment& seg = segments[t.segment];
+      CpuState& state = cpu_state(seg.state);
+      const int64_t row = seg.row + t.first, head = kv_head * group;
+      attention_groups_.push_back({q.data + row * q.cols + head * d, q.cols, group, state.keys(layer, kv_head),
+                                   state.values(layer, kv_head), d, out.data + row * out.cols + head * d, out.cols,
+                                   t.rows, state.length() + t.first, d, bf16, state.kv_dtype()});
+    }
   // A unit whose share of the step's work (keys times query vectors) is more than a thread's, as a
   // decode row at depth beside few or shallow others, spreads its chunks of keys (the fp32 form's,
   // softmax_attention.h) over the threads: pieces of whole chunks, each about half a thread's
@@ -241,18 +241,18 @@ void CpuBackend::softmax_attention(Mat q, Mat k, const Mat& v, std::span<const S
   // states are small), within a budget of states.
   constexpr int64_t kMaxSplitQueries = 15;
   constexpr size_t kChunkStateBudget = size_t(16) << 20;  // floats: 64 MB
-  const int64_t units = int64_t(attention_tasks_.size()) * p.kv_heads, threads = int64_t(pool_.size());
+  const int64_t units = int64_t(attention_groups_.size()), threads = int64_t(pool_.size());
   auto work = [](const AttentionGroup& g) { return (g.pos0 + g.count) * g.count * g.heads; };
   int64_t total_work = 0;
-  for (int64_t unit = 0; unit < units; ++unit) total_work += work(group_of(unit));
+  for (const AttentionGroup& g : attention_groups_) total_work += work(g);
   const int64_t piece_work = std::max<int64_t>(1, total_work / (2 * threads));
   attention_pieces_.clear();
   attention_folds_.clear();
   size_t state_floats = 0;
   for (int64_t unit = 0; unit < units; ++unit) {
-    const AttentionGroup g = group_of(unit);
+    const AttentionGroup& g = attention_groups_[size_t(unit)];
     const int64_t queries = g.count * g.heads, chunks = attention_chunks(g);
-    const size_t floats = size_t(chunks) * attention_chunk_state_floats(g);
+    const size_t chunk_floats = attention_chunk_state_floats(g), floats = size_t(chunks) * chunk_floats;
     if (reference_ || threads == 1 || chunks < 2 || work(g) * threads <= total_work || queries > kMaxSplitQueries ||
         attention_takes_bf16(queries, bf16) || state_floats + floats > kChunkStateBudget) {
       attention_pieces_.push_back({unit, 0, 0, 0});
@@ -261,7 +261,7 @@ void CpuBackend::softmax_attention(Mat q, Mat k, const Mat& v, std::span<const S
     const int64_t parts = std::min(chunks, (work(g) + piece_work - 1) / piece_work);
     for (int64_t i = 0; i < parts; ++i) {
       const int64_t first = chunks * i / parts;
-      attention_pieces_.push_back({unit, first, chunks * (i + 1) / parts, state_floats + size_t(first) * (floats / size_t(chunks))});
+      attention_pieces_.push_back({unit, first, chunks * (i + 1) / parts, state_floats + size_t(first) * chunk_floats});
     }
     attention_folds_.push_back({unit, 0, chunks, state_floats});
     state_floats += floats;
@@ -269,7 +269,7 @@ void CpuBackend::softmax_attention(Mat q, Mat k, const Mat& v, std::span<const S
   chunk_states_.resize(state_floats);
   pool_.parallel_for(int64_t(attention_pieces_.size()), [&](int64_t i) {
     const AttentionPiece& piece = attention_pieces_[size_t(i)];
-    const AttentionGroup g = group_of(piece.unit);
+    const AttentionGroup& g = attention_groups_[size_t(piece.unit)];
     thread_local AttentionScratch scratch;
     if (reference_)
       attention_group_reference(g);
@@ -281,7 +281,7 @@ void CpuBackend::softmax_attention(Mat q, Mat k, const Mat& v, std::span<const S
   pool_.parallel_for(int64_t(attention_folds_.size()), [&](int64_t i) {
     const AttentionPiece& fold = attention_folds_[size_t(i)];
     thread_local AttentionScratch scratch;
-    attention_fold_chunks(group_of(fold.unit), chunk_states_.data() + fold.states, scratch);
+    attention_fold_chunks(attention_groups_[size_t(fold.unit)], chunk_states_.data() + fold.states, scratch);
   });
 }
 

@@ -6,6 +6,7 @@
 #include "cpu/moe.h"
 #include "cpu/numa.h"
 #include "cpu/shared_memory_group.h"
+#include "cpu/softmax_attention.h"
 #include "cpu/threadpool.h"
 #include "cpu/weight_arena.h"
 
@@ -96,6 +97,7 @@ class CpuBackend final : public Backend {
     int64_t first, rows;  // the segment's query rows [first, first + rows)
   };
   std::vector<AttentionTask> attention_tasks_;
+  std::vector<AttentionGroup> attention_groups_;  // the units: task t, key/value head h at t * kv_heads + h
   // A unit (task x key/value head) whole (end_chunk 0), or chunks [first_chunk, end_chunk) of its
   // keys, whose states go to chunk_states_ at `states` (softmax_attention.h).
   struct AttentionPiece {

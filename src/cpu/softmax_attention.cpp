@@ -114,9 +114,9 @@ void prepare_fp32(const AttentionGroup& g, AttentionScratch& s) {
 
 // One chunk of keys, [c * kAttentionChunkKeys, ...) up to what the block needs, from a fresh
 // online-softmax state into `state` (each query vector's max, then sums, then accumulated values),
-// tile by tile. The fp32 form over a cache
-// of T: float, or uint16_t (bf16 bits, widened as they are read; the products widen them as they
-// load them, giving the sums they give on the widened values).
+// tile by tile. The fp32 form over a cache of T: float, or uint16_t (bf16 bits, widened as they
+// are read; the products widen them as they load them, giving the sums they give on the widened
+// values).
 template <class T>
 M1_VECTOR_CLONES void walk_chunk(const AttentionGroup& g, AttentionScratch& s, int64_t chunk, float* state) {
   const T* const keys = static_cast<const T*>(g.keys);

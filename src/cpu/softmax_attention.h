@@ -36,11 +36,12 @@ struct AttentionGroup {
 
 // Reused buffers of one thread.
 struct AttentionScratch {
-  std::vector<float> q, keys_t, scores, partial, acc, max, sum, rescale;
+  std::vector<float> q, keys_t, scores, partial, rescale;
+  std::vector<float> acc, max, sum;  // the bf16 form's running online-softmax state
   std::vector<float> folded, chunk;  // the fp32 form's chunk states (attention_chunk_state_floats)
   std::vector<uint32_t> qp, kr, vp, pp;  // the bf16 form's operands, as bf16 pairs
 
-  // Both forms' online-softmax state: acc (queries x width) at zero, max at -inf, sum at zero.
+  // The bf16 form's online-softmax state: acc (queries x width) at zero, max at -inf, sum at zero.
   void start_running_sums(int64_t queries, int64_t width);
   // Each query vector's output: its accumulated values (rows `width` apart) over its weights' sum.
   void write_outputs(const AttentionGroup& g, int64_t width) const;
