@@ -253,8 +253,12 @@ inline void ldmatrix(uint32_t* r, int count, const uint16_t* row, bool trans) {
 // zero once, as Hopper's tensor cores do (they truncate), so a kernel that carries a long sum
 // through them drifts here as it does there.
 inline float tensor_core_round(double sum) {
-  const float rounded = float(sum);
-  return std::fabs(double(rounded)) > std::fabs(sum) ? std::nextafter(rounded, 0.0f) : rounded;
+  const double magnitude = std::fabs(sum);
+  // In float's normal range, toward zero drops the 29 significand bits a double has past a float's.
+  if (magnitude >= 0x1p-126 && magnitude < 0x1p128)
+    return float(std::bit_cast<double>(std::bit_cast<uint64_t>(sum) & ~((uint64_t(1) << 29) - 1)));
+  const float rounded = float(sum);  // zero, subnormal, infinite or NaN
+  return std::fabs(double(rounded)) > magnitude ? std::nextafter(rounded, 0.0f) : rounded;
 }
 inline void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   for (int i = 0; i < 4; ++i) cur->slot[i] = a[i];
@@ -263,21 +267,30 @@ inline void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uin
   yield(kWarpSync, -2);
   const unsigned l = lane(), g = l / 4, t = l % 4;
   const Fiber* warp = fibers.data() + (cur->flat & ~31u);  // one thread-local lookup, not 128
-  auto half = [](uint64_t w, int k) { return double(m1::bf16_to_f32(uint16_t(k % 2 ? w >> 16 : w & 0xffff))); };
-  // This lane's rows of A (g and g + 8) and columns of B (2t and 2t + 1), each read once.
+  // This lane's rows of A (g and g + 8) and columns of B (2t and 2t + 1), each read once: lane
+  // 4r + f holds k = 2f, 2f + 1 of row (A) or column (B) r in its lower registers, and k + 8 in its
+  // upper ones.
   double a_rows[2][16], b_columns[2][16];
-  for (int k = 0; k < 16; ++k) {
-    const int from = (k % 8) / 2;
-    for (int h = 0; h < 2; ++h) {
-      a_rows[h][k] = half(warp[g * 4 + from].published[h + (k >= 8 ? 2 : 0)], k);
-      b_columns[h][k] = half(warp[(2 * t + h) * 4 + from].published[k >= 8 ? 5 : 4], k);
+  auto unpack = [](uint64_t w, double* to) {
+    to[0] = double(m1::bf16_to_f32(uint16_t(w & 0xffff)));
+    to[1] = double(m1::bf16_to_f32(uint16_t(w >> 16)));
+  };
+  for (unsigned f = 0; f < 4; ++f) {
+    const uint64_t *a = warp[g * 4 + f].published, *b0 = warp[2 * t * 4 + f].published,
+                   *b1 = warp[(2 * t + 1) * 4 + f].published;
+    for (unsigned upper = 0; upper < 2; ++upper) {
+      const unsigned k = 8 * upper + 2 * f;
+      unpack(a[2 * upper], a_rows[0] + k);
+      unpack(a[2 * upper + 1], a_rows[1] + k);
+      unpack(b0[4 + upper], b_columns[0] + k);
+      unpack(b1[4 + upper], b_columns[1] + k);
     }
   }
-  for (int e = 0; e < 4; ++e) {
-    double sum = c[e];
-    for (int k = 0; k < 16; ++k) sum += a_rows[e >> 1][k] * b_columns[e & 1][k];  // exact products
-    c[e] = tensor_core_round(sum);
-  }
+  // Each output's sum in k order, the four interleaved so that their additions overlap.
+  double sums[4] = {c[0], c[1], c[2], c[3]};
+  for (int k = 0; k < 16; ++k)
+    for (int e = 0; e < 4; ++e) sums[e] += a_rows[e >> 1][k] * b_columns[e & 1][k];  // exact products
+  for (int e = 0; e < 4; ++e) c[e] = tensor_core_round(sums[e]);
 }
 }  // namespace emu
 #define __cvta_generic_to_shared(p) ::emu::__cvta_generic_to_shared_impl(p)
