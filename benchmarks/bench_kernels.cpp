@@ -288,8 +288,10 @@ void register_matmuls() {
         add("gemv/" + suffix, [=](benchmark::State& st) { bm_matmul(st, kind, 1, s.out, s.in, op, false); });
         if (s.reference)
           add("gemv/" + suffix + "_reference", [=](benchmark::State& st) { bm_matmul(st, kind, 1, s.out, s.in, op, true); });
-        // Eight sequences decoding together (a batched server step).
+        // Eight and sixteen sequences decoding together (batched server steps; 16 is m1-serve's
+        // default --max-batch, where the products leave the streamed decode kernels for tiles).
         add("batch8/" + suffix, [=](benchmark::State& st) { bm_matmul(st, kind, 8, s.out, s.in, op, false); });
+        add("batch16/" + suffix, [=](benchmark::State& st) { bm_matmul(st, kind, 16, s.out, s.in, op, false); });
         if (s.gemm)
           add("gemm512/" + suffix, [=](benchmark::State& st) { bm_matmul(st, kind, kPrefillRows, s.out, s.in, op, false); });
       }
