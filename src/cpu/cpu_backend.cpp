@@ -224,15 +224,17 @@ void CpuBackend::softmax_attention(Mat q, Mat k, const Mat& v, std::span<const S
     }
   // The units: each task's query rows against one key/value head.
   attention_groups_.clear();
-  for (const AttentionTask& t : attention_tasks_)
+  for (const AttentionTask& t : attention_tasks_) {
+    const Segment& seg = segments[t.segment];
+    CpuState& state = cpu_state(seg.state);
+    const int64_t row = seg.row + t.first;
     for (int64_t kv_head = 0; kv_head < p.kv_heads; ++kv_head) {
-      const Segment& seg = segments[t.segment];
-      CpuState& state = cpu_state(seg.state);
-      const int64_t row = seg.row + t.first, head = kv_head * group;
+      const int64_t head = kv_head * group;
       attention_groups_.push_back({q.data + row * q.cols + head * d, q.cols, group, state.keys(layer, kv_head),
                                    state.values(layer, kv_head), d, out.data + row * out.cols + head * d, out.cols,
                                    t.rows, state.length() + t.first, d, bf16, state.kv_dtype()});
     }
+  }
   // A unit whose share of the step's work (keys times query vectors) is more than a thread's, as a
   // decode row at depth beside few or shallow others, spreads its chunks of keys (the fp32 form's,
   // softmax_attention.h) over the threads: pieces of whole chunks, each about half a thread's
