@@ -168,13 +168,21 @@ void bench_matmul(Report& report, const Limits& limits, cudaStream_t stream, m1:
   fill_random(w, 0.05f, 4);
   m1::cuda::DeviceScratch scratch(stream);
   const DeviceMatrix weight{w.get(), m1::DType::kBF16, n, k};
-  for (auto operands : {m1::cuda::GemmOperands::kBf16, m1::cuda::GemmOperands::kFp32}) {
+  // Where the tiles run on the warpgroup tensor cores (M1_WGMMA=1 on a Hopper), the mma.sync tiles
+  // beside them, named ", mma.sync".
+  m1::cuda::DeviceLimits mma_limits = device.limits();
+  mma_limits.warpgroup_mma = false;
+  m1::cuda::Device mma(device.index(), mma_limits);
+  for (auto [operands, on, suffix] :
+       {std::tuple{m1::cuda::GemmOperands::kBf16, &device, ""}, {m1::cuda::GemmOperands::kFp32, &device, ""},
+        {m1::cuda::GemmOperands::kBf16, &mma, ", mma.sync"}, {m1::cuda::GemmOperands::kFp32, &mma, ", mma.sync"}}) {
+    if (on == &mma && (m <= 64 || !device.limits().warpgroup_mma)) continue;
     const char* mode = operands == m1::cuda::GemmOperands::kBf16 ? "fast" : "exact";
     const double ms = time_ms(stream, m > 64 ? 5 : 50, [&] {
-      m1::cuda::matmul(x.get(), k, m, weight, out.get(), n, operands, scratch, device, stream);
+      m1::cuda::matmul(x.get(), k, m, weight, out.get(), n, operands, scratch, *on, stream);
     });
     const double flops = 2.0 * double(m) * double(n) * double(k), bytes = double(n * k) * 2 + double(m * (k + n)) * 4;
-    const std::string name = fmt::format("matmul {} m={} n={} k={}", mode, m, n, k);
+    const std::string name = fmt::format("matmul {} m={} n={} k={}{}", mode, m, n, k, suffix);
     if (m > 64)
       report.add({name, ms, flops / (ms * 1e-3) / 1e12, "TFLOP/s", flops / (ms * 1e-3) / 1e12 / limits.cublas_tflops});
     else

@@ -1,6 +1,8 @@
 #include "device.h"
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 
 #include <cuda_runtime.h>
 
@@ -18,6 +20,20 @@ Device::Device(int index) : index_(index) {
   DeviceGuard guard(index);
   M1_CUDA_CHECK(cudaDeviceGetAttribute(&limits_.sms, cudaDevAttrMultiProcessorCount, index));
   M1_CUDA_CHECK(cudaDeviceGetAttribute(&limits_.shared_per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, index));
+  const char* wgmma = std::getenv("M1_WGMMA");
+  limits_.warpgroup_mma = wgmma && std::strcmp(wgmma, "1") == 0 && warpgroup_mma_available(index);
+}
+
+bool warpgroup_mma_available(int index) {
+#ifdef M1_CUDA_SM90A
+  int major = 0, minor = 0;
+  M1_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, index));
+  M1_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, index));
+  return major == 9 && minor == 0;
+#else
+  (void)index;
+  return false;
+#endif
 }
 
 Device Device::current() {

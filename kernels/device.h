@@ -21,7 +21,15 @@ struct DeviceLimits {
   // Bytes of scratch one product's chunk partials may take (a budget of the device's memory, not
   // read from CUDA): past it a product takes kernels without partials, with the same bits.
   size_t partial_bytes = kDefaultPartialBytes;
+  // Many-row BF16 products on the warpgroup tensor cores (wgmma): a Hopper GPU, kernels built for
+  // sm_90a, and, until a GPU run has checked them against the mma.sync tiles bit for bit, M1_WGMMA=1
+  // (scripts/gpu-check.sh runs that check and both forms' speed).
+  bool warpgroup_mma = false;
 };
+
+// Whether GPU `index` can run the warpgroup products: compute capability 9.0 and this build's
+// kernels compiled for sm_90a (CMAKE_CUDA_ARCHITECTURES 90a).
+bool warpgroup_mma_available(int index);
 
 class Device {
  public:

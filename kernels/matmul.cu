@@ -44,6 +44,8 @@
 #include "matmul_common.cuh"
 #include "quantized_matmul.h"
 #include "quantized_stream.h"
+#include "warp_mma.h"
+#include "warpgroup_mma.h"
 
 namespace m1::cuda {
 namespace {
@@ -615,6 +617,159 @@ __global__ __launch_bounds__(kBf16TileThreads, Bf16Tile<kTileM>::kMinBlocks) voi
 }
 
 // ---------------------------------------------------------------------------------------------
+// Many rows on Hopper (sm_90a): the same 128 x 128 output tiles and the same fixed sequence per
+// output as bf16_tile, on the warpgroup tensor cores (warpgroup_mma.h). Two warpgroups of 4 warps,
+// each 64 rows by the 128 columns, one m64n128k16 product per 16 inputs and term of x (terms last
+// to first, the chunk's first product not accumulating: the fresh partial), its partial closed
+// into the total as each chunk ends. k-tiles of 64 inputs (one 128-byte swizzled row each) of
+// every term of x and of the weights stream through a ring of stages; the products of a tile run
+// while the next tiles land, and a stage is refilled once the products of the tile before its
+// last one are done (each warpgroup waits for all but its newest group before the barrier).
+
+constexpr int kWarpgroupTileM = 128, kWarpgroupTileN = 128, kWarpgroupTileK = 64, kWarpgroupThreads = 256;
+static_assert(kWarpgroupTileK * 2 == kSwizzleRowBytes, "a k-tile row is one swizzled row");
+static_assert(kChunk % kWarpgroupTileK == 0, "a chunk must be whole k-tiles");
+
+struct WarpgroupTile {
+  static constexpr int kTileBytes = kWarpgroupTileM * kSwizzleRowBytes;  // 16 KB: x's terms and the weights alike
+  static_assert(kWarpgroupTileN == kWarpgroupTileM, "one tile size for both operands");
+  static constexpr int stage_bytes(int parts) { return (parts + 1) * kTileBytes; }
+  // Six stages for one term of x (192 KB), three for three; a tile's loads run stages - 2 tiles
+  // ahead of its products.
+  static constexpr int stages(int parts) { return std::min(6, (227 * 1024 - kSwizzleAtomBytes) / stage_bytes(parts)); }
+  // The ring, and room to align it to the swizzle's 1024 bytes wherever dynamic memory starts.
+  static constexpr int shared_bytes(int parts) { return stages(parts) * stage_bytes(parts) + kSwizzleAtomBytes; }
+};
+static_assert(WarpgroupTile::stages(3) >= 3 && WarpgroupTile::shared_bytes(1) <= 227 * 1024 &&
+              WarpgroupTile::shared_bytes(3) <= 227 * 1024);
+
+// The tile of rows [m0, m0 + 128) of x [m, k] (terms `term_stride` elements apart from xb) by the
+// 128 weight rows from blockIdx.y. Built for sm_90a only: elsewhere it traps (the launchers take
+// it only where DeviceLimits::warpgroup_mma says the GPU and the build have it).
+template <int kParts>
+__device__ __forceinline__ void bf16_warpgroup_tile(const __nv_bfloat16* xb, int64_t ldb, int64_t term_stride,
+                                                    int64_t m, const uint16_t* w, int64_t n, int64_t k, bool w_vec,
+                                                    float* out, int64_t ldo, int64_t m0) {
+#if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  __trap();
+#else
+  constexpr int kStages = WarpgroupTile::stages(kParts), kTile = WarpgroupTile::kTileBytes;
+  constexpr int kStage = WarpgroupTile::stage_bytes(kParts);
+  constexpr int kUnits = kSwizzleRowBytes / 16;  // 16-byte units per row of a k-tile
+  constexpr int kLoads = kWarpgroupTileM * kUnits / kWarpgroupThreads;  // per thread, operand and term
+  extern __shared__ __align__(128) unsigned char warpgroup_shared[];
+  const uint32_t window = shared_address(warpgroup_shared);
+  const uint32_t pad = (kSwizzleAtomBytes - window % kSwizzleAtomBytes) % kSwizzleAtomBytes;
+  unsigned char* ring = warpgroup_shared + pad;
+  const uint32_t ring_address = window + pad;
+
+  const int tid = threadIdx.x, warpgroup = tid / 128, warp = (tid % 128) / 32, lane = tid % 32;
+  const int64_t n0 = blockIdx.y * int64_t(kWarpgroupTileN);
+  const int64_t tiles = ceil_div(k, kWarpgroupTileK);
+
+  // k-tile t into stage t % kStages: x's terms, then the weights, 16-byte units dealt out over the
+  // threads into their swizzled places, zeros past the rows and past the inner dimension (x's
+  // terms are padded to ldb with zeros). Every call commits a group, empty past the last tile.
+  auto stage = [&](int64_t t) {
+    if (t < tiles) {
+      unsigned char* at = ring + int(t % kStages) * kStage;
+      const int64_t k0 = t * kWarpgroupTileK;
+#pragma unroll
+      for (int i = 0; i < kLoads; ++i) {
+        const int id = tid + i * kWarpgroupThreads, row = id / kUnits, unit = id % kUnits, kk = unit * 8;
+        const int offset = swizzled_unit_offset(row, unit);
+        const bool x_valid = m0 + row < m && k0 + kk < ldb;
+#pragma unroll
+        for (int q = 0; q < kParts; ++q) {
+          const __nv_bfloat16* src = xb + q * term_stride + (m0 + row) * ldb + k0 + kk;
+          __pipeline_memcpy_async(at + q * kTile + offset, x_valid ? src : xb, 16, x_valid ? 0 : 16);
+        }
+        unsigned char* dst = at + kParts * kTile + offset;
+        const uint16_t* w_row = w + (n0 + row) * k;
+        if (w_vec) {
+          const bool valid = n0 + row < n && k0 + kk < k;
+          __pipeline_memcpy_async(dst, valid ? w_row + k0 + kk : w, 16, valid ? 0 : 16);
+        } else {
+          *reinterpret_cast<uint4*>(dst) = n0 + row < n ? load_16bit_x8(w_row, k0 + kk, k, false) : make_uint4(0, 0, 0, 0);
+        }
+      }
+    }
+    __pipeline_commit();
+  };
+
+  float part[64], total[64];
+#pragma unroll
+  for (int e = 0; e < 64; ++e) part[e] = total[e] = 0.0f;
+
+  constexpr int kTilesPerChunk = kChunk / kWarpgroupTileK;
+#pragma unroll
+  for (int s = 0; s < kStages - 2; ++s) stage(s);
+  for (int64_t t = 0; t < tiles; ++t) {
+    __pipeline_wait_prior(kStages - 3);  // tile t has landed (this thread's copies) ...
+    fence_shared_for_async_proxy();     // ... where the products read it
+    __syncthreads();  // every thread's copies too; every warpgroup is done with tile t - 2, whose stage refills next
+    stage(t + kStages - 2);
+    const uint32_t at = ring_address + uint32_t(t % kStages) * kStage;
+    // All four steps, also past k in the last tile: those add products of zeros (x's terms and the
+    // weights are zero there), which leave each partial as it is, where chunk_steps stops.
+    warpgroup_pin(part);
+    warpgroup_fence();
+#pragma unroll
+    for (int s = 0; s < kWarpgroupTileK / 16; ++s) {
+      const uint64_t b = swizzled_descriptor(at + kParts * kTile + 32 * s);
+#pragma unroll
+      for (int q = kParts - 1; q >= 0; --q) {
+        const bool fresh = t % kTilesPerChunk == 0 && s == 0 && q == kParts - 1;  // the chunk's first product
+        warpgroup_mma_128(part, swizzled_descriptor(at + q * kTile + warpgroup * (kTile / 2) + 32 * s), b, !fresh);
+      }
+    }
+    warpgroup_commit();
+    warpgroup_pin(part);
+    if ((t + 1) % kTilesPerChunk == 0 || t + 1 == tiles) {
+      warpgroup_wait<0>();
+      warpgroup_pin(part);
+#pragma unroll
+      for (int e = 0; e < 64; ++e) total[e] = __fadd_rn(total[e], part[e]);
+    } else {
+      warpgroup_wait<1>();
+      warpgroup_pin(part);
+    }
+  }
+  __pipeline_wait_prior(0);  // the empty groups
+
+  // Thread (warp, lane 4 g + c) holds rows 16 warp + g and + 8 of columns 8 i + 2 c and + 1.
+  const int64_t r0 = m0 + warpgroup * 64 + warp * 16 + lane / 4;
+#pragma unroll
+  for (int i = 0; i < 16; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int64_t r = r0 + 8 * (e / 2), col = n0 + 8 * i + 2 * (lane % 4) + e % 2;
+      if (r < m && col < n) out[r * ldo + col] = total[4 * i + e];
+    }
+#endif
+}
+
+template <int kParts>
+__global__ __launch_bounds__(kWarpgroupThreads, 1) void matmul_bf16_warpgroup(const __nv_bfloat16* xb, int64_t ldb,
+                                                                             int64_t m, const uint16_t* w, int64_t n,
+                                                                             int64_t k, bool w_vec, float* out,
+                                                                             int64_t ldo) {
+  bf16_warpgroup_tile<kParts>(xb, ldb, m * ldb, m, w, n, k, w_vec, out, ldo, blockIdx.x * int64_t(kWarpgroupTileM));
+}
+
+// Grid x: the groups' row tiles, in group order; `rows`, x's rows, sets the terms apart.
+template <int kParts>
+__global__ __launch_bounds__(kWarpgroupThreads, 1) void grouped_bf16_warpgroup(
+    const __nv_bfloat16* xb, int64_t ldb, int64_t rows, const int64_t* offsets, int groups, GroupWeights weights,
+    int64_t n, int64_t k, bool w_vec, float* out, int64_t ldo) {
+  GroupTile t;
+  if (!find_tile(offsets, groups, kWarpgroupTileM, blockIdx.x, t)) return;
+  bf16_warpgroup_tile<kParts>(xb + t.row0 * ldb, ldb, rows * ldb, t.group_rows,
+                              static_cast<const uint16_t*>(weights.data[t.group]), n, k, w_vec, out + t.row0 * ldo,
+                              ldo, t.first);
+}
+
+// ---------------------------------------------------------------------------------------------
 // Host side. Grids put the unbounded count (chunks, row blocks) in x and output column blocks in
 // y, which allows 65535 x 64 outputs: far more than any weight matrix has.
 
@@ -686,6 +841,17 @@ void launch_bf16_tiled(const __nv_bfloat16* xb, int64_t ldb, int64_t m, const ui
 }
 
 template <int kParts>
+void launch_bf16_warpgroup(const __nv_bfloat16* xb, int64_t ldb, int64_t m, const uint16_t* w, int64_t n, int64_t k,
+                           bool w_vec, float* out, int64_t ldo, Device& device, cudaStream_t stream) {
+  constexpr auto kernel = matmul_bf16_warpgroup<kParts>;
+  constexpr int bytes = WarpgroupTile::shared_bytes(kParts);
+  device.allow_shared_memory<kernel>(bytes);
+  const dim3 grid(unsigned(ceil_div(m, kWarpgroupTileM)), unsigned(ceil_div(n, kWarpgroupTileN)));
+  kernel<<<grid, kWarpgroupThreads, bytes, stream>>>(xb, ldb, m, w, n, k, w_vec, out, ldo);
+  M1_CUDA_CHECK_LAUNCH();
+}
+
+template <int kParts>
 void matmul_bf16(const float* x, int64_t ldx, int64_t m, const DeviceMatrix& w, float* out, int64_t ldo,
                  DeviceScratch& scratch, Device& device, cudaStream_t stream) {
   const int64_t k = w.cols, n = w.rows, ldb = (k + 7) / 8 * 8;
@@ -698,6 +864,8 @@ void matmul_bf16(const float* x, int64_t ldx, int64_t m, const DeviceMatrix& w, 
     launch_split_to_bf16<kParts>(x, ldx, m, k, xb, ldb, stream);
     if (m <= kBf16ShortTileRows)
       launch_bf16_tiled<kParts, kBf16ShortTileRows>(xb, ldb, m, weights, n, k, w_vec, out, ldo, device, stream);
+    else if (device.limits().warpgroup_mma)
+      launch_bf16_warpgroup<kParts>(xb, ldb, m, weights, n, k, w_vec, out, ldo, device, stream);
     else
       launch_bf16_tiled<kParts, 128>(xb, ldb, m, weights, n, k, w_vec, out, ldo, device, stream);
     return;
@@ -782,20 +950,32 @@ void grouped_f32(const float* x, int64_t ldx, const int64_t* offsets, std::span<
     launch_grouped_f32_skinny<T>(x, ldx, rows, offsets, group_rows, p, partial, scratch, device, stream);
 }
 
-// One grouped product through the tiled kernels, its groups' rows in tiles of kTileM.
+// One grouped product through a tiled kernel (Kernel: `bytes` of dynamic shared memory, kThreads a
+// CTA), its groups' rows in tiles of kTileM, kTileN columns a CTA.
+template <auto Kernel, int kTileM, int kTileN, int kThreads>
+void launch_grouped_tiles(const __nv_bfloat16* xb, int64_t ldb, int64_t rows, const int64_t* offsets,
+                          const GroupedProduct& p, bool w_vec, int bytes, Device& device, cudaStream_t stream) {
+  device.allow_shared_memory<Kernel>(bytes);
+  const int64_t n = p.w[0].rows, k = p.w[0].cols;
+  for_each_launch(p.w, [&](int64_t first, int count, const GroupWeights& weights) {
+    const dim3 grid(unsigned(grouped_tiles(rows, count, kTileM)), unsigned(ceil_div(n, kTileN)));
+    Kernel<<<grid, kThreads, bytes, stream>>>(xb, ldb, rows, offsets + first, count, weights, n, k, w_vec, p.out, p.ldo);
+    M1_CUDA_CHECK_LAUNCH();
+  });
+}
+
 template <int kParts, int kTileM>
 void launch_grouped_bf16_tiled(const __nv_bfloat16* xb, int64_t ldb, int64_t rows, const int64_t* offsets,
                                const GroupedProduct& p, bool w_vec, Device& device, cudaStream_t stream) {
-  constexpr auto kernel = grouped_bf16_tiled<kParts, kTileM>;
-  constexpr int bytes = Bf16Tile<kTileM>::shared_bytes(kParts);
-  device.allow_shared_memory<kernel>(bytes);
-  const int64_t n = p.w[0].rows, k = p.w[0].cols;
-  for_each_launch(p.w, [&](int64_t first, int count, const GroupWeights& weights) {
-    const dim3 grid(unsigned(grouped_tiles(rows, count, kTileM)), unsigned(ceil_div(n, kBf16TileN)));
-    kernel<<<grid, kBf16TileThreads, bytes, stream>>>(xb, ldb, rows, offsets + first, count, weights, n, k, w_vec,
-                                                      p.out, p.ldo);
-    M1_CUDA_CHECK_LAUNCH();
-  });
+  launch_grouped_tiles<grouped_bf16_tiled<kParts, kTileM>, kTileM, kBf16TileN, kBf16TileThreads>(
+      xb, ldb, rows, offsets, p, w_vec, Bf16Tile<kTileM>::shared_bytes(kParts), device, stream);
+}
+
+template <int kParts>
+void launch_grouped_bf16_warpgroup(const __nv_bfloat16* xb, int64_t ldb, int64_t rows, const int64_t* offsets,
+                                   const GroupedProduct& p, bool w_vec, Device& device, cudaStream_t stream) {
+  launch_grouped_tiles<grouped_bf16_warpgroup<kParts>, kWarpgroupTileM, kWarpgroupTileN, kWarpgroupThreads>(
+      xb, ldb, rows, offsets, p, w_vec, WarpgroupTile::shared_bytes(kParts), device, stream);
 }
 
 template <int kParts>
@@ -813,6 +993,8 @@ void grouped_bf16(const float* x, int64_t ldx, const int64_t* offsets, std::span
       const bool w_vec = all_aligned16(p.w) && k % 8 == 0;
       if (group_rows <= kBf16ShortTileRows)
         launch_grouped_bf16_tiled<kParts, kBf16ShortTileRows>(xb, ldb, rows, offsets, p, w_vec, device, stream);
+      else if (device.limits().warpgroup_mma)
+        launch_grouped_bf16_warpgroup<kParts>(xb, ldb, rows, offsets, p, w_vec, device, stream);
       else
         launch_grouped_bf16_tiled<kParts, 128>(xb, ldb, rows, offsets, p, w_vec, device, stream);
     }

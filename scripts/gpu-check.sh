@@ -42,7 +42,7 @@ TESTS=(test_cuda_matmul test_cuda_quantized test_cuda_lightning test_cuda_attent
 TARGETS=("${TESTS[@]}" bench_cuda m1-bench)
 
 build() {
-  cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DM1_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 >"$1/configure.log"
+  cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DM1_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90a >"$1/configure.log"
   cmake --build "$BUILD" -j "$(nproc)" --target "${TARGETS[@]}" >"$1/build.log"
 }
 
@@ -231,6 +231,15 @@ if [[ " ${failed[*]} " == *" test_cuda_lightning "* ]]; then
   bench_skip=(--skip "lightning prefill")
   M1_GPU_E2E=0
   say "gpu-check: test_cuda_lightning failed: no lightning prefill benchmarks, no end-to-end runs"
+fi
+# The warpgroup products (wgmma, sm_90a) are opt-in (M1_WGMMA=1) until a GPU has matched them to
+# the mma.sync tiles bit for bit (CudaMatmulWarpgroup, in test_cuda_matmul). Where that passed,
+# the benchmarks and end-to-end runs take them, and bench_cuda times the mma.sync tiles beside them.
+if grep -q '^\[       OK \] CudaMatmulWarpgroup.MatchesTheMmaTilesBitForBit' "$LOGS/test_cuda_matmul.log" 2>/dev/null; then
+  export M1_WGMMA=1
+  say "gpu-check: CudaMatmulWarpgroup passed: benchmarks and end-to-end runs with M1_WGMMA=1"
+else
+  say "gpu-check: CudaMatmulWarpgroup did not pass (see test_cuda_matmul.log): the warpgroup products stay off"
 fi
 within "$(limit 180)" "$BIN/bench_cuda" --json "$LOGS/bench_cuda.json" "${bench_skip[@]}" 2>&1 | tee -a "$LOGS/summary.txt" || status=1
 say "gpu-check: kernels measured after $(elapsed) s"

@@ -81,6 +81,11 @@ def rows(logs):
         ("flash prefill, 8q/1kv, 512 tokens at 32K: narrow / split",
          (r"^flash prefill 8q/1kv x128 bf16, 512 tokens at depth 32768, narrow", "narrow"),
          (r"^flash prefill 8q/1kv x128 bf16, 512 tokens at depth 32768, split", "split"), 1.5),
+        # The warpgroup tiles (wgmma; gpu-check turns them on once CudaMatmulWarpgroup passed)
+        # against the mma.sync tiles, on the prefill product row above.
+        ("prefill product 8192^3: mma.sync / wgmma tiles",
+         (r"^matmul fast m=8192 n=8192 k=8192, mma\.sync$", "mma.sync"),
+         (r"^matmul fast m=8192 n=8192 k=8192$", "wgmma"), 1.5),
         ("flash prefill 64q/8kv, 64K tokens: 2 / 3 K/V stages",
          (r"^flash prefill 64q/8kv x128 bf16, 65536 tokens, 2 stages$", "2 stages"),
          (r"^flash prefill 64q/8kv x128 bf16, 65536 tokens$", "3 stages"), 1.0),

@@ -172,8 +172,16 @@ inline std::vector<std::vector<int64_t>> streamed_group_counts() {
 // work, follow it. `partial_bytes`: its budget for a product's chunk partials, past which products
 // take other kernels (or, streamed, run one at a time).
 inline cuda::Device device_with_sms(int sms, size_t partial_bytes = cuda::kDefaultPartialBytes) {
-  return cuda::Device(test_device().index(),
-                      cuda::DeviceLimits{sms, test_device().limits().shared_per_block, partial_bytes});
+  return cuda::Device(test_device().index(), cuda::DeviceLimits{sms, test_device().limits().shared_per_block,
+                                                                partial_bytes, test_device().limits().warpgroup_mma});
+}
+
+// The test device with the warpgroup products (wgmma) on or off, whatever M1_WGMMA says; on only
+// makes sense where cuda::warpgroup_mma_available.
+inline cuda::Device device_with_warpgroup_mma(bool on) {
+  cuda::DeviceLimits limits = test_device().limits();
+  limits.warpgroup_mma = on;
+  return cuda::Device(test_device().index(), limits);
 }
 
 // The bytes of chunk partials a skinny product of `rows` rows makes over a [n, k] weight.

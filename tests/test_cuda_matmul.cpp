@@ -428,6 +428,59 @@ TEST(CudaMatmulLarge, LargePartialsTakeTheTiledKernelWithTheSameBits) {
   }
 }
 
+// The warpgroup tiles (wgmma, Hopper) against the mma.sync tiles, bit for bit, plain and grouped,
+// in both operand modes (one term of x and three), on shapes that cut the tiles, the chunks and
+// the 16-input steps anywhere (k = 7 and 100: weight rows not in 16-byte units; k = 1000: four
+// chunks, the last short), and against the double reference. Skipped where the GPU or the build
+// has no warpgroup products; the emulator has them.
+TEST(CudaMatmulWarpgroup, MatchesTheMmaTilesBitForBit) {
+  M1_REQUIRE_CUDA();
+  if (!warpgroup_mma_available(test::test_device().index())) GTEST_SKIP() << "no sm_90a warpgroup products here";
+  std::mt19937 rng(std::random_device{}());
+  Device mma = test::device_with_warpgroup_mma(false), warpgroup = test::device_with_warpgroup_mma(true);
+  DeviceScratch scratch(nullptr);
+  struct Shape { int64_t m, n, k; };
+  for (const Shape& s : {Shape{70, 130, 1000}, Shape{129, 257, 520}, Shape{200, 64, 100}, Shape{65, 200, 7},
+                         Shape{33, 1, 256}}) {
+    const RandomWeight w = random_weight(DType::kBF16, s.n, s.k, rng);
+    const DeviceArray<uint8_t> dw(w.bytes);
+    const DeviceMatrix dm{dw.get(), DType::kBF16, s.n, s.k};
+    const std::vector<float> x = random_floats(size_t(s.m * s.k), 1.0f, rng);
+    const DeviceArray<float> dx(x);
+    const int64_t ldo = s.n + 3;
+    for (GemmOperands operands : {GemmOperands::kBf16, GemmOperands::kFp32}) {
+      const std::string what = fmt::format("m {} n {} k {} {}", s.m, s.n, s.k, operands_name(operands));
+      DeviceArray<float> want(std::vector<float>(size_t(s.m * ldo), -3.5f)), got(std::vector<float>(size_t(s.m * ldo), -3.5f));
+      matmul(dx.get(), s.k, s.m, dm, want.get(), ldo, operands, scratch, mma, nullptr);
+      matmul(dx.get(), s.k, s.m, dm, got.get(), ldo, operands, scratch, warpgroup, nullptr);
+      const std::vector<float> a = want.download(), b = got.download();
+      ASSERT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0) << what;
+      std::vector<float> packed(size_t(s.m * s.n));
+      for (int64_t r = 0; r < s.m; ++r) std::copy_n(b.begin() + r * ldo, s.n, packed.begin() + r * s.n);
+      EXPECT_LT(relative_error(packed, reference_matmul(x, s.m, w, operands)), bound(operands, DType::kBF16)) << what;
+    }
+  }
+  // Grouped: groups of more than 32 rows (the 128-row tiles), an empty one, one of a single row.
+  const int64_t n = 150, k = 300, ldo = n + 1;
+  const std::vector<int64_t> offsets = {2, 45, 45, 180, 181, 260};
+  const int64_t rows = offsets.back() + 3;
+  std::vector<DeviceArray<uint8_t>> stored;
+  std::vector<DeviceMatrix> w;
+  for (size_t g = 0; g + 1 < offsets.size(); ++g) {
+    stored.emplace_back(random_weight(DType::kBF16, n, k, rng).bytes);
+    w.push_back(DeviceMatrix{stored.back().get(), DType::kBF16, n, k});
+  }
+  const DeviceArray<float> dx(random_floats(size_t(rows * k), 1.0f, rng));
+  const DeviceArray<int64_t> doffsets(offsets);
+  for (GemmOperands operands : {GemmOperands::kBf16, GemmOperands::kFp32}) {
+    DeviceArray<float> want(std::vector<float>(size_t(rows * ldo), -3.5f)), got(std::vector<float>(size_t(rows * ldo), -3.5f));
+    grouped_matmul(dx.get(), k, doffsets.get(), w, rows, 135, want.get(), ldo, operands, scratch, mma, nullptr);
+    grouped_matmul(dx.get(), k, doffsets.get(), w, rows, 135, got.get(), ldo, operands, scratch, warpgroup, nullptr);
+    const std::vector<float> a = want.download(), b = got.download();
+    ASSERT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0) << "grouped " << operands_name(operands);
+  }
+}
+
 // carve_scratch takes every piece from one buffer: in order, each 256-byte aligned (so vector
 // loads of any piece are), none overlapping, all inside the scratch; an empty piece is nullptr.
 TEST(CudaScratch, CarvesAlignedPiecesInOrder) {

@@ -112,6 +112,47 @@ bool eager_copies() {
 unsigned char* shared_mem() { return smem_base; }
 size_t shared_size() { return smem_size; }
 
+// This thread's outputs of a warpgroup product: warp w of its warpgroup, lane 4 g + t, holds rows
+// 16 w + g and + 8 of columns 8 i + 2 t and + 1; each is its input (or 0) plus the 16 exact products
+// in k order, rounded toward zero once, as mma_m16n8k16 sums them.
+void warpgroup_product(const PendingMma& op, const float* in, float* out) {
+  const unsigned w = (cur->flat % 128) / 32, g = lane() / 4, t = lane() % 4;
+  double a_rows[2][16];
+  for (int r = 0; r < 2; ++r)
+    for (int k = 0; k < 16; ++k) a_rows[r][k] = descriptor_element(op.a, int(16 * w + g + 8 * r), k);
+  for (int i = 0; i < op.n / 8; ++i) {
+    double b_columns[2][16];
+    for (int c = 0; c < 2; ++c)
+      for (int k = 0; k < 16; ++k) b_columns[c][k] = descriptor_element(op.b, int(8 * i + 2 * t + c), k);
+    for (int e = 0; e < 4; ++e) {
+      double sum = op.accumulate ? in[4 * i + e] : 0.0;
+      for (int k = 0; k < 16; ++k) sum += a_rows[e >> 1][k] * b_columns[e & 1][k];
+      out[4 * i + e] = tensor_core_round(sum);
+    }
+  }
+}
+
+void warpgroup_wait(int keep) {
+  yield(kWarpSync, -5);
+  const int limit = cur->mma_group - keep;
+  auto& pending = cur->pending_mma;
+  size_t kept = 0;
+  for (auto& op : pending) {
+    if (op.group >= limit) {
+      pending[kept++] = op;
+      continue;
+    }
+    if (eager_copies()) {
+      float again[256];
+      warpgroup_product(op, op.d, again);
+      if (std::memcmp(again, op.result, sizeof(float) * op.n / 2) != 0)
+        die("thread %u: a wgmma's operands or accumulators changed between its issue and its wait", cur->flat);
+    }
+    std::memcpy(op.d, op.result, sizeof(float) * op.n / 2);
+  }
+  pending.resize(kept);
+}
+
 // A round runs each fiber that is ready when the round reaches it, once, in the round's order. A
 // fiber that yields switches straight to the next such fiber (one switch, not two through the
 // scheduler), and the last one of the round back to the scheduler.
@@ -309,6 +350,8 @@ static void run_kernel(const char* name, dim3 grid, dim3 block, size_t smem, std
       f.idx = {t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
       f.pending.clear();
       f.open_group = 0;
+      f.pending_mma.clear();
+      f.mma_group = 0;
       f.stack = stacks.base + kStack * t;
       auto* top = reinterpret_cast<uint64_t*>(f.stack + kStack - t * kStackColour % kStackColours);
       top[-1] = 0;
@@ -371,6 +414,7 @@ static void run_kernel(const char* name, dim3 grid, dim3 block, size_t smem, std
     }
     for (auto& f : fibers)
       if (!f.pending.empty()) die("%s: thread %u exited with cp.async copies never waited for", name, f.flat);
+      else if (!f.pending_mma.empty()) die("%s: thread %u exited with wgmma products never waited for", name, f.flat);
     for (int id = 1; id < kNamedBarriers; ++id)
       if (arrivals[id].threads)
         die("%s: %d threads arrived at named barrier %d and no phase completed it", name, arrivals[id].threads, id);
@@ -628,6 +672,8 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) 
   if (device < 0 || device >= device_count()) return fail(cudaErrorInvalidDevice, "cudaDeviceGetAttribute on device %d", device);
   if (attr == cudaDevAttrMultiProcessorCount) *value = sms();
   else if (attr == cudaDevAttrMaxSharedMemoryPerBlockOptin) *value = 227 * 1024;
+  else if (attr == cudaDevAttrComputeCapabilityMajor) *value = 9;
+  else if (attr == cudaDevAttrComputeCapabilityMinor) *value = 0;
   else die("cudaDeviceGetAttribute(%d) not emulated", int(attr));
   return cudaSuccess;
 }

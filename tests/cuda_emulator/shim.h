@@ -42,6 +42,9 @@ namespace emu {
 struct Index { unsigned x = 0, y = 0, z = 0; };
 enum State { kReady, kBlockBarrier, kNamedBarrier, kWarpSync, kDone };
 struct PendingCopy { void* dst; const void* src; size_t size; int group; };
+// A warpgroup product issued and not yet waited for: its accumulators, computed as issued, land
+// in `d` at the wait.
+struct PendingMma { float* d; int n; uint64_t a, b; bool accumulate; int group; float result[256]; };
 struct Fiber {
   void* sp = nullptr;
   char* stack = nullptr;
@@ -53,6 +56,8 @@ struct Fiber {
   uint64_t slot[8] = {}, published[8] = {};
   std::vector<PendingCopy> pending;
   int open_group = 0;
+  std::vector<PendingMma> pending_mma;
+  int mma_group = 0;
   bool paused = false;  // yielded to poll again (__nanosleep), not to wait at a barrier
 };
 
@@ -226,7 +231,14 @@ using std::min;
 
 // ldmatrix / mma.m16n8k16 in their PTX fragment layouts; every lane of the warp calls them.
 namespace emu {
-inline uint64_t __cvta_generic_to_shared_impl(const void* p) { return reinterpret_cast<uintptr_t>(p); }
+// The shared window: dynamic shared memory starts at this address, 128-byte but not 1024-byte
+// aligned, so a kernel that needs an aligned tile (the warpgroup products' swizzle) must align it.
+inline constexpr uint32_t kSharedWindowBase = 0x480;
+inline uint32_t __cvta_generic_to_shared_impl(const void* p) {
+  const auto* q = static_cast<const unsigned char*>(p);
+  if (q < shared_mem() || q > shared_mem() + shared_size()) die("shared address of memory outside dynamic shared memory");
+  return kSharedWindowBase + uint32_t(q - shared_mem());
+}
 inline void ldmatrix(uint32_t* r, int count, const uint16_t* row, bool trans) {
   if (lane() < unsigned(8 * count)) {
     auto* base = shared_mem();
@@ -292,6 +304,52 @@ inline void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uin
     for (int e = 0; e < 4; ++e) sums[e] += a_rows[e >> 1][k] * b_columns[e & 1][k];  // exact products
   for (int e = 0; e < 4; ++e) c[e] = tensor_core_round(sums[e]);
 }
+
+// wgmma (sm_90a): one thread's share of the warpgroup's product, its accumulators computed as it is
+// issued from the operands its descriptors name, chained onto the products still pending on the
+// same accumulators, and written at the wait that covers its group. Under EMU_COPIES=eager the
+// wait computes them again and stops the kernel if shared memory changed under the product (a
+// GPU may read it anywhere between the issue and the wait).
+// The element (row, k) of a K-major bf16 operand whose descriptor is `desc` (k < 16): the 8-row
+// groups `stride` bytes apart; unswizzled, 8 x 8 core matrices `leading` bytes apart along k, 16
+// bytes a row; in the 128-byte swizzle, 128-byte rows whose 16-byte units are XORed with address
+// bits 7-9.
+inline float descriptor_element(uint64_t desc, int row, int k) {
+  const uint32_t start = uint32_t(desc & 0x3fff) << 4, leading = uint32_t((desc >> 16) & 0x3fff) << 4,
+                 stride = uint32_t((desc >> 32) & 0x3fff) << 4, base_offset = uint32_t((desc >> 49) & 7),
+                 swizzle = uint32_t(desc >> 62);
+  if (base_offset) die("wgmma descriptor: base offset %u not emulated", base_offset);
+  uint32_t address;
+  if (swizzle == 0) {
+    address = start + uint32_t(row / 8) * stride + uint32_t(k / 8) * leading + uint32_t(row % 8) * 16 + uint32_t(k % 8) * 2;
+  } else if (swizzle == 1) {
+    address = start + uint32_t(row / 8) * stride + uint32_t(row % 8) * 128 + uint32_t(k) * 2;
+    address ^= ((address >> 7) & 7) << 4;
+  } else {
+    die("wgmma descriptor: swizzle mode %u not emulated", swizzle);
+  }
+  if (address < kSharedWindowBase || address + 2 > kSharedWindowBase + shared_size())
+    die("wgmma operand (row %d, k %d) at shared address %#x outside dynamic shared memory", row, k, address);
+  uint16_t bits;
+  std::memcpy(&bits, shared_mem() + (address - kSharedWindowBase), 2);
+  return m1::bf16_to_f32(bits);
+}
+void warpgroup_product(const PendingMma& op, const float* in, float* out);  // fake_runtime.cpp
+inline void warpgroup_fence() {}
+inline void fence_proxy_async() {}  // the emulator has one proxy
+inline void warpgroup_commit() { ++cur->mma_group; }
+inline void warpgroup_mma(float* d, int n, uint64_t a, uint64_t b, int accumulate) {
+  if ((block_dim.x * block_dim.y * block_dim.z) % 128) die("wgmma in a block of %u threads: not whole warpgroups", block_dim.x * block_dim.y * block_dim.z);
+  if (n % 8 || n > 256) die("wgmma n%d", n);
+  yield(kWarpSync, -4);  // every lane of the warp issues it
+  PendingMma op{d, n, a, b, accumulate != 0, cur->mma_group, {}};
+  const float* in = d;  // the newest pending product on these accumulators feeds this one
+  for (const PendingMma& p : cur->pending_mma)
+    if (p.d == d) in = p.result;
+  warpgroup_product(op, in, op.result);
+  cur->pending_mma.push_back(op);
+}
+void warpgroup_wait(int keep);  // fake_runtime.cpp
 }  // namespace emu
 #define __cvta_generic_to_shared(p) ::emu::__cvta_generic_to_shared_impl(p)
 template <class T>

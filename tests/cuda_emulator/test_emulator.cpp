@@ -1,6 +1,8 @@
 // The emulator's own arithmetic, against definitions written here: the tensor cores' rounding of
-// a sum toward zero, and mma.m16n8k16's fragment layouts as the PTX manual draws them (which
-// lane holds which elements of A, B, C and D). The kernel tests rely on both without seeing them.
+// a sum toward zero, mma.m16n8k16's fragment layouts as the PTX manual draws them (which lane
+// holds which elements of A, B, C and D), and wgmma.m64n128k16's: its accumulators' layout, and
+// its shared-memory descriptors (the 128-byte swizzle and the unswizzled core matrices). The
+// kernel tests rely on all of it without seeing it.
 #include <gtest/gtest.h>
 
 #include <bit>
@@ -108,6 +110,118 @@ TEST(EmulatorArithmetic, MmaFragmentsFollowThePtxLayout) {
             << "D(" << i << ", " << j << ") from lane " << l << ": " << accumulators[size_t(l) * 4 + e] << " vs "
             << toward_zero(sum);
       }
+  }
+}
+
+// The descriptor of a K-major operand, written from the PTX manual's table: start address >> 4
+// (bits 0-13), leading byte offset >> 4 (16-29), stride byte offset >> 4 (32-45), base offset 0
+// (49-51), swizzle mode (62-63: 0 none, 1 128-byte).
+uint64_t descriptor(uint32_t address, uint32_t leading, uint32_t stride, uint64_t swizzle) {
+  return uint64_t((address & 0x3ffff) >> 4) | uint64_t(leading >> 4) << 16 | uint64_t(stride >> 4) << 32 | swizzle << 62;
+}
+
+// Two warpgroups, each D[64 x 128] = A[64 x 16] B[16 x 128] (+ C), A and B bf16 K-major in shared
+// memory, against each output written out as the mma test writes it. A's two 64-row tiles are in
+// the 128-byte swizzle (rows of 64 values, 16-byte unit u of row r stored at unit u ^ (r % 8),
+// the tile 1024-byte aligned), the columns chosen by the descriptor's start (32 bytes per 16); B is
+// unswizzled, 8 x 8 core matrices (8 rows of 16 bytes each) `leading` bytes apart along k and
+// `stride` bytes apart down its rows. Each warpgroup issues two products on its accumulators in
+// one group (the second accumulating onto the first's result, as the hardware chains them) before
+// it waits.
+TEST(EmulatorArithmetic, WarpgroupMmaFollowsThePtxLayout) {
+  std::mt19937_64 rng(std::random_device{}());
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  constexpr int kB = 128, kK = 64;
+  // B's core matrices: 8-row groups 272 bytes apart, k groups past all 16 of them (and a gap)
+  constexpr uint32_t kStride = 2 * 128 + 16, kLeading = 16 * kStride + 32;
+  for (int trial = 0; trial < 6; ++trial) {
+    const int step[2] = {int(rng() % 4), int(rng() % 4)};  // A's 16 columns for the first and second product
+    const bool accumulate_c = trial % 2 == 0;
+    std::vector<uint16_t> a(size_t(128) * kK), b(size_t(kB) * 32);  // A[128][64] (both warpgroups' rows), B[128][32]
+    for (int r = 0; r < 128; ++r)
+      for (int k = 0; k < kK; ++k) a[size_t(r) * kK + k] = m1::f32_to_bf16(std::ldexp(normal(rng), r % 16 - k / 8));
+    for (int n = 0; n < kB; ++n)
+      for (int k = 0; k < 32; ++k) b[size_t(n) * 32 + k] = m1::f32_to_bf16(std::ldexp(normal(rng), n % 8 - k / 8));
+    std::vector<float> c(size_t(128) * kB);
+    for (float& v : c) v = normal(rng);
+
+    // The shared-memory image, from offset 0 of a 1024-byte-aligned window address: A's tiles
+    // (16 KB), then B's core matrices (k groups 0..3 of 8: the second product takes k 16..31).
+    std::vector<unsigned char> image(16384 + size_t(kStride) * (kB / 8) + kLeading * 4, 0);
+    for (int r = 0; r < 128; ++r)
+      for (int u = 0; u < 8; ++u)
+        std::memcpy(&image[size_t(r) * 128 + size_t(u ^ (r % 8)) * 16], &a[size_t(r) * kK + u * 8], 16);
+    for (int n = 0; n < kB; ++n)
+      for (int kg = 0; kg < 4; ++kg)
+        std::memcpy(&image[16384 + size_t(n / 8) * kStride + size_t(kg) * kLeading + size_t(n % 8) * 16],
+                    &b[size_t(n) * 32 + kg * 8], 16);
+
+    // Thread (warpgroup q, warp w, lane 4g + t): d[4i + e] = (64 q + 16 w + g + 8 (e / 2), 8 i + 2 t + e % 2).
+    std::vector<float> accumulators(size_t(256) * 64);
+    for (int th = 0; th < 256; ++th) {
+      const int q = th / 128, w = (th % 128) / 32, g = (th % 32) / 4, t = th % 4;
+      for (int i = 0; i < 16; ++i)
+        for (int e = 0; e < 4; ++e)
+          accumulators[size_t(th) * 64 + 4 * i + e] = c[size_t(64 * q + 16 * w + g + 8 * (e / 2)) * kB + 8 * i + 2 * t + e % 2];
+    }
+    unsigned char* device_image = nullptr;
+    float* device_accumulators = nullptr;  // C, then what each thread saw before the wait, then after
+    ASSERT_EQ(cudaMalloc(&device_image, image.size()), cudaSuccess);
+    ASSERT_EQ(cudaMalloc(&device_accumulators, 2 * accumulators.size() * sizeof(float)), cudaSuccess);
+    ASSERT_EQ(cudaMemcpy(device_image, image.data(), image.size(), cudaMemcpyHostToDevice), cudaSuccess);
+    ASSERT_EQ(cudaMemcpy(device_accumulators, accumulators.data(), accumulators.size() * sizeof(float),
+                         cudaMemcpyHostToDevice),
+              cudaSuccess);
+    static const char kernel_id = 0;
+    emu::launch(&kernel_id, dim3(1), dim3(256), image.size() + 1024, nullptr,
+                [step, accumulate_c](const unsigned char* img, size_t size, float* acc) {
+                  const unsigned th = threadIdx.x, q = th / 128;
+                  // The image from the first 1024-byte-aligned window address of the buffer.
+                  const uint32_t window = __cvta_generic_to_shared(emu::shared_mem());
+                  unsigned char* base = emu::shared_mem() + (1024 - window % 1024) % 1024;
+                  for (size_t i = th; i < size; i += 256) base[i] = img[i];
+                  __syncthreads();
+                  const uint32_t at = __cvta_generic_to_shared(base);
+                  float d[64];
+                  for (int e = 0; e < 64; ++e) d[e] = acc[th * 64 + e];
+                  emu::warpgroup_fence();
+                  emu::warpgroup_mma(d, 128, descriptor(at + q * 8192 + 32 * step[0], 16, 1024, 1),
+                                     descriptor(at + 16384, kLeading, kStride, 0), accumulate_c);
+                  emu::warpgroup_mma(d, 128, descriptor(at + q * 8192 + 32 * step[1], 16, 1024, 1),
+                                     descriptor(at + 16384 + 2 * kLeading, kLeading, kStride, 0), 1);
+                  emu::warpgroup_commit();
+                  for (int e = 0; e < 64; ++e) acc[th * 64 + e] = d[e];  // still C: products land at the wait
+                  emu::warpgroup_wait(0);
+                  for (int e = 0; e < 64; ++e) acc[256 * 64 + th * 64 + e] = d[e];
+                },
+                static_cast<const unsigned char*>(device_image), image.size(), device_accumulators);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    std::vector<float> seen(2 * accumulators.size());
+    ASSERT_EQ(cudaMemcpy(seen.data(), device_accumulators, seen.size() * sizeof(float), cudaMemcpyDeviceToHost),
+              cudaSuccess);
+    cudaFree(device_image);
+    cudaFree(device_accumulators);
+
+    for (int th = 0; th < 256; ++th) {
+      const int q = th / 128, w = (th % 128) / 32, g = (th % 32) / 4, t = th % 4;
+      for (int i = 0; i < 16; ++i)
+        for (int e = 0; e < 4; ++e) {
+          const int row = 64 * q + 16 * w + g + 8 * (e / 2), col = 8 * i + 2 * t + e % 2;
+          const size_t at = size_t(th) * 64 + 4 * i + e;
+          ASSERT_TRUE(same_float(seen[at], accumulators[at])) << "thread " << th << " saw its accumulators change before the wait";
+          double first = accumulate_c ? c[size_t(row) * kB + col] : 0.0;
+          for (int k = 0; k < 16; ++k)
+            first += double(m1::bf16_to_f32(a[size_t(row) * kK + 16 * step[0] + k])) *
+                     double(m1::bf16_to_f32(b[size_t(col) * 32 + k]));
+          double second = toward_zero(first);
+          for (int k = 0; k < 16; ++k)
+            second += double(m1::bf16_to_f32(a[size_t(row) * kK + 16 * step[1] + k])) *
+                      double(m1::bf16_to_f32(b[size_t(col) * 32 + 16 + k]));
+          ASSERT_TRUE(same_float(seen[256 * 64 + at], toward_zero(second)))
+              << "D(" << row << ", " << col << ") from thread " << th << ": " << seen[256 * 64 + at] << " vs "
+              << toward_zero(second);
+        }
+    }
   }
 }
 

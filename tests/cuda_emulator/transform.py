@@ -1,6 +1,7 @@
 # Turns a .cu (or warp_mma.h) into C++ for the emulator: kernel launches -> emu::launch (arguments
 # copied at launch), extern __shared__ -> the launch's dynamic buffer, __shared__ -> per-block
-# poisoned statics (one per host thread, which runs its streams' kernels), inline PTX (ldmatrix, mma, cp.async, named barriers) -> emulated primitives.
+# poisoned statics (one per host thread, which runs its streams' kernels), inline PTX (ldmatrix, mma, cp.async, named barriers,
+# wgmma and its fences) -> emulated primitives.
 import re, sys
 
 
@@ -96,6 +97,20 @@ def shared(s):
 def asm(s):
     def replace(m):
         text = m.group(0)
+        if re.match(r'asm volatile\(""', text):
+            return ';'  # a register pin: nothing to emulate
+        if 'wgmma.mma_async' in text:
+            w = re.search(r'\.m64n(\d+)k16\.f32\.bf16\.bf16', text)
+            assert w, text
+            return f'::emu::warpgroup_mma(d, {w.group(1)}, a, b, accumulate);'
+        if 'wgmma.fence' in text:
+            return '::emu::warpgroup_fence();'
+        if 'wgmma.commit_group' in text:
+            return '::emu::warpgroup_commit();'
+        if 'wgmma.wait_group' in text:
+            return '::emu::warpgroup_wait(kPending);'
+        if 'fence.proxy.async' in text:
+            return '::emu::fence_proxy_async();'
         if 'ldmatrix' in text:
             count = 4 if '.x4' in text else 2
             return f'::emu::ldmatrix(r, {count}, row, {"true" if ".trans" in text else "false"});'
