@@ -206,17 +206,26 @@ void bench_quantized_matmul(Report& report, const Limits& limits, cudaStream_t s
   m1::cuda::DeviceScratch scratch(stream);
   const DeviceMatrix weight{codes.get(), type, n, k, scales.get(), m1::DType::kBF16, group};
   const char* mode = operands == m1::cuda::GemmOperands::kBf16 ? "fast" : "exact";
-  const double ms = time_ms(stream, m > 64 ? 5 : 50, [&] {
-    m1::cuda::matmul(x.get(), k, m, weight, out.get(), n, operands, scratch, device, stream);
-  });
-  const double flops = 2.0 * double(m) * double(n) * double(k);
-  const double bytes = double(code_bytes + scale_bytes) + double(m * (k + n)) * 4;
-  const std::string name = fmt::format("quantized matmul {}{} {} m={} n={} k={} ({})", m1::dtype_name(type),
-                                       type == m1::DType::kQ4 ? " g32" : "", mode, m, n, k, what);
-  if (m > 64)
-    report.add({name, ms, flops / (ms * 1e-3) / 1e12, "TFLOP/s", flops / (ms * 1e-3) / 1e12 / limits.cublas_tflops});
-  else
-    report.add({name, ms, bytes / (ms * 1e-3) / 1e9, "GB/s", bytes / (ms * 1e-3) / 1e9 / limits.copy_gb_s});
+  // Where fast tiles run on the warpgroup tensor cores (M1_WGMMA=1 on a Hopper), the mma.sync
+  // tiles beside them, named ", mma.sync".
+  m1::cuda::DeviceLimits mma_limits = device.limits();
+  mma_limits.warpgroup_mma = false;
+  m1::cuda::Device mma(device.index(), mma_limits);
+  const bool both = m > 64 && operands == m1::cuda::GemmOperands::kBf16 && device.limits().warpgroup_mma;
+  for (auto [on, suffix] : {std::pair{&device, ""}, {&mma, ", mma.sync"}}) {
+    if (on == &mma && !both) continue;
+    const double ms = time_ms(stream, m > 64 ? 5 : 50, [&] {
+      m1::cuda::matmul(x.get(), k, m, weight, out.get(), n, operands, scratch, *on, stream);
+    });
+    const double flops = 2.0 * double(m) * double(n) * double(k);
+    const double bytes = double(code_bytes + scale_bytes) + double(m * (k + n)) * 4;
+    const std::string name = fmt::format("quantized matmul {}{} {} m={} n={} k={} ({}){}", m1::dtype_name(type),
+                                         type == m1::DType::kQ4 ? " g32" : "", mode, m, n, k, what, suffix);
+    if (m > 64)
+      report.add({name, ms, flops / (ms * 1e-3) / 1e12, "TFLOP/s", flops / (ms * 1e-3) / 1e12 / limits.cublas_tflops});
+    else
+      report.add({name, ms, bytes / (ms * 1e-3) / 1e9, "GB/s", bytes / (ms * 1e-3) / 1e9 / limits.copy_gb_s});
+  }
 }
 
 // Lightning attention of one layer of the real model's shape (64 heads, d = 128; 8 heads are one

@@ -663,7 +663,7 @@ __device__ __forceinline__ void bf16_warpgroup_tile(const __nv_bfloat16* xb, int
   unsigned char* ring = warpgroup_shared + pad;
   const uint32_t ring_address = window + pad;
 
-  const int tid = threadIdx.x, warpgroup = tid / 128, warp = (tid % 128) / 32, lane = tid % 32;
+  const int tid = threadIdx.x, warpgroup = tid / 128;
   const int64_t n0 = blockIdx.y * int64_t(kWarpgroupTileN);
   const int64_t tiles = ceil_div(k, kWarpgroupTileK);
 
@@ -724,28 +724,11 @@ __device__ __forceinline__ void bf16_warpgroup_tile(const __nv_bfloat16* xb, int
       }
     }
     warpgroup_commit();
-    warpgroup_pin(part);
-    if ((t + 1) % kTilesPerChunk == 0 || t + 1 == tiles) {
-      warpgroup_wait<0>();
-      warpgroup_pin(part);
-#pragma unroll
-      for (int e = 0; e < 64; ++e) total[e] = __fadd_rn(total[e], part[e]);
-    } else {
-      warpgroup_wait<1>();
-      warpgroup_pin(part);
-    }
+    warpgroup_close_or_go_on((t + 1) % kTilesPerChunk == 0 || t + 1 == tiles, part, total,
+                             [](int, float partial) { return partial; });
   }
   __pipeline_wait_prior(0);  // the empty groups
-
-  // Thread (warp, lane 4 g + c) holds rows 16 warp + g and + 8 of columns 8 i + 2 c and + 1.
-  const int64_t r0 = m0 + warpgroup * 64 + warp * 16 + lane / 4;
-#pragma unroll
-  for (int i = 0; i < 16; ++i)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int64_t r = r0 + 8 * (e / 2), col = n0 + 8 * i + 2 * (lane % 4) + e % 2;
-      if (r < m && col < n) out[r * ldo + col] = total[4 * i + e];
-    }
+  store_warpgroup_tile(total, out, ldo, m, n, m0 + warpgroup * 64, n0);
 #endif
 }
 

@@ -173,16 +173,29 @@ __device__ __forceinline__ void store_bf16_terms_x8(const float (&v)[8], __nv_bf
 // position 2 (e % 4) + e / 4, i.e. 0 4 1 5 2 6 3 7.
 __host__ __device__ constexpr int block_order(int e) { return 2 * (e & 3) + (e >> 2); }
 
+// The quantized kernels' 32 inputs of a block in the order of their two tensor-core steps (the
+// warpgroup kernels' k-tiles, quantized_matmul.cu): input 8 t + p (t, p < 8) of the block is
+// slot 2 t + 8 ((p % 4) % 2) + p / 4 of step (p % 4) / 2, as block_product's fragments place it.
+__host__ __device__ constexpr int step_order(int c) {
+  const int t = c / 8, p = c % 8;
+  return 16 * ((p % 4) / 2) + 2 * t + 8 * ((p % 4) % 2) + p / 4;
+}
+
+// Where split_to_bf16 puts each value of a row: in order; each run of 8 in block_order (the
+// quantized kernels' fragments); or each block of 32 in step_order (their warpgroup tiles).
+enum class XOrder { kNatural, kBlocks, kSteps };
+
 // x's kParts bf16 terms, each [m, ldb] and the next right after it, rows padded with zeros to
-// `ldb`, a multiple of 8, so every row is 16-byte aligned. kBlockOrder stores each run of 8 values
-// in block_order; otherwise in order.
-template <int kParts, bool kBlockOrder>
+// `ldb`, a multiple of 8 (of 32 for XOrder::kSteps), so every row is 16-byte aligned, in `kOrder`.
+template <int kParts, XOrder kOrder>
 __global__ void split_to_bf16(const float* x, int64_t ldx, int64_t m, int64_t k, __nv_bfloat16* out, int64_t ldb) {
   const int64_t term = m * ldb;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < term; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t r = i / ldb, c = i - r * ldb;
-    const int e = int(c & 7);
-    const int64_t at = kBlockOrder ? i - e + block_order(e) : i;
+    const int e = int(c & 7), b = int(c & 31);
+    const int64_t at = kOrder == XOrder::kBlocks  ? i - e + block_order(e)
+                       : kOrder == XOrder::kSteps ? i - b + step_order(b)
+                                                  : i;
     __nv_bfloat16 terms[kParts];
     bf16_terms<kParts>(c < k ? x[r * ldx + c] : 0.0f, terms);
 #pragma unroll
@@ -190,10 +203,10 @@ __global__ void split_to_bf16(const float* x, int64_t ldx, int64_t m, int64_t k,
   }
 }
 
-template <int kParts, bool kBlockOrder = false>
+template <int kParts, XOrder kOrder = XOrder::kNatural>
 void launch_split_to_bf16(const float* x, int64_t ldx, int64_t m, int64_t k, __nv_bfloat16* out, int64_t ldb,
                           cudaStream_t stream) {
-  split_to_bf16<kParts, kBlockOrder><<<grid_for(m * ldb, 256), 256, 0, stream>>>(x, ldx, m, k, out, ldb);
+  split_to_bf16<kParts, kOrder><<<grid_for(m * ldb, 256), 256, 0, stream>>>(x, ldx, m, k, out, ldb);
   M1_CUDA_CHECK_LAUNCH();
 }
 

@@ -86,4 +86,37 @@ __device__ __forceinline__ void warpgroup_mma_128(float (&d)[64], uint64_t a, ui
       : "memory");
 }
 
+// After a k-tile's products are committed: at a chunk's end (`close`), waits for them all and adds
+// each accumulator, as value(e, part[e]) gives it, to total[e] (round to nearest); otherwise leaves
+// the newest group running, so the products of one k-tile overlap the staging of the next.
+template <class Value>
+__device__ __forceinline__ void warpgroup_close_or_go_on(bool close, float (&part)[64], float (&total)[64],
+                                                         Value value) {
+  warpgroup_pin(part);
+  if (close) {
+    warpgroup_wait<0>();
+    warpgroup_pin(part);
+#pragma unroll
+    for (int e = 0; e < 64; ++e) total[e] = __fadd_rn(total[e], value(e, part[e]));
+  } else {
+    warpgroup_wait<1>();
+    warpgroup_pin(part);
+  }
+}
+
+// Column (of 128) of accumulator e of the calling thread (lane 4 g + c: 8 (e / 4) + 2 c + e % 2).
+__device__ __forceinline__ int warpgroup_column(int e) { return 8 * (e / 4) + 2 * int(threadIdx.x % 4) + e % 2; }
+
+// Stores the calling thread's accumulators of a 64 x 128 warpgroup tile whose first row is row0 and
+// first column n0 into out (rows ldo apart), those inside [0, m) x [0, n).
+__device__ __forceinline__ void store_warpgroup_tile(const float (&d)[64], float* out, int64_t ldo, int64_t m,
+                                                     int64_t n, int64_t row0, int64_t n0) {
+  const int64_t r0 = row0 + (threadIdx.x % 128) / 32 * 16 + threadIdx.x % 32 / 4;
+#pragma unroll
+  for (int e = 0; e < 64; ++e) {
+    const int64_t r = r0 + 8 * (e % 4 / 2), col = n0 + warpgroup_column(e);
+    if (r < m && col < n) out[r * ldo + col] = d[e];
+  }
+}
+
 }  // namespace m1::cuda

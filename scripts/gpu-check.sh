@@ -3,7 +3,7 @@
 # the CUDA tests, then bench_cuda (kernels against the measured copy bandwidth and cuBLAS rate) and
 # an end-to-end m1-bench, and print a short table. Logs and JSON go to $OUT (default gpu-check-out/).
 #
-#   scripts/gpu-check.sh prepare   Here, without a GPU: build for sm_90 into build-gpu/ and gather
+#   scripts/gpu-check.sh prepare   Here, without a GPU: build for sm_90a into build-gpu/ and gather
 #                                  what a run needs into gpu-bundle/ (ignored by git): the binaries,
 #                                  the shared libraries they use beyond glibc and the CUDA toolkit,
 #                                  and the golden vectors; then pack it into gpu-bundle.tar.xz
@@ -12,7 +12,7 @@
 #                                  install packages; carry gpu-bundle.tar.xz there.
 #   scripts/gpu-check.sh           On the GPU machine: runs gpu-bundle/ (unpacked from
 #                                  gpu-bundle.tar.xz if need be) when present, else configures and
-#                                  builds Release for sm_90 in build-gpu/ first.
+#                                  builds Release for sm_90a in build-gpu/ first.
 #   scripts/gpu-check.sh tp        The tensor-parallel checks alone (one short call): the TP tests
 #                                  (ranks sharing the GPU through the peer kernels, NCCL with one
 #                                  rank), then decode ms/token of today's path against one rank
@@ -233,13 +233,16 @@ if [[ " ${failed[*]} " == *" test_cuda_lightning "* ]]; then
   say "gpu-check: test_cuda_lightning failed: no lightning prefill benchmarks, no end-to-end runs"
 fi
 # The warpgroup products (wgmma, sm_90a) are opt-in (M1_WGMMA=1) until a GPU has matched them to
-# the mma.sync tiles bit for bit (CudaMatmulWarpgroup, in test_cuda_matmul). Where that passed,
-# the benchmarks and end-to-end runs take them, and bench_cuda times the mma.sync tiles beside them.
-if grep -q '^\[       OK \] CudaMatmulWarpgroup.MatchesTheMmaTilesBitForBit' "$LOGS/test_cuda_matmul.log" 2>/dev/null; then
+# the mma.sync tiles bit for bit (CudaMatmulWarpgroup in test_cuda_matmul, for BF16 weights;
+# CudaQuantized.WarpgroupTilesMatchTheMmaTiles in test_cuda_quantized, int8 / int4). Where both
+# passed, the benchmarks and end-to-end runs take them, and bench_cuda times the mma.sync tiles
+# beside them.
+if grep -q '^\[       OK \] CudaMatmulWarpgroup.MatchesTheMmaTilesBitForBit' "$LOGS/test_cuda_matmul.log" 2>/dev/null &&
+  grep -q '^\[       OK \] CudaQuantized.WarpgroupTilesMatchTheMmaTiles' "$LOGS/test_cuda_quantized.log" 2>/dev/null; then
   export M1_WGMMA=1
-  say "gpu-check: CudaMatmulWarpgroup passed: benchmarks and end-to-end runs with M1_WGMMA=1"
+  say "gpu-check: the warpgroup tiles match the mma.sync tiles: benchmarks and end-to-end runs with M1_WGMMA=1"
 else
-  say "gpu-check: CudaMatmulWarpgroup did not pass (see test_cuda_matmul.log): the warpgroup products stay off"
+  say "gpu-check: the warpgroup tiles did not pass (test_cuda_matmul.log, test_cuda_quantized.log): they stay off"
 fi
 within "$(limit 180)" "$BIN/bench_cuda" --json "$LOGS/bench_cuda.json" "${bench_skip[@]}" 2>&1 | tee -a "$LOGS/summary.txt" || status=1
 say "gpu-check: kernels measured after $(elapsed) s"

@@ -86,6 +86,11 @@ def rows(logs):
         ("prefill product 8192^3: mma.sync / wgmma tiles",
          (r"^matmul fast m=8192 n=8192 k=8192, mma\.sync$", "mma.sync"),
          (r"^matmul fast m=8192 n=8192 k=8192$", "wgmma"), 1.5),
+        # The same for int8 weights, one scale per row (MiniMax's deployed experts): the codes
+        # become bf16 operands in shared memory beside the products.
+        ("int8 prefill product 8192^3: mma.sync / wgmma tiles",
+         (r"^quantized matmul int8 fast m=8192 n=8192 k=8192 \(prefill\), mma\.sync$", "mma.sync"),
+         (r"^quantized matmul int8 fast m=8192 n=8192 k=8192 \(prefill\)$", "wgmma"), 1.5),
         ("flash prefill 64q/8kv, 64K tokens: 2 / 3 K/V stages",
          (r"^flash prefill 64q/8kv x128 bf16, 65536 tokens, 2 stages$", "2 stages"),
          (r"^flash prefill 64q/8kv x128 bf16, 65536 tokens$", "3 stages"), 1.0),

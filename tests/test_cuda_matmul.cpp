@@ -1,7 +1,8 @@
 // The CUDA matmul and elementwise kernels against the CPU references, on fresh random inputs of
 // awkward sizes (not multiples of any tile, chunk or vector width), and the matmul's batch
 // invariance: a row's bits do not depend on how many rows share its call. Also the scratch
-// carver the launchers lay out their temporaries with.
+// carver the launchers lay out their temporaries with, and the warpgroup tiles (wgmma) against the
+// mma.sync tiles, bit for bit.
 
 #include <gtest/gtest.h>
 

@@ -5,7 +5,8 @@
 // the grouped products bit for bit against matmul on each group; the streamed kernels for few
 // rows against the tiled ones, plain and grouped, on any grid; the mixture of experts on
 // quantized experts against moe_reference; and the backend's upload of quantized weights. Set
-// M1_TEST_SEED to replay a failure; every test prints the seed it used.
+// M1_TEST_SEED to replay a failure; every test prints the seed it used. Also the warpgroup tiles
+// (wgmma) against the mma.sync tiles, bit for bit.
 
 #include <gtest/gtest.h>
 
@@ -275,6 +276,63 @@ TEST_F(CudaQuantized, GroupedMatmulMatchesMatmulPerGroup) {
         }
       }
     }
+}
+
+// The warpgroup tiles (wgmma, Hopper; fast precision) against quant_tile, bit for bit, and against
+// the oracle: every scheme (one scale per row: codes as operands and each chunk's partial times
+// the scale; groups: bf16(code * scale) operands; BF16, F16 and F32 scales), inner sizes off the
+// blocks and the k-tiles (77: three blocks, the last k-tile one block), across chunks (520), 130
+// weight rows (past a CTA's 128), 65 to 200 rows; grouped, groups of more than 64 rows beside
+// small and empty ones (the small ones' rows ride in the same tiles). Exact precision never takes
+// them: checked too. Skipped where the GPU or the build has no warpgroup products.
+TEST_F(CudaQuantized, WarpgroupTilesMatchTheMmaTiles) {
+  if (!warpgroup_mma_available(test::test_device().index())) GTEST_SKIP() << "no sm_90a warpgroup products here";
+  SCOPED_TRACE("seed " + std::to_string(seed()));
+  Device mma = test::device_with_warpgroup_mma(false), warpgroup = test::device_with_warpgroup_mma(true);
+  DeviceScratch scratch(nullptr);
+  struct Shape { int64_t m, n, k; };
+  for (const Scheme& scheme : kSchemes)
+    for (const Shape& shape : {Shape{65, 130, 520}, Shape{200, 64, 77}, Shape{129, 33, 288}}) {
+      const TestQuantWeight w(scheme, shape.n, shape.k, 1.0f / std::sqrt(float(shape.k)));
+      const std::vector<float> x = random_floats(size_t(shape.m * shape.k));
+      const DeviceArray<float> dx(x);
+      const int64_t ldo = shape.n + 2;
+      for (GemmOperands operands : {GemmOperands::kBf16, GemmOperands::kFp32}) {
+        const std::string what = fmt::format("{} {}, m {} n {} k {}", scheme_name(scheme), operands_name(operands),
+                                             shape.m, shape.n, shape.k);
+        DeviceArray<float> want(std::vector<float>(size_t(shape.m * ldo), -3.5f));
+        DeviceArray<float> got(std::vector<float>(size_t(shape.m * ldo), -3.5f));
+        matmul(dx.get(), shape.k, shape.m, w.device, want.get(), ldo, operands, scratch, mma, nullptr);
+        matmul(dx.get(), shape.k, shape.m, w.device, got.get(), ldo, operands, scratch, warpgroup, nullptr);
+        const std::vector<float> a = want.download(), b = got.download();
+        ASSERT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0) << what;
+        EXPECT_LT(relative_error(packed(b, shape.m, shape.n, ldo), reference(x, shape.m, w.host, operands)),
+                  bound(operands))
+            << what;
+      }
+    }
+  const int64_t n = 140, k = 300, ldo = n + 1;
+  const std::vector<int64_t> offsets = {1, 90, 90, 93, 230, 231};
+  const int64_t rows = offsets.back() + 2;
+  const std::vector<float> x = random_floats(size_t(rows * k));
+  const DeviceArray<float> dx(x);
+  const DeviceArray<int64_t> doffsets(offsets);
+  for (const Scheme& scheme : {kSchemes[0], kSchemes[2]}) {
+    std::vector<std::unique_ptr<TestQuantWeight>> weights;
+    std::vector<DeviceMatrix> w;
+    for (size_t g = 0; g + 1 < offsets.size(); ++g) {
+      weights.push_back(std::make_unique<TestQuantWeight>(scheme, n, k, 1.0f / std::sqrt(float(k))));
+      w.push_back(weights.back()->device);
+    }
+    DeviceArray<float> want(std::vector<float>(size_t(rows * ldo), -3.5f));
+    DeviceArray<float> got(std::vector<float>(size_t(rows * ldo), -3.5f));
+    grouped_matmul(dx.get(), k, doffsets.get(), w, rows, 137, want.get(), ldo, GemmOperands::kBf16, scratch, mma,
+                   nullptr);
+    grouped_matmul(dx.get(), k, doffsets.get(), w, rows, 137, got.get(), ldo, GemmOperands::kBf16, scratch,
+                   warpgroup, nullptr);
+    const std::vector<float> a = want.download(), b = got.download();
+    ASSERT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0) << "grouped " << scheme_name(scheme);
+  }
 }
 
 // The streamed kernels (quantized_stream.h: persistent CTAs, an equal run of (column block, chunk)
