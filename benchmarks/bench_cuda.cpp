@@ -170,9 +170,7 @@ void bench_matmul(Report& report, const Limits& limits, cudaStream_t stream, m1:
   const DeviceMatrix weight{w.get(), m1::DType::kBF16, n, k};
   // Where the tiles run on the warpgroup tensor cores (M1_WGMMA=1 on a Hopper), the mma.sync tiles
   // beside them, named ", mma.sync".
-  m1::cuda::DeviceLimits mma_limits = device.limits();
-  mma_limits.warpgroup_mma = false;
-  m1::cuda::Device mma(device.index(), mma_limits);
+  m1::cuda::Device mma = device.with_warpgroup_mma(false);
   for (auto [operands, on, suffix] :
        {std::tuple{m1::cuda::GemmOperands::kBf16, &device, ""}, {m1::cuda::GemmOperands::kFp32, &device, ""},
         {m1::cuda::GemmOperands::kBf16, &mma, ", mma.sync"}, {m1::cuda::GemmOperands::kFp32, &mma, ", mma.sync"}}) {
@@ -208,9 +206,7 @@ void bench_quantized_matmul(Report& report, const Limits& limits, cudaStream_t s
   const char* mode = operands == m1::cuda::GemmOperands::kBf16 ? "fast" : "exact";
   // Where fast tiles run on the warpgroup tensor cores (M1_WGMMA=1 on a Hopper), the mma.sync
   // tiles beside them, named ", mma.sync".
-  m1::cuda::DeviceLimits mma_limits = device.limits();
-  mma_limits.warpgroup_mma = false;
-  m1::cuda::Device mma(device.index(), mma_limits);
+  m1::cuda::Device mma = device.with_warpgroup_mma(false);
   const bool both = m > 64 && operands == m1::cuda::GemmOperands::kBf16 && device.limits().warpgroup_mma;
   for (auto [on, suffix] : {std::pair{&device, ""}, {&mma, ", mma.sync"}}) {
     if (on == &mma && !both) continue;

@@ -43,6 +43,13 @@ class Device {
 
   int index() const { return index_; }
   const DeviceLimits& limits() const { return limits_; }
+  // This GPU with the same limits but the warpgroup products on or off (on only where
+  // warpgroup_mma_available): a benchmark's or test's other form of the same launches.
+  Device with_warpgroup_mma(bool on) const {
+    DeviceLimits limits = limits_;
+    limits.warpgroup_mma = on;
+    return Device(index_, limits);
+  }
 
   // Raises `Kernel`'s dynamic shared-memory limit on this device to at least `bytes` (to the most a
   // block may opt into, so that Devices of one GPU agree). The attribute call is not free, so it

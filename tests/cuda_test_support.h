@@ -176,13 +176,6 @@ inline cuda::Device device_with_sms(int sms, size_t partial_bytes = cuda::kDefau
                                                                 partial_bytes, test_device().limits().warpgroup_mma});
 }
 
-// The test device with the warpgroup products (wgmma) on or off, whatever M1_WGMMA says; on only
-// makes sense where cuda::warpgroup_mma_available.
-inline cuda::Device device_with_warpgroup_mma(bool on) {
-  cuda::DeviceLimits limits = test_device().limits();
-  limits.warpgroup_mma = on;
-  return cuda::Device(test_device().index(), limits);
-}
 
 // The bytes of chunk partials a skinny product of `rows` rows makes over a [n, k] weight.
 inline size_t partial_bytes(int64_t rows, int64_t n, int64_t k) {

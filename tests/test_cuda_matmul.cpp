@@ -438,7 +438,8 @@ TEST(CudaMatmulWarpgroup, MatchesTheMmaTilesBitForBit) {
   M1_REQUIRE_CUDA();
   if (!warpgroup_mma_available(test::test_device().index())) GTEST_SKIP() << "no sm_90a warpgroup products here";
   std::mt19937 rng(std::random_device{}());
-  Device mma = test::device_with_warpgroup_mma(false), warpgroup = test::device_with_warpgroup_mma(true);
+  Device mma = test::test_device().with_warpgroup_mma(false);
+  Device warpgroup = test::test_device().with_warpgroup_mma(true);
   DeviceScratch scratch(nullptr);
   struct Shape { int64_t m, n, k; };
   for (const Shape& s : {Shape{70, 130, 1000}, Shape{129, 257, 520}, Shape{200, 64, 100}, Shape{65, 200, 7},

@@ -288,7 +288,8 @@ TEST_F(CudaQuantized, GroupedMatmulMatchesMatmulPerGroup) {
 TEST_F(CudaQuantized, WarpgroupTilesMatchTheMmaTiles) {
   if (!warpgroup_mma_available(test::test_device().index())) GTEST_SKIP() << "no sm_90a warpgroup products here";
   SCOPED_TRACE("seed " + std::to_string(seed()));
-  Device mma = test::device_with_warpgroup_mma(false), warpgroup = test::device_with_warpgroup_mma(true);
+  Device mma = test::test_device().with_warpgroup_mma(false);
+  Device warpgroup = test::test_device().with_warpgroup_mma(true);
   DeviceScratch scratch(nullptr);
   struct Shape { int64_t m, n, k; };
   for (const Scheme& scheme : kSchemes)

@@ -321,7 +321,8 @@ inline float descriptor_element(uint64_t desc, int row, int k) {
   if (base_offset) die("wgmma descriptor: base offset %u not emulated", base_offset);
   uint32_t address;
   if (swizzle == 0) {
-    address = start + uint32_t(row / 8) * stride + uint32_t(k / 8) * leading + uint32_t(row % 8) * 16 + uint32_t(k % 8) * 2;
+    address = start + uint32_t(row / 8) * stride + uint32_t(k / 8) * leading + uint32_t(row % 8) * 16 +
+              uint32_t(k % 8) * 2;
   } else if (swizzle == 1) {
     address = start + uint32_t(row / 8) * stride + uint32_t(row % 8) * 128 + uint32_t(k) * 2;
     address ^= ((address >> 7) & 7) << 4;
@@ -339,7 +340,8 @@ inline void warpgroup_fence() {}
 inline void fence_proxy_async() {}  // the emulator has one proxy
 inline void warpgroup_commit() { ++cur->mma_group; }
 inline void warpgroup_mma(float* d, int n, uint64_t a, uint64_t b, int accumulate) {
-  if ((block_dim.x * block_dim.y * block_dim.z) % 128) die("wgmma in a block of %u threads: not whole warpgroups", block_dim.x * block_dim.y * block_dim.z);
+  const unsigned threads = block_dim.x * block_dim.y * block_dim.z;
+  if (threads % 128) die("wgmma in a block of %u threads: not whole warpgroups", threads);
   if (n % 8 || n > 256) die("wgmma n%d", n);
   yield(kWarpSync, -4);  // every lane of the warp issues it
   PendingMma op{d, n, a, b, accumulate != 0, cur->mma_group, {}};
