@@ -360,13 +360,13 @@ void report_flash_prefill(Report& report, const Limits& limits, const FlashCase&
 }
 
 // The whole model's softmax layer (64 query heads on 8 kv heads) prefilling one prompt from the
-// start, with the planned K/V stages or `kv_stages` forced.
+// start, with the planned K/V stages or `kv_stages` forced; `suffix` ends the row's name.
 void bench_flash_prefill(Report& report, const Limits& limits, cudaStream_t stream, m1::cuda::Device& device,
-                         int64_t tokens, bool bf16_operands, int kv_stages = 0) {
+                         int64_t tokens, bool bf16_operands, int kv_stages = 0, std::string_view suffix = "") {
   const FlashCase c{64, 8, tokens, 0, bf16_operands, {.kv_stages = kv_stages}};
   report_flash_prefill(report, limits, c, time_flash_prefill(c, stream, device),
-                       fmt::format("flash prefill 64q/8kv x128 {}, {} tokens{}", bf16_operands ? "bf16" : "2xbf16",
-                                   tokens, kv_stages ? fmt::format(", {} stages", kv_stages) : ""));
+                       fmt::format("flash prefill 64q/8kv x128 {}, {} tokens{}{}", bf16_operands ? "bf16" : "2xbf16",
+                                   tokens, kv_stages ? fmt::format(", {} stages", kv_stages) : "", suffix));
 }
 
 // One rank's share of a softmax layer under 8-way tensor parallelism (8 query heads, 1 kv head):
@@ -510,6 +510,12 @@ int run(const std::string& json_path, const std::string& only, const std::string
       for (int64_t tokens : {8192, 65536}) bench_flash_prefill(report, limits, stream, gpu, tokens, bf16_operands);
     // The planned 3 stages of the fast wide CTAs against 2.
     bench_flash_prefill(report, limits, stream, gpu, 65536, true, 2);
+    // Where the fast wide CTAs run on the warpgroup tensor cores (M1_WGMMA=1 on a Hopper), the
+    // mma.sync CTAs beside them, named ", mma.sync".
+    if (gpu.limits().warpgroup_mma) {
+      m1::cuda::Device mma = gpu.with_warpgroup_mma(false);
+      bench_flash_prefill(report, limits, stream, mma, 65536, true, 0, ", mma.sync");
+    }
     for (RankForm form : {RankForm::kSplit, RankForm::kNarrow, RankForm::kWide})
       bench_flash_prefill_rank(report, limits, stream, gpu, 32768, form);
   }

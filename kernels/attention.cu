@@ -9,10 +9,12 @@
 //   decode        split-K for one-row segments: a CTA takes a range of cache rows for one kv head
 //                 and writes a partial (max, sum, acc) to scratch;
 //   combine       merges a decode row's partials in a fixed order.
-// Products run on bf16 tensor cores (mma.m16n8k16, fp32 accumulation). The cache is bf16 already;
-// q and the softmax weights are fp32. Exact precision splits each into a bf16 high part and a bf16
-// remainder and multiplies twice: 16 significant bits per operand, fp32-grade results at twice the
-// products. Fast precision (DESIGN.md §4) rounds them to bf16 once: one product each.
+// Products run on bf16 tensor cores (mma.m16n8k16, fp32 accumulation; the fast wide prefill CTAs
+// on Hopper's warpgroup products where DeviceLimits::warpgroup_attention allows, with the same
+// bits). The cache is bf16 already; q and the softmax weights are fp32. Exact precision splits
+// each into a bf16 high part and a bf16 remainder and multiplies twice: 16 significant bits per
+// operand, fp32-grade results at twice the products. Fast precision (DESIGN.md §4) rounds them to
+// bf16 once: one product each.
 // A row's arithmetic depends only on its own segment: work is cut per segment, key tiles sit at
 // fixed absolute positions, and keys a row must not see contribute exact zeros.
 
@@ -27,6 +29,7 @@
 #include "launch.h"
 #include "m1/error.h"
 #include "warp_mma.h"
+#include "warpgroup_mma.h"
 
 namespace m1::cuda {
 namespace {
@@ -77,6 +80,37 @@ struct Geometry {
                 prefill_bytes(Operands::kRounded, prefill_warps(Operands::kRounded), 2) <= 160 * 1024 &&
                 decode_bytes(Operands::kSplit) <= 160 * 1024);
 };
+
+// How the prefill CTA's query block and its K/V tiles lie in shared memory.
+enum class Tiles {
+  kPitched,   // rows of D + 8 bf16 (ldmatrix without bank conflicts), for the mma.sync kernels
+  kSwizzled,  // the warpgroup products' operands: per 64 columns a block of 128-byte rows in the
+              // 128-byte swizzle (warpgroup_mma.h), blocks one after another, 1024-byte aligned
+};
+template <int D, Tiles T>
+struct TileLayout {
+  static constexpr int kKeys = T == Tiles::kPitched ? Geometry<D>::kKeys : 64;  // keys per K/V tile
+  static constexpr int kRowElements = T == Tiles::kPitched ? Geometry<D>::kPitch : D;
+  // Element (r, c) of a tile of `rows` rows.
+  __host__ __device__ static constexpr int offset(int rows, int r, int c) {
+    if constexpr (T == Tiles::kPitched) return r * Geometry<D>::kPitch + c;
+    return (c / 64) * rows * 64 + (swizzled_unit_offset(r, c % 64 / 8) + c % 8 * 2) / 2;
+  }
+};
+// The warpgroup prefill (Tiles::kSwizzled): fast precision, 8 warps (two warpgroups of 64 query
+// vectors), head dims 65..128 (one m64n128 product covers a row's values).
+constexpr int kWarpgroupPrefillDim = 128;
+constexpr int kWarpgroupPrefillWarps = 8;
+// Its shared memory: the query block, `stages` K/V stages, the folded state (a float per
+// accumulator of each thread; it does not fit the registers beside the products'), and room to
+// align the first two to the swizzle's 1024 bytes.
+constexpr size_t warpgroup_prefill_bytes(int stages) {
+  constexpr int D = kWarpgroupPrefillDim, kThreads = kWarpgroupPrefillWarps * 32;
+  constexpr int kQueryRows = kWarpgroupPrefillWarps * 16;
+  return size_t(kQueryRows) * D * 2 + size_t(stages) * 2 * 64 * D * 2 + size_t(kThreads) * (D / 2) * 4 +
+         kSwizzleAtomBytes;
+}
+static_assert(warpgroup_prefill_bytes(3) <= 227 * 1024);
 
 // Keys per decode split, from the context length alone so a row's arithmetic never depends on the
 // rest of the step: short contexts cut finer to spread one sequence over more SMs; both sizes are
@@ -268,6 +302,62 @@ struct RowState {
   }
 };
 
+// The softmax step of a key tile, shared by both forms of the prefill: scores s (this lane's rows
+// l / 4 and l / 4 + 8 of its warp's 16, keys key0 + 8n + 2t and + 1) become weights in log2 units,
+// masked keys -inf and so weighing exactly zero; the running max and row sums of `state` move on,
+// `rescale` is what acc must be scaled by, and the weights leave as bf16 operands (high + low
+// parts, or rounded): the score layout of n-tiles 2kk and 2kk+1 is the a-operand layout of keys
+// 16kk..16kk+15.
+template <int D, int kTiles, Operands O>
+__device__ __forceinline__ void weigh_scores(float (&s)[kTiles][4], int64_t key0, bool masked,
+                                             const int64_t (&limit)[2], float scale_log2, RowState<D>& state,
+                                             float (&rescale)[2], uint32_t (&ph)[kTiles / 2][4],
+                                             uint32_t (&pl)[kTiles / 2][4]) {
+  const int t = threadIdx.x & 3;
+  float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+  for (int n = 0; n < kTiles; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      float x = s[n][e] * scale_log2;
+      if (masked && key0 + 8 * n + 2 * t + (e & 1) > limit[e >> 1]) x = -INFINITY;
+      s[n][e] = x;
+      tile_max[e >> 1] = fmaxf(tile_max[e >> 1], x);
+    }
+  float base[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(kFullWarp, tile_max[r], 1));
+    tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(kFullWarp, tile_max[r], 2));
+    const float new_max = fmaxf(state.max[r], tile_max[r]);
+    // A row that has seen no visible key yet keeps max -inf; base 0 then avoids -inf - -inf.
+    base[r] = new_max == -INFINITY ? 0.0f : new_max;
+    rescale[r] = exp2f(state.max[r] - base[r]);
+    state.max[r] = new_max;
+  }
+  float tile_sum[2] = {0.0f, 0.0f};
+#pragma unroll
+  for (int n = 0; n < kTiles; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      s[n][e] = exp2f(s[n][e] - base[e >> 1]);
+      tile_sum[e >> 1] += s[n][e];
+    }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) state.sum[r] = state.sum[r] * rescale[r] + tile_sum[r];
+
+#pragma unroll
+  for (int kk = 0; kk < kTiles / 2; ++kk)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float* pair = &s[2 * kk + (i >> 1)][2 * (i & 1)];
+      if constexpr (O == Operands::kSplit)
+        split_pair(pair[0], pair[1], ph[kk][i], pl[kk][i]);
+      else
+        ph[kk][i] = bf16_pair(pair[0], pair[1]);
+    }
+}
+
 // Folds keys [key0, key0 + 8 kTiles) (rows of `keys`/`values` in shared memory) into the state of
 // the warp's 16 query vectors (rows of q_high, and of q_low when split). A row sees key t iff
 // t <= its limit; `masked` false promises that every key of the tile is visible to every row. Only
@@ -278,7 +368,7 @@ __device__ __forceinline__ void attend_tile(const uint16_t* q_high, const uint16
                                             const int64_t (&limit)[2], float scale_log2, RowState<D>& state) {
   static_assert(kTiles % 2 == 0);
   constexpr int P = Geometry<D>::kPitch;
-  const int lane = threadIdx.x & 31, t = lane & 3;
+  const int lane = threadIdx.x & 31;
 
   // Scores: s = q k^T, q as high + low parts or rounded.
   float s[kTiles][4];
@@ -305,52 +395,10 @@ __device__ __forceinline__ void attend_tile(const uint16_t* q_high, const uint16
     }
   }
 
-  // Online softmax in log2 units; masked keys become -inf and so weigh exactly zero.
-  float tile_max[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-  for (int n = 0; n < kTiles; ++n)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      float x = s[n][e] * scale_log2;
-      if (masked && key0 + 8 * n + 2 * t + (e & 1) > limit[e >> 1]) x = -INFINITY;
-      s[n][e] = x;
-      tile_max[e >> 1] = fmaxf(tile_max[e >> 1], x);
-    }
-  float rescale[2], base[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(kFullWarp, tile_max[r], 1));
-    tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(kFullWarp, tile_max[r], 2));
-    const float new_max = fmaxf(state.max[r], tile_max[r]);
-    // A row that has seen no visible key yet keeps max -inf; base 0 then avoids -inf - -inf.
-    base[r] = new_max == -INFINITY ? 0.0f : new_max;
-    rescale[r] = exp2f(state.max[r] - base[r]);
-    state.max[r] = new_max;
-  }
-  float tile_sum[2] = {0.0f, 0.0f};
-#pragma unroll
-  for (int n = 0; n < kTiles; ++n)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      s[n][e] = exp2f(s[n][e] - base[e >> 1]);
-      tile_sum[e >> 1] += s[n][e];
-    }
-#pragma unroll
-  for (int r = 0; r < 2; ++r) state.sum[r] = state.sum[r] * rescale[r] + tile_sum[r];
-
-  // The weights p as bf16 operands (high + low parts, or rounded): the score layout of n-tiles 2kk
-  // and 2kk+1 is the a-operand layout of keys 16kk..16kk+15.
+  float rescale[2];
   uint32_t ph[kTiles / 2][4], pl[kTiles / 2][4];
-#pragma unroll
-  for (int kk = 0; kk < kTiles / 2; ++kk)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float* pair = &s[2 * kk + (i >> 1)][2 * (i & 1)];
-      if constexpr (O == Operands::kSplit)
-        split_pair(pair[0], pair[1], ph[kk][i], pl[kk][i]);
-      else
-        ph[kk][i] = bf16_pair(pair[0], pair[1]);
-    }
+  weigh_scores<D, kTiles, O>(s, key0, masked, limit, scale_log2, state, rescale, ph, pl);
+
   // acc = acc * rescale + p v. The tile's p v is summed from zero on the tensor cores and added to
   // acc in rounded fp32: tensor cores truncate as they accumulate, and an acc fed through them tile
   // after tile drifts toward zero (2e-3 over the 16K tiles of a 1M-token context on an H100).
@@ -374,6 +422,65 @@ __device__ __forceinline__ void attend_tile(const uint16_t* q_high, const uint16
       for (int e = 0; e < 4; ++e)
         state.acc[2 * np + j][e] = __fmaf_rn(state.acc[2 * np + j][e], rescale[e >> 1], part[j][e]);
   }
+}
+
+// attend_tile's arithmetic on the warpgroup tensor cores (wgmma, sm_90a), fast precision: the
+// warpgroup's 64 query vectors (its query block of 64 swizzled rows at shared-window address q,
+// 64-column blocks q_block bytes apart) against a K/V stage of 64 keys (swizzled, 64-column blocks
+// 8 KB apart). Each output gets the same sequence of products, roundings and adds as attend_tile
+// gives it: scores chained over the 16-column steps from zero, then per tile p v summed over
+// the four 16-key steps from zero and added as acc * rescale + p v. The products run on the
+// columns past d too, where attend_tile stops: q's and the keys' padding columns are zero, so the
+// score steps past d add exact zeros (which leave a sum's bits alone, and a branch between the
+// products would make ptxas fence each one), and the values' padding gives output columns that
+// are not written.
+template <int D>
+__device__ __forceinline__ void attend_tile_warpgroup(uint32_t q, uint32_t q_block, uint32_t keys, uint32_t values,
+                                                      int64_t key0, bool masked, const int64_t (&limit)[2],
+                                                      float scale_log2, RowState<D>& state) {
+  static_assert(D == kWarpgroupPrefillDim);
+#if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  __trap();  // built for sm_90a only; the planner takes it only where DeviceLimits::warpgroup_attention says so
+#else
+  constexpr uint32_t kKvBlock = 64 * kSwizzleRowBytes;  // 64 keys of one 64-column block
+  float s[8][4];
+#pragma unroll
+  for (int n = 0; n < 8; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) s[n][e] = 0.0f;
+  float(&scores)[32] = reinterpret_cast<float(&)[32]>(s);
+  warpgroup_fence();
+#pragma unroll
+  for (int ks = 0; ks < D / 16; ++ks) {
+    const uint32_t column = ks / 4 * q_block + ks % 4 * 32, key_column = ks / 4 * kKvBlock + ks % 4 * 32;
+    warpgroup_mma_64(scores, swizzled_descriptor(q + column), swizzled_descriptor(keys + key_column), 1);
+  }
+  warpgroup_commit();
+  warpgroup_pin(scores);
+  warpgroup_wait<0>();
+  warpgroup_pin(scores);
+
+  float rescale[2];
+  uint32_t p[4][4], unused[4][4];
+  weigh_scores<D, 8, Operands::kRounded>(s, key0, masked, limit, scale_log2, state, rescale, p, unused);
+
+  float part[64];
+#pragma unroll
+  for (int e = 0; e < 64; ++e) part[e] = 0.0f;
+  warpgroup_fence();
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk)
+    warpgroup_mma_128_registers(part, p[kk], n_major_swizzled_descriptor(values + kk * 16 * kSwizzleRowBytes, kKvBlock),
+                                1);
+  warpgroup_commit();
+  warpgroup_pin(part);
+  warpgroup_wait<0>();
+  warpgroup_pin(part);
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) state.acc[n][e] = __fmaf_rn(state.acc[n][e], rescale[e >> 1], part[4 * n + e]);
+#endif
 }
 
 // Row sums from the four lanes that share a row.
@@ -417,12 +524,27 @@ __device__ __forceinline__ float fold_value(float a, float b, FoldWeights w) {
 }
 
 // The folded state of the chunks a CTA has walked, for the warp's 16 query vectors (lane l: rows
-// l / 4 and l / 4 + 8, as RowState); `sum` is the whole row's.
-template <int D>
+// l / 4 and l / 4 + 8, as RowState); `sum` is the whole row's. The accumulated values live in
+// registers, or (kSharedStride > 0) in shared memory from `column` on, value i of this thread at
+// column[i * kSharedStride]: the warpgroup prefill's registers hold the products instead.
+template <int D, int kSharedStride = 0>
 struct FoldedState {
-  float acc[D / 8][4] = {};
+  float own[kSharedStride > 0 ? 1 : D / 8][4] = {};
+  float* column = nullptr;
   float max[2] = {-INFINITY, -INFINITY};
   float sum[2] = {0.0f, 0.0f};
+
+  FoldedState() = default;
+  __device__ explicit FoldedState(float* shared_column) : column(shared_column) {
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) column[i * kSharedStride] = 0.0f;
+  }
+  __device__ float& acc(int n, int e) {
+    if constexpr (kSharedStride > 0)
+      return column[(4 * n + e) * kSharedStride];
+    else
+      return own[n][e];
+  }
 
   // Folds a chunk's state in and leaves the chunk's cleared for the next one. Every lane calls it.
   __device__ void fold(RowState<D>& chunk) {
@@ -432,7 +554,7 @@ struct FoldedState {
 #pragma unroll
       for (int n = 0; n < D / 8; ++n)
 #pragma unroll
-        for (int e = 2 * r; e < 2 * r + 2; ++e) acc[n][e] = fold_value(acc[n][e], chunk.acc[n][e], w);
+        for (int e = 2 * r; e < 2 * r + 2; ++e) acc(n, e) = fold_value(acc(n, e), chunk.acc[n][e], w);
     }
     chunk.clear();
   }
@@ -465,17 +587,18 @@ struct AttendParams {
 
 // Copies cache rows [t0, t0 + kKeys) of one kv head into a shared K and V tile; rows at or past
 // `end` are filled with zeros (they may be unwritten memory, and a zero weight times NaN is NaN).
-template <int D>
+template <int D, Tiles T = Tiles::kPitched>
 __device__ __forceinline__ void load_kv_tile(const AttentionSegment& seg, int64_t kv_width, int64_t head_offset, int d,
                                              int64_t t0, int64_t end, uint16_t* keys, uint16_t* values) {
-  constexpr int P = Geometry<D>::kPitch, kKeys = Geometry<D>::kKeys;
+  using L = TileLayout<D, T>;
+  constexpr int kKeys = L::kKeys;
   const int chunks = d / 8;  // 16-byte pieces per row
   for (int i = threadIdx.x; i < kKeys * chunks; i += blockDim.x) {
     const int r = i / chunks, c = (i % chunks) * 8;
     const bool valid = t0 + r < end;
     const int64_t src = (valid ? t0 + r : 0) * kv_width + head_offset + c;
-    copy_async_16(keys + r * P + c, seg.keys + src, valid);
-    copy_async_16(values + r * P + c, seg.values + src, valid);
+    copy_async_16(keys + L::offset(kKeys, r, c), seg.keys + src, valid);
+    copy_async_16(values + L::offset(kKeys, r, c), seg.values + src, valid);
   }
   copy_async_commit();
 }
@@ -485,18 +608,21 @@ __device__ __forceinline__ void load_kv_tile(const AttentionSegment& seg, int64_
 // attend(keys, values, t0) for each tile once every thread's copies have landed. One barrier per
 // tile: after it every thread has its copies of this tile and is done with the last one, whose
 // stage then takes the next copy. Ends on a barrier, so the stages are free for the caller. All
-// threads of the CTA must call it.
-template <int D, class Attend>
+// threads of the CTA must call it. Swizzled tiles feed the warpgroup products, which read shared
+// memory through the async proxy: each thread fences its landed copies (and its earlier stores)
+// into it before the barrier.
+template <int D, Tiles T = Tiles::kPitched, class Attend>
 __device__ __forceinline__ void stream_kv(const AttentionSegment& seg, int64_t kv_width, int64_t head_offset, int d,
                                           int64_t begin, int64_t end, uint16_t* stages, int stage_count,
                                           Attend attend) {
-  constexpr int P = Geometry<D>::kPitch, kKeys = Geometry<D>::kKeys, kStage = 2 * kKeys * P;
+  using L = TileLayout<D, T>;
+  constexpr int kKeys = L::kKeys, kTile = kKeys * L::kRowElements, kStage = 2 * kTile;
   const int tiles = int(ceil_div(end - begin, kKeys));
   // Tile j into stage j % stage_count; past the last tile an empty group keeps the wait count uniform.
   const auto copy = [&](int j) {
     if (j >= tiles) return copy_async_commit();
     uint16_t* stage = stages + (j % stage_count) * kStage;
-    load_kv_tile<D>(seg, kv_width, head_offset, d, begin + int64_t(j) * kKeys, end, stage, stage + kKeys * P);
+    load_kv_tile<D, T>(seg, kv_width, head_offset, d, begin + int64_t(j) * kKeys, end, stage, stage + kTile);
   };
   for (int j = 0; j < stage_count - 1; ++j) copy(j);
   for (int j = 0; j < tiles; ++j) {
@@ -505,33 +631,48 @@ __device__ __forceinline__ void stream_kv(const AttentionSegment& seg, int64_t k
       copy_async_wait_all_but_one();
     else
       copy_async_wait_all();
+#if !defined(__CUDA_ARCH__) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    if constexpr (T == Tiles::kSwizzled) fence_shared_for_async_proxy();
+#endif
     __syncthreads();
     copy(j + stage_count - 1);  // into the stage of tile j - 1
     const uint16_t* keys = stages + (j % stage_count) * kStage;
-    attend(keys, keys + kKeys * P, begin + int64_t(j) * kKeys);
+    attend(keys, keys + kTile, begin + int64_t(j) * kKeys);
   }
   __syncthreads();
 }
 
 // Zeroes the columns [d, D) of every row of `stage_count` stages once: the copies never write them
 // and the tensor cores read them in 16-column steps.
-template <int D>
+template <int D, Tiles T = Tiles::kPitched>
 __device__ __forceinline__ void clear_padding(uint16_t* stages, int stage_count, int d) {
-  constexpr int P = Geometry<D>::kPitch;
-  const int rows = stage_count * 2 * Geometry<D>::kKeys, width = D - d;
-  for (int i = threadIdx.x; i < rows * width; i += blockDim.x) stages[(i / width) * P + d + i % width] = 0;
+  using L = TileLayout<D, T>;
+  constexpr int kKeys = L::kKeys, kTile = kKeys * L::kRowElements;
+  const int rows = stage_count * 2 * kKeys, width = D - d;
+  for (int i = threadIdx.x; i < rows * width; i += blockDim.x) {
+    const int row = i / width;
+    stages[row / kKeys * kTile + L::offset(kKeys, row % kKeys, d + i % width)] = 0;
+  }
 }
 
 // --- Prefill --------------------------------------------------------------------------------
 
-template <int D, Operands O, int W>
+// Tiles::kSwizzled: the same rows, chunks and folds with the tile's products on the warpgroup
+// tensor cores (attend_tile_warpgroup) and the folded state in shared memory; the same bits.
+template <int D, Operands O, int W, Tiles T = Tiles::kPitched>
 __global__ void __launch_bounds__(W * 32) prefill_kernel(AttendParams p) {
-  using G = Geometry<D>;
-  constexpr int P = G::kPitch, kKeys = G::kKeys, kQueryRows = 16 * W;
+  static_assert(T == Tiles::kPitched ||
+                (D == kWarpgroupPrefillDim && O == Operands::kRounded && W == kWarpgroupPrefillWarps));
+  using L = TileLayout<D, T>;
+  constexpr int kKeys = L::kKeys, kQueryRows = 16 * W, kQueryElements = kQueryRows * L::kRowElements;
+  constexpr int kStageElements = 2 * kKeys * L::kRowElements;
   extern __shared__ __align__(16) uint16_t shared[];
   uint16_t* q_high = shared;
-  uint16_t* q_low = q_high + kQueryRows * P;  // split operands only
-  uint16_t* stages = q_high + query_parts(O) * kQueryRows * P;  // stage s: keys at s * 2 kKeys rows, values after
+  // Swizzled tiles start at the shared window's first 1024-byte boundary.
+  if constexpr (T == Tiles::kSwizzled)
+    q_high += (kSwizzleAtomBytes - shared_address(shared) % kSwizzleAtomBytes) % kSwizzleAtomBytes / 2;
+  uint16_t* q_low = q_high + kQueryElements;  // split operands only
+  uint16_t* stages = q_high + query_parts(O) * kQueryElements;  // stage s: its keys' tile, then its values'
 
   // Latest tiles (longest rows) first, so the heavy CTAs do not trail the launch.
   const int group = p.group;
@@ -546,13 +687,14 @@ __global__ void __launch_bounds__(W * 32) prefill_kernel(AttendParams p) {
   const int64_t unmasked_through = seg.pos0 + first / group;  // keys every row sees
   const int64_t kv_width = int64_t(p.kv_heads) * p.d;
 
-  clear_padding<D>(stages, p.stages, p.d);
+  clear_padding<D, T>(stages, p.stages, p.d);
   for (int i = threadIdx.x; i < kQueryRows * D; i += blockDim.x) {
     const int r = i / D, c = i % D;
     const int64_t m = first + r;
     float x = 0.0f;
     if (m < end && c < p.d) x = p.q[(seg.row + m / group) * p.q_stride + (head0 + m % group) * p.d + c];
-    store_query<O>(x, q_high + r * P + c, q_low + r * P + c);
+    const int at = L::offset(kQueryRows, r, c);
+    store_query<O>(x, q_high + at, q_low + at);
   }
 
   // This lane's two rows; rows past the segment borrow the last row's limit and are not written.
@@ -564,7 +706,13 @@ __global__ void __launch_bounds__(W * 32) prefill_kernel(AttendParams p) {
   }
   RowState<D> state;
   state.clear();
-  FoldedState<D> folded;
+  using Folded = FoldedState<D, T == Tiles::kSwizzled ? W * 32 : 0>;
+  Folded folded = [&] {
+    if constexpr (T == Tiles::kSwizzled)
+      return Folded(reinterpret_cast<float*>(stages + p.stages * kStageElements) + threadIdx.x);
+    else
+      return Folded();
+  }();
 
   // All the keys the tile's rows see, chunk by chunk, or one chunk of them (split).
   int64_t begin = 0, stop = kv_end;
@@ -573,15 +721,21 @@ __global__ void __launch_bounds__(W * 32) prefill_kernel(AttendParams p) {
     if (begin >= kv_end) return;  // no row of this tile has keys there: the whole CTA leaves
     stop = min(begin + p.chunk_keys, kv_end);
   }
-  const uint16_t* my_q_high = q_high + warp * 16 * P;
-  const uint16_t* my_q_low = q_low + warp * 16 * P;
-  stream_kv<D>(seg, kv_width, int64_t(kv_head) * p.d, p.d, begin, stop, stages, p.stages,
-               [&](const uint16_t* keys, const uint16_t* values, int64_t t0) {
-                 if constexpr (D <= kMaxChunkedHeadDim)
-                   if (t0 != begin && t0 % p.chunk_keys == 0) folded.fold(state);
-                 attend_tile<D, kKeys / 8, O>(my_q_high, my_q_low, keys, values, p.d, t0,
-                                              t0 + kKeys - 1 > unmasked_through, limit, p.scale_log2, state);
-               });
+  const uint16_t* my_q_high = q_high + warp * 16 * L::kRowElements;
+  const uint16_t* my_q_low = q_low + warp * 16 * L::kRowElements;
+  stream_kv<D, T>(seg, kv_width, int64_t(kv_head) * p.d, p.d, begin, stop, stages, p.stages,
+                  [&](const uint16_t* keys, const uint16_t* values, int64_t t0) {
+                    if constexpr (D <= kMaxChunkedHeadDim)
+                      if (t0 != begin && t0 % p.chunk_keys == 0) folded.fold(state);
+                    const bool masked = t0 + kKeys - 1 > unmasked_through;
+                    if constexpr (T == Tiles::kSwizzled)
+                      attend_tile_warpgroup<D>(shared_address(q_high) + warp / 4 * 64 * kSwizzleRowBytes,
+                                               kQueryRows * kSwizzleRowBytes, shared_address(keys),
+                                               shared_address(values), t0, masked, limit, p.scale_log2, state);
+                    else
+                      attend_tile<D, kKeys / 8, O>(my_q_high, my_q_low, keys, values, p.d, t0, masked, limit,
+                                                   p.scale_log2, state);
+                  });
   folded.fold(state);
 
   const int g = lane >> 2, t = lane & 3;
@@ -603,8 +757,8 @@ __global__ void __launch_bounds__(W * 32) prefill_kernel(AttendParams p) {
       for (int n = 0; n < D / 8; ++n) {
         const int c = n * 8 + 2 * t;
         if (c >= p.d) break;
-        acc[c] = folded.acc[n][2 * r];
-        acc[c + 1] = folded.acc[n][2 * r + 1];
+        acc[c] = folded.acc(n, 2 * r);
+        acc[c + 1] = folded.acc(n, 2 * r + 1);
       }
       continue;
     }
@@ -614,8 +768,8 @@ __global__ void __launch_bounds__(W * 32) prefill_kernel(AttendParams p) {
     for (int n = 0; n < D / 8; ++n) {
       const int c = n * 8 + 2 * t;
       if (c >= p.d) break;
-      out[c] = folded.acc[n][2 * r] * inverse;
-      out[c + 1] = folded.acc[n][2 * r + 1] * inverse;
+      out[c] = folded.acc(n, 2 * r) * inverse;
+      out[c + 1] = folded.acc(n, 2 * r + 1) * inverse;
     }
   }
 }
@@ -837,24 +991,24 @@ struct StepShape {
   PrefillPlan prefill;
 };
 
-template <int D, Operands O, int W>
+template <int D, Operands O, int W, Tiles T = Tiles::kPitched>
 void launch_prefill(const AttendParams& base, const PrefillPlan& plan, const AttentionArgs& a, Device& device,
                     cudaStream_t stream) {
-  using G = Geometry<D>;
-  const size_t bytes = G::prefill_bytes(O, W, plan.stages);
+  const size_t bytes =
+      T == Tiles::kSwizzled ? warpgroup_prefill_bytes(plan.stages) : Geometry<D>::prefill_bytes(O, W, plan.stages);
   // The tiles need more than the default 48 KB of shared memory.
-  device.allow_shared_memory<prefill_kernel<D, O, W>>(bytes);
+  device.allow_shared_memory<prefill_kernel<D, O, W, T>>(bytes);
   AttendParams p = base;
   p.work_items = plan.ctas;
   p.stages = plan.stages;
   if (plan.window == 0) {
-    prefill_kernel<D, O, W><<<dim3(unsigned(plan.ctas), unsigned(a.kv_heads)), W * 32, bytes, stream>>>(p);
+    prefill_kernel<D, O, W, T><<<dim3(unsigned(plan.ctas), unsigned(a.kv_heads)), W * 32, bytes, stream>>>(p);
     M1_CUDA_CHECK_LAUNCH();
     return;
   }
   p.window = plan.window;
   for (p.first_chunk = 0; p.first_chunk < plan.chunks; p.first_chunk += plan.window) {
-    prefill_kernel<D, O, W>
+    prefill_kernel<D, O, W, T>
         <<<dim3(unsigned(plan.ctas), unsigned(a.kv_heads), unsigned(plan.window)), W * 32, bytes, stream>>>(p);
     M1_CUDA_CHECK_LAUNCH();
     fold_kernel<W><<<dim3(unsigned(plan.ctas), unsigned(a.kv_heads)), 256, 0, stream>>>(p);
@@ -898,10 +1052,16 @@ void launch_attention(const AttendParams& base, const StepShape& shape, const At
     p.partial_stats = s.chunk_stats;
     p.folded_acc = s.folded_acc;
     p.folded_stats = s.folded_stats;
-    if (shape.prefill.warps == kNarrowPrefillWarps)
+    if (shape.prefill.warpgroup) {
+      if constexpr (D == kWarpgroupPrefillDim && O == Operands::kRounded)
+        launch_prefill<D, O, kWarpgroupPrefillWarps, Tiles::kSwizzled>(p, shape.prefill, a, device, stream);
+      else
+        fail("softmax attention: the warpgroup prefill was planned for head dim {} in exact precision", a.d);
+    } else if (shape.prefill.warps == kNarrowPrefillWarps) {
       launch_prefill<D, O, kNarrowPrefillWarps>(p, shape.prefill, a, device, stream);
-    else
+    } else {
       launch_prefill<D, O, prefill_warps(O)>(p, shape.prefill, a, device, stream);
+    }
   }
   if (shape.decode_rows > 0) {
     AttendParams p = base;
@@ -929,7 +1089,8 @@ void launch_for_head_dim(const AttendParams& base, const StepShape& shape, const
 }
 
 // Shared memory of a prefill CTA for head dim d.
-size_t prefill_shared_bytes(int64_t d, Operands o, int warps, int stages) {
+size_t prefill_shared_bytes(int64_t d, Operands o, int warps, int stages, bool warpgroup) {
+  if (warpgroup) return warpgroup_prefill_bytes(stages);
   if (d <= 64) return Geometry<64>::prefill_bytes(o, warps, stages);
   if (d <= 128) return Geometry<128>::prefill_bytes(o, warps, stages);
   return Geometry<256>::prefill_bytes(o, warps, stages);
@@ -973,6 +1134,8 @@ PrefillPlan plan_prefill(std::span<const AttentionSegment> segments, int64_t hea
   const bool narrowed = plan.window == 0 && few && narrow <= INT32_MAX;
   plan.warps = narrowed ? kNarrowPrefillWarps : width;
   plan.ctas = narrowed ? narrow : wide;
+  plan.warpgroup = limits.warpgroup_attention && o == Operands::kRounded && plan.warps == kWarpgroupPrefillWarps &&
+                   d > kWarpgroupPrefillDim / 2 && d <= kWarpgroupPrefillDim;
   if (plan.window > 65535)
     fail("softmax attention: split of {} chunks per launch exceeds the grid limit 65535", plan.window);
   const int stages = choices.kv_stages;
@@ -982,11 +1145,12 @@ PrefillPlan plan_prefill(std::span<const AttentionSegment> segments, int64_t hea
     // occupancy; the narrow and the exact CTAs share an SM by shared memory, and would lose CTAs
     // to it.
     const bool third = o == Operands::kRounded && plan.warps == width &&
-                       prefill_shared_bytes(d, o, plan.warps, 3) <= size_t(std::max(limits.shared_per_block, 0));
+                       prefill_shared_bytes(d, o, plan.warps, 3, plan.warpgroup) <=
+                           size_t(std::max(limits.shared_per_block, 0));
     plan.stages = third ? 3 : 2;
   } else {
     if (stages != 2 && stages != 3) fail("softmax attention: {} K/V stages requested (2 or 3)", stages);
-    const size_t bytes = prefill_shared_bytes(d, o, plan.warps, stages);
+    const size_t bytes = prefill_shared_bytes(d, o, plan.warps, stages, plan.warpgroup);
     if (bytes > size_t(std::max(limits.shared_per_block, 0)))
       fail("softmax attention: {} K/V stages need {} bytes of shared memory per block, the GPU allows {}", stages,
            bytes, limits.shared_per_block);

@@ -82,6 +82,9 @@ struct PrefillPlan {
   int64_t chunk_keys = 0;  // keys per chunk (kPrefillChunkKeys unless chosen)
   int64_t chunks = 0;      // the most chunks of any prefill row
   int64_t window = 0;      // chunks per split launch; 0: each CTA walks and folds all of its tile's
+  // Fast wide CTAs at head dims 65..128 on a GPU with DeviceLimits::warpgroup_mma: the tiles'
+  // products on the warpgroup tensor cores (wgmma), the same bits.
+  bool warpgroup = false;
 };
 PrefillPlan plan_prefill(std::span<const AttentionSegment> segments, int64_t heads, int64_t kv_heads, int64_t d,
                          bool bf16_operands, const DeviceLimits& limits, const PrefillChoices& choices = {});

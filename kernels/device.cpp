@@ -2,11 +2,12 @@
 
 #include <algorithm>
 #include <cstdlib>
-#include <cstring>
+#include <string_view>
 
 #include <cuda_runtime.h>
 
 #include "cuda_check.h"
+#include "m1/error.h"
 
 namespace m1::cuda {
 
@@ -20,8 +21,14 @@ Device::Device(int index) : index_(index) {
   DeviceGuard guard(index);
   M1_CUDA_CHECK(cudaDeviceGetAttribute(&limits_.sms, cudaDevAttrMultiProcessorCount, index));
   M1_CUDA_CHECK(cudaDeviceGetAttribute(&limits_.shared_per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, index));
+  // M1_WGMMA: 0 (or unset) none, 1 all, or one family of the warpgroup kernels.
   const char* wgmma = std::getenv("M1_WGMMA");
-  limits_.warpgroup_mma = wgmma && std::strcmp(wgmma, "1") == 0 && warpgroup_mma_available(index);
+  const std::string_view choice = wgmma ? wgmma : "0";
+  if (choice != "0" && choice != "1" && choice != "products" && choice != "attention")
+    fail("M1_WGMMA: expected 0, 1, products or attention, not '{}'", choice);
+  const bool available = choice != "0" && warpgroup_mma_available(index);
+  limits_.warpgroup_mma = available && choice != "attention";
+  limits_.warpgroup_attention = available && choice != "products";
 }
 
 bool warpgroup_mma_available(int index) {

@@ -21,10 +21,13 @@ struct DeviceLimits {
   // Bytes of scratch one product's chunk partials may take (a budget of the device's memory, not
   // read from CUDA): past it a product takes kernels without partials, with the same bits.
   size_t partial_bytes = kDefaultPartialBytes;
-  // Many-row BF16 products on the warpgroup tensor cores (wgmma): a Hopper GPU, kernels built for
+  // Many-row products on the warpgroup tensor cores (wgmma): a Hopper GPU, kernels built for
   // sm_90a, and, until a GPU run has checked them against the mma.sync tiles bit for bit, M1_WGMMA=1
-  // (scripts/gpu-check.sh runs that check and both forms' speed).
+  // or M1_WGMMA=products (scripts/gpu-check.sh runs that check and both forms' speed).
   bool warpgroup_mma = false;
+  // The fast flash prefill's wide CTAs on the warpgroup tensor cores: the same, with M1_WGMMA=1 or
+  // M1_WGMMA=attention.
+  bool warpgroup_attention = false;
 };
 
 // Whether GPU `index` can run the warpgroup products: compute capability 9.0 and this build's
@@ -43,11 +46,11 @@ class Device {
 
   int index() const { return index_; }
   const DeviceLimits& limits() const { return limits_; }
-  // This GPU with the same limits but the warpgroup products on or off (on only where
-  // warpgroup_mma_available): a benchmark's or test's other form of the same launches.
+  // This GPU with the same limits but the warpgroup products and flash prefill on or off (on only
+  // where warpgroup_mma_available): a benchmark's or test's other form of the same launches.
   Device with_warpgroup_mma(bool on) const {
     DeviceLimits limits = limits_;
-    limits.warpgroup_mma = on;
+    limits.warpgroup_mma = limits.warpgroup_attention = on && warpgroup_mma_available(index_);
     return Device(index_, limits);
   }
 

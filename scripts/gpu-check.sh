@@ -232,18 +232,26 @@ if [[ " ${failed[*]} " == *" test_cuda_lightning "* ]]; then
   M1_GPU_E2E=0
   say "gpu-check: test_cuda_lightning failed: no lightning prefill benchmarks, no end-to-end runs"
 fi
-# The warpgroup products (wgmma, sm_90a) are opt-in (M1_WGMMA=1) until a GPU has matched them to
-# the mma.sync tiles bit for bit (CudaMatmulWarpgroup in test_cuda_matmul, for BF16 weights;
-# CudaQuantized.WarpgroupTilesMatchTheMmaTiles in test_cuda_quantized, int8 / int4). Where both
-# passed, the benchmarks and end-to-end runs take them, and bench_cuda times the mma.sync tiles
-# beside them.
-if grep -q '^\[       OK \] CudaMatmulWarpgroup.MatchesTheMmaTilesBitForBit' "$LOGS/test_cuda_matmul.log" 2>/dev/null &&
-  grep -q '^\[       OK \] CudaQuantized.WarpgroupTilesMatchTheMmaTiles' "$LOGS/test_cuda_quantized.log" 2>/dev/null; then
-  export M1_WGMMA=1
-  say "gpu-check: the warpgroup tiles match the mma.sync tiles: benchmarks and end-to-end runs with M1_WGMMA=1"
-else
-  say "gpu-check: the warpgroup tiles did not pass (test_cuda_matmul.log, test_cuda_quantized.log): they stay off"
-fi
+# The warpgroup kernels (wgmma, sm_90a) are opt-in (M1_WGMMA) until a GPU has matched them to the
+# mma.sync kernels bit for bit: the products (CudaMatmulWarpgroup in test_cuda_matmul, for BF16
+# weights; CudaQuantized.WarpgroupTilesMatchTheMmaTiles in test_cuda_quantized, int8 / int4) and
+# the flash prefill (CudaAttention.WarpgroupPrefillGivesTheMmaBits in test_cuda_attention). Each
+# family that passed is turned on for the benchmarks and end-to-end runs (M1_WGMMA=1, products or
+# attention), and bench_cuda times the mma.sync kernels beside it.
+passed() { grep -q "^\[       OK \] $2" "$LOGS/$1.log" 2>/dev/null; }
+products=0
+attention=0
+passed test_cuda_matmul CudaMatmulWarpgroup.MatchesTheMmaTilesBitForBit &&
+  passed test_cuda_quantized CudaQuantized.WarpgroupTilesMatchTheMmaTiles && products=1
+passed test_cuda_attention CudaAttention.WarpgroupPrefillGivesTheMmaBits && attention=1
+case "$products$attention" in
+  11) export M1_WGMMA=1 ;;
+  10) export M1_WGMMA=products ;;
+  01) export M1_WGMMA=attention ;;
+  *) unset M1_WGMMA ;;
+esac
+say "gpu-check: warpgroup kernels that match the mma.sync ones bit for bit: products $products, flash prefill $attention" \
+  "(M1_WGMMA=${M1_WGMMA:-0} for the benchmarks and end-to-end runs; logs: test_cuda_matmul, test_cuda_quantized, test_cuda_attention)"
 within "$(limit 180)" "$BIN/bench_cuda" --json "$LOGS/bench_cuda.json" "${bench_skip[@]}" 2>&1 | tee -a "$LOGS/summary.txt" || status=1
 say "gpu-check: kernels measured after $(elapsed) s"
 

@@ -91,6 +91,11 @@ def rows(logs):
         ("int8 prefill product 8192^3: mma.sync / wgmma tiles",
          (r"^quantized matmul int8 fast m=8192 n=8192 k=8192 \(prefill\), mma\.sync$", "mma.sync"),
          (r"^quantized matmul int8 fast m=8192 n=8192 k=8192 \(prefill\)$", "wgmma"), 1.5),
+        # The fast wide flash CTAs on the warpgroup tensor cores (wgmma; on once
+        # CudaAttention.WarpgroupPrefillGivesTheMmaBits passed) against the mma.sync CTAs.
+        ("flash prefill 64q/8kv, 64K tokens: mma.sync / wgmma",
+         (r"^flash prefill 64q/8kv x128 bf16, 65536 tokens, mma\.sync$", "mma.sync"),
+         (r"^flash prefill 64q/8kv x128 bf16, 65536 tokens$", "wgmma"), 1.5),
         ("flash prefill 64q/8kv, 64K tokens: 2 / 3 K/V stages",
          (r"^flash prefill 64q/8kv x128 bf16, 65536 tokens, 2 stages$", "2 stages"),
          (r"^flash prefill 64q/8kv x128 bf16, 65536 tokens$", "3 stages"), 1.0),

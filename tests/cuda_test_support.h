@@ -172,8 +172,10 @@ inline std::vector<std::vector<int64_t>> streamed_group_counts() {
 // work, follow it. `partial_bytes`: its budget for a product's chunk partials, past which products
 // take other kernels (or, streamed, run one at a time).
 inline cuda::Device device_with_sms(int sms, size_t partial_bytes = cuda::kDefaultPartialBytes) {
-  return cuda::Device(test_device().index(), cuda::DeviceLimits{sms, test_device().limits().shared_per_block,
-                                                                partial_bytes, test_device().limits().warpgroup_mma});
+  cuda::DeviceLimits limits = test_device().limits();
+  limits.sms = sms;
+  limits.partial_bytes = partial_bytes;
+  return cuda::Device(test_device().index(), limits);
 }
 
 

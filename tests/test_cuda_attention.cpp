@@ -446,6 +446,35 @@ TEST(CudaAttention, KvStagesGiveTheSameBits) {
   }
 }
 
+// A step of three segments, run again on fresh caches with the same inputs: 70 rows after `depth`
+// cached keys, 19 rows from the start and a decode row after `decode_depth` keys.
+struct DeepStep {
+  Shape s;
+  int64_t depth, decode_depth;
+  uint64_t deep_seed = rng()(), decode_seed = rng()();
+  Cache unused;
+  Entry deep, fresh, decode;
+
+  DeepStep(const Shape& shape, int64_t depth_, int64_t decode_depth_)
+      : s(shape),
+        depth(depth_),
+        decode_depth(decode_depth_),
+        unused(shape.kv_width(), 1),
+        deep(make_entry(shape, unused, 70)),
+        fresh(make_entry(shape, unused, 19)),
+        decode(make_entry(shape, unused, 1)) {}
+  std::vector<EntryResult> run(DeviceScratch& scratch, bool fast, Device* device, PrefillChoices choices) {
+    Cache deep_cache(s.kv_width(), depth + 100), fresh_cache(s.kv_width(), 30),
+        decode_cache(s.kv_width(), decode_depth + 10);
+    deep_cache.fill_prefix(depth, deep_seed);
+    decode_cache.fill_prefix(decode_depth, decode_seed);
+    deep.cache = &deep_cache;
+    fresh.cache = &fresh_cache;
+    decode.cache = &decode_cache;
+    return run_step(s, {deep, fresh, decode}, scratch, {.fast = fast, .device = device, .prefill = choices});
+  }
+};
+
 // Rows deeper than one chunk (chunks of 128 keys here: two tiles of 64, or four of 32) fold their
 // chunks' states left to right: in registers as a CTA walks them, or from scratch when CTAs take one
 // chunk each, in windows of 1 or 2 chunks, of as many as a small scratch budget holds, or as
@@ -484,18 +513,8 @@ TEST(CudaAttention, SplitPrefillGivesTheSameBits) {
                             {"split, windows of 2", &one_sm, 2},
                             {"split, windows the budget holds", &tight, 0},
                             {"split as planned", &many_sms, 0}};
-      const uint64_t deep_seed = rng()(), decode_seed = rng()();
-      Cache unused(s.kv_width(), 1);
-      Entry deep = make_entry(s, unused, 70), fresh = make_entry(s, unused, 19), decode = make_entry(s, unused, 1);
-      const auto run = [&](Device* device, PrefillChoices choices) {
-        Cache deep_cache(s.kv_width(), 600), fresh_cache(s.kv_width(), 30), decode_cache(s.kv_width(), 310);
-        deep_cache.fill_prefix(500, deep_seed);
-        decode_cache.fill_prefix(300, decode_seed);
-        deep.cache = &deep_cache;
-        fresh.cache = &fresh_cache;
-        decode.cache = &decode_cache;
-        return run_step(s, {deep, fresh, decode}, scratch, {.fast = fast, .device = device, .prefill = choices});
-      };
+      DeepStep step(s, 500, 300);
+      const auto run = [&](Device* device, PrefillChoices choices) { return step.run(scratch, fast, device, choices); };
       std::vector<EntryResult> first;
       for (const Form& form : forms) {
         SCOPED_TRACE(fmt::format("d {}, {}, {}", s.d, fast ? "fast" : "exact", form.name));
@@ -507,6 +526,38 @@ TEST(CudaAttention, SplitPrefillGivesTheSameBits) {
       const std::vector<EntryResult> whole = run(&one_sm, {});
       EXPECT_FALSE(same_bits(first[0].out, whole[0].out)) << "the long rows were not cut into chunks";
       EXPECT_TRUE(same_bits(first[1].out, whole[1].out)) << "rows within one chunk changed";
+    }
+  }
+}
+
+// The warpgroup prefill (wgmma, Hopper) against the mma.sync prefill, bit for bit, in fast
+// precision (exact keeps mma.sync): head dims 128 and 80 (padding columns), groups of 8 and 3,
+// rows at depth 300-369 over chunks of 128 keys (3 chunks, folded in shared memory) beside rows
+// from the start and a decode row; 2 and 3 K/V stages, and split into windows of 2 chunks. Each run
+// is also held to the oracle's bound. Skipped where the GPU or the build has no warpgroup products;
+// the emulator has them.
+TEST(CudaAttention, WarpgroupPrefillGivesTheMmaBits) {
+  M1_REQUIRE_CUDA();
+  if (!warpgroup_mma_available(test::test_device().index())) GTEST_SKIP() << "no sm_90a warpgroup products here";
+  DeviceScratch scratch(nullptr);
+  const Device one_sm = test::device_with_sms(1);
+  Device mma = one_sm.with_warpgroup_mma(false), warpgroup = one_sm.with_warpgroup_mma(true);
+  constexpr int64_t kChunk = 128;
+  for (const Shape& s : {Shape{8, 1, 128, 64}, Shape{6, 2, 80, 80}}) {
+    const AttentionSegment rows[] = {{.count = 70, .pos0 = 300}, {.row = 70, .count = 19}, {.row = 89, .count = 1, .pos0 = 200}};
+    const PrefillChoices chunked{.chunk_keys = kChunk};
+    ASSERT_TRUE(plan_prefill(rows, s.heads, s.kv_heads, s.d, true, warpgroup.limits(), chunked).warpgroup);
+    ASSERT_FALSE(plan_prefill(rows, s.heads, s.kv_heads, s.d, true, mma.limits(), chunked).warpgroup);
+    ASSERT_FALSE(plan_prefill(rows, s.heads, s.kv_heads, s.d, false, warpgroup.limits(), chunked).warpgroup);
+    DeepStep step(s, 300, 200);
+    const PrefillChoices forms[] = {{.kv_stages = 3, .chunk_keys = kChunk, .split = -1},
+                                    {.kv_stages = 2, .chunk_keys = kChunk, .split = -1},
+                                    {.chunk_keys = kChunk, .split = 2}};
+    for (const PrefillChoices& form : forms) {
+      SCOPED_TRACE(fmt::format("d {}, {} stages, split {}", s.d, form.kv_stages, form.split));
+      const std::vector<EntryResult> want = step.run(scratch, true, &mma, form),
+                                     got = step.run(scratch, true, &warpgroup, form);
+      for (size_t i = 0; i < 3; ++i) EXPECT_TRUE(same_bits(want[i].out, got[i].out)) << "segment " << i;
     }
   }
 }

@@ -6,8 +6,10 @@
 #include <gtest/gtest.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <optional>
 #include <random>
 #include <string>
 #include <tuple>
@@ -47,6 +49,40 @@ TEST(CudaBackendAvailability, WithoutADeviceAskingForItIsAClearError) {
     FAIL() << "create_backend made a CUDA backend without a device";
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("cuda"), std::string::npos) << e.what();
+  }
+}
+
+// M1_WGMMA chooses which warpgroup kernels run (0, 1, products, attention): anything else is
+// refused when the device is opened, naming the variable, instead of silently running without them.
+TEST(CudaBackendAvailability, UnknownWarpgroupChoiceIsAClearError) {
+  M1_REQUIRE_CUDA();
+  // The test device is made (and reads M1_WGMMA) before the variable changes; the variable is put
+  // back however the test ends.
+  const int index = test::test_device().index();
+  struct Restore {
+    std::optional<std::string> value;
+    ~Restore() {
+      if (value)
+        setenv("M1_WGMMA", value->c_str(), 1);
+      else
+        unsetenv("M1_WGMMA");
+    }
+  } restore{std::getenv("M1_WGMMA") ? std::optional<std::string>(std::getenv("M1_WGMMA")) : std::nullopt};
+
+  setenv("M1_WGMMA", "yes", 1);
+  try {
+    cuda::Device device(index);
+    ADD_FAILURE() << "M1_WGMMA=yes was accepted";
+  } catch (const Error& e) {
+    EXPECT_STREQ(e.what(), "M1_WGMMA: expected 0, 1, products or attention, not 'yes'");
+  }
+  // The choices that are known each turn on their family, where the GPU and build have them.
+  const bool available = cuda::warpgroup_mma_available(index);
+  for (const std::string choice : {"0", "1", "products", "attention"}) {
+    setenv("M1_WGMMA", choice.c_str(), 1);
+    const cuda::Device device(index);
+    EXPECT_EQ(device.limits().warpgroup_mma, available && (choice == "1" || choice == "products")) << choice;
+    EXPECT_EQ(device.limits().warpgroup_attention, available && (choice == "1" || choice == "attention")) << choice;
   }
 }
 

@@ -119,11 +119,12 @@ void warpgroup_product(const PendingMma& op, const float* in, float* out) {
   const unsigned w = (cur->flat % 128) / 32, g = lane() / 4, t = lane() % 4;
   double a_rows[2][16];
   for (int r = 0; r < 2; ++r)
-    for (int k = 0; k < 16; ++k) a_rows[r][k] = descriptor_element(op.a, int(16 * w + g + 8 * r), k);
+    for (int k = 0; k < 16; ++k)
+      a_rows[r][k] = op.a_in_registers ? op.a_rows[r][k] : descriptor_element(op.a, int(16 * w + g + 8 * r), k);
   for (int i = 0; i < op.n / 8; ++i) {
     double b_columns[2][16];
     for (int c = 0; c < 2; ++c)
-      for (int k = 0; k < 16; ++k) b_columns[c][k] = descriptor_element(op.b, int(8 * i + 2 * t + c), k);
+      for (int k = 0; k < 16; ++k) b_columns[c][k] = descriptor_element(op.b, int(8 * i + 2 * t + c), k, op.b_mn_major);
     for (int e = 0; e < 4; ++e) {
       double sum = op.accumulate ? in[4 * i + e] : 0.0;
       for (int k = 0; k < 16; ++k) sum += a_rows[e >> 1][k] * b_columns[e & 1][k];

@@ -44,7 +44,17 @@ enum State { kReady, kBlockBarrier, kNamedBarrier, kWarpSync, kDone };
 struct PendingCopy { void* dst; const void* src; size_t size; int group; };
 // A warpgroup product issued and not yet waited for: its accumulators, computed as issued, land
 // in `d` at the wait.
-struct PendingMma { float* d; int n; uint64_t a, b; bool accumulate; int group; float result[256]; };
+// A in registers (the register form): `a_rows`, this thread's two rows of A, gathered as issued.
+// B N-major (imm-trans-b 1): `b_mn_major`.
+struct PendingMma {
+  float* d;
+  int n;
+  uint64_t a, b;
+  bool accumulate, a_in_registers, b_mn_major;
+  int group;
+  float a_rows[2][16];
+  float result[256];
+};
 struct Fiber {
   void* sp = nullptr;
   char* stack = nullptr;
@@ -310,25 +320,30 @@ inline void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uin
 // same accumulators, and written at the wait that covers its group. Under EMU_COPIES=eager the
 // wait computes them again and stops the kernel if shared memory changed under the product (a
 // GPU may read it anywhere between the issue and the wait).
-// The element (row, k) of a K-major bf16 operand whose descriptor is `desc` (k < 16): the 8-row
-// groups `stride` bytes apart; unswizzled, 8 x 8 core matrices `leading` bytes apart along k, 16
-// bytes a row; in the 128-byte swizzle, 128-byte rows whose 16-byte units are XORed with address
-// bits 7-9.
-inline float descriptor_element(uint64_t desc, int row, int k) {
+// The element (row, k) of a bf16 operand whose descriptor is `desc` (k < 16), as the PTX manual's
+// canonical layouts place it (row: A's M or B's N index).
+// K-major: the 8-row groups `stride` bytes apart; unswizzled, 8 x 8 core matrices `leading` bytes
+// apart along k, 16 bytes a row; in the 128-byte swizzle, 128-byte rows of 64 k values.
+// MN-major (B with imm-trans-b 1): unswizzled, core matrices of 8 k rows of 8 consecutive row
+// values (16 bytes each), `stride` bytes apart along the rows and `leading` bytes apart along k;
+// in the 128-byte swizzle, 128-byte k rows of 64 consecutive row values, 64-value blocks `leading`
+// bytes apart and 8-k groups `stride` bytes apart.
+// Both swizzles XOR the 16-byte unit (address bits 4-6) with address bits 7-9.
+inline float descriptor_element(uint64_t desc, int row, int k, bool mn_major = false) {
   const uint32_t start = uint32_t(desc & 0x3fff) << 4, leading = uint32_t((desc >> 16) & 0x3fff) << 4,
                  stride = uint32_t((desc >> 32) & 0x3fff) << 4, base_offset = uint32_t((desc >> 49) & 7),
                  swizzle = uint32_t(desc >> 62);
   if (base_offset) die("wgmma descriptor: base offset %u not emulated", base_offset);
+  if (swizzle > 1) die("wgmma descriptor: swizzle mode %u not emulated", swizzle);
+  const uint32_t r = uint32_t(row), kk = uint32_t(k);
   uint32_t address;
-  if (swizzle == 0) {
-    address = start + uint32_t(row / 8) * stride + uint32_t(k / 8) * leading + uint32_t(row % 8) * 16 +
-              uint32_t(k % 8) * 2;
-  } else if (swizzle == 1) {
-    address = start + uint32_t(row / 8) * stride + uint32_t(row % 8) * 128 + uint32_t(k) * 2;
-    address ^= ((address >> 7) & 7) << 4;
-  } else {
-    die("wgmma descriptor: swizzle mode %u not emulated", swizzle);
-  }
+  if (!mn_major)
+    address = swizzle == 0 ? start + r / 8 * stride + kk / 8 * leading + r % 8 * 16 + kk % 8 * 2
+                           : start + r / 8 * stride + r % 8 * 128 + kk * 2;
+  else
+    address = swizzle == 0 ? start + r / 8 * stride + kk / 8 * leading + kk % 8 * 16 + r % 8 * 2
+                           : start + r / 64 * leading + kk / 8 * stride + kk % 8 * 128 + r % 64 * 2;
+  if (swizzle == 1) address ^= ((address >> 7) & 7) << 4;
   if (address < kSharedWindowBase || address + 2 > kSharedWindowBase + shared_size())
     die("wgmma operand (row %d, k %d) at shared address %#x outside dynamic shared memory", row, k, address);
   uint16_t bits;
@@ -339,17 +354,43 @@ void warpgroup_product(const PendingMma& op, const float* in, float* out);  // f
 inline void warpgroup_fence() {}
 inline void fence_proxy_async() {}  // the emulator has one proxy
 inline void warpgroup_commit() { ++cur->mma_group; }
-inline void warpgroup_mma(float* d, int n, uint64_t a, uint64_t b, int accumulate) {
+inline void check_warpgroup_mma(int n) {
   const unsigned threads = block_dim.x * block_dim.y * block_dim.z;
   if (threads % 128) die("wgmma in a block of %u threads: not whole warpgroups", threads);
   if (n % 8 || n > 256) die("wgmma n%d", n);
-  yield(kWarpSync, -4);  // every lane of the warp issues it
-  PendingMma op{d, n, a, b, accumulate != 0, cur->mma_group, {}};
-  const float* in = d;  // the newest pending product on these accumulators feeds this one
+}
+// Queues the product after computing it onto the newest pending product on the same accumulators.
+inline void issue_warpgroup_mma(PendingMma& op) {
+  const float* in = op.d;
   for (const PendingMma& p : cur->pending_mma)
-    if (p.d == d) in = p.result;
+    if (p.d == op.d) in = p.result;
   warpgroup_product(op, in, op.result);
   cur->pending_mma.push_back(op);
+}
+// A and B in shared memory (A K-major).
+inline void warpgroup_mma(float* d, int n, uint64_t a, uint64_t b, int accumulate, int trans_b) {
+  check_warpgroup_mma(n);
+  yield(kWarpSync, -4);  // every lane of the warp issues it
+  PendingMma op{d, n, a, b, accumulate != 0, false, trans_b != 0, cur->mma_group, {}, {}};
+  issue_warpgroup_mma(op);
+}
+// A in registers: the warp's 16 rows as mma.m16n8k16's A fragments (lane 4g + f: k 2f, 2f + 1 of
+// row g in a[0], of row g + 8 in a[1], and k + 8 in a[2], a[3]); B in shared memory.
+inline void warpgroup_mma_registers(float* d, int n, const uint32_t* a, uint64_t b, int accumulate, int trans_b) {
+  check_warpgroup_mma(n);
+  for (int i = 0; i < 4; ++i) cur->slot[i] = a[i];
+  yield(kWarpSync, -6);
+  PendingMma op{d, n, 0, b, accumulate != 0, true, trans_b != 0, cur->mma_group, {}, {}};
+  const Fiber* warp = fibers.data() + (cur->flat & ~31u);
+  const unsigned g = lane() / 4;
+  for (unsigned f = 0; f < 4; ++f)
+    for (unsigned r = 0; r < 2; ++r)
+      for (unsigned upper = 0; upper < 2; ++upper) {
+        const uint64_t w = warp[g * 4 + f].published[2 * upper + r];
+        op.a_rows[r][8 * upper + 2 * f] = m1::bf16_to_f32(uint16_t(w & 0xffff));
+        op.a_rows[r][8 * upper + 2 * f + 1] = m1::bf16_to_f32(uint16_t(w >> 16));
+      }
+  issue_warpgroup_mma(op);
 }
 void warpgroup_wait(int keep);  // fake_runtime.cpp
 }  // namespace emu

@@ -5,6 +5,7 @@
 // kernel tests rely on all of it without seeing it.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <bit>
 #include <cmath>
 #include <cstdint>
@@ -23,6 +24,64 @@ float toward_zero(double sum) {
 
 bool same_float(float a, float b) {
   return std::bit_cast<uint32_t>(a) == std::bit_cast<uint32_t>(b) || (std::isnan(a) && std::isnan(b));
+}
+
+// A new device buffer of `count` elements (at least the host's) holding `host` first.
+template <class T>
+T* to_device(const std::vector<T>& host, size_t count = 0) {
+  T* p = nullptr;
+  EXPECT_EQ(cudaMalloc(&p, std::max(count, host.size()) * sizeof(T)), cudaSuccess);
+  EXPECT_EQ(cudaMemcpy(p, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice), cudaSuccess);
+  return p;
+}
+template <class T>
+std::vector<T> from_device(const T* p, size_t count) {
+  std::vector<T> host(count);
+  EXPECT_EQ(cudaMemcpy(host.data(), p, count * sizeof(T), cudaMemcpyDeviceToHost), cudaSuccess);
+  return host;
+}
+
+// Two warpgroups' accumulators, thread th (warpgroup q, warp w, lane 4g + t) holding d[4i + e] =
+// (64q + 16w + g + 8(e / 2), 8i + 2t + e % 2) of a [128][128] matrix.
+template <class At>
+void for_each_accumulator(At at) {
+  for (int th = 0; th < 256; ++th) {
+    const int q = th / 128, w = (th % 128) / 32, g = (th % 32) / 4, t = th % 4;
+    for (int i = 0; i < 16; ++i)
+      for (int e = 0; e < 4; ++e) at(size_t(th) * 64 + 4 * i + e, 64 * q + 16 * w + g + 8 * (e / 2), 8 * i + 2 * t + e % 2);
+  }
+}
+// C [128][128] in the accumulators' order.
+std::vector<float> accumulators_of(const std::vector<float>& c) {
+  std::vector<float> accumulators(size_t(256) * 64);
+  for_each_accumulator([&](size_t at, int row, int col) { accumulators[at] = c[size_t(row) * 128 + col]; });
+  return accumulators;
+}
+// What each thread saw before the wait (seen[0, 16384): still C, in `accumulators`) and after it
+// (seen[16384, 32768)), against want(row, col).
+// Inside a 256-thread launch: the shared-memory image `img` placed from the first 1024-byte-aligned
+// window address of dynamic shared memory, and that address (every thread copies its share, then
+// all meet at a barrier).
+uint32_t stage_image(const unsigned char* img, size_t size) {
+  const uint32_t window = __cvta_generic_to_shared(emu::shared_mem());
+  unsigned char* base = emu::shared_mem() + (1024 - window % 1024) % 1024;
+  for (size_t i = threadIdx.x; i < size; i += 256) base[i] = img[i];
+  __syncthreads();
+  return __cvta_generic_to_shared(base);
+}
+// The first mismatch is reported, with the count.
+template <class Want>
+void expect_products_at_the_wait(const std::vector<float>& seen, const std::vector<float>& accumulators, Want want) {
+  int early = 0, wrong = 0;
+  for_each_accumulator([&](size_t at, int row, int col) {
+    if (!same_float(seen[at], accumulators[at]) && early++ == 0)
+      ADD_FAILURE() << "D(" << row << ", " << col << ") changed before the wait";
+    const float expected = want(row, col);
+    if (!same_float(seen[256 * 64 + at], expected) && wrong++ == 0)
+      ADD_FAILURE() << "D(" << row << ", " << col << "): " << seen[256 * 64 + at] << " vs " << expected;
+  });
+  EXPECT_EQ(early, 0) << "accumulators changed before the wait";
+  EXPECT_EQ(wrong, 0) << "wrong products";
 }
 
 TEST(EmulatorArithmetic, TensorCoreSumsRoundTowardZero) {
@@ -156,39 +215,21 @@ TEST(EmulatorArithmetic, WarpgroupMmaFollowsThePtxLayout) {
         std::memcpy(&image[16384 + size_t(n / 8) * kStride + size_t(kg) * kLeading + size_t(n % 8) * 16],
                     &b[size_t(n) * 32 + kg * 8], 16);
 
-    // Thread (warpgroup q, warp w, lane 4g + t): d[4i + e] = (64 q + 16 w + g + 8 (e / 2), 8 i + 2 t + e % 2).
-    std::vector<float> accumulators(size_t(256) * 64);
-    for (int th = 0; th < 256; ++th) {
-      const int q = th / 128, w = (th % 128) / 32, g = (th % 32) / 4, t = th % 4;
-      for (int i = 0; i < 16; ++i)
-        for (int e = 0; e < 4; ++e)
-          accumulators[size_t(th) * 64 + 4 * i + e] = c[size_t(64 * q + 16 * w + g + 8 * (e / 2)) * kB + 8 * i + 2 * t + e % 2];
-    }
-    unsigned char* device_image = nullptr;
-    float* device_accumulators = nullptr;  // C, then what each thread saw before the wait, then after
-    ASSERT_EQ(cudaMalloc(&device_image, image.size()), cudaSuccess);
-    ASSERT_EQ(cudaMalloc(&device_accumulators, 2 * accumulators.size() * sizeof(float)), cudaSuccess);
-    ASSERT_EQ(cudaMemcpy(device_image, image.data(), image.size(), cudaMemcpyHostToDevice), cudaSuccess);
-    ASSERT_EQ(cudaMemcpy(device_accumulators, accumulators.data(), accumulators.size() * sizeof(float),
-                         cudaMemcpyHostToDevice),
-              cudaSuccess);
+    const std::vector<float> accumulators = accumulators_of(c);
+    unsigned char* device_image = to_device(image);
+    float* device_accumulators = to_device(accumulators, 2 * accumulators.size());  // C, then what each thread saw
     static const char kernel_id = 0;
     emu::launch(&kernel_id, dim3(1), dim3(256), image.size() + 1024, nullptr,
                 [step, accumulate_c](const unsigned char* img, size_t size, float* acc) {
                   const unsigned th = threadIdx.x, q = th / 128;
-                  // The image from the first 1024-byte-aligned window address of the buffer.
-                  const uint32_t window = __cvta_generic_to_shared(emu::shared_mem());
-                  unsigned char* base = emu::shared_mem() + (1024 - window % 1024) % 1024;
-                  for (size_t i = th; i < size; i += 256) base[i] = img[i];
-                  __syncthreads();
-                  const uint32_t at = __cvta_generic_to_shared(base);
+                  const uint32_t at = stage_image(img, size);
                   float d[64];
                   for (int e = 0; e < 64; ++e) d[e] = acc[th * 64 + e];
                   emu::warpgroup_fence();
                   emu::warpgroup_mma(d, 128, descriptor(at + q * 8192 + 32 * step[0], 16, 1024, 1),
-                                     descriptor(at + 16384, kLeading, kStride, 0), accumulate_c);
+                                     descriptor(at + 16384, kLeading, kStride, 0), accumulate_c, 0);
                   emu::warpgroup_mma(d, 128, descriptor(at + q * 8192 + 32 * step[1], 16, 1024, 1),
-                                     descriptor(at + 16384 + 2 * kLeading, kLeading, kStride, 0), 1);
+                                     descriptor(at + 16384 + 2 * kLeading, kLeading, kStride, 0), 1, 0);
                   emu::warpgroup_commit();
                   for (int e = 0; e < 64; ++e) acc[th * 64 + e] = d[e];  // still C: products land at the wait
                   emu::warpgroup_wait(0);
@@ -196,32 +237,110 @@ TEST(EmulatorArithmetic, WarpgroupMmaFollowsThePtxLayout) {
                 },
                 static_cast<const unsigned char*>(device_image), image.size(), device_accumulators);
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-    std::vector<float> seen(2 * accumulators.size());
-    ASSERT_EQ(cudaMemcpy(seen.data(), device_accumulators, seen.size() * sizeof(float), cudaMemcpyDeviceToHost),
-              cudaSuccess);
+    const std::vector<float> seen = from_device(device_accumulators, 2 * accumulators.size());
     cudaFree(device_image);
     cudaFree(device_accumulators);
+    expect_products_at_the_wait(seen, accumulators, [&](int row, int col) {
+      double first = accumulate_c ? c[size_t(row) * kB + col] : 0.0;
+      for (int k = 0; k < 16; ++k)
+        first += double(m1::bf16_to_f32(a[size_t(row) * kK + 16 * step[0] + k])) *
+                 double(m1::bf16_to_f32(b[size_t(col) * 32 + k]));
+      double second = toward_zero(first);
+      for (int k = 0; k < 16; ++k)
+        second += double(m1::bf16_to_f32(a[size_t(row) * kK + 16 * step[1] + k])) *
+                  double(m1::bf16_to_f32(b[size_t(col) * 32 + 16 + k]));
+      return toward_zero(second);
+    });
+  }
+}
 
+// The register form: A in registers (each warp's 16 rows as mma.m16n8k16's A fragments), B
+// N-major (imm-trans-b 1: B[k][n] with n contiguous), two warpgroups each issuing two chained
+// products in one group, against each output written out from the manual's canonical layouts.
+// The first product's B is in the 128-byte swizzle: k rows of 64 consecutive n (128 bytes),
+// 8-row groups `stride` bytes apart, the two 64-column blocks `leading` bytes apart (a gap of
+// 1024 bytes, so swapping the two offsets shows). The second's is unswizzled: core matrices of 8 k
+// rows of 8 n, `stride` bytes apart along n and `leading` bytes apart along k (padded).
+TEST(EmulatorArithmetic, WarpgroupMmaTakesRegisterAAndNMajorB) {
+  std::mt19937_64 rng(std::random_device{}());
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  constexpr int kN = 128, kK = 32;
+  constexpr uint32_t kSwizzledLeading = 5120, kSwizzledStride = 1024;  // the first product's k 0..15
+  constexpr uint32_t kPlainStride = 144, kPlainLeading = 16 * kPlainStride + 32, kPlain = 2 * kSwizzledLeading;
+  for (int trial = 0; trial < 4; ++trial) {
+    const bool accumulate_c = trial % 2 == 0;
+    std::vector<uint16_t> a(size_t(128) * kK), b(size_t(kK) * kN);  // A[128][32], B[32][128]
+    for (int r = 0; r < 128; ++r)
+      for (int k = 0; k < kK; ++k) a[size_t(r) * kK + k] = m1::f32_to_bf16(std::ldexp(normal(rng), r % 16 - k / 8));
+    for (int k = 0; k < kK; ++k)
+      for (int n = 0; n < kN; ++n) b[size_t(k) * kN + n] = m1::f32_to_bf16(std::ldexp(normal(rng), n % 8 - k / 8));
+    std::vector<float> c(size_t(128) * kN);
+    for (float& v : c) v = normal(rng);
+
+    // The shared-memory image from a 1024-byte-aligned window address: B's k 0..15 swizzled, then
+    // its k 16..31 as core matrices.
+    std::vector<unsigned char> image(kPlain + 2 * size_t(kPlainLeading), 0);
+    for (int k = 0; k < 16; ++k)
+      for (int n = 0; n < kN; ++n) {
+        uint32_t at = (n / 64) * kSwizzledLeading + (k / 8) * kSwizzledStride + (k % 8) * 128 + (n % 64) * 2;
+        at ^= ((at >> 7) & 7) << 4;
+        std::memcpy(&image[at], &b[size_t(k) * kN + n], 2);
+      }
+    for (int k = 16; k < kK; ++k)
+      for (int n = 0; n < kN; ++n)
+        std::memcpy(&image[kPlain + (n / 8) * kPlainStride + ((k - 16) / 8) * kPlainLeading + (k % 8) * 16 + (n % 8) * 2],
+                    &b[size_t(k) * kN + n], 2);
+
+    // Thread (warpgroup q, warp w, lane 4g + t): A fragments of rows 64q + 16w + g (+ 8).
+    std::vector<uint32_t> fragments(size_t(256) * 8);
     for (int th = 0; th < 256; ++th) {
-      const int q = th / 128, w = (th % 128) / 32, g = (th % 32) / 4, t = th % 4;
-      for (int i = 0; i < 16; ++i)
-        for (int e = 0; e < 4; ++e) {
-          const int row = 64 * q + 16 * w + g + 8 * (e / 2), col = 8 * i + 2 * t + e % 2;
-          const size_t at = size_t(th) * 64 + 4 * i + e;
-          ASSERT_TRUE(same_float(seen[at], accumulators[at])) << "thread " << th << " saw its accumulators change before the wait";
-          double first = accumulate_c ? c[size_t(row) * kB + col] : 0.0;
-          for (int k = 0; k < 16; ++k)
-            first += double(m1::bf16_to_f32(a[size_t(row) * kK + 16 * step[0] + k])) *
-                     double(m1::bf16_to_f32(b[size_t(col) * 32 + k]));
-          double second = toward_zero(first);
-          for (int k = 0; k < 16; ++k)
-            second += double(m1::bf16_to_f32(a[size_t(row) * kK + 16 * step[1] + k])) *
-                      double(m1::bf16_to_f32(b[size_t(col) * 32 + 16 + k]));
-          ASSERT_TRUE(same_float(seen[256 * 64 + at], toward_zero(second)))
-              << "D(" << row << ", " << col << ") from thread " << th << ": " << seen[256 * 64 + at] << " vs "
-              << toward_zero(second);
+      const int q = th / 128, w = (th % 128) / 32, g = (th % 32) / 4, t = th % 4, row = 64 * q + 16 * w + g;
+      for (int step = 0; step < 2; ++step)
+        for (int i = 0; i < 4; ++i) {
+          const size_t at = size_t(row + 8 * (i % 2)) * kK + 16 * step + 8 * (i / 2) + 2 * t;
+          fragments[size_t(th) * 8 + 4 * step + i] = uint32_t(a[at]) | uint32_t(a[at + 1]) << 16;
         }
     }
+    const std::vector<float> accumulators = accumulators_of(c);
+    unsigned char* device_image = to_device(image);
+    uint32_t* device_fragments = to_device(fragments);
+    float* device_accumulators = to_device(accumulators, 2 * accumulators.size());  // C, then what each thread saw
+    static const char kernel_id = 0;
+    emu::launch(&kernel_id, dim3(1), dim3(256), image.size() + 1024, nullptr,
+                [accumulate_c](const unsigned char* img, size_t size, const uint32_t* frag, float* acc) {
+                  const unsigned th = threadIdx.x;
+                  const uint32_t at = stage_image(img, size);
+                  float d[64];
+                  for (int e = 0; e < 64; ++e) d[e] = acc[th * 64 + e];
+                  uint32_t first[4], second[4];
+                  for (int i = 0; i < 4; ++i) first[i] = frag[th * 8 + i], second[i] = frag[th * 8 + 4 + i];
+                  emu::warpgroup_fence();
+                  emu::warpgroup_mma_registers(d, 128, first, descriptor(at, kSwizzledLeading, kSwizzledStride, 1),
+                                               accumulate_c, 1);
+                  emu::warpgroup_mma_registers(d, 128, second, descriptor(at + kPlain, kPlainLeading, kPlainStride, 0),
+                                               1, 1);
+                  emu::warpgroup_commit();
+                  for (int i = 0; i < 4; ++i) first[i] = second[i] = 0;  // the registers were read at the issue
+                  for (int e = 0; e < 64; ++e) acc[th * 64 + e] = d[e];
+                  emu::warpgroup_wait(0);
+                  for (int e = 0; e < 64; ++e) acc[256 * 64 + th * 64 + e] = d[e];
+                },
+                static_cast<const unsigned char*>(device_image), image.size(),
+                static_cast<const uint32_t*>(device_fragments), device_accumulators);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    const std::vector<float> seen = from_device(device_accumulators, 2 * accumulators.size());
+    cudaFree(device_image);
+    cudaFree(device_fragments);
+    cudaFree(device_accumulators);
+    expect_products_at_the_wait(seen, accumulators, [&](int row, int col) {
+      double first = accumulate_c ? c[size_t(row) * kN + col] : 0.0;
+      for (int k = 0; k < 16; ++k)
+        first += double(m1::bf16_to_f32(a[size_t(row) * kK + k])) * double(m1::bf16_to_f32(b[size_t(k) * kN + col]));
+      double second = toward_zero(first);
+      for (int k = 16; k < kK; ++k)
+        second += double(m1::bf16_to_f32(a[size_t(row) * kK + k])) * double(m1::bf16_to_f32(b[size_t(k) * kN + col]));
+      return toward_zero(second);
+    });
   }
 }
 

@@ -102,7 +102,15 @@ def asm(s):
         if 'wgmma.mma_async' in text:
             w = re.search(r'\.m64n(\d+)k16\.f32\.bf16\.bf16', text)
             assert w, text
-            return f'::emu::warpgroup_mma(d, {w.group(1)}, a, b, accumulate);'
+            # The immediates after scale-d: scale-a, scale-b, then trans-a (shared-memory A only)
+            # and trans-b. A in registers: a brace list after the accumulators' one.
+            imm = re.search(r'p, 1, 1, (?:(0), )?([01]);', text)
+            assert imm, 'wgmma scales other than 1 are not emulated: ' + text
+            if re.search(r'\}, (?:"\s*")?\{%', text):
+                assert imm.group(1) is None, text
+                return f'::emu::warpgroup_mma_registers(d, {w.group(1)}, a, b, accumulate, {imm.group(2)});'
+            assert imm.group(1) == '0', 'an M-major A is not emulated: ' + text
+            return f'::emu::warpgroup_mma(d, {w.group(1)}, a, b, accumulate, {imm.group(2)});'
         if 'wgmma.fence' in text:
             return '::emu::warpgroup_fence();'
         if 'wgmma.commit_group' in text:
