@@ -336,18 +336,21 @@ done
 # tokens of the whole model's heads (bench_cuda's first row of its group), with ncu's warp states
 # (the stall reasons), scheduler, memory and compute sections and the stall-sampled source lines.
 # Then the prefill products' tiled kernel: its first launch in the matmul group is the 8192^3 one
-# in fast precision (fewer rows stream or take the skinny kernels).
-for kernel in "lightning prefill:lightning_prefill_bf16_kernel" "flash prefill:prefill_kernel" "matmul:matmul_bf16_tiled"; do
+# in fast precision (fewer rows stream or take the skinny kernels). Where M1_WGMMA turned the
+# warpgroup kernels on, the flash prefill's and the product's first launches are theirs.
+for kernel in "lightning prefill:lightning_prefill_bf16_kernel" "flash prefill:prefill_kernel" \
+  "matmul:matmul_bf16_(tiled|warpgroup)"; do
   s=$(limit 75 40)
   (( s > 0 )) || break
   group=${kernel%%:*}
-  log=$LOGS/ncu_${kernel##*:}.txt
-  within "$s" "$ncu_bin" --kernel-name "regex:${kernel##*:}" --launch-count 1 \
+  name=${kernel##*:}
+  log=$LOGS/ncu_${name%%_(*}.txt
+  within "$s" "$ncu_bin" --kernel-name "regex:$name" --launch-count 1 \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section SchedulerStats \
     --section WarpStateStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
     --section SourceCounters --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
     "$BIN/bench_cuda" --only "$group" >"$log" 2>&1 || true
-  say "$group, one ${kernel##*:} launch (ncu; whole report in the logs):"
+  say "$group, one $name launch (ncu; whole report in the logs):"
   grep -E 'Duration|Compute \(SM\) Throughput|Memory Throughput|Achieved Occupancy|Issued Ipc|No Eligible|stalled_.*ratio +[a-z]* +[0-9.]*[1-9]|OPT|Est\. Speedup' "$log" |
     sed -E 's/ +/ /g' | head -40 | tee -a "$LOGS/summary.txt" || true
 done
