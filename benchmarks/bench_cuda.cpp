@@ -510,9 +510,9 @@ int run(const std::string& json_path, const std::string& only, const std::string
       for (int64_t tokens : {8192, 65536}) bench_flash_prefill(report, limits, stream, gpu, tokens, bf16_operands);
     // The planned 3 stages of the fast wide CTAs against 2.
     bench_flash_prefill(report, limits, stream, gpu, 65536, true, 2);
-    // Where the fast wide CTAs run on the warpgroup tensor cores (M1_WGMMA=1 on a Hopper), the
-    // mma.sync CTAs beside them, named ", mma.sync".
-    if (gpu.limits().warpgroup_mma) {
+    // Where the fast wide CTAs run on the warpgroup tensor cores (M1_WGMMA=1 or attention on a
+    // Hopper), the mma.sync CTAs beside them, named ", mma.sync".
+    if (gpu.limits().warpgroup_attention) {
       m1::cuda::Device mma = gpu.with_warpgroup_mma(false);
       bench_flash_prefill(report, limits, stream, mma, 65536, true, 0, ", mma.sync");
     }

@@ -721,7 +721,7 @@ __global__ void __launch_bounds__(W * 32) prefill_kernel(AttendParams p) {
     if (begin >= kv_end) return;  // no row of this tile has keys there: the whole CTA leaves
     stop = min(begin + p.chunk_keys, kv_end);
   }
-  const uint16_t* my_q_high = q_high + warp * 16 * L::kRowElements;
+  const uint16_t* my_q_high = q_high + warp * 16 * L::kRowElements;  // the pitched form's
   const uint16_t* my_q_low = q_low + warp * 16 * L::kRowElements;
   stream_kv<D, T>(seg, kv_width, int64_t(kv_head) * p.d, p.d, begin, stop, stages, p.stages,
                   [&](const uint16_t* keys, const uint16_t* values, int64_t t0) {
@@ -1056,7 +1056,7 @@ void launch_attention(const AttendParams& base, const StepShape& shape, const At
       if constexpr (D == kWarpgroupPrefillDim && O == Operands::kRounded)
         launch_prefill<D, O, kWarpgroupPrefillWarps, Tiles::kSwizzled>(p, shape.prefill, a, device, stream);
       else
-        fail("softmax attention: the warpgroup prefill was planned for head dim {} in exact precision", a.d);
+        fail("softmax attention: the warpgroup prefill takes fast precision at head dims 65 to 128, not {}", a.d);
     } else if (shape.prefill.warps == kNarrowPrefillWarps) {
       launch_prefill<D, O, kNarrowPrefillWarps>(p, shape.prefill, a, device, stream);
     } else {

@@ -178,7 +178,6 @@ inline cuda::Device device_with_sms(int sms, size_t partial_bytes = cuda::kDefau
   return cuda::Device(test_device().index(), limits);
 }
 
-
 // The bytes of chunk partials a skinny product of `rows` rows makes over a [n, k] weight.
 inline size_t partial_bytes(int64_t rows, int64_t n, int64_t k) {
   return size_t((k + cuda::kMatmulChunk - 1) / cuda::kMatmulChunk) * size_t(rows) * size_t(n) * sizeof(float);

@@ -1,11 +1,11 @@
 // The emulator's own arithmetic, against definitions written here: the tensor cores' rounding of
 // a sum toward zero, mma.m16n8k16's fragment layouts as the PTX manual draws them (which lane
-// holds which elements of A, B, C and D), and wgmma.m64n128k16's: its accumulators' layout, and
-// its shared-memory descriptors (the 128-byte swizzle and the unswizzled core matrices). The
-// kernel tests rely on all of it without seeing it.
+// holds which elements of A, B, C and D), and wgmma.m64n128k16's: its accumulators' layout, A
+// from shared memory or from registers, and its shared-memory descriptors (K-major and N-major, in
+// the 128-byte swizzle and as unswizzled core matrices). The kernel tests rely on all of it
+// without seeing it.
 #include <gtest/gtest.h>
 
-#include <algorithm>
 #include <bit>
 #include <cmath>
 #include <cstdint>
@@ -13,6 +13,8 @@
 #include <vector>
 
 #include "shim.h"
+
+#include "device_array.h"
 
 namespace {
 
@@ -24,21 +26,6 @@ float toward_zero(double sum) {
 
 bool same_float(float a, float b) {
   return std::bit_cast<uint32_t>(a) == std::bit_cast<uint32_t>(b) || (std::isnan(a) && std::isnan(b));
-}
-
-// A new device buffer of `count` elements (at least the host's) holding `host` first.
-template <class T>
-T* to_device(const std::vector<T>& host, size_t count = 0) {
-  T* p = nullptr;
-  EXPECT_EQ(cudaMalloc(&p, std::max(count, host.size()) * sizeof(T)), cudaSuccess);
-  EXPECT_EQ(cudaMemcpy(p, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice), cudaSuccess);
-  return p;
-}
-template <class T>
-std::vector<T> from_device(const T* p, size_t count) {
-  std::vector<T> host(count);
-  EXPECT_EQ(cudaMemcpy(host.data(), p, count * sizeof(T), cudaMemcpyDeviceToHost), cudaSuccess);
-  return host;
 }
 
 // Two warpgroups' accumulators, thread th (warpgroup q, warp w, lane 4g + t) holding d[4i + e] =
@@ -55,6 +42,12 @@ void for_each_accumulator(At at) {
 std::vector<float> accumulators_of(const std::vector<float>& c) {
   std::vector<float> accumulators(size_t(256) * 64);
   for_each_accumulator([&](size_t at, int row, int col) { accumulators[at] = c[size_t(row) * 128 + col]; });
+  return accumulators;
+}
+// The device buffer the kernels read C from and write what each thread saw into: C, then room
+// for the accumulators after the wait.
+std::vector<float> with_room_after(std::vector<float> accumulators) {
+  accumulators.resize(2 * accumulators.size(), 0.0f);
   return accumulators;
 }
 // What each thread saw before the wait (seen[0, 16384): still C, in `accumulators`) and after it
@@ -216,8 +209,8 @@ TEST(EmulatorArithmetic, WarpgroupMmaFollowsThePtxLayout) {
                     &b[size_t(n) * 32 + kg * 8], 16);
 
     const std::vector<float> accumulators = accumulators_of(c);
-    unsigned char* device_image = to_device(image);
-    float* device_accumulators = to_device(accumulators, 2 * accumulators.size());  // C, then what each thread saw
+    const m1::cuda::DeviceArray<unsigned char> device_image(image);
+    const m1::cuda::DeviceArray<float> device_accumulators(with_room_after(accumulators));
     static const char kernel_id = 0;
     emu::launch(&kernel_id, dim3(1), dim3(256), image.size() + 1024, nullptr,
                 [step, accumulate_c](const unsigned char* img, size_t size, float* acc) {
@@ -235,11 +228,9 @@ TEST(EmulatorArithmetic, WarpgroupMmaFollowsThePtxLayout) {
                   emu::warpgroup_wait(0);
                   for (int e = 0; e < 64; ++e) acc[256 * 64 + th * 64 + e] = d[e];
                 },
-                static_cast<const unsigned char*>(device_image), image.size(), device_accumulators);
+                static_cast<const unsigned char*>(device_image.get()), image.size(), device_accumulators.get());
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-    const std::vector<float> seen = from_device(device_accumulators, 2 * accumulators.size());
-    cudaFree(device_image);
-    cudaFree(device_accumulators);
+    const std::vector<float> seen = device_accumulators.download();
     expect_products_at_the_wait(seen, accumulators, [&](int row, int col) {
       double first = accumulate_c ? c[size_t(row) * kB + col] : 0.0;
       for (int k = 0; k < 16; ++k)
@@ -302,9 +293,9 @@ TEST(EmulatorArithmetic, WarpgroupMmaTakesRegisterAAndNMajorB) {
         }
     }
     const std::vector<float> accumulators = accumulators_of(c);
-    unsigned char* device_image = to_device(image);
-    uint32_t* device_fragments = to_device(fragments);
-    float* device_accumulators = to_device(accumulators, 2 * accumulators.size());  // C, then what each thread saw
+    const m1::cuda::DeviceArray<unsigned char> device_image(image);
+    const m1::cuda::DeviceArray<uint32_t> device_fragments(fragments);
+    const m1::cuda::DeviceArray<float> device_accumulators(with_room_after(accumulators));
     static const char kernel_id = 0;
     emu::launch(&kernel_id, dim3(1), dim3(256), image.size() + 1024, nullptr,
                 [accumulate_c](const unsigned char* img, size_t size, const uint32_t* frag, float* acc) {
@@ -325,13 +316,10 @@ TEST(EmulatorArithmetic, WarpgroupMmaTakesRegisterAAndNMajorB) {
                   emu::warpgroup_wait(0);
                   for (int e = 0; e < 64; ++e) acc[256 * 64 + th * 64 + e] = d[e];
                 },
-                static_cast<const unsigned char*>(device_image), image.size(),
-                static_cast<const uint32_t*>(device_fragments), device_accumulators);
+                static_cast<const unsigned char*>(device_image.get()), image.size(),
+                static_cast<const uint32_t*>(device_fragments.get()), device_accumulators.get());
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-    const std::vector<float> seen = from_device(device_accumulators, 2 * accumulators.size());
-    cudaFree(device_image);
-    cudaFree(device_fragments);
-    cudaFree(device_accumulators);
+    const std::vector<float> seen = device_accumulators.download();
     expect_products_at_the_wait(seen, accumulators, [&](int row, int col) {
       double first = accumulate_c ? c[size_t(row) * kN + col] : 0.0;
       for (int k = 0; k < 16; ++k)
